@@ -1,0 +1,29 @@
+//! Remora's resource schema and its validation.
+//!
+//! The schema is written once, in `proto/remora/v1/*.proto`, and used in three forms: protobuf on the
+//! control-plane wire, YAML files (the proto3 JSON mapping, written as YAML) for the proxy's `--config`
+//! and the control plane's GitOps directory, and JSON in the proxy's `/config_dump`.
+//!
+//! Text enters through [`config::parse`], which turns YAML documents into a [`config::ConfigFile`]:
+//! an optional [`v1::Bootstrap`] and a list of [`Resource`]s, each checked on its own. The whole set is
+//! then checked together by [`validate::validate`] (names unique, references resolve), which is what a
+//! proxy runs before it builds a snapshot from the set. Errors name the resource and the field.
+//!
+//! # Layout
+//! - [`v1`]: the generated message types (prost structs with pbjson serde).
+//! - [`resource`] — [`Resource`], the tagged union of the kinds, and [`Kind`].
+//! - [`config`] — YAML documents to resources, with errors that point at the field.
+//! - [`validate`] — per-resource and cross-resource rules.
+
+pub mod config;
+pub mod resource;
+pub mod validate;
+
+pub use resource::{Kind, Resource};
+
+/// The generated `remora.v1` message types.
+#[allow(clippy::all, unreachable_pub, rust_2018_idioms)]
+pub mod v1 {
+    include!(concat!(env!("OUT_DIR"), "/remora.v1.rs"));
+    include!(concat!(env!("OUT_DIR"), "/remora.v1.serde.rs"));
+}

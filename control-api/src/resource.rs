@@ -1,0 +1,153 @@
+//! The resource kinds as one tagged union.
+//!
+//! A [`Resource`] is what a config file, a GitOps directory or (later) the control-plane stream hands a
+//! proxy: one listener, route table, cluster or endpoint set. Its [`Kind`] names it in YAML (`kind:`),
+//! in error messages, and on the wire (`type.googleapis.com/remora.v1.<Kind>`).
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::v1;
+
+/// The kinds of resource, in the order the control plane pushes them (a cluster before the endpoints
+/// that fill it, both before the listeners and routes that use them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// [`v1::Cluster`]
+    Cluster,
+    /// [`v1::Endpoints`]
+    Endpoints,
+    /// [`v1::Listener`]
+    Listener,
+    /// [`v1::RouteTable`]
+    RouteTable,
+}
+
+impl Kind {
+    /// Every kind, in push order.
+    pub const ALL: [Kind; 4] = [Kind::Cluster, Kind::Endpoints, Kind::Listener, Kind::RouteTable];
+
+    /// The name used in YAML's `kind:` field.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Cluster => "Cluster",
+            Kind::Endpoints => "Endpoints",
+            Kind::Listener => "Listener",
+            Kind::RouteTable => "RouteTable",
+        }
+    }
+
+    /// The protobuf `Any` type URL of the kind.
+    pub fn type_url(self) -> &'static str {
+        match self {
+            Kind::Cluster => "type.googleapis.com/remora.v1.Cluster",
+            Kind::Endpoints => "type.googleapis.com/remora.v1.Endpoints",
+            Kind::Listener => "type.googleapis.com/remora.v1.Listener",
+            Kind::RouteTable => "type.googleapis.com/remora.v1.RouteTable",
+        }
+    }
+
+    /// The lowercase word used in error messages (`route table "shop"`).
+    pub fn noun(self) -> &'static str {
+        match self {
+            Kind::Cluster => "cluster",
+            Kind::Endpoints => "endpoints",
+            Kind::Listener => "listener",
+            Kind::RouteTable => "route table",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A `kind:` value that names no kind.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown kind {0:?} (expected Listener, RouteTable, Cluster or Endpoints)")]
+pub struct UnknownKind(pub String);
+
+impl FromStr for Kind {
+    type Err = UnknownKind;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Kind::ALL
+            .into_iter()
+            .find(|kind| kind.as_str() == s)
+            .ok_or_else(|| UnknownKind(s.to_owned()))
+    }
+}
+
+/// One resource of any kind.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Resource {
+    /// A socket to accept on.
+    Listener(v1::Listener),
+    /// HTTP routes for a set of destinations.
+    RouteTable(v1::RouteTable),
+    /// A group of interchangeable endpoints.
+    Cluster(v1::Cluster),
+    /// The addresses behind one cluster.
+    Endpoints(v1::Endpoints),
+}
+
+impl Resource {
+    /// The resource's kind.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Resource::Listener(_) => Kind::Listener,
+            Resource::RouteTable(_) => Kind::RouteTable,
+            Resource::Cluster(_) => Kind::Cluster,
+            Resource::Endpoints(_) => Kind::Endpoints,
+        }
+    }
+
+    /// The resource's name, unique within its kind. An endpoint set is named by its cluster.
+    pub fn name(&self) -> &str {
+        match self {
+            Resource::Listener(listener) => &listener.name,
+            Resource::RouteTable(table) => &table.name,
+            Resource::Cluster(cluster) => &cluster.name,
+            Resource::Endpoints(endpoints) => &endpoints.cluster,
+        }
+    }
+
+    /// The resource in its YAML/JSON form: the message's fields with `kind` first.
+    pub fn to_json(&self) -> serde_json::Value {
+        let fields = match self {
+            Resource::Listener(r) => serde_json::to_value(r),
+            Resource::RouteTable(r) => serde_json::to_value(r),
+            Resource::Cluster(r) => serde_json::to_value(r),
+            Resource::Endpoints(r) => serde_json::to_value(r),
+        };
+        let mut object = serde_json::Map::new();
+        object.insert("kind".into(), self.kind().as_str().into());
+        // pbjson's serializers only fail on values JSON cannot hold (they have none here); an empty
+        // object is still a truthful dump of such a resource's kind.
+        if let Ok(serde_json::Value::Object(fields)) = fields {
+            object.extend(fields);
+        }
+        serde_json::Value::Object(object)
+    }
+}
+
+/// `listener "outbound"`: how a resource is named in messages.
+pub(crate) fn describe(kind: Kind, name: &str) -> String {
+    format!("{} {name:?}", kind.noun())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_round_trip_through_their_names() {
+        for kind in Kind::ALL {
+            assert_eq!(kind.as_str().parse::<Kind>(), Ok(kind));
+            assert!(kind.type_url().ends_with(kind.as_str()));
+        }
+        assert!("listener".parse::<Kind>().is_err());
+    }
+}

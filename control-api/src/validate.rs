@@ -1,0 +1,525 @@
+//! Rules a set of resources must satisfy before a proxy builds a snapshot from it.
+//!
+//! [`validate`] takes the whole set (every kind at once) and returns every problem it finds, each
+//! naming the resource and the field: a bad address, a regex that does not compile, a route to a
+//! cluster that does not exist, two route tables claiming one destination. [`validate_bootstrap`] checks
+//! the start-up settings. The small parsers here ([`parse_address`], [`Destination::parse`],
+//! [`duration`]) are the ones the proxy uses too, so what validates is exactly what runs.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::config::FieldError;
+use crate::resource::{Kind, Resource, describe};
+use crate::v1;
+
+/// Every problem found in a resource set.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ValidationErrors(pub Vec<FieldError>);
+
+impl fmt::Display for ValidationErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses an `ip:port` socket address (`[v6]:port` for IPv6).
+pub fn parse_address(text: &str) -> Result<SocketAddr, String> {
+    text.parse::<SocketAddr>().map_err(|_| format!("must be ip:port, got {text:?}"))
+}
+
+/// Converts a protobuf duration, rejecting negative ones. `None` stays `None` (the field's default).
+pub fn duration(value: Option<&pbjson_types::Duration>) -> Result<Option<Duration>, String> {
+    match value {
+        None => Ok(None),
+        Some(d) => Duration::try_from(*d)
+            .map(Some)
+            .map_err(|_| format!("must be a non-negative duration, got {}s {}ns", d.seconds, d.nanos)),
+    }
+}
+
+/// One entry of a route table's `destinations`, normalised.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Destination {
+    /// `*`: any destination.
+    Any,
+    /// `reviews`: this host name on any port (lowercase).
+    Host(String),
+    /// `reviews:9080`: this host name on this port (lowercase).
+    HostPort(String, u16),
+    /// `*.shop.svc`: any host ending in this suffix; holds `.shop.svc` (lowercase).
+    Suffix(String),
+    /// `10.96.0.12:9080`: this original destination of a transparent connection, or this authority.
+    Address(SocketAddr),
+}
+
+impl Destination {
+    /// Parses one `destinations` entry.
+    pub fn parse(text: &str) -> Result<Destination, String> {
+        if text == "*" {
+            return Ok(Destination::Any);
+        }
+        if let Ok(address) = text.parse::<SocketAddr>() {
+            return Ok(Destination::Address(address));
+        }
+        if let Some(suffix) = text.strip_prefix("*.") {
+            check_host(suffix, text)?;
+            return Ok(Destination::Suffix(format!(".{}", suffix.to_ascii_lowercase())));
+        }
+        if let Some((host, port)) = text.rsplit_once(':') {
+            let port = port.parse::<u16>().map_err(|_| format!("{text:?} has a bad port"))?;
+            check_host(host, text)?;
+            return Ok(Destination::HostPort(host.to_ascii_lowercase(), port));
+        }
+        check_host(text, text)?;
+        Ok(Destination::Host(text.to_ascii_lowercase()))
+    }
+}
+
+fn check_host(host: &str, whole: &str) -> Result<(), String> {
+    let valid = !host.is_empty()
+        && host.len() <= 253
+        && host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "{whole:?} is not a destination (expected host, host:port, *.suffix, ip:port or *)"
+        ))
+    }
+}
+
+/// Whether `name` is an HTTP token (RFC 9110 §5.6.2), as header names and methods must be.
+fn is_token(name: &str) -> bool {
+    !name.is_empty()
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// Compiles a route regex the way the proxy runs it: it must match the whole value.
+pub fn compile_regex(pattern: &str) -> Result<regex::Regex, String> {
+    regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
+        .size_limit(1 << 20)
+        .build()
+        .map_err(|e| format!("is not a valid regex: {e}"))
+}
+
+/// Checks the bootstrap settings.
+pub fn validate_bootstrap(bootstrap: &v1::Bootstrap) -> Result<(), ValidationErrors> {
+    let mut errors = Vec::new();
+    let mut fail = |field: &str, message: String| errors.push(FieldError::new("bootstrap", field, message));
+    if !bootstrap.admin_address.is_empty()
+        && let Err(e) = parse_address(&bootstrap.admin_address)
+    {
+        fail("admin_address", e);
+    }
+    if bootstrap.workers > 1024 {
+        fail("workers", format!("must be at most 1024, got {}", bootstrap.workers));
+    }
+    if let Err(e) = duration(bootstrap.drain_time.as_ref()) {
+        fail("drain_time", e);
+    }
+    if errors.is_empty() { Ok(()) } else { Err(ValidationErrors(errors)) }
+}
+
+/// Checks a whole resource set: each resource's fields, unique names, and that every reference
+/// (route table, cluster) resolves. Returns every problem found.
+pub fn validate(resources: &[Resource]) -> Result<(), ValidationErrors> {
+    let mut check = Checker::default();
+    let mut names: HashSet<(Kind, &str)> = HashSet::new();
+    for resource in resources {
+        let name = resource.name();
+        if name.is_empty() {
+            let field = if resource.kind() == Kind::Endpoints { "cluster" } else { "name" };
+            check.fail(format!("{} with no name", resource.kind().noun()), field, "is required");
+        } else if !names.insert((resource.kind(), name)) {
+            check.fail(describe(resource.kind(), name), "", "is defined more than once");
+        }
+    }
+    let clusters: HashMap<&str, &v1::Cluster> = resources
+        .iter()
+        .filter_map(|r| match r {
+            Resource::Cluster(c) => Some((c.name.as_str(), c)),
+            _ => None,
+        })
+        .collect();
+    let tables: HashMap<&str, &v1::RouteTable> = resources
+        .iter()
+        .filter_map(|r| match r {
+            Resource::RouteTable(t) => Some((t.name.as_str(), t)),
+            _ => None,
+        })
+        .collect();
+
+    let mut bound: HashMap<SocketAddr, &str> = HashMap::new();
+    for resource in resources {
+        let subject = describe(resource.kind(), resource.name());
+        match resource {
+            Resource::Listener(listener) => {
+                check.listener(&subject, listener, &clusters, &tables);
+                if let Ok(address) = parse_address(&listener.address)
+                    && address.port() != 0
+                    && let Some(other) = bound.insert(address, &listener.name)
+                {
+                    check.fail(&subject, "address", format!("{address} is also the address of listener {other:?}"));
+                }
+            }
+            Resource::RouteTable(table) => check.route_table(&subject, table, &clusters),
+            Resource::Cluster(cluster) => check.cluster(&subject, cluster),
+            Resource::Endpoints(endpoints) => check.endpoints(&subject, endpoints, &clusters),
+        }
+    }
+    check.destinations(resources);
+    check.finish()
+}
+
+#[derive(Default)]
+struct Checker {
+    errors: Vec<FieldError>,
+}
+
+impl Checker {
+    fn fail(&mut self, subject: impl Into<String>, field: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(FieldError::new(subject, field, message));
+    }
+
+    fn finish(self) -> Result<(), ValidationErrors> {
+        if self.errors.is_empty() { Ok(()) } else { Err(ValidationErrors(self.errors)) }
+    }
+
+    fn cluster_ref(&mut self, subject: &str, field: &str, name: &str, clusters: &HashMap<&str, &v1::Cluster>) {
+        if !clusters.contains_key(name) {
+            self.fail(subject, field, format!("names cluster {name:?}, which is not defined"));
+        }
+    }
+
+    fn duration(&mut self, subject: &str, field: &str, value: Option<&pbjson_types::Duration>, positive: bool) {
+        match duration(value) {
+            Err(e) => self.fail(subject, field, e),
+            Ok(Some(d)) if positive && d.is_zero() => self.fail(subject, field, "must be greater than zero"),
+            Ok(_) => {}
+        }
+    }
+
+    fn listener(
+        &mut self,
+        subject: &str,
+        listener: &v1::Listener,
+        clusters: &HashMap<&str, &v1::Cluster>,
+        tables: &HashMap<&str, &v1::RouteTable>,
+    ) {
+        if listener.address.is_empty() {
+            self.fail(subject, "address", "is required");
+        } else if let Err(e) = parse_address(&listener.address) {
+            self.fail(subject, "address", e);
+        }
+        if v1::listener::Direction::try_from(listener.direction).is_err() {
+            self.fail(subject, "direction", format!("unknown value {}", listener.direction));
+        }
+        if v1::listener::Protocol::try_from(listener.protocol).is_err() {
+            self.fail(subject, "protocol", format!("unknown value {}", listener.protocol));
+        }
+        for (i, name) in listener.route_tables.iter().enumerate() {
+            if !tables.contains_key(name.as_str()) {
+                self.fail(subject, format!("route_tables[{i}]"), format!("names route table {name:?}, which is not defined"));
+            }
+        }
+        if !listener.default_cluster.is_empty() {
+            self.cluster_ref(subject, "default_cluster", &listener.default_cluster, clusters);
+        }
+        self.duration(subject, "detect_timeout", listener.detect_timeout.as_ref(), true);
+        self.duration(subject, "idle_timeout", listener.idle_timeout.as_ref(), true);
+    }
+
+    fn route_table(&mut self, subject: &str, table: &v1::RouteTable, clusters: &HashMap<&str, &v1::Cluster>) {
+        for (i, destination) in table.destinations.iter().enumerate() {
+            if let Err(e) = Destination::parse(destination) {
+                self.fail(subject, format!("destinations[{i}]"), e);
+            }
+        }
+        if !table.tcp_cluster.is_empty() {
+            self.cluster_ref(subject, "tcp_cluster", &table.tcp_cluster, clusters);
+        }
+        for (i, route) in table.routes.iter().enumerate() {
+            let at = |field: &str| format!("routes[{i}].{field}");
+            if let Some(matcher) = &route.r#match {
+                if let Some(path) = matcher.path.as_ref().and_then(|p| p.kind.as_ref()) {
+                    use v1::path_match::Kind as P;
+                    match path {
+                        P::Exact(p) | P::Prefix(p) if !p.starts_with('/') => {
+                            self.fail(subject, at("match.path"), format!("must start with '/', got {p:?}"));
+                        }
+                        P::Regex(re) => {
+                            if let Err(e) = compile_regex(re) {
+                                self.fail(subject, at("match.path.regex"), e);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                if !matcher.method.is_empty() && !is_token(&matcher.method) {
+                    self.fail(subject, at("match.method"), format!("{:?} is not an HTTP method", matcher.method));
+                }
+                for (j, header) in matcher.headers.iter().enumerate() {
+                    if !is_token(&header.name) {
+                        self.fail(subject, at(&format!("match.headers[{j}].name")), format!("{:?} is not a header name", header.name));
+                    }
+                    if let Some(v1::header_match::Kind::Regex(re)) = &header.kind
+                        && let Err(e) = compile_regex(re)
+                    {
+                        self.fail(subject, at(&format!("match.headers[{j}].regex")), e);
+                    }
+                }
+                for (j, query) in matcher.query.iter().enumerate() {
+                    if query.name.is_empty() {
+                        self.fail(subject, at(&format!("match.query[{j}].name")), "is required");
+                    }
+                    if let Some(v1::query_match::Kind::Regex(re)) = &query.kind
+                        && let Err(e) = compile_regex(re)
+                    {
+                        self.fail(subject, at(&format!("match.query[{j}].regex")), e);
+                    }
+                }
+            }
+            if route.backends.is_empty() {
+                self.fail(subject, at("backends"), "needs at least one cluster");
+            } else if route.backends.iter().all(|b| b.weight == Some(0)) {
+                self.fail(subject, at("backends"), "needs at least one backend with a weight above zero");
+            }
+            for (j, backend) in route.backends.iter().enumerate() {
+                self.cluster_ref(subject, &at(&format!("backends[{j}].cluster")), &backend.cluster, clusters);
+            }
+        }
+    }
+
+    fn cluster(&mut self, subject: &str, cluster: &v1::Cluster) {
+        if v1::cluster::Balancer::try_from(cluster.balancer).is_err() {
+            self.fail(subject, "balancer", format!("unknown value {}", cluster.balancer));
+        }
+        if v1::cluster::Protocol::try_from(cluster.protocol).is_err() {
+            self.fail(subject, "protocol", format!("unknown value {}", cluster.protocol));
+        }
+        self.duration(subject, "connect_timeout", cluster.connect_timeout.as_ref(), true);
+        self.duration(subject, "idle_timeout", cluster.idle_timeout.as_ref(), true);
+    }
+
+    fn endpoints(&mut self, subject: &str, endpoints: &v1::Endpoints, clusters: &HashMap<&str, &v1::Cluster>) {
+        match clusters.get(endpoints.cluster.as_str()) {
+            None if !endpoints.cluster.is_empty() => {
+                self.fail(subject, "cluster", format!("names cluster {:?}, which is not defined", endpoints.cluster));
+            }
+            Some(cluster) if cluster.original_destination => {
+                self.fail(subject, "cluster", "is an original_destination cluster, which takes no endpoints");
+            }
+            _ => {}
+        }
+        let mut seen = HashSet::new();
+        for (i, endpoint) in endpoints.endpoints.iter().enumerate() {
+            match parse_address(&endpoint.address) {
+                Err(e) => self.fail(subject, format!("endpoints[{i}].address"), e),
+                Ok(address) if !seen.insert(address) => {
+                    self.fail(subject, format!("endpoints[{i}].address"), format!("{address} is listed twice"));
+                }
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// No destination may be claimed by two route tables, and no listener may serve two catch-alls.
+    fn destinations(&mut self, resources: &[Resource]) {
+        let mut owners: HashMap<Destination, &str> = HashMap::new();
+        let mut catch_alls: Vec<&str> = Vec::new();
+        for resource in resources {
+            let Resource::RouteTable(table) = resource else { continue };
+            let parsed: Vec<Destination> = table.destinations.iter().filter_map(|d| Destination::parse(d).ok()).collect();
+            if parsed.is_empty() || parsed.contains(&Destination::Any) {
+                catch_alls.push(&table.name);
+            }
+            for destination in parsed {
+                if destination == Destination::Any {
+                    continue;
+                }
+                if let Some(other) = owners.insert(destination.clone(), &table.name)
+                    && other != table.name
+                {
+                    self.fail(
+                        describe(Kind::RouteTable, &table.name),
+                        "destinations",
+                        format!("{destination:?} is also claimed by route table {other:?}"),
+                    );
+                }
+            }
+        }
+        for resource in resources {
+            let Resource::Listener(listener) = resource else { continue };
+            let served: Vec<&str> = if listener.route_tables.is_empty() {
+                catch_alls.clone()
+            } else {
+                catch_alls.iter().copied().filter(|t| listener.route_tables.iter().any(|r| r == t)).collect()
+            };
+            if served.len() > 1 {
+                self.fail(
+                    describe(Kind::Listener, &listener.name),
+                    "route_tables",
+                    format!(
+                        "serves more than one catch-all route table ({}); give all but one of them destinations",
+                        served.join(", ")
+                    ),
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::config::parse;
+
+    fn problems(yaml: &str) -> String {
+        let file = parse(yaml, "t").unwrap();
+        validate(&file.resources).expect_err("set should be invalid").to_string()
+    }
+
+    const BASE: &str = r#"
+- kind: Cluster
+  name: shop
+- kind: Endpoints
+  cluster: shop
+  endpoints: [{address: "127.0.0.1:9000"}]
+"#;
+
+    fn with_base(extra: &str) -> String {
+        format!("resources:{BASE}{extra}")
+    }
+
+    #[test]
+    fn a_coherent_set_passes() {
+        let yaml = with_base(
+            r#"
+- kind: RouteTable
+  name: shop
+  destinations: ["shop", "shop.svc:80", "*.shop.svc", "10.0.0.1:80"]
+  routes:
+    - match: {path: {regex: "/items/[0-9]+"}, method: GET, headers: [{name: x-user, exact: a}], query: [{name: q, present: true}]}
+      backends: [{cluster: shop, weight: 2}]
+- kind: Listener
+  name: web
+  address: 127.0.0.1:8080
+  route_tables: [shop]
+  default_cluster: shop
+"#,
+        );
+        let file = parse(&yaml, "t").unwrap();
+        validate(&file.resources).unwrap();
+    }
+
+    #[test]
+    fn dangling_references_are_named() {
+        let text = problems(&with_base(
+            "- {kind: Listener, name: web, address: 127.0.0.1:1, route_tables: [nope], default_cluster: gone}\n",
+        ));
+        assert!(text.contains("listener \"web\": route_tables[0]: names route table \"nope\""), "{text}");
+        assert!(text.contains("listener \"web\": default_cluster: names cluster \"gone\""), "{text}");
+    }
+
+    #[test]
+    fn bad_values_name_their_fields() {
+        let text = problems(&with_base(
+            r#"
+- kind: RouteTable
+  name: r
+  destinations: ["bad host!"]
+  routes:
+    - match: {path: {regex: "(unclosed"}}
+      backends: [{cluster: shop, weight: 0}]
+    - match: {path: {prefix: "no-slash"}}
+      backends: []
+- kind: Listener
+  name: l
+  address: localhost:80
+  detect_timeout: 0s
+"#,
+        ));
+        for needle in [
+            "route table \"r\": destinations[0]:",
+            "route table \"r\": routes[0].match.path.regex: is not a valid regex",
+            "routes[0].backends: needs at least one backend with a weight above zero",
+            "routes[1].match.path: must start with '/'",
+            "routes[1].backends: needs at least one cluster",
+            "listener \"l\": address: must be ip:port",
+            "listener \"l\": detect_timeout: must be greater than zero",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in {text}");
+        }
+    }
+
+    #[test]
+    fn duplicates_and_conflicts_are_rejected() {
+        let text = problems(&with_base(
+            r#"
+- {kind: Cluster, name: shop}
+- {kind: RouteTable, name: a, destinations: [shop]}
+- {kind: RouteTable, name: b, destinations: [SHOP]}
+- {kind: RouteTable, name: c}
+- {kind: RouteTable, name: d, destinations: ["*"]}
+- {kind: Listener, name: l1, address: "127.0.0.1:80"}
+- {kind: Listener, name: l2, address: "127.0.0.1:80", route_tables: [a]}
+"#,
+        ));
+        assert!(text.contains("cluster \"shop\": is defined more than once"), "{text}");
+        assert!(text.contains("also claimed by route table \"a\""), "{text}");
+        assert!(text.contains("listener \"l1\": route_tables: serves more than one catch-all route table (c, d)"), "{text}");
+        assert!(!text.contains("listener \"l2\": route_tables"), "{text}");
+        assert!(text.contains("listener \"l2\": address: 127.0.0.1:80 is also the address of listener \"l1\""), "{text}");
+    }
+
+    #[test]
+    fn endpoints_must_fit_their_cluster() {
+        let text = problems(
+            r#"
+resources:
+- {kind: Cluster, name: pass, original_destination: true}
+- {kind: Endpoints, cluster: pass, endpoints: [{address: "127.0.0.1:1"}]}
+- {kind: Endpoints, cluster: ghost}
+- kind: Cluster
+  name: c
+- kind: Endpoints
+  cluster: c
+  endpoints: [{address: "127.0.0.1:1"}, {address: "127.0.0.1:1"}, {address: "nowhere"}]
+"#,
+        );
+        assert!(text.contains("endpoints \"pass\": cluster: is an original_destination cluster"), "{text}");
+        assert!(text.contains("endpoints \"ghost\": cluster: names cluster \"ghost\""), "{text}");
+        assert!(text.contains("endpoints \"c\": endpoints[1].address: 127.0.0.1:1 is listed twice"), "{text}");
+        assert!(text.contains("endpoints \"c\": endpoints[2].address: must be ip:port"), "{text}");
+    }
+
+    #[test]
+    fn destinations_normalise() {
+        assert_eq!(Destination::parse("Shop.Svc").unwrap(), Destination::Host("shop.svc".into()));
+        assert_eq!(Destination::parse("shop:80").unwrap(), Destination::HostPort("shop".into(), 80));
+        assert_eq!(Destination::parse("*.Svc").unwrap(), Destination::Suffix(".svc".into()));
+        assert_eq!(Destination::parse("[::1]:80").unwrap(), Destination::Address("[::1]:80".parse().unwrap()));
+        assert_eq!(Destination::parse("*").unwrap(), Destination::Any);
+        assert!(Destination::parse("shop:http").is_err());
+        assert!(Destination::parse("").is_err());
+    }
+
+    #[test]
+    fn bootstrap_is_checked() {
+        let bad = v1::Bootstrap { admin_address: "nope".into(), workers: 5000, ..Default::default() };
+        let text = validate_bootstrap(&bad).unwrap_err().to_string();
+        assert!(text.contains("bootstrap: admin_address: must be ip:port"), "{text}");
+        assert!(text.contains("bootstrap: workers: must be at most 1024"), "{text}");
+    }
+}

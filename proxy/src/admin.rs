@@ -1,0 +1,179 @@
+//! The admin HTTP server (default 127.0.0.1:15000): health, metrics and the live config.
+//!
+//! | path | answers |
+//! | --- | --- |
+//! | `GET /live` | 200 while the process runs (a liveness probe) |
+//! | `GET /ready` | 200 once every listener is bound and the first config applied; 503 before that and while draining (a readiness probe) |
+//! | `GET /metrics` | every metric, in the OpenMetrics text format Prometheus scrapes |
+//! | `GET /config_dump` | JSON: node id, config source and version, the bootstrap, the outcome of the last reload, and every resource serving now |
+//!
+//! It runs on the control thread, apart from the workers, so a scrape never takes a data-path
+//! thread's time, and it reads the data path's state only through shared, read-only views.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::json;
+use tracing::{debug, warn};
+
+use crate::limits;
+use crate::listener::DataPath;
+use crate::telemetry::Metrics;
+
+/// The outcome of one reload, as `/config_dump` reports it.
+#[derive(Clone, Debug)]
+pub struct ReloadReport {
+    /// Whether the new config is serving.
+    pub applied: bool,
+    /// The version that was tried.
+    pub version: String,
+    /// Why it was rejected.
+    pub error: Option<String>,
+    /// When.
+    pub at: SystemTime,
+}
+
+/// What the admin server reports on.
+#[derive(Debug)]
+pub struct AdminState {
+    /// The data path (live snapshot, drain state).
+    pub data: Arc<DataPath>,
+    /// The metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// This proxy's node id.
+    pub node_id: String,
+    /// Where the config comes from.
+    pub source: String,
+    /// The bootstrap section as loaded.
+    pub bootstrap: serde_json::Value,
+    ready: AtomicBool,
+    last_reload: Mutex<Option<ReloadReport>>,
+}
+
+impl AdminState {
+    /// State for a proxy that is not ready yet.
+    pub fn new(data: Arc<DataPath>, metrics: Arc<Metrics>, node_id: String, source: String, bootstrap: serde_json::Value) -> Self {
+        AdminState { data, metrics, node_id, source, bootstrap, ready: AtomicBool::new(false), last_reload: Mutex::new(None) }
+    }
+
+    /// Marks the proxy ready: listeners bound, first config applied.
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+    }
+
+    /// Whether `/ready` answers 200.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && !self.data.drain.is_draining()
+    }
+
+    /// Records a reload's outcome.
+    pub fn record_reload(&self, report: ReloadReport) {
+        if let Ok(mut last) = self.last_reload.lock() {
+            *last = Some(report);
+        }
+    }
+
+    /// The last reload's outcome, if there was one.
+    pub fn last_reload(&self) -> Option<ReloadReport> {
+        self.last_reload.lock().ok().and_then(|last| last.clone())
+    }
+
+    fn config_dump(&self) -> serde_json::Value {
+        let snapshot = self.data.snapshot.load_full();
+        let resources: Vec<serde_json::Value> = snapshot.resources.iter().map(|r| r.to_json()).collect();
+        let last_reload = self.last_reload().map(|r| {
+            json!({
+                "result": if r.applied { "applied" } else { "rejected" },
+                "version": r.version,
+                "error": r.error,
+                "at_unix_seconds": r.at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            })
+        });
+        json!({
+            "node_id": self.node_id,
+            "source": self.source,
+            "version": snapshot.version,
+            "bootstrap": self.bootstrap,
+            "last_reload": last_reload,
+            "resources": resources,
+        })
+    }
+}
+
+/// Serves the admin API on `socket` until the runtime stops.
+pub async fn serve(socket: std::net::TcpListener, state: Arc<AdminState>) {
+    let listener = match tokio::net::TcpListener::from_std(socket) {
+        Ok(listener) => listener,
+        Err(error) => {
+            warn!(%error, "cannot serve the admin API");
+            return;
+        }
+    };
+    let mut builder = http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(limits::H1_HEADER_READ_TIMEOUT);
+    let builder = Arc::new(builder);
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                warn!(%error, "admin accept failed");
+                tokio::time::sleep(limits::ACCEPT_ERROR_BACKOFF).await;
+                continue;
+            }
+        };
+        let state = state.clone();
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(respond(&request, &state)) }
+            });
+            if let Err(error) = builder.serve_connection(TokioIo::new(stream), service).await {
+                debug!(%error, "admin connection ended with an error");
+            }
+        });
+    }
+}
+
+fn respond(request: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "the admin API only answers GET\n");
+    }
+    match request.uri().path() {
+        "/live" => text(StatusCode::OK, "live\n"),
+        "/ready" if state.is_ready() => text(StatusCode::OK, "ready\n"),
+        "/ready" if state.data.drain.is_draining() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+        "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        "/metrics" => with_type(
+            StatusCode::OK,
+            state.metrics.encode(),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+        "/config_dump" => {
+            let body = serde_json::to_string_pretty(&state.config_dump()).unwrap_or_default();
+            with_type(StatusCode::OK, body + "\n", "application/json")
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found; try /live, /ready, /metrics or /config_dump\n"),
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    with_type(status, body.to_owned(), "text/plain; charset=utf-8")
+}
+
+fn with_type(status: StatusCode, body: String, content_type: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}

@@ -1,0 +1,232 @@
+//! The composition root: builds every part of a proxy, starts it, and stops it.
+//!
+//! [`Proxy::start`] is the only place that starts tasks at start-up, in this order:
+//!
+//! 1. load and validate the config (a bad file fails here, naming the field);
+//! 2. resolve the bootstrap (defaults applied) and build the shared data path;
+//! 3. bind the admin socket, start the worker threads, and apply the first config, which binds
+//!    every listener before any accept loop runs (a taken port fails here, naming the listener);
+//! 4. start the control thread: the admin server and, for a file source, the file watcher;
+//! 5. report ready.
+//!
+//! [`run`] is what `remora proxy` runs: start, then wait for signals (SIGHUP reloads; SIGTERM or
+//! SIGINT drains and exits). [`Proxy::drain`] stops accepting, lets connections finish up to the
+//! drain time, and returns; dropping the [`Proxy`] ends every thread.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use anyhow::Context;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::oneshot;
+use tracing::{info, warn};
+
+use crate::admin::{self, AdminState};
+use crate::bootstrap::{self, Bootstrap, ConfigSource};
+use crate::http::ServerSettings;
+use crate::http::client::ClientSettings;
+use crate::listener::{self, DataPath};
+use crate::reload::{self, ReloadError, ReloadOutcome, Reloader};
+use crate::state::LiveSnapshot;
+use crate::telemetry::Metrics;
+use crate::worker::Workers;
+
+/// Why a proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The config could not be loaded, or could not be applied.
+    #[error(transparent)]
+    Config(#[from] ReloadError),
+    /// The admin server could not bind its address.
+    #[error("admin server: bind {address}: {source}")]
+    AdminBind {
+        /// The admin address.
+        address: SocketAddr,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A thread or runtime could not be created.
+    #[error("start threads: {0}")]
+    Threads(#[source] std::io::Error),
+}
+
+/// A running proxy.
+pub struct Proxy {
+    bootstrap: Bootstrap,
+    admin_address: SocketAddr,
+    admin: Arc<AdminState>,
+    data: Arc<DataPath>,
+    reloader: Arc<Reloader>,
+    control: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy").field("admin_address", &self.admin_address).finish_non_exhaustive()
+    }
+}
+
+impl Proxy {
+    /// Starts a proxy from `source`: every listener bound and serving, the admin server up. Returns
+    /// once it is ready.
+    pub fn start(source: ConfigSource) -> Result<Proxy, StartError> {
+        // 1. Load.
+        let loaded = bootstrap::load(&source).map_err(ReloadError::from)?;
+        // 2. Bootstrap and the shared data path.
+        let settings = Bootstrap::resolve(&loaded.bootstrap)
+            .map_err(|errors| ReloadError::Invalid { origin: source.origin(), errors })?;
+        let metrics = Arc::new(Metrics::new());
+        metrics.set_workers(settings.workers);
+        let data = Arc::new(DataPath {
+            snapshot: LiveSnapshot::default(),
+            drain: Default::default(),
+            server: ServerSettings::default(),
+            client: ClientSettings::default(),
+        });
+        let bootstrap_json = serde_json::to_value(&loaded.bootstrap).unwrap_or_default();
+        let admin = Arc::new(AdminState::new(
+            data.clone(),
+            metrics.clone(),
+            settings.node_id.clone(),
+            source.origin(),
+            bootstrap_json,
+        ));
+        // 3. Sockets and workers.
+        let admin_socket = listener::bind("admin", settings.admin_address, 1)
+            .map_err(|e| StartError::AdminBind { address: settings.admin_address, source: e.source })?
+            .pop()
+            .ok_or_else(|| StartError::Threads(std::io::Error::other("no admin socket")))?;
+        let admin_address = admin_socket.local_addr().map_err(|source| StartError::AdminBind {
+            address: settings.admin_address,
+            source,
+        })?;
+        let workers = Workers::start(settings.workers, &data).map_err(StartError::Threads)?;
+        let reloader = Arc::new(Reloader::new(
+            source.clone(),
+            loaded.bootstrap.clone(),
+            data.clone(),
+            metrics,
+            admin.clone(),
+            workers,
+        ));
+        reloader.reload()?;
+        // 4. The control thread.
+        let (stop, stopped) = oneshot::channel::<()>();
+        let control_runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(StartError::Threads)?;
+        let watched = match &source {
+            ConfigSource::File(path) => Some((reloader.clone(), path.clone())),
+            ConfigSource::Text { .. } => None,
+        };
+        let admin_state = admin.clone();
+        let control = std::thread::Builder::new()
+            .name("remora-control".into())
+            .spawn(move || {
+                control_runtime.block_on(async move {
+                    tokio::spawn(admin::serve(admin_socket, admin_state));
+                    if let Some((reloader, path)) = watched {
+                        tokio::spawn(reload::watch_file(reloader, path));
+                    }
+                    let _ = stopped.await;
+                });
+            })
+            .map_err(StartError::Threads)?;
+        // 5. Ready.
+        admin.set_ready();
+        Ok(Proxy { bootstrap: settings, admin_address, admin, data, reloader, control: Some((stop, control)) })
+    }
+
+    /// The start-up settings in force.
+    pub fn bootstrap(&self) -> &Bootstrap {
+        &self.bootstrap
+    }
+
+    /// Where the admin server listens.
+    pub fn admin_address(&self) -> SocketAddr {
+        self.admin_address
+    }
+
+    /// Where listener `name` is bound (useful when its configured port is 0).
+    pub fn listener_address(&self, name: &str) -> Option<SocketAddr> {
+        self.reloader.listener_address(name)
+    }
+
+    /// Every listener and its bound address, sorted by name.
+    pub fn listener_addresses(&self) -> Vec<(String, SocketAddr)> {
+        self.reloader.listener_addresses()
+    }
+
+    /// Whether `/ready` reports ready.
+    pub fn is_ready(&self) -> bool {
+        self.admin.is_ready()
+    }
+
+    /// Re-reads the config source and applies it (what SIGHUP and a file change do).
+    pub fn reload(&self) -> Result<ReloadOutcome, ReloadError> {
+        self.reloader.reload()
+    }
+
+    /// Drains: `/ready` turns 503, accept loops stop, HTTP/1.1 connections close after their request
+    /// in flight (`Connection: close`), HTTP/2 connections get GOAWAY; then waits until every
+    /// connection has closed or the drain time has passed. Returns whether every connection closed.
+    pub async fn drain(&self) -> bool {
+        self.data.drain.start();
+        let clean = self.data.drain.wait(self.bootstrap.drain_time).await;
+        if !clean {
+            warn!(open = self.data.drain.open_connections(), "drain time passed with connections still open");
+        }
+        clean
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some((stop, thread)) = self.control.take() {
+            let _ = stop.send(());
+            let _ = thread.join();
+        }
+        // The workers go with the last reference to the reloader, which is ours now.
+    }
+}
+
+/// Runs `remora proxy`: starts, serves until SIGTERM or SIGINT, drains, and returns. SIGHUP reloads
+/// the config.
+pub fn run(source: ConfigSource) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start the signal runtime")?;
+    runtime.block_on(async {
+        let mut terminate = signal(SignalKind::terminate()).context("listen for SIGTERM")?;
+        let mut interrupt = signal(SignalKind::interrupt()).context("listen for SIGINT")?;
+        let mut hangup = signal(SignalKind::hangup()).context("listen for SIGHUP")?;
+        let proxy = Proxy::start(source).context("start the proxy")?;
+        let listeners: Vec<String> = proxy.listener_addresses().iter().map(|(name, address)| format!("{name}={address}")).collect();
+        info!(
+            node = %proxy.bootstrap().node_id,
+            admin = %proxy.admin_address(),
+            workers = proxy.bootstrap().workers,
+            listeners = %listeners.join(" "),
+            "remora proxy ready"
+        );
+        loop {
+            tokio::select! {
+                _ = terminate.recv() => break,
+                _ = interrupt.recv() => break,
+                _ = hangup.recv() => {
+                    info!("SIGHUP: reloading the config");
+                    // The outcome is logged by reload.
+                    let _ = proxy.reload();
+                }
+            }
+        }
+        info!(drain_time = ?proxy.bootstrap().drain_time, "draining");
+        let clean = proxy.drain().await;
+        info!(clean, "drained; exiting");
+        Ok(())
+    })
+}

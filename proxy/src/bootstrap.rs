@@ -1,0 +1,212 @@
+//! Start-up configuration: where the config comes from, and the settings fixed for the process's life.
+//!
+//! A [`ConfigSource`] (a YAML file, or the built-in defaults) is read by [`load`] into a [`Loaded`]
+//! config: the raw bootstrap section, the resources, and a version derived from the text. The
+//! bootstrap section becomes a [`Bootstrap`], which never changes after start-up; the resources go to
+//! `state` to become the live snapshot, and are read again on every reload.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use remora_control_api::config::{self, ConfigError};
+use remora_control_api::validate::{self, ValidationErrors};
+use remora_control_api::{Resource, v1};
+
+use crate::limits;
+
+/// The configuration `remora proxy` runs with when given no `--config`: an outbound listener on
+/// 127.0.0.1:15001 and an inbound one on 0.0.0.0:15006, both transparent (behind iptables REDIRECT),
+/// both passing traffic through to its original destination, and the admin server on 127.0.0.1:15000.
+pub const DEFAULT_CONFIG: &str = r#"# Remora's built-in defaults: a transparent pass-through sidecar.
+bootstrap:
+  admin_address: 127.0.0.1:15000
+  drain_time: 5s
+resources:
+  - kind: Listener
+    name: outbound
+    address: 127.0.0.1:15001
+    direction: outbound
+    protocol: auto
+    transparent: true
+    default_cluster: passthrough
+  - kind: Listener
+    name: inbound
+    address: 0.0.0.0:15006
+    direction: inbound
+    protocol: auto
+    transparent: true
+    default_cluster: passthrough
+  - kind: Cluster
+    name: passthrough
+    original_destination: true
+"#;
+
+/// Where the proxy's configuration comes from.
+#[derive(Clone, Debug)]
+pub enum ConfigSource {
+    /// A YAML file, watched for changes (and re-read on SIGHUP).
+    File(PathBuf),
+    /// YAML text held in memory (the built-in defaults, or the demo's config); never changes.
+    Text {
+        /// Names the text in error messages and `/config_dump`.
+        origin: String,
+        /// The YAML.
+        text: String,
+    },
+}
+
+impl ConfigSource {
+    /// The built-in defaults ([`DEFAULT_CONFIG`]).
+    pub fn defaults() -> Self {
+        ConfigSource::Text { origin: "built-in defaults".into(), text: DEFAULT_CONFIG.into() }
+    }
+
+    /// Names the source in messages: the file's path, or the text's origin.
+    pub fn origin(&self) -> String {
+        match self {
+            ConfigSource::File(path) => path.display().to_string(),
+            ConfigSource::Text { origin, .. } => origin.clone(),
+        }
+    }
+}
+
+/// Why a config could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file could not be read.
+    #[error("read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The text is not a valid config document.
+    #[error(transparent)]
+    Parse(#[from] ConfigError),
+    /// The resources, or the bootstrap, break a rule.
+    #[error("{origin}: {errors}")]
+    Invalid {
+        /// Where the config came from.
+        origin: String,
+        /// Every problem found.
+        errors: ValidationErrors,
+    },
+}
+
+/// One reading of a config source, validated.
+#[derive(Clone, Debug)]
+pub struct Loaded {
+    /// The bootstrap section as written (defaults not yet applied).
+    pub bootstrap: v1::Bootstrap,
+    /// The resources, in file order.
+    pub resources: Vec<Resource>,
+    /// Identifies this content: the FNV-1a hash of the text, in hex. Equal text, equal version.
+    pub version: String,
+}
+
+/// Reads, parses and validates the config.
+pub fn load(source: &ConfigSource) -> Result<Loaded, LoadError> {
+    let origin = source.origin();
+    let owned;
+    let text = match source {
+        ConfigSource::File(path) => {
+            owned = std::fs::read_to_string(path)
+                .map_err(|source| LoadError::Read { path: origin.clone(), source })?;
+            owned.as_str()
+        }
+        ConfigSource::Text { text, .. } => text.as_str(),
+    };
+    let file = config::parse(text, &origin)?;
+    let bootstrap = file.bootstrap.unwrap_or_default();
+    let invalid = |errors| LoadError::Invalid { origin: origin.clone(), errors };
+    validate::validate_bootstrap(&bootstrap).map_err(invalid)?;
+    validate::validate(&file.resources).map_err(invalid)?;
+    Ok(Loaded { bootstrap, resources: file.resources, version: version_of(text) })
+}
+
+/// The FNV-1a 64-bit hash of `text` as 16 hex digits: stable across runs and builds, so a version in
+/// `/config_dump` can be compared between proxies.
+pub fn version_of(text: &str) -> String {
+    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("{hash:016x}")
+}
+
+/// The start-up settings with every default applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bootstrap {
+    /// Names this proxy (defaults to the host name).
+    pub node_id: String,
+    /// Where the admin server listens.
+    pub admin_address: SocketAddr,
+    /// Worker threads (each with its own event loop).
+    pub workers: usize,
+    /// How long a drain may take.
+    pub drain_time: Duration,
+}
+
+impl Bootstrap {
+    /// Applies the defaults to a (validated) bootstrap section.
+    pub fn resolve(raw: &v1::Bootstrap) -> Result<Self, ValidationErrors> {
+        validate::validate_bootstrap(raw)?;
+        let admin_address = if raw.admin_address.is_empty() {
+            SocketAddr::from(([127, 0, 0, 1], 15000))
+        } else {
+            // validate_bootstrap has parsed it already; the error arm cannot be reached.
+            validate::parse_address(&raw.admin_address).unwrap_or(SocketAddr::from(([127, 0, 0, 1], 15000)))
+        };
+        let workers = match raw.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n as usize,
+        };
+        let drain_time = validate::duration(raw.drain_time.as_ref())
+            .ok()
+            .flatten()
+            .unwrap_or(limits::DEFAULT_DRAIN_TIME);
+        let node_id = if raw.node_id.is_empty() { host_name() } else { raw.node_id.clone() };
+        Ok(Bootstrap { node_id, admin_address, workers, drain_time })
+    }
+}
+
+fn host_name() -> String {
+    rustix::system::uname().nodename().to_string_lossy().into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn built_in_defaults_load_and_resolve() {
+        let loaded = load(&ConfigSource::defaults()).unwrap();
+        assert_eq!(loaded.resources.len(), 3);
+        let bootstrap = Bootstrap::resolve(&loaded.bootstrap).unwrap();
+        assert_eq!(bootstrap.admin_address, "127.0.0.1:15000".parse().unwrap());
+        assert_eq!(bootstrap.drain_time, Duration::from_secs(5));
+        assert!(bootstrap.workers >= 1);
+        assert!(!bootstrap.node_id.is_empty());
+    }
+
+    #[test]
+    fn version_follows_content() {
+        assert_eq!(version_of("a"), version_of("a"));
+        assert_ne!(version_of("a"), version_of("b"));
+        assert_eq!(version_of("").len(), 16);
+    }
+
+    #[test]
+    fn invalid_set_is_reported_with_its_origin() {
+        let source = ConfigSource::Text {
+            origin: "inline".into(),
+            text: "kind: Listener\nname: l\naddress: nowhere\n".into(),
+        };
+        let error = load(&source).unwrap_err().to_string();
+        assert_eq!(error, "inline: listener \"l\": address: must be ip:port, got \"nowhere\"");
+    }
+}

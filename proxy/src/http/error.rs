@@ -1,0 +1,116 @@
+//! Why a request could not be proxied, and the one place such a reason becomes an HTTP response.
+//!
+//! Every failure on the HTTP data path is a [`ProxyError`]. Each knows which side caused it
+//! ([`Side`]) and whether trying another endpoint could help ([`ProxyError::retryable`], for the retry
+//! policy to come). [`ProxyError::to_response`] is the only mapping from errors to status codes: a
+//! short text body and an `x-remora-error` header naming the reason, so an operator can tell a 503
+//! the proxy made from one the app sent.
+
+use bytes::Bytes;
+use http::header::{CONNECTION, CONTENT_TYPE, HeaderValue};
+use http::{Response, StatusCode};
+
+use crate::http::body::ProxyBody;
+use crate::tcp::ConnectError;
+
+/// The header that names the reason of a response the proxy made itself.
+pub const ERROR_HEADER: &str = "x-remora-error";
+
+/// Who caused a failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// The client sent something the proxy cannot serve.
+    Downstream,
+    /// The endpoint failed, or none was available.
+    Upstream,
+    /// The proxy's configuration has no answer.
+    Config,
+}
+
+/// A request that could not be proxied.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// No route table or route matched the request.
+    #[error("no route matches the request")]
+    NoRoute,
+    /// The listener was removed by a reload while this connection was open.
+    #[error("the listener was removed")]
+    ListenerRemoved,
+    /// The cluster had no endpoint to send to.
+    #[error("cluster {0:?} has no endpoint to send to")]
+    NoEndpoint(std::sync::Arc<str>),
+    /// Connecting to the endpoint failed or timed out.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The endpoint broke the connection or spoke invalid HTTP.
+    #[error("upstream: {0}")]
+    Upstream(#[source] hyper::Error),
+    /// The request cannot be proxied as sent.
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+}
+
+impl ProxyError {
+    /// Which side caused the failure.
+    pub fn side(&self) -> Side {
+        match self {
+            ProxyError::NoRoute | ProxyError::ListenerRemoved => Side::Config,
+            ProxyError::NoEndpoint(_) | ProxyError::Connect(_) | ProxyError::Upstream(_) => Side::Upstream,
+            ProxyError::BadRequest(_) => Side::Downstream,
+        }
+    }
+
+    /// Whether another attempt, on another endpoint, might succeed. A request the endpoint may have
+    /// started processing (an upstream error after sending) is not retryable without a policy that
+    /// says the request is idempotent.
+    pub fn retryable(&self) -> bool {
+        matches!(self, ProxyError::Connect(_))
+    }
+
+    /// The response the client gets.
+    pub fn to_response(&self) -> Response<ProxyBody> {
+        let (status, reason) = match self {
+            ProxyError::NoRoute => (StatusCode::NOT_FOUND, "no_route"),
+            ProxyError::ListenerRemoved => (StatusCode::SERVICE_UNAVAILABLE, "listener_removed"),
+            ProxyError::NoEndpoint(_) => (StatusCode::SERVICE_UNAVAILABLE, "no_healthy_upstream"),
+            ProxyError::Connect(ConnectError::Timeout(_)) => (StatusCode::SERVICE_UNAVAILABLE, "connect_timeout"),
+            ProxyError::Connect(ConnectError::Failed { .. }) => (StatusCode::SERVICE_UNAVAILABLE, "connect_failed"),
+            ProxyError::Upstream(_) => (StatusCode::BAD_GATEWAY, "upstream_reset"),
+            ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+        };
+        let mut response = Response::new(ProxyBody::local(Bytes::from(format!("{self}\n"))));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        headers.insert(ERROR_HEADER, HeaderValue::from_static(reason));
+        if matches!(self, ProxyError::ListenerRemoved | ProxyError::BadRequest(_)) {
+            headers.insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_error_has_one_status_and_a_named_reason() {
+        let refused = ProxyError::Connect(ConnectError::Failed {
+            address: ([127, 0, 0, 1], 1).into(),
+            source: std::io::ErrorKind::ConnectionRefused.into(),
+        });
+        let cases = [
+            (ProxyError::NoRoute, 404, "no_route"),
+            (ProxyError::NoEndpoint("c".into()), 503, "no_healthy_upstream"),
+            (ProxyError::Connect(ConnectError::Timeout(([127, 0, 0, 1], 1).into())), 503, "connect_timeout"),
+            (refused, 503, "connect_failed"),
+            (ProxyError::BadRequest("x"), 400, "bad_request"),
+        ];
+        for (error, status, reason) in cases {
+            let response = error.to_response();
+            assert_eq!(response.status().as_u16(), status, "{error}");
+            assert_eq!(response.headers()[ERROR_HEADER], reason);
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! L7: serving HTTP/1.1 and HTTP/2 connections and proxying each request.
+//!
+//! A connection arrives from `listener` already classified; [`serve`] runs hyper's server on it with
+//! the limits from `limits`, until the client closes, the idle timeout passes, or a drain asks it to
+//! finish (HTTP/1.1: the request in flight completes with `Connection: close`; HTTP/2: GOAWAY, open
+//! streams complete). Each request then goes through these phases, in this order, in [`proxy`]:
+//!
+//! 1. **route**: from the live snapshot, the listener's route table for the request's authority (or
+//!    the connection's original destination), the first matching route, and a cluster by weight;
+//!    the listener's default cluster when no table claims the destination.
+//! 2. **balance**: the cluster's next endpoint (or the original destination, for a pass-through).
+//! 3. **prepare**: hop-by-hop headers stripped; target and `Host` reshaped for the upstream version.
+//! 4. **connect**: a pooled connection to the endpoint, or a new one (`client`).
+//! 5. **respond**: the endpoint's response streams back, hop-by-hop headers stripped; a `101` becomes
+//!    a tunnel, as does a `CONNECT` (`tunnel`).
+//! 6. **record**: the listener's and the cluster's counters, by status class.
+//!
+//! Any failure becomes a response in one place, [`error::ProxyError::to_response`].
+
+pub mod body;
+pub mod client;
+pub mod error;
+pub mod headers;
+pub mod tunnel;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tracing::debug;
+
+use crate::io::{DownstreamStream, Meter, idle_watch};
+use crate::limits;
+use crate::listener::{DataPath, Open};
+use crate::state::ListenerConfig;
+use crate::state::cluster::{Cluster, UpstreamProtocol};
+use body::ProxyBody;
+use client::Sent;
+use error::ProxyError;
+
+/// The HTTP version a downstream connection speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServerVersion {
+    /// HTTP/1.1 (and 1.0).
+    Http1,
+    /// HTTP/2 with prior knowledge.
+    Http2,
+}
+
+/// hyper server settings with every limit applied, built once.
+#[derive(Debug)]
+pub struct ServerSettings {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        let mut h1 = http1::Builder::new();
+        h1.timer(TokioTimer::new())
+            .header_read_timeout(limits::H1_HEADER_READ_TIMEOUT)
+            .max_header_size(limits::MAX_HEADER_BYTES)
+            .max_buf_size(limits::H1_MAX_BUF_SIZE)
+            // A client that shuts down its sending side after the request still gets its response.
+            .half_close(true)
+            .keep_alive(true);
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .max_concurrent_streams(limits::H2_MAX_CONCURRENT_STREAMS)
+            .max_header_list_size(limits::H2_MAX_HEADER_LIST_SIZE)
+            .max_pending_accept_reset_streams(limits::H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
+            .max_local_error_reset_streams(limits::H2_MAX_LOCAL_ERROR_RESET_STREAMS)
+            .initial_stream_window_size(limits::H2_STREAM_WINDOW)
+            .initial_connection_window_size(limits::H2_CONNECTION_WINDOW)
+            .max_send_buf_size(limits::H2_MAX_SEND_BUF_SIZE);
+        ServerSettings { http1: h1, http2: h2 }
+    }
+}
+
+/// One downstream HTTP connection, shared by its requests and any tunnel made from it. It counts as
+/// open (for drain and the active-connections gauge) until the last of them is done.
+#[derive(Debug)]
+pub struct HttpConnection {
+    /// Process-wide state: the live snapshot, drain, settings.
+    pub data: Arc<DataPath>,
+    /// The listener's config as of accept: name, counters, idle timeout.
+    pub listener: Arc<ListenerConfig>,
+    /// Where the client was going, for transparent listeners.
+    pub original_destination: Option<SocketAddr>,
+    /// Bytes moved on the connection.
+    pub meter: Arc<Meter>,
+    /// Keeps the connection counted as open.
+    pub open: Open,
+}
+
+/// Serves one HTTP connection until it ends. `stream` replays whatever detection read.
+pub async fn serve(stream: DownstreamStream, version: ServerVersion, connection: Arc<HttpConnection>) {
+    let service = {
+        let connection = connection.clone();
+        service_fn(move |request| proxy(request, connection.clone()))
+    };
+    let io = TokioIo::new(stream);
+    let settings = &connection.data.server;
+    match version {
+        ServerVersion::Http1 => {
+            let served = settings.http1.serve_connection(io, service).with_upgrades();
+            drive(served, |c| c.graceful_shutdown(), &connection).await;
+        }
+        ServerVersion::Http2 => {
+            let served = settings.http2.serve_connection(io, service);
+            drive(served, |c| c.graceful_shutdown(), &connection).await;
+        }
+    }
+}
+
+/// Runs a server connection to its end, asking it to finish gracefully (`shut_down`) when draining
+/// starts, and closing it if it sits idle past the listener's idle timeout.
+async fn drive<C>(connection: C, shut_down: impl Fn(Pin<&mut C>), http: &HttpConnection)
+where
+    C: Future<Output = Result<(), hyper::Error>>,
+{
+    let mut drain = http.data.drain.watch();
+    let idle = idle_watch(&http.meter, &http.listener.stats, http.listener.idle_timeout);
+    tokio::pin!(connection, idle);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(error) = result {
+                    debug!(listener = %http.listener.name, %error, "http connection ended with an error");
+                }
+                return;
+            }
+            () = drain.signaled(), if !draining => {
+                draining = true;
+                shut_down(connection.as_mut());
+            }
+            () = &mut idle => {
+                debug!(listener = %http.listener.name, "http connection idle timeout");
+                return;
+            }
+        }
+    }
+}
+
+/// One request through every phase; always yields a response.
+async fn proxy(request: Request<Incoming>, connection: Arc<HttpConnection>) -> Result<Response<ProxyBody>, Infallible> {
+    let response = match route(&request, &connection) {
+        Ok(cluster) => match forward(request, &cluster, &connection).await {
+            Ok(response) => response,
+            Err(error) => {
+                debug!(listener = %connection.listener.name, cluster = %cluster.name, %error, "request failed");
+                error.to_response()
+            }
+        },
+        Err(error) => error.to_response(),
+    };
+    connection.listener.stats.record_response(response.status().as_u16());
+    Ok(response)
+}
+
+/// Phase 1, route: resolved entirely from one snapshot load, before any await, so a config swap can
+/// never change a request half-way.
+fn route(request: &Request<Incoming>, connection: &HttpConnection) -> Result<Arc<Cluster>, ProxyError> {
+    let snapshot = connection.data.snapshot.load();
+    let listener = snapshot.listener(&connection.listener.name).ok_or(ProxyError::ListenerRemoved)?;
+    match listener.routes.for_http(headers::authority(request), connection.original_destination) {
+        Some(table) => table
+            .route(request.method(), request.uri(), request.headers())
+            .and_then(|route| route.pick_cluster())
+            .cloned()
+            .ok_or(ProxyError::NoRoute),
+        None => listener.default_cluster.clone().ok_or(ProxyError::NoRoute),
+    }
+}
+
+/// Phases 2 to 5, and the cluster's part of phase 6.
+async fn forward(
+    mut request: Request<Incoming>,
+    cluster: &Cluster,
+    connection: &Arc<HttpConnection>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    if request.method() == Method::CONNECT {
+        return tunnel::connect(request, cluster, connection).await;
+    }
+    // Balance.
+    let endpoint = cluster
+        .pick(connection.original_destination)
+        .ok_or_else(|| ProxyError::NoEndpoint(cluster.name.clone()))?;
+    // Prepare.
+    let upgrade = headers::is_upgrade(&request);
+    let version = match (cluster.protocol, upgrade) {
+        // Protocol switches exist only in HTTP/1.1.
+        (_, true) | (UpstreamProtocol::Http1, false) => client::Version::Http1,
+        (UpstreamProtocol::Http2, false) => client::Version::Http2,
+        (UpstreamProtocol::Auto, false) if request.version() == http::Version::HTTP_2 => client::Version::Http2,
+        (UpstreamProtocol::Auto, false) => client::Version::Http1,
+    };
+    headers::prepare_request(&mut request, version, endpoint, upgrade);
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+    // Connect and send.
+    let Sent { mut response, ticket } =
+        client::send(&connection.data.client, cluster, endpoint, version, request, upgrade).await?;
+    // Respond.
+    cluster.stats.record_response(response.status().as_u16());
+    let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if let (true, Some(downstream)) = (switching, downstream_upgrade) {
+        tunnel::relay_upgrade(downstream, hyper::upgrade::on(&mut response), connection.clone());
+    }
+    headers::strip_hop_by_hop(response.headers_mut(), switching && upgrade);
+    Ok(response.map(|body| ProxyBody::upstream(body, ticket)))
+}

@@ -1,0 +1,86 @@
+//! Byte tunnels made out of HTTP requests: protocol upgrades (WebSocket) and `CONNECT`.
+//!
+//! An upgrade is relayed: the request goes upstream with its `Upgrade` header, and when the endpoint
+//! answers `101 Switching Protocols` both connections are taken over from hyper and joined by
+//! [`relay_upgrade`]. A `CONNECT host:port` request is terminated here: [`connect`] opens a TCP
+//! connection to an endpoint of the routed cluster (for a pass-through cluster, to the requested
+//! address itself), answers `200`, and joins the client's stream to it, over HTTP/1.1 or as an HTTP/2
+//! stream. Both kinds keep the originating connection's [`HttpConnection`] alive, so they count as
+//! open connections for drain and metrics, and both end on the listener's idle timeout.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::debug;
+
+use crate::http::HttpConnection;
+use crate::http::body::ProxyBody;
+use crate::http::error::ProxyError;
+use crate::io::idle_watch;
+use crate::state::cluster::{Cluster, Targets};
+use crate::tcp;
+
+/// Joins the two sides of a switched protocol once hyper hands them over.
+pub fn relay_upgrade(downstream: OnUpgrade, upstream: OnUpgrade, connection: Arc<HttpConnection>) {
+    tokio::spawn(async move {
+        match tokio::try_join!(downstream, upstream) {
+            Ok((down, up)) => join(TokioIo::new(down), TokioIo::new(up), &connection).await,
+            Err(error) => debug!(%error, "upgrade did not complete"),
+        }
+    });
+}
+
+/// Terminates a `CONNECT` request: connects to the target and tunnels the client's bytes to it.
+pub async fn connect(
+    request: Request<Incoming>,
+    cluster: &Cluster,
+    connection: &Arc<HttpConnection>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let target = match cluster.targets {
+        Targets::OriginalDestination => Some(
+            request
+                .uri()
+                .authority()
+                .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+                .ok_or(ProxyError::BadRequest("CONNECT through a pass-through cluster needs an ip:port target"))?,
+        ),
+        Targets::Endpoints(_) => cluster.pick(None),
+    };
+    let target = target.ok_or_else(|| ProxyError::NoEndpoint(cluster.name.clone()))?;
+    let upstream = tcp::connect(target, cluster.connect_timeout, &cluster.stats).await?;
+    let downstream = hyper::upgrade::on(request);
+    let connection = connection.clone();
+    tokio::spawn(async move {
+        match downstream.await {
+            Ok(down) => join(TokioIo::new(down), upstream, &connection).await,
+            Err(error) => debug!(%error, "CONNECT tunnel was not established"),
+        }
+    });
+    let mut response = Response::new(ProxyBody::empty());
+    *response.status_mut() = StatusCode::OK;
+    Ok(response)
+}
+
+/// Copies both ways until both sides close, or the listener's idle timeout passes.
+async fn join<A, B>(mut a: A, mut b: B, connection: &HttpConnection)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let listener = &connection.listener;
+    tokio::select! {
+        result = tokio::io::copy_bidirectional(&mut a, &mut b) => {
+            if let Err(error) = result {
+                debug!(listener = %listener.name, %error, "tunnel ended with an error");
+            }
+        }
+        () = idle_watch(&connection.meter, &listener.stats, listener.idle_timeout) => {
+            debug!(listener = %listener.name, "tunnel idle timeout");
+        }
+    }
+}

@@ -1,0 +1,56 @@
+//! Remora's data plane: the sidecar proxy.
+//!
+//! A proxy accepts connections on its listeners, works out what each speaks and where it was going,
+//! and forwards it: opaque TCP byte for byte (spliced in the kernel), HTTP/1.1 and HTTP/2 request by
+//! request through route tables to balanced, pooled upstream connections. Its configuration is a set
+//! of resources (see `remora-control-api`) compiled into an immutable snapshot and swapped whole
+//! when the config changes, without dropping a request. An admin server reports health, metrics and
+//! the config serving now.
+//!
+//! ```text
+//! accept → admit (connection cap) → original destination (transparent) → detect
+//!        ├─ opaque / TLS → tcp: route by original destination → connect → splice both ways
+//!        └─ HTTP/1.1, HTTP/2 → http: route → balance → prepare → connect (pool) → respond → record
+//! ```
+//!
+//! # Layout
+//! - [`app`] — the composition root: start, signals, drain.
+//! - [`bootstrap`] — where the config comes from; start-up settings and built-in defaults.
+//! - [`state`] — the live [`state::Snapshot`] (compiled listeners, route tables, clusters).
+//! - [`reload`] — applying a new config all-or-nothing; the file watcher.
+//! - [`worker`] — the worker threads, one single-threaded runtime each.
+//! - [`listener`] — binding, accepting, and sending each connection down the right path.
+//! - [`detect`] — what a connection speaks, from its first bytes.
+//! - [`io`] — the downstream stream (replay + byte meter) and the idle timeout.
+//! - [`tcp`] — upstream connects and L4 forwarding (`splice(2)`).
+//! - [`http`] — the HTTP server, the request phases, the upstream pool, header hygiene, tunnels.
+//! - [`balance`] — endpoint selection (smooth weighted round robin) and weighted cluster choice.
+//! - [`telemetry`] — metrics.
+//! - [`admin`] — the admin HTTP server.
+//! - [`drain`] — the drain signal and open-connection count.
+//! - [`limits`] — every safety limit and default, with its reason.
+//! - [`demo`] — `remora demo`, a local mesh on built-in defaults.
+//! - `testing` (feature `testing`) — fixtures for tests and benches.
+
+pub mod admin;
+pub mod app;
+pub mod balance;
+pub mod bootstrap;
+pub mod demo;
+pub mod detect;
+pub mod drain;
+pub mod http;
+pub mod io;
+pub mod limits;
+pub mod listener;
+pub mod reload;
+pub mod state;
+pub mod tcp;
+pub mod telemetry;
+pub mod worker;
+
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use app::{Proxy, StartError, run};
+pub use bootstrap::ConfigSource;

@@ -1,0 +1,122 @@
+//! Every safety limit and built-in default, in one place, with the reason for its value.
+//!
+//! hyper and h2 leave some protections off by default (no header-read timeout without a timer, no
+//! cap on connections); a sidecar faces whatever the app or the network sends it, so each limit is
+//! set here and read by the code that applies it. Nothing else in the crate holds a magic number for
+//! these. Values configurable per resource (timeouts, connection caps) have their defaults here too.
+
+use std::time::Duration;
+
+// ---- Listeners -------------------------------------------------------------------------------
+
+/// Pending-connection queue per listening socket. Matches the benchmark peers (nginx `backlog=4096`);
+/// the kernel clamps it to `net.core.somaxconn`.
+pub const LISTEN_BACKLOG: i32 = 4096;
+
+/// Default `Listener.max_connections`: far above what one sidecar serves, low enough that a
+/// connection flood cannot exhaust file descriptors (each proxied TCP connection holds six: two
+/// sockets and two pipes).
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 100_000;
+
+/// Default `Listener.detect_timeout`. Server-speaks-first protocols (MySQL, SMTP) wait this long on
+/// every new connection before the proxy gives up on detection and forwards bytes, so it is short;
+/// clients that send first are detected on their first packet and never wait.
+pub const DEFAULT_DETECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Bytes read before protocol detection must decide. The longest thing detection looks for is the
+/// 24-byte HTTP/2 preface; an HTTP/1 method is at most 16 bytes here (see `detect`).
+pub const DETECT_PEEK_BYTES: usize = 1024;
+
+/// Default `Listener.idle_timeout`: a connection with no bytes moving for an hour is closed. Envoy's
+/// default for TCP proxies and HTTP connections alike; long enough for any sane keep-alive pool.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Backoff after `accept` fails (EMFILE, ENFILE, ENOMEM), so an exhausted process does not spin.
+pub const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(20);
+
+// ---- HTTP/1.1 server -------------------------------------------------------------------------
+
+/// Time a client has to send a complete request head. hyper starts this timer whenever it waits for
+/// a request, so it is also how long an idle keep-alive connection stays open: 60 s, as nginx's
+/// `client_header_timeout`, and under nginx's 75 s `keepalive_timeout` so clients that reuse an nginx
+/// pool see the same behaviour. It stops slowloris clients from holding connections forever.
+pub const H1_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+// Most header fields in one HTTP/1 request: 100, hyper's default and Envoy's. It is deliberately not
+// set through `max_headers`, which would move hyper's header array from the stack to a heap
+// allocation per request.
+
+/// Largest buffered request head (request line plus headers), in bytes. 64 KiB is Envoy's 60 KiB
+/// header limit rounded up; nginx allows 32 KiB. Larger heads get 431.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// Largest read/write buffer per HTTP/1 connection. Bounds memory per connection; bodies stream
+/// through it and are never held whole.
+pub const H1_MAX_BUF_SIZE: usize = 128 * 1024;
+
+// ---- HTTP/2 (server and client) --------------------------------------------------------------
+
+/// Streams a client may open at once on one connection. nginx allows 128, HAProxy 100, Envoy
+/// effectively unlimited; gRPC clients multiplex heavily, so 512, with memory bounded by the
+/// connection window below rather than by this count.
+pub const H2_MAX_CONCURRENT_STREAMS: u32 = 512;
+
+/// Largest decoded header list (HPACK can expand small frames into large lists). Same budget as
+/// HTTP/1's [`MAX_HEADER_BYTES`].
+pub const H2_MAX_HEADER_LIST_SIZE: u32 = MAX_HEADER_BYTES as u32;
+
+/// Streams the client opened and reset before the proxy accepted them, at most, before the
+/// connection is closed with GOAWAY: the "rapid reset" attack (CVE-2023-44487). hyper's default.
+pub const H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+
+/// Streams the proxy may reset because of the peer's protocol errors before it closes the
+/// connection: the "MadeYouReset" attack (CVE-2025-8671). hyper's default.
+pub const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
+
+/// Flow-control window per stream: how much one stream may have in flight unacknowledged. 256 KiB
+/// keeps a single gRPC stream fast on a LAN (bandwidth-delay product of 10 Gbit/s x 200 us).
+pub const H2_STREAM_WINDOW: u32 = 256 * 1024;
+
+/// Flow-control window per connection: the bound on body bytes one connection can make the proxy
+/// hold, whatever its stream count. Envoy's recommended edge value.
+pub const H2_CONNECTION_WINDOW: u32 = 1024 * 1024;
+
+/// Most bytes buffered for sending per stream before the sender is told to wait. Below hyper's
+/// 400 KiB default, above the stream window so one window's worth always fits.
+pub const H2_MAX_SEND_BUF_SIZE: usize = 384 * 1024;
+
+// ---- Upstream clusters -----------------------------------------------------------------------
+
+/// Default `Cluster.connect_timeout`. Endpoints in a mesh are a LAN hop away; a connect that takes
+/// a second is a dead or overloaded endpoint (Linkerd uses 1 s too).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Default `Cluster.idle_timeout` for pooled upstream connections: closed before the common server
+/// keep-alive timeouts (nginx 75 s, Node.js 5 s is shorter and is handled by the stale-connection
+/// retry in `http::client`).
+pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Idle HTTP/1.1 connections kept per endpoint per worker. Above the concurrency the benchmarks
+/// drive (h2load: 16 x 32 streams), so steady load does not churn connections.
+pub const POOL_MAX_IDLE_PER_ENDPOINT: usize = 512;
+
+/// How often each worker closes pooled connections that passed their idle timeout.
+pub const POOL_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+// ---- L4 forwarding ---------------------------------------------------------------------------
+
+/// Pipe capacity asked for each direction of a spliced TCP connection. A larger pipe moves more per
+/// `splice(2)` call; the kernel may refuse (per-user pipe limits) and the pipe then keeps its
+/// default 64 KiB, which still works.
+pub const SPLICE_PIPE_SIZE: usize = 256 * 1024;
+
+/// Buffer size per direction for the portable (non-splice) copy.
+pub const COPY_BUFFER_SIZE: usize = 64 * 1024;
+
+// ---- Process ---------------------------------------------------------------------------------
+
+/// Default `Bootstrap.drain_time`: Istio's termination drain duration.
+pub const DEFAULT_DRAIN_TIME: Duration = Duration::from_secs(5);
+
+/// How often the config file's metadata is checked for changes.
+pub const CONFIG_POLL_INTERVAL: Duration = Duration::from_millis(500);

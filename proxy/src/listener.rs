@@ -1,0 +1,201 @@
+//! Accepting connections and sending each one down the right path.
+//!
+//! `app` binds every listener with [`bind`] (one socket per worker thread, sharing the port with
+//! `SO_REUSEPORT`, so the kernel spreads connections across workers and no accept crosses threads)
+//! and hands each worker its socket. The worker runs [`accept_loop`] on it; for each connection:
+//!
+//! 1. **admit**: the listener's config is read from the live snapshot; over `max_connections` the
+//!    connection is closed at once and counted as rejected.
+//! 2. **original destination**: on a transparent listener, `SO_ORIGINAL_DST` (IPv4 or IPv6) says
+//!    where the client meant to go. A connection made straight to the listener has none.
+//! 3. **detect**: `auto` listeners classify the first bytes (`detect`); others know their protocol.
+//! 4. **dispatch**: HTTP goes to `http::serve`; anything else to `tcp::proxy`, towards the route
+//!    table that claims the original destination (its `tcp_cluster`) or the listener's default
+//!    cluster.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use socket2::{Domain, Protocol as SocketProtocol, SockRef, Socket, Type};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use crate::detect::{self, Protocol};
+use crate::drain::{ConnectionToken, Drain};
+use crate::http::client::ClientSettings;
+use crate::http::{self, HttpConnection, ServerSettings, ServerVersion};
+use crate::io::{DownstreamStream, Meter};
+use crate::limits;
+use crate::state::{ListenerConfig, ListenerProtocol, LiveSnapshot};
+use crate::tcp;
+
+/// Everything the data path shares across workers and connections.
+#[derive(Debug)]
+pub struct DataPath {
+    /// The config serving now.
+    pub snapshot: LiveSnapshot,
+    /// The drain signal and open-connection count.
+    pub drain: Drain,
+    /// hyper server settings.
+    pub server: ServerSettings,
+    /// Upstream connection settings.
+    pub client: ClientSettings,
+}
+
+/// A listener that could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("listener {name:?}: bind {address}: {source}")]
+pub struct BindError {
+    /// The listener.
+    pub name: String,
+    /// The address.
+    pub address: SocketAddr,
+    /// The OS error (address in use, permission denied, ...).
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Binds `copies` listening sockets to `address`, all sharing one port. Port 0 picks a free port
+/// once, and every copy takes that same port.
+pub fn bind(name: &str, address: SocketAddr, copies: usize) -> Result<Vec<std::net::TcpListener>, BindError> {
+    let fail = |address, source| BindError { name: name.to_owned(), address, source };
+    let mut sockets = Vec::with_capacity(copies);
+    let mut address = address;
+    for _ in 0..copies.max(1) {
+        let socket = bind_one(address, copies > 1).map_err(|e| fail(address, e))?;
+        if address.port() == 0 {
+            address = socket.local_addr().map_err(|e| fail(address, e))?;
+        }
+        sockets.push(socket);
+    }
+    Ok(sockets)
+}
+
+fn bind_one(address: SocketAddr, share_port: bool) -> std::io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(address), Type::STREAM, Some(SocketProtocol::TCP))?;
+    // Restarting proxies must not wait out TIME_WAIT on their own port.
+    socket.set_reuse_address(true)?;
+    // Only when there are several workers: a single-worker proxy keeps the port to itself, so a
+    // second copy started by mistake fails to bind instead of silently sharing the traffic.
+    if share_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(limits::LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// Accepts connections on `socket` for listener `name` until `stop` turns true or draining starts.
+/// Must run inside a worker's runtime.
+pub async fn accept_loop(socket: std::net::TcpListener, name: Arc<str>, data: Arc<DataPath>, mut stop: watch::Receiver<bool>) {
+    let listener = match tokio::net::TcpListener::from_std(socket) {
+        Ok(listener) => listener,
+        Err(error) => {
+            warn!(listener = %name, %error, "cannot serve listener");
+            return;
+        }
+    };
+    let mut drain = data.drain.watch();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.wait_for(|stop| *stop) => return,
+            () = drain.signaled() => return,
+        };
+        match accepted {
+            Ok((stream, _peer)) => {
+                tokio::spawn(serve_connection(stream, name.clone(), data.clone()));
+            }
+            Err(error) => {
+                // Out of file descriptors or memory: back off rather than spin on the error.
+                warn!(listener = %name, %error, "accept failed");
+                tokio::time::sleep(limits::ACCEPT_ERROR_BACKOFF).await;
+            }
+        }
+    }
+}
+
+async fn serve_connection(stream: TcpStream, name: Arc<str>, data: Arc<DataPath>) {
+    // Admit.
+    let Some(listener) = data.snapshot.load().listener(&name).cloned() else {
+        return;
+    };
+    let stats = &listener.stats;
+    if stats.active.inc() >= listener.max_connections {
+        stats.active.dec();
+        stats.rejected.inc();
+        return;
+    }
+    stats.connections.inc();
+    let meter = Arc::new(Meter::default());
+    let open = Open { listener: listener.clone(), meter: meter.clone(), _token: data.drain.track() };
+    let _ = stream.set_nodelay(true);
+    // Original destination.
+    let original_destination = if listener.transparent { original_destination(&stream) } else { None };
+    // Detect.
+    let (protocol, replay) = match listener.protocol {
+        ListenerProtocol::Http1 => (Protocol::Http1, bytes::Bytes::new()),
+        ListenerProtocol::Http2 => (Protocol::Http2, bytes::Bytes::new()),
+        ListenerProtocol::Tcp => (Protocol::Opaque, bytes::Bytes::new()),
+        ListenerProtocol::Auto => match detect::detect(&stream, listener.detect_timeout).await {
+            Ok(detected) => detected,
+            Err(error) => {
+                debug!(listener = %name, %error, "connection failed during detection");
+                return;
+            }
+        },
+    };
+    // Dispatch.
+    let version = match protocol {
+        Protocol::Http1 => ServerVersion::Http1,
+        Protocol::Http2 => ServerVersion::Http2,
+        Protocol::Tls | Protocol::Opaque => {
+            let cluster = listener
+                .routes
+                .for_tcp(original_destination)
+                .and_then(|table| table.tcp_cluster.clone())
+                .or_else(|| listener.default_cluster.clone());
+            match cluster {
+                Some(cluster) => tcp::proxy(stream, replay, cluster, original_destination, &listener, &meter).await,
+                None => debug!(listener = %name, ?original_destination, "no cluster for opaque traffic; closing"),
+            }
+            return;
+        }
+    };
+    let downstream = DownstreamStream::new(stream, replay, meter.clone());
+    let connection = Arc::new(HttpConnection { data: data.clone(), listener, original_destination, meter, open });
+    http::serve(downstream, version, connection).await;
+}
+
+/// Marks an admitted connection open until dropped: then the active gauge goes down, the byte meter
+/// is flushed into the listener's counters, and drain stops waiting for it.
+#[derive(Debug)]
+pub struct Open {
+    listener: Arc<ListenerConfig>,
+    meter: Arc<Meter>,
+    _token: ConnectionToken,
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.meter.flush(&self.listener.stats);
+        self.listener.stats.active.dec();
+    }
+}
+
+/// Where the client was going before an iptables REDIRECT brought it here. `None` when the socket
+/// was not redirected (the original destination is the listener's own address) or the kernel has no
+/// record.
+fn original_destination(stream: &TcpStream) -> Option<SocketAddr> {
+    let local = stream.local_addr().ok()?;
+    let socket = SockRef::from(stream);
+    let original = match local {
+        SocketAddr::V4(_) => socket.original_dst_v4(),
+        SocketAddr::V6(_) => socket.original_dst_v6(),
+    }
+    .ok()?
+    .as_socket()?;
+    (original != local).then_some(original)
+}

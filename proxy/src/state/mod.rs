@@ -1,0 +1,322 @@
+//! The live configuration: an immutable [`Snapshot`] of compiled listeners, route tables and
+//! clusters, swapped whole behind an `ArcSwap`.
+//!
+//! A new resource set (from a reload) is validated and compiled into a fresh snapshot off the hot path
+//! by [`Snapshot::build`]; [`LiveSnapshot::store`] then swaps it in. The data path calls
+//! [`LiveSnapshot::load`] once per request or connection and resolves everything it needs (route,
+//! cluster, endpoint) before its first await, so a swap never changes a request half-way: requests
+//! already resolved finish on the old objects, the next request sees the new ones.
+//!
+//! Runtime state outlives snapshots where it should: counters are keyed by name in `telemetry`, an
+//! unchanged cluster keeps its endpoint set (and so its round-robin position), and pooled upstream
+//! connections are keyed by address in `http::client`.
+
+pub mod cluster;
+pub mod routes;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::{ArcSwap, Guard};
+use remora_control_api::config::FieldError;
+use remora_control_api::validate::{self, Destination, ValidationErrors};
+use remora_control_api::{Kind, Resource, v1};
+
+use crate::balance::{Endpoint, EndpointSet};
+use crate::limits;
+use crate::telemetry::{ListenerStats, Metrics};
+use cluster::{Cluster, Targets};
+use routes::{RouteIndex, RouteTable};
+
+/// What a listener expects on its connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListenerProtocol {
+    /// Detect from the first bytes.
+    Auto,
+    /// HTTP/1.1.
+    Http1,
+    /// HTTP/2 with prior knowledge.
+    Http2,
+    /// Opaque TCP.
+    Tcp,
+}
+
+/// A compiled listener: everything a connection accepted on it needs.
+#[derive(Debug)]
+pub struct ListenerConfig {
+    /// The listener's name.
+    pub name: Arc<str>,
+    /// The address as configured (port 0 means "any free port" at bind time).
+    pub address: SocketAddr,
+    /// `outbound` or `inbound`, as a metric label.
+    pub direction: &'static str,
+    /// What the connections speak.
+    pub protocol: ListenerProtocol,
+    /// Whether to read SO_ORIGINAL_DST.
+    pub transparent: bool,
+    /// How long detection waits for the first bytes.
+    pub detect_timeout: Duration,
+    /// Close connections idle this long.
+    pub idle_timeout: Duration,
+    /// Most connections open at once.
+    pub max_connections: i64,
+    /// Route tables by destination.
+    pub routes: RouteIndex,
+    /// Where unclaimed traffic goes.
+    pub default_cluster: Option<Arc<Cluster>>,
+    /// The listener's counters.
+    pub stats: Arc<ListenerStats>,
+}
+
+/// One consistent, compiled version of the resources.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Identifies the resources this was built from.
+    pub version: String,
+    /// The resources as given, for `/config_dump`.
+    pub resources: Vec<Resource>,
+    listeners: HashMap<Arc<str>, Arc<ListenerConfig>>,
+    clusters: HashMap<Arc<str>, Arc<Cluster>>,
+}
+
+impl Snapshot {
+    /// Validates `resources` and compiles them. `previous` donates endpoint sets of clusters whose
+    /// endpoints did not change; `metrics` supplies each listener's and cluster's counters.
+    pub fn build(
+        version: String,
+        resources: Vec<Resource>,
+        previous: Option<&Snapshot>,
+        metrics: &Metrics,
+    ) -> Result<Snapshot, ValidationErrors> {
+        validate::validate(&resources)?;
+        let fail = |kind: Kind, name: &str, field: String, message: String| {
+            ValidationErrors(vec![FieldError {
+                subject: format!("{} {name:?}", kind.noun()),
+                field,
+                message,
+            }])
+        };
+
+        let endpoints: HashMap<&str, &v1::Endpoints> = resources
+            .iter()
+            .filter_map(|r| match r {
+                Resource::Endpoints(e) => Some((e.cluster.as_str(), e)),
+                _ => None,
+            })
+            .collect();
+        let mut clusters: HashMap<Arc<str>, Arc<Cluster>> = HashMap::new();
+        for resource in &resources {
+            let Resource::Cluster(c) = resource else { continue };
+            let targets = if c.original_destination {
+                Targets::OriginalDestination
+            } else {
+                let mut list = Vec::new();
+                for (i, e) in endpoints.get(c.name.as_str()).map_or(&[][..], |e| &e.endpoints).iter().enumerate() {
+                    let address = validate::parse_address(&e.address)
+                        .map_err(|m| fail(Kind::Endpoints, &c.name, format!("endpoints[{i}].address"), m))?;
+                    list.push(Endpoint { address, weight: e.weight.unwrap_or(1) });
+                }
+                let reused = previous.and_then(|p| p.clusters.get(c.name.as_str())).and_then(|old| match &old.targets {
+                    Targets::Endpoints(set) if set.endpoints() == list.as_slice() => Some(set.clone()),
+                    _ => None,
+                });
+                Targets::Endpoints(reused.unwrap_or_else(|| Arc::new(EndpointSet::new(list))))
+            };
+            let duration = |field: &str, value: Option<&pbjson_types::Duration>, default| {
+                validate::duration(value)
+                    .map(|d| d.unwrap_or(default))
+                    .map_err(|m| fail(Kind::Cluster, &c.name, field.into(), m))
+            };
+            let name: Arc<str> = c.name.as_str().into();
+            let compiled = Cluster {
+                name: name.clone(),
+                protocol: c.protocol().into(),
+                connect_timeout: duration("connect_timeout", c.connect_timeout.as_ref(), limits::DEFAULT_CONNECT_TIMEOUT)?,
+                idle_timeout: duration("idle_timeout", c.idle_timeout.as_ref(), limits::DEFAULT_POOL_IDLE_TIMEOUT)?,
+                targets,
+                stats: metrics.cluster(&c.name),
+            };
+            clusters.insert(name, Arc::new(compiled));
+        }
+        let find_cluster = |name: &str| clusters.get(name).cloned();
+
+        let mut tables: Vec<(Arc<RouteTable>, Vec<Destination>)> = Vec::new();
+        for resource in &resources {
+            let Resource::RouteTable(t) = resource else { continue };
+            let compiled = RouteTable::compile(t, &find_cluster)
+                .map_err(|e| fail(Kind::RouteTable, &t.name, e.field, e.message))?;
+            let mut destinations = Vec::with_capacity(t.destinations.len());
+            for (i, d) in t.destinations.iter().enumerate() {
+                destinations.push(
+                    Destination::parse(d).map_err(|m| fail(Kind::RouteTable, &t.name, format!("destinations[{i}]"), m))?,
+                );
+            }
+            tables.push((Arc::new(compiled), destinations));
+        }
+
+        let mut listeners = HashMap::new();
+        for resource in &resources {
+            let Resource::Listener(l) = resource else { continue };
+            let config = compile_listener(l, &tables, &find_cluster, metrics)
+                .map_err(|(field, message)| fail(Kind::Listener, &l.name, field, message))?;
+            listeners.insert(config.name.clone(), Arc::new(config));
+        }
+        Ok(Snapshot { version, resources, listeners, clusters })
+    }
+
+    /// The listener called `name`, if this snapshot has it.
+    pub fn listener(&self, name: &str) -> Option<&Arc<ListenerConfig>> {
+        self.listeners.get(name)
+    }
+
+    /// Every listener.
+    pub fn listeners(&self) -> impl Iterator<Item = &Arc<ListenerConfig>> {
+        self.listeners.values()
+    }
+
+    /// The cluster called `name`, if this snapshot has it.
+    pub fn cluster(&self, name: &str) -> Option<&Arc<Cluster>> {
+        self.clusters.get(name)
+    }
+}
+
+fn compile_listener(
+    l: &v1::Listener,
+    tables: &[(Arc<RouteTable>, Vec<Destination>)],
+    find_cluster: &dyn Fn(&str) -> Option<Arc<Cluster>>,
+    metrics: &Metrics,
+) -> Result<ListenerConfig, (String, String)> {
+    let address = validate::parse_address(&l.address).map_err(|m| ("address".to_owned(), m))?;
+    let duration = |field: &str, value: Option<&pbjson_types::Duration>, default| {
+        validate::duration(value).map(|d| d.unwrap_or(default)).map_err(|m| (field.to_owned(), m))
+    };
+    let served: Vec<(Arc<RouteTable>, Vec<Destination>)> = tables
+        .iter()
+        .filter(|(t, _)| l.route_tables.is_empty() || l.route_tables.iter().any(|name| *name == *t.name))
+        .cloned()
+        .collect();
+    let default_cluster = match l.default_cluster.as_str() {
+        "" => None,
+        name => Some(find_cluster(name).ok_or_else(|| {
+            ("default_cluster".to_owned(), format!("names cluster {name:?}, which is not defined"))
+        })?),
+    };
+    let direction = match l.direction() {
+        v1::listener::Direction::Outbound => "outbound",
+        v1::listener::Direction::Inbound => "inbound",
+    };
+    let protocol = match l.protocol() {
+        v1::listener::Protocol::Auto => ListenerProtocol::Auto,
+        v1::listener::Protocol::Http1 => ListenerProtocol::Http1,
+        v1::listener::Protocol::Http2 => ListenerProtocol::Http2,
+        v1::listener::Protocol::Tcp => ListenerProtocol::Tcp,
+    };
+    let max_connections = match l.max_connections {
+        0 => limits::DEFAULT_MAX_CONNECTIONS,
+        n => n,
+    };
+    Ok(ListenerConfig {
+        name: l.name.as_str().into(),
+        address,
+        direction,
+        protocol,
+        transparent: l.transparent,
+        detect_timeout: duration("detect_timeout", l.detect_timeout.as_ref(), limits::DEFAULT_DETECT_TIMEOUT)?,
+        idle_timeout: duration("idle_timeout", l.idle_timeout.as_ref(), limits::DEFAULT_IDLE_TIMEOUT)?,
+        max_connections: i64::from(max_connections),
+        routes: RouteIndex::new(served),
+        default_cluster,
+        stats: metrics.listener(&l.name, direction),
+    })
+}
+
+/// The snapshot serving now, shared by every worker.
+#[derive(Debug, Default)]
+pub struct LiveSnapshot {
+    current: ArcSwap<Snapshot>,
+}
+
+impl LiveSnapshot {
+    /// Starts serving `snapshot`.
+    pub fn new(snapshot: Snapshot) -> Self {
+        LiveSnapshot { current: ArcSwap::from_pointee(snapshot) }
+    }
+
+    /// The snapshot serving now. Cheap (no reference-count traffic in the common case); do not hold
+    /// the guard across an await.
+    pub fn load(&self) -> Guard<Arc<Snapshot>> {
+        self.current.load()
+    }
+
+    /// The snapshot serving now, as an owned reference.
+    pub fn load_full(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Swaps in `snapshot`; requests that already resolved their route keep the old one.
+    pub fn store(&self, snapshot: Snapshot) {
+        self.current.store(Arc::new(snapshot));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn build(yaml: &str, previous: Option<&Snapshot>, metrics: &Metrics) -> Result<Snapshot, ValidationErrors> {
+        let file = remora_control_api::config::parse(yaml, "t").unwrap();
+        Snapshot::build("v".into(), file.resources, previous, metrics)
+    }
+
+    const CONFIG: &str = r#"
+resources:
+  - {kind: Cluster, name: shop, protocol: http2, connect_timeout: 0.25s}
+  - {kind: Endpoints, cluster: shop, endpoints: [{address: "127.0.0.1:9001"}, {address: "127.0.0.1:9002", weight: 2}]}
+  - {kind: Cluster, name: pass, original_destination: true}
+  - {kind: RouteTable, name: shop, destinations: [shop], routes: [{backends: [{cluster: shop}]}]}
+  - {kind: Listener, name: out, address: "127.0.0.1:15001", transparent: true, default_cluster: pass}
+"#;
+
+    #[test]
+    fn builds_listeners_and_clusters_with_defaults() {
+        let metrics = Metrics::new();
+        let snapshot = build(CONFIG, None, &metrics).unwrap();
+        let out = snapshot.listener("out").unwrap();
+        assert_eq!(out.protocol, ListenerProtocol::Auto);
+        assert_eq!(out.detect_timeout, limits::DEFAULT_DETECT_TIMEOUT);
+        assert_eq!(out.max_connections, i64::from(limits::DEFAULT_MAX_CONNECTIONS));
+        let dst: SocketAddr = "10.1.1.1:80".parse().unwrap();
+        assert_eq!(out.default_cluster.as_ref().unwrap().pick(Some(dst)), Some(dst));
+        let table = out.routes.for_http(Some("shop"), None).unwrap();
+        assert_eq!(&*table.name, "shop");
+        let shop = snapshot.cluster("shop").unwrap();
+        assert_eq!(shop.connect_timeout, Duration::from_millis(250));
+        assert_eq!(shop.protocol, cluster::UpstreamProtocol::Http2);
+    }
+
+    #[test]
+    fn unchanged_endpoints_keep_their_rotation_and_changed_ones_do_not() {
+        let metrics = Metrics::new();
+        let first = build(CONFIG, None, &metrics).unwrap();
+        let same = build(CONFIG, Some(&first), &metrics).unwrap();
+        let set = |s: &Snapshot| match &s.cluster("shop").unwrap().targets {
+            Targets::Endpoints(set) => set.clone(),
+            Targets::OriginalDestination => panic!(),
+        };
+        assert!(Arc::ptr_eq(&set(&first), &set(&same)));
+        let changed = build(&CONFIG.replace("9002", "9003"), Some(&same), &metrics).unwrap();
+        assert!(!Arc::ptr_eq(&set(&same), &set(&changed)));
+    }
+
+    #[test]
+    fn invalid_sets_are_refused() {
+        let error = build(&CONFIG.replace("default_cluster: pass", "default_cluster: nope"), None, &Metrics::new())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("listener \"out\": default_cluster: names cluster \"nope\""), "{error}");
+    }
+}

@@ -1,0 +1,235 @@
+//! L4: connecting to endpoints, and forwarding opaque TCP both ways.
+//!
+//! [`proxy`] takes an accepted connection whose bytes the proxy will not interpret, picks an endpoint
+//! from the cluster, connects, replays any bytes detection consumed, and then [`forward`]s until both
+//! sides have closed (or the idle timeout passes). On Linux the bytes never enter user space: each
+//! direction moves them socket → pipe → socket with `splice(2)`, and an end-of-stream on one side is
+//! passed on as a half-close (`shutdown(SHUT_WR)`) of the other, so protocols that close their sending
+//! side and keep reading work. Elsewhere a buffered copy does the same job.
+//!
+//! [`connect`] is also how the HTTP client opens upstream connections.
+
+use std::io;
+use std::net::{Shutdown, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use crate::io::{Meter, idle_watch};
+use crate::state::ListenerConfig;
+use crate::state::cluster::Cluster;
+use crate::telemetry::ClusterStats;
+
+/// Why an upstream connect failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The connect did not finish within the cluster's connect timeout.
+    #[error("connect to {0} timed out")]
+    Timeout(SocketAddr),
+    /// The connect failed (refused, unreachable, reset).
+    #[error("connect to {address}: {source}")]
+    Failed {
+        /// The endpoint.
+        address: SocketAddr,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Opens a TCP connection to `address` within `timeout`, with Nagle off, counting it (or its failure)
+/// in `stats`.
+pub async fn connect(address: SocketAddr, timeout: Duration, stats: &ClusterStats) -> Result<TcpStream, ConnectError> {
+    match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
+        Err(_) => {
+            stats.connect_timeouts.inc();
+            Err(ConnectError::Timeout(address))
+        }
+        Ok(Err(source)) => {
+            stats.connect_failures.inc();
+            Err(ConnectError::Failed { address, source })
+        }
+        Ok(Ok(stream)) => {
+            stats.connections.inc();
+            // Requests and responses are written whole; waiting to coalesce only adds latency.
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        }
+    }
+}
+
+/// Proxies one opaque connection to `cluster` until both sides close or it sits idle.
+///
+/// `replay` holds bytes detection already read from `downstream`; they are sent first. The connection
+/// is closed without a word if the cluster has no endpoint or the connect fails: there is no protocol
+/// in which to say why, so the reason goes to the debug log and the cluster's counters.
+pub async fn proxy(
+    downstream: TcpStream,
+    replay: Bytes,
+    cluster: Arc<Cluster>,
+    original_destination: Option<SocketAddr>,
+    listener: &ListenerConfig,
+    meter: &Meter,
+) {
+    let Some(endpoint) = cluster.pick(original_destination) else {
+        debug!(listener = %listener.name, cluster = %cluster.name, "tcp: no endpoint; closing");
+        return;
+    };
+    let mut upstream = match connect(endpoint, cluster.connect_timeout, &cluster.stats).await {
+        Ok(upstream) => upstream,
+        Err(error) => {
+            debug!(listener = %listener.name, cluster = %cluster.name, %error, "tcp: closing");
+            return;
+        }
+    };
+    if !replay.is_empty() {
+        if let Err(error) = upstream.write_all(&replay).await {
+            debug!(cluster = %cluster.name, %error, "tcp: upstream write failed");
+            return;
+        }
+        cluster.stats.tcp_bytes_sent.inc_by(replay.len() as u64);
+    }
+    let stats = &cluster.stats;
+    let to_upstream = |n: usize| {
+        meter.add_received(n);
+        stats.tcp_bytes_sent.inc_by(n as u64);
+    };
+    let to_downstream = |n: usize| {
+        meter.add_sent(n);
+        stats.tcp_bytes_received.inc_by(n as u64);
+    };
+    tokio::select! {
+        result = forward(&downstream, &upstream, &to_upstream, &to_downstream) => {
+            if let Err(error) = result {
+                debug!(listener = %listener.name, cluster = %cluster.name, %error, "tcp: connection ended with an error");
+            }
+        }
+        () = idle_watch(meter, &listener.stats, listener.idle_timeout) => {
+            debug!(listener = %listener.name, cluster = %cluster.name, "tcp: idle timeout");
+        }
+    }
+}
+
+/// Moves bytes both ways between `a` and `b` until each side has sent its end-of-stream, passing each
+/// on as a half-close. The first error ends both directions. `a_to_b` and `b_to_a` are told how many
+/// bytes moved, as they move.
+pub async fn forward(
+    a: &TcpStream,
+    b: &TcpStream,
+    a_to_b: &(dyn Fn(usize) + Sync),
+    b_to_a: &(dyn Fn(usize) + Sync),
+) -> io::Result<()> {
+    tokio::try_join!(one_way(a, b, a_to_b), one_way(b, a, b_to_a)).map(|_| ())
+}
+
+/// Signals end-of-stream to `to`'s peer. A peer that is already gone is not an error here: the other
+/// direction will see it.
+fn half_close(to: &TcpStream) {
+    let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
+}
+
+#[cfg(target_os = "linux")]
+async fn one_way(from: &TcpStream, to: &TcpStream, moved: &(dyn Fn(usize) + Sync)) -> io::Result<()> {
+    use rustix::pipe::{PipeFlags, SpliceFlags, fcntl_setpipe_size, pipe_with, splice};
+    use tokio::io::Interest;
+
+    let (pipe_out, pipe_in) = pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)?;
+    // A refused resize (per-user pipe limits) leaves the default 64 KiB pipe, which works too.
+    let capacity = fcntl_setpipe_size(&pipe_in, crate::limits::SPLICE_PIPE_SIZE).unwrap_or(64 * 1024);
+    let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
+    loop {
+        // Socket to pipe: waits until `from` is readable; EAGAIN clears readiness and waits again.
+        let filled = from
+            .async_io(Interest::READABLE, || splice(from, None, &pipe_in, None, capacity, flags).map_err(io::Error::from))
+            .await?;
+        if filled == 0 {
+            half_close(to);
+            return Ok(());
+        }
+        // Pipe to socket, until the pipe is empty again.
+        let mut left = filled;
+        while left > 0 {
+            let sent = to
+                .async_io(Interest::WRITABLE, || splice(&pipe_out, None, to, None, left, flags).map_err(io::Error::from))
+                .await?;
+            left -= sent;
+            moved(sent);
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+async fn one_way(from: &TcpStream, to: &TcpStream, moved: &(dyn Fn(usize) + Sync)) -> io::Result<()> {
+    use tokio::io::Interest;
+
+    let mut buffer = vec![0_u8; crate::limits::COPY_BUFFER_SIZE];
+    loop {
+        let n = from.async_io(Interest::READABLE, || from.try_read(&mut buffer)).await?;
+        if n == 0 {
+            half_close(to);
+            return Ok(());
+        }
+        let mut written = 0;
+        while written < n {
+            written += to.async_io(Interest::WRITABLE, || to.try_write(&buffer[written..n])).await?;
+        }
+        moved(n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (client, server)
+    }
+
+    /// client ⇄ [a | proxy | b] ⇄ server: data both ways, then each side's EOF arrives separately.
+    #[tokio::test]
+    async fn forwards_both_ways_and_passes_half_closes_on() {
+        let (mut client, a) = pair().await;
+        let (b, mut server) = pair().await;
+        let up = AtomicUsize::new(0);
+        let down = AtomicUsize::new(0);
+        let count_up = |n: usize| {
+            up.fetch_add(n, Ordering::Relaxed);
+        };
+        let count_down = |n: usize| {
+            down.fetch_add(n, Ordering::Relaxed);
+        };
+        let proxy = forward(&a, &b, &count_up, &count_down);
+        let peers = async {
+            let payload = vec![7_u8; 3 * 1024 * 1024];
+            client.write_all(&payload).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut received = Vec::new();
+            server.read_to_end(&mut received).await.unwrap();
+            assert_eq!(received.len(), payload.len(), "server sees the client's EOF after all bytes");
+            // The server can still answer after the client stopped sending.
+            server.write_all(b"late answer").await.unwrap();
+            server.shutdown().await.unwrap();
+            let mut answer = Vec::new();
+            client.read_to_end(&mut answer).await.unwrap();
+            assert_eq!(answer, b"late answer");
+        };
+        let (result, ()) = tokio::join!(proxy, peers);
+        result.unwrap();
+        assert_eq!(up.load(Ordering::Relaxed), 3 * 1024 * 1024);
+        assert_eq!(down.load(Ordering::Relaxed), 11);
+    }
+}

@@ -1,0 +1,40 @@
+//! Fixtures for tests and benches (feature `testing`): real servers on `127.0.0.1:0`, a client, a
+//! proxy started in-process from YAML, and waits with deadlines.
+//!
+//! Everything here runs for real on loopback: hyper servers and clients, TCP sockets, the proxy's
+//! own threads. Nothing is mocked. Servers stop when dropped.
+//!
+//! # Layout
+//! - [`servers`] — [`HttpServer`] (HTTP/1.1 and HTTP/2 on one port, a few useful routes),
+//!   [`TcpEchoServer`], [`BannerServer`].
+//! - [`client`] — [`Client`], one HTTP/1.1 or HTTP/2 connection, and [`Reply`].
+//! - [`proxy`] — [`TestProxy`], a proxy running from a YAML file in a temporary directory.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+pub mod client;
+pub mod proxy;
+pub mod servers;
+
+use std::future::Future;
+use std::time::Duration;
+
+pub use client::{Client, Reply};
+pub use proxy::TestProxy;
+pub use servers::{BannerServer, HttpServer, TcpEchoServer};
+
+/// Polls `check` every 10 ms until it returns true; panics naming `what` after `limit`.
+pub async fn eventually<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {limit:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
