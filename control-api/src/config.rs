@@ -68,13 +68,12 @@ impl std::error::Error for FieldError {}
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The text is not YAML.
-    #[error("{origin}: {source}")]
+    #[error("{origin}: {error}")]
     Syntax {
         /// Where the text came from (a path).
         origin: String,
         /// The YAML parser's error, with line and column.
-        #[source]
-        source: serde_yaml_ng::Error,
+        error: serde_yaml_ng::Error,
     },
     /// The YAML does not fit the schema.
     #[error("{origin}: {error}")]
@@ -82,7 +81,6 @@ pub enum ConfigError {
         /// Where the text came from (a path).
         origin: String,
         /// The resource and field at fault.
-        #[source]
         error: FieldError,
     },
 }
@@ -95,7 +93,7 @@ pub fn parse(text: &str, origin: &str) -> Result<ConfigFile, ConfigError> {
     let mut file = ConfigFile::default();
     for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let value = <Value as serde::Deserialize>::deserialize(document)
-            .map_err(|source| ConfigError::Syntax { origin: origin.to_owned(), source })?;
+            .map_err(|error| ConfigError::Syntax { origin: origin.to_owned(), error })?;
         let document_name = format!("document {}", index + 1);
         let mapping = match value {
             Value::Null => continue,

@@ -27,7 +27,7 @@ use crate::bootstrap::{self, Bootstrap, ConfigSource};
 use crate::http::ServerSettings;
 use crate::http::client::ClientSettings;
 use crate::listener::{self, DataPath};
-use crate::reload::{self, ReloadError, ReloadOutcome, Reloader};
+use crate::reload::{self, FileStamp, ReloadError, ReloadOutcome, Reloader};
 use crate::state::LiveSnapshot;
 use crate::telemetry::Metrics;
 use crate::worker::Workers;
@@ -39,17 +39,16 @@ pub enum StartError {
     #[error(transparent)]
     Config(#[from] ReloadError),
     /// The admin server could not bind its address.
-    #[error("admin server: bind {address}: {source}")]
+    #[error("admin server: bind {address}: {error}")]
     AdminBind {
         /// The admin address.
         address: SocketAddr,
         /// The OS error.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A thread or runtime could not be created.
     #[error("start threads: {0}")]
-    Threads(#[source] std::io::Error),
+    Threads(std::io::Error),
 }
 
 /// A running proxy.
@@ -72,7 +71,11 @@ impl Proxy {
     /// Starts a proxy from `source`: every listener bound and serving, the admin server up. Returns
     /// once it is ready.
     pub fn start(source: ConfigSource) -> Result<Proxy, StartError> {
-        // 1. Load.
+        // 1. Load. A watched file is stamped first, so an edit made while we start is not missed.
+        let stamp = match &source {
+            ConfigSource::File(path) => Some(FileStamp::read(path)),
+            ConfigSource::Text { .. } => None,
+        };
         let loaded = bootstrap::load(&source).map_err(ReloadError::from)?;
         // 2. Bootstrap and the shared data path.
         let settings = Bootstrap::resolve(&loaded.bootstrap)
@@ -95,13 +98,12 @@ impl Proxy {
         ));
         // 3. Sockets and workers.
         let admin_socket = listener::bind("admin", settings.admin_address, 1)
-            .map_err(|e| StartError::AdminBind { address: settings.admin_address, source: e.source })?
+            .map_err(|e| StartError::AdminBind { address: settings.admin_address, error: e.error })?
             .pop()
             .ok_or_else(|| StartError::Threads(std::io::Error::other("no admin socket")))?;
-        let admin_address = admin_socket.local_addr().map_err(|source| StartError::AdminBind {
-            address: settings.admin_address,
-            source,
-        })?;
+        let admin_address = admin_socket
+            .local_addr()
+            .map_err(|error| StartError::AdminBind { address: settings.admin_address, error })?;
         let workers = Workers::start(settings.workers, &data).map_err(StartError::Threads)?;
         let reloader = Arc::new(Reloader::new(
             source.clone(),
@@ -118,9 +120,9 @@ impl Proxy {
             .enable_all()
             .build()
             .map_err(StartError::Threads)?;
-        let watched = match &source {
-            ConfigSource::File(path) => Some((reloader.clone(), path.clone())),
-            ConfigSource::Text { .. } => None,
+        let watched = match (&source, stamp) {
+            (ConfigSource::File(path), Some(stamp)) => Some((reloader.clone(), path.clone(), stamp)),
+            _ => None,
         };
         let admin_state = admin.clone();
         let control = std::thread::Builder::new()
@@ -128,8 +130,8 @@ impl Proxy {
             .spawn(move || {
                 control_runtime.block_on(async move {
                     tokio::spawn(admin::serve(admin_socket, admin_state));
-                    if let Some((reloader, path)) = watched {
-                        tokio::spawn(reload::watch_file(reloader, path));
+                    if let Some((reloader, path, stamp)) = watched {
+                        tokio::spawn(reload::watch_file(reloader, path, stamp));
                     }
                     let _ = stopped.await;
                 });

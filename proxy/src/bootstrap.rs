@@ -75,13 +75,12 @@ impl ConfigSource {
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     /// The file could not be read.
-    #[error("read {path}: {source}")]
+    #[error("read {path}: {error}")]
     Read {
         /// The file.
         path: String,
         /// The OS error.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The text is not a valid config document.
     #[error(transparent)]
@@ -114,7 +113,7 @@ pub fn load(source: &ConfigSource) -> Result<Loaded, LoadError> {
     let text = match source {
         ConfigSource::File(path) => {
             owned = std::fs::read_to_string(path)
-                .map_err(|source| LoadError::Read { path: origin.clone(), source })?;
+                .map_err(|error| LoadError::Read { path: origin.clone(), error })?;
             owned.as_str()
         }
         ConfigSource::Text { text, .. } => text.as_str(),

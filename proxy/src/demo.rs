@@ -91,6 +91,9 @@ resources:
 pub fn run(options: DemoOptions) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("start the demo runtime")?;
     runtime.block_on(async move {
+        // Listen for Ctrl-C before telling anyone to press it.
+        let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            .context("listen for Ctrl-C")?;
         let sample_a = start_sample("sample-a").await?;
         let sample_b = start_sample("sample-b").await?;
         let source = ConfigSource::Text { origin: "demo config".into(), text: config(&options, sample_a, sample_b) };
@@ -123,7 +126,7 @@ pub fn run(options: DemoOptions) -> anyhow::Result<()> {
         println!("  curl http://{admin}/config_dump");
         println!("Ctrl-C drains the proxy and stops the demo.");
 
-        tokio::signal::ctrl_c().await.context("wait for Ctrl-C")?;
+        interrupt.recv().await;
         println!("\ndraining...");
         let clean = proxy.drain().await;
         println!("{}", if clean { "drained; bye" } else { "drain time passed; bye" });

@@ -31,6 +31,10 @@
 //! - [`limits`] — every safety limit and default, with its reason.
 //! - [`demo`] — `remora demo`, a local mesh on built-in defaults.
 //! - `testing` (feature `testing`) — fixtures for tests and benches.
+//!
+//! Errors follow one convention: a message includes its cause (`bind 0.0.0.0:80: permission
+//! denied`), and the cause is not also returned from `source()`, so a chain printer such as
+//! anyhow's `{:#}` shows each cause once.
 
 pub mod admin;
 pub mod app;

@@ -45,21 +45,20 @@ pub struct DataPath {
 
 /// A listener that could not be bound.
 #[derive(Debug, thiserror::Error)]
-#[error("listener {name:?}: bind {address}: {source}")]
+#[error("listener {name:?}: bind {address}: {error}")]
 pub struct BindError {
     /// The listener.
     pub name: String,
     /// The address.
     pub address: SocketAddr,
     /// The OS error (address in use, permission denied, ...).
-    #[source]
-    pub source: std::io::Error,
+    pub error: std::io::Error,
 }
 
 /// Binds `copies` listening sockets to `address`, all sharing one port. Port 0 picks a free port
 /// once, and every copy takes that same port.
 pub fn bind(name: &str, address: SocketAddr, copies: usize) -> Result<Vec<std::net::TcpListener>, BindError> {
-    let fail = |address, source| BindError { name: name.to_owned(), address, source };
+    let fail = |address, error| BindError { name: name.to_owned(), address, error };
     let mut sockets = Vec::with_capacity(copies);
     let mut address = address;
     for _ in 0..copies.max(1) {

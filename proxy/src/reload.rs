@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
@@ -183,21 +183,29 @@ impl Reloader {
     }
 }
 
-/// Watches `path` and reloads whenever its metadata (modification time, size, inode) changes. A
-/// rename over the file (editors, Kubernetes ConfigMap updates) counts as a change.
-pub async fn watch_file(reloader: Arc<Reloader>, path: PathBuf) {
-    let stamp = |path: &PathBuf| {
-        std::fs::metadata(path).ok().map(|m| {
-            use std::os::unix::fs::MetadataExt;
-            (m.modified().ok(), m.len(), m.ino(), m.ctime(), m.ctime_nsec())
-        })
-    };
-    let mut last = stamp(&path);
+/// The metadata of a watched file that changes when its content may have: modification and change
+/// times, size, inode. A rename over the file (editors, Kubernetes ConfigMap updates) changes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileStamp(Option<(Option<SystemTime>, u64, u64, i64, i64)>);
+
+impl FileStamp {
+    /// Reads `path`'s metadata now (`None` inside if it cannot be read).
+    pub fn read(path: &Path) -> FileStamp {
+        use std::os::unix::fs::MetadataExt;
+        FileStamp(std::fs::metadata(path).ok().map(|m| (m.modified().ok(), m.len(), m.ino(), m.ctime(), m.ctime_nsec())))
+    }
+}
+
+/// Watches `path` and reloads whenever its [`FileStamp`] changes from `last`, which must have been
+/// read before the config now serving was: a change made between that read and this watcher's
+/// start is then still seen.
+pub async fn watch_file(reloader: Arc<Reloader>, path: PathBuf, mut last: FileStamp) {
     let mut tick = tokio::time::interval(limits::CONFIG_POLL_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let now = stamp(&path);
+        // Stamp before reading: a write that lands after the read changes the stamp again.
+        let now = FileStamp::read(&path);
         if now != last {
             last = now;
             // The outcome is logged and recorded by reload itself.

@@ -31,13 +31,12 @@ pub enum ConnectError {
     #[error("connect to {0} timed out")]
     Timeout(SocketAddr),
     /// The connect failed (refused, unreachable, reset).
-    #[error("connect to {address}: {source}")]
+    #[error("connect to {address}: {error}")]
     Failed {
         /// The endpoint.
         address: SocketAddr,
         /// The OS error.
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
 }
 
@@ -49,9 +48,9 @@ pub async fn connect(address: SocketAddr, timeout: Duration, stats: &ClusterStat
             stats.connect_timeouts.inc();
             Err(ConnectError::Timeout(address))
         }
-        Ok(Err(source)) => {
+        Ok(Err(error)) => {
             stats.connect_failures.inc();
-            Err(ConnectError::Failed { address, source })
+            Err(ConnectError::Failed { address, error })
         }
         Ok(Ok(stream)) => {
             stats.connections.inc();

@@ -1,1 +1,42 @@
+//! End-to-end tests of the proxy: real sockets on loopback, real hyper servers and clients, a real
+//! proxy, in-process (from `remora_proxy::testing`) or as the spawned `remora` binary (`cli`,
+//! `transparent`). See `tests/README.md` for how they are organised.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod cli;
+mod drain;
+mod grpc;
+mod http;
+mod reload;
+mod tcp;
+mod transparent;
+mod tunnels;
+
+use std::net::SocketAddr;
+
+/// YAML (list items under `resources:`) for a cluster and its endpoints. `extra` adds fields to the
+/// cluster, e.g. `", protocol: http2"`.
+pub fn cluster(name: &str, extra: &str, endpoints: &[SocketAddr]) -> String {
+    let list: Vec<String> = endpoints.iter().map(|e| format!("{{address: \"{e}\"}}")).collect();
+    format!(
+        "  - {{kind: Cluster, name: {name}{extra}}}\n  - {{kind: Endpoints, cluster: {name}, endpoints: [{}]}}\n",
+        list.join(", ")
+    )
+}
+
+/// YAML for a listener on `127.0.0.1:0`. `extra` adds fields, e.g. `", protocol: http1"`.
+pub fn listener(name: &str, extra: &str) -> String {
+    format!("  - {{kind: Listener, name: {name}, address: \"127.0.0.1:0\"{extra}}}\n")
+}
+
+/// YAML for a catch-all route table sending everything to `cluster`.
+pub fn route_all(table: &str, cluster: &str) -> String {
+    format!("  - {{kind: RouteTable, name: {table}, routes: [{{backends: [{{cluster: {cluster}}}]}}]}}\n")
+}
+
+/// An address nothing listens on: a port bound and released.
+pub fn dead_address() -> SocketAddr {
+    let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    socket.local_addr().unwrap()
+}

@@ -44,7 +44,7 @@ pub enum ProxyError {
     Connect(#[from] ConnectError),
     /// The endpoint broke the connection or spoke invalid HTTP.
     #[error("upstream: {0}")]
-    Upstream(#[source] hyper::Error),
+    Upstream(hyper::Error),
     /// The request cannot be proxied as sent.
     #[error("bad request: {0}")]
     BadRequest(&'static str),
@@ -98,7 +98,7 @@ mod tests {
     fn each_error_has_one_status_and_a_named_reason() {
         let refused = ProxyError::Connect(ConnectError::Failed {
             address: ([127, 0, 0, 1], 1).into(),
-            source: std::io::ErrorKind::ConnectionRefused.into(),
+            error: std::io::ErrorKind::ConnectionRefused.into(),
         });
         let cases = [
             (ProxyError::NoRoute, 404, "no_route"),

@@ -78,9 +78,21 @@ impl HttpServer {
         HttpServer::with_handler(handler).await
     }
 
+    /// Starts a server with the default routes on an already-bound socket (for tests that bind
+    /// inside a network namespace).
+    pub fn start_on(name: &str, socket: std::net::TcpListener) -> HttpServer {
+        socket.set_nonblocking(true).unwrap();
+        let name: Arc<str> = name.into();
+        let handler: Handler = Arc::new(move |request| Box::pin(default_route(name.clone(), request)));
+        HttpServer::serve(TcpListener::from_std(socket).unwrap(), handler)
+    }
+
     /// Starts a server that answers every request with `handler`.
     pub async fn with_handler(handler: Handler) -> HttpServer {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        HttpServer::serve(TcpListener::bind("127.0.0.1:0").await.unwrap(), handler)
+    }
+
+    fn serve(listener: TcpListener, handler: Handler) -> HttpServer {
         let address = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
         let counter = hits.clone();

@@ -1,0 +1,217 @@
+//! The `remora` binary itself: start-up errors, `validate`, SIGTERM drain, memory while streaming
+//! large bodies, and the demo.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use http::Method;
+use http_body_util::BodyExt;
+use remora_proxy::testing::proxy::temp_dir;
+use remora_proxy::testing::servers::generated;
+use remora_proxy::testing::{Client, HttpServer};
+use rustix::process::{Pid, Signal, kill_process};
+
+use crate::cluster;
+
+const REMORA: &str = env!("CARGO_BIN_EXE_remora");
+
+/// A `remora` child process whose stderr (its log) is read line by line on a thread.
+struct Spawned {
+    child: Child,
+    log: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Spawned {
+    fn new(args: &[&str]) -> Spawned {
+        let mut child = Command::new(REMORA)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (sender, log) = mpsc::channel();
+        for stream in [Box::new(child.stderr.take().unwrap()) as Box<dyn std::io::Read + Send>, Box::new(child.stdout.take().unwrap())] {
+            let sender = sender.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let _ = sender.send(line);
+                }
+            });
+        }
+        Spawned { child, log, seen: Vec::new() }
+    }
+
+    /// Waits for an output line containing `needle` and returns it.
+    fn wait_for(&mut self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(line) = self.seen.iter().find(|l| l.contains(needle)) {
+                return line.clone();
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(_) => panic!("no line containing {needle:?}; output so far:\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+
+    /// The address logged for listener `name`.
+    fn listener(&mut self, name: &str) -> SocketAddr {
+        let line = self.wait_for(&format!("listening listener={name} address="));
+        line.rsplit("address=").next().unwrap().trim().parse().unwrap()
+    }
+
+    fn signal(&self, signal: Signal) {
+        kill_process(Pid::from_child(&self.child), signal).unwrap();
+    }
+
+    /// Waits for the process to exit; returns its exit code.
+    fn exit_code(&mut self) -> i32 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                while let Ok(line) = self.log.recv_timeout(Duration::from_millis(100)) {
+                    self.seen.push(line);
+                }
+                return status.code().unwrap_or(-1);
+            }
+            assert!(std::time::Instant::now() < deadline, "the process did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Peak resident memory so far, in KiB.
+    fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_config(yaml: &str) -> std::path::PathBuf {
+    let path = temp_dir("remora-cli").join("config.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+fn proxy_config(upstream: SocketAddr) -> String {
+    format!(
+        "bootstrap:\n  admin_address: 127.0.0.1:0\n  workers: 2\n  drain_time: 5s\nresources:\n{}  - {{kind: RouteTable, name: web, routes: [{{backends: [{{cluster: web}}]}}]}}\n  - {{kind: Listener, name: web, address: \"127.0.0.1:0\", protocol: http1}}\n",
+        cluster("web", "", &[upstream])
+    )
+}
+
+/// A config with a bad value stops start-up: exit code 1, and the message names resource and field.
+#[test]
+fn a_bad_config_stops_start_up_naming_the_field() {
+    let path = write_config("resources:\n  - {kind: Listener, name: web, address: \"127.0.0.1:0\", protocol: htp1}\n");
+    let output = Command::new(REMORA).args(["proxy", "--config", path.to_str().unwrap()]).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(r#"listener "web": protocol: unknown variant `htp1`"#), "{stderr}");
+    assert_eq!(stderr.matches("unknown variant").count(), 1, "the cause is printed once: {stderr}");
+}
+
+/// `remora validate` says valid or lists every problem.
+#[test]
+fn validate_reports_valid_files_and_every_problem() {
+    let good = write_config(&proxy_config("127.0.0.1:9".parse().unwrap()));
+    let output = Command::new(REMORA).args(["validate", good.to_str().unwrap()]).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("valid (4 resources"));
+
+    let bad = write_config(
+        "resources:\n  - {kind: Listener, name: a, address: nowhere, default_cluster: x}\n  - {kind: Cluster, name: c, connect_timeout: 0s}\n",
+    );
+    let output = Command::new(REMORA).args(["validate", bad.to_str().unwrap()]).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for problem in [
+        r#"listener "a": address: must be ip:port"#,
+        r#"listener "a": default_cluster: names cluster "x""#,
+        r#"cluster "c": connect_timeout: must be greater than zero"#,
+    ] {
+        assert!(stderr.contains(problem), "missing {problem:?} in {stderr}");
+    }
+}
+
+/// SIGTERM: the request in flight completes (with `Connection: close`), then the process exits 0.
+#[tokio::test]
+async fn sigterm_drains_the_request_in_flight_then_exits_zero() {
+    let upstream = HttpServer::start("slow").await;
+    let config = write_config(&proxy_config(upstream.address()));
+    let mut proxy = Spawned::new(&["proxy", "--config", config.to_str().unwrap()]);
+    let address = proxy.listener("web");
+    proxy.wait_for("remora proxy ready");
+    let mut client = Client::http1(address).await;
+    let request = tokio::spawn(async move { client.get("x", "/slow/700").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.signal(Signal::TERM);
+    let reply = request.await.unwrap();
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.header("connection"), "close");
+    assert_eq!(proxy.exit_code(), 0);
+    proxy.wait_for("drained; exiting");
+}
+
+/// 64 MiB up and 64 MiB back through the proxy at once, checked byte by byte, while the proxy's
+/// peak memory stays far below the body size: bodies stream, they are never held.
+#[tokio::test]
+async fn large_bodies_stream_with_bounded_memory() {
+    let upstream = HttpServer::start("echo").await;
+    let config = write_config(&proxy_config(upstream.address()));
+    let mut proxy = Spawned::new(&["proxy", "--config", config.to_str().unwrap()]);
+    let address = proxy.listener("web");
+    let mut client = Client::http1(address).await;
+    assert_eq!(client.get("x", "/").await.status, 200);
+    let baseline_mib = proxy.peak_rss_kib() / 1024;
+    const SIZE: u64 = 64 * 1024 * 1024;
+    let request = client.request(Method::POST, "x", "/echo").body(generated(SIZE, 256 * 1024)).unwrap();
+    let response = client.send(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut received = 0_u64;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            let mismatch = data.iter().enumerate().find(|(i, b)| **b != ((received + *i as u64) % 251) as u8);
+            assert!(mismatch.is_none(), "byte {} differs", received + mismatch.unwrap().0 as u64);
+            received += data.len() as u64;
+        }
+    }
+    assert_eq!(received, SIZE);
+    let peak_mib = proxy.peak_rss_kib() / 1024;
+    eprintln!("proxy peak RSS: {baseline_mib} MiB warmed up, {peak_mib} MiB after streaming");
+    // Buffers are bounded per connection (limits::H1_MAX_BUF_SIZE, the upstream's socket buffers);
+    // holding the body would add 64 MiB or more.
+    assert!(
+        peak_mib - baseline_mib < 16,
+        "the proxy grew from {baseline_mib} to {peak_mib} MiB while streaming 64 MiB each way"
+    );
+}
+
+/// `remora demo` starts the samples and a proxy, reports the burst, and stops cleanly on Ctrl-C.
+#[test]
+fn demo_reports_a_burst_and_stops_on_ctrl_c() {
+    let mut demo = Spawned::new(&["demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--requests", "40"]);
+    demo.wait_for("Ctrl-C drains");
+    demo.wait_for("status     200 x 40");
+    demo.wait_for("served by  sample-a 20   sample-b 20");
+    let curl = demo.wait_for("curl -i http://");
+    assert!(curl.contains("127.0.0.1:"), "{curl}");
+    demo.signal(Signal::INT);
+    assert_eq!(demo.exit_code(), 0);
+    demo.wait_for("drained; bye");
+}

@@ -1,0 +1,249 @@
+//! HTTP/1.1 and HTTP/2 proxying: versions both ways, header hygiene, routing, weights, balancing,
+//! and the proxy's own answers (404, 503, 400).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Method;
+use http_body_util::BodyExt;
+use remora_proxy::testing::servers::{full, generated};
+use remora_proxy::testing::{Client, HttpServer, TestProxy};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::{cluster, dead_address, listener, route_all};
+
+fn one_upstream(upstream: &HttpServer, cluster_extra: &str, listener_extra: &str) -> TestProxy {
+    TestProxy::start(&format!(
+        "resources:\n{}{}{}",
+        cluster("web", cluster_extra, &[upstream.address()]),
+        route_all("web", "web"),
+        listener("in", listener_extra),
+    ))
+}
+
+/// An HTTP/1.1 request crosses the proxy and back, twice on one keep-alive connection, with the
+/// hop-by-hop headers (and the ones `Connection` names) removed on the way.
+#[tokio::test]
+async fn http1_request_and_response_cross_the_proxy_without_hop_by_hop_headers() {
+    let upstream = HttpServer::start("a").await;
+    let proxy = one_upstream(&upstream, "", ", protocol: http1");
+    let mut client = Client::http1(proxy.address("in")).await;
+    for _ in 0..2 {
+        let request = client
+            .request(Method::GET, "shop.local", "/hello")
+            .header("connection", "keep-alive, x-hop")
+            .header("x-hop", "1")
+            .header("keep-alive", "timeout=5")
+            .header("proxy-connection", "keep-alive")
+            .header("x-end-to-end", "1")
+            .body(full(Bytes::new()))
+            .unwrap();
+        let reply = remora_proxy::testing::client::read(client.send(request).await.unwrap()).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.text(), "hello from a\n");
+        assert_eq!(reply.header("x-seen-version"), "HTTP/1.1");
+        assert_eq!(reply.header("x-seen-host"), "shop.local");
+        let seen = reply.header("x-seen-headers");
+        assert!(seen.contains("x-end-to-end"), "{seen}");
+        for hop in ["x-hop", "keep-alive", "proxy-connection", "connection"] {
+            assert!(!seen.split(',').any(|h| h == hop), "{hop} was forwarded: {seen}");
+        }
+    }
+    assert_eq!(upstream.hits(), 2);
+    assert_eq!(proxy.metric(r#"remora_upstream_connections_total{cluster="web"}"#).await, 1.0, "one pooled upstream connection");
+}
+
+/// h2c prior knowledge downstream, HTTP/1.1 upstream (the peers benchmark's shape), and the other
+/// three combinations: the upstream sees the version the cluster asks for.
+#[tokio::test]
+async fn versions_convert_between_http1_and_http2_both_ways() {
+    let upstream = HttpServer::start("a").await;
+    let cases = [
+        ("http1", ", protocol: http2", true, "HTTP/1.1"),
+        ("http2", ", protocol: http1", false, "HTTP/2.0"),
+        ("auto", ", protocol: http2", true, "HTTP/2.0"),
+        ("auto", ", protocol: auto", false, "HTTP/1.1"),
+    ];
+    for (cluster_protocol, listener_extra, h2_client, expected) in cases {
+        let proxy = one_upstream(&upstream, &format!(", protocol: {cluster_protocol}"), listener_extra);
+        let mut client = if h2_client {
+            Client::http2(proxy.address("in")).await
+        } else {
+            Client::http1(proxy.address("in")).await
+        };
+        for _ in 0..3 {
+            let reply = client.get("shop.local:8080", "/x").await;
+            assert_eq!(reply.status, 200, "{cluster_protocol}");
+            assert_eq!(reply.header("x-seen-version"), expected, "cluster {cluster_protocol}, h2 client {h2_client}");
+            assert_eq!(reply.header("x-seen-host"), "shop.local:8080");
+        }
+    }
+}
+
+/// Routes pick tables by host and routes by path, method, header and query; unmatched requests get
+/// 404 from the proxy, with the reason in `x-remora-error`.
+#[tokio::test]
+async fn routes_match_on_host_path_method_headers_and_query() {
+    let a = HttpServer::start("a").await;
+    let b = HttpServer::start("b").await;
+    let proxy = TestProxy::start(&format!(
+        r#"resources:
+{}{}  - kind: RouteTable
+    name: shop
+    destinations: [shop.local, "*.shop.svc"]
+    routes:
+      - {{match: {{path: {{exact: /exact}}}}, backends: [{{cluster: b}}]}}
+      - {{match: {{path: {{regex: "/items/[0-9]+"}}, method: DELETE}}, backends: [{{cluster: b}}]}}
+      - {{match: {{headers: [{{name: x-canary, exact: "yes"}}]}}, backends: [{{cluster: b}}]}}
+      - {{match: {{query: [{{name: beta, present: true}}]}}, backends: [{{cluster: b}}]}}
+      - {{match: {{path: {{prefix: /}}}}, backends: [{{cluster: a}}]}}
+  - kind: RouteTable
+    name: other
+    destinations: ["other.local:8080"]
+    routes: [{{match: {{path: {{prefix: /only}}}}, backends: [{{cluster: b}}]}}]
+{}"#,
+        cluster("a", "", &[a.address()]),
+        cluster("b", "", &[b.address()]),
+        listener("in", ""),
+    ));
+    let mut client = Client::http1(proxy.address("in")).await;
+    let served = |reply: &remora_proxy::testing::Reply| reply.header("x-served-by").to_owned();
+    assert_eq!(served(&client.get("shop.local", "/exact").await), "b");
+    assert_eq!(served(&client.get("shop.local", "/exact/more").await), "a");
+    assert_eq!(served(&client.get("api.shop.svc", "/x?beta").await), "b");
+    assert_eq!(served(&client.get("SHOP.local", "/x?alpha=1").await), "a");
+    let delete = client.request(Method::DELETE, "shop.local", "/items/7").body(full(Bytes::new())).unwrap();
+    let reply = remora_proxy::testing::client::read(client.send(delete).await.unwrap()).await;
+    assert_eq!(served(&reply), "b");
+    let canary = client.request(Method::GET, "shop.local", "/").header("x-canary", "yes").body(full(Bytes::new())).unwrap();
+    let reply = remora_proxy::testing::client::read(client.send(canary).await.unwrap()).await;
+    assert_eq!(served(&reply), "b");
+    assert_eq!(served(&client.get("other.local:8080", "/only/x").await), "b");
+
+    let unmatched = client.get("other.local:8080", "/elsewhere").await;
+    assert_eq!(unmatched.status, 404);
+    assert_eq!(unmatched.header("x-remora-error"), "no_route");
+    let unknown_host = client.get("nobody.local", "/").await;
+    assert_eq!(unknown_host.status, 404);
+    assert_eq!(
+        proxy.metric(r#"remora_requests_total{listener="in",direction="outbound",status_class="4xx"}"#).await,
+        2.0
+    );
+}
+
+/// A route's backends split traffic by weight; a cluster's endpoints take turns.
+#[tokio::test]
+async fn weighted_backends_split_traffic_and_endpoints_take_turns() {
+    let a = HttpServer::start("a").await;
+    let b = HttpServer::start("b").await;
+    let c1 = HttpServer::start("c1").await;
+    let c2 = HttpServer::start("c2").await;
+    let proxy = TestProxy::start(&format!(
+        r#"resources:
+{}{}{}  - kind: RouteTable
+    name: split
+    destinations: [split.local]
+    routes: [{{backends: [{{cluster: a, weight: 80}}, {{cluster: b, weight: 20}}, {{cluster: c, weight: 0}}]}}]
+  - kind: RouteTable
+    name: turns
+    destinations: [turns.local]
+    routes: [{{backends: [{{cluster: c}}]}}]
+{}"#,
+        cluster("a", "", &[a.address()]),
+        cluster("b", "", &[b.address()]),
+        cluster("c", "", &[c1.address(), c2.address()]),
+        listener("in", ""),
+    ));
+    let mut client = Client::http2(proxy.address("in")).await;
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    const N: usize = 2000;
+    for _ in 0..N {
+        let reply = client.get("split.local", "/").await;
+        *counts.entry(reply.header("x-served-by").to_owned()).or_default() += 1;
+    }
+    let share_a = counts["a"] as f64 / N as f64;
+    // Binomial(2000, 0.8) has a standard deviation of 0.009; 0.05 is more than five of them.
+    assert!((share_a - 0.8).abs() < 0.05, "a served {share_a:.3} of requests: {counts:?}");
+    assert!(!counts.contains_key("c1") && !counts.contains_key("c2"), "weight 0 got traffic: {counts:?}");
+
+    let mut turns = Vec::new();
+    for _ in 0..6 {
+        turns.push(client.get("turns.local", "/").await.header("x-served-by").to_owned());
+    }
+    assert!(turns.windows(2).all(|w| w[0] != w[1]), "endpoints did not alternate: {turns:?}");
+}
+
+/// A refused connect is a 503 at once (not after the connect timeout), named in `x-remora-error`;
+/// a cluster with no endpoints is a 503 too.
+#[tokio::test]
+async fn dead_or_missing_endpoints_give_503_quickly() {
+    let proxy = TestProxy::start(&format!(
+        "resources:\n{}  - {{kind: Cluster, name: empty}}\n  - {{kind: RouteTable, name: dead, destinations: [dead.local], routes: [{{backends: [{{cluster: dead}}]}}]}}\n  - {{kind: RouteTable, name: empty, destinations: [empty.local], routes: [{{backends: [{{cluster: empty}}]}}]}}\n{}",
+        cluster("dead", ", connect_timeout: 5s", &[dead_address()]),
+        listener("in", ""),
+    ));
+    let mut client = Client::http1(proxy.address("in")).await;
+    let started = Instant::now();
+    let reply = client.get("dead.local", "/").await;
+    assert!(started.elapsed() < Duration::from_secs(5), "waited for the connect timeout");
+    assert_eq!(reply.status, 503);
+    assert_eq!(reply.header("x-remora-error"), "connect_failed");
+    let reply = client.get("empty.local", "/").await;
+    assert_eq!(reply.status, 503);
+    assert_eq!(reply.header("x-remora-error"), "no_healthy_upstream");
+    assert_eq!(proxy.metric(r#"remora_upstream_connect_errors_total{cluster="dead",reason="refused"}"#).await, 1.0);
+}
+
+async fn raw_exchange(address: std::net::SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(address).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response)).await;
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+/// Malformed requests get a 4xx and a closed connection, never a hang; the proxy keeps serving.
+#[tokio::test]
+async fn malformed_requests_get_4xx_and_the_proxy_keeps_serving() {
+    let upstream = HttpServer::start("a").await;
+    let proxy = one_upstream(&upstream, "", ", protocol: http1");
+    let address = proxy.address("in");
+    let bad_header = raw_exchange(address, b"GET / HTTP/1.1\r\nHost: a\r\nthis is not a header\r\n\r\n").await;
+    assert!(bad_header.starts_with("HTTP/1.1 400"), "{bad_header}");
+    let bad_line = raw_exchange(address, b"GET /\x01\x02 HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert!(bad_line.starts_with("HTTP/1.1 400"), "{bad_line}");
+    let huge = format!("GET / HTTP/1.1\r\nHost: a\r\nx-big: {}\r\n\r\n", "x".repeat(100 * 1024));
+    let too_large = raw_exchange(address, huge.as_bytes()).await;
+    assert!(too_large.starts_with("HTTP/1.1 431"), "{}", &too_large[..too_large.len().min(80)]);
+    let bad_length = raw_exchange(address, b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello").await;
+    assert!(bad_length.starts_with("HTTP/1.1 400"), "{bad_length}");
+    assert_eq!(upstream.hits(), 0, "no malformed request reached the upstream");
+
+    let mut client = Client::http1(address).await;
+    assert_eq!(client.get("a", "/").await.status, 200);
+}
+
+/// A 16 MiB HTTP/2 body streams to the upstream and back through flow control, byte for byte.
+#[tokio::test]
+async fn large_http2_bodies_stream_through_flow_control() {
+    let upstream = HttpServer::start("a").await;
+    let proxy = one_upstream(&upstream, ", protocol: http2", ", protocol: http2");
+    let mut client = Client::http2(proxy.address("in")).await;
+    const SIZE: u64 = 16 * 1024 * 1024;
+    let request = client.request(Method::POST, "big.local", "/echo").body(generated(SIZE, 100_000)).unwrap();
+    let response = client.send(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut received = 0_u64;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            for (i, byte) in data.iter().enumerate() {
+                assert_eq!(*byte, ((received + i as u64) % 251) as u8, "byte {} differs", received + i as u64);
+            }
+            received += data.len() as u64;
+        }
+    }
+    assert_eq!(received, SIZE);
+}

@@ -1,0 +1,167 @@
+//! Live reload: routes change under load without a failed request, file edits apply by themselves,
+//! a bad file is rejected with the field named while the old config serves on, and listeners come
+//! and go.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use remora_proxy::reload::{ReloadError, ReloadOutcome};
+use remora_proxy::testing::{Client, HttpServer, TestProxy, eventually};
+use tokio::net::TcpStream;
+
+use crate::{cluster, listener, route_all};
+
+fn routed_to(target: &str, a: &HttpServer, b: &HttpServer, extra_listeners: &str) -> String {
+    format!(
+        "resources:\n{}{}{}{}{}",
+        cluster("a", "", &[a.address()]),
+        cluster("b", "", &[b.address()]),
+        route_all("main", target),
+        listener("in", ""),
+        extra_listeners,
+    )
+}
+
+async fn served_by(address: std::net::SocketAddr) -> String {
+    Client::http1(address).await.get("x", "/").await.header("x-served-by").to_owned()
+}
+
+/// Eight clients send requests on keep-alive connections while the route flips between two
+/// clusters ten times: every request succeeds, and both clusters serve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_change_under_load_without_a_failed_request() {
+    let a = HttpServer::start("a").await;
+    let b = HttpServer::start("b").await;
+    let proxy = TestProxy::start(&routed_to("a", &a, &b, ""));
+    let address = proxy.address("in");
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        clients.push(tokio::spawn(async move {
+            let mut client = Client::http1(address).await;
+            let mut seen = HashSet::new();
+            while !stop.load(Ordering::Relaxed) {
+                let reply = client.get("x", "/").await;
+                if reply.status == 200 {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                    seen.insert(reply.header("x-served-by").to_owned());
+                } else {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            seen
+        }));
+    }
+    for flip in 0..10 {
+        let target = if flip % 2 == 0 { "b" } else { "a" };
+        proxy.rewrite(&routed_to(target, &a, &b, ""));
+        let outcome = proxy.reload().unwrap();
+        assert!(matches!(outcome, ReloadOutcome::Applied(_) | ReloadOutcome::Unchanged(_)));
+        eventually("the new route serves", Duration::from_secs(5), || async { served_by(address).await == target }).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut seen = HashSet::new();
+    for client in clients {
+        seen.extend(client.await.unwrap());
+    }
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "requests failed during reloads");
+    assert!(ok.load(Ordering::Relaxed) > 100, "too little traffic to mean anything");
+    assert_eq!(seen, HashSet::from(["a".to_owned(), "b".to_owned()]));
+}
+
+/// Editing the file is enough: the watcher applies it, and `/config_dump` shows the new version.
+#[tokio::test]
+async fn file_edits_apply_without_a_signal() {
+    let a = HttpServer::start("a").await;
+    let b = HttpServer::start("b").await;
+    let proxy = TestProxy::start(&routed_to("a", &a, &b, ""));
+    let address = proxy.address("in");
+    assert_eq!(served_by(address).await, "a");
+    let (_, before) = proxy.admin_get("/config_dump").await;
+    proxy.rewrite(&routed_to("b", &a, &b, ""));
+    eventually("the edit applies", Duration::from_secs(5), || async { served_by(address).await == "b" }).await;
+    let (_, after) = proxy.admin_get("/config_dump").await;
+    let version = |dump: &str| serde_json_version(dump);
+    assert_ne!(version(&before), version(&after));
+    assert!(after.contains(r#""result": "applied""#), "{after}");
+}
+
+fn serde_json_version(dump: &str) -> String {
+    let start = dump.find(r#""version": ""#).unwrap() + 12;
+    dump[start..start + 16].to_owned()
+}
+
+/// A file that fails validation is rejected with the resource and field named (in the reload's
+/// error, `/config_dump` and the metrics), the old config keeps serving, and fixing the file
+/// recovers.
+#[tokio::test]
+async fn a_bad_file_is_rejected_and_the_old_config_serves_on() {
+    let a = HttpServer::start("a").await;
+    let b = HttpServer::start("b").await;
+    let proxy = TestProxy::start(&routed_to("a", &a, &b, ""));
+    let address = proxy.address("in");
+    let broken = routed_to("a", &a, &b, "").replace("{kind: RouteTable, name: main", "{kind: RouteTable, name: main, destinatons: [x]");
+    proxy.rewrite(&broken);
+    eventually("the watcher rejects the file", Duration::from_secs(5), || async {
+        proxy.admin_get("/config_dump").await.1.contains(r#""result": "rejected""#)
+    })
+    .await;
+    let (_, dump) = proxy.admin_get("/config_dump").await;
+    assert!(dump.contains(r#"route table \"main\": destinatons: unknown field `destinatons`"#), "{dump}");
+    assert_eq!(served_by(address).await, "a");
+    assert!(proxy.metric(r#"remora_config_reloads_total{result="rejected"}"#).await >= 1.0);
+
+    let dangling = routed_to("nowhere", &a, &b, "");
+    proxy.rewrite(&dangling);
+    match proxy.reload() {
+        Err(ReloadError::Load(error)) => {
+            let text = error.to_string();
+            assert!(text.contains(r#"route table "main": routes[0].backends[0].cluster: names cluster "nowhere""#), "{text}");
+        }
+        other => panic!("expected a validation error, got {other:?}"),
+    }
+    assert_eq!(served_by(address).await, "a");
+
+    proxy.rewrite(&routed_to("b", &a, &b, ""));
+    eventually("the fixed file applies", Duration::from_secs(5), || async { served_by(address).await == "b" }).await;
+}
+
+/// A reload can add a listener (bound and serving at once) and remove one (its port closes); a new
+/// listener whose address is taken makes the whole reload fail, changing nothing.
+#[tokio::test]
+async fn listeners_come_and_go_with_the_config() {
+    let a = HttpServer::start("a").await;
+    let b = HttpServer::start("b").await;
+    let proxy = TestProxy::start(&routed_to("a", &a, &b, ""));
+    let first = proxy.address("in");
+
+    proxy.rewrite(&routed_to("a", &a, &b, &listener("second", "")));
+    proxy.reload().unwrap();
+    let second = proxy.address("second");
+    assert_eq!(served_by(second).await, "a");
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let clash = format!("  - {{kind: Listener, name: third, address: \"{}\"}}\n", taken.local_addr().unwrap());
+    proxy.rewrite(&routed_to("b", &a, &b, &clash));
+    match proxy.reload() {
+        Err(ReloadError::Bind(error)) => assert!(error.to_string().starts_with(r#"listener "third": bind"#), "{error}"),
+        other => panic!("expected a bind error, got {other:?}"),
+    }
+    assert_eq!(served_by(first).await, "a", "a failed reload changed the routes");
+    assert!(proxy.proxy().listener_address("third").is_none());
+
+    let only_second = routed_to("a", &a, &b, &listener("second", "")).replace(&listener("in", ""), "");
+    proxy.rewrite(&only_second);
+    proxy.reload().unwrap();
+    eventually("the removed listener stops accepting", Duration::from_secs(5), || async {
+        TcpStream::connect(first).await.is_err()
+    })
+    .await;
+    assert_eq!(served_by(second).await, "a");
+}
