@@ -12,10 +12,6 @@ use remora_proxy::ConfigSource;
 use remora_proxy::demo::DemoOptions;
 use tracing_subscriber::EnvFilter;
 
-/// mimalloc: measured against glibc's allocator on the proxy's request path (README, "Benchmarks").
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Remora: a service-mesh sidecar proxy.
 #[derive(Debug, Parser)]
 #[command(name = "remora", version, about, propagate_version = true)]
@@ -76,7 +72,14 @@ fn main() -> ExitCode {
             remora_proxy::demo::run(DemoOptions { listen, admin, requests, ..DemoOptions::default() })
         }
         Command::Validate { config } => remora_proxy::bootstrap::load(&ConfigSource::File(config.clone()))
-            .map(|loaded| println!("{}: valid ({} resources, version {})", config.display(), loaded.resources.len(), loaded.version))
+            .map(|loaded| {
+                println!(
+                    "{}: valid ({} resources, version {})",
+                    config.display(),
+                    loaded.resources.len(),
+                    loaded.version
+                )
+            })
             .map_err(anyhow::Error::from),
     };
     match result {

@@ -43,11 +43,7 @@ pub struct FieldError {
 }
 
 impl FieldError {
-    pub(crate) fn new(
-        subject: impl Into<String>,
-        field: impl Into<String>,
-        message: impl Into<String>,
-    ) -> Self {
+    pub(crate) fn new(subject: impl Into<String>, field: impl Into<String>, message: impl Into<String>) -> Self {
         FieldError { subject: subject.into(), field: field.into(), message: message.into() }
     }
 }
@@ -169,7 +165,9 @@ pub fn parse(text: &str, origin: &str) -> Result<ConfigFile, ConfigError> {
 fn parse_resource(mut mapping: Mapping, position: usize) -> Result<Resource, FieldError> {
     let unnamed = format!("resource #{position}");
     let kind = match mapping.remove("kind") {
-        Some(Value::String(kind)) => kind.parse::<Kind>().map_err(|e| FieldError::new(&unnamed, "kind", e.to_string()))?,
+        Some(Value::String(kind)) => {
+            kind.parse::<Kind>().map_err(|e| FieldError::new(&unnamed, "kind", e.to_string()))?
+        }
         Some(other) => {
             return Err(FieldError::new(unnamed, "kind", format!("must be a string, found {}", type_name(&other))));
         }
@@ -310,7 +308,10 @@ endpoints:
     #[test]
     fn bad_number_says_what_the_field_takes() {
         let text = error_text("kind: Endpoints\ncluster: c\nendpoints: [{address: 1.2.3.4:5, weight: -1}]\n");
-        assert_eq!(text, "test.yaml: endpoints \"c\": endpoints[0].weight: must be a whole number in the field's range");
+        assert_eq!(
+            text,
+            "test.yaml: endpoints \"c\": endpoints[0].weight: must be a whole number in the field's range"
+        );
     }
 
     #[test]

@@ -91,16 +91,13 @@ fn check_host(host: &str, whole: &str) -> Result<(), String> {
     if valid {
         Ok(())
     } else {
-        Err(format!(
-            "{whole:?} is not a destination (expected host, host:port, *.suffix, ip:port or *)"
-        ))
+        Err(format!("{whole:?} is not a destination (expected host, host:port, *.suffix, ip:port or *)"))
     }
 }
 
 /// Whether `name` is an HTTP token (RFC 9110 §5.6.2), as header names and methods must be.
 fn is_token(name: &str) -> bool {
-    !name.is_empty()
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 /// Compiles a route regex the way the proxy runs it: it must match the whole value.
@@ -228,7 +225,11 @@ impl Checker {
         }
         for (i, name) in listener.route_tables.iter().enumerate() {
             if !tables.contains_key(name.as_str()) {
-                self.fail(subject, format!("route_tables[{i}]"), format!("names route table {name:?}, which is not defined"));
+                self.fail(
+                    subject,
+                    format!("route_tables[{i}]"),
+                    format!("names route table {name:?}, which is not defined"),
+                );
             }
         }
         if !listener.default_cluster.is_empty() {
@@ -269,7 +270,11 @@ impl Checker {
                 }
                 for (j, header) in matcher.headers.iter().enumerate() {
                     if !is_token(&header.name) {
-                        self.fail(subject, at(&format!("match.headers[{j}].name")), format!("{:?} is not a header name", header.name));
+                        self.fail(
+                            subject,
+                            at(&format!("match.headers[{j}].name")),
+                            format!("{:?} is not a header name", header.name),
+                        );
                     }
                     if let Some(v1::header_match::Kind::Regex(re)) = &header.kind
                         && let Err(e) = compile_regex(re)
@@ -338,7 +343,8 @@ impl Checker {
         let mut catch_alls: Vec<&str> = Vec::new();
         for resource in resources {
             let Resource::RouteTable(table) = resource else { continue };
-            let parsed: Vec<Destination> = table.destinations.iter().filter_map(|d| Destination::parse(d).ok()).collect();
+            let parsed: Vec<Destination> =
+                table.destinations.iter().filter_map(|d| Destination::parse(d).ok()).collect();
             if parsed.is_empty() || parsed.contains(&Destination::Any) {
                 catch_alls.push(&table.name);
             }
@@ -478,9 +484,15 @@ mod tests {
         ));
         assert!(text.contains("cluster \"shop\": is defined more than once"), "{text}");
         assert!(text.contains("also claimed by route table \"a\""), "{text}");
-        assert!(text.contains("listener \"l1\": route_tables: serves more than one catch-all route table (c, d)"), "{text}");
+        assert!(
+            text.contains("listener \"l1\": route_tables: serves more than one catch-all route table (c, d)"),
+            "{text}"
+        );
         assert!(!text.contains("listener \"l2\": route_tables"), "{text}");
-        assert!(text.contains("listener \"l2\": address: 127.0.0.1:80 is also the address of listener \"l1\""), "{text}");
+        assert!(
+            text.contains("listener \"l2\": address: 127.0.0.1:80 is also the address of listener \"l1\""),
+            "{text}"
+        );
     }
 
     #[test]

@@ -62,8 +62,22 @@ pub struct AdminState {
 
 impl AdminState {
     /// State for a proxy that is not ready yet.
-    pub fn new(data: Arc<DataPath>, metrics: Arc<Metrics>, node_id: String, source: String, bootstrap: serde_json::Value) -> Self {
-        AdminState { data, metrics, node_id, source, bootstrap, ready: AtomicBool::new(false), last_reload: Mutex::new(None) }
+    pub fn new(
+        data: Arc<DataPath>,
+        metrics: Arc<Metrics>,
+        node_id: String,
+        source: String,
+        bootstrap: serde_json::Value,
+    ) -> Self {
+        AdminState {
+            data,
+            metrics,
+            node_id,
+            source,
+            bootstrap,
+            ready: AtomicBool::new(false),
+            last_reload: Mutex::new(None),
+        }
     }
 
     /// Marks the proxy ready: listeners bound, first config applied.
@@ -120,7 +134,8 @@ pub async fn serve(socket: std::net::TcpListener, state: Arc<AdminState>) {
         }
     };
     let mut builder = http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(limits::H1_HEADER_READ_TIMEOUT);
+    // half_close: a probe that shuts down its sending side after the request still gets an answer.
+    builder.timer(TokioTimer::new()).header_read_timeout(limits::H1_HEADER_READ_TIMEOUT).half_close(true);
     let builder = Arc::new(builder);
     loop {
         let (stream, _) = match listener.accept().await {

@@ -116,10 +116,8 @@ impl Proxy {
         reloader.reload()?;
         // 4. The control thread.
         let (stop, stopped) = oneshot::channel::<()>();
-        let control_runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(StartError::Threads)?;
+        let control_runtime =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(StartError::Threads)?;
         let watched = match (&source, stamp) {
             (ConfigSource::File(path), Some(stamp)) => Some((reloader.clone(), path.clone(), stamp)),
             _ => None,
@@ -198,16 +196,15 @@ impl Drop for Proxy {
 /// Runs `remora proxy`: starts, serves until SIGTERM or SIGINT, drains, and returns. SIGHUP reloads
 /// the config.
 pub fn run(source: ConfigSource) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("start the signal runtime")?;
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("start the signal runtime")?;
     runtime.block_on(async {
         let mut terminate = signal(SignalKind::terminate()).context("listen for SIGTERM")?;
         let mut interrupt = signal(SignalKind::interrupt()).context("listen for SIGINT")?;
         let mut hangup = signal(SignalKind::hangup()).context("listen for SIGHUP")?;
         let proxy = Proxy::start(source).context("start the proxy")?;
-        let listeners: Vec<String> = proxy.listener_addresses().iter().map(|(name, address)| format!("{name}={address}")).collect();
+        let listeners: Vec<String> =
+            proxy.listener_addresses().iter().map(|(name, address)| format!("{name}={address}")).collect();
         info!(
             node = %proxy.bootstrap().node_id,
             admin = %proxy.admin_address(),

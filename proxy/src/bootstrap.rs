@@ -112,8 +112,7 @@ pub fn load(source: &ConfigSource) -> Result<Loaded, LoadError> {
     let owned;
     let text = match source {
         ConfigSource::File(path) => {
-            owned = std::fs::read_to_string(path)
-                .map_err(|error| LoadError::Read { path: origin.clone(), error })?;
+            owned = std::fs::read_to_string(path).map_err(|error| LoadError::Read { path: origin.clone(), error })?;
             owned.as_str()
         }
         ConfigSource::Text { text, .. } => text.as_str(),
@@ -129,9 +128,9 @@ pub fn load(source: &ConfigSource) -> Result<Loaded, LoadError> {
 /// The FNV-1a 64-bit hash of `text` as 16 hex digits: stable across runs and builds, so a version in
 /// `/config_dump` can be compared between proxies.
 pub fn version_of(text: &str) -> String {
-    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
-    });
+    let hash = text
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3));
     format!("{hash:016x}")
 }
 
@@ -162,10 +161,8 @@ impl Bootstrap {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n as usize,
         };
-        let drain_time = validate::duration(raw.drain_time.as_ref())
-            .ok()
-            .flatten()
-            .unwrap_or(limits::DEFAULT_DRAIN_TIME);
+        let drain_time =
+            validate::duration(raw.drain_time.as_ref()).ok().flatten().unwrap_or(limits::DEFAULT_DRAIN_TIME);
         let node_id = if raw.node_id.is_empty() { host_name() } else { raw.node_id.clone() };
         Ok(Bootstrap { node_id, admin_address, workers, drain_time })
     }
@@ -201,10 +198,8 @@ mod tests {
 
     #[test]
     fn invalid_set_is_reported_with_its_origin() {
-        let source = ConfigSource::Text {
-            origin: "inline".into(),
-            text: "kind: Listener\nname: l\naddress: nowhere\n".into(),
-        };
+        let source =
+            ConfigSource::Text { origin: "inline".into(), text: "kind: Listener\nname: l\naddress: nowhere\n".into() };
         let error = load(&source).unwrap_err().to_string();
         assert_eq!(error, "inline: listener \"l\": address: must be ip:port, got \"nowhere\"");
     }

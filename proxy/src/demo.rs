@@ -89,15 +89,17 @@ resources:
 
 /// Runs the demo until Ctrl-C.
 pub fn run(options: DemoOptions) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("start the demo runtime")?;
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("start the demo runtime")?;
     runtime.block_on(async move {
         // Listen for Ctrl-C before telling anyone to press it.
-        let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-            .context("listen for Ctrl-C")?;
+        let mut interrupt =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).context("listen for Ctrl-C")?;
         let sample_a = start_sample("sample-a").await?;
         let sample_b = start_sample("sample-b").await?;
         let source = ConfigSource::Text { origin: "demo config".into(), text: config(&options, sample_a, sample_b) };
-        let proxy = Proxy::start(source).context("start the demo proxy (is another Remora using its ports? see --listen/--admin)")?;
+        let proxy = Proxy::start(source)
+            .context("start the demo proxy (is another Remora using its ports? see --listen/--admin)")?;
         let listen = proxy.listener_address("outbound").context("the demo proxy has no outbound listener")?;
         let admin = proxy.admin_address();
 
@@ -147,7 +149,8 @@ async fn start_sample(name: &'static str) -> anyhow::Result<SocketAddr> {
                     response.headers_mut().insert("x-served-by", http::HeaderValue::from_static(name));
                     Ok::<_, Infallible>(response)
                 });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                let _ =
+                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
             });
         }
     });

@@ -97,7 +97,8 @@ pub async fn detect(stream: &TcpStream, timeout: Duration) -> std::io::Result<(P
             Err(_) => return Ok((Protocol::Opaque, buffer.freeze())),
             Ok(Ok(0)) => return Ok((Protocol::Opaque, buffer.freeze())),
             Ok(Ok(_)) => {
-                let decided = classify(&buffer).or((buffer.len() >= limits::DETECT_PEEK_BYTES).then_some(Protocol::Opaque));
+                let decided =
+                    classify(&buffer).or((buffer.len() >= limits::DETECT_PEEK_BYTES).then_some(Protocol::Opaque));
                 if let Some(protocol) = decided {
                     return Ok((protocol, buffer.freeze()));
                 }

@@ -100,8 +100,9 @@ pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// drive (h2load: 16 x 32 streams), so steady load does not churn connections.
 pub const POOL_MAX_IDLE_PER_ENDPOINT: usize = 512;
 
-/// How often each worker closes pooled connections that passed their idle timeout.
-pub const POOL_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+/// How often each worker advances its pool clock (idle deadlines are this coarse) and closes pooled
+/// connections that passed their idle timeout.
+pub const POOL_TICK: Duration = Duration::from_secs(1);
 
 // ---- L4 forwarding ---------------------------------------------------------------------------
 

@@ -88,7 +88,12 @@ fn bind_one(address: SocketAddr, share_port: bool) -> std::io::Result<std::net::
 
 /// Accepts connections on `socket` for listener `name` until `stop` turns true or draining starts.
 /// Must run inside a worker's runtime.
-pub async fn accept_loop(socket: std::net::TcpListener, name: Arc<str>, data: Arc<DataPath>, mut stop: watch::Receiver<bool>) {
+pub async fn accept_loop(
+    socket: std::net::TcpListener,
+    name: Arc<str>,
+    data: Arc<DataPath>,
+    mut stop: watch::Receiver<bool>,
+) {
     let listener = match tokio::net::TcpListener::from_std(socket) {
         Ok(listener) => listener,
         Err(error) => {

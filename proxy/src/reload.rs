@@ -100,7 +100,8 @@ impl Reloader {
 
     /// Every bound listener with its address, sorted by name.
     pub fn listener_addresses(&self) -> Vec<(String, SocketAddr)> {
-        let mut all: Vec<(String, SocketAddr)> = self.bound().iter().map(|(name, b)| (name.to_string(), b.local)).collect();
+        let mut all: Vec<(String, SocketAddr)> =
+            self.bound().iter().map(|(name, b)| (name.to_string(), b.local)).collect();
         all.sort();
         all
     }
@@ -118,7 +119,12 @@ impl Reloader {
             Ok(ReloadOutcome::Applied(version)) => {
                 info!(%version, source = %self.source.origin(), "config applied");
                 self.metrics.record_reload(true);
-                self.admin.record_reload(ReloadReport { applied: true, version: version.clone(), error: None, at: SystemTime::now() });
+                self.admin.record_reload(ReloadReport {
+                    applied: true,
+                    version: version.clone(),
+                    error: None,
+                    at: SystemTime::now(),
+                });
             }
             Ok(ReloadOutcome::Unchanged(_)) => {}
             Err(e) => {
@@ -156,14 +162,12 @@ impl Reloader {
                 continue;
             }
             let sockets = listener::bind(&config.name, config.address, self.workers.len())?;
-            let local = sockets
-                .first()
-                .and_then(|s| s.local_addr().ok())
-                .unwrap_or(config.address);
+            let local = sockets.first().and_then(|s| s.local_addr().ok()).unwrap_or(config.address);
             fresh.push((config.name.clone(), config.address, local, sockets));
         }
 
-        let listeners: HashMap<Arc<str>, SocketAddr> = snapshot.listeners().map(|l| (l.name.clone(), l.address)).collect();
+        let listeners: HashMap<Arc<str>, SocketAddr> =
+            snapshot.listeners().map(|l| (l.name.clone(), l.address)).collect();
         self.data.snapshot.store(snapshot);
         bound.retain(|name, b| {
             let keep = listeners.get(name) == Some(&b.configured);
@@ -192,7 +196,9 @@ impl FileStamp {
     /// Reads `path`'s metadata now (`None` inside if it cannot be read).
     pub fn read(path: &Path) -> FileStamp {
         use std::os::unix::fs::MetadataExt;
-        FileStamp(std::fs::metadata(path).ok().map(|m| (m.modified().ok(), m.len(), m.ino(), m.ctime(), m.ctime_nsec())))
+        FileStamp(
+            std::fs::metadata(path).ok().map(|m| (m.modified().ok(), m.len(), m.ino(), m.ctime(), m.ctime_nsec())),
+        )
     }
 }
 

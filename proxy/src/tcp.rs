@@ -143,7 +143,9 @@ async fn one_way(from: &TcpStream, to: &TcpStream, moved: &(dyn Fn(usize) + Sync
     loop {
         // Socket to pipe: waits until `from` is readable; EAGAIN clears readiness and waits again.
         let filled = from
-            .async_io(Interest::READABLE, || splice(from, None, &pipe_in, None, capacity, flags).map_err(io::Error::from))
+            .async_io(Interest::READABLE, || {
+                splice(from, None, &pipe_in, None, capacity, flags).map_err(io::Error::from)
+            })
             .await?;
         if filled == 0 {
             half_close(to);
@@ -153,7 +155,9 @@ async fn one_way(from: &TcpStream, to: &TcpStream, moved: &(dyn Fn(usize) + Sync
         let mut left = filled;
         while left > 0 {
             let sent = to
-                .async_io(Interest::WRITABLE, || splice(&pipe_out, None, to, None, left, flags).map_err(io::Error::from))
+                .async_io(Interest::WRITABLE, || {
+                    splice(&pipe_out, None, to, None, left, flags).map_err(io::Error::from)
+                })
                 .await?;
             left -= sent;
             moved(sent);

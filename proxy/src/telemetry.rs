@@ -198,11 +198,7 @@ impl Metrics {
     pub fn listener(&self, name: &str, direction: &'static str) -> Arc<ListenerStats> {
         let labels = ListenerLabels { listener: name.to_owned(), direction };
         let requests = STATUS_CLASSES.map(|status_class| {
-            self.requests.get_or_create_owned(&RequestLabels {
-                listener: name.to_owned(),
-                direction,
-                status_class,
-            })
+            self.requests.get_or_create_owned(&RequestLabels { listener: name.to_owned(), direction, status_class })
         });
         Arc::new(ListenerStats {
             connections: self.listener_connections.get_or_create_owned(&labels),

@@ -50,10 +50,10 @@ impl Workers {
             let thread = std::thread::Builder::new().name(format!("remora-worker-{index}")).spawn(move || {
                 runtime.block_on(async move {
                     tokio::spawn(async {
-                        let mut tick = tokio::time::interval(limits::POOL_SWEEP_INTERVAL);
+                        let mut tick = tokio::time::interval(limits::POOL_TICK);
                         loop {
                             tick.tick().await;
-                            client::sweep();
+                            client::tick();
                         }
                     });
                     while let Some(command) = receiver.recv().await {

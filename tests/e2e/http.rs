@@ -52,7 +52,11 @@ async fn http1_request_and_response_cross_the_proxy_without_hop_by_hop_headers()
         }
     }
     assert_eq!(upstream.hits(), 2);
-    assert_eq!(proxy.metric(r#"remora_upstream_connections_total{cluster="web"}"#).await, 1.0, "one pooled upstream connection");
+    assert_eq!(
+        proxy.metric(r#"remora_upstream_connections_total{cluster="web"}"#).await,
+        1.0,
+        "one pooled upstream connection"
+    );
 }
 
 /// h2c prior knowledge downstream, HTTP/1.1 upstream (the peers benchmark's shape), and the other
@@ -68,11 +72,8 @@ async fn versions_convert_between_http1_and_http2_both_ways() {
     ];
     for (cluster_protocol, listener_extra, h2_client, expected) in cases {
         let proxy = one_upstream(&upstream, &format!(", protocol: {cluster_protocol}"), listener_extra);
-        let mut client = if h2_client {
-            Client::http2(proxy.address("in")).await
-        } else {
-            Client::http1(proxy.address("in")).await
-        };
+        let mut client =
+            if h2_client { Client::http2(proxy.address("in")).await } else { Client::http1(proxy.address("in")).await };
         for _ in 0..3 {
             let reply = client.get("shop.local:8080", "/x").await;
             assert_eq!(reply.status, 200, "{cluster_protocol}");
@@ -117,7 +118,8 @@ async fn routes_match_on_host_path_method_headers_and_query() {
     let delete = client.request(Method::DELETE, "shop.local", "/items/7").body(full(Bytes::new())).unwrap();
     let reply = remora_proxy::testing::client::read(client.send(delete).await.unwrap()).await;
     assert_eq!(served(&reply), "b");
-    let canary = client.request(Method::GET, "shop.local", "/").header("x-canary", "yes").body(full(Bytes::new())).unwrap();
+    let canary =
+        client.request(Method::GET, "shop.local", "/").header("x-canary", "yes").body(full(Bytes::new())).unwrap();
     let reply = remora_proxy::testing::client::read(client.send(canary).await.unwrap()).await;
     assert_eq!(served(&reply), "b");
     assert_eq!(served(&client.get("other.local:8080", "/only/x").await), "b");
@@ -217,7 +219,9 @@ async fn malformed_requests_get_4xx_and_the_proxy_keeps_serving() {
     let huge = format!("GET / HTTP/1.1\r\nHost: a\r\nx-big: {}\r\n\r\n", "x".repeat(100 * 1024));
     let too_large = raw_exchange(address, huge.as_bytes()).await;
     assert!(too_large.starts_with("HTTP/1.1 431"), "{}", &too_large[..too_large.len().min(80)]);
-    let bad_length = raw_exchange(address, b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello").await;
+    let bad_length =
+        raw_exchange(address, b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello")
+            .await;
     assert!(bad_length.starts_with("HTTP/1.1 400"), "{bad_length}");
     assert_eq!(upstream.hits(), 0, "no malformed request reached the upstream");
 

@@ -62,7 +62,8 @@ async fn routes_change_under_load_without_a_failed_request() {
         proxy.rewrite(&routed_to(target, &a, &b, ""));
         let outcome = proxy.reload().unwrap();
         assert!(matches!(outcome, ReloadOutcome::Applied(_) | ReloadOutcome::Unchanged(_)));
-        eventually("the new route serves", Duration::from_secs(5), || async { served_by(address).await == target }).await;
+        eventually("the new route serves", Duration::from_secs(5), || async { served_by(address).await == target })
+            .await;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop.store(true, Ordering::Relaxed);
@@ -106,7 +107,8 @@ async fn a_bad_file_is_rejected_and_the_old_config_serves_on() {
     let b = HttpServer::start("b").await;
     let proxy = TestProxy::start(&routed_to("a", &a, &b, ""));
     let address = proxy.address("in");
-    let broken = routed_to("a", &a, &b, "").replace("{kind: RouteTable, name: main", "{kind: RouteTable, name: main, destinatons: [x]");
+    let broken = routed_to("a", &a, &b, "")
+        .replace("{kind: RouteTable, name: main", "{kind: RouteTable, name: main, destinatons: [x]");
     proxy.rewrite(&broken);
     eventually("the watcher rejects the file", Duration::from_secs(5), || async {
         proxy.admin_get("/config_dump").await.1.contains(r#""result": "rejected""#)
@@ -122,7 +124,10 @@ async fn a_bad_file_is_rejected_and_the_old_config_serves_on() {
     match proxy.reload() {
         Err(ReloadError::Load(error)) => {
             let text = error.to_string();
-            assert!(text.contains(r#"route table "main": routes[0].backends[0].cluster: names cluster "nowhere""#), "{text}");
+            assert!(
+                text.contains(r#"route table "main": routes[0].backends[0].cluster: names cluster "nowhere""#),
+                "{text}"
+            );
         }
         other => panic!("expected a validation error, got {other:?}"),
     }

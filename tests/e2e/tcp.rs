@@ -30,7 +30,10 @@ async fn tcp_listener_forwards_both_ways_with_half_close() {
         writer
     });
     let mut echoed = Vec::with_capacity(SIZE);
-    reader.read_to_end(&mut echoed).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), reader.read_to_end(&mut echoed))
+        .await
+        .expect("no EOF came back: the half-close was not passed on")
+        .unwrap();
     let _writer = write.await.unwrap();
     assert_eq!(echoed.len(), SIZE);
     assert!(echoed == expected, "echoed bytes differ");
@@ -46,7 +49,10 @@ async fn exchange(address: std::net::SocketAddr, send: &[u8]) -> Vec<u8> {
     stream.write_all(send).await.unwrap();
     stream.shutdown().await.unwrap();
     let mut got = Vec::new();
-    stream.read_to_end(&mut got).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut got))
+        .await
+        .expect("no EOF came back")
+        .unwrap();
     got
 }
 
@@ -109,7 +115,7 @@ async fn detection_waits_for_a_decisive_prefix_and_replays_it() {
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
     let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut response)).await.unwrap().unwrap();
     let response = String::from_utf8_lossy(&response);
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert!(response.contains("hello from web"), "{response}");
@@ -137,7 +143,10 @@ async fn connection_cap_rejects_the_excess() {
     let mut buffer = [0_u8; 8];
     let closed = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buffer)).await.unwrap();
     assert!(matches!(closed, Ok(0) | Err(_)), "the third connection was served: {closed:?}");
-    assert_eq!(proxy.metric(r#"remora_listener_connections_rejected_total{listener="tcp",direction="outbound"}"#).await, 1.0);
+    assert_eq!(
+        proxy.metric(r#"remora_listener_connections_rejected_total{listener="tcp",direction="outbound"}"#).await,
+        1.0
+    );
     drop(first);
     eventually("a slot frees up", Duration::from_secs(5), || async {
         let Ok(mut stream) = TcpStream::connect(address).await else { return false };

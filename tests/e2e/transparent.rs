@@ -109,8 +109,14 @@ async fn redirected_connections_are_routed_by_their_original_destination() {
 
     // Capture rules, as `remora init` will install them: everything but the proxy's own traffic.
     for (iptables, remote) in [("iptables", "10.77.0.0/24"), ("ip6tables", "fd00::/64")] {
-        ns.run(iptables, &["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-m", "owner", "--uid-owner", PROXY_UID, "-j", "RETURN"]);
-        ns.run(iptables, &["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", remote, "-j", "REDIRECT", "--to-ports", "15001"]);
+        ns.run(
+            iptables,
+            &["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-m", "owner", "--uid-owner", PROXY_UID, "-j", "RETURN"],
+        );
+        ns.run(
+            iptables,
+            &["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", remote, "-j", "REDIRECT", "--to-ports", "15001"],
+        );
     }
 
     // Fixed ports are safe here: the namespace is this test's alone.

@@ -82,7 +82,10 @@ async fn echo_through<S: AsyncRead + AsyncWrite + Unpin>(mut tunnel: S) {
     // Half-close: the echo server finishes and closes its side, which must come back as EOF.
     tunnel.shutdown().await.unwrap();
     let mut rest = Vec::new();
-    tunnel.read_to_end(&mut rest).await.unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(20), tunnel.read_to_end(&mut rest))
+        .await
+        .expect("no EOF came back through the tunnel")
+        .unwrap();
     assert!(rest.is_empty());
 }
 
@@ -99,10 +102,7 @@ async fn connect_tunnels_over_http1() {
     ));
     for target in ["echo.local:7".to_owned(), elsewhere.address().to_string()] {
         let mut stream = TcpStream::connect(proxy.address("in")).await.unwrap();
-        stream
-            .write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
+        stream.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes()).await.unwrap();
         let mut head = Vec::new();
         while !head.ends_with(b"\r\n\r\n") {
             let mut byte = [0_u8; 1];
@@ -143,7 +143,7 @@ async fn connect_to_a_name_through_a_pass_through_cluster_is_a_400() {
     let mut stream = TcpStream::connect(proxy.address("in")).await.unwrap();
     stream.write_all(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n").await.unwrap();
     let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(20), stream.read_to_end(&mut response)).await.unwrap().unwrap();
     let response = String::from_utf8_lossy(&response);
     assert!(response.starts_with("HTTP/1.1 400"), "{response}");
     assert!(response.contains("x-remora-error: bad_request"), "{response}");

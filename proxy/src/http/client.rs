@@ -14,8 +14,7 @@
 //! that the request was not written, the request is sent again on the next connection; a request that
 //! was written is never re-sent here, because the server may have acted on it.
 
-use std::cell::RefCell;
-use std::collections::HashMap;
+use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,12 +79,21 @@ struct Http2Connection {
 
 #[derive(Default)]
 struct Pool {
-    http1: HashMap<SocketAddr, Vec<IdleConnection>>,
-    http2: HashMap<SocketAddr, SharedHttp2>,
+    // foldhash: probed twice per request; randomly seeded, so endpoints chosen by a client (the
+    // original destinations of a pass-through cluster) cannot be picked to collide.
+    http1: foldhash::HashMap<SocketAddr, Vec<IdleConnection>>,
+    http2: foldhash::HashMap<SocketAddr, SharedHttp2>,
 }
 
 thread_local! {
     static POOL: RefCell<Pool> = RefCell::new(Pool::default());
+    /// This worker's clock as of its last [`tick`]. Idle deadlines need no finer grain than the
+    /// tick, and a clock read per request is a measurable cost on the hot path.
+    static CLOCK: Cell<Instant> = Cell::new(Instant::now());
+}
+
+fn coarse_now() -> Instant {
+    CLOCK.try_with(Cell::get).unwrap_or_else(|_| Instant::now())
 }
 
 fn with_pool<R>(f: impl FnOnce(&mut Pool) -> R) -> Option<R> {
@@ -108,7 +116,7 @@ impl PoolTicket {
         if self.sender.is_closed() {
             return;
         }
-        let expires = Instant::now() + self.idle_timeout;
+        let expires = coarse_now() + self.idle_timeout;
         with_pool(|pool| {
             let idle = pool.http1.entry(self.endpoint).or_default();
             if idle.len() < limits::POOL_MAX_IDLE_PER_ENDPOINT {
@@ -141,7 +149,12 @@ pub async fn send(
 ) -> Result<Sent, ProxyError> {
     match version {
         Version::Http1 => send_http1(settings, cluster, endpoint, request, dedicated).await,
-        Version::Http2 => send_http2(settings, cluster, endpoint, request).await,
+        // Boxed: the HTTP/2 path's future (connection lock, handshake) is twice the HTTP/1 one's,
+        // and an unboxed one would be carried and copied by every HTTP/1 request too.
+        Version::Http2 => {
+            let sending = Box::pin(send_http2(settings, cluster, endpoint, request));
+            sending.await
+        }
     }
 }
 
@@ -157,7 +170,13 @@ async fn send_http1(
         let reused = pooled.is_some();
         let mut sender = match pooled {
             Some(sender) => sender,
-            None => connect_http1(settings, cluster, endpoint).await?,
+            // Boxed: connecting is the cold path, and its future would otherwise enlarge (and be
+            // copied with) every request's future. The box is bound in its own statement because
+            // a temporary in an `.await` statement keeps its space in the state machine anyway.
+            None => {
+                let connecting = Box::pin(connect_http1(settings, cluster, endpoint));
+                connecting.await?
+            }
         };
         // A pooled connection is returned as soon as its last response ended; hyper may need a moment
         // (one turn of the connection task) before it takes the next request.
@@ -189,7 +208,7 @@ async fn send_http1(
 fn checkout_http1(endpoint: SocketAddr) -> Option<http1::SendRequest<Incoming>> {
     with_pool(|pool| {
         let idle = pool.http1.get_mut(&endpoint)?;
-        let now = Instant::now();
+        let now = coarse_now();
         while let Some(connection) = idle.pop() {
             if connection.expires > now && !connection.sender.is_closed() {
                 return Some(connection.sender);
@@ -228,14 +247,15 @@ async fn send_http2(
     loop {
         let mut sender = {
             let mut slot = shared.lock().await;
-            let expires = Instant::now() + cluster.idle_timeout;
+            let expires = coarse_now() + cluster.idle_timeout;
             match slot.as_mut() {
                 Some(connection) if !force_new && !connection.sender.is_closed() => {
                     connection.expires = expires;
                     connection.sender.clone()
                 }
                 _ => {
-                    let sender = connect_http2(settings, cluster, endpoint).await?;
+                    let connecting = Box::pin(connect_http2(settings, cluster, endpoint));
+                    let sender = connecting.await?;
                     *slot = Some(Http2Connection { sender: sender.clone(), expires });
                     sender
                 }
@@ -277,10 +297,11 @@ async fn connect_http2(
     Ok(sender)
 }
 
-/// Closes this worker's pooled connections that have passed their idle timeout or died. Runs
-/// periodically on every worker.
-pub fn sweep() {
+/// Advances this worker's pool clock and closes its pooled connections that have passed their idle
+/// timeout or died. Runs every `POOL_TICK` on every worker.
+pub fn tick() {
     let now = Instant::now();
+    let _ = CLOCK.try_with(|clock| clock.set(now));
     with_pool(|pool| {
         pool.http1.retain(|_, idle| {
             idle.retain(|c| c.expires > now && !c.sender.is_closed());

@@ -48,10 +48,46 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
+/// The hop-by-hop headers a message carries, found in one scan of its header names.
+#[derive(Clone, Copy, Debug, Default)]
+struct HopByHop {
+    connection: bool,
+    keep_alive: bool,
+    proxy_connection: bool,
+    transfer_encoding: bool,
+    upgrade: bool,
+    te: bool,
+}
+
+impl HopByHop {
+    fn scan(headers: &HeaderMap) -> HopByHop {
+        let mut found = HopByHop::default();
+        // Standard names compare by tag, so this costs a few comparisons per header; most messages
+        // carry none of these, or only `Connection: keep-alive`.
+        for name in headers.keys() {
+            if *name == CONNECTION {
+                found.connection = true;
+            } else if *name == TRANSFER_ENCODING {
+                found.transfer_encoding = true;
+            } else if *name == UPGRADE {
+                found.upgrade = true;
+            } else if *name == TE {
+                found.te = true;
+            } else if *name == KEEP_ALIVE {
+                found.keep_alive = true;
+            } else if *name == PROXY_CONNECTION {
+                found.proxy_connection = true;
+            }
+        }
+        found
+    }
+}
+
 /// Removes hop-by-hop headers. With `keep_upgrade`, `Upgrade` survives and `Connection` is reduced to
 /// `upgrade`, which is what relaying a protocol switch needs.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    if headers.contains_key(CONNECTION) {
+    let found = HopByHop::scan(headers);
+    if found.connection {
         // Headers named by `Connection` are hop-by-hop too. Common tokens need no work; others are
         // collected first because the map cannot change while its values are borrowed.
         let named: Vec<HeaderName> = headers
@@ -69,18 +105,26 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         }
         headers.remove(CONNECTION);
     }
-    headers.remove(&KEEP_ALIVE);
-    headers.remove(&PROXY_CONNECTION);
-    headers.remove(TRANSFER_ENCODING);
+    if found.keep_alive {
+        headers.remove(&KEEP_ALIVE);
+    }
+    if found.proxy_connection {
+        headers.remove(&PROXY_CONNECTION);
+    }
+    if found.transfer_encoding {
+        headers.remove(TRANSFER_ENCODING);
+    }
     if keep_upgrade {
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
+    } else if found.upgrade {
         headers.remove(UPGRADE);
     }
-    if let Some(te) = headers.get(TE) {
-        let trailers = te
-            .to_str()
-            .is_ok_and(|v| v.split(',').any(|t| t.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))));
+    if found.te
+        && let Some(te) = headers.get(TE)
+    {
+        let trailers = te.to_str().is_ok_and(|v| {
+            v.split(',').any(|t| t.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers")))
+        });
         if trailers {
             headers.insert(TE, HeaderValue::from_static("trailers"));
         } else {
@@ -176,7 +220,8 @@ mod tests {
 
     #[test]
     fn upgrades_are_recognised_and_kept_when_relayed() {
-        let mut r = request(Version::HTTP_11, "/ws", &[("connection", "Upgrade, x-a"), ("upgrade", "websocket"), ("x-a", "1")]);
+        let mut r =
+            request(Version::HTTP_11, "/ws", &[("connection", "Upgrade, x-a"), ("upgrade", "websocket"), ("x-a", "1")]);
         assert!(is_upgrade(&r));
         strip_hop_by_hop(r.headers_mut(), true);
         assert_eq!(r.headers()[CONNECTION], "upgrade");

@@ -104,7 +104,11 @@ pub struct HttpConnection {
 pub async fn serve(stream: DownstreamStream, version: ServerVersion, connection: Arc<HttpConnection>) {
     let service = {
         let connection = connection.clone();
-        service_fn(move |request| proxy(request, connection.clone()))
+        service_fn(move |request| {
+            let f = proxy(request, connection.clone());
+            eprintln!("SIZE proxy future {}", std::mem::size_of_val(&f));
+            f
+        })
     };
     let io = TokioIo::new(stream);
     let settings = &connection.data.server;
@@ -188,12 +192,14 @@ async fn forward(
     connection: &Arc<HttpConnection>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     if request.method() == Method::CONNECT {
-        return tunnel::connect(request, cluster, connection).await;
+        // Boxed (in its own statement, see `client::send`): a rare request whose future would
+        // otherwise enlarge every request's.
+        let tunnel = Box::pin(tunnel::connect(request, cluster, connection));
+        return tunnel.await;
     }
     // Balance.
-    let endpoint = cluster
-        .pick(connection.original_destination)
-        .ok_or_else(|| ProxyError::NoEndpoint(cluster.name.clone()))?;
+    let endpoint =
+        cluster.pick(connection.original_destination).ok_or_else(|| ProxyError::NoEndpoint(cluster.name.clone()))?;
     // Prepare.
     let upgrade = headers::is_upgrade(&request);
     let version = match (cluster.protocol, upgrade) {

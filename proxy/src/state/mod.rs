@@ -77,8 +77,9 @@ pub struct Snapshot {
     pub version: String,
     /// The resources as given, for `/config_dump`.
     pub resources: Vec<Resource>,
-    listeners: HashMap<Arc<str>, Arc<ListenerConfig>>,
-    clusters: HashMap<Arc<str>, Arc<Cluster>>,
+    // foldhash: looked up per request or connection, where SipHash's cost shows.
+    listeners: foldhash::HashMap<Arc<str>, Arc<ListenerConfig>>,
+    clusters: foldhash::HashMap<Arc<str>, Arc<Cluster>>,
 }
 
 impl Snapshot {
@@ -92,11 +93,7 @@ impl Snapshot {
     ) -> Result<Snapshot, ValidationErrors> {
         validate::validate(&resources)?;
         let fail = |kind: Kind, name: &str, field: String, message: String| {
-            ValidationErrors(vec![FieldError {
-                subject: format!("{} {name:?}", kind.noun()),
-                field,
-                message,
-            }])
+            ValidationErrors(vec![FieldError { subject: format!("{} {name:?}", kind.noun()), field, message }])
         };
 
         let endpoints: HashMap<&str, &v1::Endpoints> = resources
@@ -106,7 +103,7 @@ impl Snapshot {
                 _ => None,
             })
             .collect();
-        let mut clusters: HashMap<Arc<str>, Arc<Cluster>> = HashMap::new();
+        let mut clusters: foldhash::HashMap<Arc<str>, Arc<Cluster>> = foldhash::HashMap::default();
         for resource in &resources {
             let Resource::Cluster(c) = resource else { continue };
             let targets = if c.original_destination {
@@ -118,10 +115,11 @@ impl Snapshot {
                         .map_err(|m| fail(Kind::Endpoints, &c.name, format!("endpoints[{i}].address"), m))?;
                     list.push(Endpoint { address, weight: e.weight.unwrap_or(1) });
                 }
-                let reused = previous.and_then(|p| p.clusters.get(c.name.as_str())).and_then(|old| match &old.targets {
-                    Targets::Endpoints(set) if set.endpoints() == list.as_slice() => Some(set.clone()),
-                    _ => None,
-                });
+                let reused =
+                    previous.and_then(|p| p.clusters.get(c.name.as_str())).and_then(|old| match &old.targets {
+                        Targets::Endpoints(set) if set.endpoints() == list.as_slice() => Some(set.clone()),
+                        _ => None,
+                    });
                 Targets::Endpoints(reused.unwrap_or_else(|| Arc::new(EndpointSet::new(list))))
             };
             let duration = |field: &str, value: Option<&pbjson_types::Duration>, default| {
@@ -133,7 +131,11 @@ impl Snapshot {
             let compiled = Cluster {
                 name: name.clone(),
                 protocol: c.protocol().into(),
-                connect_timeout: duration("connect_timeout", c.connect_timeout.as_ref(), limits::DEFAULT_CONNECT_TIMEOUT)?,
+                connect_timeout: duration(
+                    "connect_timeout",
+                    c.connect_timeout.as_ref(),
+                    limits::DEFAULT_CONNECT_TIMEOUT,
+                )?,
                 idle_timeout: duration("idle_timeout", c.idle_timeout.as_ref(), limits::DEFAULT_POOL_IDLE_TIMEOUT)?,
                 targets,
                 stats: metrics.cluster(&c.name),
@@ -150,13 +152,14 @@ impl Snapshot {
             let mut destinations = Vec::with_capacity(t.destinations.len());
             for (i, d) in t.destinations.iter().enumerate() {
                 destinations.push(
-                    Destination::parse(d).map_err(|m| fail(Kind::RouteTable, &t.name, format!("destinations[{i}]"), m))?,
+                    Destination::parse(d)
+                        .map_err(|m| fail(Kind::RouteTable, &t.name, format!("destinations[{i}]"), m))?,
                 );
             }
             tables.push((Arc::new(compiled), destinations));
         }
 
-        let mut listeners = HashMap::new();
+        let mut listeners = foldhash::HashMap::default();
         for resource in &resources {
             let Resource::Listener(l) = resource else { continue };
             let config = compile_listener(l, &tables, &find_cluster, metrics)
@@ -197,12 +200,13 @@ fn compile_listener(
         .filter(|(t, _)| l.route_tables.is_empty() || l.route_tables.iter().any(|name| *name == *t.name))
         .cloned()
         .collect();
-    let default_cluster = match l.default_cluster.as_str() {
-        "" => None,
-        name => Some(find_cluster(name).ok_or_else(|| {
-            ("default_cluster".to_owned(), format!("names cluster {name:?}, which is not defined"))
-        })?),
-    };
+    let default_cluster =
+        match l.default_cluster.as_str() {
+            "" => None,
+            name => Some(find_cluster(name).ok_or_else(|| {
+                ("default_cluster".to_owned(), format!("names cluster {name:?}, which is not defined"))
+            })?),
+        };
     let direction = match l.direction() {
         v1::listener::Direction::Outbound => "outbound",
         v1::listener::Direction::Inbound => "inbound",

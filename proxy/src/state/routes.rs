@@ -7,7 +7,6 @@
 //! destination, then catch-all). All lookups are hash probes or short scans; nothing allocates unless
 //! a Host header carries upper-case letters.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -82,8 +81,7 @@ impl RouteMatcher {
             }
             values.any(|value| matcher.matches(Some(value.as_bytes())))
         });
-        headers_ok
-            && self.query.iter().all(|(name, matcher)| matcher.matches(query_value(uri.query(), name)))
+        headers_ok && self.query.iter().all(|(name, matcher)| matcher.matches(query_value(uri.query(), name)))
     }
 }
 
@@ -151,7 +149,8 @@ impl RouteTable {
         };
         let mut routes = Vec::with_capacity(table.routes.len());
         for (i, route) in table.routes.iter().enumerate() {
-            let matcher = compile_match(route.r#match.as_ref()).map_err(|(field, message)| fail(format!("routes[{i}].match.{field}"), message))?;
+            let matcher = compile_match(route.r#match.as_ref())
+                .map_err(|(field, message)| fail(format!("routes[{i}].match.{field}"), message))?;
             let mut backends = Vec::with_capacity(route.backends.len());
             for (j, backend) in route.backends.iter().enumerate() {
                 let cluster = find(format!("routes[{i}].backends[{j}].cluster"), &backend.cluster)?;
@@ -228,11 +227,11 @@ struct HostEntry {
 pub struct RouteIndex {
     tables: Vec<Arc<RouteTable>>,
     /// Lower-case host (IPv6 literals in brackets) to the tables that claim it.
-    hosts: HashMap<Box<str>, HostEntry>,
+    hosts: foldhash::HashMap<Box<str>, HostEntry>,
     /// `.suffix` of `*.suffix` destinations, longest first.
     suffixes: Vec<(Box<str>, usize)>,
     /// Socket-address destinations, matched against original destinations.
-    addresses: HashMap<SocketAddr, usize>,
+    addresses: foldhash::HashMap<SocketAddr, usize>,
     catch_all: Option<usize>,
 }
 
@@ -275,7 +274,11 @@ impl RouteIndex {
 
     /// The table for an HTTP request: by its authority (host, with the authority's port, else the
     /// original destination's port, else 80), then by the original destination, then the catch-all.
-    pub fn for_http(&self, authority: Option<&str>, original_destination: Option<SocketAddr>) -> Option<&Arc<RouteTable>> {
+    pub fn for_http(
+        &self,
+        authority: Option<&str>,
+        original_destination: Option<SocketAddr>,
+    ) -> Option<&Arc<RouteTable>> {
         if let Some(authority) = authority.filter(|_| !self.hosts.is_empty() || !self.suffixes.is_empty()) {
             let (host, port) = split_authority(authority);
             let port = port.or(original_destination.map(|d| d.port())).unwrap_or(80);
@@ -431,7 +434,11 @@ routes:
         assert_eq!(name(Some("Reviews:1234"), None).as_deref(), Some("reviews"));
         assert_eq!(name(Some("reviews.shop:9080"), None).as_deref(), Some("reviews"));
         assert_eq!(name(Some("reviews.shop:9081"), None).as_deref(), Some("default"));
-        assert_eq!(name(Some("ratings"), Some("10.9.9.9:9080")).as_deref(), Some("ratings"), "port from original destination");
+        assert_eq!(
+            name(Some("ratings"), Some("10.9.9.9:9080")).as_deref(),
+            Some("ratings"),
+            "port from original destination"
+        );
         assert_eq!(name(Some("ratings"), None).as_deref(), Some("default"), "port 80 assumed");
         assert_eq!(name(Some("10.0.0.7:9080"), None).as_deref(), Some("ratings"));
         assert_eq!(name(Some("unknown"), Some("10.0.0.7:9080")).as_deref(), Some("ratings"));

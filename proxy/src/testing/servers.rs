@@ -111,9 +111,14 @@ impl HttpServer {
                     let is_h2 = matches!(stream.peek(&mut head).await, Ok(n) if n == 24 && head == *H2_PREFACE);
                     let io = TokioIo::new(stream);
                     if is_h2 {
-                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(io, service).await;
+                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(io, service)
+                            .await;
                     } else {
-                        let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).with_upgrades().await;
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, service)
+                            .with_upgrades()
+                            .await;
                     }
                 });
             }
@@ -152,7 +157,8 @@ async fn default_route(name: Arc<str>, request: Request<Incoming>) -> Response<T
         Response::new(request.into_body().map_err(Into::into).boxed())
     } else if let Some(code) = path.strip_prefix("/status/") {
         let mut response = Response::new(full(format!("status {code}\n")));
-        *response.status_mut() = code.parse::<u16>().ok().and_then(|c| StatusCode::from_u16(c).ok()).unwrap_or(StatusCode::BAD_REQUEST);
+        *response.status_mut() =
+            code.parse::<u16>().ok().and_then(|c| StatusCode::from_u16(c).ok()).unwrap_or(StatusCode::BAD_REQUEST);
         response
     } else if let Some(ms) = path.strip_prefix("/slow/") {
         tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
