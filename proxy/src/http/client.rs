@@ -1,32 +1,39 @@
 //! Upstream HTTP connections, pooled per worker thread and per endpoint.
 //!
-//! A request enters [`send`] with its endpoint already chosen and leaves as the endpoint's response
-//! (plus, for HTTP/1.1, the [`PoolTicket`] that returns the connection when the response body ends).
+//! A request enters [`send`] with its endpoint already chosen and leaves as the endpoint's response,
+//! its body streaming (or, after `101 Switching Protocols`, as the connection itself).
 //!
 //! Each worker thread runs one single-threaded runtime, so its pool is a plain thread-local: no lock,
-//! no atomic, and a connection is only ever used by the thread that opened it. HTTP/1.1 connections
-//! are kept idle in a stack per endpoint (the most recently used is reused first: it is the least
-//! likely to have been closed by the server) up to `POOL_MAX_IDLE_PER_ENDPOINT`, and closed after the
-//! cluster's idle timeout. HTTP/2 uses one multiplexed connection per endpoint per worker, opened by
-//! the first request that needs it while the others wait for it.
+//! no atomic, and a connection is only ever used by the thread that opened it.
 //!
-//! A pooled connection can turn out to be dead (the server closed it while idle). When hyper reports
-//! that the request was not written, the request is sent again on the next connection; a request that
-//! was written is never re-sent here, because the server may have acted on it.
+//! - HTTP/1.1 goes through [`h1`], the proxy's own client, which runs the exchange inside the
+//!   request's task. Idle connections wait in a stack per endpoint (the most recently used is reused
+//!   first: it is the least likely to have been closed by the server), up to
+//!   `POOL_MAX_IDLE_PER_ENDPOINT`, and are closed after the cluster's idle timeout. A connection
+//!   comes back the moment its response ends.
+//! - HTTP/2 goes through hyper's client: one multiplexed connection per endpoint per worker, opened
+//!   by the first request that needs it while the others wait for it.
+//!
+//! A pooled connection can turn out to be dead (the server closed it while idle). When it fails
+//! before the endpoint could have seen the request, the request is sent again on a fresh
+//! connection; a request the endpoint may have acted on is never re-sent here.
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::debug;
 
+use crate::http::body::ProxyBody;
 use crate::http::error::ProxyError;
+use crate::http::{h1, headers};
 use crate::limits;
 use crate::state::cluster::Cluster;
 use crate::tcp;
@@ -40,17 +47,14 @@ pub enum Version {
     Http2,
 }
 
-/// Connection settings for upstream connections, built once.
+/// Connection settings for upstream HTTP/2 connections, built once.
 #[derive(Debug)]
 pub struct ClientSettings {
-    http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
 }
 
 impl Default for ClientSettings {
     fn default() -> Self {
-        let mut h1 = http1::Builder::new();
-        h1.max_buf_size(limits::H1_MAX_BUF_SIZE);
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new())
             .initial_stream_window_size(limits::H2_STREAM_WINDOW)
@@ -59,12 +63,14 @@ impl Default for ClientSettings {
             .max_header_list_size(limits::H2_MAX_HEADER_LIST_SIZE)
             .max_pending_accept_reset_streams(limits::H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
             .max_local_error_reset_streams(limits::H2_MAX_LOCAL_ERROR_RESET_STREAMS);
-        ClientSettings { http1: h1, http2: h2 }
+        ClientSettings { http2: h2 }
     }
 }
 
 struct IdleConnection {
-    sender: http1::SendRequest<Incoming>,
+    /// Boxed for its whole life, so handing it between the pool, a request and a response body
+    /// moves a pointer.
+    connection: Box<h1::Connection>,
     expires: Instant,
 }
 
@@ -101,38 +107,26 @@ fn with_pool<R>(f: impl FnOnce(&mut Pool) -> R) -> Option<R> {
     POOL.try_with(|pool| f(&mut pool.borrow_mut())).ok()
 }
 
-/// An HTTP/1.1 connection lent to one request; [`PoolTicket::release`] gives it back.
-#[derive(Debug)]
-pub struct PoolTicket {
-    endpoint: SocketAddr,
-    sender: http1::SendRequest<Incoming>,
-    idle_timeout: Duration,
-}
-
-impl PoolTicket {
-    /// Returns the connection to this worker's pool, to be reused until it has been idle for the
-    /// cluster's idle timeout. A closed connection, or one over the pool's bound, is dropped.
-    pub fn release(self) {
-        if self.sender.is_closed() {
-            return;
+/// Takes an HTTP/1.1 connection back into this worker's pool, until it has been idle for its idle
+/// timeout. Called by [`h1`] the moment a response ends on a reusable connection.
+fn release_http1(connection: Box<h1::Connection>) {
+    let expires = coarse_now() + connection.idle_timeout();
+    with_pool(|pool| {
+        let idle = pool.http1.entry(connection.endpoint()).or_default();
+        if idle.len() < limits::POOL_MAX_IDLE_PER_ENDPOINT {
+            idle.push(IdleConnection { connection, expires });
         }
-        let expires = coarse_now() + self.idle_timeout;
-        with_pool(|pool| {
-            let idle = pool.http1.entry(self.endpoint).or_default();
-            if idle.len() < limits::POOL_MAX_IDLE_PER_ENDPOINT {
-                idle.push(IdleConnection { sender: self.sender, expires });
-            }
-        });
-    }
+    });
 }
 
-/// An endpoint's response, and the ticket returning its connection (HTTP/1.1 only).
+/// What an endpoint sent back.
 #[derive(Debug)]
-pub struct Sent {
-    /// The response head and streaming body.
-    pub response: Response<Incoming>,
-    /// Returns the connection once the body is done.
-    pub ticket: Option<PoolTicket>,
+pub enum Outcome {
+    /// A response, its body streaming, its hop-by-hop headers already removed.
+    Response(Response<ProxyBody>),
+    /// `101 Switching Protocols` to an HTTP/1.1 upgrade: the response head, the connection, and the
+    /// bytes the endpoint sent after the head.
+    Switched(Response<()>, TcpStream, Bytes),
 }
 
 /// Sends `request` to `endpoint`, reusing a pooled connection when one is alive.
@@ -146,11 +140,13 @@ pub async fn send(
     version: Version,
     request: Request<Incoming>,
     dedicated: bool,
-) -> Result<Sent, ProxyError> {
+) -> Result<Outcome, ProxyError> {
     match version {
-        Version::Http1 => send_http1(settings, cluster, endpoint, request, dedicated).await,
-        // Boxed: the HTTP/2 path's future (connection lock, handshake) is twice the HTTP/1 one's,
-        // and an unboxed one would be carried and copied by every HTTP/1 request too.
+        Version::Http1 => send_http1(cluster, endpoint, request, dedicated).await,
+        // Boxed, in a statement of its own: the HTTP/2 path's future (connection lock, handshake) is
+        // larger than the HTTP/1.1 one, and an unboxed one would be carried and copied by every
+        // HTTP/1.1 request's future too. (A temporary in an `.await` statement keeps its space in
+        // the state machine even when moved into a box.)
         Version::Http2 => {
             let sending = Box::pin(send_http2(settings, cluster, endpoint, request));
             sending.await
@@ -159,59 +155,45 @@ pub async fn send(
 }
 
 async fn send_http1(
-    settings: &ClientSettings,
     cluster: &Cluster,
     endpoint: SocketAddr,
     mut request: Request<Incoming>,
     dedicated: bool,
-) -> Result<Sent, ProxyError> {
+) -> Result<Outcome, ProxyError> {
     loop {
         let pooled = if dedicated { None } else { checkout_http1(endpoint) };
         let reused = pooled.is_some();
-        let mut sender = match pooled {
-            Some(sender) => sender,
-            // Boxed: connecting is the cold path, and its future would otherwise enlarge (and be
-            // copied with) every request's future. The box is bound in its own statement because
-            // a temporary in an `.await` statement keeps its space in the state machine anyway.
+        let connection = match pooled {
+            Some(connection) => connection,
             None => {
-                let connecting = Box::pin(connect_http1(settings, cluster, endpoint));
-                connecting.await?
+                // Boxed in its own statement (see `send`): connecting is the cold path.
+                let connecting = Box::pin(tcp::connect(endpoint, cluster.connect_timeout, &cluster.stats));
+                Box::new(h1::Connection::new(connecting.await?, endpoint, cluster.idle_timeout))
             }
         };
-        // A pooled connection is returned as soon as its last response ended; hyper may need a moment
-        // (one turn of the connection task) before it takes the next request.
-        if !sender.is_ready()
-            && let Err(error) = sender.ready().await
-        {
-            if reused {
-                continue;
+        let release = if dedicated { drop_connection } else { release_http1 };
+        match h1::exchange(connection, request, reused, release).await {
+            Ok(h1::Exchanged::Response(response)) => return Ok(Outcome::Response(response.map(ProxyBody::Http1))),
+            Ok(h1::Exchanged::Switched(head, stream, early)) => return Ok(Outcome::Switched(head, stream, early)),
+            Err(h1::Failure::Stale(unsent)) => {
+                debug!(%endpoint, "pooled connection was closed; sending on another");
+                request = unsent;
             }
-            return Err(ProxyError::Upstream(error));
-        }
-        match sender.try_send_request(request).await {
-            Ok(response) => {
-                let ticket = (!dedicated).then(|| PoolTicket { endpoint, sender, idle_timeout: cluster.idle_timeout });
-                return Ok(Sent { response, ticket });
-            }
-            Err(mut error) => match error.take_message() {
-                Some(unsent) if reused => {
-                    debug!(%endpoint, "pooled connection was closed; sending on another");
-                    request = unsent;
-                }
-                _ => return Err(ProxyError::Upstream(error.into_error())),
-            },
+            Err(h1::Failure::Failed(error)) => return Err(ProxyError::Http1(error)),
         }
     }
 }
 
+fn drop_connection(_: Box<h1::Connection>) {}
+
 /// The most recently pooled live connection to `endpoint`, discarding dead and expired ones.
-fn checkout_http1(endpoint: SocketAddr) -> Option<http1::SendRequest<Incoming>> {
+fn checkout_http1(endpoint: SocketAddr) -> Option<Box<h1::Connection>> {
     with_pool(|pool| {
         let idle = pool.http1.get_mut(&endpoint)?;
         let now = coarse_now();
-        while let Some(connection) = idle.pop() {
-            if connection.expires > now && !connection.sender.is_closed() {
-                return Some(connection.sender);
+        while let Some(candidate) = idle.pop() {
+            if candidate.expires > now && candidate.connection.is_reusable() {
+                return Some(candidate.connection);
             }
         }
         None
@@ -219,27 +201,12 @@ fn checkout_http1(endpoint: SocketAddr) -> Option<http1::SendRequest<Incoming>> 
     .flatten()
 }
 
-async fn connect_http1(
-    settings: &ClientSettings,
-    cluster: &Cluster,
-    endpoint: SocketAddr,
-) -> Result<http1::SendRequest<Incoming>, ProxyError> {
-    let stream = tcp::connect(endpoint, cluster.connect_timeout, &cluster.stats).await?;
-    let (sender, connection) = settings.http1.handshake(TokioIo::new(stream)).await.map_err(ProxyError::Upstream)?;
-    tokio::spawn(async move {
-        if let Err(error) = connection.with_upgrades().await {
-            debug!(%endpoint, %error, "upstream http/1 connection ended with an error");
-        }
-    });
-    Ok(sender)
-}
-
 async fn send_http2(
     settings: &ClientSettings,
     cluster: &Cluster,
     endpoint: SocketAddr,
     mut request: Request<Incoming>,
-) -> Result<Sent, ProxyError> {
+) -> Result<Outcome, ProxyError> {
     let Some(shared) = with_pool(|pool| pool.http2.entry(endpoint).or_default().clone()) else {
         return Err(ProxyError::NoEndpoint(cluster.name.clone()));
     };
@@ -269,7 +236,10 @@ async fn send_http2(
             continue;
         }
         match sender.try_send_request(request).await {
-            Ok(response) => return Ok(Sent { response, ticket: None }),
+            Ok(mut response) => {
+                headers::strip_hop_by_hop(response.headers_mut(), false);
+                return Ok(Outcome::Response(response.map(ProxyBody::Http2)));
+            }
             Err(mut error) => match error.take_message() {
                 Some(unsent) if !force_new => {
                     debug!(%endpoint, "http/2 connection was going away; sending on a new one");
@@ -304,7 +274,7 @@ pub fn tick() {
     let _ = CLOCK.try_with(|clock| clock.set(now));
     with_pool(|pool| {
         pool.http1.retain(|_, idle| {
-            idle.retain(|c| c.expires > now && !c.sender.is_closed());
+            idle.retain(|c| c.expires > now && c.connection.is_reusable());
             !idle.is_empty()
         });
         pool.http2.retain(|_, shared| match shared.try_lock() {

@@ -11,6 +11,7 @@ use http::header::{CONNECTION, CONTENT_TYPE, HeaderValue};
 use http::{Response, StatusCode};
 
 use crate::http::body::ProxyBody;
+use crate::http::h1;
 use crate::tcp::ConnectError;
 
 /// The header that names the reason of a response the proxy made itself.
@@ -42,9 +43,12 @@ pub enum ProxyError {
     /// Connecting to the endpoint failed or timed out.
     #[error(transparent)]
     Connect(#[from] ConnectError),
-    /// The endpoint broke the connection or spoke invalid HTTP.
+    /// The HTTP/2 endpoint broke the connection or spoke invalid HTTP.
     #[error("upstream: {0}")]
     Upstream(hyper::Error),
+    /// The HTTP/1.1 endpoint broke the connection or spoke invalid HTTP.
+    #[error("upstream: {0}")]
+    Http1(h1::Error),
     /// The request cannot be proxied as sent.
     #[error("bad request: {0}")]
     BadRequest(&'static str),
@@ -55,8 +59,13 @@ impl ProxyError {
     pub fn side(&self) -> Side {
         match self {
             ProxyError::NoRoute | ProxyError::ListenerRemoved => Side::Config,
-            ProxyError::NoEndpoint(_) | ProxyError::Connect(_) | ProxyError::Upstream(_) => Side::Upstream,
-            ProxyError::BadRequest(_) => Side::Downstream,
+            ProxyError::NoEndpoint(_)
+            | ProxyError::Connect(_)
+            | ProxyError::Upstream(_)
+            | ProxyError::Http1(
+                h1::Error::Io(_) | h1::Error::Closed | h1::Error::Protocol(_) | h1::Error::UnexpectedSwitch,
+            ) => Side::Upstream,
+            ProxyError::BadRequest(_) | ProxyError::Http1(h1::Error::RequestBody(_)) => Side::Downstream,
         }
     }
 
@@ -75,7 +84,13 @@ impl ProxyError {
             ProxyError::NoEndpoint(_) => (StatusCode::SERVICE_UNAVAILABLE, "no_healthy_upstream"),
             ProxyError::Connect(ConnectError::Timeout(_)) => (StatusCode::SERVICE_UNAVAILABLE, "connect_timeout"),
             ProxyError::Connect(ConnectError::Failed { .. }) => (StatusCode::SERVICE_UNAVAILABLE, "connect_failed"),
-            ProxyError::Upstream(_) => (StatusCode::BAD_GATEWAY, "upstream_reset"),
+            ProxyError::Upstream(_) | ProxyError::Http1(h1::Error::Io(_) | h1::Error::Closed) => {
+                (StatusCode::BAD_GATEWAY, "upstream_reset")
+            }
+            ProxyError::Http1(h1::Error::Protocol(_) | h1::Error::UnexpectedSwitch) => {
+                (StatusCode::BAD_GATEWAY, "upstream_protocol_error")
+            }
+            ProxyError::Http1(h1::Error::RequestBody(_)) => (StatusCode::BAD_REQUEST, "downstream_body_error"),
             ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
         };
         let mut response = Response::new(ProxyBody::local(Bytes::from(format!("{self}\n"))));

@@ -11,8 +11,8 @@
 //! 2. **balance**: the cluster's next endpoint (or the original destination, for a pass-through).
 //! 3. **prepare**: hop-by-hop headers stripped; target and `Host` reshaped for the upstream version.
 //! 4. **connect**: a pooled connection to the endpoint, or a new one (`client`).
-//! 5. **respond**: the endpoint's response streams back, hop-by-hop headers stripped; a `101` becomes
-//!    a tunnel, as does a `CONNECT` (`tunnel`).
+//! 5. **respond**: the endpoint's response streams back (its hop-by-hop headers were left out as it
+//!    was read); a `101` becomes a tunnel, as does a `CONNECT` (`tunnel`).
 //! 6. **record**: the listener's and the cluster's counters, by status class.
 //!
 //! Any failure becomes a response in one place, [`error::ProxyError::to_response`].
@@ -20,6 +20,7 @@
 pub mod body;
 pub mod client;
 pub mod error;
+pub mod h1;
 pub mod headers;
 pub mod tunnel;
 
@@ -29,7 +30,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
@@ -42,7 +43,7 @@ use crate::listener::{DataPath, Open};
 use crate::state::ListenerConfig;
 use crate::state::cluster::{Cluster, UpstreamProtocol};
 use body::ProxyBody;
-use client::Sent;
+use client::Outcome;
 use error::ProxyError;
 
 /// The HTTP version a downstream connection speaks.
@@ -104,11 +105,7 @@ pub struct HttpConnection {
 pub async fn serve(stream: DownstreamStream, version: ServerVersion, connection: Arc<HttpConnection>) {
     let service = {
         let connection = connection.clone();
-        service_fn(move |request| {
-            let f = proxy(request, connection.clone());
-            eprintln!("SIZE proxy future {}", std::mem::size_of_val(&f));
-            f
-        })
+        service_fn(move |request| proxy(request, connection.clone()))
     };
     let io = TokioIo::new(stream);
     let settings = &connection.data.server;
@@ -212,14 +209,20 @@ async fn forward(
     headers::prepare_request(&mut request, version, endpoint, upgrade);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     // Connect and send.
-    let Sent { mut response, ticket } =
-        client::send(&connection.data.client, cluster, endpoint, version, request, upgrade).await?;
+    let outcome = client::send(&connection.data.client, cluster, endpoint, version, request, upgrade).await?;
     // Respond.
-    cluster.stats.record_response(response.status().as_u16());
-    let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-    if let (true, Some(downstream)) = (switching, downstream_upgrade) {
-        tunnel::relay_upgrade(downstream, hyper::upgrade::on(&mut response), connection.clone());
+    match (outcome, downstream_upgrade) {
+        (Outcome::Response(response), _) => {
+            cluster.stats.record_response(response.status().as_u16());
+            Ok(response)
+        }
+        (Outcome::Switched(head, upstream, early), Some(downstream)) => {
+            cluster.stats.record_response(head.status().as_u16());
+            tunnel::relay_upgrade(downstream, upstream, early, connection.clone());
+            let mut response = head.map(|()| ProxyBody::empty());
+            headers::strip_hop_by_hop(response.headers_mut(), true);
+            Ok(response)
+        }
+        (Outcome::Switched(..), None) => Err(ProxyError::Http1(h1::Error::UnexpectedSwitch)),
     }
-    headers::strip_hop_by_hop(response.headers_mut(), switching && upgrade);
-    Ok(response.map(|body| ProxyBody::upstream(body, ticket)))
 }

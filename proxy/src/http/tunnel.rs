@@ -1,8 +1,8 @@
 //! Byte tunnels made out of HTTP requests: protocol upgrades (WebSocket) and `CONNECT`.
 //!
-//! An upgrade is relayed: the request goes upstream with its `Upgrade` header, and when the endpoint
-//! answers `101 Switching Protocols` both connections are taken over from hyper and joined by
-//! [`relay_upgrade`]. A `CONNECT host:port` request is terminated here: [`connect`] opens a TCP
+//! An upgrade is relayed: the request goes upstream with its `Upgrade` header on a connection of its
+//! own, and when the endpoint answers `101 Switching Protocols` the client's connection is taken
+//! over from hyper and joined to the endpoint's by [`relay_upgrade`]. A `CONNECT host:port` request is terminated here: [`connect`] opens a TCP
 //! connection to an endpoint of the routed cluster (for a pass-through cluster, to the requested
 //! address itself), answers `200`, and joins the client's stream to it, over HTTP/1.1 or as an HTTP/2
 //! stream. Both kinds keep the originating connection's [`HttpConnection`] alive, so they count as
@@ -11,11 +11,13 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::http::HttpConnection;
@@ -25,13 +27,25 @@ use crate::io::idle_watch;
 use crate::state::cluster::{Cluster, Targets};
 use crate::tcp;
 
-/// Joins the two sides of a switched protocol once hyper hands them over.
-pub fn relay_upgrade(downstream: OnUpgrade, upstream: OnUpgrade, connection: Arc<HttpConnection>) {
+/// Joins the two sides of a switched protocol: the client's, once hyper hands it over, and the
+/// endpoint's connection, after passing on the `early` bytes the endpoint sent right behind its
+/// `101`.
+pub fn relay_upgrade(downstream: OnUpgrade, upstream: TcpStream, early: Bytes, connection: Arc<HttpConnection>) {
     tokio::spawn(async move {
-        match tokio::try_join!(downstream, upstream) {
-            Ok((down, up)) => join(TokioIo::new(down), TokioIo::new(up), &connection).await,
-            Err(error) => debug!(%error, "upgrade did not complete"),
+        let mut down = match downstream.await {
+            Ok(down) => TokioIo::new(down),
+            Err(error) => {
+                debug!(%error, "upgrade did not complete");
+                return;
+            }
+        };
+        if !early.is_empty()
+            && let Err(error) = down.write_all(&early).await
+        {
+            debug!(%error, "upgrade: client gone");
+            return;
         }
+        join(down, upstream, &connection).await;
     });
 }
 
