@@ -237,6 +237,7 @@ impl Checker {
         }
         self.duration(subject, "detect_timeout", listener.detect_timeout.as_ref(), true);
         self.duration(subject, "idle_timeout", listener.idle_timeout.as_ref(), true);
+        self.duration(subject, "header_timeout", listener.header_timeout.as_ref(), true);
     }
 
     fn route_table(&mut self, subject: &str, table: &v1::RouteTable, clusters: &HashMap<&str, &v1::Cluster>) {

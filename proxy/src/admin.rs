@@ -135,7 +135,7 @@ pub async fn serve(socket: std::net::TcpListener, state: Arc<AdminState>) {
     };
     let mut builder = http1::Builder::new();
     // half_close: a probe that shuts down its sending side after the request still gets an answer.
-    builder.timer(TokioTimer::new()).header_read_timeout(limits::H1_HEADER_READ_TIMEOUT).half_close(true);
+    builder.timer(TokioTimer::new()).header_read_timeout(limits::DEFAULT_HEADER_TIMEOUT).half_close(true);
     let builder = Arc::new(builder);
     loop {
         let (stream, _) = match listener.accept().await {

@@ -10,8 +10,9 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
@@ -79,6 +80,59 @@ pub async fn idle_watch(meter: &Meter, stats: &ListenerStats, timeout: Duration)
             quiet = Duration::ZERO;
         }
     }
+}
+
+/// Which of [`watch`]'s two futures finished first.
+#[derive(Debug)]
+pub enum Watched<M, S> {
+    /// The main future.
+    Main(M),
+    /// The watcher.
+    Side(S),
+}
+
+/// Marks the watcher as woken and wakes the task.
+#[derive(Debug, Default)]
+struct SideWaker {
+    woken: AtomicBool,
+    task: futures_util::task::AtomicWaker,
+}
+
+impl std::task::Wake for SideWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+/// Runs `main` and `side` together until one finishes, polling `main` on every wake-up of the task
+/// but `side` only when `side` itself was woken.
+///
+/// `tokio::select!` polls every branch on every wake-up; for a connection that wakes for each
+/// request while its watchers (drain signal, idle timer) almost never have news, that was hundreds
+/// of instructions per request spent asking them.
+pub async fn watch<M: Future, S: Future>(main: Pin<&mut M>, side: Pin<&mut S>) -> Watched<M::Output, S::Output> {
+    let mut main = main;
+    let mut side = side;
+    let signal = Arc::new(SideWaker { woken: AtomicBool::new(true), task: Default::default() });
+    let side_waker = Waker::from(signal.clone());
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(output) = main.as_mut().poll(cx) {
+            return Poll::Ready(Watched::Main(output));
+        }
+        signal.task.register(cx.waker());
+        if signal.woken.swap(false, Ordering::AcqRel)
+            && let Poll::Ready(output) = side.as_mut().poll(&mut Context::from_waker(&side_waker))
+        {
+            return Poll::Ready(Watched::Side(output));
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// An accepted connection: detection's replay bytes first, then the socket, metered.
@@ -175,6 +229,39 @@ mod tests {
         meter.flush(&stats);
         assert_eq!(stats.bytes_received.get(), 5);
         assert_eq!(stats.bytes_sent.get(), 4);
+    }
+
+    /// The main future is polled on every wake-up; the watcher only when it was woken itself.
+    #[tokio::test]
+    async fn watch_polls_the_watcher_only_when_it_wakes() {
+        let main_polls = std::cell::Cell::new(0);
+        let side_polls = std::cell::Cell::new(0);
+        let main = std::future::poll_fn(|cx| {
+            main_polls.set(main_polls.get() + 1);
+            if main_polls.get() == 50 {
+                return Poll::Ready("main");
+            }
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        });
+        let side = std::future::poll_fn(|_| {
+            side_polls.set(side_polls.get() + 1);
+            Poll::<()>::Pending
+        });
+        tokio::pin!(main, side);
+        assert!(matches!(watch(main, side).await, Watched::Main("main")));
+        assert_eq!(main_polls.get(), 50);
+        assert_eq!(side_polls.get(), 1, "the watcher was polled on wake-ups that were not its own");
+
+        let (sender, receiver) = tokio::sync::oneshot::channel::<u8>();
+        let never = std::future::pending::<()>();
+        let side = async move {
+            tokio::task::yield_now().await;
+            receiver.await.unwrap_or(0)
+        };
+        tokio::pin!(never, side);
+        let _ = sender.send(7);
+        assert!(matches!(watch(never, side).await, Watched::Side(7)));
     }
 
     #[tokio::test(start_paused = true)]

@@ -26,6 +26,7 @@
 //! - [`http`] — the HTTP server, the request phases, the upstream pool, header hygiene, tunnels.
 //! - [`balance`] — endpoint selection (smooth weighted round robin) and weighted cluster choice.
 //! - [`telemetry`] — metrics.
+//! - [`timer`] — coarse per-worker time: a clock read once per tick, cheap timers for hyper.
 //! - [`admin`] — the admin HTTP server.
 //! - [`drain`] — the drain signal and open-connection count.
 //! - [`limits`] — every safety limit and default, with its reason.
@@ -51,6 +52,7 @@ pub mod reload;
 pub mod state;
 pub mod tcp;
 pub mod telemetry;
+pub mod timer;
 pub mod worker;
 
 #[cfg(feature = "testing")]

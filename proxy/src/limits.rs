@@ -36,11 +36,12 @@ pub const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(20);
 
 // ---- HTTP/1.1 server -------------------------------------------------------------------------
 
-/// Time a client has to send a complete request head. hyper starts this timer whenever it waits for
-/// a request, so it is also how long an idle keep-alive connection stays open: 60 s, as nginx's
-/// `client_header_timeout`, and under nginx's 75 s `keepalive_timeout` so clients that reuse an nginx
-/// pool see the same behaviour. It stops slowloris clients from holding connections forever.
-pub const H1_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default `Listener.header_timeout`: time a client has to send a complete request head. hyper starts
+/// this timer whenever it waits for a request, so it is also how long an idle keep-alive connection
+/// stays open: 60 s, as nginx's `client_header_timeout`, and under nginx's 75 s `keepalive_timeout`
+/// so clients that reuse an nginx pool see the same behaviour. It stops slowloris clients from
+/// holding connections forever.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(60);
 
 // Most header fields in one HTTP/1 request: 100, hyper's default and Envoy's. It is deliberately not
 // set through `max_headers`, which would move hyper's header array from the stack to a heap
@@ -100,9 +101,10 @@ pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// drive (h2load: 16 x 32 streams), so steady load does not churn connections.
 pub const POOL_MAX_IDLE_PER_ENDPOINT: usize = 512;
 
-/// How often each worker advances its pool clock (idle deadlines are this coarse) and closes pooled
-/// connections that passed their idle timeout.
-pub const POOL_TICK: Duration = Duration::from_secs(1);
+/// How often each worker advances its coarse clock (`timer`), fires the coarse timers that are due
+/// (the HTTP/1 header-read timeout) and closes pooled connections past their idle timeout. Those
+/// deadlines are this coarse, which is nothing next to their tens of seconds.
+pub const TIMER_TICK: Duration = Duration::from_secs(1);
 
 // ---- L4 forwarding ---------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::warn;
 
 use crate::http::client;
-use crate::limits;
+use crate::{limits, timer};
 use crate::listener::{DataPath, accept_loop};
 
 enum Command {
@@ -50,10 +50,11 @@ impl Workers {
             let thread = std::thread::Builder::new().name(format!("remora-worker-{index}")).spawn(move || {
                 runtime.block_on(async move {
                     tokio::spawn(async {
-                        let mut tick = tokio::time::interval(limits::POOL_TICK);
+                        let mut tick = tokio::time::interval(limits::TIMER_TICK);
                         loop {
                             tick.tick().await;
-                            client::tick();
+                            timer::tick();
+                            client::sweep();
                         }
                     });
                     while let Some(command) = receiver.recv().await {

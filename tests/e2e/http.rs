@@ -229,6 +229,31 @@ async fn malformed_requests_get_4xx_and_the_proxy_keeps_serving() {
     assert_eq!(client.get("a", "/").await.status, 200);
 }
 
+/// A client that sends a request head too slowly (slowloris), and a keep-alive connection left
+/// idle, are both closed once the listener's header timeout passes; a prompt client is served.
+#[tokio::test]
+async fn slow_request_heads_and_idle_keep_alive_connections_are_closed() {
+    let upstream = HttpServer::start("a").await;
+    let proxy = one_upstream(&upstream, "", ", protocol: http1, header_timeout: 1s");
+    let address = proxy.address("in");
+
+    let mut slow = TcpStream::connect(address).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n").await.unwrap();
+    let mut idle = Client::http1(address).await;
+    assert_eq!(idle.get("a", "/").await.status, 200);
+
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the slow client was never cut off");
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(500), "cut off before the timeout: {waited:?}");
+    assert_eq!(upstream.hits(), 1, "the incomplete request reached the upstream");
+
+    let request = idle.request(Method::GET, "a", "/").body(full(Bytes::new())).unwrap();
+    assert!(idle.send(request).await.is_err(), "the idle keep-alive connection was kept past the header timeout");
+}
+
 /// A 16 MiB HTTP/2 body streams to the upstream and back through flow control, byte for byte.
 #[tokio::test]
 async fn large_http2_bodies_stream_through_flow_control() {

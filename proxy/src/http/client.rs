@@ -18,7 +18,7 @@
 //! before the endpoint could have seen the request, the request is sent again on a fresh
 //! connection; a request the endpoint may have acted on is never re-sent here.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -28,7 +28,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
+use std::time::Instant;
 use tracing::debug;
 
 use crate::http::body::ProxyBody;
@@ -36,7 +36,7 @@ use crate::http::error::ProxyError;
 use crate::http::{h1, headers};
 use crate::limits;
 use crate::state::cluster::Cluster;
-use crate::tcp;
+use crate::{tcp, timer};
 
 /// The HTTP version spoken to an endpoint for one request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,13 +93,6 @@ struct Pool {
 
 thread_local! {
     static POOL: RefCell<Pool> = RefCell::new(Pool::default());
-    /// This worker's clock as of its last [`tick`]. Idle deadlines need no finer grain than the
-    /// tick, and a clock read per request is a measurable cost on the hot path.
-    static CLOCK: Cell<Instant> = Cell::new(Instant::now());
-}
-
-fn coarse_now() -> Instant {
-    CLOCK.try_with(Cell::get).unwrap_or_else(|_| Instant::now())
 }
 
 fn with_pool<R>(f: impl FnOnce(&mut Pool) -> R) -> Option<R> {
@@ -110,7 +103,7 @@ fn with_pool<R>(f: impl FnOnce(&mut Pool) -> R) -> Option<R> {
 /// Takes an HTTP/1.1 connection back into this worker's pool, until it has been idle for its idle
 /// timeout. Called by [`h1`] the moment a response ends on a reusable connection.
 fn release_http1(connection: Box<h1::Connection>) {
-    let expires = coarse_now() + connection.idle_timeout();
+    let expires = timer::now() + connection.idle_timeout();
     with_pool(|pool| {
         let idle = pool.http1.entry(connection.endpoint()).or_default();
         if idle.len() < limits::POOL_MAX_IDLE_PER_ENDPOINT {
@@ -190,7 +183,7 @@ fn drop_connection(_: Box<h1::Connection>) {}
 fn checkout_http1(endpoint: SocketAddr) -> Option<Box<h1::Connection>> {
     with_pool(|pool| {
         let idle = pool.http1.get_mut(&endpoint)?;
-        let now = coarse_now();
+        let now = timer::now();
         while let Some(candidate) = idle.pop() {
             if candidate.expires > now && candidate.connection.is_reusable() {
                 return Some(candidate.connection);
@@ -214,7 +207,7 @@ async fn send_http2(
     loop {
         let mut sender = {
             let mut slot = shared.lock().await;
-            let expires = coarse_now() + cluster.idle_timeout;
+            let expires = timer::now() + cluster.idle_timeout;
             match slot.as_mut() {
                 Some(connection) if !force_new && !connection.sender.is_closed() => {
                     connection.expires = expires;
@@ -267,11 +260,11 @@ async fn connect_http2(
     Ok(sender)
 }
 
-/// Advances this worker's pool clock and closes its pooled connections that have passed their idle
-/// timeout or died. Runs every `POOL_TICK` on every worker.
-pub fn tick() {
-    let now = Instant::now();
-    let _ = CLOCK.try_with(|clock| clock.set(now));
+/// Closes this worker's pooled connections that have passed their idle timeout or died. Runs every
+/// `TIMER_TICK` on every worker, after the clock ticks. (Idle deadlines use the worker's coarse
+/// clock: a clock read per request is a measurable cost on the hot path.)
+pub fn sweep() {
+    let now = timer::now();
     with_pool(|pool| {
         pool.http1.retain(|_, idle| {
             idle.retain(|c| c.expires > now && c.connection.is_reusable());

@@ -37,8 +37,9 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tracing::debug;
 
-use crate::io::{DownstreamStream, Meter, idle_watch};
+use crate::io::{self, DownstreamStream, Meter, Watched, idle_watch};
 use crate::limits;
+use crate::timer::CoarseTimer;
 use crate::listener::{DataPath, Open};
 use crate::state::ListenerConfig;
 use crate::state::cluster::{Cluster, UpstreamProtocol};
@@ -65,8 +66,10 @@ pub struct ServerSettings {
 impl Default for ServerSettings {
     fn default() -> Self {
         let mut h1 = http1::Builder::new();
-        h1.timer(TokioTimer::new())
-            .header_read_timeout(limits::H1_HEADER_READ_TIMEOUT)
+        // The coarse timer: hyper arms the header-read timeout on every request (see `timer`). The
+        // timeout itself is the listener's, set per connection in `serve`.
+        h1.timer(CoarseTimer)
+            .header_read_timeout(limits::DEFAULT_HEADER_TIMEOUT)
             .max_header_size(limits::MAX_HEADER_BYTES)
             .max_buf_size(limits::H1_MAX_BUF_SIZE)
             // A client that shuts down its sending side after the request still gets its response.
@@ -111,7 +114,9 @@ pub async fn serve(stream: DownstreamStream, version: ServerVersion, connection:
     let settings = &connection.data.server;
     match version {
         ServerVersion::Http1 => {
-            let served = settings.http1.serve_connection(io, service).with_upgrades();
+            let mut http1 = settings.http1.clone();
+            http1.header_read_timeout(connection.listener.header_timeout);
+            let served = http1.serve_connection(io, service).with_upgrades();
             drive(served, |c| c.graceful_shutdown(), &connection).await;
         }
         ServerVersion::Http2 => {
@@ -122,28 +127,45 @@ pub async fn serve(stream: DownstreamStream, version: ServerVersion, connection:
 }
 
 /// Runs a server connection to its end, asking it to finish gracefully (`shut_down`) when draining
-/// starts, and closing it if it sits idle past the listener's idle timeout.
+/// starts, and closing it if it sits idle past the listener's idle timeout. The drain signal and the
+/// idle timer are only polled when they wake (`io::watch`), not on every request.
 async fn drive<C>(connection: C, shut_down: impl Fn(Pin<&mut C>), http: &HttpConnection)
 where
     C: Future<Output = Result<(), hyper::Error>>,
 {
+    enum Event {
+        Drain,
+        Idle,
+    }
     let mut drain = http.data.drain.watch();
     let idle = idle_watch(&http.meter, &http.listener.stats, http.listener.idle_timeout);
     tokio::pin!(connection, idle);
     let mut draining = false;
     loop {
-        tokio::select! {
-            result = connection.as_mut() => {
+        let already_draining = draining;
+        let watchers = async {
+            if already_draining {
+                (&mut idle).await;
+                return Event::Idle;
+            }
+            tokio::select! {
+                () = drain.signaled() => Event::Drain,
+                () = &mut idle => Event::Idle,
+            }
+        };
+        tokio::pin!(watchers);
+        match io::watch(connection.as_mut(), watchers).await {
+            Watched::Main(result) => {
                 if let Err(error) = result {
                     debug!(listener = %http.listener.name, %error, "http connection ended with an error");
                 }
                 return;
             }
-            () = drain.signaled(), if !draining => {
+            Watched::Side(Event::Drain) => {
                 draining = true;
                 shut_down(connection.as_mut());
             }
-            () = &mut idle => {
+            Watched::Side(Event::Idle) => {
                 debug!(listener = %http.listener.name, "http connection idle timeout");
                 return;
             }

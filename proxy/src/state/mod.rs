@@ -60,6 +60,8 @@ pub struct ListenerConfig {
     pub detect_timeout: Duration,
     /// Close connections idle this long.
     pub idle_timeout: Duration,
+    /// HTTP/1.1 request-head (and keep-alive idle) timeout.
+    pub header_timeout: Duration,
     /// Most connections open at once.
     pub max_connections: i64,
     /// Route tables by destination.
@@ -229,6 +231,7 @@ fn compile_listener(
         transparent: l.transparent,
         detect_timeout: duration("detect_timeout", l.detect_timeout.as_ref(), limits::DEFAULT_DETECT_TIMEOUT)?,
         idle_timeout: duration("idle_timeout", l.idle_timeout.as_ref(), limits::DEFAULT_IDLE_TIMEOUT)?,
+        header_timeout: duration("header_timeout", l.header_timeout.as_ref(), limits::DEFAULT_HEADER_TIMEOUT)?,
         max_connections: i64::from(max_connections),
         routes: RouteIndex::new(served),
         default_cluster,
