@@ -7,10 +7,10 @@
 //! applies by noticing that the counts stopped moving. One atomic add per read or write; no clock
 //! reads on the data path.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;

@@ -15,8 +15,8 @@ use tokio::sync::{mpsc, watch};
 use tracing::warn;
 
 use crate::http::client;
-use crate::{limits, timer};
 use crate::listener::{DataPath, accept_loop};
+use crate::{limits, timer};
 
 enum Command {
     Serve { name: Arc<str>, socket: std::net::TcpListener, stop: watch::Receiver<bool> },

@@ -1,7 +1,8 @@
 //! Upstream HTTP connections, pooled per worker thread and per endpoint.
 //!
-//! A request enters [`send`] with its endpoint already chosen and leaves as the endpoint's response,
-//! its body streaming (or, after `101 Switching Protocols`, as the connection itself).
+//! A request enters [`send_http1`] or [`send_http2`] with its endpoint already chosen and leaves as
+//! the endpoint's response, its body streaming (or, after `101 Switching Protocols`, as the
+//! connection itself).
 //!
 //! Each worker thread runs one single-threaded runtime, so its pool is a plain thread-local: no lock,
 //! no atomic, and a connection is only ever used by the thread that opened it.
@@ -27,8 +28,8 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
 use std::time::Instant;
+use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::http::body::ProxyBody;
@@ -122,32 +123,11 @@ pub enum Outcome {
     Switched(Response<()>, TcpStream, Bytes),
 }
 
-/// Sends `request` to `endpoint`, reusing a pooled connection when one is alive.
+/// Sends `request` to `endpoint` over HTTP/1.1, reusing a pooled connection when one is alive.
 ///
-/// `dedicated` asks for a fresh HTTP/1.1 connection that is never pooled (an `Upgrade` request takes
-/// the connection over). The request must already be in the form `version` needs (see `headers`).
-pub async fn send(
-    settings: &ClientSettings,
-    cluster: &Cluster,
-    endpoint: SocketAddr,
-    version: Version,
-    request: Request<Incoming>,
-    dedicated: bool,
-) -> Result<Outcome, ProxyError> {
-    match version {
-        Version::Http1 => send_http1(cluster, endpoint, request, dedicated).await,
-        // Boxed, in a statement of its own: the HTTP/2 path's future (connection lock, handshake) is
-        // larger than the HTTP/1.1 one, and an unboxed one would be carried and copied by every
-        // HTTP/1.1 request's future too. (A temporary in an `.await` statement keeps its space in
-        // the state machine even when moved into a box.)
-        Version::Http2 => {
-            let sending = Box::pin(send_http2(settings, cluster, endpoint, request));
-            sending.await
-        }
-    }
-}
-
-async fn send_http1(
+/// `dedicated` asks for a fresh connection that is never pooled (an `Upgrade` request takes the
+/// connection over). The request must already be in origin form (see `headers`).
+pub async fn send_http1(
     cluster: &Cluster,
     endpoint: SocketAddr,
     mut request: Request<Incoming>,
@@ -159,7 +139,7 @@ async fn send_http1(
         let connection = match pooled {
             Some(connection) => connection,
             None => {
-                // Boxed in its own statement (see `send`): connecting is the cold path.
+                // Boxed in its own statement (see `send_http2`): connecting is the cold path.
                 let connecting = Box::pin(tcp::connect(endpoint, cluster.connect_timeout, &cluster.stats));
                 Box::new(h1::Connection::new(connecting.await?, endpoint, cluster.idle_timeout))
             }
@@ -194,7 +174,13 @@ fn checkout_http1(endpoint: SocketAddr) -> Option<Box<h1::Connection>> {
     .flatten()
 }
 
-async fn send_http2(
+/// Sends `request` to `endpoint` over HTTP/2, on this worker's connection to it (opened if needed).
+///
+/// Callers box this future: it is larger than the HTTP/1.1 one (connection lock, handshake), and an
+/// unboxed one would be carried and copied by every HTTP/1.1 request's future too. (Box it in a
+/// statement of its own: a temporary in an `.await` statement keeps its space in the state machine
+/// even when moved into a box.)
+pub async fn send_http2(
     settings: &ClientSettings,
     cluster: &Cluster,
     endpoint: SocketAddr,

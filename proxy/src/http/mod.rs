@@ -39,10 +39,10 @@ use tracing::debug;
 
 use crate::io::{self, DownstreamStream, Meter, Watched, idle_watch};
 use crate::limits;
-use crate::timer::CoarseTimer;
 use crate::listener::{DataPath, Open};
 use crate::state::ListenerConfig;
 use crate::state::cluster::{Cluster, UpstreamProtocol};
+use crate::timer::CoarseTimer;
 use body::ProxyBody;
 use client::Outcome;
 use error::ProxyError;
@@ -174,53 +174,81 @@ where
 }
 
 /// One request through every phase; always yields a response.
-async fn proxy(request: Request<Incoming>, connection: Arc<HttpConnection>) -> Result<Response<ProxyBody>, Infallible> {
-    let response = match route(&request, &connection) {
-        Ok(cluster) => match forward(request, &cluster, &connection).await {
-            Ok(response) => response,
-            Err(error) => {
-                debug!(listener = %connection.listener.name, cluster = %cluster.name, %error, "request failed");
-                error.to_response()
-            }
-        },
-        Err(error) => error.to_response(),
+///
+/// Phases 1 to 3 run synchronously in [`plan`]; the only await is the exchange with the endpoint,
+/// called directly rather than through layers of `async fn`, because every layer would carry its
+/// own copy of the request in this future (which hyper moves, and for HTTP/2 spawns, per request).
+async fn proxy(
+    mut request: Request<Incoming>,
+    connection: Arc<HttpConnection>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let result = match plan(&mut request, &connection) {
+        Err(error) => Err(error),
+        Ok(Plan::Connect(cluster)) => {
+            // Boxed in its own statement (see `client::send_http2`): rare, and large.
+            let tunnel = Box::pin(tunnel::connect(request, &cluster, &connection));
+            tunnel.await
+        }
+        Ok(Plan::Forward { cluster, endpoint, version, upgrade, downstream_upgrade }) => {
+            // Phase 4, connect and send.
+            let outcome = match version {
+                client::Version::Http1 => client::send_http1(&cluster, endpoint, request, upgrade).await,
+                client::Version::Http2 => {
+                    let sending = Box::pin(client::send_http2(&connection.data.client, &cluster, endpoint, request));
+                    sending.await
+                }
+            };
+            outcome.and_then(|outcome| respond(outcome, &cluster, downstream_upgrade, &connection))
+        }
     };
+    let response = result.unwrap_or_else(|error| {
+        debug!(listener = %connection.listener.name, %error, "request failed");
+        error.to_response()
+    });
+    // Phase 6, record (the listener's part).
     connection.listener.stats.record_response(response.status().as_u16());
     Ok(response)
 }
 
-/// Phase 1, route: resolved entirely from one snapshot load, before any await, so a config swap can
-/// never change a request half-way.
-fn route(request: &Request<Incoming>, connection: &HttpConnection) -> Result<Arc<Cluster>, ProxyError> {
-    let snapshot = connection.data.snapshot.load();
-    let listener = snapshot.listener(&connection.listener.name).ok_or(ProxyError::ListenerRemoved)?;
-    match listener.routes.for_http(headers::authority(request), connection.original_destination) {
-        Some(table) => table
-            .route(request.method(), request.uri(), request.headers())
-            .and_then(|route| route.pick_cluster())
-            .cloned()
-            .ok_or(ProxyError::NoRoute),
-        None => listener.default_cluster.clone().ok_or(ProxyError::NoRoute),
-    }
+/// What to do with a request, decided before any await.
+enum Plan {
+    /// Open a `CONNECT` tunnel through this cluster.
+    Connect(Arc<Cluster>),
+    /// Send the (prepared) request to this endpoint.
+    Forward {
+        cluster: Arc<Cluster>,
+        endpoint: std::net::SocketAddr,
+        version: client::Version,
+        upgrade: bool,
+        downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    },
 }
 
-/// Phases 2 to 5, and the cluster's part of phase 6.
-async fn forward(
-    mut request: Request<Incoming>,
-    cluster: &Cluster,
-    connection: &Arc<HttpConnection>,
-) -> Result<Response<ProxyBody>, ProxyError> {
+/// Phases 1 to 3. Route: resolved entirely from one snapshot load, before any await, so a config
+/// swap can never change a request half-way. Balance: the cluster's next endpoint. Prepare: the
+/// request reshaped, in place, for the endpoint's version.
+fn plan(request: &mut Request<Incoming>, connection: &HttpConnection) -> Result<Plan, ProxyError> {
+    // Route.
+    let cluster = {
+        let snapshot = connection.data.snapshot.load();
+        let listener = snapshot.listener(&connection.listener.name).ok_or(ProxyError::ListenerRemoved)?;
+        match listener.routes.for_http(headers::authority(request), connection.original_destination) {
+            Some(table) => table
+                .route(request.method(), request.uri(), request.headers())
+                .and_then(|route| route.pick_cluster())
+                .cloned()
+                .ok_or(ProxyError::NoRoute)?,
+            None => listener.default_cluster.clone().ok_or(ProxyError::NoRoute)?,
+        }
+    };
     if request.method() == Method::CONNECT {
-        // Boxed (in its own statement, see `client::send`): a rare request whose future would
-        // otherwise enlarge every request's.
-        let tunnel = Box::pin(tunnel::connect(request, cluster, connection));
-        return tunnel.await;
+        return Ok(Plan::Connect(cluster));
     }
     // Balance.
     let endpoint =
         cluster.pick(connection.original_destination).ok_or_else(|| ProxyError::NoEndpoint(cluster.name.clone()))?;
     // Prepare.
-    let upgrade = headers::is_upgrade(&request);
+    let upgrade = headers::is_upgrade(request);
     let version = match (cluster.protocol, upgrade) {
         // Protocol switches exist only in HTTP/1.1.
         (_, true) | (UpstreamProtocol::Http1, false) => client::Version::Http1,
@@ -228,11 +256,18 @@ async fn forward(
         (UpstreamProtocol::Auto, false) if request.version() == http::Version::HTTP_2 => client::Version::Http2,
         (UpstreamProtocol::Auto, false) => client::Version::Http1,
     };
-    headers::prepare_request(&mut request, version, endpoint, upgrade);
-    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
-    // Connect and send.
-    let outcome = client::send(&connection.data.client, cluster, endpoint, version, request, upgrade).await?;
-    // Respond.
+    headers::prepare_request(request, version, endpoint, upgrade);
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut *request));
+    Ok(Plan::Forward { cluster, endpoint, version, upgrade, downstream_upgrade })
+}
+
+/// Phase 5, respond, and the cluster's part of phase 6.
+fn respond(
+    outcome: Outcome,
+    cluster: &Cluster,
+    downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    connection: &Arc<HttpConnection>,
+) -> Result<Response<ProxyBody>, ProxyError> {
     match (outcome, downstream_upgrade) {
         (Outcome::Response(response), _) => {
             cluster.stats.record_response(response.status().as_u16());
