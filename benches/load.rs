@@ -1,1 +1,110 @@
-fn main() {}
+//! Load harness: real HTTP traffic through an in-process proxy on loopback, with the proxy worker's
+//! own CPU time per request.
+//!
+//! `cargo bench --bench load` starts an upstream HTTP server, a proxy with one worker thread, and
+//! keep-alive clients, all in this process; drives HTTP/1.1 and then HTTP/2 (prior knowledge) through
+//! the proxy for `LOAD_SECONDS` (default 5) each with `LOAD_CONNECTIONS` (default 32) connections;
+//! and prints requests per second, latency percentiles, and the CPU microseconds the proxy's worker
+//! thread spent per request (read from `/proc/self/task/*/stat`, so the load generator and the
+//! upstream, which share the process, are not counted).
+//!
+//! It is a regression harness for this repository. The comparison with nginx and HAProxy runs the
+//! proxies as separate processes on their own core: `benches/peers.sh`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use remora_proxy::testing::{Client, HttpServer, TestProxy};
+
+fn main() {
+    let seconds: u64 = std::env::var("LOAD_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let connections: usize = std::env::var("LOAD_CONNECTIONS").ok().and_then(|s| s.parse().ok()).unwrap_or(32);
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    runtime.block_on(async {
+        let upstream = HttpServer::start("upstream").await;
+        let proxy = TestProxy::start(&format!(
+            "resources:\n  - {{kind: Cluster, name: up, protocol: http1}}\n  - {{kind: Endpoints, cluster: up, endpoints: [{{address: \"{}\"}}]}}\n  - {{kind: RouteTable, name: all, routes: [{{backends: [{{cluster: up}}]}}]}}\n  - {{kind: Listener, name: h1, address: \"127.0.0.1:0\", protocol: http1}}\n  - {{kind: Listener, name: h2, address: \"127.0.0.1:0\", protocol: http2}}\n",
+            upstream.address()
+        ));
+        println!("load harness: {connections} keep-alive connections, {seconds} s per run, proxy with 1 worker thread");
+        println!("{:<8} {:>10} {:>10} {:>10} {:>16}", "traffic", "req/s", "p50 us", "p99 us", "proxy cpu us/req");
+        for (name, listener, http2) in [("http/1.1", "h1", false), ("h2c", "h2", true)] {
+            let address = proxy.address(listener);
+            let report = run(address, http2, connections, Duration::from_secs(seconds)).await;
+            println!(
+                "{:<8} {:>10.0} {:>10.0} {:>10.0} {:>16.2}",
+                name, report.rate, report.p50_us, report.p99_us, report.worker_cpu_us_per_request
+            );
+        }
+    });
+}
+
+struct Report {
+    rate: f64,
+    p50_us: f64,
+    p99_us: f64,
+    worker_cpu_us_per_request: f64,
+}
+
+async fn run(address: std::net::SocketAddr, http2: bool, connections: usize, duration: Duration) -> Report {
+    // Warm up: open the pools.
+    for _ in 0..connections.min(8) {
+        let mut client = if http2 { Client::http2(address).await } else { Client::http1(address).await };
+        client.get("bench", "/").await;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let cpu_before = worker_cpu();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut client = if http2 { Client::http2(address).await } else { Client::http1(address).await };
+            let mut latencies = Vec::with_capacity(100_000);
+            while !stop.load(Ordering::Relaxed) {
+                let sent = Instant::now();
+                let reply = client.get("bench", "/").await;
+                assert_eq!(reply.status, 200, "the proxy failed a request under load");
+                latencies.push(sent.elapsed());
+            }
+            latencies
+        }));
+    }
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await.expect("client task"));
+    }
+    let elapsed = started.elapsed();
+    let cpu = worker_cpu() - cpu_before;
+    latencies.sort();
+    let at = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e6;
+    Report {
+        rate: latencies.len() as f64 / elapsed.as_secs_f64(),
+        p50_us: at(0.50),
+        p99_us: at(0.99),
+        worker_cpu_us_per_request: cpu.as_secs_f64() * 1e6 / latencies.len() as f64,
+    }
+}
+
+/// CPU time (user + system) of this process's `remora-worker-*` threads so far.
+fn worker_cpu() -> Duration {
+    let ticks_per_second = 100.0; // CLK_TCK on Linux
+    let mut ticks = 0_u64;
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return Duration::ZERO };
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
+        // The name is in parentheses and may contain spaces; fields after it are space-separated.
+        let Some((name, rest)) = stat.split_once(") ") else { continue };
+        if !name.contains("remora-worker") {
+            continue;
+        }
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of stat, 12th and 13th after the name.
+        ticks += fields.get(11).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+        ticks += fields.get(12).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    }
+    Duration::from_secs_f64(ticks as f64 / ticks_per_second)
+}

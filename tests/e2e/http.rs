@@ -182,9 +182,9 @@ async fn weighted_backends_split_traffic_and_endpoints_take_turns() {
 #[tokio::test]
 async fn dead_or_missing_endpoints_give_503_quickly() {
     let proxy = TestProxy::start(&format!(
-        "resources:\n{}  - {{kind: Cluster, name: empty}}\n  - {{kind: RouteTable, name: dead, destinations: [dead.local], routes: [{{backends: [{{cluster: dead}}]}}]}}\n  - {{kind: RouteTable, name: empty, destinations: [empty.local], routes: [{{backends: [{{cluster: empty}}]}}]}}\n{}",
+        "resources:\n{}  - {{kind: Cluster, name: empty}}\n  - {{kind: Cluster, name: pass, original_destination: true}}\n  - {{kind: RouteTable, name: dead, destinations: [dead.local], routes: [{{backends: [{{cluster: dead}}]}}]}}\n  - {{kind: RouteTable, name: empty, destinations: [empty.local], routes: [{{backends: [{{cluster: empty}}]}}]}}\n{}",
         cluster("dead", ", connect_timeout: 5s", &[dead_address()]),
-        listener("in", ""),
+        listener("in", ", default_cluster: pass"),
     ));
     let mut client = Client::http1(proxy.address("in")).await;
     let started = Instant::now();
@@ -196,6 +196,10 @@ async fn dead_or_missing_endpoints_give_503_quickly() {
     assert_eq!(reply.status, 503);
     assert_eq!(reply.header("x-remora-error"), "no_healthy_upstream");
     assert_eq!(proxy.metric(r#"remora_upstream_connect_errors_total{cluster="dead",reason="refused"}"#).await, 1.0);
+    // A pass-through cluster behind a connection that was not redirected has nowhere to go.
+    let reply = client.get("elsewhere.local", "/").await;
+    assert_eq!(reply.status, 503);
+    assert_eq!(reply.header("x-remora-error"), "no_original_destination");
 }
 
 async fn raw_exchange(address: std::net::SocketAddr, request: &[u8]) -> String {

@@ -40,6 +40,12 @@ pub enum ProxyError {
     /// The cluster had no endpoint to send to.
     #[error("cluster {0:?} has no endpoint to send to")]
     NoEndpoint(std::sync::Arc<str>),
+    /// The route leads to a pass-through cluster, but the connection was not redirected, so there is
+    /// no original destination to pass it to.
+    #[error(
+        "cluster {0:?} sends traffic to its original destination, and this connection has none (it was not redirected to the proxy)"
+    )]
+    NoOriginalDestination(std::sync::Arc<str>),
     /// Connecting to the endpoint failed or timed out.
     #[error(transparent)]
     Connect(#[from] ConnectError),
@@ -60,6 +66,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute | ProxyError::ListenerRemoved => Side::Config,
             ProxyError::NoEndpoint(_)
+            | ProxyError::NoOriginalDestination(_)
             | ProxyError::Connect(_)
             | ProxyError::Upstream(_)
             | ProxyError::Http1(
@@ -82,6 +89,7 @@ impl ProxyError {
             ProxyError::NoRoute => (StatusCode::NOT_FOUND, "no_route"),
             ProxyError::ListenerRemoved => (StatusCode::SERVICE_UNAVAILABLE, "listener_removed"),
             ProxyError::NoEndpoint(_) => (StatusCode::SERVICE_UNAVAILABLE, "no_healthy_upstream"),
+            ProxyError::NoOriginalDestination(_) => (StatusCode::SERVICE_UNAVAILABLE, "no_original_destination"),
             ProxyError::Connect(ConnectError::Timeout(_)) => (StatusCode::SERVICE_UNAVAILABLE, "connect_timeout"),
             ProxyError::Connect(ConnectError::Failed { .. }) => (StatusCode::SERVICE_UNAVAILABLE, "connect_failed"),
             ProxyError::Upstream(_) | ProxyError::Http1(h1::Error::Io(_) | h1::Error::Closed) => {

@@ -41,7 +41,7 @@ use crate::io::{self, DownstreamStream, Meter, Watched, idle_watch};
 use crate::limits;
 use crate::listener::{DataPath, Open};
 use crate::state::ListenerConfig;
-use crate::state::cluster::{Cluster, UpstreamProtocol};
+use crate::state::cluster::{Cluster, Targets, UpstreamProtocol};
 use crate::timer::CoarseTimer;
 use body::ProxyBody;
 use client::Outcome;
@@ -245,8 +245,10 @@ fn plan(request: &mut Request<Incoming>, connection: &HttpConnection) -> Result<
         return Ok(Plan::Connect(cluster));
     }
     // Balance.
-    let endpoint =
-        cluster.pick(connection.original_destination).ok_or_else(|| ProxyError::NoEndpoint(cluster.name.clone()))?;
+    let endpoint = cluster.pick(connection.original_destination).ok_or_else(|| match cluster.targets {
+        Targets::OriginalDestination => ProxyError::NoOriginalDestination(cluster.name.clone()),
+        Targets::Endpoints(_) => ProxyError::NoEndpoint(cluster.name.clone()),
+    })?;
     // Prepare.
     let upgrade = headers::is_upgrade(request);
     let version = match (cluster.protocol, upgrade) {
