@@ -2,6 +2,8 @@
 //! and a route, classifying a connection's first bytes, stripping hop-by-hop headers, and picking an
 //! endpoint. `cargo bench --bench hot_path`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};

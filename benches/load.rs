@@ -11,6 +11,8 @@
 //! It is a regression harness for this repository. The comparison with nginx and HAProxy runs the
 //! proxies as separate processes on their own core: `benches/peers.sh`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
