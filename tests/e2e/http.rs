@@ -258,6 +258,46 @@ async fn slow_request_heads_and_idle_keep_alive_connections_are_closed() {
     assert!(idle.send(request).await.is_err(), "the idle keep-alive connection was kept past the header timeout");
 }
 
+/// An upstream that silently closes keep-alive connections soon after answering (as Node.js does
+/// after 5 s idle) costs no failed request: a dead pooled connection is noticed at checkout, and a
+/// request that raced the close is sent again on a fresh connection.
+#[tokio::test]
+async fn upstreams_that_close_idle_connections_cost_no_failed_requests() {
+    let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = socket.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0_u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if stream.read_exact(&mut byte).await.is_err() {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+                // Keep-alive was implied, but the server closes without saying so.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            });
+        }
+    });
+    let proxy = TestProxy::start(&format!(
+        "resources:\n{}{}{}",
+        cluster("flaky", "", &[upstream]),
+        route_all("flaky", "flaky"),
+        listener("in", ", protocol: http1"),
+    ));
+    let mut client = Client::http1(proxy.address("in")).await;
+    for _ in 0..10 {
+        let reply = client.get("x", "/").await;
+        assert_eq!((reply.status.as_u16(), reply.text().as_str()), (200, "ok"));
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    assert!(proxy.metric(r#"remora_upstream_connections_total{cluster="flaky"}"#).await >= 10.0);
+}
+
 /// A 16 MiB HTTP/2 body streams to the upstream and back through flow control, byte for byte.
 #[tokio::test]
 async fn large_http2_bodies_stream_through_flow_control() {
