@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use remora_proxy::testing::{Client, HttpServer, TcpEchoServer, TestProxy};
+use remora_proxy::testing::{Client, HttpServer, Reply, TcpEchoServer, TestProxy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -18,6 +18,15 @@ fn slow_proxy(upstream: &HttpServer, listener_extra: &str) -> TestProxy {
     ))
 }
 
+/// Runs `request` and, 150 ms into it, a drain; returns the reply and whether the drain was clean.
+async fn during_drain(proxy: &TestProxy, request: impl std::future::Future<Output = Reply>) -> (Reply, bool) {
+    let drain = async {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        proxy.proxy().drain().await
+    };
+    tokio::join!(request, drain)
+}
+
 /// An HTTP/1.1 request in flight when the drain starts completes, with `Connection: close`; the
 /// listener then refuses new connections, and the drain reports every connection closed.
 #[tokio::test]
@@ -26,12 +35,7 @@ async fn http1_request_in_flight_finishes_during_drain() {
     let proxy = slow_proxy(&upstream, ", protocol: http1");
     let address = proxy.address("in");
     let mut client = Client::http1(address).await;
-    let request = client.get("x", "/slow/600");
-    let drain = async {
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        proxy.proxy().drain().await
-    };
-    let (reply, clean) = tokio::join!(request, drain);
+    let (reply, clean) = during_drain(&proxy, client.get("x", "/slow/600")).await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.text(), "slow done\n");
     assert_eq!(reply.header("connection"), "close");
@@ -49,12 +53,7 @@ async fn http2_stream_in_flight_finishes_and_the_connection_goes_away() {
     let proxy = slow_proxy(&upstream, ", protocol: http2");
     let mut client = Client::http2(proxy.address("in")).await;
     let mut probe = Client::http2(proxy.address("in")).await;
-    let request = client.get("x", "/slow/600");
-    let drain = async {
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        proxy.proxy().drain().await
-    };
-    let (reply, clean) = tokio::join!(request, drain);
+    let (reply, clean) = during_drain(&proxy, client.get("x", "/slow/600")).await;
     assert_eq!(reply.status, 200);
     assert!(clean);
     let request = probe.request(http::Method::GET, "x", "/").body(remora_proxy::testing::servers::full("")).unwrap();

@@ -216,8 +216,12 @@ where
             // A dead pooled connection: nothing came back and the body was never touched, so the
             // endpoint cannot have acted on the request.
             let nothing_back = connection.read.is_empty();
-            if reused && nothing_back && upload.body_untouched() && !matches!(error, Error::RequestBody(_)) {
-                let body = upload.into_body();
+            if reused
+                && nothing_back
+                && upload.body_untouched()
+                && !matches!(error, Error::RequestBody(_))
+                && let Some(body) = upload.into_body()
+            {
                 return Err(Failure::Stale(Request::from_parts(parts, body)));
             }
             return Err(Failure::Failed(error));
@@ -370,12 +374,9 @@ where
         !self.body_polled
     }
 
-    fn into_body(mut self) -> B {
-        // The body is only taken out here; `new` always puts one in.
-        match self.body.take() {
-            Some(body) => body,
-            None => unreachable!("upload body taken twice"),
-        }
+    /// The body back, if it was never finished (a body taken to its end is gone).
+    fn into_body(mut self) -> Option<B> {
+        self.body.take()
     }
 
     /// Writes as much as it can; `Ready(Ok)` when everything is written.

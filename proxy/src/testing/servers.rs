@@ -59,6 +59,24 @@ pub fn generated(total: u64, chunk: usize) -> TestBody {
     StreamBody::new(frames).boxed()
 }
 
+/// Reads `body` to its end, checking that it is the pattern [`generated`] makes; returns its length.
+/// Panics at the first byte that differs.
+pub async fn read_generated<B>(mut body: B) -> u64
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Debug,
+{
+    let mut received = 0_u64;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            let mismatch = data.iter().enumerate().find(|(i, b)| **b != ((received + *i as u64) % 251) as u8);
+            assert!(mismatch.is_none(), "byte {} differs", received + mismatch.map_or(0, |m| m.0) as u64);
+            received += data.len() as u64;
+        }
+    }
+    received
+}
+
 /// A request handler for [`HttpServer::with_handler`].
 pub type Handler =
     Arc<dyn Fn(Request<Incoming>) -> Pin<Box<dyn Future<Output = Response<TestBody>> + Send>> + Send + Sync>;
