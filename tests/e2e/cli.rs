@@ -150,6 +150,19 @@ fn validate_reports_valid_files_and_every_problem() {
     }
 }
 
+/// Every YAML example in the README is a config `remora validate` accepts.
+#[test]
+fn the_readme_examples_are_valid_configs() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let examples: Vec<&str> = readme.split("```yaml\n").skip(1).map(|rest| rest.split("```").next().unwrap()).collect();
+    assert!(!examples.is_empty(), "the README has no YAML example");
+    for example in examples {
+        let path = write_config(example);
+        let output = Command::new(REMORA).args(["validate", path.to_str().unwrap()]).output().unwrap();
+        assert!(output.status.success(), "{}\n{example}", String::from_utf8_lossy(&output.stderr));
+    }
+}
+
 /// SIGTERM: the request in flight completes (with `Connection: close`), then the process exits 0.
 #[tokio::test]
 async fn sigterm_drains_the_request_in_flight_then_exits_zero() {
