@@ -11,6 +11,7 @@
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::AsFd;
+use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::time::Duration;
 
@@ -138,10 +139,19 @@ resources:
         ),
     )
     .unwrap();
+    // uid 1337 must be able to run the binary and read the config: the build directory may be
+    // private (a `mktemp -d` checkout is mode 700), so the binary is copied next to the config.
+    let binary = directory.join("remora");
+    std::fs::copy(env!("CARGO_BIN_EXE_remora"), &binary).unwrap();
+    std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&directory, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let log_path = directory.join("proxy.log");
+    let log = std::fs::File::create(&log_path).unwrap();
     let mut proxy = Command::new("nsenter")
         .args([&format!("--net=/run/netns/{}", ns.name), "-S", PROXY_UID, "-G", PROXY_UID])
-        .arg(env!("CARGO_BIN_EXE_remora"))
+        .arg(&binary)
         .args(["proxy", "--config", config.to_str().unwrap()])
+        .stderr(log)
         .spawn()
         .unwrap();
 
@@ -157,7 +167,11 @@ resources:
                         .is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
                 };
                 while !ready() {
-                    assert!(std::time::Instant::now() < deadline, "the proxy never became ready");
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "the proxy never became ready; its log:\n{}",
+                        std::fs::read_to_string(&log_path).unwrap_or_default()
+                    );
                     std::thread::sleep(Duration::from_millis(50));
                 }
                 let http = exchange(
