@@ -23,7 +23,8 @@
 //! - [`detect`] — what a connection speaks, from its first bytes.
 //! - [`io`] — the downstream stream (replay + byte meter) and the idle timeout.
 //! - [`tcp`] — upstream connects and L4 forwarding (`splice(2)`).
-//! - [`http`] — the HTTP server, the request phases, the upstream pool, header hygiene, tunnels.
+//! - [`http`] — the HTTP server, the request phases, the upstream pool and HTTP/1.1 client, header
+//!   hygiene, tunnels.
 //! - [`balance`] — endpoint selection (smooth weighted round robin) and weighted cluster choice.
 //! - [`telemetry`] — metrics.
 //! - [`timer`] — coarse per-worker time: a clock read once per tick, cheap timers for hyper.

@@ -24,7 +24,7 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 100_000;
 pub const DEFAULT_DETECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Bytes read before protocol detection must decide. The longest thing detection looks for is the
-/// 24-byte HTTP/2 preface; an HTTP/1 method is at most 16 bytes here (see `detect`).
+/// 24-byte HTTP/2 preface; an HTTP/1 method is at most 20 bytes there (see `detect`).
 pub const DETECT_PEEK_BYTES: usize = 1024;
 
 /// Default `Listener.idle_timeout`: a connection with no bytes moving for an hour is closed. Envoy's
@@ -93,8 +93,9 @@ pub const H2_MAX_SEND_BUF_SIZE: usize = 384 * 1024;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Default `Cluster.idle_timeout` for pooled upstream connections: closed before the common server
-/// keep-alive timeouts (nginx 75 s, Node.js 5 s is shorter and is handled by the stale-connection
-/// retry in `http::client`).
+/// keep-alive timeouts (nginx 75 s). Servers that close sooner (Node.js, 5 s) are handled by
+/// `http::h1`: a closed pooled connection is noticed at checkout, and a request that raced the close
+/// is sent again.
 pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Idle HTTP/1.1 connections kept per endpoint per worker. Above the concurrency the benchmarks
