@@ -3,7 +3,7 @@
 //! A connection arrives from `listener` already classified; [`serve`] runs hyper's server on it with
 //! the limits from `limits`, until the client closes, the idle timeout passes, or a drain asks it to
 //! finish (HTTP/1.1: the request in flight completes with `Connection: close`; HTTP/2: GOAWAY, open
-//! streams complete). Each request then goes through these phases, in this order, in [`proxy`]:
+//! streams complete). Each request then goes through these phases, in this order, in `proxy`:
 //!
 //! 1. **route**: from the live snapshot, the listener's route table for the request's authority (or
 //!    the connection's original destination), the first matching route, and a cluster by weight;
