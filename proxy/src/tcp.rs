@@ -7,6 +7,10 @@
 //! passed on as a half-close (`shutdown(SHUT_WR)`) of the other, so protocols that close their sending
 //! side and keep reading work. Elsewhere a buffered copy does the same job.
 //!
+//! Sockets whose peer is the local app (the client side of an outbound listener, and any peer on this
+//! host) get small fixed buffers, so spliced bytes are still in cache when the other side copies
+//! them (`limits::LOCAL_SOCKET_BUFFER`); sockets across the network keep the kernel's autotuning.
+//!
 //! [`connect`] is also how the HTTP client opens upstream connections.
 
 use std::io;
@@ -20,8 +24,8 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::io::{Meter, idle_watch};
-use crate::state::ListenerConfig;
 use crate::state::cluster::Cluster;
+use crate::state::{Direction, ListenerConfig};
 use crate::telemetry::ClusterStats;
 
 /// Why an upstream connect failed.
@@ -92,6 +96,13 @@ pub async fn proxy(
         }
         cluster.stats.tcp_bytes_sent.inc_by(replay.len() as u64);
     }
+    // The side (or sides) facing the local app get small fixed buffers: see LOCAL_SOCKET_BUFFER.
+    if listener.direction == Direction::Outbound || is_same_host(&downstream) {
+        fit_for_local_peer(&downstream);
+    }
+    if is_same_host(&upstream) {
+        fit_for_local_peer(&upstream);
+    }
     let stats = &cluster.stats;
     let to_upstream = |n: usize| {
         meter.add_received(n);
@@ -123,6 +134,23 @@ pub async fn forward(
     b_to_a: &(dyn Fn(usize) + Sync),
 ) -> io::Result<()> {
     tokio::try_join!(one_way(a, b, a_to_b), one_way(b, a, b_to_a)).map(|_| ())
+}
+
+/// Whether the socket's peer is on this host: a loopback address, or the socket's own address (a
+/// pod reaching itself by its IP).
+fn is_same_host(stream: &TcpStream) -> bool {
+    match (stream.peer_addr(), stream.local_addr()) {
+        (Ok(peer), Ok(local)) => peer.ip().is_loopback() || peer.ip() == local.ip(),
+        _ => false,
+    }
+}
+
+/// Gives a socket to a same-host peer fixed buffers of `LOCAL_SOCKET_BUFFER` bytes. Failure only
+/// means the kernel keeps autotuning.
+fn fit_for_local_peer(stream: &TcpStream) {
+    let socket = socket2::SockRef::from(stream);
+    let _ = socket.set_recv_buffer_size(crate::limits::LOCAL_SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(crate::limits::LOCAL_SOCKET_BUFFER);
 }
 
 /// Signals end-of-stream to `to`'s peer. A peer that is already gone is not an error here: the other
@@ -200,6 +228,20 @@ mod tests {
         let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
         (client, server)
+    }
+
+    /// A loopback peer is on this host, and fitting its socket fixes the buffers (Linux reports
+    /// twice the size asked, its bookkeeping share included).
+    #[tokio::test]
+    async fn same_host_sockets_get_the_local_buffer_size() {
+        let (client, server) = pair().await;
+        assert!(is_same_host(&client) && is_same_host(&server));
+        fit_for_local_peer(&server);
+        let socket = socket2::SockRef::from(&server);
+        let size = crate::limits::LOCAL_SOCKET_BUFFER;
+        assert!(socket.recv_buffer_size().unwrap() <= 2 * size);
+        assert!(socket.send_buffer_size().unwrap() <= 2 * size);
+        assert!(socket.recv_buffer_size().unwrap() >= size);
     }
 
     /// client ⇄ [a | proxy | b] ⇄ server: data both ways, then each side's EOF arrives separately.

@@ -43,6 +43,25 @@ pub enum ListenerProtocol {
     Tcp,
 }
 
+/// Which way traffic crosses the proxy on a listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// From the local app out to the mesh: the clients are the app on this host.
+    Outbound,
+    /// From the mesh in to the local app: the clients are remote.
+    Inbound,
+}
+
+impl Direction {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+}
+
 /// A compiled listener: everything a connection accepted on it needs.
 #[derive(Debug)]
 pub struct ListenerConfig {
@@ -50,8 +69,8 @@ pub struct ListenerConfig {
     pub name: Arc<str>,
     /// The address as configured (port 0 means "any free port" at bind time).
     pub address: SocketAddr,
-    /// `outbound` or `inbound`, as a metric label.
-    pub direction: &'static str,
+    /// Which way traffic flows.
+    pub direction: Direction,
     /// What the connections speak.
     pub protocol: ListenerProtocol,
     /// Whether to read SO_ORIGINAL_DST.
@@ -210,8 +229,8 @@ fn compile_listener(
             })?),
         };
     let direction = match l.direction() {
-        v1::listener::Direction::Outbound => "outbound",
-        v1::listener::Direction::Inbound => "inbound",
+        v1::listener::Direction::Outbound => Direction::Outbound,
+        v1::listener::Direction::Inbound => Direction::Inbound,
     };
     let protocol = match l.protocol() {
         v1::listener::Protocol::Auto => ListenerProtocol::Auto,
@@ -235,7 +254,7 @@ fn compile_listener(
         max_connections: i64::from(max_connections),
         routes: RouteIndex::new(served),
         default_cluster,
-        stats: metrics.listener(&l.name, direction),
+        stats: metrics.listener(&l.name, direction.label()),
     })
 }
 
