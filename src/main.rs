@@ -7,9 +7,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::time::Duration;
+
 use clap::{Parser, Subcommand};
-use remora_proxy::ConfigSource;
+use remora_control_api::control::registry::{self, Registered};
+use remora_control_api::control::{self, ControlConfig};
 use remora_proxy::demo::DemoOptions;
+use remora_proxy::{ConfigSource, StartOptions};
 use tracing_subscriber::EnvFilter;
 
 /// Remora: a service-mesh sidecar proxy.
@@ -29,10 +33,62 @@ enum Command {
     /// destination, and the admin server on 127.0.0.1:15000. The config file is watched: edits apply
     /// live (so does SIGHUP); a file that fails validation is rejected and the old config keeps
     /// serving. SIGTERM drains and exits.
+    ///
+    /// With --control it takes its resources from a control plane (`remora control`) instead, on top
+    /// of any in the --config file, and becomes ready once the control plane's first configuration
+    /// has arrived.
     Proxy {
         /// YAML config file (bootstrap and resources).
         #[arg(long, short = 'c', value_name = "FILE")]
         config: Option<PathBuf>,
+        /// The control plane to take resources from, e.g. http://127.0.0.1:15010 (overrides the
+        /// bootstrap's control_plane).
+        #[arg(long, value_name = "URL")]
+        control: Option<String>,
+        /// This proxy's name to the control plane (overrides the bootstrap's node_id; default: the
+        /// host name).
+        #[arg(long, value_name = "ID")]
+        node_id: Option<String>,
+    },
+    /// Run the control plane: serve the resources of a directory of YAML files (and endpoints
+    /// registered in etcd) to every connected proxy over Delta ADS, pushing each change live.
+    Control {
+        /// Directory of resource files (the proxy's --config format, resources only), watched. A git
+        /// work tree is versioned by its checked-out commit.
+        #[arg(long, value_name = "DIR")]
+        config_dir: Option<PathBuf>,
+        /// Address for gRPC (Delta ADS) and the operator endpoints (/metrics, /config_dump, /ready).
+        #[arg(long, default_value = "127.0.0.1:15010", value_name = "ADDR")]
+        listen: SocketAddr,
+        /// etcd to read registered endpoints from, e.g. http://127.0.0.1:2379.
+        #[arg(long, value_name = "URL")]
+        etcd: Option<String>,
+        /// Key prefix of the registry in etcd.
+        #[arg(long, default_value = registry::DEFAULT_PREFIX, value_name = "PREFIX")]
+        etcd_prefix: String,
+    },
+    /// Register an endpoint of this workload in the etcd registry and keep it registered (a lease,
+    /// refreshed) until SIGTERM or SIGINT, which deregister it. If this process dies, the endpoint
+    /// leaves its cluster when the lease's TTL runs out.
+    Register {
+        /// etcd, e.g. http://127.0.0.1:2379.
+        #[arg(long, value_name = "URL")]
+        etcd: String,
+        /// The cluster to join.
+        #[arg(long)]
+        cluster: String,
+        /// This endpoint's ip:port.
+        #[arg(long, value_name = "ADDR")]
+        address: SocketAddr,
+        /// Balancing weight (default 1).
+        #[arg(long)]
+        weight: Option<u32>,
+        /// Lease TTL in seconds.
+        #[arg(long, default_value_t = 10)]
+        ttl: u64,
+        /// Key prefix of the registry in etcd.
+        #[arg(long, default_value = registry::DEFAULT_PREFIX, value_name = "PREFIX")]
+        etcd_prefix: String,
     },
     /// Run a local demo mesh: two sample services behind a proxy on built-in defaults, a burst of
     /// traffic and its summary, then serve until Ctrl-C.
@@ -64,9 +120,22 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let result = match cli.command {
-        Command::Proxy { config } => {
-            let source = config.map_or_else(ConfigSource::defaults, ConfigSource::File);
-            remora_proxy::run(source)
+        Command::Proxy { config, control, node_id } => {
+            let source = match (config, &control) {
+                (Some(path), _) => ConfigSource::File(path),
+                // With a control plane and no file, the resources all come from the control plane.
+                (None, Some(_)) => ConfigSource::Text { origin: "no config file".into(), text: String::new() },
+                (None, None) => ConfigSource::defaults(),
+            };
+            remora_proxy::run(source, StartOptions { control_plane: control, node_id })
+        }
+        Command::Control { config_dir, listen, etcd, etcd_prefix } => {
+            control::run(ControlConfig { listen, config_dir, etcd, etcd_prefix }).map_err(anyhow::Error::from)
+        }
+        Command::Register { etcd, cluster, address, weight, ttl, etcd_prefix } => {
+            let endpoint = Registered { cluster, address: address.to_string(), weight };
+            registry::run_register(&etcd, &etcd_prefix, &endpoint, Duration::from_secs(ttl.max(1)))
+                .map_err(anyhow::Error::from)
         }
         Command::Demo { listen, admin, requests } => {
             remora_proxy::demo::run(DemoOptions { listen, admin, requests, ..DemoOptions::default() })

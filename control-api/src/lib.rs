@@ -14,10 +14,18 @@
 //! - [`resource`] — [`Resource`], the tagged union of the kinds, and [`Kind`].
 //! - [`config`] — YAML documents to resources, with errors that point at the field.
 //! - [`validate`] — per-resource and cross-resource rules.
+//! - [`xds`] — Delta ADS: the server that streams resources and the client a proxy runs.
+//! - [`control`] — `remora control`: the GitOps directory, the etcd registry, the server, composed.
 
 pub mod config;
+pub mod control;
+pub(crate) mod limits;
 pub mod resource;
 pub mod validate;
+pub mod xds;
+
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use resource::{Kind, Resource};
 
@@ -26,4 +34,16 @@ pub use resource::{Kind, Resource};
 pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/remora.v1.rs"));
     include!(concat!(env!("OUT_DIR"), "/remora.v1.serde.rs"));
+}
+
+/// Generated Delta-ADS types and tonic stubs (Envoy's packages, trimmed).
+#[allow(clippy::all, unreachable_pub, rust_2018_idioms, missing_docs)]
+pub mod pb {
+    include!(concat!(env!("OUT_DIR"), "/xds.rs"));
+}
+
+/// Generated etcd v3 client stubs (etcd's packages, trimmed).
+#[allow(clippy::all, unreachable_pub, rust_2018_idioms, missing_docs, non_snake_case)]
+pub mod etcdpb {
+    include!(concat!(env!("OUT_DIR"), "/etcd.rs"));
 }

@@ -7,7 +7,20 @@
 use std::fmt;
 use std::str::FromStr;
 
+use prost::Message;
+
 use crate::v1;
+
+/// Why an `Any` did not hold a resource.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// The type URL names no kind.
+    #[error("type {0:?} is not a Remora resource type")]
+    Type(String),
+    /// The bytes are not a valid message of the kind.
+    #[error("not a valid {0} message: {1}")]
+    Protobuf(Kind, prost::DecodeError),
+}
 
 /// The kinds of resource, in the order the control plane pushes them (a cluster before the endpoints
 /// that fill it, both before the listeners and routes that use them).
@@ -45,6 +58,16 @@ impl Kind {
             Kind::Listener => "type.googleapis.com/remora.v1.Listener",
             Kind::RouteTable => "type.googleapis.com/remora.v1.RouteTable",
         }
+    }
+
+    /// The kind a protobuf `Any` type URL names, if any.
+    pub fn from_type_url(url: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|kind| kind.type_url() == url)
+    }
+
+    /// The position of the kind in push order (0 for clusters).
+    pub fn index(self) -> usize {
+        self as usize
     }
 
     /// The lowercase word used in error messages (`route table "shop"`).
@@ -111,6 +134,30 @@ impl Resource {
         }
     }
 
+    /// The resource in protobuf form, wrapped in an `Any` with the kind's type URL.
+    pub fn to_any(&self) -> pbjson_types::Any {
+        let value = match self {
+            Resource::Listener(r) => r.encode_to_vec(),
+            Resource::RouteTable(r) => r.encode_to_vec(),
+            Resource::Cluster(r) => r.encode_to_vec(),
+            Resource::Endpoints(r) => r.encode_to_vec(),
+        };
+        pbjson_types::Any { type_url: self.kind().type_url().to_owned(), value: value.into() }
+    }
+
+    /// Decodes a resource from an `Any`, whose type URL must name one of the kinds.
+    pub fn from_any(any: &pbjson_types::Any) -> Result<Resource, DecodeError> {
+        let kind = Kind::from_type_url(&any.type_url).ok_or_else(|| DecodeError::Type(any.type_url.clone()))?;
+        let bytes = &any.value[..];
+        let decoded = match kind {
+            Kind::Listener => v1::Listener::decode(bytes).map(Resource::Listener),
+            Kind::RouteTable => v1::RouteTable::decode(bytes).map(Resource::RouteTable),
+            Kind::Cluster => v1::Cluster::decode(bytes).map(Resource::Cluster),
+            Kind::Endpoints => v1::Endpoints::decode(bytes).map(Resource::Endpoints),
+        };
+        decoded.map_err(|e| DecodeError::Protobuf(kind, e))
+    }
+
     /// The resource in its YAML/JSON form: the message's fields with `kind` first.
     pub fn to_json(&self) -> serde_json::Value {
         let fields = match self {
@@ -144,6 +191,8 @@ mod tests {
         for kind in Kind::ALL {
             assert_eq!(kind.as_str().parse::<Kind>(), Ok(kind));
             assert!(kind.type_url().ends_with(kind.as_str()));
+            assert_eq!(Kind::from_type_url(kind.type_url()), Some(kind));
+            assert_eq!(Kind::ALL[kind.index()], kind);
         }
         assert!("listener".parse::<Kind>().is_err());
     }

@@ -108,6 +108,21 @@ pub fn compile_regex(pattern: &str) -> Result<regex::Regex, String> {
         .map_err(|e| format!("is not a valid regex: {e}"))
 }
 
+/// Checks a control-plane address: empty (none), or an `http://host:port` URL.
+pub fn check_control_plane(address: &str) -> Result<(), String> {
+    if address.is_empty() {
+        return Ok(());
+    }
+    let Some(rest) = address.strip_prefix("http://") else {
+        return Err(format!("must be an http:// URL, got {address:?}"));
+    };
+    let authority = rest.trim_end_matches('/');
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() && !authority.contains('/') => Ok(()),
+        _ => Err(format!("must be http://host:port, got {address:?}")),
+    }
+}
+
 /// Checks the bootstrap settings.
 pub fn validate_bootstrap(bootstrap: &v1::Bootstrap) -> Result<(), ValidationErrors> {
     let mut errors = Vec::new();
@@ -123,13 +138,34 @@ pub fn validate_bootstrap(bootstrap: &v1::Bootstrap) -> Result<(), ValidationErr
     if let Err(e) = duration(bootstrap.drain_time.as_ref()) {
         fail("drain_time", e);
     }
+    if let Err(e) = duration(bootstrap.initial_fetch_timeout.as_ref()) {
+        fail("initial_fetch_timeout", e);
+    }
+    if let Err(e) = check_control_plane(&bootstrap.control_plane) {
+        fail("control_plane", e);
+    }
     if errors.is_empty() { Ok(()) } else { Err(ValidationErrors(errors)) }
+}
+
+/// Whether a reference to a resource that is not in the set is an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum References {
+    /// Every reference must resolve: the set is complete (a config file).
+    Required,
+    /// A reference may name a resource that has not arrived yet (a control-plane stream, where the
+    /// proxy warms what refers to it until it does).
+    Pending,
 }
 
 /// Checks a whole resource set: each resource's fields, unique names, and that every reference
 /// (route table, cluster) resolves. Returns every problem found.
 pub fn validate(resources: &[Resource]) -> Result<(), ValidationErrors> {
-    let mut check = Checker::default();
+    validate_with(resources, References::Required)
+}
+
+/// Like [`validate`], with a choice of whether dangling references are errors.
+pub fn validate_with(resources: &[Resource], references: References) -> Result<(), ValidationErrors> {
+    let mut check = Checker { errors: Vec::new(), references };
     let mut names: HashSet<(Kind, &str)> = HashSet::new();
     for resource in resources {
         let name = resource.name();
@@ -177,9 +213,9 @@ pub fn validate(resources: &[Resource]) -> Result<(), ValidationErrors> {
     check.finish()
 }
 
-#[derive(Default)]
 struct Checker {
     errors: Vec<FieldError>,
+    references: References,
 }
 
 impl Checker {
@@ -192,7 +228,7 @@ impl Checker {
     }
 
     fn cluster_ref(&mut self, subject: &str, field: &str, name: &str, clusters: &HashMap<&str, &v1::Cluster>) {
-        if !clusters.contains_key(name) {
+        if self.references == References::Required && !clusters.contains_key(name) {
             self.fail(subject, field, format!("names cluster {name:?}, which is not defined"));
         }
     }
@@ -224,7 +260,7 @@ impl Checker {
             self.fail(subject, "protocol", format!("unknown value {}", listener.protocol));
         }
         for (i, name) in listener.route_tables.iter().enumerate() {
-            if !tables.contains_key(name.as_str()) {
+            if self.references == References::Required && !tables.contains_key(name.as_str()) {
                 self.fail(
                     subject,
                     format!("route_tables[{i}]"),
@@ -318,7 +354,7 @@ impl Checker {
 
     fn endpoints(&mut self, subject: &str, endpoints: &v1::Endpoints, clusters: &HashMap<&str, &v1::Cluster>) {
         match clusters.get(endpoints.cluster.as_str()) {
-            None if !endpoints.cluster.is_empty() => {
+            None if !endpoints.cluster.is_empty() && self.references == References::Required => {
                 self.fail(subject, "cluster", format!("names cluster {:?}, which is not defined", endpoints.cluster));
             }
             Some(cluster) if cluster.original_destination => {
@@ -428,6 +464,17 @@ mod tests {
         );
         let file = parse(&yaml, "t").unwrap();
         validate(&file.resources).unwrap();
+    }
+
+    #[test]
+    fn pending_references_are_not_errors_but_bad_values_still_are() {
+        let yaml = "resources:\n  - {kind: Listener, name: l, address: \"127.0.0.1:1\", route_tables: [t], default_cluster: c}\n  - {kind: Endpoints, cluster: c, endpoints: [{address: \"127.0.0.1:2\"}]}\n";
+        let file = parse(yaml, "t").unwrap();
+        assert!(validate(&file.resources).is_err());
+        validate_with(&file.resources, References::Pending).unwrap();
+        let bad = parse(&yaml.replace("127.0.0.1:2", "nowhere"), "t").unwrap();
+        let error = validate_with(&bad.resources, References::Pending).unwrap_err().to_string();
+        assert!(error.contains("endpoints[0].address"), "{error}");
     }
 
     #[test]

@@ -3,9 +3,9 @@
 //! | path | answers |
 //! | --- | --- |
 //! | `GET /live` | 200 while the process runs (a liveness probe) |
-//! | `GET /ready` | 200 once every listener is bound and the first config applied; 503 before that and while draining (a readiness probe) |
+//! | `GET /ready` | 200 once every listener is bound and the first config applied (with a control plane: once every resource type has been received and applied, or the initial-fetch timeout passed); 503 before that and while draining (a readiness probe) |
 //! | `GET /metrics` | every metric, in the OpenMetrics text format Prometheus scrapes |
-//! | `GET /config_dump` | JSON: node id, config source and version, the bootstrap, the outcome of the last reload, and every resource serving now |
+//! | `GET /config_dump` | JSON: node id, config source and version, the bootstrap, the outcome of the last reload, the control-plane stream (per type: source version, last ACK, last NACK with its error; every resource received with its version and whether it serves or waits), and every resource serving now |
 //!
 //! It runs on the control thread, apart from the workers, so a scrape never takes a data-path
 //! thread's time, and it reads the data path's state only through shared, read-only views.
@@ -58,6 +58,7 @@ pub struct AdminState {
     pub bootstrap: serde_json::Value,
     ready: AtomicBool,
     last_reload: Mutex<Option<ReloadReport>>,
+    xds: Mutex<Option<serde_json::Value>>,
 }
 
 impl AdminState {
@@ -77,6 +78,7 @@ impl AdminState {
             bootstrap,
             ready: AtomicBool::new(false),
             last_reload: Mutex::new(None),
+            xds: Mutex::new(None),
         }
     }
 
@@ -94,6 +96,13 @@ impl AdminState {
     pub fn record_reload(&self, report: ReloadReport) {
         if let Ok(mut last) = self.last_reload.lock() {
             *last = Some(report);
+        }
+    }
+
+    /// Records the control-plane stream's state for `/config_dump`.
+    pub fn set_xds_report(&self, report: serde_json::Value) {
+        if let Ok(mut xds) = self.xds.lock() {
+            *xds = Some(report);
         }
     }
 
@@ -119,6 +128,7 @@ impl AdminState {
             "version": snapshot.version,
             "bootstrap": self.bootstrap,
             "last_reload": last_reload,
+            "control_plane": self.xds.lock().ok().and_then(|x| x.clone()),
             "resources": resources,
         })
     }

@@ -6,8 +6,10 @@
 //! 2. resolve the bootstrap (defaults applied) and build the shared data path;
 //! 3. bind the admin socket, start the worker threads, and apply the first config, which binds
 //!    every listener before any accept loop runs (a taken port fails here, naming the listener);
-//! 4. start the control thread: the admin server and, for a file source, the file watcher;
-//! 5. report ready.
+//! 4. start the control thread: the admin server, for a file source the file watcher, and with a
+//!    control plane the Delta-ADS stream (`xds`);
+//! 5. report ready — at once without a control plane; with one, once every resource type has arrived
+//!    and been applied, or the initial-fetch timeout has passed.
 //!
 //! [`run`] is what `remora proxy` runs: start, then wait for signals (SIGHUP reloads; SIGTERM or
 //! SIGINT drains and exits). [`Proxy::drain`] stops accepting, lets connections finish up to the
@@ -31,6 +33,8 @@ use crate::reload::{self, FileStamp, ReloadError, ReloadOutcome, Reloader};
 use crate::state::LiveSnapshot;
 use crate::telemetry::Metrics;
 use crate::worker::Workers;
+use crate::xds::{self, XdsHandler};
+use remora_control_api::validate::References;
 
 /// Why a proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -67,19 +71,42 @@ impl std::fmt::Debug for Proxy {
     }
 }
 
+/// Start-up settings given on the command line, over the config file's bootstrap section.
+#[derive(Clone, Debug, Default)]
+pub struct StartOptions {
+    /// `--control URL`: the control plane to take resources from.
+    pub control_plane: Option<String>,
+    /// `--node-id ID`: this proxy's name to the control plane.
+    pub node_id: Option<String>,
+}
+
 impl Proxy {
     /// Starts a proxy from `source`: every listener bound and serving, the admin server up. Returns
     /// once it is ready.
     pub fn start(source: ConfigSource) -> Result<Proxy, StartError> {
+        Proxy::start_with(source, StartOptions::default())
+    }
+
+    /// Starts a proxy from `source` with command-line `options`. Without a control plane it returns
+    /// ready; with one it returns once the static listeners are bound, and becomes ready when the
+    /// control plane's configuration has arrived (see [`Proxy::is_ready`]).
+    pub fn start_with(source: ConfigSource, options: StartOptions) -> Result<Proxy, StartError> {
         // 1. Load. A watched file is stamped first, so an edit made while we start is not missed.
         let stamp = match &source {
             ConfigSource::File(path) => Some(FileStamp::read(path)),
             ConfigSource::Text { .. } => None,
         };
-        let loaded = bootstrap::load(&source).map_err(ReloadError::from)?;
+        let mut raw = bootstrap::load_with(&source, References::Pending).map_err(ReloadError::from)?.bootstrap;
+        if let Some(control_plane) = options.control_plane {
+            raw.control_plane = control_plane;
+        }
+        if let Some(node_id) = options.node_id {
+            raw.node_id = node_id;
+        }
         // 2. Bootstrap and the shared data path.
-        let settings = Bootstrap::resolve(&loaded.bootstrap)
-            .map_err(|errors| ReloadError::Invalid { origin: source.origin(), errors })?;
+        let settings =
+            Bootstrap::resolve(&raw).map_err(|errors| ReloadError::Invalid { origin: source.origin(), errors })?;
+        let has_control_plane = settings.control_plane.is_some();
         let metrics = Arc::new(Metrics::new());
         metrics.set_workers(settings.workers);
         let data = Arc::new(DataPath {
@@ -88,7 +115,7 @@ impl Proxy {
             server: ServerSettings::default(),
             client: ClientSettings::default(),
         });
-        let bootstrap_json = serde_json::to_value(&loaded.bootstrap).unwrap_or_default();
+        let bootstrap_json = serde_json::to_value(&raw).unwrap_or_default();
         let admin = Arc::new(AdminState::new(
             data.clone(),
             metrics.clone(),
@@ -107,11 +134,12 @@ impl Proxy {
         let workers = Workers::start(settings.workers, &data).map_err(StartError::Threads)?;
         let reloader = Arc::new(Reloader::new(
             source.clone(),
-            loaded.bootstrap.clone(),
+            raw,
             data.clone(),
-            metrics,
+            metrics.clone(),
             admin.clone(),
             workers,
+            has_control_plane,
         ));
         reloader.reload()?;
         // 4. The control thread.
@@ -123,6 +151,10 @@ impl Proxy {
             _ => None,
         };
         let admin_state = admin.clone();
+        let xds = settings.control_plane.clone().map(|address| {
+            let handler = XdsHandler::new(reloader.clone(), admin.clone(), metrics.clone(), address);
+            (handler, settings.node_id.clone(), settings.initial_fetch_timeout)
+        });
         let control = std::thread::Builder::new()
             .name("remora-control".into())
             .spawn(move || {
@@ -131,12 +163,17 @@ impl Proxy {
                     if let Some((reloader, path, stamp)) = watched {
                         tokio::spawn(reload::watch_file(reloader, path, stamp));
                     }
+                    if let Some((handler, node_id, timeout)) = xds {
+                        tokio::spawn(xds::run(handler, node_id, timeout));
+                    }
                     let _ = stopped.await;
                 });
             })
             .map_err(StartError::Threads)?;
-        // 5. Ready.
-        admin.set_ready();
+        // 5. Ready (with a control plane, the stream's handler says when).
+        if !has_control_plane {
+            admin.set_ready();
+        }
         Ok(Proxy { bootstrap: settings, admin_address, admin, data, reloader, control: Some((stop, control)) })
     }
 
@@ -195,14 +232,14 @@ impl Drop for Proxy {
 
 /// Runs `remora proxy`: starts, serves until SIGTERM or SIGINT, drains, and returns. SIGHUP reloads
 /// the config.
-pub fn run(source: ConfigSource) -> anyhow::Result<()> {
+pub fn run(source: ConfigSource, options: StartOptions) -> anyhow::Result<()> {
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().context("start the signal runtime")?;
     runtime.block_on(async {
         let mut terminate = signal(SignalKind::terminate()).context("listen for SIGTERM")?;
         let mut interrupt = signal(SignalKind::interrupt()).context("listen for SIGINT")?;
         let mut hangup = signal(SignalKind::hangup()).context("listen for SIGHUP")?;
-        let proxy = Proxy::start(source).context("start the proxy")?;
+        let proxy = Proxy::start_with(source, options).context("start the proxy")?;
         let listeners: Vec<String> =
             proxy.listener_addresses().iter().map(|(name, address)| format!("{name}={address}")).collect();
         info!(
@@ -210,7 +247,8 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
             admin = %proxy.admin_address(),
             workers = proxy.bootstrap().workers,
             listeners = %listeners.join(" "),
-            "remora proxy ready"
+            control_plane = proxy.bootstrap().control_plane.as_deref().unwrap_or("none"),
+            "remora proxy started"
         );
         loop {
             tokio::select! {

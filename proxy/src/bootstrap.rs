@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use remora_control_api::config::{self, ConfigError};
-use remora_control_api::validate::{self, ValidationErrors};
+use remora_control_api::validate::{self, References, ValidationErrors};
 use remora_control_api::{Resource, v1};
 
 use crate::limits;
@@ -106,8 +106,13 @@ pub struct Loaded {
     pub version: String,
 }
 
-/// Reads, parses and validates the config.
+/// Reads, parses and validates the config; every reference must resolve within the file.
 pub fn load(source: &ConfigSource) -> Result<Loaded, LoadError> {
+    load_with(source, References::Required)
+}
+
+/// Like [`load`]; with [`References::Pending`] the file may refer to resources a control plane sends.
+pub fn load_with(source: &ConfigSource, references: References) -> Result<Loaded, LoadError> {
     let origin = source.origin();
     let owned;
     let text = match source {
@@ -121,7 +126,7 @@ pub fn load(source: &ConfigSource) -> Result<Loaded, LoadError> {
     let bootstrap = file.bootstrap.unwrap_or_default();
     let invalid = |errors| LoadError::Invalid { origin: origin.clone(), errors };
     validate::validate_bootstrap(&bootstrap).map_err(invalid)?;
-    validate::validate(&file.resources).map_err(invalid)?;
+    validate::validate_with(&file.resources, references).map_err(invalid)?;
     Ok(Loaded { bootstrap, resources: file.resources, version: version_of(text) })
 }
 
@@ -145,6 +150,10 @@ pub struct Bootstrap {
     pub workers: usize,
     /// How long a drain may take.
     pub drain_time: Duration,
+    /// The control plane's URL, if resources come from one.
+    pub control_plane: Option<String>,
+    /// How long readiness waits for the control plane's first configuration.
+    pub initial_fetch_timeout: Duration,
 }
 
 impl Bootstrap {
@@ -164,7 +173,12 @@ impl Bootstrap {
         let drain_time =
             validate::duration(raw.drain_time.as_ref()).ok().flatten().unwrap_or(limits::DEFAULT_DRAIN_TIME);
         let node_id = if raw.node_id.is_empty() { host_name() } else { raw.node_id.clone() };
-        Ok(Bootstrap { node_id, admin_address, workers, drain_time })
+        let control_plane = (!raw.control_plane.is_empty()).then(|| raw.control_plane.clone());
+        let initial_fetch_timeout = validate::duration(raw.initial_fetch_timeout.as_ref())
+            .ok()
+            .flatten()
+            .unwrap_or(limits::DEFAULT_INITIAL_FETCH_TIMEOUT);
+        Ok(Bootstrap { node_id, admin_address, workers, drain_time, control_plane, initial_fetch_timeout })
     }
 }
 
@@ -187,6 +201,16 @@ mod tests {
         assert_eq!(bootstrap.drain_time, Duration::from_secs(5));
         assert!(bootstrap.workers >= 1);
         assert!(!bootstrap.node_id.is_empty());
+        assert_eq!(bootstrap.control_plane, None);
+    }
+
+    #[test]
+    fn control_plane_must_be_an_http_url() {
+        let mut raw = v1::Bootstrap { control_plane: "http://127.0.0.1:15010".into(), ..Default::default() };
+        assert_eq!(Bootstrap::resolve(&raw).unwrap().control_plane.as_deref(), Some("http://127.0.0.1:15010"));
+        raw.control_plane = "127.0.0.1:15010".into();
+        let error = Bootstrap::resolve(&raw).unwrap_err().to_string();
+        assert!(error.contains("control_plane: must be an http:// URL"), "{error}");
     }
 
     #[test]

@@ -18,6 +18,7 @@
 //! - [`bootstrap`] — where the config comes from; start-up settings and built-in defaults.
 //! - [`state`] — the live [`state::Snapshot`] (compiled listeners, route tables, clusters).
 //! - [`reload`] — applying a new config all-or-nothing; the file watcher.
+//! - [`xds`] — resources from the control plane: warming, ACK/NACK, readiness.
 //! - [`worker`] — the worker threads, one single-threaded runtime each.
 //! - [`listener`] — binding, accepting, and sending each connection down the right path.
 //! - [`detect`] — what a connection speaks, from its first bytes.
@@ -55,9 +56,10 @@ pub mod tcp;
 pub mod telemetry;
 pub mod timer;
 pub mod worker;
+pub mod xds;
 
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use app::{Proxy, StartError, run};
+pub use app::{Proxy, StartError, StartOptions, run};
 pub use bootstrap::ConfigSource;

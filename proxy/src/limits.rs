@@ -134,3 +134,10 @@ pub const DEFAULT_DRAIN_TIME: Duration = Duration::from_secs(5);
 
 /// How often the config file's metadata is checked for changes.
 pub const CONFIG_POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+// ---- Control plane ---------------------------------------------------------------------------
+
+/// Default `Bootstrap.initial_fetch_timeout`, Envoy's value: long enough for a control plane that is
+/// starting beside the proxy, short enough that a proxy whose control plane is down still becomes
+/// ready (serving its file's resources) within a deploy's patience.
+pub const DEFAULT_INITIAL_FETCH_TIMEOUT: Duration = Duration::from_secs(15);

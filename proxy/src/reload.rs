@@ -8,16 +8,20 @@
 //! Requests in flight finish on the snapshot they started with.
 //!
 //! Reloads come from the file watcher ([`watch_file`], polling the file's metadata), from SIGHUP
-//! (`app`), and from tests. They are serialised by one lock, which the data path never touches.
+//! (`app`), from the control-plane stream ([`Reloader::apply_update`], see `xds`), and from tests.
+//! With a control plane, the serving set is the file's (static) resources joined with the ones the
+//! control plane sent (dynamic), warmed by `xds::compose`; a change to either recomposes both.
+//! Changes are serialised by one lock, which the data path never touches.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
-use remora_control_api::v1;
-use remora_control_api::validate::ValidationErrors;
+use remora_control_api::validate::{References, ValidationErrors};
+use remora_control_api::xds::client::Update;
+use remora_control_api::{Kind, Resource, v1};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
@@ -28,6 +32,7 @@ use crate::listener::{self, BindError, DataPath};
 use crate::state::Snapshot;
 use crate::telemetry::Metrics;
 use crate::worker::Workers;
+use crate::xds::{self, Dynamic, Warming};
 
 /// What a reload did.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,6 +60,18 @@ pub enum ReloadError {
     /// A new or moved listener could not bind its address.
     #[error(transparent)]
     Bind(#[from] BindError),
+    /// A control-plane response is not a coherent update.
+    #[error("control plane: {0}")]
+    Update(String),
+}
+
+/// What serves now besides the snapshot itself: its static and dynamic parts.
+#[derive(Debug, Default)]
+struct Held {
+    static_resources: Vec<Resource>,
+    static_version: String,
+    dynamic: Dynamic,
+    warming: Vec<Warming>,
 }
 
 #[derive(Debug)]
@@ -76,6 +93,9 @@ pub struct Reloader {
     metrics: Arc<Metrics>,
     admin: Arc<AdminState>,
     workers: Workers,
+    /// Whether a control plane supplies resources (references may then wait for them).
+    control: bool,
+    held: Mutex<Held>,
     bound: Mutex<HashMap<Arc<str>, BoundListener>>,
 }
 
@@ -89,8 +109,75 @@ impl Reloader {
         metrics: Arc<Metrics>,
         admin: Arc<AdminState>,
         workers: Workers,
+        control: bool,
     ) -> Self {
-        Reloader { source, startup_bootstrap, data, metrics, admin, workers, bound: Mutex::new(HashMap::new()) }
+        Reloader {
+            source,
+            startup_bootstrap,
+            data,
+            metrics,
+            admin,
+            workers,
+            control,
+            held: Mutex::new(Held::default()),
+            bound: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn held(&self) -> MutexGuard<'_, Held> {
+        // As for `bound`: a panic mid-update leaves the previous, consistent state in place.
+        self.held.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The versions of the control plane's resources of `kind` held now.
+    pub fn dynamic_versions(&self, kind: Kind) -> HashMap<String, String> {
+        self.held().dynamic.versions(kind)
+    }
+
+    /// Every control-plane resource with its version and whether it serves, for `/config_dump`.
+    pub fn dynamic_report(&self) -> serde_json::Value {
+        let held = self.held();
+        let list: Vec<serde_json::Value> = held
+            .dynamic
+            .resources()
+            .map(|(version, resource)| {
+                let waiting = held.warming.iter().find(|w| w.kind == resource.kind() && w.name == resource.name());
+                serde_json::json!({
+                    "kind": resource.kind().as_str(),
+                    "name": resource.name(),
+                    "version": version,
+                    "status": if waiting.is_some() { "warming" } else { "serving" },
+                    "waiting_for": waiting.map(|w| w.reason.clone()),
+                })
+            })
+            .collect();
+        list.into()
+    }
+
+    /// Applies one control-plane response on top of what is held; on error nothing changes.
+    pub fn apply_update(&self, update: &Update) -> Result<ReloadOutcome, ReloadError> {
+        let mut held = self.held();
+        let dynamic = held.dynamic.with(update).map_err(ReloadError::Update)?;
+        let (version, composed) = self.compose(&held.static_resources, &held.static_version, &dynamic)?;
+        let outcome = self.apply(version, composed.serving)?;
+        held.dynamic = dynamic;
+        held.warming = composed.warming;
+        Ok(outcome)
+    }
+
+    fn compose(
+        &self,
+        static_resources: &[Resource],
+        static_version: &str,
+        dynamic: &Dynamic,
+    ) -> Result<(String, xds::Composed), ReloadError> {
+        let current = self.data.snapshot.load_full();
+        let serving_now: HashSet<(Kind, String)> =
+            current.resources.iter().map(|r| (r.kind(), r.name().to_owned())).collect();
+        let composed = xds::compose(static_resources, dynamic, &serving_now)
+            .map_err(|errors| ReloadError::Invalid { origin: "control plane".into(), errors })?;
+        let version = bootstrap::version_of(&format!("{static_version}+{}", dynamic.version()));
+        Ok((version, composed))
     }
 
     /// The address listener `name` is bound to, if it is.
@@ -114,7 +201,10 @@ impl Reloader {
 
     /// Reads the source and applies it; logs and records the outcome (metrics, `/config_dump`).
     pub fn reload(&self) -> Result<ReloadOutcome, ReloadError> {
-        let result = bootstrap::load(&self.source).map_err(ReloadError::from).and_then(|loaded| self.apply(loaded));
+        let references = if self.control { References::Pending } else { References::Required };
+        let result = bootstrap::load_with(&self.source, references)
+            .map_err(ReloadError::from)
+            .and_then(|loaded| self.apply_file(loaded));
         match &result {
             Ok(ReloadOutcome::Applied(version)) => {
                 info!(%version, source = %self.source.origin(), "config applied");
@@ -142,18 +232,34 @@ impl Reloader {
         result
     }
 
-    fn apply(&self, loaded: Loaded) -> Result<ReloadOutcome, ReloadError> {
-        let mut bound = self.bound();
-        let current = self.data.snapshot.load_full();
-        if !current.version.is_empty() && current.version == loaded.version {
-            return Ok(ReloadOutcome::Unchanged(loaded.version));
-        }
-        if !current.version.is_empty() && loaded.bootstrap != self.startup_bootstrap {
+    fn apply_file(&self, loaded: Loaded) -> Result<ReloadOutcome, ReloadError> {
+        let mut held = self.held();
+        if !self.data.snapshot.load().version.is_empty() && loaded.bootstrap != self.startup_bootstrap {
             warn!("the bootstrap section changed; bootstrap settings take effect at the next restart");
         }
-        let version = loaded.version;
-        let snapshot = Snapshot::build(version.clone(), loaded.resources, Some(&current), &self.metrics)
-            .map_err(|errors| ReloadError::Invalid { origin: self.source.origin(), errors })?;
+        if !self.control {
+            let outcome = self.apply(loaded.version.clone(), loaded.resources.clone())?;
+            held.static_resources = loaded.resources;
+            held.static_version = loaded.version;
+            return Ok(outcome);
+        }
+        let (version, composed) = self.compose(&loaded.resources, &loaded.version, &held.dynamic)?;
+        let outcome = self.apply(version, composed.serving)?;
+        held.static_resources = loaded.resources;
+        held.static_version = loaded.version;
+        held.warming = composed.warming;
+        Ok(outcome)
+    }
+
+    fn apply(&self, version: String, resources: Vec<Resource>) -> Result<ReloadOutcome, ReloadError> {
+        let mut bound = self.bound();
+        let current = self.data.snapshot.load_full();
+        if !current.version.is_empty() && current.version == version {
+            return Ok(ReloadOutcome::Unchanged(version));
+        }
+        let origin = if self.control { "control plane".to_owned() } else { self.source.origin() };
+        let snapshot = Snapshot::build(version.clone(), resources, Some(&current), &self.metrics)
+            .map_err(|errors| ReloadError::Invalid { origin, errors })?;
 
         // Bind first: if an address is taken, nothing has changed yet.
         let mut fresh = Vec::new();

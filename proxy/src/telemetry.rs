@@ -128,6 +128,14 @@ pub struct Metrics {
     reloads: Family<ResultLabels, Counter>,
     config_version: Family<VersionLabels, Gauge>,
     workers: Gauge,
+    control_plane_connected: Gauge,
+    xds_updates: Family<XdsLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct XdsLabels {
+    r#type: &'static str,
+    result: &'static str,
 }
 
 impl Default for Metrics {
@@ -155,6 +163,8 @@ impl Metrics {
             reloads: Family::default(),
             config_version: Family::default(),
             workers: Gauge::default(),
+            control_plane_connected: Gauge::default(),
+            xds_updates: Family::default(),
         };
         let r = &mut metrics.registry;
         r.register("listener_connections", "Downstream connections accepted", metrics.listener_connections.clone());
@@ -191,6 +201,16 @@ impl Metrics {
         r.register("config_reloads", "Config reloads, by result (applied, rejected)", metrics.reloads.clone());
         r.register("config_version", "1 for the version of the config serving now", metrics.config_version.clone());
         r.register("workers", "Worker threads", metrics.workers.clone());
+        r.register(
+            "control_plane_connected",
+            "1 while the stream to the control plane is open",
+            metrics.control_plane_connected.clone(),
+        );
+        r.register(
+            "xds_updates",
+            "Control-plane updates, by resource type and result (ack, nack)",
+            metrics.xds_updates.clone(),
+        );
         metrics
     }
 
@@ -237,6 +257,17 @@ impl Metrics {
     pub fn set_config_version(&self, version: &str) {
         self.config_version.clear();
         self.config_version.get_or_create(&VersionLabels { version: version.to_owned() }).set(1);
+    }
+
+    /// Records whether the control-plane stream is open.
+    pub fn set_control_plane_connected(&self, connected: bool) {
+        self.control_plane_connected.set(i64::from(connected));
+    }
+
+    /// Counts a control-plane update of `kind`, accepted or rejected.
+    pub fn record_xds_update(&self, kind: &'static str, accepted: bool) {
+        let result = if accepted { "ack" } else { "nack" };
+        self.xds_updates.get_or_create(&XdsLabels { r#type: kind, result }).inc();
     }
 
     /// Records the number of worker threads.

@@ -170,7 +170,7 @@ async fn sigterm_drains_the_request_in_flight_then_exits_zero() {
     let config = write_config(&proxy_config(upstream.address()));
     let mut proxy = Spawned::new(&["proxy", "--config", config.to_str().unwrap()]);
     let address = proxy.listener("web");
-    proxy.wait_for("remora proxy ready");
+    proxy.wait_for("remora proxy started");
     let mut client = Client::http1(address).await;
     let request = tokio::spawn(async move { client.get("x", "/slow/700").await });
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -220,4 +220,63 @@ fn demo_reports_a_burst_and_stops_on_ctrl_c() {
     demo.signal(Signal::INT);
     assert_eq!(demo.exit_code(), 0);
     demo.wait_for("drained; bye");
+}
+
+/// `remora control` serving a directory and `remora proxy --control` taking its config from it, both
+/// as real processes; both exit 0 on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_and_proxy_processes_work_together() {
+    let upstream = HttpServer::start("upstream").await;
+    let dir = temp_dir("remora-cli-control");
+    let yaml = proxy_config(upstream.address());
+    std::fs::write(dir.join("mesh.yaml"), format!("resources:\n{}", yaml.split_once("resources:\n").unwrap().1))
+        .unwrap();
+    let mut control = Spawned::new(&["control", "--config-dir", dir.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
+    let line = control.wait_for("remora control serving Delta ADS");
+    let address = line.rsplit("address=").next().unwrap().trim().to_owned();
+    let admin = write_config("bootstrap:\n  admin_address: 127.0.0.1:0\n  workers: 1\n");
+    let url = format!("http://{address}");
+    let mut proxy =
+        Spawned::new(&["proxy", "--config", admin.to_str().unwrap(), "--control", &url, "--node-id", "cli-node"]);
+    let web = proxy.listener("web");
+    proxy.wait_for("first configuration from the control plane applied; ready");
+    let reply = Client::http1(web).await.get("x", "/").await;
+    assert_eq!(reply.header("x-served-by"), "upstream");
+    control.wait_for("proxy connected node=cli-node");
+    proxy.signal(Signal::TERM);
+    assert_eq!(proxy.exit_code(), 0);
+    control.signal(Signal::TERM);
+    assert_eq!(control.exit_code(), 0);
+}
+
+/// `remora register` holds a registration in etcd while it runs and removes it on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_joins_while_running_and_leaves_on_sigterm() {
+    let Some(etcd) = remora_control_api::testing::TestEtcd::start().await else { return };
+    let prefix = etcd.prefix();
+    let mut register = Spawned::new(&[
+        "register",
+        "--etcd",
+        etcd.url(),
+        "--cluster",
+        "shop",
+        "--address",
+        "127.0.0.1:9",
+        "--weight",
+        "3",
+        "--ttl",
+        "5",
+        "--etcd-prefix",
+        &prefix,
+    ]);
+    register.wait_for("registered");
+    let direct = remora_control_api::control::etcd::Etcd::connect(etcd.url()).await.unwrap();
+    let (kvs, _) = direct.range_prefix(&prefix).await.unwrap();
+    assert_eq!(kvs.len(), 1);
+    assert_eq!(&kvs[0].key[..], format!("{}shop/127.0.0.1:9", prefix).as_bytes());
+    assert_eq!(&kvs[0].value[..], br#"{"weight":3}"#);
+    register.signal(Signal::TERM);
+    assert_eq!(register.exit_code(), 0);
+    register.wait_for("deregistered");
+    assert!(direct.range_prefix(&prefix).await.unwrap().0.is_empty());
 }

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::app::{Proxy, StartError};
+use crate::app::{Proxy, StartError, StartOptions};
 use crate::bootstrap::ConfigSource;
 use crate::reload::{ReloadError, ReloadOutcome};
 
@@ -46,6 +46,42 @@ impl TestProxy {
                 Err(error)
             }
         }
+    }
+
+    /// Starts a proxy taking its resources from the control plane at `url` as node `node_id`, with
+    /// `yaml` as its file (static resources; may be empty; a test bootstrap is added unless it has
+    /// its own). Returns before it is ready: see
+    /// [`TestProxy::wait_ready`].
+    pub fn start_controlled(yaml: &str, url: &str, node_id: &str) -> TestProxy {
+        let directory = temp_dir("remora-test");
+        let config = directory.join("config.yaml");
+        let text = if yaml.contains("bootstrap:") {
+            yaml.to_owned()
+        } else {
+            format!(
+                "bootstrap:\n  admin_address: 127.0.0.1:0\n  workers: 1\n  drain_time: 2s\n  initial_fetch_timeout: 20s\n---\n{yaml}"
+            )
+        };
+        std::fs::write(&config, text).unwrap();
+        let options = StartOptions { control_plane: Some(url.to_owned()), node_id: Some(node_id.to_owned()) };
+        let proxy = Proxy::start_with(ConfigSource::File(config.clone()), options)
+            .unwrap_or_else(|e| panic!("proxy did not start: {e}"));
+        TestProxy { proxy: Some(proxy), directory, config }
+    }
+
+    /// Waits (up to 10 s) until `/ready` would answer 200.
+    pub async fn wait_ready(&self) {
+        crate::testing::eventually("the proxy is ready", std::time::Duration::from_secs(10), || async {
+            self.proxy().is_ready()
+        })
+        .await;
+    }
+
+    /// `/config_dump`, parsed.
+    pub async fn config_dump(&self) -> serde_json::Value {
+        let (status, text) = self.admin_get("/config_dump").await;
+        assert_eq!(status, 200, "{text}");
+        serde_json::from_str(&text).unwrap()
     }
 
     /// The proxy.

@@ -1,0 +1,281 @@
+//! The GitOps source: a directory of YAML resource files, watched.
+//!
+//! [`load`] reads every `*.yaml` / `*.yml` file under the directory (recursively, skipping hidden
+//! entries such as `.git`), in path order, with the same parser as a proxy's `--config` file, and
+//! returns the whole set with a version: the commit checked out when the directory is a git work
+//! tree (so proxies report which commit they run), otherwise a hash of the files' content. A file
+//! that does not parse, a `bootstrap:` section, or a resource defined twice fails the whole load
+//! with a message naming the file (and the field); the caller keeps serving the previous set.
+//!
+//! [`watch`] polls the files' metadata and, after a change, waits for the directory to settle
+//! (a `git pull` or an editor writes several files) before it loads and hands the result on.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use crate::config::{self, ConfigError};
+use crate::resource::describe;
+use crate::{Kind, Resource};
+
+/// How often the directory's metadata is read.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// How long the directory must stay unchanged before a change is loaded.
+pub const SETTLE_TIME: Duration = Duration::from_millis(100);
+/// The longest a stream of changes can delay a load.
+pub const MAX_SETTLE: Duration = Duration::from_secs(1);
+
+/// Why a directory could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum DirectoryError {
+    /// A file or the directory could not be read.
+    #[error("read {path}: {error}")]
+    Read {
+        /// What could not be read.
+        path: String,
+        /// The OS error.
+        error: std::io::Error,
+    },
+    /// A file is not a valid resource document.
+    #[error(transparent)]
+    Parse(#[from] ConfigError),
+    /// A file has a bootstrap section, which belongs to a proxy's own config file.
+    #[error("{0}: a bootstrap section belongs in a proxy's own --config file, not in the control plane's directory")]
+    Bootstrap(String),
+    /// Two files (or one) define the same resource.
+    #[error("{subject} is defined in both {first} and {second}")]
+    Duplicate {
+        /// The resource.
+        subject: String,
+        /// Where it was seen first.
+        first: String,
+        /// Where it was seen again.
+        second: String,
+    },
+}
+
+/// One reading of the directory.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Snapshot {
+    /// Every resource, in file order.
+    pub resources: Vec<Resource>,
+    /// The git commit checked out, or `content-<hash>` outside a git work tree.
+    pub version: String,
+    /// How many files were read.
+    pub files: usize,
+}
+
+/// Reads every resource file under `root`.
+pub fn load(root: &Path) -> Result<Snapshot, DirectoryError> {
+    let files = resource_files(root)?;
+    let mut resources = Vec::new();
+    let mut seen: BTreeMap<(Kind, String), String> = BTreeMap::new();
+    let mut content = Vec::new();
+    for path in &files {
+        let origin = path.strip_prefix(root).unwrap_or(path).display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|error| DirectoryError::Read { path: path.display().to_string(), error })?;
+        let file = config::parse(&text, &origin)?;
+        if file.bootstrap.is_some() {
+            return Err(DirectoryError::Bootstrap(origin));
+        }
+        for resource in file.resources {
+            let key = (resource.kind(), resource.name().to_owned());
+            if let Some(first) = seen.get(&key) {
+                return Err(DirectoryError::Duplicate {
+                    subject: describe(key.0, &key.1),
+                    first: first.clone(),
+                    second: origin,
+                });
+            }
+            seen.insert(key, origin.clone());
+            resources.push(resource);
+        }
+        content.extend_from_slice(origin.as_bytes());
+        content.push(0);
+        content.extend_from_slice(text.as_bytes());
+    }
+    let version = git_commit(root).unwrap_or_else(|| format!("content-{}", crate::xds::version_of(&content)));
+    Ok(Snapshot { resources, version, files: files.len() })
+}
+
+/// The resource files under `root`, sorted.
+fn resource_files(root: &Path) -> Result<Vec<PathBuf>, DirectoryError> {
+    let mut files = Vec::new();
+    let mut pending = vec![root.to_path_buf()];
+    let mut visited = HashSet::new();
+    while let Some(dir) = pending.pop() {
+        let read = |error| DirectoryError::Read { path: dir.display().to_string(), error };
+        // A symlink loop (Kubernetes ConfigMap mounts use symlinked directories) is walked once.
+        if !visited.insert(std::fs::canonicalize(&dir).map_err(read)?) {
+            continue;
+        }
+        for entry in std::fs::read_dir(&dir).map_err(read)? {
+            let entry = entry.map_err(read)?;
+            let name = entry.file_name();
+            if name.to_string_lossy().starts_with('.') {
+                continue;
+            }
+            let path = entry.path();
+            // Follow symlinks: metadata, not symlink_metadata.
+            let Ok(meta) = std::fs::metadata(&path) else { continue };
+            if meta.is_dir() {
+                pending.push(path);
+            } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// The commit checked out in the git work tree holding `root`, read from `.git` without running git.
+pub fn git_commit(root: &Path) -> Option<String> {
+    let mut dir = std::fs::canonicalize(root).ok()?;
+    let git = loop {
+        let candidate = dir.join(".git");
+        if candidate.is_dir() {
+            break candidate;
+        }
+        if candidate.is_file() {
+            // A linked work tree or submodule: `gitdir: <path>`.
+            let text = std::fs::read_to_string(&candidate).ok()?;
+            let target = PathBuf::from(text.strip_prefix("gitdir:")?.trim());
+            break if target.is_absolute() { target } else { dir.join(target) };
+        }
+        if !dir.pop() {
+            return None;
+        }
+    };
+    let head = std::fs::read_to_string(git.join("HEAD")).ok()?;
+    let head = head.trim();
+    let Some(reference) = head.strip_prefix("ref:") else {
+        return is_commit(head).then(|| head.to_owned());
+    };
+    let reference = reference.trim();
+    // Linked work trees keep their refs in the common directory.
+    let common =
+        std::fs::read_to_string(git.join("commondir")).map(|c| git.join(c.trim())).unwrap_or_else(|_| git.clone());
+    for base in [&git, &common] {
+        if let Ok(text) = std::fs::read_to_string(base.join(reference)) {
+            let commit = text.trim();
+            if is_commit(commit) {
+                return Some(commit.to_owned());
+            }
+        }
+    }
+    let packed = std::fs::read_to_string(common.join("packed-refs")).ok()?;
+    packed.lines().find_map(|line| {
+        let (commit, name) = line.split_once(' ')?;
+        (name == reference && is_commit(commit)).then(|| commit.to_owned())
+    })
+}
+
+fn is_commit(text: &str) -> bool {
+    matches!(text.len(), 40 | 64) && text.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// What identifies the state of the files: each file's path with its modification time, size and
+/// inode, plus the git HEAD (a checkout that only moves HEAD changes the version).
+#[derive(Debug, PartialEq, Eq)]
+struct Stamp(Vec<(PathBuf, Option<SystemTime>, u64, u64)>, Option<String>);
+
+fn stamp(root: &Path) -> Stamp {
+    use std::os::unix::fs::MetadataExt;
+    let files = resource_files(root).unwrap_or_default();
+    let entries = files
+        .into_iter()
+        .map(|path| {
+            let meta = std::fs::metadata(&path).ok();
+            let modified = meta.as_ref().and_then(|m| m.modified().ok());
+            let (len, ino) = meta.map_or((0, 0), |m| (m.len(), m.ino()));
+            (path, modified, len, ino)
+        })
+        .collect();
+    Stamp(entries, git_commit(root))
+}
+
+/// Watches `root` and calls `on_change` with each new load result. The first call is made at once.
+pub async fn watch(root: PathBuf, mut on_change: impl FnMut(Result<Snapshot, DirectoryError>)) {
+    let mut last = stamp(&root);
+    on_change(load(&root));
+    let mut tick = tokio::time::interval(POLL_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let mut now = stamp(&root);
+        if now == last {
+            continue;
+        }
+        // Settle: wait until a short interval passes with no further change.
+        let started = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(SETTLE_TIME).await;
+            let again = stamp(&root);
+            if again == now || started.elapsed() >= MAX_SETTLE {
+                now = again;
+                break;
+            }
+            now = again;
+        }
+        last = now;
+        on_change(load(&root));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn loads_every_yaml_file_in_order_and_skips_hidden_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("shop")).unwrap();
+        std::fs::create_dir_all(dir.path().join(".hidden")).unwrap();
+        std::fs::write(dir.path().join("b.yaml"), "kind: Cluster\nname: b\n").unwrap();
+        std::fs::write(dir.path().join("shop/a.yml"), "kind: Cluster\nname: a\n").unwrap();
+        std::fs::write(dir.path().join(".hidden/x.yaml"), "kind: Cluster\nname: x\n").unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "not yaml").unwrap();
+        let snapshot = load(dir.path()).unwrap();
+        let names: Vec<&str> = snapshot.resources.iter().map(|r| r.name()).collect();
+        assert_eq!(names, ["b", "a"]);
+        assert_eq!(snapshot.files, 2);
+        assert!(snapshot.version.starts_with("content-"), "{}", snapshot.version);
+        let again = load(dir.path()).unwrap();
+        assert_eq!(again.version, snapshot.version);
+    }
+
+    #[test]
+    fn errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), "kind: Cluster\nname: a\n").unwrap();
+        std::fs::write(dir.path().join("b.yaml"), "kind: Cluster\nname: a\n").unwrap();
+        let error = load(dir.path()).unwrap_err().to_string();
+        assert_eq!(error, "cluster \"a\" is defined in both a.yaml and b.yaml");
+        std::fs::write(dir.path().join("b.yaml"), "kind: Cluster\nname: b\nbalancer: fastest\n").unwrap();
+        let error = load(dir.path()).unwrap_err().to_string();
+        assert!(error.contains("b.yaml") && error.contains("balancer"), "{error}");
+        std::fs::write(dir.path().join("b.yaml"), "bootstrap: {}\n").unwrap();
+        assert!(matches!(load(dir.path()), Err(DirectoryError::Bootstrap(_))));
+    }
+
+    #[test]
+    fn a_git_work_tree_is_versioned_by_its_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let git = dir.path().join(".git");
+        std::fs::create_dir_all(git.join("refs/heads")).unwrap();
+        std::fs::write(git.join("HEAD"), "ref: refs/heads/main\n").unwrap();
+        let commit = "0123456789abcdef0123456789abcdef01234567";
+        std::fs::write(git.join("packed-refs"), format!("# pack-refs\n{commit} refs/heads/main\n")).unwrap();
+        std::fs::create_dir_all(dir.path().join("deploy")).unwrap();
+        assert_eq!(git_commit(&dir.path().join("deploy")).as_deref(), Some(commit));
+        let newer = "89abcdef0123456789abcdef0123456789abcdef";
+        std::fs::write(git.join("refs/heads/main"), format!("{newer}\n")).unwrap();
+        assert_eq!(load(dir.path()).unwrap().version, newer);
+        std::fs::write(git.join("HEAD"), format!("{commit}\n")).unwrap();
+        assert_eq!(git_commit(dir.path()).as_deref(), Some(commit));
+    }
+}

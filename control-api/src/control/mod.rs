@@ -1,0 +1,369 @@
+//! `remora control`: the control plane, composed.
+//!
+//! Resources come in from the sources — a GitOps [`directory`] of YAML files and the etcd
+//! [`registry`] of workload endpoints — and are merged into one set: the directory's resources, with
+//! each cluster's endpoints extended by the ones registered for it (a cluster the directory defines
+//! always has an `Endpoints` resource, empty if nothing is registered, so proxies know it is
+//! complete). The set goes to the ADS [`Publisher`](crate::xds::server::Publisher), and the
+//! [`AdsServer`](crate::xds::server::AdsServer) streams the differences to every proxy.
+//!
+//! One port (default 127.0.0.1:15010) serves gRPC (Delta ADS) and plain HTTP for operators:
+//! `/metrics`, `/ready`, `/live`, and `/config_dump` (the served set: versions, and the last source
+//! error if the directory is broken now).
+//!
+//! Directory changes are debounced (`directory::SETTLE_TIME`); registry changes are published at once.
+//! A directory change that fails to load (a file that does not parse) is logged and counted, and the
+//! previous set keeps serving. Resources that load but break a rule (a bad regex, say) are logged
+//! here and still published: the proxies are the judges of what they can run, and each NACKs it,
+//! naming the field, which shows in their `/config_dump` and in this server's `nacks` metric.
+
+pub mod directory;
+pub mod etcd;
+pub mod metrics;
+pub mod registry;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{Response, StatusCode};
+use http_body_util::Full;
+use tokio::sync::oneshot;
+use tracing::{error, info, warn};
+
+use crate::validate::{self, References};
+use crate::xds::server::{AdsServer, Publisher};
+use crate::{Kind, Resource, v1};
+use metrics::ControlMetrics;
+use registry::Registrations;
+
+/// How long start-up waits for the first read of the registry before serving without it.
+const REGISTRY_START_WAIT: Duration = Duration::from_secs(5);
+
+/// What `remora control` runs with.
+#[derive(Clone, Debug)]
+pub struct ControlConfig {
+    /// The gRPC (and operator HTTP) address.
+    pub listen: SocketAddr,
+    /// The GitOps directory, if any.
+    pub config_dir: Option<PathBuf>,
+    /// The etcd URL of the service registry, if any.
+    pub etcd: Option<String>,
+    /// The registry's key prefix.
+    pub etcd_prefix: String,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 15010)),
+            config_dir: None,
+            etcd: None,
+            etcd_prefix: registry::DEFAULT_PREFIX.to_owned(),
+        }
+    }
+}
+
+/// Why the control plane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The directory could not be loaded at start-up.
+    #[error("config directory: {0}")]
+    Directory(#[from] directory::DirectoryError),
+    /// The runtime or signal handlers could not be set up.
+    #[error("start: {0}")]
+    Runtime(std::io::Error),
+    /// The listen address could not be bound.
+    #[error("bind {address}: {error}")]
+    Bind {
+        /// The address.
+        address: SocketAddr,
+        /// The OS error.
+        error: std::io::Error,
+    },
+}
+
+/// The sources' latest state, merged into the published set on every change.
+#[derive(Debug)]
+struct Sources {
+    publisher: Publisher,
+    metrics: Arc<ControlMetrics>,
+    state: Mutex<SourceState>,
+}
+
+#[derive(Debug, Default)]
+struct SourceState {
+    directory: Option<directory::Snapshot>,
+    directory_error: Option<String>,
+    registry: Option<Registrations>,
+}
+
+impl Sources {
+    fn directory_loaded(&self, result: Result<directory::Snapshot, directory::DirectoryError>) {
+        let Ok(mut state) = self.state.lock() else { return };
+        match result {
+            Ok(snapshot) => {
+                self.metrics.source_loaded("directory", true);
+                if let Err(errors) = validate::validate_with(&snapshot.resources, References::Pending) {
+                    warn!(%errors, "the directory has invalid resources; proxies will reject them");
+                }
+                state.directory_error = None;
+                state.directory = Some(snapshot);
+            }
+            Err(e) => {
+                self.metrics.source_loaded("directory", false);
+                error!(error = %e, "config directory rejected; the previous resources keep serving");
+                state.directory_error = Some(e.to_string());
+                return;
+            }
+        }
+        self.publish(&state);
+    }
+
+    fn registry_changed(&self, registrations: &Registrations) {
+        let Ok(mut state) = self.state.lock() else { return };
+        self.metrics.set_registered(registrations.len());
+        state.registry = Some(registrations.clone());
+        self.publish(&state);
+    }
+
+    fn publish(&self, state: &SourceState) {
+        let empty = Vec::new();
+        let resources = state.directory.as_ref().map_or(&empty, |d| &d.resources);
+        let merged = merge(resources, state.registry.as_ref());
+        let version = state.directory.as_ref().map_or("none", |d| d.version.as_str());
+        self.publisher.publish(&merged, version);
+    }
+
+    fn dump(&self) -> serde_json::Value {
+        let served = self.publisher.subscribe().borrow().clone();
+        let mut kinds = serde_json::Map::new();
+        for kind in Kind::ALL {
+            let list: Vec<serde_json::Value> = served
+                .of(kind)
+                .iter()
+                .map(|(name, r)| serde_json::json!({"name": name, "version": r.version}))
+                .collect();
+            kinds.insert(kind.as_str().to_owned(), list.into());
+        }
+        let error = self.state.lock().ok().and_then(|s| s.directory_error.clone());
+        serde_json::json!({
+            "version": served.system_version,
+            "generation": served.generation,
+            "directory_error": error,
+            "connected_proxies": self.metrics.connected_proxies(),
+            "resources": kinds,
+        })
+    }
+}
+
+/// The directory's resources with each cluster's registered endpoints added: every cluster (but a
+/// pass-through one) gets an `Endpoints` resource, and registered clusters the directory does not
+/// define get one too.
+pub fn merge(resources: &[Resource], registry: Option<&Registrations>) -> Vec<Resource> {
+    let mut registered: BTreeMap<&str, Vec<v1::Endpoint>> = BTreeMap::new();
+    for entry in registry.into_iter().flat_map(|r| r.values()) {
+        registered
+            .entry(entry.cluster.as_str())
+            .or_default()
+            .push(v1::Endpoint { address: entry.address.clone(), weight: entry.weight });
+    }
+    let mut merged = Vec::with_capacity(resources.len() + registered.len());
+    let mut covered: HashSet<&str> = HashSet::new();
+    for resource in resources {
+        match resource {
+            Resource::Endpoints(endpoints) => {
+                let mut endpoints = endpoints.clone();
+                let listed: HashSet<String> = endpoints.endpoints.iter().map(|e| e.address.clone()).collect();
+                if let Some(extra) = registered.get(endpoints.cluster.as_str()) {
+                    endpoints.endpoints.extend(extra.iter().filter(|e| !listed.contains(&e.address)).cloned());
+                }
+                covered.insert(resource.name());
+                merged.push(Resource::Endpoints(endpoints));
+            }
+            Resource::Cluster(cluster) if cluster.original_destination => {
+                covered.insert(&cluster.name);
+                merged.push(resource.clone());
+            }
+            other => merged.push(other.clone()),
+        }
+    }
+    for resource in resources {
+        if let Resource::Cluster(cluster) = resource
+            && covered.insert(&cluster.name)
+        {
+            let endpoints = registered.get(cluster.name.as_str()).cloned().unwrap_or_default();
+            merged.push(Resource::Endpoints(v1::Endpoints { cluster: cluster.name.clone(), endpoints }));
+        }
+    }
+    for (cluster, endpoints) in registered {
+        if covered.insert(cluster) {
+            merged.push(Resource::Endpoints(v1::Endpoints { cluster: cluster.to_owned(), endpoints }));
+        }
+    }
+    merged
+}
+
+/// A running control plane. Dropping it stops the server and the sources.
+#[derive(Debug)]
+pub struct ControlPlane {
+    address: SocketAddr,
+    metrics: Arc<ControlMetrics>,
+    sources: Arc<Sources>,
+    stop: Option<oneshot::Sender<()>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl ControlPlane {
+    /// Loads the sources and starts serving on the current tokio runtime. Fails if the directory
+    /// does not load or the address cannot be bound.
+    pub async fn start(config: ControlConfig) -> Result<ControlPlane, ControlError> {
+        let metrics = Arc::new(ControlMetrics::new());
+        let sources = Arc::new(Sources {
+            publisher: Publisher::new(metrics.clone()),
+            metrics: metrics.clone(),
+            state: Mutex::new(SourceState::default()),
+        });
+        let ads = AdsServer::new(&sources.publisher);
+        let mut tasks = Vec::new();
+
+        if let Some(root) = &config.config_dir {
+            let first = directory::load(root)?;
+            info!(directory = %root.display(), files = first.files, resources = first.resources.len(), version = %first.version, "config directory loaded");
+            sources.directory_loaded(Ok(first));
+            let watcher = sources.clone();
+            tasks.push(tokio::spawn(directory::watch(root.clone(), move |result| watcher.directory_loaded(result))));
+        } else {
+            sources.publish(&SourceState::default());
+        }
+
+        if let Some(etcd) = &config.etcd {
+            let (first_tx, first_rx) = oneshot::channel();
+            let mut first_tx = Some(first_tx);
+            let follower = sources.clone();
+            tasks.push(tokio::spawn(registry::follow(
+                etcd.clone(),
+                config.etcd_prefix.clone(),
+                move |registrations| {
+                    follower.registry_changed(registrations);
+                    if let Some(tx) = first_tx.take() {
+                        let _ = tx.send(());
+                    }
+                },
+            )));
+            if tokio::time::timeout(REGISTRY_START_WAIT, first_rx).await.is_err() {
+                warn!(%etcd, "the registry has not answered yet; serving without its endpoints until it does");
+            }
+        }
+
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|error| ControlError::Bind { address: config.listen, error })?;
+        let address = listener.local_addr().map_err(|error| ControlError::Bind { address: config.listen, error })?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let router = tonic::service::Routes::new(ads.into_service()).into_axum_router().fallback({
+            let sources = sources.clone();
+            move |request: http::Request<axum::body::Body>| {
+                let sources = sources.clone();
+                async move { operator_http(request.uri().path(), &sources) }
+            }
+        });
+        let server = tonic::transport::Server::builder()
+            .accept_http1(true)
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_routes(tonic::service::Routes::from(router))
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
+                let _ = stopped.await;
+            });
+        tasks.push(tokio::spawn(async move {
+            if let Err(error) = server.await {
+                error!(%error, "control plane server stopped");
+            }
+        }));
+        info!(%address, "remora control serving Delta ADS");
+        Ok(ControlPlane { address, metrics, sources, stop: Some(stop), tasks })
+    }
+
+    /// Where it serves.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// Its metrics.
+    pub fn metrics(&self) -> &Arc<ControlMetrics> {
+        &self.metrics
+    }
+
+    /// The served set, as `/config_dump` shows it.
+    pub fn dump(&self) -> serde_json::Value {
+        self.sources.dump()
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+fn operator_http(path: &str, sources: &Sources) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match path {
+        "/live" | "/ready" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+        "/metrics" => {
+            (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", sources.metrics.encode())
+        }
+        "/config_dump" => {
+            let mut text = serde_json::to_string_pretty(&sources.dump()).unwrap_or_default();
+            text.push('\n');
+            (StatusCode::OK, "application/json", text)
+        }
+        _ => (StatusCode::NOT_FOUND, "text/plain", "not found: try /metrics, /config_dump, /ready\n".to_owned()),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(value) = http::HeaderValue::from_str(content_type) {
+        response.headers_mut().insert(CONTENT_TYPE, value);
+    }
+    response
+}
+
+/// Runs `remora control` until SIGTERM or SIGINT.
+pub fn run(config: ControlConfig) -> Result<(), ControlError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("remora-control")
+        .build()
+        .map_err(ControlError::Runtime)?;
+    runtime.block_on(async {
+        let stop = stop_signal().map_err(ControlError::Runtime)?;
+        let plane = ControlPlane::start(config).await?;
+        stop.await;
+        info!("stopping");
+        drop(plane);
+        Ok(())
+    })
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub fn stop_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+    })
+}

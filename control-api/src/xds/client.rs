@@ -1,0 +1,215 @@
+//! The proxy's half of Delta ADS: keep a stream to the control plane open, apply what arrives, answer.
+//!
+//! [`run`] connects, subscribes to every kind the [`Handler`] asks for (wildcard, with the versions it
+//! holds as `initial_resource_versions`), and then for each response decodes the resources and calls
+//! [`Handler::apply`]. `Ok` becomes an ACK; `Err(reason)` a NACK whose `error_detail` carries the
+//! reason, and the handler is expected to have changed nothing. When the stream breaks, the handler
+//! keeps what it has and [`run`] reconnects after a jittered exponential backoff (10 ms doubling to
+//! 15 s; reset once a stream has delivered a response).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+use tracing::{info, warn};
+
+use super::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use super::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+use super::{Node, RpcStatus};
+use crate::{Kind, Resource};
+
+/// The first reconnect delay.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(10);
+/// The longest reconnect delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(15);
+/// gRPC status code INVALID_ARGUMENT, sent in a NACK's `error_detail`.
+const INVALID_ARGUMENT: i32 = 3;
+
+/// One response, decoded.
+#[derive(Debug)]
+pub struct Update {
+    /// The kind of every resource in it.
+    pub kind: Kind,
+    /// The control plane's source version (a git commit, for a GitOps directory).
+    pub system_version: String,
+    /// Added or changed resources: (version, resource).
+    pub resources: Vec<(String, Resource)>,
+    /// Names of resources to drop.
+    pub removed: Vec<String>,
+}
+
+/// What the stream's owner does with updates.
+pub trait Handler: Send + 'static {
+    /// The versions held now of `kind`'s resources (sent on reconnect so only differences come).
+    fn versions(&self, kind: Kind) -> HashMap<String, String>;
+    /// Applies an update whole, or rejects it (changing nothing) with a reason naming the resource
+    /// and field.
+    fn apply(&mut self, update: Update) -> Result<(), String>;
+    /// The stream's state changed: `true` once a stream is open, `false` when it breaks.
+    fn connected(&mut self, connected: bool);
+    /// A response was answered: `nack` holds the reason when it was rejected.
+    fn answered(&mut self, _kind: Kind, _system_version: &str, _nack: Option<&str>) {}
+}
+
+/// Where to connect and who we are.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// The control plane's URL, e.g. `http://127.0.0.1:15010`.
+    pub address: String,
+    /// This proxy's node id.
+    pub node_id: String,
+    /// The kinds to subscribe to, in push order.
+    pub kinds: Vec<Kind>,
+}
+
+/// Why a stream ended.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The address is not a URL tonic can connect to.
+    #[error("control plane address {0:?} is not a valid http:// URL")]
+    Address(String),
+    /// Connecting failed.
+    #[error("connect: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    /// The server answered with a gRPC error, or the stream broke.
+    #[error("stream: {0}")]
+    Status(#[from] tonic::Status),
+    /// The server closed the stream.
+    #[error("the control plane closed the stream")]
+    Closed,
+}
+
+/// Keeps a stream open for ever, reconnecting with backoff. Returns only if the address is invalid.
+pub async fn run<H: Handler>(config: ClientConfig, handler: &mut H) -> StreamError {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let mut delivered = false;
+        let error = stream_once(&config, handler, &mut delivered).await;
+        handler.connected(false);
+        if let StreamError::Address(_) = error {
+            return error;
+        }
+        if delivered {
+            backoff = BACKOFF_MIN;
+        }
+        // Full jitter: anywhere up to the current bound, so a fleet restarting together spreads out.
+        let delay = backoff.mul_f64(fastrand::f64()).max(BACKOFF_MIN);
+        warn!(%error, retry_in = ?delay, "control plane stream down; serving the last good config");
+        tokio::time::sleep(delay).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Connects to `address` as a gRPC channel with keep-alives that notice a dead peer.
+pub async fn connect(address: &str) -> Result<tonic::transport::Channel, StreamError> {
+    let endpoint = Endpoint::from_shared(address.to_owned()).map_err(|_| StreamError::Address(address.to_owned()))?;
+    let channel = endpoint
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+        .connect()
+        .await?;
+    Ok(channel)
+}
+
+async fn stream_once<H: Handler>(config: &ClientConfig, handler: &mut H, delivered: &mut bool) -> StreamError {
+    let channel = match connect(&config.address).await {
+        Ok(channel) => channel,
+        Err(error) => return error,
+    };
+    let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(16);
+    for (i, kind) in config.kinds.iter().enumerate() {
+        let node = (i == 0).then(|| Node {
+            id: config.node_id.clone(),
+            user_agent_name: "remora".into(),
+            user_agent_version_type: Some(
+                super::super::pb::envoy::config::core::v3::node::UserAgentVersionType::UserAgentVersion(
+                    env!("CARGO_PKG_VERSION").into(),
+                ),
+            ),
+            ..Default::default()
+        });
+        let request = DeltaDiscoveryRequest {
+            node,
+            type_url: kind.type_url().into(),
+            resource_names_subscribe: vec![super::WILDCARD.into()],
+            initial_resource_versions: handler.versions(*kind),
+            ..Default::default()
+        };
+        // The channel has room for every kind's first request.
+        let _ = tx.try_send(request);
+    }
+    let mut client = AggregatedDiscoveryServiceClient::new(channel)
+        .max_decoding_message_size(crate::limits::MAX_XDS_MESSAGE)
+        .max_encoding_message_size(crate::limits::MAX_XDS_MESSAGE);
+    let mut responses = match client.delta_aggregated_resources(ReceiverStream::new(rx)).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => return status.into(),
+    };
+    info!(address = %config.address, node = %config.node_id, "control plane stream open");
+    handler.connected(true);
+    loop {
+        let response = match responses.message().await {
+            Ok(Some(response)) => response,
+            Ok(None) => return StreamError::Closed,
+            Err(status) => return status.into(),
+        };
+        *delivered = true;
+        let answer = answer(response, handler);
+        if tx.send(answer).await.is_err() {
+            return StreamError::Closed;
+        }
+    }
+}
+
+/// Decodes and applies one response; returns its ACK or NACK.
+fn answer<H: Handler>(response: DeltaDiscoveryResponse, handler: &mut H) -> DeltaDiscoveryRequest {
+    let DeltaDiscoveryResponse { system_version_info, resources, type_url, removed_resources, nonce } = response;
+    let outcome = match decode(&type_url, resources) {
+        Ok((kind, resources)) => {
+            let update =
+                Update { kind, system_version: system_version_info.clone(), resources, removed: removed_resources };
+            let result = handler.apply(update);
+            handler.answered(kind, &system_version_info, result.as_ref().err().map(String::as_str));
+            result
+        }
+        Err(reason) => Err(reason),
+    };
+    DeltaDiscoveryRequest {
+        type_url,
+        response_nonce: nonce,
+        error_detail: outcome.err().map(|message| RpcStatus { code: INVALID_ARGUMENT, message, details: Vec::new() }),
+        ..Default::default()
+    }
+}
+
+fn decode(
+    type_url: &str,
+    resources: Vec<super::discovery::Resource>,
+) -> Result<(Kind, Vec<(String, Resource)>), String> {
+    let kind =
+        Kind::from_type_url(type_url).ok_or_else(|| format!("type {type_url:?} is not one this proxy serves"))?;
+    let mut decoded = Vec::with_capacity(resources.len());
+    for wire in resources {
+        let any = wire.resource.ok_or_else(|| format!("{} {:?}: the resource is missing", kind.noun(), wire.name))?;
+        if any.type_url != type_url {
+            return Err(format!(
+                "{} {:?}: carries a {} in a {} response",
+                kind.noun(),
+                wire.name,
+                any.type_url,
+                type_url
+            ));
+        }
+        let resource = Resource::from_any(&any).map_err(|e| format!("{} {:?}: {e}", kind.noun(), wire.name))?;
+        if resource.name() != wire.name {
+            return Err(format!("{} {:?}: the resource inside is named {:?}", kind.noun(), wire.name, resource.name()));
+        }
+        decoded.push((wire.version, resource));
+    }
+    Ok((kind, decoded))
+}

@@ -1,0 +1,576 @@
+//! The control plane's half of Delta ADS: publish resource sets, stream their differences.
+//!
+//! Config sources hand complete resource sets to the [`Publisher`], which encodes each resource once
+//! into a shared [`ServedResource`] (an `Any` whose bytes are reference-counted, so a thousand
+//! proxies receiving it share one encoding) and publishes an immutable [`ServedSet`] through a
+//! `watch` channel. A resource whose bytes did not change keeps its `Arc`, its version and so its
+//! place in every proxy's view: nothing is re-sent for it.
+//!
+//! [`AdsServer`] serves one task per stream. The task keeps the stream's [`Session`]: per kind,
+//! the subscription (wildcard or names), what the proxy holds (`known`: name → version, seeded from
+//! `initial_resource_versions`), the responses awaiting an ACK, and the versions the proxy NACKed.
+//! When a new set is published (or the subscription changes) the session computes, per kind, the
+//! resources whose version differs from what the proxy holds and the names it holds that are gone,
+//! and sends them in push order, removals last.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use prost::Message;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
+
+use super::discovery::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use super::discovery::{self, DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+use super::{WILDCARD, version_of};
+use crate::control::metrics::ControlMetrics;
+use crate::{Kind, Resource};
+
+/// Responses queued per stream before the stream's task waits for the proxy to read.
+const STREAM_QUEUE: usize = 16;
+/// Responses per kind a proxy may leave unanswered before the oldest is forgotten.
+const MAX_PENDING: usize = 64;
+
+/// One resource as served: encoded once, shared by every stream.
+#[derive(Debug)]
+pub struct ServedResource {
+    /// The resource's version (a hash of its bytes).
+    pub version: String,
+    /// The wire form, ready to clone into a response.
+    pub wire: discovery::Resource,
+}
+
+/// One published resource set.
+#[derive(Debug, Default)]
+pub struct ServedSet {
+    /// Bumped by every publication that changed something.
+    pub generation: u64,
+    /// The source's version (a git commit, or a hash of the directory's content).
+    pub system_version: String,
+    /// When it was published (convergence is measured from here).
+    pub published_at: Option<Instant>,
+    kinds: [BTreeMap<String, Arc<ServedResource>>; 4],
+}
+
+impl ServedSet {
+    /// The resources of `kind`, by name.
+    pub fn of(&self, kind: Kind) -> &BTreeMap<String, Arc<ServedResource>> {
+        &self.kinds[kind.index()]
+    }
+}
+
+/// What a publication changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Published {
+    /// Resources added or changed.
+    pub changed: usize,
+    /// Resources removed.
+    pub removed: usize,
+}
+
+/// Takes resource sets from the sources and makes them the served set.
+#[derive(Debug)]
+pub struct Publisher {
+    tx: watch::Sender<Arc<ServedSet>>,
+    metrics: Arc<ControlMetrics>,
+}
+
+impl Publisher {
+    /// A publisher with nothing published yet.
+    pub fn new(metrics: Arc<ControlMetrics>) -> Self {
+        let (tx, _) = watch::channel(Arc::new(ServedSet::default()));
+        Publisher { tx, metrics }
+    }
+
+    /// A view of what is served now, following every publication.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<ServedSet>> {
+        self.tx.subscribe()
+    }
+
+    /// Makes `resources` the served set. Resources whose bytes did not change keep their shared
+    /// encoding and version; if nothing changed at all, nothing is published.
+    pub fn publish(&self, resources: &[Resource], system_version: &str) -> Published {
+        let previous = self.tx.borrow().clone();
+        let mut kinds: [BTreeMap<String, Arc<ServedResource>>; 4] = Default::default();
+        let mut summary = Published::default();
+        for resource in resources {
+            let kind = resource.kind();
+            let any = resource.to_any();
+            let version = version_of(&any.value);
+            let name = resource.name();
+            let served = match previous.of(kind).get(name) {
+                Some(old) if old.version == version => old.clone(),
+                _ => {
+                    summary.changed += 1;
+                    Arc::new(ServedResource {
+                        version: version.clone(),
+                        wire: discovery::Resource {
+                            name: name.to_owned(),
+                            aliases: Vec::new(),
+                            version,
+                            resource: Some(any),
+                            ttl: None,
+                        },
+                    })
+                }
+            };
+            kinds[kind.index()].insert(name.to_owned(), served);
+        }
+        for kind in Kind::ALL {
+            summary.removed += previous.of(kind).keys().filter(|name| !kinds[kind.index()].contains_key(*name)).count();
+            self.metrics.set_resources(kind, kinds[kind.index()].len());
+        }
+        if summary == Published::default() {
+            return summary;
+        }
+        let set = ServedSet {
+            generation: previous.generation + 1,
+            system_version: system_version.to_owned(),
+            published_at: Some(Instant::now()),
+            kinds,
+        };
+        info!(
+            generation = set.generation,
+            version = %set.system_version,
+            changed = summary.changed,
+            removed = summary.removed,
+            "publishing"
+        );
+        self.tx.send_replace(Arc::new(set));
+        summary
+    }
+}
+
+/// The gRPC service: one [`Session`] task per stream.
+#[derive(Debug, Clone)]
+pub struct AdsServer {
+    served: watch::Receiver<Arc<ServedSet>>,
+    shared: Arc<Shared>,
+}
+
+/// (kind, name) → the version a proxy NACKed.
+type Nacked = HashMap<(Kind, String), String>;
+
+#[derive(Debug)]
+struct Shared {
+    metrics: Arc<ControlMetrics>,
+    /// Versions each node NACKed, kept across its reconnects.
+    nacked: Mutex<HashMap<String, Nacked>>,
+}
+
+impl AdsServer {
+    /// A server streaming what `publisher` publishes.
+    pub fn new(publisher: &Publisher) -> Self {
+        AdsServer {
+            served: publisher.subscribe(),
+            shared: Arc::new(Shared { metrics: publisher.metrics.clone(), nacked: Mutex::new(HashMap::new()) }),
+        }
+    }
+
+    /// The tonic service to add to a server.
+    pub fn into_service(self) -> AggregatedDiscoveryServiceServer<AdsServer> {
+        AggregatedDiscoveryServiceServer::new(self)
+            .max_decoding_message_size(crate::limits::MAX_XDS_MESSAGE)
+            .max_encoding_message_size(crate::limits::MAX_XDS_MESSAGE)
+    }
+}
+
+type ResponseStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for AdsServer {
+    type DeltaAggregatedResourcesStream = ResponseStream;
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        let peer = request.remote_addr();
+        let requests = request.into_inner();
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        let served = self.served.clone();
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            shared.metrics.stream_opened();
+            let mut session = Session::default();
+            let end = serve_stream(&mut session, requests, &tx, served, &shared).await;
+            shared.metrics.stream_closed();
+            session.close(&shared);
+            debug!(node = %session.node, ?peer, reason = %end, "discovery stream closed");
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+async fn serve_stream(
+    session: &mut Session,
+    mut requests: Streaming<DeltaDiscoveryRequest>,
+    tx: &mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    mut served: watch::Receiver<Arc<ServedSet>>,
+    shared: &Shared,
+) -> String {
+    loop {
+        tokio::select! {
+            request = requests.message() => match request {
+                Ok(Some(request)) => {
+                    if let Err(status) = session.on_request(request, shared) {
+                        let message = status.message().to_owned();
+                        let _ = tx.send(Err(status)).await;
+                        return message;
+                    }
+                }
+                Ok(None) => return "the proxy closed it".into(),
+                Err(status) => return status.message().to_owned(),
+            },
+            changed = served.changed(), if !session.node.is_empty() => {
+                if changed.is_err() {
+                    return "the server stopped".into();
+                }
+            }
+        }
+        let current = served.borrow_and_update().clone();
+        for response in session.pushes(&current, shared) {
+            if tx.send(Ok(response)).await.is_err() {
+                return "the proxy went away".into();
+            }
+        }
+    }
+}
+
+/// A response awaiting its ACK or NACK.
+#[derive(Debug)]
+struct Pending {
+    published_at: Option<Instant>,
+    sent: Vec<(String, String)>,
+}
+
+#[derive(Debug, Default)]
+struct Subscription {
+    active: bool,
+    wildcard: bool,
+    names: HashSet<String>,
+    /// What the proxy holds (or will, once it applies what was sent): name → version.
+    known: HashMap<String, String>,
+    /// The first response to a subscription is sent even when empty, so the proxy can ACK it.
+    owes_response: bool,
+    pending: BTreeMap<u64, Pending>,
+}
+
+impl Subscription {
+    fn wants(&self, name: &str) -> bool {
+        self.wildcard || self.names.contains(name)
+    }
+}
+
+/// One stream's state.
+#[derive(Debug, Default)]
+struct Session {
+    node: String,
+    /// When the node identified itself: changes published before that are initial state, not
+    /// convergence.
+    connected_at: Option<Instant>,
+    nonce: u64,
+    kinds: [Subscription; 4],
+    nacked: Nacked,
+    /// The generation last diffed against; a new one, or a subscription change, means diff again.
+    synced: Option<u64>,
+}
+
+impl Session {
+    fn on_request(&mut self, request: DeltaDiscoveryRequest, shared: &Shared) -> Result<(), Status> {
+        if self.node.is_empty() {
+            let node = request.node.as_ref().map(|n| n.id.as_str()).unwrap_or_default();
+            if node.is_empty() {
+                return Err(Status::invalid_argument("the first request of a stream must carry node.id"));
+            }
+            self.node = node.to_owned();
+            self.connected_at = Some(Instant::now());
+            if let Ok(mut nacked) = shared.nacked.lock() {
+                self.nacked = nacked.remove(node).unwrap_or_default();
+            }
+            info!(node = %self.node, "proxy connected");
+        }
+        let Some(kind) = Kind::from_type_url(&request.type_url) else {
+            warn!(node = %self.node, type_url = %request.type_url, "subscription to an unknown type ignored");
+            return Ok(());
+        };
+        let sub = &mut self.kinds[kind.index()];
+        if !request.response_nonce.is_empty() {
+            let pending = request.response_nonce.parse::<u64>().ok().and_then(|nonce| sub.pending.remove(&nonce));
+            match (pending, &request.error_detail) {
+                // A stale or unknown nonce: an answer to a response this session no longer tracks.
+                (None, _) => {}
+                (Some(pending), Some(error)) => {
+                    shared.metrics.nacked(kind);
+                    warn!(node = %self.node, r#type = %kind, error = %error.message, "proxy rejected an update");
+                    for (name, version) in pending.sent {
+                        self.nacked.insert((kind, name), version);
+                    }
+                }
+                (Some(pending), None) => {
+                    shared.metrics.acked(kind, pending.published_at.map(|at| at.elapsed()));
+                    for (name, _) in &pending.sent {
+                        self.nacked.remove(&(kind, name.clone()));
+                    }
+                }
+            }
+        }
+        if !sub.active {
+            sub.active = true;
+            sub.owes_response = true;
+            sub.wildcard = request.resource_names_subscribe.is_empty();
+            sub.known = request.initial_resource_versions;
+            self.synced = None;
+        }
+        for name in request.resource_names_subscribe {
+            if name == WILDCARD {
+                sub.wildcard = true;
+            } else {
+                sub.names.insert(name);
+            }
+            self.synced = None;
+        }
+        for name in request.resource_names_unsubscribe {
+            if name == WILDCARD {
+                sub.wildcard = false;
+            } else {
+                sub.names.remove(&name);
+            }
+            self.synced = None;
+        }
+        Ok(())
+    }
+
+    /// The responses that bring the proxy up to `current`, in push order, removals last.
+    fn pushes(&mut self, current: &ServedSet, shared: &Shared) -> Vec<DeltaDiscoveryResponse> {
+        if self.synced == Some(current.generation) {
+            return Vec::new();
+        }
+        self.synced = Some(current.generation);
+        let mut responses = Vec::new();
+        let mut removals = Vec::new();
+        for kind in Kind::ALL {
+            let sub = &mut self.kinds[kind.index()];
+            if !sub.active {
+                continue;
+            }
+            let served = current.of(kind);
+            let mut resources = Vec::new();
+            for (name, resource) in served {
+                if !sub.wants(name) || sub.known.get(name) == Some(&resource.version) {
+                    continue;
+                }
+                if self.nacked.get(&(kind, name.clone())) == Some(&resource.version) {
+                    continue;
+                }
+                resources.push(resource.wire.clone());
+            }
+            let removed: Vec<String> =
+                sub.known.keys().filter(|name| !served.contains_key(*name) || !sub.wants(name)).cloned().collect();
+            if !resources.is_empty() || (removed.is_empty() && sub.owes_response) {
+                responses.push((kind, resources, Vec::new()));
+            }
+            if !removed.is_empty() {
+                removals.push((kind, Vec::new(), removed));
+            }
+            sub.owes_response = false;
+        }
+        removals.reverse();
+        responses.extend(removals);
+        responses
+            .into_iter()
+            .map(|(kind, resources, removed)| self.response(kind, resources, removed, current, shared))
+            .collect()
+    }
+
+    fn response(
+        &mut self,
+        kind: Kind,
+        resources: Vec<discovery::Resource>,
+        removed: Vec<String>,
+        current: &ServedSet,
+        shared: &Shared,
+    ) -> DeltaDiscoveryResponse {
+        self.nonce += 1;
+        let sub = &mut self.kinds[kind.index()];
+        let mut sent = Vec::with_capacity(resources.len());
+        for resource in &resources {
+            sub.known.insert(resource.name.clone(), resource.version.clone());
+            sent.push((resource.name.clone(), resource.version.clone()));
+        }
+        for name in &removed {
+            sub.known.remove(name);
+        }
+        let published_at = current.published_at.filter(|at| self.connected_at.is_some_and(|c| *at > c));
+        sub.pending.insert(self.nonce, Pending { published_at, sent });
+        while sub.pending.len() > MAX_PENDING {
+            sub.pending.pop_first();
+        }
+        let response = DeltaDiscoveryResponse {
+            system_version_info: current.system_version.clone(),
+            resources,
+            type_url: kind.type_url().to_owned(),
+            removed_resources: removed,
+            nonce: self.nonce.to_string(),
+        };
+        shared.metrics.pushed(kind, response.resources.len(), response.encoded_len());
+        response
+    }
+
+    fn close(&mut self, shared: &Shared) {
+        if self.node.is_empty() || self.nacked.is_empty() {
+            return;
+        }
+        if let Ok(mut nacked) = shared.nacked.lock() {
+            nacked.insert(std::mem::take(&mut self.node), std::mem::take(&mut self.nacked));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::config::parse;
+
+    fn resources(yaml: &str) -> Vec<Resource> {
+        parse(yaml, "t").unwrap().resources
+    }
+
+    const SET: &str = "resources:\n  - {kind: Cluster, name: a}\n  - {kind: Cluster, name: b}\n  - {kind: Endpoints, cluster: a, endpoints: [{address: \"127.0.0.1:1\"}]}\n";
+
+    fn subscribe(session: &mut Session, shared: &Shared, kind: Kind, initial: HashMap<String, String>) {
+        session
+            .on_request(
+                DeltaDiscoveryRequest {
+                    node: Some(super::super::Node { id: "n".into(), ..Default::default() }),
+                    type_url: kind.type_url().into(),
+                    initial_resource_versions: initial,
+                    ..Default::default()
+                },
+                shared,
+            )
+            .unwrap();
+    }
+
+    fn answer(session: &mut Session, shared: &Shared, response: &DeltaDiscoveryResponse, error: Option<&str>) {
+        session
+            .on_request(
+                DeltaDiscoveryRequest {
+                    type_url: response.type_url.clone(),
+                    response_nonce: response.nonce.clone(),
+                    error_detail: error.map(|e| super::super::RpcStatus {
+                        code: 3,
+                        message: e.into(),
+                        details: vec![],
+                    }),
+                    ..Default::default()
+                },
+                shared,
+            )
+            .unwrap();
+    }
+
+    fn setup() -> (Publisher, Shared) {
+        let metrics = Arc::new(ControlMetrics::new());
+        let publisher = Publisher::new(metrics.clone());
+        (publisher, Shared { metrics, nacked: Mutex::new(HashMap::new()) })
+    }
+
+    #[test]
+    fn sends_everything_then_only_changes_in_push_order_with_removals_last() {
+        let (publisher, shared) = setup();
+        publisher.publish(&resources(SET), "v1");
+        let mut session = Session::default();
+        for kind in [Kind::RouteTable, Kind::Cluster, Kind::Endpoints] {
+            subscribe(&mut session, &shared, kind, HashMap::new());
+        }
+        let first = session.pushes(&publisher.subscribe().borrow(), &shared);
+        let kinds: Vec<&str> = first.iter().map(|r| r.type_url.rsplit('.').next().unwrap()).collect();
+        // Route tables have none yet, but the subscription still gets its (empty) first answer.
+        assert_eq!(kinds, ["Cluster", "Endpoints", "RouteTable"]);
+        assert_eq!(first[0].resources.len(), 2);
+        assert_eq!(first[0].system_version_info, "v1");
+        assert!(session.pushes(&publisher.subscribe().borrow(), &shared).is_empty());
+
+        let changed =
+            SET.replace("{kind: Cluster, name: b}", "{kind: Cluster, name: c}").replace("127.0.0.1:1", "127.0.0.1:2");
+        assert_eq!(publisher.publish(&resources(&changed), "v2"), Published { changed: 2, removed: 1 });
+        let second = session.pushes(&publisher.subscribe().borrow(), &shared);
+        let summary: Vec<(String, Vec<String>, Vec<String>)> = second
+            .iter()
+            .map(|r| {
+                (
+                    r.type_url.rsplit('.').next().unwrap().to_owned(),
+                    r.resources.iter().map(|x| x.name.clone()).collect(),
+                    r.removed_resources.clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("Cluster".to_owned(), vec!["c".to_owned()], vec![]),
+                ("Endpoints".to_owned(), vec!["a".to_owned()], vec![]),
+                ("Cluster".to_owned(), vec![], vec!["b".to_owned()]),
+            ]
+        );
+        // Publishing the same set again changes nothing.
+        assert_eq!(publisher.publish(&resources(&changed), "v3"), Published::default());
+    }
+
+    #[test]
+    fn a_reconnect_with_known_versions_receives_only_the_difference() {
+        let (publisher, shared) = setup();
+        publisher.publish(&resources(SET), "v1");
+        let served = publisher.subscribe().borrow().clone();
+        let a = served.of(Kind::Cluster).get("a").unwrap().version.clone();
+        let mut session = Session::default();
+        let initial = HashMap::from([("a".to_owned(), a), ("gone".to_owned(), "x".to_owned())]);
+        subscribe(&mut session, &shared, Kind::Cluster, initial);
+        let pushes = session.pushes(&served, &shared);
+        assert_eq!(pushes.len(), 2);
+        assert_eq!(pushes[0].resources.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["b"]);
+        assert_eq!(pushes[1].removed_resources, ["gone"]);
+    }
+
+    #[test]
+    fn a_nacked_version_is_not_sent_again_even_after_a_reconnect() {
+        let (publisher, shared) = setup();
+        publisher.publish(&resources(SET), "v1");
+        let mut session = Session::default();
+        subscribe(&mut session, &shared, Kind::Cluster, HashMap::new());
+        let first = session.pushes(&publisher.subscribe().borrow(), &shared);
+        answer(&mut session, &shared, &first[0], Some("bad"));
+        session.close(&shared);
+
+        let mut again = Session::default();
+        subscribe(&mut again, &shared, Kind::Cluster, HashMap::new());
+        let pushes = again.pushes(&publisher.subscribe().borrow(), &shared);
+        assert_eq!(pushes.len(), 1);
+        assert!(pushes[0].resources.is_empty(), "{pushes:?}");
+        // A change to the source sends the new version.
+        publisher.publish(&resources(&SET.replace("name: b}", "name: b, connect_timeout: 1s}")), "v2");
+        let pushes = again.pushes(&publisher.subscribe().borrow(), &shared);
+        assert_eq!(pushes[0].resources.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["b"]);
+    }
+
+    #[test]
+    fn the_first_request_must_name_the_node() {
+        let (_, shared) = setup();
+        let mut session = Session::default();
+        let error = session
+            .on_request(
+                DeltaDiscoveryRequest { type_url: Kind::Cluster.type_url().into(), ..Default::default() },
+                &shared,
+            )
+            .unwrap_err();
+        assert_eq!(error.code(), tonic::Code::InvalidArgument);
+    }
+}
