@@ -90,8 +90,9 @@ enum Command {
         #[arg(long, default_value = registry::DEFAULT_PREFIX, value_name = "PREFIX")]
         etcd_prefix: String,
     },
-    /// Run a local demo mesh: two sample services behind a proxy on built-in defaults, a burst of
-    /// traffic and its summary, then serve until Ctrl-C.
+    /// Run a local demo mesh: a control plane, a proxy it configures (built-in defaults plus routes to
+    /// two sample services), a burst of traffic and its summary, a live route edit during traffic,
+    /// then serve until Ctrl-C.
     Demo {
         /// The proxy's outbound listener.
         #[arg(long, default_value = "127.0.0.1:15001", value_name = "ADDR")]
@@ -99,6 +100,9 @@ enum Command {
         /// The proxy's admin server.
         #[arg(long, default_value = "127.0.0.1:15000", value_name = "ADDR")]
         admin: SocketAddr,
+        /// The control plane's address.
+        #[arg(long, default_value = "127.0.0.1:15010", value_name = "ADDR")]
+        control: SocketAddr,
         /// Requests in the opening burst.
         #[arg(long, default_value_t = 200)]
         requests: usize,
@@ -137,8 +141,8 @@ fn main() -> ExitCode {
             registry::run_register(&etcd, &etcd_prefix, &endpoint, Duration::from_secs(ttl.max(1)))
                 .map_err(anyhow::Error::from)
         }
-        Command::Demo { listen, admin, requests } => {
-            remora_proxy::demo::run(DemoOptions { listen, admin, requests, ..DemoOptions::default() })
+        Command::Demo { listen, admin, control, requests } => {
+            remora_proxy::demo::run(DemoOptions { listen, admin, control, requests, ..DemoOptions::default() })
         }
         Command::Validate { config } => remora_proxy::bootstrap::load(&ConfigSource::File(config.clone()))
             .map(|loaded| {

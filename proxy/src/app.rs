@@ -197,6 +197,11 @@ impl Proxy {
         self.reloader.listener_addresses()
     }
 
+    /// The snapshot serving now.
+    pub fn snapshot(&self) -> Arc<crate::state::Snapshot> {
+        self.data.snapshot.load_full()
+    }
+
     /// Whether `/ready` reports ready.
     pub fn is_ready(&self) -> bool {
         self.admin.is_ready()

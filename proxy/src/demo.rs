@@ -1,15 +1,20 @@
-//! `remora demo`: a local mesh in one process, on built-in defaults.
+//! `remora demo`: a local mesh in one process — a control plane, a proxy it configures, two samples.
 //!
-//! Starts two sample HTTP services on free ports, a proxy in front of them shaped like the built-in
-//! defaults (a transparent, auto-detecting outbound listener with a pass-through cluster), plus a
-//! catch-all route table that balances across the two samples. It sends a burst of requests through
-//! the proxy, prints what happened (status codes, latency p50/p99, which sample served how many), and
-//! keeps serving until Ctrl-C, which drains the proxy and exits.
+//! Starts two sample HTTP services on free ports, writes the mesh's resources into a temporary
+//! directory, and starts `remora control` on that directory and a proxy that takes its configuration
+//! from it (Delta ADS), shaped like the built-in defaults (a transparent, auto-detecting outbound
+//! listener with a pass-through cluster) plus a route table balancing across the two samples. It
+//! sends a burst through the proxy and prints what happened (status codes, latency p50/p99, which
+//! sample served how many); then, with traffic still flowing, it edits the route file as a GitOps
+//! commit would, and prints how long the proxy took to serve the new route and that no request
+//! failed. It keeps serving until Ctrl-C, which drains the proxy and exits.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -18,9 +23,10 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use remora_control_api::control::{ControlConfig, ControlPlane};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::app::Proxy;
+use crate::app::{Proxy, StartOptions};
 use crate::bootstrap::ConfigSource;
 
 /// What the demo binds.
@@ -30,6 +36,8 @@ pub struct DemoOptions {
     pub listen: SocketAddr,
     /// The admin server (default 127.0.0.1:15000).
     pub admin: SocketAddr,
+    /// The control plane (default 127.0.0.1:15010).
+    pub control: SocketAddr,
     /// Requests in the opening burst.
     pub requests: usize,
     /// Connections the burst spreads over.
@@ -41,22 +49,29 @@ impl Default for DemoOptions {
         DemoOptions {
             listen: SocketAddr::from(([127, 0, 0, 1], 15001)),
             admin: SocketAddr::from(([127, 0, 0, 1], 15000)),
+            control: SocketAddr::from(([127, 0, 0, 1], 15010)),
             requests: 200,
             connections: 8,
         }
     }
 }
 
-/// The demo's config: the built-in defaults' outbound listener and pass-through cluster, plus the
-/// two samples behind a catch-all route table.
-pub fn config(options: &DemoOptions, sample_a: SocketAddr, sample_b: SocketAddr) -> String {
+/// The proxy's own file: bootstrap settings only; every resource comes from the control plane.
+pub fn proxy_config(options: &DemoOptions, control_plane: SocketAddr) -> String {
     format!(
-        r#"# remora demo: built-in defaults plus two sample services.
-bootstrap:
-  node_id: demo
-  admin_address: {admin}
-  workers: 1
-  drain_time: 2s
+        "# remora demo: the proxy's bootstrap; its resources come from the control plane.\n\
+         bootstrap:\n  node_id: demo\n  admin_address: {admin}\n  workers: 1\n  drain_time: 2s\n  \
+         control_plane: http://{control_plane}\n  initial_fetch_timeout: 10s\n",
+        admin = options.admin,
+    )
+}
+
+/// The control plane's directory: the built-in defaults' outbound listener and pass-through
+/// cluster, the two samples as clusters, and (in `routes.yaml`) the route table, sending everything to
+/// `target`.
+pub fn mesh_files(options: &DemoOptions, sample_a: SocketAddr, sample_b: SocketAddr) -> [(&'static str, String); 2] {
+    let mesh = format!(
+        r#"# remora demo: what the control plane serves. Edit these files while the demo runs.
 resources:
   - kind: Listener
     name: outbound
@@ -75,15 +90,29 @@ resources:
     endpoints:
       - address: {sample_a}
       - address: {sample_b}
+  - kind: Cluster
+    name: sample-b
+  - kind: Endpoints
+    cluster: sample-b
+    endpoints:
+      - address: {sample_b}
+"#,
+        listen = options.listen,
+    );
+    [("mesh.yaml", mesh), ("routes.yaml", routes("samples"))]
+}
+
+/// The demo's route table, sending everything to `cluster`.
+pub fn routes(cluster: &str) -> String {
+    format!(
+        r#"resources:
   - kind: RouteTable
     name: demo
     routes:
       - name: everything
         match: {{path: {{prefix: /}}}}
-        backends: [{{cluster: samples}}]
-"#,
-        admin = options.admin,
-        listen = options.listen,
+        backends: [{{cluster: {cluster}}}]
+"#
     )
 }
 
@@ -91,49 +120,139 @@ resources:
 pub fn run(options: DemoOptions) -> anyhow::Result<()> {
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().context("start the demo runtime")?;
-    runtime.block_on(async move {
-        // Listen for Ctrl-C before telling anyone to press it.
-        let mut interrupt =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).context("listen for Ctrl-C")?;
-        let sample_a = start_sample("sample-a").await?;
-        let sample_b = start_sample("sample-b").await?;
-        let source = ConfigSource::Text { origin: "demo config".into(), text: config(&options, sample_a, sample_b) };
-        let proxy = Proxy::start(source)
-            .context("start the demo proxy (is another Remora using its ports? see --listen/--admin)")?;
-        let listen = proxy.listener_address("outbound").context("the demo proxy has no outbound listener")?;
-        let admin = proxy.admin_address();
+    let dir = std::env::temp_dir().join(format!("remora-demo-{}", std::process::id()));
+    let result = runtime.block_on(demo(options, &dir));
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
 
-        println!("Remora demo: two sample services behind one Remora proxy, on built-in defaults.\n");
-        println!("  sample-a   http://{sample_a}");
-        println!("  sample-b   http://{sample_b}");
-        println!("  proxy      outbound listener {listen} (transparent, protocol auto), admin {admin}\n");
-
-        let burst = burst(listen, options.requests, options.connections).await;
-        println!("Sent {} requests through the proxy over {} connections:", options.requests, options.connections);
-        let statuses: Vec<String> = burst.statuses.iter().map(|(s, n)| format!("{s} x {n}")).collect();
-        println!("  status     {}", statuses.join("   "));
-        println!(
-            "  latency    p50 {:.2} ms   p99 {:.2} ms",
-            percentile(&burst.latencies, 0.50).as_secs_f64() * 1e3,
-            percentile(&burst.latencies, 0.99).as_secs_f64() * 1e3
-        );
-        let served: Vec<String> = burst.served_by.iter().map(|(s, n)| format!("{s} {n}")).collect();
-        println!("  served by  {}", served.join("   "));
-        if burst.failures > 0 {
-            println!("  failures   {} (connection errors)", burst.failures);
-        }
-        println!("\nThe proxy keeps running. Try:");
-        println!("  curl -i http://{listen}/");
-        println!("  curl http://{admin}/metrics");
-        println!("  curl http://{admin}/config_dump");
-        println!("Ctrl-C drains the proxy and stops the demo.");
-
-        interrupt.recv().await;
-        println!("\ndraining...");
-        let clean = proxy.drain().await;
-        println!("{}", if clean { "drained; bye" } else { "drain time passed; bye" });
-        Ok(())
+async fn demo(options: DemoOptions, dir: &Path) -> anyhow::Result<()> {
+    // Listen for Ctrl-C before telling anyone to press it.
+    let mut interrupt =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).context("listen for Ctrl-C")?;
+    let sample_a = start_sample("sample-a").await?;
+    let sample_b = start_sample("sample-b").await?;
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    for (name, text) in mesh_files(&options, sample_a, sample_b) {
+        std::fs::write(dir.join(name), text).with_context(|| format!("write {name}"))?;
+    }
+    let control = ControlPlane::start(ControlConfig {
+        listen: options.control,
+        config_dir: Some(dir.to_path_buf()),
+        ..ControlConfig::default()
     })
+    .await
+    .context("start the demo control plane (is another Remora using its port? see --control)")?;
+    let source =
+        ConfigSource::Text { origin: "demo bootstrap".into(), text: proxy_config(&options, control.address()) };
+    let proxy = Proxy::start_with(source, StartOptions::default())
+        .context("start the demo proxy (is another Remora using its ports? see --listen/--admin)")?;
+    let started = Instant::now();
+    while !proxy.is_ready() {
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(10), "the proxy got no configuration in 10 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let listen = proxy.listener_address("outbound").context("the demo proxy has no outbound listener")?;
+    let admin = proxy.admin_address();
+
+    println!("Remora demo: a control plane, one Remora proxy it configures, two sample services.\n");
+    println!("  sample-a   http://{sample_a}");
+    println!("  sample-b   http://{sample_b}");
+    println!("  control    {} serving {}", control.address(), dir.display());
+    println!("  proxy      outbound listener {listen} (transparent, protocol auto), admin {admin}");
+    println!("             configured over Delta ADS, ready in {:.0} ms\n", started.elapsed().as_secs_f64() * 1e3);
+
+    let burst = burst(listen, options.requests, options.connections).await;
+    println!("Sent {} requests through the proxy over {} connections:", options.requests, options.connections);
+    report(&burst);
+
+    live_change(&proxy, listen, dir).await?;
+
+    println!("\nEverything keeps running. Try:");
+    println!("  curl -i http://{listen}/");
+    println!("  curl http://{admin}/config_dump      (versions, ACK/NACK per type)");
+    println!("  curl http://{}/metrics    (the control plane's)", control.address());
+    println!("  edit {}/routes.yaml and curl again", dir.display());
+    println!("Ctrl-C drains the proxy and stops the demo.");
+
+    interrupt.recv().await;
+    println!("\ndraining...");
+    let clean = proxy.drain().await;
+    drop(control);
+    println!("{}", if clean { "drained; bye" } else { "drain time passed; bye" });
+    Ok(())
+}
+
+fn report(burst: &Burst) {
+    let statuses: Vec<String> = burst.statuses.iter().map(|(s, n)| format!("{s} x {n}")).collect();
+    println!("  status     {}", statuses.join("   "));
+    println!(
+        "  latency    p50 {:.2} ms   p99 {:.2} ms",
+        percentile(&burst.latencies, 0.50).as_secs_f64() * 1e3,
+        percentile(&burst.latencies, 0.99).as_secs_f64() * 1e3
+    );
+    let served: Vec<String> = burst.served_by.iter().map(|(s, n)| format!("{s} {n}")).collect();
+    println!("  served by  {}", served.join("   "));
+    if burst.failures > 0 {
+        println!("  failures   {} (connection errors)", burst.failures);
+    }
+}
+
+/// Edits `routes.yaml` (everything to sample-b) while a client sends requests, and reports when the
+/// new route served and what the client saw.
+async fn live_change(proxy: &Proxy, listen: SocketAddr, dir: &Path) -> anyhow::Result<()> {
+    println!("\nLive change: routes.yaml now sends everything to sample-b, written while traffic flows...");
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = tokio::spawn(steady(listen, stop.clone()));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let staging: PathBuf = dir.join(".routes.yaml.new");
+    std::fs::write(&staging, routes("sample-b")).context("write routes.yaml")?;
+    let edited = Instant::now();
+    std::fs::rename(&staging, dir.join("routes.yaml")).context("replace routes.yaml")?;
+    let mut applied = None;
+    while edited.elapsed() < Duration::from_secs(5) {
+        if applied.is_none() && routes_to(proxy, "sample-b") {
+            applied = Some(edited.elapsed());
+        }
+        if applied.is_some_and(|a| edited.elapsed() > a + Duration::from_millis(300)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let seen = traffic.await.unwrap_or_default();
+    match applied {
+        Some(took) => println!("  applied    {:.0} ms after the edit (the proxy ACKed it)", took.as_secs_f64() * 1e3),
+        None => println!("  not applied within 5 s: see the control plane's log"),
+    }
+    println!("  during the change, one client:");
+    report(&seen);
+    let after = burst(listen, 20, 1).await;
+    println!("  after it:");
+    report(&after);
+    Ok(())
+}
+
+/// Whether the serving route table `demo` sends to `cluster`.
+fn routes_to(proxy: &Proxy, cluster: &str) -> bool {
+    proxy.snapshot().resources.iter().any(|r| match r {
+        remora_control_api::Resource::RouteTable(t) => {
+            t.name == "demo" && t.routes.iter().flat_map(|r| &r.backends).any(|b| b.cluster == cluster)
+        }
+        _ => false,
+    })
+}
+
+/// One keep-alive client sending requests until `stop`.
+async fn steady(listen: SocketAddr, stop: Arc<AtomicBool>) -> Burst {
+    let mut out = Burst::default();
+    while !stop.load(Ordering::Relaxed) {
+        if one_connection(listen, 20, &mut out).await.is_err() {
+            out.failures += 1;
+        }
+    }
+    out.latencies.sort();
+    out
 }
 
 /// Starts a sample HTTP/1.1 service answering `hello from {name}` with an `x-served-by` header.
@@ -240,9 +359,16 @@ mod tests {
     #[test]
     fn the_demo_config_is_valid() {
         let options = DemoOptions::default();
-        let text = config(&options, "127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap());
+        let files = mesh_files(&options, "127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap());
+        let mut resources = Vec::new();
+        for (name, text) in &files {
+            resources.extend(remora_control_api::config::parse(text, name).unwrap().resources);
+        }
+        remora_control_api::validate::validate(&resources).unwrap();
+        assert_eq!(resources.len(), 7);
+        let text = proxy_config(&options, options.control);
         let loaded = crate::bootstrap::load(&ConfigSource::Text { origin: "demo".into(), text }).unwrap();
-        assert_eq!(loaded.resources.len(), 5);
+        assert_eq!(loaded.bootstrap.control_plane, "http://127.0.0.1:15010");
     }
 
     #[test]

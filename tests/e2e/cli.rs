@@ -211,10 +211,27 @@ async fn large_bodies_stream_with_bounded_memory() {
 /// `remora demo` starts the samples and a proxy, reports the burst, and stops cleanly on Ctrl-C.
 #[test]
 fn demo_reports_a_burst_and_stops_on_ctrl_c() {
-    let mut demo = Spawned::new(&["demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--requests", "40"]);
+    let mut demo = Spawned::new(&[
+        "demo",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--control",
+        "127.0.0.1:0",
+        "--requests",
+        "40",
+    ]);
     demo.wait_for("Ctrl-C drains");
     demo.wait_for("status     200 x 40");
     demo.wait_for("served by  sample-a 20   sample-b 20");
+    // The live route edit applied, and nothing failed while it did.
+    let applied = demo.wait_for("  applied    ");
+    let ms: f64 = applied.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(ms < 1000.0, "{applied}");
+    demo.wait_for("status     200 x 20");
+    demo.wait_for("served by  sample-b 20");
+    assert!(!demo.seen.iter().any(|l| l.contains("failures")), "{}", demo.seen.join("\n"));
     let curl = demo.wait_for("curl -i http://");
     assert!(curl.contains("127.0.0.1:"), "{curl}");
     demo.signal(Signal::INT);

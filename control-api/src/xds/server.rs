@@ -35,6 +35,11 @@ use crate::{Kind, Resource};
 const STREAM_QUEUE: usize = 16;
 /// Responses per kind a proxy may leave unanswered before the oldest is forgotten.
 const MAX_PENDING: usize = 64;
+/// Clusters and endpoint sets are sent in responses of about this many bytes at most (a single larger
+/// resource goes alone). Each stream's encoder keeps a buffer as large as the largest message it sent,
+/// so this bounds a connected proxy's cost to the control plane. Listeners and route tables are never
+/// split: two of them can conflict (an address, a host), and a proxy must see such changes together.
+const CHUNK_BYTES: usize = 32 * 1024;
 
 /// One resource as served: encoded once, shared by every stream.
 #[derive(Debug)]
@@ -372,7 +377,24 @@ impl Session {
             }
             let removed: Vec<String> =
                 sub.known.keys().filter(|name| !served.contains_key(*name) || !sub.wants(name)).cloned().collect();
-            if !resources.is_empty() || (removed.is_empty() && sub.owes_response) {
+            if resources.is_empty() {
+                if removed.is_empty() && sub.owes_response {
+                    responses.push((kind, resources, Vec::new()));
+                }
+            } else if matches!(kind, Kind::Cluster | Kind::Endpoints) {
+                let mut chunk = Vec::new();
+                let mut size = 0;
+                for resource in resources {
+                    let len = resource.encoded_len();
+                    if !chunk.is_empty() && size + len > CHUNK_BYTES {
+                        responses.push((kind, std::mem::take(&mut chunk), Vec::new()));
+                        size = 0;
+                    }
+                    size += len;
+                    chunk.push(resource);
+                }
+                responses.push((kind, chunk, Vec::new()));
+            } else {
                 responses.push((kind, resources, Vec::new()));
             }
             if !removed.is_empty() {
@@ -559,6 +581,34 @@ mod tests {
         publisher.publish(&resources(&SET.replace("name: b}", "name: b, connect_timeout: 1s}")), "v2");
         let pushes = again.pushes(&publisher.subscribe().borrow(), &shared);
         assert_eq!(pushes[0].resources.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["b"]);
+    }
+
+    #[test]
+    fn many_endpoint_sets_are_sent_in_bounded_responses_and_route_tables_whole() {
+        let (publisher, shared) = setup();
+        let mut yaml = String::from("resources:\n");
+        for c in 0..60 {
+            yaml.push_str(&format!("  - {{kind: Endpoints, cluster: c{c}, endpoints: ["));
+            for e in 0..40 {
+                yaml.push_str(&format!("{{address: \"10.0.{c}.{e}:8080\"}}, "));
+            }
+            yaml.push_str("]}\n");
+            yaml.push_str(&format!("  - {{kind: RouteTable, name: t{c}, destinations: [host{c}], routes: [{{backends: [{{cluster: c{c}}}]}}]}}\n"));
+        }
+        publisher.publish(&resources(&yaml), "v1");
+        let mut session = Session::default();
+        subscribe(&mut session, &shared, Kind::Endpoints, HashMap::new());
+        subscribe(&mut session, &shared, Kind::RouteTable, HashMap::new());
+        let pushes = session.pushes(&publisher.subscribe().borrow(), &shared);
+        let endpoints: Vec<&DeltaDiscoveryResponse> =
+            pushes.iter().filter(|r| r.type_url == Kind::Endpoints.type_url()).collect();
+        assert!(endpoints.len() > 1, "{} endpoint responses", endpoints.len());
+        assert!(endpoints.iter().all(|r| r.encoded_len() <= CHUNK_BYTES + 2048));
+        assert_eq!(endpoints.iter().map(|r| r.resources.len()).sum::<usize>(), 60);
+        let tables: Vec<&DeltaDiscoveryResponse> =
+            pushes.iter().filter(|r| r.type_url == Kind::RouteTable.type_url()).collect();
+        assert_eq!(tables.len(), 1);
+        assert_eq!(tables[0].resources.len(), 60);
     }
 
     #[test]
