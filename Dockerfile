@@ -1,7 +1,8 @@
-# One image for Remora: the proxy today; the control plane uses the same binary when it lands.
+# One image for Remora, both roles: the sidecar proxy and the control plane are the same binary.
 #
 #   docker build -t remora .
 #   docker run --rm -p 15000:15000 -p 15001:15001 remora proxy --config /etc/remora/config.yaml
+#   docker run --rm -p 15010:15010 -v "$PWD/mesh:/mesh:ro" remora control --config-dir /mesh --listen 0.0.0.0:15010
 #
 # Build stage: the same toolchain as CI; the lockfile pins every crate.
 FROM rust:1.95-slim-bookworm AS build
@@ -14,7 +15,7 @@ RUN cargo build --release --locked --bin remora && strip target/release/remora
 FROM gcr.io/distroless/cc-debian12
 COPY --from=build /src/target/release/remora /usr/local/bin/remora
 USER 1337:1337
-# admin, outbound, inbound
-EXPOSE 15000 15001 15006
+# admin, outbound, inbound, control plane
+EXPOSE 15000 15001 15006 15010
 ENTRYPOINT ["/usr/local/bin/remora"]
 CMD ["proxy"]

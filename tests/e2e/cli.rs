@@ -297,3 +297,18 @@ async fn register_joins_while_running_and_leaves_on_sigterm() {
     register.wait_for("deregistered");
     assert!(direct.range_prefix(&prefix).await.unwrap().0.is_empty());
 }
+
+/// A control-plane directory that does not load stops `remora control` at start-up, naming the file.
+#[test]
+fn control_refuses_a_broken_directory_at_start_up() {
+    let dir = temp_dir("remora-cli-broken");
+    std::fs::write(dir.join("ok.yaml"), "kind: Cluster\nname: a\n").unwrap();
+    std::fs::write(dir.join("bad.yaml"), "kind: Cluster\nname: b\nbalancer: fastest\n").unwrap();
+    let output = Command::new(REMORA)
+        .args(["control", "--config-dir", dir.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("bad.yaml") && stderr.contains("balancer"), "{stderr}");
+}

@@ -181,6 +181,34 @@ async fn an_invalid_resource_is_nacked_and_the_old_config_serves_until_it_is_fix
     assert_eq!(failed, 0, "failed requests, the first ones: {failures:?}");
 }
 
+/// A directory change that does not even parse is refused by the control plane: nothing is pushed,
+/// its `/config_dump` and metrics say why, the proxies keep serving, and the next good change flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_that_does_not_parse_is_held_back_by_the_control_plane() {
+    let (a, b) = (HttpServer::start("a").await, HttpServer::start("b").await);
+    let plane = TestControlPlane::start(&[("clusters.yaml", &clusters(&a, &b)), ("routes.yaml", &routes("a"))]);
+    let proxy = controlled(&plane, "held").await;
+    let traffic = Traffic::start(proxy.address("in"), 2);
+    let pushes = || plane.metric("remora_control_pushes_total{type=\"RouteTable\"}");
+    let before = pushes();
+    plane.write("routes.yaml", "resources: [ {kind: RouteTable, name: web");
+    eventually("the load fails", Duration::from_secs(5), || async {
+        plane.metric("remora_control_source_loads_total{source=\"directory\",result=\"error\"}") == 1.0
+    })
+    .await;
+    let mut client = remora_proxy::testing::Client::http1(plane.address()).await;
+    let dump: serde_json::Value = serde_json::from_str(&client.get("x", "/config_dump").await.text()).unwrap();
+    assert!(dump["directory_error"].as_str().unwrap().contains("routes.yaml"), "{dump}");
+    assert_eq!(dump["resources"]["RouteTable"][0]["name"], "web");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(pushes(), before, "nothing is pushed for a broken directory");
+    plane.write("routes.yaml", &routes("b"));
+    eventually("the next good change serves", Duration::from_secs(5), || async { traffic.last_answer("b").is_some() })
+        .await;
+    let (failed, failures) = traffic.stop().await;
+    assert_eq!(failed, 0, "failed requests, the first ones: {failures:?}");
+}
+
 /// The control plane down for ten seconds under traffic: nothing fails, the proxy reports the
 /// stream down, and once the control plane is back it reconnects and converges on what changed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -367,3 +367,49 @@ pub fn stop_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn registered_endpoints_join_their_clusters_and_every_cluster_gets_a_set() {
+        let file = crate::config::parse(
+            "resources:\n  - {kind: Cluster, name: listed}\n  - {kind: Endpoints, cluster: listed, endpoints: [{address: \"10.0.0.1:80\"}]}\n  - {kind: Cluster, name: empty}\n  - {kind: Cluster, name: pass, original_destination: true}\n",
+            "t",
+        )
+        .unwrap();
+        let mut registry = Registrations::new();
+        for (key, cluster, address) in [
+            ("a", "listed", "10.0.0.1:80"),
+            ("b", "listed", "10.0.0.2:80"),
+            ("c", "elsewhere", "10.0.0.3:80"),
+        ] {
+            registry.insert(
+                key.as_bytes().to_vec(),
+                registry::Registered { cluster: cluster.into(), address: address.into(), weight: Some(2) },
+            );
+        }
+        let merged = merge(&file.resources, Some(&registry));
+        let endpoints: BTreeMap<&str, Vec<&str>> = merged
+            .iter()
+            .filter_map(|r| match r {
+                Resource::Endpoints(e) => {
+                    Some((e.cluster.as_str(), e.endpoints.iter().map(|x| x.address.as_str()).collect()))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            endpoints,
+            BTreeMap::from([
+                ("elsewhere", vec!["10.0.0.3:80"]),
+                ("empty", vec![]),
+                ("listed", vec!["10.0.0.1:80", "10.0.0.2:80"]),
+            ])
+        );
+        validate::validate_with(&merged, References::Pending).unwrap();
+    }
+}
