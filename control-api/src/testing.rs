@@ -26,8 +26,6 @@ use crate::pb::envoy::service::discovery::v3::aggregated_discovery_service_clien
 use crate::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use crate::pb::google::rpc::Status;
 
-pub use tonic::Code;
-
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
 /// A fresh, empty directory under the system's temporary directory.

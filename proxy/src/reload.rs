@@ -23,7 +23,7 @@ use remora_control_api::validate::{References, ValidationErrors};
 use remora_control_api::xds::client::Update;
 use remora_control_api::{Kind, Resource, v1};
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::admin::{AdminState, ReloadReport};
 use crate::bootstrap::{self, ConfigSource, LoadError, Loaded};
@@ -162,6 +162,13 @@ impl Reloader {
         let outcome = self.apply(version, composed.serving)?;
         held.dynamic = dynamic;
         held.warming = composed.warming;
+        debug!(
+            r#type = %update.kind,
+            changed = update.resources.len(),
+            removed = update.removed.len(),
+            warming = held.warming.len(),
+            "control plane update applied"
+        );
         Ok(outcome)
     }
 

@@ -382,11 +382,9 @@ mod tests {
         )
         .unwrap();
         let mut registry = Registrations::new();
-        for (key, cluster, address) in [
-            ("a", "listed", "10.0.0.1:80"),
-            ("b", "listed", "10.0.0.2:80"),
-            ("c", "elsewhere", "10.0.0.3:80"),
-        ] {
+        for (key, cluster, address) in
+            [("a", "listed", "10.0.0.1:80"), ("b", "listed", "10.0.0.2:80"), ("c", "elsewhere", "10.0.0.3:80")]
+        {
             registry.insert(
                 key.as_bytes().to_vec(),
                 registry::Registered { cluster: cluster.into(), address: address.into(), weight: Some(2) },

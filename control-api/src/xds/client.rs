@@ -169,16 +169,17 @@ async fn stream_once<H: Handler>(config: &ClientConfig, handler: &mut H, deliver
 /// Decodes and applies one response; returns its ACK or NACK.
 fn answer<H: Handler>(response: DeltaDiscoveryResponse, handler: &mut H) -> DeltaDiscoveryRequest {
     let DeltaDiscoveryResponse { system_version_info, resources, type_url, removed_resources, nonce } = response;
-    let outcome = match decode(&type_url, resources) {
-        Ok((kind, resources)) => {
-            let update =
-                Update { kind, system_version: system_version_info.clone(), resources, removed: removed_resources };
-            let result = handler.apply(update);
-            handler.answered(kind, &system_version_info, result.as_ref().err().map(String::as_str));
-            result
-        }
-        Err(reason) => Err(reason),
-    };
+    let outcome = decode(&type_url, resources).and_then(|(kind, resources)| {
+        handler.apply(Update {
+            kind,
+            system_version: system_version_info.clone(),
+            resources,
+            removed: removed_resources,
+        })
+    });
+    if let Some(kind) = Kind::from_type_url(&type_url) {
+        handler.answered(kind, &system_version_info, outcome.as_ref().err().map(String::as_str));
+    }
     DeltaDiscoveryRequest {
         type_url,
         response_nonce: nonce,
@@ -212,4 +213,78 @@ fn decode(
         decoded.push((wire.version, resource));
     }
     Ok((kind, decoded))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::xds::discovery;
+
+    #[derive(Default)]
+    struct Recorder {
+        applied: Vec<(Kind, Vec<String>, Vec<String>)>,
+        answers: Vec<(Kind, Option<String>)>,
+    }
+
+    impl Handler for Recorder {
+        fn versions(&self, _kind: Kind) -> HashMap<String, String> {
+            HashMap::new()
+        }
+        fn apply(&mut self, update: Update) -> Result<(), String> {
+            let names = update.resources.iter().map(|(_, r)| r.name().to_owned()).collect();
+            self.applied.push((update.kind, names, update.removed));
+            Ok(())
+        }
+        fn connected(&mut self, _connected: bool) {}
+        fn answered(&mut self, kind: Kind, _system_version: &str, nack: Option<&str>) {
+            self.answers.push((kind, nack.map(str::to_owned)));
+        }
+    }
+
+    fn response(name: &str, any: pbjson_types::Any) -> DeltaDiscoveryResponse {
+        DeltaDiscoveryResponse {
+            system_version_info: "v".into(),
+            resources: vec![discovery::Resource {
+                name: name.into(),
+                version: "1".into(),
+                resource: Some(any),
+                ..Default::default()
+            }],
+            type_url: Kind::Cluster.type_url().into(),
+            removed_resources: vec!["old".into()],
+            nonce: "7".into(),
+        }
+    }
+
+    #[test]
+    fn good_responses_are_applied_and_acked() {
+        let cluster = Resource::Cluster(crate::v1::Cluster { name: "c".into(), ..Default::default() });
+        let mut recorder = Recorder::default();
+        let ack = answer(response("c", cluster.to_any()), &mut recorder);
+        assert_eq!(ack.response_nonce, "7");
+        assert!(ack.error_detail.is_none());
+        assert_eq!(recorder.applied, [(Kind::Cluster, vec!["c".to_owned()], vec!["old".to_owned()])]);
+    }
+
+    #[test]
+    fn undecodable_or_mislabelled_resources_are_nacked_naming_them() {
+        let mut recorder = Recorder::default();
+        let garbage = pbjson_types::Any { type_url: Kind::Cluster.type_url().into(), value: vec![0xff, 0xff].into() };
+        let nack = answer(response("c", garbage), &mut recorder);
+        let message = nack.error_detail.unwrap().message;
+        assert!(message.starts_with("cluster \"c\": not a valid Cluster message"), "{message}");
+
+        let listener = Resource::Listener(crate::v1::Listener { name: "c".into(), ..Default::default() });
+        let nack = answer(response("c", listener.to_any()), &mut recorder);
+        assert!(nack.error_detail.unwrap().message.contains("carries a type.googleapis.com/remora.v1.Listener"));
+
+        let other = Resource::Cluster(crate::v1::Cluster { name: "d".into(), ..Default::default() });
+        let nack = answer(response("c", other.to_any()), &mut recorder);
+        assert!(nack.error_detail.unwrap().message.contains("named \"d\""));
+        assert!(recorder.applied.is_empty());
+        assert_eq!(recorder.answers.len(), 3);
+        assert!(recorder.answers.iter().all(|(kind, nack)| *kind == Kind::Cluster && nack.is_some()));
+    }
 }
