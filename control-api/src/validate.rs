@@ -241,6 +241,12 @@ impl Checker {
         }
     }
 
+    fn percent(&mut self, subject: &str, field: &str, value: f64) {
+        if !(0.0..=100.0).contains(&value) {
+            self.fail(subject, field, format!("must be 0 to 100, got {value}"));
+        }
+    }
+
     fn listener(
         &mut self,
         subject: &str,
@@ -329,6 +335,31 @@ impl Checker {
                         self.fail(subject, at(&format!("match.query[{j}].regex")), e);
                     }
                 }
+            }
+            self.duration(subject, &at("timeout"), route.timeout.as_ref(), true);
+            if let Some(fault) = &route.fault {
+                if let Some(delay) = &fault.delay {
+                    self.percent(subject, &at("fault.delay.percent"), delay.percent);
+                    if delay.duration.is_none() {
+                        self.fail(subject, at("fault.delay.duration"), "is required");
+                    }
+                    self.duration(subject, &at("fault.delay.duration"), delay.duration.as_ref(), true);
+                }
+                if let Some(abort) = &fault.abort {
+                    self.percent(subject, &at("fault.abort.percent"), abort.percent);
+                    if !(200..=599).contains(&abort.status) {
+                        self.fail(
+                            subject,
+                            at("fault.abort.status"),
+                            format!("must be 200 to 599, got {}", abort.status),
+                        );
+                    }
+                }
+            }
+            if let Some(limit) = &route.rate_limit
+                && limit.requests_per_second == 0
+            {
+                self.fail(subject, at("rate_limit.requests_per_second"), "must be above zero");
             }
             if route.backends.is_empty() {
                 self.fail(subject, at("backends"), "needs at least one cluster");

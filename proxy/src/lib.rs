@@ -26,6 +26,7 @@
 //! - [`tcp`] — upstream connects and L4 forwarding (`splice(2)`).
 //! - [`http`] — the HTTP server, the request phases, the upstream pool and HTTP/1.1 client, header
 //!   hygiene, tunnels.
+//! - [`policy`] — per-route policy: request timeout, fault injection, local rate limit.
 //! - [`balance`] — endpoint selection (smooth weighted round robin) and weighted cluster choice.
 //! - [`telemetry`] — metrics.
 //! - [`timer`] — coarse per-worker time: a clock read once per tick, cheap timers for hyper.
@@ -50,6 +51,7 @@ pub mod http;
 pub mod io;
 pub mod limits;
 pub mod listener;
+pub mod policy;
 pub mod reload;
 pub mod state;
 pub mod tcp;

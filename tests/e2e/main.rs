@@ -9,6 +9,7 @@ mod control;
 mod drain;
 mod grpc;
 mod http;
+mod policy;
 mod reload;
 mod tcp;
 mod transparent;

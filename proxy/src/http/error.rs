@@ -7,7 +7,7 @@
 //! the proxy made from one the app sent.
 
 use bytes::Bytes;
-use http::header::{CONNECTION, CONTENT_TYPE, HeaderValue};
+use http::header::{CONNECTION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use http::{Response, StatusCode};
 
 use crate::http::body::ProxyBody;
@@ -58,6 +58,15 @@ pub enum ProxyError {
     /// The request cannot be proxied as sent.
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    /// The response head did not arrive within the route's timeout.
+    #[error("no response within the route's timeout of {0:?}")]
+    RequestTimeout(std::time::Duration),
+    /// The route's rate limit is used up; a token is due after this long.
+    #[error("rate limited: try again in {0:?}")]
+    RateLimited(std::time::Duration),
+    /// The route's fault injection chose to fail this request with this status.
+    #[error("fault injected by the route's policy")]
+    FaultInjected(u16),
 }
 
 impl ProxyError {
@@ -73,6 +82,8 @@ impl ProxyError {
                 h1::Error::Io(_) | h1::Error::Closed | h1::Error::Protocol(_) | h1::Error::UnexpectedSwitch,
             ) => Side::Upstream,
             ProxyError::BadRequest(_) | ProxyError::Http1(h1::Error::RequestBody(_)) => Side::Downstream,
+            ProxyError::RequestTimeout(_) => Side::Upstream,
+            ProxyError::RateLimited(_) | ProxyError::FaultInjected(_) => Side::Config,
         }
     }
 
@@ -100,6 +111,11 @@ impl ProxyError {
             }
             ProxyError::Http1(h1::Error::RequestBody(_)) => (StatusCode::BAD_REQUEST, "downstream_body_error"),
             ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ProxyError::RequestTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "request_timeout"),
+            ProxyError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            ProxyError::FaultInjected(status) => {
+                (StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), "fault_injected")
+            }
         };
         let mut response = Response::new(ProxyBody::local(Bytes::from(format!("{self}\n"))));
         *response.status_mut() = status;
@@ -108,6 +124,11 @@ impl ProxyError {
         headers.insert(ERROR_HEADER, HeaderValue::from_static(reason));
         if matches!(self, ProxyError::ListenerRemoved | ProxyError::BadRequest(_)) {
             headers.insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        if let ProxyError::RateLimited(wait) = self {
+            // Whole seconds, rounded up: a client that waits this long finds a token.
+            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            headers.insert(RETRY_AFTER, HeaderValue::from(seconds.max(1)));
         }
         response
     }
@@ -129,11 +150,16 @@ mod tests {
             (ProxyError::Connect(ConnectError::Timeout(([127, 0, 0, 1], 1).into())), 503, "connect_timeout"),
             (refused, 503, "connect_failed"),
             (ProxyError::BadRequest("x"), 400, "bad_request"),
+            (ProxyError::RequestTimeout(std::time::Duration::from_secs(1)), 504, "request_timeout"),
+            (ProxyError::RateLimited(std::time::Duration::from_millis(1500)), 429, "rate_limited"),
+            (ProxyError::FaultInjected(418), 418, "fault_injected"),
         ];
         for (error, status, reason) in cases {
             let response = error.to_response();
             assert_eq!(response.status().as_u16(), status, "{error}");
             assert_eq!(response.headers()[ERROR_HEADER], reason);
         }
+        let limited = ProxyError::RateLimited(std::time::Duration::from_millis(1500)).to_response();
+        assert_eq!(limited.headers()[RETRY_AFTER], "2");
     }
 }

@@ -7,7 +7,9 @@
 //!
 //! 1. **route**: from the live snapshot, the listener's route table for the request's authority (or
 //!    the connection's original destination), the first matching route, and a cluster by weight;
-//!    the listener's default cluster when no table claims the destination.
+//!    the listener's default cluster when no table claims the destination. A route with a policy
+//!    (`policy`) then admits the request: its rate limit (429), its injected faults (a delay, an
+//!    abort), and its timeout on the response head (504).
 //! 2. **balance**: the cluster's next endpoint (or the original destination, for a pass-through).
 //! 3. **prepare**: hop-by-hop headers stripped; target and `Host` reshaped for the upstream version.
 //! 4. **connect**: a pooled connection to the endpoint, or a new one (`client`).
@@ -29,6 +31,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
@@ -40,6 +43,7 @@ use tracing::debug;
 use crate::io::{self, DownstreamStream, Meter, Watched, idle_watch};
 use crate::limits;
 use crate::listener::{DataPath, Open};
+use crate::policy::Admission;
 use crate::state::ListenerConfig;
 use crate::state::cluster::{Cluster, Targets, UpstreamProtocol};
 use crate::timer::CoarseTimer;
@@ -189,6 +193,15 @@ async fn proxy(
             let tunnel = Box::pin(tunnel::connect(request, &cluster, &connection));
             tunnel.await
         }
+        Ok(Plan::Abort { status, delay }) => {
+            tokio::time::sleep(delay).await;
+            Err(ProxyError::FaultInjected(status))
+        }
+        Ok(Plan::Policed { forward, delay, timeout }) => {
+            // Boxed in its own statement: only routes with a policy come this way.
+            let policed = Box::pin(policed(request, *forward, delay, timeout, &connection));
+            policed.await
+        }
         Ok(Plan::Forward { cluster, endpoint, version, upgrade, downstream_upgrade }) => {
             // Phase 4, connect and send.
             let outcome = match version {
@@ -210,6 +223,34 @@ async fn proxy(
     Ok(response)
 }
 
+/// A request with a route policy: wait out any injected delay, then forward it with the route's
+/// timeout on the response head.
+async fn policed(
+    request: Request<Incoming>,
+    forward: Plan,
+    delay: Option<Duration>,
+    timeout: Option<Duration>,
+    connection: &Arc<HttpConnection>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let Plan::Forward { cluster, endpoint, version, upgrade, downstream_upgrade } = forward else {
+        return Err(ProxyError::BadRequest("unexpected plan"));
+    };
+    if let Some(delay) = delay {
+        tokio::time::sleep(delay).await;
+    }
+    let exchange = async {
+        match version {
+            client::Version::Http1 => client::send_http1(&cluster, endpoint, request, upgrade).await,
+            client::Version::Http2 => client::send_http2(&connection.data.client, &cluster, endpoint, request).await,
+        }
+    };
+    let outcome = match timeout {
+        Some(limit) => tokio::time::timeout(limit, exchange).await.unwrap_or(Err(ProxyError::RequestTimeout(limit)))?,
+        None => exchange.await?,
+    };
+    respond(outcome, &cluster, downstream_upgrade, connection)
+}
+
 /// What to do with a request, decided before any await.
 enum Plan {
     /// Open a `CONNECT` tunnel through this cluster.
@@ -222,6 +263,10 @@ enum Plan {
         upgrade: bool,
         downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
     },
+    /// Forward (a `Plan::Forward`) under the route's policy.
+    Policed { forward: Box<Plan>, delay: Option<Duration>, timeout: Option<Duration> },
+    /// Fail with an injected status after an injected delay.
+    Abort { status: u16, delay: Duration },
 }
 
 /// Phases 1 to 3. Route: resolved entirely from one snapshot load, before any await, so a config
@@ -229,18 +274,28 @@ enum Plan {
 /// request reshaped, in place, for the endpoint's version.
 fn plan(request: &mut Request<Incoming>, connection: &HttpConnection) -> Result<Plan, ProxyError> {
     // Route.
-    let cluster = {
+    let (cluster, policy) = {
         let snapshot = connection.data.snapshot.load();
         let listener = snapshot.listener(&connection.listener.name).ok_or(ProxyError::ListenerRemoved)?;
         match listener.routes.for_http(headers::authority(request), connection.original_destination) {
-            Some(table) => table
-                .route(request.method(), request.uri(), request.headers())
-                .and_then(|route| route.pick_cluster())
-                .cloned()
-                .ok_or(ProxyError::NoRoute)?,
-            None => listener.default_cluster.clone().ok_or(ProxyError::NoRoute)?,
+            Some(table) => {
+                let route =
+                    table.route(request.method(), request.uri(), request.headers()).ok_or(ProxyError::NoRoute)?;
+                (route.pick_cluster().cloned().ok_or(ProxyError::NoRoute)?, route.policy.clone())
+            }
+            None => (listener.default_cluster.clone().ok_or(ProxyError::NoRoute)?, None),
         }
     };
+    // Admit, by the route's policy.
+    let mut delay = None;
+    if let Some(policy) = &policy {
+        match policy.admit() {
+            Admission::Forward { delay: injected } => delay = injected,
+            Admission::RateLimited(wait) => return Err(ProxyError::RateLimited(wait)),
+            Admission::Abort { status, delay: None } => return Err(ProxyError::FaultInjected(status)),
+            Admission::Abort { status, delay: Some(delay) } => return Ok(Plan::Abort { status, delay }),
+        }
+    }
     if request.method() == Method::CONNECT {
         return Ok(Plan::Connect(cluster));
     }
@@ -260,7 +315,13 @@ fn plan(request: &mut Request<Incoming>, connection: &HttpConnection) -> Result<
     };
     headers::prepare_request(request, version, endpoint, upgrade);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut *request));
-    Ok(Plan::Forward { cluster, endpoint, version, upgrade, downstream_upgrade })
+    let forward = Plan::Forward { cluster, endpoint, version, upgrade, downstream_upgrade };
+    match policy {
+        Some(policy) if delay.is_some() || policy.timeout.is_some() => {
+            Ok(Plan::Policed { forward: Box::new(forward), delay, timeout: policy.timeout })
+        }
+        _ => Ok(forward),
+    }
 }
 
 /// Phase 5, respond, and the cluster's part of phase 6.

@@ -17,6 +17,7 @@ use remora_control_api::v1;
 use remora_control_api::validate::Destination;
 
 use crate::balance::WeightedChoice;
+use crate::policy::RoutePolicy;
 use crate::state::cluster::Cluster;
 
 /// How a path is matched.
@@ -101,6 +102,8 @@ pub struct Route {
     pub name: Arc<str>,
     matcher: RouteMatcher,
     backends: WeightedChoice<Arc<Cluster>>,
+    /// Timeout, faults, rate limit; `None` for a route that asks for none of them.
+    pub policy: Option<Arc<RoutePolicy>>,
 }
 
 impl Route {
@@ -156,7 +159,15 @@ impl RouteTable {
                 let cluster = find(format!("routes[{i}].backends[{j}].cluster"), &backend.cluster)?;
                 backends.push((cluster, backend.weight.unwrap_or(1)));
             }
-            routes.push(Route { name: route.name.as_str().into(), matcher, backends: WeightedChoice::new(backends) });
+            let policy = RoutePolicy::compile(route)
+                .map_err(|(field, message)| fail(format!("routes[{i}].{field}"), message))?
+                .map(Arc::new);
+            routes.push(Route {
+                name: route.name.as_str().into(),
+                matcher,
+                backends: WeightedChoice::new(backends),
+                policy,
+            });
         }
         let tcp_cluster = match table.tcp_cluster.as_str() {
             "" => None,
