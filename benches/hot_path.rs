@@ -83,6 +83,7 @@ fn balancing(c: &mut Criterion) {
                 weight: 1 + u32::from(i % 3),
             })
             .collect(),
+        remora_proxy::balance::Strategy::RoundRobin,
     );
     c.bench_function("balance: smooth weighted round robin pick (8 endpoints)", |b| {
         b.iter(|| black_box(endpoints.pick()))

@@ -25,9 +25,19 @@ pub struct Endpoint {
     pub weight: u32,
 }
 
+/// How an [`EndpointSet`] picks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Strategy {
+    /// Smooth weighted round robin.
+    RoundRobin,
+    /// Weighted random.
+    Random,
+}
+
 /// The endpoints of one cluster with their round-robin position.
 #[derive(Debug)]
 pub struct EndpointSet {
+    strategy: Strategy,
     endpoints: Vec<Endpoint>,
     /// Indices into `endpoints`, one full smooth-WRR cycle.
     schedule: Vec<u32>,
@@ -36,9 +46,14 @@ pub struct EndpointSet {
 
 impl EndpointSet {
     /// Builds the set and its schedule.
-    pub fn new(endpoints: Vec<Endpoint>) -> Self {
+    pub fn new(endpoints: Vec<Endpoint>, strategy: Strategy) -> Self {
         let schedule = smooth_schedule(&endpoints);
-        EndpointSet { endpoints, schedule, cursor: AtomicUsize::new(0) }
+        EndpointSet { strategy, endpoints, schedule, cursor: AtomicUsize::new(0) }
+    }
+
+    /// How it picks.
+    pub fn strategy(&self) -> Strategy {
+        self.strategy
     }
 
     /// The endpoints, in configuration order.
@@ -46,12 +61,16 @@ impl EndpointSet {
         &self.endpoints
     }
 
-    /// The next endpoint in rotation, or `None` when no endpoint has a weight above zero.
+    /// The next endpoint in rotation (or at random, weighted: a uniform draw from the weighted
+    /// schedule), or `None` when no endpoint has a weight above zero.
     pub fn pick(&self) -> Option<SocketAddr> {
         if self.schedule.is_empty() {
             return None;
         }
-        let turn = self.cursor.fetch_add(1, Ordering::Relaxed) % self.schedule.len();
+        let turn = match self.strategy {
+            Strategy::RoundRobin => self.cursor.fetch_add(1, Ordering::Relaxed) % self.schedule.len(),
+            Strategy::Random => fastrand::usize(..self.schedule.len()),
+        };
         let index = self.schedule[turn] as usize;
         self.endpoints.get(index).map(|e| e.address)
     }
@@ -152,7 +171,20 @@ mod tests {
                 .enumerate()
                 .map(|(i, w)| Endpoint { address: SocketAddr::from(([127, 0, 0, 1], 9000 + i as u16)), weight: *w })
                 .collect(),
+            Strategy::RoundRobin,
         )
+    }
+
+    #[test]
+    fn random_picks_follow_the_weights() {
+        let endpoints = set(&[3, 1, 0]).endpoints().to_vec();
+        let random = EndpointSet::new(endpoints, Strategy::Random);
+        let mut counts = [0_usize; 3];
+        for _ in 0..40_000 {
+            counts[usize::from(random.pick().unwrap().port() - 9000)] += 1;
+        }
+        assert_eq!(counts[2], 0);
+        assert!((29_000..31_000).contains(&counts[0]), "{counts:?}");
     }
 
     fn ports(set: &EndpointSet, n: usize) -> Vec<u16> {

@@ -309,3 +309,27 @@ async fn large_http2_bodies_stream_through_flow_control() {
     assert_eq!(response.status(), 200);
     assert_eq!(read_generated(response.into_body()).await, SIZE);
 }
+
+/// A `random` cluster spreads requests by endpoint weight without a fixed rotation.
+#[tokio::test]
+async fn a_random_cluster_follows_endpoint_weights() {
+    let a = HttpServer::start("a").await;
+    let b = HttpServer::start("b").await;
+    let proxy = TestProxy::start(&format!(
+        "resources:\n  - {{kind: Cluster, name: r, balancer: random}}\n  - {{kind: Endpoints, cluster: r, endpoints: [{{address: \"{}\", weight: 3}}, {{address: \"{}\"}}]}}\n{}{}",
+        a.address(),
+        b.address(),
+        route_all("all", "r"),
+        listener("in", ""),
+    ));
+    let mut client = Client::http1(proxy.address("in")).await;
+    let mut served = Vec::new();
+    for _ in 0..2000 {
+        served.push(client.get("x", "/").await.header("x-served-by").to_owned());
+    }
+    let share_a = served.iter().filter(|s| *s == "a").count() as f64 / served.len() as f64;
+    // Binomial(2000, 0.75): standard deviation 0.01.
+    assert!((share_a - 0.75).abs() < 0.05, "a served {share_a:.3}");
+    // Not the round-robin schedule (a a b a, repeating): somewhere b follows b.
+    assert!(served.windows(2).any(|w| w[0] == "b" && w[1] == "b"), "random picks look like a rotation");
+}

@@ -24,7 +24,7 @@ use remora_control_api::config::FieldError;
 use remora_control_api::validate::{self, Destination, ValidationErrors};
 use remora_control_api::{Kind, Resource, v1};
 
-use crate::balance::{Endpoint, EndpointSet};
+use crate::balance::{Endpoint, EndpointSet, Strategy};
 use crate::limits;
 use crate::telemetry::{ListenerStats, Metrics};
 use cluster::{Cluster, Targets};
@@ -136,12 +136,18 @@ impl Snapshot {
                         .map_err(|m| fail(Kind::Endpoints, &c.name, format!("endpoints[{i}].address"), m))?;
                     list.push(Endpoint { address, weight: e.weight.unwrap_or(1) });
                 }
+                let strategy = match c.balancer() {
+                    v1::cluster::Balancer::RoundRobin => Strategy::RoundRobin,
+                    v1::cluster::Balancer::Random => Strategy::Random,
+                };
                 let reused =
                     previous.and_then(|p| p.clusters.get(c.name.as_str())).and_then(|old| match &old.targets {
-                        Targets::Endpoints(set) if set.endpoints() == list.as_slice() => Some(set.clone()),
+                        Targets::Endpoints(set) if set.endpoints() == list.as_slice() && set.strategy() == strategy => {
+                            Some(set.clone())
+                        }
                         _ => None,
                     });
-                Targets::Endpoints(reused.unwrap_or_else(|| Arc::new(EndpointSet::new(list))))
+                Targets::Endpoints(reused.unwrap_or_else(|| Arc::new(EndpointSet::new(list, strategy))))
             };
             let duration = |field: &str, value: Option<&pbjson_types::Duration>, default| {
                 validate::duration(value)

@@ -348,7 +348,7 @@ mod tests {
             protocol: UpstreamProtocol::Auto,
             connect_timeout: std::time::Duration::from_secs(1),
             idle_timeout: std::time::Duration::from_secs(1),
-            targets: Targets::Endpoints(Arc::new(EndpointSet::new(Vec::new()))),
+            targets: Targets::Endpoints(Arc::new(EndpointSet::new(Vec::new(), crate::balance::Strategy::RoundRobin))),
             stats: Metrics::new().cluster(name),
         })
     }
