@@ -1,6 +1,6 @@
 //! The resource kinds as one tagged union.
 //!
-//! A [`Resource`] is what a config file, a GitOps directory or (later) the control-plane stream hands a
+//! A [`Resource`] is what a config file, a GitOps directory or the control-plane stream hands a
 //! proxy: one listener, route table, cluster or endpoint set. Its [`Kind`] names it in YAML (`kind:`),
 //! in error messages, and on the wire (`type.googleapis.com/remora.v1.<Kind>`).
 
