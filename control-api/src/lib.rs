@@ -19,6 +19,7 @@
 
 pub mod config;
 pub mod control;
+pub(crate) mod grpc;
 pub(crate) mod limits;
 pub mod resource;
 pub mod validate;

@@ -50,17 +50,8 @@ pub struct Etcd {
 impl Etcd {
     /// Connects to `address` (`http://host:port`).
     pub async fn connect(address: &str) -> Result<Etcd, EtcdError> {
-        let endpoint = tonic::transport::Endpoint::from_shared(address.to_owned())
-            .map_err(|_| EtcdError::Address(address.to_owned()))?;
-        let channel = endpoint
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true)
-            .connect()
-            .await?;
-        Ok(Etcd { channel })
+        let endpoint = crate::grpc::endpoint(address).ok_or_else(|| EtcdError::Address(address.to_owned()))?;
+        Ok(Etcd { channel: endpoint.connect().await? })
     }
 
     /// Every key under `prefix`, and the store's revision they were read at.

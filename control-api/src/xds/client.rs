@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
 use tracing::{info, warn};
 
 use super::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
@@ -104,16 +103,8 @@ pub async fn run<H: Handler>(config: ClientConfig, handler: &mut H) -> StreamErr
 
 /// Connects to `address` as a gRPC channel with keep-alives that notice a dead peer.
 pub async fn connect(address: &str) -> Result<tonic::transport::Channel, StreamError> {
-    let endpoint = Endpoint::from_shared(address.to_owned()).map_err(|_| StreamError::Address(address.to_owned()))?;
-    let channel = endpoint
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true)
-        .connect()
-        .await?;
-    Ok(channel)
+    let endpoint = crate::grpc::endpoint(address).ok_or_else(|| StreamError::Address(address.to_owned()))?;
+    Ok(endpoint.connect().await?)
 }
 
 async fn stream_once<H: Handler>(config: &ClientConfig, handler: &mut H, delivered: &mut bool) -> StreamError {

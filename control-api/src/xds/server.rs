@@ -158,8 +158,8 @@ pub struct AdsServer {
     shared: Arc<Shared>,
 }
 
-/// (kind, name) → the version a proxy NACKed.
-type Nacked = HashMap<(Kind, String), String>;
+/// Per kind (by push-order index), name → the version a proxy NACKed.
+type Nacked = [HashMap<String, String>; 4];
 
 #[derive(Debug)]
 struct Shared {
@@ -314,13 +314,13 @@ impl Session {
                     shared.metrics.nacked(kind);
                     warn!(node = %self.node, r#type = %kind, error = %error.message, "proxy rejected an update");
                     for (name, version) in pending.sent {
-                        self.nacked.insert((kind, name), version);
+                        self.nacked[kind.index()].insert(name, version);
                     }
                 }
                 (Some(pending), None) => {
                     shared.metrics.acked(kind, pending.published_at.map(|at| at.elapsed()));
                     for (name, _) in &pending.sent {
-                        self.nacked.remove(&(kind, name.clone()));
+                        self.nacked[kind.index()].remove(name);
                     }
                 }
             }
@@ -370,7 +370,7 @@ impl Session {
                 if !sub.wants(name) || sub.known.get(name) == Some(&resource.version) {
                     continue;
                 }
-                if self.nacked.get(&(kind, name.clone())) == Some(&resource.version) {
+                if self.nacked[kind.index()].get(name) == Some(&resource.version) {
                     continue;
                 }
                 resources.push(resource.wire.clone());
@@ -445,7 +445,7 @@ impl Session {
     }
 
     fn close(&mut self, shared: &Shared) {
-        if self.node.is_empty() || self.nacked.is_empty() {
+        if self.node.is_empty() || self.nacked.iter().all(HashMap::is_empty) {
             return;
         }
         if let Ok(mut nacked) = shared.nacked.lock() {

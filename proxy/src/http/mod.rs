@@ -197,12 +197,12 @@ async fn proxy(
             tokio::time::sleep(delay).await;
             Err(ProxyError::FaultInjected(status))
         }
-        Ok(Plan::Policed { forward, delay, timeout }) => {
+        Ok(Plan::Policed(forward, delay, timeout)) => {
             // Boxed in its own statement: only routes with a policy come this way.
-            let policed = Box::pin(policed(request, *forward, delay, timeout, &connection));
+            let policed = Box::pin(policed(request, forward, delay, timeout, &connection));
             policed.await
         }
-        Ok(Plan::Forward { cluster, endpoint, version, upgrade, downstream_upgrade }) => {
+        Ok(Plan::Forward(Forward { cluster, endpoint, version, upgrade, downstream_upgrade })) => {
             // Phase 4, connect and send.
             let outcome = match version {
                 client::Version::Http1 => client::send_http1(&cluster, endpoint, request, upgrade).await,
@@ -227,14 +227,12 @@ async fn proxy(
 /// timeout on the response head.
 async fn policed(
     request: Request<Incoming>,
-    forward: Plan,
+    forward: Forward,
     delay: Option<Duration>,
     timeout: Option<Duration>,
     connection: &Arc<HttpConnection>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let Plan::Forward { cluster, endpoint, version, upgrade, downstream_upgrade } = forward else {
-        return Err(ProxyError::BadRequest("unexpected plan"));
-    };
+    let Forward { cluster, endpoint, version, upgrade, downstream_upgrade } = forward;
     if let Some(delay) = delay {
         tokio::time::sleep(delay).await;
     }
@@ -251,20 +249,23 @@ async fn policed(
     respond(outcome, &cluster, downstream_upgrade, connection)
 }
 
+/// A prepared request's destination.
+struct Forward {
+    cluster: Arc<Cluster>,
+    endpoint: std::net::SocketAddr,
+    version: client::Version,
+    upgrade: bool,
+    downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
+}
+
 /// What to do with a request, decided before any await.
 enum Plan {
     /// Open a `CONNECT` tunnel through this cluster.
     Connect(Arc<Cluster>),
     /// Send the (prepared) request to this endpoint.
-    Forward {
-        cluster: Arc<Cluster>,
-        endpoint: std::net::SocketAddr,
-        version: client::Version,
-        upgrade: bool,
-        downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
-    },
-    /// Forward (a `Plan::Forward`) under the route's policy.
-    Policed { forward: Box<Plan>, delay: Option<Duration>, timeout: Option<Duration> },
+    Forward(Forward),
+    /// Forward under the route's policy: after this injected delay, with this response-head timeout.
+    Policed(Forward, Option<Duration>, Option<Duration>),
     /// Fail with an injected status after an injected delay.
     Abort { status: u16, delay: Duration },
 }
@@ -315,12 +316,12 @@ fn plan(request: &mut Request<Incoming>, connection: &HttpConnection) -> Result<
     };
     headers::prepare_request(request, version, endpoint, upgrade);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut *request));
-    let forward = Plan::Forward { cluster, endpoint, version, upgrade, downstream_upgrade };
+    let forward = Forward { cluster, endpoint, version, upgrade, downstream_upgrade };
     match policy {
         Some(policy) if delay.is_some() || policy.timeout.is_some() => {
-            Ok(Plan::Policed { forward: Box::new(forward), delay, timeout: policy.timeout })
+            Ok(Plan::Policed(forward, delay, policy.timeout))
         }
-        _ => Ok(forward),
+        _ => Ok(Plan::Forward(forward)),
     }
 }
 
