@@ -8,10 +8,11 @@ use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue, Method, Uri};
-use remora_proxy::balance::{Endpoint, EndpointSet};
+use remora_proxy::balance::{Endpoint, EndpointSet, HashOn, Proximity, SetConfig, Strategy};
 use remora_proxy::detect::{self, H2_PREFACE};
 use remora_proxy::http::headers::strip_hop_by_hop;
 use remora_proxy::state::Snapshot;
+use remora_proxy::state::cluster::OwnLocality;
 use remora_proxy::telemetry::Metrics;
 
 /// A mesh-sized config: 50 services, each a route table with host and VIP destinations and a few
@@ -24,7 +25,8 @@ fn snapshot() -> Snapshot {
         ));
     }
     let file = remora_control_api::config::parse(&yaml, "bench").expect("bench config parses");
-    Snapshot::build("bench".into(), file.resources, None, &Metrics::new()).expect("bench config is valid")
+    Snapshot::build("bench".into(), file.resources, None, &OwnLocality::default(), &Metrics::new())
+        .expect("bench config is valid")
 }
 
 fn routing(c: &mut Criterion) {
@@ -76,17 +78,33 @@ fn header_hygiene(c: &mut Criterion) {
 }
 
 fn balancing(c: &mut Criterion) {
-    let endpoints = EndpointSet::new(
+    let metrics = Metrics::new();
+    let endpoints = || -> Vec<Endpoint> {
         (0..8_u16)
             .map(|i| Endpoint {
                 address: std::net::SocketAddr::from(([10, 0, 0, 1], 8000 + i)),
                 weight: 1 + u32::from(i % 3),
+                proximity: Proximity::Elsewhere,
             })
-            .collect(),
-        remora_proxy::balance::Strategy::RoundRobin,
-    );
-    c.bench_function("balance: smooth weighted round robin pick (8 endpoints)", |b| {
-        b.iter(|| black_box(endpoints.pick()))
+            .collect()
+    };
+    let set = |config: SetConfig| EndpointSet::new(config, endpoints(), &|_| None, metrics.cluster("bench"));
+    for (name, strategy) in [
+        ("balance: smooth weighted round robin pick (8 endpoints)", Strategy::RoundRobin),
+        ("balance: weighted random pick (8 endpoints)", Strategy::Random),
+        ("balance: least request, two choices (8 endpoints)", Strategy::LeastRequest),
+        ("balance: peak EWMA, two choices (8 endpoints)", Strategy::Ewma),
+    ] {
+        let set = set(SetConfig::with_strategy(strategy));
+        c.bench_function(name, |b| b.iter(|| black_box(set.pick(None).map(|m| m.address()))));
+    }
+    let ring = set(SetConfig { hash_on: Some(HashOn::SourceIp), ..SetConfig::with_strategy(Strategy::RingHash) });
+    let mut key = 0_u64;
+    c.bench_function("balance: ring hash lookup (8 endpoints, 1,920 points)", |b| {
+        b.iter(|| {
+            key = key.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            black_box(ring.pick(Some(key)).map(|m| m.address()))
+        })
     });
 }
 

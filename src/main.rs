@@ -83,6 +83,12 @@ enum Command {
         /// Balancing weight (default 1).
         #[arg(long)]
         weight: Option<u32>,
+        /// The region this endpoint runs in (for clusters that prefer their own locality).
+        #[arg(long)]
+        region: Option<String>,
+        /// The zone this endpoint runs in.
+        #[arg(long)]
+        zone: Option<String>,
         /// Lease TTL in seconds.
         #[arg(long, default_value_t = 10)]
         ttl: u64,
@@ -136,8 +142,8 @@ fn main() -> ExitCode {
         Command::Control { config_dir, listen, etcd, etcd_prefix } => {
             control::run(ControlConfig { listen, config_dir, etcd, etcd_prefix }).map_err(anyhow::Error::from)
         }
-        Command::Register { etcd, cluster, address, weight, ttl, etcd_prefix } => {
-            let endpoint = Registered { cluster, address: address.to_string(), weight };
+        Command::Register { etcd, cluster, address, weight, region, zone, ttl, etcd_prefix } => {
+            let endpoint = Registered { cluster, address: address.to_string(), weight, region, zone };
             registry::run_register(&etcd, &etcd_prefix, &endpoint, Duration::from_secs(ttl.max(1)))
                 .map_err(anyhow::Error::from)
         }

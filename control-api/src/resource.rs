@@ -101,6 +101,10 @@ impl FromStr for Kind {
 }
 
 /// One resource of any kind.
+// A Cluster with all its policy messages inline is a few hundred bytes; resources are config, held
+// by the hundred or thousand, never per request, so boxing it would buy nothing but a deref at
+// every match.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum Resource {
     /// A socket to accept on.

@@ -31,6 +31,28 @@ impl fmt::Display for ValidationErrors {
     }
 }
 
+/// The conditions a retry policy's `retry_on` may name (Envoy's names).
+pub const RETRY_ON: &[&str] = &[
+    "connect-failure",
+    "refused-stream",
+    "reset",
+    "5xx",
+    "gateway-error",
+    "retriable-4xx",
+    "retriable-status-codes",
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+];
+
+/// Most retries a policy may ask for: beyond a handful, retries only deepen an outage.
+pub const MAX_RETRIES: u32 = 10;
+
+/// Largest replay buffer a retry policy may ask for.
+pub const MAX_REPLAY_BUFFER: u32 = 1024 * 1024;
+
 /// Parses an `ip:port` socket address (`[v6]:port` for IPv6).
 pub fn parse_address(text: &str) -> Result<SocketAddr, String> {
     text.parse::<SocketAddr>().map_err(|_| format!("must be ip:port, got {text:?}"))
@@ -280,6 +302,11 @@ impl Checker {
         self.duration(subject, "detect_timeout", listener.detect_timeout.as_ref(), true);
         self.duration(subject, "idle_timeout", listener.idle_timeout.as_ref(), true);
         self.duration(subject, "header_timeout", listener.header_timeout.as_ref(), true);
+        if let Some(limit) = &listener.connection_rate_limit
+            && limit.connections_per_second == 0
+        {
+            self.fail(subject, "connection_rate_limit.connections_per_second", "must be above zero");
+        }
     }
 
     fn route_table(&mut self, subject: &str, table: &v1::RouteTable, clusters: &HashMap<&str, &v1::Cluster>) {
@@ -361,6 +388,33 @@ impl Checker {
             {
                 self.fail(subject, at("rate_limit.requests_per_second"), "must be above zero");
             }
+            if let Some(retry) = &route.retry {
+                self.retry(subject, &at("retry"), retry);
+            }
+            if let Some(mirror) = &route.mirror {
+                if mirror.cluster.is_empty() {
+                    self.fail(subject, at("mirror.cluster"), "is required");
+                } else {
+                    self.cluster_ref(subject, &at("mirror.cluster"), &mirror.cluster, clusters);
+                }
+                if let Some(percent) = mirror.percent {
+                    self.percent(subject, &at("mirror.percent"), percent);
+                }
+            }
+            if let Some(fallback) = &route.fallback {
+                if fallback.status != 0 && !(200..=599).contains(&fallback.status) {
+                    self.fail(subject, at("fallback.status"), format!("must be 200 to 599, got {}", fallback.status));
+                }
+                let mut names: Vec<&String> = fallback.headers.keys().collect();
+                names.sort();
+                for name in names {
+                    if !is_token(name) {
+                        self.fail(subject, at("fallback.headers"), format!("{name:?} is not a header name"));
+                    } else if http::HeaderValue::from_str(&fallback.headers[name]).is_err() {
+                        self.fail(subject, at(&format!("fallback.headers.{name}")), "is not a valid header value");
+                    }
+                }
+            }
             if route.backends.is_empty() {
                 self.fail(subject, at("backends"), "needs at least one cluster");
             } else if route.backends.iter().all(|b| b.weight == Some(0)) {
@@ -372,8 +426,71 @@ impl Checker {
         }
     }
 
+    fn retry(&mut self, subject: &str, at: &str, retry: &v1::RetryPolicy) {
+        let field = |name: &str| format!("{at}.{name}");
+        if let Some(attempts) = retry.attempts
+            && attempts > MAX_RETRIES
+        {
+            self.fail(subject, field("attempts"), format!("must be at most {MAX_RETRIES}, got {attempts}"));
+        }
+        for (i, condition) in retry.retry_on.iter().enumerate() {
+            if !RETRY_ON.contains(&condition.as_str()) {
+                self.fail(
+                    subject,
+                    field(&format!("retry_on[{i}]")),
+                    format!("unknown condition {condition:?}, expected one of {}", RETRY_ON.join(", ")),
+                );
+            }
+        }
+        for (i, code) in retry.retriable_status_codes.iter().enumerate() {
+            if !(100..=599).contains(code) {
+                self.fail(
+                    subject,
+                    field(&format!("retriable_status_codes[{i}]")),
+                    format!("must be 100 to 599, got {code}"),
+                );
+            }
+        }
+        self.duration(subject, &field("per_try_timeout"), retry.per_try_timeout.as_ref(), true);
+        self.duration(subject, &field("backoff_base"), retry.backoff_base.as_ref(), true);
+        self.duration(subject, &field("backoff_max"), retry.backoff_max.as_ref(), true);
+        if let (Ok(Some(base)), Ok(Some(max))) =
+            (duration(retry.backoff_base.as_ref()), duration(retry.backoff_max.as_ref()))
+            && max < base
+        {
+            self.fail(subject, field("backoff_max"), "must not be less than backoff_base");
+        }
+        if let Some(budget) = &retry.budget {
+            if let Some(percent) = budget.percent {
+                self.percent(subject, &field("budget.percent"), percent);
+            }
+            self.duration(subject, &field("budget.ttl"), budget.ttl.as_ref(), true);
+            if let Ok(Some(ttl)) = duration(budget.ttl.as_ref())
+                && ttl > Duration::from_secs(60)
+            {
+                self.fail(subject, field("budget.ttl"), "must be at most 60s");
+            }
+        }
+        if let Some(bytes) = retry.replay_buffer_bytes
+            && bytes > MAX_REPLAY_BUFFER
+        {
+            self.fail(
+                subject,
+                field("replay_buffer_bytes"),
+                format!("must be at most {MAX_REPLAY_BUFFER}, got {bytes}"),
+            );
+        }
+        if let Some(hedge) = &retry.hedge {
+            if hedge.delay.is_none() {
+                self.fail(subject, field("hedge.delay"), "is required");
+            }
+            self.duration(subject, &field("hedge.delay"), hedge.delay.as_ref(), true);
+        }
+    }
+
     fn cluster(&mut self, subject: &str, cluster: &v1::Cluster) {
-        if v1::cluster::Balancer::try_from(cluster.balancer).is_err() {
+        let balancer = v1::cluster::Balancer::try_from(cluster.balancer);
+        if balancer.is_err() {
             self.fail(subject, "balancer", format!("unknown value {}", cluster.balancer));
         }
         if v1::cluster::Protocol::try_from(cluster.protocol).is_err() {
@@ -381,6 +498,104 @@ impl Checker {
         }
         self.duration(subject, "connect_timeout", cluster.connect_timeout.as_ref(), true);
         self.duration(subject, "idle_timeout", cluster.idle_timeout.as_ref(), true);
+        let ring_hash = balancer == Ok(v1::cluster::Balancer::RingHash);
+        match (&cluster.hash_policy, ring_hash) {
+            (None, true) => self.fail(subject, "hash_policy", "is required with balancer ring_hash"),
+            (Some(_), false) => self.fail(subject, "hash_policy", "applies only to balancer ring_hash"),
+            (Some(policy), true) => {
+                use v1::hash_policy::Key;
+                match &policy.key {
+                    None => self.fail(subject, "hash_policy", "needs one of header, cookie, source_ip"),
+                    Some(Key::Header(name)) if !is_token(name) => {
+                        self.fail(subject, "hash_policy.header", format!("{name:?} is not a header name"));
+                    }
+                    Some(Key::Cookie(name)) if !is_token(name) => {
+                        self.fail(subject, "hash_policy.cookie", format!("{name:?} is not a cookie name"));
+                    }
+                    Some(Key::SourceIp(false)) => {
+                        self.fail(subject, "hash_policy.source_ip", "must be true when given");
+                    }
+                    Some(_) => {}
+                }
+            }
+            (None, false) => {}
+        }
+        if let Some(outlier) = &cluster.outlier_detection {
+            self.duration(subject, "outlier_detection.interval", outlier.interval.as_ref(), true);
+            self.duration(subject, "outlier_detection.base_ejection_time", outlier.base_ejection_time.as_ref(), true);
+            self.duration(subject, "outlier_detection.max_ejection_time", outlier.max_ejection_time.as_ref(), true);
+            if let Some(percent) = outlier.max_ejection_percent {
+                self.percent(subject, "outlier_detection.max_ejection_percent", f64::from(percent));
+            }
+            if let Some(rate) = &outlier.success_rate
+                && let Some(margin) = rate.margin_percent
+            {
+                self.percent(subject, "outlier_detection.success_rate.margin_percent", margin);
+            }
+            if let Some(latency) = &outlier.latency {
+                if let Some(multiple) = latency.multiple
+                    && !(multiple >= 1.5 && multiple.is_finite())
+                {
+                    self.fail(
+                        subject,
+                        "outlier_detection.latency.multiple",
+                        format!("must be at least 1.5, got {multiple}"),
+                    );
+                }
+                self.duration(subject, "outlier_detection.latency.min_latency", latency.min_latency.as_ref(), false);
+            }
+        }
+        if let Some(check) = &cluster.health_check {
+            self.duration(subject, "health_check.interval", check.interval.as_ref(), true);
+            self.duration(subject, "health_check.timeout", check.timeout.as_ref(), true);
+            for (field, value) in [
+                ("health_check.healthy_threshold", check.healthy_threshold),
+                ("health_check.unhealthy_threshold", check.unhealthy_threshold),
+            ] {
+                if value == Some(0) {
+                    self.fail(subject, field, "must be above zero");
+                }
+            }
+            if let Some(http) = &check.http {
+                if !http.path.starts_with('/') {
+                    self.fail(subject, "health_check.http.path", format!("must start with '/', got {:?}", http.path));
+                } else if http::uri::PathAndQuery::try_from(http.path.as_str()).is_err() {
+                    self.fail(subject, "health_check.http.path", format!("{:?} is not a valid path", http.path));
+                }
+                for (i, status) in http.expected_statuses.iter().enumerate() {
+                    if !(100..=599).contains(status) {
+                        self.fail(
+                            subject,
+                            format!("health_check.http.expected_statuses[{i}]"),
+                            format!("must be 100 to 599, got {status}"),
+                        );
+                    }
+                }
+                if !http.host.is_empty() && http::uri::Authority::try_from(http.host.as_str()).is_err() {
+                    self.fail(subject, "health_check.http.host", format!("{:?} is not a host", http.host));
+                }
+            }
+        }
+        if let Some(locality) = &cluster.locality_preference
+            && let Some(percent) = locality.min_healthy_percent
+            && !(1..=100).contains(&percent)
+        {
+            self.fail(subject, "locality_preference.min_healthy_percent", format!("must be 1 to 100, got {percent}"));
+        }
+        if let Some(threshold) = cluster.panic_threshold
+            && threshold > 100
+        {
+            self.fail(subject, "panic_threshold", format!("must be 0 to 100, got {threshold}"));
+        }
+        if cluster.original_destination
+            && (cluster.health_check.is_some() || cluster.outlier_detection.is_some() || ring_hash)
+        {
+            self.fail(
+                subject,
+                "original_destination",
+                "a pass-through cluster has no endpoint set to balance, check or eject; remove balancer ring_hash, health_check and outlier_detection",
+            );
+        }
     }
 
     fn endpoints(&mut self, subject: &str, endpoints: &v1::Endpoints, clusters: &HashMap<&str, &v1::Cluster>) {

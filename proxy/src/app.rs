@@ -6,8 +6,9 @@
 //! 2. resolve the bootstrap (defaults applied) and build the shared data path;
 //! 3. bind the admin socket, start the worker threads, and apply the first config, which binds
 //!    every listener before any accept loop runs (a taken port fails here, naming the listener);
-//! 4. start the control thread: the admin server, for a file source the file watcher, and with a
-//!    control plane the Delta-ADS stream (`xds`);
+//! 4. start the control thread: the admin server, the cluster monitor (health checks and outlier
+//!    detection, `balance::monitor`), for a file source the file watcher, and with a control plane
+//!    the Delta-ADS stream (`xds`);
 //! 5. report ready — at once without a control plane; with one, once every resource type has arrived
 //!    and been applied, or the initial-fetch timeout has passed.
 //!
@@ -151,6 +152,7 @@ impl Proxy {
             _ => None,
         };
         let admin_state = admin.clone();
+        let monitored = data.clone();
         let xds = settings.control_plane.clone().map(|address| {
             let handler = XdsHandler::new(reloader.clone(), admin.clone(), metrics.clone(), address);
             (handler, settings.node_id.clone(), settings.initial_fetch_timeout)
@@ -160,6 +162,7 @@ impl Proxy {
             .spawn(move || {
                 control_runtime.block_on(async move {
                     tokio::spawn(admin::serve(admin_socket, admin_state));
+                    tokio::spawn(crate::balance::monitor::run(monitored));
                     if let Some((reloader, path, stamp)) = watched {
                         tokio::spawn(reload::watch_file(reloader, path, stamp));
                     }

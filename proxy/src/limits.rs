@@ -102,6 +102,23 @@ pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// drive (h2load: 16 x 32 streams), so steady load does not churn connections.
 pub const POOL_MAX_IDLE_PER_ENDPOINT: usize = 512;
 
+/// Default `Cluster.panic_threshold`: below 50% healthy endpoints, health is ignored (Envoy's
+/// default). When half a cluster looks bad, the likelier story is a shared cause (a bad deploy of
+/// the check, a network blip) than half the endpoints failing at once, and concentrating the whole
+/// load on the rest would take them down too.
+pub const DEFAULT_PANIC_THRESHOLD: u32 = 50;
+
+/// Mirrored requests in flight per worker, at most; copies beyond it are dropped (and counted). A
+/// shadow cluster that stops answering must cost bounded memory, never the primary's latency.
+pub const MIRROR_MAX_IN_FLIGHT: usize = 256;
+
+/// How long a mirrored request may take before it is abandoned, when its route has no timeout.
+pub const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Bytes of request body kept so a mirror can read it beside the original when the route has no
+/// retry policy (with one, its `replay_buffer_bytes`).
+pub const MIRROR_BODY_BUFFER: usize = 64 * 1024;
+
 /// How often each worker advances its coarse clock (`timer`), fires the coarse timers that are due
 /// (the HTTP/1 header-read timeout) and closes pooled connections past their idle timeout. Those
 /// deadlines are this coarse, which is nothing next to their tens of seconds.

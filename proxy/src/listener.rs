@@ -4,8 +4,8 @@
 //! `SO_REUSEPORT`, so the kernel spreads connections across workers and no accept crosses threads)
 //! and hands each worker its socket. The worker runs [`accept_loop`] on it; for each connection:
 //!
-//! 1. **admit**: the listener's config is read from the live snapshot; over `max_connections` the
-//!    connection is closed at once and counted as rejected.
+//! 1. **admit**: the listener's config is read from the live snapshot; a connection over its
+//!    `connection_rate_limit` or its `max_connections` is closed at once and counted.
 //! 2. **original destination**: on a transparent listener, `SO_ORIGINAL_DST` (IPv4 or IPv6) says
 //!    where the client meant to go. A connection made straight to the listener has none.
 //! 3. **detect**: `auto` listeners classify the first bytes (`detect`); others know their protocol.
@@ -109,8 +109,8 @@ pub async fn accept_loop(
             () = drain.signaled() => return,
         };
         match accepted {
-            Ok((stream, _peer)) => {
-                tokio::spawn(serve_connection(stream, name.clone(), data.clone()));
+            Ok((stream, peer)) => {
+                tokio::spawn(serve_connection(stream, peer, name.clone(), data.clone()));
             }
             Err(error) => {
                 // Out of file descriptors or memory: back off rather than spin on the error.
@@ -121,12 +121,18 @@ pub async fn accept_loop(
     }
 }
 
-async fn serve_connection(stream: TcpStream, name: Arc<str>, data: Arc<DataPath>) {
+async fn serve_connection(stream: TcpStream, peer: SocketAddr, name: Arc<str>, data: Arc<DataPath>) {
     // Admit.
     let Some(listener) = data.snapshot.load().listener(&name).cloned() else {
         return;
     };
     let stats = &listener.stats;
+    if let Some(limiter) = &listener.connection_rate_limit
+        && limiter.acquire(std::time::Instant::now()).is_err()
+    {
+        stats.rate_limited.inc();
+        return;
+    }
     if stats.active.inc() >= listener.max_connections {
         stats.active.dec();
         stats.rejected.inc();
@@ -169,7 +175,7 @@ async fn serve_connection(stream: TcpStream, name: Arc<str>, data: Arc<DataPath>
         }
     };
     let downstream = DownstreamStream::new(stream, replay, meter.clone());
-    let connection = Arc::new(HttpConnection { data: data.clone(), listener, original_destination, meter, open });
+    let connection = Arc::new(HttpConnection { data: data.clone(), listener, original_destination, peer, meter, open });
     http::serve(downstream, version, connection).await;
 }
 

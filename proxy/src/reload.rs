@@ -30,6 +30,7 @@ use crate::bootstrap::{self, ConfigSource, LoadError, Loaded};
 use crate::limits;
 use crate::listener::{self, BindError, DataPath};
 use crate::state::Snapshot;
+use crate::state::cluster::OwnLocality;
 use crate::telemetry::Metrics;
 use crate::worker::Workers;
 use crate::xds::{self, Dynamic, Warming};
@@ -97,6 +98,8 @@ pub struct Reloader {
     control: bool,
     held: Mutex<Held>,
     bound: Mutex<HashMap<Arc<str>, BoundListener>>,
+    /// Where this proxy runs (from the bootstrap), for zone-aware clusters.
+    locality: OwnLocality,
 }
 
 impl Reloader {
@@ -111,6 +114,10 @@ impl Reloader {
         workers: Workers,
         control: bool,
     ) -> Self {
+        let locality = startup_bootstrap
+            .locality
+            .as_ref()
+            .map_or_else(OwnLocality::default, |l| OwnLocality { region: l.region.clone(), zone: l.zone.clone() });
         Reloader {
             source,
             startup_bootstrap,
@@ -121,6 +128,7 @@ impl Reloader {
             control,
             held: Mutex::new(Held::default()),
             bound: Mutex::new(HashMap::new()),
+            locality,
         }
     }
 
@@ -265,7 +273,7 @@ impl Reloader {
             return Ok(ReloadOutcome::Unchanged(version));
         }
         let origin = if self.control { "control plane".to_owned() } else { self.source.origin() };
-        let snapshot = Snapshot::build(version.clone(), resources, Some(&current), &self.metrics)
+        let snapshot = Snapshot::build(version.clone(), resources, Some(&current), &self.locality, &self.metrics)
             .map_err(|errors| ReloadError::Invalid { origin, errors })?;
 
         // Bind first: if an address is taken, nothing has changed yet.

@@ -23,6 +23,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use crate::balance::Observed;
 use crate::io::{Meter, idle_watch};
 use crate::state::cluster::Cluster;
 use crate::state::{Direction, ListenerConfig};
@@ -78,11 +79,34 @@ pub async fn proxy(
     listener: &ListenerConfig,
     meter: &Meter,
 ) {
-    let Some(endpoint) = cluster.pick(original_destination) else {
+    let peer = downstream.peer_addr().ok();
+    let Some(picked) = cluster.pick(original_destination, None, peer, &[]) else {
         debug!(listener = %listener.name, cluster = %cluster.name, "tcp: no endpoint; closing");
         return;
     };
-    let mut upstream = match connect(endpoint, cluster.connect_timeout, &cluster.stats).await {
+    let endpoint = picked.address;
+    // The connection holds its place under max_connections (and, for least_request and ewma, counts
+    // as active on its endpoint) until it closes.
+    let _slot = match cluster.breakers.connection(&cluster.stats) {
+        Ok(slot) => slot,
+        Err(breaker) => {
+            debug!(listener = %listener.name, cluster = %cluster.name, breaker = breaker.as_str(), "tcp: overflow; closing");
+            return;
+        }
+    };
+    let state = picked.member.map(|member| member.state.clone());
+    let _active = state.as_ref().filter(|_| cluster.counts_active).map(|state| state.start());
+    let started = std::time::Instant::now();
+    let connected = connect(endpoint, cluster.connect_timeout, &cluster.stats).await;
+    // For opaque TCP, a connect is all there is to judge an endpoint by (outlier detection counts
+    // connect failures as gateway errors).
+    if cluster.observes
+        && let Some(state) = &state
+    {
+        let observed = if connected.is_ok() { Observed::Success } else { Observed::NoResponse };
+        cluster.observe(state, observed, started.elapsed());
+    }
+    let mut upstream = match connected {
         Ok(upstream) => upstream,
         Err(error) => {
             debug!(listener = %listener.name, cluster = %cluster.name, %error, "tcp: closing");

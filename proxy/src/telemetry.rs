@@ -16,6 +16,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use crate::balance::outlier::EjectReason;
+use crate::policy::breaker::Breaker;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ListenerLabels {
     listener: String,
@@ -44,6 +47,18 @@ struct ClusterClassLabels {
 struct ClusterReasonLabels {
     cluster: String,
     reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BreakerLabels {
+    cluster: String,
+    breaker: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClusterResultLabels {
+    cluster: String,
+    result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -77,6 +92,8 @@ pub struct ListenerStats {
     pub bytes_received: Counter,
     /// Bytes written to downstream clients.
     pub bytes_sent: Counter,
+    /// Connections closed at once because the listener's connection rate limit was spent.
+    pub rate_limited: Counter,
     requests: [Counter; 5],
 }
 
@@ -87,9 +104,11 @@ impl ListenerStats {
     }
 }
 
-/// Counters of one cluster.
+/// Counters and gauges of one cluster.
 #[derive(Debug)]
 pub struct ClusterStats {
+    /// The cluster's name (for logs).
+    pub name: Arc<str>,
     /// Upstream connections opened.
     pub connections: Counter,
     /// Connects refused or failed.
@@ -100,6 +119,40 @@ pub struct ClusterStats {
     pub tcp_bytes_sent: Counter,
     /// Opaque TCP bytes received from them.
     pub tcp_bytes_received: Counter,
+    /// Upstream connections open now (every worker's).
+    pub open_connections: Gauge,
+    /// Requests in flight now (counted only with a `max_requests` breaker).
+    pub active_requests: Gauge,
+    /// Requests waiting for a new connection now (counted only with `max_pending_requests`).
+    pub pending_requests: Gauge,
+    /// Retries in flight now (counted only with `max_retries`).
+    pub active_retries: Gauge,
+    /// Retries sent (hedges included).
+    pub retries: Counter,
+    /// Hedged attempts sent.
+    pub hedges: Counter,
+    /// Retries not sent because the route's retry budget was spent.
+    pub retry_budget_exhausted: Counter,
+    /// Requests that timed out: the route's timeout, and attempts that hit their per-try timeout.
+    pub request_timeouts: Counter,
+    /// Attempts that hit their per-try timeout.
+    pub per_try_timeouts: Counter,
+    /// Mirrored copies sent, dropped (the per-worker cap), and failed (no answer).
+    pub mirror_sent: Counter,
+    /// See `mirror_sent`.
+    pub mirror_dropped: Counter,
+    /// See `mirror_sent`.
+    pub mirror_failed: Counter,
+    /// Health-check probes that passed and failed.
+    pub health_checks_passed: Counter,
+    /// See `health_checks_passed`.
+    pub health_checks_failed: Counter,
+    /// Endpoints healthy now (not ejected, passing health checks).
+    pub healthy_endpoints: Gauge,
+    /// Endpoints ejected by outlier detection now.
+    pub ejected_endpoints: Gauge,
+    overflows: [Counter; 4],
+    ejections: [Counter; 4],
     responses: [Counter; 5],
 }
 
@@ -107,6 +160,24 @@ impl ClusterStats {
     /// Counts one response received from an endpoint of the cluster.
     pub fn record_response(&self, status: u16) {
         self.responses[class_index(status)].inc();
+    }
+
+    /// Counts a request refused by a circuit breaker.
+    pub fn record_overflow(&self, breaker: Breaker) {
+        let index = Breaker::ALL.iter().position(|b| *b == breaker).unwrap_or(0);
+        self.overflows[index].inc();
+    }
+
+    /// Counts an ejection.
+    pub fn record_ejection(&self, reason: EjectReason) {
+        let index = EjectReason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+        self.ejections[index].inc();
+    }
+
+    /// Sets the healthy and ejected endpoint gauges.
+    pub fn set_endpoint_health(&self, healthy: usize, ejected: usize) {
+        self.healthy_endpoints.set(i64::try_from(healthy).unwrap_or(i64::MAX));
+        self.ejected_endpoints.set(i64::try_from(ejected).unwrap_or(i64::MAX));
     }
 }
 
@@ -119,12 +190,27 @@ pub struct Metrics {
     listener_rejected: Family<ListenerLabels, Counter>,
     listener_received: Family<ListenerLabels, Counter>,
     listener_sent: Family<ListenerLabels, Counter>,
+    listener_rate_limited: Family<ListenerLabels, Counter>,
     requests: Family<RequestLabels, Counter>,
     upstream_connections: Family<ClusterLabels, Counter>,
     upstream_connect_errors: Family<ClusterReasonLabels, Counter>,
     upstream_responses: Family<ClusterClassLabels, Counter>,
     upstream_tcp_sent: Family<ClusterLabels, Counter>,
     upstream_tcp_received: Family<ClusterLabels, Counter>,
+    upstream_open: Family<ClusterLabels, Gauge>,
+    upstream_active: Family<ClusterLabels, Gauge>,
+    upstream_pending: Family<ClusterLabels, Gauge>,
+    upstream_active_retries: Family<ClusterLabels, Gauge>,
+    upstream_retries: Family<ClusterLabels, Counter>,
+    upstream_hedges: Family<ClusterLabels, Counter>,
+    upstream_budget_exhausted: Family<ClusterLabels, Counter>,
+    upstream_timeouts: Family<ClusterReasonLabels, Counter>,
+    upstream_overflow: Family<BreakerLabels, Counter>,
+    mirror_requests: Family<ClusterResultLabels, Counter>,
+    health_checks: Family<ClusterResultLabels, Counter>,
+    endpoints_healthy: Family<ClusterLabels, Gauge>,
+    endpoints_ejected: Family<ClusterLabels, Gauge>,
+    ejections: Family<ClusterReasonLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
     config_version: Family<VersionLabels, Gauge>,
     workers: Gauge,
@@ -154,12 +240,27 @@ impl Metrics {
             listener_rejected: Family::default(),
             listener_received: Family::default(),
             listener_sent: Family::default(),
+            listener_rate_limited: Family::default(),
             requests: Family::default(),
             upstream_connections: Family::default(),
             upstream_connect_errors: Family::default(),
             upstream_responses: Family::default(),
             upstream_tcp_sent: Family::default(),
             upstream_tcp_received: Family::default(),
+            upstream_open: Family::default(),
+            upstream_active: Family::default(),
+            upstream_pending: Family::default(),
+            upstream_active_retries: Family::default(),
+            upstream_retries: Family::default(),
+            upstream_hedges: Family::default(),
+            upstream_budget_exhausted: Family::default(),
+            upstream_timeouts: Family::default(),
+            upstream_overflow: Family::default(),
+            mirror_requests: Family::default(),
+            health_checks: Family::default(),
+            endpoints_healthy: Family::default(),
+            endpoints_ejected: Family::default(),
+            ejections: Family::default(),
             reloads: Family::default(),
             config_version: Family::default(),
             workers: Gauge::default(),
@@ -176,6 +277,11 @@ impl Metrics {
         );
         r.register("listener_received_bytes", "Bytes read from downstream clients", metrics.listener_received.clone());
         r.register("listener_sent_bytes", "Bytes written to downstream clients", metrics.listener_sent.clone());
+        r.register(
+            "listener_connections_rate_limited",
+            "Downstream connections closed at once because the listener's connection rate limit was spent",
+            metrics.listener_rate_limited.clone(),
+        );
         r.register(
             "requests",
             "HTTP responses sent downstream, by listener and status class (local replies included)",
@@ -198,6 +304,60 @@ impl Metrics {
             "Opaque TCP bytes received from a cluster",
             metrics.upstream_tcp_received.clone(),
         );
+        r.register("upstream_connections_active", "Upstream connections open now", metrics.upstream_open.clone());
+        r.register(
+            "upstream_requests_active",
+            "Requests in flight to a cluster now (kept for clusters with a max_requests breaker)",
+            metrics.upstream_active.clone(),
+        );
+        r.register(
+            "upstream_requests_pending",
+            "Requests waiting for a new upstream connection now (kept with a max_pending_requests breaker)",
+            metrics.upstream_pending.clone(),
+        );
+        r.register(
+            "upstream_retries_active",
+            "Retries in flight now (kept for clusters with a max_retries breaker)",
+            metrics.upstream_active_retries.clone(),
+        );
+        r.register("upstream_retries", "Retries sent, hedged attempts included", metrics.upstream_retries.clone());
+        r.register("upstream_hedges", "Hedged attempts sent", metrics.upstream_hedges.clone());
+        r.register(
+            "upstream_retry_budget_exhausted",
+            "Retries not sent because the route's retry budget was spent",
+            metrics.upstream_budget_exhausted.clone(),
+        );
+        r.register(
+            "upstream_timeouts",
+            "Requests that timed out, by kind (request: the route's timeout; per_try: one attempt's)",
+            metrics.upstream_timeouts.clone(),
+        );
+        r.register(
+            "upstream_overflow",
+            "Requests failed at once by a circuit breaker, by breaker",
+            metrics.upstream_overflow.clone(),
+        );
+        r.register(
+            "mirror_requests",
+            "Mirrored copies of requests, by result (sent, dropped at the per-worker cap, failed)",
+            metrics.mirror_requests.clone(),
+        );
+        r.register(
+            "health_checks",
+            "Active health-check probes, by result (pass, fail)",
+            metrics.health_checks.clone(),
+        );
+        r.register(
+            "upstream_endpoints_healthy",
+            "Endpoints of a cluster healthy now (not ejected, passing health checks)",
+            metrics.endpoints_healthy.clone(),
+        );
+        r.register(
+            "upstream_endpoints_ejected",
+            "Endpoints of a cluster ejected by outlier detection now",
+            metrics.endpoints_ejected.clone(),
+        );
+        r.register("outlier_ejections", "Outlier-detection ejections, by reason", metrics.ejections.clone());
         r.register("config_reloads", "Config reloads, by result (applied, rejected)", metrics.reloads.clone());
         r.register("config_version", "1 for the version of the config serving now", metrics.config_version.clone());
         r.register("workers", "Worker threads", metrics.workers.clone());
@@ -226,6 +386,7 @@ impl Metrics {
             rejected: self.listener_rejected.get_or_create_owned(&labels),
             bytes_received: self.listener_received.get_or_create_owned(&labels),
             bytes_sent: self.listener_sent.get_or_create_owned(&labels),
+            rate_limited: self.listener_rate_limited.get_or_create_owned(&labels),
             requests,
         })
     }
@@ -237,12 +398,36 @@ impl Metrics {
         let responses = STATUS_CLASSES.map(|status_class| {
             self.upstream_responses.get_or_create_owned(&ClusterClassLabels { cluster: name.to_owned(), status_class })
         });
+        let result = |result| ClusterResultLabels { cluster: name.to_owned(), result };
+        let overflows = Breaker::ALL.map(|b| {
+            self.upstream_overflow.get_or_create_owned(&BreakerLabels { cluster: name.to_owned(), breaker: b.as_str() })
+        });
+        let ejections = EjectReason::ALL.map(|r| self.ejections.get_or_create_owned(&reason(r.as_str())));
         Arc::new(ClusterStats {
+            name: name.into(),
             connections: self.upstream_connections.get_or_create_owned(&labels),
             connect_failures: self.upstream_connect_errors.get_or_create_owned(&reason("refused")),
             connect_timeouts: self.upstream_connect_errors.get_or_create_owned(&reason("timeout")),
             tcp_bytes_sent: self.upstream_tcp_sent.get_or_create_owned(&labels),
             tcp_bytes_received: self.upstream_tcp_received.get_or_create_owned(&labels),
+            open_connections: self.upstream_open.get_or_create_owned(&labels),
+            active_requests: self.upstream_active.get_or_create_owned(&labels),
+            pending_requests: self.upstream_pending.get_or_create_owned(&labels),
+            active_retries: self.upstream_active_retries.get_or_create_owned(&labels),
+            retries: self.upstream_retries.get_or_create_owned(&labels),
+            hedges: self.upstream_hedges.get_or_create_owned(&labels),
+            retry_budget_exhausted: self.upstream_budget_exhausted.get_or_create_owned(&labels),
+            request_timeouts: self.upstream_timeouts.get_or_create_owned(&reason("request")),
+            per_try_timeouts: self.upstream_timeouts.get_or_create_owned(&reason("per_try")),
+            mirror_sent: self.mirror_requests.get_or_create_owned(&result("sent")),
+            mirror_dropped: self.mirror_requests.get_or_create_owned(&result("dropped")),
+            mirror_failed: self.mirror_requests.get_or_create_owned(&result("failed")),
+            health_checks_passed: self.health_checks.get_or_create_owned(&result("pass")),
+            health_checks_failed: self.health_checks.get_or_create_owned(&result("fail")),
+            healthy_endpoints: self.endpoints_healthy.get_or_create_owned(&labels),
+            ejected_endpoints: self.endpoints_ejected.get_or_create_owned(&labels),
+            overflows,
+            ejections,
             responses,
         })
     }

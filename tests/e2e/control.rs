@@ -497,7 +497,7 @@ async fn a_crashed_workloads_endpoint_leaves_within_its_lease_ttl() {
     let ttl = Duration::from_secs(3);
     let keeper = |server: &HttpServer| {
         let (url, prefix) = (etcd.url().to_owned(), prefix.clone());
-        let endpoint = Registered { cluster: "shop".into(), address: server.address().to_string(), weight: None };
+        let endpoint = Registered::new("shop", &server.address().to_string());
         tokio::spawn(async move { registry::register(&url, &prefix, &endpoint, ttl, std::future::pending()).await })
     };
     let keeper_a = keeper(&a);

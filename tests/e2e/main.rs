@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod balancers;
 mod cli;
 mod control;
 mod drain;
@@ -11,6 +12,8 @@ mod grpc;
 mod http;
 mod policy;
 mod reload;
+mod resilience;
+mod retries;
 mod tcp;
 mod transparent;
 mod tunnels;

@@ -117,7 +117,7 @@ async fn the_rate_limit_passes_its_rate_and_refuses_the_rest() {
     assert!(limited > passed, "the load was not high enough to test the limit ({limited} limited)");
 }
 
-/// Bad policy values are refused with the field named.
+/// Bad policy values are refused with the field named, on routes and on clusters.
 #[test]
 fn bad_policy_values_name_their_field() {
     for (extra, field) in [
@@ -126,6 +126,14 @@ fn bad_policy_values_name_their_field() {
         (", fault: {abort: {percent: 10, status: 99}}", "routes[0].fault.abort.status"),
         (", fault: {delay: {percent: 10}}", "routes[0].fault.delay.duration"),
         (", rate_limit: {burst: 5}", "routes[0].rate_limit.requests_per_second"),
+        (", retry: {retry_on: [5xxx]}", "routes[0].retry.retry_on[0]: unknown condition \"5xxx\""),
+        (", retry: {attempts: 50}", "routes[0].retry.attempts: must be at most 10"),
+        (", retry: {backoff_base: 1s, backoff_max: 0.5s}", "routes[0].retry.backoff_max: must not be less"),
+        (", retry: {hedge: {}}", "routes[0].retry.hedge.delay: is required"),
+        (", retry: {replay_buffer_bytes: 9999999}", "routes[0].retry.replay_buffer_bytes: must be at most"),
+        (", retry: {budget: {percent: 120}}", "routes[0].retry.budget.percent: must be 0 to 100"),
+        (", mirror: {cluster: nowhere}", "routes[0].mirror.cluster: names cluster \"nowhere\""),
+        (", fallback: {status: 700}", "routes[0].fallback.status: must be 200 to 599"),
     ] {
         let yaml = format!(
             "resources:\n  - {{kind: Cluster, name: app}}\n  - {{kind: RouteTable, name: web, routes: [{{backends: [{{cluster: app}}]{extra}}}]}}\n"
@@ -134,4 +142,103 @@ fn bad_policy_values_name_their_field() {
         let error = remora_control_api::validate::validate(&file.resources).unwrap_err().to_string();
         assert!(error.contains(field), "{extra}: {error}");
     }
+}
+
+/// A mirrored route: the shadow cluster receives a copy (its host marked `-shadow`, its body whole)
+/// while the client gets the primary's answer, and a shadow that takes seconds to answer does not
+/// slow the primary down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrored_requests_reach_the_shadow_without_slowing_the_client() {
+    use remora_proxy::testing::ScriptedServer;
+    let primary = ScriptedServer::start("primary").await;
+    let shadow = ScriptedServer::start("shadow").await;
+    shadow.script.delay(2000);
+    let proxy = TestProxy::start(&format!(
+        "resources:\n{}{}  - {{kind: RouteTable, name: web, destinations: [shop.local], routes: [{{backends: [{{cluster: app}}], mirror: {{cluster: shadow}}}}]}}\n{}",
+        cluster("app", "", &[primary.address()]),
+        cluster("shadow", "", &[shadow.address()]),
+        listener("in", ", protocol: http1"),
+    ));
+    let mut client = Client::http1(proxy.address("in")).await;
+    for i in 0..5 {
+        let started = Instant::now();
+        let body = format!("order {i}");
+        let post = client
+            .request(http::Method::POST, "shop.local", "/orders")
+            .body(remora_proxy::testing::servers::full(body.clone()))
+            .unwrap();
+        let reply = remora_proxy::testing::client::read(client.send(post).await.unwrap()).await;
+        assert_eq!((reply.status.as_u16(), reply.header("x-served-by")), (200, "primary"));
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "the slow shadow held the client: {:?}",
+            started.elapsed()
+        );
+    }
+    remora_proxy::testing::eventually("the shadow saw every copy", Duration::from_secs(5), || async {
+        shadow.script.seen().len() == 5
+    })
+    .await;
+    let seen = shadow.script.seen();
+    assert!(seen.iter().all(|(host, _)| host == "shop.local-shadow"), "{seen:?}");
+    let mut bodies: Vec<String> = seen.iter().map(|(_, b)| String::from_utf8_lossy(b).into_owned()).collect();
+    bodies.sort();
+    assert_eq!(bodies, (0..5).map(|i| format!("order {i}")).collect::<Vec<_>>());
+    assert_eq!(primary.script.requests(), 5);
+
+    // A share of 30%: about 300 of 1000 copied.
+    proxy.rewrite(&format!(
+        "resources:\n{}{}  - {{kind: RouteTable, name: web, routes: [{{backends: [{{cluster: app}}], mirror: {{cluster: shadow, percent: 30}}}}]}}\n{}",
+        cluster("app", "", &[primary.address()]),
+        cluster("shadow", "", &[shadow.address()]),
+        listener("in", ", protocol: http1"),
+    ));
+    proxy.reload().unwrap();
+    shadow.script.delay(0);
+    let before = shadow.script.seen().len();
+    for _ in 0..1000 {
+        assert_eq!(client.get("x", "/").await.status, 200);
+    }
+    remora_proxy::testing::eventually("copies settle", Duration::from_secs(5), || async {
+        proxy.metric(r#"remora_mirror_requests_total{cluster="shadow",result="sent"}"#).await
+            == shadow.script.seen().len() as f64
+    })
+    .await;
+    let copied = shadow.script.seen().len() - before;
+    assert!((230..=370).contains(&copied), "{copied} of 1000 copied at 30%");
+}
+
+/// Bad cluster policy values are refused with the field named.
+#[test]
+fn bad_cluster_policy_values_name_their_field() {
+    for (extra, field) in [
+        (", balancer: ring_hash", "hash_policy: is required with balancer ring_hash"),
+        (", hash_policy: {header: x-user}", "hash_policy: applies only to balancer ring_hash"),
+        (", balancer: ring_hash, hash_policy: {header: \"bad header\"}", "hash_policy.header"),
+        (", outlier_detection: {interval: 0s}", "outlier_detection.interval: must be greater than zero"),
+        (
+            ", outlier_detection: {max_ejection_percent: 101}",
+            "outlier_detection.max_ejection_percent: must be 0 to 100",
+        ),
+        (", outlier_detection: {latency: {multiple: 1.1}}", "outlier_detection.latency.multiple: must be at least 1.5"),
+        (", health_check: {http: {path: health}}", "health_check.http.path: must start with '/'"),
+        (", health_check: {healthy_threshold: 0}", "health_check.healthy_threshold: must be above zero"),
+        (", health_check: {http: {path: /h, expected_statuses: [42]}}", "health_check.http.expected_statuses[0]"),
+        (", locality_preference: {min_healthy_percent: 0}", "locality_preference.min_healthy_percent"),
+        (", panic_threshold: 150", "panic_threshold: must be 0 to 100"),
+        (", original_destination: true, outlier_detection: {}", "original_destination: a pass-through cluster"),
+    ] {
+        let yaml = format!("resources:\n  - {{kind: Cluster, name: app{extra}}}\n");
+        let file = remora_control_api::config::parse(&yaml, "t").unwrap();
+        let error = remora_control_api::validate::validate(&file.resources).unwrap_err().to_string();
+        assert!(error.contains(&format!("cluster \"app\": {field}")), "{extra}: {error}");
+    }
+    let yaml =
+        "resources:\n  - {kind: Listener, name: l, address: \"127.0.0.1:0\", connection_rate_limit: {burst: 3}}\n";
+    let file = remora_control_api::config::parse(yaml, "t").unwrap();
+    let error = remora_control_api::validate::validate(&file.resources).unwrap_err().to_string();
+    assert!(
+        error.contains("listener \"l\": connection_rate_limit.connections_per_second: must be above zero"),
+        "{error}"
+    );
 }

@@ -162,3 +162,39 @@ async fn connection_cap_rejects_the_excess() {
     second.read_exact(&mut got).await.unwrap();
     assert_eq!(&got, b"still");
 }
+
+/// A connection rate limit of 5/s with a burst of 5: of 20 connections opened at once, 5 are served
+/// and 15 are closed at once and counted; a second later, a token is back.
+#[tokio::test]
+async fn the_connection_rate_limit_closes_the_excess() {
+    let echo = TcpEchoServer::start().await;
+    let proxy = TestProxy::start(&format!(
+        "resources:\n{}{}",
+        cluster("echo", "", &[echo.address()]),
+        listener(
+            "tcp",
+            ", protocol: tcp, default_cluster: echo, connection_rate_limit: {connections_per_second: 5, burst: 5}"
+        ),
+    ));
+    let address = proxy.address("tcp");
+    let mut served = 0;
+    for _ in 0..20 {
+        let mut stream = TcpStream::connect(address).await.unwrap();
+        let _ = stream.write_all(b"hi").await;
+        let mut got = [0_u8; 2];
+        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut got)).await.unwrap() {
+            Ok(2) => served += 1,
+            Ok(0) | Err(_) => {}
+            Ok(n) => panic!("read {n} bytes"),
+        }
+    }
+    // 20 connects take well under the 200 ms a new token needs.
+    assert!((5..=6).contains(&served), "{served} of 20 served");
+    let limited = r#"remora_listener_connections_rate_limited_total{listener="tcp",direction="outbound"}"#;
+    assert_eq!(proxy.metric(limited).await, 20.0 - served as f64);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut stream = TcpStream::connect(address).await.unwrap();
+    stream.write_all(b"ok").await.unwrap();
+    let mut got = [0_u8; 2];
+    stream.read_exact(&mut got).await.unwrap();
+}

@@ -167,10 +167,14 @@ impl Sources {
 pub fn merge(resources: &[Resource], registry: Option<&Registrations>) -> Vec<Resource> {
     let mut registered: BTreeMap<&str, Vec<v1::Endpoint>> = BTreeMap::new();
     for entry in registry.into_iter().flat_map(|r| r.values()) {
-        registered
-            .entry(entry.cluster.as_str())
-            .or_default()
-            .push(v1::Endpoint { address: entry.address.clone(), weight: entry.weight });
+        registered.entry(entry.cluster.as_str()).or_default().push(v1::Endpoint {
+            address: entry.address.clone(),
+            weight: entry.weight,
+            locality: (entry.region.is_some() || entry.zone.is_some()).then(|| v1::Locality {
+                region: entry.region.clone().unwrap_or_default(),
+                zone: entry.zone.clone().unwrap_or_default(),
+            }),
+        });
     }
     let mut merged = Vec::with_capacity(resources.len() + registered.len());
     let mut covered: HashSet<&str> = HashSet::new();
@@ -387,7 +391,11 @@ mod tests {
         {
             registry.insert(
                 key.as_bytes().to_vec(),
-                registry::Registered { cluster: cluster.into(), address: address.into(), weight: Some(2) },
+                registry::Registered {
+                    weight: Some(2),
+                    zone: Some("z1".into()),
+                    ..registry::Registered::new(cluster, address)
+                },
             );
         }
         let merged = merge(&file.resources, Some(&registry));

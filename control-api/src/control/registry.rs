@@ -4,8 +4,10 @@
 //! keeps alive (`remora register` does both, see [`register`]):
 //!
 //! ```text
-//! /remora/endpoints/<cluster>/<ip:port>   →   {"weight": 2}      (the value may be empty: weight 1)
+//! /remora/endpoints/<cluster>/<ip:port>   →   {"weight": 2, "region": "eu-west-1", "zone": "eu-west-1a"}
 //! ```
+//!
+//! Every field of the value is optional, and the value may be empty (weight 1, no locality).
 //!
 //! so `etcdctl lease grant 10` and `etcdctl put --lease=<id> /remora/endpoints/shop/10.0.0.7:8080 ''`
 //! are enough. When the workload stops refreshing its lease (it crashed, or its host is gone), etcd
@@ -38,15 +40,40 @@ pub struct Registered {
     pub address: String,
     /// Its balancing weight, if set.
     pub weight: Option<u32>,
+    /// Its region, if set (for clusters that prefer their own locality).
+    pub region: Option<String>,
+    /// Its zone, if set.
+    pub zone: Option<String>,
+}
+
+impl Registered {
+    /// An endpoint of `cluster` at `address` with weight 1 and no locality.
+    pub fn new(cluster: &str, address: &str) -> Registered {
+        Registered { cluster: cluster.to_owned(), address: address.to_owned(), weight: None, region: None, zone: None }
+    }
+
+    /// The registration's etcd value: a JSON object with the fields set, or empty.
+    pub fn value(&self) -> String {
+        if self.weight.is_none() && self.region.is_none() && self.zone.is_none() {
+            return String::new();
+        }
+        serde_json::to_string(&Value { weight: self.weight, region: self.region.clone(), zone: self.zone.clone() })
+            .unwrap_or_default()
+    }
 }
 
 /// Every registration, by key.
 pub type Registrations = BTreeMap<Vec<u8>, Registered>;
 
-#[derive(Deserialize)]
+#[derive(Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 struct Value {
+    #[serde(skip_serializing_if = "Option::is_none")]
     weight: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    region: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    zone: Option<String>,
 }
 
 /// The key of an endpoint's registration.
@@ -66,14 +93,20 @@ pub fn parse(prefix: &str, key: &[u8], value: &[u8]) -> Result<Registered, Strin
         return Err(format!("{key:?} names no cluster"));
     }
     parse_address(address).map_err(|e| format!("{key:?}: the address {e}"))?;
-    let weight = if value.iter().all(u8::is_ascii_whitespace) {
-        None
+    let value = if value.iter().all(u8::is_ascii_whitespace) {
+        Value::default()
     } else {
-        serde_json::from_slice::<Value>(value)
-            .map_err(|e| format!("{key:?}: the value is not {{\"weight\": N}}: {e}"))?
-            .weight
+        serde_json::from_slice::<Value>(value).map_err(|e| {
+            format!("{key:?}: the value is not {{\"weight\": N, \"region\": \"...\", \"zone\": \"...\"}}: {e}")
+        })?
     };
-    Ok(Registered { cluster: cluster.to_owned(), address: address.to_owned(), weight })
+    Ok(Registered {
+        cluster: cluster.to_owned(),
+        address: address.to_owned(),
+        weight: value.weight,
+        region: value.region,
+        zone: value.zone,
+    })
 }
 
 fn insert(prefix: &str, registrations: &mut Registrations, kv: &KeyValue) {
@@ -166,10 +199,7 @@ pub async fn register(
 ) -> Result<(), EtcdError> {
     parse_address(&endpoint.address).map_err(|e| EtcdError::Lease(format!("address {e}")))?;
     let key = key(prefix, &endpoint.cluster, &endpoint.address);
-    let value = match endpoint.weight {
-        Some(weight) => format!("{{\"weight\":{weight}}}"),
-        None => String::new(),
-    };
+    let value = endpoint.value();
     tokio::pin!(stop);
     let refresh = (ttl / 3).max(Duration::from_millis(200));
     loop {
@@ -227,9 +257,13 @@ mod tests {
         let k = key(DEFAULT_PREFIX, "shop", "10.0.0.7:8080");
         assert_eq!(k, "/remora/endpoints/shop/10.0.0.7:8080");
         let entry = parse(DEFAULT_PREFIX, k.as_bytes(), b"").unwrap();
-        assert_eq!(entry, Registered { cluster: "shop".into(), address: "10.0.0.7:8080".into(), weight: None });
+        assert_eq!(entry, Registered::new("shop", "10.0.0.7:8080"));
         let weighted = parse(DEFAULT_PREFIX, k.as_bytes(), br#"{"weight": 3}"#).unwrap();
         assert_eq!(weighted.weight, Some(3));
+        let placed = parse(DEFAULT_PREFIX, k.as_bytes(), br#"{"region": "eu", "zone": "eu-1"}"#).unwrap();
+        assert_eq!((placed.region.as_deref(), placed.zone.as_deref()), (Some("eu"), Some("eu-1")));
+        assert_eq!(parse(DEFAULT_PREFIX, k.as_bytes(), placed.value().as_bytes()).unwrap(), placed);
+        assert_eq!(Registered::new("shop", "10.0.0.7:8080").value(), "");
         let v6 = parse(DEFAULT_PREFIX, b"/remora/endpoints/shop/[::1]:80", b"").unwrap();
         assert_eq!(v6.address, "[::1]:80");
         assert!(parse(DEFAULT_PREFIX, b"/remora/endpoints/shop/nowhere", b"").unwrap_err().contains("address"));

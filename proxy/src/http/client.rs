@@ -25,17 +25,17 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use hyper::body::Incoming;
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::time::Instant;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use crate::http::body::ProxyBody;
+use crate::http::body::{ProxyBody, UpstreamBody};
 use crate::http::error::ProxyError;
 use crate::http::{h1, headers};
 use crate::limits;
+use crate::policy::breaker::Slot;
 use crate::state::cluster::Cluster;
 use crate::{tcp, timer};
 
@@ -80,7 +80,7 @@ struct IdleConnection {
 type SharedHttp2 = Arc<tokio::sync::Mutex<Option<Http2Connection>>>;
 
 struct Http2Connection {
-    sender: http2::SendRequest<Incoming>,
+    sender: http2::SendRequest<UpstreamBody>,
     expires: Instant,
 }
 
@@ -126,11 +126,12 @@ pub enum Outcome {
 /// Sends `request` to `endpoint` over HTTP/1.1, reusing a pooled connection when one is alive.
 ///
 /// `dedicated` asks for a fresh connection that is never pooled (an `Upgrade` request takes the
-/// connection over). The request must already be in origin form (see `headers`).
+/// connection over). The request must already be in origin form (see `headers`). A new connection
+/// must fit the cluster's `max_connections` and `max_pending_requests` breakers.
 pub async fn send_http1(
     cluster: &Cluster,
     endpoint: SocketAddr,
-    mut request: Request<Incoming>,
+    mut request: Request<UpstreamBody>,
     dedicated: bool,
 ) -> Result<Outcome, ProxyError> {
     loop {
@@ -140,13 +141,14 @@ pub async fn send_http1(
             Some(connection) => connection,
             None => {
                 // Boxed in its own statement (see `send_http2`): connecting is the cold path.
-                let connecting = Box::pin(tcp::connect(endpoint, cluster.connect_timeout, &cluster.stats));
-                Box::new(h1::Connection::new(connecting.await?, endpoint, cluster.idle_timeout))
+                let connecting = Box::pin(connect(cluster, endpoint));
+                let (stream, slot) = connecting.await?;
+                Box::new(h1::Connection::new(stream, endpoint, cluster.idle_timeout, Some(slot)))
             }
         };
         let release = if dedicated { drop_connection } else { release_http1 };
         match h1::exchange(connection, request, reused, release).await {
-            Ok(h1::Exchanged::Response(response)) => return Ok(Outcome::Response(response.map(ProxyBody::Http1))),
+            Ok(h1::Exchanged::Response(response)) => return Ok(Outcome::Response(response.map(ProxyBody::http1))),
             Ok(h1::Exchanged::Switched(head, stream, early)) => return Ok(Outcome::Switched(head, stream, early)),
             Err(h1::Failure::Stale(unsent)) => {
                 debug!(%endpoint, "pooled connection was closed; sending on another");
@@ -158,6 +160,16 @@ pub async fn send_http1(
 }
 
 fn drop_connection(_: Box<h1::Connection>) {}
+
+/// Opens a connection to `endpoint` for `cluster`, within its breakers: the request counts as
+/// pending while it waits, and the connection holds a `max_connections` slot until it closes.
+async fn connect(cluster: &Cluster, endpoint: SocketAddr) -> Result<(TcpStream, Slot), ProxyError> {
+    let overflow = |breaker| ProxyError::Overflow(cluster.name.clone(), breaker);
+    let _pending = cluster.breakers.pending(&cluster.stats).map_err(overflow)?;
+    let slot = cluster.breakers.connection(&cluster.stats).map_err(overflow)?;
+    let stream = tcp::connect(endpoint, cluster.connect_timeout, &cluster.stats).await?;
+    Ok((stream, slot))
+}
 
 /// The most recently pooled live connection to `endpoint`, discarding dead and expired ones.
 fn checkout_http1(endpoint: SocketAddr) -> Option<Box<h1::Connection>> {
@@ -184,7 +196,7 @@ pub async fn send_http2(
     settings: &ClientSettings,
     cluster: &Cluster,
     endpoint: SocketAddr,
-    mut request: Request<Incoming>,
+    mut request: Request<UpstreamBody>,
 ) -> Result<Outcome, ProxyError> {
     let Some(shared) = with_pool(|pool| pool.http2.entry(endpoint).or_default().clone()) else {
         return Err(ProxyError::NoEndpoint(cluster.name.clone()));
@@ -217,7 +229,7 @@ pub async fn send_http2(
         match sender.try_send_request(request).await {
             Ok(mut response) => {
                 headers::strip_hop_by_hop(response.headers_mut(), false);
-                return Ok(Outcome::Response(response.map(ProxyBody::Http2)));
+                return Ok(Outcome::Response(response.map(ProxyBody::http2)));
             }
             Err(mut error) => match error.take_message() {
                 Some(unsent) if !force_new => {
@@ -235,10 +247,12 @@ async fn connect_http2(
     settings: &ClientSettings,
     cluster: &Cluster,
     endpoint: SocketAddr,
-) -> Result<http2::SendRequest<Incoming>, ProxyError> {
-    let stream = tcp::connect(endpoint, cluster.connect_timeout, &cluster.stats).await?;
+) -> Result<http2::SendRequest<UpstreamBody>, ProxyError> {
+    let (stream, slot) = connect(cluster, endpoint).await?;
     let (sender, connection) = settings.http2.handshake(TokioIo::new(stream)).await.map_err(ProxyError::Upstream)?;
     tokio::spawn(async move {
+        // The connection counts against max_connections until this task ends.
+        let _slot = slot;
         if let Err(error) = connection.await {
             debug!(%endpoint, %error, "upstream http/2 connection ended with an error");
         }

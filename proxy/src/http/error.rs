@@ -1,10 +1,11 @@
 //! Why a request could not be proxied, and the one place such a reason becomes an HTTP response.
 //!
 //! Every failure on the HTTP data path is a [`ProxyError`]. Each knows which side caused it
-//! ([`Side`]) and whether trying another endpoint could help ([`ProxyError::retryable`], for the retry
-//! policy to come). [`ProxyError::to_response`] is the only mapping from errors to status codes: a
-//! short text body and an `x-remora-error` header naming the reason, so an operator can tell a 503
-//! the proxy made from one the app sent.
+//! ([`Side`]); whether another attempt could help is the route's retry policy's call
+//! (`policy::retry`). [`ProxyError::to_response`] is the only mapping from errors to status codes:
+//! a short text body and an `x-remora-error` header naming the reason, so an operator can tell a 503
+//! the proxy made from one the app sent. A route's fallback is the one exception to the short text
+//! body: its static answer replaces the error's, under `x-remora-error: fallback`.
 
 use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
@@ -12,6 +13,8 @@ use http::{Response, StatusCode};
 
 use crate::http::body::ProxyBody;
 use crate::http::h1;
+use crate::policy::Fallback;
+use crate::policy::breaker::Breaker;
 use crate::tcp::ConnectError;
 
 /// The header that names the reason of a response the proxy made itself.
@@ -67,6 +70,20 @@ pub enum ProxyError {
     /// The route's fault injection chose to fail this request with this status.
     #[error("fault injected by the route's policy")]
     FaultInjected(u16),
+    /// A circuit breaker of the cluster is open.
+    #[error("cluster {0:?} is at its {limit} limit", limit = .1.as_str())]
+    Overflow(std::sync::Arc<str>, Breaker),
+    /// The last attempt's response head did not arrive within the retry policy's per-try timeout.
+    #[error("no response within the per-try timeout of {0:?}")]
+    PerTryTimeout(std::time::Duration),
+    /// The cluster could not take the request, and the route answers with its fallback instead.
+    #[error("{cause}; the route's fallback answered")]
+    Fallback {
+        /// The route's static answer.
+        response: std::sync::Arc<Fallback>,
+        /// Why the cluster could not take the request.
+        cause: Box<ProxyError>,
+    },
 }
 
 impl ProxyError {
@@ -82,20 +99,27 @@ impl ProxyError {
                 h1::Error::Io(_) | h1::Error::Closed | h1::Error::Protocol(_) | h1::Error::UnexpectedSwitch,
             ) => Side::Upstream,
             ProxyError::BadRequest(_) | ProxyError::Http1(h1::Error::RequestBody(_)) => Side::Downstream,
-            ProxyError::RequestTimeout(_) => Side::Upstream,
+            ProxyError::RequestTimeout(_) | ProxyError::PerTryTimeout(_) | ProxyError::Overflow(..) => Side::Upstream,
             ProxyError::RateLimited(_) | ProxyError::FaultInjected(_) => Side::Config,
+            ProxyError::Fallback { cause, .. } => cause.side(),
         }
     }
 
-    /// Whether another attempt, on another endpoint, might succeed. A request the endpoint may have
-    /// started processing (an upstream error after sending) is not retryable without a policy that
-    /// says the request is idempotent.
-    pub fn retryable(&self) -> bool {
-        matches!(self, ProxyError::Connect(_))
+    /// Whether the route's fallback answers in place of this error: the cluster had no healthy
+    /// endpoint, or a breaker was open.
+    pub fn takes_fallback(&self) -> bool {
+        matches!(self, ProxyError::NoEndpoint(_) | ProxyError::Overflow(..))
     }
 
     /// The response the client gets.
     pub fn to_response(&self) -> Response<ProxyBody> {
+        if let ProxyError::Fallback { response: fallback, .. } = self {
+            let mut response = Response::new(ProxyBody::local(fallback.body.clone()));
+            *response.status_mut() = fallback.status;
+            *response.headers_mut() = fallback.headers.clone();
+            response.headers_mut().insert(ERROR_HEADER, HeaderValue::from_static("fallback"));
+            return response;
+        }
         let (status, reason) = match self {
             ProxyError::NoRoute => (StatusCode::NOT_FOUND, "no_route"),
             ProxyError::ListenerRemoved => (StatusCode::SERVICE_UNAVAILABLE, "listener_removed"),
@@ -112,6 +136,10 @@ impl ProxyError {
             ProxyError::Http1(h1::Error::RequestBody(_)) => (StatusCode::BAD_REQUEST, "downstream_body_error"),
             ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ProxyError::RequestTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "request_timeout"),
+            ProxyError::PerTryTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "per_try_timeout"),
+            ProxyError::Overflow(..) => (StatusCode::SERVICE_UNAVAILABLE, "upstream_overflow"),
+            // Answered above.
+            ProxyError::Fallback { .. } => (StatusCode::SERVICE_UNAVAILABLE, "fallback"),
             ProxyError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ProxyError::FaultInjected(status) => {
                 (StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), "fault_injected")
@@ -153,6 +181,8 @@ mod tests {
             (ProxyError::RequestTimeout(std::time::Duration::from_secs(1)), 504, "request_timeout"),
             (ProxyError::RateLimited(std::time::Duration::from_millis(1500)), 429, "rate_limited"),
             (ProxyError::FaultInjected(418), 418, "fault_injected"),
+            (ProxyError::Overflow("c".into(), Breaker::Requests), 503, "upstream_overflow"),
+            (ProxyError::PerTryTimeout(std::time::Duration::from_secs(1)), 504, "per_try_timeout"),
         ];
         for (error, status, reason) in cases {
             let response = error.to_response();
@@ -161,5 +191,19 @@ mod tests {
         }
         let limited = ProxyError::RateLimited(std::time::Duration::from_millis(1500)).to_response();
         assert_eq!(limited.headers()[RETRY_AFTER], "2");
+    }
+
+    #[test]
+    fn a_fallback_answers_with_its_own_status_headers_and_body() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-degraded", HeaderValue::from_static("yes"));
+        let fallback =
+            std::sync::Arc::new(Fallback { status: StatusCode::OK, headers, body: Bytes::from_static(b"[]") });
+        let error = ProxyError::Fallback { response: fallback, cause: Box::new(ProxyError::NoEndpoint("c".into())) };
+        let response = error.to_response();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["x-degraded"], "yes");
+        assert_eq!(response.headers()[ERROR_HEADER], "fallback");
+        assert!(error.to_string().starts_with("cluster \"c\" has no endpoint"), "{error}");
     }
 }

@@ -42,6 +42,7 @@ use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
 use crate::limits;
+use crate::policy::breaker::Slot;
 
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
@@ -90,6 +91,8 @@ pub struct Connection {
     head: BytesMut,
     /// Where each response header's name and value sit in the head, reused between responses.
     fields: Vec<Field>,
+    /// The connection's place under its cluster's `max_connections`, given back when it closes.
+    _slot: Option<Slot>,
 }
 
 /// Offsets of one header's name and value within a response head.
@@ -100,9 +103,18 @@ struct Field {
 }
 
 impl Connection {
-    /// Wraps a socket connected to `endpoint`; pooled, it may idle for `idle_timeout`.
-    pub fn new(stream: TcpStream, endpoint: SocketAddr, idle_timeout: Duration) -> Self {
-        Connection { stream, endpoint, idle_timeout, read: BytesMut::new(), head: BytesMut::new(), fields: Vec::new() }
+    /// Wraps a socket connected to `endpoint`; pooled, it may idle for `idle_timeout`. `slot`
+    /// counts it as open until it is dropped.
+    pub fn new(stream: TcpStream, endpoint: SocketAddr, idle_timeout: Duration, slot: Option<Slot>) -> Self {
+        Connection {
+            stream,
+            endpoint,
+            idle_timeout,
+            read: BytesMut::new(),
+            head: BytesMut::new(),
+            fields: Vec::new(),
+            _slot: slot,
+        }
     }
 
     /// The endpoint this connection goes to.
@@ -1001,7 +1013,7 @@ mod tests {
     }
 
     async fn connect(address: SocketAddr) -> Box<Connection> {
-        Box::new(Connection::new(TcpStream::connect(address).await.unwrap(), address, Duration::from_secs(60)))
+        Box::new(Connection::new(TcpStream::connect(address).await.unwrap(), address, Duration::from_secs(60), None))
     }
 
     fn get(path: &str) -> Request<TestBody> {

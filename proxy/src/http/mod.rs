@@ -8,22 +8,29 @@
 //! 1. **route**: from the live snapshot, the listener's route table for the request's authority (or
 //!    the connection's original destination), the first matching route, and a cluster by weight;
 //!    the listener's default cluster when no table claims the destination. A route with a policy
-//!    (`policy`) then admits the request: its rate limit (429), its injected faults (a delay, an
-//!    abort), and its timeout on the response head (504).
-//! 2. **balance**: the cluster's next endpoint (or the original destination, for a pass-through).
+//!    (`policy`) then admits the request: its rate limit (429) and its injected faults (a delay, an
+//!    abort).
+//! 2. **balance**: the cluster's next healthy endpoint (or the original destination, for a
+//!    pass-through), within the cluster's circuit breakers (503 `upstream_overflow`).
 //! 3. **prepare**: hop-by-hop headers stripped; target and `Host` reshaped for the upstream version.
 //! 4. **connect**: a pooled connection to the endpoint, or a new one (`client`).
 //! 5. **respond**: the endpoint's response streams back (its hop-by-hop headers were left out as it
 //!    was read); a `101` becomes a tunnel, as does a `CONNECT` (`tunnel`).
-//! 6. **record**: the listener's and the cluster's counters, by status class.
+//! 6. **record**: the listener's and the cluster's counters, by status class; the attempt's outcome
+//!    and latency on its endpoint, for outlier detection and the ewma balancer.
 //!
-//! Any failure becomes a response in one place, [`error::ProxyError::to_response`].
+//! A route whose policy asks for more than admission (a delay, a timeout, retries, hedging, a
+//! mirror, a fallback) prepares the request once and then runs phases 2, 4, 5 and 6 under
+//! `forward`, once per attempt, with the timeout around them all. Any failure becomes a response in one place, [`error::ProxyError::to_response`].
 
 pub mod body;
 pub mod client;
 pub mod error;
+mod forward;
 pub mod h1;
 pub mod headers;
+mod mirror;
+pub mod replay;
 pub mod tunnel;
 
 use std::convert::Infallible;
@@ -31,7 +38,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::Instant;
 
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
@@ -40,14 +47,15 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tracing::debug;
 
+use crate::balance::{EndpointState, Observed};
 use crate::io::{self, DownstreamStream, Meter, Watched, idle_watch};
 use crate::limits;
 use crate::listener::{DataPath, Open};
-use crate::policy::Admission;
+use crate::policy::{Admission, RoutePolicy};
 use crate::state::ListenerConfig;
-use crate::state::cluster::{Cluster, Targets, UpstreamProtocol};
+use crate::state::cluster::{Cluster, Picked, Targets, UpstreamProtocol};
 use crate::timer::CoarseTimer;
-use body::ProxyBody;
+use body::{InFlight, ProxyBody, UpstreamBody};
 use client::Outcome;
 use error::ProxyError;
 
@@ -102,6 +110,8 @@ pub struct HttpConnection {
     pub listener: Arc<ListenerConfig>,
     /// Where the client was going, for transparent listeners.
     pub original_destination: Option<SocketAddr>,
+    /// The client's address.
+    pub peer: SocketAddr,
     /// Bytes moved on the connection.
     pub meter: Arc<Meter>,
     /// Keeps the connection counted as open.
@@ -179,9 +189,10 @@ where
 
 /// One request through every phase; always yields a response.
 ///
-/// Phases 1 to 3 run synchronously in [`plan`]; the only await is the exchange with the endpoint,
-/// called directly rather than through layers of `async fn`, because every layer would carry its
-/// own copy of the request in this future (which hyper moves, and for HTTP/2 spawns, per request).
+/// Phases 1 to 3 run synchronously in [`plan`]; on the plain path the only await is the exchange
+/// with the endpoint, called directly rather than through layers of `async fn`, because every layer
+/// would carry its own copy of the request in this future (which hyper moves, and for HTTP/2
+/// spawns, per request).
 async fn proxy(
     mut request: Request<Incoming>,
     connection: Arc<HttpConnection>,
@@ -197,13 +208,14 @@ async fn proxy(
             tokio::time::sleep(delay).await;
             Err(ProxyError::FaultInjected(status))
         }
-        Ok(Plan::Policed(forward, delay, timeout)) => {
+        Ok(Plan::Policed(policed)) => {
             // Boxed in its own statement: only routes with a policy come this way.
-            let policed = Box::pin(policed(request, forward, delay, timeout, &connection));
+            let policed = Box::pin(forward::policed(request, policed, &connection));
             policed.await
         }
-        Ok(Plan::Forward(Forward { cluster, endpoint, version, upgrade, downstream_upgrade })) => {
+        Ok(Plan::Forward(Forward { cluster, endpoint, version, upgrade, downstream_upgrade, attempt })) => {
             // Phase 4, connect and send.
+            let request = request.map(UpstreamBody::Direct);
             let outcome = match version {
                 client::Version::Http1 => client::send_http1(&cluster, endpoint, request, upgrade).await,
                 client::Version::Http2 => {
@@ -211,7 +223,13 @@ async fn proxy(
                     sending.await
                 }
             };
-            outcome.and_then(|outcome| respond(outcome, &cluster, downstream_upgrade, &connection))
+            match outcome {
+                Ok(outcome) => respond(outcome, &cluster, downstream_upgrade, &connection, attempt),
+                Err(error) => {
+                    attempt.failed(&cluster, &error);
+                    Err(error)
+                }
+            }
         }
     };
     let response = result.unwrap_or_else(|error| {
@@ -223,39 +241,64 @@ async fn proxy(
     Ok(response)
 }
 
-/// A request with a route policy: wait out any injected delay, then forward it with the route's
-/// timeout on the response head.
-async fn policed(
-    request: Request<Incoming>,
-    forward: Forward,
-    delay: Option<Duration>,
-    timeout: Option<Duration>,
-    connection: &Arc<HttpConnection>,
-) -> Result<Response<ProxyBody>, ProxyError> {
-    let Forward { cluster, endpoint, version, upgrade, downstream_upgrade } = forward;
-    if let Some(delay) = delay {
-        tokio::time::sleep(delay).await;
-    }
-    let exchange = async {
-        match version {
-            client::Version::Http1 => client::send_http1(&cluster, endpoint, request, upgrade).await,
-            client::Version::Http2 => client::send_http2(&connection.data.client, &cluster, endpoint, request).await,
+/// What the data path keeps of one attempt on an endpoint: what outlier detection and the ewma
+/// balancer learn from it, and what counts it in flight. Empty (and free) for a plain round-robin
+/// cluster with no breakers.
+#[derive(Debug, Default)]
+pub(crate) struct Attempt {
+    /// The endpoint and when the attempt started, when the cluster observes outcomes.
+    observed: Option<(Arc<EndpointState>, Instant)>,
+    in_flight: InFlight,
+}
+
+impl Attempt {
+    /// Starts an attempt on `picked` for `cluster`, holding the breaker slot `slot`.
+    fn start(cluster: &Cluster, picked: &Picked<'_>, slot: Option<crate::policy::breaker::Slot>) -> Attempt {
+        let Some(member) = picked.member else {
+            return Attempt { observed: None, in_flight: InFlight { active: None, slot } };
+        };
+        Attempt {
+            observed: cluster.observes.then(|| (member.state.clone(), Instant::now())),
+            in_flight: InFlight { active: cluster.counts_active.then(|| member.state.start()), slot },
         }
-    };
-    let outcome = match timeout {
-        Some(limit) => tokio::time::timeout(limit, exchange).await.unwrap_or(Err(ProxyError::RequestTimeout(limit)))?,
-        None => exchange.await?,
-    };
-    respond(outcome, &cluster, downstream_upgrade, connection)
+    }
+
+    /// Records a response with `status`.
+    fn observe_response(&self, cluster: &Cluster, status: u16) {
+        if let Some((endpoint, started)) = &self.observed {
+            cluster.observe(endpoint, Observed::from_status(status), started.elapsed());
+        }
+    }
+
+    /// What keeps the request in flight until its response body is done.
+    fn into_in_flight(self) -> InFlight {
+        self.in_flight
+    }
+
+    /// Records a failure, if it says something about the endpoint.
+    fn failed(&self, cluster: &Cluster, error: &ProxyError) {
+        let endpoint_failed = matches!(
+            error,
+            ProxyError::Connect(_)
+                | ProxyError::Upstream(_)
+                | ProxyError::PerTryTimeout(_)
+                | ProxyError::RequestTimeout(_)
+                | ProxyError::Http1(h1::Error::Io(_) | h1::Error::Closed | h1::Error::Protocol(_))
+        );
+        if endpoint_failed && let Some((endpoint, started)) = &self.observed {
+            cluster.observe(endpoint, Observed::NoResponse, started.elapsed());
+        }
+    }
 }
 
 /// A prepared request's destination.
 struct Forward {
     cluster: Arc<Cluster>,
-    endpoint: std::net::SocketAddr,
+    endpoint: SocketAddr,
     version: client::Version,
     upgrade: bool,
     downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    attempt: Attempt,
 }
 
 /// What to do with a request, decided before any await.
@@ -264,15 +307,15 @@ enum Plan {
     Connect(Arc<Cluster>),
     /// Send the (prepared) request to this endpoint.
     Forward(Forward),
-    /// Forward under the route's policy: after this injected delay, with this response-head timeout.
-    Policed(Forward, Option<Duration>, Option<Duration>),
+    /// Forward under the route's policy (`forward`).
+    Policed(forward::Policed),
     /// Fail with an injected status after an injected delay.
-    Abort { status: u16, delay: Duration },
+    Abort { status: u16, delay: std::time::Duration },
 }
 
 /// Phases 1 to 3. Route: resolved entirely from one snapshot load, before any await, so a config
-/// swap can never change a request half-way. Balance: the cluster's next endpoint. Prepare: the
-/// request reshaped, in place, for the endpoint's version.
+/// swap can never change a request half-way. Balance: the cluster's next endpoint, within its
+/// breakers. Prepare: the request reshaped, in place, for the endpoint's version.
 fn plan(request: &mut Request<Incoming>, connection: &HttpConnection) -> Result<Plan, ProxyError> {
     // Route.
     let (cluster, policy) = {
@@ -300,28 +343,63 @@ fn plan(request: &mut Request<Incoming>, connection: &HttpConnection) -> Result<
     if request.method() == Method::CONNECT {
         return Ok(Plan::Connect(cluster));
     }
-    // Balance.
-    let endpoint = cluster.pick(connection.original_destination).ok_or_else(|| match cluster.targets {
-        Targets::OriginalDestination => ProxyError::NoOriginalDestination(cluster.name.clone()),
-        Targets::Endpoints(_) => ProxyError::NoEndpoint(cluster.name.clone()),
-    })?;
-    // Prepare.
     let upgrade = headers::is_upgrade(request);
-    let version = match (cluster.protocol, upgrade) {
+    let downstream_version = request.version();
+    let version = upstream_version(cluster.protocol, downstream_version, upgrade);
+    if let Some(policy) = policy.filter(|p| needs_forwarding_policy(p, delay.is_some())) {
+        // Prepared once for all attempts. The endpoint only fills in a missing HTTP/2 authority;
+        // before any is picked, the original destination (or the listener) stands in.
+        let host_fallback = connection.original_destination.unwrap_or(connection.listener.address);
+        headers::prepare_request(request, version, host_fallback, upgrade);
+        let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut *request));
+        return Ok(Plan::Policed(forward::Policed {
+            cluster,
+            policy,
+            delay,
+            version,
+            downstream_version,
+            upgrade,
+            downstream_upgrade,
+        }));
+    }
+    // Balance.
+    let picked = cluster
+        .pick(connection.original_destination, Some(request.headers()), Some(connection.peer), &[])
+        .ok_or_else(|| no_endpoint(&cluster))?;
+    let slot = cluster.breakers.request(&cluster.stats).map_err(|b| ProxyError::Overflow(cluster.name.clone(), b))?;
+    let endpoint = picked.address;
+    let attempt = Attempt::start(&cluster, &picked, slot);
+    // Prepare.
+    headers::prepare_request(request, version, endpoint, upgrade);
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut *request));
+    Ok(Plan::Forward(Forward { cluster, endpoint, version, upgrade, downstream_upgrade, attempt }))
+}
+
+/// Whether a route's policy asks for more than admission, so its requests go through `forward`.
+fn needs_forwarding_policy(policy: &RoutePolicy, delayed: bool) -> bool {
+    delayed
+        || policy.timeout.is_some()
+        || policy.retry.is_some()
+        || policy.mirror.is_some()
+        || policy.fallback.is_some()
+}
+
+/// The version to speak to a cluster with `protocol`, for a request in `downstream` version.
+fn upstream_version(protocol: UpstreamProtocol, downstream: http::Version, upgrade: bool) -> client::Version {
+    match (protocol, upgrade) {
         // Protocol switches exist only in HTTP/1.1.
         (_, true) | (UpstreamProtocol::Http1, false) => client::Version::Http1,
         (UpstreamProtocol::Http2, false) => client::Version::Http2,
-        (UpstreamProtocol::Auto, false) if request.version() == http::Version::HTTP_2 => client::Version::Http2,
+        (UpstreamProtocol::Auto, false) if downstream == http::Version::HTTP_2 => client::Version::Http2,
         (UpstreamProtocol::Auto, false) => client::Version::Http1,
-    };
-    headers::prepare_request(request, version, endpoint, upgrade);
-    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut *request));
-    let forward = Forward { cluster, endpoint, version, upgrade, downstream_upgrade };
-    match policy {
-        Some(policy) if delay.is_some() || policy.timeout.is_some() => {
-            Ok(Plan::Policed(forward, delay, policy.timeout))
-        }
-        _ => Ok(Plan::Forward(forward)),
+    }
+}
+
+/// The error for a cluster with nothing to send to.
+fn no_endpoint(cluster: &Cluster) -> ProxyError {
+    match cluster.targets {
+        Targets::OriginalDestination => ProxyError::NoOriginalDestination(cluster.name.clone()),
+        Targets::Endpoints(_) => ProxyError::NoEndpoint(cluster.name.clone()),
     }
 }
 
@@ -331,14 +409,20 @@ fn respond(
     cluster: &Cluster,
     downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
     connection: &Arc<HttpConnection>,
+    attempt: Attempt,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     match (outcome, downstream_upgrade) {
         (Outcome::Response(response), _) => {
-            cluster.stats.record_response(response.status().as_u16());
-            Ok(response)
+            let status = response.status().as_u16();
+            cluster.stats.record_response(status);
+            attempt.observe_response(cluster, status);
+            let in_flight = attempt.into_in_flight();
+            Ok(response.map(|body| body.hold(in_flight)))
         }
         (Outcome::Switched(head, upstream, early), Some(downstream)) => {
-            cluster.stats.record_response(head.status().as_u16());
+            let status = head.status().as_u16();
+            cluster.stats.record_response(status);
+            attempt.observe_response(cluster, status);
             tunnel::relay_upgrade(downstream, upstream, early, connection.clone());
             let mut response = head.map(|()| ProxyBody::empty());
             headers::strip_hop_by_hop(response.headers_mut(), true);

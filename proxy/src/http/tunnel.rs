@@ -63,7 +63,9 @@ pub async fn connect(
                 .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
                 .ok_or(ProxyError::BadRequest("CONNECT through a pass-through cluster needs an ip:port target"))?,
         ),
-        Targets::Endpoints(_) => cluster.pick(None),
+        Targets::Endpoints(_) => {
+            cluster.pick(None, Some(request.headers()), Some(connection.peer), &[]).map(|picked| picked.address)
+        }
     };
     let target = target.ok_or_else(|| ProxyError::NoEndpoint(cluster.name.clone()))?;
     let upstream = tcp::connect(target, cluster.connect_timeout, &cluster.stats).await?;

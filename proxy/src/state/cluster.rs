@@ -1,17 +1,28 @@
-//! A cluster as the data path sees it: where its endpoints are, how to talk to them, its counters.
+//! A cluster as the data path sees it: where its endpoints are, how to pick one and talk to it, the
+//! limits on what it is sent, its counters.
 //!
-//! Built from a Cluster resource and its Endpoints resource when a snapshot is built. The endpoint set
-//! (with its round-robin position) is carried over from the previous snapshot when the endpoints did
-//! not change, and the counters always are (they are looked up by name).
+//! Built from a Cluster resource and its Endpoints resource when a snapshot is built
+//! ([`Cluster::compile`]). The endpoint set (with its round-robin position) is carried over from the
+//! previous snapshot when neither the endpoints nor the balancing settings changed; otherwise a new
+//! set takes over the run-time state of every endpoint it shares with the old one. Counters and
+//! breaker gauges are looked up by name, so they always carry over.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::HeaderMap;
 use remora_control_api::v1;
+use remora_control_api::validate;
 
-use crate::balance::EndpointSet;
-use crate::telemetry::ClusterStats;
+use crate::balance::health::HealthCheckConfig;
+use crate::balance::outlier::OutlierConfig;
+use crate::balance::{
+    Endpoint, EndpointSet, EndpointState, HashOn, LocalityPreference, Member, Proximity, SetConfig, Strategy,
+};
+use crate::limits;
+use crate::policy::breaker::CircuitBreakers;
+use crate::telemetry::{ClusterStats, Metrics};
 
 /// The protocol spoken to a cluster's endpoints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,17 +67,157 @@ pub struct Cluster {
     pub idle_timeout: Duration,
     /// The endpoints.
     pub targets: Targets,
+    /// The limits on what it is sent at once.
+    pub breakers: CircuitBreakers,
+    /// Active health checking, if asked for.
+    pub health_check: Option<HealthCheckConfig>,
+    /// Whether each attempt's outcome and latency are recorded on its endpoint (outlier detection
+    /// or the ewma balancer need them).
+    pub observes: bool,
+    /// Whether each request counts as active on its endpoint while in flight (least_request and
+    /// ewma pick by it).
+    pub counts_active: bool,
     /// The cluster's counters.
     pub stats: Arc<ClusterStats>,
 }
 
+/// A picked endpoint: its address, and its state when the cluster keeps one for the data path.
+#[derive(Debug)]
+pub struct Picked<'a> {
+    /// Where to connect.
+    pub address: SocketAddr,
+    /// The endpoint, for a balanced cluster.
+    pub member: Option<&'a Member>,
+}
+
+/// Where this proxy runs, as the bootstrap says (for zone-aware routing).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OwnLocality {
+    /// The region, or empty.
+    pub region: String,
+    /// The zone, or empty.
+    pub zone: String,
+}
+
 impl Cluster {
-    /// The endpoint for the next request or connection: the balancer's pick, or for a pass-through
-    /// cluster the connection's original destination. `None` when there is none to be had.
-    pub fn pick(&self, original_destination: Option<SocketAddr>) -> Option<SocketAddr> {
+    /// Compiles cluster `c` with its endpoints `e` (if any). `previous` is the cluster of the same
+    /// name in the snapshot serving now, whose endpoint set (or the endpoint states in it) carries
+    /// over. Errors name the field.
+    pub fn compile(
+        c: &v1::Cluster,
+        e: Option<&v1::Endpoints>,
+        previous: Option<&Cluster>,
+        locality: &OwnLocality,
+        metrics: &Metrics,
+    ) -> Result<Cluster, (String, String)> {
+        let duration = |field: &str, value: Option<&pbjson_types::Duration>, default| {
+            validate::duration(value).map(|d| d.unwrap_or(default)).map_err(|m| (field.to_owned(), m))
+        };
+        let stats = metrics.cluster(&c.name);
+        let protocol: UpstreamProtocol = c.protocol().into();
+        let health_check = c
+            .health_check
+            .as_ref()
+            .map(|h| HealthCheckConfig::compile(h, &c.name, protocol == UpstreamProtocol::Http2))
+            .transpose()?;
+        let strategy = match c.balancer() {
+            v1::cluster::Balancer::RoundRobin => Strategy::RoundRobin,
+            v1::cluster::Balancer::Random => Strategy::Random,
+            v1::cluster::Balancer::LeastRequest => Strategy::LeastRequest,
+            v1::cluster::Balancer::Ewma => Strategy::Ewma,
+            v1::cluster::Balancer::RingHash => Strategy::RingHash,
+        };
+        let outlier = c.outlier_detection.as_ref().map(OutlierConfig::compile).transpose()?;
+        let targets = if c.original_destination {
+            Targets::OriginalDestination
+        } else {
+            let hash_on = match c.hash_policy.as_ref().and_then(|h| h.key.as_ref()) {
+                None => None,
+                Some(v1::hash_policy::Key::Header(name)) => Some(HashOn::Header(
+                    http::HeaderName::from_bytes(name.as_bytes())
+                        .map_err(|_| ("hash_policy.header".to_owned(), format!("{name:?} is not a header name")))?,
+                )),
+                Some(v1::hash_policy::Key::Cookie(name)) => Some(HashOn::Cookie(name.clone())),
+                Some(v1::hash_policy::Key::SourceIp(_)) => Some(HashOn::SourceIp),
+            };
+            let preference = c
+                .locality_preference
+                .as_ref()
+                .map(|l| LocalityPreference { min_healthy_percent: l.min_healthy_percent.unwrap_or(70).clamp(1, 100) });
+            let config = SetConfig {
+                strategy,
+                hash_on,
+                panic_threshold: c.panic_threshold.unwrap_or(limits::DEFAULT_PANIC_THRESHOLD).min(100),
+                locality: preference,
+                outlier: outlier.clone(),
+                health_checked: health_check.is_some(),
+            };
+            let mut list = Vec::new();
+            for (i, endpoint) in e.map_or(&[][..], |e| &e.endpoints).iter().enumerate() {
+                let address =
+                    validate::parse_address(&endpoint.address).map_err(|m| (format!("endpoints[{i}].address"), m))?;
+                let proximity = match (&config.locality, &endpoint.locality) {
+                    (Some(_), Some(l)) => Proximity::of(&l.region, &l.zone, &locality.region, &locality.zone),
+                    _ => Proximity::Elsewhere,
+                };
+                list.push(Endpoint { address, weight: endpoint.weight.unwrap_or(1), proximity });
+            }
+            let old = previous.and_then(|p| match &p.targets {
+                Targets::Endpoints(set) => Some(set),
+                Targets::OriginalDestination => None,
+            });
+            let reused = old.filter(|set| set.config() == &config && set.endpoints().eq(list.iter())).cloned();
+            Targets::Endpoints(reused.unwrap_or_else(|| {
+                let carried = |address: SocketAddr| old.and_then(|set| set.state_of(address)).cloned();
+                Arc::new(EndpointSet::new(config, list, &carried, stats.clone()))
+            }))
+        };
+        Ok(Cluster {
+            name: c.name.as_str().into(),
+            protocol,
+            connect_timeout: duration("connect_timeout", c.connect_timeout.as_ref(), limits::DEFAULT_CONNECT_TIMEOUT)?,
+            idle_timeout: duration("idle_timeout", c.idle_timeout.as_ref(), limits::DEFAULT_POOL_IDLE_TIMEOUT)?,
+            targets,
+            breakers: CircuitBreakers::compile(c.circuit_breakers.as_ref()),
+            health_check,
+            observes: outlier.is_some() || strategy == Strategy::Ewma,
+            counts_active: strategy.counts_active(),
+            stats,
+        })
+    }
+
+    /// The endpoint for the next request or connection: the balancer's pick (avoiding `avoid`
+    /// where it can; `headers` and `client` give ring_hash its key), or for a pass-through cluster
+    /// the connection's original destination. `None` when there is none to be had.
+    pub fn pick(
+        &self,
+        original_destination: Option<SocketAddr>,
+        headers: Option<&HeaderMap>,
+        client: Option<SocketAddr>,
+        avoid: &[SocketAddr],
+    ) -> Option<Picked<'_>> {
         match &self.targets {
-            Targets::Endpoints(set) => set.pick(),
-            Targets::OriginalDestination => original_destination,
+            Targets::Endpoints(set) => {
+                let key = set.config().hash_on.as_ref().and_then(|on| on.key(headers, client));
+                let member = set.pick_avoiding(key, avoid)?;
+                Some(Picked { address: member.address(), member: Some(member) })
+            }
+            Targets::OriginalDestination => original_destination.map(|address| Picked { address, member: None }),
+        }
+    }
+
+    /// Whether any endpoint is healthy (a pass-through cluster always has its destination).
+    pub fn has_healthy(&self) -> bool {
+        match &self.targets {
+            Targets::Endpoints(set) => set.has_healthy(),
+            Targets::OriginalDestination => true,
+        }
+    }
+
+    /// Records how an attempt on `endpoint` ended (for outlier detection and ewma).
+    pub fn observe(&self, endpoint: &EndpointState, observed: crate::balance::Observed, latency: Duration) {
+        if let Targets::Endpoints(set) = &self.targets {
+            set.observe(endpoint, observed, latency);
         }
     }
 }

@@ -24,10 +24,10 @@ use remora_control_api::config::FieldError;
 use remora_control_api::validate::{self, Destination, ValidationErrors};
 use remora_control_api::{Kind, Resource, v1};
 
-use crate::balance::{Endpoint, EndpointSet, Strategy};
 use crate::limits;
+use crate::policy::RateLimiter;
 use crate::telemetry::{ListenerStats, Metrics};
-use cluster::{Cluster, Targets};
+use cluster::{Cluster, OwnLocality};
 use routes::{RouteIndex, RouteTable};
 
 /// What a listener expects on its connections.
@@ -83,6 +83,8 @@ pub struct ListenerConfig {
     pub header_timeout: Duration,
     /// Most connections open at once.
     pub max_connections: i64,
+    /// The token bucket new connections draw from, if the listener has one.
+    pub connection_rate_limit: Option<RateLimiter>,
     /// Route tables by destination.
     pub routes: RouteIndex,
     /// Where unclaimed traffic goes.
@@ -105,11 +107,13 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Validates `resources` and compiles them. `previous` donates endpoint sets of clusters whose
-    /// endpoints did not change; `metrics` supplies each listener's and cluster's counters.
+    /// endpoints did not change, and the run-time state of endpoints that stay; `locality` is where
+    /// this proxy runs; `metrics` supplies each listener's and cluster's counters.
     pub fn build(
         version: String,
         resources: Vec<Resource>,
         previous: Option<&Snapshot>,
+        locality: &OwnLocality,
         metrics: &Metrics,
     ) -> Result<Snapshot, ValidationErrors> {
         validate::validate(&resources)?;
@@ -127,47 +131,14 @@ impl Snapshot {
         let mut clusters: foldhash::HashMap<Arc<str>, Arc<Cluster>> = foldhash::HashMap::default();
         for resource in &resources {
             let Resource::Cluster(c) = resource else { continue };
-            let targets = if c.original_destination {
-                Targets::OriginalDestination
-            } else {
-                let mut list = Vec::new();
-                for (i, e) in endpoints.get(c.name.as_str()).map_or(&[][..], |e| &e.endpoints).iter().enumerate() {
-                    let address = validate::parse_address(&e.address)
-                        .map_err(|m| fail(Kind::Endpoints, &c.name, format!("endpoints[{i}].address"), m))?;
-                    list.push(Endpoint { address, weight: e.weight.unwrap_or(1) });
-                }
-                let strategy = match c.balancer() {
-                    v1::cluster::Balancer::RoundRobin => Strategy::RoundRobin,
-                    v1::cluster::Balancer::Random => Strategy::Random,
-                };
-                let reused =
-                    previous.and_then(|p| p.clusters.get(c.name.as_str())).and_then(|old| match &old.targets {
-                        Targets::Endpoints(set) if set.endpoints() == list.as_slice() && set.strategy() == strategy => {
-                            Some(set.clone())
-                        }
-                        _ => None,
-                    });
-                Targets::Endpoints(reused.unwrap_or_else(|| Arc::new(EndpointSet::new(list, strategy))))
-            };
-            let duration = |field: &str, value: Option<&pbjson_types::Duration>, default| {
-                validate::duration(value)
-                    .map(|d| d.unwrap_or(default))
-                    .map_err(|m| fail(Kind::Cluster, &c.name, field.into(), m))
-            };
-            let name: Arc<str> = c.name.as_str().into();
-            let compiled = Cluster {
-                name: name.clone(),
-                protocol: c.protocol().into(),
-                connect_timeout: duration(
-                    "connect_timeout",
-                    c.connect_timeout.as_ref(),
-                    limits::DEFAULT_CONNECT_TIMEOUT,
-                )?,
-                idle_timeout: duration("idle_timeout", c.idle_timeout.as_ref(), limits::DEFAULT_POOL_IDLE_TIMEOUT)?,
-                targets,
-                stats: metrics.cluster(&c.name),
-            };
-            clusters.insert(name, Arc::new(compiled));
+            let previous_cluster = previous.and_then(|p| p.clusters.get(c.name.as_str())).map(|c| &**c);
+            let compiled =
+                Cluster::compile(c, endpoints.get(c.name.as_str()).copied(), previous_cluster, locality, metrics)
+                    .map_err(|(field, message)| {
+                        let kind = if field.starts_with("endpoints[") { Kind::Endpoints } else { Kind::Cluster };
+                        fail(kind, &c.name, field, message)
+                    })?;
+            clusters.insert(compiled.name.clone(), Arc::new(compiled));
         }
         let find_cluster = |name: &str| clusters.get(name).cloned();
 
@@ -209,6 +180,11 @@ impl Snapshot {
     /// The cluster called `name`, if this snapshot has it.
     pub fn cluster(&self, name: &str) -> Option<&Arc<Cluster>> {
         self.clusters.get(name)
+    }
+
+    /// Every cluster.
+    pub fn clusters(&self) -> impl Iterator<Item = &Arc<Cluster>> {
+        self.clusters.values()
     }
 }
 
@@ -258,6 +234,10 @@ fn compile_listener(
         idle_timeout: duration("idle_timeout", l.idle_timeout.as_ref(), limits::DEFAULT_IDLE_TIMEOUT)?,
         header_timeout: duration("header_timeout", l.header_timeout.as_ref(), limits::DEFAULT_HEADER_TIMEOUT)?,
         max_connections: i64::from(max_connections),
+        connection_rate_limit: l.connection_rate_limit.as_ref().map(|limit| {
+            let burst = if limit.burst == 0 { limit.connections_per_second } else { limit.burst };
+            RateLimiter::new(limit.connections_per_second, burst)
+        }),
         routes: RouteIndex::new(served),
         default_cluster,
         stats: metrics.listener(&l.name, direction.label()),
@@ -265,15 +245,28 @@ fn compile_listener(
 }
 
 /// The snapshot serving now, shared by every worker.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct LiveSnapshot {
     current: ArcSwap<Snapshot>,
+    /// Bumped on every swap, for the background tasks that follow the config (`balance::monitor`).
+    swaps: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for LiveSnapshot {
+    fn default() -> Self {
+        LiveSnapshot::new(Snapshot::default())
+    }
 }
 
 impl LiveSnapshot {
     /// Starts serving `snapshot`.
     pub fn new(snapshot: Snapshot) -> Self {
-        LiveSnapshot { current: ArcSwap::from_pointee(snapshot) }
+        LiveSnapshot { current: ArcSwap::from_pointee(snapshot), swaps: tokio::sync::watch::Sender::new(0) }
+    }
+
+    /// A receiver that sees every later swap as a change.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.swaps.subscribe()
     }
 
     /// The snapshot serving now. Cheap (no reference-count traffic in the common case); do not hold
@@ -290,6 +283,7 @@ impl LiveSnapshot {
     /// Swaps in `snapshot`; requests that already resolved their route keep the old one.
     pub fn store(&self, snapshot: Snapshot) {
         self.current.store(Arc::new(snapshot));
+        self.swaps.send_modify(|n| *n += 1);
     }
 }
 
@@ -301,7 +295,7 @@ mod tests {
 
     fn build(yaml: &str, previous: Option<&Snapshot>, metrics: &Metrics) -> Result<Snapshot, ValidationErrors> {
         let file = remora_control_api::config::parse(yaml, "t").unwrap();
-        Snapshot::build("v".into(), file.resources, previous, metrics)
+        Snapshot::build("v".into(), file.resources, previous, &OwnLocality::default(), metrics)
     }
 
     const CONFIG: &str = r#"
@@ -322,7 +316,7 @@ resources:
         assert_eq!(out.detect_timeout, limits::DEFAULT_DETECT_TIMEOUT);
         assert_eq!(out.max_connections, i64::from(limits::DEFAULT_MAX_CONNECTIONS));
         let dst: SocketAddr = "10.1.1.1:80".parse().unwrap();
-        assert_eq!(out.default_cluster.as_ref().unwrap().pick(Some(dst)), Some(dst));
+        assert_eq!(out.default_cluster.as_ref().unwrap().pick(Some(dst), None, None, &[]).unwrap().address, dst);
         let table = out.routes.for_http(Some("shop"), None).unwrap();
         assert_eq!(&*table.name, "shop");
         let shop = snapshot.cluster("shop").unwrap();
@@ -336,12 +330,19 @@ resources:
         let first = build(CONFIG, None, &metrics).unwrap();
         let same = build(CONFIG, Some(&first), &metrics).unwrap();
         let set = |s: &Snapshot| match &s.cluster("shop").unwrap().targets {
-            Targets::Endpoints(set) => set.clone(),
-            Targets::OriginalDestination => panic!(),
+            cluster::Targets::Endpoints(set) => set.clone(),
+            cluster::Targets::OriginalDestination => panic!(),
         };
         assert!(Arc::ptr_eq(&set(&first), &set(&same)));
         let changed = build(&CONFIG.replace("9002", "9003"), Some(&same), &metrics).unwrap();
         assert!(!Arc::ptr_eq(&set(&same), &set(&changed)));
+        // The endpoint that stayed keeps its run-time state; the new one starts afresh.
+        let kept: SocketAddr = "127.0.0.1:9001".parse().unwrap();
+        assert!(Arc::ptr_eq(set(&same).state_of(kept).unwrap(), set(&changed).state_of(kept).unwrap()));
+        let balanced =
+            build(&CONFIG.replace("protocol: http2", "balancer: least_request"), Some(&changed), &metrics).unwrap();
+        assert!(!Arc::ptr_eq(&set(&changed), &set(&balanced)), "a new balancer builds a new set");
+        assert!(Arc::ptr_eq(set(&changed).state_of(kept).unwrap(), set(&balanced).state_of(kept).unwrap()));
     }
 
     #[test]

@@ -159,7 +159,7 @@ impl RouteTable {
                 let cluster = find(format!("routes[{i}].backends[{j}].cluster"), &backend.cluster)?;
                 backends.push((cluster, backend.weight.unwrap_or(1)));
             }
-            let policy = RoutePolicy::compile(route)
+            let policy = RoutePolicy::compile(route, cluster)
                 .map_err(|(field, message)| fail(format!("routes[{i}].{field}"), message))?
                 .map(Arc::new);
             routes.push(Route {
@@ -338,19 +338,12 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
-    use crate::balance::EndpointSet;
-    use crate::state::cluster::{Targets, UpstreamProtocol};
+    use crate::state::cluster::OwnLocality;
     use crate::telemetry::Metrics;
 
     fn cluster(name: &str) -> Arc<Cluster> {
-        Arc::new(Cluster {
-            name: name.into(),
-            protocol: UpstreamProtocol::Auto,
-            connect_timeout: std::time::Duration::from_secs(1),
-            idle_timeout: std::time::Duration::from_secs(1),
-            targets: Targets::Endpoints(Arc::new(EndpointSet::new(Vec::new(), crate::balance::Strategy::RoundRobin))),
-            stats: Metrics::new().cluster(name),
-        })
+        let resource = v1::Cluster { name: name.into(), ..Default::default() };
+        Arc::new(Cluster::compile(&resource, None, None, &OwnLocality::default(), &Metrics::new()).unwrap())
     }
 
     fn table(yaml: &str) -> RouteTable {

@@ -7,6 +7,8 @@
 //! # Layout
 //! - [`servers`] — [`HttpServer`] (HTTP/1.1 and HTTP/2 on one port, a few useful routes),
 //!   [`TcpEchoServer`], [`BannerServer`].
+//! - [`scripted`] — [`ScriptedServer`], an upstream that fails, slows, hangs or fails its health
+//!   check on cue, and records what it received.
 //! - [`client`] — [`Client`], one HTTP/1.1 or HTTP/2 connection, and [`Reply`].
 //! - [`proxy`] — [`TestProxy`], a proxy running from a YAML file in a temporary directory.
 
@@ -14,6 +16,7 @@
 
 pub mod client;
 pub mod proxy;
+pub mod scripted;
 pub mod servers;
 
 use std::future::Future;
@@ -21,6 +24,7 @@ use std::time::Duration;
 
 pub use client::{Client, Reply};
 pub use proxy::TestProxy;
+pub use scripted::{Script, ScriptedServer};
 pub use servers::{BannerServer, HttpServer, TcpEchoServer};
 
 /// Polls `check` every 10 ms until it returns true; panics naming `what` after `limit`.

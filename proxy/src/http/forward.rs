@@ -1,0 +1,387 @@
+//! Forwarding under a route's policy: the injected delay, the request timeout, retries, hedging,
+//! the mirror and the fallback.
+//!
+//! `http::plan` hands over a request it has routed, admitted and prepared, with the route's
+//! [`RoutePolicy`]; [`policed`] carries it to a response:
+//!
+//! 1. waits out an injected delay;
+//! 2. starts the route's timeout, which from here bounds everything up to the response head;
+//! 3. wraps the body for replay when a retry or a mirror may need it again (`replay`), and sends a
+//!    mirrored copy if this request is chosen (`mirror`);
+//! 4. runs attempts: each picks an endpoint (avoiding ones already tried), takes its breaker slots,
+//!    sends with the per-try timeout, and reports how it ended to outlier detection. A failure the
+//!    policy retries waits out its backoff and tries again while attempts, the replay record, the
+//!    budget and the `max_retries` breaker all allow. With hedging, an attempt still waiting after
+//!    the hedge delay gets a sibling on another endpoint; the first answer that stands wins and the
+//!    other is cancelled (dropped: its connection is closed or its stream reset);
+//! 5. answers with the route's fallback instead when the cluster had no healthy endpoint or a breaker
+//!    was open.
+//!
+//! Every attempt here is a boxed future: this path serves only routes that asked for a policy, and
+//! a few allocations are nothing next to a retry.
+
+use std::future::{Future, poll_fn};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use http::{HeaderMap, Method, Request, Response, Uri};
+use hyper::body::Incoming;
+
+use super::body::{InFlight, ProxyBody, UpstreamBody};
+use super::client::{self, Outcome};
+use super::error::ProxyError;
+use super::replay::ReplayBody;
+use super::{Attempt, HttpConnection, mirror, no_endpoint, respond};
+use crate::limits;
+use crate::policy::RoutePolicy;
+use crate::policy::breaker::Slot;
+use crate::policy::retry::{RetryPolicy, Verdict};
+use crate::state::cluster::Cluster;
+
+/// A routed, admitted and prepared request's instructions.
+pub(crate) struct Policed {
+    pub(crate) cluster: Arc<Cluster>,
+    pub(crate) policy: Arc<RoutePolicy>,
+    pub(crate) delay: Option<Duration>,
+    pub(crate) version: client::Version,
+    pub(crate) downstream_version: http::Version,
+    pub(crate) upgrade: bool,
+    pub(crate) downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
+}
+
+/// A request's head, kept to build each attempt's request from.
+pub(crate) struct Template {
+    pub(crate) method: Method,
+    pub(crate) uri: Uri,
+    pub(crate) version: http::Version,
+    pub(crate) headers: HeaderMap,
+}
+
+impl Template {
+    fn new(parts: http::request::Parts) -> Template {
+        Template { method: parts.method, uri: parts.uri, version: parts.version, headers: parts.headers }
+    }
+
+    /// A request with a copy of this head and `body`.
+    pub(crate) fn request(&self, body: UpstreamBody) -> Request<UpstreamBody> {
+        let mut request = Request::new(body);
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.version_mut() = self.version;
+        *request.headers_mut() = self.headers.clone();
+        request
+    }
+
+    fn into_request(self, body: UpstreamBody) -> Request<UpstreamBody> {
+        let mut request = Request::new(body);
+        *request.method_mut() = self.method;
+        *request.uri_mut() = self.uri;
+        *request.version_mut() = self.version;
+        *request.headers_mut() = self.headers;
+        request
+    }
+}
+
+/// Carries a request to a response under its route's policy: see the module documentation.
+pub(crate) async fn policed(
+    request: Request<Incoming>,
+    policed: Policed,
+    connection: &Arc<HttpConnection>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let Policed { cluster, policy, delay, version, downstream_version, upgrade, downstream_upgrade } = policed;
+    if let Some(delay) = delay {
+        tokio::time::sleep(delay).await;
+    }
+    let started = tokio::time::Instant::now();
+    let with_fallback = |error: ProxyError| match &policy.fallback {
+        Some(response) if error.takes_fallback() => {
+            ProxyError::Fallback { response: response.clone(), cause: Box::new(error) }
+        }
+        _ => error,
+    };
+    if policy.fallback.is_some() && !cluster.has_healthy() {
+        return Err(with_fallback(no_endpoint(&cluster)));
+    }
+    // Upgrades take their connection over: they are never retried or copied.
+    let retry = policy.retry.as_ref().filter(|_| !upgrade);
+    let mirror = policy.mirror.as_ref().filter(|m| !upgrade && m.chosen());
+    let (parts, body) = request.into_parts();
+    let template = Template::new(parts);
+    let attempts = Attempts {
+        cluster: &cluster,
+        connection,
+        version,
+        timeout: policy.timeout.map(|limit| (limit, started + limit)),
+    };
+    let result = if retry.is_none() && mirror.is_none() {
+        let request = template.into_request(UpstreamBody::Direct(body));
+        attempts.once(request, downstream_upgrade).await
+    } else {
+        let limit = retry.map_or(limits::MIRROR_BODY_BUFFER, |r| r.replay_limit);
+        let body = ReplayBody::new(body, limit);
+        if let Some(mirror) = mirror {
+            mirror::send(mirror, &template, &body, downstream_version, policy.timeout, connection);
+        }
+        match retry {
+            Some(retry) => attempts.with_retries(retry, template, body).await,
+            None => attempts.once(template.into_request(UpstreamBody::Replay(body)), None).await,
+        }
+    };
+    if let Err(ProxyError::RequestTimeout(_)) = &result {
+        cluster.stats.request_timeouts.inc();
+    }
+    result.map_err(with_fallback)
+}
+
+/// An attempt on its way: the exchange, and what it counts and will report.
+struct Running {
+    exchange: Pin<Box<dyn Future<Output = Result<Outcome, ProxyError>> + Send>>,
+    attempt: Attempt,
+    /// Held while a retry is in flight (the `max_retries` breaker).
+    _retry_slot: Option<Slot>,
+}
+
+/// What the attempts of one request share.
+struct Attempts<'a> {
+    cluster: &'a Arc<Cluster>,
+    connection: &'a Arc<HttpConnection>,
+    version: client::Version,
+    /// The route's timeout and when it runs out.
+    timeout: Option<(Duration, tokio::time::Instant)>,
+}
+
+// Lives on the stack for one turn of the loop and is matched at once: its size costs nothing.
+#[allow(clippy::large_enum_variant)]
+enum Event {
+    Deadline,
+    Done(usize, Result<Outcome, ProxyError>),
+    Hedge,
+}
+
+impl Attempts<'_> {
+    /// One attempt, within the route's timeout.
+    async fn once(
+        &self,
+        request: Request<UpstreamBody>,
+        downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let upgrade = downstream_upgrade.is_some();
+        let (endpoint, attempt) = self.pick(&request, &[])?;
+        let exchange = send(self.cluster, self.connection, self.version, endpoint, request, upgrade);
+        let result = match self.timeout {
+            Some((limit, deadline)) => {
+                tokio::time::timeout_at(deadline, exchange).await.unwrap_or(Err(ProxyError::RequestTimeout(limit)))
+            }
+            None => exchange.await,
+        };
+        self.finish(result, attempt, downstream_upgrade)
+    }
+
+    /// Balances for the next attempt, avoiding `tried`, within the `max_requests` breaker.
+    fn pick(&self, request: &Request<UpstreamBody>, tried: &[SocketAddr]) -> Result<(SocketAddr, Attempt), ProxyError> {
+        let cluster = self.cluster;
+        let picked = cluster
+            .pick(self.connection.original_destination, Some(request.headers()), Some(self.connection.peer), tried)
+            .ok_or_else(|| no_endpoint(cluster))?;
+        let slot =
+            cluster.breakers.request(&cluster.stats).map_err(|b| ProxyError::Overflow(cluster.name.clone(), b))?;
+        Ok((picked.address, Attempt::start(cluster, &picked, slot)))
+    }
+
+    /// Starts an attempt reading `body`, with the retry policy's per-try timeout.
+    fn launch(
+        &self,
+        retry: &RetryPolicy,
+        template: &Template,
+        body: ReplayBody,
+        tried: &mut Vec<SocketAddr>,
+        retry_slot: Option<Slot>,
+    ) -> Result<Running, ProxyError> {
+        let request = template.request(UpstreamBody::Replay(body));
+        let (endpoint, attempt) = self.pick(&request, tried)?;
+        tried.push(endpoint);
+        let cluster = self.cluster.clone();
+        let connection = self.connection.clone();
+        let (version, per_try) = (self.version, retry.per_try_timeout);
+        let exchange = Box::pin(async move {
+            let exchange = send(&cluster, &connection, version, endpoint, request, false);
+            match per_try {
+                Some(limit) => tokio::time::timeout(limit, exchange).await.unwrap_or_else(|_| {
+                    cluster.stats.per_try_timeouts.inc();
+                    Err(ProxyError::PerTryTimeout(limit))
+                }),
+                None => exchange.await,
+            }
+        });
+        Ok(Running { exchange, attempt, _retry_slot: retry_slot })
+    }
+
+    /// Attempts until one stands, under `retry`: see the module documentation.
+    async fn with_retries(
+        &self,
+        retry: &RetryPolicy,
+        template: Template,
+        body: ReplayBody,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let cluster = self.cluster;
+        retry.budget.deposit(Instant::now());
+        let mut tried = Vec::new();
+        let mut started = 1_u32;
+        let mut running: Vec<Running> = Vec::with_capacity(2);
+        // `body` stays as the record's anchor; each attempt reads through a replay of it.
+        let first = body.replay().ok_or(ProxyError::BadRequest("the request body failed"))?;
+        running.push(self.launch(retry, &template, first, &mut tried, None)?);
+        let mut deadline = self.timeout.map(|(_, at)| Box::pin(tokio::time::sleep_until(at)));
+        let arm_hedge = |started: u32| {
+            retry.hedge_delay.filter(|_| started <= retry.attempts).map(|d| Box::pin(tokio::time::sleep(d)))
+        };
+        let mut hedge = arm_hedge(started);
+        // A retry may go only while the whole body can still be replayed and the policy, the budget
+        // and the breaker allow one more.
+        let next_retry = |started: u32| -> Option<(ReplayBody, Option<Slot>)> {
+            if started > retry.attempts {
+                return None;
+            }
+            let replay = body.replay()?;
+            if !retry.budget.withdraw(Instant::now()) {
+                cluster.stats.retry_budget_exhausted.inc();
+                return None;
+            }
+            let slot = cluster.breakers.retry(&cluster.stats).ok()?;
+            cluster.stats.retries.inc();
+            Some((replay, slot))
+        };
+        loop {
+            let event = poll_fn(|cx| {
+                if let Some(deadline) = deadline.as_mut()
+                    && deadline.as_mut().poll(cx).is_ready()
+                {
+                    return Poll::Ready(Event::Deadline);
+                }
+                for (index, attempt) in running.iter_mut().enumerate() {
+                    if let Poll::Ready(result) = attempt.exchange.as_mut().poll(cx) {
+                        return Poll::Ready(Event::Done(index, result));
+                    }
+                }
+                if let Some(timer) = hedge.as_mut()
+                    && timer.as_mut().poll(cx).is_ready()
+                {
+                    return Poll::Ready(Event::Hedge);
+                }
+                Poll::Pending
+            })
+            .await;
+            match event {
+                Event::Deadline => {
+                    let limit = self.timeout.map_or(Duration::ZERO, |(limit, _)| limit);
+                    let error = ProxyError::RequestTimeout(limit);
+                    // Attempts still waiting count against their endpoints, as slow as the limit.
+                    for attempt in running.drain(..) {
+                        attempt.attempt.failed(cluster, &error);
+                    }
+                    return Err(error);
+                }
+                Event::Hedge => {
+                    hedge = None;
+                    let Some((replay, slot)) = next_retry(started) else { continue };
+                    match self.launch(retry, &template, replay, &mut tried, slot) {
+                        Ok(attempt) => {
+                            cluster.stats.hedges.inc();
+                            started += 1;
+                            running.push(attempt);
+                            hedge = arm_hedge(started);
+                        }
+                        Err(error) => tracing::debug!(%error, "no endpoint for a hedged attempt"),
+                    }
+                }
+                Event::Done(index, result) => {
+                    let Running { attempt, .. } = running.swap_remove(index);
+                    let verdict = match &result {
+                        Ok(Outcome::Response(response)) => {
+                            retry.retries_response(response.status().as_u16(), response.headers())
+                        }
+                        Ok(Outcome::Switched(..)) => Verdict::Final,
+                        Err(error) if retry.retries_error(error) => Verdict::Retry(None),
+                        // Any failure while a sibling is still out: the sibling may yet answer.
+                        Err(_) if !running.is_empty() => Verdict::Retry(None),
+                        Err(_) => Verdict::Final,
+                    };
+                    let Verdict::Retry(retry_after) = verdict else {
+                        return self.finish(result, attempt, None);
+                    };
+                    // Outlier detection and the counters see this failure though the client may not.
+                    match &result {
+                        Ok(Outcome::Response(response)) => {
+                            cluster.stats.record_response(response.status().as_u16());
+                            attempt.observe_response(cluster, response.status().as_u16());
+                        }
+                        Err(error) => attempt.failed(cluster, error),
+                        Ok(Outcome::Switched(..)) => {}
+                    }
+                    if !running.is_empty() {
+                        continue;
+                    }
+                    let Some((replay, slot)) = next_retry(started) else {
+                        return give_up(result, attempt);
+                    };
+                    let wait = retry.backoff(started).max(retry_after.unwrap_or_default());
+                    if self.timeout.is_some_and(|(_, at)| tokio::time::Instant::now() + wait >= at) {
+                        // The last failure says more than the timeout would.
+                        return give_up(result, attempt);
+                    }
+                    drop((result, attempt));
+                    tokio::time::sleep(wait).await;
+                    running.push(self.launch(retry, &template, replay, &mut tried, slot)?);
+                    started += 1;
+                    hedge = arm_hedge(started);
+                }
+            }
+        }
+    }
+
+    /// The client's answer from an attempt that stands, recorded.
+    fn finish(
+        &self,
+        result: Result<Outcome, ProxyError>,
+        attempt: Attempt,
+        downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        match result {
+            Ok(outcome) => respond(outcome, self.cluster, downstream_upgrade, self.connection, attempt),
+            Err(error) => {
+                attempt.failed(self.cluster, &error);
+                Err(error)
+            }
+        }
+    }
+}
+
+/// The client's answer from an attempt already recorded, when no retry may follow it.
+fn give_up(result: Result<Outcome, ProxyError>, attempt: Attempt) -> Result<Response<ProxyBody>, ProxyError> {
+    match result {
+        Ok(Outcome::Response(response)) => {
+            let in_flight: InFlight = attempt.into_in_flight();
+            Ok(response.map(|body| body.hold(in_flight)))
+        }
+        Ok(Outcome::Switched(..)) => Err(ProxyError::Http1(super::h1::Error::UnexpectedSwitch)),
+        Err(error) => Err(error),
+    }
+}
+
+/// Sends a prepared request to `endpoint` in `version`.
+async fn send(
+    cluster: &Cluster,
+    connection: &HttpConnection,
+    version: client::Version,
+    endpoint: SocketAddr,
+    request: Request<UpstreamBody>,
+    upgrade: bool,
+) -> Result<Outcome, ProxyError> {
+    match version {
+        client::Version::Http1 => client::send_http1(cluster, endpoint, request, upgrade).await,
+        client::Version::Http2 => client::send_http2(&connection.data.client, cluster, endpoint, request).await,
+    }
+}

@@ -1,0 +1,181 @@
+//! Retries against upstreams that fail in scripted ways: recovery, the budget under an outage, the
+//! per-try timeout, hedging, `Retry-After`, and bodies (replayed whole, or too long to retry).
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Method;
+use remora_proxy::testing::client::read;
+use remora_proxy::testing::servers::full;
+use remora_proxy::testing::{Client, ScriptedServer, TestProxy};
+
+use crate::{cluster, listener};
+
+/// A proxy with one route to cluster `app` over `endpoints`, the route carrying `route_extra`.
+fn proxy(endpoints: &[&ScriptedServer], cluster_extra: &str, route_extra: &str) -> TestProxy {
+    let addresses: Vec<_> = endpoints.iter().map(|s| s.address()).collect();
+    TestProxy::start(&format!(
+        "resources:\n{}{}  - {{kind: RouteTable, name: web, routes: [{{backends: [{{cluster: app}}]{route_extra}}}]}}\n",
+        cluster("app", cluster_extra, &addresses),
+        listener("in", ", protocol: http1"),
+    ))
+}
+
+/// An upstream failing 30% of its requests (3 of every 10, in a row) is hidden entirely by three
+/// retries, and the retries spent are exactly the failures: 3 for every 7 requests, within the
+/// route's 50% budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_hide_a_30_percent_failure_rate_within_budget() {
+    let upstream = ScriptedServer::start("app").await;
+    upstream.script.fail(3, 10, 503);
+    let proxy = proxy(
+        &[&upstream],
+        "",
+        ", retry: {attempts: 3, retry_on: [5xx], backoff_base: 0.001s, budget: {percent: 50, min_retries_per_second: 1}}",
+    );
+    let mut client = Client::http1(proxy.address("in")).await;
+    const REQUESTS: usize = 700;
+    for i in 0..REQUESTS {
+        let reply = client.get("x", "/").await;
+        assert_eq!(reply.status, 200, "request {i} failed: {}", reply.text());
+    }
+    let hits = upstream.script.requests();
+    assert_eq!(hits, 1000, "each 7 requests cost 10 attempts");
+    let amplification = hits as f64 / REQUESTS as f64;
+    assert!((amplification - 10.0 / 7.0).abs() < 0.01, "{amplification}");
+    assert_eq!(proxy.metric(r#"remora_upstream_retries_total{cluster="app"}"#).await, 300.0);
+    assert_eq!(proxy.metric(r#"remora_upstream_retry_budget_exhausted_total{cluster="app"}"#).await, 0.0);
+}
+
+/// Under a total outage the budget caps what retries add: 20% of requests plus the reserve
+/// (1/s x 10 s), however many retries each request may ask for. The client sees the upstream's 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_budget_caps_retry_amplification_in_an_outage() {
+    let upstream = ScriptedServer::start("app").await;
+    upstream.script.fail_all(503);
+    let proxy = proxy(
+        &[&upstream],
+        "",
+        ", retry: {attempts: 5, retry_on: [5xx], backoff_base: 0.001s, budget: {percent: 20, min_retries_per_second: 1, ttl: 10s}}",
+    );
+    let mut client = Client::http1(proxy.address("in")).await;
+    const REQUESTS: usize = 500;
+    for _ in 0..REQUESTS {
+        let reply = client.get("x", "/").await;
+        assert_eq!(reply.status, 503);
+        assert_eq!(reply.header("x-remora-error"), "", "the upstream's own 503 reaches the client");
+    }
+    let hits = upstream.script.requests();
+    let amplification = hits as f64 / REQUESTS as f64;
+    // Without a budget: 6 attempts each, 6.0. With it: (500 + 0.2 x 500 + 10) / 500 = 1.22.
+    assert!((1.15..=1.25).contains(&amplification), "retry amplification {amplification} ({hits} attempts)");
+    assert!(proxy.metric(r#"remora_upstream_retry_budget_exhausted_total{cluster="app"}"#).await > 300.0);
+}
+
+/// One endpoint hangs: each attempt on it gives up after the per-try timeout and the retry goes to
+/// the other endpoint, so every request succeeds in about the per-try timeout at worst.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_try_timeout_and_a_retry_beat_a_hung_endpoint() {
+    let hung = ScriptedServer::start("hung").await;
+    hung.script.delay(10_000);
+    let healthy = ScriptedServer::start("healthy").await;
+    let proxy = proxy(&[&hung, &healthy], "", ", retry: {attempts: 2, retry_on: [reset], per_try_timeout: 0.1s}");
+    let mut client = Client::http1(proxy.address("in")).await;
+    for _ in 0..10 {
+        let started = Instant::now();
+        let reply = client.get("x", "/").await;
+        let took = started.elapsed();
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.header("x-served-by"), "healthy");
+        assert!(took < Duration::from_millis(600), "{took:?}");
+    }
+    assert!(hung.script.requests() >= 4, "round robin sent about half the first attempts to the hung endpoint");
+    assert_eq!(
+        proxy.metric(r#"remora_upstream_timeouts_total{cluster="app",reason="per_try"}"#).await,
+        hung.script.requests() as f64
+    );
+
+    // Without retries, the per-try timeout is the client's answer: 504 per_try_timeout.
+    proxy.rewrite(&format!(
+        "resources:\n{}{}  - {{kind: RouteTable, name: web, routes: [{{backends: [{{cluster: app}}], retry: {{attempts: 0, per_try_timeout: 0.1s}}}}]}}\n",
+        cluster("app", "", &[hung.address()]),
+        listener("in", ", protocol: http1"),
+    ));
+    proxy.reload().unwrap();
+    let mut client = Client::http1(proxy.address("in")).await;
+    let reply = client.get("x", "/").await;
+    assert_eq!((reply.status.as_u16(), reply.header("x-remora-error")), (504, "per_try_timeout"));
+}
+
+/// Hedging: an attempt still waiting after 50 ms gets a sibling on the other endpoint, and the first
+/// answer wins, so a slow endpoint costs about the hedge delay instead of its own latency.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hedged_requests_take_the_first_answer() {
+    let slow = ScriptedServer::start("slow").await;
+    slow.script.delay(1000);
+    let fast = ScriptedServer::start("fast").await;
+    let proxy = proxy(&[&slow, &fast], "", ", retry: {attempts: 1, hedge: {delay: 0.05s}}");
+    let mut client = Client::http1(proxy.address("in")).await;
+    for _ in 0..10 {
+        let started = Instant::now();
+        let reply = client.get("x", "/").await;
+        assert_eq!((reply.status.as_u16(), reply.header("x-served-by")), (200, "fast"));
+        assert!(started.elapsed() < Duration::from_millis(500), "{:?}", started.elapsed());
+    }
+    let hedges = proxy.metric(r#"remora_upstream_hedges_total{cluster="app"}"#).await;
+    assert_eq!(hedges, slow.script.requests() as f64, "every attempt on the slow endpoint was hedged");
+    assert!(hedges >= 3.0, "{hedges}");
+}
+
+/// `Retry-After` on a 503 sets the least wait before the retry; one longer than the policy's
+/// longest backoff means the 503 goes to the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_is_honoured() {
+    let upstream = ScriptedServer::start("app").await;
+    upstream.script.fail(1, 2, 503);
+    upstream.script.retry_after(1);
+    let proxy = proxy(&[&upstream], "", ", retry: {attempts: 1, retry_on: [5xx], backoff_max: 2s}");
+    let mut client = Client::http1(proxy.address("in")).await;
+    let started = Instant::now();
+    let reply = client.get("x", "/").await;
+    assert_eq!(reply.status, 200);
+    assert!(started.elapsed() >= Duration::from_secs(1), "retried before Retry-After: {:?}", started.elapsed());
+
+    // The default longest backoff (250 ms) is shorter than Retry-After: no retry.
+    proxy.rewrite(&format!(
+        "resources:\n{}{}  - {{kind: RouteTable, name: web, routes: [{{backends: [{{cluster: app}}], retry: {{attempts: 1, retry_on: [5xx]}}}}]}}\n",
+        cluster("app", "", &[upstream.address()]),
+        listener("in", ", protocol: http1"),
+    ));
+    proxy.reload().unwrap();
+    let before = upstream.script.requests();
+    let reply = client.get("x", "/").await;
+    assert_eq!(reply.status, 503);
+    assert_eq!(reply.header("retry-after"), "1");
+    assert_eq!(upstream.script.requests(), before + 1);
+}
+
+/// A request body is replayed whole to the retry; one longer than the replay buffer streams to the
+/// first attempt as usual and is not retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_are_replayed_unless_too_long() {
+    let upstream = ScriptedServer::start("app").await;
+    upstream.script.fail(1, 2, 503);
+    let proxy = proxy(&[&upstream], "", ", retry: {attempts: 1, retry_on: [5xx], replay_buffer_bytes: 1024}");
+    let mut client = Client::http1(proxy.address("in")).await;
+    let body = Bytes::from(vec![b'x'; 1000]);
+    let post = client.request(Method::POST, "x", "/upload").body(full(body.clone())).unwrap();
+    let reply = read(client.send(post).await.unwrap()).await;
+    assert_eq!(reply.status, 200);
+    let seen = upstream.script.seen();
+    assert_eq!(seen.len(), 2);
+    assert!(seen.iter().all(|(_, b)| *b == body), "both attempts carried the whole body");
+
+    let long = Bytes::from(vec![b'y'; 4096]);
+    let post = client.request(Method::POST, "x", "/upload").body(full(long.clone())).unwrap();
+    let reply = read(client.send(post).await.unwrap()).await;
+    assert_eq!(reply.status, 503, "a body over the replay buffer is not retried");
+    let seen = upstream.script.seen();
+    assert_eq!(seen.len(), 3);
+    assert_eq!(seen[2].1, long, "the one attempt got the whole body");
+}
