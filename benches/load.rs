@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use remora_proxy::testing::{Client, HttpServer, TestProxy};
+use remora_proxy::testing::{Client, HttpServer, TestProxy, worker_cpu};
 
 fn main() {
     let seconds: u64 = std::env::var("LOAD_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
@@ -89,24 +89,4 @@ async fn run(address: std::net::SocketAddr, http2: bool, connections: usize, dur
         p99_us: at(0.99),
         worker_cpu_us_per_request: cpu.as_secs_f64() * 1e6 / latencies.len() as f64,
     }
-}
-
-/// CPU time (user + system) of this process's `remora-worker-*` threads so far.
-fn worker_cpu() -> Duration {
-    let ticks_per_second = 100.0; // CLK_TCK on Linux
-    let mut ticks = 0_u64;
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return Duration::ZERO };
-    for task in tasks.flatten() {
-        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
-        // The name is in parentheses and may contain spaces; fields after it are space-separated.
-        let Some((name, rest)) = stat.split_once(") ") else { continue };
-        if !name.contains("remora-worker") {
-            continue;
-        }
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        // utime and stime are fields 14 and 15 of stat, 12th and 13th after the name.
-        ticks += fields.get(11).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
-        ticks += fields.get(12).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
-    }
-    Duration::from_secs_f64(ticks as f64 / ticks_per_second)
 }

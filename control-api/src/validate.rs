@@ -364,6 +364,7 @@ impl Checker {
                 }
             }
             self.duration(subject, &at("timeout"), route.timeout.as_ref(), true);
+            self.duration(subject, &at("idle_timeout"), route.idle_timeout.as_ref(), true);
             if let Some(fault) = &route.fault {
                 if let Some(delay) = &fault.delay {
                     self.percent(subject, &at("fault.delay.percent"), delay.percent);

@@ -205,6 +205,11 @@ impl Proxy {
         self.data.snapshot.load_full()
     }
 
+    /// Every metric, as `/metrics` renders them.
+    pub fn metrics(&self) -> String {
+        self.admin.metrics.encode()
+    }
+
     /// Whether `/ready` reports ready.
     pub fn is_ready(&self) -> bool {
         self.admin.is_ready()

@@ -1,13 +1,21 @@
-//! `remora demo`: a local mesh in one process — a control plane, a proxy it configures, two samples.
+//! `remora demo`: a local mesh in one process — a control plane, a proxy it configures, three
+//! samples.
 //!
-//! Starts two sample HTTP services on free ports, writes the mesh's resources into a temporary
+//! Starts three sample HTTP services on free ports, writes the mesh's resources into a temporary
 //! directory, and starts `remora control` on that directory and a proxy that takes its configuration
 //! from it (Delta ADS), shaped like the built-in defaults (a transparent, auto-detecting outbound
-//! listener with a pass-through cluster) plus a route table balancing across the two samples. It
-//! sends a burst through the proxy and prints what happened (status codes, latency p50/p99, which
-//! sample served how many); then, with traffic still flowing, it edits the route file as a GitOps
-//! commit would, and prints how long the proxy took to serve the new route and that no request
-//! failed. It keeps serving until Ctrl-C, which drains the proxy and exits.
+//! listener with a pass-through cluster) plus a route table balancing across the samples, with a
+//! retry policy on the route and outlier detection on the cluster. It then runs three acts, printing
+//! what the client saw in each (status codes, latency p50/p99, which sample served how many):
+//!
+//! 1. a burst of traffic through the proxy;
+//! 2. a failure: sample-c starts answering 503 to everything, and a second burst shows the client
+//!    unaffected: each failure retried on a healthy sample, and sample-c ejected after three in a
+//!    row (read back from the proxy's metrics);
+//! 3. a live change: with traffic still flowing, the route file is edited as a GitOps commit would,
+//!    and the demo prints how long the proxy took to serve the new route and that no request failed.
+//!
+//! It keeps serving until Ctrl-C, which drains the proxy and exits.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -67,9 +75,10 @@ pub fn proxy_config(options: &DemoOptions, control_plane: SocketAddr) -> String 
 }
 
 /// The control plane's directory: the built-in defaults' outbound listener and pass-through
-/// cluster, the two samples as clusters, and (in `routes.yaml`) the route table, sending everything to
-/// `target`.
-pub fn mesh_files(options: &DemoOptions, sample_a: SocketAddr, sample_b: SocketAddr) -> [(&'static str, String); 2] {
+/// cluster, the samples as clusters (`samples`, with outlier detection, holds all three), and (in
+/// `routes.yaml`) the route table, sending everything to `samples` with retries.
+pub fn mesh_files(options: &DemoOptions, samples: [SocketAddr; 3]) -> [(&'static str, String); 2] {
+    let [sample_a, sample_b, sample_c] = samples;
     let mesh = format!(
         r#"# remora demo: what the control plane serves. Edit these files while the demo runs.
 resources:
@@ -85,11 +94,14 @@ resources:
     original_destination: true
   - kind: Cluster
     name: samples
+    # Three 5xx in a row take a sample out of rotation for 30 s (and longer each time it recurs).
+    outlier_detection: {{consecutive_5xx: 3, interval: 1s, base_ejection_time: 30s, max_ejection_percent: 50}}
   - kind: Endpoints
     cluster: samples
     endpoints:
       - address: {sample_a}
       - address: {sample_b}
+      - address: {sample_c}
   - kind: Cluster
     name: sample-b
   - kind: Endpoints
@@ -102,7 +114,8 @@ resources:
     [("mesh.yaml", mesh), ("routes.yaml", routes("samples"))]
 }
 
-/// The demo's route table, sending everything to `cluster`.
+/// The demo's route table, sending everything to `cluster`; a 5xx or a failed connect is retried
+/// (on another endpoint) up to twice.
 pub fn routes(cluster: &str) -> String {
     format!(
         r#"resources:
@@ -112,6 +125,7 @@ pub fn routes(cluster: &str) -> String {
       - name: everything
         match: {{path: {{prefix: /}}}}
         backends: [{{cluster: {cluster}}}]
+        retry: {{attempts: 2, retry_on: [5xx, connect-failure]}}
 "#
     )
 }
@@ -130,10 +144,13 @@ async fn demo(options: DemoOptions, dir: &Path) -> anyhow::Result<()> {
     // Listen for Ctrl-C before telling anyone to press it.
     let mut interrupt =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).context("listen for Ctrl-C")?;
-    let sample_a = start_sample("sample-a").await?;
-    let sample_b = start_sample("sample-b").await?;
+    let healthy = Arc::new(AtomicBool::new(false));
+    let failing = Arc::new(AtomicBool::new(false));
+    let sample_a = start_sample("sample-a", healthy.clone()).await?;
+    let sample_b = start_sample("sample-b", healthy).await?;
+    let sample_c = start_sample("sample-c", failing.clone()).await?;
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    for (name, text) in mesh_files(&options, sample_a, sample_b) {
+    for (name, text) in mesh_files(&options, [sample_a, sample_b, sample_c]) {
         std::fs::write(dir.join(name), text).with_context(|| format!("write {name}"))?;
     }
     let control = ControlPlane::start(ControlConfig {
@@ -155,9 +172,10 @@ async fn demo(options: DemoOptions, dir: &Path) -> anyhow::Result<()> {
     let listen = proxy.listener_address("outbound").context("the demo proxy has no outbound listener")?;
     let admin = proxy.admin_address();
 
-    println!("Remora demo: a control plane, one Remora proxy it configures, two sample services.\n");
+    println!("Remora demo: a control plane, one Remora proxy it configures, three sample services.\n");
     println!("  sample-a   http://{sample_a}");
     println!("  sample-b   http://{sample_b}");
+    println!("  sample-c   http://{sample_c}");
     println!("  control    {} serving {}", control.address(), dir.display());
     println!("  proxy      outbound listener {listen} (transparent, protocol auto), admin {admin}");
     println!("             configured over Delta ADS, ready in {:.0} ms\n", started.elapsed().as_secs_f64() * 1e3);
@@ -166,11 +184,14 @@ async fn demo(options: DemoOptions, dir: &Path) -> anyhow::Result<()> {
     println!("Sent {} requests through the proxy over {} connections:", options.requests, options.connections);
     report(&burst);
 
+    failure(&proxy, listen, &failing, &options).await;
+
     live_change(&proxy, listen, dir).await?;
 
     println!("\nEverything keeps running. Try:");
     println!("  curl -i http://{listen}/");
     println!("  curl http://{admin}/config_dump      (versions, ACK/NACK per type)");
+    println!("  curl -s http://{admin}/metrics | grep -E 'retries|ejections'");
     println!("  curl http://{}/metrics    (the control plane's)", control.address());
     println!("  edit {}/routes.yaml and curl again", dir.display());
     println!("Ctrl-C drains the proxy and stops the demo.");
@@ -196,6 +217,32 @@ fn report(burst: &Burst) {
     if burst.failures > 0 {
         println!("  failures   {} (connection errors)", burst.failures);
     }
+}
+
+/// Makes sample-c fail every request, sends a burst, and reports what the client saw and what the
+/// proxy did about it (from its metrics).
+async fn failure(proxy: &Proxy, listen: SocketAddr, failing: &AtomicBool, options: &DemoOptions) {
+    println!("\nA failure: sample-c now answers every request with 503.");
+    println!("The route retries a 5xx on another sample; the cluster ejects a sample after 3 errors in a row.");
+    failing.store(true, Ordering::Relaxed);
+    let burst = burst(listen, options.requests, options.connections).await;
+    println!("Sent {} more requests:", options.requests);
+    report(&burst);
+    let metrics = proxy.metrics();
+    let retries = metric(&metrics, r#"remora_upstream_retries_total{cluster="samples"}"#);
+    let failed = metric(&metrics, r#"remora_upstream_responses_total{cluster="samples",status_class="5xx"}"#);
+    let ejected = metric(&metrics, r#"remora_outlier_ejections_total{cluster="samples",reason="consecutive_5xx"}"#);
+    println!(
+        "  behind it  sample-c answered 503 {failed} times, each retried on a healthy sample ({retries} retries); \
+         ejected {ejected} time(s), for 30 s, after 3 errors in a row"
+    );
+}
+
+/// The value of the metric series `series` in `text`, or 0.
+fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.trim().parse::<f64>().ok()))
+        .map_or(0, |value| value as u64)
 }
 
 /// Edits `routes.yaml` (everything to sample-b) while a client sends requests, and reports when the
@@ -255,18 +302,29 @@ async fn steady(listen: SocketAddr, stop: Arc<AtomicBool>) -> Burst {
     out
 }
 
-/// Starts a sample HTTP/1.1 service answering `hello from {name}` with an `x-served-by` header.
-async fn start_sample(name: &'static str) -> anyhow::Result<SocketAddr> {
+/// Starts a sample HTTP/1.1 service answering `hello from {name}` with an `x-served-by` header, or,
+/// while `failing` is set, 503.
+async fn start_sample(name: &'static str, failing: Arc<AtomicBool>) -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await.context("bind a sample service")?;
     let address = listener.local_addr()?;
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else { continue };
+            let failing = failing.clone();
             tokio::spawn(async move {
-                let service = service_fn(move |_request| async move {
-                    let mut response = Response::new(Full::new(Bytes::from(format!("hello from {name}\n"))));
-                    response.headers_mut().insert("x-served-by", http::HeaderValue::from_static(name));
-                    Ok::<_, Infallible>(response)
+                let service = service_fn(move |_request| {
+                    let failing = failing.load(Ordering::Relaxed);
+                    async move {
+                        let mut response = if failing {
+                            let mut response = Response::new(Full::new(Bytes::from(format!("{name} is failing\n"))));
+                            *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                            response
+                        } else {
+                            Response::new(Full::new(Bytes::from(format!("hello from {name}\n"))))
+                        };
+                        response.headers_mut().insert("x-served-by", http::HeaderValue::from_static(name));
+                        Ok::<_, Infallible>(response)
+                    }
                 });
                 let _ =
                     hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
@@ -359,7 +417,7 @@ mod tests {
     #[test]
     fn the_demo_config_is_valid() {
         let options = DemoOptions::default();
-        let files = mesh_files(&options, "127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap());
+        let files = mesh_files(&options, ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"].map(|a| a.parse().unwrap()));
         let mut resources = Vec::new();
         for (name, text) in &files {
             resources.extend(remora_control_api::config::parse(text, name).unwrap().resources);

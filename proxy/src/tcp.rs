@@ -104,7 +104,7 @@ pub async fn proxy(
         && let Some(state) = &state
     {
         let observed = if connected.is_ok() { Observed::Success } else { Observed::NoResponse };
-        cluster.observe(state, observed, started.elapsed());
+        cluster.observe(state, observed, started);
     }
     let mut upstream = match connected {
         Ok(upstream) => upstream,

@@ -137,6 +137,8 @@ pub struct ClusterStats {
     pub request_timeouts: Counter,
     /// Attempts that hit their per-try timeout.
     pub per_try_timeouts: Counter,
+    /// Response bodies cut off by their route's idle timeout.
+    pub idle_timeouts: Counter,
     /// Mirrored copies sent, dropped (the per-worker cap), and failed (no answer).
     pub mirror_sent: Counter,
     /// See `mirror_sent`.
@@ -329,7 +331,7 @@ impl Metrics {
         );
         r.register(
             "upstream_timeouts",
-            "Requests that timed out, by kind (request: the route's timeout; per_try: one attempt's)",
+            "Requests that timed out, by reason (request: the route's timeout; per_try: one attempt's; idle: a response body that stalled past its route's idle_timeout)",
             metrics.upstream_timeouts.clone(),
         );
         r.register(
@@ -419,6 +421,7 @@ impl Metrics {
             retry_budget_exhausted: self.upstream_budget_exhausted.get_or_create_owned(&labels),
             request_timeouts: self.upstream_timeouts.get_or_create_owned(&reason("request")),
             per_try_timeouts: self.upstream_timeouts.get_or_create_owned(&reason("per_try")),
+            idle_timeouts: self.upstream_timeouts.get_or_create_owned(&reason("idle")),
             mirror_sent: self.mirror_requests.get_or_create_owned(&result("sent")),
             mirror_dropped: self.mirror_requests.get_or_create_owned(&result("dropped")),
             mirror_failed: self.mirror_requests.get_or_create_owned(&result("failed")),

@@ -242,3 +242,27 @@ fn bad_cluster_policy_values_name_their_field() {
         "{error}"
     );
 }
+
+/// A response body that stalls past the route's idle timeout is cut off (the client's stream ends
+/// in an error instead of hanging), and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_response_body_is_cut_off_by_the_idle_timeout() {
+    use http_body_util::BodyExt;
+    let upstream = remora_proxy::testing::ScriptedServer::start("app").await;
+    let proxy = TestProxy::start(&format!(
+        "resources:\n{}{}  - {{kind: RouteTable, name: web, routes: [{{backends: [{{cluster: app}}], idle_timeout: 0.2s}}]}}\n",
+        cluster("app", "", &[upstream.address()]),
+        listener("in", ", protocol: http1"),
+    ));
+    let mut client = Client::http1(proxy.address("in")).await;
+    let started = Instant::now();
+    let request =
+        client.request(http::Method::GET, "x", "/stall").body(remora_proxy::testing::servers::full("")).unwrap();
+    let response = client.send(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = tokio::time::timeout(Duration::from_secs(5), response.into_body().collect()).await;
+    assert!(matches!(body, Ok(Err(_))), "the stalled body was not cut off: {body:?}");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(200) && took < Duration::from_secs(2), "{took:?}");
+    assert_eq!(proxy.metric(r#"remora_upstream_timeouts_total{cluster="app",reason="idle"}"#).await, 1.0);
+}

@@ -179,3 +179,24 @@ async fn bodies_are_replayed_unless_too_long() {
     assert_eq!(seen.len(), 3);
     assert_eq!(seen[2].1, long, "the one attempt got the whole body");
 }
+
+/// gRPC over HTTP/2: a trailers-only `UNAVAILABLE` (status 14) is retried under the default
+/// conditions, so the client sees the call succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_unavailable_is_retried_by_default() {
+    let upstream = ScriptedServer::start("grpc").await;
+    upstream.script.fail_grpc(1, 2, 14);
+    let proxy = TestProxy::start(&format!(
+        "resources:\n{}  - {{kind: RouteTable, name: web, routes: [{{backends: [{{cluster: app}}], retry: {{}}}}]}}\n{}",
+        cluster("app", ", protocol: http2", &[upstream.address()]),
+        listener("in", ", protocol: http2"),
+    ));
+    let mut client = Client::http2(proxy.address("in")).await;
+    for _ in 0..5 {
+        let reply = client.get("grpc.local", "/pkg.Service/Call").await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.header("grpc-status"), "", "the retried UNAVAILABLE never reached the client");
+        assert_eq!(reply.header("x-served-by"), "grpc");
+    }
+    assert_eq!(upstream.script.requests(), 10);
+}

@@ -176,14 +176,10 @@ impl EndpointState {
     pub fn observe(&self, observed: Observed, latency: Duration, now: u64) -> (u32, u32) {
         let sample = latency.as_nanos() as f64;
         let elapsed = now.saturating_sub(self.ewma_stamp.swap(now, Ordering::Relaxed));
-        let current = f64::from_bits(self.ewma_ns.load(Ordering::Relaxed)) * decay(elapsed);
-        let next = if sample > current {
-            sample
-        } else {
-            // The weight of history falls with the time since the last sample.
-            let w = decay(elapsed);
-            current * w + sample * (1.0 - w)
-        };
+        // The weight of history falls with the time since the last sample.
+        let w = decay(elapsed);
+        let current = f64::from_bits(self.ewma_ns.load(Ordering::Relaxed)) * w;
+        let next = if sample > current { sample } else { current * w + sample * (1.0 - w) };
         self.ewma_ns.store(next.to_bits(), Ordering::Relaxed);
 
         let o = &self.outlier;

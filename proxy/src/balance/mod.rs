@@ -421,11 +421,13 @@ impl EndpointSet {
         self.view.load().healthy > 0
     }
 
-    /// Records how an attempt on `member` ended; ejects it if that completes a failure streak
-    /// outlier detection counts. Returns whether it was ejected.
-    pub fn observe(&self, member: &EndpointState, observed: Observed, latency: std::time::Duration) -> bool {
-        let now = nanos_since_start(Instant::now());
-        let (streak_5xx, streak_gateway) = member.observe(observed, latency, now);
+    /// Records how an attempt on `member` that started at `started` ended (now); ejects it if that
+    /// completes a failure streak outlier detection counts. Returns whether it was ejected.
+    pub fn observe(&self, member: &EndpointState, observed: Observed, started: Instant) -> bool {
+        // One clock read serves the latency and the estimate's timestamp.
+        let at = Instant::now();
+        let now = nanos_since_start(at);
+        let (streak_5xx, streak_gateway) = member.observe(observed, at.saturating_duration_since(started), now);
         let Some(outlier) = &self.config.outlier else { return false };
         let reason = if outlier.consecutive_5xx > 0 && streak_5xx >= outlier.consecutive_5xx {
             EjectReason::Consecutive5xx

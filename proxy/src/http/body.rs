@@ -7,10 +7,14 @@
 //! (through the proxy's own client, which also returns the connection to the pool when the body
 //! ends) or an HTTP/2 one, or is a short local reply. A streamed response may carry [`InFlight`]:
 //! what counts its request as active (for the balancer and the circuit breakers) until the body is
-//! done. Bodies stream frame by frame; none is held whole.
+//! done; and a route may put it under an idle timeout. Bodies stream frame by frame; none is held
+//! whole.
 
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -20,6 +24,7 @@ use crate::balance::endpoint::ActiveRequest;
 use crate::http::h1;
 use crate::http::replay::ReplayBody;
 use crate::policy::breaker::Slot;
+use crate::telemetry::ClusterStats;
 
 /// Errors a body can end with.
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
@@ -31,6 +36,8 @@ pub enum UpstreamBody {
     Direct(Incoming),
     /// A reader of the client's body that can be replayed.
     Replay(ReplayBody),
+    /// No body (the client sent none): every attempt can send it, nothing needs keeping.
+    Empty,
 }
 
 impl Body for UpstreamBody {
@@ -41,6 +48,7 @@ impl Body for UpstreamBody {
         match self.get_mut() {
             UpstreamBody::Direct(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
             UpstreamBody::Replay(body) => Pin::new(body).poll_frame(cx),
+            UpstreamBody::Empty => Poll::Ready(None),
         }
     }
 
@@ -48,6 +56,7 @@ impl Body for UpstreamBody {
         match self {
             UpstreamBody::Direct(body) => body.is_end_stream(),
             UpstreamBody::Replay(body) => body.is_end_stream(),
+            UpstreamBody::Empty => true,
         }
     }
 
@@ -55,6 +64,7 @@ impl Body for UpstreamBody {
         match self {
             UpstreamBody::Direct(body) => body.size_hint(),
             UpstreamBody::Replay(body) => body.size_hint(),
+            UpstreamBody::Empty => SizeHint::with_exact(0),
         }
     }
 }
@@ -82,7 +92,26 @@ enum Kind {
     Http2(Incoming),
     /// A complete body held in memory (a local reply); `None` once sent.
     Local(Option<Bytes>),
+    /// Another body under a route's idle timeout (boxed: rare, and it holds a timer).
+    Idle(Box<IdleBody>),
 }
+
+/// A body that fails if it sends nothing for `limit`. Each frame only notes the time; the timer is
+/// moved on when it fires early, not on every frame (a timer-wheel update per frame would cost more
+/// than the frame).
+#[derive(Debug)]
+struct IdleBody {
+    inner: ProxyBody,
+    limit: Duration,
+    last_frame: tokio::time::Instant,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    stats: Arc<ClusterStats>,
+}
+
+/// Why a response body was cut off.
+#[derive(Debug, thiserror::Error)]
+#[error("the response body sent nothing for the route's idle timeout of {0:?}")]
+pub struct StreamIdle(Duration);
 
 impl ProxyBody {
     /// A body streaming from an HTTP/1.1 endpoint.
@@ -105,6 +134,15 @@ impl ProxyBody {
         ProxyBody { kind: Kind::Local(None), _in_flight: InFlight::default() }
     }
 
+    /// Cuts the body off (with an error, which resets the client's stream) when it sends nothing
+    /// for `limit`; counted in `stats`.
+    pub fn idle_timeout(self, limit: Duration, stats: Arc<ClusterStats>) -> Self {
+        let last_frame = tokio::time::Instant::now();
+        let timer = Box::pin(tokio::time::sleep_until(last_frame + limit));
+        let idle = IdleBody { inner: self, limit, last_frame, timer, stats };
+        ProxyBody { kind: Kind::Idle(Box::new(idle)), _in_flight: InFlight::default() }
+    }
+
     /// Keeps `in_flight` until the body is dropped.
     pub fn hold(mut self, in_flight: InFlight) -> Self {
         self._in_flight = in_flight;
@@ -121,6 +159,23 @@ impl Body for ProxyBody {
             Kind::Http1(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
             Kind::Http2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
             Kind::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Idle(idle) => {
+                let polled = Pin::new(&mut idle.inner).poll_frame(cx);
+                if polled.is_ready() {
+                    idle.last_frame = tokio::time::Instant::now();
+                    return polled;
+                }
+                while idle.timer.as_mut().poll(cx).is_ready() {
+                    let due = idle.last_frame + idle.limit;
+                    if due <= tokio::time::Instant::now() {
+                        idle.stats.idle_timeouts.inc();
+                        return Poll::Ready(Some(Err(StreamIdle(idle.limit).into())));
+                    }
+                    // A frame came since the timer was set: it is due later.
+                    idle.timer.as_mut().reset(due);
+                }
+                Poll::Pending
+            }
         }
     }
 
@@ -129,6 +184,7 @@ impl Body for ProxyBody {
             Kind::Http1(body) => body.is_end_stream(),
             Kind::Http2(body) => body.is_end_stream(),
             Kind::Local(bytes) => bytes.is_none(),
+            Kind::Idle(idle) => idle.inner.is_end_stream(),
         }
     }
 
@@ -137,6 +193,7 @@ impl Body for ProxyBody {
             Kind::Http1(body) => body.size_hint(),
             Kind::Http2(body) => body.size_hint(),
             Kind::Local(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Idle(idle) => idle.inner.size_hint(),
         }
     }
 }

@@ -123,15 +123,17 @@ pub enum Outcome {
     Switched(Response<()>, TcpStream, Bytes),
 }
 
-/// Sends `request` to `endpoint` over HTTP/1.1, reusing a pooled connection when one is alive.
+/// Sends the request `head` with `body` to `endpoint` over HTTP/1.1, reusing a pooled connection
+/// when one is alive.
 ///
 /// `dedicated` asks for a fresh connection that is never pooled (an `Upgrade` request takes the
 /// connection over). The request must already be in origin form (see `headers`). A new connection
 /// must fit the cluster's `max_connections` and `max_pending_requests` breakers.
-pub async fn send_http1(
+pub async fn send_http1<H: h1::Head>(
     cluster: &Cluster,
     endpoint: SocketAddr,
-    mut request: Request<UpstreamBody>,
+    mut head: H,
+    mut body: UpstreamBody,
     dedicated: bool,
 ) -> Result<Outcome, ProxyError> {
     loop {
@@ -147,12 +149,12 @@ pub async fn send_http1(
             }
         };
         let release = if dedicated { drop_connection } else { release_http1 };
-        match h1::exchange(connection, request, reused, release).await {
+        match h1::exchange(connection, head, body, reused, release).await {
             Ok(h1::Exchanged::Response(response)) => return Ok(Outcome::Response(response.map(ProxyBody::http1))),
             Ok(h1::Exchanged::Switched(head, stream, early)) => return Ok(Outcome::Switched(head, stream, early)),
-            Err(h1::Failure::Stale(unsent)) => {
+            Err(h1::Failure::Stale(unsent, unread)) => {
                 debug!(%endpoint, "pooled connection was closed; sending on another");
-                request = unsent;
+                (head, body) = (unsent, unread);
             }
             Err(h1::Failure::Failed(error)) => return Err(ProxyError::Http1(error)),
         }

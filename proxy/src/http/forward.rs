@@ -15,7 +15,7 @@
 //!    the hedge delay gets a sibling on another endpoint; the first answer that stands wins and the
 //!    other is cancelled (dropped: its connection is closed or its stream reset);
 //! 5. answers with the route's fallback instead when the cluster had no healthy endpoint or a breaker
-//!    was open.
+//!    was open; or, with the response, sets the route's idle timeout on its body.
 //!
 //! Every attempt here is a boxed future: this path serves only routes that asked for a policy, and
 //! a few allocations are nothing next to a retry.
@@ -60,6 +60,20 @@ pub(crate) struct Template {
     pub(crate) headers: HeaderMap,
 }
 
+impl super::h1::Head for Template {
+    fn method(&self) -> &Method {
+        &self.method
+    }
+
+    fn uri(&self) -> &Uri {
+        &self.uri
+    }
+
+    fn headers(&self) -> &HeaderMap {
+        &self.headers
+    }
+}
+
 impl Template {
     fn new(parts: http::request::Parts) -> Template {
         Template { method: parts.method, uri: parts.uri, version: parts.version, headers: parts.headers }
@@ -74,14 +88,65 @@ impl Template {
         *request.headers_mut() = self.headers.clone();
         request
     }
+}
 
-    fn into_request(self, body: UpstreamBody) -> Request<UpstreamBody> {
-        let mut request = Request::new(body);
-        *request.method_mut() = self.method;
-        *request.uri_mut() = self.uri;
-        *request.version_mut() = self.version;
-        *request.headers_mut() = self.headers;
-        request
+/// A request body that later attempts, or a mirrored copy, may read again.
+pub(crate) enum Reusable {
+    /// The client sent no body: every reader gets an empty one, and nothing is recorded.
+    Empty,
+    /// The client's body, recorded as it streams (`replay`).
+    Recorded(ReplayBody),
+}
+
+impl Reusable {
+    fn new(body: Incoming, limit: usize) -> Reusable {
+        if hyper::body::Body::is_end_stream(&body) {
+            Reusable::Empty
+        } else {
+            Reusable::Recorded(ReplayBody::new(body, limit))
+        }
+    }
+
+    /// A body for another attempt, from the start; `None` once the body can no longer be replayed.
+    fn attempt(&self) -> Option<UpstreamBody> {
+        match self {
+            Reusable::Empty => Some(UpstreamBody::Empty),
+            Reusable::Recorded(body) => body.replay().map(UpstreamBody::Replay),
+        }
+    }
+
+    /// A body for a mirrored copy, following the attempts' reading; `None` as for `attempt`.
+    pub(crate) fn copy(&self) -> Option<UpstreamBody> {
+        match self {
+            Reusable::Empty => Some(UpstreamBody::Empty),
+            Reusable::Recorded(body) => body.follow().map(UpstreamBody::Replay),
+        }
+    }
+}
+
+/// The last few endpoints a request's attempts went to, which its next attempt avoids where it can.
+/// Inline: this is on every retried route's path, and three is enough to steer a retry elsewhere.
+struct Tried {
+    slots: [SocketAddr; 3],
+    len: usize,
+    next: usize,
+}
+
+impl Default for Tried {
+    fn default() -> Self {
+        Tried { slots: [SocketAddr::from(([0, 0, 0, 0], 0)); 3], len: 0, next: 0 }
+    }
+}
+
+impl Tried {
+    fn push(&mut self, endpoint: SocketAddr) {
+        self.slots[self.next % 3] = endpoint;
+        self.next += 1;
+        self.len = (self.len + 1).min(3);
+    }
+
+    fn as_slice(&self) -> &[SocketAddr] {
+        &self.slots[..self.len]
     }
 }
 
@@ -117,23 +182,32 @@ pub(crate) async fn policed(
         timeout: policy.timeout.map(|limit| (limit, started + limit)),
     };
     let result = if retry.is_none() && mirror.is_none() {
-        let request = template.into_request(UpstreamBody::Direct(body));
-        attempts.once(request, downstream_upgrade).await
+        attempts.once(&template, UpstreamBody::Direct(body), downstream_upgrade).await
     } else {
         let limit = retry.map_or(limits::MIRROR_BODY_BUFFER, |r| r.replay_limit);
-        let body = ReplayBody::new(body, limit);
+        let body = Reusable::new(body, limit);
         if let Some(mirror) = mirror {
             mirror::send(mirror, &template, &body, downstream_version, policy.timeout, connection);
         }
         match retry {
-            Some(retry) => attempts.with_retries(retry, template, body).await,
-            None => attempts.once(template.into_request(UpstreamBody::Replay(body)), None).await,
+            Some(retry) if retry.hedge_delay.is_some() => attempts.hedged(retry, template, body).await,
+            Some(retry) => attempts.sequential(retry, template, body).await,
+            None => {
+                let first = body.attempt().ok_or(ProxyError::BadRequest("the request body failed"))?;
+                attempts.once(&template, first, None).await
+            }
         }
     };
     if let Err(ProxyError::RequestTimeout(_)) = &result {
         cluster.stats.request_timeouts.inc();
     }
-    result.map_err(with_fallback)
+    match (result, policy.idle_timeout) {
+        (Ok(response), Some(limit)) => {
+            let stats = cluster.stats.clone();
+            Ok(response.map(|body| body.idle_timeout(limit, stats)))
+        }
+        (result, _) => result.map_err(with_fallback),
+    }
 }
 
 /// An attempt on its way: the exchange, and what it counts and will report.
@@ -165,43 +239,86 @@ impl Attempts<'_> {
     /// One attempt, within the route's timeout.
     async fn once(
         &self,
-        request: Request<UpstreamBody>,
+        template: &Template,
+        body: UpstreamBody,
         downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let upgrade = downstream_upgrade.is_some();
-        let (endpoint, attempt) = self.pick(&request, &[])?;
-        let exchange = send(self.cluster, self.connection, self.version, endpoint, request, upgrade);
-        let result = match self.timeout {
-            Some((limit, deadline)) => {
-                tokio::time::timeout_at(deadline, exchange).await.unwrap_or(Err(ProxyError::RequestTimeout(limit)))
-            }
-            None => exchange.await,
-        };
+        let (endpoint, attempt) = self.pick(&template.headers, &[])?;
+        let result = self.exchange(endpoint, template, body, upgrade, None).await;
         self.finish(result, attempt, downstream_upgrade)
     }
 
+    /// Sends a prepared request to `endpoint` and waits for its response head, within `per_try`
+    /// and the route's timeout. The exchange is polled where it was made (pinned in this future),
+    /// and one timer serves both limits: wrapping it in a timeout per limit would copy the whole
+    /// exchange (a kilobyte or more) into each wrapper, on every request.
+    async fn exchange(
+        &self,
+        endpoint: SocketAddr,
+        template: &Template,
+        body: UpstreamBody,
+        upgrade: bool,
+        per_try: Option<Duration>,
+    ) -> Result<Outcome, ProxyError> {
+        let cluster = &**self.cluster;
+        // Whichever limit runs out first: (is it the per-try one, its length, when).
+        let per_try = per_try.map(|limit| (true, limit, tokio::time::Instant::now() + limit));
+        let route = self.timeout.map(|(limit, at)| (false, limit, at));
+        let limit = match (per_try, route) {
+            (Some(a), Some(b)) => Some(if a.2 < b.2 { a } else { b }),
+            (a, b) => a.or(b),
+        };
+        let result = match self.version {
+            client::Version::Http1 => {
+                // The head is read from the template in place: an attempt costs no copy of it.
+                let exchange = std::pin::pin!(client::send_http1(cluster, endpoint, template, body, upgrade));
+                within(exchange, limit.map(|(_, _, at)| at)).await
+            }
+            client::Version::Http2 => {
+                // Boxed, as on the plain path: it is the larger of the two, and inline it would make
+                // every HTTP/1.1 request's future as large. hyper takes the request whole.
+                let request = template.request(body);
+                let mut exchange =
+                    Box::pin(client::send_http2(&self.connection.data.client, cluster, endpoint, request));
+                within(exchange.as_mut(), limit.map(|(_, _, at)| at)).await
+            }
+        };
+        match (result, limit) {
+            (Some(result), _) => result,
+            (None, Some((true, limit, _))) => {
+                cluster.stats.per_try_timeouts.inc();
+                Err(ProxyError::PerTryTimeout(limit))
+            }
+            (None, Some((false, limit, _))) => Err(ProxyError::RequestTimeout(limit)),
+            // `within` only gives up at a deadline.
+            (None, None) => Err(ProxyError::RequestTimeout(Duration::ZERO)),
+        }
+    }
+
     /// Balances for the next attempt, avoiding `tried`, within the `max_requests` breaker.
-    fn pick(&self, request: &Request<UpstreamBody>, tried: &[SocketAddr]) -> Result<(SocketAddr, Attempt), ProxyError> {
+    fn pick(&self, headers: &HeaderMap, tried: &[SocketAddr]) -> Result<(SocketAddr, Attempt), ProxyError> {
         let cluster = self.cluster;
         let picked = cluster
-            .pick(self.connection.original_destination, Some(request.headers()), Some(self.connection.peer), tried)
+            .pick(self.connection.original_destination, Some(headers), Some(self.connection.peer), tried)
             .ok_or_else(|| no_endpoint(cluster))?;
         let slot =
             cluster.breakers.request(&cluster.stats).map_err(|b| ProxyError::Overflow(cluster.name.clone(), b))?;
         Ok((picked.address, Attempt::start(cluster, &picked, slot)))
     }
 
-    /// Starts an attempt reading `body`, with the retry policy's per-try timeout.
+    /// Starts an attempt reading `body`, with the retry policy's per-try timeout, as a future of
+    /// its own (hedged attempts run side by side).
     fn launch(
         &self,
         retry: &RetryPolicy,
         template: &Template,
-        body: ReplayBody,
-        tried: &mut Vec<SocketAddr>,
+        body: UpstreamBody,
+        tried: &mut Tried,
         retry_slot: Option<Slot>,
     ) -> Result<Running, ProxyError> {
-        let request = template.request(UpstreamBody::Replay(body));
-        let (endpoint, attempt) = self.pick(&request, tried)?;
+        let request = template.request(body);
+        let (endpoint, attempt) = self.pick(request.headers(), tried.as_slice())?;
         tried.push(endpoint);
         let cluster = self.cluster.clone();
         let connection = self.connection.clone();
@@ -219,41 +336,105 @@ impl Attempts<'_> {
         Ok(Running { exchange, attempt, _retry_slot: retry_slot })
     }
 
-    /// Attempts until one stands, under `retry`: see the module documentation.
-    async fn with_retries(
+    /// Whether the policy may send one more attempt after `started` attempts: the attempts, the
+    /// body's replay record, the budget and the `max_retries` breaker must all allow it. Returns the
+    /// body for it and the breaker slot it holds.
+    fn next_retry(&self, retry: &RetryPolicy, body: &Reusable, started: u32) -> Option<(UpstreamBody, Option<Slot>)> {
+        let cluster = self.cluster;
+        if started > retry.attempts {
+            return None;
+        }
+        let replay = body.attempt()?;
+        if !retry.budget.withdraw(Instant::now()) {
+            cluster.stats.retry_budget_exhausted.inc();
+            return None;
+        }
+        let slot = cluster.breakers.retry(&cluster.stats).ok()?;
+        cluster.stats.retries.inc();
+        Some((replay, slot))
+    }
+
+    /// Records, for outlier detection and the counters, an attempt's failure that the client may
+    /// never see (it is about to be retried).
+    fn record_failure(&self, result: &Result<Outcome, ProxyError>, attempt: &Attempt) {
+        match result {
+            Ok(Outcome::Response(response)) => {
+                self.cluster.stats.record_response(response.status().as_u16());
+                attempt.observe_response(self.cluster, response.status().as_u16());
+            }
+            Err(error) => attempt.failed(self.cluster, error),
+            Ok(Outcome::Switched(..)) => {}
+        }
+    }
+
+    /// Attempts one after another until one stands (no hedging): see the module documentation.
+    /// Each attempt runs inline in this future: no allocation per attempt.
+    async fn sequential(
         &self,
         retry: &RetryPolicy,
         template: Template,
-        body: ReplayBody,
+        body: Reusable,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        retry.budget.deposit(Instant::now());
+        let mut tried = Tried::default();
+        let mut started = 1_u32;
+        let mut next = body.attempt().ok_or(ProxyError::BadRequest("the request body failed"))?;
+        let mut retry_slot = None;
+        let mut previous: Option<(Result<Outcome, ProxyError>, Attempt)> = None;
+        loop {
+            let (endpoint, attempt) = match self.pick(&template.headers, tried.as_slice()) {
+                Ok(picked) => picked,
+                // No endpoint for a retry: the last failure is the answer.
+                Err(error) => return previous.map_or(Err(error), |(result, attempt)| give_up(result, attempt)),
+            };
+            drop(previous.take());
+            tried.push(endpoint);
+            let result = self.exchange(endpoint, &template, next, false, retry.per_try_timeout).await;
+            drop(retry_slot.take());
+            let verdict = match &result {
+                Ok(Outcome::Response(response)) => {
+                    retry.retries_response(response.status().as_u16(), response.version(), response.headers())
+                }
+                Err(error) if retry.retries_error(error) => Verdict::Retry(None),
+                _ => Verdict::Final,
+            };
+            let Verdict::Retry(retry_after) = verdict else {
+                return self.finish(result, attempt, None);
+            };
+            self.record_failure(&result, &attempt);
+            let Some((body, slot)) = self.next_retry(retry, &body, started) else {
+                return give_up(result, attempt);
+            };
+            let wait = retry.backoff(started).max(retry_after.unwrap_or_default());
+            if self.timeout.is_some_and(|(_, at)| tokio::time::Instant::now() + wait >= at) {
+                // The last failure says more than the timeout would.
+                return give_up(result, attempt);
+            }
+            tokio::time::sleep(wait).await;
+            previous = Some((result, attempt));
+            (next, retry_slot, started) = (body, slot, started + 1);
+        }
+    }
+
+    /// Attempts with hedging, side by side, until one stands: see the module documentation.
+    async fn hedged(
+        &self,
+        retry: &RetryPolicy,
+        template: Template,
+        body: Reusable,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let cluster = self.cluster;
         retry.budget.deposit(Instant::now());
-        let mut tried = Vec::new();
+        let mut tried = Tried::default();
         let mut started = 1_u32;
         let mut running: Vec<Running> = Vec::with_capacity(2);
-        // `body` stays as the record's anchor; each attempt reads through a replay of it.
-        let first = body.replay().ok_or(ProxyError::BadRequest("the request body failed"))?;
+        let first = body.attempt().ok_or(ProxyError::BadRequest("the request body failed"))?;
         running.push(self.launch(retry, &template, first, &mut tried, None)?);
         let mut deadline = self.timeout.map(|(_, at)| Box::pin(tokio::time::sleep_until(at)));
         let arm_hedge = |started: u32| {
             retry.hedge_delay.filter(|_| started <= retry.attempts).map(|d| Box::pin(tokio::time::sleep(d)))
         };
         let mut hedge = arm_hedge(started);
-        // A retry may go only while the whole body can still be replayed and the policy, the budget
-        // and the breaker allow one more.
-        let next_retry = |started: u32| -> Option<(ReplayBody, Option<Slot>)> {
-            if started > retry.attempts {
-                return None;
-            }
-            let replay = body.replay()?;
-            if !retry.budget.withdraw(Instant::now()) {
-                cluster.stats.retry_budget_exhausted.inc();
-                return None;
-            }
-            let slot = cluster.breakers.retry(&cluster.stats).ok()?;
-            cluster.stats.retries.inc();
-            Some((replay, slot))
-        };
         loop {
             let event = poll_fn(|cx| {
                 if let Some(deadline) = deadline.as_mut()
@@ -286,7 +467,7 @@ impl Attempts<'_> {
                 }
                 Event::Hedge => {
                     hedge = None;
-                    let Some((replay, slot)) = next_retry(started) else { continue };
+                    let Some((replay, slot)) = self.next_retry(retry, &body, started) else { continue };
                     match self.launch(retry, &template, replay, &mut tried, slot) {
                         Ok(attempt) => {
                             cluster.stats.hedges.inc();
@@ -301,7 +482,7 @@ impl Attempts<'_> {
                     let Running { attempt, .. } = running.swap_remove(index);
                     let verdict = match &result {
                         Ok(Outcome::Response(response)) => {
-                            retry.retries_response(response.status().as_u16(), response.headers())
+                            retry.retries_response(response.status().as_u16(), response.version(), response.headers())
                         }
                         Ok(Outcome::Switched(..)) => Verdict::Final,
                         Err(error) if retry.retries_error(error) => Verdict::Retry(None),
@@ -312,24 +493,15 @@ impl Attempts<'_> {
                     let Verdict::Retry(retry_after) = verdict else {
                         return self.finish(result, attempt, None);
                     };
-                    // Outlier detection and the counters see this failure though the client may not.
-                    match &result {
-                        Ok(Outcome::Response(response)) => {
-                            cluster.stats.record_response(response.status().as_u16());
-                            attempt.observe_response(cluster, response.status().as_u16());
-                        }
-                        Err(error) => attempt.failed(cluster, error),
-                        Ok(Outcome::Switched(..)) => {}
-                    }
+                    self.record_failure(&result, &attempt);
                     if !running.is_empty() {
                         continue;
                     }
-                    let Some((replay, slot)) = next_retry(started) else {
+                    let Some((replay, slot)) = self.next_retry(retry, &body, started) else {
                         return give_up(result, attempt);
                     };
                     let wait = retry.backoff(started).max(retry_after.unwrap_or_default());
                     if self.timeout.is_some_and(|(_, at)| tokio::time::Instant::now() + wait >= at) {
-                        // The last failure says more than the timeout would.
                         return give_up(result, attempt);
                     }
                     drop((result, attempt));
@@ -371,7 +543,21 @@ fn give_up(result: Result<Outcome, ProxyError>, attempt: Attempt) -> Result<Resp
     }
 }
 
-/// Sends a prepared request to `endpoint` in `version`.
+/// Polls `exchange` to its end, or until `deadline`: `None` if the deadline came first.
+async fn within<F: Future>(mut exchange: Pin<&mut F>, deadline: Option<tokio::time::Instant>) -> Option<F::Output> {
+    let Some(deadline) = deadline else { return Some(exchange.await) };
+    let mut timer = std::pin::pin!(tokio::time::sleep_until(deadline));
+    poll_fn(|cx| {
+        if let Poll::Ready(output) = exchange.as_mut().poll(cx) {
+            return Poll::Ready(Some(output));
+        }
+        timer.as_mut().poll(cx).map(|()| None)
+    })
+    .await
+}
+
+/// Sends a prepared request to `endpoint` in `version` (for hedged attempts, each a future of its
+/// own).
 async fn send(
     cluster: &Cluster,
     connection: &HttpConnection,
@@ -381,7 +567,15 @@ async fn send(
     upgrade: bool,
 ) -> Result<Outcome, ProxyError> {
     match version {
-        client::Version::Http1 => client::send_http1(cluster, endpoint, request, upgrade).await,
-        client::Version::Http2 => client::send_http2(&connection.data.client, cluster, endpoint, request).await,
+        client::Version::Http1 => {
+            let (head, body) = request.into_parts();
+            client::send_http1(cluster, endpoint, head, body, upgrade).await
+        }
+        client::Version::Http2 => {
+            // Boxed in its own statement, as on the plain path: it is the larger of the two, and
+            // inline it would make every HTTP/1.1 attempt's future as large.
+            let sending = Box::pin(client::send_http2(&connection.data.client, cluster, endpoint, request));
+            sending.await
+        }
     }
 }

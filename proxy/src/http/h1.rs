@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, EXPECT, HOST, HeaderName, HeaderValue, TE, TRANSFER_ENCODING, UPGRADE};
-use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http::{HeaderMap, Method, Response, StatusCode, Version};
 use http_body::{Frame, SizeHint};
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
@@ -171,16 +171,56 @@ pub enum Exchanged<B> {
     Switched(Response<()>, TcpStream, Bytes),
 }
 
+/// What the client reads of a request head: the request line and the headers. A request's own
+/// `Parts`, or a reference to a head kept for several attempts (a retried request's), which then
+/// need not be copied for each.
+pub trait Head {
+    /// The method.
+    fn method(&self) -> &Method;
+    /// The target (origin form).
+    fn uri(&self) -> &http::Uri;
+    /// The header fields, hop-by-hop ones removed.
+    fn headers(&self) -> &HeaderMap;
+}
+
+impl Head for http::request::Parts {
+    fn method(&self) -> &Method {
+        &self.method
+    }
+
+    fn uri(&self) -> &http::Uri {
+        &self.uri
+    }
+
+    fn headers(&self) -> &HeaderMap {
+        &self.headers
+    }
+}
+
+impl<T: Head + ?Sized> Head for &T {
+    fn method(&self) -> &Method {
+        (**self).method()
+    }
+
+    fn uri(&self) -> &http::Uri {
+        (**self).uri()
+    }
+
+    fn headers(&self) -> &HeaderMap {
+        (**self).headers()
+    }
+}
+
 /// An exchange that failed, and whether the request can be sent again.
 #[derive(Debug)]
-pub enum Failure<B> {
+pub enum Failure<H, B> {
     /// The reused connection was dead before the endpoint saw anything: here is the request back.
-    Stale(Request<B>),
+    Stale(H, B),
     /// Any other failure; the request is gone.
     Failed(Error),
 }
 
-/// Sends `request` on `connection` and reads the response head.
+/// Sends the request `head` with `body` on `connection` and reads the response head.
 ///
 /// The request must be in origin form with its hop-by-hop headers removed (`headers`). Framing
 /// headers are written here: `content-length` when the body's size is known, chunked otherwise;
@@ -188,22 +228,22 @@ pub enum Failure<B> {
 /// is filled with the endpoint's address. `reused` says the connection came from the pool, which
 /// makes an early failure retryable. `on_release` is called with the connection if it can serve
 /// another request once this response is complete.
-pub async fn exchange<B>(
+pub async fn exchange<H: Head, B>(
     mut connection: Box<Connection>,
-    request: Request<B>,
+    request: H,
+    body: B,
     reused: bool,
     on_release: fn(Box<Connection>),
-) -> Result<Exchanged<B>, Failure<B>>
+) -> Result<Exchanged<B>, Failure<H, B>>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
-    let (parts, body) = request.into_parts();
-    let framing = request_framing(&parts.headers, &body);
+    let framing = request_framing(request.headers(), &body);
     let mut head = std::mem::take(&mut connection.head);
-    encode_head(&parts.method, &parts.uri, &parts.headers, framing, connection.endpoint, &mut head);
+    encode_head(request.method(), request.uri(), request.headers(), framing, connection.endpoint, &mut head);
     let mut upload = Upload::new(head, body, framing);
-    let head_only = parts.method == Method::HEAD;
+    let head_only = request.method() == Method::HEAD;
 
     // An upload that fails does not end the exchange at once: an endpoint that answers early (a 413)
     // and stops reading makes writes fail, and its answer is what the client should see.
@@ -234,7 +274,7 @@ where
                 && !matches!(error, Error::RequestBody(_))
                 && let Some(body) = upload.into_body()
             {
-                return Err(Failure::Stale(Request::from_parts(parts, body)));
+                return Err(Failure::Stale(request, body));
             }
             return Err(Failure::Failed(error));
         }
@@ -963,6 +1003,7 @@ mod tests {
 
     use std::cell::RefCell;
 
+    use http::Request;
     use http_body_util::{BodyExt, Full, StreamBody};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
@@ -1021,11 +1062,12 @@ mod tests {
     }
 
     async fn send(connection: Box<Connection>, request: Request<TestBody>) -> Response<Body<TestBody>> {
-        match exchange(connection, request, false, release).await {
+        let (head, body) = request.into_parts();
+        match exchange(connection, head, body, false, release).await {
             Ok(Exchanged::Response(response)) => response,
             Ok(Exchanged::Switched(..)) => panic!("unexpected switch"),
             Err(Failure::Failed(e)) => panic!("{e}"),
-            Err(Failure::Stale(_)) => panic!("stale"),
+            Err(Failure::Stale(..)) => panic!("stale"),
         }
     }
 
@@ -1090,7 +1132,8 @@ mod tests {
         ] {
             let leaked: &'static [u8] = Box::leak(bad.to_vec().into_boxed_slice());
             let (address, _server) = endpoint(vec![leaked]).await;
-            let result = exchange(connect(address).await, get("/"), false, release).await;
+            let (head, body) = get("/").into_parts();
+            let result = exchange(connect(address).await, head, body, false, release).await;
             assert!(matches!(result, Err(Failure::Failed(Error::Protocol(_)))), "{}", String::from_utf8_lossy(bad));
         }
     }
@@ -1128,8 +1171,9 @@ mod tests {
         drop(server_side);
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert!(!connection.is_reusable(), "a closed idle connection is noticed at checkout");
-        match exchange(connection, get("/again"), true, release).await {
-            Err(Failure::Stale(request)) => assert_eq!(request.uri(), "/again"),
+        let (head, body) = get("/again").into_parts();
+        match exchange(connection, head, body, true, release).await {
+            Err(Failure::Stale(head, _)) => assert_eq!(head.uri, "/again"),
             other => panic!("expected the request back, got {other:?}"),
         }
     }
@@ -1141,7 +1185,8 @@ mod tests {
         ])
         .await;
         let request = Request::get("/ws").header("host", "a").header("upgrade", "websocket").body(body(b"")).unwrap();
-        match exchange(connect(address).await, request, false, release).await {
+        let (parts, body) = request.into_parts();
+        match exchange(connect(address).await, parts, body, false, release).await {
             Ok(Exchanged::Switched(head, _stream, leftover)) => {
                 assert_eq!(head.status(), 101);
                 assert_eq!(leftover, "EARLY");

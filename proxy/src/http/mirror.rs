@@ -2,7 +2,7 @@
 //!
 //! `forward` calls [`send`] for a request its route chose to copy. The copy is the request's head
 //! with `-shadow` added to its host (as Envoy does, so the shadow's logs and routing can tell copies
-//! from traffic), and a follower reader of the request's [`ReplayBody`]: the copy's body streams as
+//! from traffic), and a follower reader of the request's `ReplayBody`: the copy's body streams as
 //! the original's attempts read the client's, never ahead of them, so the original is never held
 //! back (a body longer than the replay buffer cuts the copy short). The copy runs in a task of its
 //! own on the worker, bounded by the route's timeout (or `MIRROR_TIMEOUT`); each worker keeps at
@@ -17,10 +17,8 @@ use http::header::{HOST, HeaderValue};
 use http::uri::Authority;
 use tracing::debug;
 
-use super::body::UpstreamBody;
 use super::client::{self, Outcome};
-use super::forward::Template;
-use super::replay::ReplayBody;
+use super::forward::{Reusable, Template};
 use super::{HttpConnection, headers, upstream_version};
 use crate::limits;
 use crate::policy::Mirror;
@@ -59,7 +57,7 @@ impl Drop for Counted {
 pub(crate) fn send(
     mirror: &Mirror,
     template: &Template,
-    body: &ReplayBody,
+    body: &Reusable,
     downstream_version: http::Version,
     timeout: Option<Duration>,
     connection: &std::sync::Arc<HttpConnection>,
@@ -69,11 +67,11 @@ pub(crate) fn send(
         cluster.stats.mirror_dropped.inc();
         return;
     };
-    let Some(follower) = body.follow() else {
+    let Some(follower) = body.copy() else {
         cluster.stats.mirror_dropped.inc();
         return;
     };
-    let mut request = template.request(UpstreamBody::Replay(follower));
+    let mut request = template.request(follower);
     let Some(picked) =
         cluster.pick(connection.original_destination, Some(request.headers()), Some(connection.peer), &[])
     else {
@@ -90,7 +88,10 @@ pub(crate) fn send(
         let _counted = counted;
         let exchange = async {
             match version {
-                client::Version::Http1 => client::send_http1(&cluster, endpoint, request, false).await,
+                client::Version::Http1 => {
+                    let (head, body) = request.into_parts();
+                    client::send_http1(&cluster, endpoint, head, body, false).await
+                }
                 client::Version::Http2 => client::send_http2(&settings.data.client, &cluster, endpoint, request).await,
             }
         };

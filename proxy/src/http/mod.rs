@@ -215,10 +215,13 @@ async fn proxy(
         }
         Ok(Plan::Forward(Forward { cluster, endpoint, version, upgrade, downstream_upgrade, attempt })) => {
             // Phase 4, connect and send.
-            let request = request.map(UpstreamBody::Direct);
             let outcome = match version {
-                client::Version::Http1 => client::send_http1(&cluster, endpoint, request, upgrade).await,
+                client::Version::Http1 => {
+                    let (head, body) = request.into_parts();
+                    client::send_http1(&cluster, endpoint, head, UpstreamBody::Direct(body), upgrade).await
+                }
                 client::Version::Http2 => {
+                    let request = request.map(UpstreamBody::Direct);
                     let sending = Box::pin(client::send_http2(&connection.data.client, &cluster, endpoint, request));
                     sending.await
                 }
@@ -266,7 +269,7 @@ impl Attempt {
     /// Records a response with `status`.
     fn observe_response(&self, cluster: &Cluster, status: u16) {
         if let Some((endpoint, started)) = &self.observed {
-            cluster.observe(endpoint, Observed::from_status(status), started.elapsed());
+            cluster.observe(endpoint, Observed::from_status(status), *started);
         }
     }
 
@@ -286,7 +289,7 @@ impl Attempt {
                 | ProxyError::Http1(h1::Error::Io(_) | h1::Error::Closed | h1::Error::Protocol(_))
         );
         if endpoint_failed && let Some((endpoint, started)) = &self.observed {
-            cluster.observe(endpoint, Observed::NoResponse, started.elapsed());
+            cluster.observe(endpoint, Observed::NoResponse, *started);
         }
     }
 }
@@ -382,6 +385,7 @@ fn needs_forwarding_policy(policy: &RoutePolicy, delayed: bool) -> bool {
         || policy.retry.is_some()
         || policy.mirror.is_some()
         || policy.fallback.is_some()
+        || policy.idle_timeout.is_some()
 }
 
 /// The version to speak to a cluster with `protocol`, for a request in `downstream` version.

@@ -43,6 +43,8 @@ pub struct RoutePolicy {
     pub mirror: Option<Mirror>,
     /// The answer when the cluster cannot take the request.
     pub fallback: Option<Arc<Fallback>>,
+    /// How long a response body may stall.
+    pub idle_timeout: Option<Duration>,
 }
 
 /// Where copies of a route's requests go.
@@ -99,6 +101,7 @@ impl RoutePolicy {
     ) -> Result<Option<RoutePolicy>, (String, String)> {
         let duration = |field: &str, value| validate::duration(value).map_err(|message| (field.to_owned(), message));
         let timeout = duration("timeout", route.timeout.as_ref())?;
+        let idle_timeout = duration("idle_timeout", route.idle_timeout.as_ref())?;
         let fault = route.fault.as_ref();
         let delay = match fault.and_then(|f| f.delay.as_ref()) {
             Some(d) => duration("fault.delay.duration", d.duration.as_ref())?.map(|duration| (d.percent, duration)),
@@ -130,10 +133,11 @@ impl RoutePolicy {
             && retry.is_none()
             && mirror.is_none()
             && fallback.is_none()
+            && idle_timeout.is_none()
         {
             return Ok(None);
         }
-        Ok(Some(RoutePolicy { timeout, delay, abort, limiter, retry, mirror, fallback }))
+        Ok(Some(RoutePolicy { timeout, delay, abort, limiter, retry, mirror, fallback, idle_timeout }))
     }
 
     /// Decides what happens to one request.

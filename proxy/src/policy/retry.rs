@@ -41,6 +41,11 @@ const GRPC_INTERNAL: u16 = 1 << 9;
 const GRPC_RESOURCE_EXHAUSTED: u16 = 1 << 10;
 const GRPC_UNAVAILABLE: u16 = 1 << 11;
 
+const GRPC_ANY: u16 =
+    GRPC_CANCELLED | GRPC_DEADLINE_EXCEEDED | GRPC_INTERNAL | GRPC_RESOURCE_EXHAUSTED | GRPC_UNAVAILABLE;
+
+static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
 /// Istio's default `retry_on`.
 const DEFAULT_CONDITIONS: u16 =
     CONNECT_FAILURE | REFUSED_STREAM | GRPC_UNAVAILABLE | GRPC_CANCELLED | RETRIABLE_STATUS_CODES;
@@ -149,17 +154,24 @@ impl RetryPolicy {
         }
     }
 
-    /// Whether a response is retried, and after how long at least.
-    pub fn retries_response(&self, status: u16, headers: &HeaderMap) -> Verdict {
+    /// Whether a response (`status`, its HTTP `version` and `headers`) is retried, and after how
+    /// long at least.
+    pub fn retries_response(&self, status: u16, version: http::Version, headers: &HeaderMap) -> Verdict {
         let on = |flags: u16| self.conditions & flags != 0;
         let by_status = (on(SERVER_ERROR) && (500..=599).contains(&status))
             || (on(GATEWAY_ERROR) && (502..=504).contains(&status))
             || (on(RETRIABLE_4XX) && status == 409)
             || (on(RETRIABLE_STATUS_CODES) && self.status_codes.contains(&status));
         // gRPC puts its status in the headers only for trailers-only responses, the ones that
-        // answer at once without a body; those are the ones that can be retried.
-        let by_grpc = match headers.get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u8>().ok())
-        {
+        // answer at once without a body; those are the ones that can be retried. gRPC is HTTP/2
+        // with status 200, so nothing else pays for the lookup.
+        let grpc = status == 200 && version == http::Version::HTTP_2 && on(GRPC_ANY);
+        let code = if grpc {
+            headers.get(&GRPC_STATUS).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u8>().ok())
+        } else {
+            None
+        };
+        let by_grpc = match code {
             Some(1) => on(GRPC_CANCELLED),
             Some(4) => on(GRPC_DEADLINE_EXCEEDED),
             Some(8) => on(GRPC_RESOURCE_EXHAUSTED),
@@ -312,10 +324,13 @@ mod tests {
         let p = policy(&[]);
         assert_eq!(p.attempts, 2);
         assert_eq!(p.replay_limit, 65536);
-        assert_eq!(p.retries_response(503, &HeaderMap::new()), Verdict::Retry(None));
-        assert_eq!(p.retries_response(500, &HeaderMap::new()), Verdict::Final);
-        assert_eq!(p.retries_response(200, &headers(&[("grpc-status", "14")])), Verdict::Retry(None));
-        assert_eq!(p.retries_response(200, &headers(&[("grpc-status", "13")])), Verdict::Final);
+        assert_eq!(p.retries_response(503, http::Version::HTTP_11, &HeaderMap::new()), Verdict::Retry(None));
+        assert_eq!(p.retries_response(500, http::Version::HTTP_11, &HeaderMap::new()), Verdict::Final);
+        assert_eq!(
+            p.retries_response(200, http::Version::HTTP_2, &headers(&[("grpc-status", "14")])),
+            Verdict::Retry(None)
+        );
+        assert_eq!(p.retries_response(200, http::Version::HTTP_2, &headers(&[("grpc-status", "13")])), Verdict::Final);
         let refused = ProxyError::Connect(ConnectError::Timeout(([127, 0, 0, 1], 1).into()));
         assert!(p.retries_error(&refused));
         assert!(!p.retries_error(&ProxyError::Http1(crate::http::h1::Error::Closed)));
@@ -325,25 +340,31 @@ mod tests {
     #[test]
     fn conditions_cover_what_envoy_says() {
         let gateway = policy(&["gateway-error"]);
-        assert_eq!(gateway.retries_response(502, &HeaderMap::new()), Verdict::Retry(None));
-        assert_eq!(gateway.retries_response(500, &HeaderMap::new()), Verdict::Final);
+        assert_eq!(gateway.retries_response(502, http::Version::HTTP_11, &HeaderMap::new()), Verdict::Retry(None));
+        assert_eq!(gateway.retries_response(500, http::Version::HTTP_11, &HeaderMap::new()), Verdict::Final);
         assert!(gateway.retries_error(&ProxyError::PerTryTimeout(Duration::from_secs(1))));
         assert!(gateway.retries_error(&ProxyError::Http1(crate::http::h1::Error::Closed)));
         let any = policy(&["5xx", "retriable-4xx"]);
-        assert_eq!(any.retries_response(500, &HeaderMap::new()), Verdict::Retry(None));
-        assert_eq!(any.retries_response(409, &HeaderMap::new()), Verdict::Retry(None));
-        assert_eq!(any.retries_response(404, &HeaderMap::new()), Verdict::Final);
+        assert_eq!(any.retries_response(500, http::Version::HTTP_11, &HeaderMap::new()), Verdict::Retry(None));
+        assert_eq!(any.retries_response(409, http::Version::HTTP_11, &HeaderMap::new()), Verdict::Retry(None));
+        assert_eq!(any.retries_response(404, http::Version::HTTP_11, &HeaderMap::new()), Verdict::Final);
     }
 
     #[test]
     fn retry_after_sets_a_floor_or_stops_the_retry() {
         let p = policy(&["5xx"]);
-        assert_eq!(p.retries_response(503, &headers(&[("retry-after", "0")])), Verdict::Retry(Some(Duration::ZERO)));
-        assert_eq!(p.retries_response(503, &headers(&[("retry-after", "120")])), Verdict::Final);
+        assert_eq!(
+            p.retries_response(503, http::Version::HTTP_11, &headers(&[("retry-after", "0")])),
+            Verdict::Retry(Some(Duration::ZERO))
+        );
+        assert_eq!(
+            p.retries_response(503, http::Version::HTTP_11, &headers(&[("retry-after", "120")])),
+            Verdict::Final
+        );
         let date = httpdate::fmt_http_date(SystemTime::now() - Duration::from_secs(5));
         let mut past = HeaderMap::new();
         past.insert(RETRY_AFTER, HeaderValue::from_str(&date).unwrap());
-        assert_eq!(p.retries_response(503, &past), Verdict::Retry(Some(Duration::ZERO)));
+        assert_eq!(p.retries_response(503, http::Version::HTTP_11, &past), Verdict::Retry(Some(Duration::ZERO)));
     }
 
     #[test]

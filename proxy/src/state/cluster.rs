@@ -214,10 +214,11 @@ impl Cluster {
         }
     }
 
-    /// Records how an attempt on `endpoint` ended (for outlier detection and ewma).
-    pub fn observe(&self, endpoint: &EndpointState, observed: crate::balance::Observed, latency: Duration) {
+    /// Records how an attempt on `endpoint` that started at `started` ended (for outlier detection
+    /// and ewma).
+    pub fn observe(&self, endpoint: &EndpointState, observed: crate::balance::Observed, started: std::time::Instant) {
         if let Targets::Endpoints(set) = &self.targets {
-            set.observe(endpoint, observed, latency);
+            set.observe(endpoint, observed, started);
         }
     }
 }

@@ -27,6 +27,28 @@ pub use proxy::TestProxy;
 pub use scripted::{Script, ScriptedServer};
 pub use servers::{BannerServer, HttpServer, TcpEchoServer};
 
+/// CPU time (user + system) this process's proxy worker threads (`remora-worker-*`) have used so
+/// far, from `/proc/self/task/*/stat`: what benches measure a proxy by when the load generator and
+/// the upstreams share its process. Zero where `/proc` is missing.
+pub fn worker_cpu() -> Duration {
+    let ticks_per_second = 100.0; // CLK_TCK on Linux
+    let mut ticks = 0_u64;
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return Duration::ZERO };
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
+        // The name is in parentheses and may contain spaces; fields after it are space-separated.
+        let Some((name, rest)) = stat.split_once(") ") else { continue };
+        if !name.contains("remora-worker") {
+            continue;
+        }
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of stat, 12th and 13th after the name.
+        ticks += fields.get(11).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+        ticks += fields.get(12).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    }
+    Duration::from_secs_f64(ticks as f64 / ticks_per_second)
+}
+
 /// Polls `check` every 10 ms until it returns true; panics naming `what` after `limit`.
 pub async fn eventually<F, Fut>(what: &str, limit: Duration, mut check: F)
 where

@@ -11,15 +11,19 @@
 //! | `fail_all(status)` / `heal()` | every request gets `status` / back to normal |
 //! | `delay(ms)` | every answer waits this long first |
 //! | `retry_after(s)` | failed answers carry `Retry-After: s` |
+//! | `fail_grpc(n, period, code)` | as `fail`, but a gRPC trailers-only answer: 200 with `grpc-status: code` |
 //! | `health(status)` | what `GET /health` answers (default 200); health probes never fail otherwise |
 //!
-//! It counts requests (health probes apart) and keeps each request's `Host` and body.
+//! `GET /stall` answers 200, sends `partial` and then nothing, ever.
+//!
+//! It counts requests (health probes apart) and keeps the `Host` and body of its first 10,000.
 
 use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use http::header::HeaderValue;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -33,6 +37,7 @@ pub struct Script {
     fail_count: AtomicU32,
     fail_period: AtomicU32,
     fail_status: AtomicU16,
+    fail_grpc: std::sync::atomic::AtomicBool,
     delay_ms: AtomicU64,
     retry_after: AtomicU64,
     health_status: AtomicU16,
@@ -47,6 +52,12 @@ impl Script {
         self.fail_status.store(status, Ordering::SeqCst);
         self.fail_period.store(period.max(1), Ordering::SeqCst);
         self.fail_count.store(n, Ordering::SeqCst);
+    }
+
+    /// Of every `period` requests, the first `n` get a gRPC trailers-only answer with status `code`.
+    pub fn fail_grpc(&self, n: u32, period: u32, code: u16) {
+        self.fail_grpc.store(true, Ordering::SeqCst);
+        self.fail(n, period, code);
     }
 
     /// Every request gets `status`.
@@ -84,7 +95,7 @@ impl Script {
         self.health_probes.load(Ordering::SeqCst)
     }
 
-    /// Each request's `Host` (or authority) and body, in arrival order.
+    /// Each request's `Host` (or authority) and body, in arrival order (the first 10,000).
     pub fn seen(&self) -> Vec<(String, Bytes)> {
         self.seen.lock().unwrap().clone()
     }
@@ -122,6 +133,15 @@ async fn answer(name: Arc<str>, script: Arc<Script>, request: Request<Incoming>)
         *response.status_mut() = status;
         return response;
     }
+    if request.uri().path() == "/stall" {
+        let frames = futures_util::stream::once(async {
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(hyper::body::Frame::data(Bytes::from_static(b"partial")))
+        })
+        .chain(futures_util::stream::pending());
+        let mut response = Response::new(BodyExt::boxed(http_body_util::StreamBody::new(frames)));
+        response.headers_mut().insert("x-served-by", HeaderValue::from_str(&name).unwrap());
+        return response;
+    }
     let n = script.requests.fetch_add(1, Ordering::SeqCst) as u32;
     let host = request
         .uri()
@@ -130,14 +150,26 @@ async fn answer(name: Arc<str>, script: Arc<Script>, request: Request<Incoming>)
         .or_else(|| request.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned))
         .unwrap_or_default();
     let body = request.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
-    script.seen.lock().unwrap().push((host, body));
+    {
+        // Kept for tests to inspect; capped so a benchmark's millions of requests cost nothing.
+        let mut seen = script.seen.lock().unwrap();
+        if seen.len() < 10_000 {
+            seen.push((host, body));
+        }
+    }
     let delay = script.delay_ms.load(Ordering::SeqCst);
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
     let period = script.fail_period.load(Ordering::SeqCst).max(1);
     let failing = n % period < script.fail_count.load(Ordering::SeqCst);
-    let mut response = if failing {
+    let mut response = if failing && script.fail_grpc.load(Ordering::SeqCst) {
+        let mut response = Response::new(full(Bytes::new()));
+        let code = script.fail_status.load(Ordering::SeqCst);
+        response.headers_mut().insert("content-type", HeaderValue::from_static("application/grpc"));
+        response.headers_mut().insert("grpc-status", HeaderValue::from(code));
+        response
+    } else if failing {
         let status =
             StatusCode::from_u16(script.fail_status.load(Ordering::SeqCst)).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
         let mut response = Response::new(full(format!("{name} failed on purpose\n")));
