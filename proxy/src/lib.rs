@@ -8,9 +8,12 @@
 //! the config serving now.
 //!
 //! ```text
-//! accept → admit (connection cap) → original destination (transparent) → detect
-//!        ├─ opaque / TLS → tcp: route by original destination → connect → splice both ways
-//!        └─ HTTP/1.1, HTTP/2 → http: route → balance → prepare → connect (pool) → respond → record
+//! accept → admit (connection rate limit, cap) → original destination (transparent) → detect
+//!        ├─ opaque / TLS → tcp: route by original destination → balance → connect → splice both ways
+//!        └─ HTTP/1.1, HTTP/2 → http: route → admit (rate limit, faults) → balance → prepare
+//!             → connect (pool) → respond → record
+//!             (a route with a policy: timeout over attempts of balance → connect → respond →
+//!              record, retried, hedged or mirrored as it asks)
 //! ```
 //!
 //! # Layout
@@ -25,9 +28,13 @@
 //! - [`io`] — the downstream stream (replay + byte meter) and the idle timeout.
 //! - [`tcp`] — upstream connects and L4 forwarding (`splice(2)`).
 //! - [`http`] — the HTTP server, the request phases, the upstream pool and HTTP/1.1 client, header
-//!   hygiene, tunnels.
-//! - [`policy`] — per-route policy: request timeout, fault injection, local rate limit.
-//! - [`balance`] — endpoint selection (smooth weighted round robin) and weighted cluster choice.
+//!   hygiene, tunnels; forwarding under a route's policy (attempts, retries, hedging, mirroring)
+//!   and replayable request bodies.
+//! - [`policy`] — traffic policy: a route's timeout, faults, rate limit, retries (conditions,
+//!   backoff, budget), mirror and fallback; a cluster's circuit breakers.
+//! - [`balance`] — endpoint selection (round robin, random, least request, peak EWMA, ring hash;
+//!   locality tiers and panic mode), endpoint run-time state, outlier detection, health checks and
+//!   the monitor that runs them; weighted cluster choice.
 //! - [`telemetry`] — metrics.
 //! - [`timer`] — coarse per-worker time: a clock read once per tick, cheap timers for hyper.
 //! - [`admin`] — the admin HTTP server.

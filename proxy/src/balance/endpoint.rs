@@ -34,7 +34,8 @@ pub fn nanos_since_start(at: Instant) -> u64 {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Health {
-    /// The cluster has no health check.
+    /// Never checked (its cluster has had no health check). A set with a health check counts it as
+    /// unknown; a set without one ignores health altogether.
     Unchecked = 0,
     /// Checked, no verdict yet: takes no traffic unless the cluster is in panic.
     Unknown = 1,

@@ -123,14 +123,14 @@ pub struct Tally {
 
 impl Tally {
     /// Counts one probe of an endpoint whose health is `current`; returns its new health if it
-    /// flips. An unknown endpoint becomes healthy on its first pass (so a new endpoint joins
-    /// quickly) and unhealthy after `unhealthy_threshold` failures.
+    /// flips. An unknown (or never checked) endpoint becomes healthy on its first pass, so a new
+    /// endpoint joins quickly, and unhealthy after `unhealthy_threshold` failures.
     pub fn record(&mut self, passed: bool, current: Health, config: &HealthCheckConfig) -> Option<Health> {
         if passed {
             self.passes += 1;
             self.failures = 0;
             match current {
-                Health::Unknown => Some(Health::Healthy),
+                Health::Unknown | Health::Unchecked => Some(Health::Healthy),
                 Health::Unhealthy if self.passes >= config.healthy_threshold => Some(Health::Healthy),
                 _ => None,
             }

@@ -296,28 +296,14 @@ impl EndpointSet {
         let members = endpoints
             .into_iter()
             .map(|endpoint| {
-                let state = match carried(endpoint.address) {
-                    Some(state) => {
-                        // A check added starts judging afresh; a check removed forgets its verdicts.
-                        match (config.health_checked, state.health()) {
-                            (true, Health::Unchecked) => {
-                                state.set_health(Health::Unknown);
-                            }
-                            (false, Health::Unknown | Health::Healthy | Health::Unhealthy) => {
-                                state.set_health(Health::Unchecked);
-                            }
-                            _ => {}
-                        }
-                        if config.outlier.is_none() {
-                            state.outlier.ejected_until.store(0, Ordering::Relaxed);
-                        }
-                        state
-                    }
-                    None => {
-                        let health = if config.health_checked { Health::Unknown } else { Health::Unchecked };
-                        Arc::new(EndpointState::new(endpoint.address, health))
-                    }
-                };
+                // A carried state is taken as it is: building a set must not change what the set
+                // serving now sees (the new one may yet be rejected). Verdicts the new set's
+                // settings do not ask for (a health state without a health check, an ejection
+                // without outlier detection) are ignored by its view instead.
+                let state = carried(endpoint.address).unwrap_or_else(|| {
+                    let health = if config.health_checked { Health::Unknown } else { Health::Unchecked };
+                    Arc::new(EndpointState::new(endpoint.address, health))
+                });
                 Member { endpoint, state }
             })
             .collect();
@@ -483,12 +469,13 @@ impl EndpointSet {
     fn compute_view(&self, now: u64) -> View {
         let weighted: Vec<u32> =
             (0..self.members.len() as u32).filter(|i| self.members[*i as usize].endpoint.weight > 0).collect();
-        let is_healthy = |i: &u32| {
-            let state = &self.members[*i as usize].state;
-            !state.is_ejected(now) && matches!(state.health(), Health::Unchecked | Health::Healthy)
-        };
-        let healthy: Vec<u32> = weighted.iter().copied().filter(is_healthy).collect();
-        let ejected = weighted.iter().filter(|i| self.members[**i as usize].state.is_ejected(now)).count();
+        // Only what this set's settings ask for counts: ejections with outlier detection, and with
+        // a health check nothing but a passing verdict (never checked counts as unknown).
+        let ejected_now = |i: &u32| self.config.outlier.is_some() && self.members[*i as usize].state.is_ejected(now);
+        let passes =
+            |i: &u32| !self.config.health_checked || self.members[*i as usize].state.health() == Health::Healthy;
+        let healthy: Vec<u32> = weighted.iter().copied().filter(|i| !ejected_now(i) && passes(i)).collect();
+        let ejected = weighted.iter().filter(|i| ejected_now(i)).count();
         let threshold = u64::from(self.config.panic_threshold);
         let panic = threshold > 0 && (healthy.len() as u64) * 100 < threshold * weighted.len() as u64;
         let mut view = View {
@@ -862,16 +849,31 @@ mod tests {
     }
 
     #[test]
-    fn endpoint_states_carry_over_to_the_next_set() {
-        let first = set(&[1, 1]);
+    fn endpoint_states_carry_over_to_the_next_set_untouched() {
+        let checked = SetConfig { health_checked: true, panic_threshold: 0, ..SetConfig::round_robin() };
+        let first =
+            build(checked.clone(), vec![endpoint(0, 1, Proximity::Elsewhere), endpoint(1, 1, Proximity::Elsewhere)]);
         first.members()[0].state.set_health(Health::Unhealthy);
+        first.members()[1].state.set_health(Health::Healthy);
+        first.refresh();
         let carried = |address| first.state_of(address).cloned();
-        let endpoints = vec![endpoint(0, 1, Proximity::Elsewhere), endpoint(5, 1, Proximity::Elsewhere)];
+        // A set without the check, built beside the serving one: it serves both endpoints, and the
+        // serving set's view of them does not change.
+        let endpoints = vec![endpoint(0, 1, Proximity::Elsewhere), endpoint(1, 1, Proximity::Elsewhere)];
         let next = EndpointSet::new(SetConfig::round_robin(), endpoints, &carried, Metrics::new().cluster("t"));
         assert!(Arc::ptr_eq(&first.members()[0].state, &next.members()[0].state));
-        // Unchecked now: the new set has no health check, so the old verdict is forgotten.
-        assert_eq!(next.members()[0].state.health(), Health::Unchecked);
-        assert_eq!(next.members()[1].state.health(), Health::Unchecked);
+        assert_eq!(counts(&next, 100).len(), 2);
+        first.refresh();
+        assert_eq!(counts(&first, 100).keys().copied().collect::<Vec<_>>(), [1]);
+        // A never-checked endpoint in a checked set is unknown: no traffic until it passes.
+        let fresh = EndpointSet::new(
+            checked,
+            vec![endpoint(7, 1, Proximity::Elsewhere), endpoint(1, 1, Proximity::Elsewhere)],
+            &|a| next.state_of(a).cloned(),
+            Metrics::new().cluster("t"),
+        );
+        assert_eq!(fresh.members()[0].state.health(), Health::Unknown);
+        assert_eq!(counts(&fresh, 100).keys().copied().collect::<Vec<_>>(), [1]);
     }
 
     #[test]
