@@ -78,13 +78,15 @@ async fn least_request_and_ewma_route_around_a_slow_endpoint() {
     assert!((rr_share - 1.0 / 3.0).abs() < 0.02, "round robin sent the slow endpoint {rr_share:.3}");
     // Peak EWMA sees the latency itself: the slow endpoint is left out of the p99 altogether.
     let (_, ewma, ewma_share) = p99s["ewma"];
-    assert!(ewma < Duration::from_millis(25), "ewma p99 {ewma:?} (round robin {rr:?}), slow share {ewma_share:.3}");
+    // (Thresholds at half the slow endpoint's latency: the fast endpoints answer in a millisecond or
+    // two, more when the test machine is loaded; the slow one never in under 100 ms.)
+    assert!(ewma < Duration::from_millis(50), "ewma p99 {ewma:?} (round robin {rr:?}), slow share {ewma_share:.3}");
     assert!(ewma_share < 0.01, "ewma sent the slow endpoint {ewma_share:.3} of requests");
     // Least request sees only queues: the slow endpoint keeps about as many requests in flight as
     // each fast one, so its share is the ratio of their latencies (a few percent here, under a
     // debug build's slow fast path) and shows in the p99 but not the p95.
     let (lr95, _, lr_share) = p99s["least_request"];
-    assert!(lr95 < Duration::from_millis(25), "least_request p95 {lr95:?}");
+    assert!(lr95 < Duration::from_millis(50), "least_request p95 {lr95:?}");
     assert!(lr_share < rr_share / 5.0, "least_request sent the slow endpoint {lr_share:.3} of requests");
 }
 

@@ -74,6 +74,14 @@ impl Client {
         }
     }
 
+    /// Whether the connection has closed (the server ended it, or it failed).
+    pub fn is_closed(&self) -> bool {
+        match &self.sender {
+            Sender::Http1(sender) => sender.is_closed(),
+            Sender::Http2(sender) => sender.is_closed(),
+        }
+    }
+
     /// A request for `path` on `host`, in the form this connection's version wants.
     pub fn request(&self, method: Method, host: &str, path: &str) -> http::request::Builder {
         match self.sender {
