@@ -6,6 +6,7 @@
 //! | `GET /ready` | 200 once every listener is bound and the first config applied (with a control plane: once every resource type has been received and applied, or the initial-fetch timeout passed); 503 before that and while draining (a readiness probe) |
 //! | `GET /metrics` | every metric, in the OpenMetrics text format Prometheus scrapes |
 //! | `GET /config_dump` | JSON: node id, config source and version, the bootstrap, the outcome of the last reload, the control-plane stream (per type: source version, last ACK, last NACK with its error; every resource received with its version and whether it serves or waits), and every resource serving now |
+//! | `GET /clusters` | JSON: every cluster serving now with its balancer, how many endpoints are healthy and ejected, whether it is in panic, and per endpoint its weight, locality tier, health, ejection (time left, and the multiplier), active requests and latency estimate |
 //!
 //! It runs on the control thread, apart from the workers, so a scrape never takes a data-path
 //! thread's time, and it reads the data path's state only through shared, read-only views.
@@ -134,6 +135,28 @@ impl AdminState {
     }
 }
 
+impl AdminState {
+    fn clusters(&self) -> serde_json::Value {
+        let snapshot = self.data.snapshot.load_full();
+        let mut clusters: Vec<&Arc<crate::state::cluster::Cluster>> = snapshot.clusters().collect();
+        clusters.sort_by(|a, b| a.name.cmp(&b.name));
+        let list: Vec<serde_json::Value> = clusters
+            .into_iter()
+            .map(|cluster| match &cluster.targets {
+                crate::state::cluster::Targets::Endpoints(set) => {
+                    let mut report = set.report();
+                    report["name"] = json!(cluster.name.as_ref());
+                    report
+                }
+                crate::state::cluster::Targets::OriginalDestination => {
+                    json!({"name": cluster.name.as_ref(), "original_destination": true})
+                }
+            })
+            .collect();
+        json!({ "version": snapshot.version, "clusters": list })
+    }
+}
+
 /// Serves the admin API on `socket` until the runtime stops.
 pub async fn serve(socket: std::net::TcpListener, state: Arc<AdminState>) {
     let listener = match tokio::net::TcpListener::from_std(socket) {
@@ -188,7 +211,11 @@ fn respond(request: &Request<Incoming>, state: &AdminState) -> Response<Full<Byt
             let body = serde_json::to_string_pretty(&state.config_dump()).unwrap_or_default();
             with_type(StatusCode::OK, body + "\n", "application/json")
         }
-        _ => text(StatusCode::NOT_FOUND, "not found; try /live, /ready, /metrics or /config_dump\n"),
+        "/clusters" => {
+            let body = serde_json::to_string_pretty(&state.clusters()).unwrap_or_default();
+            with_type(StatusCode::OK, body + "\n", "application/json")
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found; try /live, /ready, /metrics, /config_dump or /clusters\n"),
     }
 }
 

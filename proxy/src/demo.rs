@@ -191,6 +191,7 @@ async fn demo(options: DemoOptions, dir: &Path) -> anyhow::Result<()> {
     println!("\nEverything keeps running. Try:");
     println!("  curl -i http://{listen}/");
     println!("  curl http://{admin}/config_dump      (versions, ACK/NACK per type)");
+    println!("  curl http://{admin}/clusters         (endpoints: health, ejections, load)");
     println!("  curl -s http://{admin}/metrics | grep -E 'retries|ejections'");
     println!("  curl http://{}/metrics    (the control plane's)", control.address());
     println!("  edit {}/routes.yaml and curl again", dir.display());

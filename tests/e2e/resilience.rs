@@ -17,6 +17,14 @@ fn config(endpoints: &[&ScriptedServer], cluster_extra: &str, route_extra: &str)
     )
 }
 
+/// The `/clusters` entry of `name`.
+async fn clusters(proxy: &TestProxy, name: &str) -> serde_json::Value {
+    let (status, body) = proxy.admin_get("/clusters").await;
+    assert_eq!(status, 200);
+    let all: serde_json::Value = serde_json::from_str(&body).unwrap();
+    all["clusters"].as_array().unwrap().iter().find(|c| c["name"] == name).cloned().unwrap()
+}
+
 /// Who served `n` sequential requests on one connection.
 async fn served_by(client: &mut Client, n: usize) -> HashMap<String, usize> {
     let mut counts = HashMap::new();
@@ -111,6 +119,15 @@ async fn failing_endpoints_are_ejected_and_return() {
     assert!(!later.contains_key("bad"), "{later:?}");
     assert_eq!(proxy.metric(r#"remora_outlier_ejections_total{cluster="app",reason="consecutive_5xx"}"#).await, 1.0);
     assert_eq!(proxy.metric(r#"remora_upstream_endpoints_ejected{cluster="app"}"#).await, 1.0);
+    // /clusters shows who is out, for how long, and how often.
+    let cluster = clusters(&proxy, "app").await;
+    assert_eq!((cluster["healthy"].as_u64(), cluster["ejected"].as_u64()), (Some(2), Some(1)), "{cluster}");
+    let ejected: Vec<&serde_json::Value> =
+        cluster["endpoints"].as_array().unwrap().iter().filter(|e| !e["ejected_for_seconds"].is_null()).collect();
+    assert_eq!(ejected.len(), 1, "{cluster}");
+    assert_eq!(ejected[0]["address"], bad.address().to_string());
+    assert_eq!(ejected[0]["ejections"], 1);
+    assert!(ejected[0]["ejected_for_seconds"].as_f64().unwrap() <= 1.0);
 
     bad.script.heal();
     tokio::time::sleep(Duration::from_millis(1300)).await;
@@ -176,6 +193,15 @@ async fn health_checks_remove_and_restore_endpoints() {
     eventually("a leaves rotation", Duration::from_secs(3), || async { proxy.metric(healthy).await == 1.0 }).await;
     let counts = served_by(&mut client, 20).await;
     assert_eq!(counts.get("b"), Some(&20), "{counts:?}");
+    let cluster = clusters(&proxy, "app").await;
+    let health: Vec<(String, String)> = cluster["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["address"].as_str().unwrap().to_owned(), e["health"].as_str().unwrap().to_owned()))
+        .collect();
+    assert!(health.contains(&(a.address().to_string(), "unhealthy".into())), "{cluster}");
+    assert!(health.contains(&(b.address().to_string(), "healthy".into())), "{cluster}");
 
     a.script.health(200);
     eventually("a returns", Duration::from_secs(3), || async { proxy.metric(healthy).await == 2.0 }).await;

@@ -163,6 +163,17 @@ impl EndpointState {
         self.outlier.ejected_until.load(Ordering::Relaxed) > now
     }
 
+    /// How much longer outlier detection has it ejected, at `now` (nanoseconds since start).
+    pub fn ejected_for(&self, now: u64) -> Option<Duration> {
+        let until = self.outlier.ejected_until.load(Ordering::Relaxed);
+        (until > now).then(|| Duration::from_nanos(until - now))
+    }
+
+    /// The ejection multiplier: times ejected, less one for every interval back in rotation.
+    pub fn ejections(&self) -> u32 {
+        self.outlier.ejections.load(Ordering::Relaxed)
+    }
+
     /// The peak-EWMA latency estimate at `now` (nanoseconds since start), decayed for the time since
     /// the last sample so that an endpoint that was slow once is tried again eventually.
     pub fn ewma_ns(&self, now: u64) -> f64 {

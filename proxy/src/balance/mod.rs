@@ -74,6 +74,17 @@ pub enum Strategy {
 }
 
 impl Strategy {
+    /// The configuration's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::RoundRobin => "round_robin",
+            Strategy::Random => "random",
+            Strategy::LeastRequest => "least_request",
+            Strategy::Ewma => "ewma",
+            Strategy::RingHash => "ring_hash",
+        }
+    }
+
     /// Whether picks read active-request counts, so requests must keep them.
     pub fn counts_active(self) -> bool {
         matches!(self, Strategy::LeastRequest | Strategy::Ewma)
@@ -136,6 +147,15 @@ pub enum Proximity {
 }
 
 impl Proximity {
+    /// The name `/clusters` shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proximity::Zone => "zone",
+            Proximity::Region => "region",
+            Proximity::Elsewhere => "elsewhere",
+        }
+    }
+
     /// How close an endpoint at (`region`, `zone`) is to a proxy at (`own_region`, `own_zone`).
     /// Empty strings are unknown, and unknown is never close.
     pub fn of(region: &str, zone: &str, own_region: &str, own_zone: &str) -> Proximity {
@@ -341,6 +361,42 @@ impl EndpointSet {
     /// Which endpoints take traffic now.
     pub fn view(&self) -> arc_swap::Guard<Arc<View>> {
         self.view.load()
+    }
+
+    /// What `/clusters` shows of the set: the view's counts, and every endpoint's configuration and
+    /// run-time state.
+    pub fn report(&self) -> serde_json::Value {
+        let now = nanos_since_start(Instant::now());
+        let view = self.view.load();
+        let endpoints: Vec<serde_json::Value> = self
+            .members
+            .iter()
+            .map(|m| {
+                let state = &m.state;
+                let health = if self.config.health_checked { state.health().as_str() } else { "unchecked" };
+                let ejected = self.config.outlier.as_ref().and_then(|_| state.ejected_for(now));
+                serde_json::json!({
+                    "address": m.address().to_string(),
+                    "weight": m.endpoint.weight,
+                    "locality": m.endpoint.proximity.as_str(),
+                    "health": health,
+                    "ejected_for_seconds": ejected.map(|d| d.as_secs_f64()),
+                    "ejections": state.ejections(),
+                    "active_requests": state.active(),
+                    "ewma_latency_ms": state.ewma_ns(now) / 1e6,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "balancer": self.config.strategy.as_str(),
+            "health_checked": self.config.health_checked,
+            "outlier_detection": self.config.outlier.is_some(),
+            "weighted": view.weighted,
+            "healthy": view.healthy,
+            "ejected": view.ejected,
+            "panic": view.panic,
+            "endpoints": endpoints,
+        })
     }
 
     /// The endpoint for the next request, or `None` when no endpoint has a weight above zero.
