@@ -214,8 +214,8 @@ pub(crate) async fn policed(
 }
 
 /// An attempt on its way: the exchange, and what it counts and will report.
-struct Running {
-    exchange: Pin<Box<dyn Future<Output = Result<Outcome, ProxyError>> + Send>>,
+struct Running<'a> {
+    exchange: Pin<Box<dyn Future<Output = Result<Outcome, ProxyError>> + Send + 'a>>,
     attempt: Attempt,
     /// Held while a retry is in flight (the `max_retries` breaker).
     _retry_slot: Option<Slot>,
@@ -312,30 +312,17 @@ impl Attempts<'_> {
 
     /// Starts an attempt reading `body`, with the retry policy's per-try timeout, as a future of
     /// its own (hedged attempts run side by side).
-    fn launch(
-        &self,
+    fn launch<'b>(
+        &'b self,
         retry: &RetryPolicy,
-        template: &Template,
+        template: &'b Template,
         body: UpstreamBody,
         tried: &mut Tried,
         retry_slot: Option<Slot>,
-    ) -> Result<Running, ProxyError> {
-        let request = template.request(body);
-        let (endpoint, attempt) = self.pick(request.headers(), tried.as_slice())?;
+    ) -> Result<Running<'b>, ProxyError> {
+        let (endpoint, attempt) = self.pick(&template.headers, tried.as_slice())?;
         tried.push(endpoint);
-        let cluster = self.cluster.clone();
-        let connection = self.connection.clone();
-        let (version, per_try) = (self.version, retry.per_try_timeout);
-        let exchange = Box::pin(async move {
-            let exchange = send(&cluster, &connection, version, endpoint, request, false);
-            match per_try {
-                Some(limit) => tokio::time::timeout(limit, exchange).await.unwrap_or_else(|_| {
-                    cluster.stats.per_try_timeouts.inc();
-                    Err(ProxyError::PerTryTimeout(limit))
-                }),
-                None => exchange.await,
-            }
-        });
+        let exchange = Box::pin(self.exchange(endpoint, template, body, false, retry.per_try_timeout));
         Ok(Running { exchange, attempt, _retry_slot: retry_slot })
     }
 
@@ -355,6 +342,37 @@ impl Attempts<'_> {
         let slot = cluster.breakers.retry(&cluster.stats).ok()?;
         cluster.stats.retries.inc();
         Some((replay, slot))
+    }
+
+    /// What `retry` makes of an attempt's `result`. With `siblings` (hedged attempts still out), any
+    /// failure without a response waits for them rather than standing.
+    fn verdict(retry: &RetryPolicy, result: &Result<Outcome, ProxyError>, siblings: bool) -> Verdict {
+        match result {
+            Ok(Outcome::Response(response)) => {
+                retry.retries_response(response.status().as_u16(), response.version(), response.headers())
+            }
+            Ok(Outcome::Switched(..)) => Verdict::Final,
+            Err(error) if siblings || retry.retries_error(error) => Verdict::Retry(None),
+            Err(_) => Verdict::Final,
+        }
+    }
+
+    /// After a failure the policy retries: the body and breaker slot for the next attempt and how
+    /// long to wait first, or `None` when no retry may follow (see [`Attempts::next_retry`]) or its
+    /// wait would outlast the route's timeout (the last failure then says more than the timeout).
+    fn retry_after_failure(
+        &self,
+        retry: &RetryPolicy,
+        body: &Reusable,
+        started: u32,
+        retry_after: Option<Duration>,
+    ) -> Option<(UpstreamBody, Option<Slot>, Duration)> {
+        let (next, slot) = self.next_retry(retry, body, started)?;
+        let wait = retry.backoff(started).max(retry_after.unwrap_or_default());
+        if self.timeout.is_some_and(|(_, at)| tokio::time::Instant::now() + wait >= at) {
+            return None;
+        }
+        Some((next, slot, wait))
     }
 
     /// Records, for outlier detection and the counters, an attempt's failure that the client may
@@ -394,25 +412,13 @@ impl Attempts<'_> {
             tried.push(endpoint);
             let result = self.exchange(endpoint, &template, next, false, retry.per_try_timeout).await;
             drop(retry_slot.take());
-            let verdict = match &result {
-                Ok(Outcome::Response(response)) => {
-                    retry.retries_response(response.status().as_u16(), response.version(), response.headers())
-                }
-                Err(error) if retry.retries_error(error) => Verdict::Retry(None),
-                _ => Verdict::Final,
-            };
-            let Verdict::Retry(retry_after) = verdict else {
+            let Verdict::Retry(retry_after) = Self::verdict(retry, &result, false) else {
                 return self.finish(result, attempt, None);
             };
             self.record_failure(&result, &attempt);
-            let Some((body, slot)) = self.next_retry(retry, &body, started) else {
+            let Some((body, slot, wait)) = self.retry_after_failure(retry, &body, started, retry_after) else {
                 return give_up(result, attempt);
             };
-            let wait = retry.backoff(started).max(retry_after.unwrap_or_default());
-            if self.timeout.is_some_and(|(_, at)| tokio::time::Instant::now() + wait >= at) {
-                // The last failure says more than the timeout would.
-                return give_up(result, attempt);
-            }
             tokio::time::sleep(wait).await;
             previous = Some((result, attempt));
             (next, retry_slot, started) = (body, slot, started + 1);
@@ -430,7 +436,7 @@ impl Attempts<'_> {
         retry.budget.deposit(Instant::now());
         let mut tried = Tried::default();
         let mut started = 1_u32;
-        let mut running: Vec<Running> = Vec::with_capacity(2);
+        let mut running: Vec<Running<'_>> = Vec::with_capacity(2);
         let first = body.attempt().ok_or(ProxyError::BadRequest("the request body failed"))?;
         running.push(self.launch(retry, &template, first, &mut tried, None)?);
         let mut deadline = self.timeout.map(|(_, at)| Box::pin(tokio::time::sleep_until(at)));
@@ -483,30 +489,17 @@ impl Attempts<'_> {
                 }
                 Event::Done(index, result) => {
                     let Running { attempt, .. } = running.swap_remove(index);
-                    let verdict = match &result {
-                        Ok(Outcome::Response(response)) => {
-                            retry.retries_response(response.status().as_u16(), response.version(), response.headers())
-                        }
-                        Ok(Outcome::Switched(..)) => Verdict::Final,
-                        Err(error) if retry.retries_error(error) => Verdict::Retry(None),
-                        // Any failure while a sibling is still out: the sibling may yet answer.
-                        Err(_) if !running.is_empty() => Verdict::Retry(None),
-                        Err(_) => Verdict::Final,
-                    };
-                    let Verdict::Retry(retry_after) = verdict else {
+                    let Verdict::Retry(retry_after) = Self::verdict(retry, &result, !running.is_empty()) else {
                         return self.finish(result, attempt, None);
                     };
                     self.record_failure(&result, &attempt);
                     if !running.is_empty() {
                         continue;
                     }
-                    let Some((replay, slot)) = self.next_retry(retry, &body, started) else {
+                    let Some((replay, slot, wait)) = self.retry_after_failure(retry, &body, started, retry_after)
+                    else {
                         return give_up(result, attempt);
                     };
-                    let wait = retry.backoff(started).max(retry_after.unwrap_or_default());
-                    if self.timeout.is_some_and(|(_, at)| tokio::time::Instant::now() + wait >= at) {
-                        return give_up(result, attempt);
-                    }
                     drop((result, attempt));
                     tokio::time::sleep(wait).await;
                     running.push(self.launch(retry, &template, replay, &mut tried, slot)?);
@@ -557,28 +550,4 @@ async fn within<F: Future>(mut exchange: Pin<&mut F>, deadline: Option<tokio::ti
         timer.as_mut().poll(cx).map(|()| None)
     })
     .await
-}
-
-/// Sends a prepared request to `endpoint` in `version` (for hedged attempts, each a future of its
-/// own).
-async fn send(
-    cluster: &Cluster,
-    connection: &HttpConnection,
-    version: client::Version,
-    endpoint: SocketAddr,
-    request: Request<UpstreamBody>,
-    upgrade: bool,
-) -> Result<Outcome, ProxyError> {
-    match version {
-        client::Version::Http1 => {
-            let (head, body) = request.into_parts();
-            client::send_http1(cluster, endpoint, head, body, upgrade).await
-        }
-        client::Version::Http2 => {
-            // Boxed in its own statement, as on the plain path: it is the larger of the two, and
-            // inline it would make every HTTP/1.1 attempt's future as large.
-            let sending = Box::pin(client::send_http2(&connection.data.client, cluster, endpoint, request));
-            sending.await
-        }
-    }
 }

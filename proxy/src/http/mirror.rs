@@ -99,8 +99,11 @@ pub(crate) fn send(
             Ok(Ok(Outcome::Response(response))) => {
                 cluster.stats.mirror_sent.inc();
                 cluster.stats.record_response(response.status().as_u16());
-                // Read the answer to its end, so an HTTP/1.1 connection goes back to the pool.
-                let _ = tokio::time::timeout(limit, http_body_util::BodyExt::collect(response.into_body())).await;
+                // Read the answer to its end (and drop it frame by frame), so an HTTP/1.1 connection
+                // goes back to the pool.
+                let mut body = response.into_body();
+                let drained = async { while let Some(Ok(_)) = http_body_util::BodyExt::frame(&mut body).await {} };
+                let _ = tokio::time::timeout(limit, drained).await;
             }
             Ok(Ok(Outcome::Switched(..))) => {
                 cluster.stats.mirror_sent.inc();

@@ -21,7 +21,8 @@
 //!
 //! A route whose policy asks for more than admission (a delay, a timeout, retries, hedging, a
 //! mirror, a fallback) prepares the request once and then runs phases 2, 4, 5 and 6 under
-//! `forward`, once per attempt, with the timeout around them all. Any failure becomes a response in one place, [`error::ProxyError::to_response`].
+//! `forward`, once per attempt, with the timeout around them all. Any failure becomes a response in
+//! one place, [`error::ProxyError::to_response`].
 
 pub mod body;
 pub mod client;
@@ -51,7 +52,7 @@ use crate::balance::{EndpointState, Observed};
 use crate::io::{self, DownstreamStream, Meter, Watched, idle_watch};
 use crate::limits;
 use crate::listener::{DataPath, Open};
-use crate::policy::{Admission, RoutePolicy};
+use crate::policy::Admission;
 use crate::state::ListenerConfig;
 use crate::state::cluster::{Cluster, Picked, Targets, UpstreamProtocol};
 use crate::timer::CoarseTimer;
@@ -349,7 +350,7 @@ fn plan(request: &mut Request<Incoming>, connection: &HttpConnection) -> Result<
     let upgrade = headers::is_upgrade(request);
     let downstream_version = request.version();
     let version = upstream_version(cluster.protocol, downstream_version, upgrade);
-    if let Some(policy) = policy.filter(|p| needs_forwarding_policy(p, delay.is_some())) {
+    if let Some(policy) = policy.filter(|p| delay.is_some() || p.forwards()) {
         // Prepared once for all attempts. The endpoint only fills in a missing HTTP/2 authority;
         // before any is picked, the original destination (or the listener) stands in.
         let host_fallback = connection.original_destination.unwrap_or(connection.listener.address);
@@ -376,16 +377,6 @@ fn plan(request: &mut Request<Incoming>, connection: &HttpConnection) -> Result<
     headers::prepare_request(request, version, endpoint, upgrade);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut *request));
     Ok(Plan::Forward(Forward { cluster, endpoint, version, upgrade, downstream_upgrade, attempt }))
-}
-
-/// Whether a route's policy asks for more than admission, so its requests go through `forward`.
-fn needs_forwarding_policy(policy: &RoutePolicy, delayed: bool) -> bool {
-    delayed
-        || policy.timeout.is_some()
-        || policy.retry.is_some()
-        || policy.mirror.is_some()
-        || policy.fallback.is_some()
-        || policy.idle_timeout.is_some()
 }
 
 /// The version to speak to a cluster with `protocol`, for a request in `downstream` version.

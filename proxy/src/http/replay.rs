@@ -157,8 +157,9 @@ where
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, ReplayError>>> {
         let this = self.get_mut();
-        let record = this.record.clone();
-        let mut record = record.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Locked through the field itself (not `lock()`), so the guard and this reader's own fields
+        // are disjoint borrows.
+        let mut record = this.record.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         loop {
             if this.position < record.total {
                 let Some(chunk) = this.position.checked_sub(record.base).and_then(|i| record.chunks.get(i)) else {

@@ -140,6 +140,16 @@ impl RoutePolicy {
         Ok(Some(RoutePolicy { timeout, delay, abort, limiter, retry, mirror, fallback, idle_timeout }))
     }
 
+    /// Whether requests need more than admission (a timeout, retries, a mirror, a fallback, an idle
+    /// timeout), so they go through `http::forward` rather than the plain path.
+    pub fn forwards(&self) -> bool {
+        self.timeout.is_some()
+            || self.retry.is_some()
+            || self.mirror.is_some()
+            || self.fallback.is_some()
+            || self.idle_timeout.is_some()
+    }
+
     /// Decides what happens to one request.
     pub fn admit(&self) -> Admission {
         if let Some(limiter) = &self.limiter

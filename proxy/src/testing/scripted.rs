@@ -143,12 +143,7 @@ async fn answer(name: Arc<str>, script: Arc<Script>, request: Request<Incoming>)
         return response;
     }
     let n = script.requests.fetch_add(1, Ordering::SeqCst) as u32;
-    let host = request
-        .uri()
-        .authority()
-        .map(|a| a.to_string())
-        .or_else(|| request.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned))
-        .unwrap_or_default();
+    let host = crate::http::headers::authority(&request).unwrap_or_default().to_owned();
     let body = request.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
     {
         // Kept for tests to inspect; capped so a benchmark's millions of requests cost nothing.

@@ -163,12 +163,7 @@ impl Drop for HttpServer {
 
 async fn default_route(name: Arc<str>, request: Request<Incoming>) -> Response<TestBody> {
     let version = format!("{:?}", request.version());
-    let host = request
-        .uri()
-        .authority()
-        .map(|a| a.to_string())
-        .or_else(|| request.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned))
-        .unwrap_or_default();
+    let host = crate::http::headers::authority(&request).unwrap_or_default().to_owned();
     let seen_headers = request.headers().keys().map(|k| k.as_str()).collect::<Vec<_>>().join(",");
     let path = request.uri().path().to_owned();
     let mut response = if path == "/echo" {
