@@ -2,7 +2,6 @@
 //! line, sets up logging and dispatches; the work lives in the `remora-proxy` and
 //! `remora-control-api` crates.
 
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,7 +13,6 @@ use remora_control_api::control::registry::{self, Registered};
 use remora_control_api::control::{self, ControlConfig};
 use remora_proxy::demo::DemoOptions;
 use remora_proxy::{ConfigSource, StartOptions};
-use tracing_subscriber::EnvFilter;
 
 /// Remora: a service-mesh sidecar proxy.
 #[derive(Debug, Parser)]
@@ -124,11 +122,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    remora_proxy::telemetry::logging::init();
     let result = match cli.command {
         Command::Proxy { config, control, node_id } => {
             let source = match (config, &control) {

@@ -43,7 +43,8 @@ pub struct FieldError {
 }
 
 impl FieldError {
-    pub(crate) fn new(subject: impl Into<String>, field: impl Into<String>, message: impl Into<String>) -> Self {
+    /// A problem with `field` of `subject` (a resource, `bootstrap`, ...).
+    pub fn new(subject: impl Into<String>, field: impl Into<String>, message: impl Into<String>) -> Self {
         FieldError { subject: subject.into(), field: field.into(), message: message.into() }
     }
 }

@@ -166,6 +166,34 @@ pub fn validate_bootstrap(bootstrap: &v1::Bootstrap) -> Result<(), ValidationErr
     if let Err(e) = check_control_plane(&bootstrap.control_plane) {
         fail("control_plane", e);
     }
+    if let Some(tracing) = &bootstrap.tracing {
+        let endpoint = &tracing.endpoint;
+        if !(endpoint.is_empty() || endpoint.starts_with("http://")) {
+            fail(
+                "tracing.endpoint",
+                format!("must be an http:// URL (TLS to the collector is not supported yet), got {endpoint:?}"),
+            );
+        }
+        if !matches!(tracing.protocol.as_str(), "" | "grpc" | "http/protobuf") {
+            fail("tracing.protocol", format!("must be grpc or http/protobuf, got {:?}", tracing.protocol));
+        }
+        if let Some(ratio) = tracing.sampling_ratio
+            && !(0.0..=1.0).contains(&ratio)
+        {
+            fail("tracing.sampling_ratio", format!("must be from 0 to 1, got {ratio}"));
+        }
+        if let Err(e) = duration(tracing.export_interval.as_ref()) {
+            fail("tracing.export_interval", e);
+        }
+        if let Err(e) = duration(tracing.export_timeout.as_ref()) {
+            fail("tracing.export_timeout", e);
+        }
+    }
+    if let Some(log) = &bootstrap.access_log
+        && log.path.is_empty()
+    {
+        fail("access_log.path", "is required: stdout, or a file path".into());
+    }
     if errors.is_empty() { Ok(()) } else { Err(ValidationErrors(errors)) }
 }
 

@@ -4,8 +4,10 @@
 //! | --- | --- |
 //! | `GET /live` | 200 while the process runs (a liveness probe) |
 //! | `GET /ready` | 200 once every listener is bound and the first config applied (with a control plane: once every resource type has been received and applied, or the initial-fetch timeout passed); 503 before that and while draining (a readiness probe) |
-//! | `GET /metrics` | every metric, in the OpenMetrics text format Prometheus scrapes |
+//! | `GET /metrics` | every metric: in the OpenMetrics text format when the scraper asks for it (`Accept: application/openmetrics-text`, as Prometheus does), else in the Prometheus text format 0.0.4 |
 //! | `GET /config_dump` | JSON: node id, config source and version, the bootstrap, the outcome of the last reload, the control-plane stream (per type: source version, last ACK, last NACK with its error; every resource received with its version and whether it serves or waits), and every resource serving now |
+//! | `GET /logging` | the log filter in force (`RUST_LOG` syntax) |
+//! | `POST /logging?filter=F` (or `?level=L`) | replaces the log filter, e.g. `filter=remora_proxy::http=debug,info` or `level=debug`; 400 with the reason if it does not parse |
 //! | `GET /clusters` | JSON: every cluster serving now with its balancer, how many endpoints are healthy and ejected, whether it is in panic, and per endpoint its weight, locality tier, health, ejection (time left, and the multiplier), active requests and latency estimate |
 //!
 //! It runs on the control thread, apart from the workers, so a scrape never takes a data-path
@@ -29,7 +31,7 @@ use tracing::{debug, warn};
 
 use crate::limits;
 use crate::listener::DataPath;
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, logging};
 
 /// The outcome of one reload, as `/config_dump` reports it.
 #[derive(Clone, Debug)]
@@ -194,19 +196,33 @@ pub async fn serve(socket: std::net::TcpListener, state: Arc<AdminState>) {
 }
 
 fn respond(request: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
+    if request.uri().path() == "/logging" {
+        return logging(request);
+    }
     if request.method() != Method::GET && request.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "the admin API only answers GET\n");
+        return text(StatusCode::METHOD_NOT_ALLOWED, "the admin API only answers GET (and POST /logging)\n");
     }
     match request.uri().path() {
         "/live" => text(StatusCode::OK, "live\n"),
         "/ready" if state.is_ready() => text(StatusCode::OK, "ready\n"),
         "/ready" if state.data.drain.is_draining() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
         "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
-        "/metrics" => with_type(
-            StatusCode::OK,
-            state.metrics.encode(),
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        ),
+        "/metrics" => {
+            let open_metrics = request
+                .headers()
+                .get(http::header::ACCEPT)
+                .and_then(|a| a.to_str().ok())
+                .is_some_and(|a| a.contains("application/openmetrics-text"));
+            if open_metrics {
+                with_type(
+                    StatusCode::OK,
+                    state.metrics.encode(),
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )
+            } else {
+                with_type(StatusCode::OK, state.metrics.encode_prometheus(), "text/plain; version=0.0.4; charset=utf-8")
+            }
+        }
         "/config_dump" => {
             let body = serde_json::to_string_pretty(&state.config_dump()).unwrap_or_default();
             with_type(StatusCode::OK, body + "\n", "application/json")
@@ -215,8 +231,67 @@ fn respond(request: &Request<Incoming>, state: &AdminState) -> Response<Full<Byt
             let body = serde_json::to_string_pretty(&state.clusters()).unwrap_or_default();
             with_type(StatusCode::OK, body + "\n", "application/json")
         }
-        _ => text(StatusCode::NOT_FOUND, "not found; try /live, /ready, /metrics, /config_dump or /clusters\n"),
+        _ => {
+            text(StatusCode::NOT_FOUND, "not found; try /live, /ready, /metrics, /config_dump, /clusters or /logging\n")
+        }
     }
+}
+
+/// `GET /logging` reads the log filter; `POST /logging?filter=...` (or `?level=...`) replaces it.
+fn logging(request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let plain = |status, body: String| with_type(status, body, "text/plain; charset=utf-8");
+    match *request.method() {
+        Method::GET | Method::HEAD => match logging::current() {
+            Some(filter) => plain(StatusCode::OK, format!("{filter}\n")),
+            None => plain(StatusCode::NOT_FOUND, "the log filter cannot be changed in this process\n".into()),
+        },
+        Method::POST => {
+            let query = request.uri().query().unwrap_or("");
+            let wanted = query.split('&').find_map(|pair| {
+                let (key, value) = pair.split_once('=')?;
+                matches!(key, "filter" | "level").then(|| percent_decode(value))
+            });
+            let Some(filter) = wanted else {
+                return plain(StatusCode::BAD_REQUEST, "give the new filter as ?filter=... or ?level=...\n".into());
+            };
+            match logging::set(&filter) {
+                Ok(()) => {
+                    tracing::info!(%filter, "log filter changed");
+                    plain(StatusCode::OK, format!("{filter}\n"))
+                }
+                Err(error @ logging::LoggingError::Invalid { .. }) => {
+                    plain(StatusCode::BAD_REQUEST, format!("{error}\n"))
+                }
+                Err(error) => plain(StatusCode::NOT_FOUND, format!("{error}\n")),
+            }
+        }
+        _ => plain(StatusCode::METHOD_NOT_ALLOWED, "/logging answers GET and POST\n".into()),
+    }
+}
+
+/// Decodes `%XX` escapes and `+` (a space) in a query value; a malformed escape stays as written.
+fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                    Ok(byte) => {
+                        out.push(byte);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            byte => out.push(byte),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

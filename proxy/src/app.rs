@@ -33,6 +33,8 @@ use crate::listener::{self, DataPath};
 use crate::reload::{self, FileStamp, ReloadError, ReloadOutcome, Reloader};
 use crate::state::LiveSnapshot;
 use crate::telemetry::Metrics;
+use crate::telemetry::access_log::AccessLog;
+use crate::telemetry::export::{self, ExportError, SpanCounters};
 use crate::worker::Workers;
 use crate::xds::{self, XdsHandler};
 use remora_control_api::validate::References;
@@ -54,6 +56,17 @@ pub enum StartError {
     /// A thread or runtime could not be created.
     #[error("start threads: {0}")]
     Threads(std::io::Error),
+    /// Tracing was asked for and could not start.
+    #[error(transparent)]
+    Tracing(#[from] ExportError),
+    /// The access log file could not be opened.
+    #[error("access log: open {path}: {error}")]
+    AccessLog {
+        /// The file.
+        path: String,
+        /// The OS error.
+        error: std::io::Error,
+    },
 }
 
 /// A running proxy.
@@ -110,11 +123,29 @@ impl Proxy {
         let has_control_plane = settings.control_plane.is_some();
         let metrics = Arc::new(Metrics::new());
         metrics.set_workers(settings.workers);
+        let tracer = match &settings.tracing {
+            Some(tracing) => {
+                let [exported, dropped, failed] = metrics.span_counters();
+                Some(export::start(tracing, SpanCounters { exported, dropped, failed })?)
+            }
+            None => None,
+        };
+        let access_log = match &settings.access_log {
+            Some(log) => {
+                Some(AccessLog::open(log, metrics.access_log_counters()).map_err(|error| StartError::AccessLog {
+                    path: log.path.as_ref().map_or("stdout".into(), |p| p.display().to_string()),
+                    error,
+                })?)
+            }
+            None => None,
+        };
         let data = Arc::new(DataPath {
             snapshot: LiveSnapshot::default(),
             drain: Default::default(),
             server: ServerSettings::default(),
             client: ClientSettings::default(),
+            tracer,
+            access_log,
         });
         let bootstrap_json = serde_json::to_value(&raw).unwrap_or_default();
         let admin = Arc::new(AdminState::new(

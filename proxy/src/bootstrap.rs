@@ -9,11 +9,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use remora_control_api::config::FieldError;
 use remora_control_api::config::{self, ConfigError};
 use remora_control_api::validate::{self, References, ValidationErrors};
 use remora_control_api::{Resource, v1};
 
 use crate::limits;
+use crate::telemetry::access_log::AccessLogSettings;
+use crate::telemetry::export::ExportSettings;
 
 /// The configuration `remora proxy` runs with when given no `--config`: an outbound listener on
 /// 127.0.0.1:15001 and an inbound one on 0.0.0.0:15006, both transparent (behind iptables REDIRECT),
@@ -140,7 +143,7 @@ pub fn version_of(text: &str) -> String {
 }
 
 /// The start-up settings with every default applied.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Bootstrap {
     /// Names this proxy (defaults to the host name).
     pub node_id: String,
@@ -154,11 +157,21 @@ pub struct Bootstrap {
     pub control_plane: Option<String>,
     /// How long readiness waits for the control plane's first configuration.
     pub initial_fetch_timeout: Duration,
+    /// Where spans go, if anywhere.
+    pub tracing: Option<ExportSettings>,
+    /// The access log, if there is one.
+    pub access_log: Option<AccessLogSettings>,
 }
 
 impl Bootstrap {
-    /// Applies the defaults to a (validated) bootstrap section.
+    /// Applies the defaults to a (validated) bootstrap section, and the `OTEL_*` environment
+    /// variables to what it leaves open.
     pub fn resolve(raw: &v1::Bootstrap) -> Result<Self, ValidationErrors> {
+        Self::resolve_with(raw, &|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+    }
+
+    /// Like [`Bootstrap::resolve`], reading environment variables through `env`.
+    pub fn resolve_with(raw: &v1::Bootstrap, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ValidationErrors> {
         validate::validate_bootstrap(raw)?;
         let admin_address = if raw.admin_address.is_empty() {
             SocketAddr::from(([127, 0, 0, 1], 15000))
@@ -178,8 +191,94 @@ impl Bootstrap {
             .ok()
             .flatten()
             .unwrap_or(limits::DEFAULT_INITIAL_FETCH_TIMEOUT);
-        Ok(Bootstrap { node_id, admin_address, workers, drain_time, control_plane, initial_fetch_timeout })
+        let access_log = match &raw.access_log {
+            None => None,
+            Some(log) => Some(AccessLogSettings::new(&log.path, &log.fields).map_err(|message| {
+                ValidationErrors(vec![FieldError::new("bootstrap", "access_log.fields", message)])
+            })?),
+        };
+        let tracing = tracing_settings(raw.tracing.as_ref(), &node_id, env)?;
+        Ok(Bootstrap {
+            node_id,
+            admin_address,
+            workers,
+            drain_time,
+            control_plane,
+            initial_fetch_timeout,
+            tracing,
+            access_log,
+        })
     }
+}
+
+/// The trace export settings: the bootstrap's, then the standard `OTEL_*` variables, then the
+/// defaults. `None` when no collector is named anywhere (or `OTEL_SDK_DISABLED=true`).
+fn tracing_settings(
+    raw: Option<&v1::Tracing>,
+    node_id: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<ExportSettings>, ValidationErrors> {
+    let fail = |field: &str, message: String| ValidationErrors(vec![FieldError::new("bootstrap", field, message)]);
+    let default = v1::Tracing::default();
+    let raw = raw.unwrap_or(&default);
+    if env("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")) && raw.endpoint.is_empty() {
+        return Ok(None);
+    }
+    let endpoint = Some(raw.endpoint.clone())
+        .filter(|e| !e.is_empty())
+        .or_else(|| env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+        .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"));
+    let Some(endpoint) = endpoint else { return Ok(None) };
+    if !endpoint.starts_with("http://") {
+        let message = format!("must be an http:// URL (TLS to the collector is not supported yet), got {endpoint:?}");
+        return Err(fail("tracing.endpoint", message));
+    }
+    let protocol = Some(raw.protocol.clone())
+        .filter(|p| !p.is_empty())
+        .or_else(|| env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"))
+        .or_else(|| env("OTEL_EXPORTER_OTLP_PROTOCOL"))
+        .unwrap_or_else(|| "grpc".into());
+    let http = match protocol.as_str() {
+        "grpc" => false,
+        "http/protobuf" => true,
+        other => return Err(fail("tracing.protocol", format!("must be grpc or http/protobuf, got {other:?}"))),
+    };
+    let sampling_ratio = match raw.sampling_ratio {
+        Some(ratio) => ratio,
+        None => match env("OTEL_TRACES_SAMPLER").as_deref() {
+            Some("always_off" | "parentbased_always_off") => 0.0,
+            Some("traceidratio" | "parentbased_traceidratio") => {
+                let arg = env("OTEL_TRACES_SAMPLER_ARG").unwrap_or_else(|| "1".into());
+                arg.trim().parse::<f64>().ok().filter(|r| (0.0..=1.0).contains(r)).ok_or_else(|| {
+                    fail("tracing.sampling_ratio", format!("OTEL_TRACES_SAMPLER_ARG must be from 0 to 1, got {arg:?}"))
+                })?
+            }
+            _ => 1.0,
+        },
+    };
+    let service_name = Some(raw.service_name.clone())
+        .filter(|s| !s.is_empty())
+        .or_else(|| env("OTEL_SERVICE_NAME"))
+        .unwrap_or_else(|| "remora".into());
+    let interval = validate::duration(raw.export_interval.as_ref()).ok().flatten();
+    let timeout = validate::duration(raw.export_timeout.as_ref()).ok().flatten();
+    Ok(Some(ExportSettings {
+        endpoint,
+        http,
+        service_name,
+        instance: node_id.to_owned(),
+        sampling_ratio,
+        max_queue: match raw.max_queue_size {
+            0 => 2048,
+            n => n as usize,
+        },
+        max_batch: match raw.max_export_batch_size {
+            0 => 512,
+            n => n as usize,
+        },
+        interval: interval.unwrap_or(Duration::from_secs(1)),
+        timeout: timeout.unwrap_or(Duration::from_secs(10)),
+    }))
 }
 
 fn host_name() -> String {

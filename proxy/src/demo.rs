@@ -188,11 +188,27 @@ async fn demo(options: DemoOptions, dir: &Path) -> anyhow::Result<()> {
 
     live_change(&proxy, listen, dir).await?;
 
+    println!("\nWhere to look:");
+    println!(
+        "  metrics    http://{admin}/metrics   (Prometheus; the Grafana dashboard is deploy/grafana/remora-golden-metrics.json)"
+    );
+    match &proxy.bootstrap().tracing {
+        Some(tracing) => println!(
+            "  traces     exporting to {} over OTLP/{}, {:.0}% of new traces sampled",
+            tracing.endpoint,
+            if tracing.http { "HTTP" } else { "gRPC" },
+            tracing.sampling_ratio * 100.0
+        ),
+        None => println!(
+            "  traces     off; run the demo with OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4317 to send them to a local collector"
+        ),
+    }
+    println!("  logs       curl -X POST 'http://{admin}/logging?level=debug' to log why requests fail");
     println!("\nEverything keeps running. Try:");
     println!("  curl -i http://{listen}/");
     println!("  curl http://{admin}/config_dump      (versions, ACK/NACK per type)");
     println!("  curl http://{admin}/clusters         (endpoints: health, ejections, load)");
-    println!("  curl -s http://{admin}/metrics | grep -E 'retries|ejections'");
+    println!("  curl -s http://{admin}/metrics | grep -E 'route_requests|retries|ejections'");
     println!("  curl http://{}/metrics    (the control plane's)", control.address());
     println!("  edit {}/routes.yaml and curl again", dir.display());
     println!("Ctrl-C drains the proxy and stops the demo.");

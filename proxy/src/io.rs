@@ -41,6 +41,16 @@ impl Meter {
         self.sent.fetch_add(n as u64, Ordering::Relaxed);
     }
 
+    /// Bytes read from the client so far.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    /// Bytes written to the client so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
     /// Total bytes moved either way; idle detection only cares whether it changed.
     pub fn activity(&self) -> u64 {
         self.received.load(Ordering::Relaxed).wrapping_add(self.sent.load(Ordering::Relaxed))

@@ -5,7 +5,7 @@
 //! request through route tables to balanced, pooled upstream connections. Its configuration is a set
 //! of resources (see `remora-control-api`) compiled into an immutable snapshot and swapped whole
 //! when the config changes, without dropping a request. An admin server reports health, metrics and
-//! the config serving now.
+//! the config serving now; traces leave over OTLP and requests can be logged as JSON lines.
 //!
 //! ```text
 //! accept → admit (connection rate limit, cap) → original destination (transparent) → detect
@@ -14,6 +14,8 @@
 //!             → connect (pool) → respond → record
 //!             (a route with a policy: timeout over attempts of balance → connect → respond →
 //!              record, retried, hedged or mirrored as it asks)
+//!             trace context read on arrival; server span, access log line and gRPC status when
+//!             the response body ends; a client span per attempt
 //! ```
 //!
 //! # Layout
@@ -29,13 +31,14 @@
 //! - [`tcp`] — upstream connects and L4 forwarding (`splice(2)`).
 //! - [`http`] — the HTTP server, the request phases, the upstream pool and HTTP/1.1 client, header
 //!   hygiene, tunnels; forwarding under a route's policy (attempts, retries, hedging, mirroring)
-//!   and replayable request bodies.
+//!   and replayable request bodies; what observes a request (`http::observe`).
 //! - [`policy`] — traffic policy: a route's timeout, faults, rate limit, retries (conditions,
 //!   backoff, budget), mirror and fallback; a cluster's circuit breakers.
 //! - [`balance`] — endpoint selection (round robin, random, least request, peak EWMA, ring hash;
 //!   locality tiers and panic mode), endpoint run-time state, outlier detection, health checks and
 //!   the monitor that runs them; weighted cluster choice.
-//! - [`telemetry`] — metrics.
+//! - [`telemetry`] — metrics and lock-free latency histograms, trace context and spans, the OTLP
+//!   export thread, the access log, the runtime log filter.
 //! - [`timer`] — coarse per-worker time: a clock read once per tick, cheap timers for hyper.
 //! - [`admin`] — the admin HTTP server.
 //! - [`drain`] — the drain signal and open-connection count.

@@ -29,6 +29,8 @@ use crate::io::{DownstreamStream, Meter};
 use crate::limits;
 use crate::state::{ListenerConfig, ListenerProtocol, LiveSnapshot};
 use crate::tcp;
+use crate::telemetry::access_log::AccessLog;
+use crate::telemetry::trace::Tracer;
 
 /// Everything the data path shares across workers and connections.
 #[derive(Debug)]
@@ -41,6 +43,10 @@ pub struct DataPath {
     pub server: ServerSettings,
     /// Upstream connection settings.
     pub client: ClientSettings,
+    /// Where spans go, when tracing is on.
+    pub tracer: Option<Arc<Tracer>>,
+    /// The access log, when it is on.
+    pub access_log: Option<Arc<AccessLog>>,
 }
 
 /// A listener that could not be bound.
@@ -168,7 +174,10 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, name: Arc<str>, d
                 .and_then(|table| table.tcp_cluster.clone())
                 .or_else(|| listener.default_cluster.clone());
             match cluster {
-                Some(cluster) => tcp::proxy(stream, replay, cluster, original_destination, &listener, &meter).await,
+                Some(cluster) => {
+                    let log = data.access_log.as_deref();
+                    tcp::proxy(stream, replay, cluster, original_destination, &listener, &meter, log).await;
+                }
                 None => debug!(listener = %name, ?original_destination, "no cluster for opaque traffic; closing"),
             }
             return;

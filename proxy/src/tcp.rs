@@ -28,6 +28,7 @@ use crate::io::{Meter, idle_watch};
 use crate::state::cluster::Cluster;
 use crate::state::{Direction, ListenerConfig};
 use crate::telemetry::ClusterStats;
+use crate::telemetry::access_log::{AccessLog, Entry};
 
 /// Why an upstream connect failed.
 #[derive(Debug, thiserror::Error)]
@@ -66,11 +67,13 @@ pub async fn connect(address: SocketAddr, timeout: Duration, stats: &ClusterStat
     }
 }
 
-/// Proxies one opaque connection to `cluster` until both sides close or it sits idle.
+/// Proxies one opaque connection to `cluster` until both sides close or it sits idle, then writes
+/// its access log line if there is an access log.
 ///
 /// `replay` holds bytes detection already read from `downstream`; they are sent first. The connection
 /// is closed without a word if the cluster has no endpoint or the connect fails: there is no protocol
-/// in which to say why, so the reason goes to the debug log and the cluster's counters.
+/// in which to say why, so the reason goes to the debug log, the cluster's counters and the access
+/// log's `response_flags`.
 pub async fn proxy(
     downstream: TcpStream,
     replay: Bytes,
@@ -78,11 +81,47 @@ pub async fn proxy(
     original_destination: Option<SocketAddr>,
     listener: &ListenerConfig,
     meter: &Meter,
+    access_log: Option<&AccessLog>,
 ) {
+    let Some(log) = access_log else {
+        relay(downstream, replay, &cluster, original_destination, listener, meter).await;
+        return;
+    };
+    let start = std::time::SystemTime::now();
+    let started = std::time::Instant::now();
+    let peer = downstream.peer_addr().ok();
+    let (endpoint, flag) = relay(downstream, replay, &cluster, original_destination, listener, meter).await;
+    let entry = Entry {
+        start: Some(start),
+        duration: started.elapsed(),
+        protocol: "tcp",
+        listener: &listener.name,
+        direction: listener.direction.label(),
+        bytes_received: Some(meter.received()),
+        bytes_sent: Some(meter.sent()),
+        cluster: Some(&cluster.name),
+        endpoint,
+        peer,
+        flags: flag,
+        ..Entry::default()
+    };
+    log.write(&entry, false);
+}
+
+/// The connection's life: the endpoint it went to, and what cut it short (an `x-remora-error`
+/// style name), if anything did.
+async fn relay(
+    downstream: TcpStream,
+    replay: Bytes,
+    cluster: &Cluster,
+    original_destination: Option<SocketAddr>,
+    listener: &ListenerConfig,
+    meter: &Meter,
+) -> (Option<SocketAddr>, Option<&'static str>) {
     let peer = downstream.peer_addr().ok();
     let Some(picked) = cluster.pick(original_destination, None, peer, &[]) else {
         debug!(listener = %listener.name, cluster = %cluster.name, "tcp: no endpoint; closing");
-        return;
+        return (None, Some("no_healthy_upstream"));
     };
     let endpoint = picked.address;
     // The connection holds its place under max_connections (and, for least_request and ewma, counts
@@ -91,7 +130,7 @@ pub async fn proxy(
         Ok(slot) => slot,
         Err(breaker) => {
             debug!(listener = %listener.name, cluster = %cluster.name, breaker = breaker.as_str(), "tcp: overflow; closing");
-            return;
+            return (Some(endpoint), Some("upstream_overflow"));
         }
     };
     let state = picked.member.map(|member| member.state.clone());
@@ -110,13 +149,14 @@ pub async fn proxy(
         Ok(upstream) => upstream,
         Err(error) => {
             debug!(listener = %listener.name, cluster = %cluster.name, %error, "tcp: closing");
-            return;
+            let flag = if matches!(error, ConnectError::Timeout(_)) { "connect_timeout" } else { "connect_failed" };
+            return (Some(endpoint), Some(flag));
         }
     };
     if !replay.is_empty() {
         if let Err(error) = upstream.write_all(&replay).await {
             debug!(cluster = %cluster.name, %error, "tcp: upstream write failed");
-            return;
+            return (Some(endpoint), Some("upstream_reset"));
         }
         cluster.stats.tcp_bytes_sent.inc_by(replay.len() as u64);
     }
@@ -140,10 +180,13 @@ pub async fn proxy(
         result = forward(&downstream, &upstream, &to_upstream, &to_downstream) => {
             if let Err(error) = result {
                 debug!(listener = %listener.name, cluster = %cluster.name, %error, "tcp: connection ended with an error");
+                return (Some(endpoint), Some("connection_reset"));
             }
+            (Some(endpoint), None)
         }
         () = idle_watch(meter, &listener.stats, listener.idle_timeout) => {
             debug!(listener = %listener.name, cluster = %cluster.name, "tcp: idle timeout");
+            (Some(endpoint), Some("idle_timeout"))
         }
     }
 }

@@ -1,5 +1,5 @@
 //! The `remora` binary itself: start-up errors, `validate`, SIGTERM drain, memory while streaming
-//! large bodies, and the demo.
+//! large bodies, the demo, and the log filter changed at runtime.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use http::Method;
 use remora_proxy::testing::proxy::temp_dir;
-use remora_proxy::testing::servers::{generated, read_generated};
+use remora_proxy::testing::servers::{full, generated, read_generated};
 use remora_proxy::testing::{Client, HttpServer};
 use rustix::process::{Pid, Signal, kill_process};
 
@@ -255,6 +255,9 @@ fn demo_reports_a_burst_and_stops_on_ctrl_c() {
     assert!(!demo.seen.iter().any(|l| l.contains("failures")), "{}", demo.seen.join("\n"));
     let curl = demo.wait_for("curl -i http://");
     assert!(curl.contains("127.0.0.1:"), "{curl}");
+    let metrics = demo.wait_for("  metrics    http://");
+    assert!(metrics.contains("/metrics"), "{metrics}");
+    demo.wait_for("  traces     ");
     demo.signal(Signal::INT);
     assert_eq!(demo.exit_code(), 0);
     demo.wait_for("drained; bye");
@@ -332,4 +335,40 @@ fn control_refuses_a_broken_directory_at_start_up() {
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("bad.yaml") && stderr.contains("balancer"), "{stderr}");
+}
+
+/// The log filter changes at runtime through `/logging`: read, set (a debug line then appears),
+/// and a bad filter is refused with 400 and the old one kept.
+#[tokio::test]
+async fn the_log_filter_changes_at_runtime_through_the_admin_api() {
+    let config = write_config(&proxy_config(crate::dead_address()));
+    let mut proxy = Spawned::new(&["proxy", "--config", config.to_str().unwrap()]);
+    let address = proxy.listener("web");
+    let started = proxy.wait_for("remora proxy started");
+    let admin: SocketAddr = started.split("admin=").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    let mut client = Client::http1(admin).await;
+    let reply = client.get("admin", "/logging").await;
+    assert_eq!((reply.status.as_u16(), reply.text().trim()), (200, "info"));
+
+    let set = |client: &Client, query: &'static str| {
+        client.request(Method::POST, "admin", query).body(full(Vec::new())).unwrap()
+    };
+    let request = set(&client, "/logging?filter=remora_proxy%3A%3Ahttp=debug,info");
+    let reply = remora_proxy::testing::client::read(client.send(request).await.unwrap()).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(client.get("admin", "/logging").await.text().trim(), "remora_proxy::http=debug,info");
+    // A request that fails now logs at debug.
+    let mut app = Client::http1(address).await;
+    assert_eq!(app.get("x", "/").await.status, 503);
+    proxy.wait_for("request failed");
+
+    let reply =
+        remora_proxy::testing::client::read(client.send(set(&client, "/logging?filter=[nope")).await.unwrap()).await;
+    assert_eq!(reply.status, 400, "{}", reply.text());
+    assert!(reply.text().contains("invalid log filter"), "{}", reply.text());
+    assert_eq!(client.get("admin", "/logging").await.text().trim(), "remora_proxy::http=debug,info");
+    let reply =
+        remora_proxy::testing::client::read(client.send(set(&client, "/logging?level=warn")).await.unwrap()).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(client.get("admin", "/logging").await.text().trim(), "warn");
 }

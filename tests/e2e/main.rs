@@ -15,6 +15,7 @@ mod reload;
 mod resilience;
 mod retries;
 mod tcp;
+mod telemetry;
 mod transparent;
 mod tunnels;
 

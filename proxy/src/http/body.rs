@@ -22,9 +22,11 @@ use hyper::body::Incoming;
 
 use crate::balance::endpoint::ActiveRequest;
 use crate::http::h1;
+use crate::http::observe::Finish;
 use crate::http::replay::ReplayBody;
 use crate::policy::breaker::Slot;
 use crate::telemetry::ClusterStats;
+use crate::telemetry::trace::ClientSpan;
 
 /// Errors a body can end with.
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
@@ -76,14 +78,19 @@ pub struct InFlight {
     pub active: Option<ActiveRequest>,
     /// On its cluster's `max_requests` breaker.
     pub slot: Option<Slot>,
+    /// The answering attempt's span, for a traced request: it ends with the body.
+    pub span: Option<Box<ClientSpan>>,
 }
 
 /// A response body: streamed from upstream, or made locally.
 #[derive(Debug)]
 pub struct ProxyBody {
     kind: Kind,
-    /// Dropped with the body. Two pointers, `None` for clusters that count nothing.
+    /// Dropped with the body (before `finish`, so the attempt's span ends before the request's).
+    /// Three pointers, `None` for clusters that count nothing and requests not traced.
     _in_flight: InFlight,
+    /// The request's observers, told of each frame and of the end (`http::observe`).
+    finish: Option<Box<Finish>>,
 }
 
 #[derive(Debug)]
@@ -116,22 +123,22 @@ pub struct StreamIdle(Duration);
 impl ProxyBody {
     /// A body streaming from an HTTP/1.1 endpoint.
     pub fn http1(body: h1::Body<UpstreamBody>) -> Self {
-        ProxyBody { kind: Kind::Http1(body), _in_flight: InFlight::default() }
+        ProxyBody { kind: Kind::Http1(body), _in_flight: InFlight::default(), finish: None }
     }
 
     /// A body streaming from an HTTP/2 endpoint.
     pub fn http2(body: Incoming) -> Self {
-        ProxyBody { kind: Kind::Http2(body), _in_flight: InFlight::default() }
+        ProxyBody { kind: Kind::Http2(body), _in_flight: InFlight::default(), finish: None }
     }
 
     /// A local body holding `bytes`.
     pub fn local(bytes: Bytes) -> Self {
-        ProxyBody { kind: Kind::Local(Some(bytes)), _in_flight: InFlight::default() }
+        ProxyBody { kind: Kind::Local(Some(bytes)), _in_flight: InFlight::default(), finish: None }
     }
 
     /// An empty local body.
     pub fn empty() -> Self {
-        ProxyBody { kind: Kind::Local(None), _in_flight: InFlight::default() }
+        ProxyBody { kind: Kind::Local(None), _in_flight: InFlight::default(), finish: None }
     }
 
     /// Cuts the body off (with an error, which resets the client's stream) when it sends nothing
@@ -140,12 +147,18 @@ impl ProxyBody {
         let last_frame = tokio::time::Instant::now();
         let timer = Box::pin(tokio::time::sleep_until(last_frame + limit));
         let idle = IdleBody { inner: self, limit, last_frame, timer, stats };
-        ProxyBody { kind: Kind::Idle(Box::new(idle)), _in_flight: InFlight::default() }
+        ProxyBody { kind: Kind::Idle(Box::new(idle)), _in_flight: InFlight::default(), finish: None }
     }
 
     /// Keeps `in_flight` until the body is dropped.
     pub fn hold(mut self, in_flight: InFlight) -> Self {
         self._in_flight = in_flight;
+        self
+    }
+
+    /// Tells `finish` of the frames, and of the end when the body is dropped.
+    pub(crate) fn finish(mut self, finish: Option<Box<Finish>>) -> Self {
+        self.finish = finish;
         self
     }
 }
@@ -155,28 +168,16 @@ impl Body for ProxyBody {
     type Error = BodyError;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        match &mut self.get_mut().kind {
-            Kind::Http1(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-            Kind::Http2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-            Kind::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Idle(idle) => {
-                let polled = Pin::new(&mut idle.inner).poll_frame(cx);
-                if polled.is_ready() {
-                    idle.last_frame = tokio::time::Instant::now();
-                    return polled;
-                }
-                while idle.timer.as_mut().poll(cx).is_ready() {
-                    let due = idle.last_frame + idle.limit;
-                    if due <= tokio::time::Instant::now() {
-                        idle.stats.idle_timeouts.inc();
-                        return Poll::Ready(Some(Err(StreamIdle(idle.limit).into())));
-                    }
-                    // A frame came since the timer was set: it is due later.
-                    idle.timer.as_mut().reset(due);
-                }
-                Poll::Pending
+        let this = self.get_mut();
+        let polled = this.poll_kind(cx);
+        if let (Some(finish), Poll::Ready(Some(Ok(frame)))) = (&mut this.finish, &polled) {
+            if let Some(data) = frame.data_ref() {
+                finish.data(data.len());
+            } else if let Some(trailers) = frame.trailers_ref() {
+                finish.trailers(trailers);
             }
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -194,6 +195,33 @@ impl Body for ProxyBody {
             Kind::Http2(body) => body.size_hint(),
             Kind::Local(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Idle(idle) => idle.inner.size_hint(),
+        }
+    }
+}
+
+impl ProxyBody {
+    fn poll_kind(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match &mut self.kind {
+            Kind::Http1(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Kind::Http2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Kind::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Idle(idle) => {
+                let polled = idle.inner.poll_kind(cx);
+                if polled.is_ready() {
+                    idle.last_frame = tokio::time::Instant::now();
+                    return polled;
+                }
+                while idle.timer.as_mut().poll(cx).is_ready() {
+                    let due = idle.last_frame + idle.limit;
+                    if due <= tokio::time::Instant::now() {
+                        idle.stats.idle_timeouts.inc();
+                        return Poll::Ready(Some(Err(StreamIdle(idle.limit).into())));
+                    }
+                    // A frame came since the timer was set: it is due later.
+                    idle.timer.as_mut().reset(due);
+                }
+                Poll::Pending
+            }
         }
     }
 }

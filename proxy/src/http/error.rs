@@ -120,7 +120,26 @@ impl ProxyError {
             response.headers_mut().insert(ERROR_HEADER, HeaderValue::from_static("fallback"));
             return response;
         }
-        let (status, reason) = match self {
+        let (status, reason) = self.status_and_reason();
+        let mut response = Response::new(ProxyBody::local(Bytes::from(format!("{self}\n"))));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        headers.insert(ERROR_HEADER, HeaderValue::from_static(reason));
+        if matches!(self, ProxyError::ListenerRemoved | ProxyError::BadRequest(_)) {
+            headers.insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        if let ProxyError::RateLimited(wait) = self {
+            // Whole seconds, rounded up: a client that waits this long finds a token.
+            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            headers.insert(RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+        }
+        response
+    }
+
+    /// The status the client gets, and the reason its `x-remora-error` header names.
+    pub fn status_and_reason(&self) -> (StatusCode, &'static str) {
+        match self {
             ProxyError::NoRoute => (StatusCode::NOT_FOUND, "no_route"),
             ProxyError::ListenerRemoved => (StatusCode::SERVICE_UNAVAILABLE, "listener_removed"),
             ProxyError::NoEndpoint(_) => (StatusCode::SERVICE_UNAVAILABLE, "no_healthy_upstream"),
@@ -144,21 +163,7 @@ impl ProxyError {
             ProxyError::FaultInjected(status) => {
                 (StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), "fault_injected")
             }
-        };
-        let mut response = Response::new(ProxyBody::local(Bytes::from(format!("{self}\n"))));
-        *response.status_mut() = status;
-        let headers = response.headers_mut();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-        headers.insert(ERROR_HEADER, HeaderValue::from_static(reason));
-        if matches!(self, ProxyError::ListenerRemoved | ProxyError::BadRequest(_)) {
-            headers.insert(CONNECTION, HeaderValue::from_static("close"));
         }
-        if let ProxyError::RateLimited(wait) = self {
-            // Whole seconds, rounded up: a client that waits this long finds a token.
-            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            headers.insert(RETRY_AFTER, HeaderValue::from(seconds.max(1)));
-        }
-        response
     }
 }
 

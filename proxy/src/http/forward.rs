@@ -30,12 +30,14 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
+use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, Uri};
 use hyper::body::Incoming;
 
 use super::body::{InFlight, ProxyBody, UpstreamBody};
 use super::client::{self, Outcome};
 use super::error::ProxyError;
+use super::observe::Observe;
 use super::replay::ReplayBody;
 use super::{Attempt, HttpConnection, mirror, no_endpoint, respond};
 use crate::limits;
@@ -48,6 +50,7 @@ use crate::state::cluster::Cluster;
 pub(crate) struct Policed {
     pub(crate) cluster: Arc<Cluster>,
     pub(crate) policy: Arc<RoutePolicy>,
+    pub(crate) observe: Option<Arc<Observe>>,
     pub(crate) delay: Option<Duration>,
     pub(crate) version: client::Version,
     pub(crate) downstream_version: http::Version,
@@ -74,6 +77,30 @@ impl super::h1::Head for Template {
 
     fn headers(&self) -> &HeaderMap {
         &self.headers
+    }
+}
+
+/// An attempt's head: the template's, with the attempt's own trace headers when traced.
+struct AttemptHead<'a> {
+    template: &'a Template,
+    trace: Option<Vec<(HeaderName, HeaderValue)>>,
+}
+
+impl super::h1::Head for AttemptHead<'_> {
+    fn method(&self) -> &Method {
+        &self.template.method
+    }
+
+    fn uri(&self) -> &Uri {
+        &self.template.uri
+    }
+
+    fn headers(&self) -> &HeaderMap {
+        &self.template.headers
+    }
+
+    fn extra_headers(&self) -> &[(HeaderName, HeaderValue)] {
+        self.trace.as_deref().unwrap_or_default()
     }
 }
 
@@ -159,7 +186,7 @@ pub(crate) async fn policed(
     policed: Policed,
     connection: &Arc<HttpConnection>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let Policed { cluster, policy, delay, version, downstream_version, upgrade, downstream_upgrade } = policed;
+    let Policed { cluster, policy, observe, delay, version, downstream_version, upgrade, downstream_upgrade } = policed;
     if let Some(delay) = delay {
         tokio::time::sleep(delay).await;
     }
@@ -181,6 +208,7 @@ pub(crate) async fn policed(
     let attempts = Attempts {
         cluster: &cluster,
         connection,
+        observe: observe.as_ref(),
         version,
         timeout: policy.timeout.map(|limit| (limit, started + limit)),
     };
@@ -225,6 +253,7 @@ struct Running<'a> {
 struct Attempts<'a> {
     cluster: &'a Arc<Cluster>,
     connection: &'a Arc<HttpConnection>,
+    observe: Option<&'a Arc<Observe>>,
     version: client::Version,
     /// The route's timeout and when it runs out.
     timeout: Option<(Duration, tokio::time::Instant)>,
@@ -248,7 +277,8 @@ impl Attempts<'_> {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let upgrade = downstream_upgrade.is_some();
         let (endpoint, attempt) = self.pick(&template.headers, &[])?;
-        let result = self.exchange(endpoint, template, body, upgrade, None).await;
+        let trace = attempt.trace_headers();
+        let result = self.exchange(endpoint, template, trace, body, upgrade, None).await;
         self.finish(result, attempt, downstream_upgrade)
     }
 
@@ -260,6 +290,7 @@ impl Attempts<'_> {
         &self,
         endpoint: SocketAddr,
         template: &Template,
+        trace: Option<Vec<(HeaderName, HeaderValue)>>,
         body: UpstreamBody,
         upgrade: bool,
         per_try: Option<Duration>,
@@ -275,13 +306,17 @@ impl Attempts<'_> {
         let result = match self.version {
             client::Version::Http1 => {
                 // The head is read from the template in place: an attempt costs no copy of it.
-                let exchange = std::pin::pin!(client::send_http1(cluster, endpoint, template, body, upgrade));
+                let head = AttemptHead { template, trace };
+                let exchange = std::pin::pin!(client::send_http1(cluster, endpoint, head, body, upgrade));
                 within(exchange, limit.map(|(_, _, at)| at)).await
             }
             client::Version::Http2 => {
                 // Boxed, as on the plain path: it is the larger of the two, and inline it would make
                 // every HTTP/1.1 request's future as large. hyper takes the request whole.
-                let request = template.request(body);
+                let mut request = template.request(body);
+                if let Some(trace) = trace {
+                    request.headers_mut().extend(trace);
+                }
                 let mut exchange =
                     Box::pin(client::send_http2(&self.connection.data.client, cluster, endpoint, request));
                 within(exchange.as_mut(), limit.map(|(_, _, at)| at)).await
@@ -307,7 +342,8 @@ impl Attempts<'_> {
             .ok_or_else(|| no_endpoint(cluster))?;
         let slot =
             cluster.breakers.request(&cluster.stats).map_err(|b| ProxyError::Overflow(cluster.name.clone(), b))?;
-        Ok((picked.address, Attempt::start(cluster, &picked, slot)))
+        let observe = self.observe.map(|o| (&**o, &**self.connection));
+        Ok((picked.address, Attempt::start(cluster, &picked, slot, observe)))
     }
 
     /// Starts an attempt reading `body`, with the retry policy's per-try timeout, as a future of
@@ -322,7 +358,8 @@ impl Attempts<'_> {
     ) -> Result<Running<'b>, ProxyError> {
         let (endpoint, attempt) = self.pick(&template.headers, tried.as_slice())?;
         tried.push(endpoint);
-        let exchange = Box::pin(self.exchange(endpoint, template, body, false, retry.per_try_timeout));
+        let trace = attempt.trace_headers();
+        let exchange = Box::pin(self.exchange(endpoint, template, trace, body, false, retry.per_try_timeout));
         Ok(Running { exchange, attempt, _retry_slot: retry_slot })
     }
 
@@ -377,7 +414,7 @@ impl Attempts<'_> {
 
     /// Records, for outlier detection and the counters, an attempt's failure that the client may
     /// never see (it is about to be retried).
-    fn record_failure(&self, result: &Result<Outcome, ProxyError>, attempt: &Attempt) {
+    fn record_failure(&self, result: &Result<Outcome, ProxyError>, attempt: &mut Attempt) {
         match result {
             Ok(Outcome::Response(response)) => {
                 self.cluster.stats.record_response(response.status().as_u16());
@@ -403,19 +440,20 @@ impl Attempts<'_> {
         let mut retry_slot = None;
         let mut previous: Option<(Result<Outcome, ProxyError>, Attempt)> = None;
         loop {
-            let (endpoint, attempt) = match self.pick(&template.headers, tried.as_slice()) {
+            let (endpoint, mut attempt) = match self.pick(&template.headers, tried.as_slice()) {
                 Ok(picked) => picked,
                 // No endpoint for a retry: the last failure is the answer.
                 Err(error) => return previous.map_or(Err(error), |(result, attempt)| give_up(result, attempt)),
             };
             drop(previous.take());
             tried.push(endpoint);
-            let result = self.exchange(endpoint, &template, next, false, retry.per_try_timeout).await;
+            let trace = attempt.trace_headers();
+            let result = self.exchange(endpoint, &template, trace, next, false, retry.per_try_timeout).await;
             drop(retry_slot.take());
             let Verdict::Retry(retry_after) = Self::verdict(retry, &result, false) else {
                 return self.finish(result, attempt, None);
             };
-            self.record_failure(&result, &attempt);
+            self.record_failure(&result, &mut attempt);
             let Some((body, slot, wait)) = self.retry_after_failure(retry, &body, started, retry_after) else {
                 return give_up(result, attempt);
             };
@@ -469,7 +507,7 @@ impl Attempts<'_> {
                     let limit = self.timeout.map_or(Duration::ZERO, |(limit, _)| limit);
                     let error = ProxyError::RequestTimeout(limit);
                     // Attempts still waiting count against their endpoints, as slow as the limit.
-                    for attempt in running.drain(..) {
+                    for mut attempt in running.drain(..) {
                         attempt.attempt.failed(cluster, &error);
                     }
                     return Err(error);
@@ -488,11 +526,11 @@ impl Attempts<'_> {
                     }
                 }
                 Event::Done(index, result) => {
-                    let Running { attempt, .. } = running.swap_remove(index);
+                    let Running { mut attempt, .. } = running.swap_remove(index);
                     let Verdict::Retry(retry_after) = Self::verdict(retry, &result, !running.is_empty()) else {
                         return self.finish(result, attempt, None);
                     };
-                    self.record_failure(&result, &attempt);
+                    self.record_failure(&result, &mut attempt);
                     if !running.is_empty() {
                         continue;
                     }
@@ -514,7 +552,7 @@ impl Attempts<'_> {
     fn finish(
         &self,
         result: Result<Outcome, ProxyError>,
-        attempt: Attempt,
+        mut attempt: Attempt,
         downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         match result {

@@ -181,6 +181,10 @@ pub trait Head {
     fn uri(&self) -> &http::Uri;
     /// The header fields, hop-by-hop ones removed.
     fn headers(&self) -> &HeaderMap;
+    /// Fields written after `headers` (an attempt's own trace context).
+    fn extra_headers(&self) -> &[(HeaderName, HeaderValue)] {
+        &[]
+    }
 }
 
 impl Head for http::request::Parts {
@@ -208,6 +212,10 @@ impl<T: Head + ?Sized> Head for &T {
 
     fn headers(&self) -> &HeaderMap {
         (**self).headers()
+    }
+
+    fn extra_headers(&self) -> &[(HeaderName, HeaderValue)] {
+        (**self).extra_headers()
     }
 }
 
@@ -241,7 +249,7 @@ where
 {
     let framing = request_framing(request.headers(), &body);
     let mut head = std::mem::take(&mut connection.head);
-    encode_head(request.method(), request.uri(), request.headers(), framing, connection.endpoint, &mut head);
+    encode_head(&request, framing, connection.endpoint, &mut head);
     let mut upload = Upload::new(head, body, framing);
     let head_only = request.method() == Method::HEAD;
 
@@ -324,14 +332,8 @@ fn request_framing<B: http_body::Body>(headers: &HeaderMap, body: &B) -> Framing
 }
 
 /// Writes the request line and headers into `out`.
-fn encode_head(
-    method: &Method,
-    uri: &http::Uri,
-    headers: &HeaderMap,
-    framing: Framing,
-    endpoint: SocketAddr,
-    out: &mut BytesMut,
-) {
+fn encode_head(request: &impl Head, framing: Framing, endpoint: SocketAddr, out: &mut BytesMut) {
+    let (method, uri, headers) = (request.method(), request.uri(), request.headers());
     out.clear();
     out.extend_from_slice(method.as_str().as_bytes());
     out.extend_from_slice(b" ");
@@ -347,6 +349,12 @@ fn encode_head(
         if name == CONTENT_LENGTH || name == TRANSFER_ENCODING || name == EXPECT {
             continue;
         }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    for (name, value) in request.extra_headers() {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());

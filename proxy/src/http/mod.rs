@@ -31,6 +31,7 @@ mod forward;
 pub mod h1;
 pub mod headers;
 mod mirror;
+pub(crate) mod observe;
 pub mod replay;
 pub mod tunnel;
 
@@ -59,6 +60,9 @@ use crate::timer::CoarseTimer;
 use body::{InFlight, ProxyBody, UpstreamBody};
 use client::Outcome;
 use error::ProxyError;
+use observe::{Finish, Observe};
+
+use crate::telemetry::{self, RequestStats};
 
 /// The HTTP version a downstream connection speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -198,7 +202,11 @@ async fn proxy(
     mut request: Request<Incoming>,
     connection: Arc<HttpConnection>,
 ) -> Result<Response<ProxyBody>, Infallible> {
-    let result = match plan(&mut request, &connection) {
+    let arrived = Instant::now();
+    let (observe, unsampled) = observe::begin(&mut request, &connection);
+    let grpc = observe::is_grpc(request.headers());
+    let mut routed = None;
+    let result = match plan(&mut request, &connection, &mut routed, observe.as_ref(), unsampled) {
         Err(error) => Err(error),
         Ok(Plan::Connect(cluster)) => {
             // Boxed in its own statement (see `client::send_http2`): rare, and large.
@@ -214,11 +222,20 @@ async fn proxy(
             let policed = Box::pin(forward::policed(request, policed, &connection));
             policed.await
         }
-        Ok(Plan::Forward(Forward { cluster, endpoint, version, upgrade, downstream_upgrade, attempt })) => {
+        Ok(Plan::Forward(Forward {
+            cluster,
+            endpoint,
+            version,
+            upgrade,
+            downstream_upgrade,
+            attempt,
+            traceparent,
+        })) => {
             // Phase 4, connect and send.
             let outcome = match version {
                 client::Version::Http1 => {
-                    let (head, body) = request.into_parts();
+                    let (parts, body) = request.into_parts();
+                    let head = Outgoing { parts, traceparent: traceparent.map(|v| (telemetry::trace::TRACEPARENT, v)) };
                     client::send_http1(&cluster, endpoint, head, UpstreamBody::Direct(body), upgrade).await
                 }
                 client::Version::Http2 => {
@@ -230,6 +247,7 @@ async fn proxy(
             match outcome {
                 Ok(outcome) => respond(outcome, &cluster, downstream_upgrade, &connection, attempt),
                 Err(error) => {
+                    let mut attempt = attempt;
                     attempt.failed(&cluster, &error);
                     Err(error)
                 }
@@ -240,37 +258,63 @@ async fn proxy(
         debug!(listener = %connection.listener.name, %error, "request failed");
         error.to_response()
     });
-    // Phase 6, record (the listener's part).
-    connection.listener.stats.record_response(response.status().as_u16());
-    Ok(response)
+    // Phase 6, record (the listener's and the route's part; the rest when the body ends).
+    let status = response.status().as_u16();
+    connection.listener.stats.record_response(status);
+    if let Some(stats) = &routed {
+        stats.record(status, arrived.elapsed());
+    }
+    if observe.is_none() && !grpc {
+        return Ok(response);
+    }
+    let finish = Finish::new(observe, &connection, routed.as_ref(), grpc, status, response.headers(), arrived);
+    Ok(response.map(|body| body.finish(finish)))
 }
 
 /// What the data path keeps of one attempt on an endpoint: what outlier detection and the ewma
-/// balancer learn from it, and what counts it in flight. Empty (and free) for a plain round-robin
-/// cluster with no breakers.
-#[derive(Debug, Default)]
+/// balancer learn from it, what counts it in flight, and its span when the request is traced.
+#[derive(Debug)]
 pub(crate) struct Attempt {
-    /// The endpoint and when the attempt started, when the cluster observes outcomes.
-    observed: Option<(Arc<EndpointState>, Instant)>,
+    /// The endpoint, when the cluster observes outcomes.
+    observed: Option<Arc<EndpointState>>,
+    started: Instant,
     in_flight: InFlight,
 }
 
 impl Attempt {
-    /// Starts an attempt on `picked` for `cluster`, holding the breaker slot `slot`.
-    fn start(cluster: &Cluster, picked: &Picked<'_>, slot: Option<crate::policy::breaker::Slot>) -> Attempt {
+    /// Starts an attempt on `picked` for `cluster`, holding the breaker slot `slot`; counted by
+    /// `observe` if something observes the request.
+    fn start(
+        cluster: &Cluster,
+        picked: &Picked<'_>,
+        slot: Option<crate::policy::breaker::Slot>,
+        observe: Option<(&Observe, &HttpConnection)>,
+    ) -> Attempt {
+        let span = observe.and_then(|(observe, connection)| observe.attempt(connection, &cluster.name, picked.address));
+        let started = Instant::now();
         let Some(member) = picked.member else {
-            return Attempt { observed: None, in_flight: InFlight { active: None, slot } };
+            return Attempt { observed: None, started, in_flight: InFlight { active: None, slot, span } };
         };
         Attempt {
-            observed: cluster.observes.then(|| (member.state.clone(), Instant::now())),
-            in_flight: InFlight { active: cluster.counts_active.then(|| member.state.start()), slot },
+            observed: cluster.observes.then(|| member.state.clone()),
+            started,
+            in_flight: InFlight { active: cluster.counts_active.then(|| member.state.start()), slot, span },
         }
     }
 
+    /// The trace headers this attempt sends, when the request is traced.
+    fn trace_headers(&self) -> Option<Vec<(http::header::HeaderName, http::HeaderValue)>> {
+        self.in_flight.span.as_ref().map(|span| span.headers())
+    }
+
     /// Records a response with `status`.
-    fn observe_response(&self, cluster: &Cluster, status: u16) {
-        if let Some((endpoint, started)) = &self.observed {
-            cluster.observe(endpoint, Observed::from_status(status), *started);
+    fn observe_response(&mut self, cluster: &Cluster, status: u16) {
+        cluster.stats.attempt_duration.observe(self.started.elapsed());
+        if let Some(endpoint) = &self.observed {
+            cluster.observe(endpoint, Observed::from_status(status), self.started);
+        }
+        if let Some(span) = &mut self.in_flight.span {
+            span.set_status(status);
         }
     }
 
@@ -280,7 +324,10 @@ impl Attempt {
     }
 
     /// Records a failure, if it says something about the endpoint.
-    fn failed(&self, cluster: &Cluster, error: &ProxyError) {
+    fn failed(&mut self, cluster: &Cluster, error: &ProxyError) {
+        if let Some(span) = &mut self.in_flight.span {
+            span.set_error(error.status_and_reason().1);
+        }
         let endpoint_failed = matches!(
             error,
             ProxyError::Connect(_)
@@ -289,8 +336,8 @@ impl Attempt {
                 | ProxyError::RequestTimeout(_)
                 | ProxyError::Http1(h1::Error::Io(_) | h1::Error::Closed | h1::Error::Protocol(_))
         );
-        if endpoint_failed && let Some((endpoint, started)) = &self.observed {
-            cluster.observe(endpoint, Observed::NoResponse, *started);
+        if endpoint_failed && let Some(endpoint) = &self.observed {
+            cluster.observe(endpoint, Observed::NoResponse, self.started);
         }
     }
 }
@@ -303,6 +350,33 @@ struct Forward {
     upgrade: bool,
     downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
     attempt: Attempt,
+    /// A new unsampled trace's context, written after the head's fields (HTTP/1.1).
+    traceparent: Option<http::HeaderValue>,
+}
+
+/// An HTTP/1.1 request head on the plain path, with the `traceparent` of a new unsampled trace
+/// written after its fields rather than inserted into them (an insert costs more than the write).
+struct Outgoing {
+    parts: http::request::Parts,
+    traceparent: Option<(http::header::HeaderName, http::HeaderValue)>,
+}
+
+impl h1::Head for Outgoing {
+    fn method(&self) -> &Method {
+        &self.parts.method
+    }
+
+    fn uri(&self) -> &http::Uri {
+        &self.parts.uri
+    }
+
+    fn headers(&self) -> &http::HeaderMap {
+        &self.parts.headers
+    }
+
+    fn extra_headers(&self) -> &[(http::header::HeaderName, http::HeaderValue)] {
+        self.traceparent.as_slice()
+    }
 }
 
 /// What to do with a request, decided before any await.
@@ -320,7 +394,14 @@ enum Plan {
 /// Phases 1 to 3. Route: resolved entirely from one snapshot load, before any await, so a config
 /// swap can never change a request half-way. Balance: the cluster's next endpoint, within its
 /// breakers. Prepare: the request reshaped, in place, for the endpoint's version.
-fn plan(request: &mut Request<Incoming>, connection: &HttpConnection) -> Result<Plan, ProxyError> {
+/// `routed` receives the counters of the route (and cluster) that took the request.
+fn plan(
+    request: &mut Request<Incoming>,
+    connection: &HttpConnection,
+    routed: &mut Option<Arc<RequestStats>>,
+    observe: Option<&Arc<Observe>>,
+    unsampled: Option<http::HeaderValue>,
+) -> Result<Plan, ProxyError> {
     // Route.
     let (cluster, policy) = {
         let snapshot = connection.data.snapshot.load();
@@ -329,9 +410,15 @@ fn plan(request: &mut Request<Incoming>, connection: &HttpConnection) -> Result<
             Some(table) => {
                 let route =
                     table.route(request.method(), request.uri(), request.headers()).ok_or(ProxyError::NoRoute)?;
-                (route.pick_cluster().cloned().ok_or(ProxyError::NoRoute)?, route.policy.clone())
+                let backend = route.pick_backend().ok_or(ProxyError::NoRoute)?;
+                *routed = Some(backend.stats.for_direction(listener.direction.label()).clone());
+                (backend.cluster.clone(), route.policy.clone())
             }
-            None => (listener.default_cluster.clone().ok_or(ProxyError::NoRoute)?, None),
+            None => {
+                let cluster = listener.default_cluster.clone().ok_or(ProxyError::NoRoute)?;
+                routed.clone_from(&listener.default_stats);
+                (cluster, None)
+            }
         }
     };
     // Admit, by the route's policy.
@@ -350,7 +437,17 @@ fn plan(request: &mut Request<Incoming>, connection: &HttpConnection) -> Result<
     let upgrade = headers::is_upgrade(request);
     let downstream_version = request.version();
     let version = upstream_version(cluster.protocol, downstream_version, upgrade);
-    if let Some(policy) = policy.filter(|p| delay.is_some() || p.forwards()) {
+    let policed = policy.filter(|p| delay.is_some() || p.forwards());
+    // A new unsampled trace's context: written by the plain HTTP/1.1 path itself, inserted for
+    // the others.
+    let traceparent = match unsampled {
+        Some(value) if policed.is_some() || version == client::Version::Http2 => {
+            request.headers_mut().insert(telemetry::trace::TRACEPARENT, value);
+            None
+        }
+        other => other,
+    };
+    if let Some(policy) = policed {
         // Prepared once for all attempts. The endpoint only fills in a missing HTTP/2 authority;
         // before any is picked, the original destination (or the listener) stands in.
         let host_fallback = connection.original_destination.unwrap_or(connection.listener.address);
@@ -359,6 +456,7 @@ fn plan(request: &mut Request<Incoming>, connection: &HttpConnection) -> Result<
         return Ok(Plan::Policed(forward::Policed {
             cluster,
             policy,
+            observe: observe.cloned(),
             delay,
             version,
             downstream_version,
@@ -372,11 +470,14 @@ fn plan(request: &mut Request<Incoming>, connection: &HttpConnection) -> Result<
         .ok_or_else(|| no_endpoint(&cluster))?;
     let slot = cluster.breakers.request(&cluster.stats).map_err(|b| ProxyError::Overflow(cluster.name.clone(), b))?;
     let endpoint = picked.address;
-    let attempt = Attempt::start(&cluster, &picked, slot);
+    let attempt = Attempt::start(&cluster, &picked, slot, observe.map(|o| (&**o, connection)));
     // Prepare.
     headers::prepare_request(request, version, endpoint, upgrade);
+    if let Some(trace) = attempt.trace_headers() {
+        request.headers_mut().extend(trace);
+    }
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut *request));
-    Ok(Plan::Forward(Forward { cluster, endpoint, version, upgrade, downstream_upgrade, attempt }))
+    Ok(Plan::Forward(Forward { cluster, endpoint, version, upgrade, downstream_upgrade, attempt, traceparent }))
 }
 
 /// The version to speak to a cluster with `protocol`, for a request in `downstream` version.
@@ -408,6 +509,7 @@ fn respond(
 ) -> Result<Response<ProxyBody>, ProxyError> {
     match (outcome, downstream_upgrade) {
         (Outcome::Response(response), _) => {
+            let mut attempt = attempt;
             let status = response.status().as_u16();
             cluster.stats.record_response(status);
             attempt.observe_response(cluster, status);
@@ -415,6 +517,7 @@ fn respond(
             Ok(response.map(|body| body.hold(in_flight)))
         }
         (Outcome::Switched(head, upstream, early), Some(downstream)) => {
+            let mut attempt = attempt;
             let status = head.status().as_u16();
             cluster.stats.record_response(status);
             attempt.observe_response(cluster, status);

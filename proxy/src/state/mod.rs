@@ -26,7 +26,7 @@ use remora_control_api::{Kind, Resource, v1};
 
 use crate::limits;
 use crate::policy::RateLimiter;
-use crate::telemetry::{ListenerStats, Metrics};
+use crate::telemetry::{ListenerStats, Metrics, RequestStats};
 use cluster::{Cluster, OwnLocality};
 use routes::{RouteIndex, RouteTable};
 
@@ -89,6 +89,8 @@ pub struct ListenerConfig {
     pub routes: RouteIndex,
     /// Where unclaimed traffic goes.
     pub default_cluster: Option<Arc<Cluster>>,
+    /// The counters of requests that went to the default cluster (route `""`).
+    pub default_stats: Option<Arc<RequestStats>>,
     /// The listener's counters.
     pub stats: Arc<ListenerStats>,
 }
@@ -145,7 +147,7 @@ impl Snapshot {
         let mut tables: Vec<(Arc<RouteTable>, Vec<Destination>)> = Vec::new();
         for resource in &resources {
             let Resource::RouteTable(t) = resource else { continue };
-            let compiled = RouteTable::compile(t, &find_cluster)
+            let compiled = RouteTable::compile(t, &find_cluster, metrics)
                 .map_err(|e| fail(Kind::RouteTable, &t.name, e.field, e.message))?;
             let mut destinations = Vec::with_capacity(t.destinations.len());
             for (i, d) in t.destinations.iter().enumerate() {
@@ -239,6 +241,9 @@ fn compile_listener(
             RateLimiter::new(limit.connections_per_second, burst)
         }),
         routes: RouteIndex::new(served),
+        default_stats: default_cluster
+            .as_ref()
+            .map(|c| metrics.route("", &c.name).for_direction(direction.label()).clone()),
         default_cluster,
         stats: metrics.listener(&l.name, direction.label()),
     })

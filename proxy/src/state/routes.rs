@@ -19,6 +19,7 @@ use remora_control_api::validate::Destination;
 use crate::balance::WeightedChoice;
 use crate::policy::RoutePolicy;
 use crate::state::cluster::Cluster;
+use crate::telemetry::{Metrics, RouteStats};
 
 /// How a path is matched.
 #[derive(Debug)]
@@ -101,15 +102,29 @@ pub struct Route {
     /// The route's name (may be empty).
     pub name: Arc<str>,
     matcher: RouteMatcher,
-    backends: WeightedChoice<Arc<Cluster>>,
+    backends: WeightedChoice<Backend>,
     /// Timeout, faults, rate limit; `None` for a route that asks for none of them.
     pub policy: Option<Arc<RoutePolicy>>,
 }
 
+/// One of a route's clusters, with the route's counters for it.
+#[derive(Debug)]
+pub struct Backend {
+    /// The cluster.
+    pub cluster: Arc<Cluster>,
+    /// Requests this route sent it, by direction (`route_requests` and friends).
+    pub stats: RouteStats,
+}
+
 impl Route {
+    /// The backend for one request, by the backends' weights.
+    pub fn pick_backend(&self) -> Option<&Backend> {
+        self.backends.pick()
+    }
+
     /// The cluster for one request, by the backends' weights.
     pub fn pick_cluster(&self) -> Option<&Arc<Cluster>> {
-        self.backends.pick()
+        self.pick_backend().map(|b| &b.cluster)
     }
 }
 
@@ -141,10 +156,12 @@ pub struct RouteError {
 }
 
 impl RouteTable {
-    /// Compiles a table. `cluster` resolves a cluster name.
+    /// Compiles a table. `cluster` resolves a cluster name; `metrics` gives each route backend its
+    /// counters, labelled `TABLE/ROUTE` (an unnamed route by its position: `TABLE/#0`).
     pub fn compile(
         table: &v1::RouteTable,
         cluster: &dyn Fn(&str) -> Option<Arc<Cluster>>,
+        metrics: &Metrics,
     ) -> Result<RouteTable, RouteError> {
         let fail = |field: String, message: String| RouteError { field, message };
         let find = |field: String, name: &str| {
@@ -154,10 +171,15 @@ impl RouteTable {
         for (i, route) in table.routes.iter().enumerate() {
             let matcher = compile_match(route.r#match.as_ref())
                 .map_err(|(field, message)| fail(format!("routes[{i}].match.{field}"), message))?;
+            let label = match route.name.as_str() {
+                "" => format!("{}/#{i}", table.name),
+                name => format!("{}/{name}", table.name),
+            };
             let mut backends = Vec::with_capacity(route.backends.len());
             for (j, backend) in route.backends.iter().enumerate() {
                 let cluster = find(format!("routes[{i}].backends[{j}].cluster"), &backend.cluster)?;
-                backends.push((cluster, backend.weight.unwrap_or(1)));
+                let stats = metrics.route(&label, &backend.cluster);
+                backends.push((Backend { cluster, stats }, backend.weight.unwrap_or(1)));
             }
             let policy = RoutePolicy::compile(route, cluster)
                 .map_err(|(field, message)| fail(format!("routes[{i}].{field}"), message))?
@@ -349,7 +371,7 @@ mod tests {
     fn table(yaml: &str) -> RouteTable {
         let file = remora_control_api::config::parse(yaml, "t").unwrap();
         let remora_control_api::Resource::RouteTable(table) = &file.resources[0] else { panic!() };
-        RouteTable::compile(table, &|name| Some(cluster(name))).unwrap()
+        RouteTable::compile(table, &|name| Some(cluster(name)), &Metrics::new()).unwrap()
     }
 
     fn route_for<'t>(table: &'t RouteTable, method: &str, uri: &str, headers: &[(&str, &str)]) -> Option<&'t str> {

@@ -1,14 +1,26 @@
-//! Metrics: the Prometheus registry and the pre-resolved counters the data path bumps.
+//! Telemetry: the Prometheus registry and the pre-resolved counters the data path bumps (here),
+//! latency histograms (`histogram`), traces exported over OTLP (`trace`, `export`), the access log
+//! (`access_log`), and the process's log filter, changeable at runtime (`logging`).
 //!
 //! Label lookups (a hash and a lock in `prometheus-client`'s `Family`) happen when a snapshot is
-//! built, never per request: each listener and cluster gets a [`ListenerStats`] / [`ClusterStats`]
-//! holding its counters, and the data path only does atomic adds on them. The same labels always
-//! resolve to the same counters, so totals run on across config reloads. `/metrics` renders the
-//! registry through [`Metrics::encode`].
+//! built, or once when a route first sees a status code, never per request after that: each
+//! listener, cluster and route backend gets a [`ListenerStats`] / [`ClusterStats`] /
+//! [`RequestStats`] holding its counters, and the data path only does atomic adds on them. The same
+//! labels always resolve to the same counters, so totals run on across config reloads. `/metrics`
+//! renders the registry through [`Metrics::encode`].
 //!
-//! Labels are bounded by config (listener and cluster names, status classes), never by traffic.
+//! Labels are bounded by config (listener, route and cluster names), by HTTP (status codes, gRPC
+//! status codes), or by a fixed list (reasons, results), never by traffic: no path, peer or
+//! endpoint address is ever a label.
 
-use std::sync::Arc;
+pub mod access_log;
+pub mod export;
+pub mod histogram;
+pub mod logging;
+pub mod trace;
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -18,6 +30,7 @@ use prometheus_client::registry::Registry;
 
 use crate::balance::outlier::EjectReason;
 use crate::policy::breaker::Breaker;
+pub use histogram::Histogram;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ListenerLabels {
@@ -69,6 +82,123 @@ struct ResultLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VersionLabels {
     version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    direction: &'static str,
+    route: String,
+    cluster: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabels {
+    direction: &'static str,
+    route: String,
+    cluster: String,
+    code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GrpcLabels {
+    direction: &'static str,
+    route: String,
+    cluster: String,
+    grpc_status: u32,
+}
+
+/// The metric families per route, shared (they are handles) by every [`RouteStats`].
+#[derive(Clone, Debug, Default)]
+struct RouteFamilies {
+    requests: Family<CodeLabels, Counter>,
+    grpc: Family<GrpcLabels, Counter>,
+    duration: Family<RouteLabels, Histogram>,
+}
+
+/// The status codes whose counters a route keeps at hand, once first seen; others take a lookup.
+const COMMON_CODES: [u16; 17] = [200, 201, 202, 204, 301, 302, 304, 400, 401, 403, 404, 408, 429, 500, 502, 503, 504];
+
+/// gRPC status codes: 0 (OK) to 16 (UNAUTHENTICATED).
+const GRPC_CODES: usize = 17;
+
+/// What one route backend counts for one direction: responses by status code and gRPC status, and
+/// the time to the response head.
+#[derive(Debug)]
+pub struct RequestStats {
+    labels: RouteLabels,
+    /// The route label again, shared with spans without a copy.
+    route: Arc<str>,
+    families: RouteFamilies,
+    codes: [OnceLock<Counter>; COMMON_CODES.len()],
+    grpc: [OnceLock<Counter>; GRPC_CODES],
+    duration: Histogram,
+}
+
+impl RequestStats {
+    fn new(families: &RouteFamilies, labels: RouteLabels) -> RequestStats {
+        RequestStats {
+            duration: families.duration.get_or_create_owned(&labels),
+            route: labels.route.as_str().into(),
+            families: families.clone(),
+            labels,
+            codes: Default::default(),
+            grpc: Default::default(),
+        }
+    }
+
+    /// The route label: `TABLE/ROUTE`, or empty for a listener's default cluster.
+    pub fn route(&self) -> &Arc<str> {
+        &self.route
+    }
+
+    /// Counts one response with `status`, `elapsed` after the request arrived.
+    pub fn record(&self, status: u16, elapsed: Duration) {
+        self.duration.observe(elapsed);
+        let code_labels = || CodeLabels {
+            direction: self.labels.direction,
+            route: self.labels.route.clone(),
+            cluster: self.labels.cluster.clone(),
+            code: status,
+        };
+        match COMMON_CODES.iter().position(|c| *c == status) {
+            Some(i) => self.codes[i].get_or_init(|| self.families.requests.get_or_create_owned(&code_labels())).inc(),
+            None => self.families.requests.get_or_create(&code_labels()).inc(),
+        };
+    }
+
+    /// Counts one gRPC call that ended with `code` (codes above 16 count as 2, UNKNOWN).
+    pub fn record_grpc(&self, code: u32) {
+        let code = if (code as usize) < GRPC_CODES { code } else { 2 };
+        let labels = || GrpcLabels {
+            direction: self.labels.direction,
+            route: self.labels.route.clone(),
+            cluster: self.labels.cluster.clone(),
+            grpc_status: code,
+        };
+        self.grpc[code as usize].get_or_init(|| self.families.grpc.get_or_create_owned(&labels())).inc();
+    }
+}
+
+/// The counters of one route backend (a route and one of its clusters), per direction, made when
+/// a listener of that direction first sends it a request (a route table may serve both).
+#[derive(Debug)]
+pub struct RouteStats {
+    families: RouteFamilies,
+    route: String,
+    cluster: String,
+    inbound: OnceLock<Arc<RequestStats>>,
+    outbound: OnceLock<Arc<RequestStats>>,
+}
+
+impl RouteStats {
+    /// The counters for requests from a listener of `direction` (`inbound` or `outbound`).
+    pub fn for_direction(&self, direction: &'static str) -> &Arc<RequestStats> {
+        let slot = if direction == "inbound" { &self.inbound } else { &self.outbound };
+        slot.get_or_init(|| {
+            let labels = RouteLabels { direction, route: self.route.clone(), cluster: self.cluster.clone() };
+            Arc::new(RequestStats::new(&self.families, labels))
+        })
+    }
 }
 
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -153,6 +283,8 @@ pub struct ClusterStats {
     pub healthy_endpoints: Gauge,
     /// Endpoints ejected by outlier detection now.
     pub ejected_endpoints: Gauge,
+    /// Time from sending an attempt to its response head, per attempt.
+    pub attempt_duration: Histogram,
     overflows: [Counter; 4],
     ejections: [Counter; 4],
     responses: [Counter; 5],
@@ -218,6 +350,10 @@ pub struct Metrics {
     workers: Gauge,
     control_plane_connected: Gauge,
     xds_updates: Family<XdsLabels, Counter>,
+    routes: RouteFamilies,
+    upstream_duration: Family<ClusterLabels, Histogram>,
+    spans: Family<ResultLabels, Counter>,
+    access_log_lines: Family<ResultLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -268,6 +404,10 @@ impl Metrics {
             workers: Gauge::default(),
             control_plane_connected: Gauge::default(),
             xds_updates: Family::default(),
+            routes: RouteFamilies::default(),
+            upstream_duration: Family::default(),
+            spans: Family::default(),
+            access_log_lines: Family::default(),
         };
         let r = &mut metrics.registry;
         r.register("listener_connections", "Downstream connections accepted", metrics.listener_connections.clone());
@@ -373,7 +513,58 @@ impl Metrics {
             "Control-plane updates, by resource type and result (ack, nack)",
             metrics.xds_updates.clone(),
         );
+        r.register(
+            "route_requests",
+            "HTTP responses sent downstream for requests a route (or a listener's default cluster, route \"\") took, by direction, route, cluster and status code",
+            metrics.routes.requests.clone(),
+        );
+        r.register(
+            "route_grpc_responses",
+            "gRPC calls answered, by direction, route, cluster and grpc-status (from the trailers, or the headers of a trailers-only answer)",
+            metrics.routes.grpc.clone(),
+        );
+        r.register(
+            "route_request_duration_seconds",
+            "Time from a request's arrival to its response head, by direction, route and cluster",
+            metrics.routes.duration.clone(),
+        );
+        r.register(
+            "upstream_request_duration_seconds",
+            "Time from sending one attempt to an endpoint to its response head, by cluster (every attempt, retries included)",
+            metrics.upstream_duration.clone(),
+        );
+        r.register(
+            "trace_spans",
+            "Spans finished, by result (exported; dropped: the export queue was full; failed: the collector refused or could not be reached)",
+            metrics.spans.clone(),
+        );
+        r.register(
+            "access_log_lines",
+            "Access log lines, by result (written; dropped: the writer fell behind and its queue was full)",
+            metrics.access_log_lines.clone(),
+        );
         metrics
+    }
+
+    /// The counters of one route backend: `route` (its table and name) sending to `cluster`.
+    pub fn route(&self, route: &str, cluster: &str) -> RouteStats {
+        RouteStats {
+            families: self.routes.clone(),
+            route: route.to_owned(),
+            cluster: cluster.to_owned(),
+            inbound: OnceLock::new(),
+            outbound: OnceLock::new(),
+        }
+    }
+
+    /// The span counters: exported, dropped, failed.
+    pub fn span_counters(&self) -> [Counter; 3] {
+        ["exported", "dropped", "failed"].map(|result| self.spans.get_or_create_owned(&ResultLabels { result }))
+    }
+
+    /// The access-log counters: written, dropped.
+    pub fn access_log_counters(&self) -> [Counter; 2] {
+        ["written", "dropped"].map(|result| self.access_log_lines.get_or_create_owned(&ResultLabels { result }))
     }
 
     /// The counters of listener `name`; the same name always yields the same counters.
@@ -429,6 +620,7 @@ impl Metrics {
             health_checks_failed: self.health_checks.get_or_create_owned(&result("fail")),
             healthy_endpoints: self.endpoints_healthy.get_or_create_owned(&labels),
             ejected_endpoints: self.endpoints_ejected.get_or_create_owned(&labels),
+            attempt_duration: self.upstream_duration.get_or_create_owned(&labels),
             overflows,
             ejections,
             responses,
@@ -463,11 +655,45 @@ impl Metrics {
         self.workers.set(i64::try_from(workers).unwrap_or(i64::MAX));
     }
 
-    /// Renders every metric in the OpenMetrics text format that Prometheus scrapes.
+    /// Renders every metric in the OpenMetrics text format (what Prometheus asks for first).
     pub fn encode(&self) -> String {
         let mut out = String::with_capacity(16 * 1024);
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Renders every metric in the Prometheus text format 0.0.4 (what `promtool`, older scrapers
+    /// and people with curl read): the OpenMetrics text, with each counter's `HELP` and `TYPE`
+    /// naming its `_total` samples, and no `# EOF`.
+    pub fn encode_prometheus(&self) -> String {
+        let open_metrics = self.encode();
+        let mut out = String::with_capacity(open_metrics.len());
+        let mut help: Option<&str> = None;
+        for line in open_metrics.lines() {
+            if line.starts_with("# HELP ") {
+                if let Some(previous) = help.replace(line) {
+                    out.push_str(previous);
+                    out.push('\n');
+                }
+                continue;
+            }
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap_or((rest, ""));
+                let suffix = if kind == "counter" { "_total" } else { "" };
+                if let Some(help_line) = help.take() {
+                    let text = help_line.strip_prefix("# HELP ").and_then(|h| h.split_once(' ')).map_or("", |(_, t)| t);
+                    out.push_str(&format!("# HELP {name}{suffix} {text}\n"));
+                }
+                out.push_str(&format!("# TYPE {name}{suffix} {kind}\n"));
+                continue;
+            }
+            if line == "# EOF" || line.starts_with("# UNIT ") {
+                continue;
+            }
+            out.push_str(line);
+            out.push('\n');
+        }
         out
     }
 }
@@ -493,6 +719,17 @@ mod tests {
         );
         assert!(text.contains(r#"status_class="5xx"} 2"#), "{text}");
         assert!(text.contains(r#"remora_upstream_responses_total{cluster="shop",status_class="4xx"} 1"#), "{text}");
+    }
+
+    #[test]
+    fn the_prometheus_text_names_counters_by_their_samples() {
+        let metrics = Metrics::new();
+        metrics.listener("web", "outbound").record_response(200);
+        let text = metrics.encode_prometheus();
+        assert!(text.contains("# TYPE remora_requests_total counter\n"), "{text}");
+        assert!(text.contains("# HELP remora_requests_total HTTP responses"), "{text}");
+        assert!(text.contains("# TYPE remora_workers gauge\n"), "{text}");
+        assert!(!text.contains("# EOF"), "{text}");
     }
 
     #[test]

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Instructions per request, per thread, of Remora under callgrind on the HTTP/1.1 peer scenario:
+# for each config named (files in benches/peers/, default: h1 h1-trace-1pct h1-trace-all), Remora
+# runs under valgrind against the peer kit's nginx backend (and the OTLP sink of
+# otlp-sink-nginx.conf), wrk sends 15 s of keep-alive requests over 8 connections, and the user-space
+# instructions of each Remora thread are divided by the requests served. Counting instructions
+# does not see this machine's timing noise, so small costs show.
+#
+# Usage: benches/callgrind-cost.sh [CONFIG...]        Env: PEERS_DIR, REMORA (as peers.sh)
+set -u
+root=$(cd "$(dirname "$0")/.." && pwd)
+BENCH_DIR=${PEERS_DIR:-$root/../shared/bench}
+remora=${REMORA:-$root/target/release/remora}
+[ -f "$BENCH_DIR/lib.sh" ] || { echo "peer kit not found at $BENCH_DIR (set PEERS_DIR)" >&2; exit 2; }
+command -v valgrind >/dev/null || { echo "needs valgrind (apt-get install valgrind)" >&2; exit 2; }
+[ -x "$remora" ] || (cd "$root" && cargo build --release --bin remora)
+. "$BENCH_DIR/lib.sh"
+trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null' EXIT
+start_backend
+taskset -c 0 nginx -c "$root/benches/peers/otlp-sink-nginx.conf" >/dev/null 2>&1 &
+wait_port 18318
+[ $# -gt 0 ] || set -- h1 h1-trace-1pct h1-trace-all
+for config in "$@"; do
+  out=$(mktemp -d)
+  valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file="$out/cg.out" \
+    "$remora" proxy --config "$root/benches/peers/$config.yaml" >"$out/log" 2>&1 & P=$!
+  wait_port 18083; sleep 1
+  requests=$(taskset -c 0 wrk -t1 -c8 -d15s http://127.0.0.1:18083/ | awk '/requests in/{print $1}')
+  kill -INT $P; wait $P 2>/dev/null
+  for f in "$out"/cg.out-*; do
+    thread=$(awk '/^thread:/ {print $2; exit}' "$f")
+    ir=$(awk '/^summary:/ {print $2}' "$f")
+    printf '%-14s thread %-3s %8.0f instructions/request\n' "$config" "${thread:-?}" "$(echo "$ir / $requests" | bc -l)"
+  done
+  echo "$config: $requests requests"
+  rm -rf "$out"
+done

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# What tracing costs on the HTTP/1.1 peer scenario: Remora with benches/peers/h1.yaml (tracing
+# off), h1-trace-1pct.yaml (1% of new traces sampled) and h1-trace-all.yaml (every request traced),
+# alternated RUNS times (default 3), each pinned alone on CPU 1 against the peer kit's nginx
+# backend, wrk on CPU 0 (the kit's run_wrk). Spans go over OTLP/HTTP to an nginx sink on CPU 0
+# (benches/peers/otlp-sink-nginx.conf). Prints each run, the mean CPU microseconds per request of
+# each config, and the spans exported, dropped and failed by the last run of each.
+#
+# Usage: benches/trace-cost.sh        Env: DUR (default 10), RUNS, PEERS_DIR, REMORA (as peers.sh)
+set -u
+root=$(cd "$(dirname "$0")/.." && pwd)
+BENCH_DIR=${PEERS_DIR:-$root/../shared/bench}
+remora=${REMORA:-$root/target/release/remora}
+[ -f "$BENCH_DIR/lib.sh" ] || { echo "peer kit not found at $BENCH_DIR (set PEERS_DIR)" >&2; exit 2; }
+[ -x "$remora" ] || (cd "$root" && cargo build --release --bin remora)
+. "$BENCH_DIR/lib.sh"
+trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null' EXIT
+start_backend
+taskset -c 0 nginx -c "$root/benches/peers/otlp-sink-nginx.conf" >/dev/null 2>&1 &
+wait_port 18318
+results=$(mktemp)
+for _ in $(seq "${RUNS:-3}"); do
+  for config in h1 h1-trace-1pct h1-trace-all; do
+    taskset -c 1 "$remora" proxy --config "$root/benches/peers/$config.yaml" >/tmp/bench-trace.log 2>&1 & P=$!
+    wait_port 18083
+    line=$(run_wrk "$config" 18083 $P); echo "$line"; echo "$line" >>"$results"
+    admin=$(sed -n 's/.*admin=\([0-9.:]*\).*/\1/p' /tmp/bench-trace.log | head -1)
+    sleep 1.5
+    spans=$(curl -s "http://$admin/metrics" | awk '/^remora_trace_spans_total/ {printf "%s ", $0}')
+    [ -n "$spans" ] && echo "  $spans"
+    kill $P; wait $P 2>/dev/null
+  done
+done
+awk '{for (i = 2; i <= NF; i++) if ($i ~ /^cpu_us\/req=/) { split($i, v, "="); sum[$1] += v[2]; n[$1]++ } }
+     END { off = sum["h1"] / n["h1"]; one = sum["h1-trace-1pct"] / n["h1-trace-1pct"]; all = sum["h1-trace-all"] / n["h1-trace-all"];
+           printf "mean cpu_us/req: tracing off %.2f, 1%% sampled %.2f (%+.1f%%), all sampled %.2f (%+.1f%%)\n", off, one, (one / off - 1) * 100, all, (all / off - 1) * 100 }' "$results"
+rm -f "$results"

@@ -1,0 +1,324 @@
+//! The access log: one JSON line per HTTP request and per opaque TCP connection, to stdout or a
+//! file, with the fields the bootstrap names.
+//!
+//! The data path fills an [`Entry`] when a request's response ends (or a connection closes) and
+//! hands it to [`AccessLog::write`], which formats the line on the worker and passes it to a writer
+//! thread through a bounded queue without waiting: a writer that falls behind (a full disk, a slow
+//! pipe) costs dropped lines, counted, never request latency. The writer flushes whenever its queue
+//! runs empty, so lines appear promptly at low traffic and in large writes at high.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::metrics::counter::Counter;
+
+/// Lines queued for the writer before new ones are dropped.
+const QUEUE_LINES: usize = 16 * 1024;
+
+/// One field of a line: its name, and whether HTTP and TCP lines carry it.
+struct FieldInfo {
+    name: &'static str,
+    http: bool,
+    tcp: bool,
+}
+
+/// Every field, in the default order.
+const FIELDS: [FieldInfo; 22] = [
+    FieldInfo { name: "start_time", http: true, tcp: true },
+    FieldInfo { name: "duration_ms", http: true, tcp: true },
+    FieldInfo { name: "protocol", http: true, tcp: true },
+    FieldInfo { name: "listener", http: true, tcp: true },
+    FieldInfo { name: "direction", http: true, tcp: true },
+    FieldInfo { name: "method", http: true, tcp: false },
+    FieldInfo { name: "authority", http: true, tcp: false },
+    FieldInfo { name: "path", http: true, tcp: false },
+    FieldInfo { name: "status", http: true, tcp: false },
+    FieldInfo { name: "grpc_status", http: true, tcp: false },
+    FieldInfo { name: "request_bytes", http: true, tcp: false },
+    FieldInfo { name: "response_bytes", http: true, tcp: false },
+    FieldInfo { name: "bytes_received", http: false, tcp: true },
+    FieldInfo { name: "bytes_sent", http: false, tcp: true },
+    FieldInfo { name: "route", http: true, tcp: false },
+    FieldInfo { name: "upstream_cluster", http: true, tcp: true },
+    FieldInfo { name: "upstream_endpoint", http: true, tcp: true },
+    FieldInfo { name: "attempts", http: true, tcp: false },
+    FieldInfo { name: "peer", http: true, tcp: true },
+    FieldInfo { name: "peer_identity", http: true, tcp: true },
+    FieldInfo { name: "trace_id", http: true, tcp: false },
+    FieldInfo { name: "response_flags", http: true, tcp: true },
+];
+
+/// The names of every field, in the default order (for docs and errors).
+pub fn field_names() -> impl Iterator<Item = &'static str> {
+    FIELDS.iter().map(|f| f.name)
+}
+
+/// What one line says. Fields that do not apply, or are unknown, are written as `null`.
+#[derive(Debug, Default)]
+pub struct Entry<'a> {
+    /// When the request arrived (the connection was accepted).
+    pub start: Option<SystemTime>,
+    /// How long until its response ended (the connection closed).
+    pub duration: Duration,
+    /// `HTTP/1.1`, `HTTP/2` or `tcp`.
+    pub protocol: &'a str,
+    /// The listener.
+    pub listener: &'a str,
+    /// `inbound` or `outbound`.
+    pub direction: &'a str,
+    /// HTTP: the method.
+    pub method: Option<&'a str>,
+    /// HTTP: the authority (`Host`).
+    pub authority: Option<&'a str>,
+    /// HTTP: the path and query.
+    pub path: Option<&'a str>,
+    /// HTTP: the status sent.
+    pub status: Option<u16>,
+    /// HTTP: the gRPC status, for gRPC.
+    pub grpc_status: Option<u32>,
+    /// HTTP: the request body's declared length (`Content-Length`).
+    pub request_bytes: Option<u64>,
+    /// HTTP: response body bytes sent.
+    pub response_bytes: Option<u64>,
+    /// TCP: bytes from the client.
+    pub bytes_received: Option<u64>,
+    /// TCP: bytes to the client.
+    pub bytes_sent: Option<u64>,
+    /// HTTP: the route (`TABLE/ROUTE`).
+    pub route: Option<&'a str>,
+    /// The cluster.
+    pub cluster: Option<&'a str>,
+    /// The (last) endpoint.
+    pub endpoint: Option<SocketAddr>,
+    /// HTTP: attempts sent.
+    pub attempts: Option<u32>,
+    /// The client's address.
+    pub peer: Option<SocketAddr>,
+    /// The client's authenticated identity (mTLS).
+    pub peer_identity: Option<&'a str>,
+    /// HTTP: the trace id, when the request was traced.
+    pub trace_id: Option<u128>,
+    /// What went wrong, as the proxy's `x-remora-error` names it.
+    pub flags: Option<&'a str>,
+}
+
+/// Where lines go and which fields they carry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccessLogSettings {
+    /// `None`: stdout.
+    pub path: Option<PathBuf>,
+    /// Indexes into the field list, in output order.
+    fields: Vec<usize>,
+}
+
+impl AccessLogSettings {
+    /// Settings for `path` (`stdout` or `-` for standard output) and `fields` (empty: all);
+    /// an unknown field name is the error.
+    pub fn new(path: &str, fields: &[String]) -> Result<AccessLogSettings, String> {
+        let path = match path {
+            "stdout" | "-" => None,
+            path => Some(PathBuf::from(path)),
+        };
+        let fields = if fields.is_empty() {
+            (0..FIELDS.len()).collect()
+        } else {
+            fields
+                .iter()
+                .map(|name| {
+                    FIELDS.iter().position(|f| f.name == name).ok_or_else(|| {
+                        format!("unknown field {name:?} (known: {})", field_names().collect::<Vec<_>>().join(", "))
+                    })
+                })
+                .collect::<Result<_, _>>()?
+        };
+        Ok(AccessLogSettings { path, fields })
+    }
+}
+
+/// The access log: see the module documentation.
+#[derive(Debug)]
+pub struct AccessLog {
+    sender: SyncSender<String>,
+    fields: Vec<usize>,
+    dropped: Counter,
+}
+
+impl AccessLog {
+    /// Opens the file (appending) or stdout and starts the writer thread. `counters` are the
+    /// written and dropped line counters.
+    pub fn open(settings: &AccessLogSettings, counters: [Counter; 2]) -> std::io::Result<Arc<AccessLog>> {
+        let out: Box<dyn std::io::Write + Send> = match &settings.path {
+            None => Box::new(std::io::stdout()),
+            Some(path) => Box::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?),
+        };
+        let (sender, receiver) = std::sync::mpsc::sync_channel(QUEUE_LINES);
+        let [written, dropped] = counters;
+        std::thread::Builder::new()
+            .name("remora-access-log".into())
+            .spawn(move || write_lines(receiver, out, &written))?;
+        Ok(Arc::new(AccessLog { sender, fields: settings.fields.clone(), dropped }))
+    }
+
+    /// Formats `entry` as one line and queues it; `http` says which fields apply.
+    pub fn write(&self, entry: &Entry<'_>, http: bool) {
+        let line = self.format(entry, http);
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.sender.try_send(line) {
+            self.dropped.inc();
+        }
+    }
+
+    fn format(&self, e: &Entry<'_>, http: bool) -> String {
+        let mut line = String::with_capacity(384);
+        line.push('{');
+        let mut first = true;
+        for &index in &self.fields {
+            let field = &FIELDS[index];
+            if !(if http { field.http } else { field.tcp }) {
+                continue;
+            }
+            if !first {
+                line.push(',');
+            }
+            first = false;
+            json_string(&mut line, field.name);
+            line.push(':');
+            match field.name {
+                "start_time" => opt_str(&mut line, e.start.map(rfc3339).as_deref()),
+                "duration_ms" => {
+                    let _ = write!(line, "{:.3}", e.duration.as_secs_f64() * 1000.0);
+                }
+                "protocol" => json_string(&mut line, e.protocol),
+                "listener" => json_string(&mut line, e.listener),
+                "direction" => json_string(&mut line, e.direction),
+                "method" => opt_str(&mut line, e.method),
+                "authority" => opt_str(&mut line, e.authority),
+                "path" => opt_str(&mut line, e.path),
+                "status" => opt_num(&mut line, e.status.map(u64::from)),
+                "grpc_status" => opt_num(&mut line, e.grpc_status.map(u64::from)),
+                "request_bytes" => opt_num(&mut line, e.request_bytes),
+                "response_bytes" => opt_num(&mut line, e.response_bytes),
+                "bytes_received" => opt_num(&mut line, e.bytes_received),
+                "bytes_sent" => opt_num(&mut line, e.bytes_sent),
+                "route" => opt_str(&mut line, e.route),
+                "upstream_cluster" => opt_str(&mut line, e.cluster),
+                "upstream_endpoint" => opt_str(&mut line, e.endpoint.map(|a| a.to_string()).as_deref()),
+                "attempts" => opt_num(&mut line, e.attempts.map(u64::from)),
+                "peer" => opt_str(&mut line, e.peer.map(|a| a.to_string()).as_deref()),
+                "peer_identity" => opt_str(&mut line, e.peer_identity),
+                "trace_id" => opt_str(&mut line, e.trace_id.map(|t| format!("{t:032x}")).as_deref()),
+                "response_flags" => opt_str(&mut line, e.flags),
+                _ => line.push_str("null"),
+            }
+        }
+        line.push_str("}\n");
+        line
+    }
+}
+
+fn write_lines(receiver: Receiver<String>, out: Box<dyn std::io::Write + Send>, written: &Counter) {
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
+    while let Ok(line) = receiver.recv() {
+        let mut lines = 1;
+        let mut ok = out.write_all(line.as_bytes()).is_ok();
+        while let Ok(line) = receiver.try_recv() {
+            ok &= out.write_all(line.as_bytes()).is_ok();
+            lines += 1;
+        }
+        ok &= out.flush().is_ok();
+        if ok {
+            written.inc_by(lines);
+        } else {
+            tracing::warn!(lines, "access log: write failed");
+        }
+    }
+}
+
+fn json_string(out: &mut String, value: &str) {
+    out.push('"');
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+fn opt_str(out: &mut String, value: Option<&str>) {
+    match value {
+        Some(value) => json_string(out, value),
+        None => out.push_str("null"),
+    }
+}
+
+fn opt_num(out: &mut String, value: Option<u64>) {
+    match value {
+        Some(value) => {
+            let _ = write!(out, "{value}");
+        }
+        None => out.push_str("null"),
+    }
+}
+
+/// `2026-12-01T10:11:12.345Z`.
+pub fn rfc3339(time: SystemTime) -> String {
+    let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rest / 3600,
+        rest / 60 % 60,
+        rest % 60,
+        since.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_millis(1_796_123_456_789)), "2026-12-01T11:10:56.789Z");
+        assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400)), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn lines_carry_the_chosen_fields_as_json() {
+        let settings =
+            AccessLogSettings::new("stdout", &["status".into(), "path".into(), "bytes_sent".into()]).unwrap();
+        let (sender, _receiver) = std::sync::mpsc::sync_channel(1);
+        let log = AccessLog { sender, fields: settings.fields, dropped: Counter::default() };
+        let entry = Entry { status: Some(200), path: Some("/a\"b"), bytes_sent: Some(3), ..Entry::default() };
+        assert_eq!(log.format(&entry, true), "{\"status\":200,\"path\":\"/a\\\"b\"}\n");
+        assert_eq!(log.format(&entry, false), "{\"bytes_sent\":3}\n");
+        let error = AccessLogSettings::new("stdout", &["nope".into()]).unwrap_err();
+        assert!(error.contains("unknown field \"nope\""), "{error}");
+    }
+}
