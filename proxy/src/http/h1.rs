@@ -185,6 +185,10 @@ pub trait Head {
     fn extra_headers(&self) -> &[(HeaderName, HeaderValue)] {
         &[]
     }
+    /// A `traceparent` value written after them (a new unsampled trace's, on the plain path).
+    fn traceparent(&self) -> Option<&[u8]> {
+        None
+    }
 }
 
 impl Head for http::request::Parts {
@@ -216,6 +220,10 @@ impl<T: Head + ?Sized> Head for &T {
 
     fn extra_headers(&self) -> &[(HeaderName, HeaderValue)] {
         (**self).extra_headers()
+    }
+
+    fn traceparent(&self) -> Option<&[u8]> {
+        (**self).traceparent()
     }
 }
 
@@ -358,6 +366,11 @@ fn encode_head(request: &impl Head, framing: Framing, endpoint: SocketAddr, out:
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some(traceparent) = request.traceparent() {
+        out.extend_from_slice(b"traceparent: ");
+        out.extend_from_slice(traceparent);
         out.extend_from_slice(b"\r\n");
     }
     match framing {

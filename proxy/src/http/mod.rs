@@ -62,6 +62,7 @@ use client::Outcome;
 use error::ProxyError;
 use observe::{Finish, Observe};
 
+use crate::telemetry::trace::Traceparent;
 use crate::telemetry::{self, RequestStats};
 
 /// The HTTP version a downstream connection speaks.
@@ -235,7 +236,7 @@ async fn proxy(
             let outcome = match version {
                 client::Version::Http1 => {
                     let (parts, body) = request.into_parts();
-                    let head = Outgoing { parts, traceparent: traceparent.map(|v| (telemetry::trace::TRACEPARENT, v)) };
+                    let head = Outgoing { parts, traceparent };
                     client::send_http1(&cluster, endpoint, head, UpstreamBody::Direct(body), upgrade).await
                 }
                 client::Version::Http2 => {
@@ -351,14 +352,15 @@ struct Forward {
     downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
     attempt: Attempt,
     /// A new unsampled trace's context, written after the head's fields (HTTP/1.1).
-    traceparent: Option<http::HeaderValue>,
+    traceparent: Option<Traceparent>,
 }
 
 /// An HTTP/1.1 request head on the plain path, with the `traceparent` of a new unsampled trace
-/// written after its fields rather than inserted into them (an insert costs more than the write).
+/// written after its fields rather than inserted into them (the insert, and the header value's
+/// allocation, would cost more than the request's share of sampled traces).
 struct Outgoing {
     parts: http::request::Parts,
-    traceparent: Option<(http::header::HeaderName, http::HeaderValue)>,
+    traceparent: Option<Traceparent>,
 }
 
 impl h1::Head for Outgoing {
@@ -374,8 +376,8 @@ impl h1::Head for Outgoing {
         &self.parts.headers
     }
 
-    fn extra_headers(&self) -> &[(http::header::HeaderName, http::HeaderValue)] {
-        self.traceparent.as_slice()
+    fn traceparent(&self) -> Option<&[u8]> {
+        self.traceparent.as_ref().map(Traceparent::as_bytes)
     }
 }
 
@@ -400,7 +402,7 @@ fn plan(
     connection: &HttpConnection,
     routed: &mut Option<Arc<RequestStats>>,
     observe: Option<&Arc<Observe>>,
-    unsampled: Option<http::HeaderValue>,
+    unsampled: Option<Traceparent>,
 ) -> Result<Plan, ProxyError> {
     // Route.
     let (cluster, policy) = {
@@ -442,7 +444,7 @@ fn plan(
     // the others.
     let traceparent = match unsampled {
         Some(value) if policed.is_some() || version == client::Version::Http2 => {
-            request.headers_mut().insert(telemetry::trace::TRACEPARENT, value);
+            request.headers_mut().insert(telemetry::trace::TRACEPARENT, value.to_header_value());
             None
         }
         other => other,

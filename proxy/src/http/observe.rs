@@ -22,7 +22,7 @@ use super::HttpConnection;
 use super::error::ERROR_HEADER;
 use crate::telemetry::RequestStats;
 use crate::telemetry::access_log::Entry;
-use crate::telemetry::trace::{ClientSpan, Decision, ServerContext, ServerSpan};
+use crate::telemetry::trace::{ClientSpan, Decision, ServerContext, ServerSpan, Traceparent};
 
 /// The per-request notes of an observed request, shared with its attempts.
 #[derive(Debug)]
@@ -46,7 +46,7 @@ pub(crate) struct Observe {
 pub(crate) fn begin<B>(
     request: &mut Request<B>,
     connection: &HttpConnection,
-) -> (Option<Arc<Observe>>, Option<HeaderValue>) {
+) -> (Option<Arc<Observe>>, Option<Traceparent>) {
     let data = &connection.data;
     let (trace, unsampled) = match data.tracer.as_ref().map(|t| t.begin(request.headers_mut())) {
         Some(Decision::Sampled(context)) => (Some(context), None),

@@ -76,7 +76,7 @@ pub enum Decision {
     Sampled(ServerContext),
     /// A new trace, not sampled: this `traceparent` (sampled flag clear) goes upstream, so the
     /// services behind decide alike.
-    Unsampled(HeaderValue),
+    Unsampled(Traceparent),
     /// The caller's context says not sampled: it passes through as it came.
     PassThrough,
 }
@@ -84,6 +84,20 @@ pub enum Decision {
 /// Reads trace context: `traceparent` first, then B3 single, then B3 multi. Malformed or all-zero
 /// ids count as no context.
 pub fn extract(headers: &HeaderMap) -> Option<Incoming> {
+    // One pass over the names, comparing by length first, costs less than three lookups (each
+    // hashes its name) when, as usual, none of them is there.
+    let (mut w3c, mut b3, mut b3_multi) = (false, false, false);
+    for name in headers.keys() {
+        match name.as_str().len() {
+            11 => w3c |= *name == TRACEPARENT,
+            2 => b3 |= *name == B3,
+            12 => b3_multi |= *name == B3_TRACE_ID,
+            _ => {}
+        }
+    }
+    if !(w3c || b3 || b3_multi) {
+        return None;
+    }
     if let Some(value) = headers.get(TRACEPARENT) {
         return parse_traceparent(value.as_bytes());
     }
@@ -167,15 +181,37 @@ fn write_hex(out: &mut [u8], value: u128, digits: usize) {
     }
 }
 
-/// A `traceparent` value.
-pub fn traceparent(trace_id: u128, span_id: u64, sampled: bool) -> HeaderValue {
-    let mut out = *b"00-00000000000000000000000000000000-0000000000000000-00";
-    write_hex(&mut out[3..35], trace_id, 32);
-    write_hex(&mut out[36..52], u128::from(span_id), 16);
-    if sampled {
-        out[54] = b'1';
+/// A `traceparent` value, formatted and held inline: it costs an allocation only if it becomes a
+/// `HeaderValue` (the plain HTTP/1.1 path writes the bytes straight into the request head).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Traceparent([u8; 55]);
+
+impl Traceparent {
+    /// Version 00, the given ids and sampled flag.
+    pub fn new(trace_id: u128, span_id: u64, sampled: bool) -> Traceparent {
+        let mut out = *b"00-00000000000000000000000000000000-0000000000000000-00";
+        write_hex(&mut out[3..35], trace_id, 32);
+        write_hex(&mut out[36..52], u128::from(span_id), 16);
+        if sampled {
+            out[54] = b'1';
+        }
+        Traceparent(out)
     }
-    HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static("00-invalid"))
+
+    /// The value's bytes (visible ASCII).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The value as a header value.
+    pub fn to_header_value(&self) -> HeaderValue {
+        HeaderValue::from_bytes(&self.0).unwrap_or(HeaderValue::from_static("00-invalid"))
+    }
+}
+
+/// A `traceparent` header value.
+pub fn traceparent(trace_id: u128, span_id: u64, sampled: bool) -> HeaderValue {
+    Traceparent::new(trace_id, span_id, sampled).to_header_value()
 }
 
 fn hex_value(value: u128, digits: usize) -> HeaderValue {
@@ -253,7 +289,7 @@ impl Tracer {
         if !sampled {
             return match incoming {
                 Some(_) => Decision::PassThrough,
-                None => Decision::Unsampled(traceparent(trace_id, new_id(), false)),
+                None => Decision::Unsampled(Traceparent::new(trace_id, new_id(), false)),
             };
         }
         if let Some(incoming) = incoming {
