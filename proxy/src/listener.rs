@@ -201,6 +201,7 @@ impl Drop for Open {
     fn drop(&mut self) {
         self.meter.flush(&self.listener.stats);
         self.listener.stats.active.dec();
+        self.listener.stats.closed.inc();
     }
 }
 

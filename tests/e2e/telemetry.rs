@@ -574,4 +574,9 @@ async fn access_log_lines_are_json_with_the_documented_fields() {
     assert_eq!(tcp["bytes_sent"], 5);
     assert!(tcp.get("method").is_none(), "HTTP-only fields stay off TCP lines: {tcp}");
     assert_eq!(proxy.metric(r#"remora_access_log_lines_total{result="written"}"#).await, 2.0);
+    assert_eq!(proxy.metric(r#"remora_listener_connections_total{listener="tcp",direction="outbound"}"#).await, 1.0);
+    eventually("the TCP connection counted closed", Duration::from_secs(5), || async {
+        proxy.metric(r#"remora_listener_connections_closed_total{listener="tcp",direction="outbound"}"#).await == 1.0
+    })
+    .await;
 }

@@ -216,6 +216,8 @@ pub struct ListenerStats {
     pub connections: Counter,
     /// Connections open now.
     pub active: Gauge,
+    /// Connections that were served and have closed (rejected ones are counted apart).
+    pub closed: Counter,
     /// Connections closed at once because the listener was at `max_connections`.
     pub rejected: Counter,
     /// Bytes read from downstream clients.
@@ -321,6 +323,7 @@ pub struct Metrics {
     registry: Registry,
     listener_connections: Family<ListenerLabels, Counter>,
     listener_active: Family<ListenerLabels, Gauge>,
+    listener_closed: Family<ListenerLabels, Counter>,
     listener_rejected: Family<ListenerLabels, Counter>,
     listener_received: Family<ListenerLabels, Counter>,
     listener_sent: Family<ListenerLabels, Counter>,
@@ -375,6 +378,7 @@ impl Metrics {
             registry: Registry::with_prefix("remora"),
             listener_connections: Family::default(),
             listener_active: Family::default(),
+            listener_closed: Family::default(),
             listener_rejected: Family::default(),
             listener_received: Family::default(),
             listener_sent: Family::default(),
@@ -412,6 +416,11 @@ impl Metrics {
         let r = &mut metrics.registry;
         r.register("listener_connections", "Downstream connections accepted", metrics.listener_connections.clone());
         r.register("listener_connections_active", "Downstream connections open now", metrics.listener_active.clone());
+        r.register(
+            "listener_connections_closed",
+            "Downstream connections served and closed (those rejected at once are counted apart)",
+            metrics.listener_closed.clone(),
+        );
         r.register(
             "listener_connections_rejected",
             "Downstream connections closed at once because the listener was at max_connections",
@@ -576,6 +585,7 @@ impl Metrics {
         Arc::new(ListenerStats {
             connections: self.listener_connections.get_or_create_owned(&labels),
             active: self.listener_active.get_or_create_owned(&labels),
+            closed: self.listener_closed.get_or_create_owned(&labels),
             rejected: self.listener_rejected.get_or_create_owned(&labels),
             bytes_received: self.listener_received.get_or_create_owned(&labels),
             bytes_sent: self.listener_sent.get_or_create_owned(&labels),
