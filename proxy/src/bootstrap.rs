@@ -268,6 +268,7 @@ fn tracing_settings(
         service_name,
         instance: node_id.to_owned(),
         sampling_ratio,
+        propagate_unsampled: raw.propagate_unsampled.unwrap_or(true),
         max_queue: match raw.max_queue_size {
             0 => 2048,
             n => n as usize,

@@ -304,7 +304,7 @@ async fn new_traces_are_sampled_at_the_ratio_and_callers_decisions_are_followed(
 }
 
 /// On the plain path (a route with no policy, HTTP/1.1 and HTTP/2 upstreams), an unsampled new
-/// trace still carries its `traceparent` upstream, once.
+/// trace still carries its `traceparent` upstream, once; with `propagate_unsampled: false`, none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_plain_path_carries_an_unsampled_traceparent() {
     let upstream = Recorder::start().await;
@@ -323,6 +323,16 @@ async fn the_plain_path_carries_an_unsampled_traceparent() {
         let value = last["traceparent"].to_str().unwrap();
         assert!(value.starts_with("00-") && value.ends_with("-00") && value.len() == 55, "{protocol}: {value}");
     }
+    // Told not to, the proxy sends an unsampled new trace on with no context.
+    let proxy = TestProxy::start(&format!(
+        "bootstrap:\n  admin_address: 127.0.0.1:0\n  workers: 1\n  tracing: {{endpoint: \"http://{}\", sampling_ratio: 0, propagate_unsampled: false}}\n---\nresources:\n{}{}  - {{kind: RouteTable, name: web, routes: [{{backends: [{{cluster: app}}]}}]}}\n",
+        dead_address(),
+        cluster("app", "", &[upstream.server.address()]),
+        listener("in", ", protocol: http1"),
+    ));
+    let mut client = Client::http1(proxy.address("in")).await;
+    assert_eq!(client.get("shop", "/").await.status, 200);
+    assert!(upstream.seen().last().unwrap().get("traceparent").is_none());
 }
 
 /// OTLP over HTTP with protobuf bodies reaches a collector on `/v1/traces`.

@@ -87,6 +87,8 @@ pub struct ExportSettings {
     pub instance: String,
     /// Share of new traces sampled.
     pub sampling_ratio: f64,
+    /// Whether a new, unsampled trace still carries a `traceparent` upstream.
+    pub propagate_unsampled: bool,
     /// Spans held waiting for export.
     pub max_queue: usize,
     /// Spans per export request.
@@ -144,7 +146,9 @@ pub fn start(settings: &ExportSettings, counters: SpanCounters) -> Result<Arc<Tr
     match built_rx.recv() {
         Ok(Ok(())) => {
             info!(endpoint = %settings.endpoint, http = settings.http, ratio = settings.sampling_ratio, "exporting traces");
-            Ok(Arc::new(Tracer::new(settings.sampling_ratio, queue)))
+            Ok(Arc::new(
+                Tracer::new(settings.sampling_ratio, queue).propagating_unsampled(settings.propagate_unsampled),
+            ))
         }
         Ok(Err(message)) => Err(ExportError::Build { endpoint: settings.endpoint.clone(), message }),
         Err(_) => Err(ExportError::Build { endpoint: settings.endpoint.clone(), message: "the thread ended".into() }),

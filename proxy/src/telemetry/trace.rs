@@ -257,6 +257,7 @@ pub struct Tracer {
     /// OpenTelemetry `TraceIdRatioBased` rule, so every proxy decides a trace the same way).
     threshold: u64,
     always: bool,
+    propagate_unsampled: bool,
     scope: InstrumentationScope,
     queue: Queue,
 }
@@ -268,9 +269,16 @@ impl Tracer {
         Tracer {
             threshold: (ratio * (1_u64 << 63) as f64) as u64,
             always: ratio >= 1.0,
+            propagate_unsampled: true,
             scope: InstrumentationScope::builder("remora").with_version(env!("CARGO_PKG_VERSION")).build(),
             queue,
         }
+    }
+
+    /// Whether a new trace that is not sampled still gets a `traceparent` (default yes).
+    pub fn propagating_unsampled(mut self, propagate: bool) -> Tracer {
+        self.propagate_unsampled = propagate;
+        self
     }
 
     fn samples(&self, trace_id: u128) -> bool {
@@ -288,8 +296,8 @@ impl Tracer {
         };
         if !sampled {
             return match incoming {
-                Some(_) => Decision::PassThrough,
-                None => Decision::Unsampled(Traceparent::new(trace_id, new_id(), false)),
+                None if self.propagate_unsampled => Decision::Unsampled(Traceparent::new(trace_id, new_id(), false)),
+                _ => Decision::PassThrough,
             };
         }
         if let Some(incoming) = incoming {
@@ -627,6 +635,16 @@ mod tests {
         let value = traceparent(0x4bf92f3577b34da6a3ce929d0e0e4736, 0x00f067aa0ba902b7, true);
         assert_eq!(value, "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
         assert_eq!(traceparent(1, 2, false), "00-00000000000000000000000000000001-0000000000000002-00");
+    }
+
+    #[test]
+    fn an_unsampled_new_trace_gets_a_traceparent_unless_told_not_to() {
+        let tracer = Tracer::new(0.0, Queue::new(1, 1, Default::default()).0);
+        assert!(
+            matches!(tracer.begin(&mut HeaderMap::new()), Decision::Unsampled(t) if t.as_bytes().ends_with(b"-00"))
+        );
+        let quiet = Tracer::new(0.0, Queue::new(1, 1, Default::default()).0).propagating_unsampled(false);
+        assert!(matches!(quiet.begin(&mut HeaderMap::new()), Decision::PassThrough));
     }
 
     #[test]
