@@ -8,17 +8,8 @@
 #
 # Usage: benches/callgrind-cost.sh [CONFIG...]        Env: PEERS_DIR, REMORA (as peers.sh)
 set -u
-root=$(cd "$(dirname "$0")/.." && pwd)
-BENCH_DIR=${PEERS_DIR:-$root/../shared/bench}
-remora=${REMORA:-$root/target/release/remora}
-[ -f "$BENCH_DIR/lib.sh" ] || { echo "peer kit not found at $BENCH_DIR (set PEERS_DIR)" >&2; exit 2; }
 command -v valgrind >/dev/null || { echo "needs valgrind (apt-get install valgrind)" >&2; exit 2; }
-[ -x "$remora" ] || (cd "$root" && cargo build --release --bin remora)
-. "$BENCH_DIR/lib.sh"
-trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null' EXIT
-start_backend
-taskset -c 0 nginx -c "$root/benches/peers/otlp-sink-nginx.conf" >/dev/null 2>&1 &
-wait_port 18318
+. "$(dirname "$0")/kit.sh"
 [ $# -gt 0 ] || set -- h1 h1-trace-1pct h1-trace-all
 for config in "$@"; do
   out=$(mktemp -d)

@@ -83,14 +83,14 @@ pub async fn proxy(
     meter: &Meter,
     access_log: Option<&AccessLog>,
 ) {
+    let peer = downstream.peer_addr().ok();
     let Some(log) = access_log else {
-        relay(downstream, replay, &cluster, original_destination, listener, meter).await;
+        relay(downstream, peer, replay, &cluster, original_destination, listener, meter).await;
         return;
     };
     let start = std::time::SystemTime::now();
     let started = std::time::Instant::now();
-    let peer = downstream.peer_addr().ok();
-    let (endpoint, flag) = relay(downstream, replay, &cluster, original_destination, listener, meter).await;
+    let (endpoint, flag) = relay(downstream, peer, replay, &cluster, original_destination, listener, meter).await;
     let entry = Entry {
         start: Some(start),
         duration: started.elapsed(),
@@ -112,13 +112,13 @@ pub async fn proxy(
 /// style name), if anything did.
 async fn relay(
     downstream: TcpStream,
+    peer: Option<SocketAddr>,
     replay: Bytes,
     cluster: &Cluster,
     original_destination: Option<SocketAddr>,
     listener: &ListenerConfig,
     meter: &Meter,
 ) -> (Option<SocketAddr>, Option<&'static str>) {
-    let peer = downstream.peer_addr().ok();
     let Some(picked) = cluster.pick(original_destination, None, peer, &[]) else {
         debug!(listener = %listener.name, cluster = %cluster.name, "tcp: no endpoint; closing");
         return (None, Some("no_healthy_upstream"));

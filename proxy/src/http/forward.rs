@@ -99,8 +99,10 @@ impl super::h1::Head for AttemptHead<'_> {
         &self.template.headers
     }
 
-    fn extra_headers(&self) -> &[(HeaderName, HeaderValue)] {
-        self.trace.as_deref().unwrap_or_default()
+    fn write_extra(&self, out: &mut bytes::BytesMut) {
+        for (name, value) in self.trace.iter().flatten() {
+            super::h1::write_field(out, name.as_str().as_bytes(), value.as_bytes());
+        }
     }
 }
 

@@ -181,14 +181,16 @@ pub trait Head {
     fn uri(&self) -> &http::Uri;
     /// The header fields, hop-by-hop ones removed.
     fn headers(&self) -> &HeaderMap;
-    /// Fields written after `headers` (an attempt's own trace context).
-    fn extra_headers(&self) -> &[(HeaderName, HeaderValue)] {
-        &[]
-    }
-    /// A `traceparent` value written after them (a new unsampled trace's, on the plain path).
-    fn traceparent(&self) -> Option<&[u8]> {
-        None
-    }
+    /// Writes fields after `headers` (an attempt's own trace context) with [`write_field`].
+    fn write_extra(&self, _out: &mut BytesMut) {}
+}
+
+/// Writes one `name: value` field line.
+pub(crate) fn write_field(out: &mut BytesMut, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
 }
 
 impl Head for http::request::Parts {
@@ -218,12 +220,8 @@ impl<T: Head + ?Sized> Head for &T {
         (**self).headers()
     }
 
-    fn extra_headers(&self) -> &[(HeaderName, HeaderValue)] {
-        (**self).extra_headers()
-    }
-
-    fn traceparent(&self) -> Option<&[u8]> {
-        (**self).traceparent()
+    fn write_extra(&self, out: &mut BytesMut) {
+        (**self).write_extra(out);
     }
 }
 
@@ -357,22 +355,9 @@ fn encode_head(request: &impl Head, framing: Framing, endpoint: SocketAddr, out:
         if name == CONTENT_LENGTH || name == TRANSFER_ENCODING || name == EXPECT {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        write_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
-    for (name, value) in request.extra_headers() {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    if let Some(traceparent) = request.traceparent() {
-        out.extend_from_slice(b"traceparent: ");
-        out.extend_from_slice(traceparent);
-        out.extend_from_slice(b"\r\n");
-    }
+    request.write_extra(out);
     match framing {
         Framing::Empty => {}
         Framing::Length(length) => {

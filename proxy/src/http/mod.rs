@@ -376,8 +376,10 @@ impl h1::Head for Outgoing {
         &self.parts.headers
     }
 
-    fn traceparent(&self) -> Option<&[u8]> {
-        self.traceparent.as_ref().map(Traceparent::as_bytes)
+    fn write_extra(&self, out: &mut bytes::BytesMut) {
+        if let Some(traceparent) = &self.traceparent {
+            h1::write_field(out, b"traceparent", traceparent.as_bytes());
+        }
     }
 }
 

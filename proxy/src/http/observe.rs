@@ -32,7 +32,7 @@ pub(crate) struct Observe {
     start: SystemTime,
     method: Method,
     uri: Uri,
-    authority: Option<HeaderValue>,
+    authority: Option<String>,
     version: http::Version,
     request_bytes: Option<u64>,
     attempts: AtomicU32,
@@ -62,11 +62,7 @@ pub(crate) fn begin<B>(
         start: SystemTime::now(),
         method: request.method().clone(),
         uri: request.uri().clone(),
-        authority: request
-            .uri()
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            .or_else(|| headers.get(http::header::HOST).cloned()),
+        authority: super::headers::authority(request).map(str::to_owned),
         version: request.version(),
         request_bytes: content_length(headers),
         attempts: AtomicU32::new(0),
@@ -177,7 +173,7 @@ impl Drop for Finish {
         let listener = &connection.listener;
         let upstream = observe.upstream.lock().ok().and_then(|u| u.clone());
         let path = observe.uri.path_and_query().map_or("/", |p| p.as_str());
-        let authority = observe.authority.as_ref().and_then(|a| a.to_str().ok());
+        let authority = observe.authority.as_deref();
         let flag = self.flag.as_ref().and_then(|f| f.to_str().ok());
         let route = self.stats.as_ref().map(|s| s.route());
         let attempts = observe.attempts.load(Ordering::Relaxed);
