@@ -4,6 +4,7 @@
 //!   YAML files and `/config_dump` use.
 //! - `envoy/...` and `google/rpc/...`: the trimmed Delta-ADS service (server and client stubs, tonic).
 //! - `etcd/*`: the trimmed etcd v3 API the service registry calls (client stubs, tonic).
+//! - `remora/ca/v1/ca.proto`: the CA's signing service (server and client stubs, tonic).
 
 use std::path::{Path, PathBuf};
 
@@ -11,7 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from("proto");
     println!("cargo:rerun-if-changed=proto");
 
-    let schema: Vec<PathBuf> = ["bootstrap", "listener", "route", "cluster", "endpoints"]
+    let schema: Vec<PathBuf> = ["bootstrap", "listener", "route", "cluster", "endpoints", "authorization"]
         .iter()
         .map(|name| root.join("remora/v1").join(format!("{name}.proto")))
         .collect();
@@ -29,6 +30,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     services(&root, &["envoy/service/discovery/v3/discovery.proto"], "xds.rs", true)?;
     services(&root, &["etcd/rpc.proto"], "etcd.rs", false)?;
+    services(&root, &["remora/ca/v1/ca.proto"], "ca.rs", true)?;
     Ok(())
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use remora_control_api::control::registry::{self, Registered};
-use remora_control_api::control::{self, ControlConfig};
+use remora_control_api::control::{self, CaConfig, CaRoot, ControlConfig};
 use remora_proxy::demo::DemoOptions;
 use remora_proxy::{ConfigSource, StartOptions};
 
@@ -47,6 +47,24 @@ enum Command {
         /// host name).
         #[arg(long, value_name = "ID")]
         node_id: Option<String>,
+        /// This proxy's workload identity, spiffe://TRUST-DOMAIN/ns/NAMESPACE/sa/ACCOUNT, to be
+        /// issued by the control plane's CA (overrides the bootstrap's identity.spiffe_id). Needs
+        /// --token-file.
+        #[arg(long, value_name = "SPIFFE-ID", conflicts_with = "tls_cert")]
+        identity: Option<String>,
+        /// File holding the token that authenticates this proxy to the CA.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<String>,
+        /// PEM certificate chain to use instead of the CA (with --tls-key and --tls-ca); the files
+        /// are watched and reloaded on change.
+        #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+        tls_cert: Option<String>,
+        /// PEM private key of --tls-cert.
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_key: Option<String>,
+        /// PEM trust bundle: the roots peer sidecars' certificates must chain to.
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_ca: Option<String>,
     },
     /// Run the control plane: serve the resources of a directory of YAML files (and endpoints
     /// registered in etcd) to every connected proxy over Delta ADS, pushing each change live.
@@ -64,6 +82,26 @@ enum Command {
         /// Key prefix of the registry in etcd.
         #[arg(long, default_value = registry::DEFAULT_PREFIX, value_name = "PREFIX")]
         etcd_prefix: String,
+        /// Run the certificate authority, its root in this directory (ca.crt, ca.key; generated
+        /// there on first start). Needs --ca-tokens.
+        #[arg(long, value_name = "DIR", conflicts_with = "ca_cert", requires = "ca_tokens")]
+        ca_dir: Option<PathBuf>,
+        /// Run the certificate authority with this PEM root certificate (with --ca-key).
+        #[arg(long, value_name = "FILE", requires_all = ["ca_key", "ca_tokens"])]
+        ca_cert: Option<PathBuf>,
+        /// The PEM private key of --ca-cert.
+        #[arg(long, value_name = "FILE", requires = "ca_cert")]
+        ca_key: Option<PathBuf>,
+        /// Bootstrap tokens: one per line, `TOKEN SPIFFE-ID-PATTERN...`, the identities each token
+        /// may be issued.
+        #[arg(long, value_name = "FILE")]
+        ca_tokens: Option<PathBuf>,
+        /// The trust domain the CA signs for.
+        #[arg(long, default_value = "cluster.local", value_name = "DOMAIN")]
+        trust_domain: String,
+        /// The longest certificate lifetime the CA signs, in seconds.
+        #[arg(long, default_value_t = 30 * 24 * 3600, value_name = "SECONDS")]
+        max_cert_ttl: u64,
     },
     /// Register an endpoint of this workload in the etcd registry and keep it registered (a lease,
     /// refreshed) until SIGTERM or SIGINT, which deregister it. If this process dies, the endpoint
@@ -124,17 +162,43 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     remora_proxy::telemetry::logging::init();
     let result = match cli.command {
-        Command::Proxy { config, control, node_id } => {
+        Command::Proxy { config, control, node_id, identity, token_file, tls_cert, tls_key, tls_ca } => {
             let source = match (config, &control) {
                 (Some(path), _) => ConfigSource::File(path),
                 // With a control plane and no file, the resources all come from the control plane.
                 (None, Some(_)) => ConfigSource::Text { origin: "no config file".into(), text: String::new() },
                 (None, None) => ConfigSource::defaults(),
             };
-            remora_proxy::run(source, StartOptions { control_plane: control, node_id })
+            let tls_files = match (tls_cert, tls_key, tls_ca) {
+                (Some(cert), Some(key), Some(ca)) => Some([cert, key, ca]),
+                _ => None,
+            };
+            remora_proxy::run(source, StartOptions { control_plane: control, node_id, identity, token_file, tls_files })
         }
-        Command::Control { config_dir, listen, etcd, etcd_prefix } => {
-            control::run(ControlConfig { listen, config_dir, etcd, etcd_prefix }).map_err(anyhow::Error::from)
+        Command::Control {
+            config_dir,
+            listen,
+            etcd,
+            etcd_prefix,
+            ca_dir,
+            ca_cert,
+            ca_key,
+            ca_tokens,
+            trust_domain,
+            max_cert_ttl,
+        } => {
+            let root = match (ca_dir, ca_cert, ca_key) {
+                (Some(dir), _, _) => Some(CaRoot::Directory(dir)),
+                (None, Some(cert), Some(key)) => Some(CaRoot::Files { cert, key }),
+                _ => None,
+            };
+            let ca = match (root, ca_tokens) {
+                (Some(root), Some(tokens)) => {
+                    Some(CaConfig { root, trust_domain, tokens, max_ttl: Duration::from_secs(max_cert_ttl) })
+                }
+                _ => None,
+            };
+            control::run(ControlConfig { listen, config_dir, etcd, etcd_prefix, ca }).map_err(anyhow::Error::from)
         }
         Command::Register { etcd, cluster, address, weight, region, zone, ttl, etcd_prefix } => {
             let endpoint = Registered { cluster, address: address.to_string(), weight, region, zone };

@@ -183,6 +183,7 @@ fn parse_resource(mut mapping: Mapping, position: usize) -> Result<Resource, Fie
     let resource = match kind {
         Kind::Listener => Resource::Listener(deserialize(value, &subject)?),
         Kind::RouteTable => Resource::RouteTable(deserialize(value, &subject)?),
+        Kind::AuthorizationPolicy => Resource::AuthorizationPolicy(deserialize(value, &subject)?),
         Kind::Cluster => Resource::Cluster(deserialize(value, &subject)?),
         Kind::Endpoints => Resource::Endpoints(deserialize(value, &subject)?),
     };

@@ -16,10 +16,14 @@
 //! - [`validate`] — per-resource and cross-resource rules.
 //! - [`xds`] — Delta ADS: the server that streams resources and the client a proxy runs.
 //! - [`control`] — `remora control`: the GitOps directory, the etcd registry, the server, composed.
+//! - [`identity`] — SPIFFE IDs and the patterns allow-lists are written in.
+//! - [`ca`] — the certificate authority: its root, the signing service, and the proxies' client.
 
+pub mod ca;
 pub mod config;
 pub mod control;
 pub(crate) mod grpc;
+pub mod identity;
 pub(crate) mod limits;
 pub mod resource;
 pub mod validate;
@@ -41,6 +45,13 @@ pub mod v1 {
 #[allow(clippy::all, unreachable_pub, rust_2018_idioms, missing_docs)]
 pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/xds.rs"));
+}
+
+/// Generated CA signing service types and tonic stubs (`remora.ca.v1`).
+#[allow(clippy::all, unreachable_pub, rust_2018_idioms, missing_docs)]
+pub mod capb {
+    include!(concat!(env!("OUT_DIR"), "/ca.rs"));
+    pub use remora::ca::v1::*;
 }
 
 /// Generated etcd v3 client stubs (etcd's packages, trimmed).

@@ -1,7 +1,7 @@
 //! The resource kinds as one tagged union.
 //!
 //! A [`Resource`] is what a config file, a GitOps directory or the control-plane stream hands a
-//! proxy: one listener, route table, cluster or endpoint set. Its [`Kind`] names it in YAML (`kind:`),
+//! proxy: one listener, route table, cluster, endpoint set or authorization policy. Its [`Kind`] names it in YAML (`kind:`),
 //! in error messages, and on the wire (`type.googleapis.com/remora.v1.<Kind>`).
 
 use std::fmt;
@@ -30,6 +30,9 @@ pub enum Kind {
     Cluster,
     /// [`v1::Endpoints`]
     Endpoints,
+    /// [`v1::AuthorizationPolicy`]: pushed before the listeners it guards, so a new listener never
+    /// serves a moment without its policy.
+    AuthorizationPolicy,
     /// [`v1::Listener`]
     Listener,
     /// [`v1::RouteTable`]
@@ -37,8 +40,12 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// How many kinds there are.
+    pub const COUNT: usize = Kind::ALL.len();
+
     /// Every kind, in push order.
-    pub const ALL: [Kind; 4] = [Kind::Cluster, Kind::Endpoints, Kind::Listener, Kind::RouteTable];
+    pub const ALL: [Kind; 5] =
+        [Kind::Cluster, Kind::Endpoints, Kind::AuthorizationPolicy, Kind::Listener, Kind::RouteTable];
 
     /// The name used in YAML's `kind:` field.
     pub fn as_str(self) -> &'static str {
@@ -47,6 +54,7 @@ impl Kind {
             Kind::Endpoints => "Endpoints",
             Kind::Listener => "Listener",
             Kind::RouteTable => "RouteTable",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
         }
     }
 
@@ -57,6 +65,7 @@ impl Kind {
             Kind::Endpoints => "type.googleapis.com/remora.v1.Endpoints",
             Kind::Listener => "type.googleapis.com/remora.v1.Listener",
             Kind::RouteTable => "type.googleapis.com/remora.v1.RouteTable",
+            Kind::AuthorizationPolicy => "type.googleapis.com/remora.v1.AuthorizationPolicy",
         }
     }
 
@@ -77,6 +86,7 @@ impl Kind {
             Kind::Endpoints => "endpoints",
             Kind::Listener => "listener",
             Kind::RouteTable => "route table",
+            Kind::AuthorizationPolicy => "authorization policy",
         }
     }
 }
@@ -89,7 +99,7 @@ impl fmt::Display for Kind {
 
 /// A `kind:` value that names no kind.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown kind {0:?} (expected Listener, RouteTable, Cluster or Endpoints)")]
+#[error("unknown kind {0:?} (expected Listener, RouteTable, Cluster, Endpoints or AuthorizationPolicy)")]
 pub struct UnknownKind(pub String);
 
 impl FromStr for Kind {
@@ -115,6 +125,8 @@ pub enum Resource {
     Cluster(v1::Cluster),
     /// The addresses behind one cluster.
     Endpoints(v1::Endpoints),
+    /// Who may call an inbound listener.
+    AuthorizationPolicy(v1::AuthorizationPolicy),
 }
 
 impl Resource {
@@ -125,6 +137,7 @@ impl Resource {
             Resource::RouteTable(_) => Kind::RouteTable,
             Resource::Cluster(_) => Kind::Cluster,
             Resource::Endpoints(_) => Kind::Endpoints,
+            Resource::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
         }
     }
 
@@ -135,6 +148,7 @@ impl Resource {
             Resource::RouteTable(table) => &table.name,
             Resource::Cluster(cluster) => &cluster.name,
             Resource::Endpoints(endpoints) => &endpoints.cluster,
+            Resource::AuthorizationPolicy(policy) => &policy.name,
         }
     }
 
@@ -145,6 +159,7 @@ impl Resource {
             Resource::RouteTable(r) => r.encode_to_vec(),
             Resource::Cluster(r) => r.encode_to_vec(),
             Resource::Endpoints(r) => r.encode_to_vec(),
+            Resource::AuthorizationPolicy(r) => r.encode_to_vec(),
         };
         pbjson_types::Any { type_url: self.kind().type_url().to_owned(), value: value.into() }
     }
@@ -158,6 +173,7 @@ impl Resource {
             Kind::RouteTable => v1::RouteTable::decode(bytes).map(Resource::RouteTable),
             Kind::Cluster => v1::Cluster::decode(bytes).map(Resource::Cluster),
             Kind::Endpoints => v1::Endpoints::decode(bytes).map(Resource::Endpoints),
+            Kind::AuthorizationPolicy => v1::AuthorizationPolicy::decode(bytes).map(Resource::AuthorizationPolicy),
         };
         decoded.map_err(|e| DecodeError::Protobuf(kind, e))
     }
@@ -169,6 +185,7 @@ impl Resource {
             Resource::RouteTable(r) => serde_json::to_value(r),
             Resource::Cluster(r) => serde_json::to_value(r),
             Resource::Endpoints(r) => serde_json::to_value(r),
+            Resource::AuthorizationPolicy(r) => serde_json::to_value(r),
         };
         let mut object = serde_json::Map::new();
         object.insert("kind".into(), self.kind().as_str().into());

@@ -68,11 +68,36 @@ impl TestControlPlane {
             config_dir: Some(dir.clone()),
             etcd: etcd.map(str::to_owned),
             etcd_prefix: prefix.to_owned(),
+            ca: None,
         };
         let mut plane = TestControlPlane { dir, config, address: "127.0.0.1:0".parse().unwrap(), running: None };
         plane.run();
         plane.config.listen = plane.address;
         plane
+    }
+
+    /// Like [`TestControlPlane::start`], running the CA too: its root generated in the directory's
+    /// `ca/`, signing for `trust_domain` what the `tokens` file's lines grant.
+    pub fn start_with_ca(files: &[(&str, &str)], trust_domain: &str, tokens: &str) -> TestControlPlane {
+        let mut plane = TestControlPlane::start(files);
+        plane.stop();
+        let ca_dir = plane.dir.join("ca");
+        std::fs::create_dir_all(&ca_dir).unwrap();
+        let tokens_file = ca_dir.join("tokens");
+        std::fs::write(&tokens_file, tokens).unwrap();
+        plane.config.ca = Some(crate::control::CaConfig {
+            root: crate::control::CaRoot::Directory(ca_dir),
+            trust_domain: trust_domain.to_owned(),
+            tokens: tokens_file,
+            max_ttl: crate::ca::DEFAULT_MAX_TTL,
+        });
+        plane.run();
+        plane
+    }
+
+    /// The CA's root certificate (PEM), once `start_with_ca` has generated it.
+    pub fn ca_root_pem(&self) -> String {
+        std::fs::read_to_string(self.dir.join("ca").join("ca.crt")).unwrap_or_default()
     }
 
     fn run(&mut self) {

@@ -194,7 +194,60 @@ pub fn validate_bootstrap(bootstrap: &v1::Bootstrap) -> Result<(), ValidationErr
     {
         fail("access_log.path", "is required: stdout, or a file path".into());
     }
+    if let Some(identity) = &bootstrap.identity {
+        identity_settings(identity, &bootstrap.control_plane, &mut fail);
+    }
     if errors.is_empty() { Ok(()) } else { Err(ValidationErrors(errors)) }
+}
+
+/// The bootstrap's `identity`: exactly one source (the CA or files), each complete.
+fn identity_settings(identity: &v1::Identity, control_plane: &str, fail: &mut impl FnMut(&str, String)) {
+    let files = [&identity.cert_file, &identity.key_file, &identity.ca_file];
+    let any_file = files.iter().any(|f| !f.is_empty());
+    if !identity.spiffe_id.is_empty() {
+        if let Err(e) = crate::identity::SpiffeId::parse(&identity.spiffe_id) {
+            fail("identity.spiffe_id", e.to_string());
+        }
+        if any_file {
+            fail(
+                "identity.cert_file",
+                "give either spiffe_id (a certificate from the CA) or the files, not both".into(),
+            );
+        }
+        if identity.token_file.is_empty() {
+            fail("identity.token_file", "is required with spiffe_id: the CA signs only for a token it knows".into());
+        }
+        if identity.ca_address.is_empty() && control_plane.is_empty() {
+            fail("identity.ca_address", "is required with spiffe_id when there is no control_plane".into());
+        }
+    } else if any_file {
+        for (field, value) in
+            [("cert_file", &identity.cert_file), ("key_file", &identity.key_file), ("ca_file", &identity.ca_file)]
+        {
+            if value.is_empty() {
+                fail(&format!("identity.{field}"), "is required with the other certificate files".into());
+            }
+        }
+    } else {
+        fail("identity", "needs spiffe_id (a certificate from the CA) or cert_file, key_file and ca_file".into());
+    }
+    if let Err(e) = check_control_plane(&identity.ca_address) {
+        fail("identity.ca_address", e);
+    }
+    match duration(identity.certificate_ttl.as_ref()) {
+        Err(e) => fail("identity.certificate_ttl", e),
+        Ok(Some(ttl)) if !(crate::ca::MIN_TTL..=crate::ca::DEFAULT_MAX_TTL).contains(&ttl) => {
+            fail("identity.certificate_ttl", format!("must be from 10s to 30 days, got {}s", ttl.as_secs()));
+        }
+        Ok(_) => {}
+    }
+    match duration(identity.handshake_timeout.as_ref()) {
+        Err(e) => fail("identity.handshake_timeout", e),
+        Ok(Some(timeout)) if timeout.is_zero() => {
+            fail("identity.handshake_timeout", "must be greater than zero".into())
+        }
+        Ok(_) => {}
+    }
 }
 
 /// Whether a reference to a resource that is not in the set is an error.
@@ -257,9 +310,11 @@ pub fn validate_with(resources: &[Resource], references: References) -> Result<(
             Resource::RouteTable(table) => check.route_table(&subject, table, &clusters),
             Resource::Cluster(cluster) => check.cluster(&subject, cluster),
             Resource::Endpoints(endpoints) => check.endpoints(&subject, endpoints, &clusters),
+            Resource::AuthorizationPolicy(policy) => check.authorization(&subject, policy),
         }
     }
     check.destinations(resources);
+    check.guarded_ports(resources);
     check.finish()
 }
 
@@ -616,6 +671,13 @@ impl Checker {
         {
             self.fail(subject, "panic_threshold", format!("must be 0 to 100, got {threshold}"));
         }
+        match v1::cluster::Tls::try_from(cluster.tls) {
+            Err(_) => self.fail(subject, "tls", format!("unknown value {}", cluster.tls)),
+            Ok(v1::cluster::Tls::None) if !cluster.peer_identities.is_empty() => {
+                self.fail(subject, "peer_identities", "applies only to tls: mesh");
+            }
+            Ok(_) => self.patterns(subject, "peer_identities", &cluster.peer_identities),
+        }
         if cluster.original_destination
             && (cluster.health_check.is_some() || cluster.outlier_detection.is_some() || ring_hash)
         {
@@ -645,6 +707,59 @@ impl Checker {
                     self.fail(subject, format!("endpoints[{i}].address"), format!("{address} is listed twice"));
                 }
                 Ok(_) => {}
+            }
+            if !endpoint.identity.is_empty()
+                && let Err(e) = crate::identity::SpiffeId::parse(&endpoint.identity)
+            {
+                self.fail(subject, format!("endpoints[{i}].identity"), e.to_string());
+            }
+        }
+    }
+
+    fn patterns(&mut self, subject: &str, field: &str, patterns: &[String]) {
+        if let Err((i, e)) = crate::identity::parse_patterns(patterns) {
+            self.fail(subject, format!("{field}[{i}]"), e.to_string());
+        }
+    }
+
+    fn authorization(&mut self, subject: &str, policy: &v1::AuthorizationPolicy) {
+        if policy.listener.is_empty() {
+            self.fail(subject, "listener", "is required");
+        }
+        if policy.port > u32::from(u16::MAX) {
+            self.fail(subject, "port", format!("must be 0 to 65535, got {}", policy.port));
+        }
+        if v1::authorization_policy::Mode::try_from(policy.mode).is_err() {
+            self.fail(subject, "mode", format!("unknown value {}", policy.mode));
+        }
+        self.patterns(subject, "allow", &policy.allow);
+        let mut seen = HashSet::new();
+        for (i, route) in policy.routes.iter().enumerate() {
+            if route.route_table.is_empty() {
+                self.fail(subject, format!("routes[{i}].route_table"), "is required");
+            }
+            if route.route.is_empty() {
+                self.fail(subject, format!("routes[{i}].route"), "is required");
+            }
+            if !seen.insert((&route.route_table, &route.route)) {
+                self.fail(subject, format!("routes[{i}]"), "names the same route as an earlier entry");
+            }
+            self.patterns(subject, &format!("routes[{i}].allow"), &route.allow);
+        }
+    }
+
+    /// No two authorization policies may cover the same listener and port.
+    fn guarded_ports(&mut self, resources: &[Resource]) {
+        let mut owners: HashMap<(&str, u32), &str> = HashMap::new();
+        for resource in resources {
+            let Resource::AuthorizationPolicy(policy) = resource else { continue };
+            if let Some(other) = owners.insert((&policy.listener, policy.port), &policy.name) {
+                let port = if policy.port == 0 { "every port".to_owned() } else { format!("port {}", policy.port) };
+                self.fail(
+                    describe(Kind::AuthorizationPolicy, &policy.name),
+                    "port",
+                    format!("{port} of listener {:?} is already covered by policy {other:?}", policy.listener),
+                );
             }
         }
     }

@@ -3,7 +3,7 @@
 //! | path | answers |
 //! | --- | --- |
 //! | `GET /live` | 200 while the process runs (a liveness probe) |
-//! | `GET /ready` | 200 once every listener is bound and the first config applied (with a control plane: once every resource type has been received and applied, or the initial-fetch timeout passed); 503 before that and while draining (a readiness probe) |
+//! | `GET /ready` | 200 once every listener is bound and the first config applied (with a control plane: once every resource type has been received and applied, or the initial-fetch timeout passed) and, with an identity from the CA, the first certificate is in place; 503 before that and while draining (a readiness probe) |
 //! | `GET /metrics` | every metric: in the OpenMetrics text format when the scraper asks for it (`Accept: application/openmetrics-text`, as Prometheus does), else in the Prometheus text format 0.0.4 |
 //! | `GET /config_dump` | JSON: node id, config source and version, the bootstrap, the outcome of the last reload, the control-plane stream (per type: source version, last ACK, last NACK with its error; every resource received with its version and whether it serves or waits), and every resource serving now |
 //! | `GET /logging` | the log filter in force (`RUST_LOG` syntax) |
@@ -60,6 +60,8 @@ pub struct AdminState {
     /// The bootstrap section as loaded.
     pub bootstrap: serde_json::Value,
     ready: AtomicBool,
+    /// Set while the proxy waits for its first certificate from the CA.
+    identity_pending: AtomicBool,
     last_reload: Mutex<Option<ReloadReport>>,
     xds: Mutex<Option<serde_json::Value>>,
 }
@@ -80,6 +82,7 @@ impl AdminState {
             source,
             bootstrap,
             ready: AtomicBool::new(false),
+            identity_pending: AtomicBool::new(false),
             last_reload: Mutex::new(None),
             xds: Mutex::new(None),
         }
@@ -90,9 +93,22 @@ impl AdminState {
         self.ready.store(true, Ordering::Release);
     }
 
+    /// Holds readiness back until [`AdminState::set_identity_ready`]: the proxy has asked the CA
+    /// for its first certificate.
+    pub fn set_identity_pending(&self) {
+        self.identity_pending.store(true, Ordering::Release);
+    }
+
+    /// The first certificate is in place.
+    pub fn set_identity_ready(&self) {
+        self.identity_pending.store(false, Ordering::Release);
+    }
+
     /// Whether `/ready` answers 200.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire) && !self.data.drain.is_draining()
+        self.ready.load(Ordering::Acquire)
+            && !self.identity_pending.load(Ordering::Acquire)
+            && !self.data.drain.is_draining()
     }
 
     /// Records a reload's outcome.

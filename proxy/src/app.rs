@@ -7,10 +7,12 @@
 //! 3. bind the admin socket, start the worker threads, and apply the first config, which binds
 //!    every listener before any accept loop runs (a taken port fails here, naming the listener);
 //! 4. start the control thread: the admin server, the cluster monitor (health checks and outlier
-//!    detection, `balance::monitor`), for a file source the file watcher, and with a control plane
-//!    the Delta-ADS stream (`xds`);
+//!    detection, `balance::monitor`), for a file source the file watcher, with a control plane
+//!    the Delta-ADS stream (`xds`), and with an identity what keeps its certificate current (the
+//!    certificate files' watcher, or the CA renewals of `tls::issuer`);
 //! 5. report ready — at once without a control plane; with one, once every resource type has arrived
-//!    and been applied, or the initial-fetch timeout has passed.
+//!    and been applied, or the initial-fetch timeout has passed; with a CA identity, not before the
+//!    first certificate is in place.
 //!
 //! [`run`] is what `remora proxy` runs: start, then wait for signals (SIGHUP reloads; SIGTERM or
 //! SIGINT drains and exits). [`Proxy::drain`] stops accepting, lets connections finish up to the
@@ -26,15 +28,19 @@ use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
-use crate::bootstrap::{self, Bootstrap, ConfigSource};
+use crate::bootstrap::{self, Bootstrap, ConfigSource, IdentitySource};
 use crate::http::ServerSettings;
 use crate::http::client::ClientSettings;
+use crate::limits;
 use crate::listener::{self, DataPath};
 use crate::reload::{self, FileStamp, ReloadError, ReloadOutcome, Reloader};
 use crate::state::LiveSnapshot;
 use crate::telemetry::Metrics;
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::export::{self, ExportError, SpanCounters};
+use crate::tls::MeshTls;
+use crate::tls::files::CertFiles;
+use crate::tls::issuer::IssuerSettings;
 use crate::worker::Workers;
 use crate::xds::{self, XdsHandler};
 use remora_control_api::validate::References;
@@ -59,6 +65,9 @@ pub enum StartError {
     /// Tracing was asked for and could not start.
     #[error(transparent)]
     Tracing(#[from] ExportError),
+    /// The identity's certificate files are unusable.
+    #[error("identity: {0}")]
+    Identity(crate::tls::TlsError),
     /// The access log file could not be opened.
     #[error("access log: open {path}: {error}")]
     AccessLog {
@@ -67,6 +76,12 @@ pub enum StartError {
         /// The OS error.
         error: std::io::Error,
     },
+}
+
+/// What keeps the identity's certificate current, on the control thread.
+enum IdentityTask {
+    Files(CertFiles),
+    Ca(IssuerSettings),
 }
 
 /// A running proxy.
@@ -92,6 +107,12 @@ pub struct StartOptions {
     pub control_plane: Option<String>,
     /// `--node-id ID`: this proxy's name to the control plane.
     pub node_id: Option<String>,
+    /// `--identity SPIFFE-ID`: the identity to have the CA issue.
+    pub identity: Option<String>,
+    /// `--token-file FILE`: the token that authenticates to the CA.
+    pub token_file: Option<String>,
+    /// `--tls-cert`, `--tls-key`, `--tls-ca`: certificate files instead of the CA.
+    pub tls_files: Option<[String; 3]>,
 }
 
 impl Proxy {
@@ -117,6 +138,18 @@ impl Proxy {
         if let Some(node_id) = options.node_id {
             raw.node_id = node_id;
         }
+        if options.identity.is_some() || options.token_file.is_some() || options.tls_files.is_some() {
+            let identity = raw.identity.get_or_insert_with(Default::default);
+            if let Some(id) = options.identity {
+                identity.spiffe_id = id;
+            }
+            if let Some(token_file) = options.token_file {
+                identity.token_file = token_file;
+            }
+            if let Some([cert, key, ca]) = options.tls_files {
+                (identity.cert_file, identity.key_file, identity.ca_file) = (cert, key, ca);
+            }
+        }
         // 2. Bootstrap and the shared data path.
         let settings =
             Bootstrap::resolve(&raw).map_err(|errors| ReloadError::Invalid { origin: source.origin(), errors })?;
@@ -139,13 +172,41 @@ impl Proxy {
             }
             None => None,
         };
+        // Identity: files are read now (a bad set fails the start); the CA is asked once the control
+        // thread runs, and readiness waits for its answer.
+        let mut identity_task = None;
+        let mesh = match &settings.identity {
+            None => None,
+            Some(identity) => {
+                let mesh = Arc::new(MeshTls::new(identity.handshake_timeout, metrics.mesh().clone()));
+                match &identity.source {
+                    IdentitySource::Files { cert, key, ca } => {
+                        let files = CertFiles { cert: cert.clone(), key: key.clone(), ca: ca.clone() };
+                        let credentials = files.load().map_err(StartError::Identity)?;
+                        info!(identity = %credentials.identity(), cert = %cert.display(), "certificate files loaded");
+                        mesh.install(credentials).map_err(StartError::Identity)?;
+                        identity_task = Some(IdentityTask::Files(files));
+                    }
+                    IdentitySource::Ca { identity, ca_address, token_file, ttl } => {
+                        identity_task = Some(IdentityTask::Ca(IssuerSettings {
+                            identity: identity.clone(),
+                            ca_address: ca_address.clone(),
+                            token_file: token_file.clone(),
+                            ttl: *ttl,
+                        }));
+                    }
+                }
+                Some(mesh)
+            }
+        };
         let data = Arc::new(DataPath {
             snapshot: LiveSnapshot::default(),
             drain: Default::default(),
             server: ServerSettings::default(),
-            client: ClientSettings::default(),
+            client: ClientSettings::with_mesh(mesh.clone()),
             tracer,
             access_log,
+            mesh_stats: metrics.mesh().clone(),
         });
         let bootstrap_json = serde_json::to_value(&raw).unwrap_or_default();
         let admin = Arc::new(AdminState::new(
@@ -174,6 +235,9 @@ impl Proxy {
             has_control_plane,
         ));
         reloader.reload()?;
+        if matches!(identity_task, Some(IdentityTask::Ca(_))) {
+            admin.set_identity_pending();
+        }
         // 4. The control thread.
         let (stop, stopped) = oneshot::channel::<()>();
         let control_runtime =
@@ -183,6 +247,7 @@ impl Proxy {
             _ => None,
         };
         let admin_state = admin.clone();
+        let identity_admin = admin.clone();
         let monitored = data.clone();
         let xds = settings.control_plane.clone().map(|address| {
             let handler = XdsHandler::new(reloader.clone(), admin.clone(), metrics.clone(), address);
@@ -199,6 +264,16 @@ impl Proxy {
                     }
                     if let Some((handler, node_id, timeout)) = xds {
                         tokio::spawn(xds::run(handler, node_id, timeout));
+                    }
+                    match (identity_task, mesh) {
+                        (Some(IdentityTask::Files(files)), Some(mesh)) => {
+                            tokio::spawn(crate::tls::files::watch(files, mesh, limits::CERT_FILES_POLL_INTERVAL));
+                        }
+                        (Some(IdentityTask::Ca(settings)), Some(mesh)) => {
+                            let admin = identity_admin;
+                            tokio::spawn(crate::tls::issuer::run(settings, mesh, move || admin.set_identity_ready()));
+                        }
+                        _ => {}
                     }
                     let _ = stopped.await;
                 });

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use remora_control_api::config::FieldError;
 use remora_control_api::config::{self, ConfigError};
+use remora_control_api::identity::SpiffeId;
 use remora_control_api::validate::{self, References, ValidationErrors};
 use remora_control_api::{Resource, v1};
 
@@ -161,6 +162,42 @@ pub struct Bootstrap {
     pub tracing: Option<ExportSettings>,
     /// The access log, if there is one.
     pub access_log: Option<AccessLogSettings>,
+    /// This proxy's workload identity, if it has one.
+    pub identity: Option<IdentitySettings>,
+}
+
+/// Where this proxy's certificate comes from, and how long handshakes may take.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IdentitySettings {
+    /// The CA or files.
+    pub source: IdentitySource,
+    /// The TLS handshake timeout with peer sidecars.
+    pub handshake_timeout: Duration,
+}
+
+/// The two sources of certificates.
+#[derive(Clone, Debug, PartialEq)]
+pub enum IdentitySource {
+    /// Issued by the control plane's CA.
+    Ca {
+        /// The SPIFFE ID asked for.
+        identity: SpiffeId,
+        /// The CA's URL.
+        ca_address: String,
+        /// The bearer token's file.
+        token_file: PathBuf,
+        /// The lifetime asked for.
+        ttl: Duration,
+    },
+    /// Read from files, reloaded on change.
+    Files {
+        /// PEM chain.
+        cert: PathBuf,
+        /// PEM key.
+        key: PathBuf,
+        /// PEM trust bundle.
+        ca: PathBuf,
+    },
 }
 
 impl Bootstrap {
@@ -198,6 +235,7 @@ impl Bootstrap {
             })?),
         };
         let tracing = tracing_settings(raw.tracing.as_ref(), &node_id, env)?;
+        let identity = raw.identity.as_ref().map(|identity| identity_settings(identity, control_plane.as_deref()));
         Ok(Bootstrap {
             node_id,
             admin_address,
@@ -207,8 +245,33 @@ impl Bootstrap {
             initial_fetch_timeout,
             tracing,
             access_log,
+            identity,
         })
     }
+}
+
+/// The (validated) identity section with its defaults.
+fn identity_settings(raw: &v1::Identity, control_plane: Option<&str>) -> IdentitySettings {
+    let handshake_timeout =
+        validate::duration(raw.handshake_timeout.as_ref()).ok().flatten().unwrap_or(limits::DEFAULT_HANDSHAKE_TIMEOUT);
+    // Validation guarantees a valid ID with a token file and an address, or the three files.
+    let source = match SpiffeId::parse(&raw.spiffe_id) {
+        Ok(identity) => IdentitySource::Ca {
+            identity,
+            ca_address: Some(raw.ca_address.clone())
+                .filter(|a| !a.is_empty())
+                .or(control_plane.map(str::to_owned))
+                .unwrap_or_default(),
+            token_file: PathBuf::from(&raw.token_file),
+            ttl: validate::duration(raw.certificate_ttl.as_ref()).ok().flatten().unwrap_or(limits::DEFAULT_CERT_TTL),
+        },
+        Err(_) => IdentitySource::Files {
+            cert: PathBuf::from(&raw.cert_file),
+            key: PathBuf::from(&raw.key_file),
+            ca: PathBuf::from(&raw.ca_file),
+        },
+    };
+    IdentitySettings { source, handshake_timeout }
 }
 
 /// The trace export settings: the bootstrap's, then the standard `OTEL_*` variables, then the

@@ -1,7 +1,8 @@
 //! The downstream connection as the HTTP server reads it, and the per-connection byte meter.
 //!
-//! [`DownstreamStream`] wraps an accepted socket: it first replays any bytes protocol detection had to
-//! take out of the socket, then reads and writes the socket itself, counting bytes into the
+//! [`DownstreamStream`] wraps an accepted socket (or the mesh TLS session terminated on it): it first
+//! replays any bytes protocol detection had to take out of the socket, then reads and writes the
+//! socket itself, counting bytes into the
 //! connection's [`Meter`]. The meter feeds two things: the listener's byte counters (flushed when
 //! the connection closes and whenever the idle check runs) and the idle timeout, which [`idle_watch`]
 //! applies by noticing that the counts stopped moving. One atomic add per read or write; no clock
@@ -20,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::telemetry::ListenerStats;
+use crate::tls::ServerStream;
 
 /// Bytes moved on one connection, and how much of that the listener's counters have seen.
 #[derive(Debug, Default)]
@@ -145,12 +147,21 @@ pub async fn watch<M: Future, S: Future>(main: Pin<&mut M>, side: Pin<&mut S>) -
     .await
 }
 
-/// An accepted connection: detection's replay bytes first, then the socket, metered.
+/// An accepted connection: detection's replay bytes first, then the socket (or the mesh TLS session
+/// on it), metered. The meter counts the bytes the app-level protocol moved: plaintext, inside TLS.
 #[derive(Debug)]
 pub struct DownstreamStream {
-    socket: TcpStream,
+    socket: Transport,
     replay: Bytes,
     meter: Arc<Meter>,
+}
+
+/// What carries a downstream connection's bytes.
+#[derive(Debug)]
+enum Transport {
+    Plain(TcpStream),
+    // Boxed: a TLS session is a few KiB, and most connections are plain.
+    Tls(Box<ServerStream>),
 }
 
 impl DownstreamStream {
@@ -158,8 +169,28 @@ impl DownstreamStream {
     /// before its own bytes.
     pub fn new(socket: TcpStream, replay: Bytes, meter: Arc<Meter>) -> Self {
         meter.add_received(replay.len());
-        DownstreamStream { socket, replay, meter }
+        DownstreamStream { socket: Transport::Plain(socket), replay, meter }
     }
+
+    /// Wraps a mesh TLS session terminated on the connection.
+    pub fn tls(session: ServerStream, meter: Arc<Meter>) -> Self {
+        DownstreamStream { socket: Transport::Tls(Box::new(session)), replay: Bytes::new(), meter }
+    }
+}
+
+macro_rules! on_transport {
+    ($self:expr, $stream:ident => $body:expr) => {
+        match &mut $self.socket {
+            Transport::Plain($stream) => {
+                let $stream = Pin::new($stream);
+                $body
+            }
+            Transport::Tls($stream) => {
+                let $stream = Pin::new(&mut **$stream);
+                $body
+            }
+        }
+    };
 }
 
 impl AsyncRead for DownstreamStream {
@@ -172,7 +203,7 @@ impl AsyncRead for DownstreamStream {
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();
-        let result = Pin::new(&mut this.socket).poll_read(cx, buf);
+        let result = on_transport!(this, stream => stream.poll_read(cx, buf));
         this.meter.add_received(buf.filled().len() - before);
         result
     }
@@ -180,9 +211,10 @@ impl AsyncRead for DownstreamStream {
 
 impl AsyncWrite for DownstreamStream {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let result = Pin::new(&mut self.socket).poll_write(cx, buf);
+        let this = &mut *self;
+        let result = on_transport!(this, stream => stream.poll_write(cx, buf));
         if let Poll::Ready(Ok(n)) = result {
-            self.meter.add_sent(n);
+            this.meter.add_sent(n);
         }
         result
     }
@@ -192,23 +224,27 @@ impl AsyncWrite for DownstreamStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let result = Pin::new(&mut self.socket).poll_write_vectored(cx, bufs);
+        let this = &mut *self;
+        let result = on_transport!(this, stream => stream.poll_write_vectored(cx, bufs));
         if let Poll::Ready(Ok(n)) = result {
-            self.meter.add_sent(n);
+            this.meter.add_sent(n);
         }
         result
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.socket.is_write_vectored()
+        match &self.socket {
+            Transport::Plain(stream) => stream.is_write_vectored(),
+            Transport::Tls(stream) => stream.is_write_vectored(),
+        }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.socket).poll_flush(cx)
+        on_transport!(self, stream => stream.poll_flush(cx))
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.socket).poll_shutdown(cx)
+        on_transport!(self, stream => stream.poll_shutdown(cx))
     }
 }
 

@@ -67,6 +67,7 @@ pub mod state;
 pub mod tcp;
 pub mod telemetry;
 pub mod timer;
+pub mod tls;
 pub mod worker;
 pub mod xds;
 

@@ -158,3 +158,24 @@ pub const CONFIG_POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// starting beside the proxy, short enough that a proxy whose control plane is down still becomes
 /// ready (serving its file's resources) within a deploy's patience.
 pub const DEFAULT_INITIAL_FETCH_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Most bytes peeked to find a ClientHello's ALPN. rustls' hellos are ~250 bytes; browsers' with
+/// post-quantum key shares ~1.8 KiB; a longer one is passed through as not ours.
+pub const CLIENT_HELLO_PEEK: usize = 4096;
+
+/// Default TLS handshake timeout with a peer sidecar, either way.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often certificate files are checked for changes.
+pub const CERT_FILES_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Default certificate lifetime asked of the CA.
+pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Backoff between failed renewals: from the first to the last, doubling, with jitter.
+pub const RENEW_BACKOFF_FIRST: Duration = Duration::from_millis(500);
+/// See [`RENEW_BACKOFF_FIRST`].
+pub const RENEW_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// How long one signing call to the CA may take.
+pub const CA_CALL_TIMEOUT: Duration = Duration::from_secs(10);

@@ -9,7 +9,11 @@
 //! 2. **original destination**: on a transparent listener, `SO_ORIGINAL_DST` (IPv4 or IPv6) says
 //!    where the client meant to go. A connection made straight to the listener has none.
 //! 3. **detect**: `auto` listeners classify the first bytes (`detect`); others know their protocol.
-//! 4. **dispatch**: HTTP goes to `http::serve`; anything else to `tcp::proxy`, towards the route
+//! 4. **mesh and authorization**: on an inbound listener of a proxy with an identity, a ClientHello
+//!    offering a mesh ALPN protocol is terminated (`tls`), the peer's SPIFFE ID read and judged by
+//!    the authorization policy covering the destination port (`state::authz`); plaintext to a port a
+//!    strict policy covers is closed at once, and counted either way.
+//! 5. **dispatch**: HTTP goes to `http::serve`; anything else to `tcp::proxy`, towards the route
 //!    table that claims the original destination (its `tcp_cluster`) or the listener's default
 //!    cluster.
 
@@ -19,7 +23,7 @@ use std::sync::Arc;
 use socket2::{Domain, Protocol as SocketProtocol, SockRef, Socket, Type};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::detect::{self, Protocol};
 use crate::drain::{ConnectionToken, Drain};
@@ -27,10 +31,13 @@ use crate::http::client::ClientSettings;
 use crate::http::{self, HttpConnection, ServerSettings, ServerVersion};
 use crate::io::{DownstreamStream, Meter};
 use crate::limits;
-use crate::state::{ListenerConfig, ListenerProtocol, LiveSnapshot};
+use crate::state::authz::Policy;
+use crate::state::{Direction, ListenerConfig, ListenerProtocol, LiveSnapshot};
 use crate::tcp;
+use crate::telemetry::MeshStats;
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::trace::Tracer;
+use crate::tls::{self, Alpn, MeshTls};
 
 /// Everything the data path shares across workers and connections.
 #[derive(Debug)]
@@ -47,6 +54,8 @@ pub struct DataPath {
     pub tracer: Option<Arc<Tracer>>,
     /// The access log, when it is on.
     pub access_log: Option<Arc<AccessLog>>,
+    /// What mTLS and authorization count.
+    pub mesh_stats: MeshStats,
 }
 
 /// A listener that could not be bound.
@@ -163,29 +172,134 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, name: Arc<str>, d
             }
         },
     };
+    // Mesh: an inbound ClientHello offering a mesh protocol is terminated here, when this proxy has
+    // an identity. Anything else is plaintext to authorization (TLS that is not ours included: it
+    // passes through, unread).
+    let destination_port = match listener.authz {
+        None => 0,
+        Some(_) => original_destination.or_else(|| stream.local_addr().ok()).map_or(0, |a| a.port()),
+    };
+    let policy = listener.authz.as_ref().and_then(|authz| authz.for_port(destination_port)).cloned();
+    if protocol == Protocol::Tls
+        && listener.direction == Direction::Inbound
+        && let Some(mesh) = &data.client.mesh
+        && tls::offers_mesh_alpn(&stream, listener.detect_timeout).await
+    {
+        let accepted = Accepted { listener, peer, original_destination, destination_port, meter, open };
+        serve_mesh(stream, mesh, accepted, policy, &data).await;
+        return;
+    }
+    if let Some(policy) = &policy {
+        data.mesh_stats.plaintext(&name, &policy.name, !policy.strict);
+        if policy.strict {
+            info!(listener = %name, policy = %policy.name, %peer, "plaintext connection refused: the policy is strict");
+            return;
+        }
+    }
     // Dispatch.
     let version = match protocol {
         Protocol::Http1 => ServerVersion::Http1,
         Protocol::Http2 => ServerVersion::Http2,
         Protocol::Tls | Protocol::Opaque => {
-            let cluster = listener
-                .routes
-                .for_tcp(original_destination)
-                .and_then(|table| table.tcp_cluster.clone())
-                .or_else(|| listener.default_cluster.clone());
-            match cluster {
-                Some(cluster) => {
-                    let log = data.access_log.as_deref();
-                    tcp::proxy(stream, replay, cluster, original_destination, &listener, &meter, log).await;
-                }
-                None => debug!(listener = %name, ?original_destination, "no cluster for opaque traffic; closing"),
-            }
+            let downstream = tcp::Downstream::Plain(stream, replay);
+            proxy_tcp(downstream, &listener, original_destination, &meter, &data).await;
             return;
         }
     };
     let downstream = DownstreamStream::new(stream, replay, meter.clone());
-    let connection = Arc::new(HttpConnection { data: data.clone(), listener, original_destination, peer, meter, open });
+    let connection = Arc::new(HttpConnection {
+        data: data.clone(),
+        listener,
+        original_destination,
+        peer,
+        meter,
+        open,
+        peer_identity: None,
+        peer_header: None,
+        destination_port,
+    });
     http::serve(downstream, version, connection).await;
+}
+
+/// An admitted connection's particulars, for the paths that serve it.
+struct Accepted {
+    listener: Arc<ListenerConfig>,
+    peer: SocketAddr,
+    original_destination: Option<SocketAddr>,
+    destination_port: u16,
+    meter: Arc<Meter>,
+    open: Open,
+}
+
+/// Terminates mesh TLS from a peer sidecar, authorizes the peer, and serves what rides inside:
+/// HTTP/2 (judged again per request, by route) or opaque TCP (judged here, once).
+async fn serve_mesh(
+    stream: TcpStream,
+    mesh: &MeshTls,
+    accepted: Accepted,
+    policy: Option<Arc<Policy>>,
+    data: &Arc<DataPath>,
+) {
+    let Accepted { listener, peer, original_destination, destination_port, meter, open } = accepted;
+    let (session, identity, alpn) = match mesh.accept(stream).await {
+        Ok(accepted) => accepted,
+        Err(error) => {
+            info!(listener = %listener.name, %peer, %error, "mesh tls handshake failed");
+            return;
+        }
+    };
+    let downstream = DownstreamStream::tls(session, meter.clone());
+    match alpn {
+        Alpn::Tcp => {
+            if let Some(policy) = &policy
+                && !policy.allows(identity.as_str())
+            {
+                data.mesh_stats.denied(&listener.name, &policy.name);
+                info!(listener = %listener.name, policy = %policy.name, peer = %identity, "tcp connection denied by authorization policy");
+                return;
+            }
+            let downstream = tcp::Downstream::Mesh(downstream, Some(peer), identity);
+            proxy_tcp(downstream, &listener, original_destination, &meter, data).await;
+        }
+        Alpn::Http => {
+            let connection = Arc::new(HttpConnection {
+                data: data.clone(),
+                listener,
+                original_destination,
+                peer,
+                meter,
+                open,
+                peer_header: ::http::HeaderValue::from_str(identity.as_str()).ok(),
+                peer_identity: Some(identity),
+                destination_port,
+            });
+            http::serve(downstream, ServerVersion::Http2, connection).await;
+        }
+    }
+}
+
+/// Opaque TCP towards the route table that claims the original destination (its `tcp_cluster`), or
+/// the listener's default cluster.
+async fn proxy_tcp(
+    downstream: tcp::Downstream,
+    listener: &ListenerConfig,
+    original_destination: Option<SocketAddr>,
+    meter: &Arc<Meter>,
+    data: &DataPath,
+) {
+    let cluster = listener
+        .routes
+        .for_tcp(original_destination)
+        .and_then(|table| table.tcp_cluster.clone())
+        .or_else(|| listener.default_cluster.clone());
+    match cluster {
+        Some(cluster) => {
+            let mesh = data.client.mesh.as_deref();
+            let log = data.access_log.as_deref();
+            tcp::proxy(downstream, cluster, original_destination, listener, meter, mesh, log).await;
+        }
+        None => debug!(listener = %listener.name, ?original_destination, "no cluster for opaque traffic; closing"),
+    }
 }
 
 /// Marks an admitted connection open until dropped: then the active gauge goes down, the byte meter

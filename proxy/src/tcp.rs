@@ -1,7 +1,8 @@
 //! L4: connecting to endpoints, and forwarding opaque TCP both ways.
 //!
 //! [`proxy`] takes an accepted connection whose bytes the proxy will not interpret, picks an endpoint
-//! from the cluster, connects, replays any bytes detection consumed, and then [`forward`]s until both
+//! from the cluster, connects (inside mTLS, to a mesh cluster), replays any bytes detection
+//! consumed, and then [`forward`]s until both
 //! sides have closed (or the idle timeout passes). On Linux the bytes never enter user space: each
 //! direction moves them socket → pipe → socket with `splice(2)`, and an end-of-stream on one side is
 //! passed on as a half-close (`shutdown(SHUT_WR)`) of the other, so protocols that close their sending
@@ -24,11 +25,14 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::balance::Observed;
-use crate::io::{Meter, idle_watch};
+use crate::io::{DownstreamStream, Meter, idle_watch};
 use crate::state::cluster::Cluster;
 use crate::state::{Direction, ListenerConfig};
 use crate::telemetry::ClusterStats;
 use crate::telemetry::access_log::{AccessLog, Entry};
+use crate::tls::{Alpn, ClientStream, MeshTls, TlsError};
+use remora_control_api::identity::SpiffeId;
+use tokio_util::either::Either;
 
 /// Why an upstream connect failed.
 #[derive(Debug, thiserror::Error)]
@@ -67,30 +71,44 @@ pub async fn connect(address: SocketAddr, timeout: Duration, stats: &ClusterStat
     }
 }
 
+/// An opaque connection as it reaches [`proxy`].
+#[derive(Debug)]
+pub enum Downstream {
+    /// A plain socket, and the bytes detection already read from it (sent first).
+    Plain(TcpStream, Bytes),
+    /// TCP inside mesh TLS from a peer sidecar, terminated here: the peer's address and identity.
+    Mesh(DownstreamStream, Option<SocketAddr>, SpiffeId),
+}
+
 /// Proxies one opaque connection to `cluster` until both sides close or it sits idle, then writes
 /// its access log line if there is an access log.
 ///
-/// `replay` holds bytes detection already read from `downstream`; they are sent first. The connection
-/// is closed without a word if the cluster has no endpoint or the connect fails: there is no protocol
-/// in which to say why, so the reason goes to the debug log, the cluster's counters and the access
-/// log's `response_flags`.
+/// The connection is closed without a word if the cluster has no endpoint or the connect (or, to a
+/// mesh cluster, the mTLS handshake with the endpoint's sidecar, made with `mesh`) fails: there is no
+/// protocol in which to say why, so the reason goes to the debug log, the cluster's counters and the
+/// access log's `response_flags`. Plain to plain is spliced in the kernel; when either side is TLS
+/// the bytes are copied through user space, where the TLS records are made and read.
 pub async fn proxy(
-    downstream: TcpStream,
-    replay: Bytes,
+    downstream: Downstream,
     cluster: Arc<Cluster>,
     original_destination: Option<SocketAddr>,
     listener: &ListenerConfig,
-    meter: &Meter,
+    meter: &Arc<Meter>,
+    mesh: Option<&MeshTls>,
     access_log: Option<&AccessLog>,
 ) {
-    let peer = downstream.peer_addr().ok();
+    let (peer, peer_identity) = match &downstream {
+        Downstream::Plain(socket, _) => (socket.peer_addr().ok(), None),
+        Downstream::Mesh(_, peer, identity) => (*peer, Some(identity.to_string())),
+    };
+    let run = Relay { cluster: &cluster, original_destination, listener, meter, mesh };
     let Some(log) = access_log else {
-        relay(downstream, peer, replay, &cluster, original_destination, listener, meter).await;
+        run.relay(downstream, peer).await;
         return;
     };
     let start = std::time::SystemTime::now();
     let started = std::time::Instant::now();
-    let (endpoint, flag) = relay(downstream, peer, replay, &cluster, original_destination, listener, meter).await;
+    let (endpoint, flag) = run.relay(downstream, peer).await;
     let entry = Entry {
         start: Some(start),
         duration: started.elapsed(),
@@ -102,91 +120,158 @@ pub async fn proxy(
         cluster: Some(&cluster.name),
         endpoint,
         peer,
+        peer_identity: peer_identity.as_deref(),
         flags: flag,
         ..Entry::default()
     };
     log.write(&entry, false);
 }
 
-/// The connection's life: the endpoint it went to, and what cut it short (an `x-remora-error`
-/// style name), if anything did.
-async fn relay(
-    downstream: TcpStream,
-    peer: Option<SocketAddr>,
-    replay: Bytes,
-    cluster: &Cluster,
+/// One connection's relay and what it needs.
+struct Relay<'a> {
+    cluster: &'a Cluster,
     original_destination: Option<SocketAddr>,
-    listener: &ListenerConfig,
-    meter: &Meter,
-) -> (Option<SocketAddr>, Option<&'static str>) {
-    let Some(picked) = cluster.pick(original_destination, None, peer, &[]) else {
-        debug!(listener = %listener.name, cluster = %cluster.name, "tcp: no endpoint; closing");
-        return (None, Some("no_healthy_upstream"));
-    };
-    let endpoint = picked.address;
-    // The connection holds its place under max_connections (and, for least_request and ewma, counts
-    // as active on its endpoint) until it closes.
-    let _slot = match cluster.breakers.connection(&cluster.stats) {
-        Ok(slot) => slot,
-        Err(breaker) => {
-            debug!(listener = %listener.name, cluster = %cluster.name, breaker = breaker.as_str(), "tcp: overflow; closing");
-            return (Some(endpoint), Some("upstream_overflow"));
-        }
-    };
-    let state = picked.member.map(|member| member.state.clone());
-    let _active = state.as_ref().filter(|_| cluster.counts_active).map(|state| state.start());
-    let started = std::time::Instant::now();
-    let connected = connect(endpoint, cluster.connect_timeout, &cluster.stats).await;
-    // For opaque TCP, a connect is all there is to judge an endpoint by (outlier detection counts
-    // connect failures as gateway errors).
-    if cluster.observes
-        && let Some(state) = &state
-    {
-        let observed = if connected.is_ok() { Observed::Success } else { Observed::NoResponse };
-        cluster.observe(state, observed, started);
-    }
-    let mut upstream = match connected {
-        Ok(upstream) => upstream,
-        Err(error) => {
-            debug!(listener = %listener.name, cluster = %cluster.name, %error, "tcp: closing");
-            let flag = if matches!(error, ConnectError::Timeout(_)) { "connect_timeout" } else { "connect_failed" };
-            return (Some(endpoint), Some(flag));
-        }
-    };
-    if !replay.is_empty() {
-        if let Err(error) = upstream.write_all(&replay).await {
-            debug!(cluster = %cluster.name, %error, "tcp: upstream write failed");
-            return (Some(endpoint), Some("upstream_reset"));
-        }
-        cluster.stats.tcp_bytes_sent.inc_by(replay.len() as u64);
-    }
-    // The side (or sides) facing the local app get small fixed buffers: see LOCAL_SOCKET_BUFFER.
-    if listener.direction == Direction::Outbound || is_same_host(&downstream) {
-        fit_for_local_peer(&downstream);
-    }
-    if is_same_host(&upstream) {
-        fit_for_local_peer(&upstream);
-    }
-    let stats = &cluster.stats;
-    let to_upstream = |n: usize| {
-        meter.add_received(n);
-        stats.tcp_bytes_sent.inc_by(n as u64);
-    };
-    let to_downstream = |n: usize| {
-        meter.add_sent(n);
-        stats.tcp_bytes_received.inc_by(n as u64);
-    };
-    tokio::select! {
-        result = forward(&downstream, &upstream, &to_upstream, &to_downstream) => {
-            if let Err(error) = result {
-                debug!(listener = %listener.name, cluster = %cluster.name, %error, "tcp: connection ended with an error");
-                return (Some(endpoint), Some("connection_reset"));
+    listener: &'a ListenerConfig,
+    meter: &'a Arc<Meter>,
+    mesh: Option<&'a MeshTls>,
+}
+
+impl Relay<'_> {
+    /// The connection's life: the endpoint it went to, and what cut it short (an `x-remora-error`
+    /// style name), if anything did.
+    async fn relay(
+        &self,
+        downstream: Downstream,
+        peer: Option<SocketAddr>,
+    ) -> (Option<SocketAddr>, Option<&'static str>) {
+        let Relay { cluster, original_destination, listener, meter, mesh } = *self;
+        let Some(picked) = cluster.pick(original_destination, None, peer, &[]) else {
+            debug!(listener = %listener.name, cluster = %cluster.name, "tcp: no endpoint; closing");
+            return (None, Some("no_healthy_upstream"));
+        };
+        let endpoint = picked.address;
+        // The connection holds its place under max_connections (and, for least_request and ewma,
+        // counts as active on its endpoint) until it closes.
+        let _slot = match cluster.breakers.connection(&cluster.stats) {
+            Ok(slot) => slot,
+            Err(breaker) => {
+                debug!(listener = %listener.name, cluster = %cluster.name, breaker = breaker.as_str(), "tcp: overflow; closing");
+                return (Some(endpoint), Some("upstream_overflow"));
             }
-            (Some(endpoint), None)
+        };
+        let state = picked.member.map(|member| member.state.clone());
+        let _active = state.as_ref().filter(|_| cluster.counts_active).map(|state| state.start());
+        let started = std::time::Instant::now();
+        let connected = connect(endpoint, cluster.connect_timeout, &cluster.stats).await;
+        // For opaque TCP, a connect is all there is to judge an endpoint by (outlier detection
+        // counts connect failures as gateway errors).
+        if cluster.observes
+            && let Some(state) = &state
+        {
+            let observed = if connected.is_ok() { Observed::Success } else { Observed::NoResponse };
+            cluster.observe(state, observed, started);
         }
-        () = idle_watch(meter, &listener.stats, listener.idle_timeout) => {
-            debug!(listener = %listener.name, cluster = %cluster.name, "tcp: idle timeout");
-            (Some(endpoint), Some("idle_timeout"))
+        let upstream = match connected {
+            Ok(upstream) => upstream,
+            Err(error) => {
+                debug!(listener = %listener.name, cluster = %cluster.name, %error, "tcp: closing");
+                let flag = if matches!(error, ConnectError::Timeout(_)) { "connect_timeout" } else { "connect_failed" };
+                return (Some(endpoint), Some(flag));
+            }
+        };
+        let upstream = match &cluster.mesh {
+            None => Either::Left(upstream),
+            Some(peers) => {
+                let secured = match mesh {
+                    Some(mesh) => mesh.connect(upstream, endpoint, Alpn::Tcp, peers.expected(endpoint)).await,
+                    None => Err(TlsError::NoIdentity),
+                };
+                match secured {
+                    Ok((tls, _)) => Either::Right(tls),
+                    Err(error) => {
+                        debug!(listener = %listener.name, cluster = %cluster.name, %error, "tcp: mesh handshake failed; closing");
+                        return (Some(endpoint), Some("upstream_tls"));
+                    }
+                }
+            }
+        };
+        let flag = match (downstream, upstream) {
+            (Downstream::Plain(socket, replay), Either::Left(upstream)) => self.splice(socket, replay, upstream).await,
+            (Downstream::Plain(socket, replay), upstream) => {
+                self.copy(DownstreamStream::new(socket, replay, meter.clone()), upstream).await
+            }
+            (Downstream::Mesh(stream, ..), upstream) => self.copy(stream, upstream).await,
+        };
+        (Some(endpoint), flag)
+    }
+
+    /// Plain to plain, in the kernel.
+    async fn splice(&self, downstream: TcpStream, replay: Bytes, mut upstream: TcpStream) -> Option<&'static str> {
+        let Relay { cluster, listener, meter, .. } = *self;
+        if !replay.is_empty() {
+            if let Err(error) = upstream.write_all(&replay).await {
+                debug!(cluster = %cluster.name, %error, "tcp: upstream write failed");
+                return Some("upstream_reset");
+            }
+            cluster.stats.tcp_bytes_sent.inc_by(replay.len() as u64);
+        }
+        // The side (or sides) facing the local app get small fixed buffers: see LOCAL_SOCKET_BUFFER.
+        if listener.direction == Direction::Outbound || is_same_host(&downstream) {
+            fit_for_local_peer(&downstream);
+        }
+        if is_same_host(&upstream) {
+            fit_for_local_peer(&upstream);
+        }
+        let stats = &cluster.stats;
+        let to_upstream = |n: usize| {
+            meter.add_received(n);
+            stats.tcp_bytes_sent.inc_by(n as u64);
+        };
+        let to_downstream = |n: usize| {
+            meter.add_sent(n);
+            stats.tcp_bytes_received.inc_by(n as u64);
+        };
+        tokio::select! {
+            result = forward(&downstream, &upstream, &to_upstream, &to_downstream) => {
+                if let Err(error) = result {
+                    debug!(listener = %listener.name, cluster = %cluster.name, %error, "tcp: connection ended with an error");
+                    return Some("connection_reset");
+                }
+                None
+            }
+            () = idle_watch(meter, &listener.stats, listener.idle_timeout) => {
+                debug!(listener = %listener.name, cluster = %cluster.name, "tcp: idle timeout");
+                Some("idle_timeout")
+            }
+        }
+    }
+
+    /// Either side TLS: copied through user space, half-closes passed on (a TLS side's as its
+    /// close_notify). The downstream stream meters as it goes; the cluster's byte counters are
+    /// added when the connection ends.
+    async fn copy(
+        &self,
+        mut downstream: DownstreamStream,
+        mut upstream: Either<TcpStream, ClientStream>,
+    ) -> Option<&'static str> {
+        let Relay { cluster, listener, meter, .. } = *self;
+        let copied = tokio::io::copy_bidirectional(&mut downstream, &mut upstream);
+        tokio::select! {
+            result = copied => match result {
+                Ok((sent, received)) => {
+                    cluster.stats.tcp_bytes_sent.inc_by(sent);
+                    cluster.stats.tcp_bytes_received.inc_by(received);
+                    None
+                }
+                Err(error) => {
+                    debug!(listener = %listener.name, cluster = %cluster.name, %error, "tcp: connection ended with an error");
+                    Some("connection_reset")
+                }
+            },
+            () = idle_watch(meter, &listener.stats, listener.idle_timeout) => {
+                debug!(listener = %listener.name, cluster = %cluster.name, "tcp: idle timeout");
+                Some("idle_timeout")
+            }
         }
     }
 }

@@ -154,7 +154,7 @@ fn warm(all: &[Resource], serving_now: &HashSet<(Kind, String)>) -> (Vec<Resourc
             Resource::Endpoints(e) => {
                 endpoints.insert(&e.cluster);
             }
-            Resource::Listener(_) => {}
+            Resource::Listener(_) | Resource::AuthorizationPolicy(_) => {}
         }
     }
     // A cluster that has served keeps serving when its endpoints are removed (it then has none).
@@ -190,6 +190,9 @@ fn warm(all: &[Resource], serving_now: &HashSet<(Kind, String)>) -> (Vec<Resourc
                 None => Err(format!("names cluster {:?}, which is not defined", e.cluster)),
             },
             Resource::RouteTable(t) => table_ready(t),
+            // A policy needs nothing else to be in force: one naming a listener that has not arrived
+            // is simply waiting for it.
+            Resource::AuthorizationPolicy(_) => Ok(()),
             Resource::Listener(l) => (|| {
                 for name in &l.route_tables {
                     let table = tables
@@ -227,8 +230,8 @@ pub struct XdsHandler {
     metrics: Arc<Metrics>,
     address: String,
     connected: bool,
-    acked: [bool; 4],
-    reports: [KindReport; 4],
+    acked: [bool; Kind::COUNT],
+    reports: [KindReport; Kind::COUNT],
 }
 
 impl XdsHandler {
@@ -240,7 +243,7 @@ impl XdsHandler {
             metrics,
             address,
             connected: false,
-            acked: [false; 4],
+            acked: [false; Kind::COUNT],
             reports: Default::default(),
         }
     }

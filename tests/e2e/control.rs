@@ -298,7 +298,7 @@ async fn a_generic_xds_client_subscribes_resumes_and_nacks() {
     let mut client = GenericClient::connect(&plane.url(), "generic", &subscriptions).await;
     let mut held: HashMap<String, HashMap<String, String>> = HashMap::new();
     let mut order = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..Kind::COUNT {
         let response = client.next().await;
         assert!(!response.nonce.is_empty());
         order.push(response.type_url.clone());
@@ -310,7 +310,7 @@ async fn a_generic_xds_client_subscribes_resumes_and_nacks() {
         }
         client.ack(&response).await;
     }
-    assert_eq!(order, types, "push order: clusters, endpoints, listeners, route tables");
+    assert_eq!(order, types, "push order: clusters, endpoints, authorization policies, listeners, route tables");
     assert_eq!(held[Kind::Cluster.type_url()].len(), 2);
     assert_eq!(held[Kind::RouteTable.type_url()].keys().collect::<Vec<_>>(), ["web"]);
     drop(client);
@@ -324,7 +324,7 @@ async fn a_generic_xds_client_subscribes_resumes_and_nacks() {
         types.iter().map(|t| (*t, held.get(*t).cloned().unwrap_or_default())).collect();
     let mut client = GenericClient::connect(&plane.url(), "generic", &subscriptions).await;
     let mut received = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..Kind::COUNT {
         let response = client.next().await;
         received.extend(response.resources.iter().map(|r| r.name.clone()));
         assert!(response.removed_resources.is_empty());
@@ -377,7 +377,7 @@ async fn envoys_own_xds_types_interoperate() {
     let mut client = AggregatedDiscoveryServiceClient::connect(plane.url()).await.unwrap();
     let mut stream = client.delta_aggregated_resources(tokio_stream_from(rx)).await.unwrap().into_inner();
     let mut seen = Vec::new();
-    for i in 0..4 {
+    for _ in 0..Kind::COUNT {
         let response = stream.message().await.unwrap().unwrap();
         for resource in &response.resources {
             let any = resource.resource.as_ref().unwrap();
@@ -390,7 +390,8 @@ async fn envoys_own_xds_types_interoperate() {
             assert_eq!(decoded.name(), resource.name);
             seen.push(format!("{}/{}", decoded.kind(), resource.name));
         }
-        let error_detail = (i == 2).then(|| Status { code: 3, message: "no listeners here".into(), details: vec![] });
+        let listeners = response.type_url == Kind::Listener.type_url();
+        let error_detail = listeners.then(|| Status { code: 3, message: "no listeners here".into(), details: vec![] });
         tx.send(DeltaDiscoveryRequest {
             type_url: response.type_url.clone(),
             response_nonce: response.nonce.clone(),

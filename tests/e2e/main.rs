@@ -10,6 +10,7 @@ mod control;
 mod drain;
 mod grpc;
 mod http;
+mod mesh;
 mod policy;
 mod reload;
 mod resilience;

@@ -2,7 +2,8 @@
 //!
 //! The ADS server counts streams, pushes, ACKs and NACKs per resource type and observes convergence
 //! (from a change being published to each proxy's ACK of it); the sources count loads and failures
-//! and gauge how many resources and registered endpoints they hold.
+//! and gauge how many resources and registered endpoints they hold; the CA counts signing requests
+//! by result.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -39,6 +40,12 @@ pub struct ControlMetrics {
     loads: Family<SourceLabels, Counter>,
     resources: Family<TypeLabels, Gauge>,
     registered: Gauge,
+    signed: Family<ResultLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
 }
 
 impl Default for ControlMetrics {
@@ -64,6 +71,7 @@ impl ControlMetrics {
             loads: Family::default(),
             resources: Family::default(),
             registered: Gauge::default(),
+            signed: Family::default(),
         };
         let r = &mut m.registry;
         r.register("connected_proxies", "Proxies with an open discovery stream", m.connected.clone());
@@ -81,6 +89,11 @@ impl ControlMetrics {
         r.register("source_loads", "Reads of a config source, by source and result", m.loads.clone());
         r.register("resources", "Resources served now, by type", m.resources.clone());
         r.register("registry_endpoints", "Endpoints registered in etcd now", m.registered.clone());
+        r.register(
+            "certificate_requests",
+            "Certificate signing requests, by result (signed, unauthenticated, denied, invalid, error)",
+            m.signed.clone(),
+        );
         m
     }
 
@@ -121,6 +134,10 @@ impl ControlMetrics {
 
     pub(crate) fn set_registered(&self, count: usize) {
         self.registered.set(count as i64);
+    }
+
+    pub(crate) fn certificate_request(&self, result: &'static str) {
+        self.signed.get_or_create(&ResultLabels { result }).inc();
     }
 
     /// Proxies connected now.

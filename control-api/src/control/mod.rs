@@ -35,6 +35,9 @@ use http_body_util::Full;
 use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
+use crate::ca::Authority;
+use crate::ca::auth::LocalTokens;
+use crate::ca::service::CaService;
 use crate::validate::{self, References};
 use crate::xds::server::{AdsServer, Publisher};
 use crate::{Kind, Resource, v1};
@@ -55,6 +58,35 @@ pub struct ControlConfig {
     pub etcd: Option<String>,
     /// The registry's key prefix.
     pub etcd_prefix: String,
+    /// The certificate authority, if this control plane signs workload certificates.
+    pub ca: Option<CaConfig>,
+}
+
+/// The CA's settings: where its root is, for which trust domain it signs, and who may ask.
+#[derive(Clone, Debug)]
+pub struct CaConfig {
+    /// Where the root comes from.
+    pub root: CaRoot,
+    /// The trust domain of every ID it signs.
+    pub trust_domain: String,
+    /// The bootstrap tokens file (`ca::auth::LocalTokens`).
+    pub tokens: PathBuf,
+    /// The longest lifetime it signs.
+    pub max_ttl: Duration,
+}
+
+/// Where the CA's root key and certificate are.
+#[derive(Clone, Debug)]
+pub enum CaRoot {
+    /// A directory holding `ca.crt` and `ca.key`, generated there on first start.
+    Directory(PathBuf),
+    /// Given files: the certificate and its key.
+    Files {
+        /// PEM CA certificate.
+        cert: PathBuf,
+        /// PEM private key.
+        key: PathBuf,
+    },
 }
 
 impl Default for ControlConfig {
@@ -64,6 +96,7 @@ impl Default for ControlConfig {
             config_dir: None,
             etcd: None,
             etcd_prefix: registry::DEFAULT_PREFIX.to_owned(),
+            ca: None,
         }
     }
 }
@@ -74,6 +107,9 @@ pub enum ControlError {
     /// The directory could not be loaded at start-up.
     #[error("config directory: {0}")]
     Directory(#[from] directory::DirectoryError),
+    /// The CA's root or tokens could not be loaded.
+    #[error("certificate authority: {0}")]
+    Ca(String),
     /// The runtime or signal handlers could not be set up.
     #[error("start: {0}")]
     Runtime(std::io::Error),
@@ -174,6 +210,8 @@ pub fn merge(resources: &[Resource], registry: Option<&Registrations>) -> Vec<Re
                 region: entry.region.clone().unwrap_or_default(),
                 zone: entry.zone.clone().unwrap_or_default(),
             }),
+            // Registrations carry no identity: a mesh cluster's peer_identities decide for them.
+            identity: String::new(),
         });
     }
     let mut merged = Vec::with_capacity(resources.len() + registered.len());
@@ -269,7 +307,20 @@ impl ControlPlane {
             .map_err(|error| ControlError::Bind { address: config.listen, error })?;
         let address = listener.local_addr().map_err(|error| ControlError::Bind { address: config.listen, error })?;
         let (stop, stopped) = oneshot::channel::<()>();
-        let router = tonic::service::Routes::new(ads.into_service()).into_axum_router().fallback({
+        let mut routes = tonic::service::Routes::new(ads.into_service());
+        if let Some(ca) = &config.ca {
+            let authority = match &ca.root {
+                CaRoot::Directory(dir) => Authority::load_or_generate(dir, &ca.trust_domain),
+                CaRoot::Files { cert, key } => Authority::from_files(cert, key, &ca.trust_domain),
+            }
+            .map_err(|e| ControlError::Ca(e.to_string()))?
+            .with_max_ttl(ca.max_ttl);
+            let tokens = LocalTokens::load(&ca.tokens).map_err(|e| ControlError::Ca(e.to_string()))?;
+            info!(trust_domain = %ca.trust_domain, tokens = tokens.len(), "certificate authority serving");
+            routes = routes
+                .add_service(CaService::new(Arc::new(authority), Arc::new(tokens), metrics.clone()).into_service());
+        }
+        let router = routes.into_axum_router().fallback({
             let sources = sources.clone();
             move |request: http::Request<axum::body::Body>| {
                 let sources = sources.clone();

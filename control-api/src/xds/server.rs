@@ -59,7 +59,7 @@ pub struct ServedSet {
     pub system_version: String,
     /// When it was published (convergence is measured from here).
     pub published_at: Option<Instant>,
-    kinds: [BTreeMap<String, Arc<ServedResource>>; 4],
+    kinds: [BTreeMap<String, Arc<ServedResource>>; Kind::COUNT],
 }
 
 impl ServedSet {
@@ -101,7 +101,7 @@ impl Publisher {
     /// encoding and version; if nothing changed at all, nothing is published.
     pub fn publish(&self, resources: &[Resource], system_version: &str) -> Published {
         let previous = self.tx.borrow().clone();
-        let mut kinds: [BTreeMap<String, Arc<ServedResource>>; 4] = Default::default();
+        let mut kinds: [BTreeMap<String, Arc<ServedResource>>; Kind::COUNT] = Default::default();
         let mut summary = Published::default();
         for resource in resources {
             let kind = resource.kind();
@@ -159,7 +159,7 @@ pub struct AdsServer {
 }
 
 /// Per kind (by push-order index), name → the version a proxy NACKed.
-type Nacked = [HashMap<String, String>; 4];
+type Nacked = [HashMap<String, String>; Kind::COUNT];
 
 #[derive(Debug)]
 struct Shared {
@@ -280,7 +280,7 @@ struct Session {
     /// convergence.
     connected_at: Option<Instant>,
     nonce: u64,
-    kinds: [Subscription; 4],
+    kinds: [Subscription; Kind::COUNT],
     nacked: Nacked,
     /// The generation last diffed against; a new one, or a subscription change, means diff again.
     synced: Option<u64>,

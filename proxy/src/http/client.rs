@@ -14,6 +14,10 @@
 //!   comes back the moment its response ends.
 //! - HTTP/2 goes through hyper's client: one multiplexed connection per endpoint per worker, opened
 //!   by the first request that needs it while the others wait for it.
+//! - A mesh cluster (`tls: mesh`) sends every request, whatever its version, as HTTP/2 inside
+//!   mutual TLS to the endpoint's sidecar (`tls::MeshTls::connect`), on a pooled connection of its
+//!   own, kept apart from plaintext HTTP/2 to the same address. The peer's proven identity is kept
+//!   with the connection, and a cluster that expects someone else does not reuse it.
 //!
 //! A pooled connection can turn out to be dead (the server closed it while idle). When it fails
 //! before the endpoint could have seen the request, the request is sent again on a fresh
@@ -37,7 +41,9 @@ use crate::http::{h1, headers};
 use crate::limits;
 use crate::policy::breaker::Slot;
 use crate::state::cluster::Cluster;
+use crate::tls::{Alpn, MeshTls, TlsError};
 use crate::{tcp, timer};
+use remora_control_api::identity::SpiffeId;
 
 /// The HTTP version spoken to an endpoint for one request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,10 +54,19 @@ pub enum Version {
     Http2,
 }
 
-/// Connection settings for upstream HTTP/2 connections, built once.
+/// Connection settings for upstream HTTP/2 connections, built once, and this proxy's mTLS side.
 #[derive(Debug)]
 pub struct ClientSettings {
     http2: http2::Builder<TokioExecutor>,
+    /// This proxy's identity for mesh clusters, when it has one.
+    pub mesh: Option<Arc<MeshTls>>,
+}
+
+impl ClientSettings {
+    /// The settings, with `mesh` for clusters with `tls: mesh`.
+    pub fn with_mesh(mesh: Option<Arc<MeshTls>>) -> Self {
+        ClientSettings { mesh, ..ClientSettings::default() }
+    }
 }
 
 impl Default for ClientSettings {
@@ -64,7 +79,7 @@ impl Default for ClientSettings {
             .max_header_list_size(limits::H2_MAX_HEADER_LIST_SIZE)
             .max_pending_accept_reset_streams(limits::H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
             .max_local_error_reset_streams(limits::H2_MAX_LOCAL_ERROR_RESET_STREAMS);
-        ClientSettings { http2: h2 }
+        ClientSettings { http2: h2, mesh: None }
     }
 }
 
@@ -82,6 +97,8 @@ type SharedHttp2 = Arc<tokio::sync::Mutex<Option<Http2Connection>>>;
 struct Http2Connection {
     sender: http2::SendRequest<UpstreamBody>,
     expires: Instant,
+    /// The peer sidecar's identity, on a mesh connection.
+    peer: Option<SpiffeId>,
 }
 
 #[derive(Default)]
@@ -89,7 +106,8 @@ struct Pool {
     // foldhash: probed twice per request; randomly seeded, so endpoints chosen by a client (the
     // original destinations of a pass-through cluster) cannot be picked to collide.
     http1: foldhash::HashMap<SocketAddr, Vec<IdleConnection>>,
-    http2: foldhash::HashMap<SocketAddr, SharedHttp2>,
+    /// Keyed by endpoint and whether the connection is mesh mTLS.
+    http2: foldhash::HashMap<(SocketAddr, bool), SharedHttp2>,
 }
 
 thread_local! {
@@ -200,7 +218,8 @@ pub async fn send_http2(
     endpoint: SocketAddr,
     mut request: Request<UpstreamBody>,
 ) -> Result<Outcome, ProxyError> {
-    let Some(shared) = with_pool(|pool| pool.http2.entry(endpoint).or_default().clone()) else {
+    let mesh = cluster.mesh.is_some();
+    let Some(shared) = with_pool(|pool| pool.http2.entry((endpoint, mesh)).or_default().clone()) else {
         return Err(ProxyError::NoEndpoint(cluster.name.clone()));
     };
     let mut force_new = false;
@@ -209,14 +228,18 @@ pub async fn send_http2(
             let mut slot = shared.lock().await;
             let expires = timer::now() + cluster.idle_timeout;
             match slot.as_mut() {
-                Some(connection) if !force_new && !connection.sender.is_closed() => {
+                Some(connection)
+                    if !force_new
+                        && !connection.sender.is_closed()
+                        && peer_fits(settings, cluster, endpoint, connection) =>
+                {
                     connection.expires = expires;
                     connection.sender.clone()
                 }
                 _ => {
                     let connecting = Box::pin(connect_http2(settings, cluster, endpoint));
-                    let sender = connecting.await?;
-                    *slot = Some(Http2Connection { sender: sender.clone(), expires });
+                    let (sender, peer) = connecting.await?;
+                    *slot = Some(Http2Connection { sender: sender.clone(), expires, peer });
                     sender
                 }
             }
@@ -245,13 +268,47 @@ pub async fn send_http2(
     }
 }
 
+/// Whether a pooled connection's peer is one `cluster` accepts for `endpoint` (always, off the mesh).
+fn peer_fits(settings: &ClientSettings, cluster: &Cluster, endpoint: SocketAddr, connection: &Http2Connection) -> bool {
+    match (&cluster.mesh, &connection.peer, &settings.mesh) {
+        (None, _, _) => true,
+        (Some(peers), Some(peer), Some(mesh)) => {
+            let own = mesh.identity();
+            let own_domain = own.as_ref().map_or("", |id| id.trust_domain());
+            peers.expected(endpoint).accepts(peer, own_domain)
+        }
+        _ => false,
+    }
+}
+
+/// Opens an HTTP/2 connection to `endpoint`: h2c, or for a mesh cluster HTTP/2 inside mTLS to the
+/// endpoint's sidecar, whose identity comes back with it.
 async fn connect_http2(
     settings: &ClientSettings,
     cluster: &Cluster,
     endpoint: SocketAddr,
-) -> Result<http2::SendRequest<UpstreamBody>, ProxyError> {
+) -> Result<(http2::SendRequest<UpstreamBody>, Option<SpiffeId>), ProxyError> {
     let (stream, slot) = connect(cluster, endpoint).await?;
-    let (sender, connection) = settings.http2.handshake(TokioIo::new(stream)).await.map_err(ProxyError::Upstream)?;
+    let Some(peers) = &cluster.mesh else {
+        let sender = handshake_http2(settings, TokioIo::new(stream), endpoint, slot).await?;
+        return Ok((sender, None));
+    };
+    let mesh = settings.mesh.as_ref().ok_or(TlsError::NoIdentity)?;
+    let (tls, peer) = mesh.connect(stream, endpoint, Alpn::Http, peers.expected(endpoint)).await?;
+    let sender = handshake_http2(settings, TokioIo::new(tls), endpoint, slot).await?;
+    Ok((sender, Some(peer)))
+}
+
+async fn handshake_http2<S>(
+    settings: &ClientSettings,
+    io: TokioIo<S>,
+    endpoint: SocketAddr,
+    slot: Slot,
+) -> Result<http2::SendRequest<UpstreamBody>, ProxyError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = settings.http2.handshake(io).await.map_err(ProxyError::Upstream)?;
     tokio::spawn(async move {
         // The connection counts against max_connections until this task ends.
         let _slot = slot;

@@ -76,6 +76,20 @@ pub enum ProxyError {
     /// The last attempt's response head did not arrive within the retry policy's per-try timeout.
     #[error("no response within the per-try timeout of {0:?}")]
     PerTryTimeout(std::time::Duration),
+    /// The mTLS handshake with the endpoint's sidecar failed, or it is not who it should be.
+    #[error("mesh: {0}")]
+    Mesh(#[from] crate::tls::TlsError),
+    /// An authorization policy of the inbound listener does not let this peer make this request.
+    #[error("{peer} is not allowed by authorization policy {policy:?}")]
+    Unauthorized {
+        /// The policy.
+        policy: std::sync::Arc<str>,
+        /// The peer's identity.
+        peer: String,
+    },
+    /// The request asks for something this path cannot do.
+    #[error("not supported: {0}")]
+    NotSupported(&'static str),
     /// The cluster could not take the request, and the route answers with its fallback instead.
     #[error("{cause}; the route's fallback answered")]
     Fallback {
@@ -94,11 +108,15 @@ impl ProxyError {
             ProxyError::NoEndpoint(_)
             | ProxyError::NoOriginalDestination(_)
             | ProxyError::Connect(_)
+            | ProxyError::Mesh(_)
             | ProxyError::Upstream(_)
             | ProxyError::Http1(
                 h1::Error::Io(_) | h1::Error::Closed | h1::Error::Protocol(_) | h1::Error::UnexpectedSwitch,
             ) => Side::Upstream,
-            ProxyError::BadRequest(_) | ProxyError::Http1(h1::Error::RequestBody(_)) => Side::Downstream,
+            ProxyError::BadRequest(_)
+            | ProxyError::Http1(h1::Error::RequestBody(_))
+            | ProxyError::Unauthorized { .. }
+            | ProxyError::NotSupported(_) => Side::Downstream,
             ProxyError::RequestTimeout(_) | ProxyError::PerTryTimeout(_) | ProxyError::Overflow(..) => Side::Upstream,
             ProxyError::RateLimited(_) | ProxyError::FaultInjected(_) => Side::Config,
             ProxyError::Fallback { cause, .. } => cause.side(),
@@ -154,6 +172,9 @@ impl ProxyError {
             }
             ProxyError::Http1(h1::Error::RequestBody(_)) => (StatusCode::BAD_REQUEST, "downstream_body_error"),
             ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ProxyError::Mesh(_) => (StatusCode::SERVICE_UNAVAILABLE, "upstream_tls"),
+            ProxyError::Unauthorized { .. } => (StatusCode::FORBIDDEN, "unauthorized"),
+            ProxyError::NotSupported(_) => (StatusCode::NOT_IMPLEMENTED, "not_supported"),
             ProxyError::RequestTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "request_timeout"),
             ProxyError::PerTryTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "per_try_timeout"),
             ProxyError::Overflow(..) => (StatusCode::SERVICE_UNAVAILABLE, "upstream_overflow"),
@@ -183,6 +204,9 @@ mod tests {
             (ProxyError::Connect(ConnectError::Timeout(([127, 0, 0, 1], 1).into())), 503, "connect_timeout"),
             (refused, 503, "connect_failed"),
             (ProxyError::BadRequest("x"), 400, "bad_request"),
+            (ProxyError::Mesh(crate::tls::TlsError::NoIdentity), 503, "upstream_tls"),
+            (ProxyError::Unauthorized { policy: "p".into(), peer: "spiffe://td/x".into() }, 403, "unauthorized"),
+            (ProxyError::NotSupported("x"), 501, "not_supported"),
             (ProxyError::RequestTimeout(std::time::Duration::from_secs(1)), 504, "request_timeout"),
             (ProxyError::RateLimited(std::time::Duration::from_millis(1500)), 429, "rate_limited"),
             (ProxyError::FaultInjected(418), 418, "fault_injected"),

@@ -18,6 +18,10 @@ use http::{HeaderMap, Request, Uri, Version};
 
 use crate::http::client;
 
+/// The header an inbound sidecar gives the app: the caller's SPIFFE ID, proven by mTLS. Removed from
+/// every other inbound request, so an app can trust it (Linkerd's `l5d-client-id`).
+pub static CLIENT_IDENTITY: HeaderName = HeaderName::from_static("x-remora-client-identity");
+
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 

@@ -79,7 +79,7 @@ pub(crate) fn send(
         return;
     };
     let endpoint = picked.address;
-    let version = upstream_version(cluster.protocol, downstream_version, false);
+    let version = upstream_version(&cluster, downstream_version, false);
     headers::prepare_request(&mut request, version, endpoint, false);
     shadow_host(&mut request);
     let settings = connection.clone();

@@ -47,20 +47,21 @@ use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tracing::debug;
+use tracing::{debug, info};
 
 use crate::balance::{EndpointState, Observed};
 use crate::io::{self, DownstreamStream, Meter, Watched, idle_watch};
 use crate::limits;
 use crate::listener::{DataPath, Open};
 use crate::policy::Admission;
-use crate::state::ListenerConfig;
 use crate::state::cluster::{Cluster, Picked, Targets, UpstreamProtocol};
+use crate::state::{Direction, ListenerConfig};
 use crate::timer::CoarseTimer;
 use body::{InFlight, ProxyBody, UpstreamBody};
 use client::Outcome;
 use error::ProxyError;
 use observe::{Finish, Observe};
+use remora_control_api::identity::SpiffeId;
 
 use crate::telemetry::trace::Traceparent;
 use crate::telemetry::{self, RequestStats};
@@ -122,6 +123,13 @@ pub struct HttpConnection {
     pub meter: Arc<Meter>,
     /// Keeps the connection counted as open.
     pub open: Open,
+    /// The peer sidecar's identity, when the connection is mesh mTLS.
+    pub peer_identity: Option<SpiffeId>,
+    /// The same, as the value of the `x-remora-client-identity` header the app is given.
+    pub peer_header: Option<http::HeaderValue>,
+    /// The destination port authorization policies judge by: the original destination's, else the
+    /// listener socket's own.
+    pub destination_port: u16,
 }
 
 /// Serves one HTTP connection until it ends. `stream` replays whatever detection read.
@@ -332,6 +340,7 @@ impl Attempt {
         let endpoint_failed = matches!(
             error,
             ProxyError::Connect(_)
+                | ProxyError::Mesh(_)
                 | ProxyError::Upstream(_)
                 | ProxyError::PerTryTimeout(_)
                 | ProxyError::RequestTimeout(_)
@@ -414,17 +423,28 @@ fn plan(
             Some(table) => {
                 let route =
                     table.route(request.method(), request.uri(), request.headers()).ok_or(ProxyError::NoRoute)?;
+                authorize(listener, connection, Some((&table.name, &route.name)))?;
                 let backend = route.pick_backend().ok_or(ProxyError::NoRoute)?;
                 *routed = Some(backend.stats.for_direction(listener.direction.label()).clone());
                 (backend.cluster.clone(), route.policy.clone())
             }
             None => {
+                authorize(listener, connection, None)?;
                 let cluster = listener.default_cluster.clone().ok_or(ProxyError::NoRoute)?;
                 routed.clone_from(&listener.default_stats);
                 (cluster, None)
             }
         }
     };
+    // An inbound request tells the app who called: the mesh peer's proven identity, and never a
+    // value the caller wrote itself.
+    if connection.listener.direction == Direction::Inbound {
+        let headers = request.headers_mut();
+        headers.remove(&headers::CLIENT_IDENTITY);
+        if let Some(identity) = &connection.peer_header {
+            headers.insert(headers::CLIENT_IDENTITY.clone(), identity.clone());
+        }
+    }
     // Admit, by the route's policy.
     let mut delay = None;
     if let Some(policy) = &policy {
@@ -435,12 +455,15 @@ fn plan(
             Admission::Abort { status, delay: Some(delay) } => return Ok(Plan::Abort { status, delay }),
         }
     }
+    let upgrade = headers::is_upgrade(request);
+    if cluster.mesh.is_some() && (upgrade || request.method() == Method::CONNECT) {
+        return Err(ProxyError::NotSupported("protocol upgrades and CONNECT cannot cross a mesh cluster yet"));
+    }
     if request.method() == Method::CONNECT {
         return Ok(Plan::Connect(cluster));
     }
-    let upgrade = headers::is_upgrade(request);
     let downstream_version = request.version();
-    let version = upstream_version(cluster.protocol, downstream_version, upgrade);
+    let version = upstream_version(&cluster, downstream_version, upgrade);
     let policed = policy.filter(|p| delay.is_some() || p.forwards());
     // A new unsampled trace's context: written by the plain HTTP/1.1 path itself, inserted for
     // the others.
@@ -484,9 +507,38 @@ fn plan(
     Ok(Plan::Forward(Forward { cluster, endpoint, version, upgrade, downstream_upgrade, attempt, traceparent }))
 }
 
-/// The version to speak to a cluster with `protocol`, for a request in `downstream` version.
-fn upstream_version(protocol: UpstreamProtocol, downstream: http::Version, upgrade: bool) -> client::Version {
-    match (protocol, upgrade) {
+/// The per-request half of an inbound listener's authorization: a request from an mTLS peer on a
+/// port a policy covers must be allowed by the policy, for the route it took (`route`: table and
+/// route names), or the policy as a whole. Plaintext was judged when the connection was accepted.
+fn authorize(
+    listener: &ListenerConfig,
+    connection: &HttpConnection,
+    route: Option<(&str, &str)>,
+) -> Result<(), ProxyError> {
+    let (Some(peer), Some(authz)) = (&connection.peer_identity, &listener.authz) else {
+        return Ok(());
+    };
+    let Some(policy) = authz.for_port(connection.destination_port) else { return Ok(()) };
+    let allowed = match route {
+        Some((table, route)) => policy.allows_route(table, route, peer.as_str()),
+        None => policy.allows(peer.as_str()),
+    };
+    if allowed {
+        return Ok(());
+    }
+    connection.data.mesh_stats.denied(&listener.name, &policy.name);
+    let (table, route) = route.unwrap_or_default();
+    info!(listener = %listener.name, policy = %policy.name, peer = %peer, route_table = table, route, "request denied by authorization policy");
+    Err(ProxyError::Unauthorized { policy: policy.name.clone(), peer: peer.to_string() })
+}
+
+/// The version to speak to `cluster`, for a request in `downstream` version: a mesh cluster always
+/// gets HTTP/2 (its upgrades are refused before this), others what their protocol says.
+fn upstream_version(cluster: &Cluster, downstream: http::Version, upgrade: bool) -> client::Version {
+    if cluster.mesh.is_some() {
+        return client::Version::Http2;
+    }
+    match (cluster.protocol, upgrade) {
         // Protocol switches exist only in HTTP/1.1.
         (_, true) | (UpstreamProtocol::Http1, false) => client::Version::Http1,
         (UpstreamProtocol::Http2, false) => client::Version::Http2,

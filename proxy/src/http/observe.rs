@@ -221,6 +221,7 @@ impl Drop for Finish {
                 endpoint: upstream.as_ref().map(|(_, e)| *e),
                 attempts: Some(attempts),
                 peer: Some(connection.peer),
+                peer_identity: connection.peer_identity.as_ref().map(|id| id.as_str()),
                 trace_id: observe.trace.as_ref().map(|t| t.trace_id),
                 flags: flag,
                 ..Entry::default()

@@ -141,7 +141,8 @@ impl RetryPolicy {
     pub fn retries_error(&self, error: &ProxyError) -> bool {
         let on = |flags: u16| self.conditions & flags != 0;
         match error {
-            ProxyError::Connect(ConnectError::Failed { .. } | ConnectError::Timeout(_)) => {
+            // A failed mTLS handshake is part of connecting: the request was never sent.
+            ProxyError::Connect(ConnectError::Failed { .. } | ConnectError::Timeout(_)) | ProxyError::Mesh(_) => {
                 on(CONNECT_FAILURE | SERVER_ERROR | GATEWAY_ERROR)
             }
             ProxyError::Upstream(error) if is_refused_stream(error) => {

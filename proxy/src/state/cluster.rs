@@ -23,6 +23,8 @@ use crate::balance::{
 use crate::limits;
 use crate::policy::breaker::CircuitBreakers;
 use crate::telemetry::{ClusterStats, Metrics};
+use crate::tls::Expected;
+use remora_control_api::identity::{self, IdentityPattern, SpiffeId};
 
 /// The protocol spoken to a cluster's endpoints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,6 +81,27 @@ pub struct Cluster {
     pub counts_active: bool,
     /// The cluster's counters.
     pub stats: Arc<ClusterStats>,
+    /// With `tls: mesh`, who its endpoints' sidecars must prove to be.
+    pub mesh: Option<MeshPeers>,
+}
+
+/// The identities a mesh cluster's endpoints may present.
+#[derive(Debug, Default)]
+pub struct MeshPeers {
+    by_endpoint: foldhash::HashMap<SocketAddr, SpiffeId>,
+    patterns: Vec<IdentityPattern>,
+}
+
+impl MeshPeers {
+    /// What the sidecar at `endpoint` must prove: its own `identity`, else one of the cluster's
+    /// `peer_identities`, else any identity in this proxy's trust domain.
+    pub fn expected(&self, endpoint: SocketAddr) -> Expected<'_> {
+        match self.by_endpoint.get(&endpoint) {
+            Some(id) => Expected::Exact(id),
+            None if !self.patterns.is_empty() => Expected::Any(&self.patterns),
+            None => Expected::TrustDomain,
+        }
+    }
 }
 
 /// A picked endpoint: its address, and its state when the cluster keeps one for the data path.
@@ -172,6 +195,25 @@ impl Cluster {
                 Arc::new(EndpointSet::new(config, list, &carried, stats.clone()))
             }))
         };
+        let mesh = match c.tls() {
+            v1::cluster::Tls::None => None,
+            v1::cluster::Tls::Mesh => {
+                let patterns = identity::parse_patterns(&c.peer_identities)
+                    .map_err(|(i, e)| (format!("peer_identities[{i}]"), e.to_string()))?;
+                let mut by_endpoint = foldhash::HashMap::default();
+                for (i, endpoint) in e.map_or(&[][..], |e| &e.endpoints).iter().enumerate() {
+                    if endpoint.identity.is_empty() {
+                        continue;
+                    }
+                    let id = SpiffeId::parse(&endpoint.identity)
+                        .map_err(|e| (format!("endpoints[{i}].identity"), e.to_string()))?;
+                    if let Ok(address) = validate::parse_address(&endpoint.address) {
+                        by_endpoint.insert(address, id);
+                    }
+                }
+                Some(MeshPeers { by_endpoint, patterns })
+            }
+        };
         Ok(Cluster {
             name: c.name.as_str().into(),
             protocol,
@@ -183,6 +225,7 @@ impl Cluster {
             observes: outlier.is_some() || strategy == Strategy::Ewma,
             counts_active: strategy.counts_active(),
             stats,
+            mesh,
         })
     }
 

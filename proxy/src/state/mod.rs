@@ -11,6 +11,7 @@
 //! unchanged cluster keeps its endpoint set (and so its round-robin position), and pooled upstream
 //! connections are keyed by address in `http::client`.
 
+pub mod authz;
 pub mod cluster;
 pub mod routes;
 
@@ -27,6 +28,7 @@ use remora_control_api::{Kind, Resource, v1};
 use crate::limits;
 use crate::policy::RateLimiter;
 use crate::telemetry::{ListenerStats, Metrics, RequestStats};
+use authz::ListenerAuthz;
 use cluster::{Cluster, OwnLocality};
 use routes::{RouteIndex, RouteTable};
 
@@ -93,6 +95,8 @@ pub struct ListenerConfig {
     pub default_stats: Option<Arc<RequestStats>>,
     /// The listener's counters.
     pub stats: Arc<ListenerStats>,
+    /// The authorization policies that guard it, if any name it.
+    pub authz: Option<ListenerAuthz>,
 }
 
 /// One consistent, compiled version of the resources.
@@ -162,7 +166,11 @@ impl Snapshot {
         let mut listeners = foldhash::HashMap::default();
         for resource in &resources {
             let Resource::Listener(l) = resource else { continue };
-            let config = compile_listener(l, &tables, &find_cluster, metrics)
+            let policies = resources.iter().filter_map(|r| match r {
+                Resource::AuthorizationPolicy(p) if p.listener == l.name => Some(p),
+                _ => None,
+            });
+            let config = compile_listener(l, &tables, &find_cluster, ListenerAuthz::compile(policies), metrics)
                 .map_err(|(field, message)| fail(Kind::Listener, &l.name, field, message))?;
             listeners.insert(config.name.clone(), Arc::new(config));
         }
@@ -194,6 +202,7 @@ fn compile_listener(
     l: &v1::Listener,
     tables: &[(Arc<RouteTable>, Vec<Destination>)],
     find_cluster: &dyn Fn(&str) -> Option<Arc<Cluster>>,
+    authz: Option<ListenerAuthz>,
     metrics: &Metrics,
 ) -> Result<ListenerConfig, (String, String)> {
     let address = validate::parse_address(&l.address).map_err(|m| ("address".to_owned(), m))?;
@@ -246,6 +255,7 @@ fn compile_listener(
             .map(|c| metrics.route("", &c.name).for_direction(direction.label()).clone()),
         default_cluster,
         stats: metrics.listener(&l.name, direction.label()),
+        authz,
     })
 }
 

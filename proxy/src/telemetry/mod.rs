@@ -357,6 +357,74 @@ pub struct Metrics {
     upstream_duration: Family<ClusterLabels, Histogram>,
     spans: Family<ResultLabels, Counter>,
     access_log_lines: Family<ResultLabels, Counter>,
+    mesh: MeshStats,
+}
+
+/// The identity and mTLS counters: handshakes, the certificate's expiry and renewals, and what
+/// authorization policies decided.
+#[derive(Clone, Debug, Default)]
+pub struct MeshStats {
+    handshakes: Family<HandshakeLabels, Counter>,
+    certificate_expiry: Gauge,
+    rotations: Counter,
+    renewals: Family<ResultLabels, Counter>,
+    denied: Family<PolicyLabels, Counter>,
+    plaintext: Family<PlaintextLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandshakeLabels {
+    direction: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PolicyLabels {
+    listener: String,
+    policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PlaintextLabels {
+    listener: String,
+    policy: String,
+    result: &'static str,
+}
+
+impl MeshStats {
+    /// Counts a TLS handshake with a peer sidecar: `direction` inbound (we accepted) or outbound,
+    /// `result` ok or the failure's kind.
+    pub fn handshake(&self, direction: &'static str, result: &'static str) {
+        self.handshakes.get_or_create(&HandshakeLabels { direction, result }).inc();
+    }
+
+    /// A new certificate took over, valid until `not_after` (seconds since the epoch).
+    pub fn rotated(&self, not_after: u64) {
+        self.rotations.inc();
+        self.certificate_expiry.set(i64::try_from(not_after).unwrap_or(i64::MAX));
+    }
+
+    /// A renewal attempt's result: ok, or failed.
+    pub fn renewal(&self, result: &'static str) {
+        self.renewals.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// Certificates installed so far.
+    pub fn rotations(&self) -> u64 {
+        self.rotations.get()
+    }
+
+    /// A connection or request an authorization policy denied.
+    pub fn denied(&self, listener: &str, policy: &str) {
+        self.denied.get_or_create(&PolicyLabels { listener: listener.to_owned(), policy: policy.to_owned() }).inc();
+    }
+
+    /// A plaintext connection to a port a policy covers: `accepted` (permissive) or `refused`.
+    pub fn plaintext(&self, listener: &str, policy: &str, accepted: bool) {
+        let result = if accepted { "accepted" } else { "refused" };
+        let labels = PlaintextLabels { listener: listener.to_owned(), policy: policy.to_owned(), result };
+        self.plaintext.get_or_create(&labels).inc();
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -412,6 +480,7 @@ impl Metrics {
             upstream_duration: Family::default(),
             spans: Family::default(),
             access_log_lines: Family::default(),
+            mesh: MeshStats::default(),
         };
         let r = &mut metrics.registry;
         r.register("listener_connections", "Downstream connections accepted", metrics.listener_connections.clone());
@@ -552,7 +621,39 @@ impl Metrics {
             "Access log lines, by result (written; dropped: the writer fell behind and its queue was full)",
             metrics.access_log_lines.clone(),
         );
+        let mesh = &metrics.mesh;
+        r.register(
+            "tls_handshakes",
+            "TLS handshakes with peer sidecars, by direction and result (ok, or what failed: timeout, certificate, identity, protocol)",
+            mesh.handshakes.clone(),
+        );
+        r.register(
+            "identity_certificate_expiry_seconds",
+            "When this proxy's certificate expires, in seconds since the Unix epoch",
+            mesh.certificate_expiry.clone(),
+        );
+        r.register("identity_rotations", "Certificates installed (the first one included)", mesh.rotations.clone());
+        r.register(
+            "identity_renewals",
+            "Certificate renewals from the CA or the files, by result (ok, failed)",
+            mesh.renewals.clone(),
+        );
+        r.register(
+            "authorization_denied",
+            "Connections (TCP) and requests (HTTP, answered 403) an authorization policy denied",
+            mesh.denied.clone(),
+        );
+        r.register(
+            "authorization_plaintext",
+            "Plaintext connections to a port an authorization policy covers, by result (accepted: permissive; refused: strict)",
+            mesh.plaintext.clone(),
+        );
         metrics
+    }
+
+    /// The identity, mTLS and authorization counters.
+    pub fn mesh(&self) -> &MeshStats {
+        &self.mesh
     }
 
     /// The counters of one route backend: `route` (its table and name) sending to `cluster`.

@@ -63,7 +63,11 @@ impl TestProxy {
             )
         };
         std::fs::write(&config, text).unwrap();
-        let options = StartOptions { control_plane: Some(url.to_owned()), node_id: Some(node_id.to_owned()) };
+        let options = StartOptions {
+            control_plane: Some(url.to_owned()),
+            node_id: Some(node_id.to_owned()),
+            ..StartOptions::default()
+        };
         let proxy = Proxy::start_with(ConfigSource::File(config.clone()), options)
             .unwrap_or_else(|e| panic!("proxy did not start: {e}"));
         TestProxy { proxy: Some(proxy), directory, config }

@@ -166,6 +166,7 @@ async fn default_route(name: Arc<str>, request: Request<Incoming>) -> Response<T
     let host = crate::http::headers::authority(&request).unwrap_or_default().to_owned();
     let seen_headers = request.headers().keys().map(|k| k.as_str()).collect::<Vec<_>>().join(",");
     let path = request.uri().path().to_owned();
+    let client_identity = request.headers().get("x-remora-client-identity").cloned();
     let mut response = if path == "/echo" {
         Response::new(request.into_body().map_err(Into::into).boxed())
     } else if let Some(code) = path.strip_prefix("/status/") {
@@ -186,6 +187,9 @@ async fn default_route(name: Arc<str>, request: Request<Incoming>) -> Response<T
     headers.insert("x-seen-version", HeaderValue::from_str(&version).unwrap());
     headers.insert("x-seen-host", HeaderValue::from_str(&host).unwrap_or(HeaderValue::from_static("")));
     headers.insert("x-seen-headers", HeaderValue::from_str(&seen_headers).unwrap_or(HeaderValue::from_static("")));
+    if let Some(identity) = client_identity {
+        headers.insert("x-seen-client-identity", identity);
+    }
     response
 }
 

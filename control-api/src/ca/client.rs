@@ -1,0 +1,75 @@
+//! The proxies' side of the CA: one signing call.
+//!
+//! [`sign`] dials the CA (the control plane's gRPC port), presents the token as
+//! `authorization: Bearer`, and returns the chain and trust bundle, or a [`ClientError`] that says
+//! whether to retry: a CA that cannot be reached or is unavailable is worth retrying with backoff;
+//! a refusal (bad token, not entitled, bad request) will not change until the config does.
+
+use std::time::Duration;
+
+use tonic::metadata::MetadataValue;
+
+use crate::capb::certificate_authority_client::CertificateAuthorityClient;
+use crate::capb::{SignRequest, SignResponse};
+
+/// Why a signing call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The CA address is not a URL.
+    #[error("CA address {0:?} is not an http:// URL")]
+    Address(String),
+    /// The CA could not be reached, or did not answer in time.
+    #[error("CA unreachable: {0}")]
+    Unreachable(String),
+    /// The CA answered with a refusal or an error.
+    #[error("CA refused: {code:?}: {message}")]
+    Refused {
+        /// The gRPC status code.
+        code: tonic::Code,
+        /// The CA's message.
+        message: String,
+    },
+}
+
+impl ClientError {
+    /// Whether the same request might succeed later without any change here.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Unreachable(_) => true,
+            ClientError::Address(_) => false,
+            ClientError::Refused { code, .. } => {
+                matches!(code, tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Internal)
+            }
+        }
+    }
+}
+
+/// Asks the CA at `address` to sign `csr_pem` for `ttl`, authenticating with `token`, within
+/// `timeout`.
+pub async fn sign(
+    address: &str,
+    token: &str,
+    csr_pem: String,
+    ttl: Duration,
+    timeout: Duration,
+) -> Result<SignResponse, ClientError> {
+    let endpoint = crate::grpc::endpoint(address).ok_or_else(|| ClientError::Address(address.to_owned()))?;
+    let bearer: MetadataValue<_> = format!("Bearer {}", token.trim()).parse().map_err(|_| ClientError::Refused {
+        code: tonic::Code::InvalidArgument,
+        message: "the token is not printable ASCII".into(),
+    })?;
+    let call = async {
+        let channel = endpoint.connect().await.map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        let mut client = CertificateAuthorityClient::new(channel);
+        let ttl = pbjson_types::Duration { seconds: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX), nanos: 0 };
+        let mut request = tonic::Request::new(SignRequest { csr: csr_pem, ttl: Some(ttl) });
+        request.metadata_mut().insert("authorization", bearer);
+        client.sign(request).await.map(tonic::Response::into_inner).map_err(|status| match status.code() {
+            tonic::Code::Unavailable if status.message().contains("transport") => {
+                ClientError::Unreachable(status.message().to_owned())
+            }
+            code => ClientError::Refused { code, message: status.message().to_owned() },
+        })
+    };
+    tokio::time::timeout(timeout, call).await.map_err(|_| ClientError::Unreachable("timed out".into()))?
+}

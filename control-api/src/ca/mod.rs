@@ -1,0 +1,339 @@
+//! The mesh's certificate authority: a root key and certificate, and the signing of workload
+//! certificates (X.509-SVIDs) for proxies that prove who they are.
+//!
+//! An [`Authority`] is made once when `remora control` starts, from a root given as files or one it
+//! generates into (and reloads from) a directory. A signing request enters [`Authority::sign`] as a
+//! PEM CSR plus what the caller's token entitles it to ([`auth`]); it leaves as a short-lived leaf
+//! certificate whose only name is the SPIFFE ID, as a URI SAN: no common name, no DNS name, nothing
+//! a peer could mistake for an identity. Everything in the CSR but its public key and that one URI is
+//! ignored. [`service`] serves it over gRPC; [`client`] is the proxies' side of that call.
+
+pub mod auth;
+pub mod client;
+pub mod service;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+
+use crate::identity::{IdentityPattern, SpiffeId};
+
+/// A generated root lives this long.
+const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Certificates start this long before they are signed, so a peer whose clock runs a little behind
+/// accepts them at once.
+const BACKDATE: Duration = Duration::from_secs(60);
+/// The shortest lifetime signed: a renewal at half-life must have time to happen.
+pub const MIN_TTL: Duration = Duration::from_secs(10);
+/// The lifetime signed when the request names none.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// The longest lifetime signed unless the operator sets another cap.
+pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// The files a root is kept in, inside the CA directory.
+const ROOT_CERT_FILE: &str = "ca.crt";
+const ROOT_KEY_FILE: &str = "ca.key";
+
+/// Why the CA could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    /// A root file could not be read or written.
+    #[error("{}: {error}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        error: std::io::Error,
+    },
+    /// A root file holds no usable certificate or key.
+    #[error("{}: {message}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The trust domain is not one.
+    #[error("trust domain {0:?}: must be lower-case letters, digits, '.', '-' and '_'")]
+    TrustDomain(String),
+    /// Key generation or signing failed.
+    #[error("generating the root: {0}")]
+    Generate(rcgen::Error),
+}
+
+/// Why a signing request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SignError {
+    /// The CSR is malformed, badly signed, or asks for something other than one SPIFFE ID.
+    #[error("bad certificate request: {0}")]
+    BadRequest(String),
+    /// The caller's token does not entitle it to the identity it asked for.
+    #[error("not entitled to {0}")]
+    NotEntitled(String),
+    /// Signing itself failed.
+    #[error("signing failed: {0}")]
+    Internal(rcgen::Error),
+}
+
+/// A signed workload certificate.
+#[derive(Clone, Debug)]
+pub struct Signed {
+    /// The identity it carries.
+    pub identity: SpiffeId,
+    /// PEM, the leaf first.
+    pub chain: Vec<String>,
+    /// PEM roots.
+    pub trust_bundle: Vec<String>,
+    /// When it stops being valid.
+    pub not_after: SystemTime,
+}
+
+/// The root key and certificate, and the policy signing follows.
+pub struct Authority {
+    issuer: Issuer<'static, KeyPair>,
+    root_pem: String,
+    trust_domain: String,
+    max_ttl: Duration,
+}
+
+impl std::fmt::Debug for Authority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authority").field("trust_domain", &self.trust_domain).field("max_ttl", &self.max_ttl).finish()
+    }
+}
+
+impl Authority {
+    /// Loads the root from `dir` (`ca.crt`, `ca.key`), or generates one there (the key readable by
+    /// its owner only) if the directory holds neither.
+    pub fn load_or_generate(dir: &Path, trust_domain: &str) -> Result<Authority, CaError> {
+        let cert_path = dir.join(ROOT_CERT_FILE);
+        let key_path = dir.join(ROOT_KEY_FILE);
+        if cert_path.exists() || key_path.exists() {
+            return Authority::from_files(&cert_path, &key_path, trust_domain);
+        }
+        let authority = Authority::generate(trust_domain)?;
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |error| CaError::Io { path, error }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        write_private(&key_path, authority.issuer.key().serialize_pem().as_bytes()).map_err(io(&key_path))?;
+        std::fs::write(&cert_path, &authority.root_pem).map_err(io(&cert_path))?;
+        Ok(authority)
+    }
+
+    /// A root from PEM files: the CA certificate and its private key.
+    pub fn from_files(cert_path: &Path, key_path: &Path, trust_domain: &str) -> Result<Authority, CaError> {
+        let read =
+            |path: &Path| std::fs::read_to_string(path).map_err(|error| CaError::Io { path: path.to_owned(), error });
+        let invalid = |path: &Path, message: String| CaError::Invalid { path: path.to_owned(), message };
+        let (cert_pem, key_pem) = (read(cert_path)?, read(key_path)?);
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| invalid(key_path, format!("not a private key: {e}")))?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
+            .map_err(|e| invalid(cert_path, format!("not a CA certificate: {e}")))?;
+        check_trust_domain(trust_domain)?;
+        Ok(Authority { issuer, root_pem: cert_pem, trust_domain: trust_domain.to_owned(), max_ttl: DEFAULT_MAX_TTL })
+    }
+
+    /// A new root, in memory only (tests; `load_or_generate` stores one).
+    pub fn generate(trust_domain: &str) -> Result<Authority, CaError> {
+        check_trust_domain(trust_domain)?;
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(CaError::Generate)?;
+        let mut params = CertificateParams::default();
+        let mut name = DistinguishedName::new();
+        name.push(DnType::OrganizationName, "Remora");
+        name.push(DnType::CommonName, format!("Remora root CA for {trust_domain}"));
+        params.distinguished_name = name;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        let trust_domain_uri = format!("spiffe://{trust_domain}");
+        let uri = trust_domain_uri.try_into().map_err(CaError::Generate)?;
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        let now = SystemTime::now();
+        params.not_before = (now - BACKDATE).into();
+        params.not_after = (now + ROOT_LIFETIME).into();
+        params.serial_number = Some(random_serial());
+        let root = params.self_signed(&key).map_err(CaError::Generate)?;
+        let root_pem = root.pem();
+        Ok(Authority {
+            issuer: Issuer::new(params, key),
+            root_pem,
+            trust_domain: trust_domain.to_owned(),
+            max_ttl: DEFAULT_MAX_TTL,
+        })
+    }
+
+    /// Caps the lifetime of the certificates it signs.
+    pub fn with_max_ttl(mut self, max_ttl: Duration) -> Authority {
+        self.max_ttl = max_ttl.max(MIN_TTL);
+        self
+    }
+
+    /// The trust domain it signs for.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The root certificate, PEM.
+    pub fn root_pem(&self) -> &str {
+        &self.root_pem
+    }
+
+    /// Signs the CSR `csr_pem` if its one SPIFFE ID is in this CA's trust domain and matches one of
+    /// `entitled`, for `ttl` (capped; at least [`MIN_TTL`]) or [`DEFAULT_TTL`].
+    pub fn sign(
+        &self,
+        csr_pem: &str,
+        entitled: &[IdentityPattern],
+        ttl: Option<Duration>,
+    ) -> Result<Signed, SignError> {
+        let csr =
+            CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| SignError::BadRequest(e.to_string()))?;
+        let identity = requested_identity(&csr.params.subject_alt_names)?;
+        if identity.trust_domain() != self.trust_domain {
+            return Err(SignError::NotEntitled(format!("{identity} (this CA signs for {})", self.trust_domain)));
+        }
+        if !crate::identity::any_matches(entitled, identity.as_str()) {
+            return Err(SignError::NotEntitled(identity.to_string()));
+        }
+        let ttl = ttl.unwrap_or(DEFAULT_TTL).clamp(MIN_TTL, self.max_ttl);
+        let now = SystemTime::now();
+        let (not_before, not_after) = (now - BACKDATE, now + ttl);
+        let leaf = self.issue(&identity, &csr.public_key, not_before, not_after)?;
+        Ok(Signed { identity, chain: vec![leaf], trust_bundle: vec![self.root_pem.clone()], not_after })
+    }
+
+    /// A leaf certificate (PEM) for `identity` and `public_key`, valid from `not_before` to
+    /// `not_after`, with no policy applied: `sign` after its checks, and tests that need expired or
+    /// not-yet-valid certificates.
+    pub fn issue(
+        &self,
+        identity: &SpiffeId,
+        public_key: &impl rcgen::PublicKeyData,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<String, SignError> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        let uri = identity.as_str().to_owned().try_into().map_err(SignError::Internal)?;
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = not_before.into();
+        params.not_after = not_after.into();
+        params.serial_number = Some(random_serial());
+        let leaf = params.signed_by(public_key, &self.issuer).map_err(SignError::Internal)?;
+        Ok(leaf.pem())
+    }
+}
+
+/// The one URI SAN of a CSR, as a SPIFFE ID; any other name, or none, or two, is refused.
+fn requested_identity(names: &[SanType]) -> Result<SpiffeId, SignError> {
+    let bad = |message: &str| SignError::BadRequest(message.to_owned());
+    match names {
+        [SanType::URI(uri)] => SpiffeId::parse(uri.as_str()).map_err(|e| SignError::BadRequest(e.to_string())),
+        [] => Err(bad("no subject alternative name; want exactly one URI SAN, the SPIFFE ID")),
+        [_] => Err(bad("the subject alternative name must be a URI (the SPIFFE ID)")),
+        _ => Err(bad("more than one subject alternative name; want exactly one URI SAN, the SPIFFE ID")),
+    }
+}
+
+fn check_trust_domain(trust_domain: &str) -> Result<(), CaError> {
+    SpiffeId::parse(&format!("spiffe://{trust_domain}/x"))
+        .map(drop)
+        .map_err(|_| CaError::TrustDomain(trust_domain.to_owned()))
+}
+
+/// 16 random bytes, the top bit clear so the DER integer stays positive at full length.
+fn random_serial() -> SerialNumber {
+    let mut bytes = [0_u8; 16];
+    for chunk in bytes.chunks_mut(8) {
+        chunk.copy_from_slice(&fastrand::u64(..).to_be_bytes()[..chunk.len()]);
+    }
+    bytes[0] &= 0x7f;
+    SerialNumber::from_slice(&bytes)
+}
+
+fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    file.write_all(contents)
+}
+
+/// A CSR (PEM) for `identity` and the key `key`: one URI SAN and nothing else. The proxies' side of
+/// [`Authority::sign`].
+pub fn certificate_request(identity: &SpiffeId, key: &KeyPair) -> Result<String, rcgen::Error> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = vec![SanType::URI(identity.as_str().to_owned().try_into()?)];
+    params.serialize_request(key)?.pem()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn id(text: &str) -> SpiffeId {
+        SpiffeId::parse(text).unwrap()
+    }
+
+    fn patterns(texts: &[&str]) -> Vec<IdentityPattern> {
+        texts.iter().map(|t| IdentityPattern::parse(t).unwrap()).collect()
+    }
+
+    #[test]
+    fn signs_only_what_the_caller_is_entitled_to() {
+        let ca = Authority::generate("cluster.local").unwrap();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let web = id("spiffe://cluster.local/ns/shop/sa/web");
+        let csr = certificate_request(&web, &key).unwrap();
+        let signed = ca.sign(&csr, &patterns(&["spiffe://cluster.local/ns/shop/*"]), None).unwrap();
+        assert_eq!(signed.identity, web);
+        assert_eq!(signed.trust_bundle, [ca.root_pem().to_owned()]);
+        let error = ca.sign(&csr, &patterns(&["spiffe://cluster.local/ns/other/*"]), None).unwrap_err();
+        assert!(matches!(error, SignError::NotEntitled(_)), "{error}");
+        let foreign = certificate_request(&id("spiffe://elsewhere/ns/shop/sa/web"), &key).unwrap();
+        assert!(matches!(ca.sign(&foreign, &patterns(&["*"]), None), Err(SignError::NotEntitled(_))));
+        assert!(matches!(ca.sign("junk", &patterns(&["*"]), None), Err(SignError::BadRequest(_))));
+    }
+
+    #[test]
+    fn the_leaf_carries_the_spiffe_id_and_nothing_else() {
+        let ca = Authority::generate("td").unwrap().with_max_ttl(Duration::from_secs(3600));
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let csr = certificate_request(&id("spiffe://td/ns/a/sa/b"), &key).unwrap();
+        let signed = ca.sign(&csr, &patterns(&["*"]), Some(Duration::from_secs(7 * 24 * 3600))).unwrap();
+        let (_, pem) = x509_parser::pem::parse_x509_pem(signed.chain[0].as_bytes()).unwrap();
+        let cert = pem.parse_x509().unwrap();
+        assert!(cert.subject().iter().next().is_none(), "no subject: {}", cert.subject());
+        let sans = cert.subject_alternative_name().unwrap().unwrap();
+        let names: Vec<String> = sans.value.general_names.iter().map(|n| format!("{n}")).collect();
+        assert_eq!(names, ["URI:spiffe://td/ns/a/sa/b"]);
+        let lifetime = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
+        assert_eq!(lifetime, 3600 + 60, "capped at the CA's max, backdated a minute");
+    }
+
+    #[test]
+    fn a_generated_root_is_stored_and_reloaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Authority::load_or_generate(dir.path(), "td").unwrap();
+        let again = Authority::load_or_generate(dir.path(), "td").unwrap();
+        assert_eq!(first.root_pem(), again.root_pem());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("ca.key")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        std::fs::write(dir.path().join("ca.key"), "nonsense").unwrap();
+        let error = Authority::load_or_generate(dir.path(), "td").unwrap_err().to_string();
+        assert!(error.contains("ca.key: not a private key"), "{error}");
+    }
+}

@@ -1,0 +1,132 @@
+//! Authorization policies, compiled: for each inbound listener, the policy that covers each
+//! destination port, ready to judge a peer identity without parsing anything.
+//!
+//! Built with the snapshot from the AuthorizationPolicy resources that name a listener; the listener
+//! holds its [`ListenerAuthz`]. The inbound path asks it for the connection's port once, at accept
+//! (plaintext in strict mode is refused there; an mTLS peer of a TCP connection is judged there),
+//! and the HTTP path asks the policy again for each request, with the route it took.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use remora_control_api::identity::{self, IdentityPattern};
+use remora_control_api::v1;
+
+/// The policies guarding one listener.
+#[derive(Debug, Default)]
+pub struct ListenerAuthz {
+    by_port: HashMap<u16, Arc<Policy>>,
+    every_port: Option<Arc<Policy>>,
+}
+
+impl ListenerAuthz {
+    /// Compiles the (validated) policies that name one listener; `None` if there are none.
+    pub fn compile<'a>(policies: impl Iterator<Item = &'a v1::AuthorizationPolicy>) -> Option<ListenerAuthz> {
+        let mut authz = ListenerAuthz::default();
+        let mut any = false;
+        for policy in policies {
+            any = true;
+            let compiled = Arc::new(Policy::compile(policy));
+            match u16::try_from(policy.port) {
+                Ok(0) | Err(_) => authz.every_port = Some(compiled),
+                Ok(port) => {
+                    authz.by_port.insert(port, compiled);
+                }
+            }
+        }
+        any.then_some(authz)
+    }
+
+    /// The policy covering destination `port`: the one for that port, else the listener-wide one.
+    pub fn for_port(&self, port: u16) -> Option<&Arc<Policy>> {
+        self.by_port.get(&port).or(self.every_port.as_ref())
+    }
+}
+
+/// One AuthorizationPolicy.
+#[derive(Debug)]
+pub struct Policy {
+    /// Its name, for metrics and logs.
+    pub name: Arc<str>,
+    /// Whether plaintext is refused.
+    pub strict: bool,
+    allow: Vec<IdentityPattern>,
+    routes: HashMap<(String, String), Vec<IdentityPattern>>,
+}
+
+impl Policy {
+    fn compile(policy: &v1::AuthorizationPolicy) -> Policy {
+        // Validation has parsed every pattern; one that still fails (it cannot) allows nothing.
+        let patterns = |texts: &[String]| identity::parse_patterns(texts).unwrap_or_default();
+        Policy {
+            name: policy.name.as_str().into(),
+            strict: policy.mode() == v1::authorization_policy::Mode::Strict,
+            allow: patterns(&policy.allow),
+            routes: policy
+                .routes
+                .iter()
+                .map(|r| ((r.route_table.clone(), r.route.clone()), patterns(&r.allow)))
+                .collect(),
+        }
+    }
+
+    /// Whether `peer` may connect at all (TCP), or send a request no route entry covers (HTTP).
+    pub fn allows(&self, peer: &str) -> bool {
+        identity::any_matches(&self.allow, peer)
+    }
+
+    /// Whether `peer` may send a request that route `route` of table `table` took.
+    pub fn allows_route(&self, table: &str, route: &str, peer: &str) -> bool {
+        if self.routes.is_empty() {
+            return self.allows(peer);
+        }
+        match self.routes.get(&(table.to_owned(), route.to_owned())) {
+            Some(allow) => identity::any_matches(allow, peer),
+            None => self.allows(peer),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn the_most_specific_policy_judges() {
+        let yaml = r#"
+resources:
+  - {kind: AuthorizationPolicy, name: all, listener: in, allow: ["spiffe://td/ns/shop/*"]}
+  - kind: AuthorizationPolicy
+    name: admin
+    listener: in
+    port: 9000
+    mode: permissive
+    allow: ["spiffe://td/ns/ops/sa/admin"]
+    routes: [{route_table: t, route: metrics, allow: ["spiffe://td/ns/mon/*"]}]
+"#;
+        let file = remora_control_api::config::parse(yaml, "t").unwrap();
+        let policies: Vec<_> = file
+            .resources
+            .iter()
+            .filter_map(|r| match r {
+                remora_control_api::Resource::AuthorizationPolicy(p) => Some(p),
+                _ => None,
+            })
+            .collect();
+        let authz = ListenerAuthz::compile(policies.into_iter()).unwrap();
+        let all = authz.for_port(80).unwrap();
+        assert!(all.strict);
+        assert!(all.allows("spiffe://td/ns/shop/sa/web"));
+        assert!(!all.allows("spiffe://td/ns/ops/sa/admin"));
+        let admin = authz.for_port(9000).unwrap();
+        assert!(!admin.strict);
+        assert!(admin.allows("spiffe://td/ns/ops/sa/admin"));
+        assert!(!admin.allows("spiffe://td/ns/shop/sa/web"));
+        assert!(admin.allows_route("t", "metrics", "spiffe://td/ns/mon/sa/prom"));
+        assert!(!admin.allows_route("t", "metrics", "spiffe://td/ns/ops/sa/admin"), "the route's list replaces");
+        assert!(admin.allows_route("t", "other", "spiffe://td/ns/ops/sa/admin"));
+        assert!(ListenerAuthz::compile(std::iter::empty()).is_none());
+    }
+}

@@ -1,0 +1,138 @@
+//! Certificates made in the test: a CA, workload certificates written to files for the proxies'
+//! static-files identity, and a raw rustls client for poking at an inbound listener directly.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rcgen::KeyPair;
+use remora_control_api::ca::Authority;
+use remora_control_api::identity::SpiffeId;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::net::TcpStream;
+
+/// A CA for one trust domain.
+pub struct TestCa {
+    authority: Authority,
+}
+
+/// One workload's certificate, key and trust bundle, in PEM.
+pub struct IssuedPem {
+    /// The leaf.
+    pub cert: String,
+    /// Its key.
+    pub key: String,
+    /// The CA's root.
+    pub ca: String,
+}
+
+impl TestCa {
+    /// A fresh CA for `trust_domain`.
+    pub fn new(trust_domain: &str) -> TestCa {
+        TestCa { authority: Authority::generate(trust_domain).unwrap() }
+    }
+
+    /// A certificate for `id`, valid from `not_before` to `not_after`.
+    pub fn issue_between(&self, id: &str, not_before: SystemTime, not_after: SystemTime) -> IssuedPem {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert = self.authority.issue(&SpiffeId::parse(id).unwrap(), &key, not_before, not_after).unwrap();
+        IssuedPem { cert, key: key.serialize_pem(), ca: self.authority.root_pem().to_owned() }
+    }
+
+    /// A certificate for `id`, valid for the next hour.
+    pub fn issue(&self, id: &str) -> IssuedPem {
+        let now = SystemTime::now();
+        self.issue_between(id, now - Duration::from_secs(60), now + Duration::from_secs(3600))
+    }
+}
+
+impl IssuedPem {
+    /// Writes `cert.pem`, `key.pem` and `ca.pem` into `dir`; returns their paths in that order.
+    pub fn write(&self, dir: &Path) -> [PathBuf; 3] {
+        std::fs::create_dir_all(dir).unwrap();
+        let paths = ["cert.pem", "key.pem", "ca.pem"].map(|name| dir.join(name));
+        for (path, text) in paths.iter().zip([&self.cert, &self.key, &self.ca]) {
+            std::fs::write(path, text).unwrap();
+        }
+        paths
+    }
+
+    /// The bootstrap lines that make a proxy use these files (under `bootstrap:`).
+    pub fn bootstrap_identity(&self, dir: &Path) -> String {
+        let [cert, key, ca] = self.write(dir);
+        format!(
+            "  identity:\n    cert_file: {}\n    key_file: {}\n    ca_file: {}\n",
+            cert.display(),
+            key.display(),
+            ca.display()
+        )
+    }
+
+    /// Opens mesh TLS to `address` as this workload, offering `alpn`, as a peer sidecar would.
+    pub async fn connect(
+        &self,
+        address: std::net::SocketAddr,
+        alpn: &[u8],
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(self.cert.as_bytes()).collect::<Result<_, _>>().unwrap();
+        let key = PrivateKeyDer::from_pem_slice(self.key.as_bytes()).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        for root in CertificateDer::pem_slice_iter(self.ca.as_bytes()) {
+            roots.add(root.unwrap()).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = Arc::new(AnyServer(provider.clone()));
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_auth_cert(chain, key)
+            .unwrap();
+        config.alpn_protocols = vec![alpn.to_vec()];
+        let stream = TcpStream::connect(address).await?;
+        let name = ServerName::IpAddress(address.ip().into());
+        tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, stream).await
+    }
+}
+
+/// Accepts any server certificate: these tests are about what the server accepts.
+#[derive(Debug)]
+struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}

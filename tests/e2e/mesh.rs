@@ -1,0 +1,390 @@
+//! Identity and mutual TLS between two sidecars: client app → outbound sidecar → mTLS → inbound
+//! sidecar → app, with certificates made in the test (files) or issued by the control plane's CA.
+//! HTTP/1.1, HTTP/2 and TCP across; the wire is TLS (plaintext refused in strict mode); wrong and
+//! expired identities refused; authorization by identity, glob and route; one h2 connection for
+//! many HTTP/1.1 clients; rotation under traffic; the CA going away.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use remora_control_api::testing::TestControlPlane;
+use remora_proxy::testing::proxy::temp_dir;
+use remora_proxy::testing::{Client, HttpServer, IssuedPem, TcpEchoServer, TestCa, TestProxy, eventually};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
+
+fn bootstrap(identity: &str) -> String {
+    format!("bootstrap:\n  admin_address: 127.0.0.1:0\n  workers: 1\n  drain_time: 1s\n{identity}---\n")
+}
+
+/// The receiving sidecar: `in` (HTTP and TCP to the app, auto) and `in-tcp` (to the echo server),
+/// both inbound, with `policies` (YAML resource items) on top.
+fn server_yaml(identity: &str, app: SocketAddr, echo: SocketAddr, policies: &str) -> String {
+    format!(
+        "{}resources:\n{}{}{}{}{policies}",
+        bootstrap(identity),
+        crate::cluster("app", ", protocol: http1", &[app]),
+        crate::cluster("echo", "", &[echo]),
+        crate::listener("in", ", direction: inbound, default_cluster: app"),
+        crate::listener("in-tcp", ", direction: inbound, default_cluster: echo"),
+    )
+}
+
+/// The calling sidecar: `out` (auto) to the mesh cluster `api` at `inbound`, `out-tcp` (tcp) to the
+/// mesh cluster `api-tcp` at `inbound_tcp`. `peers` adds fields to the mesh clusters.
+fn client_yaml(identity: &str, inbound: SocketAddr, inbound_tcp: SocketAddr, peers: &str) -> String {
+    format!(
+        "{}resources:\n{}{}{}{}",
+        bootstrap(identity),
+        crate::cluster("api", &format!(", tls: mesh{peers}"), &[inbound]),
+        crate::cluster("api-tcp", &format!(", tls: mesh{peers}"), &[inbound_tcp]),
+        crate::listener("out", ", default_cluster: api"),
+        crate::listener("out-tcp", ", protocol: tcp, default_cluster: api-tcp"),
+    )
+}
+
+struct Pair {
+    app: HttpServer,
+    _echo: TcpEchoServer,
+    server: TestProxy,
+    client: TestProxy,
+    ca: TestCa,
+    dir: PathBuf,
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Two sidecars with file identities `web` (client) and `api` (server) from one test CA.
+async fn pair(policies: &str, peers: &str) -> Pair {
+    let ca = TestCa::new("cluster.local");
+    let dir = temp_dir("remora-mesh");
+    let app = HttpServer::start("api-app").await;
+    let echo = TcpEchoServer::start().await;
+    let server_identity = ca.issue(API).bootstrap_identity(&dir.join("api"));
+    let server = TestProxy::start(&server_yaml(&server_identity, app.address(), echo.address(), policies));
+    let client_identity = ca.issue(WEB).bootstrap_identity(&dir.join("web"));
+    let client =
+        TestProxy::start(&client_yaml(&client_identity, server.address("in"), server.address("in-tcp"), peers));
+    Pair { app, _echo: echo, server, client, ca, dir }
+}
+
+async fn echo_through(address: SocketAddr, payload: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut stream = TcpStream::connect(address).await?;
+    stream.write_all(payload).await?;
+    stream.shutdown().await?;
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut got))
+        .await
+        .map_err(std::io::Error::other)??;
+    Ok(got)
+}
+
+/// HTTP/1.1 and HTTP/2 clients, and a TCP stream, cross between the sidecars inside mTLS; the app
+/// sees plain HTTP/1.1 (the cluster's protocol), the client's requests travel as HTTP/2.
+#[tokio::test]
+async fn http_and_tcp_cross_mutual_tls_and_the_app_sees_plaintext() {
+    let pair = pair("", "").await;
+    let out = pair.client.address("out");
+    let reply = Client::http1(out).await.get("api.shop", "/hello").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.header("x-served-by"), "api-app");
+    assert_eq!(reply.header("x-seen-version"), "HTTP/1.1");
+    assert_eq!(reply.header("x-seen-client-identity"), WEB, "the app is told who called");
+    let reply = Client::http2(out).await.get("api.shop", "/hello").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.header("x-seen-version"), "HTTP/1.1");
+    let payload: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
+    assert!(echo_through(pair.client.address("out-tcp"), &payload).await.unwrap() == payload);
+    assert!(pair.server.metric(r#"remora_tls_handshakes_total{direction="inbound",result="ok"}"#).await >= 2.0);
+    assert!(pair.client.metric(r#"remora_tls_handshakes_total{direction="outbound",result="ok"}"#).await >= 2.0);
+    assert_eq!(pair.app.hits(), 2);
+}
+
+/// The inbound port speaks TLS only under a strict policy: a plaintext client is closed at once and
+/// counted; after a switch to permissive it is served and counted as accepted.
+#[tokio::test]
+async fn strict_refuses_plaintext_and_permissive_accepts_it() {
+    let strict =
+        "  - {kind: AuthorizationPolicy, name: api, listener: in, allow: [\"spiffe://cluster.local/ns/shop/*\"]}\n";
+    let pair = pair(strict, "").await;
+    let inbound = pair.server.address("in");
+    let mut plain = TcpStream::connect(inbound).await.unwrap();
+    plain.write_all(b"GET / HTTP/1.1\r\nhost: api\r\n\r\n").await.unwrap();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut got)).await.unwrap();
+    assert!(read.is_err() || got.is_empty(), "plaintext was answered: {:?}", String::from_utf8_lossy(&got));
+    let refused = r#"remora_authorization_plaintext_total{listener="in",policy="api",result="refused"}"#;
+    assert_eq!(pair.server.metric(refused).await, 1.0);
+    // Mesh traffic still passes.
+    assert_eq!(Client::http1(pair.client.address("out")).await.get("api", "/").await.status, 200);
+
+    let yaml = std::fs::read_to_string(pair.server.config_path()).unwrap();
+    pair.server.rewrite(&yaml.replace("allow: [", "mode: permissive, allow: ["));
+    pair.server.reload().unwrap();
+    let mut plain = Client::http1(inbound).await;
+    let spoofed = plain.request(http::Method::GET, "api", "/").header("x-remora-client-identity", WEB);
+    let reply = remora_proxy::testing::client::read(
+        plain.send(spoofed.body(remora_proxy::testing::servers::full("")).unwrap()).await.unwrap(),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.header("x-seen-client-identity"), "", "a plaintext caller's claimed identity reached the app");
+    let accepted = r#"remora_authorization_plaintext_total{listener="in",policy="api",result="accepted"}"#;
+    assert_eq!(pair.server.metric(accepted).await, 1.0);
+}
+
+/// A peer that is not who the cluster expects is refused before any request is sent (503
+/// upstream_tls), for HTTP and for TCP; so is an endpoint whose own identity does not match.
+#[tokio::test]
+async fn the_wrong_peer_identity_is_refused() {
+    let pair = pair("", ", peer_identities: [\"spiffe://cluster.local/ns/billing/*\"]").await;
+    let reply = Client::http1(pair.client.address("out")).await.get("api", "/").await;
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert_eq!(reply.header("x-remora-error"), "upstream_tls");
+    assert!(reply.text().contains("expected spiffe://cluster.local/ns/billing/*"), "{}", reply.text());
+    let closed = echo_through(pair.client.address("out-tcp"), b"hello").await;
+    assert!(closed.map_or(true, |got| got.is_empty()), "tcp crossed to the wrong peer");
+    assert_eq!(pair.app.hits(), 0);
+    let wrong = r#"remora_tls_handshakes_total{direction="outbound",result="identity"}"#;
+    assert!(pair.client.metric(wrong).await >= 2.0);
+}
+
+/// The inbound listener wants a client certificate from the mesh's CA that has not expired: an
+/// expired one, one from another CA, and none at all are all refused in the handshake.
+#[tokio::test]
+async fn expired_foreign_and_missing_client_certificates_are_refused() {
+    let pair = pair("", "").await;
+    let inbound = pair.server.address("in");
+    let now = SystemTime::now();
+    let expired = pair.ca.issue_between(WEB, now - Duration::from_secs(7200), now - Duration::from_secs(3600));
+    let foreign = TestCa::new("cluster.local").issue(WEB);
+    for (what, cert) in [("expired", &expired), ("foreign", &foreign)] {
+        let result = pair_request(cert, inbound).await;
+        assert!(result.is_err(), "an {what} certificate was accepted");
+    }
+    let good = pair.ca.issue(WEB);
+    pair_request(&good, inbound).await.expect("a valid certificate was refused");
+    let failed = pair.server.metric(r#"remora_tls_handshakes_total{direction="inbound",result="handshake"}"#).await;
+    assert!(failed >= 2.0, "{failed}");
+}
+
+/// Mesh TLS to `address` as `cert`, then one HTTP/2 request; Err if anything fails.
+async fn pair_request(cert: &IssuedPem, address: SocketAddr) -> Result<u16, String> {
+    let tls = cert.connect(address, remora_proxy::tls::ALPN_HTTP).await.map_err(|e| e.to_string())?;
+    let io = hyper_util::rt::TokioIo::new(tls);
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    let request = http::Request::get("http://api/").body(http_body_util::Empty::<bytes::Bytes>::new()).unwrap();
+    let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
+    Ok(response.status().as_u16())
+}
+
+/// An allow list of globs lets the shop in and keeps others out with 403; a route's own list
+/// replaces the policy's for requests that route there; TCP from a denied peer is closed.
+#[tokio::test]
+async fn authorization_allows_by_identity_glob_and_route() {
+    let ca = TestCa::new("cluster.local");
+    let dir = temp_dir("remora-authz");
+    let app = HttpServer::start("api-app").await;
+    let echo = TcpEchoServer::start().await;
+    let policies = "  - {kind: RouteTable, name: api, routes: [{name: admin, match: {path: {prefix: /admin}}, backends: [{cluster: app}]}, {name: rest, backends: [{cluster: app}]}]}\n  - kind: AuthorizationPolicy\n    name: api\n    listener: in\n    allow: [\"spiffe://cluster.local/ns/shop/*\"]\n    routes: [{route_table: api, route: admin, allow: [\"spiffe://cluster.local/ns/ops/sa/admin\"]}]\n  - {kind: AuthorizationPolicy, name: echo, listener: in-tcp, allow: [\"spiffe://cluster.local/ns/shop/sa/web\"]}\n";
+    let server_identity = ca.issue(API).bootstrap_identity(&dir.join("api"));
+    let server = TestProxy::start(&server_yaml(&server_identity, app.address(), echo.address(), policies));
+    let (inbound, inbound_tcp) = (server.address("in"), server.address("in-tcp"));
+    let sidecar = |name: &str, id: &str| {
+        let identity = ca.issue(id).bootstrap_identity(&dir.join(name));
+        TestProxy::start(&client_yaml(&identity, inbound, inbound_tcp, ""))
+    };
+    let web = sidecar("web", WEB);
+    let ops = sidecar("ops", "spiffe://cluster.local/ns/ops/sa/admin");
+    let get = |proxy: &TestProxy, path: &'static str| {
+        let out = proxy.address("out");
+        async move { Client::http1(out).await.get("api", path).await }
+    };
+    assert_eq!(get(&web, "/orders").await.status, 200);
+    let denied = get(&ops, "/orders").await;
+    assert_eq!(denied.status, 403, "{}", denied.text());
+    assert_eq!(denied.header("x-remora-error"), "unauthorized");
+    assert!(denied.text().contains("spiffe://cluster.local/ns/ops/sa/admin"), "{}", denied.text());
+    assert_eq!(get(&ops, "/admin/flush").await.status, 200);
+    assert_eq!(get(&web, "/admin/flush").await.status, 403);
+    assert_eq!(echo_through(web.address("out-tcp"), b"ping").await.unwrap(), b"ping");
+    let closed = echo_through(ops.address("out-tcp"), b"ping").await;
+    assert!(closed.map_or(true, |got| got.is_empty()), "a denied peer's tcp went through");
+    assert_eq!(server.metric(r#"remora_authorization_denied_total{listener="in",policy="api"}"#).await, 2.0);
+    assert_eq!(server.metric(r#"remora_authorization_denied_total{listener="in-tcp",policy="echo"}"#).await, 1.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Forty HTTP/1.1 client connections through the calling sidecar reach the receiving sidecar as
+/// one multiplexed HTTP/2 connection.
+#[tokio::test]
+async fn http1_clients_share_one_h2_connection_between_the_sidecars() {
+    let pair = pair("", "").await;
+    let out = pair.client.address("out");
+    let mut clients = Vec::new();
+    for _ in 0..40 {
+        clients.push(tokio::spawn(async move {
+            let mut client = Client::http1(out).await;
+            for _ in 0..5 {
+                assert_eq!(client.get("api", "/slow/5").await.status, 200);
+            }
+        }));
+    }
+    for client in clients {
+        client.await.unwrap();
+    }
+    assert_eq!(pair.app.hits(), 200);
+    assert_eq!(
+        pair.server.metric(r#"remora_listener_connections_total{listener="in",direction="inbound"}"#).await,
+        1.0
+    );
+    assert_eq!(
+        pair.client.metric(r#"remora_listener_connections_total{listener="out",direction="outbound"}"#).await,
+        40.0
+    );
+}
+
+const TOKENS: &str = "web-token-0123456789 spiffe://cluster.local/ns/shop/sa/web\napi-token-0123456789 spiffe://cluster.local/ns/shop/sa/api\n";
+
+/// Two sidecars with identities from the control plane's CA (`ttl`), the given tokens.
+fn ca_pair(
+    plane: &TestControlPlane,
+    dir: &std::path::Path,
+    app: SocketAddr,
+    echo: SocketAddr,
+    ttl: &str,
+) -> (TestProxy, TestProxy) {
+    let identity = |name: &str, id: &str, token: &str| {
+        let token_file = dir.join(format!("{name}.token"));
+        std::fs::write(&token_file, token).unwrap();
+        format!(
+            "  identity:\n    spiffe_id: {id}\n    token_file: {}\n    ca_address: {}\n    certificate_ttl: {ttl}\n",
+            token_file.display(),
+            plane.url()
+        )
+    };
+    let server = TestProxy::start(&server_yaml(&identity("api", API, "api-token-0123456789"), app, echo, ""));
+    let client = TestProxy::start(&client_yaml(
+        &identity("web", WEB, "web-token-0123456789"),
+        server.address("in"),
+        server.address("in-tcp"),
+        "",
+    ));
+    (server, client)
+}
+
+/// 30-second certificates from the CA, under two minutes of steady HTTP and TCP traffic (a new TCP
+/// connection, so a new handshake, every round): every request succeeds, and each sidecar installs
+/// at least three certificates after its first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_rotate_under_traffic_without_a_failure() {
+    let plane = TestControlPlane::start_with_ca(&[], "cluster.local", TOKENS);
+    let dir = temp_dir("remora-rotate");
+    let app = HttpServer::start("api-app").await;
+    let echo = TcpEchoServer::start().await;
+    let (server, client) = ca_pair(&plane, &dir, app.address(), echo.address(), "30s");
+    server.wait_ready().await;
+    client.wait_ready().await;
+    let out = client.address("out");
+    let out_tcp = client.address("out-tcp");
+    let mut http = Client::http1(out).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let mut rounds = 0;
+    while tokio::time::Instant::now() < deadline {
+        let reply = http.get("api", "/hello").await;
+        assert_eq!(reply.status, 200, "round {rounds}: {}", reply.text());
+        let got = echo_through(out_tcp, b"rotate").await.unwrap();
+        assert_eq!(got, b"rotate", "round {rounds}");
+        rounds += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for proxy in [&server, &client] {
+        let installed = proxy.metric("remora_identity_rotations_total").await;
+        assert!(installed >= 4.0, "{installed} certificates installed in two minutes");
+        assert_eq!(proxy.metric(r#"remora_identity_renewals_total{result="failed"}"#).await, 0.0);
+    }
+    assert!(plane.metric(r#"remora_control_certificate_requests_total{result="signed"}"#) >= 8.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The CA goes away after the first certificates: the old ones keep serving (renewals fail and are
+/// counted) until they expire; then mesh connections fail with a clear reason, and once the CA is
+/// back a renewal brings them back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_ca_leaves_the_old_certificate_serving_until_it_expires() {
+    let mut plane = TestControlPlane::start_with_ca(&[], "cluster.local", TOKENS);
+    let dir = temp_dir("remora-ca-down");
+    let app = HttpServer::start("api-app").await;
+    let echo = TcpEchoServer::start().await;
+    let (server, client) = ca_pair(&plane, &dir, app.address(), echo.address(), "12s");
+    server.wait_ready().await;
+    client.wait_ready().await;
+    let out_tcp = client.address("out-tcp");
+    assert_eq!(echo_through(out_tcp, b"a").await.unwrap(), b"a");
+    plane.stop();
+    // Renewal at 6 s fails; until expiry at 12 s, new handshakes still work.
+    eventually("a renewal fails", Duration::from_secs(15), || async {
+        client.metric(r#"remora_identity_renewals_total{result="failed"}"#).await >= 1.0
+    })
+    .await;
+    let expiry = client.metric("remora_identity_certificate_expiry_seconds").await;
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs_f64();
+    if now + 1.0 < expiry {
+        assert_eq!(echo_through(out_tcp, b"b").await.unwrap(), b"b", "the old certificate stopped serving early");
+    }
+    eventually("the certificate expires and handshakes fail", Duration::from_secs(20), || async {
+        client.metric(r#"remora_tls_handshakes_total{direction="outbound",result="expired"}"#).await >= 1.0
+            || echo_through(out_tcp, b"c").await.map_or(true, |got| got.is_empty())
+    })
+    .await;
+    let reply = Client::http1(client.address("out")).await.get("api", "/fresh").await;
+    // The pooled h2 connection may outlive the certificate; a new handshake does not.
+    if reply.status != 200 {
+        assert_eq!(reply.header("x-remora-error"), "upstream_tls", "{}", reply.text());
+    }
+    plane.restart();
+    eventually("a renewal succeeds once the CA is back", Duration::from_secs(60), || async {
+        echo_through(out_tcp, b"d").await.is_ok_and(|got| got == b"d")
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Certificate files are watched: new files (written whole, then renamed into place) take over for
+/// new handshakes; a broken set is refused, counted, and the certificate in use keeps serving.
+#[tokio::test]
+async fn certificate_files_are_reloaded_when_they_change() {
+    let pair = pair("", "").await;
+    let out_tcp = pair.client.address("out-tcp");
+    assert_eq!(pair.server.metric("remora_identity_rotations_total").await, 1.0);
+    let api_dir = pair.dir.join("api");
+    let renewed = pair.ca.issue(API);
+    let staging = pair.dir.join("staging");
+    let staged = renewed.write(&staging);
+    for (from, name) in staged.iter().zip(["cert.pem", "key.pem", "ca.pem"]) {
+        std::fs::rename(from, api_dir.join(name)).unwrap();
+    }
+    eventually("the new files are installed", Duration::from_secs(10), || async {
+        pair.server.metric("remora_identity_rotations_total").await == 2.0
+    })
+    .await;
+    assert_eq!(echo_through(out_tcp, b"new").await.unwrap(), b"new");
+    std::fs::write(api_dir.join("key.pem"), "not a key").unwrap();
+    eventually("the broken set is refused", Duration::from_secs(10), || async {
+        pair.server.metric(r#"remora_identity_renewals_total{result="failed"}"#).await == 1.0
+    })
+    .await;
+    assert_eq!(pair.server.metric("remora_identity_rotations_total").await, 2.0);
+    assert_eq!(echo_through(out_tcp, b"still").await.unwrap(), b"still");
+}
