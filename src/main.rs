@@ -65,6 +65,9 @@ enum Command {
         /// PEM trust bundle: the roots peer sidecars' certificates must chain to.
         #[arg(long, value_name = "FILE", requires = "tls_cert")]
         tls_ca: Option<String>,
+        /// PEM roots an https:// control plane's certificate must chain to (the CA's ca.crt).
+        #[arg(long, value_name = "FILE")]
+        control_ca: Option<String>,
     },
     /// Run the control plane: serve the resources of a directory of YAML files (and endpoints
     /// registered in etcd) to every connected proxy over Delta ADS, pushing each change live.
@@ -102,6 +105,11 @@ enum Command {
         /// The longest certificate lifetime the CA signs, in seconds.
         #[arg(long, default_value_t = 30 * 24 * 3600, value_name = "SECONDS")]
         max_cert_ttl: u64,
+        /// Serve the port over TLS, with a certificate from the CA for this name (a DNS name or an
+        /// IP address the proxies dial; repeat for several). Needs the CA. Proxies then use an
+        /// https:// URL and --control-ca with the CA's root.
+        #[arg(long = "tls-name", value_name = "NAME", requires = "ca_tokens")]
+        tls_names: Vec<String>,
     },
     /// Register an endpoint of this workload in the etcd registry and keep it registered (a lease,
     /// refreshed) until SIGTERM or SIGINT, which deregister it. If this process dies, the endpoint
@@ -162,7 +170,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     remora_proxy::telemetry::logging::init();
     let result = match cli.command {
-        Command::Proxy { config, control, node_id, identity, token_file, tls_cert, tls_key, tls_ca } => {
+        Command::Proxy { config, control, node_id, identity, token_file, tls_cert, tls_key, tls_ca, control_ca } => {
             let source = match (config, &control) {
                 (Some(path), _) => ConfigSource::File(path),
                 // With a control plane and no file, the resources all come from the control plane.
@@ -173,7 +181,15 @@ fn main() -> ExitCode {
                 (Some(cert), Some(key), Some(ca)) => Some([cert, key, ca]),
                 _ => None,
             };
-            remora_proxy::run(source, StartOptions { control_plane: control, node_id, identity, token_file, tls_files })
+            let options = StartOptions {
+                control_plane: control,
+                node_id,
+                identity,
+                token_file,
+                tls_files,
+                control_plane_ca_file: control_ca,
+            };
+            remora_proxy::run(source, options)
         }
         Command::Control {
             config_dir,
@@ -186,6 +202,7 @@ fn main() -> ExitCode {
             ca_tokens,
             trust_domain,
             max_cert_ttl,
+            tls_names,
         } => {
             let root = match (ca_dir, ca_cert, ca_key) {
                 (Some(dir), _, _) => Some(CaRoot::Directory(dir)),
@@ -194,7 +211,8 @@ fn main() -> ExitCode {
             };
             let ca = match (root, ca_tokens) {
                 (Some(root), Some(tokens)) => {
-                    Some(CaConfig { root, trust_domain, tokens, max_ttl: Duration::from_secs(max_cert_ttl) })
+                    let max_ttl = Duration::from_secs(max_cert_ttl);
+                    Some(CaConfig { root, trust_domain, tokens, max_ttl, tls_names })
                 }
                 _ => None,
             };

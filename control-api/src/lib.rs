@@ -22,7 +22,7 @@
 pub mod ca;
 pub mod config;
 pub mod control;
-pub(crate) mod grpc;
+pub mod grpc;
 pub mod identity;
 pub(crate) mod limits;
 pub mod resource;

@@ -90,9 +90,33 @@ impl TestControlPlane {
             trust_domain: trust_domain.to_owned(),
             tokens: tokens_file,
             max_ttl: crate::ca::DEFAULT_MAX_TTL,
+            tls_names: Vec::new(),
         });
         plane.run();
         plane
+    }
+
+    /// Like [`TestControlPlane::start_with_ca`], serving its port over TLS with a certificate from
+    /// its CA for `127.0.0.1` (proxies then use [`TestControlPlane::https_url`] and
+    /// [`TestControlPlane::ca_root_file`]).
+    pub fn start_with_ca_tls(files: &[(&str, &str)], trust_domain: &str, tokens: &str) -> TestControlPlane {
+        let mut plane = TestControlPlane::start_with_ca(files, trust_domain, tokens);
+        plane.stop();
+        if let Some(ca) = &mut plane.config.ca {
+            ca.tls_names = vec!["127.0.0.1".into(), "localhost".into()];
+        }
+        plane.run();
+        plane
+    }
+
+    /// The https:// URL proxies connect to when it serves TLS.
+    pub fn https_url(&self) -> String {
+        format!("https://{}", self.address)
+    }
+
+    /// The CA's root certificate file.
+    pub fn ca_root_file(&self) -> PathBuf {
+        self.dir.join("ca").join("ca.crt")
     }
 
     /// The CA's root certificate (PEM), once `start_with_ca` has generated it.

@@ -135,13 +135,13 @@ pub fn check_control_plane(address: &str) -> Result<(), String> {
     if address.is_empty() {
         return Ok(());
     }
-    let Some(rest) = address.strip_prefix("http://") else {
-        return Err(format!("must be an http:// URL, got {address:?}"));
+    let Some(rest) = address.strip_prefix("http://").or_else(|| address.strip_prefix("https://")) else {
+        return Err(format!("must be an http:// or https:// URL, got {address:?}"));
     };
     let authority = rest.trim_end_matches('/');
     match authority.rsplit_once(':') {
         Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() && !authority.contains('/') => Ok(()),
-        _ => Err(format!("must be http://host:port, got {address:?}")),
+        _ => Err(format!("must be http://host:port or https://host:port, got {address:?}")),
     }
 }
 
@@ -165,6 +165,11 @@ pub fn validate_bootstrap(bootstrap: &v1::Bootstrap) -> Result<(), ValidationErr
     }
     if let Err(e) = check_control_plane(&bootstrap.control_plane) {
         fail("control_plane", e);
+    }
+    let https = |url: &str| url.starts_with("https://");
+    let ca_address = bootstrap.identity.as_ref().map_or("", |i| i.ca_address.as_str());
+    if (https(&bootstrap.control_plane) || https(ca_address)) && bootstrap.control_plane_ca_file.is_empty() {
+        fail("control_plane_ca_file", "is required to check an https:// control plane's certificate".into());
     }
     if let Some(tracing) = &bootstrap.tracing {
         let endpoint = &tracing.endpoint;
@@ -195,13 +200,13 @@ pub fn validate_bootstrap(bootstrap: &v1::Bootstrap) -> Result<(), ValidationErr
         fail("access_log.path", "is required: stdout, or a file path".into());
     }
     if let Some(identity) = &bootstrap.identity {
-        identity_settings(identity, &bootstrap.control_plane, &mut fail);
+        identity_settings(identity, &mut fail);
     }
     if errors.is_empty() { Ok(()) } else { Err(ValidationErrors(errors)) }
 }
 
 /// The bootstrap's `identity`: exactly one source (the CA or files), each complete.
-fn identity_settings(identity: &v1::Identity, control_plane: &str, fail: &mut impl FnMut(&str, String)) {
+fn identity_settings(identity: &v1::Identity, fail: &mut impl FnMut(&str, String)) {
     let files = [&identity.cert_file, &identity.key_file, &identity.ca_file];
     let any_file = files.iter().any(|f| !f.is_empty());
     if !identity.spiffe_id.is_empty() {
@@ -216,9 +221,6 @@ fn identity_settings(identity: &v1::Identity, control_plane: &str, fail: &mut im
         }
         if identity.token_file.is_empty() {
             fail("identity.token_file", "is required with spiffe_id: the CA signs only for a token it knows".into());
-        }
-        if identity.ca_address.is_empty() && control_plane.is_empty() {
-            fail("identity.ca_address", "is required with spiffe_id when there is no control_plane".into());
         }
     } else if any_file {
         for (field, value) in
@@ -952,6 +954,34 @@ resources:
         assert!(text.contains("endpoints \"ghost\": cluster: names cluster \"ghost\""), "{text}");
         assert!(text.contains("endpoints \"c\": endpoints[1].address: 127.0.0.1:1 is listed twice"), "{text}");
         assert!(text.contains("endpoints \"c\": endpoints[2].address: must be ip:port"), "{text}");
+    }
+
+    #[test]
+    fn mesh_settings_and_authorization_policies_are_checked() {
+        let text = problems(
+            r#"
+resources:
+- {kind: Cluster, name: plain, peer_identities: ["spiffe://td/a"]}
+- {kind: Cluster, name: mesh, tls: mesh, peer_identities: ["spiffe://td/ok/*", "web"]}
+- {kind: Endpoints, cluster: mesh, endpoints: [{address: "127.0.0.1:1", identity: "spiffe://TD/x"}]}
+- {kind: AuthorizationPolicy, name: a, listener: in, allow: ["spiffe://td/ns/*"]}
+- {kind: AuthorizationPolicy, name: b, listener: in, mode: permissive}
+- {kind: AuthorizationPolicy, name: c, port: 70000, allow: ["nope"], routes: [{route_table: t, route: r}, {route_table: t, route: r}, {route: x}]}
+"#,
+        );
+        for expected in [
+            r#"cluster "plain": peer_identities: applies only to tls: mesh"#,
+            r#"cluster "mesh": peer_identities[1]: "web" is not a SPIFFE ID"#,
+            r#"endpoints "mesh": endpoints[0].identity: "spiffe://TD/x""#,
+            r#"authorization policy "b": port: every port of listener "in" is already covered by policy "a""#,
+            r#"authorization policy "c": listener: is required"#,
+            r#"authorization policy "c": port: must be 0 to 65535"#,
+            r#"authorization policy "c": allow[0]: "nope" is not a SPIFFE ID"#,
+            r#"authorization policy "c": routes[1]: names the same route"#,
+            r#"authorization policy "c": routes[2].route_table: is required"#,
+        ] {
+            assert!(text.contains(expected), "{expected} not in {text}");
+        }
     }
 
     #[test]

@@ -43,6 +43,7 @@ use crate::tls::files::CertFiles;
 use crate::tls::issuer::IssuerSettings;
 use crate::worker::Workers;
 use crate::xds::{self, XdsHandler};
+use remora_control_api::grpc::ControlTls;
 use remora_control_api::validate::References;
 
 /// Why a proxy could not start.
@@ -65,6 +66,9 @@ pub enum StartError {
     /// Tracing was asked for and could not start.
     #[error(transparent)]
     Tracing(#[from] ExportError),
+    /// The control plane's CA file is unusable.
+    #[error("control_plane_ca_file: {0}")]
+    ControlTls(String),
     /// The identity's certificate files are unusable.
     #[error("identity: {0}")]
     Identity(crate::tls::TlsError),
@@ -113,6 +117,8 @@ pub struct StartOptions {
     pub token_file: Option<String>,
     /// `--tls-cert`, `--tls-key`, `--tls-ca`: certificate files instead of the CA.
     pub tls_files: Option<[String; 3]>,
+    /// `--control-ca FILE`: the roots an https:// control plane's certificate must chain to.
+    pub control_plane_ca_file: Option<String>,
 }
 
 impl Proxy {
@@ -137,6 +143,9 @@ impl Proxy {
         }
         if let Some(node_id) = options.node_id {
             raw.node_id = node_id;
+        }
+        if let Some(file) = options.control_plane_ca_file {
+            raw.control_plane_ca_file = file;
         }
         if options.identity.is_some() || options.token_file.is_some() || options.tls_files.is_some() {
             let identity = raw.identity.get_or_insert_with(Default::default);
@@ -172,6 +181,18 @@ impl Proxy {
             }
             None => None,
         };
+        // The control plane's roots, for https:// (a bad file fails the start).
+        let control_tls = match &settings.control_plane_ca_file {
+            None => None,
+            Some(path) => {
+                let pem =
+                    std::fs::read(path).map_err(|e| StartError::ControlTls(format!("{}: {e}", path.display())))?;
+                Some(
+                    ControlTls::from_pem(&pem)
+                        .map_err(|e| StartError::ControlTls(format!("{}: {e}", path.display())))?,
+                )
+            }
+        };
         // Identity: files are read now (a bad set fails the start); the CA is asked once the control
         // thread runs, and readiness waits for its answer.
         let mut identity_task = None;
@@ -193,6 +214,7 @@ impl Proxy {
                             ca_address: ca_address.clone(),
                             token_file: token_file.clone(),
                             ttl: *ttl,
+                            ca_tls: control_tls.clone(),
                         }));
                     }
                 }
@@ -250,7 +272,8 @@ impl Proxy {
         let identity_admin = admin.clone();
         let monitored = data.clone();
         let xds = settings.control_plane.clone().map(|address| {
-            let handler = XdsHandler::new(reloader.clone(), admin.clone(), metrics.clone(), address);
+            let handler = XdsHandler::new(reloader.clone(), admin.clone(), metrics.clone(), address)
+                .with_tls(control_tls.clone());
             (handler, settings.node_id.clone(), settings.initial_fetch_timeout)
         });
         let control = std::thread::Builder::new()

@@ -164,6 +164,8 @@ pub struct Bootstrap {
     pub access_log: Option<AccessLogSettings>,
     /// This proxy's workload identity, if it has one.
     pub identity: Option<IdentitySettings>,
+    /// The roots an https:// control plane (or CA) must present a certificate from.
+    pub control_plane_ca_file: Option<PathBuf>,
 }
 
 /// Where this proxy's certificate comes from, and how long handshakes may take.
@@ -236,6 +238,12 @@ impl Bootstrap {
         };
         let tracing = tracing_settings(raw.tracing.as_ref(), &node_id, env)?;
         let identity = raw.identity.as_ref().map(|identity| identity_settings(identity, control_plane.as_deref()));
+        if let Some(IdentitySettings { source: IdentitySource::Ca { ca_address, .. }, .. }) = &identity
+            && ca_address.is_empty()
+        {
+            let message = "is required with spiffe_id when there is no control_plane (--control)";
+            return Err(ValidationErrors(vec![FieldError::new("bootstrap", "identity.ca_address", message)]));
+        }
         Ok(Bootstrap {
             node_id,
             admin_address,
@@ -246,6 +254,8 @@ impl Bootstrap {
             tracing,
             access_log,
             identity,
+            control_plane_ca_file: (!raw.control_plane_ca_file.is_empty())
+                .then(|| PathBuf::from(&raw.control_plane_ca_file)),
         })
     }
 }
@@ -373,7 +383,42 @@ mod tests {
         assert_eq!(Bootstrap::resolve(&raw).unwrap().control_plane.as_deref(), Some("http://127.0.0.1:15010"));
         raw.control_plane = "127.0.0.1:15010".into();
         let error = Bootstrap::resolve(&raw).unwrap_err().to_string();
-        assert!(error.contains("control_plane: must be an http:// URL"), "{error}");
+        assert!(error.contains("control_plane: must be an http:// or https:// URL"), "{error}");
+        raw.control_plane = "https://control.mesh:15010".into();
+        let error = Bootstrap::resolve(&raw).unwrap_err().to_string();
+        assert!(error.contains("control_plane_ca_file: is required"), "{error}");
+        raw.control_plane_ca_file = "/etc/remora/ca.crt".into();
+        let resolved = Bootstrap::resolve(&raw).unwrap();
+        assert_eq!(resolved.control_plane_ca_file, Some(PathBuf::from("/etc/remora/ca.crt")));
+    }
+
+    #[test]
+    fn identity_comes_from_the_ca_or_from_files() {
+        let text =
+            |identity: &str| format!("bootstrap:\n  control_plane: http://127.0.0.1:15010\n  identity: {identity}\n");
+        let resolve = |identity: &str| {
+            let source = ConfigSource::Text { origin: "t".into(), text: text(identity) };
+            load(&source)
+                .map_err(|e| e.to_string())
+                .and_then(|l| Bootstrap::resolve(&l.bootstrap).map_err(|e| e.to_string()))
+        };
+        let ca = resolve("{spiffe_id: \"spiffe://td/ns/a/sa/b\", token_file: /t, certificate_ttl: 60s}").unwrap();
+        let identity = ca.identity.unwrap();
+        assert_eq!(identity.handshake_timeout, limits::DEFAULT_HANDSHAKE_TIMEOUT);
+        let IdentitySource::Ca { ca_address, ttl, .. } = identity.source else { panic!("not the CA") };
+        assert_eq!((ca_address.as_str(), ttl), ("http://127.0.0.1:15010", Duration::from_secs(60)));
+        let files = resolve("{cert_file: /c, key_file: /k, ca_file: /a}").unwrap();
+        assert!(matches!(files.identity.unwrap().source, IdentitySource::Files { .. }));
+        for (identity, expected) in [
+            ("{spiffe_id: \"spiffe://td/ns/a/sa/b\"}", "identity.token_file: is required"),
+            ("{spiffe_id: \"web\", token_file: /t}", "identity.spiffe_id: \"web\" is not a SPIFFE ID"),
+            ("{spiffe_id: \"spiffe://td/a\", token_file: /t, cert_file: /c}", "not both"),
+            ("{cert_file: /c}", "identity.key_file: is required"),
+            ("{spiffe_id: \"spiffe://td/a\", token_file: /t, certificate_ttl: 5s}", "from 10s to 30 days"),
+        ] {
+            let error = resolve(identity).unwrap_err();
+            assert!(error.contains(expected), "{identity}: {error}");
+        }
     }
 
     #[test]

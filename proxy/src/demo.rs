@@ -1,5 +1,5 @@
-//! `remora demo`: a local mesh in one process — a control plane, a proxy it configures, three
-//! samples.
+//! `remora demo`: a local mesh in one process — a control plane with its CA, a proxy it configures,
+//! a second sidecar reached over mTLS, four samples.
 //!
 //! Starts three sample HTTP services on free ports, writes the mesh's resources into a temporary
 //! directory, and starts `remora control` on that directory and a proxy that takes its configuration
@@ -13,7 +13,11 @@
 //!    unaffected: each failure retried on a healthy sample, and sample-c ejected after three in a
 //!    row (read back from the proxy's metrics);
 //! 3. a live change: with traffic still flowing, the route file is edited as a GitOps commit would,
-//!    and the demo prints how long the proxy took to serve the new route and that no request failed.
+//!    and the demo prints how long the proxy took to serve the new route and that no request failed;
+//! 4. mutual TLS: the control plane also runs the CA, both the demo proxy and a second sidecar (in
+//!    front of an `orders` sample) get their SPIFFE identities from it, and requests for
+//!    `orders.demo` cross from one sidecar to the other inside mTLS, the orders app answering with
+//!    the caller's identity as the inbound sidecar proved it.
 //!
 //! It keeps serving until Ctrl-C, which drains the proxy and exits.
 
@@ -31,7 +35,7 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use remora_control_api::control::{ControlConfig, ControlPlane};
+use remora_control_api::control::{CaConfig, CaRoot, ControlConfig, ControlPlane};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::app::{Proxy, StartOptions};
@@ -64,13 +68,67 @@ impl Default for DemoOptions {
     }
 }
 
-/// The proxy's own file: bootstrap settings only; every resource comes from the control plane.
-pub fn proxy_config(options: &DemoOptions, control_plane: SocketAddr) -> String {
+/// The proxy's own file: bootstrap settings only (its identity from the control plane's CA, with
+/// the token in `token_file`); every resource comes from the control plane.
+pub fn proxy_config(options: &DemoOptions, control_plane: SocketAddr, ca_dir: &Path, token_file: &Path) -> String {
     format!(
-        "# remora demo: the proxy's bootstrap; its resources come from the control plane.\n\
+        "# remora demo: the proxy's bootstrap; its resources come from the control plane, over TLS.\n\
          bootstrap:\n  node_id: demo\n  admin_address: {admin}\n  workers: 1\n  drain_time: 2s\n  \
-         control_plane: http://{control_plane}\n  initial_fetch_timeout: 10s\n",
+         control_plane: https://{control_plane}\n  control_plane_ca_file: \"{root}\"\n  \
+         initial_fetch_timeout: 10s\n  \
+         identity: {{spiffe_id: \"{CLIENT_ID}\", token_file: \"{token}\"}}\n",
         admin = options.admin,
+        root = ca_dir.join("ca.crt").display(),
+        token = token_file.display(),
+    )
+}
+
+/// The demo proxy's identity.
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/demo/sa/client";
+/// The orders sidecar's identity.
+const ORDERS_ID: &str = "spiffe://cluster.local/ns/demo/sa/orders";
+
+/// The CA's bootstrap tokens: one per sidecar, each entitled to its own identity only.
+fn tokens() -> String {
+    let token = || format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    format!("{} {CLIENT_ID}\n{} {ORDERS_ID}\n", token(), token())
+}
+
+/// The orders sidecar's config: an inbound listener that terminates mTLS and lets only the demo
+/// proxy's identity in (strict: no plaintext), in front of the orders sample.
+fn orders_sidecar_config(control_plane: SocketAddr, ca_dir: &Path, token_file: &Path, orders: SocketAddr) -> String {
+    format!(
+        "# remora demo: the sidecar in front of the orders sample.\n\
+         bootstrap:\n  node_id: orders\n  admin_address: 127.0.0.1:0\n  workers: 1\n  drain_time: 1s\n  \
+         control_plane_ca_file: \"{root}\"\n  \
+         identity: {{spiffe_id: \"{ORDERS_ID}\", token_file: \"{token}\", ca_address: \"https://{control_plane}\"}}\n\
+         resources:\n\
+         \x20 - {{kind: Listener, name: inbound, address: \"127.0.0.1:0\", direction: inbound, default_cluster: orders-app}}\n\
+         \x20 - {{kind: Cluster, name: orders-app, protocol: http1}}\n\
+         \x20 - {{kind: Endpoints, cluster: orders-app, endpoints: [{{address: \"{orders}\"}}]}}\n\
+         \x20 - {{kind: AuthorizationPolicy, name: orders, listener: inbound, allow: [\"{CLIENT_ID}\"]}}\n",
+        token = token_file.display(),
+        root = ca_dir.join("ca.crt").display(),
+    )
+}
+
+/// What the control plane adds once the orders sidecar listens at `sidecar`: a mesh cluster for it
+/// and a route table for `orders.demo`.
+fn orders_routes(sidecar: SocketAddr) -> String {
+    format!(
+        r#"resources:
+  - kind: Cluster
+    name: orders
+    tls: mesh
+    peer_identities: ["{ORDERS_ID}"]
+  - kind: Endpoints
+    cluster: orders
+    endpoints: [{{address: "{sidecar}", identity: "{ORDERS_ID}"}}]
+  - kind: RouteTable
+    name: orders
+    destinations: [orders.demo]
+    routes: [{{name: all, backends: [{{cluster: orders}}]}}]
+"#
     )
 }
 
@@ -153,15 +211,45 @@ async fn demo(options: DemoOptions, dir: &Path) -> anyhow::Result<()> {
     for (name, text) in mesh_files(&options, [sample_a, sample_b, sample_c]) {
         std::fs::write(dir.join(name), text).with_context(|| format!("write {name}"))?;
     }
+    let ca_dir = dir.join("ca");
+    std::fs::create_dir_all(&ca_dir).with_context(|| format!("create {}", ca_dir.display()))?;
+    let tokens = tokens();
+    std::fs::write(ca_dir.join("tokens"), &tokens).context("write the CA's tokens")?;
+    let token_files: Vec<PathBuf> = tokens
+        .lines()
+        .enumerate()
+        .map(|(i, line)| {
+            let path = ca_dir.join(format!("token-{i}"));
+            std::fs::write(&path, line.split_whitespace().next().unwrap_or_default()).map(|()| path)
+        })
+        .collect::<Result<_, _>>()
+        .context("write the sidecars' tokens")?;
     let control = ControlPlane::start(ControlConfig {
         listen: options.control,
         config_dir: Some(dir.to_path_buf()),
+        ca: Some(CaConfig {
+            root: CaRoot::Directory(ca_dir.clone()),
+            trust_domain: "cluster.local".into(),
+            tokens: ca_dir.join("tokens"),
+            max_ttl: Duration::from_secs(24 * 3600),
+            tls_names: vec!["127.0.0.1".into(), "localhost".into()],
+        }),
         ..ControlConfig::default()
     })
     .await
     .context("start the demo control plane (is another Remora using its port? see --control)")?;
-    let source =
-        ConfigSource::Text { origin: "demo bootstrap".into(), text: proxy_config(&options, control.address()) };
+    let orders = start_sample("orders", Arc::new(AtomicBool::new(false))).await?;
+    let orders_source = ConfigSource::Text {
+        origin: "demo orders sidecar".into(),
+        text: orders_sidecar_config(control.address(), &ca_dir, &token_files[1], orders),
+    };
+    let orders_sidecar = Proxy::start(orders_source).context("start the orders sidecar")?;
+    let orders_inbound = orders_sidecar.listener_address("inbound").context("the orders sidecar has no listener")?;
+    std::fs::write(dir.join("orders.yaml"), orders_routes(orders_inbound)).context("write orders.yaml")?;
+    let source = ConfigSource::Text {
+        origin: "demo bootstrap".into(),
+        text: proxy_config(&options, control.address(), &ca_dir, &token_files[0]),
+    };
     let proxy = Proxy::start_with(source, StartOptions::default())
         .context("start the demo proxy (is another Remora using its ports? see --listen/--admin)")?;
     let started = Instant::now();
@@ -172,11 +260,19 @@ async fn demo(options: DemoOptions, dir: &Path) -> anyhow::Result<()> {
     let listen = proxy.listener_address("outbound").context("the demo proxy has no outbound listener")?;
     let admin = proxy.admin_address();
 
-    println!("Remora demo: a control plane, one Remora proxy it configures, three sample services.\n");
+    println!(
+        "Remora demo: a control plane with its CA, one Remora proxy it configures, a second sidecar, four sample services.\n"
+    );
     println!("  sample-a   http://{sample_a}");
     println!("  sample-b   http://{sample_b}");
     println!("  sample-c   http://{sample_c}");
-    println!("  control    {} serving {}", control.address(), dir.display());
+    println!("  orders     http://{orders}, behind its own sidecar at {orders_inbound} (mTLS only)");
+    println!(
+        "  control    {} (TLS) serving {} and signing certificates (root {})",
+        control.address(),
+        dir.display(),
+        ca_dir.join("ca.crt").display()
+    );
     println!("  proxy      outbound listener {listen} (transparent, protocol auto), admin {admin}");
     println!("             configured over Delta ADS, ready in {:.0} ms\n", started.elapsed().as_secs_f64() * 1e3);
 
@@ -187,6 +283,8 @@ async fn demo(options: DemoOptions, dir: &Path) -> anyhow::Result<()> {
     failure(&proxy, listen, &failing, &options).await;
 
     live_change(&proxy, listen, dir).await?;
+
+    mutual_tls(&proxy, &orders_sidecar, listen).await;
 
     println!("\nWhere to look:");
     println!(
@@ -209,13 +307,21 @@ async fn demo(options: DemoOptions, dir: &Path) -> anyhow::Result<()> {
     println!("  curl http://{admin}/config_dump      (versions, ACK/NACK per type)");
     println!("  curl http://{admin}/clusters         (endpoints: health, ejections, load)");
     println!("  curl -s http://{admin}/metrics | grep -E 'route_requests|retries|ejections'");
-    println!("  curl http://{}/metrics    (the control plane's)", control.address());
+    println!(
+        "  curl --cacert {} https://{}/metrics    (the control plane's)",
+        ca_dir.join("ca.crt").display(),
+        control.address()
+    );
     println!("  edit {}/routes.yaml and curl again", dir.display());
+    println!(
+        "  curl -i -H 'host: orders.demo' http://{listen}/   (across mTLS; x-caller is who the orders sidecar saw)"
+    );
     println!("Ctrl-C drains the proxy and stops the demo.");
 
     interrupt.recv().await;
     println!("\ndraining...");
     let clean = proxy.drain().await;
+    drop(orders_sidecar);
     drop(control);
     println!("{}", if clean { "drained; bye" } else { "drain time passed; bye" });
     Ok(())
@@ -297,11 +403,70 @@ async fn live_change(proxy: &Proxy, listen: SocketAddr, dir: &Path) -> anyhow::R
     Ok(())
 }
 
-/// Whether the serving route table `demo` sends to `cluster`.
+/// Sends requests for `orders.demo` through the demo proxy, which takes them across mTLS to the
+/// orders sidecar; reports what came back and who each side proved to be.
+async fn mutual_tls(proxy: &Proxy, orders_sidecar: &Proxy, listen: SocketAddr) {
+    println!(
+        "\nMutual TLS: requests for orders.demo cross to the orders sidecar inside mTLS (TLS 1.3, SPIFFE IDs from the CA)."
+    );
+    let started = Instant::now();
+    while !routes_to(proxy, "orders") && started.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut out = Burst::default();
+    let mut callers = BTreeMap::new();
+    for _ in 0..20 {
+        match orders_request(listen).await {
+            Ok((status, caller, latency)) => {
+                *out.statuses.entry(status).or_default() += 1;
+                *out.served_by.entry("orders".into()).or_default() += usize::from(status == 200);
+                *callers.entry(caller).or_insert(0_usize) += 1;
+                out.latencies.push(latency);
+            }
+            Err(_) => out.failures += 1,
+        }
+    }
+    out.latencies.sort();
+    println!("Sent 20 requests:");
+    report(&out);
+    for (caller, n) in &callers {
+        println!("  caller     the orders app was told {caller} on {n} request(s)");
+    }
+    let identity = |p: &Proxy| {
+        let metrics = p.metrics();
+        let handshakes = metric(&metrics, r#"remora_tls_handshakes_total{direction="inbound",result="ok"}"#)
+            + metric(&metrics, r#"remora_tls_handshakes_total{direction="outbound",result="ok"}"#);
+        let expiry = metric(&metrics, "remora_identity_certificate_expiry_seconds");
+        let left = expiry.saturating_sub(std::time::UNIX_EPOCH.elapsed().map_or(0, |d| d.as_secs()));
+        (handshakes, left / 3600)
+    };
+    let (client_handshakes, client_hours) = identity(proxy);
+    let (orders_handshakes, _) = identity(orders_sidecar);
+    println!(
+        "  identities {CLIENT_ID} -> {ORDERS_ID}: {client_handshakes} handshake(s) out, {orders_handshakes} in \
+         (HTTP/1.1 from the app rides one HTTP/2 connection); certificates valid {client_hours} h more, renewed at half-life"
+    );
+}
+
+/// One request for `orders.demo`: its status, the caller identity the orders app echoed, its latency.
+async fn orders_request(listen: SocketAddr) -> anyhow::Result<(u16, String, Duration)> {
+    let stream = TcpStream::connect(listen).await?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let request = Request::get("/").header("host", "orders.demo").body(Empty::<Bytes>::new())?;
+    let started = Instant::now();
+    let response = sender.send_request(request).await?;
+    let status = response.status().as_u16();
+    let caller = response.headers().get("x-caller").and_then(|v| v.to_str().ok()).unwrap_or("(no one)").to_owned();
+    response.into_body().collect().await?;
+    Ok((status, caller, started.elapsed()))
+}
+
+/// Whether a serving route table sends to `cluster`.
 fn routes_to(proxy: &Proxy, cluster: &str) -> bool {
     proxy.snapshot().resources.iter().any(|r| match r {
         remora_control_api::Resource::RouteTable(t) => {
-            t.name == "demo" && t.routes.iter().flat_map(|r| &r.backends).any(|b| b.cluster == cluster)
+            t.routes.iter().flat_map(|r| &r.backends).any(|b| b.cluster == cluster)
         }
         _ => false,
     })
@@ -329,8 +494,9 @@ async fn start_sample(name: &'static str, failing: Arc<AtomicBool>) -> anyhow::R
             let Ok((stream, _)) = listener.accept().await else { continue };
             let failing = failing.clone();
             tokio::spawn(async move {
-                let service = service_fn(move |_request| {
+                let service = service_fn(move |request: Request<hyper::body::Incoming>| {
                     let failing = failing.load(Ordering::Relaxed);
+                    let caller = request.headers().get("x-remora-client-identity").cloned();
                     async move {
                         let mut response = if failing {
                             let mut response = Response::new(Full::new(Bytes::from(format!("{name} is failing\n"))));
@@ -340,6 +506,9 @@ async fn start_sample(name: &'static str, failing: Arc<AtomicBool>) -> anyhow::R
                             Response::new(Full::new(Bytes::from(format!("hello from {name}\n"))))
                         };
                         response.headers_mut().insert("x-served-by", http::HeaderValue::from_static(name));
+                        if let Some(caller) = caller {
+                            response.headers_mut().insert("x-caller", caller);
+                        }
                         Ok::<_, Infallible>(response)
                     }
                 });
@@ -441,9 +610,19 @@ mod tests {
         }
         remora_control_api::validate::validate(&resources).unwrap();
         assert_eq!(resources.len(), 7);
-        let text = proxy_config(&options, options.control);
+        let text = proxy_config(&options, options.control, Path::new("/tmp/ca"), Path::new("/tmp/token"));
         let loaded = crate::bootstrap::load(&ConfigSource::Text { origin: "demo".into(), text }).unwrap();
-        assert_eq!(loaded.bootstrap.control_plane, "http://127.0.0.1:15010");
+        assert_eq!(loaded.bootstrap.control_plane, "https://127.0.0.1:15010");
+        let orders = orders_sidecar_config(
+            options.control,
+            Path::new("/tmp/ca"),
+            Path::new("/tmp/token"),
+            "127.0.0.1:4".parse().unwrap(),
+        );
+        let loaded = crate::bootstrap::load(&ConfigSource::Text { origin: "orders".into(), text: orders }).unwrap();
+        assert_eq!(loaded.resources.len(), 4);
+        let routes = remora_control_api::config::parse(&orders_routes("127.0.0.1:5".parse().unwrap()), "o").unwrap();
+        assert_eq!(routes.resources.len(), 3);
     }
 
     #[test]

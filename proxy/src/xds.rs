@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use remora_control_api::config::FieldError;
+use remora_control_api::grpc::ControlTls;
 use remora_control_api::validate::{self, References, ValidationErrors};
 use remora_control_api::xds::client::{self, ClientConfig, Handler, Update};
 use remora_control_api::{Kind, Resource, v1};
@@ -229,6 +230,7 @@ pub struct XdsHandler {
     admin: Arc<AdminState>,
     metrics: Arc<Metrics>,
     address: String,
+    tls: Option<ControlTls>,
     connected: bool,
     acked: [bool; Kind::COUNT],
     reports: [KindReport; Kind::COUNT],
@@ -242,10 +244,17 @@ impl XdsHandler {
             admin,
             metrics,
             address,
+            tls: None,
             connected: false,
             acked: [false; Kind::COUNT],
             reports: Default::default(),
         }
+    }
+
+    /// Checks an `https://` control plane's certificate against `tls`.
+    pub fn with_tls(mut self, tls: Option<ControlTls>) -> Self {
+        self.tls = tls;
+        self
     }
 
     fn publish_report(&self) {
@@ -321,7 +330,8 @@ pub async fn run(mut handler: XdsHandler, node_id: String, initial_fetch_timeout
         }
     });
     handler.publish_report();
-    let config = ClientConfig { address: handler.address.clone(), node_id, kinds: Kind::ALL.to_vec() };
+    let config =
+        ClientConfig { address: handler.address.clone(), node_id, kinds: Kind::ALL.to_vec(), tls: handler.tls.clone() };
     let error = client::run(config, &mut handler).await;
     warn!(%error, "control plane stream stopped");
 }

@@ -208,7 +208,8 @@ async fn large_bodies_stream_with_bounded_memory() {
     );
 }
 
-/// `remora demo` starts the samples and a proxy, reports the burst, and stops cleanly on Ctrl-C.
+/// `remora demo` starts the samples and a proxy, reports the burst, the failure, the live change and
+/// the mTLS act, and stops cleanly on Ctrl-C.
 #[test]
 fn demo_reports_a_burst_and_stops_on_ctrl_c() {
     let mut demo = Spawned::new(&[
@@ -253,6 +254,10 @@ fn demo_reports_a_burst_and_stops_on_ctrl_c() {
     demo.wait_for("status     200 x 20");
     demo.wait_for("served by  sample-b 20");
     assert!(!demo.seen.iter().any(|l| l.contains("failures")), "{}", demo.seen.join("\n"));
+    // Across mTLS to the second sidecar, which tells its app who called.
+    demo.wait_for("caller     the orders app was told spiffe://cluster.local/ns/demo/sa/client on 20 request(s)");
+    let identities = demo.wait_for("  identities ");
+    assert!(identities.contains("1 handshake(s) out, 1 in"), "{identities}");
     let curl = demo.wait_for("curl -i http://");
     assert!(curl.contains("127.0.0.1:"), "{curl}");
     let metrics = demo.wait_for("  metrics    http://");

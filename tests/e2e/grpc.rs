@@ -167,3 +167,45 @@ async fn trailers_only_errors_pass_through() {
 fn tokio_stream<T: Send + 'static>(mut receiver: mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> + Send {
     futures_util::stream::poll_fn(move |cx| receiver.poll_recv(cx))
 }
+
+/// gRPC crosses two sidecars inside mutual TLS: a unary call and a trailers-only error arrive with
+/// their trailers.
+#[tokio::test]
+async fn grpc_crosses_mutual_tls_between_sidecars() {
+    let upstream = HttpServer::with_handler(echo_service()).await;
+    let ca = remora_proxy::testing::TestCa::new("cluster.local");
+    let dir = remora_proxy::testing::proxy::temp_dir("remora-grpc-mesh");
+    let boot = |name: &str, id: &str| {
+        let identity = ca.issue(id).bootstrap_identity(&dir.join(name));
+        format!("bootstrap:\n  admin_address: 127.0.0.1:0\n  workers: 1\n{identity}---\n")
+    };
+    let server = TestProxy::start(&format!(
+        "{}resources:\n{}{}",
+        boot("api", "spiffe://cluster.local/ns/shop/sa/api"),
+        cluster("grpc", ", protocol: http2", &[upstream.address()]),
+        listener("in", ", direction: inbound, default_cluster: grpc"),
+    ));
+    let client_proxy = TestProxy::start(&format!(
+        "{}resources:\n{}{}",
+        boot("web", "spiffe://cluster.local/ns/shop/sa/web"),
+        cluster(
+            "api",
+            ", tls: mesh, peer_identities: [\"spiffe://cluster.local/ns/shop/sa/api\"]",
+            &[server.address("in")]
+        ),
+        listener("out", ", default_cluster: api"),
+    ));
+    let mut client = Client::http2(client_proxy.address("out")).await;
+    let response = client.send(call(&client, "/echo.Echo/Unary", full(message(b"ping")))).await.unwrap();
+    let reply = remora_proxy::testing::client::read(response).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body, message(b"ping"));
+    let trailers = reply.trailers.expect("trailers cross the mesh");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers["x-echo-trailer"], "unary");
+    let response = client.send(call(&client, "/echo.Echo/Missing", full(message(b"x")))).await.unwrap();
+    let reply = remora_proxy::testing::client::read(response).await;
+    assert_eq!(reply.header("grpc-status"), "5");
+    assert!(server.metric(r#"remora_tls_handshakes_total{direction="inbound",result="ok"}"#).await >= 1.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -388,3 +388,49 @@ async fn certificate_files_are_reloaded_when_they_change() {
     assert_eq!(pair.server.metric("remora_identity_rotations_total").await, 2.0);
     assert_eq!(echo_through(out_tcp, b"still").await.unwrap(), b"still");
 }
+
+/// With `--tls-name`, the control plane's port speaks TLS only: a proxy that trusts the CA's root
+/// gets its configuration and its certificate over it; one that trusts another root gets neither
+/// and stays unready; plaintext is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_plane_serves_tls_and_proxies_check_its_certificate() {
+    let app = HttpServer::start("api-app").await;
+    let files = [("mesh.yaml", format!("resources:\n{}", crate::cluster("app", "", &[app.address()])))];
+    let files: Vec<(&str, &str)> = files.iter().map(|(n, y)| (*n, y.as_str())).collect();
+    let plane = TestControlPlane::start_with_ca_tls(&files, "cluster.local", TOKENS);
+    let dir = temp_dir("remora-control-tls");
+    let token_file = dir.join("web.token");
+    std::fs::write(&token_file, "web-token-0123456789").unwrap();
+    let bootstrap = |root: &std::path::Path| {
+        format!(
+            "bootstrap:\n  admin_address: 127.0.0.1:0\n  workers: 1\n  initial_fetch_timeout: 30s\n  control_plane_ca_file: {}\n  identity: {{spiffe_id: \"{WEB}\", token_file: {}}}\n---\n{}",
+            root.display(),
+            token_file.display(),
+            "kind: Listener\nname: out\naddress: \"127.0.0.1:0\"\ndefault_cluster: app\n"
+        )
+    };
+    let proxy = TestProxy::start_controlled(&bootstrap(&plane.ca_root_file()), &plane.https_url(), "tls-proxy");
+    proxy.wait_ready().await;
+    assert_eq!(proxy.metric("remora_identity_rotations_total").await, 1.0);
+    assert_eq!(Client::http1(proxy.address("out")).await.get("app", "/").await.status, 200);
+    assert_eq!(plane.metric(r#"remora_control_certificate_requests_total{result="signed"}"#), 1.0);
+
+    let other = TestCa::new("cluster.local").issue(WEB);
+    let other_root = dir.join("other-ca.pem");
+    std::fs::write(&other_root, &other.ca).unwrap();
+    let distrusting = TestProxy::start_controlled(&bootstrap(&other_root), &plane.https_url(), "distrusting");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !distrusting.proxy().is_ready(),
+        "a proxy that does not trust the control plane's certificate became ready"
+    );
+    assert_eq!(distrusting.metric("remora_identity_rotations_total").await, 0.0);
+    assert!(distrusting.metric(r#"remora_identity_renewals_total{result="failed"}"#).await >= 1.0);
+
+    let mut plain = TcpStream::connect(plane.address()).await.unwrap();
+    plain.write_all(b"GET /metrics HTTP/1.1\r\nhost: control\r\n\r\n").await.unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(12), plain.read_to_end(&mut got)).await;
+    assert!(!String::from_utf8_lossy(&got).contains("remora_control"), "plaintext was answered");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -15,8 +15,8 @@ use crate::capb::{SignRequest, SignResponse};
 /// Why a signing call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The CA address is not a URL.
-    #[error("CA address {0:?} is not an http:// URL")]
+    /// The CA address is not a URL, or is https:// with no roots to check it.
+    #[error("CA address: {0}")]
     Address(String),
     /// The CA could not be reached, or did not answer in time.
     #[error("CA unreachable: {0}")]
@@ -44,22 +44,28 @@ impl ClientError {
     }
 }
 
-/// Asks the CA at `address` to sign `csr_pem` for `ttl`, authenticating with `token`, within
-/// `timeout`.
+/// Asks the CA at `address` (checked with `tls` when it is `https://`) to sign `csr_pem` for
+/// `ttl`, authenticating with `token`, within `timeout`.
 pub async fn sign(
     address: &str,
+    tls: Option<&crate::grpc::ControlTls>,
     token: &str,
     csr_pem: String,
     ttl: Duration,
     timeout: Duration,
 ) -> Result<SignResponse, ClientError> {
-    let endpoint = crate::grpc::endpoint(address).ok_or_else(|| ClientError::Address(address.to_owned()))?;
+    if !(address.starts_with("http://") || address.starts_with("https://")) {
+        return Err(ClientError::Address(address.to_owned()));
+    }
     let bearer: MetadataValue<_> = format!("Bearer {}", token.trim()).parse().map_err(|_| ClientError::Refused {
         code: tonic::Code::InvalidArgument,
         message: "the token is not printable ASCII".into(),
     })?;
     let call = async {
-        let channel = endpoint.connect().await.map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        let channel = crate::grpc::connect(address, tls).await.map_err(|e| match e {
+            crate::grpc::DialError::Transport(e) => ClientError::Unreachable(format!("{e}: {e:?}")),
+            other => ClientError::Address(other.to_string()),
+        })?;
         let mut client = CertificateAuthorityClient::new(channel);
         let ttl = pbjson_types::Duration { seconds: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX), nanos: 0 };
         let mut request = tonic::Request::new(SignRequest { csr: csr_pem, ttl: Some(ttl) });

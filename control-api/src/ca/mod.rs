@@ -234,6 +234,37 @@ impl Authority {
     }
 }
 
+impl Authority {
+    /// A serving certificate (PEM) and its new key (PEM) for the control plane itself, for `names`
+    /// (DNS names or IP addresses), valid a year: server auth only, and no URI SAN, so it can never
+    /// pass for a workload identity.
+    pub fn serving_certificate(&self, names: &[String]) -> Result<(String, String), SignError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(SignError::Internal)?;
+        let mut params = CertificateParams::default();
+        let mut name = DistinguishedName::new();
+        name.push(DnType::CommonName, "remora control");
+        params.distinguished_name = name;
+        params.subject_alt_names = names
+            .iter()
+            .map(|n| match n.parse::<std::net::IpAddr>() {
+                Ok(ip) => Ok(SanType::IpAddress(ip)),
+                Err(_) => n.clone().try_into().map(SanType::DnsName),
+            })
+            .collect::<Result<_, _>>()
+            .map_err(SignError::Internal)?;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let now = SystemTime::now();
+        params.not_before = (now - BACKDATE).into();
+        params.not_after = (now + Duration::from_secs(365 * 24 * 3600)).into();
+        params.serial_number = Some(random_serial());
+        let cert = params.signed_by(&key, &self.issuer).map_err(SignError::Internal)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
 /// The one URI SAN of a CSR, as a SPIFFE ID; any other name, or none, or two, is refused.
 fn requested_identity(names: &[SanType]) -> Result<SpiffeId, SignError> {
     let bad = |message: &str| SignError::BadRequest(message.to_owned());
@@ -318,7 +349,7 @@ mod tests {
         assert!(cert.subject().iter().next().is_none(), "no subject: {}", cert.subject());
         let sans = cert.subject_alternative_name().unwrap().unwrap();
         let names: Vec<String> = sans.value.general_names.iter().map(|n| format!("{n}")).collect();
-        assert_eq!(names, ["URI:spiffe://td/ns/a/sa/b"]);
+        assert_eq!(names, ["URI(spiffe://td/ns/a/sa/b)"]);
         let lifetime = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
         assert_eq!(lifetime, 3600 + 60, "capped at the CA's max, backdated a minute");
     }

@@ -53,17 +53,17 @@ impl<A: Authenticator> CertificateAuthority for CaService<A> {
             .unwrap_or_default()
             .trim()
             .to_owned();
-        let peer = request.remote_addr();
+        let peer = request.remote_addr().map_or_else(|| "-".to_owned(), |a| a.to_string());
         let entitlement = match self.authenticator.authenticate(&token).await {
             Ok(entitlement) => entitlement,
             Err(error @ (AuthError::Missing | AuthError::Unknown)) => {
                 self.metrics.certificate_request("unauthenticated");
-                warn!(?peer, %error, "certificate request refused");
+                warn!(%peer, %error, "certificate request refused");
                 return Err(Status::unauthenticated(error.to_string()));
             }
             Err(error @ AuthError::Unavailable(_)) => {
                 self.metrics.certificate_request("error");
-                warn!(?peer, %error, "certificate request could not be authenticated");
+                warn!(%peer, %error, "certificate request could not be authenticated");
                 return Err(Status::unavailable(error.to_string()));
             }
         };
@@ -84,7 +84,7 @@ impl<A: Authenticator> CertificateAuthority for CaService<A> {
             Ok(signed) => {
                 self.metrics.certificate_request("signed");
                 let expires = signed.not_after.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
-                info!(?peer, identity = %signed.identity, expires, "certificate signed");
+                info!(%peer, identity = %signed.identity, expires, "certificate signed");
                 Ok(Response::new(SignResponse { certificate_chain: signed.chain, trust_bundle: signed.trust_bundle }))
             }
             Err(error) => {
@@ -94,7 +94,7 @@ impl<A: Authenticator> CertificateAuthority for CaService<A> {
                     SignError::Internal(_) => ("error", Status::internal(error.to_string())),
                 };
                 self.metrics.certificate_request(result);
-                warn!(?peer, %error, "certificate request refused");
+                warn!(%peer, %error, "certificate request refused");
                 Err(status)
             }
         }

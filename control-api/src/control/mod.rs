@@ -21,6 +21,7 @@ pub mod directory;
 pub mod etcd;
 pub mod metrics;
 pub mod registry;
+mod tls;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -73,6 +74,9 @@ pub struct CaConfig {
     pub tokens: PathBuf,
     /// The longest lifetime it signs.
     pub max_ttl: Duration,
+    /// Serve the control plane's port over TLS, with a certificate from this CA for these names
+    /// (DNS names or IP addresses). Empty: plaintext.
+    pub tls_names: Vec<String>,
 }
 
 /// Where the CA's root key and certificate are.
@@ -197,6 +201,12 @@ impl Sources {
     }
 }
 
+async fn report_end(server: impl std::future::Future<Output = Result<(), tonic::transport::Error>>) {
+    if let Err(error) = server.await {
+        error!(%error, "control plane server stopped");
+    }
+}
+
 /// The directory's resources with each cluster's registered endpoints added: every cluster (but a
 /// pass-through one) gets an `Endpoints` resource, and registered clusters the directory does not
 /// define get one too.
@@ -308,6 +318,7 @@ impl ControlPlane {
         let address = listener.local_addr().map_err(|error| ControlError::Bind { address: config.listen, error })?;
         let (stop, stopped) = oneshot::channel::<()>();
         let mut routes = tonic::service::Routes::new(ads.into_service());
+        let mut serving_tls = None;
         if let Some(ca) = &config.ca {
             let authority = match &ca.root {
                 CaRoot::Directory(dir) => Authority::load_or_generate(dir, &ca.trust_domain),
@@ -316,7 +327,11 @@ impl ControlPlane {
             .map_err(|e| ControlError::Ca(e.to_string()))?
             .with_max_ttl(ca.max_ttl);
             let tokens = LocalTokens::load(&ca.tokens).map_err(|e| ControlError::Ca(e.to_string()))?;
-            info!(trust_domain = %ca.trust_domain, tokens = tokens.len(), "certificate authority serving");
+            if !ca.tls_names.is_empty() {
+                let tls = tls::serving_config(&authority, &ca.tls_names).map_err(ControlError::Ca)?;
+                serving_tls = Some(tls);
+            }
+            info!(trust_domain = %ca.trust_domain, tokens = tokens.len(), tls = !ca.tls_names.is_empty(), "certificate authority serving");
             routes = routes
                 .add_service(CaService::new(Arc::new(authority), Arc::new(tokens), metrics.clone()).into_service());
         }
@@ -332,15 +347,20 @@ impl ControlPlane {
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .add_routes(tonic::service::Routes::from(router))
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
-                let _ = stopped.await;
-            });
-        tasks.push(tokio::spawn(async move {
-            if let Err(error) = server.await {
-                error!(%error, "control plane server stopped");
+            .add_routes(tonic::service::Routes::from(router));
+        let stopped = async {
+            let _ = stopped.await;
+        };
+        tasks.push(match serving_tls {
+            None => {
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                tokio::spawn(report_end(server.serve_with_incoming_shutdown(incoming, stopped)))
             }
-        }));
+            Some(config) => {
+                let incoming = tls::incoming(listener, config);
+                tokio::spawn(report_end(server.serve_with_incoming_shutdown(incoming, stopped)))
+            }
+        });
         info!(%address, "remora control serving Delta ADS");
         Ok(ControlPlane { address, metrics, sources, stop: Some(stop), tasks })
     }

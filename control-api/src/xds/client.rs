@@ -61,13 +61,15 @@ pub struct ClientConfig {
     pub node_id: String,
     /// The kinds to subscribe to, in push order.
     pub kinds: Vec<Kind>,
+    /// The roots an `https://` control plane's certificate must chain to.
+    pub tls: Option<crate::grpc::ControlTls>,
 }
 
 /// Why a stream ended.
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
-    /// The address is not a URL tonic can connect to.
-    #[error("control plane address {0:?} is not a valid http:// URL")]
+    /// The address is not a URL tonic can connect to, or is https:// with no roots to check it.
+    #[error("control plane address: {0}")]
     Address(String),
     /// Connecting failed.
     #[error("connect: {0}")]
@@ -101,14 +103,20 @@ pub async fn run<H: Handler>(config: ClientConfig, handler: &mut H) -> StreamErr
     }
 }
 
-/// Connects to `address` as a gRPC channel with keep-alives that notice a dead peer.
-pub async fn connect(address: &str) -> Result<tonic::transport::Channel, StreamError> {
-    let endpoint = crate::grpc::endpoint(address).ok_or_else(|| StreamError::Address(address.to_owned()))?;
-    Ok(endpoint.connect().await?)
+/// Connects to `address` as a gRPC channel with keep-alives that notice a dead peer (TLS checked
+/// with `tls` for an `https://` address).
+pub async fn connect(
+    address: &str,
+    tls: Option<&crate::grpc::ControlTls>,
+) -> Result<tonic::transport::Channel, StreamError> {
+    crate::grpc::connect(address, tls).await.map_err(|error| match error {
+        crate::grpc::DialError::Transport(error) => StreamError::Connect(error),
+        other => StreamError::Address(other.to_string()),
+    })
 }
 
 async fn stream_once<H: Handler>(config: &ClientConfig, handler: &mut H, delivered: &mut bool) -> StreamError {
-    let channel = match connect(&config.address).await {
+    let channel = match connect(&config.address, config.tls.as_ref()).await {
         Ok(channel) => channel,
         Err(error) => return error,
     };

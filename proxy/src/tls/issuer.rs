@@ -33,6 +33,8 @@ pub struct IssuerSettings {
     pub token_file: PathBuf,
     /// The lifetime asked for.
     pub ttl: Duration,
+    /// The roots an `https://` CA's certificate must chain to.
+    pub ca_tls: Option<remora_control_api::grpc::ControlTls>,
 }
 
 /// Why one issuance failed.
@@ -63,9 +65,16 @@ pub async fn issue(settings: &IssuerSettings) -> Result<Credentials, IssueError>
         .map_err(|error| IssueError::Token { path: settings.token_file.clone(), error })?;
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(IssueError::Request)?;
     let csr = ca::certificate_request(&settings.identity, &key).map_err(IssueError::Request)?;
-    let signed = ca::client::sign(&settings.ca_address, token.trim(), csr, settings.ttl, limits::CA_CALL_TIMEOUT)
-        .await
-        .map_err(IssueError::Ca)?;
+    let signed = ca::client::sign(
+        &settings.ca_address,
+        settings.ca_tls.as_ref(),
+        token.trim(),
+        csr,
+        settings.ttl,
+        limits::CA_CALL_TIMEOUT,
+    )
+    .await
+    .map_err(IssueError::Ca)?;
     let chain = super::certificates(signed.certificate_chain.join("\n").as_bytes(), "certificate chain");
     let roots = super::certificates(signed.trust_bundle.join("\n").as_bytes(), "trust bundle");
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));

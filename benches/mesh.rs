@@ -1,0 +1,374 @@
+//! The sidecar pair: what mutual TLS between two Remora sidecars adds, and what a handshake costs.
+//!
+//! `cargo bench --bench mesh` runs two measurements on loopback, with certificates made here:
+//!
+//! 1. **Added latency.** client → outbound sidecar → mTLS → inbound sidecar → backend, HTTP/1.1 with
+//!    a 1 KiB response, at a fixed rate (`MESH_RATE`, default 1000 requests/s) spread over 16
+//!    keep-alive connections (each sends on its own schedule, whether or not the previous answer was
+//!    quick: an open loop), for `MESH_SECONDS` (default 10) after a 2 s warm-up; then the same
+//!    straight to the backend, through one Remora, and through two sidecars without TLS, to tell
+//!    what each layer adds. Prints p50/p90/p99 of each, what the mTLS pair adds over direct, and
+//!    the CPU time the proxy processes spent per request together (from `/proc/PID/stat`).
+//! 2. **Handshakes.** New mTLS connections (TLS 1.3, ECDSA P-256, client certificate required and
+//!    verified, no resumption) opened and closed as fast as 8 concurrent clients can, for
+//!    `MESH_SECONDS`, against the inbound sidecar and against nginx doing the same termination;
+//!    prints handshakes per second per core of the server (handshakes / its CPU seconds).
+//!
+//! The sidecars run as separate `remora proxy` processes (one worker each) pinned to CPU 1 with
+//! `taskset`; this process (clients and the backend) pins itself to CPU 0. nginx must be installed
+//! for the handshake comparison (it is skipped, saying so, if not).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use remora_proxy::testing::servers::{Handler, full};
+use remora_proxy::testing::{HttpServer, IssuedPem, TestCa};
+
+const CONNECTIONS: usize = 16;
+const HANDSHAKE_CLIENTS: usize = 8;
+
+fn main() {
+    let seconds: u64 = env("MESH_SECONDS", 10);
+    let rate: u64 = env("MESH_RATE", 1000);
+    pin_to_cpu(0);
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    runtime.block_on(async move {
+        let dir = std::env::temp_dir().join(format!("remora-bench-mesh-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let body = Bytes::from(vec![b'x'; 1024]);
+        let handler: Handler = Arc::new(move |_| {
+            let body = body.clone();
+            Box::pin(async move { http::Response::new(full(body)) })
+        });
+        let backend = HttpServer::with_handler(handler).await;
+        let ca = TestCa::new("cluster.local");
+        let api = ca.issue("spiffe://cluster.local/ns/bench/sa/api");
+        let web = ca.issue("spiffe://cluster.local/ns/bench/sa/web");
+        let [inbound, outbound, inbound_admin, outbound_admin] = free_ports();
+        let [plain_in, plain_out, plain_in_admin, plain_out_admin] = free_ports();
+        let [single, single_admin, ..] = free_ports();
+        let server_config = |admin: u16, port: u16, identity: &str| {
+            format!(
+                "bootstrap:\n  admin_address: \"127.0.0.1:{admin}\"\n  workers: 1\n{identity}---\nresources:\n  - {{kind: Cluster, name: app, protocol: http1}}\n  - {{kind: Endpoints, cluster: app, endpoints: [{{address: \"{}\"}}]}}\n  - {{kind: Listener, name: in, address: \"127.0.0.1:{port}\", direction: inbound, default_cluster: app}}\n",
+                backend.address()
+            )
+        };
+        let client_config = |admin: u16, port: u16, upstream: SocketAddr, tls: &str, identity: &str| {
+            format!(
+                "bootstrap:\n  admin_address: \"127.0.0.1:{admin}\"\n  workers: 1\n{identity}---\nresources:\n  - {{kind: Cluster, name: api, tls: {tls}, protocol: http1}}\n  - {{kind: Endpoints, cluster: api, endpoints: [{{address: \"{upstream}\"}}]}}\n  - {{kind: Listener, name: out, address: \"127.0.0.1:{port}\", protocol: http1, default_cluster: api}}\n"
+            )
+        };
+        let local = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        let api_identity = api.bootstrap_identity(&dir.join("api"));
+        let web_identity = web.bootstrap_identity(&dir.join("web"));
+        let server = spawn_proxy(&dir, "server", &server_config(inbound_admin, inbound, &api_identity), inbound);
+        let client = spawn_proxy(
+            &dir,
+            "client",
+            &client_config(outbound_admin, outbound, local(inbound), "mesh", &web_identity),
+            outbound,
+        );
+
+        println!("sidecar pair: HTTP/1.1, 1 KiB responses, {rate} requests/s over {CONNECTIONS} connections, {seconds} s");
+        println!("(nginx, one proxy: a single nginx or Remora in front of the backend; plain pair: two sidecars without TLS)");
+        let duration = Duration::from_secs(seconds);
+        let direct = (fixed_rate(backend.address(), rate, duration).await, 0.0);
+        let one = {
+            let config = client_config(single_admin, single, backend.address(), "none", "");
+            let proxy = spawn_proxy(&dir, "single", &config, single);
+            measured(&[&proxy], local(single), rate, duration).await
+        };
+        let nginx = match spawn_nginx_proxy(&dir, backend.address()) {
+            Some((nginx, port)) => Some(measured(&[&nginx], local(port), rate, duration).await),
+            None => None,
+        };
+        let plain = {
+            let server = spawn_proxy(&dir, "plain-server", &server_config(plain_in_admin, plain_in, ""), plain_in);
+            let config = client_config(plain_out_admin, plain_out, local(plain_in), "none", "");
+            let client = spawn_proxy(&dir, "plain-client", &config, plain_out);
+            measured(&[&server, &client], local(plain_out), rate, duration).await
+        };
+        let paired = measured(&[&server, &client], local(outbound), rate, duration).await;
+        println!("{:<11} {:>8} {:>8} {:>8} {:>8} {:>7} {:>14}", "path", "p50 us", "p90 us", "p99 us", "ok", "errors", "proxy cpu us/req");
+        let [d50, d90, d99] = direct.0.percentiles();
+        let rows = [("direct", Some(&direct)), ("nginx", nginx.as_ref()), ("one proxy", Some(&one)), ("plain pair", Some(&plain)), ("mTLS pair", Some(&paired))];
+        for (name, (run, cpu)) in rows.into_iter().filter_map(|(name, row)| row.map(|r| (name, r))) {
+            let [p50, p90, p99] = run.percentiles();
+            println!("{name:<11} {p50:>8.0} {p90:>8.0} {p99:>8.0} {:>8} {:>7} {cpu:>14.1}", run.latencies.len(), run.errors);
+        }
+        let [p50, p90, p99] = paired.0.percentiles();
+        println!("mTLS pair adds over direct: p50 {:.0} us, p90 {:.0} us, p99 {:.0} us", p50 - d50, p90 - d90, p99 - d99);
+        println!("\nnew mTLS handshakes (TLS 1.3, P-256, client certificate verified), {HANDSHAKE_CLIENTS} clients, {seconds} s");
+        let inbound_address = SocketAddr::from(([127, 0, 0, 1], inbound));
+        let remora = handshakes(&web, inbound_address, remora_proxy::tls::ALPN_HTTP, server.id(), duration).await;
+        println!("{:<10} {:>10.0} handshakes/s per core ({} handshakes, {} failed)", "remora", remora.0, remora.1, remora.2);
+        drop(server);
+        drop(client);
+        match spawn_nginx(&dir, &api) {
+            Some((nginx, port)) => {
+                let address = SocketAddr::from(([127, 0, 0, 1], port));
+                let result = handshakes(&web, address, b"http/1.1", nginx.id(), duration).await;
+                println!("{:<10} {:>10.0} handshakes/s per core ({} handshakes, {} failed)", "nginx", result.0, result.1, result.2);
+            }
+            None => println!("nginx       skipped: not installed"),
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    });
+}
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn pin_to_cpu(cpu: usize) {
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(cpu);
+    let _ = rustix::thread::sched_setaffinity(None, &set);
+}
+
+/// Four free loopback ports (bound, read back and released: a bench runs alone).
+fn free_ports() -> [u16; 4] {
+    let sockets: Vec<std::net::TcpListener> =
+        (0..4).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    let ports: Vec<u16> = sockets.iter().map(|s| s.local_addr().unwrap().port()).collect();
+    [ports[0], ports[1], ports[2], ports[3]]
+}
+
+/// A child process killed when dropped.
+struct Killed(Child);
+
+impl Killed {
+    fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `remora proxy --config` on CPU 1 and waits for `port`.
+fn spawn_proxy(dir: &Path, name: &str, config: &str, port: u16) -> Killed {
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, config).unwrap();
+    let child = Command::new("taskset")
+        .args(["-c", "1", env!("CARGO_BIN_EXE_remora"), "proxy", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("taskset and the remora binary");
+    wait_port(port);
+    Killed(child)
+}
+
+/// nginx as a plain HTTP/1.1 reverse proxy to `backend` (keep-alive upstream) on CPU 1, or `None`
+/// if it is not installed: the yardstick for one proxy at this rate.
+fn spawn_nginx_proxy(dir: &Path, backend: SocketAddr) -> Option<(Killed, u16)> {
+    let [port, ..] = free_ports();
+    let config = dir.join("nginx-proxy.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "worker_processes 1;\ndaemon off;\nmaster_process off;\npid {pid};\nerror_log {err} warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  upstream backend {{ server {backend}; keepalive 64; }}\n  server {{\n    listen 127.0.0.1:{port} backlog=4096;\n    location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n}}\n",
+            pid = dir.join("nginx-proxy.pid").display(),
+            err = dir.join("nginx-proxy.err").display(),
+        ),
+    )
+    .unwrap();
+    let child =
+        Command::new("taskset").args(["-c", "1", "nginx", "-c"]).arg(&config).stdout(Stdio::null()).spawn().ok()?;
+    let child = Killed(child);
+    wait_port(port);
+    Some((child, port))
+}
+
+/// nginx terminating the same TLS (1.3 only, client certificate verified) on CPU 1, or `None` if
+/// it is not installed.
+fn spawn_nginx(dir: &Path, identity: &IssuedPem) -> Option<(Killed, u16)> {
+    let [port, ..] = free_ports();
+    let [cert, key, ca] = identity.write(&dir.join("nginx"));
+    let config = dir.join("nginx.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "worker_processes 1;\ndaemon off;\nmaster_process off;\npid {pid};\nerror_log {err} warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  server {{\n    listen 127.0.0.1:{port} ssl backlog=4096;\n    ssl_protocols TLSv1.3;\n    ssl_certificate {cert};\n    ssl_certificate_key {key};\n    ssl_client_certificate {ca};\n    ssl_verify_client on;\n    ssl_session_cache off;\n    ssl_session_tickets off;\n    location / {{ return 200 \"ok\\n\"; }}\n  }}\n}}\n",
+            pid = dir.join("nginx.pid").display(),
+            err = dir.join("nginx.err").display(),
+            cert = cert.display(),
+            key = key.display(),
+            ca = ca.display(),
+        ),
+    )
+    .unwrap();
+    let child =
+        Command::new("taskset").args(["-c", "1", "nginx", "-c"]).arg(&config).stdout(Stdio::null()).spawn().ok()?;
+    let child = Killed(child);
+    wait_port(port);
+    Some((child, port))
+}
+
+fn wait_port(port: u16) {
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("port {port} never opened");
+}
+
+/// A fixed-rate run through `proxies` (entering at `address`), and their CPU microseconds per
+/// request together (warm-up requests included in both counts).
+async fn measured(proxies: &[&Killed], address: SocketAddr, rate: u64, duration: Duration) -> (Run, f64) {
+    let before: f64 = proxies.iter().map(|p| cpu_seconds(p.id())).sum();
+    let run = fixed_rate(address, rate, duration).await;
+    let after: f64 = proxies.iter().map(|p| cpu_seconds(p.id())).sum();
+    let requests = (run.latencies.len() + run.errors + run.warmup).max(1);
+    let cpu = (after - before) * 1e6 / requests as f64;
+    (run, cpu)
+}
+
+/// User plus system CPU seconds of process `pid`, all its threads.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // After the command name: state is field 0, utime 11, stime 12.
+    (ticks(11) + ticks(12)) / clock_ticks()
+}
+
+/// The kernel's clock ticks per second (`getconf CLK_TCK`; 100 on Linux).
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        let out = Command::new("getconf").arg("CLK_TCK").output().ok();
+        out.and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok()).unwrap_or(100.0)
+    })
+}
+
+struct Run {
+    latencies: Vec<Duration>,
+    errors: usize,
+    warmup: usize,
+}
+
+impl Run {
+    fn percentiles(&self) -> [f64; 3] {
+        let mut sorted = self.latencies.clone();
+        sorted.sort();
+        [0.50, 0.90, 0.99].map(|p| {
+            let index = ((sorted.len().max(1) - 1) as f64 * p).round() as usize;
+            sorted.get(index).map_or(0.0, |d| d.as_secs_f64() * 1e6)
+        })
+    }
+}
+
+/// `rate` requests/s to `address` over `CONNECTIONS` keep-alive connections, each on a fixed
+/// schedule, for 2 s of warm-up and then `duration`. Latency is from writing a request to the end of
+/// its response.
+async fn fixed_rate(address: SocketAddr, rate: u64, duration: Duration) -> Run {
+    let interval = Duration::from_secs_f64(CONNECTIONS as f64 / rate as f64);
+    let warmup = Duration::from_secs(2);
+    let start = tokio::time::Instant::now() + Duration::from_millis(50);
+    let measured_from = start + warmup;
+    let end = measured_from + duration;
+    let mut tasks = Vec::new();
+    for c in 0..CONNECTIONS {
+        let offset = interval.mul_f64(c as f64 / CONNECTIONS as f64);
+        tasks.push(tokio::spawn(async move {
+            let stream = tokio::net::TcpStream::connect(address).await.unwrap();
+            stream.set_nodelay(true).unwrap();
+            let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+            tokio::spawn(connection);
+            let (mut latencies, mut errors, mut warm) = (Vec::new(), 0, 0);
+            let mut next = start + offset;
+            while next < end {
+                tokio::time::sleep_until(next).await;
+                next += interval;
+                let request = http::Request::get("/").header("host", "api").body(Empty::<Bytes>::new()).unwrap();
+                let sent = Instant::now();
+                let ok = match sender.send_request(request).await {
+                    Ok(response) => response.status() == 200 && response.into_body().collect().await.is_ok(),
+                    Err(_) => false,
+                };
+                let took = sent.elapsed();
+                if tokio::time::Instant::now() < measured_from {
+                    warm += 1;
+                } else if ok {
+                    latencies.push(took);
+                } else {
+                    errors += 1;
+                }
+            }
+            (latencies, errors, warm)
+        }));
+    }
+    let mut run = Run { latencies: Vec::new(), errors: 0, warmup: 0 };
+    for task in tasks {
+        let (latencies, errors, warm) = task.await.unwrap();
+        run.latencies.extend(latencies);
+        run.errors += errors;
+        run.warmup += warm;
+    }
+    run
+}
+
+/// New TLS connections to `address` as `identity`, offering `alpn`, from `HANDSHAKE_CLIENTS`
+/// concurrent clients for `duration`: (handshakes per second per core of process `pid`,
+/// handshakes, failures).
+async fn handshakes(
+    identity: &IssuedPem,
+    address: SocketAddr,
+    alpn: &[u8],
+    pid: u32,
+    duration: Duration,
+) -> (f64, u64, u64) {
+    let identity =
+        Arc::new(IssuedPem { cert: identity.cert.clone(), key: identity.key.clone(), ca: identity.ca.clone() });
+    let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    // Warm-up.
+    let _ = identity.connect(address, alpn).await;
+    let before = cpu_seconds(pid);
+    let mut tasks = Vec::new();
+    for _ in 0..HANDSHAKE_CLIENTS {
+        let (identity, done, failed, stop, alpn) =
+            (identity.clone(), done.clone(), failed.clone(), stop.clone(), alpn.to_vec());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match identity.connect(address, &alpn).await {
+                    Ok(stream) => {
+                        drop(stream);
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        let _ = task.await;
+    }
+    let cpu = cpu_seconds(pid) - before;
+    let handshakes = done.load(Ordering::Relaxed);
+    (handshakes as f64 / cpu.max(1e-9), handshakes, failed.load(Ordering::Relaxed))
+}
