@@ -9,7 +9,9 @@
 //!
 //! ```text
 //! accept → admit (connection rate limit, cap) → original destination (transparent) → detect
-//!        ├─ opaque / TLS → tcp: route by original destination → balance → connect → splice both ways
+//!        ├─ inbound mesh TLS → terminate, peer SPIFFE ID, authorize → HTTP/2 or TCP as below
+//!        ├─ opaque / TLS → tcp: route by original destination → balance → connect (mTLS to a mesh
+//!        │    cluster) → splice both ways (copy when either side is TLS)
 //!        └─ HTTP/1.1, HTTP/2 → http: route → admit (rate limit, faults) → balance → prepare
 //!             → connect (pool) → respond → record
 //!             (a route with a policy: timeout over attempts of balance → connect → respond →
@@ -21,7 +23,8 @@
 //! # Layout
 //! - [`app`] — the composition root: start, signals, drain.
 //! - [`bootstrap`] — where the config comes from; start-up settings and built-in defaults.
-//! - [`state`] — the live [`state::Snapshot`] (compiled listeners, route tables, clusters).
+//! - [`state`] — the live [`state::Snapshot`] (compiled listeners, route tables, clusters,
+//!   authorization policies).
 //! - [`reload`] — applying a new config all-or-nothing; the file watcher.
 //! - [`xds`] — resources from the control plane: warming, ACK/NACK, readiness.
 //! - [`worker`] — the worker threads, one single-threaded runtime each.
@@ -40,6 +43,8 @@
 //! - [`telemetry`] — metrics and lock-free latency histograms, trace context and spans, the OTLP
 //!   export thread, the access log, the runtime log filter.
 //! - [`timer`] — coarse per-worker time: a clock read once per tick, cheap timers for hyper.
+//! - [`tls`] — mutual TLS between sidecars: credentials (from the CA, renewed at half-life, or
+//!   from watched files), the rustls configs, SPIFFE verification, the ClientHello ALPN sniffer.
 //! - [`admin`] — the admin HTTP server.
 //! - [`drain`] — the drain signal and open-connection count.
 //! - [`limits`] — every safety limit and default, with its reason.
