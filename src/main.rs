@@ -133,6 +133,9 @@ enum Command {
         /// The zone this endpoint runs in.
         #[arg(long)]
         zone: Option<String>,
+        /// The SPIFFE ID this endpoint's sidecar presents (mesh clusters check it).
+        #[arg(long, value_name = "SPIFFE-ID")]
+        identity: Option<String>,
         /// Lease TTL in seconds.
         #[arg(long, default_value_t = 10)]
         ttl: u64,
@@ -218,8 +221,8 @@ fn main() -> ExitCode {
             };
             control::run(ControlConfig { listen, config_dir, etcd, etcd_prefix, ca }).map_err(anyhow::Error::from)
         }
-        Command::Register { etcd, cluster, address, weight, region, zone, ttl, etcd_prefix } => {
-            let endpoint = Registered { cluster, address: address.to_string(), weight, region, zone };
+        Command::Register { etcd, cluster, address, weight, region, zone, identity, ttl, etcd_prefix } => {
+            let endpoint = Registered { cluster, address: address.to_string(), weight, region, zone, identity };
             registry::run_register(&etcd, &etcd_prefix, &endpoint, Duration::from_secs(ttl.max(1)))
                 .map_err(anyhow::Error::from)
         }

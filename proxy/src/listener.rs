@@ -244,7 +244,8 @@ async fn serve_mesh(
     let (session, identity, alpn) = match mesh.accept(stream).await {
         Ok(accepted) => accepted,
         Err(error) => {
-            info!(listener = %listener.name, %peer, %error, "mesh tls handshake failed");
+            // Counted in remora_tls_handshakes_total; at debug, so a scanner cannot flood the log.
+            debug!(listener = %listener.name, %peer, %error, "mesh tls handshake failed");
             return;
         }
     };

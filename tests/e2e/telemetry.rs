@@ -590,3 +590,56 @@ async fn access_log_lines_are_json_with_the_documented_fields() {
     })
     .await;
 }
+
+/// On the receiving side of mTLS, the server span (`remora.peer.identity`) and the access log
+/// (`peer_identity`, HTTP and TCP) name the caller's SPIFFE ID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_callers_identity_is_in_the_span_and_the_access_log() {
+    let (collector, otlp) = Collector::start().await;
+    let app = HttpServer::start("app").await;
+    let echo = remora_proxy::testing::TcpEchoServer::start().await;
+    let ca = remora_proxy::testing::TestCa::new("cluster.local");
+    let directory = temp_dir("identity-telemetry");
+    let log = directory.join("access.log");
+    let web = "spiffe://cluster.local/ns/shop/sa/web";
+    let server_identity = ca.issue("spiffe://cluster.local/ns/shop/sa/api").bootstrap_identity(&directory.join("api"));
+    let server = TestProxy::start(&format!(
+        "bootstrap:\n  admin_address: 127.0.0.1:0\n  workers: 1\n  tracing: {{endpoint: \"http://{otlp}\", export_interval: 0.1s}}\n  access_log: {{path: \"{}\", fields: [protocol, peer_identity]}}\n{server_identity}---\nresources:\n{}{}{}{}",
+        log.display(),
+        cluster("app", ", protocol: http1", &[app.address()]),
+        cluster("echo", "", &[echo.address()]),
+        listener("in", ", direction: inbound, default_cluster: app"),
+        listener("in-tcp", ", direction: inbound, default_cluster: echo"),
+    ));
+    let client_identity = ca.issue(web).bootstrap_identity(&directory.join("web"));
+    let client = TestProxy::start(&format!(
+        "bootstrap:\n  admin_address: 127.0.0.1:0\n  workers: 1\n{client_identity}---\nresources:\n{}{}{}{}",
+        cluster("api", ", tls: mesh", &[server.address("in")]),
+        cluster("api-tcp", ", tls: mesh", &[server.address("in-tcp")]),
+        listener("out", ", default_cluster: api"),
+        listener("out-tcp", ", protocol: tcp, default_cluster: api-tcp"),
+    ));
+    assert_eq!(Client::http1(client.address("out")).await.get("api", "/").await.status, 200);
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(client.address("out-tcp")).await.unwrap();
+        tcp.write_all(b"hi").await.unwrap();
+        tcp.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        tcp.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"hi");
+    }
+    let spans = collector.wait_for(2).await;
+    let server_span = spans.iter().find(|s| s.kind == SpanKind::Server as i32).expect("a server span");
+    assert_eq!(string_attribute(server_span, "remora.peer.identity").as_deref(), Some(web));
+    let attempt = spans.iter().find(|s| s.kind == SpanKind::Client as i32).expect("a client span");
+    assert_eq!(string_attribute(attempt, "remora.peer.identity"), None, "only the server span names the caller");
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    eventually("an HTTP and a TCP line", Duration::from_secs(5), || async { read().lines().count() >= 2 }).await;
+    let lines: Vec<serde_json::Value> = read().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    for protocol in ["HTTP/2", "tcp"] {
+        let line = lines.iter().find(|l| l["protocol"] == protocol).unwrap_or_else(|| panic!("no {protocol} line"));
+        assert_eq!(line["peer_identity"], web, "{line}");
+    }
+    let _ = std::fs::remove_dir_all(&directory);
+}

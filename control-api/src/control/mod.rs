@@ -220,8 +220,7 @@ pub fn merge(resources: &[Resource], registry: Option<&Registrations>) -> Vec<Re
                 region: entry.region.clone().unwrap_or_default(),
                 zone: entry.zone.clone().unwrap_or_default(),
             }),
-            // Registrations carry no identity: a mesh cluster's peer_identities decide for them.
-            identity: String::new(),
+            identity: entry.identity.clone().unwrap_or_default(),
         });
     }
     let mut merged = Vec::with_capacity(resources.len() + registered.len());
@@ -465,6 +464,7 @@ mod tests {
                 registry::Registered {
                     weight: Some(2),
                     zone: Some("z1".into()),
+                    identity: Some(format!("spiffe://td/ns/{key}/sa/x")),
                     ..registry::Registered::new(cluster, address)
                 },
             );
@@ -488,5 +488,15 @@ mod tests {
             ])
         );
         validate::validate_with(&merged, References::Pending).unwrap();
+        let registered_b = merged
+            .iter()
+            .find_map(|r| match r {
+                Resource::Endpoints(e) if e.cluster == "listed" => {
+                    e.endpoints.iter().find(|x| x.address == "10.0.0.2:80")
+                }
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(registered_b.identity, "spiffe://td/ns/b/sa/x", "a registration's identity reaches its endpoint");
     }
 }

@@ -44,21 +44,35 @@ pub struct Registered {
     pub region: Option<String>,
     /// Its zone, if set.
     pub zone: Option<String>,
+    /// The SPIFFE ID its sidecar presents, for mesh clusters, if set.
+    pub identity: Option<String>,
 }
 
 impl Registered {
     /// An endpoint of `cluster` at `address` with weight 1 and no locality.
     pub fn new(cluster: &str, address: &str) -> Registered {
-        Registered { cluster: cluster.to_owned(), address: address.to_owned(), weight: None, region: None, zone: None }
+        Registered {
+            cluster: cluster.to_owned(),
+            address: address.to_owned(),
+            weight: None,
+            region: None,
+            zone: None,
+            identity: None,
+        }
     }
 
     /// The registration's etcd value: a JSON object with the fields set, or empty.
     pub fn value(&self) -> String {
-        if self.weight.is_none() && self.region.is_none() && self.zone.is_none() {
+        if self.weight.is_none() && self.region.is_none() && self.zone.is_none() && self.identity.is_none() {
             return String::new();
         }
-        serde_json::to_string(&Value { weight: self.weight, region: self.region.clone(), zone: self.zone.clone() })
-            .unwrap_or_default()
+        let value = Value {
+            weight: self.weight,
+            region: self.region.clone(),
+            zone: self.zone.clone(),
+            identity: self.identity.clone(),
+        };
+        serde_json::to_string(&value).unwrap_or_default()
     }
 }
 
@@ -74,6 +88,8 @@ struct Value {
     region: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     zone: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    identity: Option<String>,
 }
 
 /// The key of an endpoint's registration.
@@ -97,15 +113,21 @@ pub fn parse(prefix: &str, key: &[u8], value: &[u8]) -> Result<Registered, Strin
         Value::default()
     } else {
         serde_json::from_slice::<Value>(value).map_err(|e| {
-            format!("{key:?}: the value is not {{\"weight\": N, \"region\": \"...\", \"zone\": \"...\"}}: {e}")
+            format!(
+                "{key:?}: the value is not {{\"weight\": N, \"region\": \"...\", \"zone\": \"...\", \"identity\": \"spiffe://...\"}}: {e}"
+            )
         })?
     };
+    if let Some(identity) = &value.identity {
+        crate::identity::SpiffeId::parse(identity).map_err(|e| format!("{key:?}: identity: {e}"))?;
+    }
     Ok(Registered {
         cluster: cluster.to_owned(),
         address: address.to_owned(),
         weight: value.weight,
         region: value.region,
         zone: value.zone,
+        identity: value.identity,
     })
 }
 
@@ -269,5 +291,10 @@ mod tests {
         assert!(parse(DEFAULT_PREFIX, b"/remora/endpoints/shop/nowhere", b"").unwrap_err().contains("address"));
         assert!(parse(DEFAULT_PREFIX, k.as_bytes(), b"{\"wait\": 1}").unwrap_err().contains("weight"));
         assert!(parse(DEFAULT_PREFIX, b"/other/shop/10.0.0.7:80", b"").is_err());
+        let meshed = parse(DEFAULT_PREFIX, k.as_bytes(), br#"{"identity": "spiffe://td/ns/a/sa/b"}"#).unwrap();
+        assert_eq!(meshed.identity.as_deref(), Some("spiffe://td/ns/a/sa/b"));
+        assert_eq!(parse(DEFAULT_PREFIX, k.as_bytes(), meshed.value().as_bytes()).unwrap(), meshed);
+        let bad = parse(DEFAULT_PREFIX, k.as_bytes(), br#"{"identity": "web"}"#).unwrap_err();
+        assert!(bad.contains("identity: \"web\" is not a SPIFFE ID"), "{bad}");
     }
 }

@@ -272,11 +272,7 @@ pub async fn send_http2(
 fn peer_fits(settings: &ClientSettings, cluster: &Cluster, endpoint: SocketAddr, connection: &Http2Connection) -> bool {
     match (&cluster.mesh, &connection.peer, &settings.mesh) {
         (None, _, _) => true,
-        (Some(peers), Some(peer), Some(mesh)) => {
-            let own = mesh.identity();
-            let own_domain = own.as_ref().map_or("", |id| id.trust_domain());
-            peers.expected(endpoint).accepts(peer, own_domain)
-        }
+        (Some(peers), Some(peer), Some(mesh)) => mesh.accepts(peers.expected(endpoint), peer),
         _ => false,
     }
 }

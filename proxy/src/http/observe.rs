@@ -190,6 +190,7 @@ impl Drop for Finish {
                     authority,
                     protocol: if observe.version == http::Version::HTTP_2 { "2" } else { "1.1" },
                     peer: connection.peer,
+                    peer_identity: connection.peer_identity.as_ref().map(|id| id.as_str()),
                     status: self.status,
                     route,
                     cluster: upstream.as_ref().map(|(c, _)| c),

@@ -373,6 +373,9 @@ impl Tracer {
         a.push(KeyValue::new("network.protocol.version", server.protocol));
         a.push(KeyValue::new("client.address", server.peer.ip().to_string()));
         a.push(KeyValue::new("client.port", i64::from(server.peer.port())));
+        if let Some(identity) = server.peer_identity {
+            a.push(KeyValue::new("remora.peer.identity", identity.to_owned()));
+        }
         a.push(KeyValue::new("http.response.status_code", i64::from(server.status)));
         if let Some(route) = server.route {
             a.push(KeyValue::new("http.route", route.clone()));
@@ -449,6 +452,8 @@ pub struct ServerSpan<'a> {
     pub protocol: &'static str,
     /// The client.
     pub peer: SocketAddr,
+    /// The client's SPIFFE ID, proven by mTLS (inbound mesh connections).
+    pub peer_identity: Option<&'a str>,
     /// The response status.
     pub status: u16,
     /// The route that took it (`TABLE/ROUTE`).

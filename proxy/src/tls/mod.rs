@@ -130,8 +130,10 @@ pub enum TlsError {
         /// What the peer proved.
         presented: SpiffeId,
     },
-    /// This proxy's own certificate has expired and no renewal has succeeded.
-    #[error("this proxy's certificate expired and has not been renewed (is the CA reachable?)")]
+    /// This proxy's own certificate has expired and no newer one has been installed.
+    #[error(
+        "this proxy's certificate has expired and no newer one has been installed (CA unreachable, or stale files)"
+    )]
     Expired,
     /// The peer chose no mesh protocol.
     #[error("peer agreed no mesh protocol (ALPN)")]
@@ -294,6 +296,14 @@ impl MeshTls {
             return Err(TlsError::Expired);
         }
         Ok(configs)
+    }
+
+    /// Whether `peer` is what `expected` asks for, judged against this proxy's own trust domain
+    /// (no copy of anything: called per request on pooled mesh connections).
+    pub fn accepts(&self, expected: Expected<'_>, peer: &SpiffeId) -> bool {
+        let current = self.current.load();
+        let own_domain = current.as_ref().map_or("", |c| c.identity.trust_domain());
+        expected.accepts(peer, own_domain)
     }
 
     /// This proxy's identity, once it has one.
