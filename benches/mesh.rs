@@ -178,39 +178,39 @@ fn spawn_proxy(dir: &Path, name: &str, config: &str, port: u16) -> Killed {
 /// nginx as a plain HTTP/1.1 reverse proxy to `backend` (keep-alive upstream) on CPU 1, or `None`
 /// if it is not installed: the yardstick for one proxy at this rate.
 fn spawn_nginx_proxy(dir: &Path, backend: SocketAddr) -> Option<(Killed, u16)> {
-    let [port, ..] = free_ports();
-    let config = dir.join("nginx-proxy.conf");
-    std::fs::write(
-        &config,
+    run_nginx(dir, "nginx-proxy", |port| {
         format!(
-            "worker_processes 1;\ndaemon off;\nmaster_process off;\npid {pid};\nerror_log {err} warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  upstream backend {{ server {backend}; keepalive 64; }}\n  server {{\n    listen 127.0.0.1:{port} backlog=4096;\n    location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n}}\n",
-            pid = dir.join("nginx-proxy.pid").display(),
-            err = dir.join("nginx-proxy.err").display(),
-        ),
-    )
-    .unwrap();
-    let child =
-        Command::new("taskset").args(["-c", "1", "nginx", "-c"]).arg(&config).stdout(Stdio::null()).spawn().ok()?;
-    let child = Killed(child);
-    wait_port(port);
-    Some((child, port))
+            "  upstream backend {{ server {backend}; keepalive 64; }}\n  server {{\n    listen 127.0.0.1:{port} backlog=4096;\n    location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n"
+        )
+    })
 }
 
 /// nginx terminating the same TLS (1.3 only, client certificate verified) on CPU 1, or `None` if
 /// it is not installed.
 fn spawn_nginx(dir: &Path, identity: &IssuedPem) -> Option<(Killed, u16)> {
-    let [port, ..] = free_ports();
     let [cert, key, ca] = identity.write(&dir.join("nginx"));
-    let config = dir.join("nginx.conf");
-    std::fs::write(
-        &config,
+    run_nginx(dir, "nginx", |port| {
         format!(
-            "worker_processes 1;\ndaemon off;\nmaster_process off;\npid {pid};\nerror_log {err} warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  server {{\n    listen 127.0.0.1:{port} ssl backlog=4096;\n    ssl_protocols TLSv1.3;\n    ssl_certificate {cert};\n    ssl_certificate_key {key};\n    ssl_client_certificate {ca};\n    ssl_verify_client on;\n    ssl_session_cache off;\n    ssl_session_tickets off;\n    location / {{ return 200 \"ok\\n\"; }}\n  }}\n}}\n",
-            pid = dir.join("nginx.pid").display(),
-            err = dir.join("nginx.err").display(),
+            "  server {{\n    listen 127.0.0.1:{port} ssl backlog=4096;\n    ssl_protocols TLSv1.3;\n    ssl_certificate {cert};\n    ssl_certificate_key {key};\n    ssl_client_certificate {ca};\n    ssl_verify_client on;\n    ssl_session_cache off;\n    ssl_session_tickets off;\n    location / {{ return 200 \"ok\\n\"; }}\n  }}\n",
             cert = cert.display(),
             key = key.display(),
             ca = ca.display(),
+        )
+    })
+}
+
+/// One nginx worker on CPU 1 with the `http` block `http(port)` on a free port, named `name` in
+/// `dir`; waits for the port. `None` if nginx is not installed.
+fn run_nginx(dir: &Path, name: &str, http: impl FnOnce(u16) -> String) -> Option<(Killed, u16)> {
+    let [port, ..] = free_ports();
+    let config = dir.join(format!("{name}.conf"));
+    std::fs::write(
+        &config,
+        format!(
+            "worker_processes 1;\ndaemon off;\nmaster_process off;\npid {pid};\nerror_log {err} warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n{}}}\n",
+            http(port),
+            pid = dir.join(format!("{name}.pid")).display(),
+            err = dir.join(format!("{name}.err")).display(),
         ),
     )
     .unwrap();

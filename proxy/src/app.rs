@@ -228,7 +228,6 @@ impl Proxy {
             client: ClientSettings::with_mesh(mesh.clone()),
             tracer,
             access_log,
-            mesh_stats: metrics.mesh().clone(),
         });
         let bootstrap_json = serde_json::to_value(&raw).unwrap_or_default();
         let admin = Arc::new(AdminState::new(

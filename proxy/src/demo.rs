@@ -90,7 +90,15 @@ const ORDERS_ID: &str = "spiffe://cluster.local/ns/demo/sa/orders";
 
 /// The CA's bootstrap tokens: one per sidecar, each entitled to its own identity only.
 fn tokens() -> String {
-    let token = || format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    // Tokens are secrets: from the system's secure random source.
+    let secure = rustls::crypto::ring::default_provider().secure_random;
+    let token = || {
+        let mut bytes = [0_u8; 16];
+        if secure.fill(&mut bytes).is_err() {
+            bytes.iter_mut().for_each(|b| *b = fastrand::u8(..));
+        }
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
     format!("{} {CLIENT_ID}\n{} {ORDERS_ID}\n", token(), token())
 }
 

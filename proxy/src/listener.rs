@@ -34,7 +34,6 @@ use crate::limits;
 use crate::state::authz::Policy;
 use crate::state::{Direction, ListenerConfig, ListenerProtocol, LiveSnapshot};
 use crate::tcp;
-use crate::telemetry::MeshStats;
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::trace::Tracer;
 use crate::tls::{self, Alpn, MeshTls};
@@ -54,8 +53,6 @@ pub struct DataPath {
     pub tracer: Option<Arc<Tracer>>,
     /// The access log, when it is on.
     pub access_log: Option<Arc<AccessLog>>,
-    /// What mTLS and authorization count.
-    pub mesh_stats: MeshStats,
 }
 
 /// A listener that could not be bound.
@@ -190,11 +187,12 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, name: Arc<str>, d
         return;
     }
     if let Some(policy) = &policy {
-        data.mesh_stats.plaintext(&name, &policy.name, !policy.strict);
         if policy.strict {
+            policy.counters.plaintext_refused.inc();
             info!(listener = %name, policy = %policy.name, %peer, "plaintext connection refused: the policy is strict");
             return;
         }
+        policy.counters.plaintext_accepted.inc();
     }
     // Dispatch.
     let version = match protocol {
@@ -255,7 +253,7 @@ async fn serve_mesh(
             if let Some(policy) = &policy
                 && !policy.allows(identity.as_str())
             {
-                data.mesh_stats.denied(&listener.name, &policy.name);
+                policy.counters.denied.inc();
                 info!(listener = %listener.name, policy = %policy.name, peer = %identity, "tcp connection denied by authorization policy");
                 return;
             }

@@ -97,14 +97,19 @@ pub async fn proxy(
     mesh: Option<&MeshTls>,
     access_log: Option<&AccessLog>,
 ) {
-    let (peer, peer_identity) = match &downstream {
-        Downstream::Plain(socket, _) => (socket.peer_addr().ok(), None),
-        Downstream::Mesh(_, peer, identity) => (*peer, Some(identity.to_string())),
+    let peer = match &downstream {
+        Downstream::Plain(socket, _) => socket.peer_addr().ok(),
+        Downstream::Mesh(_, peer, _) => *peer,
     };
     let run = Relay { cluster: &cluster, original_destination, listener, meter, mesh };
     let Some(log) = access_log else {
         run.relay(downstream, peer).await;
         return;
+    };
+    // Kept past the relay, which takes the stream: only when there is a line to write.
+    let peer_identity = match &downstream {
+        Downstream::Mesh(_, _, identity) => Some(identity.clone()),
+        Downstream::Plain(..) => None,
     };
     let start = std::time::SystemTime::now();
     let started = std::time::Instant::now();
@@ -120,7 +125,7 @@ pub async fn proxy(
         cluster: Some(&cluster.name),
         endpoint,
         peer,
-        peer_identity: peer_identity.as_deref(),
+        peer_identity: peer_identity.as_ref().map(SpiffeId::as_str),
         flags: flag,
         ..Entry::default()
     };

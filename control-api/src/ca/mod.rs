@@ -218,17 +218,11 @@ impl Authority {
         not_before: SystemTime,
         not_after: SystemTime,
     ) -> Result<String, SignError> {
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
+        let mut params = leaf_params(DistinguishedName::new(), not_before, not_after);
         let uri = identity.as_str().to_owned().try_into().map_err(SignError::Internal)?;
         params.subject_alt_names = vec![SanType::URI(uri)];
-        params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        params.use_authority_key_identifier_extension = true;
-        params.not_before = not_before.into();
-        params.not_after = not_after.into();
-        params.serial_number = Some(random_serial());
         let leaf = params.signed_by(public_key, &self.issuer).map_err(SignError::Internal)?;
         Ok(leaf.pem())
     }
@@ -240,10 +234,10 @@ impl Authority {
     /// pass for a workload identity.
     pub fn serving_certificate(&self, names: &[String]) -> Result<(String, String), SignError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(SignError::Internal)?;
-        let mut params = CertificateParams::default();
         let mut name = DistinguishedName::new();
         name.push(DnType::CommonName, "remora control");
-        params.distinguished_name = name;
+        let now = SystemTime::now();
+        let mut params = leaf_params(name, now - BACKDATE, now + Duration::from_secs(365 * 24 * 3600));
         params.subject_alt_names = names
             .iter()
             .map(|n| match n.parse::<std::net::IpAddr>() {
@@ -252,14 +246,8 @@ impl Authority {
             })
             .collect::<Result<_, _>>()
             .map_err(SignError::Internal)?;
-        params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.use_authority_key_identifier_extension = true;
-        let now = SystemTime::now();
-        params.not_before = (now - BACKDATE).into();
-        params.not_after = (now + Duration::from_secs(365 * 24 * 3600)).into();
-        params.serial_number = Some(random_serial());
         let cert = params.signed_by(&key, &self.issuer).map_err(SignError::Internal)?;
         Ok((cert.pem(), key.serialize_pem()))
     }
@@ -282,11 +270,28 @@ fn check_trust_domain(trust_domain: &str) -> Result<(), CaError> {
         .map_err(|_| CaError::TrustDomain(trust_domain.to_owned()))
 }
 
-/// 16 random bytes, the top bit clear so the DER integer stays positive at full length.
+/// What every certificate the CA signs for someone else shares: `name` as subject, not a CA, an
+/// authority key identifier, the validity given, and a random serial.
+fn leaf_params(name: DistinguishedName, not_before: SystemTime, not_after: SystemTime) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = name;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.use_authority_key_identifier_extension = true;
+    params.not_before = not_before.into();
+    params.not_after = not_after.into();
+    params.serial_number = Some(random_serial());
+    params
+}
+
+/// 16 bytes from the system's secure random source (serials must not be guessable), the top bit
+/// clear so the DER integer stays positive at full length.
 fn random_serial() -> SerialNumber {
     let mut bytes = [0_u8; 16];
-    for chunk in bytes.chunks_mut(8) {
-        chunk.copy_from_slice(&fastrand::u64(..).to_be_bytes()[..chunk.len()]);
+    let secure = rustls::crypto::ring::default_provider().secure_random;
+    if secure.fill(&mut bytes).is_err() {
+        // The OS random source failing is not recoverable in any useful way; fall back to the
+        // process's own generator rather than refuse to sign.
+        bytes.iter_mut().for_each(|b| *b = fastrand::u8(..));
     }
     bytes[0] &= 0x7f;
     SerialNumber::from_slice(&bytes)

@@ -526,7 +526,7 @@ fn authorize(
     if allowed {
         return Ok(());
     }
-    connection.data.mesh_stats.denied(&listener.name, &policy.name);
+    policy.counters.denied.inc();
     let (table, route) = route.unwrap_or_default();
     info!(listener = %listener.name, policy = %policy.name, peer = %peer, route_table = table, route, "request denied by authorization policy");
     Err(ProxyError::Unauthorized { policy: policy.name.clone(), peer: peer.to_string() })

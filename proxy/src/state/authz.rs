@@ -12,6 +12,8 @@ use std::sync::Arc;
 use remora_control_api::identity::{self, IdentityPattern};
 use remora_control_api::v1;
 
+use crate::telemetry::{Metrics, PolicyCounters};
+
 /// The policies guarding one listener.
 #[derive(Debug, Default)]
 pub struct ListenerAuthz {
@@ -20,13 +22,17 @@ pub struct ListenerAuthz {
 }
 
 impl ListenerAuthz {
-    /// Compiles the (validated) policies that name one listener; `None` if there are none.
-    pub fn compile<'a>(policies: impl Iterator<Item = &'a v1::AuthorizationPolicy>) -> Option<ListenerAuthz> {
+    /// Compiles the (validated) policies that name listener `listener`; `None` if there are none.
+    pub fn compile<'a>(
+        policies: impl Iterator<Item = &'a v1::AuthorizationPolicy>,
+        listener: &str,
+        metrics: &Metrics,
+    ) -> Option<ListenerAuthz> {
         let mut authz = ListenerAuthz::default();
         let mut any = false;
         for policy in policies {
             any = true;
-            let compiled = Arc::new(Policy::compile(policy));
+            let compiled = Arc::new(Policy::compile(policy, metrics.mesh().policy(listener, &policy.name)));
             match u16::try_from(policy.port) {
                 Ok(0) | Err(_) => authz.every_port = Some(compiled),
                 Ok(port) => {
@@ -50,22 +56,27 @@ pub struct Policy {
     pub name: Arc<str>,
     /// Whether plaintext is refused.
     pub strict: bool,
+    /// What it decided.
+    pub counters: PolicyCounters,
     allow: Vec<IdentityPattern>,
-    routes: HashMap<(String, String), Vec<IdentityPattern>>,
+    /// Routes with lists of their own: table, route, allow list. Few, so scanned in order, with no
+    /// key to build per request.
+    routes: Vec<(String, String, Vec<IdentityPattern>)>,
 }
 
 impl Policy {
-    fn compile(policy: &v1::AuthorizationPolicy) -> Policy {
+    fn compile(policy: &v1::AuthorizationPolicy, counters: PolicyCounters) -> Policy {
         // Validation has parsed every pattern; one that still fails (it cannot) allows nothing.
         let patterns = |texts: &[String]| identity::parse_patterns(texts).unwrap_or_default();
         Policy {
             name: policy.name.as_str().into(),
             strict: policy.mode() == v1::authorization_policy::Mode::Strict,
+            counters,
             allow: patterns(&policy.allow),
             routes: policy
                 .routes
                 .iter()
-                .map(|r| ((r.route_table.clone(), r.route.clone()), patterns(&r.allow)))
+                .map(|r| (r.route_table.clone(), r.route.clone(), patterns(&r.allow)))
                 .collect(),
         }
     }
@@ -77,11 +88,8 @@ impl Policy {
 
     /// Whether `peer` may send a request that route `route` of table `table` took.
     pub fn allows_route(&self, table: &str, route: &str, peer: &str) -> bool {
-        if self.routes.is_empty() {
-            return self.allows(peer);
-        }
-        match self.routes.get(&(table.to_owned(), route.to_owned())) {
-            Some(allow) => identity::any_matches(allow, peer),
+        match self.routes.iter().find(|(t, r, _)| t == table && r == route) {
+            Some((_, _, allow)) => identity::any_matches(allow, peer),
             None => self.allows(peer),
         }
     }
@@ -115,7 +123,8 @@ resources:
                 _ => None,
             })
             .collect();
-        let authz = ListenerAuthz::compile(policies.into_iter()).unwrap();
+        let metrics = Metrics::new();
+        let authz = ListenerAuthz::compile(policies.into_iter(), "in", &metrics).unwrap();
         let all = authz.for_port(80).unwrap();
         assert!(all.strict);
         assert!(all.allows("spiffe://td/ns/shop/sa/web"));
@@ -127,6 +136,6 @@ resources:
         assert!(admin.allows_route("t", "metrics", "spiffe://td/ns/mon/sa/prom"));
         assert!(!admin.allows_route("t", "metrics", "spiffe://td/ns/ops/sa/admin"), "the route's list replaces");
         assert!(admin.allows_route("t", "other", "spiffe://td/ns/ops/sa/admin"));
-        assert!(ListenerAuthz::compile(std::iter::empty()).is_none());
+        assert!(ListenerAuthz::compile(std::iter::empty(), "in", &metrics).is_none());
     }
 }

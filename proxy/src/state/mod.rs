@@ -170,8 +170,14 @@ impl Snapshot {
                 Resource::AuthorizationPolicy(p) if p.listener == l.name => Some(p),
                 _ => None,
             });
-            let config = compile_listener(l, &tables, &find_cluster, ListenerAuthz::compile(policies), metrics)
-                .map_err(|(field, message)| fail(Kind::Listener, &l.name, field, message))?;
+            let config = compile_listener(
+                l,
+                &tables,
+                &find_cluster,
+                ListenerAuthz::compile(policies, &l.name, metrics),
+                metrics,
+            )
+            .map_err(|(field, message)| fail(Kind::Listener, &l.name, field, message))?;
             listeners.insert(config.name.clone(), Arc::new(config));
         }
         Ok(Snapshot { version, resources, listeners, clusters })

@@ -414,17 +414,29 @@ impl MeshStats {
         self.rotations.get()
     }
 
-    /// A connection or request an authorization policy denied.
-    pub fn denied(&self, listener: &str, policy: &str) {
-        self.denied.get_or_create(&PolicyLabels { listener: listener.to_owned(), policy: policy.to_owned() }).inc();
+    /// The counters of authorization policy `policy` on listener `listener`, made when the policy
+    /// is compiled, so judging a connection or request never builds a label.
+    pub fn policy(&self, listener: &str, policy: &str) -> PolicyCounters {
+        let labels = PolicyLabels { listener: listener.to_owned(), policy: policy.to_owned() };
+        let plaintext = |result| PlaintextLabels { listener: listener.to_owned(), policy: policy.to_owned(), result };
+        PolicyCounters {
+            denied: self.denied.get_or_create_owned(&labels),
+            plaintext_accepted: self.plaintext.get_or_create_owned(&plaintext("accepted")),
+            plaintext_refused: self.plaintext.get_or_create_owned(&plaintext("refused")),
+        }
     }
+}
 
-    /// A plaintext connection to a port a policy covers: `accepted` (permissive) or `refused`.
-    pub fn plaintext(&self, listener: &str, policy: &str, accepted: bool) {
-        let result = if accepted { "accepted" } else { "refused" };
-        let labels = PlaintextLabels { listener: listener.to_owned(), policy: policy.to_owned(), result };
-        self.plaintext.get_or_create(&labels).inc();
-    }
+/// What one authorization policy decided: connections (TCP) and requests (HTTP) denied, plaintext
+/// connections accepted (permissive) and refused (strict).
+#[derive(Clone, Debug, Default)]
+pub struct PolicyCounters {
+    /// Denied connections and requests.
+    pub denied: Counter,
+    /// Plaintext connections let in by a permissive policy.
+    pub plaintext_accepted: Counter,
+    /// Plaintext connections closed by a strict policy.
+    pub plaintext_refused: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -27,6 +27,7 @@ pub mod files;
 pub mod issuer;
 pub mod verify;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -349,19 +350,13 @@ impl MeshTls {
         };
         // An IP address as the server name: no SNI is sent, and the verifier ignores the name.
         let name = ServerName::IpAddress(endpoint.ip().into());
-        let connecting = tokio_rustls::TlsConnector::from(config).connect(name, stream);
-        let tls = tokio::time::timeout(self.handshake_timeout, connecting)
-            .await
-            .map_err(|_| TlsError::Timeout)?
-            .map_err(TlsError::Handshake)?;
-        let (_, session) = tls.get_ref();
-        let leaf = session.peer_certificates().and_then(|c| c.first()).ok_or(IdentityError::NoCertificate)?;
-        let (peer, _) = peer_identity(leaf, SystemTime::now())?;
+        let tls = self.within_timeout(tokio_rustls::TlsConnector::from(config).connect(name, stream)).await?;
+        let (peer, agreed) = peer_and_alpn(tls.get_ref().1)?;
         let own_domain = configs.identity.trust_domain();
         if !expected.accepts(&peer, own_domain) {
             return Err(TlsError::WrongPeer { expected: expected.describe(own_domain), presented: peer });
         }
-        if Alpn::from_wire(session.alpn_protocol()) != Some(alpn) {
+        if agreed != Some(alpn) {
             return Err(TlsError::Alpn);
         }
         Ok((tls, peer))
@@ -377,17 +372,26 @@ impl MeshTls {
 
     async fn try_accept(&self, stream: TcpStream) -> Result<(ServerStream, SpiffeId, Alpn), TlsError> {
         let configs = self.current()?;
-        let accepting = tokio_rustls::TlsAcceptor::from(configs.server.clone()).accept(stream);
-        let tls = tokio::time::timeout(self.handshake_timeout, accepting)
+        let tls = self.within_timeout(tokio_rustls::TlsAcceptor::from(configs.server.clone()).accept(stream)).await?;
+        let (peer, alpn) = peer_and_alpn(tls.get_ref().1)?;
+        Ok((tls, peer, alpn.ok_or(TlsError::Alpn)?))
+    }
+
+    /// A handshake, limited to the handshake timeout.
+    async fn within_timeout<T>(&self, handshake: impl Future<Output = std::io::Result<T>>) -> Result<T, TlsError> {
+        tokio::time::timeout(self.handshake_timeout, handshake)
             .await
             .map_err(|_| TlsError::Timeout)?
-            .map_err(TlsError::Handshake)?;
-        let (_, session) = tls.get_ref();
-        let leaf = session.peer_certificates().and_then(|c| c.first()).ok_or(IdentityError::NoCertificate)?;
-        let (peer, _) = peer_identity(leaf, SystemTime::now())?;
-        let alpn = Alpn::from_wire(session.alpn_protocol()).ok_or(TlsError::Alpn)?;
-        Ok((tls, peer, alpn))
+            .map_err(TlsError::Handshake)
     }
+}
+
+/// After a handshake, either way: the peer's identity (from its leaf certificate, which must not have
+/// expired) and the mesh protocol agreed, if any.
+fn peer_and_alpn(session: &rustls::CommonState) -> Result<(SpiffeId, Option<Alpn>), TlsError> {
+    let leaf = session.peer_certificates().and_then(|c| c.first()).ok_or(IdentityError::NoCertificate)?;
+    let (peer, _) = peer_identity(leaf, SystemTime::now())?;
+    Ok((peer, Alpn::from_wire(session.alpn_protocol())))
 }
 
 /// Whether the TLS ClientHello waiting on `stream` offers a mesh ALPN protocol. Peeks (the bytes stay
