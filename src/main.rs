@@ -11,6 +11,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use remora_control_api::control::registry::{self, Registered};
 use remora_control_api::control::{self, CaConfig, CaRoot, ControlConfig};
+use remora_proxy::capture::{self, Capture};
 use remora_proxy::demo::DemoOptions;
 use remora_proxy::{ConfigSource, StartOptions};
 
@@ -32,9 +33,9 @@ enum Command {
     /// live (so does SIGHUP); a file that fails validation is rejected and the old config keeps
     /// serving. SIGTERM drains and exits.
     ///
-    /// With --control it takes its resources from a control plane (`remora control`) instead, on top
-    /// of any in the --config file, and becomes ready once the control plane's first configuration
-    /// has arrived.
+    /// With --control it also takes resources from a control plane (`remora control`), on top of the
+    /// --config file's (or the built-in defaults'), and becomes ready once the control plane's first
+    /// configuration has arrived.
     Proxy {
         /// YAML config file (bootstrap and resources).
         #[arg(long, short = 'c', value_name = "FILE")]
@@ -68,6 +69,10 @@ enum Command {
         /// PEM roots an https:// control plane's certificate must chain to (the CA's ca.crt).
         #[arg(long, value_name = "FILE")]
         control_ca: Option<String>,
+        /// The admin server's address (overrides the bootstrap's admin_address), e.g. 0.0.0.0:15000
+        /// for kubelet probes and Prometheus in a pod.
+        #[arg(long, value_name = "ADDR")]
+        admin: Option<String>,
     },
     /// Run the control plane: serve the resources of a directory of YAML files (and endpoints
     /// registered in etcd) to every connected proxy over Delta ADS, pushing each change live.
@@ -160,6 +165,49 @@ enum Command {
         #[arg(long, default_value_t = 200)]
         requests: usize,
     },
+    /// Install the iptables rules that send this network namespace's TCP through the sidecar (run by
+    /// the pod's init container, as root with NET_ADMIN): outbound to --outbound-port, inbound to
+    /// --inbound-port, except the proxy's own uid, loopback, the admin port and the exclusions.
+    /// Rules installed before by Remora are replaced; the pod's other rules are left alone.
+    Init {
+        /// Print the iptables-restore scripts instead of installing them.
+        #[arg(long)]
+        dry_run: bool,
+        /// Remove every rule and chain Remora installed, then exit.
+        #[arg(long, conflicts_with = "dry_run")]
+        cleanup: bool,
+        /// The proxy's uid and gid, whose traffic is never captured.
+        #[arg(long, default_value_t = capture::DEFAULT_PROXY_UID, value_name = "UID")]
+        proxy_uid: u32,
+        /// The proxy's outbound listener port.
+        #[arg(long, default_value_t = 15001, value_name = "PORT")]
+        outbound_port: u16,
+        /// The proxy's inbound listener port.
+        #[arg(long, default_value_t = 15006, value_name = "PORT")]
+        inbound_port: u16,
+        /// Inbound ports to capture, comma-separated, or `*` for all.
+        #[arg(long, default_value = "*", value_name = "PORTS")]
+        inbound_ports: String,
+        /// Inbound ports never captured, comma-separated (the admin port 15000 always is).
+        #[arg(long, default_value = "", value_name = "PORTS")]
+        exclude_inbound_ports: String,
+        /// Outbound destination ports never captured, comma-separated.
+        #[arg(long, default_value = "", value_name = "PORTS")]
+        exclude_outbound_ports: String,
+        /// Outbound destinations to capture, comma-separated CIDRs, or `*` for all.
+        #[arg(long, default_value = "*", value_name = "CIDRS")]
+        include_outbound_cidrs: String,
+        /// Outbound destinations never captured, comma-separated CIDRs.
+        #[arg(long, default_value = "", value_name = "CIDRS")]
+        exclude_outbound_cidrs: String,
+        /// Install the IPv6 rules too (the proxy must then listen on [::1]:15001 and [::]:15006).
+        #[arg(long)]
+        ipv6: bool,
+        /// The iptables command to use: iptables, iptables-nft or iptables-legacy (ip6tables is
+        /// named after it).
+        #[arg(long, default_value = "iptables", value_name = "COMMAND")]
+        iptables: String,
+    },
     /// Check a config file without running it: exits 0 if valid, else prints every problem, each
     /// naming its resource and field, and exits 1.
     Validate {
@@ -173,13 +221,19 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     remora_proxy::telemetry::logging::init();
     let result = match cli.command {
-        Command::Proxy { config, control, node_id, identity, token_file, tls_cert, tls_key, tls_ca, control_ca } => {
-            let source = match (config, &control) {
-                (Some(path), _) => ConfigSource::File(path),
-                // With a control plane and no file, the resources all come from the control plane.
-                (None, Some(_)) => ConfigSource::Text { origin: "no config file".into(), text: String::new() },
-                (None, None) => ConfigSource::defaults(),
-            };
+        Command::Proxy {
+            config,
+            control,
+            node_id,
+            identity,
+            token_file,
+            tls_cert,
+            tls_key,
+            tls_ca,
+            control_ca,
+            admin,
+        } => {
+            let source = config.map_or_else(ConfigSource::defaults, ConfigSource::File);
             let tls_files = match (tls_cert, tls_key, tls_ca) {
                 (Some(cert), Some(key), Some(ca)) => Some([cert, key, ca]),
                 _ => None,
@@ -191,6 +245,7 @@ fn main() -> ExitCode {
                 token_file,
                 tls_files,
                 control_plane_ca_file: control_ca,
+                admin_address: admin,
             };
             remora_proxy::run(source, options)
         }
@@ -228,6 +283,54 @@ fn main() -> ExitCode {
         }
         Command::Demo { listen, admin, control, requests } => {
             remora_proxy::demo::run(DemoOptions { listen, admin, control, requests, ..DemoOptions::default() })
+        }
+        Command::Init {
+            dry_run,
+            cleanup,
+            proxy_uid,
+            outbound_port,
+            inbound_port,
+            inbound_ports,
+            exclude_inbound_ports,
+            exclude_outbound_ports,
+            include_outbound_cidrs,
+            exclude_outbound_cidrs,
+            ipv6,
+            iptables,
+        } => {
+            if cleanup {
+                capture::cleanup(&iptables, ipv6).map_err(anyhow::Error::from)
+            } else {
+                let parsed = (|| {
+                    let mut excluded = capture::parse_ports(&exclude_inbound_ports)?;
+                    excluded.push(capture::ADMIN_PORT);
+                    Ok::<_, capture::ParseError>(Capture {
+                        proxy_uid,
+                        outbound_port,
+                        inbound_port,
+                        inbound_ports: capture::parse_port_set(&inbound_ports)?,
+                        exclude_inbound_ports: excluded,
+                        exclude_outbound_ports: capture::parse_ports(&exclude_outbound_ports)?,
+                        include_outbound_cidrs: capture::parse_cidr_set(&include_outbound_cidrs)?,
+                        exclude_outbound_cidrs: capture::parse_cidrs(&exclude_outbound_cidrs)?,
+                        ipv6,
+                    })
+                })();
+                match parsed {
+                    Err(error) => Err(anyhow::Error::from(error)),
+                    Ok(rules) if dry_run => {
+                        for family in rules.families() {
+                            println!(
+                                "# {family}: {}-restore --noflush\n{}",
+                                family.command(&iptables),
+                                rules.rules(family)
+                            );
+                        }
+                        Ok(())
+                    }
+                    Ok(rules) => rules.install(&iptables).map_err(anyhow::Error::from),
+                }
+            }
         }
         Command::Validate { config } => remora_proxy::bootstrap::load(&ConfigSource::File(config.clone()))
             .map(|loaded| {

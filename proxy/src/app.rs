@@ -119,6 +119,8 @@ pub struct StartOptions {
     pub tls_files: Option<[String; 3]>,
     /// `--control-ca FILE`: the roots an https:// control plane's certificate must chain to.
     pub control_plane_ca_file: Option<String>,
+    /// `--admin ADDR`: the admin server's address (overrides the bootstrap's admin_address).
+    pub admin_address: Option<String>,
 }
 
 impl Proxy {
@@ -146,6 +148,9 @@ impl Proxy {
         }
         if let Some(file) = options.control_plane_ca_file {
             raw.control_plane_ca_file = file;
+        }
+        if let Some(address) = options.admin_address {
+            raw.admin_address = address;
         }
         if options.identity.is_some() || options.token_file.is_some() || options.tls_files.is_some() {
             let identity = raw.identity.get_or_insert_with(Default::default);

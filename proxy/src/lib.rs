@@ -46,6 +46,7 @@
 //! - [`tls`] — mutual TLS between sidecars: credentials (from the CA, renewed at half-life, or
 //!   from watched files), the rustls configs, SPIFFE verification, the ClientHello ALPN sniffer.
 //! - [`admin`] — the admin HTTP server.
+//! - [`capture`] — the iptables rules that send a pod's traffic through its proxy (`remora init`).
 //! - [`drain`] — the drain signal and open-connection count.
 //! - [`limits`] — every safety limit and default, with its reason.
 //! - [`demo`] — `remora demo`, a local mesh on built-in defaults.
@@ -59,6 +60,7 @@ pub mod admin;
 pub mod app;
 pub mod balance;
 pub mod bootstrap;
+pub mod capture;
 pub mod demo;
 pub mod detect;
 pub mod drain;

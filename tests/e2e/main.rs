@@ -5,12 +5,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod balancers;
+mod capture;
 mod cli;
 mod control;
 mod drain;
 mod grpc;
 mod http;
 mod mesh;
+mod netns;
 mod policy;
 mod reload;
 mod resilience;
