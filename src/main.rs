@@ -2,15 +2,18 @@
 //! line, sets up logging and dispatches; the work lives in the `remora-proxy` and
 //! `remora-control-api` crates.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use std::time::Duration;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use remora_control_api::control::registry::{self, Registered};
-use remora_control_api::control::{self, CaConfig, CaRoot, ControlConfig};
+use remora_control_api::control::{self, CaConfig, CaRoot, ControlConfig, InjectorConfig};
+use remora_control_api::inject::{InjectConfig, Injector};
 use remora_proxy::capture::{self, Capture};
 use remora_proxy::demo::DemoOptions;
 use remora_proxy::{ConfigSource, StartOptions};
@@ -115,6 +118,50 @@ enum Command {
         /// https:// URL and --control-ca with the CA's root.
         #[arg(long = "tls-name", value_name = "NAME", requires = "ca_tokens")]
         tls_names: Vec<String>,
+        /// Serve the sidecar injector, a mutating admission webhook (POST /inject, AdmissionReview
+        /// v1), on its own HTTPS port. Needs --injector-cert and --injector-key.
+        #[arg(long, requires_all = ["injector_cert", "injector_key"])]
+        injector: bool,
+        /// The injector's address.
+        #[arg(long, default_value = "127.0.0.1:15017", value_name = "ADDR")]
+        injector_listen: SocketAddr,
+        /// The injector's PEM certificate chain (for its Service's DNS name).
+        #[arg(long, value_name = "FILE", requires = "injector")]
+        injector_cert: Option<PathBuf>,
+        /// The injector's PEM private key.
+        #[arg(long, value_name = "FILE", requires = "injector")]
+        injector_key: Option<PathBuf>,
+        /// What the injector injects (YAML, `remora inject --config`'s format; default: built-in).
+        #[arg(long, value_name = "FILE", requires = "injector")]
+        injector_config: Option<PathBuf>,
+        /// Inject the proxy as a first container with a postStart wait, for Kubernetes before 1.29.
+        #[arg(long, requires = "injector")]
+        legacy_sidecar: bool,
+    },
+    /// Print Kubernetes manifests with the Remora sidecar injected into every pod template
+    /// (Deployment, StatefulSet, DaemonSet, ReplicaSet, Job, CronJob, Pod; multi-document YAML and
+    /// List). Workloads already injected, opted out (annotation remora.dev/inject: disabled) or on the
+    /// host network are left alone; what was done to each is reported on stderr.
+    Inject {
+        /// The manifests, or `-` for stdin.
+        #[arg(long = "filename", short = 'f', default_value = "-", value_name = "FILE")]
+        file: String,
+        /// Injector settings (image, control plane, identity, resources), YAML.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Inject the proxy as a first container with a postStart wait, for Kubernetes before 1.29,
+        /// instead of a native sidecar.
+        #[arg(long)]
+        legacy_sidecar: bool,
+    },
+    /// Wait until the local proxy's /ready answers 200 (the legacy sidecar's postStart hook).
+    WaitReady {
+        /// The proxy's admin address.
+        #[arg(long, default_value = "127.0.0.1:15000", value_name = "ADDR")]
+        admin: SocketAddr,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 120, value_name = "SECONDS")]
+        timeout: u64,
     },
     /// Register an endpoint of this workload in the etcd registry and keep it registered (a lease,
     /// refreshed) until SIGTERM or SIGINT, which deregister it. If this process dies, the endpoint
@@ -261,6 +308,12 @@ fn main() -> ExitCode {
             trust_domain,
             max_cert_ttl,
             tls_names,
+            injector,
+            injector_listen,
+            injector_cert,
+            injector_key,
+            injector_config,
+            legacy_sidecar,
         } => {
             let root = match (ca_dir, ca_cert, ca_key) {
                 (Some(dir), _, _) => Some(CaRoot::Directory(dir)),
@@ -274,7 +327,22 @@ fn main() -> ExitCode {
                 }
                 _ => None,
             };
-            control::run(ControlConfig { listen, config_dir, etcd, etcd_prefix, ca }).map_err(anyhow::Error::from)
+            let injector = match (injector, injector_cert, injector_key) {
+                (true, Some(cert), Some(key)) => match load_inject_config(injector_config.as_deref()) {
+                    Ok(settings) => {
+                        let injector = Injector::new(settings, legacy_sidecar);
+                        Some(InjectorConfig { listen: injector_listen, cert, key, injector })
+                    }
+                    Err(error) => return fail(error),
+                },
+                _ => None,
+            };
+            control::run(ControlConfig { listen, config_dir, etcd, etcd_prefix, ca, injector })
+                .map_err(anyhow::Error::from)
+        }
+        Command::Inject { file, config, legacy_sidecar } => inject(&file, config.as_deref(), legacy_sidecar),
+        Command::WaitReady { admin, timeout } => {
+            remora_proxy::admin::wait_ready(admin, Duration::from_secs(timeout)).map_err(anyhow::Error::from)
         }
         Command::Register { etcd, cluster, address, weight, region, zone, identity, ttl, etcd_prefix } => {
             let endpoint = Registered { cluster, address: address.to_string(), weight, region, zone, identity };
@@ -345,9 +413,33 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {error:#}");
-            ExitCode::FAILURE
-        }
+        Err(error) => fail(error),
     }
+}
+
+fn fail(error: anyhow::Error) -> ExitCode {
+    eprintln!("error: {error:#}");
+    ExitCode::FAILURE
+}
+
+fn load_inject_config(path: Option<&Path>) -> anyhow::Result<InjectConfig> {
+    let Some(path) = path else { return Ok(InjectConfig::default()) };
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+    InjectConfig::from_yaml(&text).with_context(|| format!("{}", path.display()))
+}
+
+/// `remora inject`: manifests from `file` (or stdin) to stdout, a line per workload to stderr.
+fn inject(file: &str, config: Option<&Path>, legacy: bool) -> anyhow::Result<()> {
+    let injector = Injector::new(load_inject_config(config)?, legacy);
+    let text = if file == "-" {
+        std::io::read_to_string(std::io::stdin()).context("read stdin")?
+    } else {
+        std::fs::read_to_string(file).with_context(|| file.to_owned())?
+    };
+    let (out, reports) = injector.inject_manifests(&text).with_context(|| file.to_owned())?;
+    std::io::stdout().write_all(out.as_bytes()).context("write stdout")?;
+    for report in reports {
+        eprintln!("{report}");
+    }
+    Ok(())
 }

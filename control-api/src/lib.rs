@@ -24,6 +24,7 @@ pub mod config;
 pub mod control;
 pub mod grpc;
 pub mod identity;
+pub mod inject;
 pub(crate) mod limits;
 pub mod resource;
 pub mod validate;

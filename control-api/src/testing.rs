@@ -68,7 +68,7 @@ impl TestControlPlane {
             config_dir: Some(dir.clone()),
             etcd: etcd.map(str::to_owned),
             etcd_prefix: prefix.to_owned(),
-            ca: None,
+            ..ControlConfig::default()
         };
         let mut plane = TestControlPlane { dir, config, address: "127.0.0.1:0".parse().unwrap(), running: None };
         plane.run();

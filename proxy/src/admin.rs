@@ -7,7 +7,7 @@
 //! | `GET /metrics` | every metric: in the OpenMetrics text format when the scraper asks for it (`Accept: application/openmetrics-text`, as Prometheus does), else in the Prometheus text format 0.0.4 |
 //! | `GET /config_dump` | JSON: node id, config source and version, the bootstrap, the outcome of the last reload, the control-plane stream (per type: source version, last ACK, last NACK with its error; every resource received with its version and whether it serves or waits), and every resource serving now |
 //! | `GET /logging` | the log filter in force (`RUST_LOG` syntax) |
-//! | `POST /logging?filter=F` (or `?level=L`) | replaces the log filter, e.g. `filter=remora_proxy::http=debug,info` or `level=debug`; 400 with the reason if it does not parse |
+//! | `POST /logging?filter=F` (or `?level=L`) | replaces the log filter, e.g. `filter=remora_proxy::http=debug,info` or `level=debug`; 400 with the reason if it does not parse; 403 unless the caller is on loopback (in a pod the admin server listens on the pod's address for kubelet and Prometheus, and only the pod itself may change it) |
 //! | `GET /clusters` | JSON: every cluster serving now with its balancer, how many endpoints are healthy and ejected, whether it is in panic, and per endpoint its weight, locality tier, health, ejection (time left, and the multiplier), active requests and latency estimate |
 //!
 //! It runs on the control thread, apart from the workers, so a scrape never takes a data-path
@@ -189,7 +189,7 @@ pub async fn serve(socket: std::net::TcpListener, state: Arc<AdminState>) {
     builder.timer(TokioTimer::new()).header_read_timeout(limits::DEFAULT_HEADER_TIMEOUT).half_close(true);
     let builder = Arc::new(builder);
     loop {
-        let (stream, _) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(error) => {
                 warn!(%error, "admin accept failed");
@@ -200,9 +200,10 @@ pub async fn serve(socket: std::net::TcpListener, state: Arc<AdminState>) {
         let state = state.clone();
         let builder = builder.clone();
         tokio::spawn(async move {
+            let local = peer.ip().is_loopback();
             let service = service_fn(move |request| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(respond(&request, &state)) }
+                async move { Ok::<_, Infallible>(respond(&request, &state, local)) }
             });
             if let Err(error) = builder.serve_connection(TokioIo::new(stream), service).await {
                 debug!(%error, "admin connection ended with an error");
@@ -211,9 +212,10 @@ pub async fn serve(socket: std::net::TcpListener, state: Arc<AdminState>) {
     }
 }
 
-fn respond(request: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
+/// Answers one request; `local`: whether the caller is on loopback.
+fn respond(request: &Request<Incoming>, state: &AdminState, local: bool) -> Response<Full<Bytes>> {
     if request.uri().path() == "/logging" {
-        return logging(request);
+        return logging(request, local);
     }
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "the admin API only answers GET (and POST /logging)\n");
@@ -254,9 +256,12 @@ fn respond(request: &Request<Incoming>, state: &AdminState) -> Response<Full<Byt
 }
 
 /// `GET /logging` reads the log filter; `POST /logging?filter=...` (or `?level=...`) replaces it.
-fn logging(request: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn logging(request: &Request<Incoming>, local: bool) -> Response<Full<Bytes>> {
     let plain = |status, body: String| with_type(status, body, "text/plain; charset=utf-8");
     match *request.method() {
+        Method::POST if !local => {
+            plain(StatusCode::FORBIDDEN, "the log filter can be changed from loopback only\n".into())
+        }
         Method::GET | Method::HEAD => match logging::current() {
             Some(filter) => plain(StatusCode::OK, format!("{filter}\n")),
             None => plain(StatusCode::NOT_FOUND, "the log filter cannot be changed in this process\n".into()),
@@ -319,4 +324,42 @@ fn with_type(status: StatusCode, body: String, content_type: &'static str) -> Re
     *response.status_mut() = status;
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
+}
+
+/// Why [`wait_ready`] gave up.
+#[derive(Debug, thiserror::Error)]
+#[error("the proxy at {address} was not ready within {waited:?}{}", last.as_ref().map(|l| format!(" (last answer: {l})")).unwrap_or_default())]
+pub struct NotReady {
+    /// The admin address asked.
+    pub address: std::net::SocketAddr,
+    /// How long it waited.
+    pub waited: std::time::Duration,
+    /// The last status line or connection error.
+    pub last: Option<String>,
+}
+
+/// Polls `GET /ready` on the admin server at `address` until it answers 200, for at most `timeout`
+/// (`remora wait-ready`, the legacy sidecar's postStart hook). Blocking: it runs alone in its process.
+pub fn wait_ready(address: std::net::SocketAddr, timeout: std::time::Duration) -> Result<(), NotReady> {
+    use std::io::{Read, Write};
+    const POLL: std::time::Duration = std::time::Duration::from_millis(200);
+    let started = std::time::Instant::now();
+    let mut last = None;
+    while started.elapsed() < timeout {
+        let answer = (|| {
+            let mut stream = std::net::TcpStream::connect_timeout(&address, POLL)?;
+            stream.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+            stream.write_all(b"GET /ready HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+            let mut head = [0u8; 64];
+            let n = stream.read(&mut head)?;
+            Ok::<_, std::io::Error>(String::from_utf8_lossy(&head[..n]).lines().next().unwrap_or_default().to_owned())
+        })();
+        match answer {
+            Ok(status) if status.starts_with("HTTP/1.1 200") => return Ok(()),
+            Ok(status) => last = Some(status),
+            Err(error) => last = Some(error.to_string()),
+        }
+        std::thread::sleep(POLL);
+    }
+    Err(NotReady { address, waited: timeout, last })
 }

@@ -88,6 +88,11 @@ fn init_captures_a_pods_traffic_through_the_proxy_and_cleanup_removes_it() {
     let from_remote = remote.enter(move || {
         let captured = exchange(address(POD_IP, 8080), b"inbound");
         let excluded = exchange(address(POD_IP, 8081), b"direct");
+        let logging = exchange(
+            address(POD_IP, 15000),
+            b"POST /logging?level=debug HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        );
+        assert!(logging.starts_with("HTTP/1.1 403"), "only the pod itself may change the log filter: {logging}");
         (captured, excluded, netns::metrics(address(POD_IP, 15000)))
     });
     let _ = proxy.kill();

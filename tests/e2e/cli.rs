@@ -18,14 +18,14 @@ use crate::cluster;
 const REMORA: &str = env!("CARGO_BIN_EXE_remora");
 
 /// A `remora` child process whose stderr (its log) is read line by line on a thread.
-struct Spawned {
+pub(crate) struct Spawned {
     child: Child,
     log: mpsc::Receiver<String>,
     seen: Vec<String>,
 }
 
 impl Spawned {
-    fn new(args: &[&str]) -> Spawned {
+    pub(crate) fn new(args: &[&str]) -> Spawned {
         let mut child = Command::new(REMORA)
             .args(args)
             .env("RUST_LOG", "info")
@@ -49,7 +49,7 @@ impl Spawned {
     }
 
     /// Waits for an output line containing `needle` and returns it.
-    fn wait_for(&mut self, needle: &str) -> String {
+    pub(crate) fn wait_for(&mut self, needle: &str) -> String {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(line) = self.seen.iter().find(|l| l.contains(needle)) {

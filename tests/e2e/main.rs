@@ -11,6 +11,7 @@ mod control;
 mod drain;
 mod grpc;
 mod http;
+mod kubernetes;
 mod mesh;
 mod netns;
 mod policy;

@@ -41,6 +41,7 @@ pub struct ControlMetrics {
     resources: Family<TypeLabels, Gauge>,
     registered: Gauge,
     signed: Family<ResultLabels, Counter>,
+    reviews: Family<ResultLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -72,6 +73,7 @@ impl ControlMetrics {
             resources: Family::default(),
             registered: Gauge::default(),
             signed: Family::default(),
+            reviews: Family::default(),
         };
         let r = &mut m.registry;
         r.register("connected_proxies", "Proxies with an open discovery stream", m.connected.clone());
@@ -93,6 +95,11 @@ impl ControlMetrics {
             "certificate_requests",
             "Certificate signing requests, by result (signed, unauthenticated, denied, invalid, error)",
             m.signed.clone(),
+        );
+        r.register(
+            "injector_reviews",
+            "Admission reviews the sidecar injector answered, by result (injected, skipped, denied, invalid)",
+            m.reviews.clone(),
         );
         m
     }
@@ -134,6 +141,10 @@ impl ControlMetrics {
 
     pub(crate) fn set_registered(&self, count: usize) {
         self.registered.set(count as i64);
+    }
+
+    pub(crate) fn injector_review(&self, result: &'static str) {
+        self.reviews.get_or_create(&ResultLabels { result }).inc();
     }
 
     pub(crate) fn certificate_request(&self, result: &'static str) {

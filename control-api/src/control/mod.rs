@@ -39,6 +39,7 @@ use tracing::{error, info, warn};
 use crate::ca::Authority;
 use crate::ca::auth::LocalTokens;
 use crate::ca::service::CaService;
+use crate::inject::{Injector, webhook};
 use crate::validate::{self, References};
 use crate::xds::server::{AdsServer, Publisher};
 use crate::{Kind, Resource, v1};
@@ -61,6 +62,22 @@ pub struct ControlConfig {
     pub etcd_prefix: String,
     /// The certificate authority, if this control plane signs workload certificates.
     pub ca: Option<CaConfig>,
+    /// The sidecar injector's admission webhook, if this control plane serves it.
+    pub injector: Option<InjectorConfig>,
+}
+
+/// The admission webhook's settings: its own HTTPS port, certificate, and what it injects.
+#[derive(Clone, Debug)]
+pub struct InjectorConfig {
+    /// Where it listens (the webhook Service's target port).
+    pub listen: SocketAddr,
+    /// PEM certificate chain, for the webhook Service's DNS name (the webhook configuration's
+    /// `caBundle` must hold its root).
+    pub cert: PathBuf,
+    /// Its PEM private key.
+    pub key: PathBuf,
+    /// What it injects.
+    pub injector: Injector,
 }
 
 /// The CA's settings: where its root is, for which trust domain it signs, and who may ask.
@@ -101,6 +118,7 @@ impl Default for ControlConfig {
             etcd: None,
             etcd_prefix: registry::DEFAULT_PREFIX.to_owned(),
             ca: None,
+            injector: None,
         }
     }
 }
@@ -117,6 +135,9 @@ pub enum ControlError {
     /// The runtime or signal handlers could not be set up.
     #[error("start: {0}")]
     Runtime(std::io::Error),
+    /// The injector's certificate could not be loaded.
+    #[error("injector: {0}")]
+    Injector(String),
     /// The listen address could not be bound.
     #[error("bind {address}: {error}")]
     Bind {
@@ -263,6 +284,7 @@ pub fn merge(resources: &[Resource], registry: Option<&Registrations>) -> Vec<Re
 #[derive(Debug)]
 pub struct ControlPlane {
     address: SocketAddr,
+    injector_address: Option<SocketAddr>,
     metrics: Arc<ControlMetrics>,
     sources: Arc<Sources>,
     stop: Option<oneshot::Sender<()>>,
@@ -361,7 +383,18 @@ impl ControlPlane {
             }
         });
         info!(%address, "remora control serving Delta ADS");
-        Ok(ControlPlane { address, metrics, sources, stop: Some(stop), tasks })
+        let mut injector_address = None;
+        if let Some(injector) = config.injector {
+            let (bound, task) = serve_injector(injector, metrics.clone()).await?;
+            injector_address = Some(bound);
+            tasks.push(task);
+        }
+        Ok(ControlPlane { address, injector_address, metrics, sources, stop: Some(stop), tasks })
+    }
+
+    /// Where the injector's webhook serves, if it does.
+    pub fn injector_address(&self) -> Option<SocketAddr> {
+        self.injector_address
     }
 
     /// Where it serves.
@@ -387,6 +420,75 @@ impl Drop for ControlPlane {
         }
         for task in &self.tasks {
             task.abort();
+        }
+    }
+}
+
+/// Serves the admission webhook on its own TLS port: `POST /inject` reviews, `/ready` and `/live`
+/// for the Deployment's probes.
+async fn serve_injector(
+    config: InjectorConfig,
+    metrics: Arc<ControlMetrics>,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), ControlError> {
+    let tls = tls::file_config(&config.cert, &config.key).map_err(ControlError::Injector)?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|error| ControlError::Bind { address: config.listen, error })?;
+    let address = listener.local_addr().map_err(|error| ControlError::Bind { address: config.listen, error })?;
+    let injector = Arc::new(config.injector);
+    let router = axum::Router::new().fallback(move |request: http::Request<axum::body::Body>| {
+        let (injector, metrics) = (injector.clone(), metrics.clone());
+        async move { injector_http(request, &injector, &metrics).await }
+    });
+    let server = tonic::transport::Server::builder()
+        .accept_http1(true)
+        .tcp_nodelay(true)
+        .add_routes(tonic::service::Routes::from(router));
+    let incoming = tls::incoming(listener, tls);
+    info!(%address, "remora control serving the sidecar injector");
+    Ok((address, tokio::spawn(report_end(server.serve_with_incoming(incoming)))))
+}
+
+/// The largest AdmissionReview body read: a pod spec is a few KiB; Kubernetes caps objects at 1.5 MiB.
+const MAX_REVIEW_BYTES: usize = 3 << 20;
+
+async fn injector_http(
+    request: http::Request<axum::body::Body>,
+    injector: &Injector,
+    metrics: &ControlMetrics,
+) -> Response<Full<Bytes>> {
+    let plain = |status: StatusCode, body: String| {
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = status;
+        response
+    };
+    match (request.method(), request.uri().path()) {
+        (_, "/ready" | "/live") => return plain(StatusCode::OK, "ok\n".into()),
+        (&http::Method::POST, webhook::PATH) => {}
+        (_, webhook::PATH) => return plain(StatusCode::METHOD_NOT_ALLOWED, "POST an AdmissionReview\n".into()),
+        _ => return plain(StatusCode::NOT_FOUND, format!("not found: the webhook is POST {}\n", webhook::PATH)),
+    }
+    let body = match axum::body::to_bytes(request.into_body(), MAX_REVIEW_BYTES).await {
+        Ok(body) => body,
+        Err(error) => {
+            metrics.injector_review("invalid");
+            return plain(StatusCode::PAYLOAD_TOO_LARGE, format!("cannot read the review: {error}\n"));
+        }
+    };
+    match webhook::review(injector, &body) {
+        Ok((review, verdict, report)) => {
+            metrics.injector_review(verdict.as_str());
+            if let Some(report) = report {
+                info!(%report, "admission review");
+            }
+            let mut response = plain(StatusCode::OK, serde_json::to_string(&review).unwrap_or_default());
+            response.headers_mut().insert(CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+            response
+        }
+        Err(error) => {
+            metrics.injector_review("invalid");
+            warn!(%error, "admission review refused");
+            plain(StatusCode::BAD_REQUEST, format!("{error}\n"))
         }
     }
 }

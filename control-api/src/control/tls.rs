@@ -32,9 +32,23 @@ const READY_QUEUE: usize = 128;
 /// A TLS 1.3 server config with a certificate `authority` issues now for `names`.
 pub(crate) fn serving_config(authority: &Authority, names: &[String]) -> Result<Arc<rustls::ServerConfig>, String> {
     let (cert_pem, key_pem) = authority.serving_certificate(names).map_err(|e| e.to_string())?;
-    let mut chain: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(cert_pem.as_bytes()).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
-    chain.extend(CertificateDer::pem_slice_iter(authority.root_pem().as_bytes()).filter_map(Result::ok));
+    let chain = format!("{cert_pem}{}", authority.root_pem());
+    pem_config(&chain, &key_pem)
+}
+
+/// A TLS 1.3 server config serving the certificate chain and key of two PEM files (the injector's,
+/// from a `kubernetes.io/tls` Secret).
+pub(crate) fn file_config(cert: &std::path::Path, key: &std::path::Path) -> Result<Arc<rustls::ServerConfig>, String> {
+    let read = |path: &std::path::Path| std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()));
+    pem_config(&read(cert)?, &read(key)?)
+}
+
+fn pem_config(chain_pem: &str, key_pem: &str) -> Result<Arc<rustls::ServerConfig>, String> {
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(chain_pem.as_bytes()).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
+    if chain.is_empty() {
+        return Err("no certificate in the PEM".into());
+    }
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| e.to_string())?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)

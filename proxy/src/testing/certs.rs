@@ -40,6 +40,13 @@ impl TestCa {
         IssuedPem { cert, key: key.serialize_pem(), ca: self.authority.root_pem().to_owned() }
     }
 
+    /// A server certificate for `names` (DNS names or IP addresses), as the control plane's.
+    pub fn serving(&self, names: &[&str]) -> IssuedPem {
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let (cert, key) = self.authority.serving_certificate(&names).unwrap();
+        IssuedPem { cert, key, ca: self.authority.root_pem().to_owned() }
+    }
+
     /// A certificate for `id`, valid for the next hour.
     pub fn issue(&self, id: &str) -> IssuedPem {
         let now = SystemTime::now();
