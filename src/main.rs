@@ -10,9 +10,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{ArgGroup, Parser, Subcommand};
+use remora_control_api::ca::kubernetes::DEFAULT_AUDIENCE;
 use remora_control_api::control::registry::{self, Registered};
-use remora_control_api::control::{self, CaConfig, CaRoot, ControlConfig, InjectorConfig};
+use remora_control_api::control::{self, CaConfig, CaRoot, ControlConfig, InjectorConfig, InjectorTls, KubernetesAuth};
 use remora_control_api::inject::{InjectConfig, Injector};
 use remora_proxy::capture::{self, Capture};
 use remora_proxy::demo::DemoOptions;
@@ -26,6 +27,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of the largest variant costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the sidecar proxy.
@@ -70,6 +73,7 @@ enum Command {
         #[arg(long, value_name = "FILE", requires = "tls_cert")]
         tls_ca: Option<String>,
         /// PEM roots an https:// control plane's certificate must chain to (the CA's ca.crt).
+        /// Without it, the PEM text of the environment variable REMORA_CONTROL_CA, if set.
         #[arg(long, value_name = "FILE")]
         control_ca: Option<String>,
         /// The admin server's address (overrides the bootstrap's admin_address), e.g. 0.0.0.0:15000
@@ -79,6 +83,7 @@ enum Command {
     },
     /// Run the control plane: serve the resources of a directory of YAML files (and endpoints
     /// registered in etcd) to every connected proxy over Delta ADS, pushing each change live.
+    #[command(group(ArgGroup::new("ca_auth").args(["ca_tokens", "ca_kubernetes"]).multiple(true)))]
     Control {
         /// Directory of resource files (the proxy's --config format, resources only), watched. A git
         /// work tree is versioned by its checked-out commit.
@@ -95,10 +100,10 @@ enum Command {
         etcd_prefix: String,
         /// Run the certificate authority, its root in this directory (ca.crt, ca.key; generated
         /// there on first start). Needs --ca-tokens.
-        #[arg(long, value_name = "DIR", conflicts_with = "ca_cert", requires = "ca_tokens")]
+        #[arg(long, value_name = "DIR", conflicts_with = "ca_cert", requires = "ca_auth")]
         ca_dir: Option<PathBuf>,
         /// Run the certificate authority with this PEM root certificate (with --ca-key).
-        #[arg(long, value_name = "FILE", requires_all = ["ca_key", "ca_tokens"])]
+        #[arg(long, value_name = "FILE", requires_all = ["ca_key", "ca_auth"])]
         ca_cert: Option<PathBuf>,
         /// The PEM private key of --ca-cert.
         #[arg(long, value_name = "FILE", requires = "ca_cert")]
@@ -107,6 +112,23 @@ enum Command {
         /// may be issued.
         #[arg(long, value_name = "FILE")]
         ca_tokens: Option<PathBuf>,
+        /// Accept Kubernetes service-account tokens too, checked with the API server's TokenReview:
+        /// account NS/SA may be issued spiffe://TRUST-DOMAIN/ns/NS/sa/SA. In a pod the API server and
+        /// credentials come from the environment; outside one, give --kubernetes-api and the rest.
+        #[arg(long)]
+        ca_kubernetes: bool,
+        /// The audience service-account tokens must be issued for.
+        #[arg(long, default_value = DEFAULT_AUDIENCE, value_name = "AUDIENCE", requires = "ca_kubernetes")]
+        token_audience: String,
+        /// The API server, https://HOST[:PORT], instead of the in-cluster one.
+        #[arg(long, value_name = "URL", requires_all = ["ca_kubernetes", "kubernetes_ca", "kubernetes_token"])]
+        kubernetes_api: Option<String>,
+        /// PEM roots of --kubernetes-api's certificate.
+        #[arg(long, value_name = "FILE", requires = "kubernetes_api")]
+        kubernetes_ca: Option<PathBuf>,
+        /// The control plane's own bearer token for --kubernetes-api.
+        #[arg(long, value_name = "FILE", requires = "kubernetes_api")]
+        kubernetes_token: Option<PathBuf>,
         /// The trust domain the CA signs for.
         #[arg(long, default_value = "cluster.local", value_name = "DOMAIN")]
         trust_domain: String,
@@ -116,18 +138,24 @@ enum Command {
         /// Serve the port over TLS, with a certificate from the CA for this name (a DNS name or an
         /// IP address the proxies dial; repeat for several). Needs the CA. Proxies then use an
         /// https:// URL and --control-ca with the CA's root.
-        #[arg(long = "tls-name", value_name = "NAME", requires = "ca_tokens")]
+        #[arg(long = "tls-name", value_name = "NAME", requires = "ca_auth")]
         tls_names: Vec<String>,
         /// Serve the sidecar injector, a mutating admission webhook (POST /inject, AdmissionReview
-        /// v1), on its own HTTPS port. Needs --injector-cert and --injector-key.
-        #[arg(long, requires_all = ["injector_cert", "injector_key"])]
+        /// v1), on its own HTTPS port, with the certificate of --injector-cert and --injector-key,
+        /// or one from the CA for the --injector-name names.
+        #[arg(long)]
         injector: bool,
         /// The injector's address.
         #[arg(long, default_value = "127.0.0.1:15017", value_name = "ADDR")]
         injector_listen: SocketAddr,
         /// The injector's PEM certificate chain (for its Service's DNS name).
-        #[arg(long, value_name = "FILE", requires = "injector")]
+        #[arg(long, value_name = "FILE", requires_all = ["injector", "injector_key"], conflicts_with = "injector_names")]
         injector_cert: Option<PathBuf>,
+        /// Serve the injector with a certificate from the CA for this DNS name (its Service's,
+        /// e.g. remora-injector.remora-system.svc; repeat for several): the webhook's caBundle is
+        /// then the CA's root.
+        #[arg(long = "injector-name", value_name = "NAME", requires_all = ["injector", "ca_auth"])]
+        injector_names: Vec<String>,
         /// The injector's PEM private key.
         #[arg(long, value_name = "FILE", requires = "injector")]
         injector_key: Option<PathBuf>,
@@ -293,6 +321,7 @@ fn main() -> ExitCode {
                 tls_files,
                 control_plane_ca_file: control_ca,
                 admin_address: admin,
+                control_plane_ca_pem: std::env::var("REMORA_CONTROL_CA").ok().filter(|pem| !pem.trim().is_empty()),
             };
             remora_proxy::run(source, options)
         }
@@ -305,12 +334,18 @@ fn main() -> ExitCode {
             ca_cert,
             ca_key,
             ca_tokens,
+            ca_kubernetes,
+            token_audience,
+            kubernetes_api,
+            kubernetes_ca,
+            kubernetes_token,
             trust_domain,
             max_cert_ttl,
             tls_names,
             injector,
             injector_listen,
             injector_cert,
+            injector_names,
             injector_key,
             injector_config,
             legacy_sidecar,
@@ -320,22 +355,39 @@ fn main() -> ExitCode {
                 (None, Some(cert), Some(key)) => Some(CaRoot::Files { cert, key }),
                 _ => None,
             };
-            let ca = match (root, ca_tokens) {
-                (Some(root), Some(tokens)) => {
-                    let max_ttl = Duration::from_secs(max_cert_ttl);
-                    Some(CaConfig { root, trust_domain, tokens, max_ttl, tls_names })
+            let kubernetes = match (ca_kubernetes, kubernetes_api, kubernetes_ca, kubernetes_token) {
+                (false, ..) => None,
+                (true, Some(url), Some(ca_file), Some(token_file)) => {
+                    Some(KubernetesAuth::Explicit { url, ca_file, token_file, audience: token_audience })
                 }
-                _ => None,
+                (true, ..) => Some(KubernetesAuth::InCluster { audience: token_audience }),
             };
-            let injector = match (injector, injector_cert, injector_key) {
-                (true, Some(cert), Some(key)) => match load_inject_config(injector_config.as_deref()) {
-                    Ok(settings) => {
-                        let injector = Injector::new(settings, legacy_sidecar);
-                        Some(InjectorConfig { listen: injector_listen, cert, key, injector })
+            let ca = root.map(|root| CaConfig {
+                root,
+                trust_domain,
+                tokens: ca_tokens,
+                kubernetes,
+                max_ttl: Duration::from_secs(max_cert_ttl),
+                tls_names,
+            });
+            let tls = match (injector_cert, injector_key) {
+                (Some(cert), Some(key)) => InjectorTls::Files { cert, key },
+                _ => InjectorTls::Ca { names: injector_names },
+            };
+            let injector = match injector {
+                false => None,
+                true => match (&tls, load_inject_config(injector_config.as_deref())) {
+                    (InjectorTls::Ca { names }, _) if names.is_empty() => {
+                        return fail(anyhow::anyhow!(
+                            "--injector needs a certificate: --injector-cert and --injector-key, or --injector-name"
+                        ));
                     }
-                    Err(error) => return fail(error),
+                    (_, Ok(settings)) => {
+                        let injector = Injector::new(settings, legacy_sidecar);
+                        Some(InjectorConfig { listen: injector_listen, tls, injector })
+                    }
+                    (_, Err(error)) => return fail(error),
                 },
-                _ => None,
             };
             control::run(ControlConfig { listen, config_dir, etcd, etcd_prefix, ca, injector })
                 .map_err(anyhow::Error::from)

@@ -88,7 +88,8 @@ impl TestControlPlane {
         plane.config.ca = Some(crate::control::CaConfig {
             root: crate::control::CaRoot::Directory(ca_dir),
             trust_domain: trust_domain.to_owned(),
-            tokens: tokens_file,
+            tokens: Some(tokens_file),
+            kubernetes: None,
             max_ttl: crate::ca::DEFAULT_MAX_TTL,
             tls_names: Vec::new(),
         });

@@ -168,7 +168,8 @@ pub fn validate_bootstrap(bootstrap: &v1::Bootstrap) -> Result<(), ValidationErr
     }
     let https = |url: &str| url.starts_with("https://");
     let ca_address = bootstrap.identity.as_ref().map_or("", |i| i.ca_address.as_str());
-    if (https(&bootstrap.control_plane) || https(ca_address)) && bootstrap.control_plane_ca_file.is_empty() {
+    let no_roots = bootstrap.control_plane_ca_file.is_empty() && bootstrap.control_plane_ca.trim().is_empty();
+    if (https(&bootstrap.control_plane) || https(ca_address)) && no_roots {
         fail("control_plane_ca_file", "is required to check an https:// control plane's certificate".into());
     }
     if let Some(tracing) = &bootstrap.tracing {

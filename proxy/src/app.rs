@@ -121,6 +121,9 @@ pub struct StartOptions {
     pub control_plane_ca_file: Option<String>,
     /// `--admin ADDR`: the admin server's address (overrides the bootstrap's admin_address).
     pub admin_address: Option<String>,
+    /// `REMORA_CONTROL_CA`: the control plane's roots as PEM text (the bootstrap's
+    /// control_plane_ca), for an injected pod, which gets them inline with no file to mount.
+    pub control_plane_ca_pem: Option<String>,
 }
 
 impl Proxy {
@@ -151,6 +154,9 @@ impl Proxy {
         }
         if let Some(address) = options.admin_address {
             raw.admin_address = address;
+        }
+        if let Some(pem) = options.control_plane_ca_pem {
+            raw.control_plane_ca = pem;
         }
         if options.identity.is_some() || options.token_file.is_some() || options.tls_files.is_some() {
             let identity = raw.identity.get_or_insert_with(Default::default);
@@ -188,7 +194,13 @@ impl Proxy {
         };
         // The control plane's roots, for https:// (a bad file fails the start).
         let control_tls = match &settings.control_plane_ca_file {
-            None => None,
+            None => match &settings.control_plane_ca {
+                Some(pem) => Some(
+                    ControlTls::from_pem(pem.as_bytes())
+                        .map_err(|e| StartError::ControlTls(format!("control_plane_ca: {e}")))?,
+                ),
+                None => None,
+            },
             Some(path) => {
                 let pem =
                     std::fs::read(path).map_err(|e| StartError::ControlTls(format!("{}: {e}", path.display())))?;

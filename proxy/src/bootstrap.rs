@@ -166,6 +166,8 @@ pub struct Bootstrap {
     pub identity: Option<IdentitySettings>,
     /// The roots an https:// control plane (or CA) must present a certificate from.
     pub control_plane_ca_file: Option<PathBuf>,
+    /// The same roots as PEM text (used when there is no file).
+    pub control_plane_ca: Option<String>,
 }
 
 /// Where this proxy's certificate comes from, and how long handshakes may take.
@@ -256,6 +258,7 @@ impl Bootstrap {
             identity,
             control_plane_ca_file: (!raw.control_plane_ca_file.is_empty())
                 .then(|| PathBuf::from(&raw.control_plane_ca_file)),
+            control_plane_ca: (!raw.control_plane_ca.trim().is_empty()).then(|| raw.control_plane_ca.clone()),
         })
     }
 }
@@ -387,6 +390,8 @@ mod tests {
         raw.control_plane = "https://control.mesh:15010".into();
         let error = Bootstrap::resolve(&raw).unwrap_err().to_string();
         assert!(error.contains("control_plane_ca_file: is required"), "{error}");
+        raw.control_plane_ca = "-----BEGIN CERTIFICATE-----\n...".into();
+        assert!(Bootstrap::resolve(&raw).is_ok(), "inline roots serve as well as a file");
         raw.control_plane_ca_file = "/etc/remora/ca.crt".into();
         let resolved = Bootstrap::resolve(&raw).unwrap();
         assert_eq!(resolved.control_plane_ca_file, Some(PathBuf::from("/etc/remora/ca.crt")));

@@ -238,7 +238,8 @@ async fn demo(options: DemoOptions, dir: &Path) -> anyhow::Result<()> {
         ca: Some(CaConfig {
             root: CaRoot::Directory(ca_dir.clone()),
             trust_domain: "cluster.local".into(),
-            tokens: ca_dir.join("tokens"),
+            tokens: Some(ca_dir.join("tokens")),
+            kubernetes: None,
             max_ttl: Duration::from_secs(24 * 3600),
             tls_names: vec!["127.0.0.1".into(), "localhost".into()],
         }),

@@ -73,7 +73,7 @@ fn init_captures_a_pods_traffic_through_the_proxy_and_cleanup_removes_it() {
     // The proxy on its built-in defaults, as uid 1337, its admin server on the pod's address.
     let directory = netns::temp_dir("remora-capture");
     let log = directory.join("proxy.log");
-    let mut proxy = pod.spawn_proxy(&directory, &["proxy", "--admin", "0.0.0.0:15000"], &log);
+    let proxy = pod.spawn_proxy(&directory, &["proxy", "--admin", "0.0.0.0:15000"], &log);
 
     let from_pod = pod.enter({
         let log = log.clone();
@@ -95,8 +95,7 @@ fn init_captures_a_pods_traffic_through_the_proxy_and_cleanup_removes_it() {
         assert!(logging.starts_with("HTTP/1.1 403"), "only the pod itself may change the log filter: {logging}");
         (captured, excluded, netns::metrics(address(POD_IP, 15000)))
     });
-    let _ = proxy.kill();
-    let _ = proxy.wait();
+    drop(proxy);
     let proxy_log = std::fs::read_to_string(&log).unwrap_or_default();
 
     // Outbound: the remote service saw the pod's address either way; the proxy's counters tell.
@@ -127,5 +126,109 @@ fn init_captures_a_pods_traffic_through_the_proxy_and_cleanup_removes_it() {
     assert!(left.contains("-A OUTPUT -d 192.0.2.0/24 -j RETURN"), "{left}");
     // Cleaning up twice is fine.
     pod.run(remora, &["init", "--cleanup"]);
+    let _ = std::fs::remove_dir_all(directory);
+}
+
+/// Two "pods", each with `remora init`'s rules and a proxy as uid 1337: the client app calls the
+/// server's address as if there were no mesh; its sidecar, whose cluster for that address is
+/// `tls: mesh` to the original destination, carries the call over mutual TLS; the server's
+/// capture rules hand the TLS to its sidecar's inbound listener, which terminates it and passes the
+/// request to its app with the caller's identity. This is the Kubernetes path end to end: no
+/// endpoint list, the Service address dialled, identities from the pods' certificates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_captured_pods_talk_over_mutual_tls_without_knowing() {
+    if !netns::can_run("the two-pod mTLS capture test") {
+        return;
+    }
+    const CLIENT_IP: &str = "10.81.0.1";
+    const SERVER_IP: &str = "10.81.0.2";
+    const CLIENT_ID: &str = "spiffe://cluster.local/ns/shop/sa/web";
+    const SERVER_ID: &str = "spiffe://cluster.local/ns/shop/sa/orders";
+    let client = Netns::create("mtls-client");
+    let server = Netns::create("mtls-server");
+    let suffix = std::process::id() % 100_000;
+    let (client_side, server_side) = (format!("rmc{suffix}"), format!("rms{suffix}"));
+    netns::run("ip", &["link", "add", &client_side, "type", "veth", "peer", "name", &server_side]);
+    netns::run("ip", &["link", "set", &client_side, "netns", &client.name]);
+    netns::run("ip", &["link", "set", &server_side, "netns", &server.name]);
+    for (ns, device, ip) in [(&client, &client_side, CLIENT_IP), (&server, &server_side, SERVER_IP)] {
+        ns.run("ip", &["addr", "add", &format!("{ip}/24"), "dev", device]);
+        ns.run("ip", &["link", "set", device, "up"]);
+        ns.run(env!("CARGO_BIN_EXE_remora"), &["init"]);
+    }
+    let app_socket = server.enter(|| TcpListener::bind(address("0.0.0.0", 8080)).unwrap());
+    let _app = remora_proxy::testing::HttpServer::start_on("orders", app_socket);
+
+    let ca = remora_proxy::testing::certs::TestCa::new("cluster.local");
+    let directory = netns::temp_dir("remora-mtls-capture");
+    let files = |id: &str, name: &str| -> Vec<String> {
+        let paths = ca.issue(id).write(&directory.join(name));
+        paths.iter().map(|p| p.to_str().unwrap().to_owned()).collect()
+    };
+    let (client_files, server_files) = (files(CLIENT_ID, "client"), files(SERVER_ID, "server"));
+    for dir in ["client", "server"] {
+        std::fs::set_permissions(directory.join(dir), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    // The client's resources, as a control plane would serve them: the built-in listeners, and a
+    // mesh cluster for the server's address.
+    let config = directory.join("client.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"bootstrap:
+  admin_address: 127.0.0.1:15000
+  workers: 1
+resources:
+  - {{kind: Listener, name: outbound, address: "127.0.0.1:15001", direction: outbound, transparent: true, default_cluster: passthrough}}
+  - {{kind: Listener, name: inbound, address: "0.0.0.0:15006", direction: inbound, transparent: true, default_cluster: passthrough}}
+  - {{kind: Cluster, name: passthrough, original_destination: true}}
+  - {{kind: Cluster, name: orders, original_destination: true, tls: mesh, peer_identities: ["{SERVER_ID}"]}}
+  - {{kind: RouteTable, name: orders, destinations: ["{SERVER_IP}:8080"], routes: [{{backends: [{{cluster: orders}}]}}]}}
+"#
+        ),
+    )
+    .unwrap();
+    let tls_args = |f: &[String]| {
+        ["--tls-cert".to_owned(), f[0].clone(), "--tls-key".into(), f[1].clone(), "--tls-ca".into(), f[2].clone()]
+    };
+    let (client_log, server_log) = (directory.join("client.log"), directory.join("server.log"));
+    let mut args: Vec<String> = vec!["proxy".into(), "--config".into(), config.to_str().unwrap().into()];
+    args.extend(tls_args(&client_files));
+    let client_proxy =
+        client.spawn_proxy(&directory, &args.iter().map(String::as_str).collect::<Vec<_>>(), &client_log);
+    // The server's proxy runs on the built-in defaults, as an injected one does.
+    let mut args: Vec<String> = vec!["proxy".into(), "--admin".into(), "0.0.0.0:15000".into()];
+    args.extend(tls_args(&server_files));
+    let server_proxy =
+        server.spawn_proxy(&directory, &args.iter().map(String::as_str).collect::<Vec<_>>(), &server_log);
+
+    let (server_ready_log, client_ready_log) = (server_log.clone(), client_log.clone());
+    server.enter(move || netns::wait_ready(address("127.0.0.1", 15000), &server_ready_log));
+    let (reply, client_metrics) = client.enter(move || {
+        netns::wait_ready(address("127.0.0.1", 15000), &client_ready_log);
+        let reply =
+            exchange(address(SERVER_IP, 8080), b"GET /orders HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n");
+        (reply, netns::metrics(address("127.0.0.1", 15000)))
+    });
+    let server_metrics = client.enter(move || netns::metrics(address(SERVER_IP, 15000)));
+    drop((client_proxy, server_proxy));
+    let logs = format!(
+        "client proxy:\n{}\nserver proxy:\n{}",
+        std::fs::read_to_string(&client_log).unwrap_or_default(),
+        std::fs::read_to_string(&server_log).unwrap_or_default()
+    );
+
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}\n{logs}");
+    assert!(reply.contains("x-served-by: orders"), "{reply}");
+    assert!(
+        reply.contains(&format!("x-seen-client-identity: {CLIENT_ID}")),
+        "the server app is told who called: {reply}"
+    );
+    for (metrics, series) in [
+        (&client_metrics, r#"remora_tls_handshakes_total{direction="outbound",result="ok"} "#),
+        (&server_metrics, r#"remora_tls_handshakes_total{direction="inbound",result="ok"} "#),
+    ] {
+        assert_eq!(netns::value(metrics, series), 1.0, "{series}\n{metrics}");
+    }
     let _ = std::fs::remove_dir_all(directory);
 }

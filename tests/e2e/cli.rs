@@ -26,9 +26,15 @@ pub(crate) struct Spawned {
 
 impl Spawned {
     pub(crate) fn new(args: &[&str]) -> Spawned {
+        Spawned::with_env(args, &[])
+    }
+
+    /// Like [`Spawned::new`], with these environment variables set.
+    pub(crate) fn with_env(args: &[&str], env: &[(&str, &str)]) -> Spawned {
         let mut child = Command::new(REMORA)
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -29,19 +29,38 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/inject")
 }
 
-/// The fixtures, and whether each is also injected in legacy mode.
-const FIXTURES: [(&str, bool); 5] =
-    [("deployment", true), ("statefulset", false), ("daemonset-host-network", false), ("jobs", true), ("list", false)];
+/// How a fixture is injected: its golden file's suffix and the `remora inject` flags.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// Native sidecar, no identity (`tests/inject/config.yaml`).
+    Native,
+    /// `--legacy-sidecar`.
+    Legacy,
+    /// Native, with workload identity from the CA (`tests/inject/identity-config.yaml`, whose CA
+    /// root is `tests/inject/ca.crt`).
+    Identity,
+}
 
-/// Runs `remora inject` with the golden tests' settings on `input` (stdin); stdout and stderr.
-fn inject(input: &str, legacy: bool) -> (String, String) {
-    let config = fixtures().join("config.yaml");
-    let mut args = vec!["inject", "--config", config.to_str().unwrap()];
-    if legacy {
-        args.push("--legacy-sidecar");
-    }
+/// The fixtures, and the modes each is injected in.
+const FIXTURES: [(&str, &[Mode]); 5] = [
+    ("deployment", &[Mode::Native, Mode::Legacy, Mode::Identity]),
+    ("statefulset", &[Mode::Native]),
+    ("daemonset-host-network", &[Mode::Native]),
+    ("jobs", &[Mode::Native, Mode::Legacy]),
+    ("list", &[Mode::Native]),
+];
+
+/// Runs `remora inject` (in `tests/inject/`) with `mode`'s settings on `input` (stdin); stdout and
+/// stderr.
+fn inject(input: &str, mode: Mode) -> (String, String) {
+    let args: &[&str] = match mode {
+        Mode::Native => &["inject", "--config", "config.yaml"],
+        Mode::Legacy => &["inject", "--config", "config.yaml", "--legacy-sidecar"],
+        Mode::Identity => &["inject", "--config", "identity-config.yaml"],
+    };
     let mut child = Command::new(REMORA)
-        .args(&args)
+        .args(args)
+        .current_dir(fixtures())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -54,29 +73,26 @@ fn inject(input: &str, legacy: bool) -> (String, String) {
     (String::from_utf8(output.stdout).unwrap(), stderr)
 }
 
-fn golden_path(name: &str, legacy: bool) -> PathBuf {
-    fixtures().join(if legacy { format!("{name}.legacy.golden.yaml") } else { format!("{name}.golden.yaml") })
+fn golden_path(name: &str, mode: Mode) -> PathBuf {
+    fixtures().join(match mode {
+        Mode::Native => format!("{name}.golden.yaml"),
+        Mode::Legacy => format!("{name}.legacy.golden.yaml"),
+        Mode::Identity => format!("{name}.identity.golden.yaml"),
+    })
 }
 
-/// Every golden output, with whether it is the legacy one.
-fn goldens() -> Vec<(PathBuf, bool)> {
-    let mut all = Vec::new();
-    for (name, legacy) in FIXTURES {
-        all.push((golden_path(name, false), false));
-        if legacy {
-            all.push((golden_path(name, true), true));
-        }
-    }
-    all
+/// Every golden output, with its mode.
+fn goldens() -> Vec<(PathBuf, Mode)> {
+    FIXTURES.iter().flat_map(|(name, modes)| modes.iter().map(|mode| (golden_path(name, *mode), *mode))).collect()
 }
 
 #[test]
 fn injected_manifests_match_their_golden_files_and_injecting_again_changes_nothing() {
     let bless = std::env::var_os("REMORA_BLESS").is_some();
-    for (path, legacy) in goldens() {
+    for (path, mode) in goldens() {
         let name = path.file_name().unwrap().to_str().unwrap().split('.').next().unwrap().to_owned();
         let input = std::fs::read_to_string(fixtures().join(format!("{name}.yaml"))).unwrap();
-        let (output, report) = inject(&input, legacy);
+        let (output, report) = inject(&input, mode);
         if bless {
             std::fs::write(&path, &output).unwrap();
         }
@@ -86,13 +102,13 @@ fn injected_manifests_match_their_golden_files_and_injecting_again_changes_nothi
             "{} differs from what `remora inject` prints now (REMORA_BLESS=1 accepts the new output):\n{output}\nreport:\n{report}",
             path.display()
         );
-        let (again, report) = inject(&output, legacy);
+        let (again, report) = inject(&output, mode);
         assert_eq!(again, output, "injecting {} twice changed it", path.display());
         assert!(report.lines().all(|l| l.contains(" skipped: ")), "{report}");
     }
     // Documents needing no change are copied byte for byte, comments and all.
     let host = std::fs::read_to_string(fixtures().join("daemonset-host-network.yaml")).unwrap();
-    let (output, report) = inject(&host, false);
+    let (output, report) = inject(&host, Mode::Native);
     assert_eq!(output, host);
     assert_eq!(report.trim(), "daemonset/node-exporter skipped: host network (capture rules would apply to the node)");
 }
@@ -130,10 +146,10 @@ fn without_lists(yaml: &str, directory: &Path, name: &str) -> PathBuf {
 fn injected_manifests_and_deploy_pass_the_kubernetes_schemas() {
     let directory = remora_proxy::testing::proxy::temp_dir("remora-schemas");
     let (mut native, mut legacy) = (Vec::new(), Vec::new());
-    for (path, is_legacy) in goldens() {
+    for (path, mode) in goldens() {
         let yaml = std::fs::read_to_string(&path).unwrap();
         let file = without_lists(&yaml, &directory, path.file_name().unwrap().to_str().unwrap());
-        if is_legacy { legacy.push(file) } else { native.push(file) }
+        if mode == Mode::Legacy { legacy.push(file) } else { native.push(file) }
     }
     // deploy/: every manifest its kustomization lists, and (with kubectl) the kustomization built.
     let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
@@ -155,7 +171,14 @@ fn injected_manifests_and_deploy_pass_the_kubernetes_schemas() {
     // The control plane's own inputs in deploy/ load: the mesh directory and the injector settings.
     let mesh = remora_control_api::control::directory::load(&deploy.join("mesh")).unwrap();
     remora_control_api::validate::validate(&mesh.resources).unwrap();
-    InjectConfig::from_yaml(&std::fs::read_to_string(deploy.join("injector.yaml")).unwrap()).unwrap();
+    // The injector's settings name the CA root the control plane mounts; point them at one here.
+    let root = directory.join("ca.crt");
+    std::fs::write(&root, TestCa::new("cluster.local").serving(&["localhost"]).ca).unwrap();
+    let settings = std::fs::read_to_string(deploy.join("injector.yaml")).unwrap();
+    assert!(settings.contains("/etc/remora/ca/ca.crt"), "{settings}");
+    let settings = settings.replace("/etc/remora/ca/ca.crt", root.to_str().unwrap());
+    let settings = InjectConfig::from_yaml(&settings).unwrap();
+    assert!(settings.identity.unwrap().control_plane_ca.is_some());
 
     let Some(result) = validate("1.30.0", &native) else {
         eprintln!(
@@ -314,4 +337,188 @@ async fn reqwest_metrics(address: &str) -> String {
     let mut text = String::new();
     let _ = stream.read_to_string(&mut text).await;
     text
+}
+
+/// A stand-in for the Kubernetes API server's TokenReview endpoint (no kube-apiserver can run
+/// here): HTTPS with a certificate from `ca`, answering as the real one does — 401 unless the
+/// caller is the control plane, a review per token it knows. Returns its address and the reviews
+/// it received.
+async fn token_review_server(ca: &TestCa) -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<Value>>>) {
+    let serving = ca.serving(&["127.0.0.1"]);
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(format!("{}{}", serving.cert, serving.ca).as_bytes())
+            .map(Result::unwrap)
+            .collect();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(serving.key.as_bytes()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let (acceptor, log) = (acceptor.clone(), log.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let service = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                    let log = log.clone();
+                    async move {
+                        use http_body_util::BodyExt;
+                        let authorized = request.headers().get("authorization").and_then(|v| v.to_str().ok())
+                            == Some("Bearer control-plane-sa-token");
+                        let path = request.uri().path().to_owned();
+                        let body = request.into_body().collect().await.unwrap().to_bytes();
+                        let review: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                        log.lock().unwrap().push(json!({"path": path, "authorized": authorized, "review": review}));
+                        let (status, answer) = if !authorized {
+                            (401, json!({"kind": "Status", "status": "Failure", "reason": "Unauthorized", "code": 401}))
+                        } else {
+                            let user = match review["spec"]["token"].as_str() {
+                                Some("projected-token-of-shop-web") => Some("system:serviceaccount:shop:web"),
+                                _ => None,
+                            };
+                            let status = match user {
+                                Some(user) => json!({"authenticated": true, "audiences": review["spec"]["audiences"],
+                                                     "user": {"username": user, "groups": ["system:serviceaccounts"]}}),
+                                None => json!({"authenticated": false, "error": "invalid bearer token"}),
+                            };
+                            (
+                                201,
+                                json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "status": status}),
+                            )
+                        };
+                        let mut response =
+                            http::Response::new(http_body_util::Full::new(bytes::Bytes::from(answer.to_string())));
+                        *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                        Ok::<_, std::convert::Infallible>(response)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    (address, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ca_issues_a_service_account_its_own_identity_after_a_token_review() {
+    use remora_control_api::ca::certificate_request;
+    use remora_control_api::ca::client::{ClientError, sign};
+    use remora_control_api::identity::SpiffeId;
+
+    let cluster_ca = TestCa::new("cluster.local");
+    let (api_server, reviews) = token_review_server(&cluster_ca).await;
+    let directory = remora_proxy::testing::proxy::temp_dir("remora-tokenreview");
+    let cluster_ca_file = directory.join("kubernetes-ca.crt");
+    std::fs::write(&cluster_ca_file, cluster_ca.serving(&["127.0.0.1"]).ca).unwrap();
+    let own_token = directory.join("control-plane.token");
+    std::fs::write(&own_token, "control-plane-sa-token\n").unwrap();
+    let api_url = format!("https://{api_server}");
+    let mut control = Spawned::new(&[
+        "control",
+        "--listen",
+        "127.0.0.1:0",
+        "--ca-dir",
+        directory.join("ca").to_str().unwrap(),
+        "--ca-kubernetes",
+        "--kubernetes-api",
+        &api_url,
+        "--kubernetes-ca",
+        cluster_ca_file.to_str().unwrap(),
+        "--kubernetes-token",
+        own_token.to_str().unwrap(),
+        "--tls-name",
+        "127.0.0.1",
+        "--injector",
+        "--injector-listen",
+        "127.0.0.1:0",
+        "--injector-name",
+        "localhost",
+    ]);
+    let line = control.wait_for("remora control serving Delta ADS");
+    let address = format!("https://{}", line.rsplit("address=").next().unwrap().trim());
+    let mesh_root = std::fs::read_to_string(directory.join("ca/ca.crt")).unwrap();
+    // The injector serves with a certificate from the same CA, so its caBundle is the mesh root.
+    let line = control.wait_for("remora control serving the sidecar injector");
+    let injector: std::net::SocketAddr = line.rsplit("address=").next().unwrap().trim().parse().unwrap();
+    assert_eq!(https(injector, &mesh_root, "GET", b"").await.0, 405);
+    let control_tls = remora_control_api::grpc::ControlTls::from_pem(mesh_root.as_bytes()).unwrap();
+
+    let ask = |id: &str, token: &str| {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let csr = certificate_request(&SpiffeId::parse(id).unwrap(), &key).unwrap();
+        let (address, token, tls) = (address.clone(), token.to_owned(), control_tls.clone());
+        async move {
+            let (ttl, timeout) = (std::time::Duration::from_secs(3600), std::time::Duration::from_secs(10));
+            sign(&address, Some(&tls), &token, csr, ttl, timeout).await
+        }
+    };
+    // The account's own identity is signed.
+    let signed = ask("spiffe://cluster.local/ns/shop/sa/web", "projected-token-of-shop-web").await.unwrap();
+    assert!(signed.certificate_chain[0].contains("BEGIN CERTIFICATE"), "{signed:?}");
+    // Another account's is not, and an invalid token is not authenticated.
+    let refused = |result: Result<_, ClientError>| match result {
+        Err(ClientError::Refused { code, .. }) => code,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    assert_eq!(
+        refused(ask("spiffe://cluster.local/ns/shop/sa/admin", "projected-token-of-shop-web").await),
+        tonic::Code::PermissionDenied
+    );
+    assert_eq!(
+        refused(ask("spiffe://cluster.local/ns/shop/sa/web", "a-stolen-or-expired-token").await),
+        tonic::Code::Unauthenticated
+    );
+    // Each review went to TokenReview as the control plane, for the CA's audience.
+    let seen = reviews.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    for review in &seen {
+        assert_eq!(review["path"], "/apis/authentication.k8s.io/v1/tokenreviews");
+        assert_eq!(review["authorized"], true);
+        assert_eq!(review["review"]["kind"], "TokenReview");
+        assert_eq!(review["review"]["spec"]["audiences"], json!(["remora"]));
+    }
+
+    // A proxy as the injector sets it up: the projected token in a file, the control plane's root
+    // inline in REMORA_CONTROL_CA; it is ready once its certificate is in hand.
+    let token_file = directory.join("token");
+    std::fs::write(&token_file, "projected-token-of-shop-web").unwrap();
+    let config = directory.join("proxy.yaml");
+    std::fs::write(&config, "bootstrap:\n  admin_address: 127.0.0.1:0\n  workers: 1\nresources: []\n").unwrap();
+    let mut proxy = Spawned::with_env(
+        &[
+            "proxy",
+            "--config",
+            config.to_str().unwrap(),
+            "--control",
+            &address,
+            "--identity",
+            "spiffe://cluster.local/ns/shop/sa/web",
+            "--token-file",
+            token_file.to_str().unwrap(),
+        ],
+        &[("REMORA_CONTROL_CA", &mesh_root)],
+    );
+    let issued = proxy.wait_for("certificate issued");
+    assert!(issued.contains("spiffe://cluster.local/ns/shop/sa/web"), "{issued}");
+    proxy.wait_for("first configuration from the control plane applied; ready");
+
+    // The API server refusing the control plane is "unavailable": the proxy retries later.
+    std::fs::write(&own_token, "a-revoked-control-plane-token\n").unwrap();
+    assert_eq!(
+        refused(ask("spiffe://cluster.local/ns/shop/sa/web", "projected-token-of-shop-web").await),
+        tonic::Code::Unavailable
+    );
+    let _ = std::fs::remove_dir_all(directory);
 }

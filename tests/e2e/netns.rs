@@ -67,18 +67,32 @@ impl Netns {
     /// Spawns `remora args` inside the namespace as uid and gid 1337, its stderr to `log`. uid 1337
     /// must be able to run the binary and read its files: the build directory may be private (a
     /// `mktemp -d` checkout is mode 700), so the binary is copied into `directory`, made readable.
-    pub(crate) fn spawn_proxy(&self, directory: &Path, args: &[&str], log: &Path) -> Child {
+    /// The process is killed when the handle drops, so a failed test leaves none behind.
+    pub(crate) fn spawn_proxy(&self, directory: &Path, args: &[&str], log: &Path) -> Running {
         let binary = directory.join("remora");
-        std::fs::copy(env!("CARGO_BIN_EXE_remora"), &binary).unwrap();
-        std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
-        std::fs::set_permissions(directory, std::fs::Permissions::from_mode(0o755)).unwrap();
-        Command::new("nsenter")
+        if !binary.exists() {
+            std::fs::copy(env!("CARGO_BIN_EXE_remora"), &binary).unwrap();
+            std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+            std::fs::set_permissions(directory, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let child = Command::new("nsenter")
             .args([&format!("--net=/run/netns/{}", self.name), "-S", PROXY_UID, "-G", PROXY_UID])
             .arg(&binary)
             .args(args)
             .stderr(std::fs::File::create(log).unwrap())
             .spawn()
-            .unwrap()
+            .unwrap();
+        Running(child)
+    }
+}
+
+/// A process started in a namespace; killed on drop.
+pub(crate) struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 

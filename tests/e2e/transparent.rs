@@ -72,7 +72,7 @@ resources:
     )
     .unwrap();
     let log_path = directory.join("proxy.log");
-    let mut proxy = ns.spawn_proxy(&directory, &["proxy", "--config", config.to_str().unwrap()], &log_path);
+    let proxy = ns.spawn_proxy(&directory, &["proxy", "--config", config.to_str().unwrap()], &log_path);
 
     let admin: SocketAddr = "127.0.0.1:15000".parse().unwrap();
     let results = tokio::task::spawn_blocking({
@@ -91,8 +91,7 @@ resources:
         }
     })
     .await;
-    let _ = proxy.kill();
-    let _ = proxy.wait();
+    drop(proxy);
     let (http, v4, v6, metrics) = results.unwrap();
 
     assert!(http.starts_with("HTTP/1.1 200"), "{http}");

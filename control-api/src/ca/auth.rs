@@ -4,13 +4,15 @@
 //! The CA service hands each request's token to an [`Authenticator`] and signs only IDs matching the
 //! [`Entitlement`] it returns. [`LocalTokens`] is the implementation for hosts and tests: a file of
 //! bootstrap tokens, each with the ID patterns it grants. On Kubernetes the token is a projected
-//! service-account token and the authenticator asks the API server's TokenReview, which maps the
-//! account `system:serviceaccount:NS:SA` to `spiffe://TD/ns/NS/sa/SA`; that implementation comes
-//! with the Kubernetes work and plugs in here.
+//! service-account token and [`super::kubernetes::TokenReview`] asks the API server, which maps the
+//! account `system:serviceaccount:NS:SA` to `spiffe://TD/ns/NS/sa/SA`. [`Authenticators`] is what
+//! the control plane runs: the bootstrap tokens first, then, for a token they do not know,
+//! TokenReview.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
 
+use super::kubernetes::TokenReview;
 use crate::identity::{IdentityPattern, InvalidSpiffeId};
 
 /// What a token's holder may be issued.
@@ -179,5 +181,24 @@ mod tests {
         assert!(LocalTokens::parse("0123456789abcdef web").unwrap_err().1.contains("not a SPIFFE ID"));
         let twice = "0123456789abcdef spiffe://td/a\n0123456789abcdef spiffe://td/b\n";
         assert_eq!(LocalTokens::parse(twice).unwrap_err(), (2, "the same token appears twice".into()));
+    }
+}
+
+/// The control plane's authenticators: bootstrap tokens, then (if configured) TokenReview for the
+/// tokens those do not know.
+#[derive(Debug, Default)]
+pub struct Authenticators {
+    /// The bootstrap tokens (maybe none).
+    pub local: LocalTokens,
+    /// Kubernetes service-account tokens.
+    pub kubernetes: Option<TokenReview>,
+}
+
+impl Authenticator for Authenticators {
+    async fn authenticate(&self, token: &str) -> Result<Entitlement, AuthError> {
+        match (self.local.authenticate(token).await, &self.kubernetes) {
+            (Err(AuthError::Unknown), Some(kubernetes)) => kubernetes.authenticate(token).await,
+            (outcome, _) => outcome,
+        }
     }
 }

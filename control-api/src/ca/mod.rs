@@ -10,6 +10,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod kubernetes;
 pub mod service;
 
 use std::path::{Path, PathBuf};

@@ -37,7 +37,8 @@ use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
 use crate::ca::Authority;
-use crate::ca::auth::LocalTokens;
+use crate::ca::auth::{Authenticators, LocalTokens};
+use crate::ca::kubernetes::TokenReview;
 use crate::ca::service::CaService;
 use crate::inject::{Injector, webhook};
 use crate::validate::{self, References};
@@ -71,13 +72,28 @@ pub struct ControlConfig {
 pub struct InjectorConfig {
     /// Where it listens (the webhook Service's target port).
     pub listen: SocketAddr,
-    /// PEM certificate chain, for the webhook Service's DNS name (the webhook configuration's
-    /// `caBundle` must hold its root).
-    pub cert: PathBuf,
-    /// Its PEM private key.
-    pub key: PathBuf,
+    /// Its serving certificate (the webhook configuration's `caBundle` must hold its root).
+    pub tls: InjectorTls,
     /// What it injects.
     pub injector: Injector,
+}
+
+/// Where the injector's serving certificate comes from.
+#[derive(Clone, Debug)]
+pub enum InjectorTls {
+    /// PEM files: a chain and its key (a `kubernetes.io/tls` Secret).
+    Files {
+        /// The chain.
+        cert: PathBuf,
+        /// The key.
+        key: PathBuf,
+    },
+    /// A certificate the control plane's own CA issues at start for these DNS names (the webhook
+    /// Service's, `remora-injector.remora-system.svc`), so `caBundle` is the mesh CA's root.
+    Ca {
+        /// The names.
+        names: Vec<String>,
+    },
 }
 
 /// The CA's settings: where its root is, for which trust domain it signs, and who may ask.
@@ -87,13 +103,36 @@ pub struct CaConfig {
     pub root: CaRoot,
     /// The trust domain of every ID it signs.
     pub trust_domain: String,
-    /// The bootstrap tokens file (`ca::auth::LocalTokens`).
-    pub tokens: PathBuf,
+    /// The bootstrap tokens file (`ca::auth::LocalTokens`), if any.
+    pub tokens: Option<PathBuf>,
+    /// Kubernetes service-account tokens, checked by TokenReview, if the CA accepts them.
+    pub kubernetes: Option<KubernetesAuth>,
     /// The longest lifetime it signs.
     pub max_ttl: Duration,
     /// Serve the control plane's port over TLS, with a certificate from this CA for these names
     /// (DNS names or IP addresses). Empty: plaintext.
     pub tls_names: Vec<String>,
+}
+
+/// How the CA reaches the Kubernetes API server to review service-account tokens.
+#[derive(Clone, Debug)]
+pub enum KubernetesAuth {
+    /// From inside a pod: the environment and the mounted service account.
+    InCluster {
+        /// The audience tokens must be for.
+        audience: String,
+    },
+    /// An explicit API server (outside a cluster, or a proxy in front of it).
+    Explicit {
+        /// `https://host[:port]`.
+        url: String,
+        /// PEM roots its certificate chains to.
+        ca_file: PathBuf,
+        /// The control plane's own bearer token.
+        token_file: PathBuf,
+        /// The audience tokens must be for.
+        audience: String,
+    },
 }
 
 /// Where the CA's root key and certificate are.
@@ -340,6 +379,7 @@ impl ControlPlane {
         let (stop, stopped) = oneshot::channel::<()>();
         let mut routes = tonic::service::Routes::new(ads.into_service());
         let mut serving_tls = None;
+        let mut injector_tls = None;
         if let Some(ca) = &config.ca {
             let authority = match &ca.root {
                 CaRoot::Directory(dir) => Authority::load_or_generate(dir, &ca.trust_domain),
@@ -347,14 +387,33 @@ impl ControlPlane {
             }
             .map_err(|e| ControlError::Ca(e.to_string()))?
             .with_max_ttl(ca.max_ttl);
-            let tokens = LocalTokens::load(&ca.tokens).map_err(|e| ControlError::Ca(e.to_string()))?;
+            let local = match &ca.tokens {
+                Some(path) => LocalTokens::load(path).map_err(|e| ControlError::Ca(e.to_string()))?,
+                None => LocalTokens::default(),
+            };
+            let kubernetes = match &ca.kubernetes {
+                None => None,
+                Some(KubernetesAuth::InCluster { audience }) => {
+                    Some(TokenReview::in_cluster(&ca.trust_domain, audience))
+                }
+                Some(KubernetesAuth::Explicit { url, ca_file, token_file, audience }) => {
+                    Some(TokenReview::new(url, ca_file, token_file, &ca.trust_domain, audience))
+                }
+            }
+            .transpose()
+            .map_err(|e| ControlError::Ca(format!("kubernetes: {e}")))?;
             if !ca.tls_names.is_empty() {
                 let tls = tls::serving_config(&authority, &ca.tls_names).map_err(ControlError::Ca)?;
                 serving_tls = Some(tls);
             }
-            info!(trust_domain = %ca.trust_domain, tokens = tokens.len(), tls = !ca.tls_names.is_empty(), "certificate authority serving");
-            routes = routes
-                .add_service(CaService::new(Arc::new(authority), Arc::new(tokens), metrics.clone()).into_service());
+            info!(trust_domain = %ca.trust_domain, tokens = local.len(), kubernetes = ?kubernetes, tls = !ca.tls_names.is_empty(), "certificate authority serving");
+            let authenticators = Arc::new(Authenticators { local, kubernetes });
+            if let Some(InjectorConfig { tls: InjectorTls::Ca { names }, .. }) = &config.injector {
+                let tls = tls::serving_config(&authority, names).map_err(ControlError::Injector)?;
+                injector_tls = Some(tls);
+            }
+            routes =
+                routes.add_service(CaService::new(Arc::new(authority), authenticators, metrics.clone()).into_service());
         }
         let router = routes.into_axum_router().fallback({
             let sources = sources.clone();
@@ -385,7 +444,16 @@ impl ControlPlane {
         info!(%address, "remora control serving Delta ADS");
         let mut injector_address = None;
         if let Some(injector) = config.injector {
-            let (bound, task) = serve_injector(injector, metrics.clone()).await?;
+            let tls = match (&injector.tls, injector_tls) {
+                (InjectorTls::Files { cert, key }, _) => tls::file_config(cert, key).map_err(ControlError::Injector)?,
+                (InjectorTls::Ca { .. }, Some(tls)) => tls,
+                (InjectorTls::Ca { .. }, None) => {
+                    return Err(ControlError::Injector(
+                        "a certificate from the CA needs the CA (--ca-dir or --ca-cert)".into(),
+                    ));
+                }
+            };
+            let (bound, task) = serve_injector(injector, tls, metrics.clone()).await?;
             injector_address = Some(bound);
             tasks.push(task);
         }
@@ -428,9 +496,9 @@ impl Drop for ControlPlane {
 /// for the Deployment's probes.
 async fn serve_injector(
     config: InjectorConfig,
+    tls: Arc<rustls::ServerConfig>,
     metrics: Arc<ControlMetrics>,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), ControlError> {
-    let tls = tls::file_config(&config.cert, &config.key).map_err(ControlError::Injector)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|error| ControlError::Bind { address: config.listen, error })?;

@@ -39,8 +39,11 @@ pub const NAMESPACE_LABEL: &str = "remora.dev/inject";
 pub const PROXY_CONTAINER: &str = "remora-proxy";
 /// The capture init container's name.
 pub const INIT_CONTAINER: &str = "remora-init";
-const IDENTITY_VOLUME: &str = "remora-identity";
-const IDENTITY_MOUNT: &str = "/var/run/remora/identity";
+const TOKEN_VOLUME: &str = "remora-token";
+const TOKEN_MOUNT: &str = "/var/run/secrets/remora";
+/// How long the projected token lives (kubelet renews it before then; the proxy reads it at each
+/// certificate renewal).
+const TOKEN_LIFETIME_SECONDS: u32 = 3600;
 const ADMIN_PORT: u16 = 15000;
 
 /// Pod annotations that tune capture, and the `remora init` flag each becomes.
@@ -84,26 +87,34 @@ pub struct InjectConfig {
 }
 
 /// How injected proxies get their identity: a certificate from the control plane's CA for
-/// `spiffe://TRUST-DOMAIN/ns/NAMESPACE/sa/SERVICE-ACCOUNT`, asked for with the token of a Secret in
-/// the pod's namespace, over TLS checked against the CA root in the same Secret.
+/// `spiffe://TRUST-DOMAIN/ns/NAMESPACE/sa/SERVICE-ACCOUNT`, asked for with the pod's projected
+/// service-account token (audience `token_audience`), which the CA checks with the API server's
+/// TokenReview (`remora control --ca-kubernetes`).
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityConfig {
     /// The trust domain.
     #[serde(default = "default_trust_domain")]
     pub trust_domain: String,
-    /// The Secret, in each meshed namespace, holding `token` (a bootstrap token of the CA's tokens
-    /// file) and `ca.crt` (the CA's root).
-    #[serde(default = "default_identity_secret")]
-    pub secret: String,
+    /// The audience of the projected token (the CA's `--token-audience`).
+    #[serde(default = "default_audience")]
+    pub token_audience: String,
+    /// The CA's root certificate (PEM file): proxies check the `https://` control plane with it. It
+    /// is read when the config is loaded and given to each proxy inline (`REMORA_CONTROL_CA`), so no
+    /// Secret or ConfigMap has to exist in the pod's namespace.
+    #[serde(default)]
+    pub control_plane_ca_file: Option<std::path::PathBuf>,
+    /// The root's PEM, read from `control_plane_ca_file`.
+    #[serde(skip)]
+    pub control_plane_ca: Option<String>,
 }
 
 fn default_trust_domain() -> String {
     "cluster.local".into()
 }
 
-fn default_identity_secret() -> String {
-    IDENTITY_VOLUME.into()
+fn default_audience() -> String {
+    crate::ca::kubernetes::DEFAULT_AUDIENCE.into()
 }
 
 impl Default for InjectConfig {
@@ -188,7 +199,22 @@ impl InjectConfig {
             return Ok(InjectConfig::default());
         }
         let deserializer = serde_yaml_ng::Deserializer::from_str(text);
-        serde_path_to_error::deserialize(deserializer).map_err(|e| InjectError::Config(e.to_string()))
+        let mut config: InjectConfig =
+            serde_path_to_error::deserialize(deserializer).map_err(|e| InjectError::Config(e.to_string()))?;
+        if let Some(identity) = &mut config.identity
+            && let Some(path) = &identity.control_plane_ca_file
+        {
+            let pem = std::fs::read_to_string(path)
+                .map_err(|e| InjectError::Config(format!("identity.control_plane_ca_file: {}: {e}", path.display())))?;
+            if !pem.contains("-----BEGIN CERTIFICATE-----") {
+                return Err(InjectError::Config(format!(
+                    "identity.control_plane_ca_file: {}: holds no PEM certificate",
+                    path.display()
+                )));
+            }
+            identity.control_plane_ca = Some(pem);
+        }
+        Ok(config)
     }
 }
 
@@ -294,8 +320,8 @@ impl Injector {
             with_list(spec, "initContainers", |l| l.splice(0..0, [init, proxy]).for_each(drop));
         }
         if let Some(identity) = &self.config.identity {
-            let volume =
-                json!({"name": IDENTITY_VOLUME, "secret": {"secretName": identity.secret, "defaultMode": 0o440}});
+            let token = json!({"audience": identity.token_audience, "expirationSeconds": TOKEN_LIFETIME_SECONDS, "path": "token"});
+            let volume = json!({"name": TOKEN_VOLUME, "projected": {"sources": [{"serviceAccountToken": token}]}});
             with_list(spec, "volumes", |l| l.push(volume));
         }
         if self.legacy
@@ -375,13 +401,15 @@ impl Injector {
         let mut mounts = Vec::new();
         if let Some(identity) = &config.identity {
             env.push(field("SERVICE_ACCOUNT", "spec.serviceAccountName"));
-            args.extend(["--control-ca".into(), format!("{IDENTITY_MOUNT}/ca.crt")]);
+            if let Some(pem) = &identity.control_plane_ca {
+                env.push(json!({"name": "REMORA_CONTROL_CA", "value": pem}));
+            }
             args.extend([
                 "--identity".into(),
                 format!("spiffe://{}/ns/$(POD_NAMESPACE)/sa/$(SERVICE_ACCOUNT)", identity.trust_domain),
             ]);
-            args.extend(["--token-file".into(), format!("{IDENTITY_MOUNT}/token")]);
-            mounts.push(json!({"name": IDENTITY_VOLUME, "mountPath": IDENTITY_MOUNT, "readOnly": true}));
+            args.extend(["--token-file".into(), format!("{TOKEN_MOUNT}/token")]);
+            mounts.push(json!({"name": TOKEN_VOLUME, "mountPath": TOKEN_MOUNT, "readOnly": true}));
         }
         env.push(json!({"name": "RUST_LOG", "value": config.log_level}));
         let probe = |path: &str, period: u32, failures: u32| json!({"httpGet": {"path": path, "port": ADMIN_PORT}, "periodSeconds": period, "failureThreshold": failures});
@@ -610,18 +638,33 @@ mod tests {
     }
 
     #[test]
-    fn identity_mounts_the_namespace_secret_and_names_the_service_account() {
-        let config =
-            InjectConfig::from_yaml("identity: {trust_domain: example.org}\ncontrol_plane: https://cp:15010\n")
-                .unwrap();
+    fn identity_mounts_a_projected_token_and_names_the_service_account() {
+        let dir = std::env::temp_dir().join(format!("remora-inject-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let root = crate::ca::Authority::generate("example.org").unwrap();
+        std::fs::write(dir.join("ca.crt"), root.root_pem()).unwrap();
+        let yaml = format!(
+            "identity: {{trust_domain: example.org, control_plane_ca_file: {}}}\ncontrol_plane: https://cp:15010\n",
+            dir.join("ca.crt").display()
+        );
+        let config = InjectConfig::from_yaml(&yaml).unwrap();
         let (out, _) = Injector::new(config, false).inject_manifests(&pod("", APP)).unwrap();
         let value: Value = serde_yaml_ng::from_str(&out).unwrap();
-        let args = value["spec"]["initContainers"][1]["args"].as_array().unwrap().join_strings();
+        let proxy = &value["spec"]["initContainers"][1];
+        let args = proxy["args"].as_array().unwrap().join_strings();
         assert!(
-            args.ends_with("--control https://cp:15010 --control-ca /var/run/remora/identity/ca.crt --identity spiffe://example.org/ns/$(POD_NAMESPACE)/sa/$(SERVICE_ACCOUNT) --token-file /var/run/remora/identity/token"),
+            args.ends_with("--control https://cp:15010 --identity spiffe://example.org/ns/$(POD_NAMESPACE)/sa/$(SERVICE_ACCOUNT) --token-file /var/run/secrets/remora/token"),
             "{args}"
         );
-        assert_eq!(value["spec"]["volumes"][0]["secret"]["secretName"], "remora-identity");
+        let env = proxy["env"].as_array().unwrap();
+        assert!(env.iter().any(|e| e["name"] == "REMORA_CONTROL_CA" && e["value"] == root.root_pem()), "{env:?}");
+        let token = &value["spec"]["volumes"][0]["projected"]["sources"][0]["serviceAccountToken"];
+        assert_eq!((&token["audience"], &token["path"]), (&json!("remora"), &json!("token")));
+        let missing = InjectConfig::from_yaml("identity: {control_plane_ca_file: /no/such/ca.crt}").unwrap_err();
+        assert!(
+            missing.to_string().starts_with("injector config: identity.control_plane_ca_file: /no/such/ca.crt"),
+            "{missing}"
+        );
         let error = InjectConfig::from_yaml("imagee: x").unwrap_err().to_string();
         assert!(
             error.starts_with("injector config: imagee: unknown field `imagee`, expected one of `image`"),
