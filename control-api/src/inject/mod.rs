@@ -14,7 +14,9 @@
 //!   containers, its startup probe holds them until it is ready, and it stops after them, so Jobs
 //!   complete. With `legacy` it is the first app container instead, whose postStart hook
 //!   (`remora wait-ready`) holds the next containers until it is ready; the capture container then
-//!   runs after the pod's own init containers, which would have no proxy to talk through.
+//!   runs after the pod's own init containers, which would have no proxy to talk through;
+//! - with [`IdentityConfig`], a projected service-account token for the proxy to ask the CA for
+//!   its account's SPIFFE ID with, and the CA root inline to check the control plane by.
 //!
 //! A template is left alone, with the reason reported, when it is already injected (a container
 //! named `remora-proxy`: injecting twice changes nothing), opted out
@@ -33,8 +35,6 @@ use serde_json::{Map, Value, json};
 
 /// The annotation that opts a workload out (`disabled`) of injection.
 pub const INJECT_ANNOTATION: &str = "remora.dev/inject";
-/// The namespace label that enables the webhook (`enabled`).
-pub const NAMESPACE_LABEL: &str = "remora.dev/inject";
 /// The proxy container's name, which also marks a pod as injected.
 pub const PROXY_CONTAINER: &str = "remora-proxy";
 /// The capture init container's name.
@@ -455,7 +455,7 @@ impl Injector {
 /// Whether the object's `metadata` opts it out.
 fn opted_out(metadata: Option<&Value>) -> bool {
     metadata
-        .and_then(|m| m.pointer("/annotations/remora.dev~1inject"))
+        .and_then(|m| m.get("annotations")?.get(INJECT_ANNOTATION))
         .and_then(Value::as_str)
         .is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "disabled" | "false" | "off"))
 }
