@@ -304,10 +304,7 @@ async fn the_webhook_answers_an_admission_review_over_https_with_the_injection_a
     assert_eq!(patched["spec"]["initContainers"][1]["name"], "remora-proxy");
     let init_args: Vec<&str> =
         patched["spec"]["initContainers"][0]["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
-    assert_eq!(
-        init_args,
-        ["init", "--proxy-uid", "1337", "--exclude-inbound-ports", "8080", "--exclude-outbound-ports", "5432"]
-    );
+    assert_eq!(init_args, ["init", "--proxy-uid", "1337", "--exclude-outbound-ports", "5432"]);
     control.wait_for("admission review report=shop/pod/web-5c9f7-* injected");
 
     // The same pod again (already injected) passes unchanged; junk is a 400; GET is refused.

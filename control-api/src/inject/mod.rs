@@ -6,8 +6,10 @@
 //! DaemonSet, ReplicaSet, ReplicationController, Job or CronJob (and of each item of a `List`):
 //!
 //! - the capture init container `remora-init` runs `remora init` as root with NET_ADMIN, excluding the
-//!   admin port, the app's probe ports (kubelet reaches them directly, whatever the proxy's policy)
-//!   and whatever the pod's annotations exclude;
+//!   admin port and whatever the pod's annotations exclude. The app's probe ports stay captured:
+//!   they are usually the ports its callers use too, whose mesh TLS only the proxy can terminate,
+//!   so kubelet's plaintext probes pass through the inbound listener like any unmeshed caller;
+//!   a dedicated probe port can be excluded by annotation;
 //! - the proxy `remora-proxy` runs as uid 1337 on its built-in defaults, configured by the control
 //!   plane, its admin port serving the probes. By default it is a native sidecar (an init container
 //!   with `restartPolicy: Always`, Kubernetes 1.29+): it starts before the app and its other init
@@ -307,7 +309,7 @@ impl Injector {
             return Ok(Outcome::Skipped("no containers"));
         };
         let first_app = app[0].get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
-        let init = self.init_container(template.get("metadata"), app, object)?;
+        let init = self.init_container(template.get("metadata"), object)?;
         let proxy = self.proxy_container();
 
         let Some(spec) = template.get_mut("spec").and_then(Value::as_object_mut) else {
@@ -339,7 +341,7 @@ impl Injector {
         Ok(Outcome::Injected)
     }
 
-    fn init_container(&self, metadata: Option<&Value>, app: &[Value], object: &str) -> Result<Value, InjectError> {
+    fn init_container(&self, metadata: Option<&Value>, object: &str) -> Result<Value, InjectError> {
         let uid = self.config.proxy_uid.to_string();
         let mut args: Vec<String> = vec!["init".into(), "--proxy-uid".into(), uid];
         let annotation = |key: &str| {
@@ -347,9 +349,8 @@ impl Injector {
                 .and_then(|m| m.pointer(&format!("/annotations/{}", key.replace('/', "~1"))))
                 .and_then(Value::as_str)
         };
-        let mut probe_ports = probe_ports(app);
         for (key, flag, kind) in CAPTURE_ANNOTATIONS {
-            let mut value = annotation(key).map(str::trim).unwrap_or_default().to_owned();
+            let value = annotation(key).map(str::trim).unwrap_or_default().to_owned();
             let checked = match kind {
                 Kind::Ports => capture::parse_ports(&value).map(drop),
                 Kind::PortSet => capture::parse_port_set(&value).map(drop),
@@ -361,14 +362,6 @@ impl Injector {
                 annotation: key.to_owned(),
                 message: e.to_string(),
             })?;
-            if flag == "--exclude-inbound-ports" && !probe_ports.is_empty() {
-                // Kubelet's probes reach the app directly.
-                let mut ports = capture::parse_ports(&value).unwrap_or_default();
-                ports.append(&mut probe_ports);
-                ports.sort_unstable();
-                ports.dedup();
-                value = ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
-            }
             if !value.is_empty() {
                 args.extend([flag.to_owned(), value]);
             }
@@ -460,37 +453,6 @@ fn opted_out(metadata: Option<&Value>) -> bool {
         .is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "disabled" | "false" | "off"))
 }
 
-/// The ports of the app containers' probes (httpGet, tcpSocket, gRPC), named ports resolved.
-fn probe_ports(containers: &[Value]) -> Vec<u16> {
-    let mut ports = Vec::new();
-    for container in containers {
-        for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
-            for action in ["httpGet", "tcpSocket", "grpc"] {
-                let Some(port) = container.get(probe).and_then(|p| p.get(action)).and_then(|a| a.get("port")) else {
-                    continue;
-                };
-                let number = match port {
-                    Value::Number(n) => n.as_u64(),
-                    Value::String(name) => name.parse().ok().or_else(|| named_port(container, name)),
-                    _ => None,
-                };
-                if let Some(port) = number.and_then(|n| u16::try_from(n).ok()).filter(|p| *p != 0) {
-                    ports.push(port);
-                }
-            }
-        }
-    }
-    ports.sort_unstable();
-    ports.dedup();
-    ports
-}
-
-fn named_port(container: &Value, name: &str) -> Option<u64> {
-    container.get("ports")?.as_array()?.iter().find_map(|p| {
-        (p.get("name").and_then(Value::as_str) == Some(name)).then(|| p.get("containerPort")?.as_u64()).flatten()
-    })
-}
-
 /// Runs `f` on the array field `key` of `spec`, made an empty array first if absent (or null).
 fn with_list(spec: &mut Map<String, Value>, key: &str, f: impl FnOnce(&mut Vec<Value>)) {
     let entry = spec.entry(key).or_insert_with(|| Value::Array(Vec::new()));
@@ -554,7 +516,7 @@ mod tests {
     const APP: &str = "  containers:\n  - name: app\n    image: app:1\n    ports: [{name: http, containerPort: 8080}]\n    readinessProbe: {httpGet: {path: /healthz, port: http}}\n    livenessProbe: {tcpSocket: {port: 9090}}\n";
 
     #[test]
-    fn native_sidecar_goes_first_among_init_containers_and_probe_ports_bypass_capture() {
+    fn native_sidecar_goes_first_among_init_containers() {
         let input = pod("", &format!("{APP}  initContainers:\n  - name: migrate\n    image: migrate:1\n"));
         let (out, reports) = Injector::default().inject_manifests(&input).unwrap();
         assert_eq!(reports, vec![Report { object: "pod/web".into(), outcome: Outcome::Injected }]);
@@ -566,7 +528,7 @@ mod tests {
         assert_eq!(proxy["restartPolicy"], "Always");
         assert_eq!(proxy["securityContext"]["runAsUser"], 1337);
         let init_args = value["spec"]["initContainers"][0]["args"].as_array().unwrap();
-        assert_eq!(init_args.join_strings(), "init --proxy-uid 1337 --exclude-inbound-ports 8080,9090");
+        assert_eq!(init_args.join_strings(), "init --proxy-uid 1337");
         assert_eq!(value["spec"]["containers"].as_array().unwrap().len(), 1);
     }
 
