@@ -209,7 +209,8 @@ async fn run(sizes: Vec<usize>) {
             let edited = Instant::now();
             std::fs::rename(&staging, dir.join("routes.yaml")).unwrap();
             loop {
-                let done = shared.acked.lock().unwrap().iter().all(Option::is_some);
+                // An ACK from before the edit (a late answer to something earlier) does not count.
+                let done = shared.acked.lock().unwrap().iter().all(|t| t.is_some_and(|t| t >= edited));
                 if done {
                     break;
                 }

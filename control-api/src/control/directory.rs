@@ -26,7 +26,7 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 pub const SAFETY_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// How long the directory must stay unchanged before a change is loaded. Tools that write several
 /// files (git checkouts, `kubectl cp`, editors' save-by-rename) finish well within it.
-pub const SETTLE_TIME: Duration = Duration::from_millis(20);
+pub const SETTLE_TIME: Duration = Duration::from_millis(10);
 /// The longest a stream of changes can delay a load.
 pub const MAX_SETTLE: Duration = Duration::from_secs(1);
 
