@@ -5,20 +5,28 @@
 //! hands it to [`AccessLog::write`], which formats the line on the worker and passes it to a writer
 //! thread through a bounded queue without waiting: a writer that falls behind (a full disk, a slow
 //! pipe) costs dropped lines, counted, never request latency. The writer flushes whenever its queue
-//! runs empty, so lines appear promptly at low traffic and in large writes at high.
+//! runs empty, so lines appear promptly at low traffic and in large writes at high. A log file is
+//! followed across rotation: at most once a second, before writing, the writer checks that the path
+//! still names the file it has open, and if logrotate (or anyone) moved or deleted it, opens a new
+//! one there, so no signal or `copytruncate` is needed.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::metrics::counter::Counter;
 
 /// Lines queued for the writer before new ones are dropped.
 const QUEUE_LINES: usize = 16 * 1024;
+/// How often, at most, the writer checks that its file is still the one at the path.
+const ROTATION_CHECK: Duration = Duration::from_secs(1);
+/// The writer's buffer.
+const WRITE_BUFFER: usize = 64 * 1024;
 
 /// One field of a line: its name, and whether HTTP and TCP lines carry it.
 struct FieldInfo {
@@ -152,9 +160,9 @@ impl AccessLog {
     /// Opens the file (appending) or stdout and starts the writer thread. `counters` are the
     /// written and dropped line counters.
     pub fn open(settings: &AccessLogSettings, counters: [Counter; 2]) -> std::io::Result<Arc<AccessLog>> {
-        let out: Box<dyn std::io::Write + Send> = match &settings.path {
-            None => Box::new(std::io::stdout()),
-            Some(path) => Box::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?),
+        let out = match &settings.path {
+            None => Sink::Stdout(std::io::BufWriter::with_capacity(WRITE_BUFFER, std::io::stdout())),
+            Some(path) => Sink::File(LogFile::open(path)?),
         };
         let (sender, receiver) = std::sync::mpsc::sync_channel(QUEUE_LINES);
         let [written, dropped] = counters;
@@ -220,9 +228,68 @@ impl AccessLog {
     }
 }
 
-fn write_lines(receiver: Receiver<String>, out: Box<dyn std::io::Write + Send>, written: &Counter) {
-    let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
+/// Where the writer writes.
+enum Sink {
+    Stdout(std::io::BufWriter<std::io::Stdout>),
+    File(LogFile),
+}
+
+/// A log file, and which file it is (device and inode), to notice when the path names another.
+struct LogFile {
+    path: PathBuf,
+    out: std::io::BufWriter<std::fs::File>,
+    identity: (u64, u64),
+    checked: Instant,
+}
+
+impl LogFile {
+    fn open(path: &Path) -> std::io::Result<LogFile> {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        let metadata = file.metadata()?;
+        Ok(LogFile {
+            path: path.to_owned(),
+            out: std::io::BufWriter::with_capacity(WRITE_BUFFER, file),
+            identity: (metadata.dev(), metadata.ino()),
+            checked: Instant::now(),
+        })
+    }
+
+    /// Opens the path afresh if the file there is no longer the one open (moved away or deleted).
+    fn follow_rotation(&mut self) {
+        if self.checked.elapsed() < ROTATION_CHECK {
+            return;
+        }
+        self.checked = Instant::now();
+        let current = std::fs::metadata(&self.path).map(|m| (m.dev(), m.ino())).ok();
+        if current == Some(self.identity) {
+            return;
+        }
+        let _ = self.out.flush();
+        match LogFile::open(&self.path) {
+            Ok(fresh) => {
+                *self = fresh;
+                tracing::info!(path = %self.path.display(), "access log reopened after rotation");
+            }
+            Err(error) => tracing::warn!(path = %self.path.display(), %error, "access log: cannot reopen"),
+        }
+    }
+}
+
+impl Sink {
+    fn writer(&mut self) -> &mut dyn std::io::Write {
+        match self {
+            Sink::Stdout(out) => out,
+            Sink::File(file) => {
+                file.follow_rotation();
+                &mut file.out
+            }
+        }
+    }
+}
+
+fn write_lines(receiver: Receiver<String>, mut sink: Sink, written: &Counter) {
     while let Ok(line) = receiver.recv() {
+        let out = sink.writer();
         let mut lines = 1;
         let mut ok = out.write_all(line.as_bytes()).is_ok();
         while let Ok(line) = receiver.try_recv() {
@@ -320,5 +387,33 @@ mod tests {
         assert_eq!(log.format(&entry, false), "{\"bytes_sent\":3}\n");
         let error = AccessLogSettings::new("stdout", &["nope".into()]).unwrap_err();
         assert!(error.contains("unknown field \"nope\""), "{error}");
+    }
+
+    #[test]
+    fn a_rotated_file_is_followed_by_a_new_one_at_the_path() {
+        let dir = std::env::temp_dir().join(format!("remora-access-rotate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("access.log");
+        let settings = AccessLogSettings::new(path.to_str().unwrap(), &["status".into()]).unwrap();
+        let log = AccessLog::open(&settings, [Counter::default(), Counter::default()]).unwrap();
+        let lines = |path: &Path| std::fs::read_to_string(path).unwrap_or_default().lines().count();
+        let wait_for = |path: &Path, n: usize| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while lines(path) < n {
+                assert!(Instant::now() < deadline, "{} has {} lines, not {n}", path.display(), lines(path));
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        log.write(&Entry { status: Some(200), ..Entry::default() }, true);
+        wait_for(&path, 1);
+        // logrotate's default: move the file away; the next lines go to a new one at the path.
+        let rotated = dir.join("access.log.1");
+        std::fs::rename(&path, &rotated).unwrap();
+        std::thread::sleep(ROTATION_CHECK + Duration::from_millis(100));
+        log.write(&Entry { status: Some(201), ..Entry::default() }, true);
+        wait_for(&path, 1);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"status\":201}\n");
+        assert_eq!(std::fs::read_to_string(&rotated).unwrap(), "{\"status\":200}\n");
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
