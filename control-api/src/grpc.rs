@@ -28,8 +28,8 @@ pub(crate) fn endpoint(address: &str) -> Option<Endpoint> {
     )
 }
 
-/// How the control plane's serving certificate is checked: against these roots, for the host the
-/// URL names (a DNS name or an IP address in its SANs), TLS 1.3 only.
+/// How a server's certificate is checked: against these roots, for the host the URL names (a DNS
+/// name or an IP address in its SANs), TLS 1.3 only. The control plane's, and an OTLP collector's.
 #[derive(Clone)]
 pub struct ControlTls(Arc<rustls::ClientConfig>);
 
@@ -94,6 +94,17 @@ pub(crate) async fn connect(address: &str, tls: Option<&ControlTls>) -> Result<C
         return Err(DialError::Address(address.to_owned()));
     }
     Ok(endpoint.connect().await?)
+}
+
+/// A channel to the `https://` URL `address`, TLS checked with `tls`, that connects on first use
+/// (and again after a failure), with `timeout` on each request: for clients that must start whether
+/// or not the server is up (the OTLP exporter).
+pub fn lazy_tls_channel(address: &str, tls: &ControlTls, timeout: std::time::Duration) -> Result<Channel, DialError> {
+    if !address.starts_with("https://") {
+        return Err(DialError::Address(address.to_owned()));
+    }
+    let endpoint = endpoint(address).ok_or_else(|| DialError::Address(address.to_owned()))?.timeout(timeout);
+    Ok(endpoint.connect_with_connector_lazy(TlsConnector(tls.0.clone())))
 }
 
 /// TCP, then TLS to the URI's host, for tonic's channel.

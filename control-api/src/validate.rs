@@ -174,11 +174,8 @@ pub fn validate_bootstrap(bootstrap: &v1::Bootstrap) -> Result<(), ValidationErr
     }
     if let Some(tracing) = &bootstrap.tracing {
         let endpoint = &tracing.endpoint;
-        if !(endpoint.is_empty() || endpoint.starts_with("http://")) {
-            fail(
-                "tracing.endpoint",
-                format!("must be an http:// URL (TLS to the collector is not supported yet), got {endpoint:?}"),
-            );
+        if !(endpoint.is_empty() || endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+            fail("tracing.endpoint", format!("must be an http:// or https:// URL, got {endpoint:?}"));
         }
         if !matches!(tracing.protocol.as_str(), "" | "grpc" | "http/protobuf") {
             fail("tracing.protocol", format!("must be grpc or http/protobuf, got {:?}", tracing.protocol));

@@ -305,9 +305,9 @@ fn tracing_settings(
         .or_else(|| env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
         .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"));
     let Some(endpoint) = endpoint else { return Ok(None) };
-    if !endpoint.starts_with("http://") {
-        let message = format!("must be an http:// URL (TLS to the collector is not supported yet), got {endpoint:?}");
-        return Err(fail("tracing.endpoint", message));
+    let tls = endpoint.starts_with("https://");
+    if !(tls || endpoint.starts_with("http://")) {
+        return Err(fail("tracing.endpoint", format!("must be an http:// or https:// URL, got {endpoint:?}")));
     }
     let protocol = Some(raw.protocol.clone())
         .filter(|p| !p.is_empty())
@@ -319,6 +319,18 @@ fn tracing_settings(
         "http/protobuf" => true,
         other => return Err(fail("tracing.protocol", format!("must be grpc or http/protobuf, got {other:?}"))),
     };
+    let ca_file = Some(raw.ca_file.clone())
+        .filter(|f| !f.is_empty())
+        .or_else(|| env("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE"))
+        .or_else(|| env("OTEL_EXPORTER_OTLP_CERTIFICATE"))
+        .map(PathBuf::from);
+    if tls && http {
+        let message = format!("{endpoint:?}: TLS to the collector is supported over gRPC only (protocol grpc)");
+        return Err(fail("tracing.endpoint", message));
+    }
+    if tls && ca_file.is_none() {
+        return Err(fail("tracing.ca_file", "is required to check an https:// collector's certificate".into()));
+    }
     let sampling_ratio = match raw.sampling_ratio {
         Some(ratio) => ratio,
         None => match env("OTEL_TRACES_SAMPLER").as_deref() {
@@ -341,6 +353,7 @@ fn tracing_settings(
     Ok(Some(ExportSettings {
         endpoint,
         http,
+        ca_file: if tls { ca_file } else { None },
         service_name,
         instance: node_id.to_owned(),
         sampling_ratio,
@@ -395,6 +408,32 @@ mod tests {
         raw.control_plane_ca_file = "/etc/remora/ca.crt".into();
         let resolved = Bootstrap::resolve(&raw).unwrap();
         assert_eq!(resolved.control_plane_ca_file, Some(PathBuf::from("/etc/remora/ca.crt")));
+    }
+
+    #[test]
+    fn tracing_over_tls_needs_grpc_and_roots_from_the_bootstrap_or_otel_variables() {
+        let raw = |tracing: &str| {
+            let text = format!("bootstrap:\n  tracing: {tracing}\n");
+            remora_control_api::config::parse(&text, "t").unwrap().bootstrap.unwrap()
+        };
+        let none = |_: &str| None;
+        let resolved =
+            Bootstrap::resolve_with(&raw("{endpoint: \"https://otel:4317\", ca_file: /etc/ca.pem}"), &none).unwrap();
+        assert_eq!(resolved.tracing.unwrap().ca_file, Some(PathBuf::from("/etc/ca.pem")));
+        let error = Bootstrap::resolve_with(&raw("{endpoint: \"https://otel:4317\"}"), &none).unwrap_err().to_string();
+        assert!(error.contains("tracing.ca_file: is required"), "{error}");
+        let env = |name: &str| (name == "OTEL_EXPORTER_OTLP_CERTIFICATE").then(|| "/run/otel/ca.pem".to_owned());
+        let resolved = Bootstrap::resolve_with(&raw("{endpoint: \"https://otel:4317\"}"), &env).unwrap();
+        assert_eq!(resolved.tracing.unwrap().ca_file, Some(PathBuf::from("/run/otel/ca.pem")));
+        let error = Bootstrap::resolve_with(
+            &raw("{endpoint: \"https://otel:4318\", protocol: http/protobuf, ca_file: /c}"),
+            &none,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("supported over gRPC only"), "{error}");
+        let plain = Bootstrap::resolve_with(&raw("{endpoint: \"http://otel:4317\", ca_file: /c}"), &none).unwrap();
+        assert_eq!(plain.tracing.unwrap().ca_file, None, "roots are for TLS only");
     }
 
     #[test]

@@ -59,6 +59,24 @@ impl Collector {
         (collector, address)
     }
 
+    /// A gRPC collector over TLS on `127.0.0.1:0`, its certificate (for 127.0.0.1) from `ca`.
+    async fn start_tls(ca: &remora_proxy::testing::certs::TestCa) -> (Collector, SocketAddr) {
+        let collector = Collector::default();
+        let serving = ca.serving(&["127.0.0.1"]);
+        let tls =
+            remora_control_api::control::tls::pem_config(&format!("{}{}", serving.cert, serving.ca), &serving.key)
+                .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let incoming = remora_control_api::control::tls::incoming(listener, tls);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(collector.clone()))
+                .serve_with_incoming(incoming),
+        );
+        (collector, address)
+    }
+
     /// An OTLP/HTTP collector (protobuf bodies on `/v1/traces`) on `127.0.0.1:0`.
     async fn start_http() -> (Collector, SocketAddr) {
         let collector = Collector::default();
@@ -348,6 +366,46 @@ async fn spans_export_over_otlp_http() {
     assert_eq!(client.get("shop", "/").await.status, 200);
     let spans = collector.wait_for(2).await;
     assert_eq!(spans.len(), 2);
+}
+
+/// OTLP/gRPC over TLS to an `https://` collector whose certificate chains to `ca_file`; a collector
+/// with a certificate from another CA gets nothing, and the spans count as failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_export_over_otlp_grpc_with_tls() {
+    let ca = remora_proxy::testing::certs::TestCa::new("cluster.local");
+    let (collector, address) = Collector::start_tls(&ca).await;
+    let directory = remora_proxy::testing::proxy::temp_dir("remora-otlp-tls");
+    let roots = directory.join("collector-ca.pem");
+    std::fs::write(&roots, ca.serving(&["127.0.0.1"]).ca).unwrap();
+    let upstream = Recorder::start().await;
+    let proxy = traced_proxy(
+        upstream.server.address(),
+        &format!("{{endpoint: \"https://{address}\", ca_file: \"{}\", export_interval: 0.05s}}", roots.display()),
+    );
+    let mut client = Client::http1(proxy.address("in")).await;
+    assert_eq!(client.get("shop", "/").await.status, 200);
+    assert_eq!(collector.wait_for(2).await.len(), 2);
+
+    // The same collector, trusted with the wrong roots: the handshake fails, nothing arrives.
+    let other = remora_proxy::testing::certs::TestCa::new("cluster.local");
+    let wrong = directory.join("other-ca.pem");
+    std::fs::write(&wrong, other.serving(&["127.0.0.1"]).ca).unwrap();
+    let (refused, address) = Collector::start_tls(&ca).await;
+    let proxy = traced_proxy(
+        upstream.server.address(),
+        &format!(
+            "{{endpoint: \"https://{address}\", ca_file: \"{}\", export_interval: 0.05s, export_timeout: 0.5s}}",
+            wrong.display()
+        ),
+    );
+    let mut client = Client::http1(proxy.address("in")).await;
+    assert_eq!(client.get("shop", "/").await.status, 200, "a collector it cannot trust never costs a request");
+    eventually("the spans count as failed", Duration::from_secs(10), || async {
+        proxy.metric("remora_trace_spans_total{result=\"failed\"}").await >= 2.0
+    })
+    .await;
+    assert!(refused.spans().is_empty());
+    let _ = std::fs::remove_dir_all(directory);
 }
 
 /// A collector that does not exist: requests are served as ever, and the spans that cannot go are

@@ -21,7 +21,7 @@ pub mod directory;
 pub mod etcd;
 pub mod metrics;
 pub mod registry;
-mod tls;
+pub mod tls;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;

@@ -43,7 +43,8 @@ pub(crate) fn file_config(cert: &std::path::Path, key: &std::path::Path) -> Resu
     pem_config(&read(cert)?, &read(key)?)
 }
 
-fn pem_config(chain_pem: &str, key_pem: &str) -> Result<Arc<rustls::ServerConfig>, String> {
+/// A TLS 1.3 server config serving a PEM certificate chain and key (offering h2 and http/1.1).
+pub fn pem_config(chain_pem: &str, key_pem: &str) -> Result<Arc<rustls::ServerConfig>, String> {
     let chain: Vec<CertificateDer<'static>> =
         CertificateDer::pem_slice_iter(chain_pem.as_bytes()).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
     if chain.is_empty() {
@@ -62,7 +63,7 @@ fn pem_config(chain_pem: &str, key_pem: &str) -> Result<Arc<rustls::ServerConfig
 }
 
 /// A control-plane connection after its TLS handshake.
-pub(crate) struct TlsConnection(tokio_rustls::server::TlsStream<TcpStream>);
+pub struct TlsConnection(tokio_rustls::server::TlsStream<TcpStream>);
 
 impl Connected for TlsConnection {
     type ConnectInfo = TcpConnectInfo;
@@ -106,7 +107,7 @@ impl AsyncWrite for TlsConnection {
 
 /// The connections accepted on `listener` whose TLS handshake with `config` succeeded, as a stream
 /// for tonic. The accept loop ends with the stream.
-pub(crate) fn incoming(
+pub fn incoming(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<TlsConnection>> {

@@ -13,10 +13,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use opentelemetry::KeyValue;
-use opentelemetry_otlp::{Protocol, WithExportConfig};
+use opentelemetry_otlp::{Protocol, WithExportConfig, WithTonicConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{SpanData, SpanExporter as _};
 use prometheus_client::metrics::counter::Counter;
+use remora_control_api::grpc::{ControlTls, lazy_tls_channel};
 use tokio::sync::{Notify, mpsc};
 use tracing::{debug, info, warn};
 
@@ -81,6 +82,8 @@ pub struct ExportSettings {
     pub endpoint: String,
     /// `grpc` or `http/protobuf`.
     pub http: bool,
+    /// For an `https://` collector: the PEM roots its certificate must chain to.
+    pub ca_file: Option<std::path::PathBuf>,
     /// The `service.name` resource attribute.
     pub service_name: String,
     /// The `service.instance.id` resource attribute (the node id).
@@ -164,6 +167,13 @@ fn build(settings: &ExportSettings) -> Result<opentelemetry_otlp::SpanExporter, 
             .with_endpoint(http_endpoint(&settings.endpoint))
             .with_timeout(settings.timeout)
             .build()
+    } else if let Some(ca_file) = &settings.ca_file {
+        // TLS through the same rustls client as the control plane's (TLS 1.3, ring), on a channel
+        // that connects on first use, so a collector that is down does not stop the start.
+        let pem = std::fs::read(ca_file).map_err(|e| format!("ca_file {}: {e}", ca_file.display()))?;
+        let roots = ControlTls::from_pem(&pem).map_err(|e| format!("ca_file {}: {e}", ca_file.display()))?;
+        let channel = lazy_tls_channel(&settings.endpoint, &roots, settings.timeout).map_err(|e| e.to_string())?;
+        builder.with_tonic().with_channel(channel).with_timeout(settings.timeout).build()
     } else {
         builder.with_tonic().with_endpoint(settings.endpoint.clone()).with_timeout(settings.timeout).build()
     }
