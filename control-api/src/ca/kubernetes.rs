@@ -212,8 +212,11 @@ mod tests {
     use super::*;
 
     fn review() -> TokenReview {
+        // Tests run in parallel: each call gets a directory of its own.
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let ca = crate::ca::Authority::generate("cluster.local").unwrap();
-        let dir = std::env::temp_dir().join(format!("remora-tokenreview-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("remora-tokenreview-{}-{call}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("ca.crt"), ca.root_pem()).unwrap();
         TokenReview::new("https://10.96.0.1:443", &dir.join("ca.crt"), &dir.join("token"), "cluster.local", "remora")
