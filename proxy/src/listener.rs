@@ -20,6 +20,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use remora_control_api::identity::SpiffeId;
 use socket2::{Domain, Protocol as SocketProtocol, SockRef, Socket, Type};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -205,18 +206,8 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, name: Arc<str>, d
         }
     };
     let downstream = DownstreamStream::new(stream, replay, meter.clone());
-    let connection = Arc::new(HttpConnection {
-        data: data.clone(),
-        listener,
-        original_destination,
-        peer,
-        meter,
-        open,
-        peer_identity: None,
-        peer_header: None,
-        destination_port,
-    });
-    http::serve(downstream, version, connection).await;
+    let accepted = Accepted { listener, peer, original_destination, destination_port, meter, open };
+    http::serve(downstream, version, accepted.into_http(&data, None)).await;
 }
 
 /// An admitted connection's particulars, for the paths that serve it.
@@ -229,6 +220,24 @@ struct Accepted {
     open: Open,
 }
 
+impl Accepted {
+    /// The HTTP server's view of the connection; `identity` is the peer sidecar's, over mesh TLS.
+    fn into_http(self, data: &Arc<DataPath>, identity: Option<SpiffeId>) -> Arc<HttpConnection> {
+        let Accepted { listener, peer, original_destination, destination_port, meter, open } = self;
+        Arc::new(HttpConnection {
+            data: data.clone(),
+            listener,
+            original_destination,
+            peer,
+            meter,
+            open,
+            peer_header: identity.as_ref().and_then(|id| ::http::HeaderValue::from_str(id.as_str()).ok()),
+            peer_identity: identity,
+            destination_port,
+        })
+    }
+}
+
 /// Terminates mesh TLS from a peer sidecar, authorizes the peer, and serves what rides inside:
 /// HTTP/2 (judged again per request, by route) or opaque TCP (judged here, once).
 async fn serve_mesh(
@@ -238,40 +247,29 @@ async fn serve_mesh(
     policy: Option<Arc<Policy>>,
     data: &Arc<DataPath>,
 ) {
-    let Accepted { listener, peer, original_destination, destination_port, meter, open } = accepted;
     let (session, identity, alpn) = match mesh.accept(stream).await {
         Ok(accepted) => accepted,
         Err(error) => {
             // Counted in remora_tls_handshakes_total; at debug, so a scanner cannot flood the log.
-            debug!(listener = %listener.name, %peer, %error, "mesh tls handshake failed");
+            debug!(listener = %accepted.listener.name, peer = %accepted.peer, %error, "mesh tls handshake failed");
             return;
         }
     };
-    let downstream = DownstreamStream::tls(session, meter.clone());
+    let downstream = DownstreamStream::tls(session, accepted.meter.clone());
     match alpn {
         Alpn::Tcp => {
             if let Some(policy) = &policy
                 && !policy.allows(identity.as_str())
             {
                 policy.counters.denied.inc();
-                info!(listener = %listener.name, policy = %policy.name, peer = %identity, "tcp connection denied by authorization policy");
+                info!(listener = %accepted.listener.name, policy = %policy.name, peer = %identity, "tcp connection denied by authorization policy");
                 return;
             }
-            let downstream = tcp::Downstream::Mesh(downstream, Some(peer), identity);
-            proxy_tcp(downstream, &listener, original_destination, &meter, data).await;
+            let downstream = tcp::Downstream::Mesh(downstream, Some(accepted.peer), identity);
+            proxy_tcp(downstream, &accepted.listener, accepted.original_destination, &accepted.meter, data).await;
         }
         Alpn::Http => {
-            let connection = Arc::new(HttpConnection {
-                data: data.clone(),
-                listener,
-                original_destination,
-                peer,
-                meter,
-                open,
-                peer_header: ::http::HeaderValue::from_str(identity.as_str()).ok(),
-                peer_identity: Some(identity),
-                destination_port,
-            });
+            let connection = accepted.into_http(data, Some(identity));
             http::serve(downstream, ServerVersion::Http2, connection).await;
         }
     }

@@ -342,20 +342,9 @@ async fn reqwest_metrics(address: &str) -> String {
 /// it received.
 async fn token_review_server(ca: &TestCa) -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<Value>>>) {
     let serving = ca.serving(&["127.0.0.1"]);
-    let chain: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(format!("{}{}", serving.cert, serving.ca).as_bytes())
-            .map(Result::unwrap)
-            .collect();
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(serving.key.as_bytes()).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .unwrap();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let config =
+        remora_control_api::control::tls::pem_config(&format!("{}{}", serving.cert, serving.ca), &serving.key).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));

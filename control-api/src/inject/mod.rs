@@ -344,11 +344,7 @@ impl Injector {
     fn init_container(&self, metadata: Option<&Value>, object: &str) -> Result<Value, InjectError> {
         let uid = self.config.proxy_uid.to_string();
         let mut args: Vec<String> = vec!["init".into(), "--proxy-uid".into(), uid];
-        let annotation = |key: &str| {
-            metadata
-                .and_then(|m| m.pointer(&format!("/annotations/{}", key.replace('/', "~1"))))
-                .and_then(Value::as_str)
-        };
+        let annotation = |key: &str| metadata.and_then(|m| m.get("annotations")?.get(key)).and_then(Value::as_str);
         for (key, flag, kind) in CAPTURE_ANNOTATIONS {
             let value = annotation(key).map(str::trim).unwrap_or_default().to_owned();
             let checked = match kind {
