@@ -61,7 +61,7 @@ impl ControlTls {
     }
 
     /// The same trust for an HTTP/1.1 client (offering `http/1.1` instead of `h2`).
-    pub(crate) fn http1_config(&self) -> Arc<rustls::ClientConfig> {
+    pub fn http1_config(&self) -> Arc<rustls::ClientConfig> {
         let mut config = (*self.0).clone();
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Arc::new(config)

@@ -324,10 +324,6 @@ fn tracing_settings(
         .or_else(|| env("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE"))
         .or_else(|| env("OTEL_EXPORTER_OTLP_CERTIFICATE"))
         .map(PathBuf::from);
-    if tls && http {
-        let message = format!("{endpoint:?}: TLS to the collector is supported over gRPC only (protocol grpc)");
-        return Err(fail("tracing.endpoint", message));
-    }
     if tls && ca_file.is_none() {
         return Err(fail("tracing.ca_file", "is required to check an https:// collector's certificate".into()));
     }
@@ -425,13 +421,12 @@ mod tests {
         let env = |name: &str| (name == "OTEL_EXPORTER_OTLP_CERTIFICATE").then(|| "/run/otel/ca.pem".to_owned());
         let resolved = Bootstrap::resolve_with(&raw("{endpoint: \"https://otel:4317\"}"), &env).unwrap();
         assert_eq!(resolved.tracing.unwrap().ca_file, Some(PathBuf::from("/run/otel/ca.pem")));
-        let error = Bootstrap::resolve_with(
+        let http = Bootstrap::resolve_with(
             &raw("{endpoint: \"https://otel:4318\", protocol: http/protobuf, ca_file: /c}"),
             &none,
         )
-        .unwrap_err()
-        .to_string();
-        assert!(error.contains("supported over gRPC only"), "{error}");
+        .unwrap();
+        assert_eq!(http.tracing.unwrap().ca_file, Some(PathBuf::from("/c")), "TLS over OTLP/HTTP too");
         let plain = Bootstrap::resolve_with(&raw("{endpoint: \"http://otel:4317\", ca_file: /c}"), &none).unwrap();
         assert_eq!(plain.tracing.unwrap().ca_file, None, "roots are for TLS only");
     }

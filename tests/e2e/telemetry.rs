@@ -77,11 +77,10 @@ impl Collector {
         (collector, address)
     }
 
-    /// An OTLP/HTTP collector (protobuf bodies on `/v1/traces`) on `127.0.0.1:0`.
-    async fn start_http() -> (Collector, SocketAddr) {
-        let collector = Collector::default();
-        let spans = collector.spans.clone();
-        let handler: Handler = Arc::new(move |request| {
+    /// What an OTLP/HTTP collector does with a request: protobuf bodies on `/v1/traces`.
+    fn http_handler(&self) -> Handler {
+        let spans = self.spans.clone();
+        Arc::new(move |request| {
             let spans = spans.clone();
             Box::pin(async move {
                 assert_eq!(request.uri().path(), "/v1/traces");
@@ -97,11 +96,47 @@ impl Collector {
                 response.headers_mut().insert("content-type", HeaderValue::from_static("application/x-protobuf"));
                 response
             })
-        });
-        let server = HttpServer::with_handler(handler).await;
+        })
+    }
+
+    /// An OTLP/HTTP collector on `127.0.0.1:0`.
+    async fn start_http() -> (Collector, SocketAddr) {
+        let collector = Collector::default();
+        let server = HttpServer::with_handler(collector.http_handler()).await;
         let address = server.address();
         std::mem::forget(server);
         (collector, address)
+    }
+
+    /// An OTLP/HTTP collector over TLS on `127.0.0.1:0`, its certificate (for 127.0.0.1) from
+    /// `ca`; `connections` counts the connections it accepted.
+    async fn start_https(ca: &remora_proxy::testing::certs::TestCa) -> (Collector, SocketAddr, Arc<AtomicUsize>) {
+        let collector = Collector::default();
+        let serving = ca.serving(&["127.0.0.1"]);
+        let tls =
+            remora_control_api::control::tls::pem_config(&format!("{}{}", serving.cert, serving.ca), &serving.key)
+                .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let mut incoming = remora_control_api::control::tls::incoming(listener, tls);
+        let handler = collector.http_handler();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let accepted = connections.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(connection)) = futures_util::StreamExt::next(&mut incoming).await {
+                accepted.fetch_add(1, Ordering::SeqCst);
+                let handler = handler.clone();
+                let service = hyper::service::service_fn(move |request| {
+                    let response = handler(request);
+                    async move { Ok::<_, std::convert::Infallible>(response.await) }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(connection), service),
+                );
+            }
+        });
+        (collector, address, connections)
     }
 
     fn spans(&self) -> Vec<Span> {
@@ -408,6 +443,49 @@ async fn spans_export_over_otlp_grpc_with_tls() {
     let _ = std::fs::remove_dir_all(directory);
 }
 
+/// OTLP/HTTP over TLS: batches reach an `https://` collector whose certificate chains to
+/// `ca_file`, one kept-alive connection carrying them all; with the wrong roots nothing arrives and
+/// the spans count as failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_export_over_otlp_http_with_tls() {
+    let ca = remora_proxy::testing::certs::TestCa::new("cluster.local");
+    let (collector, address, connections) = Collector::start_https(&ca).await;
+    let directory = remora_proxy::testing::proxy::temp_dir("remora-otlp-https");
+    let roots = directory.join("collector-ca.pem");
+    std::fs::write(&roots, ca.serving(&["127.0.0.1"]).ca).unwrap();
+    let upstream = Recorder::start().await;
+    let tracing = |roots: &std::path::Path| {
+        format!(
+            "{{endpoint: \"https://{address}\", protocol: http/protobuf, ca_file: \"{}\", export_interval: 0.05s, \
+             export_timeout: 0.5s}}",
+            roots.display()
+        )
+    };
+    let proxy = traced_proxy(upstream.server.address(), &tracing(&roots));
+    let mut client = Client::http1(proxy.address("in")).await;
+    for round in 1..=3 {
+        assert_eq!(client.get("shop", "/").await.status, 200);
+        // Each request's two spans leave in their own batch (the export interval passes between).
+        assert_eq!(collector.wait_for(2 * round).await.len(), 2 * round);
+    }
+    assert_eq!(connections.load(Ordering::SeqCst), 1, "the batches share one connection");
+    drop(proxy);
+
+    let other = remora_proxy::testing::certs::TestCa::new("cluster.local");
+    let wrong = directory.join("other-ca.pem");
+    std::fs::write(&wrong, other.serving(&["127.0.0.1"]).ca).unwrap();
+    let before = collector.spans().len();
+    let proxy = traced_proxy(upstream.server.address(), &tracing(&wrong));
+    let mut client = Client::http1(proxy.address("in")).await;
+    assert_eq!(client.get("shop", "/").await.status, 200, "a collector it cannot trust never costs a request");
+    eventually("the spans count as failed", Duration::from_secs(10), || async {
+        proxy.metric("remora_trace_spans_total{result=\"failed\"}").await >= 2.0
+    })
+    .await;
+    assert_eq!(collector.spans().len(), before, "nothing reached the collector");
+    let _ = std::fs::remove_dir_all(directory);
+}
+
 /// A collector that does not exist: requests are served as ever, and the spans that cannot go are
 /// held only up to the queue's size; the rest are dropped and counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -592,6 +670,13 @@ async fn access_log_lines_are_json_with_the_documented_fields() {
     ));
     let mut client = Client::http1(proxy.address("in")).await;
     assert_eq!(client.get("shop.local", "/status/201?x=1").await.status, 201);
+    // A chunked upload (no Content-Length): its bytes are counted as they stream through.
+    let upload = client
+        .request(Method::POST, "shop.local", "/echo")
+        .body(remora_proxy::testing::servers::generated(100_000, 7_000))
+        .unwrap();
+    let echoed = client.send(upload).await.unwrap();
+    assert_eq!(remora_proxy::testing::servers::read_generated(echoed.into_body()).await, 100_000);
     {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut tcp = tokio::net::TcpStream::connect(proxy.address("tcp")).await.unwrap();
@@ -609,9 +694,9 @@ async fn access_log_lines_are_json_with_the_documented_fields() {
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
             .collect()
     };
-    eventually("two access log lines", Duration::from_secs(5), || async { read_lines().len() >= 2 }).await;
+    eventually("three access log lines", Duration::from_secs(5), || async { read_lines().len() >= 3 }).await;
     let lines = read_lines();
-    let http = lines.iter().find(|l| l["protocol"] == "HTTP/1.1").expect("an HTTP line");
+    let http = lines.iter().find(|l| l["protocol"] == "HTTP/1.1" && l["method"] == "GET").expect("an HTTP line");
     let expect: HashMap<&str, serde_json::Value> = [
         ("listener", "in".into()),
         ("direction", "outbound".into()),
@@ -623,6 +708,7 @@ async fn access_log_lines_are_json_with_the_documented_fields() {
         ("upstream_cluster", "app".into()),
         ("upstream_endpoint", upstream.address().to_string().into()),
         ("attempts", 1.into()),
+        ("request_bytes", 0.into()),
         ("response_bytes", 11.into()),
         ("grpc_status", serde_json::Value::Null),
         ("trace_id", serde_json::Value::Null),
@@ -635,13 +721,16 @@ async fn access_log_lines_are_json_with_the_documented_fields() {
     assert!(http["start_time"].as_str().unwrap().ends_with('Z'), "{http}");
     assert!(http["duration_ms"].as_f64().unwrap() >= 0.0);
     assert!(http["peer"].as_str().unwrap().starts_with("127.0.0.1:"));
+    let upload = lines.iter().find(|l| l["method"] == "POST").expect("the upload's line");
+    assert_eq!(upload["request_bytes"], 100_000, "{upload}");
+    assert_eq!(upload["response_bytes"], 100_000, "{upload}");
     let tcp = lines.iter().find(|l| l["protocol"] == "tcp").expect("a TCP line");
     assert_eq!(tcp["listener"], "tcp");
     assert_eq!(tcp["upstream_cluster"], "echo");
     assert_eq!(tcp["bytes_received"], 5);
     assert_eq!(tcp["bytes_sent"], 5);
     assert!(tcp.get("method").is_none(), "HTTP-only fields stay off TCP lines: {tcp}");
-    assert_eq!(proxy.metric(r#"remora_access_log_lines_total{result="written"}"#).await, 2.0);
+    assert_eq!(proxy.metric(r#"remora_access_log_lines_total{result="written"}"#).await, 3.0);
     assert_eq!(proxy.metric(r#"remora_listener_connections_total{listener="tcp",direction="outbound"}"#).await, 1.0);
     eventually("the TCP connection counted closed", Duration::from_secs(5), || async {
         proxy.metric(r#"remora_listener_connections_closed_total{listener="tcp",direction="outbound"}"#).await == 1.0

@@ -2,8 +2,9 @@
 //! for every response sent downstream.
 //!
 //! One concrete type for each direction, so neither the server's service nor the clients need
-//! boxing. A request body goes upstream as the client sent it, or, when a retry, hedge or mirror may
-//! need it again, through a [`ReplayBody`] reader. A response body streams from an HTTP/1.1 endpoint
+//! boxing. A request body goes upstream as the client sent it (a [`ClientBody`], which counts its
+//! bytes for the access log when the request is observed), or, when a retry, hedge or mirror may
+//! need it again, through a [`ReplayBody`] reader of it. A response body streams from an HTTP/1.1 endpoint
 //! (through the proxy's own client, which also returns the connection to the pool when the body
 //! ends) or an HTTP/2 one, or is a short local reply. A streamed response may carry [`InFlight`]:
 //! what counts its request as active (for the balancer and the circuit breakers) until the body is
@@ -22,7 +23,7 @@ use hyper::body::Incoming;
 
 use crate::balance::endpoint::ActiveRequest;
 use crate::http::h1;
-use crate::http::observe::Finish;
+use crate::http::observe::{Finish, Observe};
 use crate::http::replay::ReplayBody;
 use crate::policy::breaker::Slot;
 use crate::telemetry::ClusterStats;
@@ -31,11 +32,50 @@ use crate::telemetry::trace::ClientSpan;
 /// Errors a body can end with.
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
+/// The client's request body as it arrives. When something observes the request (the access log,
+/// a sampled trace), its data bytes are counted as they are read; otherwise it is the bare body.
+#[derive(Debug)]
+pub struct ClientBody {
+    body: Incoming,
+    observe: Option<Arc<Observe>>,
+}
+
+impl ClientBody {
+    /// `body`, counted into `observe` if there is one.
+    pub(crate) fn new(body: Incoming, observe: Option<&Arc<Observe>>) -> ClientBody {
+        ClientBody { body, observe: observe.cloned() }
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if let (Some(observe), Poll::Ready(Some(Ok(frame)))) = (&this.observe, &polled)
+            && let Some(data) = frame.data_ref()
+        {
+            observe.received(data.len());
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// A request body on its way to an endpoint.
 #[derive(Debug)]
 pub enum UpstreamBody {
     /// The client's body, read once.
-    Direct(Incoming),
+    Direct(ClientBody),
     /// A reader of the client's body that can be replayed.
     Replay(ReplayBody),
     /// No body (the client sent none): every attempt can send it, nothing needs keeping.

@@ -34,7 +34,7 @@ use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, Uri};
 use hyper::body::Incoming;
 
-use super::body::{InFlight, ProxyBody, UpstreamBody};
+use super::body::{ClientBody, InFlight, ProxyBody, UpstreamBody};
 use super::client::{self, Outcome};
 use super::error::ProxyError;
 use super::observe::Observe;
@@ -131,7 +131,7 @@ pub(crate) enum Reusable {
 }
 
 impl Reusable {
-    fn new(body: Incoming, limit: usize) -> Reusable {
+    fn new(body: ClientBody, limit: usize) -> Reusable {
         if hyper::body::Body::is_end_stream(&body) {
             Reusable::Empty
         } else {
@@ -215,10 +215,12 @@ pub(crate) async fn policed(
         timeout: policy.timeout.map(|limit| (limit, started + limit)),
     };
     let result = if retry.is_none() && mirror.is_none() {
-        attempts.once(&template, UpstreamBody::Direct(body), downstream_upgrade).await
+        attempts
+            .once(&template, UpstreamBody::Direct(ClientBody::new(body, observe.as_ref())), downstream_upgrade)
+            .await
     } else {
         let limit = retry.map_or(limits::MIRROR_BODY_BUFFER, |r| r.replay_limit);
-        let body = Reusable::new(body, limit);
+        let body = Reusable::new(ClientBody::new(body, observe.as_ref()), limit);
         if let Some(mirror) = mirror {
             mirror::send(mirror, &template, &body, downstream_version, policy.timeout, connection);
         }

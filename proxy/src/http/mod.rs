@@ -57,7 +57,7 @@ use crate::policy::Admission;
 use crate::state::cluster::{Cluster, Picked, Targets, UpstreamProtocol};
 use crate::state::{Direction, ListenerConfig};
 use crate::timer::CoarseTimer;
-use body::{InFlight, ProxyBody, UpstreamBody};
+use body::{ClientBody, InFlight, ProxyBody, UpstreamBody};
 use client::Outcome;
 use error::ProxyError;
 use observe::{Finish, Observe};
@@ -245,10 +245,11 @@ async fn proxy(
                 client::Version::Http1 => {
                     let (parts, body) = request.into_parts();
                     let head = Outgoing { parts, traceparent };
-                    client::send_http1(&cluster, endpoint, head, UpstreamBody::Direct(body), upgrade).await
+                    let body = UpstreamBody::Direct(ClientBody::new(body, observe.as_ref()));
+                    client::send_http1(&cluster, endpoint, head, body, upgrade).await
                 }
                 client::Version::Http2 => {
-                    let request = request.map(UpstreamBody::Direct);
+                    let request = request.map(|body| UpstreamBody::Direct(ClientBody::new(body, observe.as_ref())));
                     let sending = Box::pin(client::send_http2(&connection.data.client, &cluster, endpoint, request));
                     sending.await
                 }

@@ -3,19 +3,20 @@
 //!
 //! `http::proxy` asks [`begin`] on arrival: with tracing on, the request's trace context is read
 //! and the sampling decided (`telemetry::trace`); when the request is sampled or the access log is
-//! on, an [`Observe`] follows it down the data path, where each attempt counts itself, notes its
-//! endpoint and starts its client span ([`Observe::attempt`]). With the response head, the
+//! on, an [`Observe`] follows it down the data path, where the request body counts its bytes as the
+//! client sends them (`body::ClientBody`), and each attempt counts itself, notes its endpoint and
+//! starts its client span ([`Observe::attempt`]). With the response head, the
 //! response body is given a [`Finish`]: it counts the bytes and reads the gRPC status as they
 //! stream, and when the body ends (or is dropped) it ships the server span, writes the access log
 //! line and counts the gRPC status. A request nobody observes (tracing off or unsampled, no access
 //! log, not gRPC) costs none of this: one branch on arrival and one on the response.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{HeaderMap, Method, Request, Uri};
 
 use super::HttpConnection;
@@ -34,7 +35,8 @@ pub(crate) struct Observe {
     uri: Uri,
     authority: Option<String>,
     version: http::Version,
-    request_bytes: Option<u64>,
+    /// Data bytes of the request body read from the client so far (`body::ClientBody`).
+    request_bytes: AtomicU64,
     attempts: AtomicU32,
     /// The last attempt's cluster and endpoint. A lock, not for contention (a request's attempts
     /// all run on its worker) but because the request's future may move between threads.
@@ -56,7 +58,6 @@ pub(crate) fn begin<B>(
     if trace.is_none() && data.access_log.is_none() {
         return (None, unsampled);
     }
-    let headers = request.headers();
     let observe = Arc::new(Observe {
         trace,
         start: SystemTime::now(),
@@ -64,15 +65,11 @@ pub(crate) fn begin<B>(
         uri: request.uri().clone(),
         authority: super::headers::authority(request).map(str::to_owned),
         version: request.version(),
-        request_bytes: content_length(headers),
+        request_bytes: AtomicU64::new(0),
         attempts: AtomicU32::new(0),
         upstream: Mutex::new(None),
     });
     (Some(observe), unsampled)
-}
-
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
 /// Whether a request is a gRPC call (its status then counts when the response ends).
@@ -81,6 +78,11 @@ pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
 }
 
 impl Observe {
+    /// Notes `len` bytes of the request body read from the client.
+    pub(crate) fn received(&self, len: usize) {
+        self.request_bytes.fetch_add(len as u64, Ordering::Relaxed);
+    }
+
     /// Counts an attempt on `endpoint` of `cluster`, and starts its client span if the request is
     /// traced.
     pub(crate) fn attempt(
@@ -215,7 +217,7 @@ impl Drop for Finish {
                 path: Some(path),
                 status: Some(self.status),
                 grpc_status,
-                request_bytes: observe.request_bytes,
+                request_bytes: Some(observe.request_bytes.load(Ordering::Relaxed)),
                 response_bytes: Some(self.response_bytes),
                 route: route.map(|r| &**r),
                 cluster: upstream.as_ref().map(|(c, _)| &**c),

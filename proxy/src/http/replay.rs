@@ -25,7 +25,8 @@ use std::task::{Context, Poll, Waker};
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
+
+use crate::http::body::ClientBody;
 
 /// Errors a replayed body can end with.
 pub type ReplayError = Box<dyn std::error::Error + Send + Sync>;
@@ -66,7 +67,7 @@ impl<B> Record<B> {
 
 /// One reader of a shared request body (the downstream request's, or in tests any body).
 #[derive(Debug)]
-pub struct ReplayBody<B = Incoming> {
+pub struct ReplayBody<B = ClientBody> {
     record: Arc<Mutex<Record<B>>>,
     /// The next data frame this reader yields.
     position: usize,

@@ -89,7 +89,7 @@ pub struct Entry<'a> {
     pub status: Option<u16>,
     /// HTTP: the gRPC status, for gRPC.
     pub grpc_status: Option<u32>,
-    /// HTTP: the request body's declared length (`Content-Length`).
+    /// HTTP: request body bytes read from the client by the time the response ended.
     pub request_bytes: Option<u64>,
     /// HTTP: response body bytes sent.
     pub response_bytes: Option<u64>,

@@ -1,5 +1,6 @@
 //! Span export: a bounded queue from the workers to one exporter thread, which sends batches to an
-//! OTLP collector (gRPC, or HTTP with protobuf bodies) through `opentelemetry-otlp`.
+//! OTLP collector (gRPC, or HTTP with protobuf bodies) through `opentelemetry-otlp`, plaintext or
+//! over TLS checked against `tracing.ca_file`.
 //!
 //! Workers hand finished spans to [`Queue::push`], which never waits: when the queue is full the
 //! span is dropped and counted (`remora_trace_spans_total{result="dropped"}`). Nor does a push wake
@@ -13,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use opentelemetry::KeyValue;
-use opentelemetry_otlp::{Protocol, WithExportConfig, WithTonicConfig};
+use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig, WithTonicConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{SpanData, SpanExporter as _};
 use prometheus_client::metrics::counter::Counter;
@@ -21,6 +22,7 @@ use remora_control_api::grpc::{ControlTls, lazy_tls_channel};
 use tokio::sync::{Notify, mpsc};
 use tracing::{debug, info, warn};
 
+use super::otlp_http::CollectorClient;
 #[cfg(test)]
 use super::trace::Decision;
 use super::trace::Tracer;
@@ -160,19 +162,25 @@ pub fn start(settings: &ExportSettings, counters: SpanCounters) -> Result<Arc<Tr
 
 fn build(settings: &ExportSettings) -> Result<opentelemetry_otlp::SpanExporter, String> {
     let builder = opentelemetry_otlp::SpanExporter::builder();
+    // TLS through the same rustls client as the control plane's (TLS 1.3, ring); both transports
+    // connect on first use, so a collector that is down does not stop the start.
+    let roots = match &settings.ca_file {
+        Some(ca_file) => {
+            let pem = std::fs::read(ca_file).map_err(|e| format!("ca_file {}: {e}", ca_file.display()))?;
+            Some(ControlTls::from_pem(&pem).map_err(|e| format!("ca_file {}: {e}", ca_file.display()))?)
+        }
+        None => None,
+    };
     let mut exporter = if settings.http {
         builder
             .with_http()
+            .with_http_client(CollectorClient::new(roots.as_ref(), settings.timeout))
             .with_protocol(Protocol::HttpBinary)
             .with_endpoint(http_endpoint(&settings.endpoint))
             .with_timeout(settings.timeout)
             .build()
-    } else if let Some(ca_file) = &settings.ca_file {
-        // TLS through the same rustls client as the control plane's (TLS 1.3, ring), on a channel
-        // that connects on first use, so a collector that is down does not stop the start.
-        let pem = std::fs::read(ca_file).map_err(|e| format!("ca_file {}: {e}", ca_file.display()))?;
-        let roots = ControlTls::from_pem(&pem).map_err(|e| format!("ca_file {}: {e}", ca_file.display()))?;
-        let channel = lazy_tls_channel(&settings.endpoint, &roots, settings.timeout).map_err(|e| e.to_string())?;
+    } else if let Some(roots) = &roots {
+        let channel = lazy_tls_channel(&settings.endpoint, roots, settings.timeout).map_err(|e| e.to_string())?;
         builder.with_tonic().with_channel(channel).with_timeout(settings.timeout).build()
     } else {
         builder.with_tonic().with_endpoint(settings.endpoint.clone()).with_timeout(settings.timeout).build()

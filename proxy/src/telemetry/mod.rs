@@ -17,6 +17,7 @@ pub mod access_log;
 pub mod export;
 pub mod histogram;
 pub mod logging;
+mod otlp_http;
 pub mod trace;
 
 use std::sync::{Arc, OnceLock};
