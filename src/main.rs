@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use clap::{ArgGroup, Parser, Subcommand};
 use remora_control_api::ca::kubernetes::DEFAULT_AUDIENCE;
 use remora_control_api::control::registry::{self, Registered};
-use remora_control_api::control::{self, CaConfig, CaRoot, ControlConfig, InjectorConfig, InjectorTls, KubernetesAuth};
+use remora_control_api::control::{self, CaConfig, CaRoot, ControlConfig, InjectorConfig, InjectorTls, KubernetesApi};
 use remora_control_api::inject::{InjectConfig, Injector};
 use remora_proxy::capture::{self, Capture};
 use remora_proxy::demo::DemoOptions;
@@ -84,6 +84,7 @@ enum Command {
     /// Run the control plane: serve the resources of a directory of YAML files (and endpoints
     /// registered in etcd) to every connected proxy over Delta ADS, pushing each change live.
     #[command(group(ArgGroup::new("ca_auth").args(["ca_tokens", "ca_kubernetes"]).multiple(true)))]
+    #[command(group(ArgGroup::new("kubernetes_users").args(["ca_kubernetes", "injector_webhook"]).multiple(true)))]
     Control {
         /// Directory of resource files (the proxy's --config format, resources only), watched. A git
         /// work tree is versioned by its checked-out commit.
@@ -120,8 +121,9 @@ enum Command {
         /// The audience service-account tokens must be issued for.
         #[arg(long, default_value = DEFAULT_AUDIENCE, value_name = "AUDIENCE", requires = "ca_kubernetes")]
         token_audience: String,
-        /// The API server, https://HOST[:PORT], instead of the in-cluster one.
-        #[arg(long, value_name = "URL", requires_all = ["ca_kubernetes", "kubernetes_ca", "kubernetes_token"])]
+        /// The API server, https://HOST[:PORT], instead of the in-cluster one (for --ca-kubernetes
+        /// and --injector-webhook).
+        #[arg(long, value_name = "URL", requires_all = ["kubernetes_users", "kubernetes_ca", "kubernetes_token"])]
         kubernetes_api: Option<String>,
         /// PEM roots of --kubernetes-api's certificate.
         #[arg(long, value_name = "FILE", requires = "kubernetes_api")]
@@ -140,6 +142,11 @@ enum Command {
         /// https:// URL and --control-ca with the CA's root.
         #[arg(long = "tls-name", value_name = "NAME", requires = "ca_auth")]
         tls_names: Vec<String>,
+        /// The lifetime of the certificates the CA issues the control plane itself (--tls-name,
+        /// --injector-name), in seconds; each is renewed at half of it.
+        #[arg(long, default_value_t = control::DEFAULT_SERVING_CERT_TTL.as_secs(), value_name = "SECONDS",
+              value_parser = clap::value_parser!(u64).range(2..))]
+        serving_cert_ttl: u64,
         /// Serve the sidecar injector, a mutating admission webhook (POST /inject, AdmissionReview
         /// v1), on its own HTTPS port, with the certificate of --injector-cert and --injector-key,
         /// or one from the CA for the --injector-name names.
@@ -156,6 +163,10 @@ enum Command {
         /// then the CA's root.
         #[arg(long = "injector-name", value_name = "NAME", requires_all = ["injector", "ca_auth"])]
         injector_names: Vec<String>,
+        /// Keep the caBundle of every webhook in this MutatingWebhookConfiguration equal to the CA
+        /// root (checked at start and every minute, through the API server; needs --injector-name).
+        #[arg(long, value_name = "NAME", requires = "injector_names")]
+        injector_webhook: Option<String>,
         /// The injector's PEM private key.
         #[arg(long, value_name = "FILE", requires = "injector")]
         injector_key: Option<PathBuf>,
@@ -342,10 +353,12 @@ fn main() -> ExitCode {
             trust_domain,
             max_cert_ttl,
             tls_names,
+            serving_cert_ttl,
             injector,
             injector_listen,
             injector_cert,
             injector_names,
+            injector_webhook,
             injector_key,
             injector_config,
             legacy_sidecar,
@@ -355,18 +368,18 @@ fn main() -> ExitCode {
                 (None, Some(cert), Some(key)) => Some(CaRoot::Files { cert, key }),
                 _ => None,
             };
-            let kubernetes = match (ca_kubernetes, kubernetes_api, kubernetes_ca, kubernetes_token) {
-                (false, ..) => None,
-                (true, Some(url), Some(ca_file), Some(token_file)) => {
-                    Some(KubernetesAuth::Explicit { url, ca_file, token_file, audience: token_audience })
+            let kubernetes = match (kubernetes_api, kubernetes_ca, kubernetes_token) {
+                (Some(url), Some(ca_file), Some(token_file)) => {
+                    Some(KubernetesApi::Explicit { url, ca_file, token_file })
                 }
-                (true, ..) => Some(KubernetesAuth::InCluster { audience: token_audience }),
+                _ if ca_kubernetes || injector_webhook.is_some() => Some(KubernetesApi::InCluster),
+                _ => None,
             };
             let ca = root.map(|root| CaConfig {
                 root,
                 trust_domain,
                 tokens: ca_tokens,
-                kubernetes,
+                token_audience: ca_kubernetes.then_some(token_audience),
                 max_ttl: Duration::from_secs(max_cert_ttl),
                 tls_names,
             });
@@ -384,13 +397,23 @@ fn main() -> ExitCode {
                     }
                     (_, Ok(settings)) => {
                         let injector = Injector::new(settings, legacy_sidecar);
-                        Some(InjectorConfig { listen: injector_listen, tls, injector })
+                        Some(InjectorConfig { listen: injector_listen, tls, injector, webhook: injector_webhook })
                     }
                     (_, Err(error)) => return fail(error),
                 },
             };
-            control::run(ControlConfig { listen, config_dir, etcd, etcd_prefix, ca, injector })
-                .map_err(anyhow::Error::from)
+            let serving_cert_ttl = Duration::from_secs(serving_cert_ttl);
+            control::run(ControlConfig {
+                listen,
+                config_dir,
+                etcd,
+                etcd_prefix,
+                ca,
+                injector,
+                kubernetes,
+                serving_cert_ttl,
+            })
+            .map_err(anyhow::Error::from)
         }
         Command::Inject { file, config, legacy_sidecar } => inject(&file, config.as_deref(), legacy_sidecar),
         Command::WaitReady { admin, timeout } => {

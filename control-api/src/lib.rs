@@ -18,6 +18,8 @@
 //! - [`control`] — `remora control`: the GitOps directory, the etcd registry, the server, composed.
 //! - [`identity`] — SPIFFE IDs and the patterns allow-lists are written in.
 //! - [`ca`] — the certificate authority: its root, the signing service, and the proxies' client.
+//! - [`inject`] — the sidecar injector (`remora inject`, the admission webhook).
+//! - [`kubernetes`] — the control plane's client of the Kubernetes API server.
 
 pub mod ca;
 pub mod config;
@@ -25,6 +27,7 @@ pub mod control;
 pub mod grpc;
 pub mod identity;
 pub mod inject;
+pub mod kubernetes;
 pub(crate) mod limits;
 pub mod resource;
 pub mod validate;

@@ -89,7 +89,7 @@ impl TestControlPlane {
             root: crate::control::CaRoot::Directory(ca_dir),
             trust_domain: trust_domain.to_owned(),
             tokens: Some(tokens_file),
-            kubernetes: None,
+            token_audience: None,
             max_ttl: crate::ca::DEFAULT_MAX_TTL,
             tls_names: Vec::new(),
         });

@@ -239,7 +239,7 @@ async fn demo(options: DemoOptions, dir: &Path) -> anyhow::Result<()> {
             root: CaRoot::Directory(ca_dir.clone()),
             trust_domain: "cluster.local".into(),
             tokens: Some(ca_dir.join("tokens")),
-            kubernetes: None,
+            token_audience: None,
             max_ttl: Duration::from_secs(24 * 3600),
             tls_names: vec!["127.0.0.1".into(), "localhost".into()],
         }),

@@ -12,6 +12,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
+use std::time::Duration;
 
 use base64::Engine as _;
 use remora_control_api::inject::{InjectConfig, Injector};
@@ -336,65 +337,110 @@ async fn reqwest_metrics(address: &str) -> String {
     text
 }
 
-/// A stand-in for the Kubernetes API server's TokenReview endpoint (no kube-apiserver can run
-/// here): HTTPS with a certificate from `ca`, answering as the real one does — 401 unless the
-/// caller is the control plane, a review per token it knows. Returns its address and the reviews
-/// it received.
-async fn token_review_server(ca: &TestCa) -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<Value>>>) {
-    let serving = ca.serving(&["127.0.0.1"]);
-    let config =
-        remora_control_api::control::tls::pem_config(&format!("{}{}", serving.cert, serving.ca), &serving.key).unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let log = seen.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else { return };
-            let (acceptor, log) = (acceptor.clone(), log.clone());
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else { return };
-                let service = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
-                    let log = log.clone();
-                    async move {
-                        use http_body_util::BodyExt;
-                        let authorized = request.headers().get("authorization").and_then(|v| v.to_str().ok())
-                            == Some("Bearer control-plane-sa-token");
-                        let path = request.uri().path().to_owned();
-                        let body = request.into_body().collect().await.unwrap().to_bytes();
-                        let review: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                        log.lock().unwrap().push(json!({"path": path, "authorized": authorized, "review": review}));
-                        let (status, answer) = if !authorized {
-                            (401, json!({"kind": "Status", "status": "Failure", "reason": "Unauthorized", "code": 401}))
-                        } else {
-                            let user = match review["spec"]["token"].as_str() {
-                                Some("projected-token-of-shop-web") => Some("system:serviceaccount:shop:web"),
-                                _ => None,
+/// The token the control plane authenticates to the stand-in API server with.
+const CONTROL_PLANE_TOKEN: &str = "control-plane-sa-token";
+const WEBHOOK_PATH: &str = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/remora-injector";
+
+/// A stand-in for the parts of the Kubernetes API server the control plane uses (no kube-apiserver
+/// can run here): HTTPS with a certificate from `ca`, answering as the real one does. 401 unless the
+/// caller is the control plane; TokenReview with a review per token it knows; and GET and PATCH
+/// (JSON patch: `test` and `add`) of the `remora-injector` MutatingWebhookConfiguration, which
+/// starts as `webhook`.
+struct ApiServer {
+    address: std::net::SocketAddr,
+    /// Every request: method, path, whether authorized, content type and body (JSON).
+    seen: Arc<std::sync::Mutex<Vec<Value>>>,
+    webhook: Arc<std::sync::Mutex<Value>>,
+}
+
+impl ApiServer {
+    async fn start(ca: &TestCa, webhook: Value) -> ApiServer {
+        let serving = ca.serving(&["127.0.0.1"]);
+        let config =
+            remora_control_api::control::tls::pem_config(&format!("{}{}", serving.cert, serving.ca), &serving.key)
+                .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let webhook = Arc::new(std::sync::Mutex::new(webhook));
+        let (log, state) = (seen.clone(), webhook.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { return };
+                let (acceptor, log, state) = (acceptor.clone(), log.clone(), state.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else { return };
+                    let service = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                        let (log, state) = (log.clone(), state.clone());
+                        async move {
+                            use http_body_util::BodyExt;
+                            let header = |name: &str| {
+                                request.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
                             };
-                            let status = match user {
-                                Some(user) => json!({"authenticated": true, "audiences": review["spec"]["audiences"],
-                                                     "user": {"username": user, "groups": ["system:serviceaccounts"]}}),
-                                None => json!({"authenticated": false, "error": "invalid bearer token"}),
+                            let authorized = header("authorization") == Some(format!("Bearer {CONTROL_PLANE_TOKEN}"));
+                            let content_type = header("content-type");
+                            let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+                            let body = request.into_body().collect().await.unwrap().to_bytes();
+                            let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                            log.lock().unwrap().push(json!({"method": method.as_str(), "path": path,
+                                "authorized": authorized, "content_type": content_type, "body": body}));
+                            let (status, answer) = if !authorized {
+                                (401, json!({"kind": "Status", "reason": "Unauthorized", "code": 401}))
+                            } else {
+                                ApiServer::answer(&method, &path, &body, &state)
                             };
-                            (
-                                201,
-                                json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "status": status}),
-                            )
-                        };
-                        let mut response =
-                            http::Response::new(http_body_util::Full::new(bytes::Bytes::from(answer.to_string())));
-                        *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
-                        Ok::<_, std::convert::Infallible>(response)
-                    }
+                            let mut response =
+                                http::Response::new(http_body_util::Full::new(bytes::Bytes::from(answer.to_string())));
+                            *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                            Ok::<_, std::convert::Infallible>(response)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                        .await;
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                    .await;
-            });
+            }
+        });
+        ApiServer { address, seen, webhook }
+    }
+
+    fn answer(method: &http::Method, path: &str, body: &Value, webhook: &std::sync::Mutex<Value>) -> (u16, Value) {
+        match (method.as_str(), path) {
+            ("POST", "/apis/authentication.k8s.io/v1/tokenreviews") => {
+                let user = match body["spec"]["token"].as_str() {
+                    Some("projected-token-of-shop-web") => Some("system:serviceaccount:shop:web"),
+                    _ => None,
+                };
+                let status = match user {
+                    Some(user) => json!({"authenticated": true, "audiences": body["spec"]["audiences"],
+                                         "user": {"username": user, "groups": ["system:serviceaccounts"]}}),
+                    None => json!({"authenticated": false, "error": "invalid bearer token"}),
+                };
+                (201, json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "status": status}))
+            }
+            ("GET", WEBHOOK_PATH) => (200, webhook.lock().unwrap().clone()),
+            ("PATCH", WEBHOOK_PATH) => {
+                let mut patched = webhook.lock().unwrap().clone();
+                for op in body.as_array().unwrap() {
+                    let path = op["path"].as_str().unwrap();
+                    match op["op"].as_str().unwrap() {
+                        "test" if patched.pointer(path) == Some(&op["value"]) => {}
+                        "test" => return (422, json!({"kind": "Status", "reason": "Invalid", "code": 422})),
+                        "add" => {
+                            let (parent, key) = path.rsplit_once('/').unwrap();
+                            let parent = patched.pointer_mut(parent).unwrap().as_object_mut().unwrap();
+                            parent.insert(key.to_owned(), op["value"].clone());
+                        }
+                        other => panic!("unexpected op {other}"),
+                    }
+                }
+                *webhook.lock().unwrap() = patched.clone();
+                (200, patched)
+            }
+            _ => (404, json!({"kind": "Status", "reason": "NotFound", "code": 404})),
         }
-    });
-    (address, seen)
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -404,13 +450,13 @@ async fn the_ca_issues_a_service_account_its_own_identity_after_a_token_review()
     use remora_control_api::identity::SpiffeId;
 
     let cluster_ca = TestCa::new("cluster.local");
-    let (api_server, reviews) = token_review_server(&cluster_ca).await;
+    let api = ApiServer::start(&cluster_ca, Value::Null).await;
     let directory = remora_proxy::testing::proxy::temp_dir("remora-tokenreview");
     let cluster_ca_file = directory.join("kubernetes-ca.crt");
     std::fs::write(&cluster_ca_file, cluster_ca.serving(&["127.0.0.1"]).ca).unwrap();
     let own_token = directory.join("control-plane.token");
-    std::fs::write(&own_token, "control-plane-sa-token\n").unwrap();
-    let api_url = format!("https://{api_server}");
+    std::fs::write(&own_token, format!("{CONTROL_PLANE_TOKEN}\n")).unwrap();
+    let api_url = format!("https://{}", api.address);
     let mut control = Spawned::new(&[
         "control",
         "--listen",
@@ -467,13 +513,13 @@ async fn the_ca_issues_a_service_account_its_own_identity_after_a_token_review()
         tonic::Code::Unauthenticated
     );
     // Each review went to TokenReview as the control plane, for the CA's audience.
-    let seen = reviews.lock().unwrap().clone();
+    let seen = api.seen.lock().unwrap().clone();
     assert_eq!(seen.len(), 3, "{seen:?}");
     for review in &seen {
         assert_eq!(review["path"], "/apis/authentication.k8s.io/v1/tokenreviews");
         assert_eq!(review["authorized"], true);
-        assert_eq!(review["review"]["kind"], "TokenReview");
-        assert_eq!(review["review"]["spec"]["audiences"], json!(["remora"]));
+        assert_eq!(review["body"]["kind"], "TokenReview");
+        assert_eq!(review["body"]["spec"]["audiences"], json!(["remora"]));
     }
 
     // A proxy as the injector sets it up: the projected token in a file, the control plane's root
@@ -506,5 +552,129 @@ async fn the_ca_issues_a_service_account_its_own_identity_after_a_token_review()
         refused(ask("spiffe://cluster.local/ns/shop/sa/web", "projected-token-of-shop-web").await),
         tonic::Code::Unavailable
     );
+    let _ = std::fs::remove_dir_all(directory);
+}
+
+/// A TLS connection to `address` trusting `root` (ALPN http/1.1, for host `name`), its HTTP/1.1
+/// sender, and the leaf certificate the server presented.
+async fn tls_session(
+    address: std::net::SocketAddr,
+    root: &str,
+    name: &str,
+) -> (hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>, Vec<u8>) {
+    let tls = remora_control_api::grpc::ControlTls::from_pem(root.as_bytes()).unwrap();
+    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    let stream = tokio_rustls::TlsConnector::from(tls.http1_config())
+        .connect(ServerName::try_from(name.to_owned()).unwrap(), tcp)
+        .await
+        .unwrap();
+    let leaf = stream.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    let (sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(connection);
+    (sender, leaf)
+}
+
+/// `GET path` on an open session; the status and body.
+async fn get(
+    sender: &mut hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    path: &str,
+) -> (u16, String) {
+    use http_body_util::BodyExt;
+    let request = http::Request::get(path).header("host", "localhost").body(http_body_util::Empty::new()).unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// With `--injector-webhook`, the control plane sets the caBundle of the webhook configuration
+/// (the one `deploy/` applies) to the CA root through the API server; and with short-lived serving
+/// certificates, it renews its port's and the injector's certificates at half-life while open
+/// connections carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_plane_patches_the_webhook_ca_bundle_and_renews_its_serving_certificates() {
+    let cluster_ca = TestCa::new("cluster.local");
+    let manifest = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/webhook.yaml")).unwrap();
+    let deployed: Value = serde_yaml_ng::from_str(&manifest).unwrap();
+    assert!(deployed["webhooks"][0]["clientConfig"].get("caBundle").is_none(), "deploy/ leaves caBundle out");
+    let api = ApiServer::start(&cluster_ca, deployed).await;
+    let directory = remora_proxy::testing::proxy::temp_dir("remora-ca-bundle");
+    let cluster_ca_file = directory.join("kubernetes-ca.crt");
+    std::fs::write(&cluster_ca_file, cluster_ca.serving(&["127.0.0.1"]).ca).unwrap();
+    let own_token = directory.join("control-plane.token");
+    std::fs::write(&own_token, CONTROL_PLANE_TOKEN).unwrap();
+    let api_url = format!("https://{}", api.address);
+    let mut control = Spawned::new(&[
+        "control",
+        "--listen",
+        "127.0.0.1:0",
+        "--ca-dir",
+        directory.join("ca").to_str().unwrap(),
+        "--ca-kubernetes",
+        "--kubernetes-api",
+        &api_url,
+        "--kubernetes-ca",
+        cluster_ca_file.to_str().unwrap(),
+        "--kubernetes-token",
+        own_token.to_str().unwrap(),
+        "--tls-name",
+        "127.0.0.1",
+        "--serving-cert-ttl",
+        "4",
+        "--injector",
+        "--injector-listen",
+        "127.0.0.1:0",
+        "--injector-name",
+        "localhost",
+        "--injector-webhook",
+        "remora-injector",
+    ]);
+    let line = control.wait_for("remora control serving Delta ADS");
+    let port: std::net::SocketAddr = line.rsplit("address=").next().unwrap().trim().parse().unwrap();
+    let line = control.wait_for("remora control serving the sidecar injector");
+    let injector: std::net::SocketAddr = line.rsplit("address=").next().unwrap().trim().parse().unwrap();
+    let mesh_root = std::fs::read_to_string(directory.join("ca/ca.crt")).unwrap();
+
+    // The caBundle: patched in, guarded by the webhook's name, as the control plane.
+    control.wait_for("webhook caBundle set to the CA root");
+    let webhook = api.webhook.lock().unwrap().clone();
+    let bundle = base64::engine::general_purpose::STANDARD.encode(&mesh_root);
+    assert_eq!(webhook["webhooks"][0]["clientConfig"]["caBundle"], bundle.as_str());
+    assert_eq!(webhook["webhooks"][0]["clientConfig"]["service"]["name"], "remora-injector", "the rest is kept");
+    let seen = api.seen.lock().unwrap().clone();
+    let patch = seen.iter().find(|r| r["method"] == "PATCH").expect("a PATCH");
+    assert_eq!(patch["path"], WEBHOOK_PATH);
+    assert_eq!(patch["authorized"], true);
+    assert_eq!(patch["content_type"], "application/json-patch+json");
+    assert_eq!(patch["body"][0], json!({"op": "test", "path": "/webhooks/0/name", "value": "inject.remora.dev"}));
+
+    // Renewal: a connection opened now keeps working after both certificates are renewed (at 2 s),
+    // and a new one is served the new certificate, from the same root.
+    let (mut before, first) = tls_session(injector, &mesh_root, "localhost").await;
+    assert_eq!(get(&mut before, "/live").await.0, 200);
+    let (_, first_port) = tls_session(port, &mesh_root, "127.0.0.1").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let renewed = loop {
+        let (_, leaf) = tls_session(injector, &mesh_root, "localhost").await;
+        if leaf != first {
+            break leaf;
+        }
+        assert!(std::time::Instant::now() < deadline, "the injector's certificate was not renewed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_ne!(renewed, first);
+    assert_eq!(get(&mut before, "/live").await.0, 200, "an open connection outlives the renewal");
+    let (mut operator, now_port) = tls_session(port, &mesh_root, "127.0.0.1").await;
+    assert_ne!(now_port, first_port, "the port's certificate is renewed too");
+    let (status, metrics) = get(&mut operator, "/metrics").await;
+    assert_eq!(status, 200);
+    let renewals = metrics
+        .lines()
+        .find(|l| l.starts_with("remora_control_serving_certificate_renewals_total{result=\"renewed\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no renewal count in\n{metrics}"));
+    assert!(renewals >= 2.0, "{renewals}");
+    assert!(metrics.contains("remora_control_injector_ca_bundle_checks_total{result=\"patched\"} 1"), "{metrics}");
     let _ = std::fs::remove_dir_all(directory);
 }

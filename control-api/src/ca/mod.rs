@@ -231,14 +231,14 @@ impl Authority {
 
 impl Authority {
     /// A serving certificate (PEM) and its new key (PEM) for the control plane itself, for `names`
-    /// (DNS names or IP addresses), valid a year: server auth only, and no URI SAN, so it can never
-    /// pass for a workload identity.
-    pub fn serving_certificate(&self, names: &[String]) -> Result<(String, String), SignError> {
+    /// (DNS names or IP addresses), valid for `lifetime`: server auth only, and no URI SAN, so it
+    /// can never pass for a workload identity.
+    pub fn serving_certificate(&self, names: &[String], lifetime: Duration) -> Result<(String, String), SignError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(SignError::Internal)?;
         let mut name = DistinguishedName::new();
         name.push(DnType::CommonName, "remora control");
         let now = SystemTime::now();
-        let mut params = leaf_params(name, now - BACKDATE, now + Duration::from_secs(365 * 24 * 3600));
+        let mut params = leaf_params(name, now - BACKDATE, now + lifetime);
         params.subject_alt_names = names
             .iter()
             .map(|n| match n.parse::<std::net::IpAddr>() {

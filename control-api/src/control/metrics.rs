@@ -3,7 +3,8 @@
 //! The ADS server counts streams, pushes, ACKs and NACKs per resource type and observes convergence
 //! (from a change being published to each proxy's ACK of it); the sources count loads and failures
 //! and gauge how many resources and registered endpoints they hold; the CA counts signing requests
-//! by result.
+//! by result; the injector counts its reviews and its checks of the webhook's `caBundle`, and the
+//! control plane the renewals of its own serving certificates.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -42,6 +43,8 @@ pub struct ControlMetrics {
     registered: Gauge,
     signed: Family<ResultLabels, Counter>,
     reviews: Family<ResultLabels, Counter>,
+    ca_bundle: Family<ResultLabels, Counter>,
+    renewals: Family<ResultLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -74,6 +77,8 @@ impl ControlMetrics {
             registered: Gauge::default(),
             signed: Family::default(),
             reviews: Family::default(),
+            ca_bundle: Family::default(),
+            renewals: Family::default(),
         };
         let r = &mut m.registry;
         r.register("connected_proxies", "Proxies with an open discovery stream", m.connected.clone());
@@ -100,6 +105,16 @@ impl ControlMetrics {
             "injector_reviews",
             "Admission reviews the sidecar injector answered, by result (injected, skipped, denied, invalid)",
             m.reviews.clone(),
+        );
+        r.register(
+            "injector_ca_bundle_checks",
+            "Checks of the webhook configuration's caBundle against the CA root, by result (current, patched, error)",
+            m.ca_bundle.clone(),
+        );
+        r.register(
+            "serving_certificate_renewals",
+            "Renewals of the control plane's own serving certificates (its port's, the injector's), by result",
+            m.renewals.clone(),
         );
         m
     }
@@ -145,6 +160,14 @@ impl ControlMetrics {
 
     pub(crate) fn injector_review(&self, result: &'static str) {
         self.reviews.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    pub(crate) fn ca_bundle_checked(&self, result: &'static str) {
+        self.ca_bundle.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    pub(crate) fn serving_certificate_renewed(&self, ok: bool) {
+        self.renewals.get_or_create(&ResultLabels { result: if ok { "renewed" } else { "error" } }).inc();
     }
 
     pub(crate) fn certificate_request(&self, result: &'static str) {

@@ -40,13 +40,16 @@ use crate::ca::Authority;
 use crate::ca::auth::{Authenticators, LocalTokens};
 use crate::ca::kubernetes::TokenReview;
 use crate::ca::service::CaService;
-use crate::inject::{Injector, webhook};
+use crate::inject::{Injector, ca_bundle, webhook};
+use crate::kubernetes::{ApiClient, KubernetesError};
 use crate::validate::{self, References};
 use crate::xds::server::{AdsServer, Publisher};
 use crate::{Kind, Resource, v1};
 use metrics::ControlMetrics;
 use registry::Registrations;
 
+/// The lifetime of the control plane's own serving certificates, unless told otherwise.
+pub const DEFAULT_SERVING_CERT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How long start-up waits for the first read of the registry before serving without it.
 const REGISTRY_START_WAIT: Duration = Duration::from_secs(5);
 
@@ -65,6 +68,12 @@ pub struct ControlConfig {
     pub ca: Option<CaConfig>,
     /// The sidecar injector's admission webhook, if this control plane serves it.
     pub injector: Option<InjectorConfig>,
+    /// How to reach the Kubernetes API server (for TokenReviews and the webhook's caBundle), if
+    /// anything needs it.
+    pub kubernetes: Option<KubernetesApi>,
+    /// The lifetime of the serving certificates the CA issues the control plane (its port's, the
+    /// injector's); each is renewed at half of it.
+    pub serving_cert_ttl: Duration,
 }
 
 /// The admission webhook's settings: its own HTTPS port, certificate, and what it injects.
@@ -76,6 +85,9 @@ pub struct InjectorConfig {
     pub tls: InjectorTls,
     /// What it injects.
     pub injector: Injector,
+    /// The `MutatingWebhookConfiguration` whose webhooks' `caBundle` the control plane keeps equal
+    /// to the CA root (`inject::ca_bundle`; needs the CA-issued certificate and `kubernetes`).
+    pub webhook: Option<String>,
 }
 
 /// Where the injector's serving certificate comes from.
@@ -105,8 +117,9 @@ pub struct CaConfig {
     pub trust_domain: String,
     /// The bootstrap tokens file (`ca::auth::LocalTokens`), if any.
     pub tokens: Option<PathBuf>,
-    /// Kubernetes service-account tokens, checked by TokenReview, if the CA accepts them.
-    pub kubernetes: Option<KubernetesAuth>,
+    /// Accept Kubernetes service-account tokens issued for this audience, checked by TokenReview
+    /// (needs `ControlConfig::kubernetes`).
+    pub token_audience: Option<String>,
     /// The longest lifetime it signs.
     pub max_ttl: Duration,
     /// Serve the control plane's port over TLS, with a certificate from this CA for these names
@@ -114,14 +127,11 @@ pub struct CaConfig {
     pub tls_names: Vec<String>,
 }
 
-/// How the CA reaches the Kubernetes API server to review service-account tokens.
+/// How the control plane reaches the Kubernetes API server.
 #[derive(Clone, Debug)]
-pub enum KubernetesAuth {
+pub enum KubernetesApi {
     /// From inside a pod: the environment and the mounted service account.
-    InCluster {
-        /// The audience tokens must be for.
-        audience: String,
-    },
+    InCluster,
     /// An explicit API server (outside a cluster, or a proxy in front of it).
     Explicit {
         /// `https://host[:port]`.
@@ -130,9 +140,16 @@ pub enum KubernetesAuth {
         ca_file: PathBuf,
         /// The control plane's own bearer token.
         token_file: PathBuf,
-        /// The audience tokens must be for.
-        audience: String,
     },
+}
+
+impl KubernetesApi {
+    fn client(&self) -> Result<ApiClient, KubernetesError> {
+        match self {
+            KubernetesApi::InCluster => ApiClient::in_cluster(),
+            KubernetesApi::Explicit { url, ca_file, token_file } => ApiClient::new(url, ca_file, token_file),
+        }
+    }
 }
 
 /// Where the CA's root key and certificate are.
@@ -158,6 +175,8 @@ impl Default for ControlConfig {
             etcd_prefix: registry::DEFAULT_PREFIX.to_owned(),
             ca: None,
             injector: None,
+            kubernetes: None,
+            serving_cert_ttl: DEFAULT_SERVING_CERT_TTL,
         }
     }
 }
@@ -380,6 +399,11 @@ impl ControlPlane {
         let mut routes = tonic::service::Routes::new(ads.into_service());
         let mut serving_tls = None;
         let mut injector_tls = None;
+        let kubernetes = match &config.kubernetes {
+            Some(api) => Some(api.client().map_err(|e| ControlError::Ca(format!("kubernetes: {e}")))?),
+            None => None,
+        };
+        let mut ca_root = None;
         if let Some(ca) = &config.ca {
             let authority = match &ca.root {
                 CaRoot::Directory(dir) => Authority::load_or_generate(dir, &ca.trust_domain),
@@ -387,33 +411,33 @@ impl ControlPlane {
             }
             .map_err(|e| ControlError::Ca(e.to_string()))?
             .with_max_ttl(ca.max_ttl);
+            let authority = Arc::new(authority);
             let local = match &ca.tokens {
                 Some(path) => LocalTokens::load(path).map_err(|e| ControlError::Ca(e.to_string()))?,
                 None => LocalTokens::default(),
             };
-            let kubernetes = match &ca.kubernetes {
-                None => None,
-                Some(KubernetesAuth::InCluster { audience }) => {
-                    Some(TokenReview::in_cluster(&ca.trust_domain, audience))
+            let reviews = match (&ca.token_audience, &kubernetes) {
+                (None, _) => None,
+                (Some(audience), Some(api)) => Some(TokenReview::new(api.clone(), &ca.trust_domain, audience)),
+                (Some(_), None) => {
+                    return Err(ControlError::Ca("kubernetes tokens need the API server (kubernetes)".into()));
                 }
-                Some(KubernetesAuth::Explicit { url, ca_file, token_file, audience }) => {
-                    Some(TokenReview::new(url, ca_file, token_file, &ca.trust_domain, audience))
-                }
-            }
-            .transpose()
-            .map_err(|e| ControlError::Ca(format!("kubernetes: {e}")))?;
+            };
+            let mut serving = |names: &[String]| {
+                let (config, renew) = tls::serving_config(&authority, names, config.serving_cert_ttl, metrics.clone())?;
+                tasks.push(tokio::spawn(renew));
+                Ok::<_, String>(config)
+            };
             if !ca.tls_names.is_empty() {
-                let tls = tls::serving_config(&authority, &ca.tls_names).map_err(ControlError::Ca)?;
-                serving_tls = Some(tls);
+                serving_tls = Some(serving(&ca.tls_names).map_err(ControlError::Ca)?);
             }
-            info!(trust_domain = %ca.trust_domain, tokens = local.len(), kubernetes = ?kubernetes, tls = !ca.tls_names.is_empty(), "certificate authority serving");
-            let authenticators = Arc::new(Authenticators { local, kubernetes });
             if let Some(InjectorConfig { tls: InjectorTls::Ca { names }, .. }) = &config.injector {
-                let tls = tls::serving_config(&authority, names).map_err(ControlError::Injector)?;
-                injector_tls = Some(tls);
+                injector_tls = Some(serving(names).map_err(ControlError::Injector)?);
             }
-            routes =
-                routes.add_service(CaService::new(Arc::new(authority), authenticators, metrics.clone()).into_service());
+            info!(trust_domain = %ca.trust_domain, tokens = local.len(), kubernetes = ?reviews, tls = !ca.tls_names.is_empty(), "certificate authority serving");
+            let authenticators = Arc::new(Authenticators { local, kubernetes: reviews });
+            ca_root = Some(authority.root_pem().to_owned());
+            routes = routes.add_service(CaService::new(authority, authenticators, metrics.clone()).into_service());
         }
         let router = routes.into_axum_router().fallback({
             let sources = sources.clone();
@@ -453,6 +477,21 @@ impl ControlPlane {
                     ));
                 }
             };
+            if let Some(name) = &injector.webhook {
+                let (Some(api), Some(root)) = (&kubernetes, &ca_root) else {
+                    return Err(ControlError::Injector(
+                        "keeping the webhook's caBundle needs the CA and the Kubernetes API server".into(),
+                    ));
+                };
+                let keep = ca_bundle::keep(
+                    api.clone(),
+                    name.clone(),
+                    root.clone(),
+                    metrics.clone(),
+                    ca_bundle::CHECK_INTERVAL,
+                );
+                tasks.push(tokio::spawn(keep));
+            }
             let (bound, task) = serve_injector(injector, tls, metrics.clone()).await?;
             injector_address = Some(bound);
             tasks.push(task);

@@ -1,27 +1,36 @@
-//! TLS on the control plane's port: a serving certificate from the mesh CA, and the incoming
-//! connections tonic serves once their handshake is done.
+//! TLS on the control plane's port: a serving certificate from the mesh CA, renewed while the
+//! control plane runs, and the incoming connections tonic serves once their handshake is done.
 //!
-//! With `remora control --tls-name ...`, [`serving_config`] has the CA issue the control plane a
-//! certificate for those names (DNS names or IP addresses) and builds a TLS 1.3 server config from
-//! it; [`incoming`] accepts TCP connections, runs each handshake in its own task (a slow client
-//! never holds up the next accept), and yields the finished ones. Proxies check the certificate
-//! against the CA's root (`control_plane_ca_file`), so bearer tokens and configuration never cross
-//! the network in the clear.
+//! With `remora control --tls-name ...` (and for the injector's port, `--injector-name ...`),
+//! [`serving_config`] has the CA issue the control plane a certificate for those names (DNS names
+//! or IP addresses), short-lived (`--serving-cert-ttl`, a week by default), and builds a TLS 1.3
+//! server config that presents whichever certificate is current; the task it returns issues a new
+//! one at each half-life, so a control plane that runs for months never serves an expired
+//! certificate, and connections already open are not touched. [`incoming`] accepts TCP
+//! connections, runs each handshake in its own task (a slow client never holds up the next accept),
+//! and yields the finished ones. Proxies check the certificate against the CA's root
+//! (`control_plane_ca_file`), so bearer tokens and configuration never cross the network in the
+//! clear.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tonic::transport::server::{Connected, TcpConnectInfo};
-use tracing::debug;
+use tracing::{debug, info, warn};
 
+use super::metrics::ControlMetrics;
 use crate::ca::Authority;
 
 /// How long a client may take over its TLS handshake.
@@ -29,11 +38,68 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshaken connections waiting for the server to take them.
 const READY_QUEUE: usize = 128;
 
-/// A TLS 1.3 server config with a certificate `authority` issues now for `names`.
-pub(crate) fn serving_config(authority: &Authority, names: &[String]) -> Result<Arc<rustls::ServerConfig>, String> {
-    let (cert_pem, key_pem) = authority.serving_certificate(names).map_err(|e| e.to_string())?;
+/// A TLS 1.3 server config presenting a certificate `authority` issues now for `names`, valid for
+/// `lifetime`, and the task that renews it at each half-life (counted in `metrics`).
+pub(crate) fn serving_config(
+    authority: &Arc<Authority>,
+    names: &[String],
+    lifetime: Duration,
+    metrics: Arc<ControlMetrics>,
+) -> Result<(Arc<rustls::ServerConfig>, impl Future<Output = ()> + Send + 'static), String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let current = Arc::new(Renewed(ArcSwap::from_pointee(issue(authority, names, lifetime, &provider)?)));
+    let mut config = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_cert_resolver(current.clone());
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let (authority, names) = (authority.clone(), names.to_vec());
+    let renew = async move {
+        let mut wait = lifetime / 2;
+        loop {
+            tokio::time::sleep(wait).await;
+            match issue(&authority, &names, lifetime, &provider) {
+                Ok(key) => {
+                    current.0.store(Arc::new(key));
+                    metrics.serving_certificate_renewed(true);
+                    info!(?names, ?lifetime, "serving certificate renewed");
+                    wait = lifetime / 2;
+                }
+                Err(error) => {
+                    metrics.serving_certificate_renewed(false);
+                    warn!(?names, %error, "serving certificate renewal failed; retrying");
+                    wait = (lifetime / 20).max(Duration::from_secs(1));
+                }
+            }
+        }
+    };
+    Ok((Arc::new(config), renew))
+}
+
+/// A new serving certificate and key for `names`, with the root after it in the chain.
+fn issue(
+    authority: &Authority,
+    names: &[String],
+    lifetime: Duration,
+    provider: &rustls::crypto::CryptoProvider,
+) -> Result<CertifiedKey, String> {
+    let (cert_pem, key_pem) = authority.serving_certificate(names, lifetime).map_err(|e| e.to_string())?;
     let chain = format!("{cert_pem}{}", authority.root_pem());
-    pem_config(&chain, &key_pem)
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(chain.as_bytes()).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| e.to_string())?;
+    CertifiedKey::from_der(chain, key, provider).map_err(|e| e.to_string())
+}
+
+/// The serving certificate every new handshake gets: the latest issued.
+#[derive(Debug)]
+struct Renewed(ArcSwap<CertifiedKey>);
+
+impl ResolvesServerCert for Renewed {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.load_full())
+    }
 }
 
 /// A TLS 1.3 server config serving the certificate chain and key of two PEM files (the injector's,

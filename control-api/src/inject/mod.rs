@@ -1,7 +1,8 @@
 //! Sidecar injection: giving a workload's pods the Remora proxy and its capture init container.
 //!
 //! One [`Injector`] serves `remora inject` (manifests in, manifests out: [`Injector::inject_manifests`])
-//! and the admission webhook ([`webhook`]: a pod in, a JSON patch out). Both work on a pod *template*,
+//! and the admission webhook ([`webhook`]: a pod in, a JSON patch out; [`ca_bundle`] keeps the
+//! webhook's configuration trusting it). Both work on a pod *template*,
 //! the `{metadata, spec}` of a Pod or of the pod template inside a Deployment, StatefulSet,
 //! DaemonSet, ReplicaSet, ReplicationController, Job or CronJob (and of each item of a `List`):
 //!
@@ -26,6 +27,7 @@
 //! rules would apply to the node), or, in legacy mode, a Job's (it would never complete). Everything
 //! else is kept as it was: a document that needs no change is printed byte for byte as it came.
 
+pub mod ca_bundle;
 pub mod capture;
 pub mod patch;
 pub mod webhook;

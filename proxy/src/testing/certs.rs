@@ -43,7 +43,8 @@ impl TestCa {
     /// A server certificate for `names` (DNS names or IP addresses), as the control plane's.
     pub fn serving(&self, names: &[&str]) -> IssuedPem {
         let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
-        let (cert, key) = self.authority.serving_certificate(&names).unwrap();
+        let (cert, key) =
+            self.authority.serving_certificate(&names, std::time::Duration::from_secs(365 * 24 * 3600)).unwrap();
         IssuedPem { cert, key, ca: self.authority.root_pem().to_owned() }
     }
 
