@@ -239,7 +239,8 @@ impl Accepted {
 }
 
 /// Terminates mesh TLS from a peer sidecar, authorizes the peer, and serves what rides inside:
-/// HTTP/2 (judged again per request, by route) or opaque TCP (judged here, once).
+/// HTTP/2, or HTTP/1.1 for an upgrade (judged again per request, by route), or opaque TCP (judged
+/// here, once).
 async fn serve_mesh(
     stream: TcpStream,
     mesh: &MeshTls,
@@ -271,6 +272,12 @@ async fn serve_mesh(
         Alpn::Http => {
             let connection = accepted.into_http(data, Some(identity));
             http::serve(downstream, ServerVersion::Http2, connection).await;
+        }
+        Alpn::Http1 => {
+            // An upgrade the peer sidecar could not carry over HTTP/2: served like the app's own
+            // HTTP/1.1, authorized per request.
+            let connection = accepted.into_http(data, Some(identity));
+            http::serve(downstream, ServerVersion::Http1, connection).await;
         }
     }
 }

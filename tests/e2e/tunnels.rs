@@ -19,7 +19,7 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use crate::{cluster, listener, route_all};
 
 /// A WebSocket echo server: completes the handshake with hyper, then echoes every message.
-fn websocket_echo() -> Handler {
+pub(crate) fn websocket_echo() -> Handler {
     Arc::new(|mut request| {
         Box::pin(async move {
             let Some(key) = request.headers().get("sec-websocket-key").cloned() else {

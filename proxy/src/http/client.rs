@@ -138,7 +138,62 @@ pub enum Outcome {
     Response(Response<ProxyBody>),
     /// `101 Switching Protocols` to an HTTP/1.1 upgrade: the response head, the connection, and the
     /// bytes the endpoint sent after the head.
-    Switched(Response<()>, TcpStream, Bytes),
+    Switched(Response<()>, SwitchedStream, Bytes),
+}
+
+/// The endpoint's side of a switched protocol.
+#[derive(Debug)]
+pub enum SwitchedStream {
+    /// The proxy's own HTTP/1.1 client's connection (plaintext).
+    Plain(TcpStream),
+    /// The upgraded HTTP/1.1 exchange inside mesh TLS to the endpoint's sidecar.
+    Mesh(TokioIo<hyper::upgrade::Upgraded>),
+}
+
+impl tokio::io::AsyncRead for SwitchedStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            SwitchedStream::Plain(stream) => std::pin::Pin::new(stream).poll_read(cx, buf),
+            SwitchedStream::Mesh(stream) => std::pin::Pin::new(stream).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for SwitchedStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            SwitchedStream::Plain(stream) => std::pin::Pin::new(stream).poll_write(cx, buf),
+            SwitchedStream::Mesh(stream) => std::pin::Pin::new(stream).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            SwitchedStream::Plain(stream) => std::pin::Pin::new(stream).poll_flush(cx),
+            SwitchedStream::Mesh(stream) => std::pin::Pin::new(stream).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            SwitchedStream::Plain(stream) => std::pin::Pin::new(stream).poll_shutdown(cx),
+            SwitchedStream::Mesh(stream) => std::pin::Pin::new(stream).poll_shutdown(cx),
+        }
+    }
 }
 
 /// Sends the request `head` with `body` to `endpoint` over HTTP/1.1, reusing a pooled connection
@@ -169,7 +224,9 @@ pub async fn send_http1<H: h1::Head>(
         let release = if dedicated { drop_connection } else { release_http1 };
         match h1::exchange(connection, head, body, reused, release).await {
             Ok(h1::Exchanged::Response(response)) => return Ok(Outcome::Response(response.map(ProxyBody::http1))),
-            Ok(h1::Exchanged::Switched(head, stream, early)) => return Ok(Outcome::Switched(head, stream, early)),
+            Ok(h1::Exchanged::Switched(head, stream, early)) => {
+                return Ok(Outcome::Switched(head, SwitchedStream::Plain(stream), early));
+            }
             Err(h1::Failure::Stale(unsent, unread)) => {
                 debug!(%endpoint, "pooled connection was closed; sending on another");
                 (head, body) = (unsent, unread);
@@ -275,6 +332,39 @@ fn peer_fits(settings: &ClientSettings, cluster: &Cluster, endpoint: SocketAddr,
         (Some(peers), Some(peer), Some(mesh)) => mesh.accepts(peers.expected(endpoint), peer),
         _ => false,
     }
+}
+
+/// Sends an upgrade `request` (a WebSocket, say; already prepared for HTTP/1.1) to `endpoint` of a
+/// mesh cluster: HTTP/1.1 inside mTLS to the endpoint's sidecar (ALPN `remora.h1`), on a connection
+/// of its own, since HTTP/2 between sidecars cannot switch protocols. A `101` hands the connection
+/// over for the tunnel (its `max_connections` slot ends there, as on a plaintext switch); any other
+/// answer is the response.
+pub async fn send_mesh_upgrade(
+    settings: &ClientSettings,
+    cluster: &Cluster,
+    endpoint: SocketAddr,
+    request: Request<UpstreamBody>,
+) -> Result<Outcome, ProxyError> {
+    let (stream, slot) = connect(cluster, endpoint).await?;
+    let peers = cluster.mesh.as_ref().ok_or(TlsError::NoIdentity)?;
+    let mesh = settings.mesh.as_ref().ok_or(TlsError::NoIdentity)?;
+    let (tls, _) = mesh.connect(stream, endpoint, Alpn::Http1, peers.expected(endpoint)).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(ProxyError::Upstream)?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.with_upgrades().await {
+            debug!(%endpoint, %error, "mesh upgrade connection ended");
+        }
+    });
+    let mut response = sender.send_request(request).await.map_err(ProxyError::Upstream)?;
+    if response.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+        headers::strip_hop_by_hop(response.headers_mut(), false);
+        return Ok(Outcome::Response(response.map(ProxyBody::http2)));
+    }
+    let upgraded = hyper::upgrade::on(&mut response).await.map_err(ProxyError::Upstream)?;
+    let stream = SwitchedStream::Mesh(TokioIo::new(upgraded));
+    drop(slot);
+    Ok(Outcome::Switched(response.map(|_| ()), stream, Bytes::new()))
 }
 
 /// Opens an HTTP/2 connection to `endpoint`: h2c, or for a mesh cluster HTTP/2 inside mTLS to the

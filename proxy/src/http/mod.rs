@@ -242,6 +242,16 @@ async fn proxy(
         })) => {
             // Phase 4, connect and send.
             let outcome = match version {
+                client::Version::Http1 if cluster.mesh.is_some() => {
+                    if let Some(traceparent) = &traceparent {
+                        request.headers_mut().insert(telemetry::trace::TRACEPARENT, traceparent.to_header_value());
+                    }
+                    let request = request.map(|body| UpstreamBody::Direct(ClientBody::new(body, observe.as_ref())));
+                    // Boxed in its own statement (see `client::send_http2`): rare.
+                    let sending =
+                        Box::pin(client::send_mesh_upgrade(&connection.data.client, &cluster, endpoint, request));
+                    sending.await
+                }
                 client::Version::Http1 => {
                     let (parts, body) = request.into_parts();
                     let head = Outgoing { parts, traceparent };
@@ -457,15 +467,17 @@ fn plan(
         }
     }
     let upgrade = headers::is_upgrade(request);
-    if cluster.mesh.is_some() && (upgrade || request.method() == Method::CONNECT) {
-        return Err(ProxyError::NotSupported("protocol upgrades and CONNECT cannot cross a mesh cluster yet"));
-    }
     if request.method() == Method::CONNECT {
+        if cluster.mesh.is_some() {
+            return Err(ProxyError::NotSupported("CONNECT cannot cross a mesh cluster"));
+        }
         return Ok(Plan::Connect(cluster));
     }
     let downstream_version = request.version();
     let version = upstream_version(&cluster, downstream_version, upgrade);
-    let policed = policy.filter(|p| delay.is_some() || p.forwards());
+    // An upgrade to a mesh cluster takes a connection of its own and is never retried: it skips
+    // the policed path (its injected delay still applies).
+    let policed = policy.filter(|p| delay.is_some() || p.forwards()).filter(|_| !(upgrade && cluster.mesh.is_some()));
     // A new unsampled trace's context: written by the plain HTTP/1.1 path itself, inserted for
     // the others.
     let traceparent = match unsampled {
@@ -533,10 +545,10 @@ fn authorize(
     Err(ProxyError::Unauthorized { policy: policy.name.clone(), peer: peer.to_string() })
 }
 
-/// The version to speak to `cluster`, for a request in `downstream` version: a mesh cluster always
-/// gets HTTP/2 (its upgrades are refused before this), others what their protocol says.
+/// The version to speak to `cluster`, for a request in `downstream` version: a mesh cluster gets
+/// HTTP/2, but for upgrades (HTTP/1.1 inside mesh TLS), others what their protocol says.
 fn upstream_version(cluster: &Cluster, downstream: http::Version, upgrade: bool) -> client::Version {
-    if cluster.mesh.is_some() {
+    if cluster.mesh.is_some() && !upgrade {
         return client::Version::Http2;
     }
     match (cluster.protocol, upgrade) {

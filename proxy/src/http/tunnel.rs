@@ -1,8 +1,9 @@
 //! Byte tunnels made out of HTTP requests: protocol upgrades (WebSocket) and `CONNECT`.
 //!
 //! An upgrade is relayed: the request goes upstream with its `Upgrade` header on a connection of its
-//! own, and when the endpoint answers `101 Switching Protocols` the client's connection is taken
-//! over from hyper and joined to the endpoint's by [`relay_upgrade`]. A `CONNECT host:port` request is terminated here: [`connect`] opens a TCP
+//! own (to a mesh cluster, HTTP/1.1 inside mTLS to the endpoint's sidecar, which relays it in turn),
+//! and when the endpoint answers `101 Switching Protocols` the client's connection is taken over
+//! from hyper and joined to the endpoint's by [`relay_upgrade`]. A `CONNECT host:port` request is terminated here: [`connect`] opens a TCP
 //! connection to an endpoint of the routed cluster (for a pass-through cluster, to the requested
 //! address itself), answers `200`, and joins the client's stream to it, over HTTP/1.1 or as an HTTP/2
 //! stream. Both kinds keep the originating connection's [`HttpConnection`] alive, so they count as
@@ -17,11 +18,11 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::http::HttpConnection;
 use crate::http::body::ProxyBody;
+use crate::http::client::SwitchedStream;
 use crate::http::error::ProxyError;
 use crate::io::idle_watch;
 use crate::state::cluster::{Cluster, Targets};
@@ -30,7 +31,7 @@ use crate::tcp;
 /// Joins the two sides of a switched protocol: the client's, once hyper hands it over, and the
 /// endpoint's connection, after passing on the `early` bytes the endpoint sent right behind its
 /// `101`.
-pub fn relay_upgrade(downstream: OnUpgrade, upstream: TcpStream, early: Bytes, connection: Arc<HttpConnection>) {
+pub fn relay_upgrade(downstream: OnUpgrade, upstream: SwitchedStream, early: Bytes, connection: Arc<HttpConnection>) {
     tokio::spawn(async move {
         let mut down = match downstream.await {
             Ok(down) => TokioIo::new(down),

@@ -8,7 +8,8 @@
 //! [`TlsError::NoIdentity`].
 //!
 //! Outbound, [`MeshTls::connect`] wraps a new upstream TCP connection, offering one ALPN protocol
-//! that says what rides inside ([`ALPN_HTTP`]: HTTP/2; [`ALPN_TCP`]: opaque bytes), and checks the
+//! that says what rides inside ([`ALPN_HTTP`]: HTTP/2; [`ALPN_TCP`]: opaque bytes; [`ALPN_HTTP1`]:
+//! one HTTP/1.1 request that switches protocols, such as a WebSocket), and checks the
 //! peer's SPIFFE ID against what the endpoint is expected to be ([`Expected`]). Inbound,
 //! [`MeshTls::accept`] terminates a ClientHello that offered one of those protocols (listeners find
 //! out with [`offers_mesh_alpn`], peeking, so other TLS passes through untouched), demands a client
@@ -50,6 +51,9 @@ pub use verify::{IdentityError, peer_identity};
 pub const ALPN_HTTP: &[u8] = b"remora.h2";
 /// ALPN for opaque TCP between sidecars.
 pub const ALPN_TCP: &[u8] = b"remora.tcp";
+/// ALPN for an HTTP/1.1 request that switches protocols (a WebSocket): one request per connection,
+/// which its tunnel then takes over.
+pub const ALPN_HTTP1: &[u8] = b"remora.h1";
 
 /// A TLS connection this proxy opened to a peer sidecar.
 pub type ClientStream = tokio_rustls::client::TlsStream<TcpStream>;
@@ -63,6 +67,8 @@ pub enum Alpn {
     Http,
     /// Opaque TCP.
     Tcp,
+    /// HTTP/1.1, for a protocol upgrade.
+    Http1,
 }
 
 impl Alpn {
@@ -70,6 +76,7 @@ impl Alpn {
         match protocol {
             Some(ALPN_HTTP) => Some(Alpn::Http),
             Some(ALPN_TCP) => Some(Alpn::Tcp),
+            Some(ALPN_HTTP1) => Some(Alpn::Http1),
             _ => None,
         }
     }
@@ -221,6 +228,7 @@ struct Configs {
     server: Arc<ServerConfig>,
     client_http: Arc<ClientConfig>,
     client_tcp: Arc<ClientConfig>,
+    client_http1: Arc<ClientConfig>,
 }
 
 /// This proxy's side of mTLS, shared by every worker.
@@ -265,7 +273,7 @@ impl MeshTls {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(client_verifier)
             .with_single_cert(chain.clone(), key.clone_key())?;
-        server.alpn_protocols = vec![ALPN_HTTP.to_vec(), ALPN_TCP.to_vec()];
+        server.alpn_protocols = vec![ALPN_HTTP.to_vec(), ALPN_TCP.to_vec(), ALPN_HTTP1.to_vec()];
         server.session_storage = Arc::new(NoServerSessionStorage {});
         server.send_tls13_tickets = 0;
         server.max_early_data_size = 0;
@@ -287,6 +295,7 @@ impl MeshTls {
             server: Arc::new(server),
             client_http: client(ALPN_HTTP)?,
             client_tcp: client(ALPN_TCP)?,
+            client_http1: client(ALPN_HTTP1)?,
         })
     }
 
@@ -347,6 +356,7 @@ impl MeshTls {
         let config = match alpn {
             Alpn::Http => configs.client_http.clone(),
             Alpn::Tcp => configs.client_tcp.clone(),
+            Alpn::Http1 => configs.client_http1.clone(),
         };
         // An IP address as the server name: no SNI is sent, and the verifier ignores the name.
         let name = ServerName::IpAddress(endpoint.ip().into());
@@ -473,7 +483,7 @@ fn client_hello_alpn(bytes: &[u8]) -> Hello {
             if kind == 16 {
                 let mut list = Reader(Reader(body).vec16()?);
                 while !list.0.is_empty() {
-                    if matches!(list.vec8()?, ALPN_HTTP | ALPN_TCP) {
+                    if matches!(list.vec8()?, ALPN_HTTP | ALPN_TCP | ALPN_HTTP1) {
                         return Some(true);
                     }
                 }
