@@ -142,6 +142,11 @@ enum Command {
         /// https:// URL and --control-ca with the CA's root.
         #[arg(long = "tls-name", value_name = "NAME", requires = "ca_auth")]
         tls_names: Vec<String>,
+        /// Serve discovery streams only to proxies that authenticate with a token the CA accepts
+        /// (the bootstrap or service-account token they ask for their certificate with); proxies
+        /// without a CA identity are then refused. Needs the CA.
+        #[arg(long, requires = "ca_auth")]
+        xds_auth: bool,
         /// The lifetime of the certificates the CA issues the control plane itself (--tls-name,
         /// --injector-name), in seconds; each is renewed at half of it.
         #[arg(long, default_value_t = control::DEFAULT_SERVING_CERT_TTL.as_secs(), value_name = "SECONDS",
@@ -354,6 +359,7 @@ fn main() -> ExitCode {
             max_cert_ttl,
             tls_names,
             serving_cert_ttl,
+            xds_auth,
             injector,
             injector_listen,
             injector_cert,
@@ -382,6 +388,7 @@ fn main() -> ExitCode {
                 token_audience: ca_kubernetes.then_some(token_audience),
                 max_ttl: Duration::from_secs(max_cert_ttl),
                 tls_names,
+                authenticate_xds: xds_auth,
             });
             let tls = match (injector_cert, injector_key) {
                 (Some(cert), Some(key)) => InjectorTls::Files { cert, key },

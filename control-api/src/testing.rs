@@ -90,6 +90,7 @@ impl TestControlPlane {
             trust_domain: trust_domain.to_owned(),
             tokens: Some(tokens_file),
             token_audience: None,
+            authenticate_xds: false,
             max_ttl: crate::ca::DEFAULT_MAX_TTL,
             tls_names: Vec::new(),
         });
@@ -108,6 +109,16 @@ impl TestControlPlane {
         }
         plane.run();
         plane
+    }
+
+    /// Restarts it (on the same address) serving discovery streams only to proxies whose stream
+    /// carries a token its CA accepts.
+    pub fn require_xds_tokens(&mut self) {
+        self.stop();
+        if let Some(ca) = &mut self.config.ca {
+            ca.authenticate_xds = true;
+        }
+        self.run();
     }
 
     /// The https:// URL proxies connect to when it serves TLS.

@@ -288,8 +288,13 @@ impl Proxy {
         let identity_admin = admin.clone();
         let monitored = data.clone();
         let xds = settings.control_plane.clone().map(|address| {
+            let token_file = settings.identity.as_ref().and_then(|identity| match &identity.source {
+                IdentitySource::Ca { token_file, .. } => Some(token_file.clone()),
+                IdentitySource::Files { .. } => None,
+            });
             let handler = XdsHandler::new(reloader.clone(), admin.clone(), metrics.clone(), address)
-                .with_tls(control_tls.clone());
+                .with_tls(control_tls.clone())
+                .with_token(token_file);
             (handler, settings.node_id.clone(), settings.initial_fetch_timeout)
         });
         let control = std::thread::Builder::new()

@@ -240,6 +240,8 @@ async fn demo(options: DemoOptions, dir: &Path) -> anyhow::Result<()> {
             trust_domain: "cluster.local".into(),
             tokens: Some(ca_dir.join("tokens")),
             token_audience: None,
+            // Both sidecars have CA identities, so the control plane serves no one else.
+            authenticate_xds: true,
             max_ttl: Duration::from_secs(24 * 3600),
             tls_names: vec!["127.0.0.1".into(), "localhost".into()],
         }),

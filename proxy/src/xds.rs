@@ -231,6 +231,7 @@ pub struct XdsHandler {
     metrics: Arc<Metrics>,
     address: String,
     tls: Option<ControlTls>,
+    token_file: Option<std::path::PathBuf>,
     connected: bool,
     acked: [bool; Kind::COUNT],
     reports: [KindReport; Kind::COUNT],
@@ -245,6 +246,7 @@ impl XdsHandler {
             metrics,
             address,
             tls: None,
+            token_file: None,
             connected: false,
             acked: [false; Kind::COUNT],
             reports: Default::default(),
@@ -254,6 +256,13 @@ impl XdsHandler {
     /// Checks an `https://` control plane's certificate against `tls`.
     pub fn with_tls(mut self, tls: Option<ControlTls>) -> Self {
         self.tls = tls;
+        self
+    }
+
+    /// Authenticates the stream with the bearer token in `token_file` (the one the CA is asked
+    /// with), for a control plane that serves only proxies it knows.
+    pub fn with_token(mut self, token_file: Option<std::path::PathBuf>) -> Self {
+        self.token_file = token_file;
         self
     }
 
@@ -330,8 +339,13 @@ pub async fn run(mut handler: XdsHandler, node_id: String, initial_fetch_timeout
         }
     });
     handler.publish_report();
-    let config =
-        ClientConfig { address: handler.address.clone(), node_id, kinds: Kind::ALL.to_vec(), tls: handler.tls.clone() };
+    let config = ClientConfig {
+        address: handler.address.clone(),
+        node_id,
+        kinds: Kind::ALL.to_vec(),
+        tls: handler.tls.clone(),
+        token_file: handler.token_file.clone(),
+    };
     let error = client::run(config, &mut handler).await;
     warn!(%error, "control plane stream stopped");
 }

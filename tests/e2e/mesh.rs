@@ -485,3 +485,41 @@ async fn a_websocket_session_crosses_mutual_tls_and_is_authorized() {
     assert_eq!(app.hits(), 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// With `--xds-auth`, a proxy whose stream carries its CA token gets its configuration; one with no
+/// token, or one the CA does not know, is refused (and counted) and never becomes ready (its
+/// listener waits, unbound, for the cluster that never comes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_streams_need_a_token_the_ca_accepts() {
+    let app = HttpServer::start("api-app").await;
+    let files = [("mesh.yaml", format!("resources:\n{}", crate::cluster("app", "", &[app.address()])))];
+    let files: Vec<(&str, &str)> = files.iter().map(|(n, y)| (*n, y.as_str())).collect();
+    let mut plane = TestControlPlane::start_with_ca(&files, "cluster.local", TOKENS);
+    plane.require_xds_tokens();
+    let dir = temp_dir("remora-xds-auth");
+    let listener = "kind: Listener\nname: out\naddress: \"127.0.0.1:0\"\ndefault_cluster: app\n";
+    let bootstrap = |identity: &str| {
+        format!(
+            "bootstrap:\n  admin_address: 127.0.0.1:0\n  workers: 1\n  initial_fetch_timeout: 30s\n{identity}---\n{listener}"
+        )
+    };
+    let with_token = |name: &str, token: &str| {
+        let token_file = dir.join(format!("{name}.token"));
+        std::fs::write(&token_file, token).unwrap();
+        bootstrap(&format!("  identity: {{spiffe_id: \"{WEB}\", token_file: {}}}\n", token_file.display()))
+    };
+    let known = TestProxy::start_controlled(&with_token("web", "web-token-0123456789"), &plane.url(), "known");
+    known.wait_ready().await;
+    assert_eq!(Client::http1(known.address("out")).await.get("app", "/").await.status, 200);
+
+    let anonymous = TestProxy::start_controlled(&bootstrap(""), &plane.url(), "anonymous");
+    let stranger =
+        TestProxy::start_controlled(&with_token("stranger", "not-a-token-0123456789"), &plane.url(), "stranger");
+    eventually("both strangers refused", Duration::from_secs(10), || async {
+        plane.metric("remora_control_streams_refused_total") >= 2.0
+    })
+    .await;
+    assert!(!anonymous.proxy().is_ready() && !stranger.proxy().is_ready(), "a refused proxy became ready");
+    assert_eq!(plane.metric("remora_control_connected_proxies"), 1.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}

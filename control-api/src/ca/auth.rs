@@ -184,6 +184,17 @@ mod tests {
     }
 }
 
+/// The bearer token of a request's `authorization` metadata (empty when there is none).
+pub(crate) fn bearer_token(metadata: &tonic::metadata::MetadataMap) -> String {
+    metadata
+        .get("authorization")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
 /// The control plane's authenticators: bootstrap tokens, then (if configured) TokenReview for the
 /// tokens those do not know.
 #[derive(Debug, Default)]

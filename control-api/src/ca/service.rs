@@ -13,7 +13,7 @@ use std::time::Duration;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
-use super::auth::{AuthError, Authenticator};
+use super::auth::{AuthError, Authenticator, bearer_token};
 use super::{Authority, SignError};
 use crate::capb::certificate_authority_server::{CertificateAuthority, CertificateAuthorityServer};
 use crate::capb::{SignRequest, SignResponse};
@@ -45,14 +45,7 @@ impl<A: Authenticator> CaService<A> {
 #[tonic::async_trait]
 impl<A: Authenticator> CertificateAuthority for CaService<A> {
     async fn sign(&self, request: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
-        let token = request
-            .metadata()
-            .get("authorization")
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .unwrap_or_default()
-            .trim()
-            .to_owned();
+        let token = bearer_token(request.metadata());
         let peer = request.remote_addr().map_or_else(|| "-".to_owned(), |a| a.to_string());
         let entitlement = match self.authenticator.authenticate(&token).await {
             Ok(entitlement) => entitlement,

@@ -32,6 +32,7 @@ pub struct ControlMetrics {
     registry: Registry,
     connected: Gauge,
     streams: Counter,
+    refused: Counter,
     pushes: Family<TypeLabels, Counter>,
     pushed_resources: Family<TypeLabels, Counter>,
     pushed_bytes: Family<TypeLabels, Counter>,
@@ -65,6 +66,7 @@ impl ControlMetrics {
             registry: Registry::with_prefix("remora_control"),
             connected: Gauge::default(),
             streams: Counter::default(),
+            refused: Counter::default(),
             pushes: Family::default(),
             pushed_resources: Family::default(),
             pushed_bytes: Family::default(),
@@ -83,6 +85,7 @@ impl ControlMetrics {
         let r = &mut m.registry;
         r.register("connected_proxies", "Proxies with an open discovery stream", m.connected.clone());
         r.register("streams", "Discovery streams opened", m.streams.clone());
+        r.register("streams_refused", "Discovery streams refused for want of a valid token", m.refused.clone());
         r.register("pushes", "Discovery responses sent, by resource type", m.pushes.clone());
         r.register("pushed_resources", "Resources sent (added or changed), by type", m.pushed_resources.clone());
         r.register("pushed_bytes", "Encoded bytes of discovery responses sent, by type", m.pushed_bytes.clone());
@@ -122,6 +125,10 @@ impl ControlMetrics {
     pub(crate) fn stream_opened(&self) {
         self.streams.inc();
         self.connected.inc();
+    }
+
+    pub(crate) fn stream_refused(&self) {
+        self.refused.inc();
     }
 
     pub(crate) fn stream_closed(&self) {

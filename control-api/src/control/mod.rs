@@ -125,6 +125,9 @@ pub struct CaConfig {
     /// Serve the control plane's port over TLS, with a certificate from this CA for these names
     /// (DNS names or IP addresses). Empty: plaintext.
     pub tls_names: Vec<String>,
+    /// Serve discovery streams only to proxies whose stream carries a token these authenticators
+    /// accept (the token they ask the CA with).
+    pub authenticate_xds: bool,
 }
 
 /// How the control plane reaches the Kubernetes API server.
@@ -396,7 +399,8 @@ impl ControlPlane {
             .map_err(|error| ControlError::Bind { address: config.listen, error })?;
         let address = listener.local_addr().map_err(|error| ControlError::Bind { address: config.listen, error })?;
         let (stop, stopped) = oneshot::channel::<()>();
-        let mut routes = tonic::service::Routes::new(ads.into_service());
+        let mut ca_service = None;
+        let mut xds_authenticators = None;
         let mut serving_tls = None;
         let mut injector_tls = None;
         let kubernetes = match &config.kubernetes {
@@ -437,7 +441,18 @@ impl ControlPlane {
             info!(trust_domain = %ca.trust_domain, tokens = local.len(), kubernetes = ?reviews, tls = !ca.tls_names.is_empty(), "certificate authority serving");
             let authenticators = Arc::new(Authenticators { local, kubernetes: reviews });
             ca_root = Some(authority.root_pem().to_owned());
-            routes = routes.add_service(CaService::new(authority, authenticators, metrics.clone()).into_service());
+            if ca.authenticate_xds {
+                xds_authenticators = Some(authenticators.clone());
+            }
+            ca_service = Some(CaService::new(authority, authenticators, metrics.clone()).into_service());
+        }
+        let ads = match xds_authenticators {
+            Some(authenticators) => ads.authenticated_by(authenticators),
+            None => ads,
+        };
+        let mut routes = tonic::service::Routes::new(ads.into_service());
+        if let Some(ca_service) = ca_service {
+            routes = routes.add_service(ca_service);
         }
         let router = routes.into_axum_router().fallback({
             let sources = sources.clone();

@@ -63,6 +63,9 @@ pub struct ClientConfig {
     pub kinds: Vec<Kind>,
     /// The roots an `https://` control plane's certificate must chain to.
     pub tls: Option<crate::grpc::ControlTls>,
+    /// The file of the bearer token the stream carries (the one the proxy asks the CA with), read
+    /// at every connect since projected tokens rotate; none sends no credential.
+    pub token_file: Option<std::path::PathBuf>,
 }
 
 /// Why a stream ended.
@@ -145,7 +148,18 @@ async fn stream_once<H: Handler>(config: &ClientConfig, handler: &mut H, deliver
     let mut client = AggregatedDiscoveryServiceClient::new(channel)
         .max_decoding_message_size(crate::limits::MAX_XDS_MESSAGE)
         .max_encoding_message_size(crate::limits::MAX_XDS_MESSAGE);
-    let mut responses = match client.delta_aggregated_resources(ReceiverStream::new(rx)).await {
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    if let Some(path) = &config.token_file {
+        // A token that cannot be read is not sent: a control plane that needs one says so.
+        match std::fs::read_to_string(path).map(|token| format!("Bearer {}", token.trim()).parse()) {
+            Ok(Ok(bearer)) => {
+                request.metadata_mut().insert("authorization", bearer);
+            }
+            Ok(Err(_)) => warn!(path = %path.display(), "the token file does not hold a valid token"),
+            Err(error) => warn!(path = %path.display(), %error, "cannot read the token file"),
+        }
+    }
+    let mut responses = match client.delta_aggregated_resources(request).await {
         Ok(response) => response.into_inner(),
         Err(status) => return status.into(),
     };

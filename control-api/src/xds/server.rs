@@ -6,7 +6,8 @@
 //! `watch` channel. A resource whose bytes did not change keeps its `Arc`, its version and so its
 //! place in every proxy's view: nothing is re-sent for it.
 //!
-//! [`AdsServer`] serves one task per stream. The task keeps the stream's [`Session`]: per kind,
+//! [`AdsServer`] serves one task per stream; with [`AdsServer::authenticated_by`], only to a proxy
+//! whose stream carries a bearer token the CA's authenticators accept. The task keeps the stream's [`Session`]: per kind,
 //! the subscription (wildcard or names), what the proxy holds (`known`: name → version, seeded from
 //! `initial_resource_versions`), the responses awaiting an ACK, and the versions the proxy NACKed.
 //! When a new set is published (or the subscription changes) the session computes, per kind, the
@@ -30,6 +31,7 @@ use super::discovery::aggregated_discovery_service_server::{
 };
 use super::discovery::{self, DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use super::{WILDCARD, version_of};
+use crate::ca::auth::{AuthError, Authenticator, Authenticators, bearer_token};
 use crate::control::metrics::ControlMetrics;
 use crate::{Kind, Resource};
 
@@ -169,6 +171,9 @@ impl Publisher {
 pub struct AdsServer {
     served: watch::Receiver<Arc<ServedSet>>,
     shared: Arc<Shared>,
+    /// When set, a stream must carry a bearer token these accept (the one the proxy's CA requests
+    /// carry); otherwise anyone who reaches the port may subscribe.
+    authenticators: Option<Arc<Authenticators>>,
 }
 
 /// Per kind (by push-order index), name → the version a proxy NACKed.
@@ -187,7 +192,14 @@ impl AdsServer {
         AdsServer {
             served: publisher.subscribe(),
             shared: Arc::new(Shared { metrics: publisher.metrics.clone(), nacked: Mutex::new(HashMap::new()) }),
+            authenticators: None,
         }
+    }
+
+    /// Requires every stream to authenticate with a bearer token `authenticators` accept.
+    pub fn authenticated_by(mut self, authenticators: Arc<Authenticators>) -> Self {
+        self.authenticators = Some(authenticators);
+        self
     }
 
     /// The tonic service to add to a server.
@@ -209,6 +221,18 @@ impl AggregatedDiscoveryService for AdsServer {
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
         let peer = request.remote_addr();
+        if let Some(authenticators) = &self.authenticators {
+            let token = bearer_token(request.metadata());
+            if let Err(error) = authenticators.authenticate(&token).await {
+                let refused = match error {
+                    AuthError::Missing | AuthError::Unknown => Status::unauthenticated(error.to_string()),
+                    AuthError::Unavailable(_) => Status::unavailable(error.to_string()),
+                };
+                self.shared.metrics.stream_refused();
+                warn!(?peer, %error, "discovery stream refused");
+                return Err(refused);
+            }
+        }
         let requests = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
         let served = self.served.clone();
