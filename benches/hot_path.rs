@@ -85,6 +85,7 @@ fn balancing(c: &mut Criterion) {
                 address: std::net::SocketAddr::from(([10, 0, 0, 1], 8000 + i)),
                 weight: 1 + u32::from(i % 3),
                 proximity: Proximity::Elsewhere,
+                declared: Default::default(),
             })
             .collect()
     };

@@ -235,6 +235,10 @@ enum Command {
         /// Lease TTL in seconds.
         #[arg(long, default_value_t = 10)]
         ttl: u64,
+        /// On SIGTERM, mark the endpoint draining (proxies send it no new requests) and wait this
+        /// many seconds before deregistering; 0 deregisters at once.
+        #[arg(long, default_value_t = 0, value_name = "SECONDS")]
+        drain_time: u64,
         /// Key prefix of the registry in etcd.
         #[arg(long, default_value = registry::DEFAULT_PREFIX, value_name = "PREFIX")]
         etcd_prefix: String,
@@ -426,10 +430,11 @@ fn main() -> ExitCode {
         Command::WaitReady { admin, timeout } => {
             remora_proxy::admin::wait_ready(admin, Duration::from_secs(timeout)).map_err(anyhow::Error::from)
         }
-        Command::Register { etcd, cluster, address, weight, region, zone, identity, ttl, etcd_prefix } => {
-            let endpoint = Registered { cluster, address: address.to_string(), weight, region, zone, identity };
-            registry::run_register(&etcd, &etcd_prefix, &endpoint, Duration::from_secs(ttl.max(1)))
-                .map_err(anyhow::Error::from)
+        Command::Register { etcd, cluster, address, weight, region, zone, identity, ttl, drain_time, etcd_prefix } => {
+            let address = address.to_string();
+            let endpoint = Registered { cluster, address, weight, region, zone, identity, health: None };
+            let (ttl, drain) = (Duration::from_secs(ttl.max(1)), Duration::from_secs(drain_time));
+            registry::run_register(&etcd, &etcd_prefix, &endpoint, ttl, drain).map_err(anyhow::Error::from)
         }
         Command::Demo { listen, admin, control, requests } => {
             remora_proxy::demo::run(DemoOptions { listen, admin, control, requests, ..DemoOptions::default() })

@@ -499,7 +499,9 @@ async fn a_crashed_workloads_endpoint_leaves_within_its_lease_ttl() {
     let keeper = |server: &HttpServer| {
         let (url, prefix) = (etcd.url().to_owned(), prefix.clone());
         let endpoint = Registered::new("shop", &server.address().to_string());
-        tokio::spawn(async move { registry::register(&url, &prefix, &endpoint, ttl, std::future::pending()).await })
+        tokio::spawn(async move {
+            registry::register(&url, &prefix, &endpoint, ttl, Duration::ZERO, std::future::pending()).await
+        })
     };
     let keeper_a = keeper(&a);
     let _keeper_b = keeper(&b);
@@ -526,6 +528,65 @@ async fn a_crashed_workloads_endpoint_leaves_within_its_lease_ttl() {
     tokio::time::sleep(ttl + Duration::from_secs(1)).await;
     assert_eq!(plane.metric("remora_control_registry_endpoints"), 1.0);
     assert!(traffic.last_answer("b").unwrap().elapsed() < Duration::from_millis(500));
+    let (failed, failures) = traffic.stop().await;
+    assert_eq!(failed, 0, "failed requests, the first ones: {failures:?}");
+}
+
+/// A workload shutting down with a drain time: on its stop signal its registration turns
+/// `draining`, proxies stop sending it new requests while it is still up, and only after the drain
+/// time does it leave the registry. No request fails on the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_workload_gets_no_new_requests_before_it_deregisters() {
+    let Some(etcd) = TestEtcd::start().await else { return };
+    let prefix = etcd.prefix();
+    let (a, b) = (HttpServer::start("a").await, HttpServer::start("b").await);
+    let mesh =
+        format!("resources:\n  - {{kind: Cluster, name: shop}}\n{}", routes("shop").trim_start_matches("resources:\n"));
+    let plane = TestControlPlane::start_with(&[("mesh.yaml", &mesh)], Some(etcd.url()), &prefix);
+    let (ttl, drain) = (Duration::from_secs(10), Duration::from_secs(3));
+    let (stop_a, stopped_a) = tokio::sync::oneshot::channel::<()>();
+    let keeper = |server: &HttpServer, stop: Option<tokio::sync::oneshot::Receiver<()>>| {
+        let (url, prefix) = (etcd.url().to_owned(), prefix.clone());
+        let endpoint = Registered::new("shop", &server.address().to_string());
+        tokio::spawn(async move {
+            let stop = async move {
+                match stop {
+                    Some(stop) => drop(stop.await),
+                    None => std::future::pending().await,
+                }
+            };
+            registry::register(&url, &prefix, &endpoint, ttl, drain, stop).await
+        })
+    };
+    let keeper_a = keeper(&a, Some(stopped_a));
+    let _keeper_b = keeper(&b, None);
+    eventually("both endpoints are registered", Duration::from_secs(10), || async {
+        plane.metric("remora_control_registry_endpoints") == 2.0
+    })
+    .await;
+    let proxy = controlled(&plane, "draining").await;
+    let traffic = Traffic::start(proxy.address("in"), 2);
+    eventually("both registered endpoints serve", Duration::from_secs(10), || async {
+        traffic.last_answer("a").is_some() && traffic.last_answer("b").is_some()
+    })
+    .await;
+
+    stop_a.send(()).unwrap();
+    let stopped = Instant::now();
+    eventually("a is drained", Duration::from_secs(3), || async {
+        traffic.last_answer("a").is_some_and(|last| last.elapsed() > Duration::from_millis(500))
+    })
+    .await;
+    let (_, clusters) = proxy.admin_get("/clusters").await;
+    assert!(clusters.contains("\"draining\""), "{clusters}");
+    // Still registered (draining) until the drain time is over, then gone.
+    assert_eq!(plane.metric("remora_control_registry_endpoints"), 2.0, "deregistered before its drain time");
+    keeper_a.await.unwrap().unwrap();
+    assert!(stopped.elapsed() >= drain, "the keeper returned after {:?}", stopped.elapsed());
+    eventually("a deregistered", Duration::from_secs(5), || async {
+        plane.metric("remora_control_registry_endpoints") == 1.0
+    })
+    .await;
     let (failed, failures) = traffic.stop().await;
     assert_eq!(failed, 0, "failed requests, the first ones: {failures:?}");
 }

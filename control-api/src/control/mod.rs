@@ -303,6 +303,8 @@ pub fn merge(resources: &[Resource], registry: Option<&Registrations>) -> Vec<Re
                 zone: entry.zone.clone().unwrap_or_default(),
             }),
             identity: entry.identity.clone().unwrap_or_default(),
+            // `parse` admitted only names of the enum.
+            health: entry.health.as_deref().and_then(v1::endpoint::Health::from_str_name).map_or(0, |h| h as i32),
         });
     }
     let mut merged = Vec::with_capacity(resources.len() + registered.len());

@@ -7,6 +7,10 @@
 //! /remora/endpoints/<cluster>/<ip:port>   →   {"weight": 2, "region": "eu-west-1", "zone": "eu-west-1a"}
 //! ```
 //!
+//! (also `"identity": "spiffe://..."` for mesh clusters, and `"health": "draining"` or
+//! `"unhealthy"`: `remora register --drain-time` writes `draining` on SIGTERM and waits before it
+//! deregisters, so callers stop sending before the workload goes).
+//!
 //! Every field of the value is optional, and the value may be empty (weight 1, no locality).
 //!
 //! so `etcdctl lease grant 10` and `etcdctl put --lease=<id> /remora/endpoints/shop/10.0.0.7:8080 ''`
@@ -46,6 +50,8 @@ pub struct Registered {
     pub zone: Option<String>,
     /// The SPIFFE ID its sidecar presents, for mesh clusters, if set.
     pub identity: Option<String>,
+    /// Its declared health (`healthy`, `unhealthy`, `draining`), if set.
+    pub health: Option<String>,
 }
 
 impl Registered {
@@ -58,20 +64,22 @@ impl Registered {
             region: None,
             zone: None,
             identity: None,
+            health: None,
         }
     }
 
     /// The registration's etcd value: a JSON object with the fields set, or empty.
     pub fn value(&self) -> String {
-        if self.weight.is_none() && self.region.is_none() && self.zone.is_none() && self.identity.is_none() {
-            return String::new();
-        }
         let value = Value {
             weight: self.weight,
             region: self.region.clone(),
             zone: self.zone.clone(),
             identity: self.identity.clone(),
+            health: self.health.clone(),
         };
+        if value == Value::default() {
+            return String::new();
+        }
         serde_json::to_string(&value).unwrap_or_default()
     }
 }
@@ -79,7 +87,7 @@ impl Registered {
 /// Every registration, by key.
 pub type Registrations = BTreeMap<Vec<u8>, Registered>;
 
-#[derive(Default, Deserialize, serde::Serialize)]
+#[derive(Default, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 struct Value {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -90,6 +98,8 @@ struct Value {
     zone: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     identity: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    health: Option<String>,
 }
 
 /// The key of an endpoint's registration.
@@ -114,12 +124,17 @@ pub fn parse(prefix: &str, key: &[u8], value: &[u8]) -> Result<Registered, Strin
     } else {
         serde_json::from_slice::<Value>(value).map_err(|e| {
             format!(
-                "{key:?}: the value is not {{\"weight\": N, \"region\": \"...\", \"zone\": \"...\", \"identity\": \"spiffe://...\"}}: {e}"
+                "{key:?}: the value is not {{\"weight\": N, \"region\": \"...\", \"zone\": \"...\", \"identity\": \"spiffe://...\", \"health\": \"draining\"}}: {e}"
             )
         })?
     };
     if let Some(identity) = &value.identity {
         crate::identity::SpiffeId::parse(identity).map_err(|e| format!("{key:?}: identity: {e}"))?;
+    }
+    if let Some(health) = &value.health
+        && crate::v1::endpoint::Health::from_str_name(health).is_none()
+    {
+        return Err(format!("{key:?}: health must be healthy, unhealthy or draining, got {health:?}"));
     }
     Ok(Registered {
         cluster: cluster.to_owned(),
@@ -128,6 +143,7 @@ pub fn parse(prefix: &str, key: &[u8], value: &[u8]) -> Result<Registered, Strin
         region: value.region,
         zone: value.zone,
         identity: value.identity,
+        health: value.health,
     })
 }
 
@@ -210,13 +226,16 @@ async fn follow_once(
     Ok(())
 }
 
-/// Registers one endpoint and keeps it registered until `stop` completes, then deregisters it.
-/// If the lease is lost (etcd unreachable for longer than the TTL), registers again with a new one.
+/// Registers one endpoint and keeps it registered until `stop` completes, then deregisters it:
+/// with a `drain` time, it first marks the endpoint `draining` (proxies stop sending it new
+/// requests) and keeps the lease alive that long. If the lease is lost (etcd unreachable for longer
+/// than the TTL), registers again with a new one.
 pub async fn register(
     address: &str,
     prefix: &str,
     endpoint: &Registered,
     ttl: Duration,
+    drain: Duration,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), EtcdError> {
     parse_address(&endpoint.address).map_err(|e| EtcdError::Lease(format!("address {e}")))?;
@@ -250,6 +269,16 @@ pub async fn register(
                 warn!(%error, "registration lease lost; registering again");
             }
             _ = &mut stop => {
+                if !drain.is_zero() {
+                    let draining = Registered { health: Some("draining".into()), ..endpoint.clone() };
+                    match etcd.put(&key, draining.value().as_bytes(), lease).await {
+                        Ok(()) => {
+                            info!(%key, ?drain, "draining before deregistering");
+                            let _ = tokio::time::timeout(drain, etcd.keep_alive(lease, refresh)).await;
+                        }
+                        Err(error) => warn!(%key, %error, "could not mark the endpoint draining"),
+                    }
+                }
                 let _ = etcd.revoke(lease).await;
                 info!(%key, "deregistered");
                 return Ok(());
@@ -259,12 +288,18 @@ pub async fn register(
 }
 
 /// Runs `remora register`: registers `endpoint` and keeps it registered until SIGTERM or SIGINT,
-/// then deregisters it.
-pub fn run_register(address: &str, prefix: &str, endpoint: &Registered, ttl: Duration) -> Result<(), EtcdError> {
+/// then (after `drain`, marked draining) deregisters it.
+pub fn run_register(
+    address: &str,
+    prefix: &str,
+    endpoint: &Registered,
+    ttl: Duration,
+    drain: Duration,
+) -> Result<(), EtcdError> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(EtcdError::Io)?;
     runtime.block_on(async {
         let stop = super::stop_signal().map_err(EtcdError::Io)?;
-        register(address, prefix, endpoint, ttl, stop).await
+        register(address, prefix, endpoint, ttl, drain, stop).await
     })
 }
 
@@ -286,6 +321,11 @@ mod tests {
         assert_eq!((placed.region.as_deref(), placed.zone.as_deref()), (Some("eu"), Some("eu-1")));
         assert_eq!(parse(DEFAULT_PREFIX, k.as_bytes(), placed.value().as_bytes()).unwrap(), placed);
         assert_eq!(Registered::new("shop", "10.0.0.7:8080").value(), "");
+        let draining = parse(DEFAULT_PREFIX, k.as_bytes(), br#"{"health": "draining"}"#).unwrap();
+        assert_eq!(draining.health.as_deref(), Some("draining"));
+        assert_eq!(draining.value(), r#"{"health":"draining"}"#);
+        let sick = parse(DEFAULT_PREFIX, k.as_bytes(), br#"{"health": "sick"}"#).unwrap_err();
+        assert!(sick.contains("health must be healthy, unhealthy or draining"), "{sick}");
         let v6 = parse(DEFAULT_PREFIX, b"/remora/endpoints/shop/[::1]:80", b"").unwrap();
         assert_eq!(v6.address, "[::1]:80");
         assert!(parse(DEFAULT_PREFIX, b"/remora/endpoints/shop/nowhere", b"").unwrap_err().contains("address"));

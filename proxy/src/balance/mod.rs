@@ -179,6 +179,32 @@ pub struct Endpoint {
     pub weight: u32,
     /// How close it is to this proxy (`Elsewhere` when the cluster has no locality preference).
     pub proximity: Proximity,
+    /// What its owner declared of its health.
+    pub declared: Declared,
+}
+
+/// An endpoint's health as its owner declares it (the resource's `health`), beside what the
+/// proxy's own checks find.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Declared {
+    /// Takes traffic.
+    #[default]
+    Healthy,
+    /// Counts as failing: no traffic unless the cluster is in panic.
+    Unhealthy,
+    /// Finishing its work: never picked.
+    Draining,
+}
+
+impl Declared {
+    /// The name `/clusters` shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Declared::Healthy => "healthy",
+            Declared::Unhealthy => "unhealthy",
+            Declared::Draining => "draining",
+        }
+    }
 }
 
 /// Everything that decides how a set picks; a set is reused by the next snapshot only if this is
@@ -373,7 +399,11 @@ impl EndpointSet {
             .iter()
             .map(|m| {
                 let state = &m.state;
-                let health = if self.config.health_checked { state.health().as_str() } else { "unchecked" };
+                let health = match m.endpoint.declared {
+                    Declared::Healthy if self.config.health_checked => state.health().as_str(),
+                    Declared::Healthy => "unchecked",
+                    declared => declared.as_str(),
+                };
                 let ejected = self.config.outlier.as_ref().and_then(|_| state.ejected_for(now));
                 serde_json::json!({
                     "address": m.address().to_string(),
@@ -523,13 +553,22 @@ impl EndpointSet {
     }
 
     fn compute_view(&self, now: u64) -> View {
-        let weighted: Vec<u32> =
-            (0..self.members.len() as u32).filter(|i| self.members[*i as usize].endpoint.weight > 0).collect();
+        // A draining endpoint is out altogether: it counts for nothing, not even panic.
+        let weighted: Vec<u32> = (0..self.members.len() as u32)
+            .filter(|i| {
+                let endpoint = &self.members[*i as usize].endpoint;
+                endpoint.weight > 0 && endpoint.declared != Declared::Draining
+            })
+            .collect();
         // Only what this set's settings ask for counts: ejections with outlier detection, and with
-        // a health check nothing but a passing verdict (never checked counts as unknown).
+        // a health check nothing but a passing verdict (never checked counts as unknown). An
+        // endpoint declared unhealthy fails whatever the checks say.
         let ejected_now = |i: &u32| self.config.outlier.is_some() && self.members[*i as usize].state.is_ejected(now);
-        let passes =
-            |i: &u32| !self.config.health_checked || self.members[*i as usize].state.health() == Health::Healthy;
+        let passes = |i: &u32| {
+            let member = &self.members[*i as usize];
+            member.endpoint.declared == Declared::Healthy
+                && (!self.config.health_checked || member.state.health() == Health::Healthy)
+        };
         let healthy: Vec<u32> = weighted.iter().copied().filter(|i| !ejected_now(i) && passes(i)).collect();
         let ejected = weighted.iter().filter(|i| ejected_now(i)).count();
         let threshold = u64::from(self.config.panic_threshold);
@@ -717,7 +756,12 @@ mod tests {
     use crate::telemetry::Metrics;
 
     fn endpoint(i: usize, weight: u32, proximity: Proximity) -> Endpoint {
-        Endpoint { address: SocketAddr::from(([127, 0, 0, 1], 9000 + i as u16)), weight, proximity }
+        Endpoint {
+            address: SocketAddr::from(([127, 0, 0, 1], 9000 + i as u16)),
+            weight,
+            proximity,
+            declared: Declared::Healthy,
+        }
     }
 
     fn build(config: SetConfig, endpoints: Vec<Endpoint>) -> EndpointSet {
@@ -864,6 +908,33 @@ mod tests {
         assert!(set.view().panic());
         assert_eq!(counts(&set, 400).len(), 4);
         assert!(set.has_healthy());
+    }
+
+    #[test]
+    fn declared_unhealthy_endpoints_wait_and_draining_ones_never_take_traffic() {
+        let declared = [Declared::Healthy, Declared::Healthy, Declared::Unhealthy, Declared::Draining];
+        let endpoints = declared
+            .iter()
+            .enumerate()
+            .map(|(i, declared)| Endpoint { declared: *declared, ..endpoint(i, 1, Proximity::Elsewhere) })
+            .collect();
+        let set = build(SetConfig::round_robin(), endpoints);
+        // Two of the three that count are healthy (the draining one counts for nothing): no panic.
+        assert_eq!((set.view().weighted, set.view().healthy, set.view().panic()), (3, 2, false));
+        let picked = counts(&set, 300);
+        assert_eq!(picked.keys().copied().collect::<std::collections::BTreeSet<_>>(), [0, 1].into());
+        // In panic the unhealthy one is used again, the draining one still not.
+        let endpoints = declared
+            .iter()
+            .enumerate()
+            .map(|(i, declared)| Endpoint { declared: *declared, ..endpoint(i, 1, Proximity::Elsewhere) })
+            .collect();
+        let set = build(SetConfig { panic_threshold: 90, ..SetConfig::round_robin() }, endpoints);
+        assert!(set.view().panic());
+        assert_eq!(counts(&set, 300).keys().copied().collect::<std::collections::BTreeSet<_>>(), [0, 1, 2].into());
+        let report = set.report();
+        assert_eq!(report["endpoints"][3]["health"], "draining");
+        assert_eq!(report["endpoints"][2]["health"], "unhealthy");
     }
 
     fn zoned(min_healthy: u32) -> EndpointSet {

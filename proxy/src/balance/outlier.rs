@@ -277,6 +277,7 @@ mod tests {
                 address: SocketAddr::from(([127, 0, 0, 1], 9000 + i)),
                 weight: 1,
                 proximity: Proximity::Elsewhere,
+                declared: Default::default(),
             })
             .collect();
         let config =

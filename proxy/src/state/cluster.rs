@@ -18,7 +18,7 @@ use remora_control_api::validate;
 use crate::balance::health::HealthCheckConfig;
 use crate::balance::outlier::OutlierConfig;
 use crate::balance::{
-    Endpoint, EndpointSet, EndpointState, HashOn, LocalityPreference, Member, Proximity, SetConfig, Strategy,
+    Declared, Endpoint, EndpointSet, EndpointState, HashOn, LocalityPreference, Member, Proximity, SetConfig, Strategy,
 };
 use crate::limits;
 use crate::policy::breaker::CircuitBreakers;
@@ -183,7 +183,12 @@ impl Cluster {
                     (Some(_), Some(l)) => Proximity::of(&l.region, &l.zone, &locality.region, &locality.zone),
                     _ => Proximity::Elsewhere,
                 };
-                list.push(Endpoint { address, weight: endpoint.weight.unwrap_or(1), proximity });
+                let declared = match endpoint.health() {
+                    v1::endpoint::Health::Healthy => Declared::Healthy,
+                    v1::endpoint::Health::Unhealthy => Declared::Unhealthy,
+                    v1::endpoint::Health::Draining => Declared::Draining,
+                };
+                list.push(Endpoint { address, weight: endpoint.weight.unwrap_or(1), proximity, declared });
             }
             let old = previous.and_then(|p| match &p.targets {
                 Targets::Endpoints(set) => Some(set),
