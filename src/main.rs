@@ -84,7 +84,7 @@ enum Command {
     /// Run the control plane: serve the resources of a directory of YAML files (and endpoints
     /// registered in etcd) to every connected proxy over Delta ADS, pushing each change live.
     #[command(group(ArgGroup::new("ca_auth").args(["ca_tokens", "ca_kubernetes"]).multiple(true)))]
-    #[command(group(ArgGroup::new("kubernetes_users").args(["ca_kubernetes", "injector_webhook"]).multiple(true)))]
+    #[command(group(ArgGroup::new("kubernetes_users").args(["ca_kubernetes", "injector_webhook", "kubernetes_endpoints"]).multiple(true)))]
     Control {
         /// Directory of resource files (the proxy's --config format, resources only), watched. A git
         /// work tree is versioned by its checked-out commit.
@@ -121,8 +121,12 @@ enum Command {
         /// The audience service-account tokens must be issued for.
         #[arg(long, default_value = DEFAULT_AUDIENCE, value_name = "AUDIENCE", requires = "ca_kubernetes")]
         token_audience: String,
-        /// The API server, https://HOST[:PORT], instead of the in-cluster one (for --ca-kubernetes
-        /// and --injector-webhook).
+        /// Fill clusters that name a `kubernetes_service` with its pods, from the API server's
+        /// EndpointSlices (listed, then watched): ready pods take traffic, terminating ones drain.
+        #[arg(long)]
+        kubernetes_endpoints: bool,
+        /// The API server, https://HOST[:PORT], instead of the in-cluster one (for --ca-kubernetes,
+        /// --injector-webhook and --kubernetes-endpoints).
         #[arg(long, value_name = "URL", requires_all = ["kubernetes_users", "kubernetes_ca", "kubernetes_token"])]
         kubernetes_api: Option<String>,
         /// PEM roots of --kubernetes-api's certificate.
@@ -355,6 +359,7 @@ fn main() -> ExitCode {
             ca_key,
             ca_tokens,
             ca_kubernetes,
+            kubernetes_endpoints,
             token_audience,
             kubernetes_api,
             kubernetes_ca,
@@ -382,7 +387,9 @@ fn main() -> ExitCode {
                 (Some(url), Some(ca_file), Some(token_file)) => {
                     Some(KubernetesApi::Explicit { url, ca_file, token_file })
                 }
-                _ if ca_kubernetes || injector_webhook.is_some() => Some(KubernetesApi::InCluster),
+                _ if ca_kubernetes || kubernetes_endpoints || injector_webhook.is_some() => {
+                    Some(KubernetesApi::InCluster)
+                }
                 _ => None,
             };
             let ca = root.map(|root| CaConfig {
@@ -422,6 +429,7 @@ fn main() -> ExitCode {
                 ca,
                 injector,
                 kubernetes,
+                kubernetes_endpoints,
                 serving_cert_ttl,
             })
             .map_err(anyhow::Error::from)

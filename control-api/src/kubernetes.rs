@@ -1,14 +1,16 @@
 //! The control plane's client of the Kubernetes API server: what the CA's TokenReviews
-//! (`ca::kubernetes`) and the injector's `caBundle` upkeep (`inject::ca_bundle`) send their requests
-//! through.
+//! (`ca::kubernetes`), the injector's `caBundle` upkeep (`inject::ca_bundle`) and the EndpointSlice
+//! source (`control::endpoint_slices`) send their requests through.
 //!
 //! [`ApiClient::in_cluster`] takes the API server's address from the environment every pod gets
 //! (`KUBERNETES_SERVICE_HOST`/`_PORT`) and the cluster CA and the control plane's own token from the
 //! mounted service account; [`ApiClient::new`] takes them explicitly (outside a cluster, or for a
 //! stand-in server in tests). [`ApiClient::send`] opens a connection (TLS 1.3, the server checked
 //! against the cluster CA), sends one request as the control plane (its bearer token, re-read every
-//! time, since projected tokens rotate), and returns the status and the answer (capped at 1 MiB).
-//! Requests are rare (a review per certificate request, a check a minute), so nothing is pooled.
+//! time, since projected tokens rotate), and returns the status and the answer (capped at 1 MiB);
+//! [`ApiClient::get`] reads a larger list, and [`ApiClient::stream`] hands back a watch's answer as
+//! it streams. Requests are rare (a review per certificate request, a check a minute, a watch that
+//! lasts minutes), so nothing is pooled.
 
 use std::path::{Path, PathBuf};
 
@@ -109,8 +111,8 @@ impl ApiClient {
         &self.address
     }
 
-    /// Sends `method path` with a JSON-ish `body` of `content_type` (none for a bodiless request);
-    /// the answer's status and body.
+    /// Sends `method path` with a JSON `body` of `content_type` (none for a bodiless request);
+    /// the answer's status and body (up to 1 MiB).
     pub async fn send(
         &self,
         method: Method,
@@ -118,12 +120,35 @@ impl ApiClient {
         content_type: Option<&str>,
         body: Bytes,
     ) -> Result<(StatusCode, Bytes), ApiError> {
-        let fail = |what: &str, e: &dyn std::fmt::Display| ApiError {
-            address: self.address.clone(),
-            message: format!("{what}: {e}"),
-        };
+        let response = self.exchange(method, path, content_type, body).await?;
+        self.collect(response, MAX_ANSWER).await
+    }
+
+    /// `GET path`, the answer read whole up to `limit` bytes: for a list.
+    pub async fn get(&self, path: &str, limit: usize) -> Result<(StatusCode, Bytes), ApiError> {
+        let response = self.exchange(Method::GET, path, None, Bytes::new()).await?;
+        self.collect(response, limit).await
+    }
+
+    /// `GET path` and the answer as it streams: for a watch, whose events arrive one JSON object
+    /// per line for as long as the API server keeps the request open.
+    pub async fn stream(&self, path: &str) -> Result<http::Response<hyper::body::Incoming>, ApiError> {
+        self.exchange(Method::GET, path, None, Bytes::new()).await
+    }
+
+    fn fail(&self, what: &str, e: &dyn std::fmt::Display) -> ApiError {
+        ApiError { address: self.address.clone(), message: format!("{what}: {e}") }
+    }
+
+    async fn exchange(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: Option<&str>,
+        body: Bytes,
+    ) -> Result<http::Response<hyper::body::Incoming>, ApiError> {
         let own = std::fs::read_to_string(&self.credential)
-            .map_err(|e| fail(&format!("the control plane's token {}", self.credential.display()), &e))?;
+            .map_err(|e| self.fail(&format!("the control plane's token {}", self.credential.display()), &e))?;
         let mut request = http::Request::builder()
             .method(method)
             .uri(path)
@@ -133,20 +158,27 @@ impl ApiClient {
         if let Some(content_type) = content_type {
             request = request.header(http::header::CONTENT_TYPE, content_type);
         }
-        let request = request.body(Full::new(body)).map_err(|e| fail("the request", &e))?;
-        let tcp = TcpStream::connect(&self.address).await.map_err(|e| fail("connect", &e))?;
+        let request = request.body(Full::new(body)).map_err(|e| self.fail("the request", &e))?;
+        let tcp = TcpStream::connect(&self.address).await.map_err(|e| self.fail("connect", &e))?;
         let _ = tcp.set_nodelay(true);
-        let tls = self.tls.connect(self.server_name.clone(), tcp).await.map_err(|e| fail("TLS", &e))?;
+        let tls = self.tls.connect(self.server_name.clone(), tcp).await.map_err(|e| self.fail("TLS", &e))?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
             .await
-            .map_err(|e| fail("HTTP handshake", &e))?;
+            .map_err(|e| self.fail("HTTP handshake", &e))?;
         tokio::spawn(connection);
-        let response = sender.send_request(request).await.map_err(|e| fail("request", &e))?;
+        sender.send_request(request).await.map_err(|e| self.fail("request", &e))
+    }
+
+    async fn collect(
+        &self,
+        response: http::Response<hyper::body::Incoming>,
+        limit: usize,
+    ) -> Result<(StatusCode, Bytes), ApiError> {
         let status = response.status();
-        let bytes = Limited::new(response.into_body(), MAX_ANSWER)
+        let bytes = Limited::new(response.into_body(), limit)
             .collect()
             .await
-            .map_err(|e| fail("the answer", &e))?
+            .map_err(|e| self.fail("the answer", &e))?
             .to_bytes();
         Ok((status, bytes))
     }

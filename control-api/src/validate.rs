@@ -678,6 +678,21 @@ impl Checker {
             }
             Ok(_) => self.patterns(subject, "peer_identities", &cluster.peer_identities),
         }
+        if let Some(service) = &cluster.kubernetes_service {
+            if cluster.original_destination {
+                self.fail(subject, "kubernetes_service", "an original_destination cluster takes no endpoints");
+            }
+            for (field, value) in [("namespace", &service.namespace), ("name", &service.name)] {
+                if !is_dns_label(value) {
+                    let message = format!("must be a Kubernetes name (a DNS label), got {value:?}");
+                    self.fail(subject, format!("kubernetes_service.{field}"), message);
+                }
+            }
+            if !service.port.is_empty() && service.port.parse::<u16>().is_err() && !is_dns_label(&service.port) {
+                let message = format!("must be a port name or number, got {:?}", service.port);
+                self.fail(subject, "kubernetes_service.port", message);
+            }
+        }
         if cluster.original_destination
             && (cluster.health_check.is_some() || cluster.outlier_detection.is_some() || ring_hash)
         {
@@ -809,6 +824,15 @@ impl Checker {
             }
         }
     }
+}
+
+/// A Kubernetes object name of the DNS-label kind (namespaces, Services, port names): 1 to 63
+/// lowercase letters, digits and `-`, starting and ending with a letter or digit.
+fn is_dns_label(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
 }
 
 #[cfg(test)]

@@ -343,14 +343,58 @@ const WEBHOOK_PATH: &str = "/apis/admissionregistration.k8s.io/v1/mutatingwebhoo
 
 /// A stand-in for the parts of the Kubernetes API server the control plane uses (no kube-apiserver
 /// can run here): HTTPS with a certificate from `ca`, answering as the real one does. 401 unless the
-/// caller is the control plane; TokenReview with a review per token it knows; and GET and PATCH
-/// (JSON patch: `test` and `add`) of the `remora-injector` MutatingWebhookConfiguration, which
-/// starts as `webhook`.
+/// caller is the control plane; TokenReview with a review per token it knows; GET and PATCH (JSON
+/// patch: `test` and `add`) of the `remora-injector` MutatingWebhookConfiguration, which starts as
+/// `webhook`; and EndpointSlices: the list, and watches from a resource version, streaming one
+/// event per line.
 struct ApiServer {
     address: std::net::SocketAddr,
     /// Every request: method, path, whether authorized, content type and body (JSON).
     seen: Arc<std::sync::Mutex<Vec<Value>>>,
     webhook: Arc<std::sync::Mutex<Value>>,
+    slices: Arc<std::sync::Mutex<Slices>>,
+}
+
+/// The stand-in's EndpointSlices: the objects, every event with its resource version, and the
+/// open watches.
+#[derive(Default)]
+struct Slices {
+    version: u64,
+    objects: std::collections::BTreeMap<String, Value>,
+    events: Vec<(u64, Value)>,
+    watchers: Vec<tokio::sync::mpsc::UnboundedSender<bytes::Bytes>>,
+}
+
+impl Slices {
+    /// Stores `object` (a new version of it) and tells the watches.
+    fn put(&mut self, mut object: Value) {
+        self.version += 1;
+        object["metadata"]["resourceVersion"] = self.version.to_string().into();
+        let name = object["metadata"]["name"].as_str().unwrap().to_owned();
+        let kind = if self.objects.contains_key(&name) { "MODIFIED" } else { "ADDED" };
+        self.objects.insert(name, object.clone());
+        self.publish(json!({"type": kind, "object": object}));
+    }
+
+    fn delete(&mut self, name: &str) {
+        self.version += 1;
+        let mut object = self.objects.remove(name).unwrap();
+        object["metadata"]["resourceVersion"] = self.version.to_string().into();
+        self.publish(json!({"type": "DELETED", "object": object}));
+    }
+
+    fn publish(&mut self, event: Value) {
+        let line = bytes::Bytes::from(format!("{event}\n"));
+        self.events.push((self.version, event));
+        self.watchers.retain(|watcher| watcher.send(line.clone()).is_ok());
+    }
+}
+
+type AnyBody = http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible>;
+
+fn whole(value: &Value) -> AnyBody {
+    use http_body_util::BodyExt;
+    http_body_util::Full::new(bytes::Bytes::from(value.to_string())).boxed()
 }
 
 impl ApiServer {
@@ -364,15 +408,16 @@ impl ApiServer {
         let address = listener.local_addr().unwrap();
         let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
         let webhook = Arc::new(std::sync::Mutex::new(webhook));
-        let (log, state) = (seen.clone(), webhook.clone());
+        let slices = Arc::new(std::sync::Mutex::new(Slices::default()));
+        let (log, state, all_slices) = (seen.clone(), webhook.clone(), slices.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else { return };
-                let (acceptor, log, state) = (acceptor.clone(), log.clone(), state.clone());
+                let (acceptor, log, state, slices) = (acceptor.clone(), log.clone(), state.clone(), all_slices.clone());
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else { return };
                     let service = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
-                        let (log, state) = (log.clone(), state.clone());
+                        let (log, state, slices) = (log.clone(), state.clone(), slices.clone());
                         async move {
                             use http_body_util::BodyExt;
                             let header = |name: &str| {
@@ -381,17 +426,20 @@ impl ApiServer {
                             let authorized = header("authorization") == Some(format!("Bearer {CONTROL_PLANE_TOKEN}"));
                             let content_type = header("content-type");
                             let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+                            let query = request.uri().query().unwrap_or_default().to_owned();
                             let body = request.into_body().collect().await.unwrap().to_bytes();
                             let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
                             log.lock().unwrap().push(json!({"method": method.as_str(), "path": path,
                                 "authorized": authorized, "content_type": content_type, "body": body}));
                             let (status, answer) = if !authorized {
-                                (401, json!({"kind": "Status", "reason": "Unauthorized", "code": 401}))
+                                (401, whole(&json!({"kind": "Status", "reason": "Unauthorized", "code": 401})))
+                            } else if path == "/apis/discovery.k8s.io/v1/endpointslices" {
+                                (200, ApiServer::endpoint_slices(&query, &slices))
                             } else {
-                                ApiServer::answer(&method, &path, &body, &state)
+                                let (status, answer) = ApiServer::answer(&method, &path, &body, &state);
+                                (status, whole(&answer))
                             };
-                            let mut response =
-                                http::Response::new(http_body_util::Full::new(bytes::Bytes::from(answer.to_string())));
+                            let mut response = http::Response::new(answer);
                             *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
                             Ok::<_, std::convert::Infallible>(response)
                         }
@@ -402,7 +450,35 @@ impl ApiServer {
                 });
             }
         });
-        ApiServer { address, seen, webhook }
+        ApiServer { address, seen, webhook, slices }
+    }
+
+    /// The EndpointSlice list, or (with `watch=1`) a watch from the query's resource version.
+    fn endpoint_slices(query: &str, slices: &std::sync::Mutex<Slices>) -> AnyBody {
+        use http_body_util::BodyExt;
+        let mut slices = slices.lock().unwrap();
+        if !query.split('&').any(|pair| pair == "watch=1") {
+            let items: Vec<Value> = slices.objects.values().cloned().collect();
+            let version = slices.version.to_string();
+            return whole(
+                &json!({"kind": "EndpointSliceList", "metadata": {"resourceVersion": version}, "items": items}),
+            );
+        }
+        let from: u64 = query
+            .split('&')
+            .find_map(|pair| pair.strip_prefix("resourceVersion="))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        for (_, event) in slices.events.iter().filter(|(version, _)| *version > from) {
+            let _ = sender.send(bytes::Bytes::from(format!("{event}\n")));
+        }
+        slices.watchers.push(sender);
+        let frames = futures_util::stream::unfold(receiver, |mut receiver| async move {
+            let line = receiver.recv().await?;
+            Some((Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(line)), receiver))
+        });
+        http_body_util::StreamBody::new(frames).boxed()
     }
 
     fn answer(method: &http::Method, path: &str, body: &Value, webhook: &std::sync::Mutex<Value>) -> (u16, Value) {
@@ -676,5 +752,105 @@ async fn the_control_plane_patches_the_webhook_ca_bundle_and_renews_its_serving_
         .unwrap_or_else(|| panic!("no renewal count in\n{metrics}"));
     assert!(renewals >= 2.0, "{renewals}");
     assert!(metrics.contains("remora_control_injector_ca_bundle_checks_total{result=\"patched\"} 1"), "{metrics}");
+    let _ = std::fs::remove_dir_all(directory);
+}
+
+/// An EndpointSlice of Service `shop/web` with one endpoint at 127.0.0.1 on `port` (named http).
+fn endpoint_slice(name: &str, port: u16, conditions: Value) -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": "shop", "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+        "endpoints": [{"addresses": ["127.0.0.1"], "conditions": conditions, "zone": "zone-a"}],
+    })
+}
+
+/// Which servers answered `n` requests through `address`.
+async fn served_by(address: std::net::SocketAddr, n: usize) -> std::collections::BTreeMap<String, usize> {
+    let mut client = remora_proxy::testing::Client::http1(address).await;
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..n {
+        let reply = client.get("web.shop", "/").await;
+        *seen
+            .entry(if reply.status == 200 { reply.header("x-served-by").to_owned() } else { reply.status.to_string() })
+            .or_insert(0) += 1;
+    }
+    seen
+}
+
+/// With `--kubernetes-endpoints`, a cluster naming a Service gets its pods from the API server's
+/// EndpointSlices: the list at start, then every watch event: a pod turning terminating drains (no
+/// new requests), a slice deleted takes its pods away, a new one adds them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clusters_follow_a_services_endpoint_slices() {
+    use remora_proxy::testing::{HttpServer, TestProxy, eventually};
+
+    let (a, b, c) = (HttpServer::start("a").await, HttpServer::start("b").await, HttpServer::start("c").await);
+    let cluster_ca = TestCa::new("cluster.local");
+    let api = ApiServer::start(&cluster_ca, Value::Null).await;
+    let ready = || json!({"ready": true, "serving": true, "terminating": false});
+    {
+        let mut slices = api.slices.lock().unwrap();
+        slices.put(endpoint_slice("web-a", a.address().port(), ready()));
+        slices.put(endpoint_slice("web-b", b.address().port(), ready()));
+    }
+    let directory = remora_proxy::testing::proxy::temp_dir("remora-endpoint-slices");
+    let mesh = directory.join("mesh");
+    std::fs::create_dir_all(&mesh).unwrap();
+    std::fs::write(
+        mesh.join("web.yaml"),
+        "resources:\n  - {kind: Cluster, name: web, kubernetes_service: {namespace: shop, name: web, port: http}}\n  - {kind: RouteTable, name: web, routes: [{name: all, backends: [{cluster: web}]}]}\n  - {kind: Listener, name: in, address: \"127.0.0.1:0\", route_tables: [web]}\n",
+    )
+    .unwrap();
+    let cluster_ca_file = directory.join("kubernetes-ca.crt");
+    std::fs::write(&cluster_ca_file, cluster_ca.serving(&["127.0.0.1"]).ca).unwrap();
+    let own_token = directory.join("control-plane.token");
+    std::fs::write(&own_token, CONTROL_PLANE_TOKEN).unwrap();
+    let api_url = format!("https://{}", api.address);
+    let mut control = Spawned::new(&[
+        "control",
+        "--listen",
+        "127.0.0.1:0",
+        "--config-dir",
+        mesh.to_str().unwrap(),
+        "--kubernetes-endpoints",
+        "--kubernetes-api",
+        &api_url,
+        "--kubernetes-ca",
+        cluster_ca_file.to_str().unwrap(),
+        "--kubernetes-token",
+        own_token.to_str().unwrap(),
+    ]);
+    control.wait_for("EndpointSlices listed");
+    let line = control.wait_for("remora control serving Delta ADS");
+    let address = format!("http://{}", line.rsplit("address=").next().unwrap().trim());
+    let proxy = TestProxy::start_controlled("", &address, "slices");
+    proxy.wait_ready().await;
+    let listener = proxy.address("in");
+    let seen = served_by(listener, 40).await;
+    assert_eq!((seen.get("a"), seen.get("b")), (Some(&20), Some(&20)), "{seen:?}");
+
+    // b's pod is terminating: it drains, a takes every new request.
+    api.slices.lock().unwrap().put(endpoint_slice(
+        "web-b",
+        b.address().port(),
+        json!({"ready": false, "serving": true, "terminating": true}),
+    ));
+    eventually("b drains", Duration::from_secs(5), || async { served_by(listener, 10).await.keys().eq(["a"]) }).await;
+    let (_, clusters) = proxy.admin_get("/clusters").await;
+    assert!(clusters.contains("\"draining\""), "{clusters}");
+
+    // b's slice goes and c's comes: the watch carries both.
+    {
+        let mut slices = api.slices.lock().unwrap();
+        slices.delete("web-b");
+        slices.put(endpoint_slice("web-c", c.address().port(), ready()));
+    }
+    eventually("c joins", Duration::from_secs(5), || async { served_by(listener, 10).await.keys().eq(["a", "c"]) })
+        .await;
+    let seen = api.seen.lock().unwrap().clone();
+    assert!(seen.iter().any(|r| r["path"] == "/apis/discovery.k8s.io/v1/endpointslices" && r["authorized"] == true));
     let _ = std::fs::remove_dir_all(directory);
 }

@@ -18,6 +18,7 @@
 //! naming the field, which shows in their `/config_dump` and in this server's `nacks` metric.
 
 pub mod directory;
+pub mod endpoint_slices;
 pub mod etcd;
 pub mod metrics;
 pub mod registry;
@@ -68,9 +69,11 @@ pub struct ControlConfig {
     pub ca: Option<CaConfig>,
     /// The sidecar injector's admission webhook, if this control plane serves it.
     pub injector: Option<InjectorConfig>,
-    /// How to reach the Kubernetes API server (for TokenReviews and the webhook's caBundle), if
-    /// anything needs it.
+    /// How to reach the Kubernetes API server (for TokenReviews, the webhook's caBundle and
+    /// EndpointSlices), if anything needs it.
     pub kubernetes: Option<KubernetesApi>,
+    /// Fill clusters that name a `kubernetes_service` from its EndpointSlices (needs `kubernetes`).
+    pub kubernetes_endpoints: bool,
     /// The lifetime of the serving certificates the CA issues the control plane (its port's, the
     /// injector's); each is renewed at half of it.
     pub serving_cert_ttl: Duration,
@@ -179,6 +182,7 @@ impl Default for ControlConfig {
             ca: None,
             injector: None,
             kubernetes: None,
+            kubernetes_endpoints: false,
             serving_cert_ttl: DEFAULT_SERVING_CERT_TTL,
         }
     }
@@ -222,6 +226,7 @@ struct SourceState {
     directory: Option<directory::Snapshot>,
     directory_error: Option<String>,
     registry: Option<Registrations>,
+    slices: Option<endpoint_slices::Slices>,
 }
 
 impl Sources {
@@ -253,10 +258,21 @@ impl Sources {
         self.publish(&state);
     }
 
+    /// The EndpointSlices changed (`ok`), or could not be read (`ok` false: the last ones stay).
+    fn slices_changed(&self, slices: &endpoint_slices::Slices, ok: bool) {
+        self.metrics.source_loaded("kubernetes", ok);
+        if !ok {
+            return;
+        }
+        let Ok(mut state) = self.state.lock() else { return };
+        state.slices = Some(slices.clone());
+        self.publish(&state);
+    }
+
     fn publish(&self, state: &SourceState) {
         let empty = Vec::new();
         let resources = state.directory.as_ref().map_or(&empty, |d| &d.resources);
-        let merged = merge(resources, state.registry.as_ref());
+        let merged = merge(resources, state.registry.as_ref(), state.slices.as_ref());
         let version = state.directory.as_ref().map_or("none", |d| d.version.as_str());
         self.publisher.publish(&merged, version);
     }
@@ -289,10 +305,15 @@ async fn report_end(server: impl std::future::Future<Output = Result<(), tonic::
     }
 }
 
-/// The directory's resources with each cluster's registered endpoints added: every cluster (but a
-/// pass-through one) gets an `Endpoints` resource, and registered clusters the directory does not
-/// define get one too.
-pub fn merge(resources: &[Resource], registry: Option<&Registrations>) -> Vec<Resource> {
+/// The directory's resources with each cluster's registered endpoints and (for clusters naming a
+/// `kubernetes_service`) its EndpointSlices' endpoints added: every cluster (but a pass-through
+/// one) gets an `Endpoints` resource, and registered clusters the directory does not define get one
+/// too.
+pub fn merge(
+    resources: &[Resource],
+    registry: Option<&Registrations>,
+    slices: Option<&endpoint_slices::Slices>,
+) -> Vec<Resource> {
     let mut registered: BTreeMap<&str, Vec<v1::Endpoint>> = BTreeMap::new();
     for entry in registry.into_iter().flat_map(|r| r.values()) {
         registered.entry(entry.cluster.as_str()).or_default().push(v1::Endpoint {
@@ -306,6 +327,16 @@ pub fn merge(resources: &[Resource], registry: Option<&Registrations>) -> Vec<Re
             // `parse` admitted only names of the enum.
             health: entry.health.as_deref().and_then(v1::endpoint::Health::from_str_name).map_or(0, |h| h as i32),
         });
+    }
+    if let Some(slices) = slices {
+        for resource in resources {
+            if let Resource::Cluster(cluster) = resource
+                && let Some(service) = &cluster.kubernetes_service
+            {
+                let found = endpoint_slices::endpoints_for(slices, service);
+                registered.entry(cluster.name.as_str()).or_default().extend(found);
+            }
+        }
     }
     let mut merged = Vec::with_capacity(resources.len() + registered.len());
     let mut covered: HashSet<&str> = HashSet::new();
@@ -409,6 +440,23 @@ impl ControlPlane {
             Some(api) => Some(api.client().map_err(|e| ControlError::Ca(format!("kubernetes: {e}")))?),
             None => None,
         };
+        if config.kubernetes_endpoints {
+            let Some(api) = &kubernetes else {
+                return Err(ControlError::Ca("EndpointSlices need the Kubernetes API server (kubernetes)".into()));
+            };
+            let (first_tx, first_rx) = oneshot::channel();
+            let mut first_tx = Some(first_tx);
+            let follower = sources.clone();
+            tasks.push(tokio::spawn(endpoint_slices::follow(api.clone(), move |slices, ok| {
+                follower.slices_changed(slices, ok);
+                if let Some(tx) = first_tx.take() {
+                    let _ = tx.send(());
+                }
+            })));
+            if tokio::time::timeout(REGISTRY_START_WAIT, first_rx).await.is_err() {
+                warn!("the API server has not listed the EndpointSlices yet; serving without them until it does");
+            }
+        }
         let mut ca_root = None;
         if let Some(ca) = &config.ca {
             let authority = match &ca.root {
@@ -695,7 +743,7 @@ mod tests {
                 },
             );
         }
-        let merged = merge(&file.resources, Some(&registry));
+        let merged = merge(&file.resources, Some(&registry), None);
         let endpoints: BTreeMap<&str, Vec<&str>> = merged
             .iter()
             .filter_map(|r| match r {
