@@ -146,6 +146,10 @@ enum Command {
         /// https:// URL and --control-ca with the CA's root.
         #[arg(long = "tls-name", value_name = "NAME", requires = "ca_auth")]
         tls_names: Vec<String>,
+        /// Trust these roots too (PEM), beside the CA's own: the trust bundle every certificate comes
+        /// with carries them, for a root rotation (see the README).
+        #[arg(long, value_name = "FILE", requires = "ca_auth")]
+        ca_trust: Option<PathBuf>,
         /// Serve discovery streams only to proxies that authenticate with a token the CA accepts
         /// (the bootstrap or service-account token they ask for their certificate with); proxies
         /// without a CA identity are then refused. Needs the CA.
@@ -369,6 +373,7 @@ fn main() -> ExitCode {
             tls_names,
             serving_cert_ttl,
             xds_auth,
+            ca_trust,
             injector,
             injector_listen,
             injector_cert,
@@ -400,6 +405,7 @@ fn main() -> ExitCode {
                 max_ttl: Duration::from_secs(max_cert_ttl),
                 tls_names,
                 authenticate_xds: xds_auth,
+                extra_roots: ca_trust,
             });
             let tls = match (injector_cert, injector_key) {
                 (Some(cert), Some(key)) => InjectorTls::Files { cert, key },

@@ -91,6 +91,7 @@ impl TestControlPlane {
             tokens: Some(tokens_file),
             token_audience: None,
             authenticate_xds: false,
+            extra_roots: None,
             max_ttl: crate::ca::DEFAULT_MAX_TTL,
             tls_names: Vec::new(),
         });
@@ -109,6 +110,16 @@ impl TestControlPlane {
         }
         plane.run();
         plane
+    }
+
+    /// Restarts it (on the same address) handing out `roots` (a PEM file) in every trust bundle
+    /// beside its own root, as in a root rotation.
+    pub fn trust_extra_roots(&mut self, roots: &Path) {
+        self.stop();
+        if let Some(ca) = &mut self.config.ca {
+            ca.extra_roots = Some(roots.to_owned());
+        }
+        self.run();
     }
 
     /// Restarts it (on the same address) serving discovery streams only to proxies whose stream

@@ -242,6 +242,7 @@ async fn demo(options: DemoOptions, dir: &Path) -> anyhow::Result<()> {
             token_audience: None,
             // Both sidecars have CA identities, so the control plane serves no one else.
             authenticate_xds: true,
+            extra_roots: None,
             max_ttl: Duration::from_secs(24 * 3600),
             tls_names: vec!["127.0.0.1".into(), "localhost".into()],
         }),

@@ -523,3 +523,50 @@ async fn discovery_streams_need_a_token_the_ca_accepts() {
     assert_eq!(plane.metric("remora_control_connected_proxies"), 1.0);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Halfway through a root rotation: the receiving sidecar still has a certificate from the old
+/// root (and trusts both, as the rotation's first step gave it), the calling one gets its
+/// certificate from the control plane's new root, whose trust bundle also carries the old root
+/// (`--ca-trust`). Both handshakes succeed; without the old root in the bundle, the caller refuses
+/// the receiving sidecar.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_on_the_old_and_the_new_root_talk_during_a_root_rotation() {
+    let mut plane = TestControlPlane::start_with_ca(&[], "cluster.local", TOKENS);
+    let dir = temp_dir("remora-root-rotation");
+    let old = TestCa::new("cluster.local");
+    let old_root = dir.join("old-root.pem");
+    std::fs::write(&old_root, old.issue(API).ca).unwrap();
+    let app = HttpServer::start("api-app").await;
+    let echo = TcpEchoServer::start().await;
+    // The receiving sidecar: an old-root certificate, trusting the old root and the new one.
+    let server_identity = old.issue(API).bootstrap_identity(&dir.join("api"));
+    let bundle = format!("{}{}", std::fs::read_to_string(&old_root).unwrap(), plane.ca_root_pem());
+    std::fs::write(dir.join("api").join("ca.pem"), bundle).unwrap();
+    let server = TestProxy::start(&server_yaml(&server_identity, app.address(), echo.address(), ""));
+    let caller = |plane: &TestControlPlane, name: &str| {
+        let token_file = dir.join(format!("{name}.token"));
+        std::fs::write(&token_file, "web-token-0123456789").unwrap();
+        let identity = format!(
+            "  identity:\n    spiffe_id: {WEB}\n    token_file: {}\n    ca_address: {}\n",
+            token_file.display(),
+            plane.url()
+        );
+        TestProxy::start(&client_yaml(&identity, server.address("in"), server.address("in-tcp"), ""))
+    };
+
+    // Without the old root in the bundle, the new-root caller cannot trust the old-root sidecar.
+    let strict = caller(&plane, "strict");
+    strict.wait_ready().await;
+    let refused = Client::http1(strict.address("out")).await.get("api", "/").await;
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert_eq!(refused.header("x-remora-error"), "upstream_tls");
+
+    plane.trust_extra_roots(&old_root);
+    let rotating = caller(&plane, "rotating");
+    rotating.wait_ready().await;
+    let reply = Client::http1(rotating.address("out")).await.get("api", "/").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.header("x-seen-client-identity"), WEB);
+    assert_eq!(echo_through(rotating.address("out-tcp"), b"rotate").await.unwrap(), b"rotate");
+    let _ = std::fs::remove_dir_all(&dir);
+}

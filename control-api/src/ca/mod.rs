@@ -97,6 +97,8 @@ pub struct Signed {
 pub struct Authority {
     issuer: Issuer<'static, KeyPair>,
     root_pem: String,
+    /// Roots trusted besides this one (a root rotation's other root), PEM.
+    extra_roots: Vec<String>,
     trust_domain: String,
     max_ttl: Duration,
 }
@@ -137,7 +139,13 @@ impl Authority {
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
             .map_err(|e| invalid(cert_path, format!("not a CA certificate: {e}")))?;
         check_trust_domain(trust_domain)?;
-        Ok(Authority { issuer, root_pem: cert_pem, trust_domain: trust_domain.to_owned(), max_ttl: DEFAULT_MAX_TTL })
+        Ok(Authority {
+            issuer,
+            root_pem: cert_pem,
+            extra_roots: Vec::new(),
+            trust_domain: trust_domain.to_owned(),
+            max_ttl: DEFAULT_MAX_TTL,
+        })
     }
 
     /// A new root, in memory only (tests; `load_or_generate` stores one).
@@ -164,9 +172,32 @@ impl Authority {
         Ok(Authority {
             issuer: Issuer::new(params, key),
             root_pem,
+            extra_roots: Vec::new(),
             trust_domain: trust_domain.to_owned(),
             max_ttl: DEFAULT_MAX_TTL,
         })
+    }
+
+    /// Adds the CA certificates in the PEM file `path` to the trust bundle it hands out, beside its
+    /// own root: for a root rotation, where workloads must trust the old root and the new one while
+    /// certificates from both are in use.
+    pub fn with_extra_roots(mut self, path: &Path) -> Result<Authority, CaError> {
+        let invalid = |message: String| CaError::Invalid { path: path.to_owned(), message };
+        let pem = std::fs::read(path).map_err(|error| CaError::Io { path: path.to_owned(), error })?;
+        use rustls::pki_types::pem::PemObject as _;
+        for der in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+            let der = der.map_err(|e| invalid(format!("not a PEM certificate: {e}")))?;
+            let (_, cert) = x509_parser::parse_x509_certificate(&der)
+                .map_err(|e| invalid(format!("not an X.509 certificate: {e}")))?;
+            if !cert.is_ca() {
+                return Err(invalid(format!("{} is not a CA certificate", cert.subject())));
+            }
+            self.extra_roots.push(pem_certificate(&der));
+        }
+        if self.extra_roots.is_empty() {
+            return Err(invalid("holds no certificate".into()));
+        }
+        Ok(self)
     }
 
     /// Caps the lifetime of the certificates it signs.
@@ -206,7 +237,9 @@ impl Authority {
         let now = SystemTime::now();
         let (not_before, not_after) = (now - BACKDATE, now + ttl);
         let leaf = self.issue(&identity, &csr.public_key, not_before, not_after)?;
-        Ok(Signed { identity, chain: vec![leaf], trust_bundle: vec![self.root_pem.clone()], not_after })
+        let mut trust_bundle = vec![self.root_pem.clone()];
+        trust_bundle.extend(self.extra_roots.iter().cloned());
+        Ok(Signed { identity, chain: vec![leaf], trust_bundle, not_after })
     }
 
     /// A leaf certificate (PEM) for `identity` and `public_key`, valid from `not_before` to
@@ -252,6 +285,19 @@ impl Authority {
         let cert = params.signed_by(&key, &self.issuer).map_err(SignError::Internal)?;
         Ok((cert.pem(), key.serialize_pem()))
     }
+}
+
+/// A DER certificate as PEM, 64 characters a line.
+fn pem_certificate(der: &[u8]) -> String {
+    use base64::Engine as _;
+    let text = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in text.as_bytes().chunks(64) {
+        pem.push_str(&String::from_utf8_lossy(line));
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    pem
 }
 
 /// The one URI SAN of a CSR, as a SPIFFE ID; any other name, or none, or two, is refused.
@@ -342,6 +388,32 @@ mod tests {
         let foreign = certificate_request(&id("spiffe://elsewhere/ns/shop/sa/web"), &key).unwrap();
         assert!(matches!(ca.sign(&foreign, &patterns(&["*"]), None), Err(SignError::NotEntitled(_))));
         assert!(matches!(ca.sign("junk", &patterns(&["*"]), None), Err(SignError::BadRequest(_))));
+    }
+
+    #[test]
+    fn extra_roots_join_the_trust_bundle_and_only_ca_certificates_may() {
+        let dir = std::env::temp_dir().join(format!("remora-extra-roots-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let old = Authority::generate("cluster.local").unwrap();
+        let roots = dir.join("old-root.pem");
+        std::fs::write(&roots, old.root_pem()).unwrap();
+        let ca = Authority::generate("cluster.local").unwrap().with_extra_roots(&roots).unwrap();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let csr = certificate_request(&id("spiffe://cluster.local/ns/shop/sa/web"), &key).unwrap();
+        let signed = ca.sign(&csr, &patterns(&["*"]), None).unwrap();
+        assert_eq!(signed.trust_bundle.len(), 2);
+        assert_eq!(signed.trust_bundle[0], ca.root_pem());
+        let der = |pem: &str| x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap().1.contents;
+        assert_eq!(der(&signed.trust_bundle[1]), der(old.root_pem()), "the old root, re-encoded");
+        // A leaf is not a root.
+        let leaf = dir.join("leaf.pem");
+        std::fs::write(&leaf, &signed.chain[0]).unwrap();
+        let error = Authority::generate("cluster.local").unwrap().with_extra_roots(&leaf).unwrap_err();
+        assert!(error.to_string().contains("is not a CA certificate"), "{error}");
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        assert!(Authority::generate("cluster.local").unwrap().with_extra_roots(&empty).is_err());
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

@@ -131,6 +131,9 @@ pub struct CaConfig {
     /// Serve discovery streams only to proxies whose stream carries a token these authenticators
     /// accept (the token they ask the CA with).
     pub authenticate_xds: bool,
+    /// A PEM file of roots the trust bundle carries besides the CA's own (a root rotation's
+    /// other root).
+    pub extra_roots: Option<PathBuf>,
 }
 
 /// How the control plane reaches the Kubernetes API server.
@@ -465,6 +468,10 @@ impl ControlPlane {
             }
             .map_err(|e| ControlError::Ca(e.to_string()))?
             .with_max_ttl(ca.max_ttl);
+            let authority = match &ca.extra_roots {
+                Some(path) => authority.with_extra_roots(path).map_err(|e| ControlError::Ca(e.to_string()))?,
+                None => authority,
+            };
             let authority = Arc::new(authority);
             let local = match &ca.tokens {
                 Some(path) => LocalTokens::load(path).map_err(|e| ControlError::Ca(e.to_string()))?,
