@@ -103,7 +103,8 @@ enum Command {
         /// there on first start). Needs --ca-tokens.
         #[arg(long, value_name = "DIR", conflicts_with = "ca_cert", requires = "ca_auth")]
         ca_dir: Option<PathBuf>,
-        /// Run the certificate authority with this PEM root certificate (with --ca-key).
+        /// Run the certificate authority with this PEM root certificate (with --ca-key), or a chain:
+        /// the signing intermediate first, then its issuers up to the self-signed root.
         #[arg(long, value_name = "FILE", requires_all = ["ca_key", "ca_auth"])]
         ca_cert: Option<PathBuf>,
         /// The PEM private key of --ca-cert.

@@ -570,3 +570,55 @@ async fn sidecars_on_the_old_and_the_new_root_talk_during_a_root_rotation() {
     assert_eq!(echo_through(rotating.address("out-tcp"), b"rotate").await.unwrap(), b"rotate");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A CA that signs with an intermediate (its root kept elsewhere): the control plane's chain file
+/// holds the intermediate then the root, each proxy's certificate comes with the intermediate, the
+/// trust bundle is the root alone, and the sidecars verify each other through the intermediate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_with_certificates_from_an_intermediate_ca_talk() {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    use rustls::pki_types::pem::PemObject as _;
+
+    let mut plane = TestControlPlane::start_with_ca(&[], "cluster.local", TOKENS);
+    let ca = |name: &str| {
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        params
+    };
+    let root_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let root = ca("Offline root").self_signed(&root_key).unwrap();
+    let root_issuer = rcgen::Issuer::new(ca("Offline root"), root_key);
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let intermediate = ca("Mesh intermediate").signed_by(&key, &root_issuer).unwrap();
+    let ca_dir = plane.dir().join("ca");
+    std::fs::write(ca_dir.join("ca.crt"), format!("{}{}", intermediate.pem(), root.pem())).unwrap();
+    std::fs::write(ca_dir.join("ca.key"), key.serialize_pem()).unwrap();
+    plane.restart();
+
+    let dir = temp_dir("remora-intermediate");
+    let app = HttpServer::start("api-app").await;
+    let echo = TcpEchoServer::start().await;
+    let (server, client) = ca_pair(&plane, &dir, app.address(), echo.address(), "3600s");
+    server.wait_ready().await;
+    client.wait_ready().await;
+    let reply = Client::http1(client.address("out")).await.get("api", "/").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.header("x-seen-client-identity"), WEB);
+    assert_eq!(echo_through(client.address("out-tcp"), b"chain").await.unwrap(), b"chain");
+    // What the CA hands out: the leaf and the intermediate; the root alone to trust.
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let id = remora_control_api::identity::SpiffeId::parse(WEB).unwrap();
+    let csr = remora_control_api::ca::certificate_request(&id, &key).unwrap();
+    let (ttl, timeout) = (Duration::from_secs(3600), Duration::from_secs(10));
+    let signed = remora_control_api::ca::client::sign(&plane.url(), None, "web-token-0123456789", csr, ttl, timeout)
+        .await
+        .unwrap();
+    let der = |pem: &str| rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+    assert_eq!(signed.certificate_chain.len(), 2);
+    assert_eq!(der(&signed.certificate_chain[1]), der(&intermediate.pem()));
+    assert_eq!(signed.trust_bundle.len(), 1);
+    assert_eq!(der(&signed.trust_bundle[0]), der(&root.pem()), "the intermediate is not a trust anchor");
+    let _ = std::fs::remove_dir_all(&dir);
+}

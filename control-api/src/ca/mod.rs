@@ -97,6 +97,10 @@ pub struct Signed {
 pub struct Authority {
     issuer: Issuer<'static, KeyPair>,
     root_pem: String,
+    /// When the signing certificate is an intermediate: it and any others between it and the
+    /// root (PEM, leaf side first), which every chain it issues carries. Empty when it signs with
+    /// the root itself.
+    intermediates: Vec<String>,
     /// Roots trusted besides this one (a root rotation's other root), PEM.
     extra_roots: Vec<String>,
     trust_domain: String,
@@ -129,19 +133,44 @@ impl Authority {
         Ok(authority)
     }
 
-    /// A root from PEM files: the CA certificate and its private key.
+    /// A CA from PEM files: its certificate and private key. The certificate file may hold a
+    /// chain instead: the signing (intermediate) certificate first, then its issuers up to the
+    /// self-signed root, which alone goes into trust bundles.
     pub fn from_files(cert_path: &Path, key_path: &Path, trust_domain: &str) -> Result<Authority, CaError> {
         let read =
             |path: &Path| std::fs::read_to_string(path).map_err(|error| CaError::Io { path: path.to_owned(), error });
         let invalid = |path: &Path, message: String| CaError::Invalid { path: path.to_owned(), message };
         let (cert_pem, key_pem) = (read(cert_path)?, read(key_path)?);
         let key = KeyPair::from_pem(&key_pem).map_err(|e| invalid(key_path, format!("not a private key: {e}")))?;
-        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
+        let mut chain = Vec::new();
+        for item in x509_parser::pem::Pem::iter_from_buffer(cert_pem.as_bytes()) {
+            let pem = item.map_err(|e| invalid(cert_path, format!("not PEM: {e}")))?;
+            let cert = pem.parse_x509().map_err(|e| invalid(cert_path, format!("not an X.509 certificate: {e}")))?;
+            if !cert.is_ca() {
+                return Err(invalid(cert_path, format!("{} is not a CA certificate", cert.subject())));
+            }
+            let self_signed = cert.subject() == cert.issuer();
+            chain.push((pem_certificate(&pem.contents), self_signed));
+        }
+        let Some(((signing, _), issuers)) = chain.split_first() else {
+            return Err(invalid(cert_path, "holds no certificate".into()));
+        };
+        let issuer = Issuer::from_ca_cert_pem(signing, key)
             .map_err(|e| invalid(cert_path, format!("not a CA certificate: {e}")))?;
+        let (root_pem, intermediates) = match issuers.split_last() {
+            None => (signing.clone(), Vec::new()),
+            Some(((root, true), between)) => {
+                let mut intermediates = vec![signing.clone()];
+                intermediates.extend(between.iter().map(|(pem, _)| pem.clone()));
+                (root.clone(), intermediates)
+            }
+            Some(_) => return Err(invalid(cert_path, "a chain must end with its self-signed root".into())),
+        };
         check_trust_domain(trust_domain)?;
         Ok(Authority {
             issuer,
-            root_pem: cert_pem,
+            root_pem,
+            intermediates,
             extra_roots: Vec::new(),
             trust_domain: trust_domain.to_owned(),
             max_ttl: DEFAULT_MAX_TTL,
@@ -172,6 +201,7 @@ impl Authority {
         Ok(Authority {
             issuer: Issuer::new(params, key),
             root_pem,
+            intermediates: Vec::new(),
             extra_roots: Vec::new(),
             trust_domain: trust_domain.to_owned(),
             max_ttl: DEFAULT_MAX_TTL,
@@ -216,6 +246,12 @@ impl Authority {
         &self.root_pem
     }
 
+    /// What every chain it issues carries after the leaf: its intermediates, PEM, concatenated
+    /// (empty when it signs with its root).
+    pub fn intermediates_pem(&self) -> String {
+        self.intermediates.concat()
+    }
+
     /// Signs the CSR `csr_pem` if its one SPIFFE ID is in this CA's trust domain and matches one of
     /// `entitled`, for `ttl` (capped; at least [`MIN_TTL`]) or [`DEFAULT_TTL`].
     pub fn sign(
@@ -239,7 +275,9 @@ impl Authority {
         let leaf = self.issue(&identity, &csr.public_key, not_before, not_after)?;
         let mut trust_bundle = vec![self.root_pem.clone()];
         trust_bundle.extend(self.extra_roots.iter().cloned());
-        Ok(Signed { identity, chain: vec![leaf], trust_bundle, not_after })
+        let mut chain = vec![leaf];
+        chain.extend(self.intermediates.iter().cloned());
+        Ok(Signed { identity, chain, trust_bundle, not_after })
     }
 
     /// A leaf certificate (PEM) for `identity` and `public_key`, valid from `not_before` to
@@ -388,6 +426,61 @@ mod tests {
         let foreign = certificate_request(&id("spiffe://elsewhere/ns/shop/sa/web"), &key).unwrap();
         assert!(matches!(ca.sign(&foreign, &patterns(&["*"]), None), Err(SignError::NotEntitled(_))));
         assert!(matches!(ca.sign("junk", &patterns(&["*"]), None), Err(SignError::BadRequest(_))));
+    }
+
+    /// A root (kept offline) and an intermediate it signed, for the mesh: PEM chain file
+    /// (intermediate first) and the intermediate's key file, in `dir`.
+    fn intermediate_files(dir: &Path) -> (PathBuf, PathBuf, String) {
+        let root = Authority::generate("cluster.local").unwrap();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, "Remora mesh intermediate");
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        let intermediate = params.signed_by(&key, &root.issuer).unwrap();
+        std::fs::create_dir_all(dir).unwrap();
+        let (chain, key_file) = (dir.join("chain.pem"), dir.join("intermediate.key"));
+        std::fs::write(&chain, format!("{}{}", intermediate.pem(), root.root_pem())).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        (chain, key_file, root.root_pem().to_owned())
+    }
+
+    #[test]
+    fn an_intermediate_signs_and_its_chain_ends_at_the_root() {
+        let dir = std::env::temp_dir().join(format!("remora-intermediate-{}", std::process::id()));
+        let (chain, key_file, root) = intermediate_files(&dir);
+        let ca = Authority::from_files(&chain, &key_file, "cluster.local").unwrap();
+        let der = |pem: &str| x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap().1.contents;
+        assert_eq!(der(ca.root_pem()), der(&root), "the root is the chain's last certificate");
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let csr = certificate_request(&id("spiffe://cluster.local/ns/shop/sa/web"), &key).unwrap();
+        let signed = ca.sign(&csr, &patterns(&["*"]), None).unwrap();
+        assert_eq!(signed.chain.len(), 2, "the leaf and the intermediate");
+        assert_eq!(signed.trust_bundle.len(), 1, "the root only");
+        // The leaf verifies against the root through the intermediate, as a peer sidecar checks it.
+        let leaf = rustls::pki_types::CertificateDer::from(der(&signed.chain[0]));
+        let intermediate = rustls::pki_types::CertificateDer::from(der(&signed.chain[1]));
+        let anchor =
+            webpki::anchor_from_trusted_cert(&rustls::pki_types::CertificateDer::from(der(&root))).unwrap().to_owned();
+        let now = rustls::pki_types::UnixTime::now();
+        let cert = webpki::EndEntityCert::try_from(&leaf).unwrap();
+        let algorithms = rustls::crypto::ring::default_provider().signature_verification_algorithms;
+        cert.verify_for_usage(
+            algorithms.all,
+            &[anchor],
+            &[intermediate],
+            now,
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .unwrap();
+        // A chain that stops short of a self-signed root is refused.
+        let short = dir.join("short.pem");
+        std::fs::write(&short, format!("{}{}", signed.chain[1], signed.chain[1])).unwrap();
+        let error = Authority::from_files(&short, &key_file, "cluster.local").unwrap_err();
+        assert!(error.to_string().contains("must end with its self-signed root"), "{error}");
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

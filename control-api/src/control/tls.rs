@@ -77,7 +77,8 @@ pub(crate) fn serving_config(
     Ok((Arc::new(config), renew))
 }
 
-/// A new serving certificate and key for `names`, with the root after it in the chain.
+/// A new serving certificate and key for `names`, with the intermediates and the root after it in
+/// the chain.
 fn issue(
     authority: &Authority,
     names: &[String],
@@ -85,7 +86,7 @@ fn issue(
     provider: &rustls::crypto::CryptoProvider,
 ) -> Result<CertifiedKey, String> {
     let (cert_pem, key_pem) = authority.serving_certificate(names, lifetime).map_err(|e| e.to_string())?;
-    let chain = format!("{cert_pem}{}", authority.root_pem());
+    let chain = format!("{cert_pem}{}{}", authority.intermediates_pem(), authority.root_pem());
     let chain: Vec<CertificateDer<'static>> =
         CertificateDer::pem_slice_iter(chain.as_bytes()).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| e.to_string())?;
