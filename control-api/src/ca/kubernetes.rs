@@ -8,13 +8,18 @@
 //! `system:serviceaccount:NAMESPACE:NAME` is entitled to exactly
 //! `spiffe://TRUST-DOMAIN/ns/NAMESPACE/sa/NAME`; any other user, an unauthenticated token, or a
 //! token for another audience is refused. The API server unreachable or answering an error is
-//! [`AuthError::Unavailable`], so the proxy retries and keeps its current certificate.
+//! [`AuthError::Unavailable`], so the proxy retries and keeps its current certificate. An accepted
+//! token is remembered for 30 s (by its SHA-256, not the token), so a fleet of proxies reconnecting
+//! at once (`--xds-auth` reviews every discovery stream) costs the API server one review per proxy
+//! per half-minute, not one per stream and per certificate request; a refusal is never remembered.
 //!
 //! The requests go through the control plane's [`ApiClient`] (in a pod, the API server and
 //! credentials from the environment; outside one, explicit), as the control plane's own service
 //! account; the request carries nothing the proxy controls beyond its token.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::Method;
@@ -30,18 +35,50 @@ pub const DEFAULT_AUDIENCE: &str = "remora";
 const REVIEW_TIMEOUT: Duration = Duration::from_secs(5);
 const REVIEW_PATH: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
 
+/// How long an accepted token's review is remembered.
+const ACCEPTED_FOR: Duration = Duration::from_secs(30);
+/// The most reviews remembered at once (about 100 bytes each).
+const MAX_REMEMBERED: usize = 10_000;
+
+/// Accepted tokens' digests, with how long each is remembered and what it entitles to.
+type Accepted = HashMap<[u8; 32], (Instant, Entitlement)>;
+
 /// Asks the API server who a token belongs to.
 #[derive(Clone, Debug)]
 pub struct TokenReview {
     api: ApiClient,
     audience: String,
     trust_domain: String,
+    /// Accepted tokens, by their SHA-256 (the token itself is not kept), and until when.
+    accepted: Arc<Mutex<Accepted>>,
 }
 
 impl TokenReview {
     /// Reviews tokens through `api`, for `audience`, entitling accounts to IDs in `trust_domain`.
     pub fn new(api: ApiClient, trust_domain: &str, audience: &str) -> TokenReview {
-        TokenReview { api, audience: audience.to_owned(), trust_domain: trust_domain.to_owned() }
+        TokenReview {
+            api,
+            audience: audience.to_owned(),
+            trust_domain: trust_domain.to_owned(),
+            accepted: Arc::default(),
+        }
+    }
+
+    fn remembered(&self, digest: &[u8; 32]) -> Option<Entitlement> {
+        let accepted = self.accepted.lock().ok()?;
+        accepted.get(digest).filter(|(until, _)| *until > Instant::now()).map(|(_, entitlement)| entitlement.clone())
+    }
+
+    fn remember(&self, digest: [u8; 32], entitlement: &Entitlement) {
+        let Ok(mut accepted) = self.accepted.lock() else { return };
+        let now = Instant::now();
+        if accepted.len() >= MAX_REMEMBERED {
+            accepted.retain(|_, (until, _)| *until > now);
+            if accepted.len() >= MAX_REMEMBERED {
+                accepted.clear();
+            }
+        }
+        accepted.insert(digest, (now + ACCEPTED_FOR, entitlement.clone()));
     }
 
     /// Sends one review of `token`; the API server's answer.
@@ -100,10 +137,17 @@ impl Authenticator for TokenReview {
         if token.is_empty() {
             return Err(AuthError::Missing);
         }
+        let mut digest = [0_u8; 32];
+        digest.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref());
+        if let Some(entitlement) = self.remembered(&digest) {
+            return Ok(entitlement);
+        }
         let answer = tokio::time::timeout(REVIEW_TIMEOUT, self.review(token)).await.map_err(|_| {
             AuthError::Unavailable(format!("the API server at {} did not answer in time", self.api.address()))
         })??;
-        self.entitlement(&answer)
+        let entitlement = self.entitlement(&answer)?;
+        self.remember(digest, &entitlement);
+        Ok(entitlement)
     }
 }
 
