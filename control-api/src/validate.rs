@@ -192,10 +192,15 @@ pub fn validate_bootstrap(bootstrap: &v1::Bootstrap) -> Result<(), ValidationErr
             fail("tracing.export_timeout", e);
         }
     }
-    if let Some(log) = &bootstrap.access_log
-        && log.path.is_empty()
-    {
-        fail("access_log.path", "is required: stdout, or a file path".into());
+    if let Some(log) = &bootstrap.access_log {
+        if log.path.is_empty() {
+            fail("access_log.path", "is required: stdout, or a file path".into());
+        }
+        if let Some(ratio) = log.success_sampling_ratio
+            && !(0.0..=1.0).contains(&ratio)
+        {
+            fail("access_log.success_sampling_ratio", format!("must be from 0 to 1, got {ratio}"));
+        }
     }
     if let Some(identity) = &bootstrap.identity {
         identity_settings(identity, &mut fail);
@@ -1019,9 +1024,12 @@ resources:
 
     #[test]
     fn bootstrap_is_checked() {
-        let bad = v1::Bootstrap { admin_address: "nope".into(), workers: 5000, ..Default::default() };
+        let log = v1::AccessLog { path: "stdout".into(), success_sampling_ratio: Some(1.5), ..Default::default() };
+        let bad =
+            v1::Bootstrap { admin_address: "nope".into(), workers: 5000, access_log: Some(log), ..Default::default() };
         let text = validate_bootstrap(&bad).unwrap_err().to_string();
         assert!(text.contains("bootstrap: admin_address: must be ip:port"), "{text}");
         assert!(text.contains("bootstrap: workers: must be at most 1024"), "{text}");
+        assert!(text.contains("bootstrap: access_log.success_sampling_ratio: must be from 0 to 1, got 1.5"), "{text}");
     }
 }

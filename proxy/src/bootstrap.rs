@@ -234,9 +234,13 @@ impl Bootstrap {
             .unwrap_or(limits::DEFAULT_INITIAL_FETCH_TIMEOUT);
         let access_log = match &raw.access_log {
             None => None,
-            Some(log) => Some(AccessLogSettings::new(&log.path, &log.fields).map_err(|message| {
-                ValidationErrors(vec![FieldError::new("bootstrap", "access_log.fields", message)])
-            })?),
+            Some(log) => Some(
+                AccessLogSettings::new(&log.path, &log.fields)
+                    .map_err(|message| {
+                        ValidationErrors(vec![FieldError::new("bootstrap", "access_log.fields", message)])
+                    })?
+                    .sampling_successes(log.success_sampling_ratio.unwrap_or(1.0)),
+            ),
         };
         let tracing = tracing_settings(raw.tracing.as_ref(), &node_id, env)?;
         let identity = raw.identity.as_ref().map(|identity| identity_settings(identity, control_plane.as_deref()));

@@ -738,6 +738,41 @@ async fn access_log_lines_are_json_with_the_documented_fields() {
     .await;
 }
 
+/// With `success_sampling_ratio`, a quarter of the successful requests get a line (within a
+/// tolerance of 400), while every failure does: a 503 from the endpoint, and an answer the proxy
+/// made itself (no endpoint).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_samples_successes_and_keeps_every_failure() {
+    let upstream = HttpServer::start("app").await;
+    let directory = temp_dir("access-log-sampled");
+    let path = directory.join("access.log");
+    let proxy = TestProxy::start(&format!(
+        "bootstrap:\n  admin_address: 127.0.0.1:0\n  workers: 1\n  access_log: {{path: \"{}\", success_sampling_ratio: 0.25}}\n---\nresources:\n{}{}  - {{kind: RouteTable, name: web, routes: [{{name: dead, match: {{path: {{prefix: /dead}}}}, backends: [{{cluster: dead}}]}}, {{name: all, backends: [{{cluster: app}}]}}]}}\n{}",
+        path.display(),
+        cluster("app", "", &[upstream.address()]),
+        cluster("dead", "", &[dead_address()]),
+        listener("in", ", protocol: http1"),
+    ));
+    let mut client = Client::http1(proxy.address("in")).await;
+    for _ in 0..400 {
+        assert_eq!(client.get("shop.local", "/").await.status, 200);
+    }
+    assert_eq!(client.get("shop.local", "/status/503").await.status, 503);
+    assert_eq!(client.get("shop.local", "/dead/end").await.status, 503);
+    let lines = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&path).unwrap_or_default().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    eventually("the failures logged", Duration::from_secs(5), || async {
+        lines().iter().filter(|l| l["status"] == 503).count() == 2
+    })
+    .await;
+    let logged = lines();
+    let successes = logged.iter().filter(|l| l["status"] == 200).count();
+    assert!((60..=140).contains(&successes), "{successes} of 400 successes logged at 0.25");
+    assert!(logged.iter().any(|l| l["path"] == "/dead/end" && !l["response_flags"].is_null()), "{logged:?}");
+    let _ = std::fs::remove_dir_all(directory);
+}
+
 /// On the receiving side of mTLS, the server span (`remora.peer.identity`) and the access log
 /// (`peer_identity`, HTTP and TCP) name the caller's SPIFFE ID.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -205,7 +205,9 @@ impl Drop for Finish {
                 },
             );
         }
-        if let Some(log) = &connection.data.access_log {
+        if let Some(log) = &connection.data.access_log
+            && log.wants(self.status, grpc_status, flag)
+        {
             let entry = Entry {
                 start: Some(observe.start),
                 duration: self.started.elapsed(),

@@ -1,8 +1,9 @@
 //! The access log: one JSON line per HTTP request and per opaque TCP connection, to stdout or a
 //! file, with the fields the bootstrap names.
 //!
-//! The data path fills an [`Entry`] when a request's response ends (or a connection closes) and
-//! hands it to [`AccessLog::write`], which formats the line on the worker and passes it to a writer
+//! The data path fills an [`Entry`] when a request's response ends (or a connection closes), unless
+//! [`AccessLog::wants`] says a successful request is not in the sampled share, and hands it to
+//! [`AccessLog::write`], which formats the line on the worker and passes it to a writer
 //! thread through a bounded queue without waiting: a writer that falls behind (a full disk, a slow
 //! pipe) costs dropped lines, counted, never request latency. The writer flushes whenever its queue
 //! runs empty, so lines appear promptly at low traffic and in large writes at high. A log file is
@@ -116,12 +117,14 @@ pub struct Entry<'a> {
 }
 
 /// Where lines go and which fields they carry.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct AccessLogSettings {
     /// `None`: stdout.
     pub path: Option<PathBuf>,
     /// Indexes into the field list, in output order.
     fields: Vec<usize>,
+    /// The share of successful HTTP requests logged.
+    success_ratio: f64,
 }
 
 impl AccessLogSettings {
@@ -144,7 +147,13 @@ impl AccessLogSettings {
                 })
                 .collect::<Result<_, _>>()?
         };
-        Ok(AccessLogSettings { path, fields })
+        Ok(AccessLogSettings { path, fields, success_ratio: 1.0 })
+    }
+
+    /// Logs only `ratio` (0 to 1) of the successful HTTP requests; failures are always logged.
+    pub fn sampling_successes(mut self, ratio: f64) -> AccessLogSettings {
+        self.success_ratio = ratio.clamp(0.0, 1.0);
+        self
     }
 }
 
@@ -153,6 +162,7 @@ impl AccessLogSettings {
 pub struct AccessLog {
     sender: SyncSender<String>,
     fields: Vec<usize>,
+    success_ratio: f64,
     dropped: Counter,
 }
 
@@ -169,7 +179,19 @@ impl AccessLog {
         std::thread::Builder::new()
             .name("remora-access-log".into())
             .spawn(move || write_lines(receiver, out, &written))?;
-        Ok(Arc::new(AccessLog { sender, fields: settings.fields.clone(), dropped }))
+        Ok(Arc::new(AccessLog {
+            sender,
+            fields: settings.fields.clone(),
+            success_ratio: settings.success_ratio,
+            dropped,
+        }))
+    }
+
+    /// Whether an HTTP request that ended with `status` (`grpc_status`, and `flag` when the proxy
+    /// answered itself) gets a line: failures always, successes at the sampling ratio.
+    pub fn wants(&self, status: u16, grpc_status: Option<u32>, flag: Option<&str>) -> bool {
+        let failed = status >= 500 || flag.is_some() || grpc_status.is_some_and(|code| code != 0);
+        failed || self.success_ratio >= 1.0 || (self.success_ratio > 0.0 && fastrand::f64() < self.success_ratio)
     }
 
     /// Formats `entry` as one line and queues it; `http` says which fields apply.
@@ -381,7 +403,7 @@ mod tests {
         let settings =
             AccessLogSettings::new("stdout", &["status".into(), "path".into(), "bytes_sent".into()]).unwrap();
         let (sender, _receiver) = std::sync::mpsc::sync_channel(1);
-        let log = AccessLog { sender, fields: settings.fields, dropped: Counter::default() };
+        let log = AccessLog { sender, fields: settings.fields, success_ratio: 1.0, dropped: Counter::default() };
         let entry = Entry { status: Some(200), path: Some("/a\"b"), bytes_sent: Some(3), ..Entry::default() };
         assert_eq!(log.format(&entry, true), "{\"status\":200,\"path\":\"/a\\\"b\"}\n");
         assert_eq!(log.format(&entry, false), "{\"bytes_sent\":3}\n");
