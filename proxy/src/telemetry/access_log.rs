@@ -412,6 +412,19 @@ mod tests {
     }
 
     #[test]
+    fn failures_are_always_logged_and_successes_at_the_ratio() {
+        let (sender, _receiver) = std::sync::mpsc::sync_channel(1);
+        let none = AccessLog { sender, fields: Vec::new(), success_ratio: 0.0, dropped: Counter::default() };
+        assert!(!none.wants(200, None, None));
+        assert!(!none.wants(404, Some(0), None), "a 4xx is the caller's failure, not the service's");
+        assert!(none.wants(503, None, None));
+        assert!(none.wants(200, Some(14), None), "gRPC UNAVAILABLE in the trailers");
+        assert!(none.wants(429, None, Some("rate_limited")), "an answer the proxy made itself");
+        let all = AccessLog { success_ratio: 1.0, ..none };
+        assert!(all.wants(200, None, None));
+    }
+
+    #[test]
     fn a_rotated_file_is_followed_by_a_new_one_at_the_path() {
         let dir = std::env::temp_dir().join(format!("remora-access-rotate-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
