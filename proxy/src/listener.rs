@@ -299,7 +299,7 @@ async fn proxy_tcp(
     match cluster {
         Some(cluster) => {
             let mesh = data.client.mesh.as_deref();
-            let log = data.access_log.as_deref();
+            let log = data.access_log.as_deref().filter(|_| listener.access_log);
             tcp::proxy(downstream, cluster, original_destination, listener, meter, mesh, log).await;
         }
         None => debug!(listener = %listener.name, ?original_destination, "no cluster for opaque traffic; closing"),

@@ -661,13 +661,16 @@ async fn access_log_lines_are_json_with_the_documented_fields() {
     let directory = temp_dir("access-log");
     let path = directory.join("access.log");
     let proxy = TestProxy::start(&format!(
-        "bootstrap:\n  admin_address: 127.0.0.1:0\n  workers: 1\n  access_log: {{path: \"{}\"}}\n---\nresources:\n{}{}{}  - {{kind: RouteTable, name: web, routes: [{{name: all, backends: [{{cluster: app}}]}}]}}\n{}",
+        "bootstrap:\n  admin_address: 127.0.0.1:0\n  workers: 1\n  access_log: {{path: \"{}\"}}\n---\nresources:\n{}{}{}  - {{kind: RouteTable, name: web, routes: [{{name: all, backends: [{{cluster: app}}]}}]}}\n{}{}",
         path.display(),
         cluster("app", "", &[upstream.address()]),
         cluster("echo", "", &[echo.address()]),
         listener("in", ", protocol: http1"),
         listener("tcp", ", protocol: tcp, default_cluster: echo"),
+        listener("quiet", ", protocol: http1, access_log: false"),
     ));
+    // First, a request on a listener that keeps out of the log: no line comes before the others.
+    assert_eq!(Client::http1(proxy.address("quiet")).await.get("shop.local", "/").await.status, 200);
     let mut client = Client::http1(proxy.address("in")).await;
     assert_eq!(client.get("shop.local", "/status/201?x=1").await.status, 201);
     // A chunked upload (no Content-Length): its bytes are counted as they stream through.
@@ -696,6 +699,7 @@ async fn access_log_lines_are_json_with_the_documented_fields() {
     };
     eventually("three access log lines", Duration::from_secs(5), || async { read_lines().len() >= 3 }).await;
     let lines = read_lines();
+    assert!(lines.iter().all(|l| l["listener"] != "quiet"), "{lines:?}");
     let http = lines.iter().find(|l| l["protocol"] == "HTTP/1.1" && l["method"] == "GET").expect("an HTTP line");
     let expect: HashMap<&str, serde_json::Value> = [
         ("listener", "in".into()),

@@ -55,7 +55,7 @@ pub(crate) fn begin<B>(
         Some(Decision::Unsampled(traceparent)) => (None, Some(traceparent)),
         Some(Decision::PassThrough) | None => (None, None),
     };
-    if trace.is_none() && data.access_log.is_none() {
+    if trace.is_none() && (data.access_log.is_none() || !connection.listener.access_log) {
         return (None, unsampled);
     }
     let observe = Arc::new(Observe {
@@ -206,6 +206,7 @@ impl Drop for Finish {
             );
         }
         if let Some(log) = &connection.data.access_log
+            && listener.access_log
             && log.wants(self.status, grpc_status, flag)
         {
             let entry = Entry {

@@ -97,6 +97,8 @@ pub struct ListenerConfig {
     pub stats: Arc<ListenerStats>,
     /// The authorization policies that guard it, if any name it.
     pub authz: Option<ListenerAuthz>,
+    /// Whether its traffic gets access-log lines (when the proxy has an access log).
+    pub access_log: bool,
 }
 
 /// One consistent, compiled version of the resources.
@@ -256,6 +258,7 @@ fn compile_listener(
             RateLimiter::new(limit.connections_per_second, burst)
         }),
         routes: RouteIndex::new(served),
+        access_log: l.access_log.unwrap_or(true),
         default_stats: default_cluster
             .as_ref()
             .map(|c| metrics.route("", &c.name).for_direction(direction.label()).clone()),
