@@ -87,9 +87,6 @@ pub enum ProxyError {
         /// The peer's identity.
         peer: String,
     },
-    /// The request asks for something this path cannot do.
-    #[error("not supported: {0}")]
-    NotSupported(&'static str),
     /// The cluster could not take the request, and the route answers with its fallback instead.
     #[error("{cause}; the route's fallback answered")]
     Fallback {
@@ -115,8 +112,7 @@ impl ProxyError {
             ) => Side::Upstream,
             ProxyError::BadRequest(_)
             | ProxyError::Http1(h1::Error::RequestBody(_))
-            | ProxyError::Unauthorized { .. }
-            | ProxyError::NotSupported(_) => Side::Downstream,
+            | ProxyError::Unauthorized { .. } => Side::Downstream,
             ProxyError::RequestTimeout(_) | ProxyError::PerTryTimeout(_) | ProxyError::Overflow(..) => Side::Upstream,
             ProxyError::RateLimited(_) | ProxyError::FaultInjected(_) => Side::Config,
             ProxyError::Fallback { cause, .. } => cause.side(),
@@ -174,7 +170,6 @@ impl ProxyError {
             ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ProxyError::Mesh(_) => (StatusCode::SERVICE_UNAVAILABLE, "upstream_tls"),
             ProxyError::Unauthorized { .. } => (StatusCode::FORBIDDEN, "unauthorized"),
-            ProxyError::NotSupported(_) => (StatusCode::NOT_IMPLEMENTED, "not_supported"),
             ProxyError::RequestTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "request_timeout"),
             ProxyError::PerTryTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "per_try_timeout"),
             ProxyError::Overflow(..) => (StatusCode::SERVICE_UNAVAILABLE, "upstream_overflow"),
@@ -206,7 +201,6 @@ mod tests {
             (ProxyError::BadRequest("x"), 400, "bad_request"),
             (ProxyError::Mesh(crate::tls::TlsError::NoIdentity), 503, "upstream_tls"),
             (ProxyError::Unauthorized { policy: "p".into(), peer: "spiffe://td/x".into() }, 403, "unauthorized"),
-            (ProxyError::NotSupported("x"), 501, "not_supported"),
             (ProxyError::RequestTimeout(std::time::Duration::from_secs(1)), 504, "request_timeout"),
             (ProxyError::RateLimited(std::time::Duration::from_millis(1500)), 429, "rate_limited"),
             (ProxyError::FaultInjected(418), 418, "fault_injected"),

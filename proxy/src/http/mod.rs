@@ -468,9 +468,6 @@ fn plan(
     }
     let upgrade = headers::is_upgrade(request);
     if request.method() == Method::CONNECT {
-        if cluster.mesh.is_some() {
-            return Err(ProxyError::NotSupported("CONNECT cannot cross a mesh cluster"));
-        }
         return Ok(Plan::Connect(cluster));
     }
     let downstream_version = request.version();

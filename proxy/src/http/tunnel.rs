@@ -3,11 +3,13 @@
 //! An upgrade is relayed: the request goes upstream with its `Upgrade` header on a connection of its
 //! own (to a mesh cluster, HTTP/1.1 inside mTLS to the endpoint's sidecar, which relays it in turn),
 //! and when the endpoint answers `101 Switching Protocols` the client's connection is taken over
-//! from hyper and joined to the endpoint's by [`relay_upgrade`]. A `CONNECT host:port` request is terminated here: [`connect`] opens a TCP
-//! connection to an endpoint of the routed cluster (for a pass-through cluster, to the requested
-//! address itself), answers `200`, and joins the client's stream to it, over HTTP/1.1 or as an HTTP/2
-//! stream. Both kinds keep the originating connection's [`HttpConnection`] alive, so they count as
-//! open connections for drain and metrics, and both end on the listener's idle timeout.
+//! from hyper and joined to the endpoint's by [`relay_upgrade`]. A `CONNECT host:port` request is
+//! terminated here: [`connect`] opens a TCP connection to an endpoint of the routed cluster (for a
+//! pass-through cluster, to the requested address itself; for a mesh cluster, opaque TCP inside
+//! mTLS to the endpoint's sidecar), answers `200`, and joins the client's stream to it, over
+//! HTTP/1.1 or as an HTTP/2 stream. Both kinds keep the originating connection's
+//! [`HttpConnection`] alive, so they count as open connections for drain and metrics, and both end
+//! on the listener's idle timeout.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,6 +29,7 @@ use crate::http::error::ProxyError;
 use crate::io::idle_watch;
 use crate::state::cluster::{Cluster, Targets};
 use crate::tcp;
+use crate::tls::{Alpn, TlsError};
 
 /// Joins the two sides of a switched protocol: the client's, once hyper hands it over, and the
 /// endpoint's connection, after passing on the `early` bytes the endpoint sent right behind its
@@ -69,18 +72,41 @@ pub async fn connect(
         }
     };
     let target = target.ok_or_else(|| ProxyError::NoEndpoint(cluster.name.clone()))?;
-    let upstream = tcp::connect(target, cluster.connect_timeout, &cluster.stats).await?;
+    let tcp = tcp::connect(target, cluster.connect_timeout, &cluster.stats).await?;
+    // To a mesh cluster the tunnel is opaque TCP inside mTLS to the endpoint's sidecar, which
+    // passes it to its app as it would any TCP from a peer.
+    let upstream = match &cluster.mesh {
+        None => Upstream::Plain(tcp),
+        Some(peers) => {
+            let mesh = connection.data.client.mesh.as_ref().ok_or(TlsError::NoIdentity)?;
+            let (tls, _) = mesh.connect(tcp, target, Alpn::Tcp, peers.expected(target)).await?;
+            Upstream::Mesh(Box::new(tls))
+        }
+    };
     let downstream = hyper::upgrade::on(request);
     let connection = connection.clone();
     tokio::spawn(async move {
-        match downstream.await {
-            Ok(down) => join(TokioIo::new(down), upstream, &connection).await,
-            Err(error) => debug!(%error, "CONNECT tunnel was not established"),
+        let down = match downstream.await {
+            Ok(down) => TokioIo::new(down),
+            Err(error) => {
+                debug!(%error, "CONNECT tunnel was not established");
+                return;
+            }
+        };
+        match upstream {
+            Upstream::Plain(tcp) => join(down, tcp, &connection).await,
+            Upstream::Mesh(tls) => join(down, *tls, &connection).await,
         }
     });
     let mut response = Response::new(ProxyBody::empty());
     *response.status_mut() = StatusCode::OK;
     Ok(response)
+}
+
+/// Where a `CONNECT` tunnel goes.
+enum Upstream {
+    Plain(tokio::net::TcpStream),
+    Mesh(Box<crate::tls::ClientStream>),
 }
 
 /// Copies both ways until both sides close, or the listener's idle timeout passes.
