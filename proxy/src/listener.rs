@@ -56,6 +56,14 @@ pub struct DataPath {
     pub access_log: Option<Arc<AccessLog>>,
 }
 
+impl DataPath {
+    /// The access log `listener`'s traffic goes to: none when the proxy has none or the listener
+    /// keeps out of it.
+    pub fn access_log_for(&self, listener: &ListenerConfig) -> Option<&Arc<AccessLog>> {
+        self.access_log.as_ref().filter(|_| listener.access_log)
+    }
+}
+
 /// A listener that could not be bound.
 #[derive(Debug, thiserror::Error)]
 #[error("listener {name:?}: bind {address}: {error}")]
@@ -269,15 +277,10 @@ async fn serve_mesh(
             let downstream = tcp::Downstream::Mesh(downstream, Some(accepted.peer), identity);
             proxy_tcp(downstream, &accepted.listener, accepted.original_destination, &accepted.meter, data).await;
         }
-        Alpn::Http => {
-            let connection = accepted.into_http(data, Some(identity));
-            http::serve(downstream, ServerVersion::Http2, connection).await;
-        }
-        Alpn::Http1 => {
-            // An upgrade the peer sidecar could not carry over HTTP/2: served like the app's own
-            // HTTP/1.1, authorized per request.
-            let connection = accepted.into_http(data, Some(identity));
-            http::serve(downstream, ServerVersion::Http1, connection).await;
+        Alpn::Http | Alpn::Http1 => {
+            // HTTP/1.1 carries an upgrade the peer sidecar could not send over HTTP/2.
+            let version = if alpn == Alpn::Http { ServerVersion::Http2 } else { ServerVersion::Http1 };
+            http::serve(downstream, version, accepted.into_http(data, Some(identity))).await;
         }
     }
 }
@@ -299,7 +302,7 @@ async fn proxy_tcp(
     match cluster {
         Some(cluster) => {
             let mesh = data.client.mesh.as_deref();
-            let log = data.access_log.as_deref().filter(|_| listener.access_log);
+            let log = data.access_log_for(listener).map(Arc::as_ref);
             tcp::proxy(downstream, cluster, original_destination, listener, meter, mesh, log).await;
         }
         None => debug!(listener = %listener.name, ?original_destination, "no cluster for opaque traffic; closing"),

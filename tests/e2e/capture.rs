@@ -41,15 +41,7 @@ fn init_captures_a_pods_traffic_through_the_proxy_and_cleanup_removes_it() {
     let pod = Netns::create("pod");
     let remote = Netns::create("remote");
     // A veth pair between them, as a pod's eth0 and the node's side.
-    let suffix = std::process::id() % 100_000;
-    let (pod_side, remote_side) = (format!("rmp{suffix}"), format!("rmr{suffix}"));
-    netns::run("ip", &["link", "add", &pod_side, "type", "veth", "peer", "name", &remote_side]);
-    netns::run("ip", &["link", "set", &pod_side, "netns", &pod.name]);
-    netns::run("ip", &["link", "set", &remote_side, "netns", &remote.name]);
-    for (ns, device, ip) in [(&pod, &pod_side, POD_IP), (&remote, &remote_side, REMOTE_IP)] {
-        ns.run("ip", &["addr", "add", &format!("{ip}/24"), "dev", device]);
-        ns.run("ip", &["link", "set", device, "up"]);
-    }
+    netns::link((&pod, "rmp", POD_IP), (&remote, "rmr", REMOTE_IP));
 
     // The remote services (7001 is excluded from outbound capture) and the app (8081 excluded inbound).
     for port in [7000, 7001] {
@@ -146,14 +138,8 @@ async fn two_captured_pods_talk_over_mutual_tls_without_knowing() {
     const SERVER_ID: &str = "spiffe://cluster.local/ns/shop/sa/orders";
     let client = Netns::create("mtls-client");
     let server = Netns::create("mtls-server");
-    let suffix = std::process::id() % 100_000;
-    let (client_side, server_side) = (format!("rmc{suffix}"), format!("rms{suffix}"));
-    netns::run("ip", &["link", "add", &client_side, "type", "veth", "peer", "name", &server_side]);
-    netns::run("ip", &["link", "set", &client_side, "netns", &client.name]);
-    netns::run("ip", &["link", "set", &server_side, "netns", &server.name]);
-    for (ns, device, ip) in [(&client, &client_side, CLIENT_IP), (&server, &server_side, SERVER_IP)] {
-        ns.run("ip", &["addr", "add", &format!("{ip}/24"), "dev", device]);
-        ns.run("ip", &["link", "set", device, "up"]);
+    netns::link((&client, "rmc", CLIENT_IP), (&server, "rms", SERVER_IP));
+    for ns in [&client, &server] {
         ns.run(env!("CARGO_BIN_EXE_remora"), &["init"]);
     }
     let app_socket = server.enter(|| TcpListener::bind(address("0.0.0.0", 8080)).unwrap());

@@ -485,36 +485,63 @@ async fn static_resources_can_use_the_control_planes() {
     assert_eq!(client.get("x", "/").await.header("x-served-by"), "b");
 }
 
+/// Two workloads, `a` and `b`, registered in etcd for cluster `shop` by keepers with lease `ttl`
+/// (`a`'s stopping on `stop_a`, after `drain`), a control plane following the registry, and a
+/// proxy it configures, under traffic both workloads serve.
+struct Registered2 {
+    _servers: (HttpServer, HttpServer),
+    plane: TestControlPlane,
+    proxy: TestProxy,
+    traffic: Traffic,
+    keeper_a: tokio::task::JoinHandle<Result<(), remora_control_api::control::etcd::EtcdError>>,
+    _keeper_b: tokio::task::JoinHandle<Result<(), remora_control_api::control::etcd::EtcdError>>,
+}
+
+impl Registered2 {
+    async fn start(
+        etcd: &TestEtcd,
+        node: &str,
+        ttl: Duration,
+        drain: Duration,
+        stop_a: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Registered2 {
+        let prefix = etcd.prefix();
+        let (a, b) = (HttpServer::start("a").await, HttpServer::start("b").await);
+        let mesh = format!(
+            "resources:\n  - {{kind: Cluster, name: shop}}\n{}",
+            routes("shop").trim_start_matches("resources:\n")
+        );
+        let plane = TestControlPlane::start_with(&[("mesh.yaml", &mesh)], Some(etcd.url()), &prefix);
+        let keeper = |server: &HttpServer, stop| {
+            let (url, prefix) = (etcd.url().to_owned(), prefix.clone());
+            let endpoint = Registered::new("shop", &server.address().to_string());
+            tokio::spawn(async move { registry::register(&url, &prefix, &endpoint, ttl, drain, stop).await })
+        };
+        let keeper_a = keeper(&a, Box::pin(stop_a) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>);
+        let keeper_b = keeper(&b, Box::pin(std::future::pending()));
+        eventually("both endpoints are registered", Duration::from_secs(10), || async {
+            plane.metric("remora_control_registry_endpoints") == 2.0
+        })
+        .await;
+        let proxy = controlled(&plane, node).await;
+        let traffic = Traffic::start(proxy.address("in"), 2);
+        eventually("both registered endpoints serve", Duration::from_secs(10), || async {
+            traffic.last_answer("a").is_some() && traffic.last_answer("b").is_some()
+        })
+        .await;
+        Registered2 { _servers: (a, b), plane, proxy, traffic, keeper_a, _keeper_b: keeper_b }
+    }
+}
+
 /// Two workloads register in etcd; one crashes (its lease keeper stops without deregistering):
 /// within the lease's TTL its endpoint is gone and all traffic goes to the other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_workloads_endpoint_leaves_within_its_lease_ttl() {
     let Some(etcd) = TestEtcd::start().await else { return };
-    let prefix = etcd.prefix();
-    let (a, b) = (HttpServer::start("a").await, HttpServer::start("b").await);
-    let mesh =
-        format!("resources:\n  - {{kind: Cluster, name: shop}}\n{}", routes("shop").trim_start_matches("resources:\n"));
-    let plane = TestControlPlane::start_with(&[("mesh.yaml", &mesh)], Some(etcd.url()), &prefix);
     let ttl = Duration::from_secs(3);
-    let keeper = |server: &HttpServer| {
-        let (url, prefix) = (etcd.url().to_owned(), prefix.clone());
-        let endpoint = Registered::new("shop", &server.address().to_string());
-        tokio::spawn(async move {
-            registry::register(&url, &prefix, &endpoint, ttl, Duration::ZERO, std::future::pending()).await
-        })
-    };
-    let keeper_a = keeper(&a);
-    let _keeper_b = keeper(&b);
-    eventually("both endpoints are registered", Duration::from_secs(10), || async {
-        plane.metric("remora_control_registry_endpoints") == 2.0
-    })
-    .await;
-    let proxy = controlled(&plane, "registry").await;
-    let traffic = Traffic::start(proxy.address("in"), 2);
-    eventually("both registered endpoints serve", Duration::from_secs(10), || async {
-        traffic.last_answer("a").is_some() && traffic.last_answer("b").is_some()
-    })
-    .await;
+    // Every field bound, so the servers and the proxy live to the end.
+    let Registered2 { _servers, plane, proxy: _proxy, traffic, keeper_a, _keeper_b } =
+        Registered2::start(&etcd, "registry", ttl, Duration::ZERO, std::future::pending()).await;
 
     keeper_a.abort();
     let crashed = Instant::now();
@@ -538,38 +565,11 @@ async fn a_crashed_workloads_endpoint_leaves_within_its_lease_ttl() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_workload_gets_no_new_requests_before_it_deregisters() {
     let Some(etcd) = TestEtcd::start().await else { return };
-    let prefix = etcd.prefix();
-    let (a, b) = (HttpServer::start("a").await, HttpServer::start("b").await);
-    let mesh =
-        format!("resources:\n  - {{kind: Cluster, name: shop}}\n{}", routes("shop").trim_start_matches("resources:\n"));
-    let plane = TestControlPlane::start_with(&[("mesh.yaml", &mesh)], Some(etcd.url()), &prefix);
     let (ttl, drain) = (Duration::from_secs(10), Duration::from_secs(3));
     let (stop_a, stopped_a) = tokio::sync::oneshot::channel::<()>();
-    let keeper = |server: &HttpServer, stop: Option<tokio::sync::oneshot::Receiver<()>>| {
-        let (url, prefix) = (etcd.url().to_owned(), prefix.clone());
-        let endpoint = Registered::new("shop", &server.address().to_string());
-        tokio::spawn(async move {
-            let stop = async move {
-                match stop {
-                    Some(stop) => drop(stop.await),
-                    None => std::future::pending().await,
-                }
-            };
-            registry::register(&url, &prefix, &endpoint, ttl, drain, stop).await
-        })
-    };
-    let keeper_a = keeper(&a, Some(stopped_a));
-    let _keeper_b = keeper(&b, None);
-    eventually("both endpoints are registered", Duration::from_secs(10), || async {
-        plane.metric("remora_control_registry_endpoints") == 2.0
-    })
-    .await;
-    let proxy = controlled(&plane, "draining").await;
-    let traffic = Traffic::start(proxy.address("in"), 2);
-    eventually("both registered endpoints serve", Duration::from_secs(10), || async {
-        traffic.last_answer("a").is_some() && traffic.last_answer("b").is_some()
-    })
-    .await;
+    let stop = async move { drop(stopped_a.await) };
+    let Registered2 { _servers, plane, proxy, traffic, keeper_a, _keeper_b } =
+        Registered2::start(&etcd, "draining", ttl, drain, stop).await;
 
     stop_a.send(()).unwrap();
     let stopped = Instant::now();

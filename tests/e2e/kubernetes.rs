@@ -337,6 +337,11 @@ async fn reqwest_metrics(address: &str) -> String {
     text
 }
 
+/// `args` followed by `extra`, for a command line.
+fn and<'a>(extra: &'a [String], args: &[&'a str]) -> Vec<&'a str> {
+    args.iter().copied().chain(extra.iter().map(String::as_str)).collect()
+}
+
 /// The token the control plane authenticates to the stand-in API server with.
 const CONTROL_PLANE_TOKEN: &str = "control-plane-sa-token";
 const WEBHOOK_PATH: &str = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/remora-injector";
@@ -353,6 +358,8 @@ struct ApiServer {
     seen: Arc<std::sync::Mutex<Vec<Value>>>,
     webhook: Arc<std::sync::Mutex<Value>>,
     slices: Arc<std::sync::Mutex<Slices>>,
+    /// The root its certificate chains to.
+    root: String,
 }
 
 /// The stand-in's EndpointSlices: the objects, every event with its resource version, and the
@@ -399,10 +406,7 @@ fn whole(value: &Value) -> AnyBody {
 
 impl ApiServer {
     async fn start(ca: &TestCa, webhook: Value) -> ApiServer {
-        let serving = ca.serving(&["127.0.0.1"]);
-        let config =
-            remora_control_api::control::tls::pem_config(&format!("{}{}", serving.cert, serving.ca), &serving.key)
-                .unwrap();
+        let config = ca.server_config(&["127.0.0.1"]);
         let acceptor = tokio_rustls::TlsAcceptor::from(config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
@@ -450,7 +454,21 @@ impl ApiServer {
                 });
             }
         });
-        ApiServer { address, seen, webhook, slices }
+        ApiServer { address, seen, webhook, slices, root: ca.serving(&["127.0.0.1"]).ca }
+    }
+
+    /// Writes what a control plane needs to reach this server into `directory` (its root, the
+    /// control plane's own token); the `--kubernetes-*` arguments naming them, and the token's file.
+    fn control_plane_args(&self, directory: &Path) -> (Vec<String>, PathBuf) {
+        let (ca_file, token_file) = (directory.join("kubernetes-ca.crt"), directory.join("control-plane.token"));
+        std::fs::write(&ca_file, &self.root).unwrap();
+        std::fs::write(&token_file, format!("{CONTROL_PLANE_TOKEN}\n")).unwrap();
+        let path = |p: &Path| p.to_str().unwrap().to_owned();
+        let args = ["--kubernetes-api".to_owned(), format!("https://{}", self.address)]
+            .into_iter()
+            .chain(["--kubernetes-ca".to_owned(), path(&ca_file), "--kubernetes-token".to_owned(), path(&token_file)])
+            .collect();
+        (args, token_file)
     }
 
     /// The EndpointSlice list, or (with `watch=1`) a watch from the query's resource version.
@@ -530,32 +548,25 @@ async fn the_ca_issues_a_service_account_its_own_identity_after_a_token_review()
     let cluster_ca = TestCa::new("cluster.local");
     let api = ApiServer::start(&cluster_ca, Value::Null).await;
     let directory = remora_proxy::testing::proxy::temp_dir("remora-tokenreview");
-    let cluster_ca_file = directory.join("kubernetes-ca.crt");
-    std::fs::write(&cluster_ca_file, cluster_ca.serving(&["127.0.0.1"]).ca).unwrap();
-    let own_token = directory.join("control-plane.token");
-    std::fs::write(&own_token, format!("{CONTROL_PLANE_TOKEN}\n")).unwrap();
-    let api_url = format!("https://{}", api.address);
-    let mut control = Spawned::new(&[
-        "control",
-        "--listen",
-        "127.0.0.1:0",
-        "--ca-dir",
-        directory.join("ca").to_str().unwrap(),
-        "--ca-kubernetes",
-        "--kubernetes-api",
-        &api_url,
-        "--kubernetes-ca",
-        cluster_ca_file.to_str().unwrap(),
-        "--kubernetes-token",
-        own_token.to_str().unwrap(),
-        "--tls-name",
-        "127.0.0.1",
-        "--injector",
-        "--injector-listen",
-        "127.0.0.1:0",
-        "--injector-name",
-        "localhost",
-    ]);
+    let (kubernetes, own_token) = api.control_plane_args(&directory);
+    let mut control = Spawned::new(&and(
+        &kubernetes,
+        &[
+            "control",
+            "--listen",
+            "127.0.0.1:0",
+            "--ca-dir",
+            directory.join("ca").to_str().unwrap(),
+            "--ca-kubernetes",
+            "--tls-name",
+            "127.0.0.1",
+            "--injector",
+            "--injector-listen",
+            "127.0.0.1:0",
+            "--injector-name",
+            "localhost",
+        ],
+    ));
     let line = control.wait_for("remora control serving Delta ADS");
     let address = format!("https://{}", line.rsplit("address=").next().unwrap().trim());
     let mesh_root = std::fs::read_to_string(directory.join("ca/ca.crt")).unwrap();
@@ -681,36 +692,29 @@ async fn the_control_plane_patches_the_webhook_ca_bundle_and_renews_its_serving_
     assert!(deployed["webhooks"][0]["clientConfig"].get("caBundle").is_none(), "deploy/ leaves caBundle out");
     let api = ApiServer::start(&cluster_ca, deployed).await;
     let directory = remora_proxy::testing::proxy::temp_dir("remora-ca-bundle");
-    let cluster_ca_file = directory.join("kubernetes-ca.crt");
-    std::fs::write(&cluster_ca_file, cluster_ca.serving(&["127.0.0.1"]).ca).unwrap();
-    let own_token = directory.join("control-plane.token");
-    std::fs::write(&own_token, CONTROL_PLANE_TOKEN).unwrap();
-    let api_url = format!("https://{}", api.address);
-    let mut control = Spawned::new(&[
-        "control",
-        "--listen",
-        "127.0.0.1:0",
-        "--ca-dir",
-        directory.join("ca").to_str().unwrap(),
-        "--ca-kubernetes",
-        "--kubernetes-api",
-        &api_url,
-        "--kubernetes-ca",
-        cluster_ca_file.to_str().unwrap(),
-        "--kubernetes-token",
-        own_token.to_str().unwrap(),
-        "--tls-name",
-        "127.0.0.1",
-        "--serving-cert-ttl",
-        "4",
-        "--injector",
-        "--injector-listen",
-        "127.0.0.1:0",
-        "--injector-name",
-        "localhost",
-        "--injector-webhook",
-        "remora-injector",
-    ]);
+    let (kubernetes, _) = api.control_plane_args(&directory);
+    let mut control = Spawned::new(&and(
+        &kubernetes,
+        &[
+            "control",
+            "--listen",
+            "127.0.0.1:0",
+            "--ca-dir",
+            directory.join("ca").to_str().unwrap(),
+            "--ca-kubernetes",
+            "--tls-name",
+            "127.0.0.1",
+            "--serving-cert-ttl",
+            "4",
+            "--injector",
+            "--injector-listen",
+            "127.0.0.1:0",
+            "--injector-name",
+            "localhost",
+            "--injector-webhook",
+            "remora-injector",
+        ],
+    ));
     let line = control.wait_for("remora control serving Delta ADS");
     let port: std::net::SocketAddr = line.rsplit("address=").next().unwrap().trim().parse().unwrap();
     let line = control.wait_for("remora control serving the sidecar injector");
@@ -809,25 +813,11 @@ async fn clusters_follow_a_services_endpoint_slices() {
         "resources:\n  - {kind: Cluster, name: web, kubernetes_service: {namespace: shop, name: web, port: http}}\n  - {kind: RouteTable, name: web, routes: [{name: all, backends: [{cluster: web}]}]}\n  - {kind: Listener, name: in, address: \"127.0.0.1:0\", route_tables: [web]}\n",
     )
     .unwrap();
-    let cluster_ca_file = directory.join("kubernetes-ca.crt");
-    std::fs::write(&cluster_ca_file, cluster_ca.serving(&["127.0.0.1"]).ca).unwrap();
-    let own_token = directory.join("control-plane.token");
-    std::fs::write(&own_token, CONTROL_PLANE_TOKEN).unwrap();
-    let api_url = format!("https://{}", api.address);
-    let mut control = Spawned::new(&[
-        "control",
-        "--listen",
-        "127.0.0.1:0",
-        "--config-dir",
-        mesh.to_str().unwrap(),
-        "--kubernetes-endpoints",
-        "--kubernetes-api",
-        &api_url,
-        "--kubernetes-ca",
-        cluster_ca_file.to_str().unwrap(),
-        "--kubernetes-token",
-        own_token.to_str().unwrap(),
-    ]);
+    let (kubernetes, _) = api.control_plane_args(&directory);
+    let mut control = Spawned::new(&and(
+        &kubernetes,
+        &["control", "--listen", "127.0.0.1:0", "--config-dir", mesh.to_str().unwrap(), "--kubernetes-endpoints"],
+    ));
     control.wait_for("EndpointSlices listed");
     let line = control.wait_for("remora control serving Delta ADS");
     let address = format!("http://{}", line.rsplit("address=").next().unwrap().trim());

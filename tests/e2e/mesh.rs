@@ -76,6 +76,38 @@ async fn pair(policies: &str, peers: &str) -> Pair {
     Pair { app, _echo: echo, server, client, ca, dir }
 }
 
+/// A receiving sidecar (identity `api`) in front of `app` and an echo server, with `policies`,
+/// and calling sidecars made on demand with certificates from the same CA.
+struct Guarded {
+    ca: TestCa,
+    dir: PathBuf,
+    _echo: TcpEchoServer,
+    server: TestProxy,
+}
+
+impl Guarded {
+    async fn start(name: &str, app: SocketAddr, policies: &str) -> Guarded {
+        let ca = TestCa::new("cluster.local");
+        let dir = temp_dir(name);
+        let echo = TcpEchoServer::start().await;
+        let server_identity = ca.issue(API).bootstrap_identity(&dir.join("api"));
+        let server = TestProxy::start(&server_yaml(&server_identity, app, echo.address(), policies));
+        Guarded { ca, dir, _echo: echo, server }
+    }
+
+    /// A calling sidecar named `name` with identity `id`.
+    fn sidecar(&self, name: &str, id: &str) -> TestProxy {
+        let identity = self.ca.issue(id).bootstrap_identity(&self.dir.join(name));
+        TestProxy::start(&client_yaml(&identity, self.server.address("in"), self.server.address("in-tcp"), ""))
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 async fn echo_through(address: SocketAddr, payload: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut stream = TcpStream::connect(address).await?;
     stream.write_all(payload).await?;
@@ -193,20 +225,12 @@ async fn pair_request(cert: &IssuedPem, address: SocketAddr) -> Result<u16, Stri
 /// replaces the policy's for requests that route there; TCP from a denied peer is closed.
 #[tokio::test]
 async fn authorization_allows_by_identity_glob_and_route() {
-    let ca = TestCa::new("cluster.local");
-    let dir = temp_dir("remora-authz");
     let app = HttpServer::start("api-app").await;
-    let echo = TcpEchoServer::start().await;
     let policies = "  - {kind: RouteTable, name: api, routes: [{name: admin, match: {path: {prefix: /admin}}, backends: [{cluster: app}]}, {name: rest, backends: [{cluster: app}]}]}\n  - kind: AuthorizationPolicy\n    name: api\n    listener: in\n    allow: [\"spiffe://cluster.local/ns/shop/*\"]\n    routes: [{route_table: api, route: admin, allow: [\"spiffe://cluster.local/ns/ops/sa/admin\"]}]\n  - {kind: AuthorizationPolicy, name: echo, listener: in-tcp, allow: [\"spiffe://cluster.local/ns/shop/sa/web\"]}\n";
-    let server_identity = ca.issue(API).bootstrap_identity(&dir.join("api"));
-    let server = TestProxy::start(&server_yaml(&server_identity, app.address(), echo.address(), policies));
-    let (inbound, inbound_tcp) = (server.address("in"), server.address("in-tcp"));
-    let sidecar = |name: &str, id: &str| {
-        let identity = ca.issue(id).bootstrap_identity(&dir.join(name));
-        TestProxy::start(&client_yaml(&identity, inbound, inbound_tcp, ""))
-    };
-    let web = sidecar("web", WEB);
-    let ops = sidecar("ops", "spiffe://cluster.local/ns/ops/sa/admin");
+    let guarded = Guarded::start("remora-authz", app.address(), policies).await;
+    let server = &guarded.server;
+    let web = guarded.sidecar("web", WEB);
+    let ops = guarded.sidecar("ops", "spiffe://cluster.local/ns/ops/sa/admin");
     let get = |proxy: &TestProxy, path: &'static str| {
         let out = proxy.address("out");
         async move { Client::http1(out).await.get("api", path).await }
@@ -223,7 +247,6 @@ async fn authorization_allows_by_identity_glob_and_route() {
     assert!(closed.map_or(true, |got| got.is_empty()), "a denied peer's tcp went through");
     assert_eq!(server.metric(r#"remora_authorization_denied_total{listener="in",policy="api"}"#).await, 2.0);
     assert_eq!(server.metric(r#"remora_authorization_denied_total{listener="in-tcp",policy="echo"}"#).await, 1.0);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Forty HTTP/1.1 client connections through the calling sidecar reach the receiving sidecar as
@@ -443,19 +466,11 @@ async fn a_websocket_session_crosses_mutual_tls_and_is_authorized() {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
 
-    let ca = TestCa::new("cluster.local");
-    let dir = temp_dir("remora-mesh-ws");
     let app = HttpServer::with_handler(crate::tunnels::websocket_echo()).await;
-    let echo = TcpEchoServer::start().await;
     let policies = "  - {kind: RouteTable, name: api, routes: [{name: ws, backends: [{cluster: app}]}]}\n  - {kind: AuthorizationPolicy, name: api, listener: in, mode: strict, allow: [\"spiffe://cluster.local/ns/shop/sa/web\"]}\n";
-    let server_identity = ca.issue(API).bootstrap_identity(&dir.join("api"));
-    let server = TestProxy::start(&server_yaml(&server_identity, app.address(), echo.address(), policies));
-    let (inbound, inbound_tcp) = (server.address("in"), server.address("in-tcp"));
-    let sidecar = |name: &str, id: &str| {
-        let identity = ca.issue(id).bootstrap_identity(&dir.join(name));
-        TestProxy::start(&client_yaml(&identity, inbound, inbound_tcp, ""))
-    };
-    let web = sidecar("web", WEB);
+    let guarded = Guarded::start("remora-mesh-ws", app.address(), policies).await;
+    let server = &guarded.server;
+    let web = guarded.sidecar("web", WEB);
     let stream = TcpStream::connect(web.address("out")).await.unwrap();
     let (mut socket, response) = tokio_tungstenite::client_async("ws://api.shop/socket", stream).await.unwrap();
     assert_eq!(response.status(), 101);
@@ -476,14 +491,13 @@ async fn a_websocket_session_crosses_mutual_tls_and_is_authorized() {
     );
 
     // Another identity's upgrade is refused by the policy, as its plain requests would be.
-    let other = sidecar("other", "spiffe://cluster.local/ns/shop/sa/other");
+    let other = guarded.sidecar("other", "spiffe://cluster.local/ns/shop/sa/other");
     let stream = TcpStream::connect(other.address("out")).await.unwrap();
     match tokio_tungstenite::client_async("ws://api.shop/socket", stream).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => assert_eq!(response.status(), 403),
         other => panic!("expected a 403, got {other:?}"),
     }
     assert_eq!(app.hits(), 1);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// With `--xds-auth`, a proxy whose stream carries its CA token gets its configuration; one with no

@@ -102,6 +102,19 @@ impl Drop for Netns {
     }
 }
 
+/// Joins two namespaces with a veth pair, each end (named by its prefix and this process) up with
+/// its address in a /24.
+pub(crate) fn link(a: (&Netns, &str, &str), b: (&Netns, &str, &str)) {
+    let suffix = std::process::id() % 100_000;
+    let ends = [a, b].map(|(ns, prefix, ip)| (ns, format!("{prefix}{suffix}"), ip));
+    run("ip", &["link", "add", &ends[0].1, "type", "veth", "peer", "name", &ends[1].1]);
+    for (ns, device, ip) in &ends {
+        run("ip", &["link", "set", device, "netns", &ns.name]);
+        ns.run("ip", &["addr", "add", &format!("{ip}/24"), "dev", device]);
+        ns.run("ip", &["link", "set", device, "up"]);
+    }
+}
+
 /// Runs a command; its stdout, or a panic with its stderr.
 pub(crate) fn run(program: &str, args: &[&str]) -> String {
     let output = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));

@@ -62,10 +62,7 @@ impl Collector {
     /// A gRPC collector over TLS on `127.0.0.1:0`, its certificate (for 127.0.0.1) from `ca`.
     async fn start_tls(ca: &remora_proxy::testing::certs::TestCa) -> (Collector, SocketAddr) {
         let collector = Collector::default();
-        let serving = ca.serving(&["127.0.0.1"]);
-        let tls =
-            remora_control_api::control::tls::pem_config(&format!("{}{}", serving.cert, serving.ca), &serving.key)
-                .unwrap();
+        let tls = ca.server_config(&["127.0.0.1"]);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let incoming = remora_control_api::control::tls::incoming(listener, tls);
@@ -112,10 +109,7 @@ impl Collector {
     /// `ca`; `connections` counts the connections it accepted.
     async fn start_https(ca: &remora_proxy::testing::certs::TestCa) -> (Collector, SocketAddr, Arc<AtomicUsize>) {
         let collector = Collector::default();
-        let serving = ca.serving(&["127.0.0.1"]);
-        let tls =
-            remora_control_api::control::tls::pem_config(&format!("{}{}", serving.cert, serving.ca), &serving.key)
-                .unwrap();
+        let tls = ca.server_config(&["127.0.0.1"]);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let mut incoming = remora_control_api::control::tls::incoming(listener, tls);

@@ -48,12 +48,7 @@ pub(crate) fn serving_config(
 ) -> Result<(Arc<rustls::ServerConfig>, impl Future<Output = ()> + Send + 'static), String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let current = Arc::new(Renewed(ArcSwap::from_pointee(issue(authority, names, lifetime, &provider)?)));
-    let mut config = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
-        .with_cert_resolver(current.clone());
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let config = server_config(current.clone(), provider.clone())?;
     let (authority, names) = (authority.clone(), names.to_vec());
     let renew = async move {
         let mut wait = lifetime / 2;
@@ -74,7 +69,36 @@ pub(crate) fn serving_config(
             }
         }
     };
-    Ok((Arc::new(config), renew))
+    Ok((config, renew))
+}
+
+/// TLS 1.3 only, no client certificates, h2 and http/1.1 offered; certificates from `resolver`.
+fn server_config(
+    resolver: Arc<Renewed>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<rustls::ServerConfig>, String> {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A PEM certificate chain (leaf first) and its PEM key, ready to serve.
+fn certified_key(
+    chain_pem: &str,
+    key_pem: &str,
+    provider: &rustls::crypto::CryptoProvider,
+) -> Result<CertifiedKey, String> {
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(chain_pem.as_bytes()).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
+    if chain.is_empty() {
+        return Err("no certificate in the PEM".into());
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| e.to_string())?;
+    CertifiedKey::from_der(chain, key, provider).map_err(|e| e.to_string())
 }
 
 /// A new serving certificate and key for `names`, with the intermediates and the root after it in
@@ -87,13 +111,11 @@ fn issue(
 ) -> Result<CertifiedKey, String> {
     let (cert_pem, key_pem) = authority.serving_certificate(names, lifetime).map_err(|e| e.to_string())?;
     let chain = format!("{cert_pem}{}{}", authority.intermediates_pem(), authority.root_pem());
-    let chain: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(chain.as_bytes()).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| e.to_string())?;
-    CertifiedKey::from_der(chain, key, provider).map_err(|e| e.to_string())
+    certified_key(&chain, &key_pem, provider)
 }
 
-/// The serving certificate every new handshake gets: the latest issued.
+/// The serving certificate every new handshake gets: the latest issued (or the one given, for
+/// certificates from files).
 #[derive(Debug)]
 struct Renewed(ArcSwap<CertifiedKey>);
 
@@ -112,21 +134,9 @@ pub(crate) fn file_config(cert: &std::path::Path, key: &std::path::Path) -> Resu
 
 /// A TLS 1.3 server config serving a PEM certificate chain and key (offering h2 and http/1.1).
 pub fn pem_config(chain_pem: &str, key_pem: &str) -> Result<Arc<rustls::ServerConfig>, String> {
-    let chain: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(chain_pem.as_bytes()).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
-    if chain.is_empty() {
-        return Err("no certificate in the PEM".into());
-    }
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| e.to_string())?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .map_err(|e| e.to_string())?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    let key = certified_key(chain_pem, key_pem, &provider)?;
+    server_config(Arc::new(Renewed(ArcSwap::from_pointee(key))), provider)
 }
 
 /// A control-plane connection after its TLS handshake.

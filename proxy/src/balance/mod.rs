@@ -913,23 +913,20 @@ mod tests {
     #[test]
     fn declared_unhealthy_endpoints_wait_and_draining_ones_never_take_traffic() {
         let declared = [Declared::Healthy, Declared::Healthy, Declared::Unhealthy, Declared::Draining];
-        let endpoints = declared
-            .iter()
-            .enumerate()
-            .map(|(i, declared)| Endpoint { declared: *declared, ..endpoint(i, 1, Proximity::Elsewhere) })
-            .collect();
-        let set = build(SetConfig::round_robin(), endpoints);
+        let endpoints = || {
+            declared
+                .iter()
+                .enumerate()
+                .map(|(i, declared)| Endpoint { declared: *declared, ..endpoint(i, 1, Proximity::Elsewhere) })
+                .collect()
+        };
+        let set = build(SetConfig::round_robin(), endpoints());
         // Two of the three that count are healthy (the draining one counts for nothing): no panic.
         assert_eq!((set.view().weighted, set.view().healthy, set.view().panic()), (3, 2, false));
         let picked = counts(&set, 300);
         assert_eq!(picked.keys().copied().collect::<std::collections::BTreeSet<_>>(), [0, 1].into());
         // In panic the unhealthy one is used again, the draining one still not.
-        let endpoints = declared
-            .iter()
-            .enumerate()
-            .map(|(i, declared)| Endpoint { declared: *declared, ..endpoint(i, 1, Proximity::Elsewhere) })
-            .collect();
-        let set = build(SetConfig { panic_threshold: 90, ..SetConfig::round_robin() }, endpoints);
+        let set = build(SetConfig { panic_threshold: 90, ..SetConfig::round_robin() }, endpoints());
         assert!(set.view().panic());
         assert_eq!(counts(&set, 300).keys().copied().collect::<std::collections::BTreeSet<_>>(), [0, 1, 2].into());
         let report = set.report();

@@ -33,6 +33,7 @@ use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::time::Instant;
 use tokio::net::TcpStream;
+use tokio_util::either::Either;
 use tracing::debug;
 
 use crate::http::body::{ProxyBody, UpstreamBody};
@@ -141,60 +142,9 @@ pub enum Outcome {
     Switched(Response<()>, SwitchedStream, Bytes),
 }
 
-/// The endpoint's side of a switched protocol.
-#[derive(Debug)]
-pub enum SwitchedStream {
-    /// The proxy's own HTTP/1.1 client's connection (plaintext).
-    Plain(TcpStream),
-    /// The upgraded HTTP/1.1 exchange inside mesh TLS to the endpoint's sidecar.
-    Mesh(TokioIo<hyper::upgrade::Upgraded>),
-}
-
-impl tokio::io::AsyncRead for SwitchedStream {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            SwitchedStream::Plain(stream) => std::pin::Pin::new(stream).poll_read(cx, buf),
-            SwitchedStream::Mesh(stream) => std::pin::Pin::new(stream).poll_read(cx, buf),
-        }
-    }
-}
-
-impl tokio::io::AsyncWrite for SwitchedStream {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            SwitchedStream::Plain(stream) => std::pin::Pin::new(stream).poll_write(cx, buf),
-            SwitchedStream::Mesh(stream) => std::pin::Pin::new(stream).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            SwitchedStream::Plain(stream) => std::pin::Pin::new(stream).poll_flush(cx),
-            SwitchedStream::Mesh(stream) => std::pin::Pin::new(stream).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            SwitchedStream::Plain(stream) => std::pin::Pin::new(stream).poll_shutdown(cx),
-            SwitchedStream::Mesh(stream) => std::pin::Pin::new(stream).poll_shutdown(cx),
-        }
-    }
-}
+/// The endpoint's side of a switched protocol: the proxy's own HTTP/1.1 client's plaintext
+/// connection (left), or the upgraded exchange inside mesh TLS to the endpoint's sidecar (right).
+pub type SwitchedStream = Either<TcpStream, TokioIo<hyper::upgrade::Upgraded>>;
 
 /// Sends the request `head` with `body` to `endpoint` over HTTP/1.1, reusing a pooled connection
 /// when one is alive.
@@ -225,7 +175,7 @@ pub async fn send_http1<H: h1::Head>(
         match h1::exchange(connection, head, body, reused, release).await {
             Ok(h1::Exchanged::Response(response)) => return Ok(Outcome::Response(response.map(ProxyBody::http1))),
             Ok(h1::Exchanged::Switched(head, stream, early)) => {
-                return Ok(Outcome::Switched(head, SwitchedStream::Plain(stream), early));
+                return Ok(Outcome::Switched(head, Either::Left(stream), early));
             }
             Err(h1::Failure::Stale(unsent, unread)) => {
                 debug!(%endpoint, "pooled connection was closed; sending on another");
@@ -362,7 +312,7 @@ pub async fn send_mesh_upgrade(
         return Ok(Outcome::Response(response.map(ProxyBody::http2)));
     }
     let upgraded = hyper::upgrade::on(&mut response).await.map_err(ProxyError::Upstream)?;
-    let stream = SwitchedStream::Mesh(TokioIo::new(upgraded));
+    let stream = Either::Right(TokioIo::new(upgraded));
     drop(slot);
     Ok(Outcome::Switched(response.map(|_| ()), stream, Bytes::new()))
 }

@@ -243,9 +243,6 @@ async fn proxy(
             // Phase 4, connect and send.
             let outcome = match version {
                 client::Version::Http1 if cluster.mesh.is_some() => {
-                    if let Some(traceparent) = &traceparent {
-                        request.headers_mut().insert(telemetry::trace::TRACEPARENT, traceparent.to_header_value());
-                    }
                     let request = request.map(|body| UpstreamBody::Direct(ClientBody::new(body, observe.as_ref())));
                     // Boxed in its own statement (see `client::send_http2`): rare.
                     let sending =
@@ -472,13 +469,14 @@ fn plan(
     }
     let downstream_version = request.version();
     let version = upstream_version(&cluster, downstream_version, upgrade);
-    // An upgrade to a mesh cluster takes a connection of its own and is never retried: it skips
-    // the policed path (its injected delay still applies).
-    let policed = policy.filter(|p| delay.is_some() || p.forwards()).filter(|_| !(upgrade && cluster.mesh.is_some()));
+    // An upgrade to a mesh cluster takes a connection of its own (hyper's client, not ours) and
+    // is never retried: it skips the policed path, its delays and timeouts.
+    let mesh_upgrade = upgrade && cluster.mesh.is_some();
+    let policed = policy.filter(|p| !mesh_upgrade && (delay.is_some() || p.forwards()));
     // A new unsampled trace's context: written by the plain HTTP/1.1 path itself, inserted for
     // the others.
     let traceparent = match unsampled {
-        Some(value) if policed.is_some() || version == client::Version::Http2 => {
+        Some(value) if policed.is_some() || version == client::Version::Http2 || mesh_upgrade => {
             request.headers_mut().insert(telemetry::trace::TRACEPARENT, value.to_header_value());
             None
         }

@@ -55,7 +55,7 @@ pub(crate) fn begin<B>(
         Some(Decision::Unsampled(traceparent)) => (None, Some(traceparent)),
         Some(Decision::PassThrough) | None => (None, None),
     };
-    if trace.is_none() && (data.access_log.is_none() || !connection.listener.access_log) {
+    if trace.is_none() && data.access_log_for(&connection.listener).is_none() {
         return (None, unsampled);
     }
     let observe = Arc::new(Observe {
@@ -205,8 +205,7 @@ impl Drop for Finish {
                 },
             );
         }
-        if let Some(log) = &connection.data.access_log
-            && listener.access_log
+        if let Some(log) = connection.data.access_log_for(listener)
             && log.wants(self.status, grpc_status, flag)
         {
             let entry = Entry {

@@ -30,6 +30,7 @@ use crate::io::idle_watch;
 use crate::state::cluster::{Cluster, Targets};
 use crate::tcp;
 use crate::tls::{Alpn, TlsError};
+use tokio_util::either::Either;
 
 /// Joins the two sides of a switched protocol: the client's, once hyper hands it over, and the
 /// endpoint's connection, after passing on the `early` bytes the endpoint sent right behind its
@@ -76,37 +77,24 @@ pub async fn connect(
     // To a mesh cluster the tunnel is opaque TCP inside mTLS to the endpoint's sidecar, which
     // passes it to its app as it would any TCP from a peer.
     let upstream = match &cluster.mesh {
-        None => Upstream::Plain(tcp),
+        None => Either::Left(tcp),
         Some(peers) => {
             let mesh = connection.data.client.mesh.as_ref().ok_or(TlsError::NoIdentity)?;
             let (tls, _) = mesh.connect(tcp, target, Alpn::Tcp, peers.expected(target)).await?;
-            Upstream::Mesh(Box::new(tls))
+            Either::Right(Box::new(tls))
         }
     };
     let downstream = hyper::upgrade::on(request);
     let connection = connection.clone();
     tokio::spawn(async move {
-        let down = match downstream.await {
-            Ok(down) => TokioIo::new(down),
-            Err(error) => {
-                debug!(%error, "CONNECT tunnel was not established");
-                return;
-            }
-        };
-        match upstream {
-            Upstream::Plain(tcp) => join(down, tcp, &connection).await,
-            Upstream::Mesh(tls) => join(down, *tls, &connection).await,
+        match downstream.await {
+            Ok(down) => join(TokioIo::new(down), upstream, &connection).await,
+            Err(error) => debug!(%error, "CONNECT tunnel was not established"),
         }
     });
     let mut response = Response::new(ProxyBody::empty());
     *response.status_mut() = StatusCode::OK;
     Ok(response)
-}
-
-/// Where a `CONNECT` tunnel goes.
-enum Upstream {
-    Plain(tokio::net::TcpStream),
-    Mesh(Box<crate::tls::ClientStream>),
 }
 
 /// Copies both ways until both sides close, or the listener's idle timeout passes.

@@ -48,6 +48,13 @@ impl TestCa {
         IssuedPem { cert, key, ca: self.authority.root_pem().to_owned() }
     }
 
+    /// A TLS 1.3 server config (h2 and http/1.1) serving a certificate for `names`, with the root
+    /// in its chain: for the HTTPS servers tests stand up (collectors, the Kubernetes API).
+    pub fn server_config(&self, names: &[&str]) -> std::sync::Arc<rustls::ServerConfig> {
+        let serving = self.serving(names);
+        remora_control_api::control::tls::pem_config(&format!("{}{}", serving.cert, serving.ca), &serving.key).unwrap()
+    }
+
     /// A certificate for `id`, valid for the next hour.
     pub fn issue(&self, id: &str) -> IssuedPem {
         let now = SystemTime::now();
