@@ -13,7 +13,9 @@ use anyhow::Context as _;
 use clap::{ArgGroup, Parser, Subcommand};
 use remora_control_api::ca::kubernetes::DEFAULT_AUDIENCE;
 use remora_control_api::control::registry::{self, Registered};
-use remora_control_api::control::{self, CaConfig, CaRoot, ControlConfig, InjectorConfig, InjectorTls, KubernetesApi};
+use remora_control_api::control::{
+    self, CaConfig, CaRoot, ControlConfig, InjectorConfig, InjectorTls, KubernetesApi, KubernetesEndpoints,
+};
 use remora_control_api::inject::{InjectConfig, Injector};
 use remora_proxy::capture::{self, Capture};
 use remora_proxy::demo::DemoOptions;
@@ -123,7 +125,8 @@ enum Command {
         #[arg(long, default_value = DEFAULT_AUDIENCE, value_name = "AUDIENCE", requires = "ca_kubernetes")]
         token_audience: String,
         /// Fill clusters that name a `kubernetes_service` with its pods, from the API server's
-        /// EndpointSlices (listed, then watched): ready pods take traffic, terminating ones drain.
+        /// EndpointSlices (listed, then watched): ready pods take traffic, terminating ones drain,
+        /// and each carries its service account's identity for `tls: mesh` to check.
         #[arg(long)]
         kubernetes_endpoints: bool,
         /// The API server, https://HOST[:PORT], instead of the in-cluster one (for --ca-kubernetes,
@@ -136,7 +139,8 @@ enum Command {
         /// The control plane's own bearer token for --kubernetes-api.
         #[arg(long, value_name = "FILE", requires = "kubernetes_api")]
         kubernetes_token: Option<PathBuf>,
-        /// The trust domain the CA signs for.
+        /// The trust domain the CA signs for, and of the identities pods' service accounts give their
+        /// endpoints with --kubernetes-endpoints.
         #[arg(long, default_value = "cluster.local", value_name = "DOMAIN")]
         trust_domain: String,
         /// The longest certificate lifetime the CA signs, in seconds.
@@ -398,6 +402,8 @@ fn main() -> ExitCode {
                 }
                 _ => None,
             };
+            let kubernetes_endpoints =
+                kubernetes_endpoints.then(|| KubernetesEndpoints { trust_domain: trust_domain.clone() });
             let ca = root.map(|root| CaConfig {
                 root,
                 trust_domain,

@@ -350,14 +350,16 @@ const WEBHOOK_PATH: &str = "/apis/admissionregistration.k8s.io/v1/mutatingwebhoo
 /// can run here): HTTPS with a certificate from `ca`, answering as the real one does. 401 unless the
 /// caller is the control plane; TokenReview with a review per token it knows; GET and PATCH (JSON
 /// patch: `test` and `add`) of the `remora-injector` MutatingWebhookConfiguration, which starts as
-/// `webhook`; and EndpointSlices: the list, and watches from a resource version, streaming one
-/// event per line.
+/// `webhook`; EndpointSlices: the list, and watches from a resource version, streaming one
+/// event per line; and the pods of namespace `shop`: a paged list (one pod a page) and a GET each.
 struct ApiServer {
     address: std::net::SocketAddr,
     /// Every request: method, path, whether authorized, content type and body (JSON).
     seen: Arc<std::sync::Mutex<Vec<Value>>>,
     webhook: Arc<std::sync::Mutex<Value>>,
     slices: Arc<std::sync::Mutex<Slices>>,
+    /// The pods, by name.
+    pods: Arc<std::sync::Mutex<std::collections::BTreeMap<String, Value>>>,
     /// The root its certificate chains to.
     root: String,
 }
@@ -413,15 +415,17 @@ impl ApiServer {
         let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
         let webhook = Arc::new(std::sync::Mutex::new(webhook));
         let slices = Arc::new(std::sync::Mutex::new(Slices::default()));
-        let (log, state, all_slices) = (seen.clone(), webhook.clone(), slices.clone());
+        let pods = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::new()));
+        let (log, state, all_slices, all_pods) = (seen.clone(), webhook.clone(), slices.clone(), pods.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else { return };
-                let (acceptor, log, state, slices) = (acceptor.clone(), log.clone(), state.clone(), all_slices.clone());
+                let (acceptor, log, state) = (acceptor.clone(), log.clone(), state.clone());
+                let (slices, pods) = (all_slices.clone(), all_pods.clone());
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else { return };
                     let service = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
-                        let (log, state, slices) = (log.clone(), state.clone(), slices.clone());
+                        let (log, state, slices, pods) = (log.clone(), state.clone(), slices.clone(), pods.clone());
                         async move {
                             use http_body_util::BodyExt;
                             let header = |name: &str| {
@@ -433,12 +437,15 @@ impl ApiServer {
                             let query = request.uri().query().unwrap_or_default().to_owned();
                             let body = request.into_body().collect().await.unwrap().to_bytes();
                             let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                            log.lock().unwrap().push(json!({"method": method.as_str(), "path": path,
+                            log.lock().unwrap().push(json!({"method": method.as_str(), "path": path, "query": query,
                                 "authorized": authorized, "content_type": content_type, "body": body}));
                             let (status, answer) = if !authorized {
                                 (401, whole(&json!({"kind": "Status", "reason": "Unauthorized", "code": 401})))
                             } else if path == "/apis/discovery.k8s.io/v1/endpointslices" {
                                 (200, ApiServer::endpoint_slices(&query, &slices))
+                            } else if path.starts_with("/api/v1/") {
+                                let (status, answer) = ApiServer::pods(&path, &query, &pods.lock().unwrap());
+                                (status, whole(&answer))
                             } else {
                                 let (status, answer) = ApiServer::answer(&method, &path, &body, &state);
                                 (status, whole(&answer))
@@ -454,7 +461,7 @@ impl ApiServer {
                 });
             }
         });
-        ApiServer { address, seen, webhook, slices, root: ca.serving(&["127.0.0.1"]).ca }
+        ApiServer { address, seen, webhook, slices, pods, root: ca.serving(&["127.0.0.1"]).ca }
     }
 
     /// Writes what a control plane needs to reach this server into `directory` (its root, the
@@ -497,6 +504,28 @@ impl ApiServer {
             Some((Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(line)), receiver))
         });
         http_body_util::StreamBody::new(frames).boxed()
+    }
+
+    /// The pod list, one pod a page, the next page's token (`page/N=`) needing escaping in a query;
+    /// or one pod.
+    fn pods(path: &str, query: &str, pods: &std::collections::BTreeMap<String, Value>) -> (u16, Value) {
+        if path == "/api/v1/pods" {
+            let page: usize = query
+                .split('&')
+                .find_map(|pair| pair.strip_prefix("continue=page%2F"))
+                .and_then(|rest| rest.strip_suffix("%3D")?.parse().ok())
+                .unwrap_or(0);
+            let mut metadata = json!({"resourceVersion": "1"});
+            if page + 1 < pods.len() {
+                metadata["continue"] = format!("page/{}=", page + 1).into();
+            }
+            let items: Vec<&Value> = pods.values().skip(page).take(1).collect();
+            return (200, json!({"kind": "PodList", "metadata": metadata, "items": items}));
+        }
+        match path.strip_prefix("/api/v1/namespaces/shop/pods/").and_then(|name| pods.get(name)) {
+            Some(pod) => (200, pod.clone()),
+            None => (404, json!({"kind": "Status", "reason": "NotFound", "code": 404})),
+        }
     }
 
     fn answer(method: &http::Method, path: &str, body: &Value, webhook: &std::sync::Mutex<Value>) -> (u16, Value) {
@@ -766,14 +795,35 @@ async fn the_control_plane_patches_the_webhook_ca_bundle_and_renews_its_serving_
 
 /// An EndpointSlice of Service `shop/web` with one endpoint at 127.0.0.1 on `port` (named http).
 fn endpoint_slice(name: &str, port: u16, conditions: Value) -> Value {
+    endpoint_slice_of(name, port, conditions, Value::Null)
+}
+
+/// An EndpointSlice of `web` whose one endpoint is the pod `target` (a `targetRef`).
+fn endpoint_slice_of(name: &str, port: u16, conditions: Value, target: Value) -> Value {
+    let mut endpoint = json!({"addresses": ["127.0.0.1"], "conditions": conditions, "zone": "zone-a"});
+    if !target.is_null() {
+        endpoint["targetRef"] = target;
+    }
     json!({
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
         "metadata": {"name": name, "namespace": "shop", "labels": {"kubernetes.io/service-name": "web"}},
         "addressType": "IPv4",
         "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
-        "endpoints": [{"addresses": ["127.0.0.1"], "conditions": conditions, "zone": "zone-a"}],
+        "endpoints": [endpoint],
     })
+}
+
+/// A pod of namespace `shop` running as service account `account`.
+fn pod(name: &str, account: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "namespace": "shop", "uid": format!("uid-{name}")},
+           "spec": {"serviceAccountName": account, "containers": [{"name": "app", "image": "app"}]}})
+}
+
+/// The `targetRef` of a slice endpoint for the pod `name`.
+fn pod_ref(name: &str) -> Value {
+    json!({"kind": "Pod", "namespace": "shop", "name": name, "uid": format!("uid-{name}")})
 }
 
 /// Which servers answered `n` requests through `address`.
@@ -847,5 +897,104 @@ async fn clusters_follow_a_services_endpoint_slices() {
         .await;
     let seen = api.seen.lock().unwrap().clone();
     assert!(seen.iter().any(|r| r["path"] == "/apis/discovery.k8s.io/v1/endpointslices" && r["authorized"] == true));
+    let _ = std::fs::remove_dir_all(directory);
+}
+
+/// A receiving sidecar holding `identity` (from `ca`) in front of the server `app`.
+fn inbound_sidecar(
+    ca: &TestCa,
+    identity: &str,
+    app: std::net::SocketAddr,
+    dir: &Path,
+) -> remora_proxy::testing::TestProxy {
+    let identity = ca.issue(identity).bootstrap_identity(dir);
+    remora_proxy::testing::TestProxy::start(&format!(
+        "bootstrap:\n  admin_address: 127.0.0.1:0\n  workers: 1\n  drain_time: 1s\n{identity}---\nresources:\n{}{}",
+        crate::cluster("app", ", protocol: http1", &[app]),
+        crate::listener("in", ", direction: inbound, default_cluster: app"),
+    ))
+}
+
+/// Endpoints from EndpointSlices carry their pods' service-account identities, so `tls: mesh`
+/// refuses a sidecar that holds another identity of the trust domain (without them, any identity
+/// of it passes): the pods are listed (page by page) after the slices, and a pod a watch event
+/// brings in is read on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_endpoints_are_checked_against_their_pods_service_accounts() {
+    use remora_proxy::testing::{HttpServer, TestProxy, eventually};
+
+    const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+    let mesh_ca = TestCa::new("cluster.local");
+    let directory = remora_proxy::testing::proxy::temp_dir("remora-pod-identities");
+    let (a, b, c) = (HttpServer::start("a").await, HttpServer::start("b").await, HttpServer::start("c").await);
+    let sidecar_a = inbound_sidecar(&mesh_ca, WEB, a.address(), &directory.join("a"));
+    // b's pod runs as `web`, but what answers at its address holds another identity.
+    let impostor =
+        inbound_sidecar(&mesh_ca, "spiffe://cluster.local/ns/shop/sa/impostor", b.address(), &directory.join("b"));
+    let sidecar_c = inbound_sidecar(&mesh_ca, WEB, c.address(), &directory.join("c"));
+    for sidecar in [&sidecar_a, &impostor, &sidecar_c] {
+        sidecar.wait_ready().await;
+    }
+
+    let api = ApiServer::start(&TestCa::new("cluster.local"), Value::Null).await;
+    let ready = || json!({"ready": true});
+    {
+        let mut pods = api.pods.lock().unwrap();
+        pods.insert("web-a".into(), pod("web-a", "web"));
+        pods.insert("web-b".into(), pod("web-b", "web"));
+        pods.insert("db-0".into(), pod("db-0", "db"));
+        let mut slices = api.slices.lock().unwrap();
+        slices.put(endpoint_slice_of("web-a", sidecar_a.address("in").port(), ready(), pod_ref("web-a")));
+        slices.put(endpoint_slice_of("web-b", impostor.address("in").port(), ready(), pod_ref("web-b")));
+    }
+    let mesh = directory.join("mesh");
+    std::fs::create_dir_all(&mesh).unwrap();
+    std::fs::write(
+        mesh.join("web.yaml"),
+        "resources:\n  - {kind: Cluster, name: web, tls: mesh, kubernetes_service: {namespace: shop, name: web, port: http}}\n  - {kind: RouteTable, name: web, routes: [{name: all, backends: [{cluster: web}]}]}\n  - {kind: Listener, name: out, address: \"127.0.0.1:0\", route_tables: [web]}\n",
+    )
+    .unwrap();
+    let (kubernetes, _) = api.control_plane_args(&directory);
+    let mut control = Spawned::new(&and(
+        &kubernetes,
+        &["control", "--listen", "127.0.0.1:0", "--config-dir", mesh.to_str().unwrap(), "--kubernetes-endpoints"],
+    ));
+    let listed = control.wait_for("EndpointSlices listed");
+    assert!(listed.contains("pods=2"), "the pods the slices name, from a list of every pod: {listed}");
+    let line = control.wait_for("remora control serving Delta ADS");
+    let address = format!("http://{}", line.rsplit("address=").next().unwrap().trim());
+    let identity =
+        mesh_ca.issue("spiffe://cluster.local/ns/shop/sa/client").bootstrap_identity(&directory.join("client"));
+    let client = TestProxy::start_controlled(
+        &format!(
+            "bootstrap:\n  admin_address: 127.0.0.1:0\n  workers: 1\n  drain_time: 1s\n  initial_fetch_timeout: 20s\n{identity}---\n"
+        ),
+        &address,
+        "client",
+    );
+    client.wait_ready().await;
+    let out = client.address("out");
+    let seen = served_by(out, 20).await;
+    assert!(seen.contains_key("a"), "{seen:?}");
+    assert_eq!(seen.get("b"), None, "the impostor was let through: {seen:?}");
+
+    // A new pod arrives with its slice: the control plane reads that pod and c takes traffic.
+    api.pods.lock().unwrap().insert("web-c".into(), pod("web-c", "web"));
+    api.slices.lock().unwrap().delete("web-b");
+    api.slices.lock().unwrap().put(endpoint_slice_of(
+        "web-c",
+        sidecar_c.address("in").port(),
+        ready(),
+        pod_ref("web-c"),
+    ));
+    eventually("c joins", Duration::from_secs(5), || async { served_by(out, 10).await.keys().eq(["a", "c"]) }).await;
+    let dump = client.config_dump().await.to_string();
+    let identities = dump.matches(WEB).count();
+    assert!(identities >= 2, "both endpoints carry their pod's identity: {dump}");
+    let requests = api.seen.lock().unwrap().clone();
+    let paths: Vec<String> =
+        requests.iter().map(|r| format!("{} {}", r["path"].as_str().unwrap(), r["query"].as_str().unwrap())).collect();
+    assert!(paths.iter().any(|p| p.starts_with("/api/v1/pods ") && p.contains("continue=page%2F2%3D")), "{paths:?}");
+    assert!(paths.iter().any(|p| p.starts_with("/api/v1/namespaces/shop/pods/web-c")), "{paths:?}");
     let _ = std::fs::remove_dir_all(directory);
 }

@@ -9,14 +9,25 @@
 //! last seen keep serving. One cluster-wide watch serves every cluster, whatever the directory
 //! names, so editing the directory never waits for a new watch.
 //!
-//! [`endpoints_for`] turns the slices of one Service into `Endpoint`s: each address of a slice
+//! [`Slices::endpoints_for`] turns the slices of one Service into `Endpoint`s: each address of a slice
 //! endpoint, on the chosen port, its zone as its locality, and its health from its conditions: ready
 //! is `healthy`, terminating is `draining` (no new requests while it finishes), neither (starting,
 //! or failing its readiness probe) is `unhealthy`. FQDN slices are skipped.
+//!
+//! Each endpoint also carries its pod's identity, `spiffe://TRUST-DOMAIN/ns/NS/sa/SA`, the one the
+//! CA issues that pod's sidecar from its service-account token, so a caller's `tls: mesh` checks
+//! the very workload it reached, not just its trust domain. A slice endpoint names its pod
+//! (`targetRef`); the pod's service account (which cannot change in a pod's life) comes from a
+//! paged list of every pod after each slice list, then from a GET of each pod a watch event brings
+//! in, checked against the UID the slice names. A pod that cannot be read (gone, or the pods not
+//! readable at all) leaves its endpoint without an identity, and the cluster's `peer_identities`
+//! (or the trust domain) decide, as before.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
+use bytes::Bytes;
+use futures_util::StreamExt;
 use http_body_util::BodyExt;
 use serde_json::Value;
 use tracing::{info, warn};
@@ -34,6 +45,12 @@ const MAX_EVENT: usize = 16 * 1024 * 1024;
 const WATCH_SECONDS: u32 = 290;
 /// The label that names a slice's Service.
 const SERVICE_LABEL: &str = "kubernetes.io/service-name";
+/// Every Pod of the cluster, listed for their service accounts.
+const PODS: &str = "/api/v1/pods";
+/// Pods per page of that list.
+const POD_PAGE: usize = 500;
+/// Pods looked up at once when watch events bring in new ones.
+const LOOKUPS_IN_FLIGHT: usize = 8;
 
 /// One EndpointSlice, as far as endpoints need it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,10 +74,109 @@ pub struct SliceEndpoint {
     pub zone: String,
     /// What its conditions say.
     pub health: v1::endpoint::Health,
+    /// The pod behind it, if the slice names one.
+    pub pod: Option<PodRef>,
 }
 
-/// Every slice, by `namespace/name`.
-pub type Slices = BTreeMap<String, Slice>;
+/// The pod a slice endpoint names (its `targetRef`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PodRef {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+    /// Its UID: a pod re-created under the same name (a StatefulSet's) is another pod.
+    pub uid: String,
+}
+
+/// Every slice, by `namespace/name`, and the service accounts of the pods they name.
+#[derive(Clone, Debug, Default)]
+pub struct Slices {
+    slices: BTreeMap<String, Slice>,
+    /// Service account by pod UID, for the pods some slice names.
+    accounts: HashMap<String, String>,
+    /// The trust domain of the pods' identities.
+    trust_domain: String,
+}
+
+impl Slices {
+    /// No slices yet; pods' identities in `trust_domain`.
+    pub fn new(trust_domain: &str) -> Slices {
+        Slices { trust_domain: trust_domain.to_owned(), ..Slices::default() }
+    }
+
+    /// How many slices there are.
+    pub fn len(&self) -> usize {
+        self.slices.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.slices.is_empty()
+    }
+
+    /// The endpoints these slices give the cluster that names `service`.
+    pub fn endpoints_for(&self, service: &v1::KubernetesService) -> Vec<v1::Endpoint> {
+        let mut endpoints = Vec::new();
+        for slice in self.slices.values().filter(|s| s.namespace == service.namespace && s.service == service.name) {
+            let port = match service.port.parse::<u16>() {
+                _ if service.port.is_empty() => match slice.ports.as_slice() {
+                    [(_, port)] => Some(*port),
+                    _ => None,
+                },
+                Ok(number) => slice.ports.iter().any(|(_, p)| *p == number).then_some(number),
+                Err(_) => slice.ports.iter().find(|(name, _)| *name == service.port).map(|(_, p)| *p),
+            };
+            let Some(port) = port else { continue };
+            for endpoint in &slice.endpoints {
+                let identity = endpoint.pod.as_ref().map(|pod| self.identity(pod)).unwrap_or_default();
+                for address in &endpoint.addresses {
+                    let address = match address.parse::<std::net::IpAddr>() {
+                        Ok(std::net::IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
+                        Ok(ip) => format!("{ip}:{port}"),
+                        Err(_) => continue,
+                    };
+                    endpoints.push(v1::Endpoint {
+                        address,
+                        locality: (!endpoint.zone.is_empty())
+                            .then(|| v1::Locality { region: String::new(), zone: endpoint.zone.clone() }),
+                        health: endpoint.health as i32,
+                        identity: identity.clone(),
+                        ..Default::default()
+                    });
+                }
+            }
+        }
+        endpoints
+    }
+
+    /// The SPIFFE ID of `pod`'s service account; empty while the account is not known.
+    fn identity(&self, pod: &PodRef) -> String {
+        let Some(account) = self.accounts.get(&pod.uid) else { return String::new() };
+        let id = format!("spiffe://{}/ns/{}/sa/{account}", self.trust_domain, pod.namespace);
+        crate::identity::SpiffeId::parse(&id).map(|_| id).unwrap_or_default()
+    }
+
+    /// The pods some slice names whose account is not known, each once.
+    fn unknown_pods(&self) -> Vec<PodRef> {
+        let mut seen = HashSet::new();
+        pods(&self.slices)
+            .filter(|pod| !self.accounts.contains_key(&pod.uid) && seen.insert(&pod.uid))
+            .cloned()
+            .collect()
+    }
+
+    /// Forgets the accounts of pods no slice names any more.
+    fn prune(&mut self) {
+        let named: HashSet<&str> = pods(&self.slices).map(|pod| pod.uid.as_str()).collect();
+        self.accounts.retain(|uid, _| named.contains(uid.as_str()));
+    }
+}
+
+/// The pods `slices` name.
+fn pods(slices: &BTreeMap<String, Slice>) -> impl Iterator<Item = &PodRef> {
+    slices.values().flat_map(|s| &s.endpoints).filter_map(|e| e.pod.as_ref())
+}
 
 /// Reads one slice object; `None` for one that belongs to no Service or holds FQDNs.
 fn parse_slice(object: &Value) -> Option<(String, Slice)> {
@@ -106,56 +222,120 @@ fn parse_endpoint(endpoint: &Value) -> SliceEndpoint {
         .as_array()
         .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
         .unwrap_or_default();
-    SliceEndpoint { addresses, zone: endpoint["zone"].as_str().unwrap_or_default().to_owned(), health }
+    let target = &endpoint["targetRef"];
+    let pod = match (
+        target["kind"].as_str(),
+        target["namespace"].as_str(),
+        target["name"].as_str(),
+        target["uid"].as_str(),
+    ) {
+        (Some("Pod"), Some(namespace), Some(name), Some(uid)) if is_name(namespace) && is_name(name) => {
+            Some(PodRef { namespace: namespace.to_owned(), name: name.to_owned(), uid: uid.to_owned() })
+        }
+        _ => None,
+    };
+    SliceEndpoint { addresses, zone: endpoint["zone"].as_str().unwrap_or_default().to_owned(), health, pod }
 }
 
-/// The endpoints `slices` give the cluster that names `service`.
-pub fn endpoints_for(slices: &Slices, service: &v1::KubernetesService) -> Vec<v1::Endpoint> {
-    let mut endpoints = Vec::new();
-    for slice in slices.values().filter(|s| s.namespace == service.namespace && s.service == service.name) {
-        let port = match service.port.parse::<u16>() {
-            _ if service.port.is_empty() => match slice.ports.as_slice() {
-                [(_, port)] => Some(*port),
-                _ => None,
-            },
-            Ok(number) => slice.ports.iter().any(|(_, p)| *p == number).then_some(number),
-            Err(_) => slice.ports.iter().find(|(name, _)| *name == service.port).map(|(_, p)| *p),
-        };
-        let Some(port) = port else { continue };
-        for endpoint in &slice.endpoints {
-            for address in &endpoint.addresses {
-                let address = match address.parse::<std::net::IpAddr>() {
-                    Ok(std::net::IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
-                    Ok(ip) => format!("{ip}:{port}"),
-                    Err(_) => continue,
-                };
-                endpoints.push(v1::Endpoint {
-                    address,
-                    locality: (!endpoint.zone.is_empty())
-                        .then(|| v1::Locality { region: String::new(), zone: endpoint.zone.clone() }),
-                    health: endpoint.health as i32,
-                    ..Default::default()
-                });
+/// Whether `name` is a Kubernetes object name (a DNS subdomain), safe in a URL path and an ID.
+fn is_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+}
+
+/// A pod object's UID and service account.
+fn pod_account(pod: &Value) -> Option<(String, String)> {
+    let uid = pod["metadata"]["uid"].as_str()?;
+    // The ServiceAccount admission plugin always sets it; "default" is what an unset one means.
+    let account = pod["spec"]["serviceAccountName"].as_str().filter(|a| !a.is_empty()).unwrap_or("default");
+    is_name(account).then(|| (uid.to_owned(), account.to_owned()))
+}
+
+/// Escapes `value` for a URL query.
+fn query_escape(value: &str) -> String {
+    let mut escaped = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            escaped.push(char::from(byte));
+        } else {
+            escaped.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    escaped
+}
+
+/// Every pod's service account, by UID, from a paged list.
+async fn list_accounts(api: &ApiClient) -> Result<HashMap<String, String>, String> {
+    let mut accounts = HashMap::new();
+    let mut path = format!("{PODS}?limit={POD_PAGE}");
+    loop {
+        let (status, body) = api.get(&path, MAX_LIST).await.map_err(|e| e.to_string())?;
+        if !status.is_success() {
+            return Err(format!("listing pods: {status} {}", String::from_utf8_lossy(&body[..body.len().min(200)])));
+        }
+        let page: Value = serde_json::from_slice(&body).map_err(|e| format!("the pod list: {e}"))?;
+        accounts.extend(page["items"].as_array().into_iter().flatten().filter_map(pod_account));
+        match page["metadata"]["continue"].as_str() {
+            Some(token) if !token.is_empty() => {
+                path = format!("{PODS}?limit={POD_PAGE}&continue={}", query_escape(token))
+            }
+            _ => return Ok(accounts),
+        }
+    }
+}
+
+/// One pod's service account; `None` when it is gone, or another pod now has its name.
+async fn lookup(api: &ApiClient, pod: &PodRef) -> Result<Option<String>, String> {
+    let path = format!("/api/v1/namespaces/{}/pods/{}", pod.namespace, pod.name);
+    let (status, body) = api.send(http::Method::GET, &path, None, Bytes::new()).await.map_err(|e| e.to_string())?;
+    if status == http::StatusCode::NOT_FOUND {
+        return Ok(None);
+    }
+    if !status.is_success() {
+        return Err(format!("reading pod {}/{}: {status}", pod.namespace, pod.name));
+    }
+    let object: Value =
+        serde_json::from_slice(&body).map_err(|e| format!("pod {}/{}: {e}", pod.namespace, pod.name))?;
+    Ok(pod_account(&object).filter(|(uid, _)| *uid == pod.uid).map(|(_, account)| account))
+}
+
+/// Learns the accounts of the pods the slices name and no account is known for (when the pods can
+/// be read), and forgets those of pods no slice names.
+async fn learn_accounts(api: &ApiClient, slices: &mut Slices, pods_readable: bool) {
+    if pods_readable {
+        let unknown = slices.unknown_pods();
+        let mut found = futures_util::stream::iter(unknown)
+            .map(|pod| async move { (lookup(api, &pod).await, pod) })
+            .buffer_unordered(LOOKUPS_IN_FLIGHT);
+        while let Some((result, pod)) = found.next().await {
+            match result {
+                Ok(Some(account)) => {
+                    slices.accounts.insert(pod.uid, account);
+                }
+                // Gone: its endpoint is on its way out of the slice too.
+                Ok(None) => {}
+                Err(error) => warn!(%error, "a pod's service account is unknown; its endpoint has no identity"),
             }
         }
     }
-    endpoints
+    slices.prune();
 }
 
 /// Follows the cluster's EndpointSlices for ever, calling `on_change` with every slice after each
-/// change (and once after each list).
-pub async fn follow(api: ApiClient, mut on_change: impl FnMut(&Slices, bool)) {
+/// change (and once after each list); pods' identities are in `trust_domain`.
+pub async fn follow(api: ApiClient, trust_domain: String, mut on_change: impl FnMut(&Slices, bool)) {
     let mut backoff = Duration::from_millis(500);
     loop {
         let mut listed = false;
-        let error = match follow_once(&api, &mut on_change, &mut listed).await {
+        let error = match follow_once(&api, &trust_domain, &mut on_change, &mut listed).await {
             Ok(()) => "the watch's version expired".to_owned(),
             Err(error) => error,
         };
         if listed {
             backoff = Duration::from_millis(500);
         } else {
-            on_change(&Slices::new(), false);
+            on_change(&Slices::new(&trust_domain), false);
         }
         warn!(%error, retry_in = ?backoff, "EndpointSlice watch down; keeping the endpoints known");
         tokio::time::sleep(backoff.mul_f64(0.5 + fastrand::f64() / 2.0)).await;
@@ -166,6 +346,7 @@ pub async fn follow(api: ApiClient, mut on_change: impl FnMut(&Slices, bool)) {
 /// One list, then watches until one fails or its version expires (`Ok`).
 async fn follow_once(
     api: &ApiClient,
+    trust_domain: &str,
     on_change: &mut impl FnMut(&Slices, bool),
     listed: &mut bool,
 ) -> Result<(), String> {
@@ -178,8 +359,20 @@ async fn follow_once(
     }
     let list: Value = serde_json::from_slice(&body).map_err(|e| format!("the EndpointSlice list: {e}"))?;
     let mut version = list["metadata"]["resourceVersion"].as_str().unwrap_or_default().to_owned();
-    let mut slices: Slices = list["items"].as_array().into_iter().flatten().filter_map(parse_slice).collect();
-    info!(slices = slices.len(), version = %version, "EndpointSlices listed");
+    let mut slices = Slices::new(trust_domain);
+    slices.slices = list["items"].as_array().into_iter().flatten().filter_map(parse_slice).collect();
+    let pods_readable = match list_accounts(api).await {
+        Ok(accounts) => {
+            slices.accounts = accounts;
+            true
+        }
+        Err(error) => {
+            warn!(%error, "pods cannot be read: Kubernetes endpoints carry no identity until the next list");
+            false
+        }
+    };
+    learn_accounts(api, &mut slices, pods_readable).await;
+    info!(slices = slices.len(), pods = slices.accounts.len(), version = %version, "EndpointSlices listed");
     *listed = true;
     on_change(&slices, true);
     loop {
@@ -202,8 +395,11 @@ async fn follow_once(
                     continue;
                 }
                 let event: Value = serde_json::from_slice(&line).map_err(|e| format!("a watch event: {e}"))?;
-                match apply(&mut slices, &event, &mut version)? {
-                    Applied::Changed => on_change(&slices, true),
+                match apply(&mut slices.slices, &event, &mut version)? {
+                    Applied::Changed => {
+                        learn_accounts(api, &mut slices, pods_readable).await;
+                        on_change(&slices, true);
+                    }
                     Applied::Unchanged => {}
                     Applied::Expired => return Ok(()),
                 }
@@ -225,7 +421,7 @@ enum Applied {
     Expired,
 }
 
-fn apply(slices: &mut Slices, event: &Value, version: &mut String) -> Result<Applied, String> {
+fn apply(slices: &mut BTreeMap<String, Slice>, event: &Value, version: &mut String) -> Result<Applied, String> {
     let object = &event["object"];
     let kind = event["type"].as_str().unwrap_or_default();
     if kind == "ERROR" {
@@ -284,10 +480,11 @@ mod tests {
         );
         let (key, parsed) = parse_slice(&object).unwrap();
         assert_eq!(key, "shop/web-1");
-        let slices: Slices = [(key, parsed)].into();
+        let mut slices = Slices::new("cluster.local");
+        slices.slices.insert(key, parsed);
         let service =
             |port: &str| v1::KubernetesService { namespace: "shop".into(), name: "web".into(), port: port.into() };
-        let endpoints = endpoints_for(&slices, &service("http"));
+        let endpoints = slices.endpoints_for(&service("http"));
         let seen: Vec<(&str, i32)> = endpoints.iter().map(|e| (e.address.as_str(), e.health)).collect();
         assert_eq!(
             seen,
@@ -299,16 +496,16 @@ mod tests {
             ]
         );
         assert_eq!(endpoints[0].locality.as_ref().unwrap().zone, "eu-1a");
-        assert_eq!(endpoints_for(&slices, &service("9901"))[0].address, "10.0.0.1:9901");
-        assert!(endpoints_for(&slices, &service("")).is_empty(), "two ports: the cluster must say which");
-        assert!(endpoints_for(&slices, &service("grpc")).is_empty());
+        assert_eq!(slices.endpoints_for(&service("9901"))[0].address, "10.0.0.1:9901");
+        assert!(slices.endpoints_for(&service("")).is_empty(), "two ports: the cluster must say which");
+        assert!(slices.endpoints_for(&service("grpc")).is_empty());
         let other = v1::KubernetesService { namespace: "ops".into(), ..service("http") };
-        assert!(endpoints_for(&slices, &other).is_empty());
+        assert!(slices.endpoints_for(&other).is_empty());
     }
 
     #[test]
     fn watch_events_add_change_delete_and_expire() {
-        let mut slices = Slices::new();
+        let mut slices = BTreeMap::new();
         let mut version = String::new();
         let added = json!({"type": "ADDED", "object": slice("web-1", json!([{"addresses": ["10.0.0.1"]}]))});
         assert_eq!(apply(&mut slices, &added, &mut version).unwrap(), Applied::Changed);
@@ -326,5 +523,40 @@ mod tests {
         assert!(apply(&mut slices, &failed, &mut version).unwrap_err().contains("boom"));
         let unowned = json!({"metadata": {"name": "x", "namespace": "shop"}, "endpoints": []});
         assert_eq!(parse_slice(&unowned), None, "a slice of no Service");
+    }
+
+    #[test]
+    fn endpoints_carry_their_pods_service_account_identity() {
+        let pod = |name: &str, uid: &str| json!({"kind": "Pod", "namespace": "shop", "name": name, "uid": uid});
+        let object = slice(
+            "web-1",
+            json!([
+                {"addresses": ["10.0.0.1"], "targetRef": pod("web-a", "uid-a")},
+                {"addresses": ["10.0.0.2"], "targetRef": pod("web-b", "uid-b")},
+                {"addresses": ["10.0.0.3"]},
+                {"addresses": ["10.0.0.4"], "targetRef": {"kind": "Node", "name": "n1", "uid": "uid-n"}},
+                {"addresses": ["10.0.0.5"], "targetRef": pod("../etc", "uid-x")},
+            ]),
+        );
+        let (key, parsed) = parse_slice(&object).unwrap();
+        let mut slices = Slices::new("cluster.local");
+        slices.slices.insert(key, parsed);
+        let names: Vec<String> = slices.unknown_pods().into_iter().map(|p| p.name).collect();
+        assert_eq!(names, ["web-a", "web-b"], "only pods, only names fit for a URL");
+
+        let listed = json!({"metadata": {"uid": "uid-a"}, "spec": {"serviceAccountName": "web"}});
+        let unnamed = json!({"metadata": {"uid": "uid-b"}, "spec": {}});
+        let stranger = json!({"metadata": {"uid": "uid-z"}, "spec": {"serviceAccountName": "db"}});
+        slices.accounts.extend([&listed, &unnamed, &stranger].into_iter().filter_map(pod_account));
+        slices.prune();
+        assert!(!slices.accounts.contains_key("uid-z"), "a pod no slice names is forgotten");
+        let service = v1::KubernetesService { namespace: "shop".into(), name: "web".into(), port: "http".into() };
+        let identities: Vec<String> = slices.endpoints_for(&service).into_iter().map(|e| e.identity).collect();
+        assert_eq!(
+            identities,
+            ["spiffe://cluster.local/ns/shop/sa/web", "spiffe://cluster.local/ns/shop/sa/default", "", "", ""]
+        );
+        assert!(slices.unknown_pods().is_empty());
+        assert_eq!(query_escape("a+b/c=="), "a%2Bb%2Fc%3D%3D");
     }
 }

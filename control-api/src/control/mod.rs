@@ -73,10 +73,18 @@ pub struct ControlConfig {
     /// EndpointSlices), if anything needs it.
     pub kubernetes: Option<KubernetesApi>,
     /// Fill clusters that name a `kubernetes_service` from its EndpointSlices (needs `kubernetes`).
-    pub kubernetes_endpoints: bool,
+    pub kubernetes_endpoints: Option<KubernetesEndpoints>,
     /// The lifetime of the serving certificates the CA issues the control plane (its port's, the
     /// injector's); each is renewed at half of it.
     pub serving_cert_ttl: Duration,
+}
+
+/// How clusters are filled from EndpointSlices.
+#[derive(Clone, Debug)]
+pub struct KubernetesEndpoints {
+    /// The trust domain of the identities pods' service accounts give their endpoints
+    /// (`spiffe://TRUST-DOMAIN/ns/NS/sa/SA`, what the CA issues for a service-account token).
+    pub trust_domain: String,
 }
 
 /// The admission webhook's settings: its own HTTPS port, certificate, and what it injects.
@@ -185,7 +193,7 @@ impl Default for ControlConfig {
             ca: None,
             injector: None,
             kubernetes: None,
-            kubernetes_endpoints: false,
+            kubernetes_endpoints: None,
             serving_cert_ttl: DEFAULT_SERVING_CERT_TTL,
         }
     }
@@ -336,7 +344,7 @@ pub fn merge(
             if let Resource::Cluster(cluster) = resource
                 && let Some(service) = &cluster.kubernetes_service
             {
-                let found = endpoint_slices::endpoints_for(slices, service);
+                let found = slices.endpoints_for(service);
                 registered.entry(cluster.name.as_str()).or_default().extend(found);
             }
         }
@@ -443,19 +451,23 @@ impl ControlPlane {
             Some(api) => Some(api.client().map_err(|e| ControlError::Ca(format!("kubernetes: {e}")))?),
             None => None,
         };
-        if config.kubernetes_endpoints {
+        if let Some(endpoints) = &config.kubernetes_endpoints {
             let Some(api) = &kubernetes else {
                 return Err(ControlError::Ca("EndpointSlices need the Kubernetes API server (kubernetes)".into()));
             };
             let (first_tx, first_rx) = oneshot::channel();
             let mut first_tx = Some(first_tx);
             let follower = sources.clone();
-            tasks.push(tokio::spawn(endpoint_slices::follow(api.clone(), move |slices, ok| {
-                follower.slices_changed(slices, ok);
-                if let Some(tx) = first_tx.take() {
-                    let _ = tx.send(());
-                }
-            })));
+            tasks.push(tokio::spawn(endpoint_slices::follow(
+                api.clone(),
+                endpoints.trust_domain.clone(),
+                move |slices, ok| {
+                    follower.slices_changed(slices, ok);
+                    if let Some(tx) = first_tx.take() {
+                        let _ = tx.send(());
+                    }
+                },
+            )));
             if tokio::time::timeout(REGISTRY_START_WAIT, first_rx).await.is_err() {
                 warn!("the API server has not listed the EndpointSlices yet; serving without them until it does");
             }
