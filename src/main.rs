@@ -308,9 +308,15 @@ enum Command {
         /// Outbound destinations never captured, comma-separated CIDRs.
         #[arg(long, default_value = "", value_name = "CIDRS")]
         exclude_outbound_cidrs: String,
-        /// Install the IPv6 rules too (the proxy must then listen on [::1]:15001 and [::]:15006).
-        #[arg(long)]
+        /// Install (or remove) the IPv6 rules too, whatever the pod's addresses (the proxy must
+        /// listen on [::1]:15001 and [::]:15006, as its built-in defaults do where IPv6 is on).
+        /// Without it or --no-ipv6: when the pod has a global IPv6 address.
+        #[arg(long, conflicts_with = "no_ipv6")]
         ipv6: bool,
+        /// Leave IPv6 alone, even in a pod with a global IPv6 address (its IPv6 TCP then bypasses
+        /// the proxy).
+        #[arg(long)]
+        no_ipv6: bool,
         /// The iptables command to use: iptables, iptables-nft or iptables-legacy (ip6tables is
         /// named after it).
         #[arg(long, default_value = "iptables", value_name = "COMMAND")]
@@ -472,8 +478,10 @@ fn main() -> ExitCode {
             include_outbound_cidrs,
             exclude_outbound_cidrs,
             ipv6,
+            no_ipv6,
             iptables,
         } => {
+            let ipv6 = ipv6 || (!no_ipv6 && capture::has_global_ipv6());
             if cleanup {
                 capture::cleanup(&iptables, ipv6).map_err(anyhow::Error::from)
             } else {

@@ -305,11 +305,24 @@ pub fn validate_with(resources: &[Resource], references: References) -> Result<(
         match resource {
             Resource::Listener(listener) => {
                 check.listener(&subject, listener, &clusters, &tables);
-                if let Ok(address) = parse_address(&listener.address)
-                    && address.port() != 0
-                    && let Some(other) = bound.insert(address, &listener.name)
-                {
-                    check.fail(&subject, "address", format!("{address} is also the address of listener {other:?}"));
+                let addresses = std::iter::once(("address".to_owned(), &listener.address)).chain(
+                    listener
+                        .additional_addresses
+                        .iter()
+                        .enumerate()
+                        .map(|(i, a)| (format!("additional_addresses[{i}]"), a)),
+                );
+                let mut own = HashSet::new();
+                for (field, text) in addresses {
+                    let Ok(address) = parse_address(text) else { continue };
+                    // Port 0 is a fresh port for each listener, but one listener cannot list it twice.
+                    if !own.insert(address) {
+                        check.fail(&subject, &field, format!("{address} is also an address of this listener"));
+                    } else if address.port() != 0
+                        && let Some(other) = bound.insert(address, &listener.name)
+                    {
+                        check.fail(&subject, &field, format!("{address} is also an address of listener {other:?}"));
+                    }
                 }
             }
             Resource::RouteTable(table) => check.route_table(&subject, table, &clusters),
@@ -368,6 +381,11 @@ impl Checker {
             self.fail(subject, "address", "is required");
         } else if let Err(e) = parse_address(&listener.address) {
             self.fail(subject, "address", e);
+        }
+        for (i, address) in listener.additional_addresses.iter().enumerate() {
+            if let Err(e) = parse_address(address) {
+                self.fail(subject, format!("additional_addresses[{i}]"), e);
+            }
         }
         if v1::listener::Direction::try_from(listener.direction).is_err() {
             self.fail(subject, "direction", format!("unknown value {}", listener.direction));
@@ -947,6 +965,9 @@ mod tests {
 - {kind: RouteTable, name: d, destinations: ["*"]}
 - {kind: Listener, name: l1, address: "127.0.0.1:80"}
 - {kind: Listener, name: l2, address: "127.0.0.1:80", route_tables: [a]}
+- {kind: Listener, name: l3, address: "127.0.0.1:81", additional_addresses: ["[::1]:81", "127.0.0.1:81", "[::1]:80", "nowhere"]}
+- {kind: Listener, name: l4, address: "127.0.0.1:0", additional_addresses: ["127.0.0.1:0"], route_tables: [a]}
+- {kind: Listener, name: l5, address: "127.0.0.1:0", route_tables: [a]}
 "#,
         ));
         assert!(text.contains("cluster \"shop\": is defined more than once"), "{text}");
@@ -957,7 +978,21 @@ mod tests {
         );
         assert!(!text.contains("listener \"l2\": route_tables"), "{text}");
         assert!(
-            text.contains("listener \"l2\": address: 127.0.0.1:80 is also the address of listener \"l1\""),
+            text.contains("listener \"l2\": address: 127.0.0.1:80 is also an address of listener \"l1\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("listener \"l3\": additional_addresses[1]: 127.0.0.1:81 is also an address of this listener"),
+            "{text}"
+        );
+        assert!(text.contains("listener \"l3\": additional_addresses[3]:"), "{text}");
+        assert!(
+            text.contains("listener \"l4\": additional_addresses[0]: 127.0.0.1:0 is also an address of this listener"),
+            "{text}"
+        );
+        assert!(!text.contains("listener \"l5\": a"), "port 0 is a fresh port for each listener: {text}");
+        assert!(
+            !text.contains("\"l3\": additional_addresses[0]") && !text.contains("\"l3\": additional_addresses[2]"),
             "{text}"
         );
     }

@@ -20,8 +20,10 @@ use crate::telemetry::access_log::AccessLogSettings;
 use crate::telemetry::export::ExportSettings;
 
 /// The configuration `remora proxy` runs with when given no `--config`: an outbound listener on
-/// 127.0.0.1:15001 and an inbound one on 0.0.0.0:15006, both transparent (behind iptables REDIRECT),
-/// both passing traffic through to its original destination, and the admin server on 127.0.0.1:15000.
+/// 127.0.0.1:15001 and [::1]:15001 and an inbound one on 0.0.0.0:15006 and [::]:15006, both
+/// transparent (behind iptables REDIRECT), both passing traffic through to its original
+/// destination, and the admin server on 127.0.0.1:15000. Where IPv6 is off, the IPv6 addresses
+/// (the `additional_addresses` lines) are left out ([`ConfigSource::defaults`]).
 pub const DEFAULT_CONFIG: &str = r#"# Remora's built-in defaults: a transparent pass-through sidecar.
 bootstrap:
   admin_address: 127.0.0.1:15000
@@ -30,6 +32,7 @@ resources:
   - kind: Listener
     name: outbound
     address: 127.0.0.1:15001
+    additional_addresses: ["[::1]:15001"]
     direction: outbound
     protocol: auto
     transparent: true
@@ -37,6 +40,7 @@ resources:
   - kind: Listener
     name: inbound
     address: 0.0.0.0:15006
+    additional_addresses: ["[::]:15006"]
     direction: inbound
     protocol: auto
     transparent: true
@@ -45,6 +49,16 @@ resources:
     name: passthrough
     original_destination: true
 "#;
+
+/// [`DEFAULT_CONFIG`], with its IPv6 addresses or without.
+fn default_config(ipv6: bool) -> String {
+    if ipv6 {
+        return DEFAULT_CONFIG.to_owned();
+    }
+    let lines: Vec<&str> =
+        DEFAULT_CONFIG.lines().filter(|line| !line.trim_start().starts_with("additional_addresses:")).collect();
+    lines.join("\n") + "\n"
+}
 
 /// Where the proxy's configuration comes from.
 #[derive(Clone, Debug)]
@@ -61,9 +75,11 @@ pub enum ConfigSource {
 }
 
 impl ConfigSource {
-    /// The built-in defaults ([`DEFAULT_CONFIG`]).
+    /// The built-in defaults ([`DEFAULT_CONFIG`]), without their IPv6 addresses where this host
+    /// cannot bind IPv6 loopback (IPv6 turned off).
     pub fn defaults() -> Self {
-        ConfigSource::Text { origin: "built-in defaults".into(), text: DEFAULT_CONFIG.into() }
+        let ipv6 = std::net::TcpListener::bind((std::net::Ipv6Addr::LOCALHOST, 0)).is_ok();
+        ConfigSource::Text { origin: "built-in defaults".into(), text: default_config(ipv6) }
     }
 
     /// Names the source in messages: the file's path, or the text's origin.
@@ -391,6 +407,28 @@ mod tests {
         assert!(bootstrap.workers >= 1);
         assert!(!bootstrap.node_id.is_empty());
         assert_eq!(bootstrap.control_plane, None);
+    }
+
+    #[test]
+    fn the_defaults_listen_on_both_families_or_on_ipv4_alone() {
+        let listeners = |ipv6| {
+            let source = ConfigSource::Text { origin: "test".into(), text: default_config(ipv6) };
+            let loaded = load(&source).unwrap();
+            loaded
+                .resources
+                .into_iter()
+                .filter_map(|r| match r {
+                    Resource::Listener(l) => Some((l.address, l.additional_addresses)),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        let v6 = |a: &str| vec![a.to_owned()];
+        assert_eq!(
+            listeners(true),
+            [("127.0.0.1:15001".into(), v6("[::1]:15001")), ("0.0.0.0:15006".into(), v6("[::]:15006"))]
+        );
+        assert_eq!(listeners(false), [("127.0.0.1:15001".into(), vec![]), ("0.0.0.0:15006".into(), vec![])]);
     }
 
     #[test]

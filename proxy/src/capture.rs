@@ -51,8 +51,9 @@ pub struct Capture {
     pub include_outbound_cidrs: Cidrs,
     /// Outbound destinations never captured.
     pub exclude_outbound_cidrs: Vec<Cidr>,
-    /// Whether to install the IPv6 rules too (with `ip6tables`). Off by default: IPv6 redirected to
-    /// `[::1]:15001` needs the proxy to listen there, which the built-in defaults do not.
+    /// Whether to install the IPv6 rules too (with `ip6tables`): IPv6 redirected to `[::1]:15001`
+    /// and `[::]:15006`, where the built-in defaults listen when IPv6 is on. `remora init` turns it
+    /// on when the pod has a global IPv6 address ([`has_global_ipv6`]); off in [`Capture::default`].
     pub ipv6: bool,
 }
 
@@ -203,6 +204,22 @@ impl Capture {
         }
         Ok(())
     }
+}
+
+/// Where the kernel lists this network namespace's IPv6 addresses (absent when IPv6 is off).
+const IF_INET6: &str = "/proc/net/if_inet6";
+
+/// Whether this network namespace has a global IPv6 address: a dual-stack or IPv6-only pod, whose
+/// IPv6 traffic would bypass the proxy without the IPv6 rules. Loopback and link-local addresses,
+/// which every IPv4-only pod has, do not count.
+pub fn has_global_ipv6() -> bool {
+    std::fs::read_to_string(IF_INET6).is_ok_and(|text| lists_global_ipv6(&text))
+}
+
+/// Whether `/proc/net/if_inet6` text lists an address of global scope (its fourth field, `00`;
+/// unique local `fd00::/8` addresses are global too).
+fn lists_global_ipv6(text: &str) -> bool {
+    text.lines().any(|line| line.split_whitespace().nth(3) == Some("00"))
 }
 
 /// Removes every rule and chain Remora installed, for IPv4 and (if `ipv6`) IPv6. Nothing installed:
@@ -368,6 +385,16 @@ COMMIT
 "
         );
         assert_eq!(cleanup_rules("*nat\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -j KUBE-SERVICES\nCOMMIT\n"), "");
+    }
+
+    #[test]
+    fn only_a_global_ipv6_address_asks_for_the_ipv6_rules() {
+        let loopback_and_link = "00000000000000000000000000000001 01 80 10 80       lo\n\
+                                 fe80000000000000a8c1abfffe123456 02 40 20 80     eth0\n";
+        assert!(!lists_global_ipv6(loopback_and_link), "an IPv4-only pod");
+        let dual_stack = format!("{loopback_and_link}fd000000000000000000000000000020 02 40 00 80     eth0\n");
+        assert!(lists_global_ipv6(&dual_stack));
+        assert!(!lists_global_ipv6(""), "IPv6 off");
     }
 
     #[test]

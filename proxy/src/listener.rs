@@ -101,6 +101,11 @@ fn bind_one(address: SocketAddr, share_port: bool) -> std::io::Result<std::net::
     if share_port {
         socket.set_reuse_port(true)?;
     }
+    // An IPv6 address means IPv6 only (as Envoy without ipv4_compat), so `[::]:P` and `0.0.0.0:P`
+    // can be one listener's two sockets.
+    if address.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
     socket.set_nonblocking(true)?;
     socket.bind(&address.into())?;
     socket.listen(limits::LISTEN_BACKLOG)?;

@@ -75,15 +75,20 @@ struct Held {
     warming: Vec<Warming>,
 }
 
+/// One address of a listener, bound: kept across reloads for as long as the listener lists it.
 #[derive(Debug)]
-struct BoundListener {
-    /// The address as configured (port 0 stays 0 here, so it is not re-bound on every reload).
-    configured: SocketAddr,
-    /// The address actually bound.
+struct BoundAddress {
+    /// The address actually bound (its port chosen when configured as 0).
     local: SocketAddr,
-    /// Flipping it stops the listener's accept loops.
+    /// Where the listener lists it: 0 for `address`, then `additional_addresses` in order.
+    position: usize,
+    /// Flipping it stops this address's accept loops.
     stop: watch::Sender<bool>,
 }
+
+/// A listener's name and one address as configured (port 0 stays 0 here, so it is not re-bound on
+/// every reload).
+type BoundKey = (Arc<str>, SocketAddr);
 
 /// Applies configs to the running proxy.
 #[derive(Debug)]
@@ -97,7 +102,7 @@ pub struct Reloader {
     /// Whether a control plane supplies resources (references may then wait for them).
     control: bool,
     held: Mutex<Held>,
-    bound: Mutex<HashMap<Arc<str>, BoundListener>>,
+    bound: Mutex<HashMap<BoundKey, BoundAddress>>,
     /// Where this proxy runs (from the bootstrap), for zone-aware clusters.
     locality: OwnLocality,
 }
@@ -195,20 +200,20 @@ impl Reloader {
         Ok((version, composed))
     }
 
-    /// The address listener `name` is bound to, if it is.
+    /// The address listener `name` is bound to (its `address`, not the additional ones), if it is.
     pub fn listener_address(&self, name: &str) -> Option<SocketAddr> {
-        self.bound().get(name).map(|b| b.local)
+        self.bound().iter().find(|((n, _), b)| **n == *name && b.position == 0).map(|(_, b)| b.local)
     }
 
-    /// Every bound listener with its address, sorted by name.
+    /// Every bound listener with each of its addresses, sorted by name and then as listed.
     pub fn listener_addresses(&self) -> Vec<(String, SocketAddr)> {
-        let mut all: Vec<(String, SocketAddr)> =
-            self.bound().iter().map(|(name, b)| (name.to_string(), b.local)).collect();
+        let mut all: Vec<(String, usize, SocketAddr)> =
+            self.bound().iter().map(|((name, _), b)| (name.to_string(), b.position, b.local)).collect();
         all.sort();
-        all
+        all.into_iter().map(|(name, _, local)| (name, local)).collect()
     }
 
-    fn bound(&self) -> MutexGuard<'_, HashMap<Arc<str>, BoundListener>> {
+    fn bound(&self) -> MutexGuard<'_, HashMap<BoundKey, BoundAddress>> {
         // A panic while holding the lock cannot leave the map half-edited in a way that matters
         // more than stopping reloads would.
         self.bound.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -276,32 +281,38 @@ impl Reloader {
         let snapshot = Snapshot::build(version.clone(), resources, Some(&current), &self.locality, &self.metrics)
             .map_err(|errors| ReloadError::Invalid { origin, errors })?;
 
-        // Bind first: if an address is taken, nothing has changed yet.
+        // Bind first: if an address is taken, nothing has changed yet. An address a listener keeps
+        // keeps its sockets; only new ones are bound, and only dropped ones close.
+        let mut wanted: HashMap<BoundKey, usize> = HashMap::new();
         let mut fresh = Vec::new();
         for config in snapshot.listeners() {
-            if bound.get(&config.name).is_some_and(|b| b.configured == config.address) {
-                continue;
+            for (position, address) in config.addresses().into_iter().enumerate() {
+                let key = (config.name.clone(), address);
+                if !bound.contains_key(&key) {
+                    let sockets = listener::bind(&config.name, address, self.workers.len())?;
+                    let local = sockets.first().and_then(|s| s.local_addr().ok()).unwrap_or(address);
+                    fresh.push((key.clone(), position, local, sockets));
+                }
+                wanted.insert(key, position);
             }
-            let sockets = listener::bind(&config.name, config.address, self.workers.len())?;
-            let local = sockets.first().and_then(|s| s.local_addr().ok()).unwrap_or(config.address);
-            fresh.push((config.name.clone(), config.address, local, sockets));
         }
 
-        let listeners: HashMap<Arc<str>, SocketAddr> =
-            snapshot.listeners().map(|l| (l.name.clone(), l.address)).collect();
         self.data.snapshot.store(snapshot);
-        bound.retain(|name, b| {
-            let keep = listeners.get(name) == Some(&b.configured);
-            if !keep {
-                b.stop.send_replace(true);
+        bound.retain(|key, b| match wanted.get(key) {
+            Some(position) => {
+                b.position = *position;
+                true
             }
-            keep
+            None => {
+                b.stop.send_replace(true);
+                false
+            }
         });
-        for (name, configured, local, sockets) in fresh {
+        for (key, position, local, sockets) in fresh {
             let (stop, stopped) = watch::channel(false);
-            self.workers.serve(&name, sockets, &stopped);
-            info!(listener = %name, address = %local, "listening");
-            bound.insert(name, BoundListener { configured, local, stop });
+            self.workers.serve(&key.0, sockets, &stopped);
+            info!(listener = %key.0, address = %local, "listening");
+            bound.insert(key, BoundAddress { local, position, stop });
         }
         self.metrics.set_config_version(&version);
         Ok(ReloadOutcome::Applied(version))

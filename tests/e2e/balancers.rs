@@ -76,12 +76,14 @@ async fn least_request_and_ewma_route_around_a_slow_endpoint() {
     let (_, rr, rr_share) = p99s["round_robin"];
     assert!(rr >= Duration::from_millis(95), "round robin p99 {rr:?}");
     assert!((rr_share - 1.0 / 3.0).abs() < 0.02, "round robin sent the slow endpoint {rr_share:.3}");
-    // Peak EWMA sees the latency itself: the slow endpoint is left out of the p99 altogether.
-    let (_, ewma, ewma_share) = p99s["ewma"];
+    // Peak EWMA sees the latency itself: the slow endpoint gets (next to) nothing, which its share
+    // says; the latencies say it too, at the p90, which a loaded test machine's stalls (the whole
+    // suite runs at once on two cores) cannot reach the way they can reach the top three requests.
+    let (ewma90, ewma, ewma_share) = p99s["ewma"];
     // (Thresholds at half the slow endpoint's latency: the fast endpoints answer in a millisecond or
     // two, more when the test machine is loaded; the slow one never in under 100 ms.)
-    assert!(ewma < Duration::from_millis(50), "ewma p99 {ewma:?} (round robin {rr:?}), slow share {ewma_share:.3}");
-    assert!(ewma_share < 0.01, "ewma sent the slow endpoint {ewma_share:.3} of requests");
+    assert!(ewma_share < 0.01, "ewma sent the slow endpoint {ewma_share:.3} of requests (p99 {ewma:?})");
+    assert!(ewma90 < Duration::from_millis(50), "ewma p90 {ewma90:?} (round robin {rr:?}), slow share {ewma_share:.3}");
     // Least request sees only queues: the slow endpoint keeps about as many requests in flight as
     // each fast one, so its share is the ratio of their latencies (a few percent here, under a
     // debug build's slow fast path, more when the machine is loaded) and shows in the p99 but not

@@ -5,7 +5,8 @@
 //! the peer address each server saw): outbound and inbound connections are captured, the proxy's own
 //! upstream connections are not captured again (no loop), the excluded ports and the admin port
 //! bypass it, a pod calling itself goes straight to itself, and `--cleanup` removes exactly what was
-//! installed.
+//! installed. The pod is dual-stack: its IPv6 TCP is captured too, with no flag asked for, by the
+//! built-in defaults' IPv6 addresses of the same two listeners.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -14,6 +15,8 @@ use crate::netns::{self, Netns, exchange};
 
 const POD_IP: &str = "10.79.0.1";
 const REMOTE_IP: &str = "10.79.0.2";
+const POD_IP6: &str = "fd00:79::1";
+const REMOTE_IP6: &str = "fd00:79::2";
 
 /// Serves `socket` on a thread: each connection is read to its end and answered with the peer's IP
 /// address and what it sent, so the test sees who connected.
@@ -41,15 +44,21 @@ fn init_captures_a_pods_traffic_through_the_proxy_and_cleanup_removes_it() {
     let pod = Netns::create("pod");
     let remote = Netns::create("remote");
     // A veth pair between them, as a pod's eth0 and the node's side.
-    netns::link((&pod, "rmp", POD_IP), (&remote, "rmr", REMOTE_IP));
+    let [pod_end, remote_end] = netns::link((&pod, "rmp", POD_IP), (&remote, "rmr", REMOTE_IP));
+    for (ns, device, ip) in [(&pod, &pod_end, POD_IP6), (&remote, &remote_end, REMOTE_IP6)] {
+        ns.run("ip", &["-6", "addr", "add", &format!("{ip}/64"), "dev", device, "nodad"]);
+    }
 
     // The remote services (7001 is excluded from outbound capture) and the app (8081 excluded inbound).
     for port in [7000, 7001] {
         serve_peer_reporter(remote.enter(move || TcpListener::bind(address(REMOTE_IP, port)).unwrap()));
     }
+    serve_peer_reporter(remote.enter(|| TcpListener::bind(address(REMOTE_IP6, 7000)).unwrap()));
     for port in [8080, 8081] {
         serve_peer_reporter(pod.enter(move || TcpListener::bind(address("0.0.0.0", port)).unwrap()));
     }
+    // The app's IPv6 port.
+    serve_peer_reporter(pod.enter(|| TcpListener::bind(address("::", 8090)).unwrap()));
 
     // A rule of someone else's, which installing and cleaning up must leave alone.
     pod.run("iptables", &["-t", "nat", "-A", "OUTPUT", "-d", "192.0.2.0/24", "-j", "RETURN"]);
@@ -61,6 +70,8 @@ fn init_captures_a_pods_traffic_through_the_proxy_and_cleanup_removes_it() {
     let installed = pod.run("iptables-save", &["-t", "nat"]);
     assert_eq!(installed.matches("-A OUTPUT -p tcp -j REMORA_OUTPUT").count(), 1, "{installed}");
     assert_eq!(installed.matches("-A PREROUTING -p tcp -j REMORA_INBOUND").count(), 1, "{installed}");
+    let installed6 = pod.run("ip6tables-save", &["-t", "nat"]);
+    assert_eq!(installed6.matches("-A OUTPUT -p tcp -j REMORA_OUTPUT").count(), 1, "a dual-stack pod: {installed6}");
 
     // The proxy on its built-in defaults, as uid 1337, its admin server on the pod's address.
     let directory = netns::temp_dir("remora-capture");
@@ -74,18 +85,20 @@ fn init_captures_a_pods_traffic_through_the_proxy_and_cleanup_removes_it() {
             let captured = exchange(address(REMOTE_IP, 7000), b"outbound");
             let excluded = exchange(address(REMOTE_IP, 7001), b"excluded");
             let to_itself = exchange(address(POD_IP, 8080), b"to itself");
-            (captured, excluded, to_itself)
+            let captured6 = exchange(address(REMOTE_IP6, 7000), b"outbound6");
+            (captured, excluded, to_itself, captured6)
         }
     });
     let from_remote = remote.enter(move || {
         let captured = exchange(address(POD_IP, 8080), b"inbound");
         let excluded = exchange(address(POD_IP, 8081), b"direct");
+        let captured6 = exchange(address(POD_IP6, 8090), b"inbound6");
         let logging = exchange(
             address(POD_IP, 15000),
             b"POST /logging?level=debug HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
         );
         assert!(logging.starts_with("HTTP/1.1 403"), "only the pod itself may change the log filter: {logging}");
-        (captured, excluded, netns::metrics(address(POD_IP, 15000)))
+        (captured, excluded, netns::metrics(address(POD_IP, 15000)), captured6)
     });
     drop(proxy);
     let proxy_log = std::fs::read_to_string(&log).unwrap_or_default();
@@ -94,19 +107,22 @@ fn init_captures_a_pods_traffic_through_the_proxy_and_cleanup_removes_it() {
     assert_eq!(from_pod.0, format!("{POD_IP} outbound"), "{proxy_log}");
     assert_eq!(from_pod.1, format!("{POD_IP} excluded"));
     assert_eq!(from_pod.2, format!("{POD_IP} to itself"));
+    assert_eq!(from_pod.3, format!("{POD_IP6} outbound6"), "{proxy_log}");
     // Inbound: through the proxy the app sees the proxy's connection, from the pod's own address;
     // on the excluded port it sees the remote client.
     assert_eq!(from_remote.0, format!("{POD_IP} inbound"), "{proxy_log}");
     assert_eq!(from_remote.1, format!("{REMOTE_IP} direct"));
+    assert_eq!(from_remote.3, format!("{POD_IP6} inbound6"), "{proxy_log}");
     let metrics = &from_remote.2;
-    // Exactly one connection each way: the excluded ports, the call to itself and the admin scrape
-    // bypassed the proxy, and the proxy's own upstream connections were not captured again.
+    // Exactly one connection each way and family: the excluded ports, the call to itself and the
+    // admin scrape bypassed the proxy, and the proxy's own upstream connections were not captured
+    // again. Each family's connections count under the same listener.
     for (series, expected) in [
-        (r#"remora_listener_connections_total{listener="outbound",direction="outbound"} "#, 1.0),
-        (r#"remora_listener_connections_total{listener="inbound",direction="inbound"} "#, 1.0),
+        (r#"remora_listener_connections_total{listener="outbound",direction="outbound"} "#, 2.0),
+        (r#"remora_listener_connections_total{listener="inbound",direction="inbound"} "#, 2.0),
         (
             r#"remora_upstream_tcp_sent_bytes_total{cluster="passthrough"} "#,
-            ("outbound".len() + "inbound".len()) as f64,
+            ("outbound".len() + "inbound".len() + "outbound6".len() + "inbound6".len()) as f64,
         ),
     ] {
         assert_eq!(netns::value(metrics, series), expected, "{series}\n{metrics}");
@@ -115,6 +131,8 @@ fn init_captures_a_pods_traffic_through_the_proxy_and_cleanup_removes_it() {
     pod.run(remora, &["init", "--cleanup"]);
     let left = pod.run("iptables-save", &["-t", "nat"]);
     assert!(!left.contains("REMORA"), "{left}");
+    let left6 = pod.run("ip6tables-save", &["-t", "nat"]);
+    assert!(!left6.contains("REMORA"), "{left6}");
     assert!(left.contains("-A OUTPUT -d 192.0.2.0/24 -j RETURN"), "{left}");
     // Cleaning up twice is fine.
     pod.run(remora, &["init", "--cleanup"]);

@@ -103,8 +103,8 @@ impl Drop for Netns {
 }
 
 /// Joins two namespaces with a veth pair, each end (named by its prefix and this process) up with
-/// its address in a /24.
-pub(crate) fn link(a: (&Netns, &str, &str), b: (&Netns, &str, &str)) {
+/// its address in a /24; the two ends' device names.
+pub(crate) fn link(a: (&Netns, &str, &str), b: (&Netns, &str, &str)) -> [String; 2] {
     let suffix = std::process::id() % 100_000;
     let ends = [a, b].map(|(ns, prefix, ip)| (ns, format!("{prefix}{suffix}"), ip));
     run("ip", &["link", "add", &ends[0].1, "type", "veth", "peer", "name", &ends[1].1]);
@@ -113,6 +113,7 @@ pub(crate) fn link(a: (&Netns, &str, &str), b: (&Netns, &str, &str)) {
         ns.run("ip", &["addr", "add", &format!("{ip}/24"), "dev", device]);
         ns.run("ip", &["link", "set", device, "up"]);
     }
+    ends.map(|(_, device, _)| device)
 }
 
 /// Runs a command; its stdout, or a panic with its stderr.

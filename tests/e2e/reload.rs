@@ -1,6 +1,6 @@
 //! Live reload: routes change under load without a failed request, file edits apply by themselves,
-//! a bad file is rejected with the field named while the old config serves on, and listeners come
-//! and go.
+//! a bad file is rejected with the field named while the old config serves on, and listeners (and
+//! a listener's additional addresses) come and go.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -168,5 +168,62 @@ async fn listeners_come_and_go_with_the_config() {
         TcpStream::connect(first).await.is_err()
     })
     .await;
+    assert_eq!(served_by(second).await, "a");
+}
+
+/// A listener's additional address serves like its first one, counted under the same name; a reload
+/// that adds or drops one keeps the sockets of the addresses that stay (a fixed port is not bound a
+/// second time, so the reload cannot fail on it) and closes only the dropped one.
+#[tokio::test]
+async fn a_listeners_additional_addresses_come_and_go_and_the_others_stay_bound() {
+    let a = HttpServer::start("a").await;
+    let b = HttpServer::start("b").await;
+    let ipv6 = std::net::TcpListener::bind("[::1]:0").is_ok();
+    if !ipv6 {
+        eprintln!("skipping the IPv6 address: this host cannot bind [::1]");
+    }
+    // A fixed port (taken from the OS, then freed) for the first address, to be kept across reloads.
+    let fixed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let second = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let mut extra = vec![format!("\"{second}\"")];
+    if ipv6 {
+        extra.push("\"[::1]:0\"".into());
+    }
+    let with = |extra: &[String]| {
+        routed_to("a", &a, &b, "").replace(
+            &listener("in", ""),
+            &format!(
+                "  - {{kind: Listener, name: in, address: \"{fixed}\", additional_addresses: [{}]}}\n",
+                extra.join(", ")
+            ),
+        )
+    };
+    let proxy = TestProxy::start(&with(&extra));
+    let bound: Vec<std::net::SocketAddr> = proxy.proxy().listener_addresses().into_iter().map(|(_, a)| a).collect();
+    assert_eq!(bound.len(), extra.len() + 1, "{bound:?}");
+    assert_eq!((bound[0], bound[1]), (fixed, second), "listed in order, the first address first");
+    assert_eq!(proxy.address("in"), fixed);
+    for address in &bound {
+        assert_eq!(served_by(*address).await, "a", "{address}");
+    }
+    let counted = proxy.metric(r#"remora_listener_connections_total{listener="in",direction="outbound"} "#).await;
+    assert_eq!(counted, bound.len() as f64, "one listener's connections, whichever socket");
+
+    // Drop the second address: the first keeps its socket, even with a connection open on it.
+    let mut open = Client::http1(fixed).await;
+    proxy.rewrite(&with(&extra[1..]));
+    proxy.reload().unwrap();
+    eventually("the dropped address stops accepting", Duration::from_secs(5), || async {
+        TcpStream::connect(second).await.is_err()
+    })
+    .await;
+    assert_eq!(open.get("x", "/").await.header("x-served-by"), "a", "the kept socket's connection lives on");
+    assert_eq!(served_by(fixed).await, "a");
+    if ipv6 {
+        assert_eq!(served_by(bound[2]).await, "a", "the IPv6 address is kept, port and all");
+    }
+    // And back: only the new address is bound.
+    proxy.rewrite(&with(&extra));
+    proxy.reload().unwrap();
     assert_eq!(served_by(second).await, "a");
 }

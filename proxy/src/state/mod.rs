@@ -71,6 +71,8 @@ pub struct ListenerConfig {
     pub name: Arc<str>,
     /// The address as configured (port 0 means "any free port" at bind time).
     pub address: SocketAddr,
+    /// The other addresses the listener binds, as configured.
+    pub additional_addresses: Vec<SocketAddr>,
     /// Which way traffic flows.
     pub direction: Direction,
     /// What the connections speak.
@@ -99,6 +101,13 @@ pub struct ListenerConfig {
     pub authz: Option<ListenerAuthz>,
     /// Whether its traffic gets access-log lines (when the proxy has an access log).
     pub access_log: bool,
+}
+
+impl ListenerConfig {
+    /// Every address it binds: `address`, then the additional ones.
+    pub fn addresses(&self) -> Vec<SocketAddr> {
+        std::iter::once(self.address).chain(self.additional_addresses.iter().copied()).collect()
+    }
 }
 
 /// One consistent, compiled version of the resources.
@@ -214,6 +223,11 @@ fn compile_listener(
     metrics: &Metrics,
 ) -> Result<ListenerConfig, (String, String)> {
     let address = validate::parse_address(&l.address).map_err(|m| ("address".to_owned(), m))?;
+    let mut additional_addresses = Vec::with_capacity(l.additional_addresses.len());
+    for (i, other) in l.additional_addresses.iter().enumerate() {
+        additional_addresses
+            .push(validate::parse_address(other).map_err(|m| (format!("additional_addresses[{i}]"), m))?);
+    }
     let duration = |field: &str, value: Option<&pbjson_types::Duration>, default| {
         validate::duration(value).map(|d| d.unwrap_or(default)).map_err(|m| (field.to_owned(), m))
     };
@@ -246,6 +260,7 @@ fn compile_listener(
     Ok(ListenerConfig {
         name: l.name.as_str().into(),
         address,
+        additional_addresses,
         direction,
         protocol,
         transparent: l.transparent,
