@@ -113,7 +113,7 @@ enum Command {
         #[arg(long, value_name = "FILE", requires = "ca_cert")]
         ca_key: Option<PathBuf>,
         /// Bootstrap tokens: one per line, `TOKEN SPIFFE-ID-PATTERN...`, the identities each token
-        /// may be issued.
+        /// may be issued. Re-read when it changes (a broken file is refused, the old tokens stay).
         #[arg(long, value_name = "FILE")]
         ca_tokens: Option<PathBuf>,
         /// Accept Kubernetes service-account tokens too, checked with the API server's TokenReview:

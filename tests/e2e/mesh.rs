@@ -538,6 +538,69 @@ async fn discovery_streams_need_a_token_the_ca_accepts() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The bootstrap tokens file is re-read when it changes: a broken edit is refused and the tokens in
+/// force stay; taking a proxy's token out closes its open discovery stream (counted) and refuses
+/// its reconnects, while it serves on from its last configuration; putting it back lets it in again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_taken_out_of_the_tokens_file_closes_its_open_discovery_stream() {
+    let app = HttpServer::start("api-app").await;
+    let files = [("mesh.yaml", format!("resources:\n{}", crate::cluster("app", "", &[app.address()])))];
+    let files: Vec<(&str, &str)> = files.iter().map(|(n, y)| (*n, y.as_str())).collect();
+    let mut plane = TestControlPlane::start_with_ca(&files, "cluster.local", TOKENS);
+    plane.require_xds_tokens();
+    let tokens = plane.dir().join("ca").join("tokens");
+    let dir = temp_dir("remora-xds-revoke");
+    let token_file = dir.join("web.token");
+    std::fs::write(&token_file, "web-token-0123456789").unwrap();
+    let proxy = TestProxy::start_controlled(
+        &format!(
+            "bootstrap:\n  admin_address: 127.0.0.1:0\n  workers: 1\n  initial_fetch_timeout: 30s\n  identity: {{spiffe_id: \"{WEB}\", token_file: {}}}\n---\nkind: Listener\nname: out\naddress: \"127.0.0.1:0\"\ndefault_cluster: app\n",
+            token_file.display()
+        ),
+        &plane.url(),
+        "web",
+    );
+    proxy.wait_ready().await;
+    let connected = r#"remora_control_plane_connected "#;
+    assert_eq!(proxy.metric(connected).await, 1.0);
+
+    // A broken file changes nothing.
+    std::fs::write(&tokens, format!("{TOKENS}short spiffe://cluster.local/ns/shop/sa/x\n")).unwrap();
+    eventually("the broken file is refused", Duration::from_secs(5), || async {
+        plane.metric(r#"remora_control_source_loads_total{source="tokens",result="error"}"#) >= 1.0
+    })
+    .await;
+    assert_eq!(plane.metric("remora_control_connected_proxies"), 1.0);
+    assert_eq!(plane.metric("remora_control_streams_revoked_total"), 0.0);
+
+    // web's token goes: its stream closes, and its reconnects are refused.
+    let without_web: String =
+        TOKENS.lines().filter(|l| !l.starts_with("web-token")).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&tokens, &without_web).unwrap();
+    eventually("the stream is closed", Duration::from_secs(5), || async {
+        plane.metric("remora_control_streams_revoked_total") == 1.0
+            && plane.metric("remora_control_connected_proxies") == 0.0
+    })
+    .await;
+    eventually("the reconnect is refused", Duration::from_secs(5), || async {
+        plane.metric("remora_control_streams_refused_total") >= 1.0 && proxy.metric(connected).await == 0.0
+    })
+    .await;
+    assert_eq!(
+        Client::http1(proxy.address("out")).await.get("app", "/").await.status,
+        200,
+        "the proxy serves on from its last configuration"
+    );
+
+    // Back again: the next reconnect is let in.
+    std::fs::write(&tokens, TOKENS).unwrap();
+    eventually("the proxy is back", Duration::from_secs(20), || async {
+        plane.metric("remora_control_connected_proxies") == 1.0 && proxy.metric(connected).await == 1.0
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Halfway through a root rotation: the receiving sidecar still has a certificate from the old
 /// root (and trusts both, as the rotation's first step gave it), the calling one gets its
 /// certificate from the control plane's new root, whose trust bundle also carries the old root

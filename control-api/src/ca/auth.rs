@@ -7,10 +7,16 @@
 //! service-account token and [`super::kubernetes::TokenReview`] asks the API server, which maps the
 //! account `system:serviceaccount:NS:SA` to `spiffe://TD/ns/NS/sa/SA`. [`Authenticators`] is what
 //! the control plane runs: the bootstrap tokens first, then, for a token they do not know,
-//! TokenReview.
+//! TokenReview. Its bootstrap tokens can be replaced while it runs ([`Authenticators::replace_local`],
+//! when the control plane sees the tokens file change), and [`Authenticators::revisions`] tells
+//! whoever holds a token accepted earlier (an open discovery stream) to have it checked again.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
 
 use super::kubernetes::TokenReview;
 use crate::identity::{IdentityPattern, InvalidSpiffeId};
@@ -197,17 +203,50 @@ pub(crate) fn bearer_token(metadata: &tonic::metadata::MetadataMap) -> String {
 
 /// The control plane's authenticators: bootstrap tokens, then (if configured) TokenReview for the
 /// tokens those do not know.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Authenticators {
-    /// The bootstrap tokens (maybe none).
-    pub local: LocalTokens,
+    /// The bootstrap tokens (maybe none), replaced whole when their file changes.
+    local: ArcSwap<LocalTokens>,
     /// Kubernetes service-account tokens.
-    pub kubernetes: Option<TokenReview>,
+    kubernetes: Option<TokenReview>,
+    /// Counts the replacements of `local`.
+    revision: watch::Sender<u64>,
+}
+
+impl Default for Authenticators {
+    fn default() -> Self {
+        Authenticators::new(LocalTokens::default(), None)
+    }
+}
+
+impl Authenticators {
+    /// Bootstrap tokens `local`, then `kubernetes` for the tokens they do not know.
+    pub fn new(local: LocalTokens, kubernetes: Option<TokenReview>) -> Authenticators {
+        Authenticators { local: ArcSwap::from_pointee(local), kubernetes, revision: watch::Sender::new(0) }
+    }
+
+    /// Serves `tokens` as the bootstrap tokens from now on: a token no longer among them is refused
+    /// from its next check.
+    pub fn replace_local(&self, tokens: LocalTokens) {
+        self.local.store(Arc::new(tokens));
+        self.revision.send_modify(|revision| *revision += 1);
+    }
+
+    /// Changes each time the bootstrap tokens are replaced: a token accepted before may not be now.
+    pub fn revisions(&self) -> watch::Receiver<u64> {
+        self.revision.subscribe()
+    }
+
+    /// How many bootstrap tokens there are now.
+    pub fn local_len(&self) -> usize {
+        self.local.load().len()
+    }
 }
 
 impl Authenticator for Authenticators {
     async fn authenticate(&self, token: &str) -> Result<Entitlement, AuthError> {
-        match (self.local.authenticate(token).await, &self.kubernetes) {
+        let local = self.local.load_full();
+        match (local.authenticate(token).await, &self.kubernetes) {
             (Err(AuthError::Unknown), Some(kubernetes)) => kubernetes.authenticate(token).await,
             (outcome, _) => outcome,
         }

@@ -10,8 +10,9 @@
 //! token for another audience is refused. The API server unreachable or answering an error is
 //! [`AuthError::Unavailable`], so the proxy retries and keeps its current certificate. An accepted
 //! token is remembered for 30 s (by its SHA-256, not the token), so a fleet of proxies reconnecting
-//! at once (`--xds-auth` reviews every discovery stream) costs the API server one review per proxy
-//! per half-minute, not one per stream and per certificate request; a refusal is never remembered.
+//! at once (`--xds-auth` reviews every discovery stream as it opens, and again every five minutes
+//! while it is open) costs the API server one review per proxy per half-minute, not one per stream
+//! and per certificate request; a refusal is never remembered.
 //!
 //! The requests go through the control plane's [`ApiClient`] (in a pod, the API server and
 //! credentials from the environment; outside one, explicit), as the control plane's own service

@@ -130,10 +130,11 @@ impl Loader {
 
 /// A file's modification time, size and inode: what changes when its content may have.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct FileStamp(Option<(SystemTime, u64, u64)>);
+pub(crate) struct FileStamp(Option<(SystemTime, u64, u64)>);
 
 impl FileStamp {
-    fn read(path: &Path) -> FileStamp {
+    /// Reads `path`'s metadata now (`None` inside when it cannot be read).
+    pub(crate) fn read(path: &Path) -> FileStamp {
         use std::os::unix::fs::MetadataExt;
         FileStamp(std::fs::metadata(path).ok().and_then(|m| Some((m.modified().ok()?, m.len(), m.ino()))))
     }

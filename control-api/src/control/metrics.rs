@@ -33,6 +33,7 @@ pub struct ControlMetrics {
     connected: Gauge,
     streams: Counter,
     refused: Counter,
+    revoked: Counter,
     pushes: Family<TypeLabels, Counter>,
     pushed_resources: Family<TypeLabels, Counter>,
     pushed_bytes: Family<TypeLabels, Counter>,
@@ -67,6 +68,7 @@ impl ControlMetrics {
             connected: Gauge::default(),
             streams: Counter::default(),
             refused: Counter::default(),
+            revoked: Counter::default(),
             pushes: Family::default(),
             pushed_resources: Family::default(),
             pushed_bytes: Family::default(),
@@ -86,6 +88,11 @@ impl ControlMetrics {
         r.register("connected_proxies", "Proxies with an open discovery stream", m.connected.clone());
         r.register("streams", "Discovery streams opened", m.streams.clone());
         r.register("streams_refused", "Discovery streams refused for want of a valid token", m.refused.clone());
+        r.register(
+            "streams_revoked",
+            "Open discovery streams closed because their token is no longer accepted",
+            m.revoked.clone(),
+        );
         r.register("pushes", "Discovery responses sent, by resource type", m.pushes.clone());
         r.register("pushed_resources", "Resources sent (added or changed), by type", m.pushed_resources.clone());
         r.register("pushed_bytes", "Encoded bytes of discovery responses sent, by type", m.pushed_bytes.clone());
@@ -129,6 +136,10 @@ impl ControlMetrics {
 
     pub(crate) fn stream_refused(&self) {
         self.refused.inc();
+    }
+
+    pub(crate) fn stream_revoked(&self) {
+        self.revoked.inc();
     }
 
     pub(crate) fn stream_closed(&self) {

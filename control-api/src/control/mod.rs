@@ -310,6 +310,37 @@ impl Sources {
     }
 }
 
+/// How often the bootstrap tokens file is looked at for a change.
+const TOKENS_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Re-reads the bootstrap tokens file whenever it changes. A good file replaces the tokens: one
+/// taken out is refused from then on, by the CA and (with `--xds-auth`) by discovery, whose open
+/// streams holding it close. A bad file is logged and counted, and the tokens in force stay.
+async fn watch_tokens(path: PathBuf, authenticators: Arc<Authenticators>, metrics: Arc<ControlMetrics>) {
+    let mut last = directory::FileStamp::read(&path);
+    let mut tick = tokio::time::interval(TOKENS_POLL_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = directory::FileStamp::read(&path);
+        if now == last {
+            continue;
+        }
+        last = now;
+        match LocalTokens::load(&path) {
+            Ok(tokens) => {
+                info!(file = %path.display(), tokens = tokens.len(), "bootstrap tokens reloaded");
+                metrics.source_loaded("tokens", true);
+                authenticators.replace_local(tokens);
+            }
+            Err(error) => {
+                error!(%error, "bootstrap tokens file rejected; the tokens in force stay");
+                metrics.source_loaded("tokens", false);
+            }
+        }
+    }
+}
+
 async fn report_end(server: impl std::future::Future<Output = Result<(), tonic::transport::Error>>) {
     if let Err(error) = server.await {
         error!(%error, "control plane server stopped");
@@ -508,7 +539,10 @@ impl ControlPlane {
                 injector_tls = Some(serving(names).map_err(ControlError::Injector)?);
             }
             info!(trust_domain = %ca.trust_domain, tokens = local.len(), kubernetes = ?reviews, tls = !ca.tls_names.is_empty(), "certificate authority serving");
-            let authenticators = Arc::new(Authenticators { local, kubernetes: reviews });
+            let authenticators = Arc::new(Authenticators::new(local, reviews));
+            if let Some(path) = &ca.tokens {
+                tasks.push(tokio::spawn(watch_tokens(path.clone(), authenticators.clone(), metrics.clone())));
+            }
             ca_root = Some(authority.root_pem().to_owned());
             if ca.authenticate_xds {
                 xds_authenticators = Some(authenticators.clone());

@@ -7,7 +7,9 @@
 //! place in every proxy's view: nothing is re-sent for it.
 //!
 //! [`AdsServer`] serves one task per stream; with [`AdsServer::authenticated_by`], only to a proxy
-//! whose stream carries a bearer token the CA's authenticators accept. The task keeps the stream's [`Session`]: per kind,
+//! whose stream carries a bearer token the CA's authenticators accept, checked again whenever the
+//! bootstrap tokens change and every [`TOKEN_RECHECK`] (a deleted service account or pod), the
+//! stream closing (`UNAUTHENTICATED`) once the token is refused. The task keeps the stream's [`Session`]: per kind,
 //! the subscription (wildcard or names), what the proxy holds (`known`: name → version, seeded from
 //! `initial_resource_versions`), the responses awaiting an ACK, and the versions the proxy NACKed.
 //! When a new set is published (or the subscription changes) the session computes, per kind, the
@@ -18,7 +20,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use prost::Message;
 use tokio::sync::{mpsc, watch};
@@ -212,6 +214,62 @@ impl AdsServer {
 
 type ResponseStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
 
+/// How often an open stream's token is checked again, besides whenever the bootstrap tokens change:
+/// often enough that a revoked service account loses its stream within minutes, rarely enough that
+/// a thousand proxies cost the API server a few TokenReviews a second.
+pub const TOKEN_RECHECK: Duration = Duration::from_secs(300);
+
+/// An authenticated stream's token and when to check it again.
+struct TokenCheck {
+    token: String,
+    authenticators: Arc<Authenticators>,
+    revisions: watch::Receiver<u64>,
+    every: tokio::time::Interval,
+}
+
+impl TokenCheck {
+    fn new(token: String, authenticators: Arc<Authenticators>) -> TokenCheck {
+        let revisions = authenticators.revisions();
+        // Spread over the period, so streams opened together are not all checked together.
+        let first = TOKEN_RECHECK.mul_f64(0.5 + fastrand::f64() / 2.0);
+        let mut every = tokio::time::interval_at(tokio::time::Instant::now() + first, TOKEN_RECHECK);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        TokenCheck { token, authenticators, revisions, every }
+    }
+
+    /// Waits until `check`'s token is due a check; for ever when there is none.
+    async fn next(check: &mut Option<TokenCheck>) {
+        match check {
+            Some(check) => check.due().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Waits until the token is due a check.
+    async fn due(&mut self) {
+        tokio::select! {
+            _ = self.every.tick() => {}
+            changed = self.revisions.changed() => if changed.is_err() {
+                // The authenticators are gone: only the period is left.
+                self.every.tick().await;
+            }
+        }
+    }
+
+    /// `Err` with the reason once the token is refused; a backend that cannot decide keeps the
+    /// stream (it was accepted, and the next check asks again).
+    async fn refused(&self) -> Result<(), String> {
+        match self.authenticators.authenticate(&self.token).await {
+            Ok(_) => Ok(()),
+            Err(AuthError::Unavailable(error)) => {
+                warn!(%error, "cannot check an open discovery stream's token; it stays open");
+                Ok(())
+            }
+            Err(error) => Err(error.to_string()),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl AggregatedDiscoveryService for AdsServer {
     type DeltaAggregatedResourcesStream = ResponseStream;
@@ -221,6 +279,7 @@ impl AggregatedDiscoveryService for AdsServer {
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
         let peer = request.remote_addr();
+        let mut check = None;
         if let Some(authenticators) = &self.authenticators {
             let token = bearer_token(request.metadata());
             if let Err(error) = authenticators.authenticate(&token).await {
@@ -232,6 +291,7 @@ impl AggregatedDiscoveryService for AdsServer {
                 warn!(?peer, %error, "discovery stream refused");
                 return Err(refused);
             }
+            check = Some(TokenCheck::new(token, authenticators.clone()));
         }
         let requests = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
@@ -240,7 +300,7 @@ impl AggregatedDiscoveryService for AdsServer {
         tokio::spawn(async move {
             shared.metrics.stream_opened();
             let mut session = Session::default();
-            let end = serve_stream(&mut session, requests, &tx, served, &shared).await;
+            let end = serve_stream(&mut session, requests, &tx, served, &shared, check).await;
             shared.metrics.stream_closed();
             session.close(&shared);
             debug!(node = %session.node, ?peer, reason = %end, "discovery stream closed");
@@ -255,9 +315,21 @@ async fn serve_stream(
     tx: &mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
     mut served: watch::Receiver<Arc<ServedSet>>,
     shared: &Shared,
+    mut check: Option<TokenCheck>,
 ) -> String {
     loop {
         tokio::select! {
+            () = TokenCheck::next(&mut check) => {
+                if let Some(check) = &check
+                    && let Err(error) = check.refused().await
+                {
+                    shared.metrics.stream_revoked();
+                    warn!(node = %session.node, %error, "an open stream's token is no longer accepted; closing it");
+                    let status = Status::unauthenticated(format!("the stream's token is no longer accepted: {error}"));
+                    let _ = tx.send(Err(status)).await;
+                    return "its token is no longer accepted".into();
+                }
+            }
             request = requests.message() => match request {
                 Ok(Some(request)) => {
                     if let Err(status) = session.on_request(request, shared) {
