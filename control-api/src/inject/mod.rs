@@ -51,12 +51,14 @@ const TOKEN_LIFETIME_SECONDS: u32 = 3600;
 const ADMIN_PORT: u16 = 15000;
 
 /// Pod annotations that tune capture, and the `remora init` flag each becomes.
-const CAPTURE_ANNOTATIONS: [(&str, &str, Kind); 5] = [
+const CAPTURE_ANNOTATIONS: [(&str, &str, Kind); 6] = [
     ("remora.dev/inbound-ports", "--inbound-ports", Kind::PortSet),
     ("remora.dev/exclude-inbound-ports", "--exclude-inbound-ports", Kind::Ports),
     ("remora.dev/exclude-outbound-ports", "--exclude-outbound-ports", Kind::Ports),
     ("remora.dev/include-outbound-cidrs", "--include-outbound-cidrs", Kind::CidrSet),
     ("remora.dev/exclude-outbound-cidrs", "--exclude-outbound-cidrs", Kind::Cidrs),
+    // `true`: `--ipv6`, `false`: `--no-ipv6`; unset, `remora init` decides by the pod's addresses.
+    ("remora.dev/capture-ipv6", "--ipv6", Kind::Switch("--no-ipv6")),
 ];
 
 #[derive(Clone, Copy)]
@@ -65,6 +67,8 @@ enum Kind {
     PortSet,
     Cidrs,
     CidrSet,
+    /// `true` gives the flag, `false` the one named here.
+    Switch(&'static str),
 }
 
 /// What the injected containers look like (`remora inject --config`, `remora control
@@ -349,17 +353,27 @@ impl Injector {
         let annotation = |key: &str| metadata.and_then(|m| m.get("annotations")?.get(key)).and_then(Value::as_str);
         for (key, flag, kind) in CAPTURE_ANNOTATIONS {
             let value = annotation(key).map(str::trim).unwrap_or_default().to_owned();
+            let bad = |message: String| InjectError::Annotation {
+                object: object.to_owned(),
+                annotation: key.to_owned(),
+                message,
+            };
             let checked = match kind {
                 Kind::Ports => capture::parse_ports(&value).map(drop),
                 Kind::PortSet => capture::parse_port_set(&value).map(drop),
                 Kind::Cidrs => capture::parse_cidrs(&value).map(drop),
                 Kind::CidrSet => capture::parse_cidr_set(&value).map(drop),
+                Kind::Switch(off) => {
+                    match value.as_str() {
+                        "" => {}
+                        "true" => args.push(flag.to_owned()),
+                        "false" => args.push(off.to_owned()),
+                        other => return Err(bad(format!("must be true or false, got {other:?}"))),
+                    }
+                    continue;
+                }
             };
-            checked.map_err(|e| InjectError::Annotation {
-                object: object.to_owned(),
-                annotation: key.to_owned(),
-                message: e.to_string(),
-            })?;
+            checked.map_err(|e| bad(e.to_string()))?;
             if !value.is_empty() {
                 args.extend([flag.to_owned(), value]);
             }
@@ -564,6 +578,21 @@ mod tests {
             error.to_string(),
             "pod/web: annotation remora.dev/exclude-outbound-cidrs: \"10.0.0.0/40\": the prefix length must be 0 to 32"
         );
+        let input = pod("remora.dev/capture-ipv6: \"yes\"", APP);
+        let error = Injector::default().inject_manifests(&input).unwrap_err().to_string();
+        assert!(error.contains("remora.dev/capture-ipv6: must be true or false, got \"yes\""), "{error}");
+    }
+
+    #[test]
+    fn ipv6_capture_follows_the_pod_unless_its_annotation_says() {
+        let init_args = |annotations: &str| {
+            let (out, _) = Injector::default().inject_manifests(&pod(annotations, APP)).unwrap();
+            let value: Value = serde_yaml_ng::from_str(&out).unwrap();
+            value["spec"]["initContainers"][0]["args"].as_array().unwrap().join_strings()
+        };
+        assert_eq!(init_args(""), "init --proxy-uid 1337", "remora init decides by the pod's addresses");
+        assert_eq!(init_args("remora.dev/capture-ipv6: \"true\""), "init --proxy-uid 1337 --ipv6");
+        assert_eq!(init_args("remora.dev/capture-ipv6: \"false\""), "init --proxy-uid 1337 --no-ipv6");
     }
 
     #[test]
