@@ -478,6 +478,36 @@ impl ApiServer {
         (args, token_file)
     }
 
+    /// Starts `remora control --kubernetes-endpoints` against this server, serving from a directory
+    /// in `directory` the cluster `web` (the Service shop/web's `http` port, with `cluster_fields`
+    /// added), a route table to it and the listener `listener`; waits until it has listed the
+    /// slices and serves. The process, its "EndpointSlices listed" line, and the URL proxies dial.
+    fn endpoints_control_plane(
+        &self,
+        directory: &Path,
+        cluster_fields: &str,
+        listener: &str,
+    ) -> (Spawned, String, String) {
+        let mesh = directory.join("mesh");
+        std::fs::create_dir_all(&mesh).unwrap();
+        std::fs::write(
+            mesh.join("web.yaml"),
+            format!(
+                "resources:\n  - {{kind: Cluster, name: web{cluster_fields}, kubernetes_service: {{namespace: shop, name: web, port: http}}}}\n  - {{kind: RouteTable, name: web, routes: [{{name: all, backends: [{{cluster: web}}]}}]}}\n  - {{kind: Listener, name: {listener}, address: \"127.0.0.1:0\", route_tables: [web]}}\n"
+            ),
+        )
+        .unwrap();
+        let (kubernetes, _) = self.control_plane_args(directory);
+        let mut control = Spawned::new(&and(
+            &kubernetes,
+            &["control", "--listen", "127.0.0.1:0", "--config-dir", mesh.to_str().unwrap(), "--kubernetes-endpoints"],
+        ));
+        let listed = control.wait_for("EndpointSlices listed");
+        let line = control.wait_for("remora control serving Delta ADS");
+        let address = format!("http://{}", line.rsplit("address=").next().unwrap().trim());
+        (control, listed, address)
+    }
+
     /// The EndpointSlice list, or (with `watch=1`) a watch from the query's resource version.
     fn endpoint_slices(query: &str, slices: &std::sync::Mutex<Slices>) -> AnyBody {
         use http_body_util::BodyExt;
@@ -856,21 +886,7 @@ async fn clusters_follow_a_services_endpoint_slices() {
         slices.put(endpoint_slice("web-b", b.address().port(), ready()));
     }
     let directory = remora_proxy::testing::proxy::temp_dir("remora-endpoint-slices");
-    let mesh = directory.join("mesh");
-    std::fs::create_dir_all(&mesh).unwrap();
-    std::fs::write(
-        mesh.join("web.yaml"),
-        "resources:\n  - {kind: Cluster, name: web, kubernetes_service: {namespace: shop, name: web, port: http}}\n  - {kind: RouteTable, name: web, routes: [{name: all, backends: [{cluster: web}]}]}\n  - {kind: Listener, name: in, address: \"127.0.0.1:0\", route_tables: [web]}\n",
-    )
-    .unwrap();
-    let (kubernetes, _) = api.control_plane_args(&directory);
-    let mut control = Spawned::new(&and(
-        &kubernetes,
-        &["control", "--listen", "127.0.0.1:0", "--config-dir", mesh.to_str().unwrap(), "--kubernetes-endpoints"],
-    ));
-    control.wait_for("EndpointSlices listed");
-    let line = control.wait_for("remora control serving Delta ADS");
-    let address = format!("http://{}", line.rsplit("address=").next().unwrap().trim());
+    let (_control, _, address) = api.endpoints_control_plane(&directory, "", "in");
     let proxy = TestProxy::start_controlled("", &address, "slices");
     proxy.wait_ready().await;
     let listener = proxy.address("in");
@@ -947,22 +963,8 @@ async fn kubernetes_endpoints_are_checked_against_their_pods_service_accounts() 
         slices.put(endpoint_slice_of("web-a", sidecar_a.address("in").port(), ready(), pod_ref("web-a")));
         slices.put(endpoint_slice_of("web-b", impostor.address("in").port(), ready(), pod_ref("web-b")));
     }
-    let mesh = directory.join("mesh");
-    std::fs::create_dir_all(&mesh).unwrap();
-    std::fs::write(
-        mesh.join("web.yaml"),
-        "resources:\n  - {kind: Cluster, name: web, tls: mesh, kubernetes_service: {namespace: shop, name: web, port: http}}\n  - {kind: RouteTable, name: web, routes: [{name: all, backends: [{cluster: web}]}]}\n  - {kind: Listener, name: out, address: \"127.0.0.1:0\", route_tables: [web]}\n",
-    )
-    .unwrap();
-    let (kubernetes, _) = api.control_plane_args(&directory);
-    let mut control = Spawned::new(&and(
-        &kubernetes,
-        &["control", "--listen", "127.0.0.1:0", "--config-dir", mesh.to_str().unwrap(), "--kubernetes-endpoints"],
-    ));
-    let listed = control.wait_for("EndpointSlices listed");
+    let (_control, listed, address) = api.endpoints_control_plane(&directory, ", tls: mesh", "out");
     assert!(listed.contains("pods=2"), "the pods the slices name, from a list of every pod: {listed}");
-    let line = control.wait_for("remora control serving Delta ADS");
-    let address = format!("http://{}", line.rsplit("address=").next().unwrap().trim());
     let identity =
         mesh_ca.issue("spiffe://cluster.local/ns/shop/sa/client").bootstrap_identity(&directory.join("client"));
     let client = TestProxy::start_controlled(

@@ -236,11 +236,6 @@ impl Authenticators {
     pub fn revisions(&self) -> watch::Receiver<u64> {
         self.revision.subscribe()
     }
-
-    /// How many bootstrap tokens there are now.
-    pub fn local_len(&self) -> usize {
-        self.local.load().len()
-    }
 }
 
 impl Authenticator for Authenticators {

@@ -310,6 +310,19 @@ impl Sources {
     }
 }
 
+/// A callback for a source's every answer, and what resolves at its first: start-up waits (up to
+/// [`REGISTRY_START_WAIT`]) for a source to answer once before serving.
+fn first_answer() -> (impl FnMut() + Send + 'static, oneshot::Receiver<()>) {
+    let (tx, rx) = oneshot::channel();
+    let mut tx = Some(tx);
+    let answered = move || {
+        if let Some(tx) = tx.take() {
+            let _ = tx.send(());
+        }
+    };
+    (answered, rx)
+}
+
 /// How often the bootstrap tokens file is looked at for a change.
 const TOKENS_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -451,20 +464,17 @@ impl ControlPlane {
         }
 
         if let Some(etcd) = &config.etcd {
-            let (first_tx, first_rx) = oneshot::channel();
-            let mut first_tx = Some(first_tx);
+            let (mut answered, first) = first_answer();
             let follower = sources.clone();
             tasks.push(tokio::spawn(registry::follow(
                 etcd.clone(),
                 config.etcd_prefix.clone(),
                 move |registrations| {
                     follower.registry_changed(registrations);
-                    if let Some(tx) = first_tx.take() {
-                        let _ = tx.send(());
-                    }
+                    answered();
                 },
             )));
-            if tokio::time::timeout(REGISTRY_START_WAIT, first_rx).await.is_err() {
+            if tokio::time::timeout(REGISTRY_START_WAIT, first).await.is_err() {
                 warn!(%etcd, "the registry has not answered yet; serving without its endpoints until it does");
             }
         }
@@ -486,20 +496,17 @@ impl ControlPlane {
             let Some(api) = &kubernetes else {
                 return Err(ControlError::Ca("EndpointSlices need the Kubernetes API server (kubernetes)".into()));
             };
-            let (first_tx, first_rx) = oneshot::channel();
-            let mut first_tx = Some(first_tx);
+            let (mut answered, first) = first_answer();
             let follower = sources.clone();
             tasks.push(tokio::spawn(endpoint_slices::follow(
                 api.clone(),
                 endpoints.trust_domain.clone(),
                 move |slices, ok| {
                     follower.slices_changed(slices, ok);
-                    if let Some(tx) = first_tx.take() {
-                        let _ = tx.send(());
-                    }
+                    answered();
                 },
             )));
-            if tokio::time::timeout(REGISTRY_START_WAIT, first_rx).await.is_err() {
+            if tokio::time::timeout(REGISTRY_START_WAIT, first).await.is_err() {
                 warn!("the API server has not listed the EndpointSlices yet; serving without them until it does");
             }
         }

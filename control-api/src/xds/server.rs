@@ -256,9 +256,9 @@ impl TokenCheck {
         }
     }
 
-    /// `Err` with the reason once the token is refused; a backend that cannot decide keeps the
-    /// stream (it was accepted, and the next check asks again).
-    async fn refused(&self) -> Result<(), String> {
+    /// Whether the token is still accepted: `Err` with the reason once it is refused; a backend that
+    /// cannot decide keeps the stream (it was accepted, and the next check asks again).
+    async fn still_accepted(&self) -> Result<(), String> {
         match self.authenticators.authenticate(&self.token).await {
             Ok(_) => Ok(()),
             Err(AuthError::Unavailable(error)) => {
@@ -321,7 +321,7 @@ async fn serve_stream(
         tokio::select! {
             () = TokenCheck::next(&mut check) => {
                 if let Some(check) = &check
-                    && let Err(error) = check.refused().await
+                    && let Err(error) = check.still_accepted().await
                 {
                     shared.metrics.stream_revoked();
                     warn!(node = %session.node, %error, "an open stream's token is no longer accepted; closing it");
