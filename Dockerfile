@@ -4,6 +4,7 @@
 #   docker build -t remora .
 #   docker run --rm -p 15000:15000 -p 15001:15001 remora proxy --config /etc/remora/config.yaml
 #   docker run --rm -p 15010:15010 -v "$PWD/mesh:/mesh:ro" remora control --config-dir /mesh --listen 0.0.0.0:15010
+#   deploy/image/check.sh    # builds it with podman and runs every role from it (see the README)
 #
 # Build stage: the same toolchain as CI; the lockfile pins every crate.
 FROM rust:1.95-slim-bookworm AS build
