@@ -12,6 +12,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::Ordering::SeqCst;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -351,7 +352,8 @@ const WEBHOOK_PATH: &str = "/apis/admissionregistration.k8s.io/v1/mutatingwebhoo
 /// caller is the control plane; TokenReview with a review per token it knows; GET and PATCH (JSON
 /// patch: `test` and `add`) of the `remora-injector` MutatingWebhookConfiguration, which starts as
 /// `webhook`; EndpointSlices: the list, and watches from a resource version, streaming one
-/// event per line; and the pods of namespace `shop`: a paged list (one pod a page) and a GET each.
+/// event per line; and the pods of namespace `shop`: a paged list (one pod a page) and a GET each
+/// (the next `pod_failures` of those answered 503, as an overloaded API server does).
 struct ApiServer {
     address: std::net::SocketAddr,
     /// Every request: method, path, whether authorized, content type and body (JSON).
@@ -360,6 +362,8 @@ struct ApiServer {
     slices: Arc<std::sync::Mutex<Slices>>,
     /// The pods, by name.
     pods: Arc<std::sync::Mutex<std::collections::BTreeMap<String, Value>>>,
+    /// How many of the next GETs of one pod fail.
+    pod_failures: Arc<std::sync::atomic::AtomicUsize>,
     /// The root its certificate chains to.
     root: String,
 }
@@ -416,16 +420,19 @@ impl ApiServer {
         let webhook = Arc::new(std::sync::Mutex::new(webhook));
         let slices = Arc::new(std::sync::Mutex::new(Slices::default()));
         let pods = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::new()));
+        let pod_failures = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (log, state, all_slices, all_pods) = (seen.clone(), webhook.clone(), slices.clone(), pods.clone());
+        let all_failures = pod_failures.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else { return };
                 let (acceptor, log, state) = (acceptor.clone(), log.clone(), state.clone());
-                let (slices, pods) = (all_slices.clone(), all_pods.clone());
+                let (slices, pods, failures) = (all_slices.clone(), all_pods.clone(), all_failures.clone());
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else { return };
                     let service = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
                         let (log, state, slices, pods) = (log.clone(), state.clone(), slices.clone(), pods.clone());
+                        let failures = failures.clone();
                         async move {
                             use http_body_util::BodyExt;
                             let header = |name: &str| {
@@ -443,6 +450,10 @@ impl ApiServer {
                                 (401, whole(&json!({"kind": "Status", "reason": "Unauthorized", "code": 401})))
                             } else if path == "/apis/discovery.k8s.io/v1/endpointslices" {
                                 (200, ApiServer::endpoint_slices(&query, &slices))
+                            } else if path.starts_with("/api/v1/namespaces/")
+                                && failures.fetch_update(SeqCst, SeqCst, |left| left.checked_sub(1)).is_ok()
+                            {
+                                (503, whole(&json!({"kind": "Status", "reason": "ServiceUnavailable", "code": 503})))
                             } else if path.starts_with("/api/v1/") {
                                 let (status, answer) = ApiServer::pods(&path, &query, &pods.lock().unwrap());
                                 (status, whole(&answer))
@@ -461,7 +472,7 @@ impl ApiServer {
                 });
             }
         });
-        ApiServer { address, seen, webhook, slices, pods, root: ca.serving(&["127.0.0.1"]).ca }
+        ApiServer { address, seen, webhook, slices, pods, pod_failures, root: ca.serving(&["127.0.0.1"]).ca }
     }
 
     /// Writes what a control plane needs to reach this server into `directory` (its root, the
@@ -934,7 +945,8 @@ fn inbound_sidecar(
 /// Endpoints from EndpointSlices carry their pods' service-account identities, so `tls: mesh`
 /// refuses a sidecar that holds another identity of the trust domain (without them, any identity
 /// of it passes): the pods are listed (page by page) after the slices, and a pod a watch event
-/// brings in is read on its own.
+/// brings in is read on its own, and read again, with no further slice change, when the API
+/// server failed to answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubernetes_endpoints_are_checked_against_their_pods_service_accounts() {
     use remora_proxy::testing::{HttpServer, TestProxy, eventually};
@@ -980,8 +992,10 @@ async fn kubernetes_endpoints_are_checked_against_their_pods_service_accounts() 
     assert!(seen.contains_key("a"), "{seen:?}");
     assert_eq!(seen.get("b"), None, "the impostor was let through: {seen:?}");
 
-    // A new pod arrives with its slice: the control plane reads that pod and c takes traffic.
+    // A new pod arrives with its slice: the control plane reads that pod (the first two reads
+    // failing) and c takes traffic.
     api.pods.lock().unwrap().insert("web-c".into(), pod("web-c", "web"));
+    api.pod_failures.store(2, SeqCst);
     api.slices.lock().unwrap().delete("web-b");
     api.slices.lock().unwrap().put(endpoint_slice_of(
         "web-c",
@@ -990,13 +1004,16 @@ async fn kubernetes_endpoints_are_checked_against_their_pods_service_accounts() 
         pod_ref("web-c"),
     ));
     eventually("c joins", Duration::from_secs(5), || async { served_by(out, 10).await.keys().eq(["a", "c"]) }).await;
-    let dump = client.config_dump().await.to_string();
-    let identities = dump.matches(WEB).count();
-    assert!(identities >= 2, "both endpoints carry their pod's identity: {dump}");
+    eventually("both endpoints carry their pod's identity", Duration::from_secs(15), || async {
+        client.config_dump().await.to_string().matches(WEB).count() >= 2
+    })
+    .await;
+    assert_eq!(api.pod_failures.load(SeqCst), 0, "both failed reads were made");
     let requests = api.seen.lock().unwrap().clone();
     let paths: Vec<String> =
         requests.iter().map(|r| format!("{} {}", r["path"].as_str().unwrap(), r["query"].as_str().unwrap())).collect();
     assert!(paths.iter().any(|p| p.starts_with("/api/v1/pods ") && p.contains("continue=page%2F2%3D")), "{paths:?}");
-    assert!(paths.iter().any(|p| p.starts_with("/api/v1/namespaces/shop/pods/web-c")), "{paths:?}");
+    let reads = paths.iter().filter(|p| p.starts_with("/api/v1/namespaces/shop/pods/web-c")).count();
+    assert_eq!(reads, 3, "web-c read until it answered: {paths:?}");
     let _ = std::fs::remove_dir_all(directory);
 }

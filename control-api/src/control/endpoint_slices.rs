@@ -19,9 +19,12 @@
 //! the very workload it reached, not just its trust domain. A slice endpoint names its pod
 //! (`targetRef`); the pod's service account (which cannot change in a pod's life) comes from a
 //! paged list of every pod after each slice list, then from a GET of each pod a watch event brings
-//! in, checked against the UID the slice names. A pod that cannot be read (gone, or the pods not
-//! readable at all) leaves its endpoint without an identity, and the cluster's `peer_identities`
-//! (or the trust domain) decide, as before.
+//! in, checked against the UID the slice names. A pod that is gone leaves its endpoint without an
+//! identity (the endpoint is on its way out too); one that could not be read (the API server
+//! overloaded, or pods not readable at all) does so only until a retry reads it: the lookups, and
+//! the pod list if that failed, are tried again after a backoff (1 s doubling to 30 s) while the
+//! watch goes on, with no slice change needed. Until then the cluster's `peer_identities` (or the
+//! trust domain) decide, as before.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
@@ -51,6 +54,10 @@ const PODS: &str = "/api/v1/pods";
 const POD_PAGE: usize = 500;
 /// Pods looked up at once when watch events bring in new ones.
 const LOOKUPS_IN_FLIGHT: usize = 8;
+/// The first wait before pods that could not be read are tried again; it doubles up to the next.
+const LOOKUP_RETRY_FIRST: Duration = Duration::from_secs(1);
+/// The longest wait between those retries.
+const LOOKUP_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// One EndpointSlice, as far as endpoints need it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -300,26 +307,85 @@ async fn lookup(api: &ApiClient, pod: &PodRef) -> Result<Option<String>, String>
     Ok(pod_account(&object).filter(|(uid, _)| *uid == pod.uid).map(|(_, account)| account))
 }
 
-/// Learns the accounts of the pods the slices name and no account is known for (when the pods can
-/// be read), and forgets those of pods no slice names.
-async fn learn_accounts(api: &ApiClient, slices: &mut Slices, pods_readable: bool) {
-    if pods_readable {
-        let unknown = slices.unknown_pods();
-        let mut found = futures_util::stream::iter(unknown)
-            .map(|pod| async move { (lookup(api, &pod).await, pod) })
-            .buffer_unordered(LOOKUPS_IN_FLIGHT);
-        while let Some((result, pod)) = found.next().await {
-            match result {
-                Ok(Some(account)) => {
-                    slices.accounts.insert(pod.uid, account);
-                }
-                // Gone: its endpoint is on its way out of the slice too.
-                Ok(None) => {}
-                Err(error) => warn!(%error, "a pod's service account is unknown; its endpoint has no identity"),
+/// Learns the accounts of the pods the slices name and no account is known for, and forgets those
+/// of pods no slice names. Returns how many accounts it learnt, and how many pods could not be read
+/// (to be tried again).
+async fn learn_accounts(api: &ApiClient, slices: &mut Slices) -> (usize, usize) {
+    let unknown = slices.unknown_pods();
+    let mut found = futures_util::stream::iter(unknown)
+        .map(|pod| async move { (lookup(api, &pod).await, pod) })
+        .buffer_unordered(LOOKUPS_IN_FLIGHT);
+    let (mut learnt, mut failed, mut first_error) = (0, 0, None);
+    while let Some((result, pod)) = found.next().await {
+        match result {
+            Ok(Some(account)) => {
+                slices.accounts.insert(pod.uid, account);
+                learnt += 1;
+            }
+            // Gone: its endpoint is on its way out of the slice too.
+            Ok(None) => {}
+            Err(error) => {
+                failed += 1;
+                first_error.get_or_insert(error);
             }
         }
     }
     slices.prune();
+    if let Some(error) = first_error {
+        warn!(%error, pods = failed, "pods' service accounts could not be read; their endpoints have no identity until a retry");
+    }
+    (learnt, failed)
+}
+
+/// Whether the pods can be read, and when to read those that could not be again.
+struct PodReads {
+    /// The pod list succeeded: lookups of single pods are worth trying.
+    listed: bool,
+    /// When to try again, while something could not be read.
+    retry_at: Option<tokio::time::Instant>,
+    /// The wait after the next failure.
+    backoff: Duration,
+}
+
+impl PodReads {
+    /// Nothing read yet: the first [`PodReads::learn`] lists the pods.
+    fn new() -> Self {
+        PodReads { listed: false, retry_at: None, backoff: LOOKUP_RETRY_FIRST }
+    }
+
+    /// Learns what it can of the pods `slices` name (listing them first if the last list failed),
+    /// and schedules a retry if something could not be read. Returns whether an account was learnt.
+    async fn learn(&mut self, api: &ApiClient, slices: &mut Slices) -> bool {
+        let mut listed = false;
+        if !self.listed {
+            match list_accounts(api).await {
+                Ok(accounts) => {
+                    slices.accounts = accounts;
+                    (self.listed, listed) = (true, true);
+                }
+                Err(error) => {
+                    warn!(%error, "pods cannot be read: Kubernetes endpoints carry no identity until a retry")
+                }
+            }
+        }
+        let (learnt, failed) = if self.listed { learn_accounts(api, slices).await } else { (0, 1) };
+        if failed == 0 {
+            self.retry_at = None;
+            self.backoff = LOOKUP_RETRY_FIRST;
+        } else if self.retry_at.is_none_or(|at| at <= tokio::time::Instant::now()) {
+            self.retry_at = Some(tokio::time::Instant::now() + self.backoff.mul_f64(0.5 + fastrand::f64() / 2.0));
+            self.backoff = (self.backoff * 2).min(LOOKUP_RETRY_MAX);
+        }
+        listed || learnt > 0
+    }
+
+    /// Waits for the retry, for ever when none is due.
+    async fn due(&self) {
+        match self.retry_at {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    }
 }
 
 /// Follows the cluster's EndpointSlices for ever, calling `on_change` with every slice after each
@@ -361,17 +427,8 @@ async fn follow_once(
     let mut version = list["metadata"]["resourceVersion"].as_str().unwrap_or_default().to_owned();
     let mut slices = Slices::new(trust_domain);
     slices.slices = list["items"].as_array().into_iter().flatten().filter_map(parse_slice).collect();
-    let pods_readable = match list_accounts(api).await {
-        Ok(accounts) => {
-            slices.accounts = accounts;
-            true
-        }
-        Err(error) => {
-            warn!(%error, "pods cannot be read: Kubernetes endpoints carry no identity until the next list");
-            false
-        }
-    };
-    learn_accounts(api, &mut slices, pods_readable).await;
+    let mut reads = PodReads::new();
+    reads.learn(api, &mut slices).await;
     info!(slices = slices.len(), pods = slices.accounts.len(), version = %version, "EndpointSlices listed");
     *listed = true;
     on_change(&slices, true);
@@ -385,7 +442,17 @@ async fn follow_once(
         }
         let mut body = response.into_body();
         let mut buffer: Vec<u8> = Vec::new();
-        while let Some(frame) = body.frame().await {
+        loop {
+            let frame = tokio::select! {
+                frame = body.frame() => frame,
+                () = reads.due() => {
+                    if reads.learn(api, &mut slices).await {
+                        on_change(&slices, true);
+                    }
+                    continue;
+                }
+            };
+            let Some(frame) = frame else { break };
             let frame = frame.map_err(|e| format!("the watch: {e}"))?;
             let Some(data) = frame.data_ref() else { continue };
             buffer.extend_from_slice(data);
@@ -397,7 +464,7 @@ async fn follow_once(
                 let event: Value = serde_json::from_slice(&line).map_err(|e| format!("a watch event: {e}"))?;
                 match apply(&mut slices.slices, &event, &mut version)? {
                     Applied::Changed => {
-                        learn_accounts(api, &mut slices, pods_readable).await;
+                        reads.learn(api, &mut slices).await;
                         on_change(&slices, true);
                     }
                     Applied::Unchanged => {}
