@@ -137,6 +137,11 @@ async fn http_and_tcp_cross_mutual_tls_and_the_app_sees_plaintext() {
     assert!(echo_through(pair.client.address("out-tcp"), &payload).await.unwrap() == payload);
     assert!(pair.server.metric(r#"remora_tls_handshakes_total{direction="inbound",result="ok"}"#).await >= 2.0);
     assert!(pair.client.metric(r#"remora_tls_handshakes_total{direction="outbound",result="ok"}"#).await >= 2.0);
+    // And by the identity each side proved.
+    let by_client = format!(r#"remora_tls_peer_handshakes_total{{direction="inbound",result="ok",peer="{WEB}"}}"#);
+    assert!(pair.server.metric(&by_client).await >= 2.0);
+    let to_server = format!(r#"remora_tls_peer_handshakes_total{{direction="outbound",result="ok",peer="{API}"}}"#);
+    assert!(pair.client.metric(&to_server).await >= 2.0);
     assert_eq!(pair.app.hits(), 2);
 }
 
@@ -187,6 +192,8 @@ async fn the_wrong_peer_identity_is_refused() {
     assert_eq!(pair.app.hits(), 0);
     let wrong = r#"remora_tls_handshakes_total{direction="outbound",result="identity"}"#;
     assert!(pair.client.metric(wrong).await >= 2.0);
+    let who = format!(r#"remora_tls_peer_handshakes_total{{direction="outbound",result="identity",peer="{API}"}}"#);
+    assert!(pair.client.metric(&who).await >= 2.0, "the refused peer named by the identity it proved");
 }
 
 /// The inbound listener wants a client certificate from the mesh's CA that has not expired: an

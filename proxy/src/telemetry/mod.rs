@@ -366,6 +366,7 @@ pub struct Metrics {
 #[derive(Clone, Debug, Default)]
 pub struct MeshStats {
     handshakes: Family<HandshakeLabels, Counter>,
+    peer_handshakes: Family<PeerHandshakeLabels, Counter>,
     certificate_expiry: Gauge,
     rotations: Counter,
     renewals: Family<ResultLabels, Counter>,
@@ -377,6 +378,15 @@ pub struct MeshStats {
 struct HandshakeLabels {
     direction: &'static str,
     result: &'static str,
+}
+
+/// A handshake whose peer certificate the trust bundle verified: `peer` is an identity the mesh's
+/// CA issued, so the label's values are bounded by the mesh's workloads, not by traffic.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerHandshakeLabels {
+    direction: &'static str,
+    result: &'static str,
+    peer: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -397,6 +407,13 @@ impl MeshStats {
     /// `result` ok or the failure's kind.
     pub fn handshake(&self, direction: &'static str, result: &'static str) {
         self.handshakes.get_or_create(&HandshakeLabels { direction, result }).inc();
+    }
+
+    /// Counts a handshake whose peer proved `peer` (its certificate verified against the trust
+    /// bundle): `result` ok, or identity when that peer was not the one expected.
+    pub fn peer_handshake(&self, direction: &'static str, result: &'static str, peer: &str) {
+        let labels = PeerHandshakeLabels { direction, result, peer: peer.to_owned() };
+        self.peer_handshakes.get_or_create(&labels).inc();
     }
 
     /// A new certificate took over, valid until `not_after` (seconds since the epoch).
@@ -639,6 +656,11 @@ impl Metrics {
             "tls_handshakes",
             "TLS handshakes with peer sidecars, by direction and result (ok, or what failed: timeout, certificate, identity, protocol)",
             mesh.handshakes.clone(),
+        );
+        r.register(
+            "tls_peer_handshakes",
+            "TLS handshakes with peer sidecars whose certificate the trust bundle verified, by direction, result (ok; identity: not the peer expected) and the peer's SPIFFE ID",
+            mesh.peer_handshakes.clone(),
         );
         r.register(
             "identity_certificate_expiry_seconds",

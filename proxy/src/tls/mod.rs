@@ -342,6 +342,13 @@ impl MeshTls {
     ) -> Result<(ClientStream, SpiffeId), TlsError> {
         let result = self.try_connect(stream, endpoint, alpn, expected).await;
         self.stats.handshake("outbound", result.as_ref().map_or_else(TlsError::kind, |_| "ok"));
+        match &result {
+            Ok((_, peer)) => self.stats.peer_handshake("outbound", "ok", peer.as_str()),
+            Err(TlsError::WrongPeer { presented, .. }) => {
+                self.stats.peer_handshake("outbound", "identity", presented.as_str());
+            }
+            Err(_) => {}
+        }
         result
     }
 
@@ -377,6 +384,9 @@ impl MeshTls {
     pub async fn accept(&self, stream: TcpStream) -> Result<(ServerStream, SpiffeId, Alpn), TlsError> {
         let result = self.try_accept(stream).await;
         self.stats.handshake("inbound", result.as_ref().map_or_else(TlsError::kind, |_| "ok"));
+        if let Ok((_, peer, _)) = &result {
+            self.stats.peer_handshake("inbound", "ok", peer.as_str());
+        }
         result
     }
 
