@@ -507,16 +507,23 @@ async fn a_websocket_session_crosses_mutual_tls_and_is_authorized() {
     assert_eq!(app.hits(), 1);
 }
 
+/// A control plane whose CA knows [`TOKENS`] and demands one of every discovery stream
+/// (`--xds-auth`), serving cluster `app` at `app`.
+fn token_checked_plane(app: &HttpServer) -> TestControlPlane {
+    let files = [("mesh.yaml", format!("resources:\n{}", crate::cluster("app", "", &[app.address()])))];
+    let files: Vec<(&str, &str)> = files.iter().map(|(n, y)| (*n, y.as_str())).collect();
+    let mut plane = TestControlPlane::start_with_ca(&files, "cluster.local", TOKENS);
+    plane.require_xds_tokens();
+    plane
+}
+
 /// With `--xds-auth`, a proxy whose stream carries its CA token gets its configuration; one with no
 /// token, or one the CA does not know, is refused (and counted) and never becomes ready (its
 /// listener waits, unbound, for the cluster that never comes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discovery_streams_need_a_token_the_ca_accepts() {
     let app = HttpServer::start("api-app").await;
-    let files = [("mesh.yaml", format!("resources:\n{}", crate::cluster("app", "", &[app.address()])))];
-    let files: Vec<(&str, &str)> = files.iter().map(|(n, y)| (*n, y.as_str())).collect();
-    let mut plane = TestControlPlane::start_with_ca(&files, "cluster.local", TOKENS);
-    plane.require_xds_tokens();
+    let plane = token_checked_plane(&app);
     let dir = temp_dir("remora-xds-auth");
     let listener = "kind: Listener\nname: out\naddress: \"127.0.0.1:0\"\ndefault_cluster: app\n";
     let bootstrap = |identity: &str| {
@@ -551,10 +558,7 @@ async fn discovery_streams_need_a_token_the_ca_accepts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_taken_out_of_the_tokens_file_closes_its_open_discovery_stream() {
     let app = HttpServer::start("api-app").await;
-    let files = [("mesh.yaml", format!("resources:\n{}", crate::cluster("app", "", &[app.address()])))];
-    let files: Vec<(&str, &str)> = files.iter().map(|(n, y)| (*n, y.as_str())).collect();
-    let mut plane = TestControlPlane::start_with_ca(&files, "cluster.local", TOKENS);
-    plane.require_xds_tokens();
+    let plane = token_checked_plane(&app);
     let tokens = plane.dir().join("ca").join("tokens");
     let dir = temp_dir("remora-xds-revoke");
     let token_file = dir.join("web.token");

@@ -353,15 +353,18 @@ impl PodReads {
         PodReads { listed: false, retry_at: None, backoff: LOOKUP_RETRY_FIRST }
     }
 
-    /// Learns what it can of the pods `slices` name (listing them first if the last list failed),
-    /// and schedules a retry if something could not be read. Returns whether an account was learnt.
+    /// Learns what it can of the pods `slices` name (listing them first if the last list failed
+    /// and its retry is due: a slice event does not list every pod again on an API server that just
+    /// failed to), and schedules a retry if something could not be read. Returns whether an
+    /// account was learnt.
     async fn learn(&mut self, api: &ApiClient, slices: &mut Slices) -> bool {
-        let mut listed = false;
-        if !self.listed {
+        let due = self.retry_at.is_none_or(|at| at <= tokio::time::Instant::now());
+        let mut relisted = false;
+        if !self.listed && due {
             match list_accounts(api).await {
                 Ok(accounts) => {
                     slices.accounts = accounts;
-                    (self.listed, listed) = (true, true);
+                    (self.listed, relisted) = (true, true);
                 }
                 Err(error) => {
                     warn!(%error, "pods cannot be read: Kubernetes endpoints carry no identity until a retry")
@@ -372,11 +375,11 @@ impl PodReads {
         if failed == 0 {
             self.retry_at = None;
             self.backoff = LOOKUP_RETRY_FIRST;
-        } else if self.retry_at.is_none_or(|at| at <= tokio::time::Instant::now()) {
+        } else if due {
             self.retry_at = Some(tokio::time::Instant::now() + self.backoff.mul_f64(0.5 + fastrand::f64() / 2.0));
             self.backoff = (self.backoff * 2).min(LOOKUP_RETRY_MAX);
         }
-        listed || learnt > 0
+        relisted || learnt > 0
     }
 
     /// Waits for the retry, for ever when none is due.
