@@ -174,7 +174,7 @@ impl Relay<'_> {
             && let Some(state) = &state
         {
             let observed = if connected.is_ok() { Observed::Success } else { Observed::NoResponse };
-            cluster.observe(state, observed, started);
+            cluster.observe(state, observed, started, std::time::Instant::now());
         }
         let upstream = match connected {
             Ok(upstream) => upstream,

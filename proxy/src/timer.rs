@@ -1,4 +1,5 @@
-//! Coarse time for each worker: a clock read once per tick, and timers with tick resolution.
+//! Time for each worker: a coarse clock read once per tick, timers with tick resolution, and
+//! precise deadlines that cost no lock or allocation.
 //!
 //! Some deadlines on the data path are measured in seconds and touched on every request: the
 //! header-read timeout hyper arms while a keep-alive connection waits for its next request, and the
@@ -11,8 +12,19 @@
 //!   first polled (no lock; cancelling frees the slot), and [`tick`] wakes the expired ones.
 //!
 //! Everything is per thread: a worker's connections are only ever polled by that worker, which is
-//! also the thread that ticks. A deadline fires up to one tick late, which is nothing for timeouts of
-//! tens of seconds. Only worker threads may use this module; elsewhere the clock never advances.
+//! also the thread that ticks. A coarse deadline fires up to one tick late, which is nothing for
+//! timeouts of tens of seconds. Only worker threads may use the coarse half; elsewhere the clock
+//! never advances.
+//!
+//! Route timeouts, per-try timeouts and stream idle timeouts must fire on time (they may be a few
+//! milliseconds) but almost never fire at all: the response comes first. A [`Deadline`] parks its
+//! waker in a slot of a second thread-local slab, and one tokio sleep per worker, run by
+//! [`run_alarms`], is set for the earliest deadline it knows of. Arming and cancelling a deadline
+//! touch only the slab (and the alarm only when the new deadline is the earliest); the alarm scans
+//! the slab when it goes off, wakes what is due, and sets itself for the next. A cancelled
+//! deadline leaves the alarm set, so it may go off for nothing: at most once per earliest deadline,
+//! a scan of the requests in flight. On a thread that runs no alarm (tests, the control plane) a
+//! `Deadline` is a plain tokio sleep.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -161,8 +173,244 @@ impl Drop for CoarseSleep {
 
 impl hyper::rt::Sleep for CoarseSleep {}
 
+struct Alarm {
+    deadline: tokio::time::Instant,
+    /// Taken when the alarm wakes it; `None` in a free slot too.
+    waker: Option<Waker>,
+    fired: bool,
+    generation: u64,
+}
+
+#[derive(Default)]
+struct Alarms {
+    slots: Vec<Alarm>,
+    free: Vec<usize>,
+    /// Whether [`run_alarms`] serves this thread.
+    running: bool,
+    /// When the alarm is set to go off.
+    armed: Option<tokio::time::Instant>,
+    /// The alarm task, woken to set itself earlier.
+    task: Option<Waker>,
+}
+
+thread_local! {
+    static ALARMS: RefCell<Alarms> = RefCell::new(Alarms::default());
+}
+
+/// A precise deadline: a future that is ready at `at`. See the module documentation.
+#[derive(Debug)]
+pub struct Deadline {
+    at: tokio::time::Instant,
+    state: DeadlineState,
+}
+
+#[derive(Debug)]
+enum DeadlineState {
+    /// Not polled yet: registered at the first poll.
+    Idle,
+    /// In this thread's slab: (index, generation).
+    Slot(usize, u64),
+    /// Gone off.
+    Done,
+    /// On a thread without an alarm.
+    Tokio(Pin<Box<tokio::time::Sleep>>),
+}
+
+impl Deadline {
+    /// A deadline at `at`.
+    pub fn at(at: tokio::time::Instant) -> Deadline {
+        Deadline { at, state: DeadlineState::Idle }
+    }
+
+    /// When it is due.
+    pub fn deadline(&self) -> tokio::time::Instant {
+        self.at
+    }
+
+    /// Moves the deadline to `at`, earlier or later, and makes it pending again.
+    pub fn reset(&mut self, at: tokio::time::Instant) {
+        self.at = at;
+        match &mut self.state {
+            DeadlineState::Tokio(sleep) => sleep.as_mut().reset(at),
+            DeadlineState::Slot(..) | DeadlineState::Done => {
+                self.release();
+                self.state = DeadlineState::Idle;
+            }
+            DeadlineState::Idle => {}
+        }
+    }
+
+    fn release(&mut self) {
+        let DeadlineState::Slot(index, generation) = self.state else { return };
+        self.state = DeadlineState::Done;
+        let _ = ALARMS.try_with(|alarms| {
+            let mut alarms = alarms.borrow_mut();
+            if let Some(slot) = alarms.slots.get_mut(index)
+                && slot.generation == generation
+            {
+                slot.waker = None;
+                slot.fired = false;
+                slot.generation += 1;
+                alarms.free.push(index);
+            }
+        });
+    }
+}
+
+impl Future for Deadline {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        let at = this.at;
+        let state = match &mut this.state {
+            DeadlineState::Done => return Poll::Ready(()),
+            DeadlineState::Tokio(sleep) => return sleep.as_mut().poll(cx),
+            DeadlineState::Slot(index, generation) => Some((*index, *generation)),
+            DeadlineState::Idle => None,
+        };
+        let polled = ALARMS.try_with(|alarms| {
+            let mut alarms = alarms.borrow_mut();
+            if !alarms.running {
+                return Poll::Ready(false);
+            }
+            if let Some((index, generation)) = state {
+                let Some(slot) = alarms.slots.get_mut(index).filter(|s| s.generation == generation) else {
+                    return Poll::Ready(false);
+                };
+                if slot.fired {
+                    return Poll::Ready(true);
+                }
+                match &slot.waker {
+                    Some(waker) if waker.will_wake(cx.waker()) => {}
+                    _ => slot.waker = Some(cx.waker().clone()),
+                }
+                return Poll::Pending;
+            }
+            let waker = Some(cx.waker().clone());
+            let slot = match alarms.free.pop() {
+                Some(index) => {
+                    let slot = &mut alarms.slots[index];
+                    (slot.deadline, slot.waker, slot.fired) = (at, waker, false);
+                    (index, slot.generation)
+                }
+                None => {
+                    alarms.slots.push(Alarm { deadline: at, waker, fired: false, generation: 0 });
+                    (alarms.slots.len() - 1, 0)
+                }
+            };
+            this.state = DeadlineState::Slot(slot.0, slot.1);
+            if alarms.armed.is_none_or(|armed| at < armed) {
+                alarms.armed = Some(at);
+                if let Some(task) = alarms.task.take() {
+                    task.wake();
+                }
+            }
+            Poll::Pending
+        });
+        match polled {
+            Ok(Poll::Pending) => Poll::Pending,
+            // Gone off: free the slot.
+            Ok(Poll::Ready(true)) => {
+                this.release();
+                Poll::Ready(())
+            }
+            // No alarm on this thread (or the slot was lost): a tokio sleep serves instead.
+            Ok(Poll::Ready(false)) | Err(_) => {
+                this.release();
+                let mut sleep = Box::pin(tokio::time::sleep_until(at));
+                let polled = sleep.as_mut().poll(cx);
+                this.state = DeadlineState::Tokio(sleep);
+                polled
+            }
+        }
+    }
+}
+
+impl Drop for Deadline {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// Serves this thread's [`Deadline`]s until dropped: each worker spawns it once.
+pub async fn run_alarms() {
+    struct Stop;
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            // Deadlines still waiting fall back to tokio sleeps when next polled.
+            let wakers: Vec<Waker> = ALARMS
+                .try_with(|alarms| {
+                    let mut alarms = alarms.borrow_mut();
+                    alarms.running = false;
+                    alarms.armed = None;
+                    alarms.task = None;
+                    alarms.slots.iter_mut().filter_map(|s| s.waker.take()).collect()
+                })
+                .unwrap_or_default();
+            for waker in wakers {
+                waker.wake();
+            }
+        }
+    }
+    let _ = ALARMS.try_with(|alarms| alarms.borrow_mut().running = true);
+    let _stop = Stop;
+    let mut sleep = std::pin::pin!(tokio::time::sleep(Duration::from_secs(3600)));
+    let mut set: Option<tokio::time::Instant> = None;
+    std::future::poll_fn(|cx| {
+        loop {
+            if set.is_some() && sleep.as_mut().poll(cx).is_ready() {
+                set = None;
+                let now = tokio::time::Instant::now();
+                let due: Vec<Waker> = ALARMS
+                    .try_with(|alarms| {
+                        let mut alarms = alarms.borrow_mut();
+                        let mut next: Option<tokio::time::Instant> = None;
+                        let mut due = Vec::new();
+                        for slot in alarms.slots.iter_mut().filter(|s| s.waker.is_some() && !s.fired) {
+                            if slot.deadline <= now {
+                                slot.fired = true;
+                                due.extend(slot.waker.take());
+                            } else if next.is_none_or(|n| slot.deadline < n) {
+                                next = Some(slot.deadline);
+                            }
+                        }
+                        alarms.armed = next;
+                        due
+                    })
+                    .unwrap_or_default();
+                for waker in due {
+                    waker.wake();
+                }
+            }
+            let armed = ALARMS
+                .try_with(|alarms| {
+                    let mut alarms = alarms.borrow_mut();
+                    alarms.task = Some(cx.waker().clone());
+                    alarms.armed
+                })
+                .ok()
+                .flatten();
+            match armed {
+                Some(at) if set != Some(at) => {
+                    sleep.as_mut().reset(at);
+                    set = Some(at);
+                }
+                Some(_) => {}
+                None => return Poll::<()>::Pending,
+            }
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+    })
+    .await;
+}
+
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::task::Wake;
@@ -195,6 +443,64 @@ mod tests {
         assert!(sleep.as_mut().poll(&mut cx).is_ready());
         drop(sleep);
         SLAB.with(|slab| assert_eq!(slab.borrow().free.len(), slab.borrow().slots.len()));
+    }
+
+    fn alarm_slots() -> (usize, usize) {
+        ALARMS.with(|alarms| (alarms.borrow().slots.len(), alarms.borrow().free.len()))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deadlines_fire_on_time_in_order_and_give_their_slots_back() {
+        tokio::spawn(run_alarms());
+        tokio::task::yield_now().await;
+        let start = tokio::time::Instant::now();
+        let elapsed = move |at: Duration| async move {
+            Deadline::at(start + at).await;
+            start.elapsed()
+        };
+        // The later one registers first: the earlier one must set the alarm earlier.
+        let late = tokio::spawn(elapsed(Duration::from_millis(50)));
+        tokio::task::yield_now().await;
+        let early = tokio::spawn(elapsed(Duration::from_millis(10)));
+        // One is cancelled after it registered: it is never woken, and the rest still fire.
+        let mut cancelled = Deadline::at(start + Duration::from_millis(5));
+        std::future::poll_fn(|cx| {
+            assert!(Pin::new(&mut cancelled).poll(cx).is_pending());
+            Poll::Ready(())
+        })
+        .await;
+        let (slots, free) = alarm_slots();
+        assert_eq!(slots - free, 2, "the late and the cancelled deadline are in the slab, not tokio sleeps");
+        drop(cancelled);
+        assert_eq!(early.await.unwrap(), Duration::from_millis(10));
+        assert_eq!(late.await.unwrap(), Duration::from_millis(50));
+        let (slots, free) = alarm_slots();
+        assert!(slots >= 2 && free == slots, "{free} of {slots} slots free");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reset_deadline_fires_at_its_new_time() {
+        tokio::spawn(run_alarms());
+        tokio::task::yield_now().await;
+        let start = tokio::time::Instant::now();
+        let mut deadline = Deadline::at(start + Duration::from_millis(10));
+        std::future::poll_fn(|cx| {
+            assert!(Pin::new(&mut deadline).poll(cx).is_pending());
+            Poll::Ready(())
+        })
+        .await;
+        deadline.reset(start + Duration::from_millis(30));
+        assert_eq!(deadline.deadline(), start + Duration::from_millis(30));
+        deadline.await;
+        assert_eq!(start.elapsed(), Duration::from_millis(30));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_an_alarm_a_deadline_is_a_tokio_sleep() {
+        let start = tokio::time::Instant::now();
+        Deadline::at(start + Duration::from_millis(20)).await;
+        assert_eq!(start.elapsed(), Duration::from_millis(20));
+        assert_eq!(alarm_slots(), (0, 0));
     }
 
     #[test]

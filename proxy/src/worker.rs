@@ -49,6 +49,7 @@ impl Workers {
             let data = data.clone();
             let thread = std::thread::Builder::new().name(format!("remora-worker-{index}")).spawn(move || {
                 runtime.block_on(async move {
+                    tokio::spawn(timer::run_alarms());
                     tokio::spawn(async {
                         let mut tick = tokio::time::interval(limits::TIMER_TICK);
                         loop {

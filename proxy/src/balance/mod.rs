@@ -470,22 +470,30 @@ impl EndpointSet {
         self.members.get(index as usize)
     }
 
-    /// Like [`EndpointSet::pick`], but tries a few times for an endpoint not in `avoid` (the ones a
-    /// retried request already tried). Falls back to whatever the last pick gave.
+    /// Like [`EndpointSet::pick`], but for an endpoint not in `avoid` (the ones a retried request
+    /// already tried). A hashed key moves to the next endpoint clockwise on the ring, so every retry
+    /// of one key goes to the same second choice; other strategies draw again a couple of times,
+    /// then take the first endpoint of the tier not avoided. Falls back to the first pick when every
+    /// endpoint is avoided.
     pub fn pick_avoiding(&self, key: Option<u64>, avoid: &[SocketAddr]) -> Option<&Member> {
-        let mut picked = self.pick(key)?;
-        if avoid.is_empty() {
+        let picked = self.pick(key)?;
+        if avoid.is_empty() || !avoid.contains(&picked.address()) {
             return Some(picked);
         }
-        // A hashed key always lands on the same endpoint; a retry of it draws at random instead.
-        let key = if self.config.strategy == Strategy::RingHash { None } else { key };
-        for _ in 0..3 {
-            if !avoid.contains(&picked.address()) {
-                break;
-            }
-            picked = self.pick(key)?;
+        let allowed = |index: u32| self.members.get(index as usize).filter(|m| !avoid.contains(&m.address()));
+        let view = self.view.load();
+        let Some(tier) = view.tier() else { return Some(picked) };
+        if let (Strategy::RingHash, Some(key), Some(ring)) = (self.config.strategy, key, &tier.ring) {
+            return ring.lookup_where(key, |index| allowed(index).is_some()).and_then(allowed).or(Some(picked));
         }
-        Some(picked)
+        for _ in 0..2 {
+            if let Some(member) = self.pick(None).filter(|m| !avoid.contains(&m.address())) {
+                return Some(member);
+            }
+        }
+        let start = fastrand::usize(..tier.members.len().max(1));
+        let (after, before) = tier.members.split_at(start.min(tier.members.len()));
+        before.iter().chain(after).find_map(|index| allowed(*index)).or(Some(picked))
     }
 
     /// Whether any endpoint is healthy now (a route's fallback serves when none is).
@@ -496,8 +504,12 @@ impl EndpointSet {
     /// Records how an attempt on `member` that started at `started` ended (now); ejects it if that
     /// completes a failure streak outlier detection counts. Returns whether it was ejected.
     pub fn observe(&self, member: &EndpointState, observed: Observed, started: Instant) -> bool {
-        // One clock read serves the latency and the estimate's timestamp.
-        let at = Instant::now();
+        self.observe_until(member, observed, started, Instant::now())
+    }
+
+    /// [`EndpointSet::observe`] for an attempt that ended at `at`: the caller's clock read serves
+    /// the latency and the estimate's timestamp.
+    pub fn observe_until(&self, member: &EndpointState, observed: Observed, started: Instant, at: Instant) -> bool {
         let now = nanos_since_start(at);
         let (streak_5xx, streak_gateway) = member.observe(observed, at.saturating_duration_since(started), now);
         let Some(outlier) = &self.config.outlier else { return false };
@@ -870,10 +882,32 @@ mod tests {
             *owners.entry(first).or_insert(0) += 1;
         }
         assert_eq!(owners.len(), 4, "every endpoint owns some keys: {owners:?}");
-        // A retry of a hashed request avoids the endpoint it tried.
-        let key = ring::hash_key(b"k");
-        let first = set.pick(Some(key)).unwrap().address();
-        assert_ne!(set.pick_avoiding(Some(key), &[first]).unwrap().address(), first);
+        // A retry of a hashed request avoids the endpoints it tried, the same way every time.
+        for user in 0..50_u32 {
+            let key = ring::hash_key(&user.to_le_bytes());
+            let first = set.pick(Some(key)).unwrap().address();
+            let second = set.pick_avoiding(Some(key), &[first]).unwrap().address();
+            assert_ne!(second, first);
+            assert!((0..10).all(|_| set.pick_avoiding(Some(key), &[first]).unwrap().address() == second));
+            let third = set.pick_avoiding(Some(key), &[first, second]).unwrap().address();
+            assert!(third != first && third != second);
+        }
+    }
+
+    #[test]
+    fn retries_reach_the_one_endpoint_not_yet_tried() {
+        for strategy in [Strategy::RoundRobin, Strategy::Random, Strategy::LeastRequest, Strategy::Ewma] {
+            let set = build(
+                SetConfig::with_strategy(strategy),
+                (0..4).map(|i| endpoint(i, 1, Proximity::Elsewhere)).collect(),
+            );
+            let tried: Vec<SocketAddr> = set.members()[..3].iter().map(|m| m.address()).collect();
+            let left = set.members()[3].address();
+            assert!((0..200).all(|_| set.pick_avoiding(None, &tried).unwrap().address() == left), "{strategy:?}");
+            // With every endpoint tried, a retry still goes somewhere.
+            let all: Vec<SocketAddr> = set.members().iter().map(|m| m.address()).collect();
+            assert!(set.pick_avoiding(None, &all).is_some());
+        }
     }
 
     #[test]

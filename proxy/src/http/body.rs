@@ -28,6 +28,7 @@ use crate::http::replay::ReplayBody;
 use crate::policy::breaker::Slot;
 use crate::telemetry::ClusterStats;
 use crate::telemetry::trace::ClientSpan;
+use crate::timer;
 
 /// Errors a body can end with.
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
@@ -151,7 +152,7 @@ struct IdleBody {
     inner: ProxyBody,
     limit: Duration,
     last_frame: tokio::time::Instant,
-    timer: Pin<Box<tokio::time::Sleep>>,
+    timer: timer::Deadline,
     stats: Arc<ClusterStats>,
 }
 
@@ -185,7 +186,7 @@ impl ProxyBody {
     /// for `limit`; counted in `stats`.
     pub fn idle_timeout(self, limit: Duration, stats: Arc<ClusterStats>) -> Self {
         let last_frame = tokio::time::Instant::now();
-        let timer = Box::pin(tokio::time::sleep_until(last_frame + limit));
+        let timer = timer::Deadline::at(last_frame + limit);
         let idle = IdleBody { inner: self, limit, last_frame, timer, stats };
         ProxyBody { kind: Kind::Idle(Box::new(idle)), _in_flight: InFlight::default(), finish: None }
     }
@@ -251,14 +252,14 @@ impl ProxyBody {
                     idle.last_frame = tokio::time::Instant::now();
                     return polled;
                 }
-                while idle.timer.as_mut().poll(cx).is_ready() {
+                while Pin::new(&mut idle.timer).poll(cx).is_ready() {
                     let due = idle.last_frame + idle.limit;
                     if due <= tokio::time::Instant::now() {
                         idle.stats.idle_timeouts.inc();
                         return Poll::Ready(Some(Err(StreamIdle(idle.limit).into())));
                     }
                     // A frame came since the timer was set: it is due later.
-                    idle.timer.as_mut().reset(due);
+                    idle.timer.reset(due);
                 }
                 Poll::Pending
             }

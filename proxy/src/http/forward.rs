@@ -45,6 +45,7 @@ use crate::policy::RoutePolicy;
 use crate::policy::breaker::Slot;
 use crate::policy::retry::{RetryPolicy, Verdict};
 use crate::state::cluster::Cluster;
+use crate::timer;
 
 /// A routed, admitted and prepared request's instructions.
 pub(crate) struct Policed {
@@ -56,6 +57,9 @@ pub(crate) struct Policed {
     pub(crate) downstream_version: http::Version,
     pub(crate) upgrade: bool,
     pub(crate) downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    /// When the request arrived: the route's timeout runs from here (from the end of an injected
+    /// delay when there is one).
+    pub(crate) arrived: Instant,
 }
 
 /// A request's head, kept to build each attempt's request from.
@@ -188,11 +192,16 @@ pub(crate) async fn policed(
     policed: Policed,
     connection: &Arc<HttpConnection>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let Policed { cluster, policy, observe, delay, version, downstream_version, upgrade, downstream_upgrade } = policed;
-    if let Some(delay) = delay {
-        tokio::time::sleep(delay).await;
-    }
-    let started = tokio::time::Instant::now();
+    let Policed { cluster, policy, observe, delay, version, downstream_version, upgrade, downstream_upgrade, arrived } =
+        policed;
+    // The arrival's clock read serves the timeout, the budget and the first try.
+    let started = match delay {
+        Some(delay) => {
+            tokio::time::sleep(delay).await;
+            tokio::time::Instant::now()
+        }
+        None => tokio::time::Instant::from_std(arrived),
+    };
     let with_fallback = |error: ProxyError| match &policy.fallback {
         Some(response) if error.takes_fallback() => {
             ProxyError::Fallback { response: response.clone(), cause: Box::new(error) }
@@ -213,6 +222,7 @@ pub(crate) async fn policed(
         observe: observe.as_ref(),
         version,
         timeout: policy.timeout.map(|limit| (limit, started + limit)),
+        started,
     };
     let result = if retry.is_none() && mirror.is_none() {
         attempts
@@ -261,6 +271,8 @@ struct Attempts<'a> {
     version: client::Version,
     /// The route's timeout and when it runs out.
     timeout: Option<(Duration, tokio::time::Instant)>,
+    /// When the first attempt started.
+    started: tokio::time::Instant,
 }
 
 // Lives on the stack for one turn of the loop and is matched at once: its size costs nothing.
@@ -280,14 +292,14 @@ impl Attempts<'_> {
         downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let upgrade = downstream_upgrade.is_some();
-        let (endpoint, attempt) = self.pick(&template.headers, &[])?;
+        let (endpoint, attempt) = self.pick(&template.headers, &[], self.started)?;
         let trace = attempt.trace_headers();
         let result = self.exchange(endpoint, template, trace, body, upgrade, None).await;
         self.finish(result, attempt, downstream_upgrade)
     }
 
     /// Sends a prepared request to `endpoint` and waits for its response head, within `per_try`
-    /// and the route's timeout. The exchange is polled where it was made (pinned in this future),
+    /// (its length, and when it runs out) and the route's timeout. The exchange is polled where it was made (pinned in this future),
     /// and one timer serves both limits: wrapping it in a timeout per limit would copy the whole
     /// exchange (a kilobyte or more) into each wrapper, on every request.
     async fn exchange(
@@ -297,11 +309,11 @@ impl Attempts<'_> {
         trace: Option<Vec<(HeaderName, HeaderValue)>>,
         body: UpstreamBody,
         upgrade: bool,
-        per_try: Option<Duration>,
+        per_try: Option<(Duration, tokio::time::Instant)>,
     ) -> Result<Outcome, ProxyError> {
         let cluster = &**self.cluster;
         // Whichever limit runs out first: (is it the per-try one, its length, when).
-        let per_try = per_try.map(|limit| (true, limit, tokio::time::Instant::now() + limit));
+        let per_try = per_try.map(|(limit, at)| (true, limit, at));
         let route = self.timeout.map(|(limit, at)| (false, limit, at));
         let limit = match (per_try, route) {
             (Some(a), Some(b)) => Some(if a.2 < b.2 { a } else { b }),
@@ -338,8 +350,14 @@ impl Attempts<'_> {
         }
     }
 
-    /// Balances for the next attempt, avoiding `tried`, within the `max_requests` breaker.
-    fn pick(&self, headers: &HeaderMap, tried: &[SocketAddr]) -> Result<(SocketAddr, Attempt), ProxyError> {
+    /// Balances for the next attempt, starting at `at`, avoiding `tried`, within the `max_requests`
+    /// breaker.
+    fn pick(
+        &self,
+        headers: &HeaderMap,
+        tried: &[SocketAddr],
+        at: tokio::time::Instant,
+    ) -> Result<(SocketAddr, Attempt), ProxyError> {
         let cluster = self.cluster;
         let picked = cluster
             .pick(self.connection.original_destination, Some(headers), Some(self.connection.peer), tried)
@@ -347,7 +365,7 @@ impl Attempts<'_> {
         let slot =
             cluster.breakers.request(&cluster.stats).map_err(|b| ProxyError::Overflow(cluster.name.clone(), b))?;
         let observe = self.observe.map(|o| (&**o, &**self.connection));
-        Ok((picked.address, Attempt::start(cluster, &picked, slot, observe)))
+        Ok((picked.address, Attempt::start(cluster, &picked, slot, observe, at.into_std())))
     }
 
     /// Starts an attempt reading `body`, with the retry policy's per-try timeout, as a future of
@@ -360,10 +378,12 @@ impl Attempts<'_> {
         tried: &mut Tried,
         retry_slot: Option<Slot>,
     ) -> Result<Running<'b>, ProxyError> {
-        let (endpoint, attempt) = self.pick(&template.headers, tried.as_slice())?;
+        let now = tokio::time::Instant::now();
+        let (endpoint, attempt) = self.pick(&template.headers, tried.as_slice(), now)?;
         tried.push(endpoint);
         let trace = attempt.trace_headers();
-        let exchange = Box::pin(self.exchange(endpoint, template, trace, body, false, retry.per_try_timeout));
+        let per_try = retry.per_try_timeout.map(|limit| (limit, now + limit));
+        let exchange = Box::pin(self.exchange(endpoint, template, trace, body, false, per_try));
         Ok(Running { exchange, attempt, _retry_slot: retry_slot })
     }
 
@@ -437,14 +457,15 @@ impl Attempts<'_> {
         template: Template,
         body: Reusable,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        retry.budget.deposit(Instant::now());
+        retry.budget.deposit(self.started.into_std());
         let mut tried = Tried::default();
         let mut started = 1_u32;
+        let mut sent = self.started;
         let mut next = body.attempt().ok_or(ProxyError::BadRequest("the request body failed"))?;
         let mut retry_slot = None;
         let mut previous: Option<(Result<Outcome, ProxyError>, Attempt)> = None;
         loop {
-            let (endpoint, mut attempt) = match self.pick(&template.headers, tried.as_slice()) {
+            let (endpoint, mut attempt) = match self.pick(&template.headers, tried.as_slice(), sent) {
                 Ok(picked) => picked,
                 // No endpoint for a retry: the last failure is the answer.
                 Err(error) => return previous.map_or(Err(error), |(result, attempt)| give_up(result, attempt)),
@@ -452,7 +473,8 @@ impl Attempts<'_> {
             drop(previous.take());
             tried.push(endpoint);
             let trace = attempt.trace_headers();
-            let result = self.exchange(endpoint, &template, trace, next, false, retry.per_try_timeout).await;
+            let per_try = retry.per_try_timeout.map(|limit| (limit, sent + limit));
+            let result = self.exchange(endpoint, &template, trace, next, false, per_try).await;
             drop(retry_slot.take());
             let Verdict::Retry(retry_after) = Self::verdict(retry, &result, false) else {
                 return self.finish(result, attempt, None);
@@ -462,6 +484,7 @@ impl Attempts<'_> {
                 return give_up(result, attempt);
             };
             tokio::time::sleep(wait).await;
+            sent = tokio::time::Instant::now();
             previous = Some((result, attempt));
             (next, retry_slot, started) = (body, slot, started + 1);
         }
@@ -475,21 +498,24 @@ impl Attempts<'_> {
         body: Reusable,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let cluster = self.cluster;
-        retry.budget.deposit(Instant::now());
+        retry.budget.deposit(self.started.into_std());
         let mut tried = Tried::default();
         let mut started = 1_u32;
         let mut running: Vec<Running<'_>> = Vec::with_capacity(2);
         let first = body.attempt().ok_or(ProxyError::BadRequest("the request body failed"))?;
         running.push(self.launch(retry, &template, first, &mut tried, None)?);
-        let mut deadline = self.timeout.map(|(_, at)| Box::pin(tokio::time::sleep_until(at)));
+        let mut deadline = self.timeout.map(|(_, at)| timer::Deadline::at(at));
         let arm_hedge = |started: u32| {
-            retry.hedge_delay.filter(|_| started <= retry.attempts).map(|d| Box::pin(tokio::time::sleep(d)))
+            retry
+                .hedge_delay
+                .filter(|_| started <= retry.attempts)
+                .map(|d| timer::Deadline::at(tokio::time::Instant::now() + d))
         };
         let mut hedge = arm_hedge(started);
         loop {
             let event = poll_fn(|cx| {
                 if let Some(deadline) = deadline.as_mut()
-                    && deadline.as_mut().poll(cx).is_ready()
+                    && Pin::new(deadline).poll(cx).is_ready()
                 {
                     return Poll::Ready(Event::Deadline);
                 }
@@ -499,7 +525,7 @@ impl Attempts<'_> {
                     }
                 }
                 if let Some(timer) = hedge.as_mut()
-                    && timer.as_mut().poll(cx).is_ready()
+                    && Pin::new(timer).poll(cx).is_ready()
                 {
                     return Poll::Ready(Event::Hedge);
                 }
@@ -584,12 +610,12 @@ fn give_up(result: Result<Outcome, ProxyError>, attempt: Attempt) -> Result<Resp
 /// Polls `exchange` to its end, or until `deadline`: `None` if the deadline came first.
 async fn within<F: Future>(mut exchange: Pin<&mut F>, deadline: Option<tokio::time::Instant>) -> Option<F::Output> {
     let Some(deadline) = deadline else { return Some(exchange.await) };
-    let mut timer = std::pin::pin!(tokio::time::sleep_until(deadline));
+    let mut timer = timer::Deadline::at(deadline);
     poll_fn(|cx| {
         if let Poll::Ready(output) = exchange.as_mut().poll(cx) {
             return Poll::Ready(Some(output));
         }
-        timer.as_mut().poll(cx).map(|()| None)
+        Pin::new(&mut timer).poll(cx).map(|()| None)
     })
     .await
 }

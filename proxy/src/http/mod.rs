@@ -215,7 +215,7 @@ async fn proxy(
     let (observe, unsampled) = observe::begin(&mut request, &connection);
     let grpc = observe::is_grpc(request.headers());
     let mut routed = None;
-    let result = match plan(&mut request, &connection, &mut routed, observe.as_ref(), unsampled) {
+    let result = match plan(&mut request, &connection, &mut routed, observe.as_ref(), unsampled, arrived) {
         Err(error) => Err(error),
         Ok(Plan::Connect(cluster)) => {
             // Boxed in its own statement (see `client::send_http2`): rare, and large.
@@ -299,16 +299,16 @@ pub(crate) struct Attempt {
 }
 
 impl Attempt {
-    /// Starts an attempt on `picked` for `cluster`, holding the breaker slot `slot`; counted by
-    /// `observe` if something observes the request.
+    /// Starts an attempt, at `started`, on `picked` for `cluster`, holding the breaker slot `slot`;
+    /// counted by `observe` if something observes the request.
     fn start(
         cluster: &Cluster,
         picked: &Picked<'_>,
         slot: Option<crate::policy::breaker::Slot>,
         observe: Option<(&Observe, &HttpConnection)>,
+        started: Instant,
     ) -> Attempt {
         let span = observe.and_then(|(observe, connection)| observe.attempt(connection, &cluster.name, picked.address));
-        let started = Instant::now();
         let Some(member) = picked.member else {
             return Attempt { observed: None, started, in_flight: InFlight { active: None, slot, span } };
         };
@@ -326,9 +326,11 @@ impl Attempt {
 
     /// Records a response with `status`.
     fn observe_response(&mut self, cluster: &Cluster, status: u16) {
-        cluster.stats.attempt_duration.observe(self.started.elapsed());
+        // One clock read serves the histogram and the balancer's estimate.
+        let ended = Instant::now();
+        cluster.stats.attempt_duration.observe(ended.saturating_duration_since(self.started));
         if let Some(endpoint) = &self.observed {
-            cluster.observe(endpoint, Observed::from_status(status), self.started);
+            cluster.observe(endpoint, Observed::from_status(status), self.started, ended);
         }
         if let Some(span) = &mut self.in_flight.span {
             span.set_status(status);
@@ -355,7 +357,7 @@ impl Attempt {
                 | ProxyError::Http1(h1::Error::Io(_) | h1::Error::Closed | h1::Error::Protocol(_))
         );
         if endpoint_failed && let Some(endpoint) = &self.observed {
-            cluster.observe(endpoint, Observed::NoResponse, self.started);
+            cluster.observe(endpoint, Observed::NoResponse, self.started, Instant::now());
         }
     }
 }
@@ -422,6 +424,7 @@ fn plan(
     routed: &mut Option<Arc<RequestStats>>,
     observe: Option<&Arc<Observe>>,
     unsampled: Option<Traceparent>,
+    arrived: Instant,
 ) -> Result<Plan, ProxyError> {
     // Route.
     let (cluster, policy) = {
@@ -456,7 +459,7 @@ fn plan(
     // Admit, by the route's policy.
     let mut delay = None;
     if let Some(policy) = &policy {
-        match policy.admit() {
+        match policy.admit(arrived) {
             Admission::Forward { delay: injected } => delay = injected,
             Admission::RateLimited(wait) => return Err(ProxyError::RateLimited(wait)),
             Admission::Abort { status, delay: None } => return Err(ProxyError::FaultInjected(status)),
@@ -497,6 +500,7 @@ fn plan(
             downstream_version,
             upgrade,
             downstream_upgrade,
+            arrived,
         }));
     }
     // Balance.
@@ -505,7 +509,7 @@ fn plan(
         .ok_or_else(|| no_endpoint(&cluster))?;
     let slot = cluster.breakers.request(&cluster.stats).map_err(|b| ProxyError::Overflow(cluster.name.clone(), b))?;
     let endpoint = picked.address;
-    let attempt = Attempt::start(&cluster, &picked, slot, observe.map(|o| (&**o, connection)));
+    let attempt = Attempt::start(&cluster, &picked, slot, observe.map(|o| (&**o, connection)), arrived);
     // Prepare.
     headers::prepare_request(request, version, endpoint, upgrade);
     if let Some(trace) = attempt.trace_headers() {

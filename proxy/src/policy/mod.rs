@@ -150,10 +150,10 @@ impl RoutePolicy {
             || self.idle_timeout.is_some()
     }
 
-    /// Decides what happens to one request.
-    pub fn admit(&self) -> Admission {
+    /// Decides what happens to one request, arrived at `now`.
+    pub fn admit(&self, now: Instant) -> Admission {
         if let Some(limiter) = &self.limiter
-            && let Err(wait) = limiter.acquire(Instant::now())
+            && let Err(wait) = limiter.acquire(now)
         {
             return Admission::RateLimited(wait);
         }
@@ -203,7 +203,7 @@ mod tests {
             ..Default::default()
         };
         let policy = RoutePolicy::compile(&route, &none).unwrap().unwrap();
-        assert_eq!(policy.admit(), Admission::Abort { status: 418, delay: None });
+        assert_eq!(policy.admit(Instant::now()), Admission::Abort { status: 418, delay: None });
     }
 
     #[test]

@@ -262,11 +262,17 @@ impl Cluster {
         }
     }
 
-    /// Records how an attempt on `endpoint` that started at `started` ended (for outlier detection
-    /// and ewma).
-    pub fn observe(&self, endpoint: &EndpointState, observed: crate::balance::Observed, started: std::time::Instant) {
+    /// Records how an attempt on `endpoint` that ran from `started` to `ended` ended (for outlier
+    /// detection and ewma).
+    pub fn observe(
+        &self,
+        endpoint: &EndpointState,
+        observed: crate::balance::Observed,
+        started: std::time::Instant,
+        ended: std::time::Instant,
+    ) {
         if let Targets::Endpoints(set) = &self.targets {
-            set.observe(endpoint, observed, started);
+            set.observe_until(endpoint, observed, started, ended);
         }
     }
 }
