@@ -484,7 +484,7 @@ impl EndpointSet {
         let view = self.view.load();
         let Some(tier) = view.tier() else { return Some(picked) };
         if let (Strategy::RingHash, Some(key), Some(ring)) = (self.config.strategy, key, &tier.ring) {
-            return ring.lookup_where(key, |index| allowed(index).is_some()).and_then(allowed).or(Some(picked));
+            return ring.find_from(key, allowed).or(Some(picked));
         }
         for _ in 0..2 {
             if let Some(member) = self.pick(None).filter(|m| !avoid.contains(&m.address())) {
@@ -501,15 +501,10 @@ impl EndpointSet {
         self.view.load().healthy > 0
     }
 
-    /// Records how an attempt on `member` that started at `started` ended (now); ejects it if that
-    /// completes a failure streak outlier detection counts. Returns whether it was ejected.
-    pub fn observe(&self, member: &EndpointState, observed: Observed, started: Instant) -> bool {
-        self.observe_until(member, observed, started, Instant::now())
-    }
-
-    /// [`EndpointSet::observe`] for an attempt that ended at `at`: the caller's clock read serves
-    /// the latency and the estimate's timestamp.
-    pub fn observe_until(&self, member: &EndpointState, observed: Observed, started: Instant, at: Instant) -> bool {
+    /// Records how an attempt on `member` that ran from `started` to `at` ended; ejects it if that
+    /// completes a failure streak outlier detection counts. Returns whether it was ejected. The
+    /// caller's clock read (`at`) serves the latency and the estimate's timestamp.
+    pub fn observe(&self, member: &EndpointState, observed: Observed, started: Instant, at: Instant) -> bool {
         let now = nanos_since_start(at);
         let (streak_5xx, streak_gateway) = member.observe(observed, at.saturating_duration_since(started), now);
         let Some(outlier) = &self.config.outlier else { return false };

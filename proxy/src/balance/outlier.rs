@@ -325,15 +325,15 @@ mod tests {
         let ms = Duration::from_millis(1);
         let [a, b, _] = [0, 1, 2].map(|i| set.members()[i].state.clone());
         for _ in 0..2 {
-            assert!(!set.observe(&a, Observed::ServerError { gateway: false }, ago(ms)));
+            assert!(!set.observe(&a, Observed::ServerError { gateway: false }, ago(ms), Instant::now()));
         }
         assert!(
-            set.observe(&a, Observed::ServerError { gateway: false }, ago(ms)),
+            set.observe(&a, Observed::ServerError { gateway: false }, ago(ms), Instant::now()),
             "the third failure in a row ejects"
         );
         assert_eq!(served(&set, 30), [1, 2]);
         for _ in 0..3 {
-            set.observe(&b, Observed::NoResponse, ago(ms));
+            set.observe(&b, Observed::NoResponse, ago(ms), Instant::now());
         }
         assert_eq!(served(&set, 30), [1, 2], "40% of 3 allows one ejection at a time");
         assert_eq!(set.view().ejected(), 1);
@@ -344,10 +344,10 @@ mod tests {
         let set = set(2, config(|c| c.consecutive_gateway = 2));
         let a = set.members()[0].state.clone();
         let ms = Duration::from_millis(1);
-        set.observe(&a, Observed::ServerError { gateway: true }, ago(ms));
-        set.observe(&a, Observed::Success, ago(ms));
-        assert!(!set.observe(&a, Observed::ServerError { gateway: true }, ago(ms)));
-        assert!(set.observe(&a, Observed::ServerError { gateway: true }, ago(ms)));
+        set.observe(&a, Observed::ServerError { gateway: true }, ago(ms), Instant::now());
+        set.observe(&a, Observed::Success, ago(ms), Instant::now());
+        assert!(!set.observe(&a, Observed::ServerError { gateway: true }, ago(ms), Instant::now()));
+        assert!(set.observe(&a, Observed::ServerError { gateway: true }, ago(ms), Instant::now()));
     }
 
     fn feed(set: &EndpointSet, index: usize, requests: u32, failures: u32, latency: Duration) {
@@ -432,7 +432,7 @@ mod tests {
             }),
         ));
         let a = set.members()[0].state.clone();
-        assert!(set.observe(&a, Observed::NoResponse, ago(Duration::from_secs(1))));
+        assert!(set.observe(&a, Observed::NoResponse, ago(Duration::from_secs(1)), Instant::now()));
         assert_eq!(served(&set, 10), [1]);
         std::thread::sleep(Duration::from_millis(5));
         evaluate(&set, set.config().outlier.as_ref().unwrap());

@@ -75,12 +75,12 @@ impl Ring {
         self.points.get(at).or_else(|| self.points.first()).map(|(_, index)| *index)
     }
 
-    /// The owner of the first point at or after `key`, wrapping around, that `wanted` accepts:
-    /// where a retry of a hashed request goes when the endpoints it tried are not wanted.
-    pub fn lookup_where(&self, key: u64, wanted: impl Fn(u32) -> bool) -> Option<u32> {
+    /// What `wanted` gives for the owner of the first point at or after `key`, wrapping around, that
+    /// it gives something for: where a retry of a hashed request goes, past the endpoints it tried.
+    pub fn find_from<T>(&self, key: u64, wanted: impl Fn(u32) -> Option<T>) -> Option<T> {
         let at = self.points.partition_point(|(position, _)| *position < key);
         let (before, after) = self.points.split_at(at);
-        after.iter().chain(before).map(|(_, index)| *index).find(|index| wanted(*index))
+        after.iter().chain(before).find_map(|(_, index)| wanted(*index))
     }
 
     /// How many points the ring holds.

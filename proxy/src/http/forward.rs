@@ -299,9 +299,10 @@ impl Attempts<'_> {
     }
 
     /// Sends a prepared request to `endpoint` and waits for its response head, within `per_try`
-    /// (its length, and when it runs out) and the route's timeout. The exchange is polled where it was made (pinned in this future),
-    /// and one timer serves both limits: wrapping it in a timeout per limit would copy the whole
-    /// exchange (a kilobyte or more) into each wrapper, on every request.
+    /// (its length, and when it runs out) and the route's timeout. The exchange is polled where it
+    /// was made (pinned in this future), and one timer serves both limits: wrapping it in a timeout
+    /// per limit would copy the whole exchange (a kilobyte or more) into each wrapper, on every
+    /// request.
     async fn exchange(
         &self,
         endpoint: SocketAddr,

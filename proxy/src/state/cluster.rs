@@ -272,7 +272,7 @@ impl Cluster {
         ended: std::time::Instant,
     ) {
         if let Targets::Endpoints(set) = &self.targets {
-            set.observe_until(endpoint, observed, started, ended);
+            set.observe(endpoint, observed, started, ended);
         }
     }
 }
