@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use remora_control_api::Kind;
-use remora_control_api::testing::{GenericClient, fresh_dir};
+use remora_control_plane::testing::{GenericClient, fresh_dir};
 
 const CLUSTERS: usize = 100;
 const ENDPOINTS_PER_CLUSTER: usize = 100;

@@ -30,8 +30,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
+use remora_control_plane::testing::{IssuedPem, TestCa};
+use remora_proxy::testing::HttpServer;
 use remora_proxy::testing::servers::{Handler, full};
-use remora_proxy::testing::{HttpServer, IssuedPem, TestCa};
 
 const CONNECTIONS: usize = 16;
 const HANDSHAKE_CLIENTS: usize = 8;

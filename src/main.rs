@@ -1,6 +1,8 @@
-//! `remora`: the one binary, for the sidecar proxy and its tools. This file only parses the command
-//! line, sets up logging and dispatches; the work lives in the `remora-proxy` and
-//! `remora-control-api` crates.
+//! `remora`: the one binary, for the sidecar proxy, its control plane and their tools. This file only
+//! parses the command line, sets up logging and dispatches; the work lives in the `remora-proxy`,
+//! `remora-control-plane` and `remora-control-api` crates, and `remora demo` in [`demo`].
+
+mod demo;
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -11,14 +13,14 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{ArgGroup, Parser, Subcommand};
-use remora_control_api::ca::kubernetes::DEFAULT_AUDIENCE;
-use remora_control_api::control::registry::{self, Registered};
-use remora_control_api::control::{
+use demo::DemoOptions;
+use remora_control_plane::ca::kubernetes::DEFAULT_AUDIENCE;
+use remora_control_plane::inject::{InjectConfig, Injector};
+use remora_control_plane::plane::{
     self, CaConfig, CaRoot, ControlConfig, InjectorConfig, InjectorTls, KubernetesApi, KubernetesEndpoints,
 };
-use remora_control_api::inject::{InjectConfig, Injector};
+use remora_control_plane::sources::registry::{self, Registered};
 use remora_proxy::capture::{self, Capture};
-use remora_proxy::demo::DemoOptions;
 use remora_proxy::{ConfigSource, StartOptions};
 
 /// Remora: a service-mesh sidecar proxy.
@@ -162,7 +164,7 @@ enum Command {
         xds_auth: bool,
         /// The lifetime of the certificates the CA issues the control plane itself (--tls-name,
         /// --injector-name), in seconds; each is renewed at half of it.
-        #[arg(long, default_value_t = control::DEFAULT_SERVING_CERT_TTL.as_secs(), value_name = "SECONDS",
+        #[arg(long, default_value_t = plane::DEFAULT_SERVING_CERT_TTL.as_secs(), value_name = "SECONDS",
               value_parser = clap::value_parser!(u64).range(2..))]
         serving_cert_ttl: u64,
         /// Serve the sidecar injector, a mutating admission webhook (POST /inject, AdmissionReview
@@ -440,7 +442,7 @@ fn main() -> ExitCode {
                 },
             };
             let serving_cert_ttl = Duration::from_secs(serving_cert_ttl);
-            control::run(ControlConfig {
+            plane::run(ControlConfig {
                 listen,
                 config_dir,
                 etcd,
@@ -464,7 +466,7 @@ fn main() -> ExitCode {
             registry::run_register(&etcd, &etcd_prefix, &endpoint, ttl, drain).map_err(anyhow::Error::from)
         }
         Command::Demo { listen, admin, control, requests } => {
-            remora_proxy::demo::run(DemoOptions { listen, admin, control, requests, ..DemoOptions::default() })
+            demo::run(DemoOptions { listen, admin, control, requests, ..DemoOptions::default() })
         }
         Command::Init {
             dry_run,

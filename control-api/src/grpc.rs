@@ -16,7 +16,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use tonic::transport::{Channel, Endpoint};
 
 /// A configured endpoint for `address` (`http://host:port`), or `None` if it is not a URL.
-pub(crate) fn endpoint(address: &str) -> Option<Endpoint> {
+pub fn endpoint(address: &str) -> Option<Endpoint> {
     let endpoint = Endpoint::from_shared(address.to_owned()).ok()?;
     Some(
         endpoint

@@ -1,4 +1,5 @@
-//! Remora's resource schema and its validation.
+//! The API between Remora's parts: the resource schema and its validation, identities, and the
+//! clients a proxy (or a tool) runs against the control plane.
 //!
 //! The schema is written once, in `proto/remora/v1/*.proto`, and used in three forms: protobuf on the
 //! control-plane wire, YAML files (the proto3 JSON mapping, written as YAML) for the proxy's `--config`
@@ -9,32 +10,31 @@
 //! then checked together by [`validate::validate`] (names unique, references resolve), which is what a
 //! proxy runs before it builds a snapshot from the set. Errors name the resource and the field.
 //!
+//! The control plane itself (the Delta-ADS server, its sources, the CA, the injector) is the
+//! `remora-control-plane` crate, built on this one; a proxy depends on this crate alone.
+//!
 //! # Layout
 //! - [`v1`]: the generated message types (prost structs with pbjson serde).
 //! - [`resource`] — [`Resource`], the tagged union of the kinds, and [`Kind`].
 //! - [`config`] — YAML documents to resources, with errors that point at the field.
 //! - [`validate`] — per-resource and cross-resource rules.
-//! - [`xds`] — Delta ADS: the server that streams resources and the client a proxy runs.
-//! - [`control`] — `remora control`: the GitOps directory, the etcd registry, the server, composed.
 //! - [`identity`] — SPIFFE IDs and the patterns allow-lists are written in.
-//! - [`ca`] — the certificate authority: its root, the signing service, and the proxies' client.
-//! - [`inject`] — the sidecar injector (`remora inject`, the admission webhook).
-//! - [`kubernetes`] — the control plane's client of the Kubernetes API server.
+//! - [`xds`] — Delta ADS: the protocol's terms and the client a proxy runs.
+//! - [`ca`] — the proxies' side of the CA: the certificate request and the signing call.
+//! - [`grpc`] — dialling the control plane (plaintext or TLS with given roots).
+//! - [`capture`] — a pod's capture settings, shared by the injector and `remora init`.
+//! - [`limits`] — limits of the control plane's wire.
+//! - [`pb`], [`capb`] — the generated Delta-ADS and CA messages and client stubs.
 
 pub mod ca;
+pub mod capture;
 pub mod config;
-pub mod control;
 pub mod grpc;
 pub mod identity;
-pub mod inject;
-pub mod kubernetes;
-pub(crate) mod limits;
+pub mod limits;
 pub mod resource;
 pub mod validate;
 pub mod xds;
-
-#[cfg(feature = "testing")]
-pub mod testing;
 
 pub use resource::{Kind, Resource};
 
@@ -56,10 +56,4 @@ pub mod pb {
 pub mod capb {
     include!(concat!(env!("OUT_DIR"), "/ca.rs"));
     pub use remora::ca::v1::*;
-}
-
-/// Generated etcd v3 client stubs (etcd's packages, trimmed).
-#[allow(clippy::all, unreachable_pub, rust_2018_idioms, missing_docs, non_snake_case)]
-pub mod etcdpb {
-    include!(concat!(env!("OUT_DIR"), "/etcd.rs"));
 }

@@ -199,7 +199,7 @@ impl Resource {
 }
 
 /// `listener "outbound"`: how a resource is named in messages.
-pub(crate) fn describe(kind: Kind, name: &str) -> String {
+pub fn describe(kind: Kind, name: &str) -> String {
     format!("{} {name:?}", kind.noun())
 }
 

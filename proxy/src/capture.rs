@@ -21,7 +21,7 @@ use std::io::Write as _;
 use std::net::IpAddr;
 use std::process::{Command, Stdio};
 
-pub use remora_control_api::inject::capture::{
+pub use remora_control_api::capture::{
     Cidr, Cidrs, ParseError, Ports, parse_cidr_set, parse_cidrs, parse_port_set, parse_ports,
 };
 

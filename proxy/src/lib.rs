@@ -49,7 +49,6 @@
 //! - [`capture`] — the iptables rules that send a pod's traffic through its proxy (`remora init`).
 //! - [`drain`] — the drain signal and open-connection count.
 //! - [`limits`] — every safety limit and default, with its reason.
-//! - [`demo`] — `remora demo`, a local mesh on built-in defaults.
 //! - `testing` (feature `testing`) — fixtures for tests and benches.
 //!
 //! Errors follow one convention: a message includes its cause (`bind 0.0.0.0:80: permission
@@ -61,7 +60,6 @@ pub mod app;
 pub mod balance;
 pub mod bootstrap;
 pub mod capture;
-pub mod demo;
 pub mod detect;
 pub mod drain;
 pub mod http;

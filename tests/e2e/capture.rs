@@ -163,7 +163,7 @@ async fn two_captured_pods_talk_over_mutual_tls_without_knowing() {
     let app_socket = server.enter(|| TcpListener::bind(address("0.0.0.0", 8080)).unwrap());
     let _app = remora_proxy::testing::HttpServer::start_on("orders", app_socket);
 
-    let ca = remora_proxy::testing::certs::TestCa::new("cluster.local");
+    let ca = remora_control_plane::testing::certs::TestCa::new("cluster.local");
     let directory = netns::temp_dir("remora-mtls-capture");
     let files = |id: &str, name: &str| -> Vec<String> {
         let paths = ca.issue(id).write(&directory.join(name));

@@ -304,7 +304,7 @@ async fn control_and_proxy_processes_work_together() {
 /// `remora register` holds a registration in etcd while it runs and removes it on SIGTERM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn register_joins_while_running_and_leaves_on_sigterm() {
-    let Some(etcd) = remora_control_api::testing::TestEtcd::start().await else { return };
+    let Some(etcd) = remora_control_plane::testing::TestEtcd::start().await else { return };
     let prefix = etcd.prefix();
     let mut register = Spawned::new(&[
         "register",
@@ -322,7 +322,7 @@ async fn register_joins_while_running_and_leaves_on_sigterm() {
         &prefix,
     ]);
     register.wait_for("registered");
-    let direct = remora_control_api::control::etcd::Etcd::connect(etcd.url()).await.unwrap();
+    let direct = remora_control_plane::sources::etcd::Etcd::connect(etcd.url()).await.unwrap();
     let (kvs, _) = direct.range_prefix(&prefix).await.unwrap();
     assert_eq!(kvs.len(), 1);
     assert_eq!(&kvs[0].key[..], format!("{}shop/127.0.0.1:9", prefix).as_bytes());

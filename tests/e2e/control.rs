@@ -11,9 +11,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
-use remora_control_api::control::registry::{self, Registered};
-use remora_control_api::testing::{GenericClient, TestControlPlane, TestEtcd};
 use remora_control_api::{Kind, Resource};
+use remora_control_plane::sources::registry::{self, Registered};
+use remora_control_plane::testing::{GenericClient, TestControlPlane, TestEtcd};
 use remora_proxy::testing::{HttpServer, TestProxy, eventually};
 use tokio::net::TcpStream;
 
@@ -493,8 +493,8 @@ struct Registered2 {
     plane: TestControlPlane,
     proxy: TestProxy,
     traffic: Traffic,
-    keeper_a: tokio::task::JoinHandle<Result<(), remora_control_api::control::etcd::EtcdError>>,
-    _keeper_b: tokio::task::JoinHandle<Result<(), remora_control_api::control::etcd::EtcdError>>,
+    keeper_a: tokio::task::JoinHandle<Result<(), remora_control_plane::sources::etcd::EtcdError>>,
+    _keeper_b: tokio::task::JoinHandle<Result<(), remora_control_plane::sources::etcd::EtcdError>>,
 }
 
 impl Registered2 {
@@ -597,7 +597,7 @@ async fn a_draining_workload_gets_no_new_requests_before_it_deregisters() {
 async fn the_registry_watch_resumes_after_it_drops() {
     let Some(etcd) = TestEtcd::start().await else { return };
     let prefix = etcd.prefix();
-    let direct = remora_control_api::control::etcd::Etcd::connect(etcd.url()).await.unwrap();
+    let direct = remora_control_plane::sources::etcd::Etcd::connect(etcd.url()).await.unwrap();
     let target: SocketAddr = etcd.url().trim_start_matches("http://").parse().unwrap();
     let mut relay = Relay::start("127.0.0.1:0".parse().unwrap(), target).await;
     let relay_address = relay.address;

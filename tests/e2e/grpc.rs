@@ -173,7 +173,7 @@ fn tokio_stream<T: Send + 'static>(mut receiver: mpsc::Receiver<T>) -> impl futu
 #[tokio::test]
 async fn grpc_crosses_mutual_tls_between_sidecars() {
     let upstream = HttpServer::with_handler(echo_service()).await;
-    let ca = remora_proxy::testing::TestCa::new("cluster.local");
+    let ca = remora_control_plane::testing::TestCa::new("cluster.local");
     let dir = remora_proxy::testing::proxy::temp_dir("remora-grpc-mesh");
     let boot = |name: &str, id: &str| {
         let identity = ca.issue(id).bootstrap_identity(&dir.join(name));

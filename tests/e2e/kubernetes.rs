@@ -16,8 +16,8 @@ use std::sync::atomic::Ordering::SeqCst;
 use std::time::Duration;
 
 use base64::Engine as _;
-use remora_control_api::inject::{InjectConfig, Injector};
-use remora_proxy::testing::certs::TestCa;
+use remora_control_plane::inject::{InjectConfig, Injector};
+use remora_control_plane::testing::certs::TestCa;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
@@ -171,7 +171,7 @@ fn injected_manifests_and_deploy_pass_the_kubernetes_schemas() {
     }
 
     // The control plane's own inputs in deploy/ load: the mesh directory and the injector settings.
-    let mesh = remora_control_api::control::directory::load(&deploy.join("mesh")).unwrap();
+    let mesh = remora_control_plane::sources::directory::load(&deploy.join("mesh")).unwrap();
     remora_control_api::validate::validate(&mesh.resources).unwrap();
     // The injector's settings name the CA root the control plane mounts; point them at one here.
     let root = directory.join("ca.crt");
@@ -612,7 +612,7 @@ impl ApiServer {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ca_issues_a_service_account_its_own_identity_after_a_token_review() {
     use remora_control_api::ca::certificate_request;
-    use remora_control_api::ca::client::{ClientError, sign};
+    use remora_control_api::ca::{ClientError, sign};
     use remora_control_api::identity::SpiffeId;
 
     let cluster_ca = TestCa::new("cluster.local");

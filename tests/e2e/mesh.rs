@@ -8,9 +8,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
-use remora_control_api::testing::TestControlPlane;
+use remora_control_plane::testing::TestControlPlane;
+use remora_control_plane::testing::{IssuedPem, TestCa};
 use remora_proxy::testing::proxy::temp_dir;
-use remora_proxy::testing::{Client, HttpServer, IssuedPem, TcpEchoServer, TestCa, TestProxy, eventually};
+use remora_proxy::testing::{Client, HttpServer, TcpEchoServer, TestProxy, eventually};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -700,9 +701,8 @@ async fn sidecars_with_certificates_from_an_intermediate_ca_talk() {
     let id = remora_control_api::identity::SpiffeId::parse(WEB).unwrap();
     let csr = remora_control_api::ca::certificate_request(&id, &key).unwrap();
     let (ttl, timeout) = (Duration::from_secs(3600), Duration::from_secs(10));
-    let signed = remora_control_api::ca::client::sign(&plane.url(), None, "web-token-0123456789", csr, ttl, timeout)
-        .await
-        .unwrap();
+    let signed =
+        remora_control_api::ca::sign(&plane.url(), None, "web-token-0123456789", csr, ttl, timeout).await.unwrap();
     let der = |pem: &str| rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
     assert_eq!(signed.certificate_chain.len(), 2);
     assert_eq!(der(&signed.certificate_chain[1]), der(&intermediate.pem()));

@@ -60,12 +60,12 @@ impl Collector {
     }
 
     /// A gRPC collector over TLS on `127.0.0.1:0`, its certificate (for 127.0.0.1) from `ca`.
-    async fn start_tls(ca: &remora_proxy::testing::certs::TestCa) -> (Collector, SocketAddr) {
+    async fn start_tls(ca: &remora_control_plane::testing::certs::TestCa) -> (Collector, SocketAddr) {
         let collector = Collector::default();
         let tls = ca.server_config(&["127.0.0.1"]);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
-        let incoming = remora_control_api::control::tls::incoming(listener, tls);
+        let incoming = remora_control_plane::tls::incoming(listener, tls);
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(TraceServiceServer::new(collector.clone()))
@@ -107,12 +107,14 @@ impl Collector {
 
     /// An OTLP/HTTP collector over TLS on `127.0.0.1:0`, its certificate (for 127.0.0.1) from
     /// `ca`; `connections` counts the connections it accepted.
-    async fn start_https(ca: &remora_proxy::testing::certs::TestCa) -> (Collector, SocketAddr, Arc<AtomicUsize>) {
+    async fn start_https(
+        ca: &remora_control_plane::testing::certs::TestCa,
+    ) -> (Collector, SocketAddr, Arc<AtomicUsize>) {
         let collector = Collector::default();
         let tls = ca.server_config(&["127.0.0.1"]);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
-        let mut incoming = remora_control_api::control::tls::incoming(listener, tls);
+        let mut incoming = remora_control_plane::tls::incoming(listener, tls);
         let handler = collector.http_handler();
         let connections = Arc::new(AtomicUsize::new(0));
         let accepted = connections.clone();
@@ -401,7 +403,7 @@ async fn spans_export_over_otlp_http() {
 /// with a certificate from another CA gets nothing, and the spans count as failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_export_over_otlp_grpc_with_tls() {
-    let ca = remora_proxy::testing::certs::TestCa::new("cluster.local");
+    let ca = remora_control_plane::testing::certs::TestCa::new("cluster.local");
     let (collector, address) = Collector::start_tls(&ca).await;
     let directory = remora_proxy::testing::proxy::temp_dir("remora-otlp-tls");
     let roots = directory.join("collector-ca.pem");
@@ -416,7 +418,7 @@ async fn spans_export_over_otlp_grpc_with_tls() {
     assert_eq!(collector.wait_for(2).await.len(), 2);
 
     // The same collector, trusted with the wrong roots: the handshake fails, nothing arrives.
-    let other = remora_proxy::testing::certs::TestCa::new("cluster.local");
+    let other = remora_control_plane::testing::certs::TestCa::new("cluster.local");
     let wrong = directory.join("other-ca.pem");
     std::fs::write(&wrong, other.serving(&["127.0.0.1"]).ca).unwrap();
     let (refused, address) = Collector::start_tls(&ca).await;
@@ -442,7 +444,7 @@ async fn spans_export_over_otlp_grpc_with_tls() {
 /// the spans count as failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_export_over_otlp_http_with_tls() {
-    let ca = remora_proxy::testing::certs::TestCa::new("cluster.local");
+    let ca = remora_control_plane::testing::certs::TestCa::new("cluster.local");
     let (collector, address, connections) = Collector::start_https(&ca).await;
     let directory = remora_proxy::testing::proxy::temp_dir("remora-otlp-https");
     let roots = directory.join("collector-ca.pem");
@@ -465,7 +467,7 @@ async fn spans_export_over_otlp_http_with_tls() {
     assert_eq!(connections.load(Ordering::SeqCst), 1, "the batches share one connection");
     drop(proxy);
 
-    let other = remora_proxy::testing::certs::TestCa::new("cluster.local");
+    let other = remora_control_plane::testing::certs::TestCa::new("cluster.local");
     let wrong = directory.join("other-ca.pem");
     std::fs::write(&wrong, other.serving(&["127.0.0.1"]).ca).unwrap();
     let before = collector.spans().len();
@@ -778,7 +780,7 @@ async fn the_callers_identity_is_in_the_span_and_the_access_log() {
     let (collector, otlp) = Collector::start().await;
     let app = HttpServer::start("app").await;
     let echo = remora_proxy::testing::TcpEchoServer::start().await;
-    let ca = remora_proxy::testing::TestCa::new("cluster.local");
+    let ca = remora_control_plane::testing::TestCa::new("cluster.local");
     let directory = temp_dir("identity-telemetry");
     let log = directory.join("access.log");
     let web = "spiffe://cluster.local/ns/shop/sa/web";

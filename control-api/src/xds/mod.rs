@@ -14,13 +14,12 @@
 //! - a reconnecting client lists the versions it holds (`initial_resource_versions`) and receives only
 //!   what differs; a version a client NACKed is not sent to it again until the source changes.
 //!
-//! [`server`] is the control plane's half: a [`server::Publisher`] takes resource sets from the
-//! config sources and the [`server::AdsServer`] streams their differences to each proxy.
-//! [`client`] is the proxy's half: it keeps a stream open (reconnecting with jittered backoff) and
-//! hands each response to a [`client::Handler`], whose verdict becomes the ACK or NACK.
+//! The control plane's half (the publisher, and the server that streams the differences to each
+//! proxy) is `remora_control_plane::ads`. [`client`] is the proxy's half: it keeps a stream open
+//! (reconnecting with jittered backoff) and hands each response to a [`client::Handler`], whose
+//! verdict becomes the ACK or NACK.
 
 pub mod client;
-pub mod server;
 
 pub use crate::pb::envoy::config::core::v3::Node;
 pub use crate::pb::envoy::service::discovery::v3 as discovery;

@@ -14,7 +14,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-pub mod certs;
 pub mod client;
 pub mod proxy;
 pub mod scripted;
@@ -23,7 +22,6 @@ pub mod servers;
 use std::future::Future;
 use std::time::Duration;
 
-pub use certs::{IssuedPem, TestCa};
 pub use client::{Client, Reply};
 pub use proxy::TestProxy;
 pub use scripted::{Script, ScriptedServer};

@@ -53,7 +53,7 @@ pub enum IssueError {
     Request(rcgen::Error),
     /// The CA call failed.
     #[error(transparent)]
-    Ca(ca::client::ClientError),
+    Ca(ca::ClientError),
     /// The CA's answer does not make valid credentials for this identity.
     #[error("the CA's certificate: {0}")]
     Answer(TlsError),
@@ -65,7 +65,7 @@ pub async fn issue(settings: &IssuerSettings) -> Result<Credentials, IssueError>
         .map_err(|error| IssueError::Token { path: settings.token_file.clone(), error })?;
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(IssueError::Request)?;
     let csr = ca::certificate_request(&settings.identity, &key).map_err(IssueError::Request)?;
-    let signed = ca::client::sign(
+    let signed = ca::sign(
         &settings.ca_address,
         settings.ca_tls.as_ref(),
         token.trim(),

@@ -28,12 +28,12 @@
 //! else is kept as it was: a document that needs no change is printed byte for byte as it came.
 
 pub mod ca_bundle;
-pub mod capture;
 pub mod patch;
 pub mod webhook;
 
 use std::fmt;
 
+use remora_control_api::capture;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 

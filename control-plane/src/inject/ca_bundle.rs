@@ -20,8 +20,8 @@ use http::Method;
 use serde_json::{Value, json};
 use tracing::{debug, info, warn};
 
-use crate::control::metrics::ControlMetrics;
 use crate::kubernetes::ApiClient;
+use crate::metrics::ControlMetrics;
 
 /// How often the configuration is checked.
 pub const CHECK_INTERVAL: Duration = Duration::from_secs(60);

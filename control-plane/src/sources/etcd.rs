@@ -50,7 +50,8 @@ pub struct Etcd {
 impl Etcd {
     /// Connects to `address` (`http://host:port`).
     pub async fn connect(address: &str) -> Result<Etcd, EtcdError> {
-        let endpoint = crate::grpc::endpoint(address).ok_or_else(|| EtcdError::Address(address.to_owned()))?;
+        let endpoint =
+            remora_control_api::grpc::endpoint(address).ok_or_else(|| EtcdError::Address(address.to_owned()))?;
         Ok(Etcd { channel: endpoint.connect().await? })
     }
 

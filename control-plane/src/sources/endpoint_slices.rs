@@ -36,7 +36,7 @@ use serde_json::Value;
 use tracing::{info, warn};
 
 use crate::kubernetes::ApiClient;
-use crate::v1;
+use remora_control_api::v1;
 
 /// Every EndpointSlice of the cluster, served and watched here.
 const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
@@ -161,7 +161,7 @@ impl Slices {
     fn identity(&self, pod: &PodRef) -> String {
         let Some(account) = self.accounts.get(&pod.uid) else { return String::new() };
         let id = format!("spiffe://{}/ns/{}/sa/{account}", self.trust_domain, pod.namespace);
-        crate::identity::SpiffeId::parse(&id).map(|_| id).unwrap_or_default()
+        remora_control_api::identity::SpiffeId::parse(&id).map(|_| id).unwrap_or_default()
     }
 
     /// The pods some slice names whose account is not known, each once.

@@ -19,7 +19,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
 use super::kubernetes::TokenReview;
-use crate::identity::{IdentityPattern, InvalidSpiffeId};
+use remora_control_api::identity::{IdentityPattern, InvalidSpiffeId};
 
 /// What a token's holder may be issued.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -1,16 +1,34 @@
-//! The proxies' side of the CA: one signing call.
+//! The proxies' side of the CA: a certificate request and one signing call.
 //!
-//! [`sign`] dials the CA (the control plane's gRPC port), presents the token as
+//! A proxy makes its key in memory and turns it into a CSR with [`certificate_request`] (one URI SAN,
+//! its SPIFFE ID, and nothing else: the CA ignores the rest anyway). [`sign`] dials the CA (the control plane's gRPC port), presents the token as
 //! `authorization: Bearer`, and returns the chain and trust bundle, or a [`ClientError`] that says
 //! whether to retry: a CA that cannot be reached or is unavailable is worth retrying with backoff;
 //! a refusal (bad token, not entitled, bad request) will not change until the config does.
 
 use std::time::Duration;
 
+use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType};
 use tonic::metadata::MetadataValue;
 
 use crate::capb::certificate_authority_client::CertificateAuthorityClient;
 use crate::capb::{SignRequest, SignResponse};
+use crate::identity::SpiffeId;
+
+/// The shortest lifetime the CA signs: a renewal at half-life must have time to happen.
+pub const MIN_TTL: Duration = Duration::from_secs(10);
+/// The lifetime the CA signs when the request names none.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// The longest lifetime the CA signs unless its operator sets another cap.
+pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// A CSR (PEM) for `identity` and the key `key`: one URI SAN and nothing else.
+pub fn certificate_request(identity: &SpiffeId, key: &KeyPair) -> Result<String, rcgen::Error> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = vec![SanType::URI(identity.as_str().to_owned().try_into()?)];
+    params.serialize_request(key)?.pem()
+}
 
 /// Why a signing call failed.
 #[derive(Debug, thiserror::Error)]

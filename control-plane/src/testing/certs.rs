@@ -6,11 +6,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rcgen::KeyPair;
-use remora_control_api::ca::Authority;
 use remora_control_api::identity::SpiffeId;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::net::TcpStream;
+
+use crate::ca::Authority;
 
 /// A CA for one trust domain.
 pub struct TestCa {
@@ -52,7 +53,7 @@ impl TestCa {
     /// in its chain: for the HTTPS servers tests stand up (collectors, the Kubernetes API).
     pub fn server_config(&self, names: &[&str]) -> std::sync::Arc<rustls::ServerConfig> {
         let serving = self.serving(names);
-        remora_control_api::control::tls::pem_config(&format!("{}{}", serving.cert, serving.ca), &serving.key).unwrap()
+        crate::tls::pem_config(&format!("{}{}", serving.cert, serving.ca), &serving.key).unwrap()
     }
 
     /// A certificate for `id`, valid for the next hour.

@@ -35,15 +35,15 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use remora_control_api::control::{CaConfig, CaRoot, ControlConfig, ControlPlane};
+use remora_control_plane::plane::{CaConfig, CaRoot, ControlConfig, ControlPlane};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::app::{Proxy, StartOptions};
-use crate::bootstrap::ConfigSource;
+use remora_proxy::app::{Proxy, StartOptions};
+use remora_proxy::bootstrap::ConfigSource;
 
 /// What the demo binds.
 #[derive(Clone, Debug)]
-pub struct DemoOptions {
+pub(crate) struct DemoOptions {
     /// The proxy's outbound listener (default 127.0.0.1:15001, as a sidecar's).
     pub listen: SocketAddr,
     /// The admin server (default 127.0.0.1:15000).
@@ -70,7 +70,12 @@ impl Default for DemoOptions {
 
 /// The proxy's own file: bootstrap settings only (its identity from the control plane's CA, with
 /// the token in `token_file`); every resource comes from the control plane.
-pub fn proxy_config(options: &DemoOptions, control_plane: SocketAddr, ca_dir: &Path, token_file: &Path) -> String {
+pub(crate) fn proxy_config(
+    options: &DemoOptions,
+    control_plane: SocketAddr,
+    ca_dir: &Path,
+    token_file: &Path,
+) -> String {
     format!(
         "# remora demo: the proxy's bootstrap; its resources come from the control plane, over TLS.\n\
          bootstrap:\n  node_id: demo\n  admin_address: {admin}\n  workers: 1\n  drain_time: 2s\n  \
@@ -143,7 +148,7 @@ fn orders_routes(sidecar: SocketAddr) -> String {
 /// The control plane's directory: the built-in defaults' outbound listener and pass-through
 /// cluster, the samples as clusters (`samples`, with outlier detection, holds all three), and (in
 /// `routes.yaml`) the route table, sending everything to `samples` with retries.
-pub fn mesh_files(options: &DemoOptions, samples: [SocketAddr; 3]) -> [(&'static str, String); 2] {
+pub(crate) fn mesh_files(options: &DemoOptions, samples: [SocketAddr; 3]) -> [(&'static str, String); 2] {
     let [sample_a, sample_b, sample_c] = samples;
     let mesh = format!(
         r#"# remora demo: what the control plane serves. Edit these files while the demo runs.
@@ -182,7 +187,7 @@ resources:
 
 /// The demo's route table, sending everything to `cluster`; a 5xx or a failed connect is retried
 /// (on another endpoint) up to twice.
-pub fn routes(cluster: &str) -> String {
+pub(crate) fn routes(cluster: &str) -> String {
     format!(
         r#"resources:
   - kind: RouteTable
@@ -197,7 +202,7 @@ pub fn routes(cluster: &str) -> String {
 }
 
 /// Runs the demo until Ctrl-C.
-pub fn run(options: DemoOptions) -> anyhow::Result<()> {
+pub(crate) fn run(options: DemoOptions) -> anyhow::Result<()> {
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().context("start the demo runtime")?;
     let dir = std::env::temp_dir().join(format!("remora-demo-{}", std::process::id()));
@@ -623,7 +628,7 @@ mod tests {
         remora_control_api::validate::validate(&resources).unwrap();
         assert_eq!(resources.len(), 7);
         let text = proxy_config(&options, options.control, Path::new("/tmp/ca"), Path::new("/tmp/token"));
-        let loaded = crate::bootstrap::load(&ConfigSource::Text { origin: "demo".into(), text }).unwrap();
+        let loaded = remora_proxy::bootstrap::load(&ConfigSource::Text { origin: "demo".into(), text }).unwrap();
         assert_eq!(loaded.bootstrap.control_plane, "https://127.0.0.1:15010");
         let orders = orders_sidecar_config(
             options.control,
@@ -631,7 +636,8 @@ mod tests {
             Path::new("/tmp/token"),
             "127.0.0.1:4".parse().unwrap(),
         );
-        let loaded = crate::bootstrap::load(&ConfigSource::Text { origin: "orders".into(), text: orders }).unwrap();
+        let loaded =
+            remora_proxy::bootstrap::load(&ConfigSource::Text { origin: "orders".into(), text: orders }).unwrap();
         assert_eq!(loaded.resources.len(), 4);
         let routes = remora_control_api::config::parse(&orders_routes("127.0.0.1:5".parse().unwrap()), "o").unwrap();
         assert_eq!(routes.resources.len(), 3);

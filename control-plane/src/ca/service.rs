@@ -15,9 +15,9 @@ use tracing::{info, warn};
 
 use super::auth::{AuthError, Authenticator, bearer_token};
 use super::{Authority, SignError};
-use crate::capb::certificate_authority_server::{CertificateAuthority, CertificateAuthorityServer};
-use crate::capb::{SignRequest, SignResponse};
-use crate::control::metrics::ControlMetrics;
+use crate::metrics::ControlMetrics;
+use crate::servers::remora::ca::v1::certificate_authority_server::{CertificateAuthority, CertificateAuthorityServer};
+use remora_control_api::capb::{SignRequest, SignResponse};
 
 /// Largest signing request accepted: a CSR is well under 1 KiB.
 const MAX_REQUEST: usize = 64 * 1024;

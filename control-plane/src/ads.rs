@@ -28,14 +28,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
-use super::discovery::aggregated_discovery_service_server::{
+use crate::ca::auth::{AuthError, Authenticator, Authenticators, bearer_token};
+use crate::metrics::ControlMetrics;
+use crate::servers::envoy::service::discovery::v3::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
-use super::discovery::{self, DeltaDiscoveryRequest, DeltaDiscoveryResponse};
-use super::{WILDCARD, version_of};
-use crate::ca::auth::{AuthError, Authenticator, Authenticators, bearer_token};
-use crate::control::metrics::ControlMetrics;
-use crate::{Kind, Resource};
+use remora_control_api::xds::discovery::{self, DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+use remora_control_api::xds::{WILDCARD, version_of};
+use remora_control_api::{Kind, Resource};
 
 /// Responses queued per stream before the stream's task waits for the proxy to read.
 const STREAM_QUEUE: usize = 16;
@@ -207,8 +207,8 @@ impl AdsServer {
     /// The tonic service to add to a server.
     pub fn into_service(self) -> AggregatedDiscoveryServiceServer<AdsServer> {
         AggregatedDiscoveryServiceServer::new(self)
-            .max_decoding_message_size(crate::limits::MAX_XDS_MESSAGE)
-            .max_encoding_message_size(crate::limits::MAX_XDS_MESSAGE)
+            .max_decoding_message_size(remora_control_api::limits::MAX_XDS_MESSAGE)
+            .max_encoding_message_size(remora_control_api::limits::MAX_XDS_MESSAGE)
     }
 }
 
@@ -584,7 +584,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
-    use crate::config::parse;
+    use remora_control_api::config::parse;
 
     fn resources(yaml: &str) -> Vec<Resource> {
         parse(yaml, "t").unwrap().resources
@@ -596,7 +596,7 @@ mod tests {
         session
             .on_request(
                 DeltaDiscoveryRequest {
-                    node: Some(super::super::Node { id: "n".into(), ..Default::default() }),
+                    node: Some(remora_control_api::xds::Node { id: "n".into(), ..Default::default() }),
                     type_url: kind.type_url().into(),
                     initial_resource_versions: initial,
                     ..Default::default()
@@ -612,7 +612,7 @@ mod tests {
                 DeltaDiscoveryRequest {
                     type_url: response.type_url.clone(),
                     response_nonce: response.nonce.clone(),
-                    error_detail: error.map(|e| super::super::RpcStatus {
+                    error_detail: error.map(|e| remora_control_api::xds::RpcStatus {
                         code: 3,
                         message: e.into(),
                         details: vec![],

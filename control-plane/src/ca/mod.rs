@@ -6,10 +6,9 @@
 //! PEM CSR plus what the caller's token entitles it to ([`auth`]); it leaves as a short-lived leaf
 //! certificate whose only name is the SPIFFE ID, as a URI SAN: no common name, no DNS name, nothing
 //! a peer could mistake for an identity. Everything in the CSR but its public key and that one URI is
-//! ignored. [`service`] serves it over gRPC; [`client`] is the proxies' side of that call.
+//! ignored. [`service`] serves it over gRPC; `remora_control_api::ca` is the proxies' side of that call.
 
 pub mod auth;
-pub mod client;
 pub mod kubernetes;
 pub mod service;
 
@@ -21,19 +20,14 @@ use rcgen::{
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 
-use crate::identity::{IdentityPattern, SpiffeId};
+use remora_control_api::identity::{IdentityPattern, SpiffeId};
 
 /// A generated root lives this long.
 const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Certificates start this long before they are signed, so a peer whose clock runs a little behind
 /// accepts them at once.
 const BACKDATE: Duration = Duration::from_secs(60);
-/// The shortest lifetime signed: a renewal at half-life must have time to happen.
-pub const MIN_TTL: Duration = Duration::from_secs(10);
-/// The lifetime signed when the request names none.
-pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
-/// The longest lifetime signed unless the operator sets another cap.
-pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+pub use remora_control_api::ca::{DEFAULT_MAX_TTL, DEFAULT_TTL, MIN_TTL};
 
 /// The files a root is kept in, inside the CA directory.
 const ROOT_CERT_FILE: &str = "ca.crt";
@@ -266,7 +260,7 @@ impl Authority {
         if identity.trust_domain() != self.trust_domain {
             return Err(SignError::NotEntitled(format!("{identity} (this CA signs for {})", self.trust_domain)));
         }
-        if !crate::identity::any_matches(entitled, identity.as_str()) {
+        if !remora_control_api::identity::any_matches(entitled, identity.as_str()) {
             return Err(SignError::NotEntitled(identity.to_string()));
         }
         let ttl = ttl.unwrap_or(DEFAULT_TTL).clamp(MIN_TTL, self.max_ttl);
@@ -389,18 +383,11 @@ fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     file.write_all(contents)
 }
 
-/// A CSR (PEM) for `identity` and the key `key`: one URI SAN and nothing else. The proxies' side of
-/// [`Authority::sign`].
-pub fn certificate_request(identity: &SpiffeId, key: &KeyPair) -> Result<String, rcgen::Error> {
-    let mut params = CertificateParams::default();
-    params.distinguished_name = DistinguishedName::new();
-    params.subject_alt_names = vec![SanType::URI(identity.as_str().to_owned().try_into()?)];
-    params.serialize_request(key)?.pem()
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+
+    use remora_control_api::ca::certificate_request;
 
     use super::*;
 

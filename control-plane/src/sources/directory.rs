@@ -16,9 +16,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use crate::config::{self, ConfigError};
-use crate::resource::describe;
-use crate::{Kind, Resource};
+use remora_control_api::config::{self, ConfigError};
+use remora_control_api::resource::describe;
+use remora_control_api::{Kind, Resource};
 
 /// How often the directory's metadata is read when the kernel cannot tell us of changes.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
@@ -102,7 +102,7 @@ impl Loader {
                     if file.bootstrap.is_some() {
                         return Err(DirectoryError::Bootstrap(origin));
                     }
-                    (crate::xds::version_of(text.as_bytes()), file.resources)
+                    (remora_control_api::xds::version_of(text.as_bytes()), file.resources)
                 }
             };
             for resource in &file_resources {
@@ -123,7 +123,8 @@ impl Loader {
             parsed.insert(path.clone(), (stamp, text_hash, file_resources));
         }
         self.parsed = parsed;
-        let version = git_commit(root).unwrap_or_else(|| format!("content-{}", crate::xds::version_of(&content)));
+        let version =
+            git_commit(root).unwrap_or_else(|| format!("content-{}", remora_control_api::xds::version_of(&content)));
         Ok(Snapshot { resources, version, files: files.len() })
     }
 }

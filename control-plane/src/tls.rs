@@ -30,8 +30,8 @@ use tokio::sync::mpsc;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tracing::{debug, info, warn};
 
-use super::metrics::ControlMetrics;
 use crate::ca::Authority;
+use crate::metrics::ControlMetrics;
 
 /// How long a client may take over its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -27,8 +27,8 @@ use http::Method;
 use serde_json::{Value, json};
 
 use super::auth::{AuthError, Authenticator, Entitlement};
-use crate::identity::IdentityPattern;
 use crate::kubernetes::ApiClient;
+use remora_control_api::identity::IdentityPattern;
 
 /// The audience the CA asks tokens to be for, unless told otherwise.
 pub const DEFAULT_AUDIENCE: &str = "remora";

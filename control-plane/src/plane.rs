@@ -4,8 +4,8 @@
 //! [`registry`] of workload endpoints — and are merged into one set: the directory's resources, with
 //! each cluster's endpoints extended by the ones registered for it (a cluster the directory defines
 //! always has an `Endpoints` resource, empty if nothing is registered, so proxies know it is
-//! complete). The set goes to the ADS [`Publisher`](crate::xds::server::Publisher), and the
-//! [`AdsServer`](crate::xds::server::AdsServer) streams the differences to every proxy.
+//! complete). The set goes to the ADS [`Publisher`](crate::ads::Publisher), and the
+//! [`AdsServer`](crate::ads::AdsServer) streams the differences to every proxy.
 //!
 //! One port (default 127.0.0.1:15010) serves gRPC (Delta ADS) and plain HTTP for operators:
 //! `/metrics`, `/ready`, `/live`, and `/config_dump` (the served set: versions, and the last source
@@ -16,13 +16,6 @@
 //! previous set keeps serving. Resources that load but break a rule (a bad regex, say) are logged
 //! here and still published: the proxies are the judges of what they can run, and each NACKs it,
 //! naming the field, which shows in their `/config_dump` and in this server's `nacks` metric.
-
-pub mod directory;
-pub mod endpoint_slices;
-pub mod etcd;
-pub mod metrics;
-pub mod registry;
-pub mod tls;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -37,17 +30,19 @@ use http_body_util::Full;
 use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
+use crate::ads::{AdsServer, Publisher};
 use crate::ca::Authority;
 use crate::ca::auth::{Authenticators, LocalTokens};
 use crate::ca::kubernetes::TokenReview;
 use crate::ca::service::CaService;
 use crate::inject::{Injector, ca_bundle, webhook};
 use crate::kubernetes::{ApiClient, KubernetesError};
-use crate::validate::{self, References};
-use crate::xds::server::{AdsServer, Publisher};
-use crate::{Kind, Resource, v1};
-use metrics::ControlMetrics;
-use registry::Registrations;
+use crate::metrics::ControlMetrics;
+use crate::sources::registry::Registrations;
+use crate::sources::{directory, endpoint_slices, registry};
+use crate::tls;
+use remora_control_api::validate::{self, References};
+use remora_control_api::{Kind, Resource, v1};
 
 /// The lifetime of the control plane's own serving certificates, unless told otherwise.
 pub const DEFAULT_SERVING_CERT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -754,25 +749,12 @@ pub fn run(config: ControlConfig) -> Result<(), ControlError> {
         .build()
         .map_err(ControlError::Runtime)?;
     runtime.block_on(async {
-        let stop = stop_signal().map_err(ControlError::Runtime)?;
+        let stop = crate::signals::stop().map_err(ControlError::Runtime)?;
         let plane = ControlPlane::start(config).await?;
         stop.await;
         info!("stopping");
         drop(plane);
         Ok(())
-    })
-}
-
-/// Completes on SIGTERM or SIGINT.
-pub fn stop_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    Ok(async move {
-        tokio::select! {
-            _ = terminate.recv() => {}
-            _ = interrupt.recv() => {}
-        }
     })
 }
 
@@ -784,7 +766,7 @@ mod tests {
 
     #[test]
     fn registered_endpoints_join_their_clusters_and_every_cluster_gets_a_set() {
-        let file = crate::config::parse(
+        let file = remora_control_api::config::parse(
             "resources:\n  - {kind: Cluster, name: listed}\n  - {kind: Endpoints, cluster: listed, endpoints: [{address: \"10.0.0.1:80\"}]}\n  - {kind: Cluster, name: empty}\n  - {kind: Cluster, name: pass, original_destination: true}\n",
             "t",
         )

@@ -5,10 +5,17 @@
 //!   removed while it runs, and it can be stopped and restarted on the same address.
 //! - [`GenericClient`] speaks Delta ADS with nothing but the types generated from Envoy's
 //!   `discovery.proto`: what any xDS client sees.
+//! - [`TestCa`] makes certificates in the test with the control plane's own CA: workload
+//!   certificates (written to files for the proxies' static-files identity), serving certificates,
+//!   and a raw mTLS client for poking at an inbound listener directly.
 //! - [`TestEtcd`] is the etcd named by `REMORA_TEST_ETCD` (CI starts one), or a fresh `etcd` process
 //!   on free ports if the binary is installed; tests skip, saying why, when there is neither.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+pub mod certs;
+
+pub use certs::{IssuedPem, TestCa};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,11 +27,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 
-use crate::control::{ControlConfig, ControlPlane};
-use crate::pb::envoy::config::core::v3::Node;
-use crate::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use crate::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
-use crate::pb::google::rpc::Status;
+use crate::plane::{ControlConfig, ControlPlane};
+use remora_control_api::pb::envoy::config::core::v3::Node;
+use remora_control_api::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use remora_control_api::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+use remora_control_api::pb::google::rpc::Status;
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
@@ -48,13 +55,13 @@ pub struct TestControlPlane {
 struct Running {
     stop: tokio::sync::oneshot::Sender<()>,
     thread: std::thread::JoinHandle<()>,
-    metrics: std::sync::Arc<crate::control::metrics::ControlMetrics>,
+    metrics: std::sync::Arc<crate::metrics::ControlMetrics>,
 }
 
 impl TestControlPlane {
     /// Writes `files` (name, YAML) into a fresh directory and serves it.
     pub fn start(files: &[(&str, &str)]) -> TestControlPlane {
-        TestControlPlane::start_with(files, None, crate::control::registry::DEFAULT_PREFIX)
+        TestControlPlane::start_with(files, None, crate::sources::registry::DEFAULT_PREFIX)
     }
 
     /// Like [`TestControlPlane::start`], following the registry in `etcd` under `prefix` too.
@@ -85,8 +92,8 @@ impl TestControlPlane {
         std::fs::create_dir_all(&ca_dir).unwrap();
         let tokens_file = ca_dir.join("tokens");
         std::fs::write(&tokens_file, tokens).unwrap();
-        plane.config.ca = Some(crate::control::CaConfig {
-            root: crate::control::CaRoot::Directory(ca_dir),
+        plane.config.ca = Some(crate::plane::CaConfig {
+            root: crate::plane::CaRoot::Directory(ca_dir),
             trust_domain: trust_domain.to_owned(),
             tokens: Some(tokens_file),
             token_audience: None,
@@ -323,7 +330,7 @@ impl TestEtcd {
         };
         let etcd = TestEtcd { url: format!("http://{client}"), child: Some(child), dir: Some(dir) };
         for _ in 0..200 {
-            if let Ok(client) = crate::control::etcd::Etcd::connect(&etcd.url).await
+            if let Ok(client) = crate::sources::etcd::Etcd::connect(&etcd.url).await
                 && client.range_prefix("/").await.is_ok()
             {
                 return Some(etcd);

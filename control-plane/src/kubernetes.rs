@@ -96,7 +96,7 @@ impl ApiClient {
         let server_name = ServerName::try_from(bare).map_err(|_| bad())?;
         let ca_error = |message: String| KubernetesError::Ca { path: ca_file.to_owned(), message };
         let pem = std::fs::read(ca_file).map_err(|e| ca_error(e.to_string()))?;
-        let tls = crate::grpc::ControlTls::from_pem(&pem).map_err(ca_error)?;
+        let tls = remora_control_api::grpc::ControlTls::from_pem(&pem).map_err(ca_error)?;
         Ok(ApiClient {
             address,
             host,

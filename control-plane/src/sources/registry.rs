@@ -28,7 +28,7 @@ use serde::Deserialize;
 use tracing::{info, warn};
 
 use super::etcd::{Etcd, EtcdError, EventType, KeyValue};
-use crate::validate::parse_address;
+use remora_control_api::validate::parse_address;
 
 /// Where registrations live unless told otherwise.
 pub const DEFAULT_PREFIX: &str = "/remora/endpoints/";
@@ -129,10 +129,10 @@ pub fn parse(prefix: &str, key: &[u8], value: &[u8]) -> Result<Registered, Strin
         })?
     };
     if let Some(identity) = &value.identity {
-        crate::identity::SpiffeId::parse(identity).map_err(|e| format!("{key:?}: identity: {e}"))?;
+        remora_control_api::identity::SpiffeId::parse(identity).map_err(|e| format!("{key:?}: identity: {e}"))?;
     }
     if let Some(health) = &value.health
-        && crate::v1::endpoint::Health::from_str_name(health).is_none()
+        && remora_control_api::v1::endpoint::Health::from_str_name(health).is_none()
     {
         return Err(format!("{key:?}: health must be healthy, unhealthy or draining, got {health:?}"));
     }
@@ -298,7 +298,7 @@ pub fn run_register(
 ) -> Result<(), EtcdError> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(EtcdError::Io)?;
     runtime.block_on(async {
-        let stop = super::stop_signal().map_err(EtcdError::Io)?;
+        let stop = crate::signals::stop().map_err(EtcdError::Io)?;
         register(address, prefix, endpoint, ttl, drain, stop).await
     })
 }

@@ -1,0 +1,14 @@
+//! Where the control plane's resources come from.
+//!
+//! Each source follows its input and hands what it holds to `plane`, which merges the sources into
+//! the one set the proxies are served:
+//!
+//! - [`directory`] — a GitOps directory of YAML files (the version is the git commit), watched;
+//! - [`registry`] — workloads registered in etcd with leases ([`etcd`] is its small etcd v3 client);
+//! - [`endpoint_slices`] — the EndpointSlices (and pods' service accounts) of the Kubernetes
+//!   Services clusters name.
+
+pub mod directory;
+pub mod endpoint_slices;
+pub mod etcd;
+pub mod registry;
