@@ -8,12 +8,13 @@ use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue, Method, Uri};
+use remora_proxy::balance::metrics::HealthStats;
 use remora_proxy::balance::{Endpoint, EndpointSet, HashOn, Proximity, SetConfig, Strategy};
 use remora_proxy::detect::{self, H2_PREFACE};
 use remora_proxy::http::headers::strip_hop_by_hop;
 use remora_proxy::state::Snapshot;
+use remora_proxy::state::SnapshotMetrics;
 use remora_proxy::state::cluster::OwnLocality;
-use remora_proxy::telemetry::Metrics;
 
 /// A mesh-sized config: 50 services, each a route table with host and VIP destinations and a few
 /// routes.
@@ -25,7 +26,7 @@ fn snapshot() -> Snapshot {
         ));
     }
     let file = remora_control_api::config::parse(&yaml, "bench").expect("bench config parses");
-    Snapshot::build("bench".into(), file.resources, None, &OwnLocality::default(), &Metrics::new())
+    Snapshot::build("bench".into(), file.resources, None, &OwnLocality::default(), &SnapshotMetrics::default())
         .expect("bench config is valid")
 }
 
@@ -78,7 +79,6 @@ fn header_hygiene(c: &mut Criterion) {
 }
 
 fn balancing(c: &mut Criterion) {
-    let metrics = Metrics::new();
     let endpoints = || -> Vec<Endpoint> {
         (0..8_u16)
             .map(|i| Endpoint {
@@ -89,7 +89,7 @@ fn balancing(c: &mut Criterion) {
             })
             .collect()
     };
-    let set = |config: SetConfig| EndpointSet::new(config, endpoints(), &|_| None, metrics.cluster("bench"));
+    let set = |config: SetConfig| EndpointSet::new(config, endpoints(), &|_| None, HealthStats::detached("bench"));
     for (name, strategy) in [
         ("balance: smooth weighted round robin pick (8 endpoints)", Strategy::RoundRobin),
         ("balance: weighted random pick (8 endpoints)", Strategy::Random),

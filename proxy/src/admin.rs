@@ -29,9 +29,9 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
 use tracing::{debug, warn};
 
+use crate::context::DataPath;
 use crate::limits;
-use crate::listener::DataPath;
-use crate::telemetry::{Metrics, logging};
+use crate::telemetry::{self, Registry, logging};
 
 /// The outcome of one reload, as `/config_dump` reports it.
 #[derive(Clone, Debug)]
@@ -52,7 +52,7 @@ pub struct AdminState {
     /// The data path (live snapshot, drain state).
     pub data: Arc<DataPath>,
     /// The metrics registry.
-    pub metrics: Arc<Metrics>,
+    pub metrics: Arc<Registry>,
     /// This proxy's node id.
     pub node_id: String,
     /// Where the config comes from.
@@ -70,7 +70,7 @@ impl AdminState {
     /// State for a proxy that is not ready yet.
     pub fn new(
         data: Arc<DataPath>,
-        metrics: Arc<Metrics>,
+        metrics: Arc<Registry>,
         node_id: String,
         source: String,
         bootstrap: serde_json::Value,
@@ -234,11 +234,15 @@ fn respond(request: &Request<Incoming>, state: &AdminState, local: bool) -> Resp
             if open_metrics {
                 with_type(
                     StatusCode::OK,
-                    state.metrics.encode(),
+                    telemetry::encode(&state.metrics),
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 )
             } else {
-                with_type(StatusCode::OK, state.metrics.encode_prometheus(), "text/plain; version=0.0.4; charset=utf-8")
+                with_type(
+                    StatusCode::OK,
+                    telemetry::encode_prometheus(&state.metrics),
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )
             }
         }
         "/config_dump" => {

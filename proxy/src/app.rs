@@ -28,21 +28,29 @@ use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
+use crate::balance::metrics::HealthMetrics;
 use crate::bootstrap::{self, Bootstrap, ConfigSource, IdentitySource};
-use crate::http::ServerSettings;
+use crate::context::DataPath;
 use crate::http::client::ClientSettings;
+use crate::http::server::ServerSettings;
 use crate::limits;
-use crate::listener::{self, DataPath};
-use crate::reload::{self, FileStamp, ReloadError, ReloadOutcome, Reloader};
-use crate::state::LiveSnapshot;
-use crate::telemetry::Metrics;
+use crate::listener::{self, metrics::ListenerMetrics};
+use crate::policy::breaker::BreakerMetrics;
+use crate::policy::metrics::PolicyMetrics;
+use crate::reload::{self, FileStamp, ReloadError, ReloadMetrics, ReloadOutcome, Reloader};
+use crate::state::authz::AuthzMetrics;
+use crate::state::cluster::ClusterMetrics;
+use crate::state::route_metrics::RouteMetrics;
+use crate::state::{LiveSnapshot, SnapshotMetrics};
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::export::{self, ExportError, SpanCounters};
+use crate::telemetry::{self, Registry, TelemetryMetrics};
 use crate::tls::MeshTls;
 use crate::tls::files::CertFiles;
 use crate::tls::issuer::IssuerSettings;
-use crate::worker::Workers;
-use crate::xds::{self, XdsHandler};
+use crate::tls::metrics::MeshMetrics;
+use crate::worker::{self, Workers};
+use crate::xds::{self, XdsHandler, XdsMetrics};
 use remora_control_api::grpc::ControlTls;
 use remora_control_api::validate::References;
 
@@ -174,22 +182,22 @@ impl Proxy {
         let settings =
             Bootstrap::resolve(&raw).map_err(|errors| ReloadError::Invalid { origin: source.origin(), errors })?;
         let has_control_plane = settings.control_plane.is_some();
-        let metrics = Arc::new(Metrics::new());
-        metrics.set_workers(settings.workers);
+        // Every subsystem's metrics, registered here and handed to their owners.
+        let metrics = Metrics::register(settings.workers);
         let tracer = match &settings.tracing {
             Some(tracing) => {
-                let [exported, dropped, failed] = metrics.span_counters();
+                let [exported, dropped, failed] = metrics.telemetry.span_counters();
                 Some(export::start(tracing, SpanCounters { exported, dropped, failed })?)
             }
             None => None,
         };
         let access_log = match &settings.access_log {
-            Some(log) => {
-                Some(AccessLog::open(log, metrics.access_log_counters()).map_err(|error| StartError::AccessLog {
+            Some(log) => Some(AccessLog::open(log, metrics.telemetry.access_log_counters()).map_err(|error| {
+                StartError::AccessLog {
                     path: log.path.as_ref().map_or("stdout".into(), |p| p.display().to_string()),
                     error,
-                })?)
-            }
+                }
+            })?),
             None => None,
         };
         // The control plane's roots, for https:// (a bad file fails the start).
@@ -216,7 +224,7 @@ impl Proxy {
         let mesh = match &settings.identity {
             None => None,
             Some(identity) => {
-                let mesh = Arc::new(MeshTls::new(identity.handshake_timeout, metrics.mesh().clone()));
+                let mesh = Arc::new(MeshTls::new(identity.handshake_timeout, metrics.mesh.clone()));
                 match &identity.source {
                     IdentitySource::Files { cert, key, ca } => {
                         let files = CertFiles { cert: cert.clone(), key: key.clone(), ca: ca.clone() };
@@ -239,7 +247,7 @@ impl Proxy {
             }
         };
         let data = Arc::new(DataPath {
-            snapshot: LiveSnapshot::default(),
+            snapshot: Arc::new(LiveSnapshot::default()),
             drain: Default::default(),
             server: ServerSettings::default(),
             client: ClientSettings::with_mesh(mesh.clone()),
@@ -249,7 +257,7 @@ impl Proxy {
         let bootstrap_json = serde_json::to_value(&raw).unwrap_or_default();
         let admin = Arc::new(AdminState::new(
             data.clone(),
-            metrics.clone(),
+            metrics.registry.clone(),
             settings.node_id.clone(),
             source.origin(),
             bootstrap_json,
@@ -267,7 +275,7 @@ impl Proxy {
             source.clone(),
             raw,
             data.clone(),
-            metrics.clone(),
+            (metrics.snapshot.clone(), metrics.reloads.clone()),
             admin.clone(),
             workers,
             has_control_plane,
@@ -286,13 +294,13 @@ impl Proxy {
         };
         let admin_state = admin.clone();
         let identity_admin = admin.clone();
-        let monitored = data.clone();
+        let monitored = data.snapshot.clone();
         let xds = settings.control_plane.clone().map(|address| {
             let token_file = settings.identity.as_ref().and_then(|identity| match &identity.source {
                 IdentitySource::Ca { token_file, .. } => Some(token_file.clone()),
                 IdentitySource::Files { .. } => None,
             });
-            let handler = XdsHandler::new(reloader.clone(), admin.clone(), metrics.clone(), address)
+            let handler = XdsHandler::new(reloader.clone(), admin.clone(), metrics.xds.clone(), address)
                 .with_tls(control_tls.clone())
                 .with_token(token_file);
             (handler, settings.node_id.clone(), settings.initial_fetch_timeout)
@@ -357,7 +365,7 @@ impl Proxy {
 
     /// Every metric, as `/metrics` renders them.
     pub fn metrics(&self) -> String {
-        self.admin.metrics.encode()
+        telemetry::encode(&self.admin.metrics)
     }
 
     /// Whether `/ready` reports ready.
@@ -390,6 +398,43 @@ impl Drop for Proxy {
             let _ = thread.join();
         }
         // The workers go with the last reference to the reloader, which is ours now.
+    }
+}
+
+/// Every subsystem's metric families, registered in one registry: the composition root declares
+/// them all here, once, and hands each to the part that counts.
+struct Metrics {
+    registry: Arc<Registry>,
+    snapshot: SnapshotMetrics,
+    reloads: ReloadMetrics,
+    xds: XdsMetrics,
+    mesh: MeshMetrics,
+    telemetry: TelemetryMetrics,
+}
+
+impl Metrics {
+    fn register(workers: usize) -> Metrics {
+        let mut registry = telemetry::registry();
+        let listeners = ListenerMetrics::register(&mut registry);
+        let breakers = BreakerMetrics::register(&mut registry);
+        let policy = PolicyMetrics::register(&mut registry);
+        let health = HealthMetrics::register(&mut registry);
+        let clusters = ClusterMetrics::register(&mut registry, breakers, policy, health);
+        let routes = RouteMetrics::register(&mut registry);
+        let authz = AuthzMetrics::register(&mut registry);
+        let reloads = ReloadMetrics::register(&mut registry);
+        let xds = XdsMetrics::register(&mut registry);
+        let mesh = MeshMetrics::register(&mut registry);
+        let telemetry = TelemetryMetrics::register(&mut registry);
+        worker::register_metrics(&mut registry, workers);
+        Metrics {
+            registry: Arc::new(registry),
+            snapshot: SnapshotMetrics { listeners, clusters, routes, authz },
+            reloads,
+            xds,
+            mesh,
+            telemetry,
+        }
     }
 }
 

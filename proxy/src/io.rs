@@ -20,7 +20,7 @@ use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::telemetry::ListenerStats;
+use crate::listener::metrics::ListenerStats;
 use crate::tls::ServerStream;
 
 /// Bytes moved on one connection, and how much of that the listener's counters have seen.
@@ -270,7 +270,7 @@ mod tests {
         stream.write_all(b"back").await.unwrap();
         assert_eq!(meter.received.load(Ordering::Relaxed), 5);
         assert_eq!(meter.sent.load(Ordering::Relaxed), 4);
-        let stats = crate::telemetry::Metrics::new().listener("l", "outbound");
+        let stats = crate::listener::metrics::ListenerMetrics::default().listener("l", "outbound");
         meter.flush(&stats);
         meter.flush(&stats);
         assert_eq!(stats.bytes_received.get(), 5);
@@ -313,7 +313,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn idle_watch_fires_only_after_a_quiet_timeout() {
         let meter = Meter::default();
-        let stats = crate::telemetry::Metrics::new().listener("l", "outbound");
+        let stats = crate::listener::metrics::ListenerMetrics::default().listener("l", "outbound");
         let timeout = Duration::from_secs(8);
         let start = tokio::time::Instant::now();
         let busy = async {

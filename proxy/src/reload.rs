@@ -10,7 +10,7 @@
 //! Reloads come from the file watcher ([`watch_file`], polling the file's metadata), from SIGHUP
 //! (`app`), from the control-plane stream ([`Reloader::apply_update`], see `xds`), and from tests.
 //! With a control plane, the serving set is the file's (static) resources joined with the ones the
-//! control plane sent (dynamic), warmed by `xds::compose`; a change to either recomposes both.
+//! control plane sent (dynamic), warmed by `state::compose`; a change to either recomposes both.
 //! Changes are serialised by one lock, which the data path never touches.
 
 use std::collections::{HashMap, HashSet};
@@ -19,6 +19,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use remora_control_api::validate::{References, ValidationErrors};
 use remora_control_api::xds::client::Update;
 use remora_control_api::{Kind, Resource, v1};
@@ -27,13 +31,48 @@ use tracing::{debug, error, info, warn};
 
 use crate::admin::{AdminState, ReloadReport};
 use crate::bootstrap::{self, ConfigSource, LoadError, Loaded};
+use crate::context::DataPath;
 use crate::limits;
-use crate::listener::{self, BindError, DataPath};
-use crate::state::Snapshot;
+use crate::listener::{self, BindError};
 use crate::state::cluster::OwnLocality;
-use crate::telemetry::Metrics;
+use crate::state::compose::{self, Dynamic, Warming};
+use crate::state::{Snapshot, SnapshotMetrics};
+use crate::telemetry::{Registry, ResultLabels};
 use crate::worker::Workers;
-use crate::xds::{self, Dynamic, Warming};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabels {
+    version: String,
+}
+
+/// The reloads' metrics: how many were applied and rejected, and the version serving now.
+#[derive(Clone, Debug, Default)]
+pub struct ReloadMetrics {
+    reloads: Family<ResultLabels, Counter>,
+    version: Family<VersionLabels, Gauge>,
+}
+
+impl ReloadMetrics {
+    /// Declares the families in `registry`.
+    pub fn register(registry: &mut Registry) -> ReloadMetrics {
+        let m = ReloadMetrics::default();
+        registry.register("config_reloads", "Config reloads, by result (applied, rejected)", m.reloads.clone());
+        registry.register("config_version", "1 for the version of the config serving now", m.version.clone());
+        m
+    }
+
+    /// Counts a reload attempt.
+    fn record(&self, applied: bool) {
+        let result = if applied { "applied" } else { "rejected" };
+        self.reloads.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// Marks `version` as the config serving now (and no other).
+    fn set_version(&self, version: &str) {
+        self.version.clear();
+        self.version.get_or_create(&VersionLabels { version: version.to_owned() }).set(1);
+    }
+}
 
 /// What a reload did.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -96,7 +135,9 @@ pub struct Reloader {
     source: ConfigSource,
     startup_bootstrap: v1::Bootstrap,
     data: Arc<DataPath>,
-    metrics: Arc<Metrics>,
+    /// The families each compiled snapshot draws its counters from.
+    metrics: SnapshotMetrics,
+    reloads: ReloadMetrics,
     admin: Arc<AdminState>,
     workers: Workers,
     /// Whether a control plane supplies resources (references may then wait for them).
@@ -108,13 +149,14 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    /// A reloader for `source`, serving through `workers`. `startup_bootstrap` is the bootstrap the
+    /// A reloader for `source`, serving through `workers`, compiling snapshots with `metrics`'
+    /// families and counting its reloads in `reloads`. `startup_bootstrap` is the bootstrap the
     /// process started with; later changes to it are reported, not applied.
     pub fn new(
         source: ConfigSource,
         startup_bootstrap: v1::Bootstrap,
         data: Arc<DataPath>,
-        metrics: Arc<Metrics>,
+        (metrics, reloads): (SnapshotMetrics, ReloadMetrics),
         admin: Arc<AdminState>,
         workers: Workers,
         control: bool,
@@ -128,6 +170,7 @@ impl Reloader {
             startup_bootstrap,
             data,
             metrics,
+            reloads,
             admin,
             workers,
             control,
@@ -190,11 +233,11 @@ impl Reloader {
         static_resources: &[Resource],
         static_version: &str,
         dynamic: &Dynamic,
-    ) -> Result<(String, xds::Composed), ReloadError> {
+    ) -> Result<(String, compose::Composed), ReloadError> {
         let current = self.data.snapshot.load_full();
         let serving_now: HashSet<(Kind, String)> =
             current.resources.iter().map(|r| (r.kind(), r.name().to_owned())).collect();
-        let composed = xds::compose(static_resources, dynamic, &serving_now)
+        let composed = compose::compose(static_resources, dynamic, &serving_now)
             .map_err(|errors| ReloadError::Invalid { origin: "control plane".into(), errors })?;
         let version = bootstrap::version_of(&format!("{static_version}+{}", dynamic.version()));
         Ok((version, composed))
@@ -228,7 +271,7 @@ impl Reloader {
         match &result {
             Ok(ReloadOutcome::Applied(version)) => {
                 info!(%version, source = %self.source.origin(), "config applied");
-                self.metrics.record_reload(true);
+                self.reloads.record(true);
                 self.admin.record_reload(ReloadReport {
                     applied: true,
                     version: version.clone(),
@@ -239,7 +282,7 @@ impl Reloader {
             Ok(ReloadOutcome::Unchanged(_)) => {}
             Err(e) => {
                 error!(error = %e, "config rejected; the previous config keeps serving");
-                self.metrics.record_reload(false);
+                self.reloads.record(false);
                 let version = self.data.snapshot.load().version.clone();
                 self.admin.record_reload(ReloadReport {
                     applied: false,
@@ -314,7 +357,7 @@ impl Reloader {
             info!(listener = %key.0, address = %local, "listening");
             bound.insert(key, BoundAddress { local, position, stop });
         }
-        self.metrics.set_config_version(&version);
+        self.reloads.set_version(&version);
         Ok(ReloadOutcome::Applied(version))
     }
 }
@@ -349,5 +392,22 @@ pub async fn watch_file(reloader: Arc<Reloader>, path: PathBuf, mut last: FileSt
             // The outcome is logged and recorded by reload itself.
             let _ = reloader.reload();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::{encode, registry};
+
+    #[test]
+    fn only_the_current_version_is_marked() {
+        let mut registry = registry();
+        let metrics = ReloadMetrics::register(&mut registry);
+        metrics.set_version("aaa");
+        metrics.set_version("bbb");
+        let text = encode(&registry);
+        assert!(text.contains(r#"remora_config_version{version="bbb"} 1"#), "{text}");
+        assert!(!text.contains("aaa"), "{text}");
     }
 }

@@ -25,10 +25,11 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::balance::Observed;
+use crate::failure::{Failure, FailureKind};
 use crate::io::{DownstreamStream, Meter, idle_watch};
 use crate::state::cluster::Cluster;
+use crate::state::cluster::ClusterStats;
 use crate::state::{Direction, ListenerConfig};
-use crate::telemetry::ClusterStats;
 use crate::telemetry::access_log::{AccessLog, Entry};
 use crate::tls::{Alpn, ClientStream, MeshTls, TlsError};
 use remora_control_api::identity::SpiffeId;
@@ -48,6 +49,13 @@ pub enum ConnectError {
         /// The OS error.
         error: io::Error,
     },
+}
+
+impl ConnectError {
+    /// A connect failure, the endpoint's: the request (or connection) was never sent.
+    pub fn failure(&self) -> Failure {
+        Failure::of_endpoint(FailureKind::Connect)
+    }
 }
 
 /// Opens a TCP connection to `address` within `timeout`, with Nagle off, counting it (or its failure)
@@ -157,7 +165,7 @@ impl Relay<'_> {
         let endpoint = picked.address;
         // The connection holds its place under max_connections (and, for least_request and ewma,
         // counts as active on its endpoint) until it closes.
-        let _slot = match cluster.breakers.connection(&cluster.stats) {
+        let _slot = match cluster.breakers.connection(&cluster.stats.breakers) {
             Ok(slot) => slot,
             Err(breaker) => {
                 debug!(listener = %listener.name, cluster = %cluster.name, breaker = breaker.as_str(), "tcp: overflow; closing");
@@ -170,10 +178,13 @@ impl Relay<'_> {
         let connected = connect(endpoint, cluster.connect_timeout, &cluster.stats).await;
         // For opaque TCP, a connect is all there is to judge an endpoint by (outlier detection
         // counts connect failures as gateway errors).
+        let observed = match &connected {
+            Ok(_) => Some(Observed::Success),
+            Err(error) => Observed::from_failure(error.failure()),
+        };
         if cluster.observes
-            && let Some(state) = &state
+            && let (Some(state), Some(observed)) = (&state, observed)
         {
-            let observed = if connected.is_ok() { Observed::Success } else { Observed::NoResponse };
             cluster.observe(state, observed, started, std::time::Instant::now());
         }
         let upstream = match connected {

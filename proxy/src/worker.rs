@@ -14,8 +14,10 @@ use std::thread::JoinHandle;
 use tokio::sync::{mpsc, watch};
 use tracing::warn;
 
+use crate::context::DataPath;
 use crate::http::client;
-use crate::listener::{DataPath, accept_loop};
+use crate::listener::accept_loop;
+use crate::telemetry::Registry;
 use crate::{limits, timer};
 
 enum Command {
@@ -26,6 +28,13 @@ struct Worker {
     /// `None` once shutting down.
     commands: Option<mpsc::UnboundedSender<Command>>,
     thread: Option<JoinHandle<()>>,
+}
+
+/// Declares the `workers` gauge in `registry`, set to `count`.
+pub fn register_metrics(registry: &mut Registry, count: usize) {
+    let workers = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+    workers.set(i64::try_from(count).unwrap_or(i64::MAX));
+    registry.register("workers", "Worker threads", workers);
 }
 
 /// The worker threads.

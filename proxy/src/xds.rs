@@ -1,218 +1,72 @@
-//! Resources from the control plane: hold them, warm them, hand the serving set to the reloader.
+//! The proxy's end of the control-plane stream: each response applied, answered, and reported.
 //!
 //! The Delta-ADS stream itself is `remora_control_api::xds::client`; this module is the proxy's
-//! [`Handler`] for it. Each response becomes a candidate: the resources held so far ([`Dynamic`]) with
-//! the response's changes applied. [`compose`] joins the candidate with the static resources of the
-//! proxy's own file and decides what serves:
-//!
-//! 1. every resource is checked on its own (and against the others for conflicts: two listeners on
-//!    one address, two route tables claiming one host); any problem rejects the whole response, and
-//!    the reason, naming the resource and field, goes back as the NACK;
-//! 2. warming: a cluster serves once its endpoints have arrived (a pass-through cluster needs none);
-//!    a route table once every cluster it names serves; a listener once its route tables and default
-//!    cluster do. What is not ready yet waits, held but not serving, and is listed in `/config_dump`;
-//! 3. a response that would take something serving out of service (a route table now naming a cluster
-//!    that does not exist, say) is rejected too: an update never makes a serving proxy serve less by
-//!    accident.
-//!
-//! The reloader then compiles the serving set into a snapshot (off the data path), binds new
-//! listeners, and swaps — or, if any of that fails, keeps the previous snapshot and the update is
-//! NACKed. An ACK means the update is serving.
+//! [`Handler`] for it. Each response goes to the reloader, which applies it on top of the resources
+//! held so far (composed with the file's static ones and warmed by `state::compose`), compiles the
+//! serving set into a snapshot off the data path, binds new listeners and swaps — or, if any of
+//! that fails, keeps the previous snapshot. The handler answers with an ACK (the update is serving)
+//! or a NACK naming the resource and field, marks the proxy ready once every kind has been applied
+//! once, and keeps `/config_dump`'s report of what was answered and when. Its metrics
+//! ([`XdsMetrics`]): whether the stream is open, and updates by type and answer.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use remora_control_api::config::FieldError;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use remora_control_api::Kind;
 use remora_control_api::grpc::ControlTls;
-use remora_control_api::validate::{self, References, ValidationErrors};
 use remora_control_api::xds::client::{self, ClientConfig, Handler, Update};
-use remora_control_api::{Kind, Resource, v1};
 use serde_json::json;
 use tracing::{info, warn};
 
 use crate::admin::AdminState;
-use crate::bootstrap;
 use crate::reload::Reloader;
-use crate::telemetry::Metrics;
+use crate::telemetry::Registry;
 
-/// The resources received from the control plane, with their versions.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct XdsLabels {
+    r#type: &'static str,
+    result: &'static str,
+}
+
+/// The control-plane stream's metrics.
 #[derive(Clone, Debug, Default)]
-pub struct Dynamic {
-    resources: BTreeMap<(Kind, String), (String, Resource)>,
+pub struct XdsMetrics {
+    connected: Gauge,
+    updates: Family<XdsLabels, Counter>,
 }
 
-impl Dynamic {
-    /// The versions held of `kind`'s resources.
-    pub fn versions(&self, kind: Kind) -> HashMap<String, String> {
-        self.resources
-            .iter()
-            .filter(|((k, _), _)| *k == kind)
-            .map(|((_, name), (version, _))| (name.clone(), version.clone()))
-            .collect()
+impl XdsMetrics {
+    /// Declares the families in `registry`.
+    pub fn register(registry: &mut Registry) -> XdsMetrics {
+        let m = XdsMetrics::default();
+        registry.register(
+            "control_plane_connected",
+            "1 while the stream to the control plane is open",
+            m.connected.clone(),
+        );
+        registry.register(
+            "xds_updates",
+            "Control-plane updates, by resource type and result (ack, nack)",
+            m.updates.clone(),
+        );
+        m
     }
 
-    /// A copy with `update` applied; an update naming a resource twice is refused.
-    pub fn with(&self, update: &Update) -> Result<Dynamic, String> {
-        let mut next = self.clone();
-        let mut seen = HashSet::new();
-        for (version, resource) in &update.resources {
-            if resource.kind() != update.kind {
-                return Err(format!("{} {:?} arrived in a {} response", resource.kind(), resource.name(), update.kind));
-            }
-            if !seen.insert(resource.name()) {
-                return Err(format!("{} {:?} appears twice in one response", update.kind.noun(), resource.name()));
-            }
-            next.resources.insert((update.kind, resource.name().to_owned()), (version.clone(), resource.clone()));
-        }
-        for name in &update.removed {
-            next.resources.remove(&(update.kind, name.clone()));
-        }
-        Ok(next)
+    /// Records whether the control-plane stream is open.
+    fn set_connected(&self, connected: bool) {
+        self.connected.set(i64::from(connected));
     }
 
-    /// Every resource held.
-    pub fn resources(&self) -> impl Iterator<Item = (&String, &Resource)> {
-        self.resources.values().map(|(version, resource)| (version, resource))
+    /// Counts a control-plane update of `kind`, accepted or rejected.
+    fn record_update(&self, kind: &'static str, accepted: bool) {
+        let result = if accepted { "ack" } else { "nack" };
+        self.updates.get_or_create(&XdsLabels { r#type: kind, result }).inc();
     }
-
-    /// A version for the whole set: a hash of every (kind, name, version).
-    pub fn version(&self) -> String {
-        let mut text = String::new();
-        for ((kind, name), (version, _)) in &self.resources {
-            text.push_str(kind.as_str());
-            text.push('/');
-            text.push_str(name);
-            text.push('=');
-            text.push_str(version);
-            text.push('\n');
-        }
-        bootstrap::version_of(&text)
-    }
-}
-
-/// A resource held but not serving yet, and what it waits for.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Warming {
-    /// Its kind.
-    pub kind: Kind,
-    /// Its name.
-    pub name: String,
-    /// What it waits for.
-    pub reason: String,
-}
-
-/// What serves, out of the static and dynamic resources.
-#[derive(Debug)]
-pub struct Composed {
-    /// The resources that serve: a closed set (every reference resolves).
-    pub serving: Vec<Resource>,
-    /// The ones that wait.
-    pub warming: Vec<Warming>,
-}
-
-/// Joins the static and dynamic resources and decides what serves (see the module docs).
-/// `serving_now` names what serves at present, so an update that would stop it is refused.
-pub fn compose(
-    static_resources: &[Resource],
-    dynamic: &Dynamic,
-    serving_now: &HashSet<(Kind, String)>,
-) -> Result<Composed, ValidationErrors> {
-    let all: Vec<Resource> =
-        static_resources.iter().cloned().chain(dynamic.resources().map(|(_, r)| r.clone())).collect();
-    validate::validate_with(&all, References::Pending)?;
-    let (serving, warming) = warm(&all, serving_now);
-    let mut errors = Vec::new();
-    // An endpoint set whose cluster is gone serves nothing, so it may stop.
-    for w in warming.iter().filter(|w| w.kind != Kind::Endpoints) {
-        if serving_now.contains(&(w.kind, w.name.clone())) {
-            errors.push(FieldError {
-                subject: format!("{} {:?}", w.kind.noun(), w.name),
-                field: String::new(),
-                message: format!("the update would take it out of service: {}", w.reason),
-            });
-        }
-    }
-    if !errors.is_empty() {
-        return Err(ValidationErrors(errors));
-    }
-    Ok(Composed { serving, warming })
-}
-
-/// Splits `all` (already validated, references possibly dangling) into what can serve and what waits.
-fn warm(all: &[Resource], serving_now: &HashSet<(Kind, String)>) -> (Vec<Resource>, Vec<Warming>) {
-    let mut clusters: HashMap<&str, &v1::Cluster> = HashMap::new();
-    let mut tables: HashMap<&str, &v1::RouteTable> = HashMap::new();
-    let mut endpoints: HashSet<&str> = HashSet::new();
-    for resource in all {
-        match resource {
-            Resource::Cluster(c) => {
-                clusters.insert(&c.name, c);
-            }
-            Resource::RouteTable(t) => {
-                tables.insert(&t.name, t);
-            }
-            Resource::Endpoints(e) => {
-                endpoints.insert(&e.cluster);
-            }
-            Resource::Listener(_) | Resource::AuthorizationPolicy(_) => {}
-        }
-    }
-    // A cluster that has served keeps serving when its endpoints are removed (it then has none).
-    let cluster_ready = |name: &str| -> Result<(), String> {
-        match clusters.get(name) {
-            None => Err(format!("names cluster {name:?}, which is not defined")),
-            Some(c)
-                if c.original_destination
-                    || endpoints.contains(name)
-                    || serving_now.contains(&(Kind::Cluster, name.to_owned())) =>
-            {
-                Ok(())
-            }
-            Some(_) => Err(format!("cluster {name:?} has no endpoints yet")),
-        }
-    };
-    let table_ready = |t: &v1::RouteTable| -> Result<(), String> {
-        for backend in t.routes.iter().flat_map(|r| &r.backends) {
-            cluster_ready(&backend.cluster)?;
-        }
-        if !t.tcp_cluster.is_empty() {
-            cluster_ready(&t.tcp_cluster)?;
-        }
-        Ok(())
-    };
-    let mut serving = Vec::with_capacity(all.len());
-    let mut warming = Vec::new();
-    for resource in all {
-        let ready = match resource {
-            Resource::Cluster(c) => cluster_ready(&c.name),
-            Resource::Endpoints(e) => match clusters.get(e.cluster.as_str()) {
-                Some(_) => Ok(()),
-                None => Err(format!("names cluster {:?}, which is not defined", e.cluster)),
-            },
-            Resource::RouteTable(t) => table_ready(t),
-            // A policy needs nothing else to be in force: one naming a listener that has not arrived
-            // is simply waiting for it.
-            Resource::AuthorizationPolicy(_) => Ok(()),
-            Resource::Listener(l) => (|| {
-                for name in &l.route_tables {
-                    let table = tables
-                        .get(name.as_str())
-                        .ok_or_else(|| format!("names route table {name:?}, which is not defined"))?;
-                    table_ready(table).map_err(|e| format!("route table {name:?} {e}"))?;
-                }
-                if !l.default_cluster.is_empty() {
-                    cluster_ready(&l.default_cluster)?;
-                }
-                Ok(())
-            })(),
-        };
-        match ready {
-            Ok(()) => serving.push(resource.clone()),
-            Err(reason) => warming.push(Warming { kind: resource.kind(), name: resource.name().to_owned(), reason }),
-        }
-    }
-    (serving, warming)
 }
 
 /// The last answer sent for one kind.
@@ -228,7 +82,7 @@ struct KindReport {
 pub struct XdsHandler {
     reloader: Arc<Reloader>,
     admin: Arc<AdminState>,
-    metrics: Arc<Metrics>,
+    metrics: XdsMetrics,
     address: String,
     tls: Option<ControlTls>,
     token_file: Option<std::path::PathBuf>,
@@ -239,7 +93,7 @@ pub struct XdsHandler {
 
 impl XdsHandler {
     /// A handler applying through `reloader`.
-    pub fn new(reloader: Arc<Reloader>, admin: Arc<AdminState>, metrics: Arc<Metrics>, address: String) -> Self {
+    pub fn new(reloader: Arc<Reloader>, admin: Arc<AdminState>, metrics: XdsMetrics, address: String) -> Self {
         XdsHandler {
             reloader,
             admin,
@@ -300,13 +154,13 @@ impl Handler for XdsHandler {
 
     fn connected(&mut self, connected: bool) {
         self.connected = connected;
-        self.metrics.set_control_plane_connected(connected);
+        self.metrics.set_connected(connected);
         self.publish_report();
     }
 
     fn answered(&mut self, kind: Kind, system_version: &str, nack: Option<&str>) {
         let report = &mut self.reports[kind.index()];
-        self.metrics.record_xds_update(kind.as_str(), nack.is_none());
+        self.metrics.record_update(kind.as_str(), nack.is_none());
         match nack {
             None => {
                 report.system_version = system_version.to_owned();
@@ -348,100 +202,4 @@ pub async fn run(mut handler: XdsHandler, node_id: String, initial_fetch_timeout
     };
     let error = client::run(config, &mut handler).await;
     warn!(%error, "control plane stream stopped");
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)]
-
-    use super::*;
-
-    fn parse(yaml: &str) -> Vec<Resource> {
-        remora_control_api::config::parse(yaml, "t").unwrap().resources
-    }
-
-    fn update(kind: Kind, yaml: &str, removed: &[&str]) -> Update {
-        Update {
-            kind,
-            system_version: "v".into(),
-            resources: parse(yaml).into_iter().map(|r| ("1".to_owned(), r)).collect(),
-            removed: removed.iter().map(|s| s.to_string()).collect(),
-        }
-    }
-
-    fn names(resources: &[Resource]) -> Vec<String> {
-        resources.iter().map(|r| format!("{}/{}", r.kind(), r.name())).collect()
-    }
-
-    #[test]
-    fn listeners_warm_until_their_tables_clusters_and_endpoints_arrive() {
-        let none = HashSet::new();
-        let mut dynamic = Dynamic::default();
-        dynamic = dynamic
-            .with(&update(
-                Kind::Listener,
-                "kind: Listener\nname: l\naddress: \"127.0.0.1:0\"\nroute_tables: [t]\n",
-                &[],
-            ))
-            .unwrap();
-        let composed = compose(&[], &dynamic, &none).unwrap();
-        assert!(composed.serving.is_empty());
-        assert!(composed.warming[0].reason.contains("route table \"t\""), "{:?}", composed.warming);
-
-        dynamic = dynamic.with(&update(Kind::Cluster, "kind: Cluster\nname: c\n", &[])).unwrap();
-        dynamic = dynamic
-            .with(&update(Kind::RouteTable, "kind: RouteTable\nname: t\nroutes: [{backends: [{cluster: c}]}]\n", &[]))
-            .unwrap();
-        let composed = compose(&[], &dynamic, &none).unwrap();
-        assert!(composed.serving.is_empty(), "{:?}", names(&composed.serving));
-        assert!(composed.warming.iter().any(|w| w.reason.contains("no endpoints yet")));
-
-        dynamic = dynamic.with(&update(Kind::Endpoints, "kind: Endpoints\ncluster: c\nendpoints: []\n", &[])).unwrap();
-        let composed = compose(&[], &dynamic, &none).unwrap();
-        assert_eq!(names(&composed.serving), ["Cluster/c", "Endpoints/c", "Listener/l", "RouteTable/t"]);
-        assert!(composed.warming.is_empty());
-    }
-
-    #[test]
-    fn an_update_that_would_stop_something_serving_is_refused() {
-        let mut dynamic = Dynamic::default();
-        for (kind, yaml) in [
-            (Kind::Cluster, "kind: Cluster\nname: c\n"),
-            (Kind::Endpoints, "kind: Endpoints\ncluster: c\n"),
-            (Kind::RouteTable, "kind: RouteTable\nname: t\nroutes: [{backends: [{cluster: c}]}]\n"),
-        ] {
-            dynamic = dynamic.with(&update(kind, yaml, &[])).unwrap();
-        }
-        let serving: HashSet<(Kind, String)> = compose(&[], &dynamic, &HashSet::new())
-            .unwrap()
-            .serving
-            .iter()
-            .map(|r| (r.kind(), r.name().to_owned()))
-            .collect();
-        let broken = dynamic
-            .with(&update(Kind::RouteTable, "kind: RouteTable\nname: t\nroutes: [{backends: [{cluster: d}]}]\n", &[]))
-            .unwrap();
-        let error = compose(&[], &broken, &serving).unwrap_err().to_string();
-        assert!(error.contains("route table \"t\"") && error.contains("cluster \"d\""), "{error}");
-        // Removing the endpoints of a serving cluster leaves it serving, with none.
-        let emptied = dynamic.with(&update(Kind::Endpoints, "", &["c"])).unwrap();
-        assert_eq!(compose(&[], &emptied, &serving).unwrap().serving.len(), 2);
-        // Removing the table and then the cluster is fine.
-        let gone = dynamic.with(&update(Kind::RouteTable, "", &["t"])).unwrap();
-        let gone = gone.with(&update(Kind::Cluster, "", &["c"])).unwrap();
-        let composed = compose(&[], &gone, &serving).unwrap();
-        assert!(composed.serving.is_empty());
-        assert_eq!(composed.warming.len(), 1, "the orphaned endpoints wait for their cluster");
-    }
-
-    #[test]
-    fn bad_values_are_refused_with_their_field() {
-        let dynamic = Dynamic::default()
-            .with(&update(Kind::Cluster, "kind: Cluster\nname: c\nconnect_timeout: 0s\n", &[]))
-            .unwrap();
-        let error = compose(&[], &dynamic, &HashSet::new()).unwrap_err().to_string();
-        assert!(error.contains("cluster \"c\": connect_timeout"), "{error}");
-        let twice = update(Kind::Cluster, "resources: [{kind: Cluster, name: c}, {kind: Cluster, name: c}]\n", &[]);
-        assert!(Dynamic::default().with(&twice).unwrap_err().contains("twice"));
-    }
 }

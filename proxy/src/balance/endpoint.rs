@@ -15,6 +15,8 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::failure::Failure;
+
 /// Peak EWMA's decay time: a latency sample weighs 1/e as much after this long (Linkerd's default).
 const EWMA_DECAY: Duration = Duration::from_secs(10);
 
@@ -89,6 +91,13 @@ impl Observed {
             500..=599 => Observed::ServerError { gateway: false },
             _ => Observed::Success,
         }
+    }
+
+    /// What an attempt that ended without a response tells outlier detection and the ewma
+    /// balancer: a failure that blames the endpoint counts as no response, one that does not (a
+    /// breaker, the client's body, this proxy's own certificate) counts for nothing.
+    pub fn from_failure(failure: Failure) -> Option<Observed> {
+        failure.blames_endpoint.then_some(Observed::NoResponse)
     }
 }
 

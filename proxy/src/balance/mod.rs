@@ -34,6 +34,7 @@
 
 pub mod endpoint;
 pub mod health;
+pub mod metrics;
 pub mod monitor;
 pub mod outlier;
 pub mod ring;
@@ -52,7 +53,7 @@ pub use endpoint::{EndpointState, Health, Observed};
 use outlier::{EjectReason, OutlierConfig};
 use ring::Ring;
 
-use crate::telemetry::ClusterStats;
+use metrics::HealthStats;
 
 /// Longest precomputed schedule. Weights whose sum is larger are scaled down to fit (keeping every
 /// non-zero weight at least 1), which keeps the proportions to within a part in a few thousand.
@@ -268,7 +269,7 @@ pub struct EndpointSet {
     view: ArcSwap<View>,
     /// Serialises rebuilds of the view (never taken by a pick).
     refreshing: Mutex<()>,
-    stats: Arc<ClusterStats>,
+    stats: Arc<HealthStats>,
 }
 
 /// Which endpoints take traffic now, precomputed.
@@ -337,7 +338,7 @@ impl EndpointSet {
         config: SetConfig,
         endpoints: Vec<Endpoint>,
         carried: &dyn Fn(SocketAddr) -> Option<Arc<EndpointState>>,
-        stats: Arc<ClusterStats>,
+        stats: Arc<HealthStats>,
     ) -> EndpointSet {
         let members = endpoints
             .into_iter()
@@ -760,7 +761,6 @@ mod tests {
     use proptest::prelude::{any, prop_assert, prop_assert_eq, prop_assume, proptest};
 
     use super::*;
-    use crate::telemetry::Metrics;
 
     fn endpoint(i: usize, weight: u32, proximity: Proximity) -> Endpoint {
         Endpoint {
@@ -772,7 +772,7 @@ mod tests {
     }
 
     fn build(config: SetConfig, endpoints: Vec<Endpoint>) -> EndpointSet {
-        EndpointSet::new(config, endpoints, &|_| None, Metrics::new().cluster("test"))
+        EndpointSet::new(config, endpoints, &|_| None, HealthStats::detached("test"))
     }
 
     fn set_with(strategy: Strategy, weights: &[u32]) -> EndpointSet {
@@ -1013,7 +1013,7 @@ mod tests {
         // A set without the check, built beside the serving one: it serves both endpoints, and the
         // serving set's view of them does not change.
         let endpoints = vec![endpoint(0, 1, Proximity::Elsewhere), endpoint(1, 1, Proximity::Elsewhere)];
-        let next = EndpointSet::new(SetConfig::round_robin(), endpoints, &carried, Metrics::new().cluster("t"));
+        let next = EndpointSet::new(SetConfig::round_robin(), endpoints, &carried, HealthStats::detached("t"));
         assert!(Arc::ptr_eq(&first.members()[0].state, &next.members()[0].state));
         assert_eq!(counts(&next, 100).len(), 2);
         first.refresh();
@@ -1023,7 +1023,7 @@ mod tests {
             checked,
             vec![endpoint(7, 1, Proximity::Elsewhere), endpoint(1, 1, Proximity::Elsewhere)],
             &|a| next.state_of(a).cloned(),
-            Metrics::new().cluster("t"),
+            HealthStats::detached("t"),
         );
         assert_eq!(fresh.members()[0].state.health(), Health::Unknown);
         assert_eq!(counts(&fresh, 100).keys().copied().collect::<Vec<_>>(), [1]);

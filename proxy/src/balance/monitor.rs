@@ -20,10 +20,10 @@ use tracing::info;
 
 use super::EndpointSet;
 use super::health::{self, HealthCheckConfig, Tally};
+use super::metrics::HealthStats;
 use super::outlier;
-use crate::listener::DataPath;
+use crate::state::LiveSnapshot;
 use crate::state::cluster::Targets;
-use crate::telemetry::ClusterStats;
 
 /// One cluster's task, and what it was started for.
 struct Watched {
@@ -40,8 +40,7 @@ impl Drop for Watched {
 
 /// Follows the live snapshot for as long as the runtime runs, keeping one task per checked
 /// cluster. Must run inside a tokio runtime; `app` runs it on the control thread.
-pub async fn run(data: Arc<DataPath>) {
-    let snapshots = &data.snapshot;
+pub async fn run(snapshots: Arc<LiveSnapshot>) {
     let mut swaps: watch::Receiver<u64> = snapshots.subscribe();
     let mut watched: HashMap<Arc<str>, Watched> = HashMap::new();
     loop {
@@ -58,7 +57,8 @@ pub async fn run(data: Arc<DataPath>) {
             if unchanged {
                 continue;
             }
-            let task = tokio::spawn(watch_cluster(set.clone(), cluster.health_check.clone(), cluster.stats.clone()));
+            let task =
+                tokio::spawn(watch_cluster(set.clone(), cluster.health_check.clone(), cluster.stats.health.clone()));
             watched
                 .insert(cluster.name.clone(), Watched { set: set.clone(), check: cluster.health_check.clone(), task });
         }
@@ -70,7 +70,7 @@ pub async fn run(data: Arc<DataPath>) {
 }
 
 /// One cluster's checks, until aborted.
-async fn watch_cluster(set: Arc<EndpointSet>, check: Option<HealthCheckConfig>, stats: Arc<ClusterStats>) {
+async fn watch_cluster(set: Arc<EndpointSet>, check: Option<HealthCheckConfig>, stats: Arc<HealthStats>) {
     // The probes live in this set: aborting this task drops it, which aborts them.
     let mut probes = JoinSet::new();
     if let Some(check) = check {
@@ -94,12 +94,12 @@ async fn watch_cluster(set: Arc<EndpointSet>, check: Option<HealthCheckConfig>, 
 }
 
 /// Probes one endpoint every interval (jittered), forever.
-async fn probe_endpoint(set: Arc<EndpointSet>, index: usize, check: HealthCheckConfig, stats: Arc<ClusterStats>) {
+async fn probe_endpoint(set: Arc<EndpointSet>, index: usize, check: HealthCheckConfig, stats: Arc<HealthStats>) {
     let Some(member) = set.members().get(index) else { return };
     let mut tally = Tally::default();
     loop {
         let result = health::probe(member.address(), &check).await;
-        let counter = if result.is_ok() { &stats.health_checks_passed } else { &stats.health_checks_failed };
+        let counter = if result.is_ok() { &stats.checks_passed } else { &stats.checks_failed };
         counter.inc();
         if let Some(health) = tally.record(result.is_ok(), member.state.health(), &check)
             && member.state.set_health(health)

@@ -261,8 +261,8 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::balance::metrics::HealthStats;
     use crate::balance::{Endpoint, Observed, Proximity, SetConfig, Strategy};
-    use crate::telemetry::Metrics;
 
     fn config(extra: impl FnOnce(&mut OutlierConfig)) -> OutlierConfig {
         let mut config = OutlierConfig::compile(&v1::OutlierDetection::default()).unwrap();
@@ -282,7 +282,7 @@ mod tests {
             .collect();
         let config =
             SetConfig { outlier: Some(outlier), panic_threshold: 0, ..SetConfig::with_strategy(Strategy::RoundRobin) };
-        EndpointSet::new(config, endpoints, &|_| None, Metrics::new().cluster("c"))
+        EndpointSet::new(config, endpoints, &|_| None, HealthStats::detached("c"))
     }
 
     /// An attempt start `latency` ago.

@@ -26,7 +26,7 @@ use crate::http::h1;
 use crate::http::observe::{Finish, Observe};
 use crate::http::replay::ReplayBody;
 use crate::policy::breaker::Slot;
-use crate::telemetry::ClusterStats;
+use crate::state::cluster::ClusterStats;
 use crate::telemetry::trace::ClientSpan;
 use crate::timer;
 
@@ -255,7 +255,7 @@ impl ProxyBody {
                 while Pin::new(&mut idle.timer).poll(cx).is_ready() {
                     let due = idle.last_frame + idle.limit;
                     if due <= tokio::time::Instant::now() {
-                        idle.stats.idle_timeouts.inc();
+                        idle.stats.policy.idle_timeouts.inc();
                         return Poll::Ready(Some(Err(StreamIdle(idle.limit).into())));
                     }
                     // A frame came since the timer was set: it is due later.

@@ -30,7 +30,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{Request, Response};
 use hyper::client::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use std::time::Instant;
 use tokio::net::TcpStream;
 use tokio_util::either::Either;
@@ -38,11 +38,12 @@ use tracing::debug;
 
 use crate::http::body::{ProxyBody, UpstreamBody};
 use crate::http::error::ProxyError;
+pub use crate::http::settings::ClientSettings;
 use crate::http::{h1, headers};
 use crate::limits;
 use crate::policy::breaker::Slot;
 use crate::state::cluster::Cluster;
-use crate::tls::{Alpn, MeshTls, TlsError};
+use crate::tls::{Alpn, TlsError};
 use crate::{tcp, timer};
 use remora_control_api::identity::SpiffeId;
 
@@ -53,35 +54,6 @@ pub enum Version {
     Http1,
     /// HTTP/2 (prior knowledge).
     Http2,
-}
-
-/// Connection settings for upstream HTTP/2 connections, built once, and this proxy's mTLS side.
-#[derive(Debug)]
-pub struct ClientSettings {
-    http2: http2::Builder<TokioExecutor>,
-    /// This proxy's identity for mesh clusters, when it has one.
-    pub mesh: Option<Arc<MeshTls>>,
-}
-
-impl ClientSettings {
-    /// The settings, with `mesh` for clusters with `tls: mesh`.
-    pub fn with_mesh(mesh: Option<Arc<MeshTls>>) -> Self {
-        ClientSettings { mesh, ..ClientSettings::default() }
-    }
-}
-
-impl Default for ClientSettings {
-    fn default() -> Self {
-        let mut h2 = http2::Builder::new(TokioExecutor::new());
-        h2.timer(TokioTimer::new())
-            .initial_stream_window_size(limits::H2_STREAM_WINDOW)
-            .initial_connection_window_size(limits::H2_CONNECTION_WINDOW)
-            .max_send_buf_size(limits::H2_MAX_SEND_BUF_SIZE)
-            .max_header_list_size(limits::H2_MAX_HEADER_LIST_SIZE)
-            .max_pending_accept_reset_streams(limits::H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
-            .max_local_error_reset_streams(limits::H2_MAX_LOCAL_ERROR_RESET_STREAMS);
-        ClientSettings { http2: h2, mesh: None }
-    }
 }
 
 struct IdleConnection {
@@ -192,8 +164,8 @@ fn drop_connection(_: Box<h1::Connection>) {}
 /// pending while it waits, and the connection holds a `max_connections` slot until it closes.
 async fn connect(cluster: &Cluster, endpoint: SocketAddr) -> Result<(TcpStream, Slot), ProxyError> {
     let overflow = |breaker| ProxyError::Overflow(cluster.name.clone(), breaker);
-    let _pending = cluster.breakers.pending(&cluster.stats).map_err(overflow)?;
-    let slot = cluster.breakers.connection(&cluster.stats).map_err(overflow)?;
+    let _pending = cluster.breakers.pending(&cluster.stats.breakers).map_err(overflow)?;
+    let slot = cluster.breakers.connection(&cluster.stats.breakers).map_err(overflow)?;
     let stream = tcp::connect(endpoint, cluster.connect_timeout, &cluster.stats).await?;
     Ok((stream, slot))
 }

@@ -1,8 +1,9 @@
 //! Why a request could not be proxied, and the one place such a reason becomes an HTTP response.
 //!
-//! Every failure on the HTTP data path is a [`ProxyError`]. Each knows which side caused it
-//! ([`Side`]); whether another attempt could help is the route's retry policy's call
-//! (`policy::retry`). [`ProxyError::to_response`] is the only mapping from errors to status codes:
+//! Every failure on the HTTP data path is a [`ProxyError`]. Each states its facts
+//! ([`ProxyError::failure`]): what kind of failure it is and whether it blames the endpoint; the
+//! route's retry policy (`policy::retry`) and outlier detection (`balance`) decide over those facts
+//! alone. [`ProxyError::to_response`] is the only mapping from errors to status codes:
 //! a short text body and an `x-remora-error` header naming the reason, so an operator can tell a 503
 //! the proxy made from one the app sent. A route's fallback is the one exception to the short text
 //! body: its static answer replaces the error's, under `x-remora-error: fallback`.
@@ -11,6 +12,7 @@ use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use http::{Response, StatusCode};
 
+use crate::failure::{Failure, FailureKind};
 use crate::http::body::ProxyBody;
 use crate::http::h1;
 use crate::policy::Fallback;
@@ -19,17 +21,6 @@ use crate::tcp::ConnectError;
 
 /// The header that names the reason of a response the proxy made itself.
 pub const ERROR_HEADER: &str = "x-remora-error";
-
-/// Who caused a failure.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Side {
-    /// The client sent something the proxy cannot serve.
-    Downstream,
-    /// The endpoint failed, or none was available.
-    Upstream,
-    /// The proxy's configuration has no answer.
-    Config,
-}
 
 /// A request that could not be proxied.
 #[derive(Debug, thiserror::Error)]
@@ -98,24 +89,37 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
-    /// Which side caused the failure.
-    pub fn side(&self) -> Side {
+    /// What kind of failure this is, and whether it blames the endpoint.
+    pub fn failure(&self) -> Failure {
+        use FailureKind::*;
         match self {
-            ProxyError::NoRoute | ProxyError::ListenerRemoved => Side::Config,
-            ProxyError::NoEndpoint(_)
+            ProxyError::Connect(error) => error.failure(),
+            // The handshake is part of connecting: the request was never sent. This proxy's own
+            // missing or expired certificate is not the endpoint's fault.
+            ProxyError::Mesh(error) if error.is_local() => Failure::not_the_endpoints(Connect),
+            ProxyError::Mesh(_) => Failure::of_endpoint(Connect),
+            ProxyError::Upstream(error) if is_refused_stream(error) => Failure::of_endpoint(RefusedStream),
+            ProxyError::Upstream(_) | ProxyError::Http1(h1::Error::Io(_) | h1::Error::Closed) => {
+                Failure::of_endpoint(Reset)
+            }
+            ProxyError::Http1(h1::Error::Protocol(_)) => Failure::of_endpoint(Protocol),
+            // Only an upgrade's endpoint may switch; an endpoint that switches unasked is broken,
+            // but the request it answered was ours to send on a connection of its own.
+            ProxyError::Http1(h1::Error::UnexpectedSwitch) => Failure::not_the_endpoints(Protocol),
+            ProxyError::PerTryTimeout(_) => Failure::of_endpoint(PerTryTimeout),
+            ProxyError::RequestTimeout(_) => Failure::of_endpoint(RequestTimeout),
+            ProxyError::Http1(h1::Error::RequestBody(_)) | ProxyError::BadRequest(_) => {
+                Failure::not_the_endpoints(Client)
+            }
+            ProxyError::NoRoute
+            | ProxyError::ListenerRemoved
+            | ProxyError::NoEndpoint(_)
             | ProxyError::NoOriginalDestination(_)
-            | ProxyError::Connect(_)
-            | ProxyError::Mesh(_)
-            | ProxyError::Upstream(_)
-            | ProxyError::Http1(
-                h1::Error::Io(_) | h1::Error::Closed | h1::Error::Protocol(_) | h1::Error::UnexpectedSwitch,
-            ) => Side::Upstream,
-            ProxyError::BadRequest(_)
-            | ProxyError::Http1(h1::Error::RequestBody(_))
-            | ProxyError::Unauthorized { .. } => Side::Downstream,
-            ProxyError::RequestTimeout(_) | ProxyError::PerTryTimeout(_) | ProxyError::Overflow(..) => Side::Upstream,
-            ProxyError::RateLimited(_) | ProxyError::FaultInjected(_) => Side::Config,
-            ProxyError::Fallback { cause, .. } => cause.side(),
+            | ProxyError::RateLimited(_)
+            | ProxyError::FaultInjected(_)
+            | ProxyError::Overflow(..)
+            | ProxyError::Unauthorized { .. } => Failure::not_the_endpoints(NotSent),
+            ProxyError::Fallback { cause, .. } => cause.failure(),
         }
     }
 
@@ -183,6 +187,18 @@ impl ProxyError {
     }
 }
 
+/// Whether an HTTP/2 upstream error is the endpoint refusing the stream before processing it.
+fn is_refused_stream(error: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = source {
+        if let Some(h2) = current.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = current.source();
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,6 +230,33 @@ mod tests {
         }
         let limited = ProxyError::RateLimited(std::time::Duration::from_millis(1500)).to_response();
         assert_eq!(limited.headers()[RETRY_AFTER], "2");
+    }
+
+    #[test]
+    fn each_error_states_its_kind_and_whom_it_blames() {
+        use FailureKind::*;
+        let refused = ProxyError::Connect(ConnectError::Failed {
+            address: ([127, 0, 0, 1], 1).into(),
+            error: std::io::ErrorKind::ConnectionRefused.into(),
+        });
+        let cases = [
+            (refused, Connect, true),
+            (ProxyError::Connect(ConnectError::Timeout(([127, 0, 0, 1], 1).into())), Connect, true),
+            (ProxyError::Mesh(crate::tls::TlsError::Timeout), Connect, true),
+            (ProxyError::Mesh(crate::tls::TlsError::NoIdentity), Connect, false),
+            (ProxyError::Mesh(crate::tls::TlsError::Expired), Connect, false),
+            (ProxyError::Http1(h1::Error::Closed), Reset, true),
+            (ProxyError::Http1(h1::Error::Protocol("x")), Protocol, true),
+            (ProxyError::Http1(h1::Error::RequestBody("gone".into())), Client, false),
+            (ProxyError::PerTryTimeout(std::time::Duration::from_secs(1)), PerTryTimeout, true),
+            (ProxyError::RequestTimeout(std::time::Duration::from_secs(1)), RequestTimeout, true),
+            (ProxyError::NoEndpoint("c".into()), NotSent, false),
+            (ProxyError::Overflow("c".into(), Breaker::Requests), NotSent, false),
+            (ProxyError::NoRoute, NotSent, false),
+        ];
+        for (error, kind, blames) in cases {
+            assert_eq!(error.failure(), Failure { kind, blames_endpoint: blames }, "{error}");
+        }
     }
 
     #[test]

@@ -9,6 +9,11 @@
 //! most `MIRROR_MAX_IN_FLIGHT` copies in flight and drops the rest, so a shadow cluster that stops
 //! answering costs bounded memory. The cluster's `mirror_requests` counters say what became of the
 //! copies.
+//!
+//! Shadow traffic gets every protection of its own cluster — an attempt of `attempt`'s, within the
+//! shadow cluster's `max_requests` breaker, counted in its counters and judged by its outlier
+//! detection — and none of the original's: it is never retried and never touches the original's
+//! cluster.
 
 use std::cell::Cell;
 use std::time::Duration;
@@ -17,9 +22,13 @@ use http::header::{HOST, HeaderValue};
 use http::uri::Authority;
 use tracing::debug;
 
-use super::client::{self, Outcome};
-use super::forward::{Reusable, Template};
-use super::{HttpConnection, headers, upstream_version};
+use super::error::ProxyError;
+
+use super::attempt::{self, Template};
+use super::client::Outcome;
+use super::headers;
+use super::replay::Reusable;
+use super::server::HttpConnection;
 use crate::limits;
 use crate::policy::Mirror;
 
@@ -64,59 +73,54 @@ pub(crate) fn send(
 ) {
     let cluster = mirror.cluster.clone();
     let Some(counted) = Counted::take() else {
-        cluster.stats.mirror_dropped.inc();
+        cluster.stats.policy.mirror_dropped.inc();
         return;
     };
     let Some(follower) = body.copy() else {
-        cluster.stats.mirror_dropped.inc();
+        cluster.stats.policy.mirror_dropped.inc();
         return;
     };
     let mut request = template.request(follower);
-    let Some(picked) =
-        cluster.pick(connection.original_destination, Some(request.headers()), Some(connection.peer), &[])
-    else {
-        cluster.stats.mirror_failed.inc();
-        return;
-    };
-    let endpoint = picked.address;
-    let version = upstream_version(&cluster, downstream_version, false);
+    let origin = &connection.origin;
+    let (endpoint, mut attempt) =
+        match attempt::pick(&cluster, origin, request.headers(), &[], std::time::Instant::now(), None) {
+            Ok(picked) => picked,
+            Err(error) => {
+                cluster.stats.policy.mirror_failed.inc();
+                debug!(cluster = %cluster.name, %error, "mirrored request not sent");
+                return;
+            }
+        };
+    let version = attempt::version_for(&cluster, downstream_version, false);
     headers::prepare_request(&mut request, version, endpoint, false);
     shadow_host(&mut request);
-    let settings = connection.clone();
+    let connection = connection.clone();
     let limit = timeout.unwrap_or(limits::MIRROR_TIMEOUT);
     tokio::spawn(async move {
         let _counted = counted;
-        let exchange = async {
-            match version {
-                client::Version::Http1 => {
-                    let (head, body) = request.into_parts();
-                    client::send_http1(&cluster, endpoint, head, body, false).await
-                }
-                client::Version::Http2 => client::send_http2(&settings.data.client, &cluster, endpoint, request).await,
-            }
-        };
-        match tokio::time::timeout(limit, exchange).await {
-            Ok(Ok(Outcome::Response(response))) => {
-                cluster.stats.mirror_sent.inc();
-                cluster.stats.record_response(response.status().as_u16());
+        let (head, body) = request.into_parts();
+        let sending = attempt::send(&cluster, &connection.data.client, endpoint, version, head, body, false);
+        let result =
+            tokio::time::timeout(limit, sending).await.unwrap_or_else(|_| Err(ProxyError::RequestTimeout(limit)));
+        attempt.record(&cluster, &result);
+        match result {
+            Ok(Outcome::Response(response)) => {
+                cluster.stats.policy.mirror_sent.inc();
                 // Read the answer to its end (and drop it frame by frame), so an HTTP/1.1 connection
-                // goes back to the pool.
+                // goes back to the pool; the attempt stays in flight until then.
                 let mut body = response.into_body();
                 let drained = async { while let Some(Ok(_)) = http_body_util::BodyExt::frame(&mut body).await {} };
                 let _ = tokio::time::timeout(limit, drained).await;
             }
-            Ok(Ok(Outcome::Switched(..))) => {
-                cluster.stats.mirror_sent.inc();
+            Ok(Outcome::Switched(..)) => {
+                cluster.stats.policy.mirror_sent.inc();
             }
-            Ok(Err(error)) => {
-                cluster.stats.mirror_failed.inc();
+            Err(error) => {
+                cluster.stats.policy.mirror_failed.inc();
                 debug!(cluster = %cluster.name, %error, "mirrored request failed");
             }
-            Err(_) => {
-                cluster.stats.mirror_failed.inc();
-                debug!(cluster = %cluster.name, "mirrored request timed out");
-            }
         }
+        drop(attempt);
     });
 }
 

@@ -19,9 +19,9 @@ use std::time::{Instant, SystemTime};
 use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{HeaderMap, Method, Request, Uri};
 
-use super::HttpConnection;
 use super::error::ERROR_HEADER;
-use crate::telemetry::RequestStats;
+use super::server::HttpConnection;
+use crate::state::route_metrics::RequestStats;
 use crate::telemetry::access_log::Entry;
 use crate::telemetry::trace::{ClientSpan, Decision, ServerContext, ServerSpan, Traceparent};
 
@@ -191,8 +191,8 @@ impl Drop for Finish {
                     path,
                     authority,
                     protocol: if observe.version == http::Version::HTTP_2 { "2" } else { "1.1" },
-                    peer: connection.peer,
-                    peer_identity: connection.peer_identity.as_ref().map(|id| id.as_str()),
+                    peer: connection.origin.peer,
+                    peer_identity: connection.origin.peer_identity.as_ref().map(|id| id.as_str()),
                     status: self.status,
                     route,
                     cluster: upstream.as_ref().map(|(c, _)| c),
@@ -225,8 +225,8 @@ impl Drop for Finish {
                 cluster: upstream.as_ref().map(|(c, _)| &**c),
                 endpoint: upstream.as_ref().map(|(_, e)| *e),
                 attempts: Some(attempts),
-                peer: Some(connection.peer),
-                peer_identity: connection.peer_identity.as_ref().map(|id| id.as_str()),
+                peer: Some(connection.origin.peer),
+                peer_identity: connection.origin.peer_identity.as_ref().map(|id| id.as_str()),
                 trace_id: observe.trace.as_ref().map(|t| t.trace_id),
                 flags: flag,
                 ..Entry::default()

@@ -14,6 +14,9 @@
 //! the client while a primary reader exists, so a slow mirror cannot hold the original back; it
 //! waits for frames the primaries bring in, and takes over only when no primary is left.
 //!
+//! [`Reusable`] is what the policed path holds of a request body it may need again: the recorded
+//! body, or nothing at all when the client sent none.
+//!
 //! The record is a `std::sync::Mutex`: hyper may poll an HTTP/2 request body from a task of its own,
 //! so readers can live in different tasks, but they are all on one worker thread and hold the lock
 //! for a poll, so it is never contended.
@@ -26,7 +29,7 @@ use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 
-use crate::http::body::ClientBody;
+use crate::http::body::{ClientBody, UpstreamBody};
 
 /// Errors a replayed body can end with.
 pub type ReplayError = Box<dyn std::error::Error + Send + Sync>;
@@ -245,6 +248,41 @@ where
         match record.hint.exact() {
             Some(total) => SizeHint::with_exact(total.saturating_sub(self.yielded)),
             None => SizeHint::default(),
+        }
+    }
+}
+
+/// A request body that later attempts, or a mirrored copy, may read again.
+pub(crate) enum Reusable {
+    /// The client sent no body: every reader gets an empty one, and nothing is recorded.
+    Empty,
+    /// The client's body, recorded as it streams.
+    Recorded(ReplayBody),
+}
+
+impl Reusable {
+    /// `body`, recorded up to `limit` bytes for readers that come later (none if it is empty).
+    pub(crate) fn new(body: ClientBody, limit: usize) -> Reusable {
+        if hyper::body::Body::is_end_stream(&body) {
+            Reusable::Empty
+        } else {
+            Reusable::Recorded(ReplayBody::new(body, limit))
+        }
+    }
+
+    /// A body for another attempt, from the start; `None` once the body can no longer be replayed.
+    pub(crate) fn attempt(&self) -> Option<UpstreamBody> {
+        match self {
+            Reusable::Empty => Some(UpstreamBody::Empty),
+            Reusable::Recorded(body) => body.replay().map(UpstreamBody::Replay),
+        }
+    }
+
+    /// A body for a mirrored copy, following the attempts' reading; `None` as for `attempt`.
+    pub(crate) fn copy(&self) -> Option<UpstreamBody> {
+        match self {
+            Reusable::Empty => Some(UpstreamBody::Empty),
+            Reusable::Recorded(body) => body.follow().map(UpstreamBody::Replay),
         }
     }
 }

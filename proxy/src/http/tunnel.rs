@@ -69,7 +69,7 @@ pub async fn connect(
                 .ok_or(ProxyError::BadRequest("CONNECT through a pass-through cluster needs an ip:port target"))?,
         ),
         Targets::Endpoints(_) => {
-            cluster.pick(None, Some(request.headers()), Some(connection.peer), &[]).map(|picked| picked.address)
+            cluster.pick(None, Some(request.headers()), Some(connection.origin.peer), &[]).map(|picked| picked.address)
         }
     };
     let target = target.ok_or_else(|| ProxyError::NoEndpoint(cluster.name.clone()))?;

@@ -9,14 +9,18 @@
 //! limit it was, as Envoy's breakers do: a breaker sheds load early instead of queueing it behind a
 //! struggling upstream.
 //!
-//! The counts are the cluster's gauges in `telemetry` (so they survive config changes and show on
-//! `/metrics`), shared by every worker. A limit not set costs nothing: its count is not kept
-//! (open connections are always counted; that happens only on connect and close).
+//! The counts are the cluster's gauges, [`BreakerStats`] (so they survive config changes and show on
+//! `/metrics`), shared by every worker; [`BreakerMetrics`] declares their families. A limit not set
+//! costs nothing: its count is not kept (open connections are always counted; that happens only on
+//! connect and close).
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use remora_control_api::v1;
 
-use crate::telemetry::ClusterStats;
+use crate::telemetry::Registry;
 
 /// Which limit a request ran into.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,6 +47,98 @@ impl Breaker {
             Breaker::Requests => "max_requests",
             Breaker::Retries => "max_retries",
         }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClusterLabels {
+    cluster: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BreakerLabels {
+    cluster: String,
+    breaker: &'static str,
+}
+
+/// The circuit breakers' metric families: what each counts now, and what each refused.
+#[derive(Clone, Debug, Default)]
+pub struct BreakerMetrics {
+    open: Family<ClusterLabels, Gauge>,
+    active: Family<ClusterLabels, Gauge>,
+    pending: Family<ClusterLabels, Gauge>,
+    active_retries: Family<ClusterLabels, Gauge>,
+    overflow: Family<BreakerLabels, Counter>,
+}
+
+impl BreakerMetrics {
+    /// Declares the families in `registry`.
+    pub fn register(registry: &mut Registry) -> BreakerMetrics {
+        let m = BreakerMetrics::default();
+        registry.register("upstream_connections_active", "Upstream connections open now", m.open.clone());
+        registry.register(
+            "upstream_requests_active",
+            "Requests in flight to a cluster now (kept for clusters with a max_requests breaker)",
+            m.active.clone(),
+        );
+        registry.register(
+            "upstream_requests_pending",
+            "Requests waiting for a new upstream connection now (kept with a max_pending_requests breaker)",
+            m.pending.clone(),
+        );
+        registry.register(
+            "upstream_retries_active",
+            "Retries in flight now (kept for clusters with a max_retries breaker)",
+            m.active_retries.clone(),
+        );
+        registry.register(
+            "upstream_overflow",
+            "Requests failed at once by a circuit breaker, by breaker",
+            m.overflow.clone(),
+        );
+        m
+    }
+
+    /// The counts of cluster `name`; the same name always yields the same gauges.
+    pub fn cluster(&self, name: &str) -> BreakerStats {
+        let labels = ClusterLabels { cluster: name.to_owned() };
+        BreakerStats {
+            open_connections: self.open.get_or_create_owned(&labels),
+            active_requests: self.active.get_or_create_owned(&labels),
+            pending_requests: self.pending.get_or_create_owned(&labels),
+            active_retries: self.active_retries.get_or_create_owned(&labels),
+            overflows: Breaker::ALL.map(|b| {
+                self.overflow.get_or_create_owned(&BreakerLabels { cluster: name.to_owned(), breaker: b.as_str() })
+            }),
+        }
+    }
+}
+
+/// One cluster's breaker counts, shared by every worker.
+#[derive(Debug, Default)]
+pub struct BreakerStats {
+    /// Upstream connections open now (every worker's).
+    pub open_connections: Gauge,
+    /// Requests in flight now (counted only with a `max_requests` breaker).
+    pub active_requests: Gauge,
+    /// Requests waiting for a new connection now (counted only with `max_pending_requests`).
+    pub pending_requests: Gauge,
+    /// Retries in flight now (counted only with `max_retries`).
+    pub active_retries: Gauge,
+    overflows: [Counter; 4],
+}
+
+impl BreakerStats {
+    /// Counts a request refused by `breaker`.
+    fn record_overflow(&self, breaker: Breaker) {
+        let index = Breaker::ALL.iter().position(|b| *b == breaker).unwrap_or(0);
+        self.overflows[index].inc();
+    }
+
+    /// Requests `breaker` has refused so far.
+    pub fn overflows(&self, breaker: Breaker) -> u64 {
+        let index = Breaker::ALL.iter().position(|b| *b == breaker).unwrap_or(0);
+        self.overflows[index].get()
     }
 }
 
@@ -77,23 +173,23 @@ impl CircuitBreakers {
     }
 
     /// A request slot, or `Ok(None)` when requests are not limited.
-    pub fn request(&self, stats: &ClusterStats) -> Result<Option<Slot>, Breaker> {
+    pub fn request(&self, stats: &BreakerStats) -> Result<Option<Slot>, Breaker> {
         take(self.max_requests, &stats.active_requests, stats, Breaker::Requests)
     }
 
     /// A retry slot, or `Ok(None)` when retries are not limited.
-    pub fn retry(&self, stats: &ClusterStats) -> Result<Option<Slot>, Breaker> {
+    pub fn retry(&self, stats: &BreakerStats) -> Result<Option<Slot>, Breaker> {
         take(self.max_retries, &stats.active_retries, stats, Breaker::Retries)
     }
 
     /// A slot for waiting on a new connection, or `Ok(None)` when waiting is not limited.
-    pub fn pending(&self, stats: &ClusterStats) -> Result<Option<Slot>, Breaker> {
+    pub fn pending(&self, stats: &BreakerStats) -> Result<Option<Slot>, Breaker> {
         take(self.max_pending, &stats.pending_requests, stats, Breaker::Pending)
     }
 
     /// A slot for a new upstream connection, held by the connection until it closes. Always
     /// counted.
-    pub fn connection(&self, stats: &ClusterStats) -> Result<Slot, Breaker> {
+    pub fn connection(&self, stats: &BreakerStats) -> Result<Slot, Breaker> {
         let gauge = &stats.open_connections;
         if self.max_connections > 0 && gauge.inc() >= i64::from(self.max_connections) {
             gauge.dec();
@@ -107,7 +203,7 @@ impl CircuitBreakers {
     }
 }
 
-fn take(limit: u32, gauge: &Gauge, stats: &ClusterStats, breaker: Breaker) -> Result<Option<Slot>, Breaker> {
+fn take(limit: u32, gauge: &Gauge, stats: &BreakerStats, breaker: Breaker) -> Result<Option<Slot>, Breaker> {
     if limit == 0 {
         return Ok(None);
     }
@@ -124,12 +220,12 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use crate::telemetry::Metrics;
+    use crate::telemetry::{encode, registry};
 
     #[test]
     fn limits_hold_and_slots_come_back() {
-        let metrics = Metrics::new();
-        let stats = metrics.cluster("c");
+        let mut registry = registry();
+        let stats = BreakerMetrics::register(&mut registry).cluster("c");
         let breakers = CircuitBreakers::compile(Some(&v1::CircuitBreakers { max_requests: 2, ..Default::default() }));
         let a = breakers.request(&stats).unwrap();
         let b = breakers.request(&stats).unwrap();
@@ -138,13 +234,13 @@ mod tests {
         drop(a);
         assert!(breakers.request(&stats).unwrap().is_some());
         assert!(breakers.retry(&stats).unwrap().is_none(), "no limit, no count");
-        let text = metrics.encode();
+        let text = encode(&registry);
         assert!(text.contains(r#"remora_upstream_overflow_total{cluster="c",breaker="max_requests"} 1"#), "{text}");
     }
 
     #[test]
     fn connections_are_always_counted() {
-        let stats = Metrics::new().cluster("c");
+        let stats = BreakerStats::default();
         let open = CircuitBreakers::default();
         let slot = open.connection(&stats).unwrap();
         assert_eq!(stats.open_connections.get(), 1);

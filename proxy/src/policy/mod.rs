@@ -13,6 +13,7 @@
 //! - [`breaker`] — a cluster's circuit breakers (connections, pending, requests, retries).
 
 pub mod breaker;
+pub mod metrics;
 pub mod rate_limit;
 pub mod retry;
 

@@ -1,10 +1,12 @@
 //! Retries: which failures are tried again, how long to wait first, and how many retries a route
 //! may spend.
 //!
-//! A [`RetryPolicy`] is compiled with its route. The HTTP data path (`http::forward`) asks it, as
-//! each attempt ends, whether the outcome is worth another attempt ([`RetryPolicy::retries_error`],
-//! [`RetryPolicy::retries_response`]), and how long to back off ([`RetryPolicy::backoff`]); and
-//! asks the route's [`RetryBudget`] for permission before every retry.
+//! A [`RetryPolicy`] is compiled with its route. The retry loop (`http::retries`) asks it, as each
+//! attempt ends, whether the outcome is worth another attempt: for an attempt that got no
+//! response, from the facts its error states ([`RetryPolicy::retries_failure`] over a
+//! [`Failure`]), for a response from its status and headers ([`RetryPolicy::retries_response`]);
+//! how long to back off ([`RetryPolicy::backoff`]); and asks the route's [`RetryBudget`] for
+//! permission before every retry.
 //!
 //! Backoff is exponential with full jitter (the AWS architecture blog's "Exponential Backoff and
 //! Jitter", 2015): retry n waits a uniform random time in [0, min(max, base x 2^(n-1))], which
@@ -25,8 +27,7 @@ use http::header::RETRY_AFTER;
 use remora_control_api::v1;
 use remora_control_api::validate;
 
-use crate::http::error::ProxyError;
-use crate::tcp::ConnectError;
+use crate::failure::{Failure, FailureKind};
 
 const CONNECT_FAILURE: u16 = 1 << 0;
 const REFUSED_STREAM: u16 = 1 << 1;
@@ -137,21 +138,17 @@ impl RetryPolicy {
         })
     }
 
-    /// Whether a failed attempt (no response) is retried.
-    pub fn retries_error(&self, error: &ProxyError) -> bool {
+    /// Whether an attempt that ended without a response is retried, by what its failure was.
+    pub fn retries_failure(&self, failure: Failure) -> bool {
         let on = |flags: u16| self.conditions & flags != 0;
-        match error {
+        match failure.kind {
             // A failed mTLS handshake is part of connecting: the request was never sent.
-            ProxyError::Connect(ConnectError::Failed { .. } | ConnectError::Timeout(_)) | ProxyError::Mesh(_) => {
-                on(CONNECT_FAILURE | SERVER_ERROR | GATEWAY_ERROR)
-            }
-            ProxyError::Upstream(error) if is_refused_stream(error) => {
-                on(REFUSED_STREAM | RESET | SERVER_ERROR | GATEWAY_ERROR)
-            }
-            ProxyError::Upstream(_)
-            | ProxyError::Http1(crate::http::h1::Error::Io(_) | crate::http::h1::Error::Closed)
-            | ProxyError::PerTryTimeout(_) => on(RESET | SERVER_ERROR | GATEWAY_ERROR),
-            _ => false,
+            FailureKind::Connect => on(CONNECT_FAILURE | SERVER_ERROR | GATEWAY_ERROR),
+            FailureKind::RefusedStream => on(REFUSED_STREAM | RESET | SERVER_ERROR | GATEWAY_ERROR),
+            FailureKind::Reset | FailureKind::PerTryTimeout => on(RESET | SERVER_ERROR | GATEWAY_ERROR),
+            // An invalid response, the route's time running out, the client's own failure, or a
+            // request that was never sent: another attempt would not fare better.
+            FailureKind::Protocol | FailureKind::RequestTimeout | FailureKind::Client | FailureKind::NotSent => false,
         }
     }
 
@@ -201,18 +198,6 @@ fn backoff(base: Duration, max: Duration, retry: u32, unit: f64) -> Duration {
     let exponent = retry.saturating_sub(1).min(30);
     let cap = base.saturating_mul(1 << exponent).min(max);
     cap.mul_f64(unit.clamp(0.0, 1.0))
-}
-
-/// Whether an HTTP/2 upstream error is the endpoint refusing the stream before processing it.
-fn is_refused_stream(error: &hyper::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(current) = source {
-        if let Some(h2) = current.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
-        }
-        source = current.source();
-    }
-    false
 }
 
 /// `Retry-After` as a wait from now: delay-seconds or an HTTP-date.
@@ -332,10 +317,10 @@ mod tests {
             Verdict::Retry(None)
         );
         assert_eq!(p.retries_response(200, http::Version::HTTP_2, &headers(&[("grpc-status", "13")])), Verdict::Final);
-        let refused = ProxyError::Connect(ConnectError::Timeout(([127, 0, 0, 1], 1).into()));
-        assert!(p.retries_error(&refused));
-        assert!(!p.retries_error(&ProxyError::Http1(crate::http::h1::Error::Closed)));
-        assert!(!p.retries_error(&ProxyError::NoRoute));
+        assert!(p.retries_failure(Failure::of_endpoint(FailureKind::Connect)));
+        assert!(p.retries_failure(Failure::of_endpoint(FailureKind::RefusedStream)));
+        assert!(!p.retries_failure(Failure::of_endpoint(FailureKind::Reset)));
+        assert!(!p.retries_failure(Failure::not_the_endpoints(FailureKind::NotSent)));
     }
 
     #[test]
@@ -343,8 +328,10 @@ mod tests {
         let gateway = policy(&["gateway-error"]);
         assert_eq!(gateway.retries_response(502, http::Version::HTTP_11, &HeaderMap::new()), Verdict::Retry(None));
         assert_eq!(gateway.retries_response(500, http::Version::HTTP_11, &HeaderMap::new()), Verdict::Final);
-        assert!(gateway.retries_error(&ProxyError::PerTryTimeout(Duration::from_secs(1))));
-        assert!(gateway.retries_error(&ProxyError::Http1(crate::http::h1::Error::Closed)));
+        assert!(gateway.retries_failure(Failure::of_endpoint(FailureKind::PerTryTimeout)));
+        assert!(gateway.retries_failure(Failure::of_endpoint(FailureKind::Reset)));
+        assert!(!gateway.retries_failure(Failure::of_endpoint(FailureKind::RequestTimeout)));
+        assert!(!gateway.retries_failure(Failure::of_endpoint(FailureKind::Protocol)));
         let any = policy(&["5xx", "retriable-4xx"]);
         assert_eq!(any.retries_response(500, http::Version::HTTP_11, &HeaderMap::new()), Verdict::Retry(None));
         assert_eq!(any.retries_response(409, http::Version::HTTP_11, &HeaderMap::new()), Verdict::Retry(None));

@@ -12,7 +12,74 @@ use std::sync::Arc;
 use remora_control_api::identity::{self, IdentityPattern};
 use remora_control_api::v1;
 
-use crate::telemetry::{Metrics, PolicyCounters};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
+use crate::telemetry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PolicyLabels {
+    listener: String,
+    policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PlaintextLabels {
+    listener: String,
+    policy: String,
+    result: &'static str,
+}
+
+/// The authorization metric families: what the policies denied, and the plaintext they let in or
+/// refused.
+#[derive(Clone, Debug, Default)]
+pub struct AuthzMetrics {
+    denied: Family<PolicyLabels, Counter>,
+    plaintext: Family<PlaintextLabels, Counter>,
+}
+
+impl AuthzMetrics {
+    /// Declares the families in `registry`.
+    pub fn register(registry: &mut Registry) -> AuthzMetrics {
+        let m = AuthzMetrics::default();
+        registry.register(
+            "authorization_denied",
+            "Connections (TCP) and requests (HTTP, answered 403) an authorization policy denied",
+            m.denied.clone(),
+        );
+        registry.register(
+            "authorization_plaintext",
+            "Plaintext connections to a port an authorization policy covers, by result (accepted: permissive; refused: strict)",
+            m.plaintext.clone(),
+        );
+        m
+    }
+
+    /// The counters of policy `policy` on listener `listener`, made when the policy is compiled, so
+    /// judging a connection or request never builds a label.
+    fn policy(&self, listener: &str, policy: &str) -> PolicyCounters {
+        let labels = PolicyLabels { listener: listener.to_owned(), policy: policy.to_owned() };
+        let plaintext = |result| PlaintextLabels { listener: listener.to_owned(), policy: policy.to_owned(), result };
+        PolicyCounters {
+            denied: self.denied.get_or_create_owned(&labels),
+            plaintext_accepted: self.plaintext.get_or_create_owned(&plaintext("accepted")),
+            plaintext_refused: self.plaintext.get_or_create_owned(&plaintext("refused")),
+        }
+    }
+}
+
+/// What one authorization policy decided: connections (TCP) and requests (HTTP) denied, plaintext
+/// connections accepted (permissive) and refused (strict).
+#[derive(Clone, Debug, Default)]
+pub struct PolicyCounters {
+    /// Denied connections and requests.
+    pub denied: Counter,
+    /// Plaintext connections let in by a permissive policy.
+    pub plaintext_accepted: Counter,
+    /// Plaintext connections closed by a strict policy.
+    pub plaintext_refused: Counter,
+}
 
 /// The policies guarding one listener.
 #[derive(Debug, Default)]
@@ -26,13 +93,13 @@ impl ListenerAuthz {
     pub fn compile<'a>(
         policies: impl Iterator<Item = &'a v1::AuthorizationPolicy>,
         listener: &str,
-        metrics: &Metrics,
+        metrics: &AuthzMetrics,
     ) -> Option<ListenerAuthz> {
         let mut authz = ListenerAuthz::default();
         let mut any = false;
         for policy in policies {
             any = true;
-            let compiled = Arc::new(Policy::compile(policy, metrics.mesh().policy(listener, &policy.name)));
+            let compiled = Arc::new(Policy::compile(policy, metrics.policy(listener, &policy.name)));
             match u16::try_from(policy.port) {
                 Ok(0) | Err(_) => authz.every_port = Some(compiled),
                 Ok(port) => {
@@ -123,7 +190,7 @@ resources:
                 _ => None,
             })
             .collect();
-        let metrics = Metrics::new();
+        let metrics = AuthzMetrics::default();
         let authz = ListenerAuthz::compile(policies.into_iter(), "in", &metrics).unwrap();
         let all = authz.for_port(80).unwrap();
         assert!(all.strict);

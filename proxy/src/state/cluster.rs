@@ -6,6 +6,11 @@
 //! previous snapshot when neither the endpoints nor the balancing settings changed; otherwise a new
 //! set takes over the run-time state of every endpoint it shares with the old one. Counters and
 //! breaker gauges are looked up by name, so they always carry over.
+//!
+//! A cluster's counters are a [`ClusterStats`]: the upstream connections and responses counted here
+//! ([`ClusterMetrics`]), with the parts its other subsystems own and count themselves, the circuit
+//! breakers' gauges (`policy::breaker`), the policy counters (`policy::metrics`) and endpoint
+//! health (`balance::metrics`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,14 +21,19 @@ use remora_control_api::v1;
 use remora_control_api::validate;
 
 use crate::balance::health::HealthCheckConfig;
+use crate::balance::metrics::{HealthMetrics, HealthStats};
 use crate::balance::outlier::OutlierConfig;
 use crate::balance::{
     Declared, Endpoint, EndpointSet, EndpointState, HashOn, LocalityPreference, Member, Proximity, SetConfig, Strategy,
 };
 use crate::limits;
-use crate::policy::breaker::CircuitBreakers;
-use crate::telemetry::{ClusterStats, Metrics};
+use crate::policy::breaker::{BreakerMetrics, BreakerStats, CircuitBreakers};
+use crate::policy::metrics::{PolicyMetrics, PolicyStats};
+use crate::telemetry::{Histogram, Registry, STATUS_CLASSES, class_index};
 use crate::tls::Expected;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use remora_control_api::identity::{self, IdentityPattern, SpiffeId};
 
 /// The protocol spoken to a cluster's endpoints.
@@ -131,7 +141,7 @@ impl Cluster {
         e: Option<&v1::Endpoints>,
         previous: Option<&Cluster>,
         locality: &OwnLocality,
-        metrics: &Metrics,
+        metrics: &ClusterMetrics,
     ) -> Result<Cluster, (String, String)> {
         let duration = |field: &str, value: Option<&pbjson_types::Duration>, default| {
             validate::duration(value).map(|d| d.unwrap_or(default)).map_err(|m| (field.to_owned(), m))
@@ -197,7 +207,7 @@ impl Cluster {
             let reused = old.filter(|set| set.config() == &config && set.endpoints().eq(list.iter())).cloned();
             Targets::Endpoints(reused.unwrap_or_else(|| {
                 let carried = |address: SocketAddr| old.and_then(|set| set.state_of(address)).cloned();
-                Arc::new(EndpointSet::new(config, list, &carried, stats.clone()))
+                Arc::new(EndpointSet::new(config, list, &carried, stats.health.clone()))
             }))
         };
         let mesh = match c.tls() {
@@ -274,5 +284,131 @@ impl Cluster {
         if let Targets::Endpoints(set) = &self.targets {
             set.observe(endpoint, observed, started, ended);
         }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClusterLabels {
+    cluster: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabels {
+    cluster: String,
+    status_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    cluster: String,
+    reason: &'static str,
+}
+
+/// The cluster metric families: upstream connections and responses here, and the families of the
+/// subsystems that count the rest of a cluster's work.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterMetrics {
+    connections: Family<ClusterLabels, Counter>,
+    connect_errors: Family<ReasonLabels, Counter>,
+    responses: Family<ClassLabels, Counter>,
+    tcp_sent: Family<ClusterLabels, Counter>,
+    tcp_received: Family<ClusterLabels, Counter>,
+    duration: Family<ClusterLabels, Histogram>,
+    breakers: BreakerMetrics,
+    policy: PolicyMetrics,
+    health: HealthMetrics,
+}
+
+impl ClusterMetrics {
+    /// Declares the upstream families in `registry`; the others come registered by their owners.
+    pub fn register(
+        registry: &mut Registry,
+        breakers: BreakerMetrics,
+        policy: PolicyMetrics,
+        health: HealthMetrics,
+    ) -> ClusterMetrics {
+        let m = ClusterMetrics { breakers, policy, health, ..ClusterMetrics::default() };
+        registry.register("upstream_connections", "Upstream connections opened", m.connections.clone());
+        registry.register(
+            "upstream_connect_errors",
+            "Upstream connects that failed, by reason (refused, timeout)",
+            m.connect_errors.clone(),
+        );
+        registry.register(
+            "upstream_responses",
+            "HTTP responses received from upstream endpoints, by cluster and status class",
+            m.responses.clone(),
+        );
+        registry.register("upstream_tcp_sent_bytes", "Opaque TCP bytes sent to a cluster", m.tcp_sent.clone());
+        registry.register(
+            "upstream_tcp_received_bytes",
+            "Opaque TCP bytes received from a cluster",
+            m.tcp_received.clone(),
+        );
+        registry.register(
+            "upstream_request_duration_seconds",
+            "Time from sending one attempt to an endpoint to its response head, by cluster (every attempt, retries included)",
+            m.duration.clone(),
+        );
+        m
+    }
+
+    /// The counters of cluster `name`; the same name always yields the same counters.
+    pub fn cluster(&self, name: &str) -> Arc<ClusterStats> {
+        let labels = ClusterLabels { cluster: name.to_owned() };
+        let reason = |reason| ReasonLabels { cluster: name.to_owned(), reason };
+        Arc::new(ClusterStats {
+            name: name.into(),
+            connections: self.connections.get_or_create_owned(&labels),
+            connect_failures: self.connect_errors.get_or_create_owned(&reason("refused")),
+            connect_timeouts: self.connect_errors.get_or_create_owned(&reason("timeout")),
+            tcp_bytes_sent: self.tcp_sent.get_or_create_owned(&labels),
+            tcp_bytes_received: self.tcp_received.get_or_create_owned(&labels),
+            attempt_duration: self.duration.get_or_create_owned(&labels),
+            responses: STATUS_CLASSES.map(|status_class| {
+                self.responses.get_or_create_owned(&ClassLabels { cluster: name.to_owned(), status_class })
+            }),
+            breakers: self.breakers.cluster(name),
+            policy: self.policy.cluster(name),
+            health: self.health.cluster(name),
+        })
+    }
+}
+
+/// Counters and gauges of one cluster.
+#[derive(Debug)]
+pub struct ClusterStats {
+    /// The cluster's name (for logs).
+    pub name: Arc<str>,
+    /// Upstream connections opened.
+    pub connections: Counter,
+    /// Connects refused or failed.
+    pub connect_failures: Counter,
+    /// Connects that hit the connect timeout.
+    pub connect_timeouts: Counter,
+    /// Opaque TCP bytes sent to the cluster's endpoints.
+    pub tcp_bytes_sent: Counter,
+    /// Opaque TCP bytes received from them.
+    pub tcp_bytes_received: Counter,
+    /// Time from sending an attempt to its response head, per attempt.
+    pub attempt_duration: Histogram,
+    responses: [Counter; 5],
+    /// The circuit breakers' counts.
+    pub breakers: BreakerStats,
+    /// Retries, hedges, timeouts, mirrored copies.
+    pub policy: PolicyStats,
+    /// Endpoint health: checks, ejections, healthy and ejected endpoints.
+    pub health: Arc<HealthStats>,
+}
+
+impl ClusterStats {
+    /// Counters for `name` that belong to no registry (tests, benches).
+    pub fn detached(name: &str) -> Arc<ClusterStats> {
+        ClusterMetrics::default().cluster(name)
+    }
+
+    /// Counts one response received from an endpoint of the cluster.
+    pub fn record_response(&self, status: u16) {
+        self.responses[class_index(status)].inc();
     }
 }

@@ -7,12 +7,15 @@
 //! cluster, endpoint) before its first await, so a swap never changes a request half-way: requests
 //! already resolved finish on the old objects, the next request sees the new ones.
 //!
-//! Runtime state outlives snapshots where it should: counters are keyed by name in `telemetry`, an
+//! Runtime state outlives snapshots where it should: counters are keyed by name in their families
+//! ([`SnapshotMetrics`], registered by `app`), an
 //! unchanged cluster keeps its endpoint set (and so its round-robin position), and pooled upstream
 //! connections are keyed by address in `http::client`.
 
 pub mod authz;
 pub mod cluster;
+pub mod compose;
+pub mod route_metrics;
 pub mod routes;
 
 use std::collections::HashMap;
@@ -26,11 +29,26 @@ use remora_control_api::validate::{self, Destination, ValidationErrors};
 use remora_control_api::{Kind, Resource, v1};
 
 use crate::limits;
+use crate::listener::metrics::{ListenerMetrics, ListenerStats};
 use crate::policy::RateLimiter;
-use crate::telemetry::{ListenerStats, Metrics, RequestStats};
-use authz::ListenerAuthz;
-use cluster::{Cluster, OwnLocality};
+use authz::{AuthzMetrics, ListenerAuthz};
+use cluster::{Cluster, ClusterMetrics, OwnLocality};
+use route_metrics::{RequestStats, RouteMetrics};
 use routes::{RouteIndex, RouteTable};
+
+/// The metric families a snapshot's compiled objects draw their counters from: each listener,
+/// cluster, route backend and authorization policy gets its own when the snapshot is built.
+#[derive(Clone, Debug, Default)]
+pub struct SnapshotMetrics {
+    /// Listeners' connections, bytes and responses.
+    pub listeners: ListenerMetrics,
+    /// Clusters' upstream connections and responses, breakers, policy counters, endpoint health.
+    pub clusters: ClusterMetrics,
+    /// Route backends' responses by status and their latency.
+    pub routes: RouteMetrics,
+    /// Authorization policies' decisions.
+    pub authz: AuthzMetrics,
+}
 
 /// What a listener expects on its connections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,7 +149,7 @@ impl Snapshot {
         resources: Vec<Resource>,
         previous: Option<&Snapshot>,
         locality: &OwnLocality,
-        metrics: &Metrics,
+        metrics: &SnapshotMetrics,
     ) -> Result<Snapshot, ValidationErrors> {
         validate::validate(&resources)?;
         let fail = |kind: Kind, name: &str, field: String, message: String| {
@@ -149,12 +167,17 @@ impl Snapshot {
         for resource in &resources {
             let Resource::Cluster(c) = resource else { continue };
             let previous_cluster = previous.and_then(|p| p.clusters.get(c.name.as_str())).map(|c| &**c);
-            let compiled =
-                Cluster::compile(c, endpoints.get(c.name.as_str()).copied(), previous_cluster, locality, metrics)
-                    .map_err(|(field, message)| {
-                        let kind = if field.starts_with("endpoints[") { Kind::Endpoints } else { Kind::Cluster };
-                        fail(kind, &c.name, field, message)
-                    })?;
+            let compiled = Cluster::compile(
+                c,
+                endpoints.get(c.name.as_str()).copied(),
+                previous_cluster,
+                locality,
+                &metrics.clusters,
+            )
+            .map_err(|(field, message)| {
+                let kind = if field.starts_with("endpoints[") { Kind::Endpoints } else { Kind::Cluster };
+                fail(kind, &c.name, field, message)
+            })?;
             clusters.insert(compiled.name.clone(), Arc::new(compiled));
         }
         let find_cluster = |name: &str| clusters.get(name).cloned();
@@ -162,7 +185,7 @@ impl Snapshot {
         let mut tables: Vec<(Arc<RouteTable>, Vec<Destination>)> = Vec::new();
         for resource in &resources {
             let Resource::RouteTable(t) = resource else { continue };
-            let compiled = RouteTable::compile(t, &find_cluster, metrics)
+            let compiled = RouteTable::compile(t, &find_cluster, &metrics.routes)
                 .map_err(|e| fail(Kind::RouteTable, &t.name, e.field, e.message))?;
             let mut destinations = Vec::with_capacity(t.destinations.len());
             for (i, d) in t.destinations.iter().enumerate() {
@@ -185,7 +208,7 @@ impl Snapshot {
                 l,
                 &tables,
                 &find_cluster,
-                ListenerAuthz::compile(policies, &l.name, metrics),
+                ListenerAuthz::compile(policies, &l.name, &metrics.authz),
                 metrics,
             )
             .map_err(|(field, message)| fail(Kind::Listener, &l.name, field, message))?;
@@ -220,7 +243,7 @@ fn compile_listener(
     tables: &[(Arc<RouteTable>, Vec<Destination>)],
     find_cluster: &dyn Fn(&str) -> Option<Arc<Cluster>>,
     authz: Option<ListenerAuthz>,
-    metrics: &Metrics,
+    metrics: &SnapshotMetrics,
 ) -> Result<ListenerConfig, (String, String)> {
     let address = validate::parse_address(&l.address).map_err(|m| ("address".to_owned(), m))?;
     let mut additional_addresses = Vec::with_capacity(l.additional_addresses.len());
@@ -276,9 +299,9 @@ fn compile_listener(
         access_log: l.access_log.unwrap_or(true),
         default_stats: default_cluster
             .as_ref()
-            .map(|c| metrics.route("", &c.name).for_direction(direction.label()).clone()),
+            .map(|c| metrics.routes.route("", &c.name).for_direction(direction.label()).clone()),
         default_cluster,
-        stats: metrics.listener(&l.name, direction.label()),
+        stats: metrics.listeners.listener(&l.name, direction.label()),
         authz,
     })
 }
@@ -332,7 +355,7 @@ mod tests {
 
     use super::*;
 
-    fn build(yaml: &str, previous: Option<&Snapshot>, metrics: &Metrics) -> Result<Snapshot, ValidationErrors> {
+    fn build(yaml: &str, previous: Option<&Snapshot>, metrics: &SnapshotMetrics) -> Result<Snapshot, ValidationErrors> {
         let file = remora_control_api::config::parse(yaml, "t").unwrap();
         Snapshot::build("v".into(), file.resources, previous, &OwnLocality::default(), metrics)
     }
@@ -348,7 +371,7 @@ resources:
 
     #[test]
     fn builds_listeners_and_clusters_with_defaults() {
-        let metrics = Metrics::new();
+        let metrics = SnapshotMetrics::default();
         let snapshot = build(CONFIG, None, &metrics).unwrap();
         let out = snapshot.listener("out").unwrap();
         assert_eq!(out.protocol, ListenerProtocol::Auto);
@@ -365,7 +388,7 @@ resources:
 
     #[test]
     fn unchanged_endpoints_keep_their_rotation_and_changed_ones_do_not() {
-        let metrics = Metrics::new();
+        let metrics = SnapshotMetrics::default();
         let first = build(CONFIG, None, &metrics).unwrap();
         let same = build(CONFIG, Some(&first), &metrics).unwrap();
         let set = |s: &Snapshot| match &s.cluster("shop").unwrap().targets {
@@ -386,9 +409,10 @@ resources:
 
     #[test]
     fn invalid_sets_are_refused() {
-        let error = build(&CONFIG.replace("default_cluster: pass", "default_cluster: nope"), None, &Metrics::new())
-            .unwrap_err()
-            .to_string();
+        let error =
+            build(&CONFIG.replace("default_cluster: pass", "default_cluster: nope"), None, &SnapshotMetrics::default())
+                .unwrap_err()
+                .to_string();
         assert!(error.contains("listener \"out\": default_cluster: names cluster \"nope\""), "{error}");
     }
 }

@@ -16,10 +16,10 @@ use regex::Regex;
 use remora_control_api::v1;
 use remora_control_api::validate::Destination;
 
+use super::route_metrics::{RouteMetrics, RouteStats};
 use crate::balance::WeightedChoice;
 use crate::policy::RoutePolicy;
 use crate::state::cluster::Cluster;
-use crate::telemetry::{Metrics, RouteStats};
 
 /// How a path is matched.
 #[derive(Debug)]
@@ -161,7 +161,7 @@ impl RouteTable {
     pub fn compile(
         table: &v1::RouteTable,
         cluster: &dyn Fn(&str) -> Option<Arc<Cluster>>,
-        metrics: &Metrics,
+        metrics: &RouteMetrics,
     ) -> Result<RouteTable, RouteError> {
         let fail = |field: String, message: String| RouteError { field, message };
         let find = |field: String, name: &str| {
@@ -360,18 +360,19 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+    use crate::state::cluster::ClusterMetrics;
     use crate::state::cluster::OwnLocality;
-    use crate::telemetry::Metrics;
+    use crate::state::route_metrics::RouteMetrics;
 
     fn cluster(name: &str) -> Arc<Cluster> {
         let resource = v1::Cluster { name: name.into(), ..Default::default() };
-        Arc::new(Cluster::compile(&resource, None, None, &OwnLocality::default(), &Metrics::new()).unwrap())
+        Arc::new(Cluster::compile(&resource, None, None, &OwnLocality::default(), &ClusterMetrics::default()).unwrap())
     }
 
     fn table(yaml: &str) -> RouteTable {
         let file = remora_control_api::config::parse(yaml, "t").unwrap();
         let remora_control_api::Resource::RouteTable(table) = &file.resources[0] else { panic!() };
-        RouteTable::compile(table, &|name| Some(cluster(name)), &Metrics::new()).unwrap()
+        RouteTable::compile(table, &|name| Some(cluster(name)), &RouteMetrics::default()).unwrap()
     }
 
     fn route_for<'t>(table: &'t RouteTable, method: &str, uri: &str, headers: &[(&str, &str)]) -> Option<&'t str> {

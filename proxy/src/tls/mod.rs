@@ -26,6 +26,7 @@
 
 pub mod files;
 pub mod issuer;
+pub mod metrics;
 pub mod verify;
 
 use std::future::Future;
@@ -44,7 +45,7 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio::net::TcpStream;
 
 use crate::limits;
-use crate::telemetry::MeshStats;
+use metrics::MeshMetrics;
 pub use verify::{IdentityError, peer_identity};
 
 /// ALPN for HTTP between sidecars: HTTP/2, whatever version the app spoke.
@@ -162,6 +163,12 @@ impl TlsError {
             TlsError::Expired => "expired",
         }
     }
+
+    /// Whether the failure is this proxy's own (no certificate, an unusable or expired one) rather
+    /// than the peer's or the network's.
+    pub fn is_local(&self) -> bool {
+        matches!(self, TlsError::NoIdentity | TlsError::Credentials(_) | TlsError::Expired)
+    }
 }
 
 /// A certificate chain, its key and the roots peers chain to, checked to fit together.
@@ -237,12 +244,12 @@ pub struct MeshTls {
     current: ArcSwapOption<Configs>,
     provider: Arc<CryptoProvider>,
     handshake_timeout: Duration,
-    stats: MeshStats,
+    stats: MeshMetrics,
 }
 
 impl MeshTls {
     /// No credentials yet; handshakes limited to `handshake_timeout`, counted in `stats`.
-    pub fn new(handshake_timeout: Duration, stats: MeshStats) -> MeshTls {
+    pub fn new(handshake_timeout: Duration, stats: MeshMetrics) -> MeshTls {
         MeshTls {
             current: ArcSwapOption::empty(),
             provider: Arc::new(rustls::crypto::ring::default_provider()),
@@ -327,7 +334,7 @@ impl MeshTls {
     }
 
     /// The counters.
-    pub fn stats(&self) -> &MeshStats {
+    pub fn stats(&self) -> &MeshMetrics {
         &self.stats
     }
 

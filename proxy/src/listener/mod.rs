@@ -17,6 +17,8 @@
 //!    table that claims the original destination (its `tcp_cluster`) or the listener's default
 //!    cluster.
 
+pub mod metrics;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -26,43 +28,15 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use crate::context::{DataPath, Open};
 use crate::detect::{self, Protocol};
-use crate::drain::{ConnectionToken, Drain};
-use crate::http::client::ClientSettings;
-use crate::http::{self, HttpConnection, ServerSettings, ServerVersion};
+use crate::http::server::{self, HttpConnection, Origin, ServerVersion};
 use crate::io::{DownstreamStream, Meter};
 use crate::limits;
 use crate::state::authz::Policy;
-use crate::state::{Direction, ListenerConfig, ListenerProtocol, LiveSnapshot};
+use crate::state::{Direction, ListenerConfig, ListenerProtocol};
 use crate::tcp;
-use crate::telemetry::access_log::AccessLog;
-use crate::telemetry::trace::Tracer;
 use crate::tls::{self, Alpn, MeshTls};
-
-/// Everything the data path shares across workers and connections.
-#[derive(Debug)]
-pub struct DataPath {
-    /// The config serving now.
-    pub snapshot: LiveSnapshot,
-    /// The drain signal and open-connection count.
-    pub drain: Drain,
-    /// hyper server settings.
-    pub server: ServerSettings,
-    /// Upstream connection settings.
-    pub client: ClientSettings,
-    /// Where spans go, when tracing is on.
-    pub tracer: Option<Arc<Tracer>>,
-    /// The access log, when it is on.
-    pub access_log: Option<Arc<AccessLog>>,
-}
-
-impl DataPath {
-    /// The access log `listener`'s traffic goes to: none when the proxy has none or the listener
-    /// keeps out of it.
-    pub fn access_log_for(&self, listener: &ListenerConfig) -> Option<&Arc<AccessLog>> {
-        self.access_log.as_ref().filter(|_| listener.access_log)
-    }
-}
 
 /// A listener that could not be bound.
 #[derive(Debug, thiserror::Error)]
@@ -166,7 +140,7 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, name: Arc<str>, d
     }
     stats.connections.inc();
     let meter = Arc::new(Meter::default());
-    let open = Open { listener: listener.clone(), meter: meter.clone(), _token: data.drain.track() };
+    let open = Open::new(listener.clone(), meter.clone(), data.drain.track());
     let _ = stream.set_nodelay(true);
     // Original destination.
     let original_destination = if listener.transparent { original_destination(&stream) } else { None };
@@ -220,7 +194,7 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, name: Arc<str>, d
     };
     let downstream = DownstreamStream::new(stream, replay, meter.clone());
     let accepted = Accepted { listener, peer, original_destination, destination_port, meter, open };
-    http::serve(downstream, version, accepted.into_http(&data, None)).await;
+    server::serve(downstream, version, accepted.into_http(&data, None)).await;
 }
 
 /// An admitted connection's particulars, for the paths that serve it.
@@ -237,17 +211,8 @@ impl Accepted {
     /// The HTTP server's view of the connection; `identity` is the peer sidecar's, over mesh TLS.
     fn into_http(self, data: &Arc<DataPath>, identity: Option<SpiffeId>) -> Arc<HttpConnection> {
         let Accepted { listener, peer, original_destination, destination_port, meter, open } = self;
-        Arc::new(HttpConnection {
-            data: data.clone(),
-            listener,
-            original_destination,
-            peer,
-            meter,
-            open,
-            peer_header: identity.as_ref().and_then(|id| ::http::HeaderValue::from_str(id.as_str()).ok()),
-            peer_identity: identity,
-            destination_port,
-        })
+        let origin = Origin::new(listener.name.clone(), peer, original_destination, destination_port, identity);
+        Arc::new(HttpConnection { data: data.clone(), listener, meter, open, origin })
     }
 }
 
@@ -285,7 +250,7 @@ async fn serve_mesh(
         Alpn::Http | Alpn::Http1 => {
             // HTTP/1.1 carries an upgrade the peer sidecar could not send over HTTP/2.
             let version = if alpn == Alpn::Http { ServerVersion::Http2 } else { ServerVersion::Http1 };
-            http::serve(downstream, version, accepted.into_http(data, Some(identity))).await;
+            server::serve(downstream, version, accepted.into_http(data, Some(identity))).await;
         }
     }
 }
@@ -311,23 +276,6 @@ async fn proxy_tcp(
             tcp::proxy(downstream, cluster, original_destination, listener, meter, mesh, log).await;
         }
         None => debug!(listener = %listener.name, ?original_destination, "no cluster for opaque traffic; closing"),
-    }
-}
-
-/// Marks an admitted connection open until dropped: then the active gauge goes down, the byte meter
-/// is flushed into the listener's counters, and drain stops waiting for it.
-#[derive(Debug)]
-pub struct Open {
-    listener: Arc<ListenerConfig>,
-    meter: Arc<Meter>,
-    _token: ConnectionToken,
-}
-
-impl Drop for Open {
-    fn drop(&mut self) {
-        self.meter.flush(&self.listener.stats);
-        self.listener.stats.active.dec();
-        self.listener.stats.closed.inc();
     }
 }
 

@@ -1,0 +1,168 @@
+//! The routes' metrics: HTTP responses by direction, route, cluster and status code (and gRPC
+//! status), and the time from a request's arrival to its response head.
+//!
+//! [`RouteMetrics::register`] declares the families (the composition root calls it once); each
+//! route backend (a route and one of its clusters) gets a [`RouteStats`] when the snapshot is
+//! built, and its per-direction [`RequestStats`] when a listener of that direction first sends it a
+//! request. The HTTP path records every response there, with no label lookup for the common status
+//! codes after the first.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
+use crate::telemetry::{Histogram, Registry};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    direction: &'static str,
+    route: String,
+    cluster: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabels {
+    direction: &'static str,
+    route: String,
+    cluster: String,
+    code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GrpcLabels {
+    direction: &'static str,
+    route: String,
+    cluster: String,
+    grpc_status: u32,
+}
+
+/// The route metric families, shared (they are handles) by every [`RouteStats`].
+#[derive(Clone, Debug, Default)]
+pub struct RouteMetrics {
+    requests: Family<CodeLabels, Counter>,
+    grpc: Family<GrpcLabels, Counter>,
+    duration: Family<RouteLabels, Histogram>,
+}
+
+impl RouteMetrics {
+    /// Declares the families in `registry`.
+    pub fn register(registry: &mut Registry) -> RouteMetrics {
+        let m = RouteMetrics::default();
+        registry.register(
+            "route_requests",
+            "HTTP responses sent downstream for requests a route (or a listener's default cluster, route \"\") took, by direction, route, cluster and status code",
+            m.requests.clone(),
+        );
+        registry.register(
+            "route_grpc_responses",
+            "gRPC calls answered, by direction, route, cluster and grpc-status (from the trailers, or the headers of a trailers-only answer)",
+            m.grpc.clone(),
+        );
+        registry.register(
+            "route_request_duration_seconds",
+            "Time from a request's arrival to its response head, by direction, route and cluster",
+            m.duration.clone(),
+        );
+        m
+    }
+
+    /// The counters of one route backend: `route` (its table and name) sending to `cluster`.
+    pub fn route(&self, route: &str, cluster: &str) -> RouteStats {
+        RouteStats {
+            families: self.clone(),
+            route: route.to_owned(),
+            cluster: cluster.to_owned(),
+            inbound: OnceLock::new(),
+            outbound: OnceLock::new(),
+        }
+    }
+}
+
+/// The status codes whose counters a route keeps at hand, once first seen; others take a lookup.
+const COMMON_CODES: [u16; 17] = [200, 201, 202, 204, 301, 302, 304, 400, 401, 403, 404, 408, 429, 500, 502, 503, 504];
+
+/// gRPC status codes: 0 (OK) to 16 (UNAUTHENTICATED).
+const GRPC_CODES: usize = 17;
+
+/// What one route backend counts for one direction: responses by status code and gRPC status, and
+/// the time to the response head.
+#[derive(Debug)]
+pub struct RequestStats {
+    labels: RouteLabels,
+    /// The route label again, shared with spans without a copy.
+    route: Arc<str>,
+    families: RouteMetrics,
+    codes: [OnceLock<Counter>; COMMON_CODES.len()],
+    grpc: [OnceLock<Counter>; GRPC_CODES],
+    duration: Histogram,
+}
+
+impl RequestStats {
+    fn new(families: &RouteMetrics, labels: RouteLabels) -> RequestStats {
+        RequestStats {
+            duration: families.duration.get_or_create_owned(&labels),
+            route: labels.route.as_str().into(),
+            families: families.clone(),
+            labels,
+            codes: Default::default(),
+            grpc: Default::default(),
+        }
+    }
+
+    /// The route label: `TABLE/ROUTE`, or empty for a listener's default cluster.
+    pub fn route(&self) -> &Arc<str> {
+        &self.route
+    }
+
+    /// Counts one response with `status`, `elapsed` after the request arrived.
+    pub fn record(&self, status: u16, elapsed: Duration) {
+        self.duration.observe(elapsed);
+        let code_labels = || CodeLabels {
+            direction: self.labels.direction,
+            route: self.labels.route.clone(),
+            cluster: self.labels.cluster.clone(),
+            code: status,
+        };
+        match COMMON_CODES.iter().position(|c| *c == status) {
+            Some(i) => self.codes[i].get_or_init(|| self.families.requests.get_or_create_owned(&code_labels())).inc(),
+            None => self.families.requests.get_or_create(&code_labels()).inc(),
+        };
+    }
+
+    /// Counts one gRPC call that ended with `code` (codes above 16 count as 2, UNKNOWN).
+    pub fn record_grpc(&self, code: u32) {
+        let code = if (code as usize) < GRPC_CODES { code } else { 2 };
+        let labels = || GrpcLabels {
+            direction: self.labels.direction,
+            route: self.labels.route.clone(),
+            cluster: self.labels.cluster.clone(),
+            grpc_status: code,
+        };
+        self.grpc[code as usize].get_or_init(|| self.families.grpc.get_or_create_owned(&labels())).inc();
+    }
+}
+
+/// The counters of one route backend (a route and one of its clusters), per direction, made when
+/// a listener of that direction first sends it a request (a route table may serve both).
+#[derive(Debug)]
+pub struct RouteStats {
+    families: RouteMetrics,
+    route: String,
+    cluster: String,
+    inbound: OnceLock<Arc<RequestStats>>,
+    outbound: OnceLock<Arc<RequestStats>>,
+}
+
+impl RouteStats {
+    /// The counters for requests from a listener of `direction` (`inbound` or `outbound`).
+    pub fn for_direction(&self, direction: &'static str) -> &Arc<RequestStats> {
+        let slot = if direction == "inbound" { &self.inbound } else { &self.outbound };
+        slot.get_or_init(|| {
+            let labels = RouteLabels { direction, route: self.route.clone(), cluster: self.cluster.clone() };
+            Arc::new(RequestStats::new(&self.families, labels))
+        })
+    }
+}
