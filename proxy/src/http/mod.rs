@@ -50,8 +50,9 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use tracing::debug;
 
-use attempt::Outgoing;
+use attempt::{Head as _, Outgoing};
 use body::{ClientBody, ProxyBody, UpstreamBody};
+use client::Version;
 use error::ProxyError;
 use observe::Finish;
 use plan::{Direct, Plan};
@@ -98,7 +99,20 @@ async fn proxy(
             let body = UpstreamBody::Direct(ClientBody::new(body, observe.as_ref()));
             let head = Outgoing { parts, traceparent };
             let client = &connection.data.client;
-            let result = attempt::send(&cluster, client, endpoint, version, head, body, upgrade).await;
+            // Send by version: `attempt::send`'s dispatch, spelled out so that the HTTP/1.1 exchange
+            // is built where it is awaited (through `attempt::Sending` it would be copied once more).
+            let result = match version {
+                Version::Http1 if cluster.mesh.is_some() => {
+                    let sending =
+                        Box::pin(attempt::send_mesh_upgrade(&cluster, client, endpoint, head.into_request(body)));
+                    sending.await
+                }
+                Version::Http1 => attempt::send_http1(&cluster, endpoint, head, body, upgrade).await,
+                Version::Http2 => {
+                    let sending = Box::pin(attempt::send_http2(&cluster, client, endpoint, head.into_request(body)));
+                    sending.await
+                }
+            };
             attempt.respond(&cluster, result, downstream_upgrade, &connection)
         }
     };
