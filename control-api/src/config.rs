@@ -61,6 +61,37 @@ impl fmt::Display for FieldError {
 
 impl std::error::Error for FieldError {}
 
+/// A problem with one field, found by a step that knows the field but not the resource it belongs
+/// to (a retry policy's compile step, say). The step's caller names the resource
+/// ([`Invalid::of`]), or places the field inside its own (`Invalid::within`).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct Invalid {
+    /// The field's path inside whatever the step compiled (`backoff_base`, `headers[2].name`).
+    pub field: String,
+    /// What is wrong, in lowercase.
+    pub message: String,
+}
+
+impl Invalid {
+    /// A problem with `field`.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Invalid {
+        Invalid { field: field.into(), message: message.into() }
+    }
+
+    /// The same problem seen from the message that holds this one at `prefix`
+    /// (`retry` + `backoff_base` → `retry.backoff_base`).
+    pub fn within(self, prefix: &str) -> Invalid {
+        let field = if self.field.is_empty() { prefix.to_owned() } else { format!("{prefix}.{}", self.field) };
+        Invalid { field, ..self }
+    }
+
+    /// The problem as one of resource `kind` `name`.
+    pub fn of(self, kind: Kind, name: &str) -> FieldError {
+        FieldError { subject: describe(kind, name), field: self.field, message: self.message }
+    }
+}
+
 /// Why a config file could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

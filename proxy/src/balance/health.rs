@@ -15,6 +15,7 @@ use http::header::{HOST, HeaderValue, USER_AGENT};
 use http::{Request, Uri};
 use http_body_util::Empty;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use remora_control_api::config::Invalid;
 use remora_control_api::v1;
 use remora_control_api::validate;
 use tokio::net::TcpStream;
@@ -52,9 +53,11 @@ pub struct HttpProbe {
 impl HealthCheckConfig {
     /// Compiles the cluster's `health_check`, defaults applied; `cluster` names the default host,
     /// `http2` says the endpoints speak HTTP/2 only.
-    pub fn compile(check: &v1::HealthCheck, cluster: &str, http2: bool) -> Result<HealthCheckConfig, (String, String)> {
+    pub fn compile(check: &v1::HealthCheck, cluster: &str, http2: bool) -> Result<HealthCheckConfig, Invalid> {
         let duration = |field: &str, value: Option<&pbjson_types::Duration>, default: Duration| {
-            validate::duration(value).map(|d| d.unwrap_or(default)).map_err(|m| (format!("health_check.{field}"), m))
+            validate::duration(value)
+                .map(|d| d.unwrap_or(default))
+                .map_err(|m| Invalid::new(format!("health_check.{field}"), m))
         };
         Ok(HealthCheckConfig {
             interval: duration("interval", check.interval.as_ref(), Duration::from_secs(10))?,

@@ -25,6 +25,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use remora_control_api::config::Invalid;
 use remora_control_api::v1;
 use remora_control_api::validate;
 
@@ -111,11 +112,11 @@ pub struct Latency {
 
 impl OutlierConfig {
     /// Compiles the resource's settings, defaults applied. Errors name the field.
-    pub fn compile(o: &v1::OutlierDetection) -> Result<OutlierConfig, (String, String)> {
+    pub fn compile(o: &v1::OutlierDetection) -> Result<OutlierConfig, Invalid> {
         let duration = |field: &str, value: Option<&pbjson_types::Duration>, default: Duration| {
             validate::duration(value)
                 .map(|d| d.unwrap_or(default))
-                .map_err(|m| (format!("outlier_detection.{field}"), m))
+                .map_err(|m| Invalid::new(format!("outlier_detection.{field}"), m))
         };
         let base_ejection = duration("base_ejection_time", o.base_ejection_time.as_ref(), Duration::from_secs(30))?;
         Ok(OutlierConfig {

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use remora_control_api::config::Invalid;
 use remora_control_api::v1;
 use remora_control_api::validate;
 
@@ -99,8 +100,8 @@ impl RoutePolicy {
     pub fn compile(
         route: &v1::Route,
         cluster: &dyn Fn(&str) -> Option<Arc<Cluster>>,
-    ) -> Result<Option<RoutePolicy>, (String, String)> {
-        let duration = |field: &str, value| validate::duration(value).map_err(|message| (field.to_owned(), message));
+    ) -> Result<Option<RoutePolicy>, Invalid> {
+        let duration = |field: &str, value| validate::duration(value).map_err(|message| Invalid::new(field, message));
         let timeout = duration("timeout", route.timeout.as_ref())?;
         let idle_timeout = duration("idle_timeout", route.idle_timeout.as_ref())?;
         let fault = route.fault.as_ref();
@@ -118,7 +119,7 @@ impl RoutePolicy {
             None => None,
             Some(m) => Some(Mirror {
                 cluster: cluster(&m.cluster).ok_or_else(|| {
-                    ("mirror.cluster".to_owned(), format!("names cluster {:?}, which is not defined", m.cluster))
+                    Invalid::new("mirror.cluster", format!("names cluster {:?}, which is not defined", m.cluster))
                 })?,
                 percent: m.percent.unwrap_or(100.0),
             }),
@@ -166,19 +167,20 @@ impl RoutePolicy {
     }
 }
 
-fn compile_fallback(f: &v1::StaticResponse) -> Result<Fallback, (String, String)> {
+fn compile_fallback(f: &v1::StaticResponse) -> Result<Fallback, Invalid> {
     let status = match f.status {
         0 => StatusCode::OK,
         code => u16::try_from(code)
             .ok()
             .and_then(|c| StatusCode::from_u16(c).ok())
-            .ok_or_else(|| ("fallback.status".to_owned(), format!("{code} is not a status")))?,
+            .ok_or_else(|| Invalid::new("fallback.status", format!("{code} is not a status")))?,
     };
     let mut headers = HeaderMap::with_capacity(f.headers.len());
     for (name, value) in &f.headers {
         let field = || format!("fallback.headers.{name}");
-        let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| (field(), "is not a header name".to_owned()))?;
-        let value = HeaderValue::from_str(value).map_err(|_| (field(), "is not a valid header value".to_owned()))?;
+        let name =
+            HeaderName::from_bytes(name.as_bytes()).map_err(|_| Invalid::new(field(), "is not a header name"))?;
+        let value = HeaderValue::from_str(value).map_err(|_| Invalid::new(field(), "is not a valid header value"))?;
         headers.insert(name, value);
     }
     Ok(Fallback { status, headers, body: Bytes::from(f.body.clone()) })

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use http::HeaderMap;
 use http::header::RETRY_AFTER;
+use remora_control_api::config::Invalid;
 use remora_control_api::v1;
 use remora_control_api::validate;
 
@@ -99,12 +100,13 @@ pub enum Verdict {
 
 impl RetryPolicy {
     /// Compiles a route's `retry`, defaults applied. Errors name the field.
-    pub fn compile(r: &v1::RetryPolicy) -> Result<RetryPolicy, (String, String)> {
-        let duration = |field: &str, value| validate::duration(value).map_err(|m| (format!("retry.{field}"), m));
+    pub fn compile(r: &v1::RetryPolicy) -> Result<RetryPolicy, Invalid> {
+        let duration =
+            |field: &str, value| validate::duration(value).map_err(|m| Invalid::new(format!("retry.{field}"), m));
         let mut conditions = 0;
         for (i, name) in r.retry_on.iter().enumerate() {
             conditions |= condition(name)
-                .ok_or_else(|| (format!("retry.retry_on[{i}]"), format!("unknown condition {name:?}")))?;
+                .ok_or_else(|| Invalid::new(format!("retry.retry_on[{i}]"), format!("unknown condition {name:?}")))?;
         }
         if r.retry_on.is_empty() {
             conditions = DEFAULT_CONDITIONS;

@@ -17,8 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderMap;
-use remora_control_api::v1;
+use remora_control_api::config::{FieldError, Invalid};
 use remora_control_api::validate;
+use remora_control_api::{Kind, v1};
 
 use crate::balance::health::HealthCheckConfig;
 use crate::balance::metrics::{HealthMetrics, HealthStats};
@@ -135,16 +136,18 @@ pub struct OwnLocality {
 impl Cluster {
     /// Compiles cluster `c` with its endpoints `e` (if any). `previous` is the cluster of the same
     /// name in the snapshot serving now, whose endpoint set (or the endpoint states in it) carries
-    /// over. Errors name the field.
+    /// over. An error names the resource at fault (the cluster, or its endpoints) and the field.
     pub fn compile(
         c: &v1::Cluster,
         e: Option<&v1::Endpoints>,
         previous: Option<&Cluster>,
         locality: &OwnLocality,
         metrics: &ClusterMetrics,
-    ) -> Result<Cluster, (String, String)> {
+    ) -> Result<Cluster, FieldError> {
+        let invalid = |field: String, message: String| Invalid::new(field, message).of(Kind::Cluster, &c.name);
+        let in_endpoints = |field: String, message: String| Invalid::new(field, message).of(Kind::Endpoints, &c.name);
         let duration = |field: &str, value: Option<&pbjson_types::Duration>, default| {
-            validate::duration(value).map(|d| d.unwrap_or(default)).map_err(|m| (field.to_owned(), m))
+            validate::duration(value).map(|d| d.unwrap_or(default)).map_err(|m| invalid(field.to_owned(), m))
         };
         let stats = metrics.cluster(&c.name);
         let protocol: UpstreamProtocol = c.protocol().into();
@@ -152,7 +155,8 @@ impl Cluster {
             .health_check
             .as_ref()
             .map(|h| HealthCheckConfig::compile(h, &c.name, protocol == UpstreamProtocol::Http2))
-            .transpose()?;
+            .transpose()
+            .map_err(|e| e.of(Kind::Cluster, &c.name))?;
         let strategy = match c.balancer() {
             v1::cluster::Balancer::RoundRobin => Strategy::RoundRobin,
             v1::cluster::Balancer::Random => Strategy::Random,
@@ -160,7 +164,12 @@ impl Cluster {
             v1::cluster::Balancer::Ewma => Strategy::Ewma,
             v1::cluster::Balancer::RingHash => Strategy::RingHash,
         };
-        let outlier = c.outlier_detection.as_ref().map(OutlierConfig::compile).transpose()?;
+        let outlier = c
+            .outlier_detection
+            .as_ref()
+            .map(OutlierConfig::compile)
+            .transpose()
+            .map_err(|e| e.of(Kind::Cluster, &c.name))?;
         let targets = if c.original_destination {
             Targets::OriginalDestination
         } else {
@@ -168,7 +177,7 @@ impl Cluster {
                 None => None,
                 Some(v1::hash_policy::Key::Header(name)) => Some(HashOn::Header(
                     http::HeaderName::from_bytes(name.as_bytes())
-                        .map_err(|_| ("hash_policy.header".to_owned(), format!("{name:?} is not a header name")))?,
+                        .map_err(|_| invalid("hash_policy.header".into(), format!("{name:?} is not a header name")))?,
                 )),
                 Some(v1::hash_policy::Key::Cookie(name)) => Some(HashOn::Cookie(name.clone())),
                 Some(v1::hash_policy::Key::SourceIp(_)) => Some(HashOn::SourceIp),
@@ -187,8 +196,8 @@ impl Cluster {
             };
             let mut list = Vec::new();
             for (i, endpoint) in e.map_or(&[][..], |e| &e.endpoints).iter().enumerate() {
-                let address =
-                    validate::parse_address(&endpoint.address).map_err(|m| (format!("endpoints[{i}].address"), m))?;
+                let address = validate::parse_address(&endpoint.address)
+                    .map_err(|m| in_endpoints(format!("endpoints[{i}].address"), m))?;
                 let proximity = match (&config.locality, &endpoint.locality) {
                     (Some(_), Some(l)) => Proximity::of(&l.region, &l.zone, &locality.region, &locality.zone),
                     _ => Proximity::Elsewhere,
@@ -214,14 +223,14 @@ impl Cluster {
             v1::cluster::Tls::None => None,
             v1::cluster::Tls::Mesh => {
                 let patterns = identity::parse_patterns(&c.peer_identities)
-                    .map_err(|(i, e)| (format!("peer_identities[{i}]"), e.to_string()))?;
+                    .map_err(|(i, e)| invalid(format!("peer_identities[{i}]"), e.to_string()))?;
                 let mut by_endpoint = foldhash::HashMap::default();
                 for (i, endpoint) in e.map_or(&[][..], |e| &e.endpoints).iter().enumerate() {
                     if endpoint.identity.is_empty() {
                         continue;
                     }
                     let id = SpiffeId::parse(&endpoint.identity)
-                        .map_err(|e| (format!("endpoints[{i}].identity"), e.to_string()))?;
+                        .map_err(|e| in_endpoints(format!("endpoints[{i}].identity"), e.to_string()))?;
                     if let Ok(address) = validate::parse_address(&endpoint.address) {
                         by_endpoint.insert(address, id);
                     }
@@ -410,5 +419,42 @@ impl ClusterStats {
     /// Counts one response received from an endpoint of the cluster.
     pub fn record_response(&self, status: u16) {
         self.responses[class_index(status)].inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn compile(cluster: v1::Cluster, endpoints: Option<v1::Endpoints>) -> Result<Cluster, FieldError> {
+        Cluster::compile(&cluster, endpoints.as_ref(), None, &OwnLocality::default(), &ClusterMetrics::default())
+    }
+
+    /// A compile error names the resource at fault: the cluster for its own fields, the endpoint
+    /// set for its endpoints'.
+    #[test]
+    fn errors_name_the_cluster_or_its_endpoints() {
+        let cluster = v1::Cluster { name: "shop".into(), ..Default::default() };
+        let bad_address = v1::Endpoints {
+            cluster: "shop".into(),
+            endpoints: vec![v1::Endpoint { address: "nowhere".into(), ..Default::default() }],
+        };
+        let error = compile(cluster.clone(), Some(bad_address)).unwrap_err();
+        assert_eq!((error.subject.as_str(), error.field.as_str()), ("endpoints \"shop\"", "endpoints[0].address"));
+        let bad_timeout =
+            v1::Cluster { connect_timeout: Some(pbjson_types::Duration { seconds: -1, nanos: 0 }), ..cluster.clone() };
+        let error = compile(bad_timeout, None).unwrap_err();
+        assert_eq!((error.subject.as_str(), error.field.as_str()), ("cluster \"shop\"", "connect_timeout"));
+        let bad_outlier = v1::Cluster {
+            outlier_detection: Some(v1::OutlierDetection {
+                interval: Some(pbjson_types::Duration { seconds: -5, nanos: 0 }),
+                ..Default::default()
+            }),
+            ..cluster
+        };
+        let error = compile(bad_outlier, None).unwrap_err();
+        assert_eq!(error.field, "outlier_detection.interval");
     }
 }

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, Guard};
-use remora_control_api::config::FieldError;
+use remora_control_api::config::{FieldError, Invalid};
 use remora_control_api::validate::{self, Destination, ValidationErrors};
 use remora_control_api::{Kind, Resource, v1};
 
@@ -152,9 +152,7 @@ impl Snapshot {
         metrics: &SnapshotMetrics,
     ) -> Result<Snapshot, ValidationErrors> {
         validate::validate(&resources)?;
-        let fail = |kind: Kind, name: &str, field: String, message: String| {
-            ValidationErrors(vec![FieldError { subject: format!("{} {name:?}", kind.noun()), field, message }])
-        };
+        let fail = |error: FieldError| ValidationErrors(vec![error]);
 
         let endpoints: HashMap<&str, &v1::Endpoints> = resources
             .iter()
@@ -174,10 +172,7 @@ impl Snapshot {
                 locality,
                 &metrics.clusters,
             )
-            .map_err(|(field, message)| {
-                let kind = if field.starts_with("endpoints[") { Kind::Endpoints } else { Kind::Cluster };
-                fail(kind, &c.name, field, message)
-            })?;
+            .map_err(|error| ValidationErrors(vec![error]))?;
             clusters.insert(compiled.name.clone(), Arc::new(compiled));
         }
         let find_cluster = |name: &str| clusters.get(name).cloned();
@@ -186,12 +181,13 @@ impl Snapshot {
         for resource in &resources {
             let Resource::RouteTable(t) = resource else { continue };
             let compiled = RouteTable::compile(t, &find_cluster, &metrics.routes)
-                .map_err(|e| fail(Kind::RouteTable, &t.name, e.field, e.message))?;
+                .map_err(|e| fail(e.of(Kind::RouteTable, &t.name)))?;
             let mut destinations = Vec::with_capacity(t.destinations.len());
             for (i, d) in t.destinations.iter().enumerate() {
                 destinations.push(
-                    Destination::parse(d)
-                        .map_err(|m| fail(Kind::RouteTable, &t.name, format!("destinations[{i}]"), m))?,
+                    Destination::parse(d).map_err(|m| {
+                        fail(Invalid::new(format!("destinations[{i}]"), m).of(Kind::RouteTable, &t.name))
+                    })?,
                 );
             }
             tables.push((Arc::new(compiled), destinations));
@@ -211,7 +207,7 @@ impl Snapshot {
                 ListenerAuthz::compile(policies, &l.name, &metrics.authz),
                 metrics,
             )
-            .map_err(|(field, message)| fail(Kind::Listener, &l.name, field, message))?;
+            .map_err(|e| fail(e.of(Kind::Listener, &l.name)))?;
             listeners.insert(config.name.clone(), Arc::new(config));
         }
         Ok(Snapshot { version, resources, listeners, clusters })
@@ -244,15 +240,15 @@ fn compile_listener(
     find_cluster: &dyn Fn(&str) -> Option<Arc<Cluster>>,
     authz: Option<ListenerAuthz>,
     metrics: &SnapshotMetrics,
-) -> Result<ListenerConfig, (String, String)> {
-    let address = validate::parse_address(&l.address).map_err(|m| ("address".to_owned(), m))?;
+) -> Result<ListenerConfig, Invalid> {
+    let address = validate::parse_address(&l.address).map_err(|m| Invalid::new("address", m))?;
     let mut additional_addresses = Vec::with_capacity(l.additional_addresses.len());
     for (i, other) in l.additional_addresses.iter().enumerate() {
         additional_addresses
-            .push(validate::parse_address(other).map_err(|m| (format!("additional_addresses[{i}]"), m))?);
+            .push(validate::parse_address(other).map_err(|m| Invalid::new(format!("additional_addresses[{i}]"), m))?);
     }
     let duration = |field: &str, value: Option<&pbjson_types::Duration>, default| {
-        validate::duration(value).map(|d| d.unwrap_or(default)).map_err(|m| (field.to_owned(), m))
+        validate::duration(value).map(|d| d.unwrap_or(default)).map_err(|m| Invalid::new(field, m))
     };
     let served: Vec<(Arc<RouteTable>, Vec<Destination>)> = tables
         .iter()
@@ -263,7 +259,7 @@ fn compile_listener(
         match l.default_cluster.as_str() {
             "" => None,
             name => Some(find_cluster(name).ok_or_else(|| {
-                ("default_cluster".to_owned(), format!("names cluster {name:?}, which is not defined"))
+                Invalid::new("default_cluster", format!("names cluster {name:?}, which is not defined"))
             })?),
         };
     let direction = match l.direction() {

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use http::header::HeaderName;
 use http::{HeaderMap, Method, Uri};
 use regex::Regex;
+use remora_control_api::config::Invalid;
 use remora_control_api::v1;
 use remora_control_api::validate::Destination;
 
@@ -145,16 +146,6 @@ impl RouteTable {
     }
 }
 
-/// Why a RouteTable could not be compiled (validation catches these first; this is the backstop).
-#[derive(Debug, thiserror::Error)]
-#[error("{field}: {message}")]
-pub struct RouteError {
-    /// The field at fault.
-    pub field: String,
-    /// What is wrong.
-    pub message: String,
-}
-
 impl RouteTable {
     /// Compiles a table. `cluster` resolves a cluster name; `metrics` gives each route backend its
     /// counters, labelled `TABLE/ROUTE` (an unnamed route by its position: `TABLE/#0`).
@@ -162,15 +153,15 @@ impl RouteTable {
         table: &v1::RouteTable,
         cluster: &dyn Fn(&str) -> Option<Arc<Cluster>>,
         metrics: &RouteMetrics,
-    ) -> Result<RouteTable, RouteError> {
-        let fail = |field: String, message: String| RouteError { field, message };
+    ) -> Result<RouteTable, Invalid> {
+        let fail = |field: String, message: String| Invalid::new(field, message);
         let find = |field: String, name: &str| {
             cluster(name).ok_or_else(|| fail(field, format!("names cluster {name:?}, which is not defined")))
         };
         let mut routes = Vec::with_capacity(table.routes.len());
         for (i, route) in table.routes.iter().enumerate() {
             let matcher = compile_match(route.r#match.as_ref())
-                .map_err(|(field, message)| fail(format!("routes[{i}].match.{field}"), message))?;
+                .map_err(|invalid| invalid.within(&format!("routes[{i}].match")))?;
             let label = match route.name.as_str() {
                 "" => format!("{}/#{i}", table.name),
                 name => format!("{}/{name}", table.name),
@@ -182,7 +173,7 @@ impl RouteTable {
                 backends.push((Backend { cluster, stats }, backend.weight.unwrap_or(1)));
             }
             let policy = RoutePolicy::compile(route, cluster)
-                .map_err(|(field, message)| fail(format!("routes[{i}].{field}"), message))?
+                .map_err(|invalid| invalid.within(&format!("routes[{i}]")))?
                 .map(Arc::new);
             routes.push(Route {
                 name: route.name.as_str().into(),
@@ -199,12 +190,12 @@ impl RouteTable {
     }
 }
 
-fn compile_match(matcher: Option<&v1::RouteMatch>) -> Result<RouteMatcher, (String, String)> {
+fn compile_match(matcher: Option<&v1::RouteMatch>) -> Result<RouteMatcher, Invalid> {
     let Some(matcher) = matcher else {
         return Ok(RouteMatcher { path: PathMatcher::Any, method: None, headers: Vec::new(), query: Vec::new() });
     };
     let regex = |field: String, pattern: &str| {
-        remora_control_api::validate::compile_regex(pattern).map_err(|message| (field, message))
+        remora_control_api::validate::compile_regex(pattern).map_err(|message| Invalid::new(field, message))
     };
     use v1::path_match::Kind as P;
     let path = match matcher.path.as_ref().and_then(|p| p.kind.as_ref()) {
@@ -217,13 +208,14 @@ fn compile_match(matcher: Option<&v1::RouteMatch>) -> Result<RouteMatcher, (Stri
         "" => None,
         name => Some(
             Method::from_bytes(name.as_bytes())
-                .map_err(|_| ("method".to_owned(), format!("{name:?} is not an HTTP method")))?,
+                .map_err(|_| Invalid::new("method", format!("{name:?} is not an HTTP method")))?,
         ),
     };
     let mut headers = Vec::with_capacity(matcher.headers.len());
     for (j, header) in matcher.headers.iter().enumerate() {
-        let name = HeaderName::from_bytes(header.name.to_ascii_lowercase().as_bytes())
-            .map_err(|_| (format!("headers[{j}].name"), format!("{:?} is not a header name", header.name)))?;
+        let name = HeaderName::from_bytes(header.name.to_ascii_lowercase().as_bytes()).map_err(|_| {
+            Invalid::new(format!("headers[{j}].name"), format!("{:?} is not a header name", header.name))
+        })?;
         use v1::header_match::Kind as H;
         let value = match &header.kind {
             None => ValueMatcher::Present(true),
