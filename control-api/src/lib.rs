@@ -24,7 +24,9 @@
 //! - [`grpc`] — dialling the control plane (plaintext or TLS with given roots).
 //! - [`capture`] — a pod's capture settings, shared by the injector and `remora init`.
 //! - [`limits`] — limits of the control plane's wire.
+//! - [`watch`] — following files for changes: the one watcher the proxy and the control plane share.
 //! - [`pb`], [`capb`] — the generated Delta-ADS and CA messages and client stubs.
+//! - `testing` (feature `testing`) — a typed builder of config documents for tests and benches.
 
 pub mod ca;
 pub mod capture;
@@ -34,7 +36,11 @@ pub mod identity;
 pub mod limits;
 pub mod resource;
 pub mod validate;
+pub mod watch;
 pub mod xds;
+
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use resource::{Kind, Resource};
 

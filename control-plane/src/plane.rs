@@ -27,6 +27,7 @@ use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{Response, StatusCode};
 use http_body_util::Full;
+use remora_control_api::watch::FileWatch;
 use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
@@ -318,23 +319,16 @@ fn first_answer() -> (impl FnMut() + Send + 'static, oneshot::Receiver<()>) {
     (answered, rx)
 }
 
-/// How often the bootstrap tokens file is looked at for a change.
+/// How often the bootstrap tokens file's metadata is read, besides the kernel's notifications.
 const TOKENS_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Re-reads the bootstrap tokens file whenever it changes. A good file replaces the tokens: one
 /// taken out is refused from then on, by the CA and (with `--xds-auth`) by discovery, whose open
 /// streams holding it close. A bad file is logged and counted, and the tokens in force stay.
 async fn watch_tokens(path: PathBuf, authenticators: Arc<Authenticators>, metrics: Arc<ControlMetrics>) {
-    let mut last = directory::FileStamp::read(&path);
-    let mut tick = tokio::time::interval(TOKENS_POLL_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut watch = FileWatch::files(vec![path.clone()], TOKENS_POLL_INTERVAL).settle(directory::SETTLE_TIME);
     loop {
-        tick.tick().await;
-        let now = directory::FileStamp::read(&path);
-        if now == last {
-            continue;
-        }
-        last = now;
+        watch.changed().await;
         match LocalTokens::load(&path) {
             Ok(tokens) => {
                 info!(file = %path.display(), tokens = tokens.len(), "bootstrap tokens reloaded");

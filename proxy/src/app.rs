@@ -37,7 +37,7 @@ use crate::limits;
 use crate::listener::{self, metrics::ListenerMetrics};
 use crate::policy::breaker::BreakerMetrics;
 use crate::policy::metrics::PolicyMetrics;
-use crate::reload::{self, FileStamp, ReloadError, ReloadMetrics, ReloadOutcome, Reloader};
+use crate::reload::{self, ReloadError, ReloadMetrics, ReloadOutcome, Reloader};
 use crate::state::authz::AuthzMetrics;
 use crate::state::cluster::ClusterMetrics;
 use crate::state::route_metrics::RouteMetrics;
@@ -53,6 +53,7 @@ use crate::worker::{self, Workers};
 use crate::xds::{self, XdsHandler, XdsMetrics};
 use remora_control_api::grpc::ControlTls;
 use remora_control_api::validate::References;
+use remora_control_api::watch::FileWatch;
 
 /// Why a proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -146,8 +147,10 @@ impl Proxy {
     /// control plane's configuration has arrived (see [`Proxy::is_ready`]).
     pub fn start_with(source: ConfigSource, options: StartOptions) -> Result<Proxy, StartError> {
         // 1. Load. A watched file is stamped first, so an edit made while we start is not missed.
-        let stamp = match &source {
-            ConfigSource::File(path) => Some(FileStamp::read(path)),
+        let watch = match &source {
+            ConfigSource::File(path) => Some(
+                FileWatch::files(vec![path.clone()], limits::CONFIG_POLL_INTERVAL).settle(limits::FILE_SETTLE_TIME),
+            ),
             ConfigSource::Text { .. } => None,
         };
         let mut raw = bootstrap::load_with(&source, References::Pending).map_err(ReloadError::from)?.bootstrap;
@@ -288,10 +291,7 @@ impl Proxy {
         let (stop, stopped) = oneshot::channel::<()>();
         let control_runtime =
             tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(StartError::Threads)?;
-        let watched = match (&source, stamp) {
-            (ConfigSource::File(path), Some(stamp)) => Some((reloader.clone(), path.clone(), stamp)),
-            _ => None,
-        };
+        let watched = watch.map(|watch| (reloader.clone(), watch));
         let admin_state = admin.clone();
         let identity_admin = admin.clone();
         let monitored = data.snapshot.clone();
@@ -311,8 +311,8 @@ impl Proxy {
                 control_runtime.block_on(async move {
                     tokio::spawn(admin::serve(admin_socket, admin_state));
                     tokio::spawn(crate::balance::monitor::run(monitored));
-                    if let Some((reloader, path, stamp)) = watched {
-                        tokio::spawn(reload::watch_file(reloader, path, stamp));
+                    if let Some((reloader, watch)) = watched {
+                        tokio::spawn(reload::watch_file(reloader, watch));
                     }
                     if let Some((handler, node_id, timeout)) = xds {
                         tokio::spawn(xds::run(handler, node_id, timeout));

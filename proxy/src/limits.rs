@@ -149,8 +149,12 @@ pub const COPY_BUFFER_SIZE: usize = 64 * 1024;
 /// Default `Bootstrap.drain_time`: Istio's termination drain duration.
 pub const DEFAULT_DRAIN_TIME: Duration = Duration::from_secs(5);
 
-/// How often the config file's metadata is checked for changes.
+/// How often the config file's metadata is read for changes, besides the kernel's notifications.
 pub const CONFIG_POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+/// How long a followed file (the config, certificates) must hold still before a change is acted
+/// on: an editor or a tool that writes in several steps is done within it.
+pub const FILE_SETTLE_TIME: Duration = Duration::from_millis(10);
 
 // ---- Control plane ---------------------------------------------------------------------------
 
@@ -166,7 +170,7 @@ pub const CLIENT_HELLO_PEEK: usize = 4096;
 /// Default TLS handshake timeout with a peer sidecar, either way.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How often certificate files are checked for changes.
+/// How often certificate files' metadata is read for changes, besides the kernel's notifications.
 pub const CERT_FILES_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Default certificate lifetime asked of the CA.

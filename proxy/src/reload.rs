@@ -7,7 +7,7 @@
 //! message naming the resource and field; the old snapshot and listeners keep serving untouched.
 //! Requests in flight finish on the snapshot they started with.
 //!
-//! Reloads come from the file watcher ([`watch_file`], polling the file's metadata), from SIGHUP
+//! Reloads come from the file watcher ([`watch_file`], over `remora_control_api::watch`), from SIGHUP
 //! (`app`), from the control-plane stream ([`Reloader::apply_update`], see `xds`), and from tests.
 //! With a control plane, the serving set is the file's (static) resources joined with the ones the
 //! control plane sent (dynamic), warmed by `state::compose`; a change to either recomposes both.
@@ -15,7 +15,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
@@ -24,6 +24,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use remora_control_api::validate::{References, ValidationErrors};
+use remora_control_api::watch::FileWatch;
 use remora_control_api::xds::client::Update;
 use remora_control_api::{Kind, Resource, v1};
 use tokio::sync::watch;
@@ -32,7 +33,6 @@ use tracing::{debug, error, info, warn};
 use crate::admin::{AdminState, ReloadReport};
 use crate::bootstrap::{self, ConfigSource, LoadError, Loaded};
 use crate::context::DataPath;
-use crate::limits;
 use crate::listener::{self, BindError};
 use crate::state::cluster::OwnLocality;
 use crate::state::compose::{self, Dynamic, Warming};
@@ -362,36 +362,13 @@ impl Reloader {
     }
 }
 
-/// The metadata of a watched file that changes when its content may have: modification and change
-/// times, size, inode. A rename over the file (editors, Kubernetes ConfigMap updates) changes it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FileStamp(Option<(Option<SystemTime>, u64, u64, i64, i64)>);
-
-impl FileStamp {
-    /// Reads `path`'s metadata now (`None` inside if it cannot be read).
-    pub fn read(path: &Path) -> FileStamp {
-        use std::os::unix::fs::MetadataExt;
-        FileStamp(
-            std::fs::metadata(path).ok().map(|m| (m.modified().ok(), m.len(), m.ino(), m.ctime(), m.ctime_nsec())),
-        )
-    }
-}
-
-/// Watches `path` and reloads whenever its [`FileStamp`] changes from `last`, which must have been
-/// read before the config now serving was: a change made between that read and this watcher's
-/// start is then still seen.
-pub async fn watch_file(reloader: Arc<Reloader>, path: PathBuf, mut last: FileStamp) {
-    let mut tick = tokio::time::interval(limits::CONFIG_POLL_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// Reloads whenever the config file `watch` follows changes. The watch must have been made before
+/// the config now serving was read: a change made in between is then still seen.
+pub async fn watch_file(reloader: Arc<Reloader>, mut watch: FileWatch) {
     loop {
-        tick.tick().await;
-        // Stamp before reading: a write that lands after the read changes the stamp again.
-        let now = FileStamp::read(&path);
-        if now != last {
-            last = now;
-            // The outcome is logged and recorded by reload itself.
-            let _ = reloader.reload();
-        }
+        watch.changed().await;
+        // The outcome is logged and recorded by reload itself.
+        let _ = reloader.reload();
     }
 }
 

@@ -6,20 +6,21 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::Method;
+use remora_control_api::v1;
+use remora_proxy::testing::config::{Cluster, Config, Listener, Route, RouteTable, secs};
 use remora_proxy::testing::servers::{full, generated, read_generated};
 use remora_proxy::testing::{Client, HttpServer, TestProxy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::{cluster, dead_address, listener, route_all};
+use crate::dead_address;
 
-fn one_upstream(upstream: &HttpServer, cluster_extra: &str, listener_extra: &str) -> TestProxy {
-    TestProxy::start(&format!(
-        "resources:\n{}{}{}",
-        cluster("web", cluster_extra, &[upstream.address()]),
-        route_all("web", "web"),
-        listener("in", listener_extra),
-    ))
+/// A proxy with listener `in` (as `listener` makes it) sending everything to `cluster`, whose
+/// endpoint is `upstream`.
+fn one_upstream(upstream: &HttpServer, cluster: Cluster, listener: Listener) -> TestProxy {
+    let config =
+        Config::new().with(cluster.endpoints(&[upstream.address()])).with(RouteTable::to("web", "web")).with(listener);
+    TestProxy::start(&config.yaml())
 }
 
 /// An HTTP/1.1 request crosses the proxy and back, twice on one keep-alive connection, with the
@@ -27,7 +28,7 @@ fn one_upstream(upstream: &HttpServer, cluster_extra: &str, listener_extra: &str
 #[tokio::test]
 async fn http1_request_and_response_cross_the_proxy_without_hop_by_hop_headers() {
     let upstream = HttpServer::start("a").await;
-    let proxy = one_upstream(&upstream, "", ", protocol: http1");
+    let proxy = one_upstream(&upstream, Cluster::new("web"), Listener::new("in").http1());
     let mut client = Client::http1(proxy.address("in")).await;
     for _ in 0..2 {
         let request = client
@@ -63,14 +64,16 @@ async fn http1_request_and_response_cross_the_proxy_without_hop_by_hop_headers()
 #[tokio::test]
 async fn versions_convert_between_http1_and_http2_both_ways() {
     let upstream = HttpServer::start("a").await;
+    use v1::cluster::Protocol;
     let cases = [
-        ("http1", ", protocol: http2", true, "HTTP/1.1"),
-        ("http2", ", protocol: http1", false, "HTTP/2.0"),
-        ("auto", ", protocol: http2", true, "HTTP/2.0"),
-        ("auto", ", protocol: auto", false, "HTTP/1.1"),
+        (Protocol::Http1, Listener::new("in").http2(), true, "HTTP/1.1"),
+        (Protocol::Http2, Listener::new("in").http1(), false, "HTTP/2.0"),
+        (Protocol::Auto, Listener::new("in").http2(), true, "HTTP/2.0"),
+        (Protocol::Auto, Listener::new("in"), false, "HTTP/1.1"),
     ];
-    for (cluster_protocol, listener_extra, h2_client, expected) in cases {
-        let proxy = one_upstream(&upstream, &format!(", protocol: {cluster_protocol}"), listener_extra);
+    for (protocol, listener, h2_client, expected) in cases {
+        let cluster_protocol = protocol.as_str_name();
+        let proxy = one_upstream(&upstream, Cluster::new("web").protocol(protocol), listener);
         let mut client =
             if h2_client { Client::http2(proxy.address("in")).await } else { Client::http1(proxy.address("in")).await };
         for _ in 0..3 {
@@ -88,26 +91,21 @@ async fn versions_convert_between_http1_and_http2_both_ways() {
 async fn routes_match_on_host_path_method_headers_and_query() {
     let a = HttpServer::start("a").await;
     let b = HttpServer::start("b").await;
-    let proxy = TestProxy::start(&format!(
-        r#"resources:
-{}{}  - kind: RouteTable
-    name: shop
-    destinations: [shop.local, "*.shop.svc"]
-    routes:
-      - {{match: {{path: {{exact: /exact}}}}, backends: [{{cluster: b}}]}}
-      - {{match: {{path: {{regex: "/items/[0-9]+"}}, method: DELETE}}, backends: [{{cluster: b}}]}}
-      - {{match: {{headers: [{{name: x-canary, exact: "yes"}}]}}, backends: [{{cluster: b}}]}}
-      - {{match: {{query: [{{name: beta, present: true}}]}}, backends: [{{cluster: b}}]}}
-      - {{match: {{path: {{prefix: /}}}}, backends: [{{cluster: a}}]}}
-  - kind: RouteTable
-    name: other
-    destinations: ["other.local:8080"]
-    routes: [{{match: {{path: {{prefix: /only}}}}, backends: [{{cluster: b}}]}}]
-{}"#,
-        cluster("a", "", &[a.address()]),
-        cluster("b", "", &[b.address()]),
-        listener("in", ""),
-    ));
+    let shop = RouteTable::new("shop")
+        .destinations(&["shop.local", "*.shop.svc"])
+        .route(Route::to("b").path_exact("/exact"))
+        .route(Route::to("b").path_regex("/items/[0-9]+").method("DELETE"))
+        .route(Route::to("b").header("x-canary", "yes"))
+        .route(Route::to("b").query_present("beta"))
+        .route(Route::to("a").path_prefix("/"));
+    let other = RouteTable::new("other").destinations(&["other.local:8080"]).route(Route::to("b").path_prefix("/only"));
+    let config = Config::new()
+        .with(Cluster::new("a").endpoints(&[a.address()]))
+        .with(Cluster::new("b").endpoints(&[b.address()]))
+        .with(shop)
+        .with(other)
+        .with(Listener::new("in"));
+    let proxy = TestProxy::start(&config.yaml());
     let mut client = Client::http1(proxy.address("in")).await;
     let served = |reply: &remora_proxy::testing::Reply| reply.header("x-served-by").to_owned();
     assert_eq!(served(&client.get("shop.local", "/exact").await), "b");
@@ -141,22 +139,18 @@ async fn weighted_backends_split_traffic_and_endpoints_take_turns() {
     let b = HttpServer::start("b").await;
     let c1 = HttpServer::start("c1").await;
     let c2 = HttpServer::start("c2").await;
-    let proxy = TestProxy::start(&format!(
-        r#"resources:
-{}{}{}  - kind: RouteTable
-    name: split
-    destinations: [split.local]
-    routes: [{{backends: [{{cluster: a, weight: 80}}, {{cluster: b, weight: 20}}, {{cluster: c, weight: 0}}]}}]
-  - kind: RouteTable
-    name: turns
-    destinations: [turns.local]
-    routes: [{{backends: [{{cluster: c}}]}}]
-{}"#,
-        cluster("a", "", &[a.address()]),
-        cluster("b", "", &[b.address()]),
-        cluster("c", "", &[c1.address(), c2.address()]),
-        listener("in", ""),
-    ));
+    let config = Config::new()
+        .with(Cluster::new("a").endpoints(&[a.address()]))
+        .with(Cluster::new("b").endpoints(&[b.address()]))
+        .with(Cluster::new("c").endpoints(&[c1.address(), c2.address()]))
+        .with(RouteTable::new("split").destinations(&["split.local"]).route(Route::weighted(&[
+            ("a", 80),
+            ("b", 20),
+            ("c", 0),
+        ])))
+        .with(RouteTable::new("turns").destinations(&["turns.local"]).route(Route::to("c")))
+        .with(Listener::new("in"));
+    let proxy = TestProxy::start(&config.yaml());
     let mut client = Client::http2(proxy.address("in")).await;
     let mut counts: HashMap<String, usize> = HashMap::new();
     const N: usize = 2000;
@@ -180,11 +174,14 @@ async fn weighted_backends_split_traffic_and_endpoints_take_turns() {
 /// a cluster with no endpoints is a 503 too.
 #[tokio::test]
 async fn dead_or_missing_endpoints_give_503_quickly() {
-    let proxy = TestProxy::start(&format!(
-        "resources:\n{}  - {{kind: Cluster, name: empty}}\n  - {{kind: Cluster, name: pass, original_destination: true}}\n  - {{kind: RouteTable, name: dead, destinations: [dead.local], routes: [{{backends: [{{cluster: dead}}]}}]}}\n  - {{kind: RouteTable, name: empty, destinations: [empty.local], routes: [{{backends: [{{cluster: empty}}]}}]}}\n{}",
-        cluster("dead", ", connect_timeout: 5s", &[dead_address()]),
-        listener("in", ", default_cluster: pass"),
-    ));
+    let config = Config::new()
+        .with(Cluster::new("dead").endpoints(&[dead_address()]).set(|c| c.connect_timeout = Some(secs(5.0))))
+        .with(Cluster::new("empty"))
+        .with(Cluster::original_destination("pass"))
+        .with(RouteTable::to("dead", "dead").destinations(&["dead.local"]))
+        .with(RouteTable::to("empty", "empty").destinations(&["empty.local"]))
+        .with(Listener::new("in").default_cluster("pass"));
+    let proxy = TestProxy::start(&config.yaml());
     let mut client = Client::http1(proxy.address("in")).await;
     let started = Instant::now();
     let reply = client.get("dead.local", "/").await;
@@ -213,7 +210,7 @@ async fn raw_exchange(address: std::net::SocketAddr, request: &[u8]) -> String {
 #[tokio::test]
 async fn malformed_requests_get_4xx_and_the_proxy_keeps_serving() {
     let upstream = HttpServer::start("a").await;
-    let proxy = one_upstream(&upstream, "", ", protocol: http1");
+    let proxy = one_upstream(&upstream, Cluster::new("web"), Listener::new("in").http1());
     let address = proxy.address("in");
     let bad_header = raw_exchange(address, b"GET / HTTP/1.1\r\nHost: a\r\nthis is not a header\r\n\r\n").await;
     assert!(bad_header.starts_with("HTTP/1.1 400"), "{bad_header}");
@@ -237,7 +234,8 @@ async fn malformed_requests_get_4xx_and_the_proxy_keeps_serving() {
 #[tokio::test]
 async fn slow_request_heads_and_idle_keep_alive_connections_are_closed() {
     let upstream = HttpServer::start("a").await;
-    let proxy = one_upstream(&upstream, "", ", protocol: http1, header_timeout: 1s");
+    let listener = Listener::new("in").http1().set(|l| l.header_timeout = Some(secs(1.0)));
+    let proxy = one_upstream(&upstream, Cluster::new("web"), listener);
     let address = proxy.address("in");
 
     let mut slow = TcpStream::connect(address).await.unwrap();
@@ -291,12 +289,11 @@ async fn upstreams_that_close_idle_connections_cost_no_failed_requests() {
             });
         }
     });
-    let proxy = TestProxy::start(&format!(
-        "resources:\n{}{}{}",
-        cluster("flaky", "", &[upstream]),
-        route_all("flaky", "flaky"),
-        listener("in", ", protocol: http1"),
-    ));
+    let config = Config::new()
+        .with(Cluster::new("flaky").endpoints(&[upstream]))
+        .with(RouteTable::to("flaky", "flaky"))
+        .with(Listener::new("in").http1());
+    let proxy = TestProxy::start(&config.yaml());
     let mut client = Client::http1(proxy.address("in")).await;
     for _ in 0..10 {
         let reply = client.get("x", "/").await;
@@ -310,7 +307,8 @@ async fn upstreams_that_close_idle_connections_cost_no_failed_requests() {
 #[tokio::test]
 async fn large_http2_bodies_stream_through_flow_control() {
     let upstream = HttpServer::start("a").await;
-    let proxy = one_upstream(&upstream, ", protocol: http2", ", protocol: http2");
+    let cluster = Cluster::new("web").protocol(v1::cluster::Protocol::Http2);
+    let proxy = one_upstream(&upstream, cluster, Listener::new("in").http2());
     let mut client = Client::http2(proxy.address("in")).await;
     const SIZE: u64 = 16 * 1024 * 1024;
     let request = client.request(Method::POST, "big.local", "/echo").body(generated(SIZE, 100_000)).unwrap();
@@ -324,13 +322,16 @@ async fn large_http2_bodies_stream_through_flow_control() {
 async fn a_random_cluster_follows_endpoint_weights() {
     let a = HttpServer::start("a").await;
     let b = HttpServer::start("b").await;
-    let proxy = TestProxy::start(&format!(
-        "resources:\n  - {{kind: Cluster, name: r, balancer: random}}\n  - {{kind: Endpoints, cluster: r, endpoints: [{{address: \"{}\", weight: 3}}, {{address: \"{}\"}}]}}\n{}{}",
-        a.address(),
-        b.address(),
-        route_all("all", "r"),
-        listener("in", ""),
-    ));
+    let weighted = |address: std::net::SocketAddr, weight| v1::Endpoint {
+        address: address.to_string(),
+        weight: Some(weight),
+        ..Default::default()
+    };
+    let random = Cluster::new("r")
+        .balancer(v1::cluster::Balancer::Random)
+        .endpoints_with(|e| e.endpoints = vec![weighted(a.address(), 3), weighted(b.address(), 1)]);
+    let config = Config::new().with(random).with(RouteTable::to("all", "r")).with(Listener::new("in"));
+    let proxy = TestProxy::start(&config.yaml());
     let mut client = Client::http1(proxy.address("in")).await;
     let mut served = Vec::new();
     for _ in 0..2000 {

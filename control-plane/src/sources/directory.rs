@@ -7,17 +7,20 @@
 //! that does not parse, a `bootstrap:` section, or a resource defined twice fails the whole load
 //! with a message naming the file (and the field); the caller keeps serving the previous set.
 //!
-//! [`watch`] learns of changes from the kernel (inotify on every directory of the tree, so an edit is
-//! seen at once) with a slow metadata poll as a safety net (and as the only means where inotify is not
-//! available, such as some network file systems). After a change it waits for the directory to settle
-//! (a `git pull` or an editor writes several files) before it loads and hands the result on.
+//! [`watch`] follows the tree with `remora_control_api::watch` (the kernel's notifications on every
+//! directory of the tree, so an edit is seen at once, with a slow metadata poll as a safety net and
+//! as the only means where notifications are not available, such as some network file systems):
+//! the resource files and the git files that name the commit. After a change it waits for the
+//! directory to settle (a `git pull` or an editor writes several files) before it loads and hands
+//! the result on.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use remora_control_api::config::{self, ConfigError};
 use remora_control_api::resource::describe;
+use remora_control_api::watch::{FileStamp, FileWatch};
 use remora_control_api::{Kind, Resource};
 
 /// How often the directory's metadata is read when the kernel cannot tell us of changes.
@@ -27,8 +30,6 @@ pub const SAFETY_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// How long the directory must stay unchanged before a change is loaded. Tools that write several
 /// files (git checkouts, `kubectl cp`, editors' save-by-rename) finish well within it.
 pub const SETTLE_TIME: Duration = Duration::from_millis(10);
-/// The longest a stream of changes can delay a load.
-pub const MAX_SETTLE: Duration = Duration::from_secs(1);
 
 /// Why a directory could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +81,8 @@ pub fn load(root: &Path) -> Result<Snapshot, DirectoryError> {
 #[derive(Debug, Default)]
 pub struct Loader {
     parsed: HashMap<PathBuf, (FileStamp, String, Vec<Resource>)>,
+    /// Files the last load read and parsed (the others came from the cache).
+    reparsed: usize,
 }
 
 impl Loader {
@@ -90,12 +93,14 @@ impl Loader {
         let mut seen: BTreeMap<(Kind, String), String> = BTreeMap::new();
         let mut content = Vec::new();
         let mut parsed = HashMap::with_capacity(files.len());
+        self.reparsed = 0;
         for path in &files {
             let origin = path.strip_prefix(root).unwrap_or(path).display().to_string();
             let stamp = FileStamp::read(path);
             let (text_hash, file_resources) = match self.parsed.remove(path) {
                 Some((old, hash, cached)) if old == stamp && stamp.is_known() => (hash, cached),
                 _ => {
+                    self.reparsed += 1;
                     let text = std::fs::read_to_string(path)
                         .map_err(|error| DirectoryError::Read { path: path.display().to_string(), error })?;
                     let file = config::parse(&text, &origin)?;
@@ -127,21 +132,11 @@ impl Loader {
             git_commit(root).unwrap_or_else(|| format!("content-{}", remora_control_api::xds::version_of(&content)));
         Ok(Snapshot { resources, version, files: files.len() })
     }
-}
 
-/// A file's modification time, size and inode: what changes when its content may have.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct FileStamp(Option<(SystemTime, u64, u64)>);
-
-impl FileStamp {
-    /// Reads `path`'s metadata now (`None` inside when it cannot be read).
-    pub(crate) fn read(path: &Path) -> FileStamp {
-        use std::os::unix::fs::MetadataExt;
-        FileStamp(std::fs::metadata(path).ok().and_then(|m| Some((m.modified().ok()?, m.len(), m.ino()))))
-    }
-
-    fn is_known(&self) -> bool {
-        self.0.is_some()
+    /// How many files the last load read and parsed; the rest were unchanged and came from the
+    /// cache.
+    pub fn reparsed(&self) -> usize {
+        self.reparsed
     }
 }
 
@@ -176,8 +171,9 @@ fn resource_files(root: &Path) -> Result<Vec<PathBuf>, DirectoryError> {
     Ok(files)
 }
 
-/// The commit checked out in the git work tree holding `root`, read from `.git` without running git.
-pub fn git_commit(root: &Path) -> Option<String> {
+/// The git directory of the work tree holding `root`, and the common directory that keeps its refs
+/// (the same, but for a linked work tree).
+fn git_dirs(root: &Path) -> Option<(PathBuf, PathBuf)> {
     let mut dir = std::fs::canonicalize(root).ok()?;
     let git = loop {
         let candidate = dir.join(".git");
@@ -194,15 +190,21 @@ pub fn git_commit(root: &Path) -> Option<String> {
             return None;
         }
     };
+    // Linked work trees keep their refs in the common directory.
+    let common =
+        std::fs::read_to_string(git.join("commondir")).map(|c| git.join(c.trim())).unwrap_or_else(|_| git.clone());
+    Some((git, common))
+}
+
+/// The commit checked out in the git work tree holding `root`, read from `.git` without running git.
+pub fn git_commit(root: &Path) -> Option<String> {
+    let (git, common) = git_dirs(root)?;
     let head = std::fs::read_to_string(git.join("HEAD")).ok()?;
     let head = head.trim();
     let Some(reference) = head.strip_prefix("ref:") else {
         return is_commit(head).then(|| head.to_owned());
     };
     let reference = reference.trim();
-    // Linked work trees keep their refs in the common directory.
-    let common =
-        std::fs::read_to_string(git.join("commondir")).map(|c| git.join(c.trim())).unwrap_or_else(|_| git.clone());
     for base in [&git, &common] {
         if let Ok(text) = std::fs::read_to_string(base.join(reference)) {
             let commit = text.trim();
@@ -222,144 +224,33 @@ fn is_commit(text: &str) -> bool {
     matches!(text.len(), 40 | 64) && text.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// What identifies the state of the files: each file's path and [`FileStamp`], plus the git HEAD (a
-/// checkout that only moves HEAD changes the version).
-#[derive(Debug, PartialEq, Eq)]
-struct Stamp(Vec<(PathBuf, FileStamp)>, Option<String>);
-
-fn stamp(root: &Path) -> Stamp {
-    let files = resource_files(root).unwrap_or_default();
-    let entries = files
-        .into_iter()
-        .map(|path| {
-            let stamp = FileStamp::read(&path);
-            (path, stamp)
-        })
-        .collect();
-    Stamp(entries, git_commit(root))
+/// The files whose stamps say whether the directory changed: the resource files, and the git files
+/// that name the commit checked out (a checkout that only moves HEAD changes the version).
+fn watched_files(root: &Path) -> Vec<PathBuf> {
+    let mut files = resource_files(root).unwrap_or_default();
+    if let Some((git, common)) = git_dirs(root) {
+        files.push(git.join("HEAD"));
+        if let Ok(head) = std::fs::read_to_string(git.join("HEAD"))
+            && let Some(reference) = head.trim().strip_prefix("ref:")
+        {
+            files.push(git.join(reference.trim()));
+            files.push(common.join(reference.trim()));
+        }
+        files.push(common.join("packed-refs"));
+    }
+    files
 }
 
 /// Watches `root` and calls `on_change` with each new load result. The first call is made at once.
 pub async fn watch(root: PathBuf, mut on_change: impl FnMut(Result<Snapshot, DirectoryError>)) {
     let mut loader = Loader::default();
-    let mut last = stamp(&root);
+    let mut watch = FileWatch::tree(root.clone(), watched_files, SAFETY_POLL_INTERVAL)
+        .poll_without_notifications(POLL_INTERVAL)
+        .settle(SETTLE_TIME);
     on_change(loader.load(&root));
-    let mut notify = match Notify::new(&root) {
-        Ok(notify) => Some(notify),
-        Err(error) => {
-            tracing::warn!(%error, "no change notifications for the config directory; polling it");
-            None
-        }
-    };
-    let poll = if notify.is_some() { SAFETY_POLL_INTERVAL } else { POLL_INTERVAL };
-    let mut tick = tokio::time::interval(poll);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        match notify.as_mut() {
-            Some(n) => {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    result = n.changed(&root) => if let Err(error) = result {
-                        tracing::warn!(%error, "change notifications failed; polling the config directory");
-                        notify = None;
-                        tick = tokio::time::interval(POLL_INTERVAL);
-                    }
-                }
-            }
-            None => {
-                tick.tick().await;
-            }
-        }
-        let mut now = stamp(&root);
-        if now == last {
-            continue;
-        }
-        // Settle: wait until a short interval passes with no further change.
-        let started = tokio::time::Instant::now();
-        loop {
-            tokio::time::sleep(SETTLE_TIME).await;
-            let again = stamp(&root);
-            if again == now || started.elapsed() >= MAX_SETTLE {
-                now = again;
-                break;
-            }
-            now = again;
-        }
-        last = now;
+        watch.changed().await;
         on_change(loader.load(&root));
-    }
-}
-
-/// inotify watches on every directory of the tree (and on `.git`, whose HEAD names the version).
-struct Notify {
-    fd: tokio::io::unix::AsyncFd<rustix::fd::OwnedFd>,
-}
-
-impl Notify {
-    fn new(root: &Path) -> std::io::Result<Notify> {
-        use rustix::fs::inotify::{CreateFlags, init};
-        let fd = init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK)?;
-        // `AsyncFd::new` is deprecated because an arbitrary `AsRawFd` type could close or swap its
-        // descriptor while registered; an `OwnedFd` moved into the AsyncFd cannot, which is exactly
-        // what the safe-but-unsafe-marked `register` would demand of us.
-        #[allow(deprecated)]
-        let fd = tokio::io::unix::AsyncFd::new(fd)?;
-        let notify = Notify { fd };
-        notify.watch_tree(root);
-        Ok(notify)
-    }
-
-    /// Watches `root`, its directories, and its `.git`; adding a watch twice is harmless.
-    fn watch_tree(&self, root: &Path) {
-        use rustix::fs::inotify::{WatchFlags, add_watch};
-        let flags = WatchFlags::CREATE
-            | WatchFlags::DELETE
-            | WatchFlags::MODIFY
-            | WatchFlags::CLOSE_WRITE
-            | WatchFlags::MOVE
-            | WatchFlags::ATTRIB
-            | WatchFlags::DELETE_SELF
-            | WatchFlags::MOVE_SELF;
-        let mut pending = vec![root.to_path_buf(), root.join(".git")];
-        let mut seen = HashSet::new();
-        while let Some(dir) = pending.pop() {
-            if !dir.is_dir() || !seen.insert(std::fs::canonicalize(&dir).unwrap_or_else(|_| dir.clone())) {
-                continue;
-            }
-            let _ = add_watch(self.fd.get_ref(), &dir, flags);
-            if dir.file_name().is_some_and(|n| n == ".git") {
-                continue;
-            }
-            if let Ok(entries) = std::fs::read_dir(&dir) {
-                for entry in entries.flatten() {
-                    if !entry.file_name().to_string_lossy().starts_with('.') {
-                        pending.push(entry.path());
-                    }
-                }
-            }
-        }
-    }
-
-    /// Waits for events, drains them, and watches any new directories.
-    async fn changed(&mut self, root: &Path) -> std::io::Result<()> {
-        let mut buffer = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
-        loop {
-            let mut guard = self.fd.readable().await?;
-            let mut reader = rustix::fs::inotify::Reader::new(guard.get_inner(), &mut buffer);
-            let mut any = false;
-            loop {
-                match reader.next() {
-                    Ok(_) => any = true,
-                    Err(rustix::io::Errno::AGAIN) => break,
-                    Err(error) => return Err(error.into()),
-                }
-            }
-            guard.clear_ready();
-            if any {
-                self.watch_tree(root);
-                return Ok(());
-            }
-        }
     }
 }
 
@@ -387,6 +278,9 @@ mod tests {
         assert_eq!(again.version, snapshot.version);
     }
 
+    /// The loader parses again only the files that changed (by their stamps); the rest come from
+    /// its cache, and any change — even a rewrite that keeps the size and puts the modification
+    /// time back — is read.
     #[test]
     fn the_loader_reparses_only_changed_files() {
         let dir = tempfile::tempdir().unwrap();
@@ -395,18 +289,22 @@ mod tests {
         std::fs::write(dir.path().join("small.yaml"), "kind: Cluster\nname: b\n").unwrap();
         let mut loader = Loader::default();
         let first = loader.load(dir.path()).unwrap();
-        // Same size, same inode, same modification time: the loader takes the file as unchanged.
-        let modified = std::fs::metadata(&big).unwrap().modified().unwrap();
-        std::fs::write(&big, "kind: Cluster\nname: z\n").unwrap();
-        std::fs::File::options().write(true).open(&big).unwrap().set_modified(modified).unwrap();
+        assert_eq!(loader.reparsed(), 2);
         std::fs::write(dir.path().join("small.yaml"), "kind: Cluster\nname: c\n").unwrap();
         let second = loader.load(dir.path()).unwrap();
+        assert_eq!(loader.reparsed(), 1, "only the edited file is parsed again");
         let names: Vec<&str> = second.resources.iter().map(|r| r.name()).collect();
         assert_eq!(names, ["a", "c"]);
         assert_ne!(first.version, second.version);
-        // A fresh load reads everything.
-        let fresh: Vec<String> = load(dir.path()).unwrap().resources.iter().map(|r| r.name().to_owned()).collect();
-        assert_eq!(fresh, ["z", "c"]);
+        let modified = std::fs::metadata(&big).unwrap().modified().unwrap();
+        std::fs::write(&big, "kind: Cluster\nname: z\n").unwrap();
+        std::fs::File::options().write(true).open(&big).unwrap().set_modified(modified).unwrap();
+        let third: Vec<String> =
+            loader.load(dir.path()).unwrap().resources.iter().map(|r| r.name().to_owned()).collect();
+        assert_eq!(third, ["z", "c"]);
+        assert_eq!(loader.reparsed(), 1);
+        assert_eq!(loader.load(dir.path()).unwrap().resources.len(), 2);
+        assert_eq!(loader.reparsed(), 0, "nothing changed");
     }
 
     #[test]

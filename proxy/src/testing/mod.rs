@@ -11,6 +11,8 @@
 //!   check on cue, and records what it received.
 //! - [`client`] — [`Client`], one HTTP/1.1 or HTTP/2 connection, and [`Reply`].
 //! - [`proxy`] — [`TestProxy`], a proxy running from a YAML file in a temporary directory.
+//! - [`config`] — the typed builder of config documents (`remora_control_api::testing`):
+//!   `TestProxy::start(&Config::new().with(...).yaml())`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -24,6 +26,7 @@ use std::time::Duration;
 
 pub use client::{Client, Reply};
 pub use proxy::TestProxy;
+pub use remora_control_api::testing as config;
 pub use scripted::{Script, ScriptedServer};
 pub use servers::{BannerServer, HttpServer, TcpEchoServer};
 

@@ -3,17 +3,20 @@
 //!
 //! For hosts without a control plane (or with certificates from another issuer: cert-manager,
 //! Vault, SPIRE's helper writing files). [`CertFiles::load`] reads and checks the three files once,
-//! at start-up, where a bad set fails the start; [`watch`] then polls their modification times and
-//! sizes and installs each new set that checks out. A set that does not (a half-written rename, a key
+//! at start-up, where a bad set fails the start; [`watch`] then follows them
+//! (`remora_control_api::watch`) and installs each new set that checks out. A set that does not (a half-written rename, a key
 //! that does not match) is logged and counted, and the certificate in use keeps serving.
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
+
+use remora_control_api::watch::FileWatch;
 
 use tracing::{info, warn};
 
 use super::{Credentials, MeshTls, TlsError};
+use crate::limits;
 
 /// The three files.
 #[derive(Clone, Debug)]
@@ -34,25 +37,15 @@ impl CertFiles {
         let (cert, key, ca) = (read(&self.cert)?, read(&self.key)?, read(&self.ca)?);
         Credentials::from_pem(&cert, &key, &ca)
     }
-
-    fn stamp(&self) -> [Option<(SystemTime, u64)>; 3] {
-        [&self.cert, &self.key, &self.ca].map(|path| {
-            let metadata = std::fs::metadata(path).ok()?;
-            Some((metadata.modified().ok()?, metadata.len()))
-        })
-    }
 }
 
-/// Polls `files` every `interval` and installs each changed set into `mesh`. Runs until dropped.
+/// Follows `files` (reading them at least every `interval`) and installs each changed set into
+/// `mesh`. Runs until dropped.
 pub async fn watch(files: CertFiles, mesh: Arc<MeshTls>, interval: Duration) {
-    let mut seen = files.stamp();
+    let paths = vec![files.cert.clone(), files.key.clone(), files.ca.clone()];
+    let mut watch = FileWatch::files(paths, interval).settle(limits::FILE_SETTLE_TIME);
     loop {
-        tokio::time::sleep(interval).await;
-        let now = files.stamp();
-        if now == seen {
-            continue;
-        }
-        seen = now;
+        watch.changed().await;
         match files.load().and_then(|credentials| {
             let identity = credentials.identity().clone();
             mesh.install(credentials).map(|()| identity)
