@@ -2,16 +2,22 @@
 
 use std::time::{Duration, Instant};
 
+use remora_control_api::v1;
+use remora_proxy::testing::config::{Cluster, Config, Listener, Route, RouteTable, secs};
 use remora_proxy::testing::{Client, HttpServer, TestProxy};
 
-use crate::{cluster, listener};
+/// A proxy's config: one route to cluster `app` at `upstream`, as `route` edits it.
+fn config(upstream: std::net::SocketAddr, route: impl FnOnce(&mut v1::Route)) -> String {
+    Config::new()
+        .with(Cluster::new("app").endpoints(&[upstream]))
+        .with(RouteTable::new("web").route(Route::to("app").set(route)))
+        .with(Listener::new("in").http1())
+        .yaml()
+}
 
-fn config(upstream: &HttpServer, route_extra: &str) -> String {
-    format!(
-        "resources:\n{}{}  - {{kind: RouteTable, name: web, routes: [{{backends: [{{cluster: app}}]{route_extra}}}]}}\n",
-        cluster("app", "", &[upstream.address()]),
-        listener("in", ", protocol: http1"),
-    )
+/// A fault that aborts `percent` of requests with `status`.
+fn abort(percent: f64, status: u32) -> Option<v1::Fault> {
+    Some(v1::Fault { abort: Some(v1::FaultAbort { percent, status }), delay: None })
 }
 
 /// A hung endpoint: the route's timeout answers 504 `request_timeout` on time, and the next request
@@ -19,7 +25,7 @@ fn config(upstream: &HttpServer, route_extra: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_route_timeout_answers_504_when_the_endpoint_hangs() {
     let upstream = HttpServer::start("app").await;
-    let proxy = TestProxy::start(&config(&upstream, ", timeout: 0.3s"));
+    let proxy = TestProxy::start(&config(upstream.address(), |r| r.timeout = Some(secs(0.3))));
     let mut client = Client::http1(proxy.address("in")).await;
     let started = Instant::now();
     let reply = client.get("x", "/slow/5000").await;
@@ -36,14 +42,14 @@ async fn the_route_timeout_answers_504_when_the_endpoint_hangs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injected_aborts_hit_their_share_of_requests() {
     let upstream = HttpServer::start("app").await;
-    let proxy = TestProxy::start(&config(&upstream, ", fault: {abort: {percent: 100, status: 503}}"));
+    let proxy = TestProxy::start(&config(upstream.address(), |r| r.fault = abort(100.0, 503)));
     let mut client = Client::http1(proxy.address("in")).await;
     let reply = client.get("x", "/").await;
     assert_eq!(reply.status, 503);
     assert_eq!(reply.header("x-remora-error"), "fault_injected");
     assert_eq!(upstream.hits(), 0);
 
-    proxy.rewrite(&config(&upstream, ", fault: {abort: {percent: 30, status: 500}}"));
+    proxy.rewrite(&config(upstream.address(), |r| r.fault = abort(30.0, 500)));
     proxy.reload().unwrap();
     let mut client = Client::http1(proxy.address("in")).await;
     let mut aborted = 0;
@@ -63,7 +69,10 @@ async fn injected_aborts_hit_their_share_of_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injected_delays_hit_their_share_of_requests() {
     let upstream = HttpServer::start("app").await;
-    let proxy = TestProxy::start(&config(&upstream, ", fault: {delay: {percent: 50, duration: 0.1s}}"));
+    let proxy = TestProxy::start(&config(upstream.address(), |r| {
+        let delay = v1::FaultDelay { percent: 50.0, duration: Some(secs(0.1)) };
+        r.fault = Some(v1::Fault { delay: Some(delay), abort: None });
+    }));
     let mut client = Client::http1(proxy.address("in")).await;
     let mut delayed = 0;
     for _ in 0..100 {
@@ -81,7 +90,9 @@ async fn injected_delays_hit_their_share_of_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rate_limit_passes_its_rate_and_refuses_the_rest() {
     let upstream = HttpServer::start("app").await;
-    let proxy = TestProxy::start(&config(&upstream, ", rate_limit: {requests_per_second: 50, burst: 10}"));
+    let proxy = TestProxy::start(&config(upstream.address(), |r| {
+        r.rate_limit = Some(v1::RateLimit { requests_per_second: 50, burst: 10 });
+    }));
     let address = proxy.address("in");
     let window = Duration::from_secs(2);
     let started = Instant::now();
@@ -153,12 +164,16 @@ async fn mirrored_requests_reach_the_shadow_without_slowing_the_client() {
     let primary = ScriptedServer::start("primary").await;
     let shadow = ScriptedServer::start("shadow").await;
     shadow.script.delay(2000);
-    let proxy = TestProxy::start(&format!(
-        "resources:\n{}{}  - {{kind: RouteTable, name: web, destinations: [shop.local], routes: [{{backends: [{{cluster: app}}], mirror: {{cluster: shadow}}}}]}}\n{}",
-        cluster("app", "", &[primary.address()]),
-        cluster("shadow", "", &[shadow.address()]),
-        listener("in", ", protocol: http1"),
-    ));
+    let mirrored = |percent: Option<f64>| {
+        let mirror = v1::Mirror { cluster: "shadow".into(), percent };
+        Config::new()
+            .with(Cluster::new("app").endpoints(&[primary.address()]))
+            .with(Cluster::new("shadow").endpoints(&[shadow.address()]))
+            .with(RouteTable::new("web").route(Route::to("app").set(|r| r.mirror = Some(mirror))))
+            .with(Listener::new("in").http1())
+            .yaml()
+    };
+    let proxy = TestProxy::start(&mirrored(None));
     let mut client = Client::http1(proxy.address("in")).await;
     for i in 0..5 {
         let started = Instant::now();
@@ -187,12 +202,7 @@ async fn mirrored_requests_reach_the_shadow_without_slowing_the_client() {
     assert_eq!(primary.script.requests(), 5);
 
     // A share of 30%: about 300 of 1000 copied.
-    proxy.rewrite(&format!(
-        "resources:\n{}{}  - {{kind: RouteTable, name: web, routes: [{{backends: [{{cluster: app}}], mirror: {{cluster: shadow, percent: 30}}}}]}}\n{}",
-        cluster("app", "", &[primary.address()]),
-        cluster("shadow", "", &[shadow.address()]),
-        listener("in", ", protocol: http1"),
-    ));
+    proxy.rewrite(&mirrored(Some(30.0)));
     proxy.reload().unwrap();
     shadow.script.delay(0);
     let before = shadow.script.seen().len();
@@ -249,11 +259,7 @@ fn bad_cluster_policy_values_name_their_field() {
 async fn a_stalled_response_body_is_cut_off_by_the_idle_timeout() {
     use http_body_util::BodyExt;
     let upstream = remora_proxy::testing::ScriptedServer::start("app").await;
-    let proxy = TestProxy::start(&format!(
-        "resources:\n{}{}  - {{kind: RouteTable, name: web, routes: [{{backends: [{{cluster: app}}], idle_timeout: 0.2s}}]}}\n",
-        cluster("app", "", &[upstream.address()]),
-        listener("in", ", protocol: http1"),
-    ));
+    let proxy = TestProxy::start(&config(upstream.address(), |r| r.idle_timeout = Some(secs(0.2))));
     let mut client = Client::http1(proxy.address("in")).await;
     let started = Instant::now();
     let request =

@@ -4,17 +4,27 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use remora_control_api::v1;
+use remora_proxy::testing::config::{Cluster, Config, Listener, Route, RouteTable, secs};
 use remora_proxy::testing::{Client, ScriptedServer, TestProxy, eventually};
 
-use crate::{cluster, listener};
-
-fn config(endpoints: &[&ScriptedServer], cluster_extra: &str, route_extra: &str) -> String {
+/// A proxy's config: one route, as `route` edits it, to cluster `app` over `endpoints`, as
+/// `cluster` edits it.
+fn config(
+    endpoints: &[&ScriptedServer],
+    cluster: impl FnOnce(&mut v1::Cluster),
+    route: impl FnOnce(&mut v1::Route),
+) -> Config {
     let addresses: Vec<_> = endpoints.iter().map(|s| s.address()).collect();
-    format!(
-        "resources:\n{}{}  - {{kind: RouteTable, name: web, routes: [{{backends: [{{cluster: app}}]{route_extra}}}]}}\n",
-        cluster("app", cluster_extra, &addresses),
-        listener("in", ", protocol: http1"),
-    )
+    Config::new()
+        .with(Cluster::new("app").endpoints(&addresses).set(cluster))
+        .with(RouteTable::new("web").route(Route::to("app").set(route)))
+        .with(Listener::new("in").http1())
+}
+
+/// A cluster with outlier detection as `edit` sets it, from its defaults.
+fn outliers(edit: impl FnOnce(&mut v1::OutlierDetection)) -> impl FnOnce(&mut v1::Cluster) {
+    |c| edit(c.outlier_detection.get_or_insert_with(Default::default))
 }
 
 /// The `/clusters` entry of `name`.
@@ -41,7 +51,8 @@ async fn served_by(client: &mut Client, n: usize) -> HashMap<String, usize> {
 async fn breakers_fail_fast_at_their_limit() {
     let upstream = ScriptedServer::start("app").await;
     upstream.script.delay(500);
-    let proxy = TestProxy::start(&config(&[&upstream], ", circuit_breakers: {max_requests: 2}", ""));
+    let breakers = v1::CircuitBreakers { max_requests: 2, ..Default::default() };
+    let proxy = TestProxy::start(&config(&[&upstream], |c| c.circuit_breakers = Some(breakers), |_| {}).yaml());
     let address = proxy.address("in");
     let tasks: Vec<_> = (0..6)
         .map(|i| {
@@ -77,12 +88,22 @@ async fn breakers_fail_fast_at_their_limit() {
 async fn the_fallback_answers_when_the_cluster_cannot() {
     let upstream = ScriptedServer::start("app").await;
     upstream.script.delay(300);
-    let fallback =
-        r#", fallback: {status: 200, headers: {content-type: application/json, x-degraded: "yes"}, body: "[]"}"#;
-    let proxy = TestProxy::start(&format!(
-        "{}  - {{kind: Cluster, name: empty}}\n  - {{kind: RouteTable, name: empty, destinations: [empty.local], routes: [{{backends: [{{cluster: empty}}]{fallback}}}]}}\n",
-        config(&[&upstream], ", circuit_breakers: {max_requests: 1}", fallback),
-    ));
+    let headers = [("content-type", "application/json"), ("x-degraded", "yes")];
+    let fallback = v1::StaticResponse {
+        status: 200,
+        headers: headers.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect(),
+        body: "[]".into(),
+    };
+    let breakers = v1::CircuitBreakers { max_requests: 1, ..Default::default() };
+    let answer = fallback.clone();
+    let config = config(&[&upstream], |c| c.circuit_breakers = Some(breakers), |r| r.fallback = Some(answer))
+        .with(Cluster::new("empty"))
+        .with(
+            RouteTable::new("empty")
+                .destinations(&["empty.local"])
+                .route(Route::to("empty").set(|r| r.fallback = Some(fallback))),
+        );
+    let proxy = TestProxy::start(&config.yaml());
     let mut client = Client::http1(proxy.address("in")).await;
     let reply = client.get("empty.local", "/").await;
     assert_eq!((reply.status.as_u16(), reply.text().as_str()), (200, "[]"));
@@ -106,11 +127,11 @@ async fn failing_endpoints_are_ejected_and_return() {
     bad.script.fail_all(503);
     let good1 = ScriptedServer::start("good1").await;
     let good2 = ScriptedServer::start("good2").await;
-    let proxy = TestProxy::start(&config(
-        &[&bad, &good1, &good2],
-        ", outlier_detection: {consecutive_5xx: 3, interval: 0.1s, base_ejection_time: 1s, max_ejection_percent: 50}",
-        "",
-    ));
+    let detection = outliers(|o| {
+        (o.consecutive_5xx, o.interval, o.base_ejection_time) = (Some(3), Some(secs(0.1)), Some(secs(1.0)));
+        o.max_ejection_percent = Some(50);
+    });
+    let proxy = TestProxy::start(&config(&[&bad, &good1, &good2], detection, |_| {}).yaml());
     let mut client = Client::http1(proxy.address("in")).await;
     let counts = served_by(&mut client, 30).await;
     assert_eq!(bad.script.requests(), 3, "ejected on its third failure in a row: {counts:?}");
@@ -147,11 +168,16 @@ async fn a_slow_endpoint_is_ejected_by_latency() {
             .await;
     let mut endpoints = vec![&slow];
     endpoints.extend(fast.iter());
-    let proxy = TestProxy::start(&config(
-        &endpoints,
-        ", outlier_detection: {consecutive_5xx: 0, interval: 0.3s, base_ejection_time: 30s, latency: {multiple: 3, min_latency: 0.02s, request_volume: 3}}",
-        "",
-    ));
+    let detection = outliers(|o| {
+        (o.consecutive_5xx, o.interval, o.base_ejection_time) = (Some(0), Some(secs(0.3)), Some(secs(30.0)));
+        o.latency = Some(v1::LatencyEjection {
+            multiple: Some(3.0),
+            min_latency: Some(secs(0.02)),
+            request_volume: Some(3),
+            ..Default::default()
+        });
+    });
+    let proxy = TestProxy::start(&config(&endpoints, detection, |_| {}).yaml());
     let address = proxy.address("in");
     // Four clients, so the slow endpoint's requests do not hold everyone back.
     let started = Instant::now();
@@ -182,8 +208,16 @@ async fn a_slow_endpoint_is_ejected_by_latency() {
 async fn health_checks_remove_and_restore_endpoints() {
     let a = ScriptedServer::start("a").await;
     let b = ScriptedServer::start("b").await;
-    let checks = ", health_check: {interval: 0.05s, timeout: 0.5s, healthy_threshold: 2, unhealthy_threshold: 2, http: {path: /health}}";
-    let proxy = TestProxy::start(&config(&[&a, &b], checks, ""));
+    let checks = |c: &mut v1::Cluster| {
+        c.health_check = Some(v1::HealthCheck {
+            interval: Some(secs(0.05)),
+            timeout: Some(secs(0.5)),
+            healthy_threshold: Some(2),
+            unhealthy_threshold: Some(2),
+            http: Some(v1::HttpHealthCheck { path: "/health".into(), ..Default::default() }),
+        })
+    };
+    let proxy = TestProxy::start(&config(&[&a, &b], checks, |_| {}).yaml());
     let mut client = Client::http1(proxy.address("in")).await;
     let healthy = r#"remora_upstream_endpoints_healthy{cluster="app"}"#;
     eventually("both endpoints healthy", Duration::from_secs(3), || async { proxy.metric(healthy).await == 2.0 }).await;
@@ -210,7 +244,7 @@ async fn health_checks_remove_and_restore_endpoints() {
     // A newcomer is unknown until its first probe passes: failing, it never serves.
     let c = ScriptedServer::start("c").await;
     c.script.health(503);
-    proxy.rewrite(&config(&[&a, &b, &c], checks, ""));
+    proxy.rewrite(&config(&[&a, &b, &c], checks, |_| {}).yaml());
     proxy.reload().unwrap();
     eventually("c probed", Duration::from_secs(3), || async { c.script.health_probes() >= 2 }).await;
     let counts = served_by(&mut client, 30).await;

@@ -5,20 +5,35 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::Method;
+use remora_control_api::v1;
 use remora_proxy::testing::client::read;
+use remora_proxy::testing::config::{Cluster, Config, Listener, Route, RouteTable, secs};
 use remora_proxy::testing::servers::full;
 use remora_proxy::testing::{Client, ScriptedServer, TestProxy};
 
-use crate::{cluster, listener};
-
-/// A proxy with one route to cluster `app` over `endpoints`, the route carrying `route_extra`.
-fn proxy(endpoints: &[&ScriptedServer], cluster_extra: &str, route_extra: &str) -> TestProxy {
+/// The config of a proxy with one route to cluster `app` over `endpoints`, whose retry policy
+/// `retry` edits.
+fn config(endpoints: &[&ScriptedServer], retry: impl FnOnce(&mut v1::RetryPolicy)) -> Config {
     let addresses: Vec<_> = endpoints.iter().map(|s| s.address()).collect();
-    TestProxy::start(&format!(
-        "resources:\n{}{}  - {{kind: RouteTable, name: web, routes: [{{backends: [{{cluster: app}}]{route_extra}}}]}}\n",
-        cluster("app", cluster_extra, &addresses),
-        listener("in", ", protocol: http1"),
-    ))
+    Config::new()
+        .with(Cluster::new("app").endpoints(&addresses))
+        .with(RouteTable::new("web").route(Route::to("app").retry(retry)))
+        .with(Listener::new("in").http1())
+}
+
+/// A proxy serving [`config`].
+fn proxy(endpoints: &[&ScriptedServer], retry: impl FnOnce(&mut v1::RetryPolicy)) -> TestProxy {
+    TestProxy::start(&config(endpoints, retry).yaml())
+}
+
+/// `retry_on` of these conditions.
+fn on(conditions: &[&str]) -> Vec<String> {
+    conditions.iter().map(|c| (*c).to_owned()).collect()
+}
+
+/// A retry budget of `percent` of requests plus `min_per_second`, over `ttl` seconds if given.
+fn budget(percent: f64, min_per_second: u32, ttl: Option<f64>) -> Option<v1::RetryBudget> {
+    Some(v1::RetryBudget { percent: Some(percent), min_retries_per_second: Some(min_per_second), ttl: ttl.map(secs) })
 }
 
 /// An upstream failing 30% of its requests (3 of every 10, in a row) is hidden entirely by three
@@ -28,11 +43,10 @@ fn proxy(endpoints: &[&ScriptedServer], cluster_extra: &str, route_extra: &str) 
 async fn retries_hide_a_30_percent_failure_rate_within_budget() {
     let upstream = ScriptedServer::start("app").await;
     upstream.script.fail(3, 10, 503);
-    let proxy = proxy(
-        &[&upstream],
-        "",
-        ", retry: {attempts: 3, retry_on: [5xx], backoff_base: 0.001s, budget: {percent: 50, min_retries_per_second: 1}}",
-    );
+    let proxy = proxy(&[&upstream], |r| {
+        (r.attempts, r.retry_on, r.backoff_base) = (Some(3), on(&["5xx"]), Some(secs(0.001)));
+        r.budget = budget(50.0, 1, None);
+    });
     let mut client = Client::http1(proxy.address("in")).await;
     const REQUESTS: usize = 700;
     for i in 0..REQUESTS {
@@ -53,11 +67,10 @@ async fn retries_hide_a_30_percent_failure_rate_within_budget() {
 async fn the_budget_caps_retry_amplification_in_an_outage() {
     let upstream = ScriptedServer::start("app").await;
     upstream.script.fail_all(503);
-    let proxy = proxy(
-        &[&upstream],
-        "",
-        ", retry: {attempts: 5, retry_on: [5xx], backoff_base: 0.001s, budget: {percent: 20, min_retries_per_second: 1, ttl: 10s}}",
-    );
+    let proxy = proxy(&[&upstream], |r| {
+        (r.attempts, r.retry_on, r.backoff_base) = (Some(5), on(&["5xx"]), Some(secs(0.001)));
+        r.budget = budget(20.0, 1, Some(10.0));
+    });
     let mut client = Client::http1(proxy.address("in")).await;
     const REQUESTS: usize = 500;
     for _ in 0..REQUESTS {
@@ -79,7 +92,9 @@ async fn a_per_try_timeout_and_a_retry_beat_a_hung_endpoint() {
     let hung = ScriptedServer::start("hung").await;
     hung.script.delay(10_000);
     let healthy = ScriptedServer::start("healthy").await;
-    let proxy = proxy(&[&hung, &healthy], "", ", retry: {attempts: 2, retry_on: [reset], per_try_timeout: 0.1s}");
+    let proxy = proxy(&[&hung, &healthy], |r| {
+        (r.attempts, r.retry_on, r.per_try_timeout) = (Some(2), on(&["reset"]), Some(secs(0.1)));
+    });
     let mut client = Client::http1(proxy.address("in")).await;
     for _ in 0..10 {
         let started = Instant::now();
@@ -96,11 +111,7 @@ async fn a_per_try_timeout_and_a_retry_beat_a_hung_endpoint() {
     );
 
     // Without retries, the per-try timeout is the client's answer: 504 per_try_timeout.
-    proxy.rewrite(&format!(
-        "resources:\n{}{}  - {{kind: RouteTable, name: web, routes: [{{backends: [{{cluster: app}}], retry: {{attempts: 0, per_try_timeout: 0.1s}}}}]}}\n",
-        cluster("app", "", &[hung.address()]),
-        listener("in", ", protocol: http1"),
-    ));
+    proxy.rewrite(&config(&[&hung], |r| (r.attempts, r.per_try_timeout) = (Some(0), Some(secs(0.1)))).yaml());
     proxy.reload().unwrap();
     let mut client = Client::http1(proxy.address("in")).await;
     let reply = client.get("x", "/").await;
@@ -114,7 +125,10 @@ async fn hedged_requests_take_the_first_answer() {
     let slow = ScriptedServer::start("slow").await;
     slow.script.delay(1000);
     let fast = ScriptedServer::start("fast").await;
-    let proxy = proxy(&[&slow, &fast], "", ", retry: {attempts: 1, hedge: {delay: 0.05s}}");
+    let proxy = proxy(&[&slow, &fast], |r| {
+        r.attempts = Some(1);
+        r.hedge = Some(v1::HedgePolicy { delay: Some(secs(0.05)) });
+    });
     let mut client = Client::http1(proxy.address("in")).await;
     for _ in 0..10 {
         let started = Instant::now();
@@ -134,7 +148,9 @@ async fn retry_after_is_honoured() {
     let upstream = ScriptedServer::start("app").await;
     upstream.script.fail(1, 2, 503);
     upstream.script.retry_after(1);
-    let proxy = proxy(&[&upstream], "", ", retry: {attempts: 1, retry_on: [5xx], backoff_max: 2s}");
+    let proxy = proxy(&[&upstream], |r| {
+        (r.attempts, r.retry_on, r.backoff_max) = (Some(1), on(&["5xx"]), Some(secs(2.0)));
+    });
     let mut client = Client::http1(proxy.address("in")).await;
     let started = Instant::now();
     let reply = client.get("x", "/").await;
@@ -142,11 +158,7 @@ async fn retry_after_is_honoured() {
     assert!(started.elapsed() >= Duration::from_secs(1), "retried before Retry-After: {:?}", started.elapsed());
 
     // The default longest backoff (250 ms) is shorter than Retry-After: no retry.
-    proxy.rewrite(&format!(
-        "resources:\n{}{}  - {{kind: RouteTable, name: web, routes: [{{backends: [{{cluster: app}}], retry: {{attempts: 1, retry_on: [5xx]}}}}]}}\n",
-        cluster("app", "", &[upstream.address()]),
-        listener("in", ", protocol: http1"),
-    ));
+    proxy.rewrite(&config(&[&upstream], |r| (r.attempts, r.retry_on) = (Some(1), on(&["5xx"]))).yaml());
     proxy.reload().unwrap();
     let before = upstream.script.requests();
     let reply = client.get("x", "/").await;
@@ -161,7 +173,9 @@ async fn retry_after_is_honoured() {
 async fn bodies_are_replayed_unless_too_long() {
     let upstream = ScriptedServer::start("app").await;
     upstream.script.fail(1, 2, 503);
-    let proxy = proxy(&[&upstream], "", ", retry: {attempts: 1, retry_on: [5xx], replay_buffer_bytes: 1024}");
+    let proxy = proxy(&[&upstream], |r| {
+        (r.attempts, r.retry_on, r.replay_buffer_bytes) = (Some(1), on(&["5xx"]), Some(1024));
+    });
     let mut client = Client::http1(proxy.address("in")).await;
     let body = Bytes::from(vec![b'x'; 1000]);
     let post = client.request(Method::POST, "x", "/upload").body(full(body.clone())).unwrap();
@@ -186,11 +200,11 @@ async fn bodies_are_replayed_unless_too_long() {
 async fn grpc_unavailable_is_retried_by_default() {
     let upstream = ScriptedServer::start("grpc").await;
     upstream.script.fail_grpc(1, 2, 14);
-    let proxy = TestProxy::start(&format!(
-        "resources:\n{}  - {{kind: RouteTable, name: web, routes: [{{backends: [{{cluster: app}}], retry: {{}}}}]}}\n{}",
-        cluster("app", ", protocol: http2", &[upstream.address()]),
-        listener("in", ", protocol: http2"),
-    ));
+    let config = Config::new()
+        .with(Cluster::new("app").endpoints(&[upstream.address()]).protocol(v1::cluster::Protocol::Http2))
+        .with(RouteTable::new("web").route(Route::to("app").retry(|_| {})))
+        .with(Listener::new("in").http2());
+    let proxy = TestProxy::start(&config.yaml());
     let mut client = Client::http2(proxy.address("in")).await;
     for _ in 0..5 {
         let reply = client.get("grpc.local", "/pkg.Service/Call").await;

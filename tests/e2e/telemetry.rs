@@ -16,6 +16,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use remora_proxy::testing::config::{Cluster, Config, Listener, Route, RouteTable};
 use remora_proxy::testing::proxy::temp_dir;
 use remora_proxy::testing::servers::{Handler, full};
 use remora_proxy::testing::{Client, HttpServer, TestProxy, eventually};
@@ -512,11 +513,13 @@ async fn a_dead_collector_costs_a_bounded_queue_and_a_counter() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_a_known_mix_exactly_and_pass_promtool() {
     let upstream = HttpServer::start("app").await;
-    let proxy = TestProxy::start(&format!(
-        "resources:\n{}{}  - {{kind: RouteTable, name: web, routes: [{{name: api, match: {{path: {{prefix: /status}}}}, backends: [{{cluster: app}}]}}, {{backends: [{{cluster: app}}]}}]}}\n",
-        cluster("app", "", &[upstream.address()]),
-        listener("in", ", protocol: http1, direction: inbound"),
-    ));
+    let config = Config::new()
+        .with(Cluster::new("app").endpoints(&[upstream.address()]))
+        .with(
+            RouteTable::new("web").route(Route::to("app").named("api").path_prefix("/status")).route(Route::to("app")),
+        )
+        .with(Listener::new("in").http1().inbound());
+    let proxy = TestProxy::start(&config.yaml());
     let mut client = Client::http1(proxy.address("in")).await;
     for path in ["/status/200", "/status/200", "/status/404", "/status/503", "/status/418", "/slow/30", "/slow/30"] {
         client.get("shop", path).await;
