@@ -154,7 +154,7 @@ enum Command {
         #[arg(long = "tls-name", value_name = "NAME", requires = "ca_auth")]
         tls_names: Vec<String>,
         /// Trust these roots too (PEM), beside the CA's own: the trust bundle every certificate comes
-        /// with carries them, for a root rotation (see the README).
+        /// with carries them, for a root rotation (see docs/security.md).
         #[arg(long, value_name = "FILE", requires = "ca_auth")]
         ca_trust: Option<PathBuf>,
         /// Serve discovery streams only to proxies that authenticate with a token the CA accepts

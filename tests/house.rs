@@ -166,7 +166,9 @@ fn no_import_cycle_spans_folders() {
             if folders.len() > 1 {
                 let edges: Vec<String> = component
                     .iter()
-                    .map(|f| format!("  {f} -> {:?}", graph[f].iter().filter(|t| component.contains(t)).collect::<Vec<_>>()))
+                    .map(|f| {
+                        format!("  {f} -> {:?}", graph[f].iter().filter(|t| component.contains(t)).collect::<Vec<_>>())
+                    })
                     .collect();
                 knots.push(format!("{library}:\n{}", edges.join("\n")));
             }

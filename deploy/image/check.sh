@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the image from the repository's Dockerfile with podman and checks what the README says of
+# Builds the image from the repository's Dockerfile with podman and checks what docs/kubernetes.md says of
 # it, each role run from the image the way Kubernetes runs it:
 #
 #   - its size, and that it runs as uid/gid 1337 and holds no shell;

@@ -12,44 +12,58 @@
 //!        ├─ inbound mesh TLS → terminate, peer SPIFFE ID, authorize → HTTP/2 or TCP as below
 //!        ├─ opaque / TLS → tcp: route by original destination → balance → connect (mTLS to a mesh
 //!        │    cluster) → splice both ways (copy when either side is TLS)
-//!        └─ HTTP/1.1, HTTP/2 → http: route → admit (rate limit, faults) → balance → prepare
-//!             → connect (pool) → respond → record
-//!             (a route with a policy: timeout over attempts of balance → connect → respond →
-//!              record, retried, hedged or mirrored as it asks)
+//!        └─ HTTP/1.1, HTTP/2 → http: observe → route (route, authorize, identity header, admit)
+//!             → plan (tunnel | abort | direct | policed) → attempt (pick within breakers → send
+//!             by version → settle) → respond → record
+//!             (policed: the route's timeout over attempts, retried or hedged by `http::retries`,
+//!              mirrored by `http::mirror`, answered by its fallback)
 //!             trace context read on arrival; server span, access log line and gRPC status when
 //!             the response body ends; a client span per attempt
 //! ```
 //!
 //! # Layout
-//! - [`app`] — the composition root: start, signals, drain.
+//! - [`app`] — the composition root: start (every subsystem's metrics registered, every listener
+//!   bound before anything runs), signals, drain.
 //! - [`bootstrap`] — where the config comes from; start-up settings and built-in defaults.
+//! - [`context`] — what the data path shares: the [`context::DataPath`] every worker reads, and the
+//!   mark an admitted connection carries until it ends.
 //! - [`state`] — the live [`state::Snapshot`] (compiled listeners, route tables, clusters,
-//!   authorization policies).
-//! - [`reload`] — applying a new config all-or-nothing; the file watcher.
-//! - [`xds`] — resources from the control plane: warming, ACK/NACK, readiness.
+//!   authorization policies) and its metric families; `state::compose`, what serves out of the
+//!   file's and the control plane's resources.
+//! - [`reload`] — applying a new config all-or-nothing; the config file's watcher.
+//! - [`xds`] — the control-plane stream's handler: applies, answers (ACK/NACK), reports, readiness.
 //! - [`worker`] — the worker threads, one single-threaded runtime each.
-//! - [`listener`] — binding, accepting, and sending each connection down the right path.
+//! - [`listener`] — binding, accepting, and sending each connection down the right path; the
+//!   listeners' metrics.
 //! - [`detect`] — what a connection speaks, from its first bytes.
 //! - [`io`] — the downstream stream (replay + byte meter) and the idle timeout.
 //! - [`tcp`] — upstream connects and L4 forwarding (`splice(2)`).
-//! - [`http`] — the HTTP server, the request phases, the upstream pool and HTTP/1.1 client, header
-//!   hygiene, tunnels; forwarding under a route's policy (attempts, retries, hedging, mirroring)
-//!   and replayable request bodies; what observes a request (`http::observe`).
+//! - [`http`] — the request's phases, one file each (`route`, `plan`, `attempt`, `policed`,
+//!   `retries`, `mirror`, `observe`), the server, the upstream pools and the HTTP/1.1 client
+//!   (`h1`), bodies, header hygiene, tunnels.
+//! - [`failure`] — what a failed attempt says about itself: the facts retry policy and outlier
+//!   detection decide over.
 //! - [`policy`] — traffic policy: a route's timeout, faults, rate limit, retries (conditions,
-//!   backoff, budget), mirror and fallback; a cluster's circuit breakers.
+//!   backoff, budget) and fallback; a cluster's circuit breakers; their metrics.
 //! - [`balance`] — endpoint selection (round robin, random, least request, peak EWMA, ring hash;
 //!   locality tiers and panic mode), endpoint run-time state, outlier detection, health checks and
-//!   the monitor that runs them; weighted cluster choice.
-//! - [`telemetry`] — metrics and lock-free latency histograms, trace context and spans, the OTLP
-//!   export thread, the access log, the runtime log filter.
-//! - [`timer`] — coarse per-worker time: a clock read once per tick, cheap timers for hyper.
+//!   the monitor that runs them (over the live snapshot); weighted cluster choice; their metrics.
+//! - [`telemetry`] — the metrics registry and its rendering, lock-free latency histograms, trace
+//!   context and spans, the OTLP export thread, the access log, the runtime log filter.
+//! - [`timer`] — coarse per-worker time: a clock read once per tick, cheap timers for hyper, and
+//!   precise deadlines for the policy path.
 //! - [`tls`] — mutual TLS between sidecars: credentials (from the CA, renewed at half-life, or
-//!   from watched files), the rustls configs, SPIFFE verification, the ClientHello ALPN sniffer.
+//!   from watched files), the rustls configs, SPIFFE verification, the ClientHello ALPN sniffer;
+//!   the identity and handshake metrics.
 //! - [`admin`] — the admin HTTP server.
 //! - [`capture`] — the iptables rules that send a pod's traffic through its proxy (`remora init`).
 //! - [`drain`] — the drain signal and open-connection count.
 //! - [`limits`] — every safety limit and default, with its reason.
-//! - `testing` (feature `testing`) — fixtures for tests and benches.
+//! - `testing` (feature `testing`) — fixtures for tests and benches, and the typed config builder.
+//!
+//! Each subsystem owns its metrics: it declares its families (`register`) and `app` registers them
+//! in the one registry; no module knows another's counters. No file imports one of another folder
+//! that imports it back (`tests/house.rs` checks).
 //!
 //! Errors follow one convention: a message includes its cause (`bind 0.0.0.0:80: permission
 //! denied`), and the cause is not also returned from `source()`, so a chain printer such as

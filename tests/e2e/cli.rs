@@ -156,17 +156,28 @@ fn validate_reports_valid_files_and_every_problem() {
     }
 }
 
-/// Every YAML example in the README is a config `remora validate` accepts.
+/// Every YAML example in the README and the manual (`docs/`) is a config `remora validate` accepts.
 #[test]
 fn the_readme_examples_are_valid_configs() {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    let examples: Vec<&str> = readme.split("```yaml\n").skip(1).map(|rest| rest.split("```").next().unwrap()).collect();
-    assert!(!examples.is_empty(), "the README has no YAML example");
-    for example in examples {
-        let path = write_config(example);
-        let output = Command::new(REMORA).args(["validate", path.to_str().unwrap()]).output().unwrap();
-        assert!(output.status.success(), "{}\n{example}", String::from_utf8_lossy(&output.stderr));
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut pages = vec![root.join("README.md")];
+    pages.extend(std::fs::read_dir(root.join("docs")).unwrap().flatten().map(|e| e.path()));
+    let mut checked = 0;
+    for page in pages.iter().filter(|p| p.extension().is_some_and(|e| e == "md")) {
+        let text = std::fs::read_to_string(page).unwrap();
+        for example in text.split("```yaml\n").skip(1).map(|rest| rest.split("```").next().unwrap()) {
+            let path = write_config(example);
+            let output = Command::new(REMORA).args(["validate", path.to_str().unwrap()]).output().unwrap();
+            assert!(
+                output.status.success(),
+                "{}: {}\n{example}",
+                page.display(),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            checked += 1;
+        }
     }
+    assert!(checked >= 3, "the README and the manual have {checked} YAML examples");
 }
 
 /// SIGTERM: the request in flight completes (with `Connection: close`), then the process exits 0.

@@ -1,7 +1,7 @@
 //! L7: proxying HTTP/1.1 and HTTP/2, request by request.
 //!
 //! `listener` hands each HTTP connection to [`server::serve`], which runs hyper's server on it and
-//! gives every request to [`proxy`]. A request then goes through these phases, in this order, each
+//! gives every request to `proxy`. A request then goes through these phases, in this order, each
 //! in a file of its own:
 //!
 //! 1. **observe** (`observe::begin`): the trace context is read and sampling decided; when the

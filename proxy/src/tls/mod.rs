@@ -18,7 +18,7 @@
 //! Fixed choices: TLS 1.3 only (no TLS 1.2 code is even compiled in); rustls's `ring` provider (it
 //! builds from source with a C compiler alone, where aws-lc-rs needs cmake and takes several times
 //! as long on a small build machine; both do the P-256 and AES-GCM/ChaCha20 that sidecars use, and
-//! handshakes per core are measured in the README); no 0-RTT (early data is replayable); a
+//! handshakes per core are measured in docs/benchmarks.md); no 0-RTT (early data is replayable); a
 //! handshake timeout; and no session resumption, deliberately: a resumed handshake skips the
 //! certificate check, so with short-lived certificates a resumed session could carry a peer
 //! certificate that has since expired. Every new mesh connection makes a full handshake, and there
