@@ -21,7 +21,8 @@
 //!
 //! The rest serves those phases: [`body`] (the bodies that cross the proxy), [`client`] (the
 //! upstream connection pools and clients), [`h1`] (the proxy's own HTTP/1.1 client codec),
-//! [`headers`] (hop-by-hop hygiene, requests reshaped for their upstream version), [`replay`]
+//! [`headers`] (hop-by-hop hygiene, requests reshaped for their upstream version), [`settings`]
+//! (the server's and the client's settings, built once), [`replay`]
 //! (bodies read more than once).
 
 pub mod body;
