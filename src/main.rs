@@ -142,9 +142,12 @@ enum Command {
         #[arg(long, value_name = "FILE", requires = "kubernetes_api")]
         kubernetes_token: Option<PathBuf>,
         /// The trust domain the CA signs for, and of the identities pods' service accounts give their
-        /// endpoints with --kubernetes-endpoints.
+        /// endpoints (from --kubernetes-endpoints, and in the automatic mesh).
         #[arg(long, default_value = "cluster.local", value_name = "DOMAIN")]
         trust_domain: String,
+        /// The cluster's DNS domain: the automatic mesh routes NAME.NAMESPACE.svc.DOMAIN.
+        #[arg(long, default_value = "cluster.local", value_name = "DOMAIN")]
+        cluster_domain: String,
         /// The longest certificate lifetime the CA signs, in seconds.
         #[arg(long, default_value_t = 30 * 24 * 3600, value_name = "SECONDS")]
         max_cert_ttl: u64,
@@ -379,6 +382,7 @@ fn main() -> ExitCode {
             kubernetes_endpoints,
             token_audience,
             kubernetes_api,
+            cluster_domain,
             kubernetes_ca,
             kubernetes_token,
             trust_domain,
@@ -412,6 +416,7 @@ fn main() -> ExitCode {
             };
             let kubernetes_endpoints =
                 kubernetes_endpoints.then(|| KubernetesEndpoints { trust_domain: trust_domain.clone() });
+            let mesh = remora_control_plane::mesh::Settings { trust_domain: trust_domain.clone(), cluster_domain };
             let ca = root.map(|root| CaConfig {
                 root,
                 trust_domain,
@@ -451,6 +456,7 @@ fn main() -> ExitCode {
                 injector,
                 kubernetes,
                 kubernetes_endpoints,
+                mesh,
                 serving_cert_ttl,
             })
             .map_err(anyhow::Error::from)

@@ -117,6 +117,33 @@ pub enum ConfigError {
 ///
 /// Fails on the first problem; the error names the resource (or document) and the field.
 pub fn parse(text: &str, origin: &str) -> Result<ConfigFile, ConfigError> {
+    parse_documents(text, origin, None)
+}
+
+/// What a file of the control plane's directory holds: Remora's documents, and the Kubernetes
+/// objects beside them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MixedFile {
+    /// Remora's documents.
+    pub config: ConfigFile,
+    /// Every document that carries an `apiVersion` (a Kubernetes object; a `List`'s items one by
+    /// one), as JSON, untouched: what the control plane makes of them is its business.
+    pub kubernetes: Vec<serde_json::Value>,
+}
+
+/// Parses a file that may hold Kubernetes manifests beside Remora's documents: a document with an
+/// `apiVersion` is a Kubernetes object, any other is read as [`parse`] reads it.
+pub fn parse_mixed(text: &str, origin: &str) -> Result<MixedFile, ConfigError> {
+    let mut kubernetes = Vec::new();
+    let config = parse_documents(text, origin, Some(&mut kubernetes))?;
+    Ok(MixedFile { config, kubernetes })
+}
+
+fn parse_documents(
+    text: &str,
+    origin: &str,
+    mut kubernetes: Option<&mut Vec<serde_json::Value>>,
+) -> Result<ConfigFile, ConfigError> {
     let field_error = |error: FieldError| ConfigError::Field { origin: origin.to_owned(), error };
     let mut file = ConfigFile::default();
     for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
@@ -134,6 +161,12 @@ pub fn parse(text: &str, origin: &str) -> Result<ConfigFile, ConfigError> {
                 )));
             }
         };
+        if let Some(objects) = kubernetes.as_deref_mut()
+            && mapping.contains_key("apiVersion")
+        {
+            objects.extend(kubernetes_objects(mapping).map_err(field_error)?);
+            continue;
+        }
         if mapping.contains_key("kind") {
             let position = file.resources.len() + 1;
             file.resources.push(parse_resource(mapping, position).map_err(field_error)?);
@@ -190,6 +223,16 @@ pub fn parse(text: &str, origin: &str) -> Result<ConfigFile, ConfigError> {
         }
     }
     Ok(file)
+}
+
+/// A Kubernetes document as JSON objects: itself, or a `List`'s items.
+fn kubernetes_objects(mapping: Mapping) -> Result<Vec<serde_json::Value>, FieldError> {
+    let object = serde_json::to_value(Value::Mapping(mapping))
+        .map_err(|e| FieldError::new("kubernetes object", "", format!("is not representable as JSON: {e}")))?;
+    if object["kind"] == "List" {
+        return Ok(object["items"].as_array().cloned().unwrap_or_default());
+    }
+    Ok(vec![object])
 }
 
 /// Turns one `kind:`-tagged mapping into a resource. `position` counts resources in the file from 1
@@ -353,6 +396,19 @@ endpoints:
         assert!(error_text("listeners: []\n").contains("unknown top-level field"));
         assert!(error_text("- a\n- b\n").contains("must be a mapping"));
         assert!(error_text("bootstrap: {}\n---\nbootstrap: {}\n").contains("more than once"));
+    }
+
+    /// A mixed file gives Kubernetes documents back as JSON (a `List` item by item) and reads the
+    /// rest as Remora's; a proxy's own file has no place for them.
+    #[test]
+    fn kubernetes_documents_are_set_aside_in_mixed_files_only() {
+        let text = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {ports: [{port: 80}]}\n---\nkind: Cluster\nname: web\n---\napiVersion: v1\nkind: List\nitems: [{apiVersion: v1, kind: Pod, metadata: {name: a}}, {apiVersion: v1, kind: Pod, metadata: {name: b}}]\n";
+        let mixed = parse_mixed(text, "t").unwrap();
+        assert_eq!(mixed.config.resources.len(), 1);
+        let names: Vec<&str> = mixed.kubernetes.iter().filter_map(|o| o["metadata"]["name"].as_str()).collect();
+        assert_eq!(names, ["web", "a", "b"]);
+        assert_eq!(mixed.kubernetes[0]["spec"]["ports"][0]["port"], 80);
+        assert!(parse(text, "t").is_err(), "a proxy's file holds Remora's documents only");
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! beside them.
 //!
 //! Resources enter from the [`sources`] (a GitOps directory, the etcd registry, Kubernetes
-//! EndpointSlices), are merged into one set by [`plane`], and leave to every connected proxy as
+//! EndpointSlices), with what the automatic [`mesh`] makes of the Kubernetes objects among them,
+//! are merged into one set by [`plane`], and leave to every connected proxy as
 //! Delta-ADS differences ([`ads`]). On the same port, the [`ca`] signs short-lived SPIFFE
 //! certificates for proxies that prove who they are; on its own port, the [`inject`]or's admission
 //! webhook gives new pods their sidecar. The resource schema, its validation and the clients
@@ -17,6 +18,8 @@
 //! - [`ca`] — the certificate authority, its signing service and the token authenticators.
 //! - [`inject`] — the sidecar injector (`remora inject`, the admission webhook, its caBundle).
 //! - [`kubernetes`] — the client of the Kubernetes API server.
+//! - [`mesh`] — the automatic mesh: Services, their EndpointSlices and Pods made into clusters,
+//!   endpoints and callers' route tables.
 //! - [`tls`] — the control plane's own serving certificates, renewed from its CA.
 //! - [`metrics`] — the control plane's metrics.
 //! - [`signals`] — SIGTERM and SIGINT, which stop a running command.
@@ -26,6 +29,7 @@ pub mod ads;
 pub mod ca;
 pub mod inject;
 pub mod kubernetes;
+pub mod mesh;
 pub mod metrics;
 pub mod plane;
 pub mod signals;

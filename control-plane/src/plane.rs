@@ -38,6 +38,7 @@ use crate::ca::kubernetes::TokenReview;
 use crate::ca::service::CaService;
 use crate::inject::{Injector, ca_bundle, webhook};
 use crate::kubernetes::{ApiClient, KubernetesError};
+use crate::mesh;
 use crate::metrics::ControlMetrics;
 use crate::sources::registry::Registrations;
 use crate::sources::{directory, endpoint_slices, registry};
@@ -70,6 +71,8 @@ pub struct ControlConfig {
     pub kubernetes: Option<KubernetesApi>,
     /// Fill clusters that name a `kubernetes_service` from its EndpointSlices (needs `kubernetes`).
     pub kubernetes_endpoints: Option<KubernetesEndpoints>,
+    /// How the automatic mesh names what it makes of the Kubernetes objects in the directory.
+    pub mesh: mesh::Settings,
     /// The lifetime of the serving certificates the CA issues the control plane (its port's, the
     /// injector's); each is renewed at half of it.
     pub serving_cert_ttl: Duration,
@@ -190,6 +193,7 @@ impl Default for ControlConfig {
             injector: None,
             kubernetes: None,
             kubernetes_endpoints: None,
+            mesh: mesh::Settings::default(),
             serving_cert_ttl: DEFAULT_SERVING_CERT_TTL,
         }
     }
@@ -224,6 +228,7 @@ pub enum ControlError {
 #[derive(Debug)]
 struct Sources {
     publisher: Publisher,
+    mesh: mesh::Settings,
     metrics: Arc<ControlMetrics>,
     state: Mutex<SourceState>,
 }
@@ -231,6 +236,8 @@ struct Sources {
 #[derive(Debug, Default)]
 struct SourceState {
     directory: Option<directory::Snapshot>,
+    /// The Kubernetes objects of the directory, read.
+    objects: mesh::Objects,
     directory_error: Option<String>,
     registry: Option<Registrations>,
     slices: Option<endpoint_slices::Slices>,
@@ -246,6 +253,7 @@ impl Sources {
                     warn!(%errors, "the directory has invalid resources; proxies will reject them");
                 }
                 state.directory_error = None;
+                state.objects = mesh::Objects::read(&self.mesh.trust_domain, &snapshot.kubernetes);
                 state.directory = Some(snapshot);
             }
             Err(e) => {
@@ -277,9 +285,12 @@ impl Sources {
     }
 
     fn publish(&self, state: &SourceState) {
-        let empty = Vec::new();
-        let resources = state.directory.as_ref().map_or(&empty, |d| &d.resources);
-        let merged = merge(resources, state.registry.as_ref(), state.slices.as_ref());
+        let written = state.directory.as_ref().map_or(&[][..], |d| &d.resources);
+        let made = mesh::resources(&state.objects, written, &self.mesh);
+        let resources: Vec<Resource> = written.iter().chain(&made).cloned().collect();
+        let slices: Vec<&endpoint_slices::Slices> =
+            state.slices.iter().chain((!state.objects.slices.is_empty()).then_some(&state.objects.slices)).collect();
+        let merged = merge(&resources, state.registry.as_ref(), &slices);
         let version = state.directory.as_ref().map_or("none", |d| d.version.as_str());
         self.publisher.publish(&merged, version);
     }
@@ -349,14 +360,15 @@ async fn report_end(server: impl std::future::Future<Output = Result<(), tonic::
     }
 }
 
-/// The directory's resources with each cluster's registered endpoints and (for clusters naming a
-/// `kubernetes_service`) its EndpointSlices' endpoints added: every cluster (but a pass-through
+/// The directory's resources (and the automatic mesh's) with each cluster's registered endpoints
+/// and (for clusters naming a `kubernetes_service`) its EndpointSlices' endpoints (the API server's,
+/// the directory's) added: every cluster (but a pass-through
 /// one) gets an `Endpoints` resource, and registered clusters the directory does not define get one
 /// too.
 pub fn merge(
     resources: &[Resource],
     registry: Option<&Registrations>,
-    slices: Option<&endpoint_slices::Slices>,
+    slices: &[&endpoint_slices::Slices],
 ) -> Vec<Resource> {
     let mut registered: BTreeMap<&str, Vec<v1::Endpoint>> = BTreeMap::new();
     for entry in registry.into_iter().flat_map(|r| r.values()) {
@@ -372,7 +384,7 @@ pub fn merge(
             health: entry.health.as_deref().and_then(v1::endpoint::Health::from_str_name).map_or(0, |h| h as i32),
         });
     }
-    if let Some(slices) = slices {
+    for slices in slices {
         for resource in resources {
             if let Resource::Cluster(cluster) = resource
                 && let Some(service) = &cluster.kubernetes_service
@@ -381,6 +393,11 @@ pub fn merge(
                 registered.entry(cluster.name.as_str()).or_default().extend(found);
             }
         }
+    }
+    // One address once: the same slice may come from the API server and the directory.
+    for endpoints in registered.values_mut() {
+        let mut seen = HashSet::new();
+        endpoints.retain(|e| seen.insert(e.address.clone()));
     }
     let mut merged = Vec::with_capacity(resources.len() + registered.len());
     let mut covered: HashSet<&str> = HashSet::new();
@@ -435,6 +452,7 @@ impl ControlPlane {
     pub async fn start(config: ControlConfig) -> Result<ControlPlane, ControlError> {
         let metrics = Arc::new(ControlMetrics::new());
         let sources = Arc::new(Sources {
+            mesh: config.mesh.clone(),
             publisher: Publisher::new(metrics.clone()),
             metrics: metrics.clone(),
             state: Mutex::new(SourceState::default()),
@@ -779,7 +797,7 @@ mod tests {
                 },
             );
         }
-        let merged = merge(&file.resources, Some(&registry), None);
+        let merged = merge(&file.resources, Some(&registry), &[]);
         let endpoints: BTreeMap<&str, Vec<&str>> = merged
             .iter()
             .filter_map(|r| match r {

@@ -365,4 +365,32 @@ mod tests {
             "{text}"
         );
     }
+
+    /// Tables served on opposite sides may claim the same destination, and each side may have its
+    /// own catch-all; a table for both sides meets either.
+    #[test]
+    fn tables_of_opposite_directions_do_not_conflict() {
+        let file = crate::config::parse(
+            &with_base(
+                r#"
+- {kind: RouteTable, name: out, direction: outbound, destinations: [shop]}
+- {kind: RouteTable, name: in, direction: inbound, destinations: [shop]}
+- {kind: RouteTable, name: out-all, direction: outbound}
+- {kind: RouteTable, name: in-all, direction: inbound}
+- {kind: Listener, name: o, address: "127.0.0.1:80"}
+- {kind: Listener, name: i, address: "127.0.0.1:81", direction: inbound}
+"#,
+            ),
+            "t",
+        )
+        .unwrap();
+        validate(&file.resources).unwrap();
+        let text = problems(&with_base(
+            r#"
+- {kind: RouteTable, name: both, destinations: [shop]}
+- {kind: RouteTable, name: in, direction: inbound, destinations: [shop]}
+"#,
+        ));
+        assert!(text.contains("also claimed by route table \"both\""), "{text}");
+    }
 }

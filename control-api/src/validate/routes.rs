@@ -195,39 +195,49 @@ impl Checker {
         }
     }
 
-    /// No destination may be claimed by two route tables, and no listener may serve two catch-alls.
+    /// No destination may be claimed by two route tables that serve the same direction, and no
+    /// listener may serve two catch-alls.
     pub(super) fn destinations(&mut self, resources: &[Resource]) {
-        let mut owners: HashMap<Destination, &str> = HashMap::new();
-        let mut catch_alls: Vec<&str> = Vec::new();
+        let mut owners: HashMap<(Destination, Side), &str> = HashMap::new();
+        let mut catch_alls: Vec<(&str, &[Side])> = Vec::new();
         for resource in resources {
             let Resource::RouteTable(table) = resource else { continue };
+            let sides = sides(table.direction());
             let parsed: Vec<Destination> =
                 table.destinations.iter().filter_map(|d| Destination::parse(d).ok()).collect();
             if parsed.is_empty() || parsed.contains(&Destination::Any) {
-                catch_alls.push(&table.name);
+                catch_alls.push((&table.name, sides));
             }
             for destination in parsed {
                 if destination == Destination::Any {
                     continue;
                 }
-                if let Some(other) = owners.insert(destination.clone(), &table.name)
-                    && other != table.name
-                {
-                    self.fail(
-                        describe(Kind::RouteTable, &table.name),
-                        "destinations",
-                        format!("{destination:?} is also claimed by route table {other:?}"),
-                    );
+                for side in sides {
+                    if let Some(other) = owners.insert((destination.clone(), *side), &table.name)
+                        && other != table.name
+                    {
+                        self.fail(
+                            describe(Kind::RouteTable, &table.name),
+                            "destinations",
+                            format!("{destination:?} is also claimed by route table {other:?}"),
+                        );
+                        break;
+                    }
                 }
             }
         }
         for resource in resources {
             let Resource::Listener(listener) = resource else { continue };
-            let served: Vec<&str> = if listener.route_tables.is_empty() {
-                catch_alls.clone()
-            } else {
-                catch_alls.iter().copied().filter(|t| listener.route_tables.iter().any(|r| r == t)).collect()
+            let side = match listener.direction() {
+                v1::listener::Direction::Outbound => Side::Outbound,
+                v1::listener::Direction::Inbound => Side::Inbound,
             };
+            let served: Vec<&str> = catch_alls
+                .iter()
+                .filter(|(_, sides)| sides.contains(&side))
+                .map(|(name, _)| *name)
+                .filter(|t| listener.route_tables.is_empty() || listener.route_tables.iter().any(|r| r == t))
+                .collect();
             if served.len() > 1 {
                 self.fail(
                     describe(Kind::Listener, &listener.name),
@@ -239,5 +249,21 @@ impl Checker {
                 );
             }
         }
+    }
+}
+
+/// A direction of listeners, for telling which tables meet on one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Side {
+    Outbound,
+    Inbound,
+}
+
+/// The directions of the listeners a table with `direction` is served on.
+fn sides(direction: v1::route_table::Direction) -> &'static [Side] {
+    match direction {
+        v1::route_table::Direction::Any => &[Side::Outbound, Side::Inbound],
+        v1::route_table::Direction::Outbound => &[Side::Outbound],
+        v1::route_table::Direction::Inbound => &[Side::Inbound],
     }
 }

@@ -3,9 +3,13 @@
 //! [`load`] reads every `*.yaml` / `*.yml` file under the directory (recursively, skipping hidden
 //! entries such as `.git`), in path order, with the same parser as a proxy's `--config` file, and
 //! returns the whole set with a version: the commit checked out when the directory is a git work
-//! tree (so proxies report which commit they run), otherwise a hash of the files' content. A file
-//! that does not parse, a `bootstrap:` section, or a resource defined twice fails the whole load
-//! with a message naming the file (and the field); the caller keeps serving the previous set.
+//! tree (so proxies report which commit they run), otherwise a hash of the files' content. Beside
+//! Remora's resources, the files may hold standard Kubernetes manifests (any document with an
+//! `apiVersion`: Services, EndpointSlices, Pods, a `List` of them), which come back as JSON for the
+//! automatic mesh, so a cluster-less host or a git commit of the cluster's YAML configures proxies
+//! as the API server would. A file that does not parse, a `bootstrap:` section, or a resource or
+//! object defined twice fails the whole load with a message naming the file (and the field); the
+//! caller keeps serving the previous set.
 //!
 //! [`watch`] follows the tree with `remora_control_api::watch` (the kernel's notifications on every
 //! directory of the tree, so an edit is seen at once, with a slow metadata poll as a safety net and
@@ -18,7 +22,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use remora_control_api::config::{self, ConfigError};
+use remora_control_api::config::{self, ConfigError, MixedFile};
 use remora_control_api::resource::describe;
 use remora_control_api::watch::{FileStamp, FileWatch};
 use remora_control_api::{Kind, Resource};
@@ -65,6 +69,9 @@ pub enum DirectoryError {
 pub struct Snapshot {
     /// Every resource, in file order.
     pub resources: Vec<Resource>,
+    /// The Kubernetes objects among them (documents with an `apiVersion`: Services, EndpointSlices,
+    /// Pods...), as JSON, in file order; the automatic mesh is made of them.
+    pub kubernetes: Vec<serde_json::Value>,
     /// The git commit checked out, or `content-<hash>` outside a git work tree.
     pub version: String,
     /// How many files were read.
@@ -80,7 +87,7 @@ pub fn load(root: &Path) -> Result<Snapshot, DirectoryError> {
 /// route edit next to a file of ten thousand endpoints costs the edit, not the endpoints.
 #[derive(Debug, Default)]
 pub struct Loader {
-    parsed: HashMap<PathBuf, (FileStamp, String, Vec<Resource>)>,
+    parsed: HashMap<PathBuf, (FileStamp, String, MixedFile)>,
     /// Files the last load read and parsed (the others came from the cache).
     reparsed: usize,
 }
@@ -90,27 +97,35 @@ impl Loader {
     pub fn load(&mut self, root: &Path) -> Result<Snapshot, DirectoryError> {
         let files = resource_files(root)?;
         let mut resources = Vec::new();
+        let mut kubernetes = Vec::new();
         let mut seen: BTreeMap<(Kind, String), String> = BTreeMap::new();
+        let mut seen_objects: BTreeMap<String, String> = BTreeMap::new();
         let mut content = Vec::new();
         let mut parsed = HashMap::with_capacity(files.len());
         self.reparsed = 0;
         for path in &files {
             let origin = path.strip_prefix(root).unwrap_or(path).display().to_string();
             let stamp = FileStamp::read(path);
-            let (text_hash, file_resources) = match self.parsed.remove(path) {
+            let (text_hash, file) = match self.parsed.remove(path) {
                 Some((old, hash, cached)) if old == stamp && stamp.is_known() => (hash, cached),
                 _ => {
                     self.reparsed += 1;
                     let text = std::fs::read_to_string(path)
                         .map_err(|error| DirectoryError::Read { path: path.display().to_string(), error })?;
-                    let file = config::parse(&text, &origin)?;
-                    if file.bootstrap.is_some() {
+                    let file = config::parse_mixed(&text, &origin)?;
+                    if file.config.bootstrap.is_some() {
                         return Err(DirectoryError::Bootstrap(origin));
                     }
-                    (remora_control_api::xds::version_of(text.as_bytes()), file.resources)
+                    (remora_control_api::xds::version_of(text.as_bytes()), file)
                 }
             };
-            for resource in &file_resources {
+            for object in &file.kubernetes {
+                let subject = object_name(object);
+                if let Some(first) = seen_objects.insert(subject.clone(), origin.clone()) {
+                    return Err(DirectoryError::Duplicate { subject, first, second: origin });
+                }
+            }
+            for resource in &file.config.resources {
                 let key = (resource.kind(), resource.name().to_owned());
                 if let Some(first) = seen.get(&key) {
                     return Err(DirectoryError::Duplicate {
@@ -121,16 +136,17 @@ impl Loader {
                 }
                 seen.insert(key, origin.clone());
             }
-            resources.extend(file_resources.iter().cloned());
+            resources.extend(file.config.resources.iter().cloned());
+            kubernetes.extend(file.kubernetes.iter().cloned());
             content.extend_from_slice(origin.as_bytes());
             content.push(0);
             content.extend_from_slice(text_hash.as_bytes());
-            parsed.insert(path.clone(), (stamp, text_hash, file_resources));
+            parsed.insert(path.clone(), (stamp, text_hash, file));
         }
         self.parsed = parsed;
         let version =
             git_commit(root).unwrap_or_else(|| format!("content-{}", remora_control_api::xds::version_of(&content)));
-        Ok(Snapshot { resources, version, files: files.len() })
+        Ok(Snapshot { resources, kubernetes, version, files: files.len() })
     }
 
     /// How many files the last load read and parsed; the rest were unchanged and came from the
@@ -138,6 +154,14 @@ impl Loader {
     pub fn reparsed(&self) -> usize {
         self.reparsed
     }
+}
+
+/// A Kubernetes object as `kind NAMESPACE/NAME (apiVersion)`, for messages.
+fn object_name(object: &serde_json::Value) -> String {
+    let text = |value: &serde_json::Value| value.as_str().unwrap_or("?").to_owned();
+    let metadata = &object["metadata"];
+    let namespace = metadata["namespace"].as_str().unwrap_or("default");
+    format!("{} {namespace}/{} ({})", text(&object["kind"]), text(&metadata["name"]), text(&object["apiVersion"]))
 }
 
 /// The resource files under `root`, sorted.
@@ -281,6 +305,34 @@ mod tests {
     /// The loader parses again only the files that changed (by their stamps); the rest come from
     /// its cache, and any change — even a rewrite that keeps the size and puts the modification
     /// time back — is read.
+    /// Kubernetes manifests (a `List` flattened) come back beside the resources, in file order; an
+    /// object defined in two files is refused, naming both.
+    #[test]
+    fn kubernetes_manifests_load_beside_resources() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("a.yaml"),
+            "kind: Cluster\nname: a\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("b.yaml"),
+            "apiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: Pod, metadata: {name: web-1, namespace: shop}}\n",
+        )
+        .unwrap();
+        let snapshot = load(dir.path()).unwrap();
+        assert_eq!(snapshot.resources.len(), 1);
+        let kinds: Vec<&str> = snapshot.kubernetes.iter().filter_map(|o| o["kind"].as_str()).collect();
+        assert_eq!(kinds, ["Service", "Pod"]);
+        std::fs::write(
+            dir.path().join("c.yaml"),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n",
+        )
+        .unwrap();
+        let error = load(dir.path()).unwrap_err().to_string();
+        assert_eq!(error, "Service shop/web (v1) is defined in both a.yaml and c.yaml");
+    }
+
     #[test]
     fn the_loader_reparses_only_changed_files() {
         let dir = tempfile::tempdir().unwrap();

@@ -122,8 +122,36 @@ impl Slices {
         self.slices.is_empty()
     }
 
+    /// The slices among `objects` (Kubernetes objects as JSON: manifests from the directory), and
+    /// the service accounts of the pods among them; pods' identities in `trust_domain`.
+    pub fn from_objects<'a>(trust_domain: &str, objects: impl IntoIterator<Item = &'a Value>) -> Slices {
+        let mut slices = Slices::new(trust_domain);
+        for object in objects {
+            match (object["apiVersion"].as_str(), object["kind"].as_str()) {
+                (Some("discovery.k8s.io/v1"), Some("EndpointSlice")) => {
+                    if let Some((key, slice)) = parse_slice(object) {
+                        slices.slices.insert(key, slice);
+                    }
+                }
+                (Some("v1"), Some("Pod")) => {
+                    if let Some((uid, account)) = pod_account(object) {
+                        slices.accounts.insert(uid, account);
+                    }
+                }
+                _ => {}
+            }
+        }
+        slices.prune();
+        slices
+    }
+
     /// The endpoints these slices give the cluster that names `service`.
     pub fn endpoints_for(&self, service: &v1::KubernetesService) -> Vec<v1::Endpoint> {
+        self.endpoints_with_pods(service).into_iter().map(|(endpoint, _)| endpoint).collect()
+    }
+
+    /// The same endpoints, each with the pod the slice names for it (when it names one).
+    pub fn endpoints_with_pods(&self, service: &v1::KubernetesService) -> Vec<(v1::Endpoint, Option<&PodRef>)> {
         let mut endpoints = Vec::new();
         for slice in self.slices.values().filter(|s| s.namespace == service.namespace && s.service == service.name) {
             let port = match service.port.parse::<u16>() {
@@ -143,14 +171,15 @@ impl Slices {
                         Ok(ip) => format!("{ip}:{port}"),
                         Err(_) => continue,
                     };
-                    endpoints.push(v1::Endpoint {
+                    let found = v1::Endpoint {
                         address,
                         locality: (!endpoint.zone.is_empty())
                             .then(|| v1::Locality { region: String::new(), zone: endpoint.zone.clone() }),
                         health: endpoint.health as i32,
                         identity: identity.clone(),
                         ..Default::default()
-                    });
+                    };
+                    endpoints.push((found, endpoint.pod.as_ref()));
                 }
             }
         }
@@ -194,19 +223,12 @@ fn parse_slice(object: &Value) -> Option<(String, Slice)> {
     if object["addressType"].as_str() == Some("FQDN") {
         return None;
     }
-    let ports = object["ports"]
-        .as_array()
-        .map(|ports| {
-            ports
-                .iter()
-                .filter(|p| p["protocol"].as_str().is_none_or(|protocol| protocol == "TCP"))
-                .filter_map(|p| {
-                    let port = u16::try_from(p["port"].as_u64()?).ok()?;
-                    Some((p["name"].as_str().unwrap_or_default().to_owned(), port))
-                })
-                .collect()
+    let ports = tcp_ports(&object["ports"])
+        .filter_map(|p| {
+            let port = u16::try_from(p["port"].as_u64()?).ok()?;
+            Some((p["name"].as_str().unwrap_or_default().to_owned(), port))
         })
-        .unwrap_or_default();
+        .collect();
     let endpoints = object["endpoints"]
         .as_array()
         .map(|endpoints| endpoints.iter().map(parse_endpoint).collect())
@@ -244,8 +266,13 @@ fn parse_endpoint(endpoint: &Value) -> SliceEndpoint {
     SliceEndpoint { addresses, zone: endpoint["zone"].as_str().unwrap_or_default().to_owned(), health, pod }
 }
 
+/// The TCP entries of a `ports` list (a Service's or a slice's; an absent `protocol` is TCP).
+pub(crate) fn tcp_ports(ports: &Value) -> impl Iterator<Item = &Value> {
+    ports.as_array().into_iter().flatten().filter(|p| p["protocol"].as_str().is_none_or(|protocol| protocol == "TCP"))
+}
+
 /// Whether `name` is a Kubernetes object name (a DNS subdomain), safe in a URL path and an ID.
-fn is_name(name: &str) -> bool {
+pub(crate) fn is_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 253
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')

@@ -234,4 +234,29 @@ resources:
         assert!(plain.policy.is_none());
         assert_eq!(plain.admission, Admission::Forward { delay: None });
     }
+
+    /// A table for one direction is served by that direction's listeners only: the Service's own
+    /// pods, receiving a call by its name, hand it to their app instead of sending it out again.
+    #[test]
+    fn a_table_serves_its_direction_only() {
+        let snapshot = snapshot(
+            r#"
+resources:
+  - {kind: Cluster, name: app, original_destination: true}
+  - {kind: Cluster, name: remote, original_destination: true}
+  - {kind: Cluster, name: local, original_destination: true}
+  - {kind: RouteTable, name: callers, direction: outbound, destinations: ["shop:80"], routes: [{backends: [{cluster: remote}]}]}
+  - {kind: RouteTable, name: guarded, direction: inbound, routes: [{backends: [{cluster: local}]}]}
+  - {kind: Listener, name: in, address: "127.0.0.1:15006", direction: inbound, default_cluster: app}
+  - {kind: Listener, name: out, address: "127.0.0.1:15001", default_cluster: app}
+"#,
+        );
+        let now = Instant::now();
+        let routed = route(&snapshot, &origin("out", None, 0), &mut get("shop", "/"), now).unwrap();
+        assert_eq!(&*routed.cluster.name, "remote");
+        let routed = route(&snapshot, &origin("out", None, 0), &mut get("elsewhere", "/"), now).unwrap();
+        assert_eq!(&*routed.cluster.name, "app", "the inbound catch-all is not the outbound listener's");
+        let routed = route(&snapshot, &origin("in", None, 8080), &mut get("shop", "/"), now).unwrap();
+        assert_eq!(&*routed.cluster.name, "local");
+    }
 }

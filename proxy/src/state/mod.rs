@@ -250,8 +250,13 @@ fn compile_listener(
     let duration = |field: &str, value: Option<&pbjson_types::Duration>, default| {
         validate::duration(value).map(|d| d.unwrap_or(default)).map_err(|m| Invalid::new(field, m))
     };
+    let direction = match l.direction() {
+        v1::listener::Direction::Outbound => Direction::Outbound,
+        v1::listener::Direction::Inbound => Direction::Inbound,
+    };
     let served: Vec<(Arc<RouteTable>, Vec<Destination>)> = tables
         .iter()
+        .filter(|(t, _)| t.direction.is_none_or(|only| only == direction))
         .filter(|(t, _)| l.route_tables.is_empty() || l.route_tables.iter().any(|name| *name == *t.name))
         .cloned()
         .collect();
@@ -262,10 +267,6 @@ fn compile_listener(
                 Invalid::new("default_cluster", format!("names cluster {name:?}, which is not defined"))
             })?),
         };
-    let direction = match l.direction() {
-        v1::listener::Direction::Outbound => Direction::Outbound,
-        v1::listener::Direction::Inbound => Direction::Inbound,
-    };
     let protocol = match l.protocol() {
         v1::listener::Protocol::Auto => ListenerProtocol::Auto,
         v1::listener::Protocol::Http1 => ListenerProtocol::Http1,

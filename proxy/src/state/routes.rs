@@ -17,6 +17,7 @@ use remora_control_api::config::Invalid;
 use remora_control_api::v1;
 use remora_control_api::validate::Destination;
 
+use super::Direction;
 use super::route_metrics::{RouteMetrics, RouteStats};
 use crate::balance::WeightedChoice;
 use crate::policy::RoutePolicy;
@@ -137,6 +138,8 @@ pub struct RouteTable {
     routes: Vec<Route>,
     /// Where opaque TCP to this table's destinations goes.
     pub tcp_cluster: Option<Arc<Cluster>>,
+    /// The direction of the listeners that serve it; `None`, both.
+    pub direction: Option<Direction>,
 }
 
 impl RouteTable {
@@ -186,7 +189,12 @@ impl RouteTable {
             "" => None,
             name => Some(find("tcp_cluster".into(), name)?),
         };
-        Ok(RouteTable { name: table.name.as_str().into(), routes, tcp_cluster })
+        let direction = match table.direction() {
+            v1::route_table::Direction::Any => None,
+            v1::route_table::Direction::Outbound => Some(Direction::Outbound),
+            v1::route_table::Direction::Inbound => Some(Direction::Inbound),
+        };
+        Ok(RouteTable { name: table.name.as_str().into(), routes, tcp_cluster, direction })
     }
 }
 
@@ -429,7 +437,12 @@ routes:
             entries
                 .iter()
                 .map(|(name, destinations)| {
-                    let table = Arc::new(RouteTable { name: (*name).into(), routes: Vec::new(), tcp_cluster: None });
+                    let table = Arc::new(RouteTable {
+                        name: (*name).into(),
+                        routes: Vec::new(),
+                        tcp_cluster: None,
+                        direction: None,
+                    });
                     (table, destinations.iter().map(|d| Destination::parse(d).unwrap()).collect())
                 })
                 .collect(),

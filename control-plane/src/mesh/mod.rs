@@ -1,0 +1,34 @@
+//! The automatic mesh: every Kubernetes Service meshed with no configuration written.
+//!
+//! The control plane reads the cluster's Services, their EndpointSlices and the Pods behind them
+//! ([`Objects`], from Kubernetes manifests in the GitOps directory for now) and makes, for every TCP
+//! port of every Service, what a hand-written configuration would hold ([`resources`]):
+//!
+//! - a `Cluster` named `NAMESPACE/NAME:PORT`: per-request balancing by peak EWMA (Linkerd's
+//!   default), the protocol its `appProtocol` names (`kubernetes.io/h2c`, `grpc` and `http2` are
+//!   HTTP/2; `http` and `kubernetes.io/ws` HTTP/1.1; anything else, detected), and mutual TLS to
+//!   the endpoints' sidecars when every pod behind the port has one;
+//! - its `Endpoints`: the ready pods' addresses on the target port (terminating ones draining,
+//!   unready ones out), each with its pod's SPIFFE identity
+//!   (`spiffe://TRUST-DOMAIN/ns/NAMESPACE/sa/SERVICE-ACCOUNT`), which mTLS demands of the sidecar
+//!   at that address;
+//! - a `RouteTable` that claims the Service's destinations — each cluster IP with the port (the
+//!   original destination of a captured connection), and the DNS names cluster DNS resolves across
+//!   namespaces (`NAME.NAMESPACE`, `NAME.NAMESPACE.svc`, `NAME.NAMESPACE.svc.CLUSTER-DOMAIN`, each
+//!   with the port; a Host without one is on port 80) — and sends HTTP request by request, and
+//!   opaque TCP connection by connection, to the cluster. A headless Service claims its pods'
+//!   addresses. The table serves outbound listeners only (`direction: outbound`): on the inbound
+//!   side of the Service's own pods, a call by its name is for the app there.
+//!
+//! Remora's own resources refine the automatic ones, and the rule is simple: a `Cluster` whose
+//! `kubernetes_service` names a Service port replaces that port's automatic cluster (its balancer,
+//! breakers, outlier detection, timeouts are the operator's; its endpoints still come from the
+//! Service), and a `RouteTable` that claims one of a port's destinations replaces that port's
+//! automatic table (the operator's routes are the Service's routes). What a user writes always wins
+//! over what the mesh would make, whole, so that which setting applies never needs a merge rule.
+
+mod objects;
+mod translate;
+
+pub use objects::{Objects, Pod, Service, ServicePort};
+pub use translate::{Settings, resources};

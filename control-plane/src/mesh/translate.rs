@@ -1,0 +1,289 @@
+//! Services into resources: a cluster, its endpoints and a route table per Service port, as the
+//! module documentation of `mesh` describes; what the operator wrote replaces what would be made.
+
+use std::collections::{BTreeSet, HashSet};
+
+use remora_control_api::validate::Destination;
+use remora_control_api::{Resource, v1};
+
+use super::objects::{Objects, Service, ServicePort};
+
+/// What the translation needs besides the objects.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The trust domain of pods' identities (`spiffe://TRUST-DOMAIN/ns/NS/sa/SA`, what the CA
+    /// issues for a service-account token).
+    pub trust_domain: String,
+    /// The cluster's DNS domain (`cluster.local`): Services' full names end in `.svc.DOMAIN`.
+    pub cluster_domain: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings { trust_domain: "cluster.local".into(), cluster_domain: "cluster.local".into() }
+    }
+}
+
+/// The resources the automatic mesh makes of `objects`, leaving out what `written` (the operator's
+/// resources) replaces: see the module documentation. Deterministic: the same objects always make
+/// the same resources, in the same order.
+pub fn resources(objects: &Objects, written: &[Resource], settings: &Settings) -> Vec<Resource> {
+    let written_clusters: HashSet<&str> = written
+        .iter()
+        .filter_map(|r| match r {
+            Resource::Cluster(c) => Some(c.name.as_str()),
+            _ => None,
+        })
+        .collect();
+    let claimed: HashSet<Destination> = written
+        .iter()
+        .filter_map(|r| match r {
+            Resource::RouteTable(t) if t.direction() != v1::route_table::Direction::Inbound => Some(&t.destinations),
+            _ => None,
+        })
+        .flatten()
+        .filter_map(|d| Destination::parse(d).ok())
+        .collect();
+    let mut made = Vec::new();
+    for service in objects.services.values() {
+        for port in &service.ports {
+            let name = cluster_name(service, port);
+            // The operator's cluster for this port, if one names it (by port name or number).
+            let operators = written.iter().find_map(|r| match r {
+                Resource::Cluster(c) => c
+                    .kubernetes_service
+                    .as_ref()
+                    .filter(|k| {
+                        k.namespace == service.namespace
+                            && k.name == service.name
+                            && (k.port == port.name
+                                || k.port == port.port.to_string()
+                                || (k.port.is_empty() && service.ports.len() == 1))
+                    })
+                    .map(|_| c.name.clone()),
+                _ => None,
+            });
+            let backend = match operators {
+                Some(cluster) => cluster,
+                None if written_clusters.contains(name.as_str()) => name.clone(),
+                None => {
+                    made.extend(cluster(objects, service, port, &name));
+                    name.clone()
+                }
+            };
+            let table = route_table(objects, service, port, &name, &backend, settings);
+            let taken =
+                table.destinations.iter().filter_map(|d| Destination::parse(d).ok()).any(|d| claimed.contains(&d));
+            if !taken && !table.destinations.is_empty() {
+                made.push(Resource::RouteTable(table));
+            }
+        }
+    }
+    made
+}
+
+/// `NAMESPACE/NAME:PORT`: the cluster and route table of one Service port, by the port clients dial.
+fn cluster_name(service: &Service, port: &ServicePort) -> String {
+    format!("{}/{}:{}", service.namespace, service.name, port.port)
+}
+
+/// The service a cluster's endpoints come from, by the port's name (or its number, when unnamed
+/// ports make the slices' port names empty).
+fn kubernetes_service(service: &Service, port: &ServicePort) -> v1::KubernetesService {
+    v1::KubernetesService { namespace: service.namespace.clone(), name: service.name.clone(), port: port.name.clone() }
+}
+
+/// A port's cluster and its endpoints.
+fn cluster(objects: &Objects, service: &Service, port: &ServicePort, name: &str) -> [Resource; 2] {
+    let endpoints = objects.slices.endpoints_with_pods(&kubernetes_service(service, port));
+    // Mutual TLS when every pod behind the port has the sidecar (a pod without one could not answer
+    // it); a Service part-way through its first rollout with sidecars stays plaintext until it is
+    // done.
+    let meshed = !endpoints.is_empty()
+        && endpoints.iter().all(|(_, pod)| pod.and_then(|pod| objects.pod(pod)).is_some_and(|pod| pod.meshed));
+    let mut cluster = v1::Cluster {
+        name: name.to_owned(),
+        kubernetes_service: Some(kubernetes_service(service, port)),
+        ..Default::default()
+    };
+    cluster.set_balancer(v1::cluster::Balancer::Ewma);
+    cluster.set_protocol(match port.app_protocol.as_str() {
+        "kubernetes.io/h2c" | "grpc" | "http2" => v1::cluster::Protocol::Http2,
+        "http" | "kubernetes.io/ws" => v1::cluster::Protocol::Http1,
+        _ => v1::cluster::Protocol::Auto,
+    });
+    if meshed {
+        cluster.set_tls(v1::cluster::Tls::Mesh);
+    }
+    let endpoints = v1::Endpoints {
+        cluster: name.to_owned(),
+        endpoints: endpoints.into_iter().map(|(endpoint, _)| endpoint).collect(),
+    };
+    [Resource::Cluster(cluster), Resource::Endpoints(endpoints)]
+}
+
+/// A port's route table: its destinations, every request to `backend`.
+fn route_table(
+    objects: &Objects,
+    service: &Service,
+    port: &ServicePort,
+    name: &str,
+    backend: &str,
+    settings: &Settings,
+) -> v1::RouteTable {
+    let mut destinations = BTreeSet::new();
+    for ip in &service.cluster_ips {
+        destinations.insert(std::net::SocketAddr::new(*ip, port.port).to_string());
+    }
+    if service.headless {
+        // Clients dial the pods themselves: their addresses on the target port are the destinations.
+        for (endpoint, _) in objects.slices.endpoints_with_pods(&kubernetes_service(service, port)) {
+            destinations.insert(endpoint.address);
+        }
+    }
+    let (namespace, service_name, domain) = (&service.namespace, &service.name, &settings.cluster_domain);
+    // A Host without a port is on the original destination's port, else 80: `web.shop` alone is
+    // `web.shop:80`, which the port-80 table claims.
+    for host in [
+        format!("{service_name}.{namespace}"),
+        format!("{service_name}.{namespace}.svc"),
+        format!("{service_name}.{namespace}.svc.{domain}"),
+    ] {
+        destinations.insert(format!("{host}:{}", port.port));
+    }
+    let route = v1::Route {
+        backends: vec![v1::WeightedCluster { cluster: backend.to_owned(), weight: None }],
+        ..Default::default()
+    };
+    let mut table = v1::RouteTable {
+        name: name.to_owned(),
+        destinations: destinations.into_iter().collect(),
+        routes: vec![route],
+        tcp_cluster: backend.to_owned(),
+        ..Default::default()
+    };
+    // Callers' routing: on the inbound side of the Service's own pods, a request for its name is
+    // for the app there.
+    table.set_direction(v1::route_table::Direction::Outbound);
+    table
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    fn objects() -> Vec<Value> {
+        vec![
+            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"namespace": "shop", "name": "web"},
+                   "spec": {"clusterIP": "10.96.0.10", "ports": [
+                       {"name": "http", "port": 80, "targetPort": 8080, "appProtocol": "http"},
+                       {"name": "grpc", "port": 9090, "appProtocol": "grpc"}]}}),
+            json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                   "metadata": {"namespace": "shop", "name": "web-1", "labels": {"kubernetes.io/service-name": "web"}},
+                   "addressType": "IPv4",
+                   "ports": [{"name": "http", "port": 8080}, {"name": "grpc", "port": 9090}],
+                   "endpoints": [
+                       {"addresses": ["10.1.0.5"], "conditions": {"ready": true}, "zone": "a",
+                        "targetRef": {"kind": "Pod", "namespace": "shop", "name": "web-a", "uid": "u1"}},
+                       {"addresses": ["10.1.0.6"], "conditions": {"ready": false, "terminating": true},
+                        "targetRef": {"kind": "Pod", "namespace": "shop", "name": "web-b", "uid": "u2"}}]}),
+            json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"namespace": "shop", "name": "web-a", "uid": "u1"},
+                   "spec": {"serviceAccountName": "web", "containers": [{"name": "app"}, {"name": "remora-proxy"}]}}),
+            json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"namespace": "shop", "name": "web-b", "uid": "u2"},
+                   "spec": {"serviceAccountName": "web", "containers": [{"name": "app"}, {"name": "remora-proxy"}]}}),
+        ]
+    }
+
+    fn made(objects: &[Value], written: &[Resource]) -> Vec<Resource> {
+        resources(&Objects::read("cluster.local", objects), written, &Settings::default())
+    }
+
+    fn find<'a>(resources: &'a [Resource], kind: remora_control_api::Kind, name: &str) -> Option<&'a Resource> {
+        resources.iter().find(|r| r.kind() == kind && r.name() == name)
+    }
+
+    /// Each TCP port of a Service becomes a cluster (ewma, its appProtocol's version, mTLS when
+    /// every pod has the sidecar), its endpoints (identities, health) and a route table claiming
+    /// the cluster IP and the Service's names, for callers only; the whole set validates.
+    #[test]
+    fn every_service_port_is_meshed() {
+        use remora_control_api::Kind;
+        let made = made(&objects(), &[]);
+        assert_eq!(made.len(), 6, "two ports, three resources each");
+        let Some(Resource::Cluster(http)) = find(&made, Kind::Cluster, "shop/web:80") else { panic!("{made:?}") };
+        assert_eq!(http.balancer(), v1::cluster::Balancer::Ewma);
+        assert_eq!(http.protocol(), v1::cluster::Protocol::Http1);
+        assert_eq!(http.tls(), v1::cluster::Tls::Mesh);
+        let Some(Resource::Cluster(grpc)) = find(&made, Kind::Cluster, "shop/web:9090") else { panic!() };
+        assert_eq!(grpc.protocol(), v1::cluster::Protocol::Http2);
+        let Some(Resource::Endpoints(endpoints)) = find(&made, Kind::Endpoints, "shop/web:80") else { panic!() };
+        let got: Vec<(&str, &str, v1::endpoint::Health)> =
+            endpoints.endpoints.iter().map(|e| (e.address.as_str(), e.identity.as_str(), e.health())).collect();
+        assert_eq!(
+            got,
+            [
+                ("10.1.0.5:8080", "spiffe://cluster.local/ns/shop/sa/web", v1::endpoint::Health::Healthy),
+                ("10.1.0.6:8080", "spiffe://cluster.local/ns/shop/sa/web", v1::endpoint::Health::Draining),
+            ]
+        );
+        let Some(Resource::RouteTable(table)) = find(&made, Kind::RouteTable, "shop/web:80") else { panic!() };
+        assert_eq!(
+            table.destinations,
+            ["10.96.0.10:80", "web.shop.svc.cluster.local:80", "web.shop.svc:80", "web.shop:80"]
+        );
+        assert_eq!(table.direction(), v1::route_table::Direction::Outbound);
+        assert_eq!(table.tcp_cluster, "shop/web:80");
+        let Some(Resource::RouteTable(grpc)) = find(&made, Kind::RouteTable, "shop/web:9090") else { panic!() };
+        assert!(grpc.destinations.iter().all(|d| d.ends_with(":9090")), "{:?}", grpc.destinations);
+        remora_control_api::validate::validate(&made).unwrap();
+    }
+
+    /// A pod without the sidecar keeps its Service's port in plaintext; a headless Service claims
+    /// its pods' addresses instead of a cluster IP.
+    #[test]
+    fn unmeshed_pods_and_headless_services() {
+        use remora_control_api::Kind;
+        let mut objects = objects();
+        objects[3]["spec"]["containers"] = json!([{"name": "app"}]);
+        objects[0]["spec"]["clusterIP"] = json!("None");
+        let made = made(&objects, &[]);
+        let Some(Resource::Cluster(http)) = find(&made, Kind::Cluster, "shop/web:80") else { panic!() };
+        assert_eq!(http.tls(), v1::cluster::Tls::None, "one pod has no sidecar");
+        let Some(Resource::RouteTable(table)) = find(&made, Kind::RouteTable, "shop/web:80") else { panic!() };
+        assert!(table.destinations.contains(&"10.1.0.5:8080".to_owned()), "{:?}", table.destinations);
+        assert!(!table.destinations.iter().any(|d| d.starts_with("10.96.")), "{:?}", table.destinations);
+    }
+
+    /// The operator's resources replace the automatic ones, whole: a cluster naming the Service
+    /// port takes the automatic cluster's place (the table sends to it), and a route table claiming
+    /// one of the port's destinations takes the table's.
+    #[test]
+    fn written_resources_replace_the_automatic_ones() {
+        use remora_control_api::Kind;
+        let mine = v1::Cluster {
+            name: "web-tuned".into(),
+            kubernetes_service: Some(v1::KubernetesService {
+                namespace: "shop".into(),
+                name: "web".into(),
+                port: "http".into(),
+            }),
+            ..Default::default()
+        };
+        let routes = v1::RouteTable {
+            name: "grpc-routes".into(),
+            destinations: vec!["web.shop:9090".into()],
+            ..Default::default()
+        };
+        let made = made(&objects(), &[Resource::Cluster(mine), Resource::RouteTable(routes)]);
+        assert!(find(&made, Kind::Cluster, "shop/web:80").is_none(), "{made:?}");
+        let Some(Resource::RouteTable(table)) = find(&made, Kind::RouteTable, "shop/web:80") else { panic!() };
+        assert_eq!(table.routes[0].backends[0].cluster, "web-tuned");
+        assert_eq!(table.tcp_cluster, "web-tuned");
+        assert!(find(&made, Kind::Cluster, "shop/web:9090").is_some(), "the other port is still automatic");
+        assert!(find(&made, Kind::RouteTable, "shop/web:9090").is_none(), "the operator's table claims it");
+    }
+}

@@ -1,0 +1,230 @@
+//! The automatic mesh from the control plane's directory: Kubernetes manifests (Services, their
+//! EndpointSlices, the Pods behind them) and no Remora resource for them. A calling sidecar on
+//! the control plane reaches a Service by its DNS names over mutual TLS to the sidecars of its
+//! pods, balanced per request; a Service whose pod has no sidecar is reached in plaintext; an
+//! endpoint leaving its slice stops getting requests; an operator's cluster refines a Service.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use remora_control_plane::testing::{TestCa, TestControlPlane};
+use remora_proxy::testing::proxy::temp_dir;
+use remora_proxy::testing::{Client, HttpServer, TestProxy, eventually};
+
+const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
+
+fn bootstrap(identity: &str) -> String {
+    format!("bootstrap:\n  admin_address: 127.0.0.1:0\n  workers: 1\n  drain_time: 1s\n{identity}---\n")
+}
+
+/// The Services `api` (three pods with sidecars) and `plain` (one pod without), as `kubectl get -o
+/// yaml` would show them.
+fn services() -> String {
+    r#"apiVersion: v1
+kind: Service
+metadata: {namespace: shop, name: api}
+spec:
+  clusterIP: 10.96.0.20
+  ports: [{name: http, port: 80, targetPort: 8080, appProtocol: http}]
+---
+apiVersion: v1
+kind: Service
+metadata: {namespace: shop, name: plain}
+spec:
+  clusterIP: 10.96.0.21
+  ports: [{name: http, port: 80, targetPort: 8080}]
+"#
+    .to_owned()
+}
+
+/// A Pod running as `account`, with Remora's sidecar or without.
+fn pod(name: &str, account: &str, sidecar: bool) -> String {
+    let proxy = if sidecar { ", {name: remora-proxy}" } else { "" };
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{namespace: shop, name: {name}, uid: uid-{name}}}\nspec: {{serviceAccountName: {account}, containers: [{{name: app}}{proxy}]}}\n"
+    )
+}
+
+/// An EndpointSlice of `service` with one ready endpoint: `pod` at `address`. (Every endpoint of a
+/// slice shares its ports; on loopback the pods differ by port, so each has a slice.)
+fn slice(service: &str, pod: &str, address: SocketAddr) -> String {
+    format!(
+        r#"apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{namespace: shop, name: {pod}, labels: {{kubernetes.io/service-name: {service}}}}}
+addressType: IPv4
+ports: [{{name: http, port: {port}}}]
+endpoints:
+  - addresses: ["{ip}"]
+    conditions: {{ready: true}}
+    targetRef: {{kind: Pod, namespace: shop, name: {pod}, uid: uid-{pod}}}
+"#,
+        port = address.port(),
+        ip = address.ip(),
+    )
+}
+
+/// Joins YAML documents.
+fn documents(list: &[String]) -> String {
+    list.join("---\n")
+}
+
+/// The receiving side: three `api` pods (each an app behind a sidecar with the `api` identity),
+/// and a `plain` app without one.
+struct Pods {
+    apps: Vec<HttpServer>,
+    sidecars: Vec<TestProxy>,
+    plain: HttpServer,
+    ca: TestCa,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Pods {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Pods {
+    async fn start() -> Pods {
+        let ca = TestCa::new("cluster.local");
+        let dir = temp_dir("remora-automesh");
+        let mut apps = Vec::new();
+        let mut sidecars = Vec::new();
+        for i in 0..3 {
+            let app = HttpServer::start(&format!("api-{i}")).await;
+            let identity = ca.issue(API).bootstrap_identity(&dir.join(format!("api-{i}")));
+            sidecars.push(TestProxy::start(&format!(
+                "{}resources:\n{}{}",
+                bootstrap(&identity),
+                crate::cluster("app", ", protocol: http1", &[app.address()]),
+                crate::listener("in", ", direction: inbound, default_cluster: app"),
+            )));
+            apps.push(app);
+        }
+        let plain = HttpServer::start("plain").await;
+        Pods { apps, sidecars, plain, ca, dir }
+    }
+
+    /// The manifests: the Services, the pods, and a slice for each pod in `serving`.
+    fn manifests(&self, serving: &[usize]) -> String {
+        let mut list =
+            vec![services(), pod("plain-0", "default", false), slice("plain", "plain-0", self.plain.address())];
+        for i in 0..3 {
+            list.push(pod(&format!("api-{i}"), "api", true));
+        }
+        for i in serving {
+            list.push(slice("api", &format!("api-{i}"), self.sidecars[*i].address("in")));
+        }
+        documents(&list)
+    }
+
+    /// The calling sidecar (identity `web`) on `plane`: an outbound listener and nothing else of its
+    /// own.
+    fn caller(&self, plane: &TestControlPlane) -> TestProxy {
+        let identity = self.ca.issue(WEB).bootstrap_identity(&self.dir.join("web"));
+        let yaml = format!(
+            "{}resources:\n{}  - {{kind: Cluster, name: passthrough, original_destination: true}}\n",
+            bootstrap(&identity),
+            crate::listener("out", ", default_cluster: passthrough"),
+        );
+        TestProxy::start_controlled(&yaml, &plane.url(), "web-0.shop")
+    }
+
+    /// How many of `requests` each `api` app served.
+    fn hits(&self) -> Vec<usize> {
+        self.apps.iter().map(HttpServer::hits).collect()
+    }
+}
+
+/// Whether `dump` (a proxy's `/config_dump`) holds the resource of `kind` named `name`.
+fn serves(dump: &serde_json::Value, kind: &str, name: &str) -> bool {
+    dump["resources"].as_array().is_some_and(|all| all.iter().any(|r| r["kind"] == kind && r["name"] == name))
+}
+
+/// `requests` GETs for `host` through `proxy`'s outbound listener, counted by the app that served
+/// each; every one must succeed.
+async fn spread(proxy: &TestProxy, host: &str, requests: usize) -> BTreeMap<String, usize> {
+    let mut client = Client::http1(proxy.address("out")).await;
+    let mut served = BTreeMap::new();
+    for _ in 0..requests {
+        let reply = client.get(host, "/").await;
+        assert_eq!(reply.status, 200, "{host}: {}", reply.text());
+        *served.entry(reply.header("x-served-by").to_owned()).or_insert(0) += 1;
+    }
+    served
+}
+
+/// With nothing but the manifests: every name of the Service reaches its pods over mutual TLS
+/// (each side proving its service account, the app told who called), requests spread over the
+/// three pods, and a pod without a sidecar is called in plaintext.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_are_meshed_from_their_manifests_alone() {
+    let pods = Pods::start().await;
+    let plane = TestControlPlane::start(&[("shop.yaml", &pods.manifests(&[0, 1, 2]))]);
+    let caller = pods.caller(&plane);
+    caller.wait_ready().await;
+    for host in ["api.shop", "api.shop.svc", "api.shop.svc.cluster.local", "API.shop.svc.cluster.local:80"] {
+        let reply = Client::http1(caller.address("out")).await.get(host, "/hello").await;
+        assert_eq!(reply.status, 200, "{host}: {}", reply.text());
+        assert_eq!(reply.header("x-seen-client-identity"), WEB, "{host}: the app is told who called");
+    }
+    // Peak EWMA sends each request to the quicker of two pods drawn at random: on one client
+    // connection, requests reach more than one pod (a connection balancer would send all to one).
+    // How many pods share sequential requests on loopback is the draws' business.
+    let served = spread(&caller, "api.shop", 60).await;
+    assert!(served.len() >= 2, "per-request balancing: {served:?}");
+    let to_api = format!(r#"remora_tls_peer_handshakes_total{{direction="outbound",result="ok",peer="{API}"}}"#);
+    assert!(caller.metric(&to_api).await >= served.len() as f64, "an mTLS connection to each pod that served");
+    let from_web = format!(r#"remora_tls_peer_handshakes_total{{direction="inbound",result="ok",peer="{WEB}"}}"#);
+    for (sidecar, app) in pods.sidecars.iter().zip(&pods.apps) {
+        if app.hits() > 0 {
+            assert!(sidecar.metric(&from_web).await >= 1.0, "the pod's sidecar proved who called");
+        }
+    }
+    let reply = Client::http1(caller.address("out")).await.get("plain.shop", "/").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.header("x-served-by"), "plain");
+    assert_eq!(reply.header("x-seen-client-identity"), "", "plaintext: no sidecar to say who called");
+    assert_eq!(pods.plain.hits(), 1);
+    let dump = caller.config_dump().await;
+    assert!(serves(&dump, "Cluster", "shop/api:80") && serves(&dump, "Cluster", "shop/plain:80"), "{dump}");
+}
+
+/// A Cluster the operator writes for the Service takes the automatic one's place and keeps its
+/// endpoints and their identities (round robin here: requests go to the three pods in turn); an
+/// endpoint that leaves its Service's slices stops getting requests once the directory says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_written_cluster_refines_the_service_and_endpoints_follow_the_slices() {
+    let pods = Pods::start().await;
+    let plane = TestControlPlane::start(&[("shop.yaml", &pods.manifests(&[0, 1, 2]))]);
+    let caller = pods.caller(&plane);
+    caller.wait_ready().await;
+    assert_eq!(spread(&caller, "api.shop", 3).await.values().sum::<usize>(), 3);
+
+    let written = "resources:\n  - kind: Cluster\n    name: api-tuned\n    kubernetes_service: {namespace: shop, name: api, port: http}\n    balancer: round_robin\n    tls: mesh\n";
+    plane.write("tuned.yaml", written);
+    eventually("the caller serves the operator's cluster", Duration::from_secs(10), || async {
+        let dump = caller.config_dump().await;
+        serves(&dump, "Cluster", "api-tuned") && !serves(&dump, "Cluster", "shop/api:80")
+    })
+    .await;
+    let served = spread(&caller, "api.shop.svc.cluster.local", 30).await;
+    assert_eq!(served.values().copied().collect::<Vec<_>>(), [10, 10, 10], "round robin: {served:?}");
+    let identified = format!(r#"remora_tls_peer_handshakes_total{{direction="outbound",result="ok",peer="{API}"}}"#);
+    let handshakes = caller.metric(&identified).await;
+
+    plane.write("shop.yaml", &pods.manifests(&[0, 1]));
+    let leaving = pods.sidecars[2].address("in").to_string();
+    eventually("the caller drops the endpoint that left", Duration::from_secs(10), || async {
+        !caller.config_dump().await.to_string().contains(&leaving)
+    })
+    .await;
+    let before = pods.hits()[2];
+    let served = spread(&caller, "api.shop", 20).await;
+    assert_eq!(pods.hits()[2], before, "{served:?}");
+    assert_eq!(served.values().copied().collect::<Vec<_>>(), [10, 10], "{served:?}");
+    assert!(caller.metric(&identified).await >= handshakes, "still over mTLS to the pods' identity");
+}
