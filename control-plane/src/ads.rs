@@ -6,6 +6,14 @@
 //! `watch` channel. A resource whose bytes did not change keeps its `Arc`, its version and so its
 //! place in every proxy's view: nothing is re-sent for it.
 //!
+//! Each proxy sees a view of the set: the resources every proxy sees, and over them its namespace's
+//! own (resources only that namespace's proxies are sent, beside the shared ones or in place of a
+//! shared one of the same name: the automatic mesh's route tables with the namespace's short
+//! names). A stream's namespace is its token's, when the stream is authenticated and the token's
+//! identities lie in one namespace, else its node ID's (`POD.NAMESPACE`, as the injector sets it);
+//! a node ID without a namespace sees the shared resources alone. Proxies of one namespace share
+//! the encoding of its resources as all proxies share the shared ones.
+//!
 //! [`AdsServer`] serves one task per stream; with [`AdsServer::authenticated_by`], only to a proxy
 //! whose stream carries a bearer token the CA's authenticators accept, checked again whenever the
 //! bootstrap tokens change and every [`TOKEN_RECHECK`] (a deleted service account or pod), the
@@ -18,7 +26,7 @@
 //! the new one looks only at the names that publication touched (each set lists them), so a
 //! thousand streams answering a one-route edit do a thousand small diffs, not a thousand scans.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,7 +36,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
-use crate::ca::auth::{AuthError, Authenticator, Authenticators, bearer_token};
+use crate::ca::auth::{AuthError, Authenticator, Authenticators, Entitlement, bearer_token};
 use crate::metrics::ControlMetrics;
 use crate::servers::envoy::service::discovery::v3::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
@@ -56,7 +64,12 @@ pub struct ServedResource {
     pub wire: discovery::Resource,
 }
 
-/// One published resource set.
+/// Resources of one kind as served, by name.
+type Served = BTreeMap<String, Arc<ServedResource>>;
+
+/// One published resource set: the resources every proxy sees, and per namespace the ones only
+/// that namespace's proxies see (beside the shared ones, or in place of a shared one of the same
+/// name).
 #[derive(Debug, Default)]
 pub struct ServedSet {
     /// Bumped by every publication that changed something.
@@ -65,16 +78,64 @@ pub struct ServedSet {
     pub system_version: String,
     /// When it was published (convergence is measured from here).
     pub published_at: Option<Instant>,
-    kinds: [BTreeMap<String, Arc<ServedResource>>; Kind::COUNT],
+    shared: Layer,
+    /// Per namespace, its own layer (a namespace whose layer went empty in this publication keeps
+    /// it, empty, for one generation, so that its proxies learn what it touched).
+    namespaces: BTreeMap<String, Layer>,
+}
+
+/// Resources of every kind, and what the publication that made them touched.
+#[derive(Debug, Default)]
+struct Layer {
+    kinds: [Served; Kind::COUNT],
     /// Per kind, the names added, changed or removed since the previous generation (sorted): a
     /// stream that holds that generation diffs only these instead of every resource.
     touched: [Vec<String>; Kind::COUNT],
 }
 
 impl ServedSet {
-    /// The resources of `kind`, by name.
-    pub fn of(&self, kind: Kind) -> &BTreeMap<String, Arc<ServedResource>> {
-        &self.kinds[kind.index()]
+    /// The resources of `kind` every proxy sees, by name.
+    pub fn of(&self, kind: Kind) -> &Served {
+        &self.shared.kinds[kind.index()]
+    }
+
+    /// The resources of `kind` a proxy in `namespace` sees (none: the shared ones alone).
+    pub fn view(&self, kind: Kind, namespace: Option<&str>) -> View<'_> {
+        let own = namespace.and_then(|ns| self.namespaces.get(ns));
+        View { shared: &self.shared.kinds[kind.index()], own: own.map(|layer| &layer.kinds[kind.index()]) }
+    }
+
+    /// The namespaces with resources of their own, and how many each has.
+    pub fn namespaces(&self) -> impl Iterator<Item = (&str, usize)> {
+        self.namespaces.iter().map(|(ns, layer)| (ns.as_str(), layer.kinds.iter().map(BTreeMap::len).sum()))
+    }
+
+    /// The names of `kind` the last publication touched in that view.
+    fn touched(&self, kind: Kind, namespace: Option<&str>) -> BTreeSet<&str> {
+        let own = namespace.and_then(|ns| self.namespaces.get(ns));
+        let layers = std::iter::once(&self.shared).chain(own);
+        layers.flat_map(|layer| layer.touched[kind.index()].iter().map(String::as_str)).collect()
+    }
+}
+
+/// What one proxy sees of a kind: the shared resources, with its namespace's own over them.
+#[derive(Clone, Copy, Debug)]
+pub struct View<'a> {
+    shared: &'a Served,
+    own: Option<&'a Served>,
+}
+
+impl<'a> View<'a> {
+    /// The resource named `name`.
+    pub fn get(&self, name: &str) -> Option<&'a Arc<ServedResource>> {
+        self.own.and_then(|own| own.get(name)).or_else(|| self.shared.get(name))
+    }
+
+    /// Every resource, by name: the shared ones its namespace does not replace, then its own.
+    pub fn iter(&self) -> impl Iterator<Item = (&'a String, &'a Arc<ServedResource>)> + use<'a> {
+        let own = self.own;
+        let shared = self.shared.iter().filter(move |(name, _)| own.is_none_or(|own| !own.contains_key(*name)));
+        shared.chain(own.into_iter().flatten())
     }
 }
 
@@ -106,23 +167,75 @@ impl Publisher {
         self.tx.subscribe()
     }
 
-    /// Makes `resources` the served set. Resources whose bytes did not change keep their shared
-    /// encoding and version; if nothing changed at all, nothing is published.
+    /// Makes `resources` the served set, for every proxy alike. See [`Publisher::publish_views`].
     pub fn publish(&self, resources: &[Resource], system_version: &str) -> Published {
+        self.publish_views(resources, &BTreeMap::new(), system_version)
+    }
+
+    /// Makes `resources` the set every proxy sees and `namespaces` what only each namespace's
+    /// proxies see (beside it, or in place of a shared resource of the same name). Resources whose
+    /// bytes did not change keep their shared encoding and version; if nothing changed at all,
+    /// nothing is published.
+    pub fn publish_views(
+        &self,
+        resources: &[Resource],
+        namespaces: &BTreeMap<String, Vec<Resource>>,
+        system_version: &str,
+    ) -> Published {
         let previous = self.tx.borrow().clone();
-        let mut kinds: [BTreeMap<String, Arc<ServedResource>>; Kind::COUNT] = Default::default();
-        let mut touched: [Vec<String>; Kind::COUNT] = Default::default();
         let mut summary = Published::default();
+        let shared = Layer::encode(resources, Some(&previous.shared), &mut summary);
+        let mut layers = BTreeMap::new();
+        let names: BTreeSet<&String> = namespaces.keys().chain(previous.namespaces.keys()).collect();
+        for namespace in names {
+            let own = namespaces.get(namespace).map_or(&[][..], Vec::as_slice);
+            let layer = Layer::encode(own, previous.namespaces.get(namespace), &mut summary);
+            if layer.kinds.iter().any(|k| !k.is_empty()) || layer.touched.iter().any(|t| !t.is_empty()) {
+                layers.insert(namespace.clone(), layer);
+            }
+        }
+        for kind in Kind::ALL {
+            self.metrics.set_resources(kind, shared.kinds[kind.index()].len());
+        }
+        if summary == Published::default() {
+            return summary;
+        }
+        let set = ServedSet {
+            generation: previous.generation + 1,
+            system_version: system_version.to_owned(),
+            published_at: Some(Instant::now()),
+            shared,
+            namespaces: layers,
+        };
+        info!(
+            generation = set.generation,
+            version = %set.system_version,
+            changed = summary.changed,
+            removed = summary.removed,
+            namespaces = set.namespaces.len(),
+            "publishing"
+        );
+        self.tx.send_replace(Arc::new(set));
+        summary
+    }
+}
+
+impl Layer {
+    /// Encodes `resources`, keeping `previous`'s encoding of each that did not change, and notes
+    /// what changed or went.
+    fn encode(resources: &[Resource], previous: Option<&Layer>, summary: &mut Published) -> Layer {
+        let mut layer = Layer::default();
+        let before = |kind: Kind| previous.map(|p| &p.kinds[kind.index()]);
         for resource in resources {
             let kind = resource.kind();
             let any = resource.to_any();
             let version = version_of(&any.value);
             let name = resource.name();
-            let served = match previous.of(kind).get(name) {
+            let served = match before(kind).and_then(|b| b.get(name)) {
                 Some(old) if old.version == version => old.clone(),
                 _ => {
                     summary.changed += 1;
-                    touched[kind.index()].push(name.to_owned());
+                    layer.touched[kind.index()].push(name.to_owned());
                     Arc::new(ServedResource {
                         version: version.clone(),
                         wire: discovery::Resource {
@@ -135,36 +248,19 @@ impl Publisher {
                     })
                 }
             };
-            kinds[kind.index()].insert(name.to_owned(), served);
+            layer.kinds[kind.index()].insert(name.to_owned(), served);
         }
         for kind in Kind::ALL {
-            let (now, touched) = (&kinds[kind.index()], &mut touched[kind.index()]);
-            let before = touched.len();
-            touched.extend(previous.of(kind).keys().filter(|name| !now.contains_key(*name)).cloned());
-            summary.removed += touched.len() - before;
+            let (now, touched) = (&layer.kinds[kind.index()], &mut layer.touched[kind.index()]);
+            let count = touched.len();
+            touched.extend(
+                before(kind).into_iter().flat_map(|b| b.keys()).filter(|name| !now.contains_key(*name)).cloned(),
+            );
+            summary.removed += touched.len() - count;
             touched.sort_unstable();
             touched.dedup();
-            self.metrics.set_resources(kind, now.len());
         }
-        if summary == Published::default() {
-            return summary;
-        }
-        let set = ServedSet {
-            generation: previous.generation + 1,
-            system_version: system_version.to_owned(),
-            published_at: Some(Instant::now()),
-            kinds,
-            touched,
-        };
-        info!(
-            generation = set.generation,
-            version = %set.system_version,
-            changed = summary.changed,
-            removed = summary.removed,
-            "publishing"
-        );
-        self.tx.send_replace(Arc::new(set));
-        summary
+        layer
     }
 }
 
@@ -280,16 +376,20 @@ impl AggregatedDiscoveryService for AdsServer {
     ) -> Result<Response<ResponseStream>, Status> {
         let peer = request.remote_addr();
         let mut check = None;
+        let mut token_namespace = None;
         if let Some(authenticators) = &self.authenticators {
             let token = bearer_token(request.metadata());
-            if let Err(error) = authenticators.authenticate(&token).await {
-                let refused = match error {
-                    AuthError::Missing | AuthError::Unknown => Status::unauthenticated(error.to_string()),
-                    AuthError::Unavailable(_) => Status::unavailable(error.to_string()),
-                };
-                self.shared.metrics.stream_refused();
-                warn!(?peer, %error, "discovery stream refused");
-                return Err(refused);
+            match authenticators.authenticate(&token).await {
+                Ok(entitlement) => token_namespace = entitled_namespace(&entitlement),
+                Err(error) => {
+                    let refused = match error {
+                        AuthError::Missing | AuthError::Unknown => Status::unauthenticated(error.to_string()),
+                        AuthError::Unavailable(_) => Status::unavailable(error.to_string()),
+                    };
+                    self.shared.metrics.stream_refused();
+                    warn!(?peer, %error, "discovery stream refused");
+                    return Err(refused);
+                }
             }
             check = Some(TokenCheck::new(token, authenticators.clone()));
         }
@@ -299,7 +399,7 @@ impl AggregatedDiscoveryService for AdsServer {
         let shared = self.shared.clone();
         tokio::spawn(async move {
             shared.metrics.stream_opened();
-            let mut session = Session::default();
+            let mut session = Session { token_namespace, ..Session::default() };
             let end = serve_stream(&mut session, requests, &tx, served, &shared, check).await;
             shared.metrics.stream_closed();
             session.close(&shared);
@@ -356,6 +456,28 @@ async fn serve_stream(
     }
 }
 
+/// The namespace of a node ID of the injector's form, `POD.NAMESPACE` (a namespace is a DNS label,
+/// so the part after the last dot).
+fn node_namespace(node: &str) -> Option<String> {
+    let (_, namespace) = node.rsplit_once('.')?;
+    let label = !namespace.is_empty()
+        && namespace.len() <= 63
+        && namespace.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    label.then(|| namespace.to_owned())
+}
+
+/// The one namespace a token's identities lie in (`spiffe://TD/ns/NAMESPACE/...`, the namespace
+/// written out in each), if they agree.
+fn entitled_namespace(entitlement: &Entitlement) -> Option<String> {
+    let mut namespaces = entitlement.identities.iter().map(|pattern| {
+        let path = pattern.as_str().strip_prefix("spiffe://")?.split_once('/')?.1;
+        let namespace = path.strip_prefix("ns/")?.split('/').next()?;
+        (!namespace.contains('*') && !namespace.is_empty()).then(|| namespace.to_owned())
+    });
+    let first = namespaces.next()??;
+    namespaces.all(|other| other.as_deref() == Some(first.as_str())).then_some(first)
+}
+
 /// A response awaiting its ACK or NACK.
 #[derive(Debug)]
 struct Pending {
@@ -385,6 +507,11 @@ impl Subscription {
 #[derive(Debug, Default)]
 struct Session {
     node: String,
+    /// The proxy's namespace, whose own resources it sees: its stream token's, when the token
+    /// entitles identities in one namespace only, else the node ID's (`POD.NAMESPACE`).
+    namespace: Option<String>,
+    /// The namespace the stream's token pins, if it does.
+    token_namespace: Option<String>,
     /// When the node identified itself: changes published before that are initial state, not
     /// convergence.
     connected_at: Option<Instant>,
@@ -403,11 +530,12 @@ impl Session {
                 return Err(Status::invalid_argument("the first request of a stream must carry node.id"));
             }
             self.node = node.to_owned();
+            self.namespace = self.token_namespace.clone().or_else(|| node_namespace(node));
             self.connected_at = Some(Instant::now());
             if let Ok(mut nacked) = shared.nacked.lock() {
                 self.nacked = nacked.remove(node).unwrap_or_default();
             }
-            info!(node = %self.node, "proxy connected");
+            info!(node = %self.node, namespace = self.namespace.as_deref().unwrap_or(""), "proxy connected");
         }
         let Some(kind) = Kind::from_type_url(&request.type_url) else {
             warn!(node = %self.node, type_url = %request.type_url, "subscription to an unknown type ignored");
@@ -475,7 +603,7 @@ impl Session {
             if !sub.active {
                 continue;
             }
-            let served = current.of(kind);
+            let served = current.view(kind, self.namespace.as_deref());
             let nacked = &self.nacked[kind.index()];
             let due = |name: &str, resource: &ServedResource| {
                 sub.wants(name)
@@ -483,7 +611,7 @@ impl Session {
                     && nacked.get(name) != Some(&resource.version)
             };
             let (resources, removed): (Vec<_>, Vec<String>) = if incremental {
-                let touched = &current.touched[kind.index()];
+                let touched = current.touched(kind, self.namespace.as_deref());
                 let resources = touched
                     .iter()
                     .filter_map(|name| served.get(name).filter(|r| due(name, r)))
@@ -491,15 +619,15 @@ impl Session {
                     .collect();
                 let removed = touched
                     .iter()
-                    .filter(|n| !served.contains_key(*n) && sub.known.contains_key(*n))
-                    .cloned()
+                    .filter(|n| served.get(n).is_none() && sub.known.contains_key(**n))
+                    .map(|n| (*n).to_owned())
                     .collect();
                 (resources, removed)
             } else {
                 let resources =
                     served.iter().filter(|(name, r)| due(name, r)).map(|(_, resource)| resource.wire.clone()).collect();
                 let removed =
-                    sub.known.keys().filter(|name| !served.contains_key(*name) || !sub.wants(name)).cloned().collect();
+                    sub.known.keys().filter(|name| served.get(name).is_none() || !sub.wants(name)).cloned().collect();
                 (resources, removed)
             };
             if resources.is_empty() {
@@ -676,6 +804,95 @@ mod tests {
         publisher.publish(&resources(&changed), "v5");
         let after_skip = session.pushes(&publisher.subscribe().borrow(), &shared);
         assert!(after_skip.is_empty(), "the set is what the proxy already holds: {after_skip:?}");
+    }
+
+    /// The route tables a session was sent, by name, with their destinations.
+    fn tables_sent(pushes: &[DeltaDiscoveryResponse]) -> BTreeMap<String, Vec<String>> {
+        let mut sent = BTreeMap::new();
+        for resource in pushes.iter().flat_map(|p| &p.resources) {
+            let any = resource.resource.as_ref().unwrap();
+            let table = <remora_control_api::v1::RouteTable as prost::Message>::decode(&any.value[..]).unwrap();
+            sent.insert(table.name, table.destinations);
+        }
+        sent
+    }
+
+    fn session_of(shared: &Shared, node: &str, token_namespace: Option<&str>) -> Session {
+        let mut session = Session { token_namespace: token_namespace.map(str::to_owned), ..Session::default() };
+        session
+            .on_request(
+                DeltaDiscoveryRequest {
+                    node: Some(remora_control_api::xds::Node { id: node.into(), ..Default::default() }),
+                    type_url: Kind::RouteTable.type_url().into(),
+                    ..Default::default()
+                },
+                shared,
+            )
+            .unwrap();
+        session
+    }
+
+    /// A namespace's own resources reach its proxies only (by the node ID's namespace, or the
+    /// stream token's, which wins), in place of the shared resource of the same name; a change to
+    /// them reaches only those proxies, and when they go, their proxies get the shared one back.
+    #[test]
+    fn each_namespace_sees_its_own_resources_and_no_other() {
+        let (publisher, shared) = setup();
+        let base = resources(
+            "resources:\n  - {kind: RouteTable, name: api, destinations: [\"api.shop:80\"]}\n  - {kind: RouteTable, name: db, destinations: [\"db.data:80\"]}\n",
+        );
+        let own = |destinations: &str| {
+            BTreeMap::from([(
+                "shop".to_owned(),
+                resources(&format!(
+                    "resources:\n  - {{kind: RouteTable, name: api, destinations: [{destinations}]}}\n  - {{kind: RouteTable, name: shop-only}}\n"
+                )),
+            )])
+        };
+        publisher.publish_views(&base, &own("\"api.shop:80\", \"api:80\""), "v1");
+        let served = publisher.subscribe().borrow().clone();
+        let mut shop = session_of(&shared, "web-0.shop", None);
+        let mut data = session_of(&shared, "db-0.data", None);
+        let mut pinned = session_of(&shared, "liar.shop", Some("data"));
+        let mut anonymous = session_of(&shared, "host-7", None);
+        let sent = tables_sent(&shop.pushes(&served, &shared));
+        assert_eq!(sent.keys().collect::<Vec<_>>(), ["api", "db", "shop-only"]);
+        assert_eq!(sent["api"], ["api.shop:80", "api:80"]);
+        for other in [&mut data, &mut pinned, &mut anonymous] {
+            let sent = tables_sent(&other.pushes(&served, &shared));
+            assert_eq!(sent.keys().collect::<Vec<_>>(), ["api", "db"], "{}", other.node);
+            assert_eq!(sent["api"], ["api.shop:80"]);
+        }
+        // Only the namespace's proxies hear of a change to its own resources.
+        publisher.publish_views(&base, &own("\"api.shop:80\", \"api:80\", \"api:8080\""), "v2");
+        let served = publisher.subscribe().borrow().clone();
+        assert_eq!(tables_sent(&shop.pushes(&served, &shared))["api"].len(), 3);
+        assert!(data.pushes(&served, &shared).is_empty());
+        // The namespace's resources gone: its proxies get the shared table back, the rest removed.
+        publisher.publish_views(&base, &BTreeMap::new(), "v3");
+        let served = publisher.subscribe().borrow().clone();
+        let pushes = shop.pushes(&served, &shared);
+        assert_eq!(tables_sent(&pushes)["api"], ["api.shop:80"]);
+        assert_eq!(pushes.last().unwrap().removed_resources, ["shop-only"]);
+        assert!(data.pushes(&served, &shared).is_empty());
+    }
+
+    #[test]
+    fn node_ids_and_tokens_name_namespaces() {
+        assert_eq!(node_namespace("web-7d9f.shop").as_deref(), Some("shop"));
+        assert_eq!(node_namespace("web.v2.shop").as_deref(), Some("shop"));
+        assert_eq!(node_namespace("web-1"), None);
+        assert_eq!(node_namespace("web.Shop"), None);
+        let entitled = |ids: &[&str]| {
+            let identities =
+                ids.iter().map(|id| remora_control_api::identity::IdentityPattern::parse(id).unwrap()).collect();
+            entitled_namespace(&Entitlement { identities })
+        };
+        assert_eq!(entitled(&["spiffe://td/ns/shop/sa/web"]).as_deref(), Some("shop"));
+        assert_eq!(entitled(&["spiffe://td/ns/shop/sa/web", "spiffe://td/ns/shop/sa/*"]).as_deref(), Some("shop"));
+        assert_eq!(entitled(&["spiffe://td/ns/shop/sa/web", "spiffe://td/ns/data/sa/db"]), None);
+        assert_eq!(entitled(&["spiffe://td/ns/*/sa/web"]), None);
+        assert_eq!(entitled(&["spiffe://td/gateway"]), None);
     }
 
     #[test]

@@ -287,12 +287,12 @@ impl Sources {
     fn publish(&self, state: &SourceState) {
         let written = state.directory.as_ref().map_or(&[][..], |d| &d.resources);
         let made = mesh::resources(&state.objects, written, &self.mesh);
-        let resources: Vec<Resource> = written.iter().chain(&made).cloned().collect();
+        let resources: Vec<Resource> = written.iter().chain(&made.shared).cloned().collect();
         let slices: Vec<&endpoint_slices::Slices> =
             state.slices.iter().chain((!state.objects.slices.is_empty()).then_some(&state.objects.slices)).collect();
         let merged = merge(&resources, state.registry.as_ref(), &slices);
         let version = state.directory.as_ref().map_or("none", |d| d.version.as_str());
-        self.publisher.publish(&merged, version);
+        self.publisher.publish_views(&merged, &made.namespaces, version);
     }
 
     fn dump(&self) -> serde_json::Value {
@@ -306,6 +306,8 @@ impl Sources {
                 .collect();
             kinds.insert(kind.as_str().to_owned(), list.into());
         }
+        let namespaces: serde_json::Map<String, serde_json::Value> =
+            served.namespaces().map(|(ns, count)| (ns.to_owned(), count.into())).collect();
         let error = self.state.lock().ok().and_then(|s| s.directory_error.clone());
         serde_json::json!({
             "version": served.system_version,
@@ -313,6 +315,7 @@ impl Sources {
             "directory_error": error,
             "connected_proxies": self.metrics.connected_proxies(),
             "resources": kinds,
+            "namespace_views": namespaces,
         })
     }
 }

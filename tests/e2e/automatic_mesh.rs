@@ -124,13 +124,18 @@ impl Pods {
     /// The calling sidecar (identity `web`) on `plane`: an outbound listener and nothing else of its
     /// own.
     fn caller(&self, plane: &TestControlPlane) -> TestProxy {
-        let identity = self.ca.issue(WEB).bootstrap_identity(&self.dir.join("web"));
+        self.caller_as(plane, WEB, "web-0.shop")
+    }
+
+    /// A calling sidecar with `identity`, as node `node` (`POD.NAMESPACE`).
+    fn caller_as(&self, plane: &TestControlPlane, identity: &str, node: &str) -> TestProxy {
+        let identity = self.ca.issue(identity).bootstrap_identity(&self.dir.join(node));
         let yaml = format!(
             "{}resources:\n{}  - {{kind: Cluster, name: passthrough, original_destination: true}}\n",
             bootstrap(&identity),
             crate::listener("out", ", default_cluster: passthrough"),
         );
-        TestProxy::start_controlled(&yaml, &plane.url(), "web-0.shop")
+        TestProxy::start_controlled(&yaml, &plane.url(), node)
     }
 
     /// How many of `requests` each `api` app served.
@@ -157,16 +162,19 @@ async fn spread(proxy: &TestProxy, host: &str, requests: usize) -> BTreeMap<Stri
     served
 }
 
-/// With nothing but the manifests: every name of the Service reaches its pods over mutual TLS
-/// (each side proving its service account, the app told who called), requests spread over the
-/// three pods, and a pod without a sidecar is called in plaintext.
+/// With nothing but the manifests: every name of the Service (the short one too, from a caller in
+/// its namespace) reaches its pods over mutual TLS (each side proving its service account, the app
+/// told who called), requests spread over the pods, and a pod without a sidecar is called in
+/// plaintext. A caller in another namespace is not given the short name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn services_are_meshed_from_their_manifests_alone() {
     let pods = Pods::start().await;
     let plane = TestControlPlane::start(&[("shop.yaml", &pods.manifests(&[0, 1, 2]))]);
     let caller = pods.caller(&plane);
     caller.wait_ready().await;
-    for host in ["api.shop", "api.shop.svc", "api.shop.svc.cluster.local", "API.shop.svc.cluster.local:80"] {
+    for host in
+        ["api", "api:80", "api.shop", "api.shop.svc", "api.shop.svc.cluster.local", "API.shop.svc.cluster.local:80"]
+    {
         let reply = Client::http1(caller.address("out")).await.get(host, "/hello").await;
         assert_eq!(reply.status, 200, "{host}: {}", reply.text());
         assert_eq!(reply.header("x-seen-client-identity"), WEB, "{host}: the app is told who called");
@@ -191,6 +199,27 @@ async fn services_are_meshed_from_their_manifests_alone() {
     assert_eq!(pods.plain.hits(), 1);
     let dump = caller.config_dump().await;
     assert!(serves(&dump, "Cluster", "shop/api:80") && serves(&dump, "Cluster", "shop/plain:80"), "{dump}");
+    assert_eq!(destinations(&dump, "shop/api:80").last().map(String::as_str), Some("api:80"));
+
+    let outsider = pods.caller_as(&plane, "spiffe://cluster.local/ns/ops/sa/tool", "tool-0.ops");
+    outsider.wait_ready().await;
+    let reply = Client::http1(outsider.address("out")).await.get("api.shop", "/").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let dump = outsider.config_dump().await;
+    assert!(!destinations(&dump, "shop/api:80").contains(&"api:80".to_owned()), "{dump}");
+    let reply = Client::http1(outsider.address("out")).await.get("api", "/").await;
+    assert_ne!(reply.status, 200, "the short name is the caller's namespace's only");
+    let mut client = Client::http1(plane.address()).await;
+    let dump: serde_json::Value = serde_json::from_str(&client.get("x", "/config_dump").await.text()).unwrap();
+    assert_eq!(dump["namespace_views"], serde_json::json!({"shop": 2}), "{dump}");
+}
+
+/// The destinations of the route table `name` in a proxy's `/config_dump`.
+fn destinations(dump: &serde_json::Value, name: &str) -> Vec<String> {
+    let tables = dump["resources"].as_array().into_iter().flatten();
+    let table = tables.into_iter().find(|r| r["kind"] == "RouteTable" && r["name"] == name);
+    let list = table.and_then(|t| t["destinations"].as_array()).into_iter().flatten();
+    list.filter_map(|d| d.as_str().map(str::to_owned)).collect()
 }
 
 /// A Cluster the operator writes for the Service takes the automatic one's place and keeps its

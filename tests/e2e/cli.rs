@@ -173,7 +173,8 @@ fn the_readme_examples_are_valid_configs() {
                 let file = remora_control_api::config::parse_mixed(example, "example").unwrap();
                 let objects = remora_control_plane::mesh::Objects::read("cluster.local", &file.kubernetes);
                 let settings = remora_control_plane::mesh::Settings::default();
-                let mut made = remora_control_plane::mesh::resources(&objects, &file.config.resources, &settings);
+                let mut made =
+                    remora_control_plane::mesh::resources(&objects, &file.config.resources, &settings).shared;
                 assert!(!made.is_empty(), "{}: the mesh makes nothing of\n{example}", page.display());
                 made.extend(file.config.resources);
                 remora_control_api::validate::validate(&made).unwrap();

@@ -18,7 +18,9 @@
 //!   with the port; a Host without one is on port 80) — and sends HTTP request by request, and
 //!   opaque TCP connection by connection, to the cluster. A headless Service claims its pods'
 //!   addresses. The table serves outbound listeners only (`direction: outbound`): on the inbound
-//!   side of the Service's own pods, a call by its name is for the app there.
+//!   side of the Service's own pods, a call by its name is for the app there. The proxies of the
+//!   Service's own namespace are sent the table with the short name too (`NAME:PORT`, which
+//!   cluster DNS resolves only there): a per-namespace view, see `ads`.
 //!
 //! Remora's own resources refine the automatic ones, and the rule is simple: a `Cluster` whose
 //! `kubernetes_service` names a Service port replaces that port's automatic cluster (its balancer,
@@ -31,4 +33,4 @@ mod objects;
 mod translate;
 
 pub use objects::{Objects, Pod, Service, ServicePort};
-pub use translate::{Settings, resources};
+pub use translate::{Made, Settings, resources};

@@ -1,7 +1,7 @@
 //! Services into resources: a cluster, its endpoints and a route table per Service port, as the
 //! module documentation of `mesh` describes; what the operator wrote replaces what would be made.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use remora_control_api::validate::Destination;
 use remora_control_api::{Resource, v1};
@@ -24,10 +24,20 @@ impl Default for Settings {
     }
 }
 
+/// What the automatic mesh makes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Made {
+    /// What every proxy sees.
+    pub shared: Vec<Resource>,
+    /// What only each namespace's proxies see: its Services' route tables again, with the short
+    /// names (`NAME:PORT`) cluster DNS resolves within the namespace, in place of the shared ones.
+    pub namespaces: BTreeMap<String, Vec<Resource>>,
+}
+
 /// The resources the automatic mesh makes of `objects`, leaving out what `written` (the operator's
 /// resources) replaces: see the module documentation. Deterministic: the same objects always make
 /// the same resources, in the same order.
-pub fn resources(objects: &Objects, written: &[Resource], settings: &Settings) -> Vec<Resource> {
+pub fn resources(objects: &Objects, written: &[Resource], settings: &Settings) -> Made {
     let written_clusters: HashSet<&str> = written
         .iter()
         .filter_map(|r| match r {
@@ -44,7 +54,7 @@ pub fn resources(objects: &Objects, written: &[Resource], settings: &Settings) -
         .flatten()
         .filter_map(|d| Destination::parse(d).ok())
         .collect();
-    let mut made = Vec::new();
+    let mut made = Made::default();
     for service in objects.services.values() {
         for port in &service.ports {
             let name = cluster_name(service, port);
@@ -67,16 +77,23 @@ pub fn resources(objects: &Objects, written: &[Resource], settings: &Settings) -
                 Some(cluster) => cluster,
                 None if written_clusters.contains(name.as_str()) => name.clone(),
                 None => {
-                    made.extend(cluster(objects, service, port, &name));
+                    made.shared.extend(cluster(objects, service, port, &name));
                     name.clone()
                 }
             };
             let table = route_table(objects, service, port, &name, &backend, settings);
             let taken =
                 table.destinations.iter().filter_map(|d| Destination::parse(d).ok()).any(|d| claimed.contains(&d));
-            if !taken && !table.destinations.is_empty() {
-                made.push(Resource::RouteTable(table));
+            if taken || table.destinations.is_empty() {
+                continue;
             }
+            let short = format!("{}:{}", service.name, port.port);
+            if Destination::parse(&short).is_ok_and(|d| !claimed.contains(&d)) {
+                let mut own = table.clone();
+                own.destinations.push(short);
+                made.namespaces.entry(service.namespace.clone()).or_default().push(Resource::RouteTable(own));
+            }
+            made.shared.push(Resource::RouteTable(table));
         }
     }
     made
@@ -199,7 +216,7 @@ mod tests {
     }
 
     fn made(objects: &[Value], written: &[Resource]) -> Vec<Resource> {
-        resources(&Objects::read("cluster.local", objects), written, &Settings::default())
+        resources(&Objects::read("cluster.local", objects), written, &Settings::default()).shared
     }
 
     fn find<'a>(resources: &'a [Resource], kind: remora_control_api::Kind, name: &str) -> Option<&'a Resource> {
@@ -240,6 +257,42 @@ mod tests {
         let Some(Resource::RouteTable(grpc)) = find(&made, Kind::RouteTable, "shop/web:9090") else { panic!() };
         assert!(grpc.destinations.iter().all(|d| d.ends_with(":9090")), "{:?}", grpc.destinations);
         remora_control_api::validate::validate(&made).unwrap();
+    }
+
+    /// The Service's own namespace gets its tables again with the short name (`web:80`), which
+    /// no other namespace sees and the operator's claim takes away.
+    #[test]
+    fn a_namespace_gets_its_services_short_names() {
+        let objects = Objects::read("cluster.local", &objects());
+        let made = resources(&objects, &[], &Settings::default());
+        assert_eq!(made.namespaces.keys().collect::<Vec<_>>(), ["shop"]);
+        let own: Vec<(&str, &[String])> = made.namespaces["shop"]
+            .iter()
+            .filter_map(|r| match r {
+                Resource::RouteTable(t) => Some((t.name.as_str(), t.destinations.as_slice())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(own.len(), 2);
+        assert_eq!(own[0].0, "shop/web:80");
+        assert!(own[0].1.contains(&"web:80".to_owned()) && own[0].1.contains(&"web.shop:80".to_owned()));
+        assert!(own[1].1.contains(&"web:9090".to_owned()));
+        // The namespace's view validates: the shared set with its own tables in place.
+        let mut view: Vec<Resource> = made
+            .shared
+            .iter()
+            .filter(|r| !made.namespaces["shop"].iter().any(|o| o.name() == r.name() && o.kind() == r.kind()))
+            .cloned()
+            .collect();
+        view.extend(made.namespaces["shop"].iter().cloned());
+        remora_control_api::validate::validate(&view).unwrap();
+        // An operator's table claiming the short name keeps it.
+        let mine = v1::RouteTable { name: "mine".into(), destinations: vec!["web:80".into()], ..Default::default() };
+        let made = resources(&objects, &[Resource::RouteTable(mine)], &Settings::default());
+        assert!(made.namespaces["shop"].iter().all(|r| r.name() != "shop/web:80"), "{:?}", made.namespaces);
+        assert!(
+            made.shared.iter().any(|r| r.name() == "shop/web:80" && r.kind() == remora_control_api::Kind::RouteTable)
+        );
     }
 
     /// A pod without the sidecar keeps its Service's port in plaintext; a headless Service claims
