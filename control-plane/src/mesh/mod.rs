@@ -26,7 +26,8 @@
 //! `kubernetes_service` names a Service port replaces that port's automatic cluster (its balancer,
 //! breakers, outlier detection, timeouts are the operator's; its endpoints still come from the
 //! Service), and a `RouteTable` that claims one of a port's destinations replaces that port's
-//! automatic table (the operator's routes are the Service's routes). What a user writes always wins
+//! automatic table (the operator's routes are the Service's routes; a host without a port claims
+//! it on every port). What a user writes always wins
 //! over what the mesh would make, whole, so that which setting applies never needs a merge rule.
 
 mod objects;

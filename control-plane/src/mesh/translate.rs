@@ -83,12 +83,12 @@ pub fn resources(objects: &Objects, written: &[Resource], settings: &Settings) -
             };
             let table = route_table(objects, service, port, &name, &backend, settings);
             let taken =
-                table.destinations.iter().filter_map(|d| Destination::parse(d).ok()).any(|d| claimed.contains(&d));
+                table.destinations.iter().filter_map(|d| Destination::parse(d).ok()).any(|d| claims(&claimed, &d));
             if taken || table.destinations.is_empty() {
                 continue;
             }
             let short = format!("{}:{}", service.name, port.port);
-            if Destination::parse(&short).is_ok_and(|d| !claimed.contains(&d)) {
+            if Destination::parse(&short).is_ok_and(|d| !claims(&claimed, &d)) {
                 let mut own = table.clone();
                 own.destinations.push(short);
                 made.namespaces.entry(service.namespace.clone()).or_default().push(Resource::RouteTable(own));
@@ -97,6 +97,13 @@ pub fn resources(objects: &Objects, written: &[Resource], settings: &Settings) -
         }
     }
     made
+}
+
+/// Whether the operator's `claimed` destinations take `destination`: the same one, or (for a host
+/// and port) the host on any port.
+fn claims(claimed: &HashSet<Destination>, destination: &Destination) -> bool {
+    claimed.contains(destination)
+        || matches!(destination, Destination::HostPort(host, _) if claimed.contains(&Destination::Host(host.clone())))
 }
 
 /// `NAMESPACE/NAME:PORT`: the cluster and route table of one Service port, by the port clients dial.
@@ -313,7 +320,7 @@ mod tests {
 
     /// The operator's resources replace the automatic ones, whole: a cluster naming the Service
     /// port takes the automatic cluster's place (the table sends to it), and a route table claiming
-    /// one of the port's destinations takes the table's.
+    /// one of the port's destinations (or its host on any port) takes the table's.
     #[test]
     fn written_resources_replace_the_automatic_ones() {
         use remora_control_api::Kind;
@@ -338,5 +345,18 @@ mod tests {
         assert_eq!(table.tcp_cluster, "web-tuned");
         assert!(find(&made, Kind::Cluster, "shop/web:9090").is_some(), "the other port is still automatic");
         assert!(find(&made, Kind::RouteTable, "shop/web:9090").is_none(), "the operator's table claims it");
+        // A host without a port claims it on every port.
+        let any_port =
+            v1::RouteTable { name: "all".into(), destinations: vec!["web.shop.svc".into()], ..Default::default() };
+        let taken = super::resources(
+            &Objects::read("cluster.local", &objects()),
+            &[Resource::RouteTable(any_port)],
+            &Settings::default(),
+        )
+        .shared;
+        assert!(
+            find(&taken, Kind::RouteTable, "shop/web:80").is_none()
+                && find(&taken, Kind::RouteTable, "shop/web:9090").is_none()
+        );
     }
 }
