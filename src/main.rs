@@ -17,7 +17,7 @@ use demo::DemoOptions;
 use remora_control_plane::ca::kubernetes::DEFAULT_AUDIENCE;
 use remora_control_plane::inject::{InjectConfig, Injector};
 use remora_control_plane::plane::{
-    self, CaConfig, CaRoot, ControlConfig, InjectorConfig, InjectorTls, KubernetesApi, KubernetesEndpoints,
+    self, CaConfig, CaRoot, ControlConfig, InjectorConfig, InjectorTls, KubernetesApi, KubernetesObjects,
 };
 use remora_control_plane::sources::registry::{self, Registered};
 use remora_proxy::capture::{self, Capture};
@@ -88,7 +88,7 @@ enum Command {
     /// Run the control plane: serve the resources of a directory of YAML files (and endpoints
     /// registered in etcd) to every connected proxy over Delta ADS, pushing each change live.
     #[command(group(ArgGroup::new("ca_auth").args(["ca_tokens", "ca_kubernetes"]).multiple(true)))]
-    #[command(group(ArgGroup::new("kubernetes_users").args(["ca_kubernetes", "injector_webhook", "kubernetes_endpoints"]).multiple(true)))]
+    #[command(group(ArgGroup::new("kubernetes_users").args(["ca_kubernetes", "injector_webhook", "kubernetes_endpoints", "kubernetes_mesh"]).multiple(true)))]
     Control {
         /// Directory of resource files (the proxy's --config format, resources only), watched. A git
         /// work tree is versioned by its checked-out commit.
@@ -131,8 +131,13 @@ enum Command {
         /// and each carries its service account's identity for `tls: mesh` to check.
         #[arg(long)]
         kubernetes_endpoints: bool,
+        /// Mesh every Service of the cluster with nothing written (the Services, EndpointSlices,
+        /// Pods and Namespaces watched through the API server; see docs/mesh.md); implies
+        /// --kubernetes-endpoints.
+        #[arg(long)]
+        kubernetes_mesh: bool,
         /// The API server, https://HOST[:PORT], instead of the in-cluster one (for --ca-kubernetes,
-        /// --injector-webhook and --kubernetes-endpoints).
+        /// --injector-webhook, --kubernetes-endpoints and --kubernetes-mesh).
         #[arg(long, value_name = "URL", requires_all = ["kubernetes_users", "kubernetes_ca", "kubernetes_token"])]
         kubernetes_api: Option<String>,
         /// PEM roots of --kubernetes-api's certificate.
@@ -380,6 +385,7 @@ fn main() -> ExitCode {
             ca_tokens,
             ca_kubernetes,
             kubernetes_endpoints,
+            kubernetes_mesh,
             token_audience,
             kubernetes_api,
             cluster_domain,
@@ -409,13 +415,13 @@ fn main() -> ExitCode {
                 (Some(url), Some(ca_file), Some(token_file)) => {
                     Some(KubernetesApi::Explicit { url, ca_file, token_file })
                 }
-                _ if ca_kubernetes || kubernetes_endpoints || injector_webhook.is_some() => {
+                _ if ca_kubernetes || kubernetes_endpoints || kubernetes_mesh || injector_webhook.is_some() => {
                     Some(KubernetesApi::InCluster)
                 }
                 _ => None,
             };
-            let kubernetes_endpoints =
-                kubernetes_endpoints.then(|| KubernetesEndpoints { trust_domain: trust_domain.clone() });
+            let kubernetes_objects = (kubernetes_endpoints || kubernetes_mesh)
+                .then_some(KubernetesObjects { automatic_mesh: kubernetes_mesh });
             let mesh = remora_control_plane::mesh::Settings { trust_domain: trust_domain.clone(), cluster_domain };
             let ca = root.map(|root| CaConfig {
                 root,
@@ -455,7 +461,7 @@ fn main() -> ExitCode {
                 ca,
                 injector,
                 kubernetes,
-                kubernetes_endpoints,
+                kubernetes_objects,
                 mesh,
                 serving_cert_ttl,
             })

@@ -37,11 +37,12 @@ use crate::ca::auth::{Authenticators, LocalTokens};
 use crate::ca::kubernetes::TokenReview;
 use crate::ca::service::CaService;
 use crate::inject::{Injector, ca_bundle, webhook};
-use crate::kubernetes::{ApiClient, KubernetesError};
+use crate::kubernetes;
+pub use crate::kubernetes::KubernetesApi;
 use crate::mesh;
 use crate::metrics::ControlMetrics;
 use crate::sources::registry::Registrations;
-use crate::sources::{directory, endpoint_slices, registry};
+use crate::sources::{cluster, directory, endpoint_slices, registry};
 use crate::tls;
 use remora_control_api::validate::{self, References};
 use remora_control_api::{Kind, Resource, v1};
@@ -66,11 +67,11 @@ pub struct ControlConfig {
     pub ca: Option<CaConfig>,
     /// The sidecar injector's admission webhook, if this control plane serves it.
     pub injector: Option<InjectorConfig>,
-    /// How to reach the Kubernetes API server (for TokenReviews, the webhook's caBundle and
-    /// EndpointSlices), if anything needs it.
+    /// How to reach the Kubernetes API server (for TokenReviews, the webhook's caBundle and the
+    /// cluster's objects), if anything needs it.
     pub kubernetes: Option<KubernetesApi>,
-    /// Fill clusters that name a `kubernetes_service` from its EndpointSlices (needs `kubernetes`).
-    pub kubernetes_endpoints: Option<KubernetesEndpoints>,
+    /// Follow the cluster's Services, EndpointSlices, Pods and Namespaces (needs `kubernetes`).
+    pub kubernetes_objects: Option<KubernetesObjects>,
     /// How the automatic mesh names what it makes of the Kubernetes objects in the directory.
     pub mesh: mesh::Settings,
     /// The lifetime of the serving certificates the CA issues the control plane (its port's, the
@@ -78,12 +79,12 @@ pub struct ControlConfig {
     pub serving_cert_ttl: Duration,
 }
 
-/// How clusters are filled from EndpointSlices.
+/// What the cluster's objects are for (their endpoints' identities are in `mesh.trust_domain`).
 #[derive(Clone, Debug)]
-pub struct KubernetesEndpoints {
-    /// The trust domain of the identities pods' service accounts give their endpoints
-    /// (`spiffe://TRUST-DOMAIN/ns/NS/sa/SA`, what the CA issues for a service-account token).
-    pub trust_domain: String,
+pub struct KubernetesObjects {
+    /// Mesh every Service automatically (else its EndpointSlices only fill the clusters that name
+    /// a `kubernetes_service`).
+    pub automatic_mesh: bool,
 }
 
 /// The admission webhook's settings: its own HTTPS port, certificate, and what it injects.
@@ -143,31 +144,6 @@ pub struct CaConfig {
     pub extra_roots: Option<PathBuf>,
 }
 
-/// How the control plane reaches the Kubernetes API server.
-#[derive(Clone, Debug)]
-pub enum KubernetesApi {
-    /// From inside a pod: the environment and the mounted service account.
-    InCluster,
-    /// An explicit API server (outside a cluster, or a proxy in front of it).
-    Explicit {
-        /// `https://host[:port]`.
-        url: String,
-        /// PEM roots its certificate chains to.
-        ca_file: PathBuf,
-        /// The control plane's own bearer token.
-        token_file: PathBuf,
-    },
-}
-
-impl KubernetesApi {
-    fn client(&self) -> Result<ApiClient, KubernetesError> {
-        match self {
-            KubernetesApi::InCluster => ApiClient::in_cluster(),
-            KubernetesApi::Explicit { url, ca_file, token_file } => ApiClient::new(url, ca_file, token_file),
-        }
-    }
-}
-
 /// Where the CA's root key and certificate are.
 #[derive(Clone, Debug)]
 pub enum CaRoot {
@@ -192,7 +168,7 @@ impl Default for ControlConfig {
             ca: None,
             injector: None,
             kubernetes: None,
-            kubernetes_endpoints: None,
+            kubernetes_objects: None,
             mesh: mesh::Settings::default(),
             serving_cert_ttl: DEFAULT_SERVING_CERT_TTL,
         }
@@ -214,6 +190,9 @@ pub enum ControlError {
     /// The injector's certificate could not be loaded.
     #[error("injector: {0}")]
     Injector(String),
+    /// The Kubernetes client could not be set up, or is missing where something needs it.
+    #[error("kubernetes: {0}")]
+    Kubernetes(String),
     /// The listen address could not be bound.
     #[error("bind {address}: {error}")]
     Bind {
@@ -229,6 +208,8 @@ pub enum ControlError {
 struct Sources {
     publisher: Publisher,
     mesh: mesh::Settings,
+    /// Whether the cluster's Services are meshed automatically.
+    automatic_mesh: bool,
     metrics: Arc<ControlMetrics>,
     state: Mutex<SourceState>,
 }
@@ -240,7 +221,8 @@ struct SourceState {
     objects: mesh::Objects,
     directory_error: Option<String>,
     registry: Option<Registrations>,
-    slices: Option<endpoint_slices::Slices>,
+    /// The cluster's objects, as the API server last told them.
+    cluster: Option<Arc<mesh::Objects>>,
 }
 
 impl Sources {
@@ -273,23 +255,43 @@ impl Sources {
         self.publish(&state);
     }
 
-    /// The EndpointSlices changed (`ok`), or could not be read (`ok` false: the last ones stay).
-    fn slices_changed(&self, slices: &endpoint_slices::Slices, ok: bool) {
-        self.metrics.source_loaded("kubernetes", ok);
-        if !ok {
-            return;
-        }
+    /// The cluster's objects changed, or could not be read (the last ones stay).
+    fn cluster_changed(&self, update: cluster::Update) {
+        let objects = match update {
+            cluster::Update::Objects(objects) => objects,
+            cluster::Update::Failed(_) => {
+                self.metrics.source_loaded("kubernetes", false);
+                return;
+            }
+        };
+        self.metrics.source_loaded("kubernetes", true);
         let Ok(mut state) = self.state.lock() else { return };
-        state.slices = Some(slices.clone());
+        state.cluster = Some(objects);
         self.publish(&state);
     }
 
     fn publish(&self, state: &SourceState) {
         let written = state.directory.as_ref().map_or(&[][..], |d| &d.resources);
-        let made = mesh::resources(&state.objects, written, &self.mesh);
+        // The automatic mesh is made of the directory's objects, and of the cluster's when it
+        // meshes the cluster; every slice fills the clusters that name a Service.
+        let combined;
+        let objects = match (&state.cluster, self.automatic_mesh) {
+            (Some(cluster), true) if state.objects.services.is_empty() => &**cluster,
+            (Some(cluster), true) => {
+                let mut both = state.objects.clone();
+                both.extend(cluster);
+                combined = both;
+                &combined
+            }
+            _ => &state.objects,
+        };
+        let made = mesh::resources(objects, written, &self.mesh);
         let resources: Vec<Resource> = written.iter().chain(&made.shared).cloned().collect();
-        let slices: Vec<&endpoint_slices::Slices> =
-            state.slices.iter().chain((!state.objects.slices.is_empty()).then_some(&state.objects.slices)).collect();
+        let slices: Vec<&endpoint_slices::Slices> = [Some(&objects.slices), state.cluster.as_ref().map(|c| &c.slices)]
+            .into_iter()
+            .flatten()
+            .filter(|slices| !slices.is_empty())
+            .collect();
         let merged = merge(&resources, state.registry.as_ref(), &slices);
         let version = state.directory.as_ref().map_or("none", |d| d.version.as_str());
         self.publisher.publish_views(&merged, &made.namespaces, version);
@@ -456,6 +458,7 @@ impl ControlPlane {
         let metrics = Arc::new(ControlMetrics::new());
         let sources = Arc::new(Sources {
             mesh: config.mesh.clone(),
+            automatic_mesh: config.kubernetes_objects.as_ref().is_some_and(|k| k.automatic_mesh),
             publisher: Publisher::new(metrics.clone()),
             metrics: metrics.clone(),
             state: Mutex::new(SourceState::default()),
@@ -499,25 +502,27 @@ impl ControlPlane {
         let mut serving_tls = None;
         let mut injector_tls = None;
         let kubernetes = match &config.kubernetes {
-            Some(api) => Some(api.client().map_err(|e| ControlError::Ca(format!("kubernetes: {e}")))?),
+            Some(api) => Some(kubernetes::client(api).map_err(|e| ControlError::Kubernetes(e.to_string()))?),
             None => None,
         };
-        if let Some(endpoints) = &config.kubernetes_endpoints {
-            let Some(api) = &kubernetes else {
-                return Err(ControlError::Ca("EndpointSlices need the Kubernetes API server (kubernetes)".into()));
+        if config.kubernetes_objects.is_some() {
+            let Some(client) = &kubernetes else {
+                return Err(ControlError::Kubernetes(
+                    "following the cluster's objects needs the Kubernetes API server".into(),
+                ));
             };
             let (mut answered, first) = first_answer();
             let follower = sources.clone();
-            tasks.push(tokio::spawn(endpoint_slices::follow(
-                api.clone(),
-                endpoints.trust_domain.clone(),
-                move |slices, ok| {
-                    follower.slices_changed(slices, ok);
+            tasks.push(tokio::spawn(cluster::follow(
+                client.clone(),
+                config.mesh.trust_domain.clone(),
+                move |update| {
+                    follower.cluster_changed(update);
                     answered();
                 },
             )));
             if tokio::time::timeout(REGISTRY_START_WAIT, first).await.is_err() {
-                warn!("the API server has not listed the EndpointSlices yet; serving without them until it does");
+                warn!("the API server has not listed the cluster's objects yet; serving without them until it does");
             }
         }
         let mut ca_root = None;

@@ -13,6 +13,7 @@ mod drain;
 mod grpc;
 mod http;
 mod kubernetes;
+mod kubernetes_api;
 mod mesh;
 mod netns;
 mod policy;

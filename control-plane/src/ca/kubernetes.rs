@@ -14,20 +14,17 @@
 //! while it is open) costs the API server one review per proxy per half-minute, not one per stream
 //! and per certificate request; a refusal is never remembered.
 //!
-//! The requests go through the control plane's [`ApiClient`] (in a pod, the API server and
-//! credentials from the environment; outside one, explicit), as the control plane's own service
-//! account; the request carries nothing the proxy controls beyond its token.
+//! The requests go through the control plane's Kubernetes client (`crate::kubernetes`: in a pod,
+//! the API server and credentials from the environment; outside one, explicit), as the control
+//! plane's own service account; the request carries nothing the proxy controls beyond its token.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::Method;
 use serde_json::{Value, json};
 
 use super::auth::{AuthError, Authenticator, Entitlement};
-use crate::kubernetes::ApiClient;
 use remora_control_api::identity::IdentityPattern;
 
 /// The audience the CA asks tokens to be for, unless told otherwise.
@@ -45,20 +42,30 @@ const MAX_REMEMBERED: usize = 10_000;
 type Accepted = HashMap<[u8; 32], (Instant, Entitlement)>;
 
 /// Asks the API server who a token belongs to.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct TokenReview {
-    api: ApiClient,
+    client: kube::Client,
     audience: String,
     trust_domain: String,
     /// Accepted tokens, by their SHA-256 (the token itself is not kept), and until when.
     accepted: Arc<Mutex<Accepted>>,
 }
 
+impl std::fmt::Debug for TokenReview {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenReview")
+            .field("audience", &self.audience)
+            .field("trust_domain", &self.trust_domain)
+            .finish()
+    }
+}
+
 impl TokenReview {
-    /// Reviews tokens through `api`, for `audience`, entitling accounts to IDs in `trust_domain`.
-    pub fn new(api: ApiClient, trust_domain: &str, audience: &str) -> TokenReview {
+    /// Reviews tokens through `client`, for `audience`, entitling accounts to IDs in
+    /// `trust_domain`.
+    pub fn new(client: kube::Client, trust_domain: &str, audience: &str) -> TokenReview {
         TokenReview {
-            api,
+            client,
             audience: audience.to_owned(),
             trust_domain: trust_domain.to_owned(),
             accepted: Arc::default(),
@@ -90,16 +97,11 @@ impl TokenReview {
             "kind": "TokenReview",
             "spec": {"token": token, "audiences": [self.audience]},
         });
-        let (status, bytes) = self
-            .api
-            .send(Method::POST, REVIEW_PATH, Some("application/json"), Bytes::from(body.to_string()))
-            .await
-            .map_err(|e| AuthError::Unavailable(e.to_string()))?;
-        if !status.is_success() {
-            let text = String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned();
-            return Err(AuthError::Unavailable(format!("the API server answered {status}: {text}")));
-        }
-        serde_json::from_slice(&bytes).map_err(|e| unavailable("the review answer", &e))
+        let request = http::Request::post(REVIEW_PATH)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(body.to_string().into_bytes())
+            .map_err(|e| unavailable("the review request", &e))?;
+        self.client.request::<Value>(request).await.map_err(|e| unavailable("the API server", &e))
     }
 
     /// What the API server's answer entitles the token's holder to.
@@ -144,7 +146,7 @@ impl Authenticator for TokenReview {
             return Ok(entitlement);
         }
         let answer = tokio::time::timeout(REVIEW_TIMEOUT, self.review(token)).await.map_err(|_| {
-            AuthError::Unavailable(format!("the API server at {} did not answer in time", self.api.address()))
+            AuthError::Unavailable(format!("the API server did not answer within {REVIEW_TIMEOUT:?}"))
         })??;
         let entitlement = self.entitlement(&answer)?;
         self.remember(digest, &entitlement);
@@ -158,20 +160,14 @@ mod tests {
 
     use super::*;
 
+    /// A review that never sends anything (nothing listens at the address).
     fn review() -> TokenReview {
-        // Tests run in parallel: each call gets a directory of its own.
-        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let ca = crate::ca::Authority::generate("cluster.local").unwrap();
-        let dir = std::env::temp_dir().join(format!("remora-tokenreview-{}-{call}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("ca.crt"), ca.root_pem()).unwrap();
-        let api = ApiClient::new("https://10.96.0.1:443", &dir.join("ca.crt"), &dir.join("token")).unwrap();
-        TokenReview::new(api, "cluster.local", "remora")
+        let config = kube::Config::new("https://10.96.0.1:443".parse().unwrap());
+        TokenReview::new(kube::Client::try_from(config).unwrap(), "cluster.local", "remora")
     }
 
-    #[test]
-    fn a_service_account_is_entitled_to_its_own_spiffe_id_only() {
+    #[tokio::test]
+    async fn a_service_account_is_entitled_to_its_own_spiffe_id_only() {
         let review = review();
         let answer = json!({"status": {"authenticated": true, "audiences": ["remora"],
                                        "user": {"username": "system:serviceaccount:shop:web"}}});

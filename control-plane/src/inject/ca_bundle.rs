@@ -15,12 +15,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
-use bytes::Bytes;
-use http::Method;
 use serde_json::{Value, json};
 use tracing::{debug, info, warn};
 
-use crate::kubernetes::ApiClient;
 use crate::metrics::ControlMetrics;
 
 /// How often the configuration is checked.
@@ -39,10 +36,16 @@ enum Checked {
 }
 
 /// Checks the configuration `name` now and every `interval`, for as long as the task runs.
-pub async fn keep(api: ApiClient, name: String, root_pem: String, metrics: Arc<ControlMetrics>, interval: Duration) {
+pub async fn keep(
+    client: kube::Client,
+    name: String,
+    root_pem: String,
+    metrics: Arc<ControlMetrics>,
+    interval: Duration,
+) {
     let bundle = base64::engine::general_purpose::STANDARD.encode(root_pem.as_bytes());
     loop {
-        let checked = match tokio::time::timeout(CHECK_TIMEOUT, check(&api, &name, &bundle)).await {
+        let checked = match tokio::time::timeout(CHECK_TIMEOUT, check(&client, &name, &bundle)).await {
             Ok(result) => result,
             Err(_) => Err(format!("no answer within {CHECK_TIMEOUT:?}")),
         };
@@ -64,20 +67,18 @@ pub async fn keep(api: ApiClient, name: String, root_pem: String, metrics: Arc<C
     }
 }
 
-async fn check(api: &ApiClient, name: &str, bundle: &str) -> Result<Checked, String> {
+async fn check(client: &kube::Client, name: &str, bundle: &str) -> Result<Checked, String> {
     let path = format!("{CONFIGURATIONS}/{name}");
-    let (status, body) = api.send(Method::GET, &path, None, Bytes::new()).await.map_err(|e| e.to_string())?;
-    if !status.is_success() {
-        return Err(format!("reading mutatingwebhookconfiguration {name}: {status} {}", excerpt(&body)));
-    }
-    let configuration: Value = serde_json::from_slice(&body).map_err(|e| format!("the configuration: {e}"))?;
+    let read = http::Request::get(&path).body(Vec::new()).map_err(|e| e.to_string())?;
+    let configuration: Value =
+        client.request(read).await.map_err(|e| format!("reading mutatingwebhookconfiguration {name}: {e}"))?;
     let Some((patch, webhooks)) = bundle_patch(&configuration, bundle)? else { return Ok(Checked::Current) };
-    let patch = Bytes::from(patch.to_string());
-    let (status, body) =
-        api.send(Method::PATCH, &path, Some("application/json-patch+json"), patch).await.map_err(|e| e.to_string())?;
-    if !status.is_success() {
-        return Err(format!("patching mutatingwebhookconfiguration {name}: {status} {}", excerpt(&body)));
-    }
+    let write = http::Request::patch(&path)
+        .header(http::header::CONTENT_TYPE, "application/json-patch+json")
+        .body(patch.to_string().into_bytes())
+        .map_err(|e| e.to_string())?;
+    let _: Value =
+        client.request(write).await.map_err(|e| format!("patching mutatingwebhookconfiguration {name}: {e}"))?;
     Ok(Checked::Patched(webhooks))
 }
 
@@ -98,11 +99,6 @@ fn bundle_patch(configuration: &Value, bundle: &str) -> Result<Option<(Value, Ve
         names.push(name.to_owned());
     }
     Ok((!operations.is_empty()).then(|| (Value::Array(operations), names)))
-}
-
-/// The start of an error answer, for a log line.
-fn excerpt(body: &[u8]) -> String {
-    String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned()
 }
 
 #[cfg(test)]

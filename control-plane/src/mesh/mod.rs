@@ -1,7 +1,8 @@
 //! The automatic mesh: every Kubernetes Service meshed with no configuration written.
 //!
-//! The control plane reads the cluster's Services, their EndpointSlices and the Pods behind them
-//! ([`Objects`], from Kubernetes manifests in the GitOps directory for now) and makes, for every TCP
+//! The control plane reads the cluster's Services, their EndpointSlices, the Pods behind them and
+//! the Namespaces ([`Objects`], from the API server through `sources::cluster`, or from Kubernetes
+//! manifests in the GitOps directory: the same readers either way) and makes, for every TCP
 //! port of every Service, what a hand-written configuration would hold ([`resources`]):
 //!
 //! - a `Cluster` named `NAMESPACE/NAME:PORT`: per-request balancing by peak EWMA (Linkerd's
@@ -33,5 +34,5 @@
 mod objects;
 mod translate;
 
-pub use objects::{Objects, Pod, Service, ServicePort};
+pub use objects::{Namespace, ObjectKind, Objects, Pod, Service, ServicePort};
 pub use translate::{Made, Settings, resources};

@@ -14,7 +14,7 @@ use std::net::IpAddr;
 use serde_json::Value;
 
 use crate::inject::PROXY_CONTAINER;
-use crate::sources::endpoint_slices::{PodRef, Slices, is_name, tcp_ports};
+use crate::sources::endpoint_slices::{PodRef, Slices, is_name, pod_account, tcp_ports};
 
 /// A Service, as the mesh needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,44 +56,164 @@ pub struct Pod {
     pub meshed: bool,
 }
 
-/// Every Service, Pod and EndpointSlice of the mesh.
+/// The kinds of Kubernetes object the mesh reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ObjectKind {
+    /// `v1` Service.
+    Service,
+    /// `discovery.k8s.io/v1` EndpointSlice.
+    EndpointSlice,
+    /// `v1` Pod.
+    Pod,
+    /// `v1` Namespace.
+    Namespace,
+}
+
+impl ObjectKind {
+    /// Every kind.
+    pub const ALL: [ObjectKind; 4] =
+        [ObjectKind::Service, ObjectKind::EndpointSlice, ObjectKind::Pod, ObjectKind::Namespace];
+
+    /// The kind of a Kubernetes object (as JSON), if the mesh reads it.
+    pub fn of(object: &Value) -> Option<ObjectKind> {
+        match (object["apiVersion"].as_str()?, object["kind"].as_str()?) {
+            ("v1", "Service") => Some(ObjectKind::Service),
+            ("discovery.k8s.io/v1", "EndpointSlice") => Some(ObjectKind::EndpointSlice),
+            ("v1", "Pod") => Some(ObjectKind::Pod),
+            ("v1", "Namespace") => Some(ObjectKind::Namespace),
+            _ => None,
+        }
+    }
+}
+
+/// A Namespace, as the mesh needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Namespace {
+    /// Its annotations under `remora.dev/` (the mesh's settings for it).
+    pub settings: BTreeMap<String, String>,
+}
+
+/// Every Service, Pod, EndpointSlice and Namespace of the mesh, kept one object at a time.
 #[derive(Clone, Debug, Default)]
 pub struct Objects {
     /// Services by `(namespace, name)`.
     pub services: BTreeMap<(String, String), Service>,
     /// Pods by UID.
     pub pods: BTreeMap<String, Pod>,
-    /// The EndpointSlices, and the service accounts of the pods they name.
+    /// The EndpointSlices, and the service accounts of the pods.
     pub slices: Slices,
+    /// Namespaces by name.
+    pub namespaces: BTreeMap<String, Namespace>,
 }
 
 impl Objects {
-    /// The objects among `objects` (Kubernetes objects as JSON); pods' identities in
-    /// `trust_domain`.
+    /// No objects yet; pods' identities in `trust_domain`.
+    pub fn new(trust_domain: &str) -> Objects {
+        Objects { slices: Slices::new(trust_domain), ..Objects::default() }
+    }
+
+    /// The objects among `objects` (Kubernetes objects as JSON; other kinds ignored); pods'
+    /// identities in `trust_domain`.
     pub fn read(trust_domain: &str, objects: &[Value]) -> Objects {
-        let mut read = Objects { slices: Slices::from_objects(trust_domain, objects), ..Objects::default() };
+        let mut read = Objects::new(trust_domain);
         for object in objects {
-            match (object["apiVersion"].as_str(), object["kind"].as_str()) {
-                (Some("v1"), Some("Service")) => {
-                    if let Some(service) = service(object) {
-                        read.services.insert((service.namespace.clone(), service.name.clone()), service);
-                    }
-                }
-                (Some("v1"), Some("Pod")) => {
-                    if let Some((uid, pod)) = pod(object) {
-                        read.pods.insert(uid, pod);
-                    }
-                }
-                _ => {}
-            }
+            read.apply(object);
         }
         read
+    }
+
+    /// Adds or replaces `object` (as JSON); whether anything the mesh reads changed. Objects of
+    /// other kinds, and ones the mesh cannot serve (an ExternalName Service), change nothing (an
+    /// object that turned into one is removed).
+    pub fn apply(&mut self, object: &Value) -> bool {
+        match ObjectKind::of(object) {
+            Some(ObjectKind::Service) => match service(object) {
+                Some(service) => {
+                    let key = (service.namespace.clone(), service.name.clone());
+                    self.services.insert(key, service.clone()).is_none_or(|old| old != service)
+                }
+                None => self.delete(object),
+            },
+            Some(ObjectKind::EndpointSlice) => self.slices.apply(object),
+            Some(ObjectKind::Pod) => match pod(object) {
+                Some((uid, pod)) => {
+                    let account = self.slices.set_account(&uid, &pod.account);
+                    self.pods.insert(uid, pod.clone()).is_none_or(|old| old != pod) || account
+                }
+                None => false,
+            },
+            Some(ObjectKind::Namespace) => match namespace(object) {
+                Some((name, namespace)) => {
+                    self.namespaces.insert(name, namespace.clone()).is_none_or(|old| old != namespace)
+                }
+                None => false,
+            },
+            None => false,
+        }
+    }
+
+    /// Removes the object `object` names; whether it was there.
+    pub fn delete(&mut self, object: &Value) -> bool {
+        let metadata = &object["metadata"];
+        let name = metadata["name"].as_str().unwrap_or_default();
+        let namespace = metadata["namespace"].as_str().unwrap_or("default");
+        match ObjectKind::of(object) {
+            Some(ObjectKind::Service) => self.services.remove(&(namespace.to_owned(), name.to_owned())).is_some(),
+            Some(ObjectKind::EndpointSlice) => self.slices.remove(object),
+            Some(ObjectKind::Pod) => {
+                let uid = metadata["uid"].as_str().unwrap_or_default();
+                let account = self.slices.forget_account(uid);
+                self.pods.remove(uid).is_some() || account
+            }
+            Some(ObjectKind::Namespace) => self.namespaces.remove(name).is_some(),
+            None => false,
+        }
+    }
+
+    /// Forgets every object of `kind` (a fresh list replaces them).
+    pub fn clear(&mut self, kind: ObjectKind) {
+        match kind {
+            ObjectKind::Service => self.services.clear(),
+            ObjectKind::EndpointSlice => self.slices.clear(),
+            ObjectKind::Pod => {
+                self.pods.clear();
+                self.slices.clear_accounts();
+            }
+            ObjectKind::Namespace => self.namespaces.clear(),
+        }
+    }
+
+    /// Adds `other`'s objects (those of `self` win where both have one).
+    pub fn extend(&mut self, other: &Objects) {
+        for (key, service) in &other.services {
+            self.services.entry(key.clone()).or_insert_with(|| service.clone());
+        }
+        for (uid, pod) in &other.pods {
+            self.pods.entry(uid.clone()).or_insert_with(|| pod.clone());
+        }
+        for (name, namespace) in &other.namespaces {
+            self.namespaces.entry(name.clone()).or_insert_with(|| namespace.clone());
+        }
+        self.slices.extend(&other.slices);
     }
 
     /// The pod a slice endpoint names, if it is known.
     pub fn pod(&self, pod: &PodRef) -> Option<&Pod> {
         self.pods.get(&pod.uid).filter(|known| known.namespace == pod.namespace && known.name == pod.name)
     }
+}
+
+fn namespace(object: &Value) -> Option<(String, Namespace)> {
+    let metadata = &object["metadata"];
+    let name = metadata["name"].as_str().filter(|name| is_name(name))?;
+    let settings = metadata["annotations"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(key, _)| key.starts_with("remora.dev/"))
+        .filter_map(|(key, value)| Some((key.clone(), value.as_str()?.to_owned())))
+        .collect();
+    Some((name.to_owned(), Namespace { settings }))
 }
 
 fn service(object: &Value) -> Option<Service> {
@@ -128,15 +248,13 @@ fn service(object: &Value) -> Option<Service> {
 
 fn pod(object: &Value) -> Option<(String, Pod)> {
     let metadata = &object["metadata"];
-    let uid = metadata["uid"].as_str()?;
+    let (uid, account) = pod_account(object)?;
     let namespace = metadata["namespace"].as_str().unwrap_or("default");
     let name = metadata["name"].as_str()?;
     let spec = &object["spec"];
-    let account = spec["serviceAccountName"].as_str().filter(|a| !a.is_empty()).unwrap_or("default");
     let named = |list: &Value| list.as_array().is_some_and(|c| c.iter().any(|c| c["name"] == PROXY_CONTAINER));
     let meshed = named(&spec["containers"]) || named(&spec["initContainers"]);
-    let pod = Pod { namespace: namespace.to_owned(), name: name.to_owned(), account: account.to_owned(), meshed };
-    Some((uid.to_owned(), pod))
+    Some((uid, Pod { namespace: namespace.to_owned(), name: name.to_owned(), account, meshed }))
 }
 
 #[cfg(test)]

@@ -5,9 +5,12 @@
 //!
 //! - [`directory`] — a GitOps directory of YAML files (the version is the git commit), watched;
 //! - [`registry`] — workloads registered in etcd with leases ([`etcd`] is its small etcd v3 client);
-//! - [`endpoint_slices`] — the EndpointSlices (and pods' service accounts) of the Kubernetes
-//!   Services clusters name.
+//! - [`cluster`] — the Kubernetes cluster's Services, EndpointSlices, Pods and Namespaces, watched
+//!   through the API server;
+//! - [`endpoint_slices`] — the EndpointSlices (and pods' service accounts) turned into the
+//!   endpoints of the Services clusters name.
 
+pub mod cluster;
 pub mod directory;
 pub mod endpoint_slices;
 pub mod etcd;

@@ -8,13 +8,17 @@
 //! - [`TestCa`] makes certificates in the test with the control plane's own CA: workload
 //!   certificates (written to files for the proxies' static-files identity), serving certificates,
 //!   and a raw mTLS client for poking at an inbound listener directly.
+//! - [`TestApiServer`] stands in for the Kubernetes API server: list/watch as the real one
+//!   speaks it, TokenReview, the webhook configuration.
 //! - [`TestEtcd`] is the etcd named by `REMORA_TEST_ETCD` (CI starts one), or a fresh `etcd` process
 //!   on free ports if the binary is installed; tests skip, saying why, when there is neither.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+pub mod api_server;
 pub mod certs;
 
+pub use api_server::TestApiServer;
 pub use certs::{IssuedPem, TestCa};
 
 use std::collections::HashMap;
@@ -80,6 +84,21 @@ impl TestControlPlane {
         let mut plane = TestControlPlane { dir, config, address: "127.0.0.1:0".parse().unwrap(), running: None };
         plane.run();
         plane.config.listen = plane.address;
+        plane
+    }
+
+    /// Like [`TestControlPlane::start`], following the cluster's objects through `kubernetes` too,
+    /// meshing its Services when `automatic_mesh`.
+    pub fn start_with_kubernetes(
+        files: &[(&str, &str)],
+        kubernetes: crate::kubernetes::KubernetesApi,
+        automatic_mesh: bool,
+    ) -> TestControlPlane {
+        let mut plane = TestControlPlane::start(files);
+        plane.stop();
+        plane.config.kubernetes = Some(kubernetes);
+        plane.config.kubernetes_objects = Some(crate::plane::KubernetesObjects { automatic_mesh });
+        plane.run();
         plane
     }
 

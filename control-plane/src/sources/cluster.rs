@@ -1,0 +1,211 @@
+//! The cluster as a source: its Services, EndpointSlices, Pods and Namespaces, followed through
+//! the API server with kube-runtime's watchers (`remora control --kubernetes-endpoints` or
+//! `--kubernetes-mesh`).
+//!
+//! [`follow`] runs one watcher per kind, cluster-wide. Each lists its kind (in pages of 500), then
+//! watches from the list's resource version with bookmarks; when the API server ends a watch it
+//! watches again from the last version it saw, and when that version has expired (410 Gone) it
+//! lists again; failures back off (kube-runtime's default: 800 ms doubling, with jitter, up to
+//! 30 s) while the objects last seen keep serving. Every object arrives as JSON and goes to the same
+//! readers as the directory's manifests ([`Objects::apply`]), which keep only what the mesh reads
+//! (a pod is its name, service account and whether it has the sidecar: 20,000 pods are a few MB,
+//! not their specs), so the API server and a git commit of the same YAML make the same proxy
+//! configuration. A list replaces what the kind held before.
+//!
+//! After each burst of events (whatever the watches have ready, taken at once), and once every
+//! kind has been listed, [`follow`] hands on the whole set if anything the mesh reads changed; a
+//! watcher's failure is handed on as such, to be counted, while the last set keeps serving.
+//!
+//! Watch events of different kinds come in on different streams, so a slice may name a pod before
+//! that pod's own event arrives: its endpoint then carries no identity until it does (see
+//! `endpoint_slices`), and the automatic mesh judges whether a Service's pods have the sidecar by
+//! the pods it knows.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use futures_util::stream::{self, BoxStream};
+use futures_util::{FutureExt, StreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client};
+use serde_json::Value;
+use tracing::{info, warn};
+
+use crate::mesh::{ObjectKind, Objects};
+
+/// What [`follow`] hands on.
+#[derive(Debug)]
+pub enum Update {
+    /// Every object, after a change (or the first time every kind was listed).
+    Objects(Arc<Objects>),
+    /// A watcher failed (it retries after a backoff); the last objects keep serving.
+    Failed(String),
+}
+
+/// One event of one kind's watcher, its object as JSON.
+type Item = (ObjectKind, Result<Event<Value>, watcher::Error>);
+
+/// Follows the cluster's Services, EndpointSlices, Pods and Namespaces through `client`, pods'
+/// identities in `trust_domain`, handing every change to `on_update`. Runs until dropped.
+pub async fn follow(client: Client, trust_domain: String, mut on_update: impl FnMut(Update)) {
+    let mut events = stream::select_all([
+        watch::<Service>(&client, ObjectKind::Service),
+        watch::<EndpointSlice>(&client, ObjectKind::EndpointSlice),
+        watch::<Pod>(&client, ObjectKind::Pod),
+        watch::<Namespace>(&client, ObjectKind::Namespace),
+    ]);
+    let mut following = Following::new(&trust_domain);
+    while let Some(first) = events.next().await {
+        following.take(first, &mut on_update);
+        // The rest of the burst, without waiting: one hand-on for a list or a rollout's events.
+        while let Some(Some(next)) = events.next().now_or_never() {
+            following.take(next, &mut on_update);
+        }
+        if let Some(objects) = following.changed() {
+            on_update(Update::Objects(objects));
+        }
+    }
+}
+
+/// `K`'s watcher, cluster-wide, backing off after failures, its objects as JSON.
+fn watch<K>(client: &Client, kind: ObjectKind) -> BoxStream<'static, Item>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+    K: Send + 'static,
+{
+    let api = Api::<K>::all(client.clone());
+    watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .map(move |event| (kind, event.map(json_event)))
+        .boxed()
+}
+
+/// An event with its object as JSON (k8s-openapi writes `apiVersion` and `kind` too).
+fn json_event<K: serde::Serialize>(event: Event<K>) -> Event<Value> {
+    let json = |object: K| serde_json::to_value(object).unwrap_or(Value::Null);
+    match event {
+        Event::Apply(object) => Event::Apply(json(object)),
+        Event::Delete(object) => Event::Delete(json(object)),
+        Event::Init => Event::Init,
+        Event::InitApply(object) => Event::InitApply(json(object)),
+        Event::InitDone => Event::InitDone,
+    }
+}
+
+/// The objects as the watchers have told them so far.
+#[derive(Debug)]
+struct Following {
+    objects: Objects,
+    /// Per kind, the objects of a list under way: they replace the kind's when it is done.
+    listing: HashMap<ObjectKind, Vec<Value>>,
+    /// The kinds listed at least once.
+    listed: HashSet<ObjectKind>,
+    /// Whether something changed since the last hand-on.
+    dirty: bool,
+}
+
+impl Following {
+    fn new(trust_domain: &str) -> Following {
+        Following { objects: Objects::new(trust_domain), listing: HashMap::new(), listed: HashSet::new(), dirty: false }
+    }
+
+    fn take(&mut self, (kind, event): Item, on_update: &mut impl FnMut(Update)) {
+        match event {
+            Ok(Event::Init) => {
+                self.listing.insert(kind, Vec::new());
+            }
+            Ok(Event::InitApply(object)) => self.listing.entry(kind).or_default().push(object),
+            Ok(Event::InitDone) => {
+                let listed = self.listing.remove(&kind).unwrap_or_default();
+                self.objects.clear(kind);
+                for object in &listed {
+                    self.objects.apply(object);
+                }
+                if self.listed.insert(kind) && self.listed.len() == ObjectKind::ALL.len() {
+                    info!(
+                        services = self.objects.services.len(),
+                        endpoint_slices = self.objects.slices.len(),
+                        pods = self.objects.pods.len(),
+                        namespaces = self.objects.namespaces.len(),
+                        "Kubernetes objects listed"
+                    );
+                }
+                self.dirty = true;
+            }
+            Ok(Event::Apply(object)) => self.dirty |= self.objects.apply(&object),
+            Ok(Event::Delete(object)) => self.dirty |= self.objects.delete(&object),
+            Err(error) => {
+                warn!(kind = ?kind, %error, "watching the API server failed; retrying, the objects last seen keep serving");
+                on_update(Update::Failed(format!("{kind:?}: {error}")));
+            }
+        }
+    }
+
+    /// The objects, if they changed and every kind has been listed.
+    fn changed(&mut self) -> Option<Arc<Objects>> {
+        if !self.dirty || self.listed.len() < ObjectKind::ALL.len() {
+            return None;
+        }
+        self.dirty = false;
+        Some(Arc::new(self.objects.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use serde_json::json;
+
+    use super::*;
+
+    fn service(name: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"namespace": "shop", "name": name},
+               "spec": {"clusterIP": "10.96.0.9", "ports": [{"port": 80}]}})
+    }
+
+    /// Nothing is handed on until every kind is listed; a list replaces its kind whole; events
+    /// change one object; an event that changes nothing the mesh reads hands nothing on.
+    #[test]
+    fn lists_replace_events_change_and_only_complete_sets_go_out() {
+        let mut following = Following::new("cluster.local");
+        let mut failures = Vec::new();
+        let mut take = |following: &mut Following, kind, event| {
+            following.take((kind, Ok(event)), &mut |update| {
+                if let Update::Failed(error) = update {
+                    failures.push(error);
+                }
+            })
+        };
+        for kind in [ObjectKind::Service, ObjectKind::EndpointSlice, ObjectKind::Pod] {
+            take(&mut following, kind, Event::Init);
+            if kind == ObjectKind::Service {
+                take(&mut following, kind, Event::InitApply(service("web")));
+            }
+            take(&mut following, kind, Event::InitDone);
+        }
+        assert!(following.changed().is_none(), "namespaces not listed yet");
+        take(&mut following, ObjectKind::Namespace, Event::Init);
+        take(&mut following, ObjectKind::Namespace, Event::InitDone);
+        let first = following.changed().unwrap();
+        assert_eq!(first.services.len(), 1);
+        assert!(following.changed().is_none(), "nothing new");
+        take(&mut following, ObjectKind::Service, Event::Apply(service("web")));
+        assert!(following.changed().is_none(), "the same object again");
+        take(&mut following, ObjectKind::Service, Event::Apply(service("api")));
+        assert_eq!(following.changed().unwrap().services.len(), 2);
+        take(&mut following, ObjectKind::Service, Event::Delete(service("web")));
+        assert_eq!(following.changed().unwrap().services.len(), 1);
+        // A relist (after 410 Gone) replaces the kind: what it no longer holds is gone.
+        take(&mut following, ObjectKind::Service, Event::Init);
+        take(&mut following, ObjectKind::Service, Event::InitApply(service("db")));
+        assert_eq!(following.changed().map(|o| o.services.len()), None, "a list under way is not handed on");
+        take(&mut following, ObjectKind::Service, Event::InitDone);
+        let relisted = following.changed().unwrap();
+        assert_eq!(relisted.services.keys().map(|(_, name)| name.as_str()).collect::<Vec<_>>(), ["db"]);
+        assert!(failures.is_empty());
+    }
+}

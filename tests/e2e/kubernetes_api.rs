@@ -1,0 +1,594 @@
+//! The control plane against the Kubernetes API server (a stand-in that speaks list/watch as the
+//! real one does: `remora_control_plane::testing::TestApiServer`; no kube-apiserver can run here):
+//! the cluster followed through kube-runtime's watchers (lists, watches, bookmarks, watches ended
+//! by the server, 410 Gone forcing a new list, failures retried, pods before and after their
+//! slices); the automatic mesh from the API server giving a proxy the same view as the same
+//! manifests in the directory; clusters filled from EndpointSlices with their pods' identities;
+//! TokenReview for the CA; the webhook configuration's caBundle.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use remora_control_plane::kubernetes;
+use remora_control_plane::sources::cluster::{self, Update};
+use remora_control_plane::testing::{GenericClient, TestApiServer, TestCa, TestControlPlane};
+use rustls::pki_types::ServerName;
+use serde_json::{Value, json};
+
+use crate::cli::Spawned;
+use crate::kubernetes::https;
+
+const WEBHOOK_PATH: &str = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/remora-injector";
+
+/// A Service of namespace `shop` with a cluster IP and one port `http` (80 to 8080).
+fn service(name: &str, cluster_ip: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service", "metadata": {"namespace": "shop", "name": name},
+           "spec": {"clusterIP": cluster_ip, "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}})
+}
+
+/// A pod of namespace `shop` running as `account`, with Remora's sidecar.
+fn meshed_pod(name: &str, account: &str) -> Value {
+    let mut pod = pod(name, account);
+    pod["spec"]["containers"].as_array_mut().unwrap().push(json!({"name": "remora-proxy", "image": "remora"}));
+    pod
+}
+
+fn namespace(name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+}
+
+/// Starts `remora control --kubernetes-endpoints` against `api`, serving from a directory in
+/// `directory` the cluster `web` (the Service shop/web's `http` port, with `cluster_fields` added),
+/// a route table to it and the listener `listener`; waits until it has listed the cluster's
+/// objects and serves. The process, its "Kubernetes objects listed" line, and the URL proxies dial.
+fn endpoints_control_plane(
+    api: &TestApiServer,
+    directory: &Path,
+    cluster_fields: &str,
+    listener: &str,
+) -> (Spawned, String, String) {
+    let mesh = directory.join("mesh");
+    std::fs::create_dir_all(&mesh).unwrap();
+    std::fs::write(
+        mesh.join("web.yaml"),
+        format!(
+            "resources:\n  - {{kind: Cluster, name: web{cluster_fields}, kubernetes_service: {{namespace: shop, name: web, port: http}}}}\n  - {{kind: RouteTable, name: web, routes: [{{name: all, backends: [{{cluster: web}}]}}]}}\n  - {{kind: Listener, name: {listener}, address: \"127.0.0.1:0\", route_tables: [web]}}\n"
+        ),
+    )
+    .unwrap();
+    let (kubernetes, _) = api.args(directory);
+    let mut control = Spawned::new(&and(
+        &kubernetes,
+        &["control", "--listen", "127.0.0.1:0", "--config-dir", mesh.to_str().unwrap(), "--kubernetes-endpoints"],
+    ));
+    let listed = control.wait_for("Kubernetes objects listed");
+    let line = control.wait_for("remora control serving Delta ADS");
+    let address = format!("http://{}", line.rsplit("address=").next().unwrap().trim());
+    (control, listed, address)
+}
+
+/// `remora control` against `api` with its CA in `directory/ca` (tokens checked with TokenReview,
+/// the port over TLS for 127.0.0.1) and the injector (a certificate for localhost from the CA),
+/// and `extra` arguments.
+fn ca_control_plane(api: &TestApiServer, directory: &Path, extra: &[&str]) -> Spawned {
+    let (kubernetes, _) = api.args(directory);
+    let ca_dir = directory.join("ca");
+    let mut args = vec!["control", "--listen", "127.0.0.1:0", "--ca-dir", ca_dir.to_str().unwrap(), "--ca-kubernetes"];
+    args.extend([
+        "--tls-name",
+        "127.0.0.1",
+        "--injector",
+        "--injector-listen",
+        "127.0.0.1:0",
+        "--injector-name",
+        "localhost",
+    ]);
+    args.extend(extra);
+    Spawned::new(&and(&kubernetes, &args))
+}
+
+/// The next set of objects `follow` hands on (failures counted in `failures`), within 15 s.
+async fn next_objects(
+    updates: &mut tokio::sync::mpsc::UnboundedReceiver<Update>,
+    failures: &mut usize,
+) -> Arc<remora_control_plane::mesh::Objects> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match tokio::time::timeout_at(deadline, updates.recv()).await.expect("no objects within 15 s") {
+            Some(Update::Objects(objects)) => return objects,
+            Some(Update::Failed(error)) => {
+                eprintln!("follow: {error}");
+                *failures += 1;
+            }
+            None => panic!("follow stopped"),
+        }
+    }
+}
+
+/// The identity of the endpoints of Service `shop/web`'s `http` port, by address.
+fn identities(objects: &remora_control_plane::mesh::Objects) -> BTreeMap<String, String> {
+    let web =
+        remora_control_api::v1::KubernetesService { namespace: "shop".into(), name: "web".into(), port: "http".into() };
+    objects.slices.endpoints_for(&web).into_iter().map(|e| (e.address, e.identity)).collect()
+}
+
+/// `cluster::follow` against the stand-in: nothing until every kind is listed; then each watch
+/// event; a pod after its slice gives the endpoint its identity late, one before at once; after a
+/// bookmark and a watch the server ended, watching resumes from the bookmark's version; after the
+/// history is compacted (410 Gone), a new list replaces what was held, a deletion missed meanwhile
+/// included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_is_listed_then_watched_through_bookmarks_ended_watches_and_410_gone() {
+    let api = TestApiServer::start(&TestCa::new("cluster.local")).await;
+    let directory = remora_proxy::testing::proxy::temp_dir("remora-follow");
+    api.put(namespace("shop"));
+    api.put(service("web", "10.96.0.10"));
+    api.put(service("old", "10.96.0.11"));
+    api.put(meshed_pod("web-a", "web"));
+    api.put(endpoint_slice_of("web-a", 8080, json!({"ready": true}), pod_ref("web-a")));
+    let (config, _) = api.api(&directory);
+    let client = kubernetes::client(&config).unwrap();
+    let (sender, mut updates) = tokio::sync::mpsc::unbounded_channel();
+    let following = tokio::spawn(cluster::follow(client, "cluster.local".into(), move |update| {
+        let _ = sender.send(update);
+    }));
+    let mut failures = 0;
+    let first = next_objects(&mut updates, &mut failures).await;
+    assert_eq!((first.services.len(), first.pods.len(), first.slices.len(), first.namespaces.len()), (2, 1, 1, 1));
+    assert_eq!(identities(&first)["127.0.0.1:8080"], "spiffe://cluster.local/ns/shop/sa/web");
+
+    // A slice naming a pod not seen yet: its endpoint has no identity until the pod arrives.
+    let mut late = endpoint_slice_of("web-b", 8080, json!({"ready": true}), pod_ref("web-b"));
+    late["endpoints"][0]["addresses"] = json!(["127.0.0.2"]);
+    api.put(late);
+    let objects = next_objects(&mut updates, &mut failures).await;
+    assert_eq!(identities(&objects)["127.0.0.2:8080"], "");
+    api.put(meshed_pod("web-b", "web"));
+    let objects = next_objects(&mut updates, &mut failures).await;
+    assert_eq!(identities(&objects)["127.0.0.2:8080"], "spiffe://cluster.local/ns/shop/sa/web");
+
+    // A bookmark, then the server ends every watch: watching resumes from the bookmark's version
+    // (newer than the last Service event, as other kinds changed since).
+    let bookmark = api.version();
+    api.bookmark();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let bookmarked = api.seen().len();
+    api.end_watches();
+    api.put(service("api", "10.96.0.12"));
+    let objects = next_objects(&mut updates, &mut failures).await;
+    assert!(objects.services.contains_key(&("shop".to_owned(), "api".to_owned())));
+    let rewatches: Vec<Value> = api.seen().split_off(bookmarked);
+    let services = rewatches.iter().find(|r| r["path"] == "/api/v1/services").expect("services watched again");
+    let query = services["query"].as_str().unwrap();
+    assert!(query.contains("watch=true") && query.contains("allowWatchBookmarks=true"), "{query}");
+    assert!(query.ends_with(&format!("resourceVersion={bookmark}")), "resumed from the bookmark: {query}");
+
+    // History compacted while the watches are down: each watch gets 410 Gone and lists again; the
+    // Service deleted meanwhile is gone from the new list.
+    api.delete_unseen("v1", "Service", "shop/old");
+    let objects = loop {
+        let objects = next_objects(&mut updates, &mut failures).await;
+        if !objects.services.contains_key(&("shop".to_owned(), "old".to_owned())) {
+            break objects;
+        }
+    };
+    assert_eq!(objects.services.len(), 2);
+    let lists = api
+        .seen()
+        .iter()
+        .filter(|r| r["path"] == "/api/v1/services" && !r["query"].as_str().unwrap().contains("watch=true"))
+        .count();
+    assert!(lists >= 2, "listed again after 410 Gone");
+    assert!(failures >= 1, "the 410 is reported, to be counted");
+    following.abort();
+    let _ = std::fs::remove_dir_all(directory);
+}
+
+/// The same manifests, from the directory or from the API server (`--kubernetes-mesh`), give a
+/// proxy of namespace `shop` the same resources, byte for byte (the same versions), short names
+/// included; a proxy of another namespace gets neither namespace's own resources.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_server_and_the_directory_make_the_same_views() {
+    let objects = [
+        namespace("shop"),
+        service("web", "10.96.0.10"),
+        meshed_pod("web-a", "web"),
+        endpoint_slice_of("web-a", 8080, json!({"ready": true}), pod_ref("web-a")),
+        pod("db-0", "db"),
+    ];
+    let manifests: Vec<String> = objects.iter().map(|o| serde_yaml_ng::to_string(o).unwrap()).collect();
+    let from_directory = TestControlPlane::start(&[("cluster.yaml", &manifests.join("---\n"))]);
+    let api = TestApiServer::start(&TestCa::new("cluster.local")).await;
+    for object in &objects {
+        api.put(object.clone());
+    }
+    let directory = remora_proxy::testing::proxy::temp_dir("remora-views");
+    let (config, _) = api.api(&directory);
+    let from_api = TestControlPlane::start_with_kubernetes(&[], config, true);
+    let view = |url: String, node: &'static str| async move {
+        use remora_control_api::Kind;
+        let kinds = [Kind::Cluster, Kind::Endpoints, Kind::RouteTable].map(Kind::type_url);
+        let subscriptions: Vec<(&str, HashMap<String, String>)> = kinds.iter().map(|t| (*t, HashMap::new())).collect();
+        let mut client = GenericClient::connect(&url, node, &subscriptions).await;
+        let mut held = BTreeMap::new();
+        while let Some(response) = client.next_within(Duration::from_millis(500)).await {
+            for resource in &response.resources {
+                held.insert(format!("{} {}", response.type_url, resource.name), resource.version.clone());
+            }
+            client.ack(&response).await;
+        }
+        held
+    };
+    let shop = view(from_directory.url(), "web-0.shop").await;
+    assert!(shop.keys().any(|k| k.ends_with("RouteTable shop/web:80")), "{shop:?}");
+    assert_eq!(view(from_api.url(), "web-0.shop").await, shop);
+    let elsewhere = view(from_api.url(), "tool-0.ops").await;
+    assert_eq!(view(from_directory.url(), "tool-0.ops").await, elsewhere);
+    let table = |view: &BTreeMap<String, String>| {
+        view.iter().find(|(k, _)| k.ends_with("RouteTable shop/web:80")).map(|(_, v)| v.clone())
+    };
+    assert_ne!(table(&elsewhere), table(&shop), "another namespace gets the shared table, without the short name");
+    let _ = std::fs::remove_dir_all(directory);
+}
+
+/// `args` followed by `extra`, for a command line.
+fn and<'a>(extra: &'a [String], args: &[&'a str]) -> Vec<&'a str> {
+    args.iter().copied().chain(extra.iter().map(String::as_str)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ca_issues_a_service_account_its_own_identity_after_a_token_review() {
+    use remora_control_api::ca::certificate_request;
+    use remora_control_api::ca::{ClientError, sign};
+    use remora_control_api::identity::SpiffeId;
+
+    let cluster_ca = TestCa::new("cluster.local");
+    let api = TestApiServer::start(&cluster_ca).await;
+    api.set_user("projected-token-of-shop-web", "system:serviceaccount:shop:web");
+    let directory = remora_proxy::testing::proxy::temp_dir("remora-tokenreview");
+    let mut control = ca_control_plane(&api, &directory, &[]);
+    let line = control.wait_for("remora control serving Delta ADS");
+    let address = format!("https://{}", line.rsplit("address=").next().unwrap().trim());
+    let mesh_root = std::fs::read_to_string(directory.join("ca/ca.crt")).unwrap();
+    // The injector serves with a certificate from the same CA, so its caBundle is the mesh root.
+    let line = control.wait_for("remora control serving the sidecar injector");
+    let injector: std::net::SocketAddr = line.rsplit("address=").next().unwrap().trim().parse().unwrap();
+    assert_eq!(https(injector, &mesh_root, "GET", b"").await.0, 405);
+    let control_tls = remora_control_api::grpc::ControlTls::from_pem(mesh_root.as_bytes()).unwrap();
+
+    let ask = |id: &str, token: &str| {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let csr = certificate_request(&SpiffeId::parse(id).unwrap(), &key).unwrap();
+        let (address, token, tls) = (address.clone(), token.to_owned(), control_tls.clone());
+        async move {
+            let (ttl, timeout) = (std::time::Duration::from_secs(3600), std::time::Duration::from_secs(10));
+            sign(&address, Some(&tls), &token, csr, ttl, timeout).await
+        }
+    };
+    // The account's own identity is signed.
+    let signed = ask("spiffe://cluster.local/ns/shop/sa/web", "projected-token-of-shop-web").await.unwrap();
+    assert!(signed.certificate_chain[0].contains("BEGIN CERTIFICATE"), "{signed:?}");
+    // Another account's is not, and an invalid token is not authenticated.
+    let refused = |result: Result<_, ClientError>| match result {
+        Err(ClientError::Refused { code, .. }) => code,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    assert_eq!(
+        refused(ask("spiffe://cluster.local/ns/shop/sa/admin", "projected-token-of-shop-web").await),
+        tonic::Code::PermissionDenied
+    );
+    assert_eq!(
+        refused(ask("spiffe://cluster.local/ns/shop/sa/web", "a-stolen-or-expired-token").await),
+        tonic::Code::Unauthenticated
+    );
+    // Each review went to TokenReview as the control plane, for the CA's audience; the second
+    // request with the accepted token was answered from memory.
+    let seen = api.seen();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    for review in &seen {
+        assert_eq!(review["path"], "/apis/authentication.k8s.io/v1/tokenreviews");
+        assert_eq!(review["authorized"], true);
+        assert_eq!(review["body"]["kind"], "TokenReview");
+        assert_eq!(review["body"]["spec"]["audiences"], json!(["remora"]));
+    }
+
+    // A proxy as the injector sets it up: the projected token in a file, the control plane's root
+    // inline in REMORA_CONTROL_CA; it is ready once its certificate is in hand.
+    let token_file = directory.join("token");
+    std::fs::write(&token_file, "projected-token-of-shop-web").unwrap();
+    let config = directory.join("proxy.yaml");
+    std::fs::write(&config, "bootstrap:\n  admin_address: 127.0.0.1:0\n  workers: 1\nresources: []\n").unwrap();
+    let mut proxy = Spawned::with_env(
+        &[
+            "proxy",
+            "--config",
+            config.to_str().unwrap(),
+            "--control",
+            &address,
+            "--identity",
+            "spiffe://cluster.local/ns/shop/sa/web",
+            "--token-file",
+            token_file.to_str().unwrap(),
+        ],
+        &[("REMORA_CONTROL_CA", &mesh_root)],
+    );
+    let issued = proxy.wait_for("certificate issued");
+    assert!(issued.contains("spiffe://cluster.local/ns/shop/sa/web"), "{issued}");
+    proxy.wait_for("first configuration from the control plane applied; ready");
+
+    // The API server refusing the control plane is "unavailable" for a token not reviewed yet: the
+    // proxy retries later. One it accepted moments ago is still honoured.
+    api.set_user("projected-token-of-shop-web-renewed", "system:serviceaccount:shop:web");
+    api.accept_only("a-token-the-control-plane-does-not-hold");
+    assert_eq!(
+        refused(ask("spiffe://cluster.local/ns/shop/sa/web", "projected-token-of-shop-web-renewed").await),
+        tonic::Code::Unavailable
+    );
+    assert!(ask("spiffe://cluster.local/ns/shop/sa/web", "projected-token-of-shop-web").await.is_ok());
+    let _ = std::fs::remove_dir_all(directory);
+}
+
+/// A TLS connection to `address` trusting `root` (ALPN http/1.1, for host `name`), its HTTP/1.1
+/// sender, and the leaf certificate the server presented.
+async fn tls_session(
+    address: std::net::SocketAddr,
+    root: &str,
+    name: &str,
+) -> (hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>, Vec<u8>) {
+    let tls = remora_control_api::grpc::ControlTls::from_pem(root.as_bytes()).unwrap();
+    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    let stream = tokio_rustls::TlsConnector::from(tls.http1_config())
+        .connect(ServerName::try_from(name.to_owned()).unwrap(), tcp)
+        .await
+        .unwrap();
+    let leaf = stream.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    let (sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(connection);
+    (sender, leaf)
+}
+
+/// `GET path` on an open session; the status and body.
+async fn get(
+    sender: &mut hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    path: &str,
+) -> (u16, String) {
+    use http_body_util::BodyExt;
+    let request = http::Request::get(path).header("host", "localhost").body(http_body_util::Empty::new()).unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// With `--injector-webhook`, the control plane sets the caBundle of the webhook configuration
+/// (the one `deploy/` applies) to the CA root through the API server; and with short-lived serving
+/// certificates, it renews its port's and the injector's certificates at half-life while open
+/// connections carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_plane_patches_the_webhook_ca_bundle_and_renews_its_serving_certificates() {
+    let cluster_ca = TestCa::new("cluster.local");
+    let manifest = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/webhook.yaml")).unwrap();
+    let deployed: Value = serde_yaml_ng::from_str(&manifest).unwrap();
+    assert!(deployed["webhooks"][0]["clientConfig"].get("caBundle").is_none(), "deploy/ leaves caBundle out");
+    let api = TestApiServer::start(&cluster_ca).await;
+    api.put_webhook(deployed);
+    let directory = remora_proxy::testing::proxy::temp_dir("remora-ca-bundle");
+    let mut control =
+        ca_control_plane(&api, &directory, &["--serving-cert-ttl", "4", "--injector-webhook", "remora-injector"]);
+    let line = control.wait_for("remora control serving Delta ADS");
+    let port: std::net::SocketAddr = line.rsplit("address=").next().unwrap().trim().parse().unwrap();
+    let line = control.wait_for("remora control serving the sidecar injector");
+    let injector: std::net::SocketAddr = line.rsplit("address=").next().unwrap().trim().parse().unwrap();
+    let mesh_root = std::fs::read_to_string(directory.join("ca/ca.crt")).unwrap();
+
+    // The caBundle: patched in, guarded by the webhook's name, as the control plane.
+    control.wait_for("webhook caBundle set to the CA root");
+    let webhook = api.webhook("remora-injector");
+    let bundle = base64::engine::general_purpose::STANDARD.encode(&mesh_root);
+    assert_eq!(webhook["webhooks"][0]["clientConfig"]["caBundle"], bundle.as_str());
+    assert_eq!(webhook["webhooks"][0]["clientConfig"]["service"]["name"], "remora-injector", "the rest is kept");
+    let seen = api.seen();
+    let patch = seen.iter().find(|r| r["method"] == "PATCH").expect("a PATCH");
+    assert_eq!(patch["path"], WEBHOOK_PATH);
+    assert_eq!(patch["authorized"], true);
+    assert_eq!(patch["content_type"], "application/json-patch+json");
+    assert_eq!(patch["body"][0], json!({"op": "test", "path": "/webhooks/0/name", "value": "inject.remora.dev"}));
+
+    // Renewal: a connection opened now keeps working after both certificates are renewed (at 2 s),
+    // and a new one is served the new certificate, from the same root.
+    let (mut before, first) = tls_session(injector, &mesh_root, "localhost").await;
+    assert_eq!(get(&mut before, "/live").await.0, 200);
+    let (_, first_port) = tls_session(port, &mesh_root, "127.0.0.1").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let renewed = loop {
+        let (_, leaf) = tls_session(injector, &mesh_root, "localhost").await;
+        if leaf != first {
+            break leaf;
+        }
+        assert!(std::time::Instant::now() < deadline, "the injector's certificate was not renewed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_ne!(renewed, first);
+    assert_eq!(get(&mut before, "/live").await.0, 200, "an open connection outlives the renewal");
+    let (mut operator, now_port) = tls_session(port, &mesh_root, "127.0.0.1").await;
+    assert_ne!(now_port, first_port, "the port's certificate is renewed too");
+    let (status, metrics) = get(&mut operator, "/metrics").await;
+    assert_eq!(status, 200);
+    let renewals = metrics
+        .lines()
+        .find(|l| l.starts_with("remora_control_serving_certificate_renewals_total{result=\"renewed\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no renewal count in\n{metrics}"));
+    assert!(renewals >= 2.0, "{renewals}");
+    assert!(metrics.contains("remora_control_injector_ca_bundle_checks_total{result=\"patched\"} 1"), "{metrics}");
+    let _ = std::fs::remove_dir_all(directory);
+}
+
+/// An EndpointSlice of Service `shop/web` with one endpoint at 127.0.0.1 on `port` (named http).
+fn endpoint_slice(name: &str, port: u16, conditions: Value) -> Value {
+    endpoint_slice_of(name, port, conditions, Value::Null)
+}
+
+/// An EndpointSlice of `web` whose one endpoint is the pod `target` (a `targetRef`).
+fn endpoint_slice_of(name: &str, port: u16, conditions: Value, target: Value) -> Value {
+    let mut endpoint = json!({"addresses": ["127.0.0.1"], "conditions": conditions, "zone": "zone-a"});
+    if !target.is_null() {
+        endpoint["targetRef"] = target;
+    }
+    json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": "shop", "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+        "endpoints": [endpoint],
+    })
+}
+
+/// A pod of namespace `shop` running as service account `account`.
+fn pod(name: &str, account: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "namespace": "shop", "uid": format!("uid-{name}")},
+           "spec": {"serviceAccountName": account, "containers": [{"name": "app", "image": "app"}]}})
+}
+
+/// The `targetRef` of a slice endpoint for the pod `name`.
+fn pod_ref(name: &str) -> Value {
+    json!({"kind": "Pod", "namespace": "shop", "name": name, "uid": format!("uid-{name}")})
+}
+
+/// Which servers answered `n` requests through `address`.
+async fn served_by(address: std::net::SocketAddr, n: usize) -> std::collections::BTreeMap<String, usize> {
+    let mut client = remora_proxy::testing::Client::http1(address).await;
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..n {
+        let reply = client.get("web.shop", "/").await;
+        *seen
+            .entry(if reply.status == 200 { reply.header("x-served-by").to_owned() } else { reply.status.to_string() })
+            .or_insert(0) += 1;
+    }
+    seen
+}
+
+/// With `--kubernetes-endpoints`, a cluster naming a Service gets its pods from the API server's
+/// EndpointSlices: the list at start, then every watch event: a pod turning terminating drains (no
+/// new requests), a slice deleted takes its pods away, a new one adds them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clusters_follow_a_services_endpoint_slices() {
+    use remora_proxy::testing::{HttpServer, TestProxy, eventually};
+
+    let (a, b, c) = (HttpServer::start("a").await, HttpServer::start("b").await, HttpServer::start("c").await);
+    let cluster_ca = TestCa::new("cluster.local");
+    let api = TestApiServer::start(&cluster_ca).await;
+    let ready = || json!({"ready": true, "serving": true, "terminating": false});
+    api.put(endpoint_slice("web-a", a.address().port(), ready()));
+    api.put(endpoint_slice("web-b", b.address().port(), ready()));
+    let directory = remora_proxy::testing::proxy::temp_dir("remora-endpoint-slices");
+    let (_control, _, address) = endpoints_control_plane(&api, &directory, "", "in");
+    let proxy = TestProxy::start_controlled("", &address, "slices");
+    proxy.wait_ready().await;
+    let listener = proxy.address("in");
+    let seen = served_by(listener, 40).await;
+    assert_eq!((seen.get("a"), seen.get("b")), (Some(&20), Some(&20)), "{seen:?}");
+
+    // b's pod is terminating: it drains, a takes every new request.
+    api.put(endpoint_slice("web-b", b.address().port(), json!({"ready": false, "serving": true, "terminating": true})));
+    eventually("b drains", Duration::from_secs(5), || async { served_by(listener, 10).await.keys().eq(["a"]) }).await;
+    let (_, clusters) = proxy.admin_get("/clusters").await;
+    assert!(clusters.contains("\"draining\""), "{clusters}");
+
+    // b's slice goes and c's comes: the watch carries both.
+    api.delete("discovery.k8s.io/v1", "EndpointSlice", "shop/web-b");
+    api.put(endpoint_slice("web-c", c.address().port(), ready()));
+    eventually("c joins", Duration::from_secs(5), || async { served_by(listener, 10).await.keys().eq(["a", "c"]) })
+        .await;
+    let seen = api.seen();
+    assert!(seen.iter().any(|r| r["path"] == "/apis/discovery.k8s.io/v1/endpointslices" && r["authorized"] == true));
+    let _ = std::fs::remove_dir_all(directory);
+}
+
+/// A receiving sidecar holding `identity` (from `ca`) in front of the server `app`.
+fn inbound_sidecar(
+    ca: &TestCa,
+    identity: &str,
+    app: std::net::SocketAddr,
+    dir: &Path,
+) -> remora_proxy::testing::TestProxy {
+    let identity = ca.issue(identity).bootstrap_identity(dir);
+    remora_proxy::testing::TestProxy::start(&format!(
+        "bootstrap:\n  admin_address: 127.0.0.1:0\n  workers: 1\n  drain_time: 1s\n{identity}---\nresources:\n{}{}",
+        crate::cluster("app", ", protocol: http1", &[app]),
+        crate::listener("in", ", direction: inbound, default_cluster: app"),
+    ))
+}
+
+/// Endpoints from EndpointSlices carry their pods' service-account identities, so `tls: mesh`
+/// refuses a sidecar that holds another identity of the trust domain (without them, any identity
+/// of it passes): the pods come from a list of every pod (its first attempts answered 503, retried
+/// after a backoff), and a pod a watch brings in gives its endpoint an identity, whether it comes
+/// before its slice or after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_endpoints_are_checked_against_their_pods_service_accounts() {
+    use remora_proxy::testing::{HttpServer, TestProxy, eventually};
+
+    const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+    let mesh_ca = TestCa::new("cluster.local");
+    let directory = remora_proxy::testing::proxy::temp_dir("remora-pod-identities");
+    let servers = [HttpServer::start("a").await, HttpServer::start("b").await, HttpServer::start("c").await];
+    let [a, b, c] = &servers;
+    let sidecar_a = inbound_sidecar(&mesh_ca, WEB, a.address(), &directory.join("a"));
+    // b's pod runs as `web`, but what answers at its address holds another identity.
+    let impostor =
+        inbound_sidecar(&mesh_ca, "spiffe://cluster.local/ns/shop/sa/impostor", b.address(), &directory.join("b"));
+    let sidecar_c = inbound_sidecar(&mesh_ca, WEB, c.address(), &directory.join("c"));
+    for sidecar in [&sidecar_a, &impostor, &sidecar_c] {
+        sidecar.wait_ready().await;
+    }
+
+    let api = TestApiServer::start(&TestCa::new("cluster.local")).await;
+    let ready = || json!({"ready": true});
+    for (name, account) in [("web-a", "web"), ("web-b", "web"), ("db-0", "db")] {
+        api.put(pod(name, account));
+    }
+    api.put(endpoint_slice_of("web-a", sidecar_a.address("in").port(), ready(), pod_ref("web-a")));
+    api.put(endpoint_slice_of("web-b", impostor.address("in").port(), ready(), pod_ref("web-b")));
+    api.fail_next("/api/v1/pods", 2);
+    let (_control, listed, address) = endpoints_control_plane(&api, &directory, ", tls: mesh", "out");
+    assert!(listed.contains("pods=3"), "every pod, from a list: {listed}");
+    let pod_lists = api
+        .seen()
+        .iter()
+        .filter(|r| r["path"] == "/api/v1/pods" && !r["query"].as_str().unwrap().contains("watch"))
+        .count();
+    assert_eq!(pod_lists, 3, "listed again after each 503");
+    let identity =
+        mesh_ca.issue("spiffe://cluster.local/ns/shop/sa/client").bootstrap_identity(&directory.join("client"));
+    let client = TestProxy::start_controlled(
+        &format!(
+            "bootstrap:\n  admin_address: 127.0.0.1:0\n  workers: 1\n  drain_time: 1s\n  initial_fetch_timeout: 20s\n{identity}---\n"
+        ),
+        &address,
+        "client",
+    );
+    client.wait_ready().await;
+    let out = client.address("out");
+    let seen = served_by(out, 20).await;
+    assert!(seen.contains_key("a"), "{seen:?}");
+    assert_eq!(seen.get("b"), None, "the impostor was let through: {seen:?}");
+
+    // A new pod's slice arrives before the pod itself: c joins once its pod (and so its identity)
+    // is known.
+    api.delete("discovery.k8s.io/v1", "EndpointSlice", "shop/web-b");
+    api.put(endpoint_slice_of("web-c", sidecar_c.address("in").port(), ready(), pod_ref("web-c")));
+    api.put(pod("web-c", "web"));
+    eventually("c joins", Duration::from_secs(5), || async { served_by(out, 10).await.keys().eq(["a", "c"]) }).await;
+    eventually("both endpoints carry their pod's identity", Duration::from_secs(15), || async {
+        client.config_dump().await.to_string().matches(WEB).count() >= 2
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(directory);
+}
