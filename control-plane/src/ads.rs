@@ -7,11 +7,13 @@
 //! place in every proxy's view: nothing is re-sent for it.
 //!
 //! Each proxy sees a view of the set: the resources every proxy sees, and over them its namespace's
-//! own (resources only that namespace's proxies are sent, beside the shared ones or in place of a
-//! shared one of the same name: the automatic mesh's route tables with the namespace's short
-//! names). A stream's namespace is its token's, when the stream is authenticated and the token's
-//! identities lie in one namespace, else its node ID's (`POD.NAMESPACE`, as the injector sets it);
-//! a node ID without a namespace sees the shared resources alone. Proxies of one namespace share
+//! own, and over those its pod's (resources only that scope's proxies are sent, beside the shared
+//! ones or in place of one of the same name: the automatic mesh's route tables with the
+//! namespace's short names, a namespace's or a pod's strict inbound policy). A stream's namespace
+//! is its token's, when the stream is authenticated and the token's identities lie in one
+//! namespace, else its node ID's (`POD.NAMESPACE`, as the injector sets it), and its pod the node
+//! ID's when that agrees on the namespace; a node ID without a namespace sees the shared resources
+//! alone. Proxies of one scope share
 //! the encoding of its resources as all proxies share the shared ones.
 //!
 //! [`AdsServer`] serves one task per stream; with [`AdsServer::authenticated_by`], only to a proxy
@@ -67,9 +69,9 @@ pub struct ServedResource {
 /// Resources of one kind as served, by name.
 type Served = BTreeMap<String, Arc<ServedResource>>;
 
-/// One published resource set: the resources every proxy sees, and per namespace the ones only
-/// that namespace's proxies see (beside the shared ones, or in place of a shared one of the same
-/// name).
+/// One published resource set: the resources every proxy sees, and per scope (a namespace,
+/// `NAMESPACE`, or a pod, `NAMESPACE/POD`) the ones only that scope's proxies see (beside the
+/// shared ones, or in place of one of the same name).
 #[derive(Debug, Default)]
 pub struct ServedSet {
     /// Bumped by every publication that changed something.
@@ -79,9 +81,9 @@ pub struct ServedSet {
     /// When it was published (convergence is measured from here).
     pub published_at: Option<Instant>,
     shared: Layer,
-    /// Per namespace, its own layer (a namespace whose layer went empty in this publication keeps
-    /// it, empty, for one generation, so that its proxies learn what it touched).
-    namespaces: BTreeMap<String, Layer>,
+    /// Per scope, its own layer (a scope whose layer went empty in this publication keeps it,
+    /// empty, for one generation, so that its proxies learn what it touched).
+    scopes: BTreeMap<String, Layer>,
 }
 
 /// Resources of every kind, and what the publication that made them touched.
@@ -99,43 +101,47 @@ impl ServedSet {
         &self.shared.kinds[kind.index()]
     }
 
-    /// The resources of `kind` a proxy in `namespace` sees (none: the shared ones alone).
-    pub fn view(&self, kind: Kind, namespace: Option<&str>) -> View<'_> {
-        let own = namespace.and_then(|ns| self.namespaces.get(ns));
-        View { shared: &self.shared.kinds[kind.index()], own: own.map(|layer| &layer.kinds[kind.index()]) }
+    /// The resources of `kind` a proxy of `scopes` (least specific first: its namespace, then its
+    /// pod) sees; none, the shared ones alone.
+    pub fn view(&self, kind: Kind, scopes: &[String]) -> View<'_> {
+        let layer = |i: usize| scopes.get(i).and_then(|scope| self.scopes.get(scope)).map(|l| &l.kinds[kind.index()]);
+        View { layers: [Some(&self.shared.kinds[kind.index()]), layer(0), layer(1)] }
     }
 
-    /// The namespaces with resources of their own, and how many each has.
-    pub fn namespaces(&self) -> impl Iterator<Item = (&str, usize)> {
-        self.namespaces.iter().map(|(ns, layer)| (ns.as_str(), layer.kinds.iter().map(BTreeMap::len).sum()))
+    /// The scopes with resources of their own, and how many each has.
+    pub fn scopes(&self) -> impl Iterator<Item = (&str, usize)> {
+        self.scopes.iter().map(|(scope, layer)| (scope.as_str(), layer.kinds.iter().map(BTreeMap::len).sum()))
     }
 
-    /// The names of `kind` the last publication touched in that view.
-    fn touched(&self, kind: Kind, namespace: Option<&str>) -> BTreeSet<&str> {
-        let own = namespace.and_then(|ns| self.namespaces.get(ns));
+    /// The names of `kind` the last publication touched in the view of `scopes`.
+    fn touched(&self, kind: Kind, scopes: &[String]) -> BTreeSet<&str> {
+        let own = scopes.iter().filter_map(|scope| self.scopes.get(scope));
         let layers = std::iter::once(&self.shared).chain(own);
         layers.flat_map(|layer| layer.touched[kind.index()].iter().map(String::as_str)).collect()
     }
 }
 
-/// What one proxy sees of a kind: the shared resources, with its namespace's own over them.
+/// What one proxy sees of a kind: the shared resources, its namespace's over them, its pod's over
+/// those.
 #[derive(Clone, Copy, Debug)]
 pub struct View<'a> {
-    shared: &'a Served,
-    own: Option<&'a Served>,
+    /// Least specific first.
+    layers: [Option<&'a Served>; 3],
 }
 
 impl<'a> View<'a> {
-    /// The resource named `name`.
+    /// The resource named `name`: the most specific layer's.
     pub fn get(&self, name: &str) -> Option<&'a Arc<ServedResource>> {
-        self.own.and_then(|own| own.get(name)).or_else(|| self.shared.get(name))
+        self.layers.iter().rev().flatten().find_map(|layer| layer.get(name))
     }
 
-    /// Every resource, by name: the shared ones its namespace does not replace, then its own.
+    /// Every resource, by name, each from the most specific layer that has it.
     pub fn iter(&self) -> impl Iterator<Item = (&'a String, &'a Arc<ServedResource>)> + use<'a> {
-        let own = self.own;
-        let shared = self.shared.iter().filter(move |(name, _)| own.is_none_or(|own| !own.contains_key(*name)));
-        shared.chain(own.into_iter().flatten())
+        let layers = self.layers;
+        layers.into_iter().enumerate().flat_map(move |(i, layer)| {
+            let above = layers.into_iter().skip(i + 1).flatten();
+            layer.into_iter().flatten().filter(move |(name, _)| above.clone().all(|l| !l.contains_key(*name)))
+        })
     }
 }
 
@@ -172,26 +178,27 @@ impl Publisher {
         self.publish_views(resources, &BTreeMap::new(), system_version)
     }
 
-    /// Makes `resources` the set every proxy sees and `namespaces` what only each namespace's
-    /// proxies see (beside it, or in place of a shared resource of the same name). Resources whose
+    /// Makes `resources` the set every proxy sees and `scoped` what only each scope's proxies see
+    /// (a namespace, `NAMESPACE`, or a pod, `NAMESPACE/POD`: beside the rest, or in place of a
+    /// resource of the same name). Resources whose
     /// bytes did not change keep their shared encoding and version; if nothing changed at all,
     /// nothing is published.
     pub fn publish_views(
         &self,
         resources: &[Resource],
-        namespaces: &BTreeMap<String, Vec<Resource>>,
+        scoped: &BTreeMap<String, Vec<Resource>>,
         system_version: &str,
     ) -> Published {
         let previous = self.tx.borrow().clone();
         let mut summary = Published::default();
         let shared = Layer::encode(resources, Some(&previous.shared), &mut summary);
         let mut layers = BTreeMap::new();
-        let names: BTreeSet<&String> = namespaces.keys().chain(previous.namespaces.keys()).collect();
-        for namespace in names {
-            let own = namespaces.get(namespace).map_or(&[][..], Vec::as_slice);
-            let layer = Layer::encode(own, previous.namespaces.get(namespace), &mut summary);
+        let names: BTreeSet<&String> = scoped.keys().chain(previous.scopes.keys()).collect();
+        for scope in names {
+            let own = scoped.get(scope).map_or(&[][..], Vec::as_slice);
+            let layer = Layer::encode(own, previous.scopes.get(scope), &mut summary);
             if layer.kinds.iter().any(|k| !k.is_empty()) || layer.touched.iter().any(|t| !t.is_empty()) {
-                layers.insert(namespace.clone(), layer);
+                layers.insert(scope.clone(), layer);
             }
         }
         for kind in Kind::ALL {
@@ -205,14 +212,14 @@ impl Publisher {
             system_version: system_version.to_owned(),
             published_at: Some(Instant::now()),
             shared,
-            namespaces: layers,
+            scopes: layers,
         };
         info!(
             generation = set.generation,
             version = %set.system_version,
             changed = summary.changed,
             removed = summary.removed,
-            namespaces = set.namespaces.len(),
+            scopes = set.scopes.len(),
             "publishing"
         );
         self.tx.send_replace(Arc::new(set));
@@ -456,14 +463,23 @@ async fn serve_stream(
     }
 }
 
-/// The namespace of a node ID of the injector's form, `POD.NAMESPACE` (a namespace is a DNS label,
-/// so the part after the last dot).
-fn node_namespace(node: &str) -> Option<String> {
-    let (_, namespace) = node.rsplit_once('.')?;
-    let label = !namespace.is_empty()
-        && namespace.len() <= 63
-        && namespace.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    label.then(|| namespace.to_owned())
+/// The scopes whose own resources a proxy sees, least specific first: its namespace (the token's
+/// if it pins one, else the node ID's), then its pod (`NAMESPACE/POD`, when the node ID, of the
+/// injector's form `POD.NAMESPACE`, names that namespace). A namespace is a DNS label, so the node
+/// ID's is the part after its last dot.
+fn scopes_of(node: &str, token_namespace: Option<&str>) -> Vec<String> {
+    let named = node.rsplit_once('.').filter(|(pod, namespace)| {
+        !pod.is_empty()
+            && !namespace.is_empty()
+            && namespace.len() <= 63
+            && namespace.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    });
+    let Some(namespace) = token_namespace.or(named.map(|(_, namespace)| namespace)) else { return Vec::new() };
+    let mut scopes = vec![namespace.to_owned()];
+    if let Some((pod, _)) = named.filter(|(_, ns)| *ns == namespace) {
+        scopes.push(format!("{namespace}/{pod}"));
+    }
+    scopes
 }
 
 /// The one namespace a token's identities lie in (`spiffe://TD/ns/NAMESPACE/...`, the namespace
@@ -507,9 +523,8 @@ impl Subscription {
 #[derive(Debug, Default)]
 struct Session {
     node: String,
-    /// The proxy's namespace, whose own resources it sees: its stream token's, when the token
-    /// entitles identities in one namespace only, else the node ID's (`POD.NAMESPACE`).
-    namespace: Option<String>,
+    /// The scopes whose own resources it sees (see [`scopes_of`]).
+    scopes: Vec<String>,
     /// The namespace the stream's token pins, if it does.
     token_namespace: Option<String>,
     /// When the node identified itself: changes published before that are initial state, not
@@ -530,12 +545,12 @@ impl Session {
                 return Err(Status::invalid_argument("the first request of a stream must carry node.id"));
             }
             self.node = node.to_owned();
-            self.namespace = self.token_namespace.clone().or_else(|| node_namespace(node));
+            self.scopes = scopes_of(node, self.token_namespace.as_deref());
             self.connected_at = Some(Instant::now());
             if let Ok(mut nacked) = shared.nacked.lock() {
                 self.nacked = nacked.remove(node).unwrap_or_default();
             }
-            info!(node = %self.node, namespace = self.namespace.as_deref().unwrap_or(""), "proxy connected");
+            info!(node = %self.node, scopes = ?self.scopes, "proxy connected");
         }
         let Some(kind) = Kind::from_type_url(&request.type_url) else {
             warn!(node = %self.node, type_url = %request.type_url, "subscription to an unknown type ignored");
@@ -603,7 +618,7 @@ impl Session {
             if !sub.active {
                 continue;
             }
-            let served = current.view(kind, self.namespace.as_deref());
+            let served = current.view(kind, &self.scopes);
             let nacked = &self.nacked[kind.index()];
             let due = |name: &str, resource: &ServedResource| {
                 sub.wants(name)
@@ -611,7 +626,7 @@ impl Session {
                     && nacked.get(name) != Some(&resource.version)
             };
             let (resources, removed): (Vec<_>, Vec<String>) = if incremental {
-                let touched = current.touched(kind, self.namespace.as_deref());
+                let touched = current.touched(kind, &self.scopes);
                 let resources = touched
                     .iter()
                     .filter_map(|name| served.get(name).filter(|r| due(name, r)))
@@ -877,12 +892,30 @@ mod tests {
         assert!(data.pushes(&served, &shared).is_empty());
     }
 
+    /// A pod's own resources reach that pod's proxy only, over its namespace's and the shared ones.
     #[test]
-    fn node_ids_and_tokens_name_namespaces() {
-        assert_eq!(node_namespace("web-7d9f.shop").as_deref(), Some("shop"));
-        assert_eq!(node_namespace("web.v2.shop").as_deref(), Some("shop"));
-        assert_eq!(node_namespace("web-1"), None);
-        assert_eq!(node_namespace("web.Shop"), None);
+    fn a_pods_own_resources_override_its_namespaces() {
+        let (publisher, shared) = setup();
+        let table = |destination: &str| {
+            resources(&format!("resources:\n  - {{kind: RouteTable, name: t, destinations: [\"{destination}\"]}}\n"))
+        };
+        let scoped = BTreeMap::from([("shop".to_owned(), table("ns:80")), ("shop/web-0".to_owned(), table("pod:80"))]);
+        publisher.publish_views(&table("shared:80"), &scoped, "v1");
+        let served = publisher.subscribe().borrow().clone();
+        let seen = |node: &str| tables_sent(&session_of(&shared, node, None).pushes(&served, &shared))["t"].clone();
+        assert_eq!(seen("web-0.shop"), ["pod:80"]);
+        assert_eq!(seen("web-1.shop"), ["ns:80"]);
+        assert_eq!(seen("db-0.data"), ["shared:80"]);
+    }
+
+    #[test]
+    fn node_ids_and_tokens_name_scopes() {
+        assert_eq!(scopes_of("web-7d9f.shop", None), ["shop", "shop/web-7d9f"]);
+        assert_eq!(scopes_of("web.v2.shop", None), ["shop", "shop/web.v2"]);
+        assert!(scopes_of("web-1", None).is_empty());
+        assert!(scopes_of("web.Shop", None).is_empty());
+        assert_eq!(scopes_of("web-1", Some("shop")), ["shop"]);
+        assert_eq!(scopes_of("web-1.data", Some("shop")), ["shop"], "the node ID's pod is not believed");
         let entitled = |ids: &[&str]| {
             let identities =
                 ids.iter().map(|id| remora_control_api::identity::IdentityPattern::parse(id).unwrap()).collect();

@@ -294,7 +294,7 @@ impl Sources {
             .collect();
         let merged = merge(&resources, state.registry.as_ref(), &slices);
         let version = state.directory.as_ref().map_or("none", |d| d.version.as_str());
-        self.publisher.publish_views(&merged, &made.namespaces, version);
+        self.publisher.publish_views(&merged, &made.scoped, version);
     }
 
     fn dump(&self) -> serde_json::Value {
@@ -308,8 +308,8 @@ impl Sources {
                 .collect();
             kinds.insert(kind.as_str().to_owned(), list.into());
         }
-        let namespaces: serde_json::Map<String, serde_json::Value> =
-            served.namespaces().map(|(ns, count)| (ns.to_owned(), count.into())).collect();
+        let scopes: serde_json::Map<String, serde_json::Value> =
+            served.scopes().map(|(scope, count)| (scope.to_owned(), count.into())).collect();
         let error = self.state.lock().ok().and_then(|s| s.directory_error.clone());
         serde_json::json!({
             "version": served.system_version,
@@ -317,7 +317,7 @@ impl Sources {
             "directory_error": error,
             "connected_proxies": self.metrics.connected_proxies(),
             "resources": kinds,
-            "namespace_views": namespaces,
+            "scoped_views": scopes,
         })
     }
 }

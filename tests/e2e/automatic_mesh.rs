@@ -129,13 +129,7 @@ impl Pods {
 
     /// A calling sidecar with `identity`, as node `node` (`POD.NAMESPACE`).
     fn caller_as(&self, plane: &TestControlPlane, identity: &str, node: &str) -> TestProxy {
-        let identity = self.ca.issue(identity).bootstrap_identity(&self.dir.join(node));
-        let yaml = format!(
-            "{}resources:\n{}  - {{kind: Cluster, name: passthrough, original_destination: true}}\n",
-            bootstrap(&identity),
-            crate::listener("out", ", default_cluster: passthrough"),
-        );
-        TestProxy::start_controlled(&yaml, &plane.url(), node)
+        caller(&self.ca, &self.dir, plane, identity, node)
     }
 
     /// How many of `requests` each `api` app served.
@@ -147,6 +141,18 @@ impl Pods {
 /// Whether `dump` (a proxy's `/config_dump`) holds the resource of `kind` named `name`.
 fn serves(dump: &serde_json::Value, kind: &str, name: &str) -> bool {
     dump["resources"].as_array().is_some_and(|all| all.iter().any(|r| r["kind"] == kind && r["name"] == name))
+}
+
+/// A calling sidecar on `plane` with `identity` from `ca` (its files in `dir`), as node `node`
+/// (`POD.NAMESPACE`): an outbound listener and nothing else of its own.
+fn caller(ca: &TestCa, dir: &std::path::Path, plane: &TestControlPlane, identity: &str, node: &str) -> TestProxy {
+    let identity = ca.issue(identity).bootstrap_identity(&dir.join(node));
+    let yaml = format!(
+        "{}resources:\n{}  - {{kind: Cluster, name: passthrough, original_destination: true}}\n",
+        bootstrap(&identity),
+        crate::listener("out", ", default_cluster: passthrough"),
+    );
+    TestProxy::start_controlled(&yaml, &plane.url(), node)
 }
 
 /// `requests` GETs for `host` through `proxy`'s outbound listener, counted by the app that served
@@ -211,7 +217,7 @@ async fn services_are_meshed_from_their_manifests_alone() {
     assert_ne!(reply.status, 200, "the short name is the caller's namespace's only");
     let mut client = Client::http1(plane.address()).await;
     let dump: serde_json::Value = serde_json::from_str(&client.get("x", "/config_dump").await.text()).unwrap();
-    assert_eq!(dump["namespace_views"], serde_json::json!({"shop": 2}), "{dump}");
+    assert_eq!(dump["scoped_views"], serde_json::json!({"shop": 2}), "{dump}");
 }
 
 /// The destinations of the route table `name` in a proxy's `/config_dump`.
@@ -256,4 +262,69 @@ async fn a_written_cluster_refines_the_service_and_endpoints_follow_the_slices()
     assert_eq!(pods.hits()[2], before, "{served:?}");
     assert_eq!(served.values().copied().collect::<Vec<_>>(), [10, 10], "{served:?}");
     assert!(caller.metric(&identified).await >= handshakes, "still over mTLS to the pods' identity");
+}
+
+/// Sends a plaintext GET straight to `address`; the status line's code, or `None` when the
+/// connection was closed without an answer.
+async fn plaintext_get(address: SocketAddr) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n").await.ok()?;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The inbound side is permissive by default (plaintext served and counted), strict in a namespace
+/// annotated `remora.dev/inbound: strict` (plaintext refused and counted, mTLS from a caller's
+/// sidecar still served), with no AuthorizationPolicy written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_made_strict_refuses_plaintext_and_keeps_mutual_tls() {
+    let ca = TestCa::new("cluster.local");
+    let dir = temp_dir("remora-strict");
+    let app = HttpServer::start("api-0").await;
+    let namespace = |mode: &str| {
+        format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop, annotations: {{remora.dev/inbound: {mode}}}}}\n"
+        )
+    };
+    let base = |mode: &str| documents(&[namespace(mode), services(), pod("api-0", "api", true)]);
+    let plane = TestControlPlane::start(&[("shop.yaml", &base("permissive"))]);
+    // The receiving sidecar as the injector runs it: its inbound listener is `inbound`.
+    let identity = ca.issue(API).bootstrap_identity(&dir.join("api-0"));
+    let server = TestProxy::start_controlled(
+        &format!(
+            "{}resources:\n{}{}",
+            bootstrap(&identity),
+            crate::cluster("app", ", protocol: http1", &[app.address()]),
+            crate::listener("inbound", ", direction: inbound, default_cluster: app"),
+        ),
+        &plane.url(),
+        "api-0.shop",
+    );
+    server.wait_ready().await;
+    let inbound = server.address("inbound");
+    let with_slice = |mode: &str| documents(&[base(mode), slice("api", "api-0", inbound)]);
+    plane.write("shop.yaml", &with_slice("permissive"));
+    let caller = caller(&ca, &dir, &plane, WEB, "web-0.shop");
+    caller.wait_ready().await;
+    let counted = |result: &str| {
+        format!(
+            r#"remora_authorization_plaintext_total{{listener="inbound",policy="remora-inbound",result="{result}"}}"#
+        )
+    };
+
+    assert_eq!(plaintext_get(inbound).await, Some(200), "permissive: plaintext is served");
+    assert_eq!(server.metric(&counted("accepted")).await, 1.0, "and counted apart");
+
+    plane.write("shop.yaml", &with_slice("strict"));
+    eventually("the namespace turns strict", Duration::from_secs(10), || async {
+        plaintext_get(inbound).await.is_none()
+    })
+    .await;
+    assert!(server.metric(&counted("refused")).await >= 1.0);
+    let reply = Client::http1(caller.address("out")).await.get("api.shop", "/").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.header("x-seen-client-identity"), WEB, "mTLS from the caller's sidecar");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -39,6 +39,9 @@ use serde_json::{Map, Value, json};
 
 /// The annotation that opts a workload out (`disabled`) of injection.
 pub const INJECT_ANNOTATION: &str = "remora.dev/inject";
+/// The annotation, on a Namespace or a Pod (which wins), that makes its inbound side `strict` (mTLS
+/// only) or `permissive`; the control plane's automatic mesh applies it.
+pub const INBOUND_ANNOTATION: &str = "remora.dev/inbound";
 /// The proxy container's name, which also marks a pod as injected.
 pub const PROXY_CONTAINER: &str = "remora-proxy";
 /// The capture init container's name.
@@ -351,6 +354,17 @@ impl Injector {
         let uid = self.config.proxy_uid.to_string();
         let mut args: Vec<String> = vec!["init".into(), "--proxy-uid".into(), uid];
         let annotation = |key: &str| metadata.and_then(|m| m.get("annotations")?.get(key)).and_then(Value::as_str);
+        // The inbound side's mode is the control plane's to apply; a value it would read as strict
+        // by mistake is refused here, where the author sees it.
+        if let Some(mode) = annotation(INBOUND_ANNOTATION)
+            && !matches!(mode, "strict" | "permissive")
+        {
+            return Err(InjectError::Annotation {
+                object: object.to_owned(),
+                annotation: INBOUND_ANNOTATION.to_owned(),
+                message: format!("must be strict or permissive, got {mode:?}"),
+            });
+        }
         for (key, flag, kind) in CAPTURE_ANNOTATIONS {
             let value = annotation(key).map(str::trim).unwrap_or_default().to_owned();
             let bad = |message: String| InjectError::Annotation {
@@ -578,6 +592,9 @@ mod tests {
             error.to_string(),
             "pod/web: annotation remora.dev/exclude-outbound-cidrs: \"10.0.0.0/40\": the prefix length must be 0 to 32"
         );
+        let input = pod("remora.dev/inbound: strcit", APP);
+        let error = Injector::default().inject_manifests(&input).unwrap_err().to_string();
+        assert!(error.contains("remora.dev/inbound: must be strict or permissive, got \"strcit\""), "{error}");
         let input = pod("remora.dev/capture-ipv6: \"yes\"", APP);
         let error = Injector::default().inject_manifests(&input).unwrap_err().to_string();
         assert!(error.contains("remora.dev/capture-ipv6: must be true or false, got \"yes\""), "{error}");

@@ -22,6 +22,9 @@
 //!   side of the Service's own pods, a call by its name is for the app there. The proxies of the
 //!   Service's own namespace are sent the table with the short name too (`NAME:PORT`, which
 //!   cluster DNS resolves only there): a per-namespace view, see `ads`.
+//! - an `AuthorizationPolicy` for the sidecars' inbound listener: permissive (mTLS and plaintext
+//!   both accepted, counted apart), and strict in the view of a namespace or pod annotated
+//!   `remora.dev/inbound: strict`.
 //!
 //! Remora's own resources refine the automatic ones, and the rule is simple: a `Cluster` whose
 //! `kubernetes_service` names a Service port replaces that port's automatic cluster (its balancer,
@@ -35,4 +38,4 @@ mod objects;
 mod translate;
 
 pub use objects::{Namespace, ObjectKind, Objects, Pod, Service, ServicePort};
-pub use translate::{Made, Settings, resources};
+pub use translate::{INBOUND_LISTENER, INBOUND_POLICY, Made, Settings, resources};

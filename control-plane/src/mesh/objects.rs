@@ -54,6 +54,8 @@ pub struct Pod {
     /// Whether it has Remora's sidecar (a container or native-sidecar init container named
     /// `remora-proxy`): its inbound side then speaks the mesh's mTLS.
     pub meshed: bool,
+    /// Its annotations under `remora.dev/` (the mesh's settings for it).
+    pub settings: BTreeMap<String, String>,
 }
 
 /// The kinds of Kubernetes object the mesh reads.
@@ -204,16 +206,19 @@ impl Objects {
 }
 
 fn namespace(object: &Value) -> Option<(String, Namespace)> {
-    let metadata = &object["metadata"];
-    let name = metadata["name"].as_str().filter(|name| is_name(name))?;
-    let settings = metadata["annotations"]
+    let name = object["metadata"]["name"].as_str().filter(|name| is_name(name))?;
+    Some((name.to_owned(), Namespace { settings: settings(object) }))
+}
+
+/// An object's annotations under `remora.dev/`.
+fn settings(object: &Value) -> BTreeMap<String, String> {
+    object["metadata"]["annotations"]
         .as_object()
         .into_iter()
         .flatten()
         .filter(|(key, _)| key.starts_with("remora.dev/"))
         .filter_map(|(key, value)| Some((key.clone(), value.as_str()?.to_owned())))
-        .collect();
-    Some((name.to_owned(), Namespace { settings }))
+        .collect()
 }
 
 fn service(object: &Value) -> Option<Service> {
@@ -254,7 +259,9 @@ fn pod(object: &Value) -> Option<(String, Pod)> {
     let spec = &object["spec"];
     let named = |list: &Value| list.as_array().is_some_and(|c| c.iter().any(|c| c["name"] == PROXY_CONTAINER));
     let meshed = named(&spec["containers"]) || named(&spec["initContainers"]);
-    Some((uid, Pod { namespace: namespace.to_owned(), name: name.to_owned(), account, meshed }))
+    let pod =
+        Pod { namespace: namespace.to_owned(), name: name.to_owned(), account, meshed, settings: settings(object) };
+    Some((uid, pod))
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ use remora_control_api::validate::Destination;
 use remora_control_api::{Resource, v1};
 
 use super::objects::{Objects, Service, ServicePort};
+use crate::inject::INBOUND_ANNOTATION;
 
 /// What the translation needs besides the objects.
 #[derive(Clone, Debug)]
@@ -24,14 +25,21 @@ impl Default for Settings {
     }
 }
 
+/// The name of the inbound policy the mesh makes.
+pub const INBOUND_POLICY: &str = "remora-inbound";
+/// The listener it guards: the built-in defaults' inbound listener, which injected sidecars run.
+pub const INBOUND_LISTENER: &str = "inbound";
+
 /// What the automatic mesh makes.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Made {
     /// What every proxy sees.
     pub shared: Vec<Resource>,
-    /// What only each namespace's proxies see: its Services' route tables again, with the short
-    /// names (`NAME:PORT`) cluster DNS resolves within the namespace, in place of the shared ones.
-    pub namespaces: BTreeMap<String, Vec<Resource>>,
+    /// What only each scope's proxies see (a namespace's, `NAMESPACE`; a pod's, `NAMESPACE/POD`):
+    /// a namespace's Services' route tables again, with the short names (`NAME:PORT`) cluster DNS
+    /// resolves within it, and the inbound policy of a namespace or pod that differs from its
+    /// surroundings, each in place of the shared one.
+    pub scoped: BTreeMap<String, Vec<Resource>>,
 }
 
 /// The resources the automatic mesh makes of `objects`, leaving out what `written` (the operator's
@@ -91,12 +99,54 @@ pub fn resources(objects: &Objects, written: &[Resource], settings: &Settings) -
             if Destination::parse(&short).is_ok_and(|d| !claims(&claimed, &d)) {
                 let mut own = table.clone();
                 own.destinations.push(short);
-                made.namespaces.entry(service.namespace.clone()).or_default().push(Resource::RouteTable(own));
+                made.scoped.entry(service.namespace.clone()).or_default().push(Resource::RouteTable(own));
             }
             made.shared.push(Resource::RouteTable(table));
         }
     }
+    inbound_policies(objects, written, settings, &mut made);
     made
+}
+
+/// The inbound side's policy: permissive everywhere (mTLS and plaintext both accepted, counted
+/// apart), strict in a namespace or pod annotated `remora.dev/inbound: strict` (a pod's annotation
+/// wins over its namespace's; any value but `permissive` is strict, so a typo never opens a port).
+/// Either way every identity of the trust domain may call; an `AuthorizationPolicy` the operator
+/// writes for the whole inbound listener decides instead, everywhere.
+fn inbound_policies(objects: &Objects, written: &[Resource], settings: &Settings, made: &mut Made) {
+    let operators = written
+        .iter()
+        .any(|r| matches!(r, Resource::AuthorizationPolicy(p) if p.listener == INBOUND_LISTENER && p.port == 0));
+    if operators || (objects.services.is_empty() && objects.pods.is_empty()) {
+        return;
+    }
+    let strict =
+        |annotations: &BTreeMap<String, String>| annotations.get(INBOUND_ANNOTATION).map(|mode| mode != "permissive");
+    let policy = |mode: v1::authorization_policy::Mode| {
+        let mut policy = v1::AuthorizationPolicy {
+            name: INBOUND_POLICY.to_owned(),
+            listener: INBOUND_LISTENER.to_owned(),
+            allow: vec![format!("spiffe://{}/*", settings.trust_domain)],
+            ..Default::default()
+        };
+        policy.set_mode(mode);
+        Resource::AuthorizationPolicy(policy)
+    };
+    let of = |strict: bool| {
+        policy(if strict { v1::authorization_policy::Mode::Strict } else { v1::authorization_policy::Mode::Permissive })
+    };
+    made.shared.push(of(false));
+    for (name, namespace) in &objects.namespaces {
+        if strict(&namespace.settings) == Some(true) {
+            made.scoped.entry(name.clone()).or_default().push(of(true));
+        }
+    }
+    for pod in objects.pods.values() {
+        let around = objects.namespaces.get(&pod.namespace).and_then(|ns| strict(&ns.settings)).unwrap_or(false);
+        if let Some(own) = strict(&pod.settings).filter(|own| *own != around) {
+            made.scoped.entry(format!("{}/{}", pod.namespace, pod.name)).or_default().push(of(own));
+        }
+    }
 }
 
 /// Whether the operator's `claimed` destinations take `destination`: the same one, or (for a host
@@ -237,7 +287,7 @@ mod tests {
     fn every_service_port_is_meshed() {
         use remora_control_api::Kind;
         let made = made(&objects(), &[]);
-        assert_eq!(made.len(), 6, "two ports, three resources each");
+        assert_eq!(made.len(), 7, "two ports, three resources each, and the inbound policy");
         let Some(Resource::Cluster(http)) = find(&made, Kind::Cluster, "shop/web:80") else { panic!("{made:?}") };
         assert_eq!(http.balancer(), v1::cluster::Balancer::Ewma);
         assert_eq!(http.protocol(), v1::cluster::Protocol::Http1);
@@ -272,8 +322,8 @@ mod tests {
     fn a_namespace_gets_its_services_short_names() {
         let objects = Objects::read("cluster.local", &objects());
         let made = resources(&objects, &[], &Settings::default());
-        assert_eq!(made.namespaces.keys().collect::<Vec<_>>(), ["shop"]);
-        let own: Vec<(&str, &[String])> = made.namespaces["shop"]
+        assert_eq!(made.scoped.keys().collect::<Vec<_>>(), ["shop"]);
+        let own: Vec<(&str, &[String])> = made.scoped["shop"]
             .iter()
             .filter_map(|r| match r {
                 Resource::RouteTable(t) => Some((t.name.as_str(), t.destinations.as_slice())),
@@ -288,18 +338,59 @@ mod tests {
         let mut view: Vec<Resource> = made
             .shared
             .iter()
-            .filter(|r| !made.namespaces["shop"].iter().any(|o| o.name() == r.name() && o.kind() == r.kind()))
+            .filter(|r| !made.scoped["shop"].iter().any(|o| o.name() == r.name() && o.kind() == r.kind()))
             .cloned()
             .collect();
-        view.extend(made.namespaces["shop"].iter().cloned());
+        view.extend(made.scoped["shop"].iter().cloned());
         remora_control_api::validate::validate(&view).unwrap();
         // An operator's table claiming the short name keeps it.
         let mine = v1::RouteTable { name: "mine".into(), destinations: vec!["web:80".into()], ..Default::default() };
         let made = resources(&objects, &[Resource::RouteTable(mine)], &Settings::default());
-        assert!(made.namespaces["shop"].iter().all(|r| r.name() != "shop/web:80"), "{:?}", made.namespaces);
+        assert!(made.scoped["shop"].iter().all(|r| r.name() != "shop/web:80"), "{:?}", made.scoped);
         assert!(
             made.shared.iter().any(|r| r.name() == "shop/web:80" && r.kind() == remora_control_api::Kind::RouteTable)
         );
+    }
+
+    /// Inbound is permissive everywhere, strict where a namespace or pod says so (a pod's word
+    /// wins, a typo is strict), and left to the operator's own policy for the listener.
+    #[test]
+    fn inbound_policies_follow_annotations() {
+        use v1::authorization_policy::Mode;
+        let mut objects = objects();
+        objects.push(json!({"apiVersion": "v1", "kind": "Namespace",
+                            "metadata": {"name": "shop", "annotations": {"remora.dev/inbound": "strict"}}}));
+        objects[3]["metadata"]["annotations"] = json!({"remora.dev/inbound": "permissive"});
+        objects.push(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"namespace": "ops", "name": "tool", "uid": "u9",
+                            "annotations": {"remora.dev/inbound": "stirct"}}, "spec": {"containers": [{"name": "app"}]}}));
+        let made = resources(&Objects::read("cluster.local", &objects), &[], &Settings::default());
+        let mode = |resources: &[Resource]| {
+            resources.iter().find_map(|r| match r {
+                Resource::AuthorizationPolicy(p) if p.name == INBOUND_POLICY => Some(p.mode()),
+                _ => None,
+            })
+        };
+        assert_eq!(mode(&made.shared), Some(Mode::Permissive));
+        let Some(Resource::AuthorizationPolicy(shared)) = made.shared.iter().find(|r| r.name() == INBOUND_POLICY)
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (shared.listener.as_str(), shared.allow.as_slice()),
+            ("inbound", &["spiffe://cluster.local/*".to_owned()][..])
+        );
+        assert_eq!(mode(&made.scoped["shop"]), Some(Mode::Strict));
+        assert_eq!(mode(&made.scoped["shop/web-b"]), Some(Mode::Permissive), "the pod's word wins");
+        assert_eq!(mode(&made.scoped["ops/tool"]), Some(Mode::Strict), "a typo is strict");
+        assert!(!made.scoped.contains_key("shop/web-a"), "as its namespace: nothing of its own");
+        let mine = v1::AuthorizationPolicy { name: "mine".into(), listener: "inbound".into(), ..Default::default() };
+        let made = resources(
+            &Objects::read("cluster.local", &objects),
+            &[Resource::AuthorizationPolicy(mine)],
+            &Settings::default(),
+        );
+        assert_eq!(mode(&made.shared), None);
+        assert!(made.scoped.values().all(|list| mode(list).is_none()));
     }
 
     /// A pod without the sidecar keeps its Service's port in plaintext; a headless Service claims
