@@ -14,6 +14,15 @@
 //!
 //!     cargo bench --bench convergence                 # N = 1, 100, 1000
 //!     cargo bench --bench convergence -- 1 10         # other N
+//!     cargo bench --bench convergence -- kubernetes   # the cluster at scale, below
+//!
+//! `kubernetes` measures the automatic mesh at a cluster's scale instead: a stand-in API server
+//! (`TestApiServer`, in this process) holding 2,000 Services of 10 pods each (20,000 pods, with
+//! sidecars, in 20 namespaces), `remora control --kubernetes-mesh` following it. Reported: the time
+//! from starting the control plane to a proxy holding every Service's cluster (its first full
+//! view), the control plane's resident memory then; with 1,000 proxies connected (in the 20
+//! namespaces, so 20 views), the time from one endpoint's change at the API server to each
+//! proxy's ACK of it (p50/p99 over 10 changes) and the bytes pushed per proxy for one change.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -31,11 +40,16 @@ const CLUSTERS: usize = 100;
 const ENDPOINTS_PER_CLUSTER: usize = 100;
 
 fn main() {
+    let kubernetes = std::env::args().any(|a| a == "kubernetes");
     let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
     let sizes = if args.is_empty() { vec![1, 100, 1000] } else { args };
     raise_fd_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    runtime.block_on(run(sizes));
+    if kubernetes {
+        runtime.block_on(cluster_scale(*sizes.iter().max().unwrap_or(&1000)));
+    } else {
+        runtime.block_on(run(sizes));
+    }
 }
 
 fn raise_fd_limit() {
@@ -73,9 +87,14 @@ struct ControlProcess {
 
 impl ControlProcess {
     fn start(dir: &std::path::Path) -> ControlProcess {
+        ControlProcess::start_with(dir, &[])
+    }
+
+    fn start_with(dir: &std::path::Path, extra: &[String]) -> ControlProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_remora"))
             .args(["control", "--listen", "127.0.0.1:0", "--config-dir"])
             .arg(dir)
+            .args(extra)
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
@@ -88,8 +107,14 @@ impl ControlProcess {
                 break line.rsplit("address=").next().unwrap().trim().to_owned();
             }
         };
-        // Keep draining its log so it never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
+        // Keep draining its log so it never blocks on a full pipe; pass on its warnings.
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                if line.contains("WARN") || line.contains("ERROR") {
+                    eprintln!("remora control: {line}");
+                }
+            }
+        });
         ControlProcess { child, url: format!("http://{address}") }
     }
 
@@ -99,9 +124,26 @@ impl ControlProcess {
         line.split_whitespace().nth(1).unwrap().parse().unwrap()
     }
 
+    /// The sum of every series of the metric `name` (all its labels).
+    async fn metric_sum(&self, name: &str) -> f64 {
+        let text = self.metrics_text().await;
+        text.lines()
+            .filter(|line| line.strip_prefix(name).is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' ')))
+            .filter_map(|line| line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+            .sum()
+    }
+
     async fn metric(&self, series: &str) -> f64 {
+        let output = self.metrics_text().await;
+        output
+            .lines()
+            .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.trim().parse::<f64>().ok()))
+            .unwrap_or(0.0)
+    }
+
+    async fn metrics_text(&self) -> String {
         let address = self.url.trim_start_matches("http://");
-        let output = tokio::task::spawn_blocking({
+        tokio::task::spawn_blocking({
             let address = address.to_owned();
             move || {
                 use std::io::{Read, Write};
@@ -113,11 +155,7 @@ impl ControlProcess {
             }
         })
         .await
-        .unwrap();
-        output
-            .lines()
-            .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.trim().parse::<f64>().ok()))
-            .unwrap_or(0.0)
+        .unwrap()
     }
 }
 
@@ -129,20 +167,28 @@ impl Drop for ControlProcess {
 }
 
 /// What the simulated proxies report to the bench.
-#[derive(Default)]
 struct Shared {
     ready: AtomicUsize,
-    /// Set when a proxy ACKs a route-table update during the current edit.
+    /// The kind whose updates are timed.
+    timed: Kind,
+    /// Set when a proxy ACKs an update of that kind during the current edit.
     acked: Mutex<Vec<Option<Instant>>>,
 }
 
-async fn proxy(url: String, id: usize, shared: Arc<Shared>) {
+impl Shared {
+    fn new(n: usize, timed: Kind) -> Shared {
+        Shared { ready: AtomicUsize::new(0), timed, acked: Mutex::new(vec![None; n]) }
+    }
+}
+
+async fn proxy(url: String, id: usize, node: String, shared: Arc<Shared>) {
     let types: Vec<(&str, HashMap<String, String>)> =
         Kind::ALL.iter().map(|k| (k.type_url(), HashMap::new())).collect();
-    let mut client = GenericClient::connect(&url, &format!("sim-{id}"), &types).await;
+    let mut client = GenericClient::connect(&url, &node, &types).await;
     let mut first = 0;
     loop {
-        let response = client.next().await;
+        // A proxy may hear nothing for a while (another namespace's changes are not its own).
+        let Some(response) = client.next_within(Duration::from_secs(600)).await else { continue };
         client.ack(&response).await;
         let now = Instant::now();
         if first < Kind::ALL.len() {
@@ -152,7 +198,7 @@ async fn proxy(url: String, id: usize, shared: Arc<Shared>) {
             }
             continue;
         }
-        if response.type_url == Kind::RouteTable.type_url() && !response.resources.is_empty() {
+        if response.type_url == shared.timed.type_url() && !response.resources.is_empty() {
             shared.acked.lock().unwrap()[id] = Some(now);
         }
     }
@@ -187,10 +233,10 @@ async fn run(sizes: Vec<usize>) {
     );
     let mut edit_number = 0;
     for &n in &sizes {
-        let shared = Arc::new(Shared { acked: Mutex::new(vec![None; n]), ..Shared::default() });
+        let shared = Arc::new(Shared::new(n, Kind::RouteTable));
         let mut tasks = Vec::new();
         for id in 0..n {
-            tasks.push(tokio::spawn(proxy(control.url.clone(), id, shared.clone())));
+            tasks.push(tokio::spawn(proxy(control.url.clone(), id, format!("sim-{id}"), shared.clone())));
         }
         let started = Instant::now();
         while shared.ready.load(Ordering::SeqCst) < n {
@@ -260,6 +306,149 @@ async fn run(sizes: Vec<usize>) {
             task.abort();
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The cluster at scale: see the module documentation.
+const SERVICES: usize = 2_000;
+const PODS_PER_SERVICE: usize = 10;
+const NAMESPACES: usize = 20;
+
+/// Service `s`'s EndpointSlice, its endpoint `changed` (if it is one of them) on another address.
+fn scale_slice(s: usize, changed: Option<usize>) -> serde_json::Value {
+    let namespace = format!("ns-{}", s % NAMESPACES);
+    let endpoints: Vec<serde_json::Value> = (0..PODS_PER_SERVICE)
+        .map(|p| {
+            let last = if changed == Some(p) { 250 } else { p + 1 };
+            serde_json::json!({"addresses": [format!("10.{}.{}.{last}", s / 250, s % 250)], "conditions": {"ready": true},
+                "targetRef": {"kind": "Pod", "namespace": namespace, "name": format!("svc-{s}-{p}"), "uid": format!("uid-{s}-{p}")}})
+        })
+        .collect();
+    serde_json::json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"namespace": namespace, "name": format!("svc-{s}-1"), "labels": {"kubernetes.io/service-name": format!("svc-{s}")}},
+        "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}], "endpoints": endpoints})
+}
+
+async fn cluster_scale(n: usize) {
+    use remora_control_plane::testing::{TestApiServer, TestCa};
+    use serde_json::json;
+
+    let api = TestApiServer::start(&TestCa::new("cluster.local")).await;
+    for ns in 0..NAMESPACES {
+        api.put(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": format!("ns-{ns}")}}));
+    }
+    for s in 0..SERVICES {
+        let namespace = format!("ns-{}", s % NAMESPACES);
+        api.put(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"namespace": namespace, "name": format!("svc-{s}")},
+            "spec": {"clusterIP": format!("10.96.{}.{}", s / 250, s % 250 + 1),
+                     "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP", "appProtocol": "http"}]}}));
+        api.put(scale_slice(s, None));
+        for p in 0..PODS_PER_SERVICE {
+            api.put(json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"namespace": namespace, "name": format!("svc-{s}-{p}"), "uid": format!("uid-{s}-{p}")},
+                "spec": {"serviceAccountName": format!("svc-{s}"),
+                         "containers": [{"name": "app", "image": "app"}, {"name": "remora-proxy", "image": "remora"}]}}));
+        }
+    }
+    let dir = fresh_dir("remora-cluster-scale");
+    let (api_args, _) = api.args(&dir.join("api"));
+    let mesh = dir.join("mesh");
+    std::fs::create_dir_all(&mesh).unwrap();
+    let mut args = vec!["--kubernetes-mesh".to_owned()];
+    args.extend(api_args);
+    let started = Instant::now();
+    let control = ControlProcess::start_with(&mesh, &args);
+    // The first full view: a proxy holding every Service's cluster.
+    let types: Vec<(&str, HashMap<String, String>)> = vec![(Kind::Cluster.type_url(), HashMap::new())];
+    let mut client = GenericClient::connect(&control.url, "first-0.ns-0", &types).await;
+    let mut clusters = 0;
+    while clusters < SERVICES {
+        let response = client.next().await;
+        clusters += response.resources.len();
+        client.ack(&response).await;
+    }
+    let first_view = started.elapsed();
+    let rss = control.rss_kib();
+    let view_bytes = control.metric_sum("remora_control_pushed_bytes_total").await;
+    println!(
+        "remora control --kubernetes-mesh: {SERVICES} Services of {PODS_PER_SERVICE} pods ({} pods, {NAMESPACES} namespaces): first full view {} ({:.1} MB of clusters), RSS {:.1} MiB",
+        SERVICES * PODS_PER_SERVICE,
+        ms(first_view),
+        view_bytes / 1e6,
+        rss as f64 / 1024.0
+    );
+    drop(client);
+    // A whole view (every type), as each proxy below is first sent.
+    let before = control.metric_sum("remora_control_pushed_bytes_total").await;
+    let all: Vec<(&str, HashMap<String, String>)> = Kind::ALL.iter().map(|k| (k.type_url(), HashMap::new())).collect();
+    let mut whole = GenericClient::connect(&control.url, "whole-0.ns-0", &all).await;
+    for _ in 0..Kind::ALL.len() {
+        let response = whole.next().await;
+        whole.ack(&response).await;
+    }
+    drop(whole);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let whole_bytes = control.metric_sum("remora_control_pushed_bytes_total").await - before;
+    println!("a proxy's first view, every type: {:.1} MB", whole_bytes / 1e6);
+
+    // Proxies connect 50 at a time: each first view is every Service, and this process (which
+    // decodes them all) must not be the bottleneck that times them out.
+    let shared = Arc::new(Shared::new(n, Kind::Endpoints));
+    let mut tasks = Vec::new();
+    let connecting = Instant::now();
+    for id in 0..n {
+        let node = format!("sim-{id}.ns-{}", id % NAMESPACES);
+        tasks.push(tokio::spawn(proxy(control.url.clone(), id, node, shared.clone())));
+        if (id + 1) % 50 == 0 || id + 1 == n {
+            while shared.ready.load(Ordering::SeqCst) < id + 1 {
+                assert!(connecting.elapsed() < Duration::from_secs(600), "proxies did not all connect");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    let connected = connecting.elapsed();
+    let series = "remora_control_pushed_bytes_total{type=\"Endpoints\"}";
+    let (mut per_proxy, mut all, mut bytes) = (Vec::new(), Vec::new(), Vec::new());
+    for change in 0..10 {
+        shared.acked.lock().unwrap().iter_mut().for_each(|slot| *slot = None);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let before = control.metric(series).await;
+        let service = change * 97 % SERVICES;
+        let changed = Instant::now();
+        api.put(scale_slice(service, Some(change % PODS_PER_SERVICE)));
+        loop {
+            let done = shared.acked.lock().unwrap().iter().all(|t| t.is_some_and(|t| t >= changed));
+            if done {
+                break;
+            }
+            assert!(changed.elapsed() < Duration::from_secs(60), "a change did not converge");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let times: Vec<Duration> =
+            shared.acked.lock().unwrap().iter().map(|t| t.unwrap().saturating_duration_since(changed)).collect();
+        all.push(*times.iter().max().unwrap());
+        per_proxy.extend(times);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        bytes.push((control.metric(series).await - before) / n as f64);
+        // The next change puts the endpoint back.
+        api.put(scale_slice(service, None));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    per_proxy.sort();
+    all.sort();
+    println!(
+        "{n} proxies connected in {}; one endpoint changed at the API server, 10 times: per proxy p50 {} p99 {}, all ACKed p50 {} p99 {}; {:.0} bytes pushed per proxy per change (its Service's {PODS_PER_SERVICE} endpoints); RSS {:.1} MiB",
+        ms(connected),
+        ms(percentile(&per_proxy, 0.5)),
+        ms(percentile(&per_proxy, 0.99)),
+        ms(percentile(&all, 0.5)),
+        ms(percentile(&all, 0.99)),
+        bytes.iter().sum::<f64>() / bytes.len() as f64,
+        control.rss_kib() as f64 / 1024.0
+    );
+    for task in tasks {
+        task.abort();
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

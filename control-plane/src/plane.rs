@@ -222,7 +222,7 @@ struct SourceState {
     directory_error: Option<String>,
     registry: Option<Registrations>,
     /// The cluster's objects, as the API server last told them.
-    cluster: Option<Arc<mesh::Objects>>,
+    cluster: Option<cluster::SharedObjects>,
 }
 
 impl Sources {
@@ -274,9 +274,10 @@ impl Sources {
         let written = state.directory.as_ref().map_or(&[][..], |d| &d.resources);
         // The automatic mesh is made of the directory's objects, and of the cluster's when it
         // meshes the cluster; every slice fills the clusters that name a Service.
+        let cluster = state.cluster.as_ref().map(cluster::lock);
         let combined;
-        let objects = match (&state.cluster, self.automatic_mesh) {
-            (Some(cluster), true) if state.objects.services.is_empty() => &**cluster,
+        let objects = match (cluster.as_deref(), self.automatic_mesh) {
+            (Some(cluster), true) if state.objects.services.is_empty() => cluster,
             (Some(cluster), true) => {
                 let mut both = state.objects.clone();
                 both.extend(cluster);
@@ -286,13 +287,11 @@ impl Sources {
             _ => &state.objects,
         };
         let made = mesh::resources(objects, written, &self.mesh);
-        let resources: Vec<Resource> = written.iter().chain(&made.shared).cloned().collect();
-        let slices: Vec<&endpoint_slices::Slices> = [Some(&objects.slices), state.cluster.as_ref().map(|c| &c.slices)]
-            .into_iter()
-            .flatten()
-            .filter(|slices| !slices.is_empty())
-            .collect();
-        let merged = merge(&resources, state.registry.as_ref(), &slices);
+        // The mesh's objects hold the cluster's slices already when it meshes the cluster.
+        let cluster_slices = cluster.as_deref().filter(|_| !self.automatic_mesh).map(|c| &c.slices);
+        let slices: Vec<&endpoint_slices::Slices> =
+            [Some(&objects.slices), cluster_slices].into_iter().flatten().filter(|slices| !slices.is_empty()).collect();
+        let merged = merge(written, &made.shared, state.registry.as_ref(), &slices);
         let version = state.directory.as_ref().map_or("none", |d| d.version.as_str());
         self.publisher.publish_views(&merged, &made.scoped, version);
     }
@@ -365,13 +364,14 @@ async fn report_end(server: impl std::future::Future<Output = Result<(), tonic::
     }
 }
 
-/// The directory's resources (and the automatic mesh's) with each cluster's registered endpoints
-/// and (for clusters naming a `kubernetes_service`) its EndpointSlices' endpoints (the API server's,
-/// the directory's) added: every cluster (but a pass-through
-/// one) gets an `Endpoints` resource, and registered clusters the directory does not define get one
-/// too.
+/// The directory's resources (`written`) and the automatic mesh's (`made`) with each cluster's
+/// registered endpoints and, for written clusters naming a `kubernetes_service`, its
+/// EndpointSlices' endpoints (the API server's, the directory's) added (the automatic mesh's
+/// clusters come with theirs): every cluster (but a pass-through one) gets an `Endpoints`
+/// resource, and registered clusters the directory does not define get one too.
 pub fn merge(
-    resources: &[Resource],
+    written: &[Resource],
+    made: &[Resource],
     registry: Option<&Registrations>,
     slices: &[&endpoint_slices::Slices],
 ) -> Vec<Resource> {
@@ -390,7 +390,7 @@ pub fn merge(
         });
     }
     for slices in slices {
-        for resource in resources {
+        for resource in written {
             if let Resource::Cluster(cluster) = resource
                 && let Some(service) = &cluster.kubernetes_service
             {
@@ -404,15 +404,16 @@ pub fn merge(
         let mut seen = HashSet::new();
         endpoints.retain(|e| seen.insert(e.address.clone()));
     }
-    let mut merged = Vec::with_capacity(resources.len() + registered.len());
+    let resources = || written.iter().chain(made);
+    let mut merged = Vec::with_capacity(written.len() + made.len() + registered.len());
     let mut covered: HashSet<&str> = HashSet::new();
-    for resource in resources {
+    for resource in resources() {
         match resource {
-            Resource::Endpoints(endpoints) => {
-                let mut endpoints = endpoints.clone();
-                let listed: HashSet<String> = endpoints.endpoints.iter().map(|e| e.address.clone()).collect();
+            Resource::Endpoints(written) => {
+                let listed: HashSet<&str> = written.endpoints.iter().map(|e| e.address.as_str()).collect();
+                let mut endpoints = written.clone();
                 if let Some(extra) = registered.get(endpoints.cluster.as_str()) {
-                    endpoints.endpoints.extend(extra.iter().filter(|e| !listed.contains(&e.address)).cloned());
+                    endpoints.endpoints.extend(extra.iter().filter(|e| !listed.contains(e.address.as_str())).cloned());
                 }
                 covered.insert(resource.name());
                 merged.push(Resource::Endpoints(endpoints));
@@ -424,7 +425,7 @@ pub fn merge(
             other => merged.push(other.clone()),
         }
     }
-    for resource in resources {
+    for resource in resources() {
         if let Resource::Cluster(cluster) = resource
             && covered.insert(&cluster.name)
         {
@@ -805,7 +806,7 @@ mod tests {
                 },
             );
         }
-        let merged = merge(&file.resources, Some(&registry), &[]);
+        let merged = merge(&file.resources, &[], Some(&registry), &[]);
         let endpoints: BTreeMap<&str, Vec<&str>> = merged
             .iter()
             .filter_map(|r| match r {

@@ -8,7 +8,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -90,16 +89,20 @@ fn ca_control_plane(api: &TestApiServer, directory: &Path, extra: &[&str]) -> Sp
     Spawned::new(&and(&kubernetes, &args))
 }
 
+/// What `follow` hands on, as the test keeps it: the objects as they were at that moment (a copy,
+/// as `follow` goes on changing its own), or the failure.
+type Told = Result<remora_control_plane::mesh::Objects, String>;
+
 /// The next set of objects `follow` hands on (failures counted in `failures`), within 15 s.
 async fn next_objects(
-    updates: &mut tokio::sync::mpsc::UnboundedReceiver<Update>,
+    updates: &mut tokio::sync::mpsc::UnboundedReceiver<Told>,
     failures: &mut usize,
-) -> Arc<remora_control_plane::mesh::Objects> {
+) -> remora_control_plane::mesh::Objects {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
         match tokio::time::timeout_at(deadline, updates.recv()).await.expect("no objects within 15 s") {
-            Some(Update::Objects(objects)) => return objects,
-            Some(Update::Failed(error)) => {
+            Some(Ok(objects)) => return objects,
+            Some(Err(error)) => {
                 eprintln!("follow: {error}");
                 *failures += 1;
             }
@@ -133,7 +136,10 @@ async fn the_cluster_is_listed_then_watched_through_bookmarks_ended_watches_and_
     let client = kubernetes::client(&config).unwrap();
     let (sender, mut updates) = tokio::sync::mpsc::unbounded_channel();
     let following = tokio::spawn(cluster::follow(client, "cluster.local".into(), move |update| {
-        let _ = sender.send(update);
+        let _ = sender.send(match update {
+            Update::Objects(objects) => Ok(cluster::lock(&objects).clone()),
+            Update::Failed(error) => Err(error),
+        });
     }));
     let mut failures = 0;
     let first = next_objects(&mut updates, &mut failures).await;

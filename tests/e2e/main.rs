@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod automatic_capture;
 mod automatic_mesh;
 mod balancers;
 mod capture;

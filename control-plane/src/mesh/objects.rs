@@ -139,7 +139,7 @@ impl Objects {
             Some(ObjectKind::EndpointSlice) => self.slices.apply(object),
             Some(ObjectKind::Pod) => match pod(object) {
                 Some((uid, pod)) => {
-                    let account = self.slices.set_account(&uid, &pod.account);
+                    let account = self.slices.set_account(&uid, &pod.namespace, &pod.account);
                     self.pods.insert(uid, pod.clone()).is_none_or(|old| old != pod) || account
                 }
                 None => false,

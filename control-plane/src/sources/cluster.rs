@@ -12,9 +12,11 @@
 //! not their specs), so the API server and a git commit of the same YAML make the same proxy
 //! configuration. A list replaces what the kind held before.
 //!
-//! After each burst of events (whatever the watches have ready, taken at once), and once every
-//! kind has been listed, [`follow`] hands on the whole set if anything the mesh reads changed; a
-//! watcher's failure is handed on as such, to be counted, while the last set keeps serving.
+//! The objects are kept in one place, shared with their readers ([`SharedObjects`]): each event
+//! changes them in place, under the lock. After each burst of events (whatever the watches have
+//! ready, taken at once), and once every kind has been listed, [`follow`] says so if anything the
+//! mesh reads changed; a watcher's failure is handed on as such, to be counted, while the last set
+//! keeps serving.
 //!
 //! Watch events of different kinds come in on different streams, so a slice may name a pod before
 //! that pod's own event arrives: its endpoint then carries no identity until it does (see
@@ -22,7 +24,7 @@
 //! the pods it knows.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures_util::stream::{self, BoxStream};
 use futures_util::{FutureExt, StreamExt};
@@ -36,11 +38,21 @@ use tracing::{info, warn};
 
 use crate::mesh::{ObjectKind, Objects};
 
+/// The cluster's objects as [`follow`] keeps them: it changes them in place (no copy of 20,000
+/// pods per endpoint change), its readers lock to read.
+pub type SharedObjects = Arc<Mutex<Objects>>;
+
+/// The objects, to read or change them. A holder that panicked left them whole (each change is
+/// one map operation), so a poisoned lock is taken as it is.
+pub fn lock(objects: &SharedObjects) -> MutexGuard<'_, Objects> {
+    objects.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// What [`follow`] hands on.
 #[derive(Debug)]
 pub enum Update {
-    /// Every object, after a change (or the first time every kind was listed).
-    Objects(Arc<Objects>),
+    /// The objects changed (or every kind was listed for the first time).
+    Objects(SharedObjects),
     /// A watcher failed (it retries after a backoff); the last objects keep serving.
     Failed(String),
 }
@@ -98,7 +110,7 @@ fn json_event<K: serde::Serialize>(event: Event<K>) -> Event<Value> {
 /// The objects as the watchers have told them so far.
 #[derive(Debug)]
 struct Following {
-    objects: Objects,
+    objects: SharedObjects,
     /// Per kind, the objects of a list under way: they replace the kind's when it is done.
     listing: HashMap<ObjectKind, Vec<Value>>,
     /// The kinds listed at least once.
@@ -109,7 +121,8 @@ struct Following {
 
 impl Following {
     fn new(trust_domain: &str) -> Following {
-        Following { objects: Objects::new(trust_domain), listing: HashMap::new(), listed: HashSet::new(), dirty: false }
+        let objects = Arc::new(Mutex::new(Objects::new(trust_domain)));
+        Following { objects, listing: HashMap::new(), listed: HashSet::new(), dirty: false }
     }
 
     fn take(&mut self, (kind, event): Item, on_update: &mut impl FnMut(Update)) {
@@ -120,23 +133,30 @@ impl Following {
             Ok(Event::InitApply(object)) => self.listing.entry(kind).or_default().push(object),
             Ok(Event::InitDone) => {
                 let listed = self.listing.remove(&kind).unwrap_or_default();
-                self.objects.clear(kind);
+                let mut objects = lock(&self.objects);
+                objects.clear(kind);
                 for object in &listed {
-                    self.objects.apply(object);
+                    objects.apply(object);
                 }
                 if self.listed.insert(kind) && self.listed.len() == ObjectKind::ALL.len() {
                     info!(
-                        services = self.objects.services.len(),
-                        endpoint_slices = self.objects.slices.len(),
-                        pods = self.objects.pods.len(),
-                        namespaces = self.objects.namespaces.len(),
+                        services = objects.services.len(),
+                        endpoint_slices = objects.slices.len(),
+                        pods = objects.pods.len(),
+                        namespaces = objects.namespaces.len(),
                         "Kubernetes objects listed"
                     );
                 }
                 self.dirty = true;
             }
-            Ok(Event::Apply(object)) => self.dirty |= self.objects.apply(&object),
-            Ok(Event::Delete(object)) => self.dirty |= self.objects.delete(&object),
+            Ok(Event::Apply(object)) => {
+                let changed = lock(&self.objects).apply(&object);
+                self.dirty |= changed;
+            }
+            Ok(Event::Delete(object)) => {
+                let changed = lock(&self.objects).delete(&object);
+                self.dirty |= changed;
+            }
             Err(error) => {
                 warn!(kind = ?kind, %error, "watching the API server failed; retrying, the objects last seen keep serving");
                 on_update(Update::Failed(format!("{kind:?}: {error}")));
@@ -145,12 +165,12 @@ impl Following {
     }
 
     /// The objects, if they changed and every kind has been listed.
-    fn changed(&mut self) -> Option<Arc<Objects>> {
+    fn changed(&mut self) -> Option<SharedObjects> {
         if !self.dirty || self.listed.len() < ObjectKind::ALL.len() {
             return None;
         }
         self.dirty = false;
-        Some(Arc::new(self.objects.clone()))
+        Some(self.objects.clone())
     }
 }
 
@@ -191,21 +211,22 @@ mod tests {
         take(&mut following, ObjectKind::Namespace, Event::Init);
         take(&mut following, ObjectKind::Namespace, Event::InitDone);
         let first = following.changed().unwrap();
-        assert_eq!(first.services.len(), 1);
+        assert_eq!(first.lock().unwrap().services.len(), 1);
         assert!(following.changed().is_none(), "nothing new");
         take(&mut following, ObjectKind::Service, Event::Apply(service("web")));
         assert!(following.changed().is_none(), "the same object again");
         take(&mut following, ObjectKind::Service, Event::Apply(service("api")));
-        assert_eq!(following.changed().unwrap().services.len(), 2);
+        assert_eq!(following.changed().unwrap().lock().unwrap().services.len(), 2);
         take(&mut following, ObjectKind::Service, Event::Delete(service("web")));
-        assert_eq!(following.changed().unwrap().services.len(), 1);
+        assert_eq!(following.changed().unwrap().lock().unwrap().services.len(), 1);
         // A relist (after 410 Gone) replaces the kind: what it no longer holds is gone.
         take(&mut following, ObjectKind::Service, Event::Init);
         take(&mut following, ObjectKind::Service, Event::InitApply(service("db")));
-        assert_eq!(following.changed().map(|o| o.services.len()), None, "a list under way is not handed on");
+        assert!(following.changed().is_none(), "a list under way is not handed on");
+        assert_eq!(lock(&following.objects).services.len(), 1, "nor applied");
         take(&mut following, ObjectKind::Service, Event::InitDone);
         let relisted = following.changed().unwrap();
-        assert_eq!(relisted.services.keys().map(|(_, name)| name.as_str()).collect::<Vec<_>>(), ["db"]);
+        assert_eq!(relisted.lock().unwrap().services.keys().map(|(_, name)| name.as_str()).collect::<Vec<_>>(), ["db"]);
         assert!(failures.is_empty());
     }
 }

@@ -18,7 +18,7 @@
 //! or pods not readable at all) has no identity until it is: the cluster's `peer_identities` (or
 //! the trust domain) decide meanwhile.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde_json::Value;
 
@@ -64,12 +64,22 @@ pub struct PodRef {
     pub uid: String,
 }
 
+/// A pod's namespace and the SPIFFE ID of its service account (empty if that is no valid ID).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct PodIdentity {
+    namespace: String,
+    identity: String,
+}
+
 /// Every slice, by `namespace/name`, and the service accounts of the pods they name.
 #[derive(Clone, Debug, Default)]
 pub struct Slices {
     slices: BTreeMap<String, Slice>,
-    /// Service account by pod UID, for the pods some slice names.
-    accounts: HashMap<String, String>,
+    /// The keys of each Service's slices, by `(namespace, service)`: a Service's endpoints are
+    /// found without looking at every other Service's slices.
+    by_service: HashMap<(String, String), BTreeSet<String>>,
+    /// By pod UID, the pod's namespace and identity (worked out once, when the pod is told).
+    accounts: HashMap<String, PodIdentity>,
     /// The trust domain of the pods' identities.
     trust_domain: String,
 }
@@ -94,28 +104,60 @@ impl Slices {
     /// Service, or of FQDNs, is not kept.
     pub fn apply(&mut self, object: &Value) -> bool {
         match parse_slice(object) {
-            Some((key, slice)) => self.slices.insert(key, slice.clone()).is_none_or(|old| old != slice),
+            Some((key, slice)) => self.insert(key, slice),
             None => self.remove(object),
         }
+    }
+
+    /// Keeps `slice` under `key`; whether that changed anything.
+    fn insert(&mut self, key: String, slice: Slice) -> bool {
+        if self.slices.get(&key) == Some(&slice) {
+            return false;
+        }
+        self.unindex(&key);
+        let owner = (slice.namespace.clone(), slice.service.clone());
+        self.by_service.entry(owner).or_default().insert(key.clone());
+        self.slices.insert(key, slice);
+        true
     }
 
     /// Removes the slice `object` names; whether it was there.
     pub fn remove(&mut self, object: &Value) -> bool {
         let metadata = &object["metadata"];
         match (metadata["namespace"].as_str(), metadata["name"].as_str()) {
-            (Some(namespace), Some(name)) => self.slices.remove(&format!("{namespace}/{name}")).is_some(),
+            (Some(namespace), Some(name)) => {
+                let key = format!("{namespace}/{name}");
+                self.unindex(&key);
+                self.slices.remove(&key).is_some()
+            }
             _ => false,
+        }
+    }
+
+    /// Drops `key` from its Service's index, if it is held.
+    fn unindex(&mut self, key: &str) {
+        let Some(old) = self.slices.get(key) else { return };
+        let owner = (old.namespace.clone(), old.service.clone());
+        if let Some(keys) = self.by_service.get_mut(&owner) {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.by_service.remove(&owner);
+            }
         }
     }
 
     /// Forgets every slice (a fresh list replaces them).
     pub fn clear(&mut self) {
         self.slices.clear();
+        self.by_service.clear();
     }
 
-    /// Records the service account of the pod `uid`; whether that changed anything.
-    pub fn set_account(&mut self, uid: &str, account: &str) -> bool {
-        self.accounts.insert(uid.to_owned(), account.to_owned()).is_none_or(|old| old != account)
+    /// Records the service account of the pod `uid` in `namespace`; whether that changed anything.
+    pub fn set_account(&mut self, uid: &str, namespace: &str, account: &str) -> bool {
+        let id = format!("spiffe://{}/ns/{namespace}/sa/{account}", self.trust_domain);
+        let identity = remora_control_api::identity::SpiffeId::parse(&id).map(|_| id).unwrap_or_default();
+        let told = PodIdentity { namespace: namespace.to_owned(), identity };
+        self.accounts.insert(uid.to_owned(), told.clone()).is_none_or(|old| old != told)
     }
 
     /// Forgets the pod `uid`'s account; whether it was known.
@@ -131,10 +173,12 @@ impl Slices {
     /// Adds `other`'s slices and accounts (those of `self` win).
     pub fn extend(&mut self, other: &Slices) {
         for (key, slice) in &other.slices {
-            self.slices.entry(key.clone()).or_insert_with(|| slice.clone());
+            if !self.slices.contains_key(key) {
+                self.insert(key.clone(), slice.clone());
+            }
         }
-        for (uid, account) in &other.accounts {
-            self.accounts.entry(uid.clone()).or_insert_with(|| account.clone());
+        for (uid, told) in &other.accounts {
+            self.accounts.entry(uid.clone()).or_insert_with(|| told.clone());
         }
     }
 
@@ -146,7 +190,9 @@ impl Slices {
     /// The same endpoints, each with the pod the slice names for it (when it names one).
     pub fn endpoints_with_pods(&self, service: &v1::KubernetesService) -> Vec<(v1::Endpoint, Option<&PodRef>)> {
         let mut endpoints = Vec::new();
-        for slice in self.slices.values().filter(|s| s.namespace == service.namespace && s.service == service.name) {
+        let owner = (service.namespace.clone(), service.name.clone());
+        let keys = self.by_service.get(&owner).into_iter().flatten();
+        for slice in keys.filter_map(|key| self.slices.get(key)) {
             let port = match service.port.parse::<u16>() {
                 _ if service.port.is_empty() => match slice.ports.as_slice() {
                     [(_, port)] => Some(*port),
@@ -179,11 +225,13 @@ impl Slices {
         endpoints
     }
 
-    /// The SPIFFE ID of `pod`'s service account; empty while the account is not known.
+    /// The SPIFFE ID of `pod`'s service account; empty while the account is not known (or the
+    /// pod with that UID is in another namespace than the slice says).
     fn identity(&self, pod: &PodRef) -> String {
-        let Some(account) = self.accounts.get(&pod.uid) else { return String::new() };
-        let id = format!("spiffe://{}/ns/{}/sa/{account}", self.trust_domain, pod.namespace);
-        remora_control_api::identity::SpiffeId::parse(&id).map(|_| id).unwrap_or_default()
+        match self.accounts.get(&pod.uid) {
+            Some(told) if told.namespace == pod.namespace => told.identity.clone(),
+            _ => String::new(),
+        }
     }
 }
 
@@ -291,7 +339,7 @@ mod tests {
         let (key, parsed) = parse_slice(&object).unwrap();
         assert_eq!(key, "shop/web-1");
         let mut slices = Slices::new("cluster.local");
-        slices.slices.insert(key, parsed);
+        slices.insert(key, parsed);
         let service =
             |port: &str| v1::KubernetesService { namespace: "shop".into(), name: "web".into(), port: port.into() };
         let endpoints = slices.endpoints_for(&service("http"));
@@ -322,8 +370,18 @@ mod tests {
         assert!(!slices.apply(&one), "the same slice again");
         assert!(slices.apply(&slice("web-1", json!([{"addresses": ["10.0.0.2"]}]))));
         assert_eq!(slices.len(), 1);
+        let web = v1::KubernetesService { namespace: "shop".into(), name: "web".into(), port: "http".into() };
+        let api = v1::KubernetesService { name: "api".into(), ..web.clone() };
+        assert_eq!(slices.endpoints_for(&web).len(), 1);
+        // A slice relabelled to another Service leaves the first one's endpoints.
+        let mut moved = slice("web-1", json!([{"addresses": ["10.0.0.2"]}]));
+        moved["metadata"]["labels"]["kubernetes.io/service-name"] = json!("api");
+        assert!(slices.apply(&moved));
+        assert!(slices.endpoints_for(&web).is_empty());
+        assert_eq!(slices.endpoints_for(&api).len(), 1);
         assert!(slices.remove(&one));
         assert!(!slices.remove(&one));
+        assert!(slices.endpoints_for(&api).is_empty());
         let unowned = json!({"metadata": {"name": "x", "namespace": "shop"}, "endpoints": []});
         assert_eq!(parse_slice(&unowned), None, "a slice of no Service");
         assert!(!slices.apply(&unowned));
@@ -344,12 +402,12 @@ mod tests {
         );
         let (key, parsed) = parse_slice(&object).unwrap();
         let mut slices = Slices::new("cluster.local");
-        slices.slices.insert(key, parsed);
+        slices.insert(key, parsed);
         let listed = json!({"metadata": {"uid": "uid-a"}, "spec": {"serviceAccountName": "web"}});
         let unnamed = json!({"metadata": {"uid": "uid-b"}, "spec": {}});
         for pod in [&listed, &unnamed] {
             let (uid, account) = pod_account(pod).unwrap();
-            assert!(slices.set_account(&uid, &account));
+            assert!(slices.set_account(&uid, "shop", &account));
         }
         let service = v1::KubernetesService { namespace: "shop".into(), name: "web".into(), port: "http".into() };
         let identities: Vec<String> = slices.endpoints_for(&service).into_iter().map(|e| e.identity).collect();
