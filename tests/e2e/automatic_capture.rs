@@ -7,7 +7,8 @@
 //!   sidecar finds the ClusterIP in its view (the pod's own namespace has no kube-proxy rules: the
 //!   original destination is the ClusterIP) and balances each request over the Service's three
 //!   endpoints, over mutual TLS to their pod's sidecar, which proves `api`'s identity and tells the
-//!   app who called; the metrics on both sides name both identities.
+//!   app who called; the metrics on both sides name both identities, the caller's requests by
+//!   destination Service and the callee's by calling workload.
 //! - `plain` (a pod without a sidecar) behind the Service `plain` is called in plaintext.
 //! - An endpoint that leaves the Service's slice gets no more requests.
 //! - The namespace annotated `remora.dev/inbound: strict` makes the `api` sidecar refuse plaintext,
@@ -233,6 +234,11 @@ async fn an_app_calls_a_cluster_ip_and_the_mesh_does_the_rest() {
     assert!(netns::value(&api_metrics, &from_web) >= 1.0, "{from_web}\n{api_metrics}");
     let http_to_api = r#"remora_upstream_responses_total{cluster="shop/api:80",status_class="2xx"} "#;
     assert_eq!(netns::value(&web_metrics, http_to_api), 60.0, "{web_metrics}");
+    // Golden metrics: the caller's per destination Service, the callee's per calling workload.
+    let to_service = r#"remora_route_requests_total{direction="outbound",route="shop/api:80/#0",cluster="shop/api:80",dst_namespace="shop",dst_service="api",code="200"} "#;
+    assert_eq!(netns::value(&web_metrics, to_service), 60.0, "{web_metrics}");
+    let from_workload = r#"remora_inbound_caller_requests_total{listener="inbound",client_namespace="shop",client_account="web",status_class="2xx"} "#;
+    assert_eq!(netns::value(&api_metrics, from_workload), 60.0, "{api_metrics}");
 
     // The pod without a sidecar: plaintext, its app told of no caller.
     let (served, identity) = spread(&web, address(PLAIN_CLUSTER_IP, 80), 2);
@@ -245,6 +251,8 @@ async fn an_app_calls_a_cluster_ip_and_the_mesh_does_the_rest() {
     assert_eq!(plaintext_get_bypassing_the_sidecar(&web, address(API_IPS[0], 8080)), Some(200), "{}", logs());
     let api_metrics = api.enter(move || netns::metrics(admin));
     assert_eq!(netns::value(&api_metrics, &format!("{plaintext}\"accepted\"}} ")), 1.0, "{api_metrics}");
+    let unauthenticated = r#"remora_inbound_caller_requests_total{listener="inbound",client_namespace="",client_account="",status_class="2xx"} "#;
+    assert_eq!(netns::value(&api_metrics, unauthenticated), 1.0, "plaintext callers count apart: {api_metrics}");
 
     // An endpoint leaves the slice: once the caller's view drops it, it gets no more requests.
     write_manifests(&mesh, &manifests("permissive", &[0, 1]));

@@ -532,7 +532,7 @@ async fn metrics_count_a_known_mix_exactly_and_pass_promtool() {
     };
     let requests = |route: &str, code: u16| {
         series(&format!(
-            r#"remora_route_requests_total{{direction="inbound",route="{route}",cluster="app",code="{code}"}}"#
+            r#"remora_route_requests_total{{direction="inbound",route="{route}",cluster="app",dst_namespace="",dst_service="",code="{code}"}}"#
         ))
     };
     assert_eq!(requests("web/api", 200), 2.0);
@@ -542,7 +542,7 @@ async fn metrics_count_a_known_mix_exactly_and_pass_promtool() {
     assert_eq!(requests("web/#1", 200), 2.0);
     let duration = |route: &str, suffix: &str| {
         series(&format!(
-            r#"remora_route_request_duration_seconds_{suffix}{{{}direction="inbound",route="{route}",cluster="app"}}"#,
+            r#"remora_route_request_duration_seconds_{suffix}{{{}direction="inbound",route="{route}",cluster="app",dst_namespace="",dst_service=""}}"#,
             suffix.strip_prefix("bucket ").map(|le| format!(r#"le="{le}","#)).unwrap_or_default(),
             suffix = suffix.split(' ').next().unwrap(),
         ))
@@ -643,7 +643,7 @@ async fn grpc_statuses_are_counted_from_trailers_and_trailers_only_answers() {
     }
     let grpc = |code: u32| {
         let labels = format!(
-            r#"remora_route_grpc_responses_total{{direction="outbound",route="rpc/echo",cluster="grpc",grpc_status="{code}"}}"#
+            r#"remora_route_grpc_responses_total{{direction="outbound",route="rpc/echo",cluster="grpc",dst_namespace="",dst_service="",grpc_status="{code}"}}"#
         );
         let proxy = &proxy;
         async move { proxy.metric(&labels).await }

@@ -125,8 +125,14 @@ async fn proxy(
     // 5. Record: the listener's and the route's part now, the rest when the body ends.
     let status = response.status().as_u16();
     connection.listener.stats.record_response(status);
-    if let Some(stats) = &stats {
-        stats.record(status, arrived.elapsed());
+    if stats.is_some() || connection.caller.is_some() {
+        let elapsed = arrived.elapsed();
+        if let Some(stats) = &stats {
+            stats.record(status, elapsed);
+        }
+        if let Some(caller) = &connection.caller {
+            caller.record(status, elapsed);
+        }
     }
     if observe.is_none() && !grpc {
         return Ok(response);

@@ -19,6 +19,7 @@ use tracing::debug;
 use crate::context::{DataPath, Open};
 pub use crate::http::settings::ServerSettings;
 use crate::io::{self, DownstreamStream, Meter, Watched, idle_watch};
+use crate::listener::metrics::CallerStats;
 use crate::state::ListenerConfig;
 
 /// The HTTP version a downstream connection speaks.
@@ -44,6 +45,8 @@ pub struct HttpConnection {
     pub open: Open,
     /// Who is calling and where they were going: what routing reads of the connection.
     pub origin: Origin,
+    /// On an inbound listener, the calling workload's counters.
+    pub caller: Option<Arc<CallerStats>>,
 }
 
 /// What routing, authorization and balancing read of the connection a request came on.

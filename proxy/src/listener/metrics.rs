@@ -1,18 +1,28 @@
-//! The listeners' metrics: connections accepted, open, closed and refused, bytes both ways, and HTTP
-//! responses by status class.
+//! The listeners' metrics: connections accepted, open, closed and refused, bytes both ways, HTTP
+//! responses by status class, and, on inbound listeners, requests and their latency per calling
+//! workload.
 //!
 //! [`ListenerMetrics::register`] declares the families (the composition root calls it once); a
 //! snapshot build asks [`ListenerMetrics::listener`] for each listener's [`ListenerStats`], whose
-//! counters the accept loop, the byte meter and the HTTP server bump with atomic adds.
+//! counters the accept loop, the byte meter and the HTTP server bump with atomic adds. An inbound
+//! connection takes its caller's [`CallerStats`] once, when it is accepted
+//! ([`ListenerStats::caller`]: the namespace and service account of the identity its mTLS peer
+//! proved, both empty for plaintext), and each request on it is counted there with no lookup.
+//! The callers' labels come only from identities the mesh's CA signed, so they are bounded by the
+//! mesh's service accounts.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use remora_control_api::identity::SpiffeId;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 
-use crate::telemetry::{Registry, STATUS_CLASSES, class_index};
+use crate::telemetry::{Histogram, Registry, STATUS_CLASSES, class_index};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ListenerLabels {
@@ -27,6 +37,21 @@ struct RequestLabels {
     status_class: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallerLabels {
+    listener: String,
+    client_namespace: String,
+    client_account: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallerRequestLabels {
+    listener: String,
+    client_namespace: String,
+    client_account: String,
+    status_class: &'static str,
+}
+
 /// The listener metric families.
 #[derive(Clone, Debug, Default)]
 pub struct ListenerMetrics {
@@ -38,6 +63,8 @@ pub struct ListenerMetrics {
     sent: Family<ListenerLabels, Counter>,
     rate_limited: Family<ListenerLabels, Counter>,
     requests: Family<RequestLabels, Counter>,
+    caller_requests: Family<CallerRequestLabels, Counter>,
+    caller_duration: Family<CallerLabels, Histogram>,
 }
 
 impl ListenerMetrics {
@@ -68,6 +95,16 @@ impl ListenerMetrics {
             "HTTP responses sent downstream, by listener and status class (local replies included)",
             m.requests.clone(),
         );
+        registry.register(
+            "inbound_caller_requests",
+            "HTTP responses sent on an inbound listener, by the calling workload (the namespace and service account its mTLS identity names; both empty for plaintext) and status class",
+            m.caller_requests.clone(),
+        );
+        registry.register(
+            "inbound_caller_request_duration_seconds",
+            "Time from a request's arrival on an inbound listener to its response head, by the calling workload",
+            m.caller_duration.clone(),
+        );
         m
     }
 
@@ -86,7 +123,73 @@ impl ListenerMetrics {
             bytes_sent: self.sent.get_or_create_owned(&labels),
             rate_limited: self.rate_limited.get_or_create_owned(&labels),
             requests,
+            callers: (direction == "inbound").then(|| Callers {
+                families: self.clone(),
+                listener: name.to_owned(),
+                known: Mutex::new(HashMap::new()),
+            }),
         })
+    }
+}
+
+/// The calling workloads an inbound listener has seen, each with its counters.
+#[derive(Debug)]
+struct Callers {
+    families: ListenerMetrics,
+    listener: String,
+    /// By SPIFFE ID (empty for plaintext): a caller's counters, made on its first connection.
+    known: Mutex<HashMap<String, Arc<CallerStats>>>,
+}
+
+impl Callers {
+    fn caller(&self, identity: Option<&SpiffeId>) -> Arc<CallerStats> {
+        let id = identity.map_or("", SpiffeId::as_str);
+        let mut known = self.known.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(stats) = known.get(id) {
+            return stats.clone();
+        }
+        let (client_namespace, client_account) = workload(identity);
+        let labels = CallerLabels { listener: self.listener.clone(), client_namespace, client_account };
+        let requests = STATUS_CLASSES.map(|status_class| {
+            self.families.caller_requests.get_or_create_owned(&CallerRequestLabels {
+                listener: labels.listener.clone(),
+                client_namespace: labels.client_namespace.clone(),
+                client_account: labels.client_account.clone(),
+                status_class,
+            })
+        });
+        let stats =
+            Arc::new(CallerStats { requests, duration: self.families.caller_duration.get_or_create_owned(&labels) });
+        known.insert(id.to_owned(), stats.clone());
+        stats
+    }
+}
+
+/// The namespace and service account a SPIFFE ID of the form `spiffe://TD/ns/NS/sa/SA` names; an ID
+/// of another form is its whole path as the account, in no namespace; no ID, both empty.
+fn workload(identity: Option<&SpiffeId>) -> (String, String) {
+    let Some(id) = identity else { return (String::new(), String::new()) };
+    let path = id.as_str().strip_prefix("spiffe://").and_then(|rest| rest.find('/').map(|i| &rest[i..])).unwrap_or("");
+    match path.strip_prefix("/ns/").and_then(|rest| rest.split_once("/sa/")) {
+        Some((namespace, account)) if !namespace.contains('/') && !account.contains('/') => {
+            (namespace.to_owned(), account.to_owned())
+        }
+        _ => (String::new(), path.to_owned()),
+    }
+}
+
+/// What one calling workload's requests on one inbound listener count.
+#[derive(Debug)]
+pub struct CallerStats {
+    requests: [Counter; 5],
+    duration: Histogram,
+}
+
+impl CallerStats {
+    /// Counts one response with `status`, `elapsed` after the request arrived.
+    pub fn record(&self, status: u16, elapsed: Duration) {
+        self.requests[class_index(status)].inc();
+        self.duration.observe(elapsed);
     }
 }
 
@@ -108,9 +211,17 @@ pub struct ListenerStats {
     /// Connections closed at once because the listener's connection rate limit was spent.
     pub rate_limited: Counter,
     requests: [Counter; 5],
+    /// On an inbound listener, its callers' counters.
+    callers: Option<Callers>,
 }
 
 impl ListenerStats {
+    /// The counters of the workload calling on a new connection, proven by `identity` (`None`:
+    /// plaintext); none on an outbound listener, whose caller is the sidecar's own app.
+    pub fn caller(&self, identity: Option<&SpiffeId>) -> Option<Arc<CallerStats>> {
+        self.callers.as_ref().map(|callers| callers.caller(identity))
+    }
+
     /// Counts one HTTP response sent downstream with `status`.
     pub fn record_response(&self, status: u16) {
         self.requests[class_index(status)].inc();
@@ -138,5 +249,34 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#"status_class="5xx"} 2"#), "{text}");
+    }
+
+    /// An inbound listener counts each calling workload apart, by the namespace and account its
+    /// identity names (plaintext with both empty); an outbound one has no callers.
+    #[test]
+    fn inbound_requests_count_per_calling_workload() {
+        let mut registry = registry();
+        let metrics = ListenerMetrics::register(&mut registry);
+        let inbound = metrics.listener("inbound", "inbound");
+        let web = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/web").ok();
+        let odd = SpiffeId::parse("spiffe://example.org/agent/7").ok();
+        let first = inbound.caller(web.as_ref()).unwrap();
+        let again = inbound.caller(web.as_ref()).unwrap();
+        assert!(Arc::ptr_eq(&first, &again), "one caller, one set of counters");
+        first.record(200, Duration::from_millis(3));
+        again.record(503, Duration::from_millis(3));
+        inbound.caller(None).unwrap().record(200, Duration::from_millis(1));
+        inbound.caller(odd.as_ref()).unwrap().record(200, Duration::from_millis(1));
+        assert!(metrics.listener("outbound", "outbound").caller(web.as_ref()).is_none());
+        let text = encode(&registry);
+        for series in [
+            r#"remora_inbound_caller_requests_total{listener="inbound",client_namespace="shop",client_account="web",status_class="2xx"} 1"#,
+            r#"remora_inbound_caller_requests_total{listener="inbound",client_namespace="shop",client_account="web",status_class="5xx"} 1"#,
+            r#"remora_inbound_caller_requests_total{listener="inbound",client_namespace="",client_account="",status_class="2xx"} 1"#,
+            r#"remora_inbound_caller_requests_total{listener="inbound",client_namespace="",client_account="/agent/7",status_class="2xx"} 1"#,
+            r#"remora_inbound_caller_request_duration_seconds_count{listener="inbound",client_namespace="shop",client_account="web"} 2"#,
+        ] {
+            assert!(text.contains(series), "{series}\n{text}");
+        }
     }
 }

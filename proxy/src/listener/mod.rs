@@ -211,8 +211,9 @@ impl Accepted {
     /// The HTTP server's view of the connection; `identity` is the peer sidecar's, over mesh TLS.
     fn into_http(self, data: &Arc<DataPath>, identity: Option<SpiffeId>) -> Arc<HttpConnection> {
         let Accepted { listener, peer, original_destination, destination_port, meter, open } = self;
+        let caller = listener.stats.caller(identity.as_ref());
         let origin = Origin::new(listener.name.clone(), peer, original_destination, destination_port, identity);
-        Arc::new(HttpConnection { data: data.clone(), listener, meter, open, origin })
+        Arc::new(HttpConnection { data: data.clone(), listener, meter, open, origin, caller })
     }
 }
 

@@ -94,6 +94,9 @@ pub struct Cluster {
     pub stats: Arc<ClusterStats>,
     /// With `tls: mesh`, who its endpoints' sidecars must prove to be.
     pub mesh: Option<MeshPeers>,
+    /// The Kubernetes Service its endpoints come from (`kubernetes_service`: namespace and name),
+    /// which its routes' metrics name as the destination.
+    pub service: Option<(String, String)>,
 }
 
 /// The identities a mesh cluster's endpoints may present.
@@ -250,6 +253,7 @@ impl Cluster {
             counts_active: strategy.counts_active(),
             stats,
             mesh,
+            service: c.kubernetes_service.as_ref().map(|s| (s.namespace.clone(), s.name.clone())),
         })
     }
 

@@ -1,5 +1,8 @@
 //! The routes' metrics: HTTP responses by direction, route, cluster and status code (and gRPC
-//! status), and the time from a request's arrival to its response head.
+//! status), and the time from a request's arrival to its response head. Each series also names
+//! the destination Service (`dst_namespace`, `dst_service`) when the cluster's endpoints are a
+//! Kubernetes Service's (the automatic mesh's clusters, or one with `kubernetes_service`), empty
+//! otherwise: golden metrics per destination Service, summed over its ports and routes.
 //!
 //! [`RouteMetrics::register`] declares the families (the composition root calls it once); each
 //! route backend (a route and one of its clusters) gets a [`RouteStats`] when the snapshot is
@@ -21,6 +24,8 @@ struct RouteLabels {
     direction: &'static str,
     route: String,
     cluster: String,
+    dst_namespace: String,
+    dst_service: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -28,6 +33,8 @@ struct CodeLabels {
     direction: &'static str,
     route: String,
     cluster: String,
+    dst_namespace: String,
+    dst_service: String,
     code: u16,
 }
 
@@ -36,6 +43,8 @@ struct GrpcLabels {
     direction: &'static str,
     route: String,
     cluster: String,
+    dst_namespace: String,
+    dst_service: String,
     grpc_status: u32,
 }
 
@@ -69,12 +78,16 @@ impl RouteMetrics {
         m
     }
 
-    /// The counters of one route backend: `route` (its table and name) sending to `cluster`.
-    pub fn route(&self, route: &str, cluster: &str) -> RouteStats {
+    /// The counters of one route backend: `route` (its table and name) sending to `cluster`, whose
+    /// endpoints are the Kubernetes Service `service` (namespace and name), if they are.
+    pub fn route(&self, route: &str, cluster: &str, service: Option<&(String, String)>) -> RouteStats {
+        let (dst_namespace, dst_service) = service.cloned().unwrap_or_default();
         RouteStats {
             families: self.clone(),
             route: route.to_owned(),
             cluster: cluster.to_owned(),
+            dst_namespace,
+            dst_service,
             inbound: OnceLock::new(),
             outbound: OnceLock::new(),
         }
@@ -124,6 +137,8 @@ impl RequestStats {
             direction: self.labels.direction,
             route: self.labels.route.clone(),
             cluster: self.labels.cluster.clone(),
+            dst_namespace: self.labels.dst_namespace.clone(),
+            dst_service: self.labels.dst_service.clone(),
             code: status,
         };
         match COMMON_CODES.iter().position(|c| *c == status) {
@@ -139,6 +154,8 @@ impl RequestStats {
             direction: self.labels.direction,
             route: self.labels.route.clone(),
             cluster: self.labels.cluster.clone(),
+            dst_namespace: self.labels.dst_namespace.clone(),
+            dst_service: self.labels.dst_service.clone(),
             grpc_status: code,
         };
         self.grpc[code as usize].get_or_init(|| self.families.grpc.get_or_create_owned(&labels())).inc();
@@ -152,6 +169,8 @@ pub struct RouteStats {
     families: RouteMetrics,
     route: String,
     cluster: String,
+    dst_namespace: String,
+    dst_service: String,
     inbound: OnceLock<Arc<RequestStats>>,
     outbound: OnceLock<Arc<RequestStats>>,
 }
@@ -161,7 +180,13 @@ impl RouteStats {
     pub fn for_direction(&self, direction: &'static str) -> &Arc<RequestStats> {
         let slot = if direction == "inbound" { &self.inbound } else { &self.outbound };
         slot.get_or_init(|| {
-            let labels = RouteLabels { direction, route: self.route.clone(), cluster: self.cluster.clone() };
+            let labels = RouteLabels {
+                direction,
+                route: self.route.clone(),
+                cluster: self.cluster.clone(),
+                dst_namespace: self.dst_namespace.clone(),
+                dst_service: self.dst_service.clone(),
+            };
             Arc::new(RequestStats::new(&self.families, labels))
         })
     }

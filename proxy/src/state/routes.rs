@@ -172,7 +172,7 @@ impl RouteTable {
             let mut backends = Vec::with_capacity(route.backends.len());
             for (j, backend) in route.backends.iter().enumerate() {
                 let cluster = find(format!("routes[{i}].backends[{j}].cluster"), &backend.cluster)?;
-                let stats = metrics.route(&label, &backend.cluster);
+                let stats = metrics.route(&label, &backend.cluster, cluster.service.as_ref());
                 backends.push((Backend { cluster, stats }, backend.weight.unwrap_or(1)));
             }
             let policy = RoutePolicy::compile(route, cluster)
