@@ -9,6 +9,13 @@
 //!    straight to the backend, through one Remora, and through two sidecars without TLS, to tell
 //!    what each layer adds. Prints p50/p90/p99 of each, what the mTLS pair adds over direct, and
 //!    the CPU time the proxy processes spent per request together (from `/proc/PID/stat`).
+//!    The **zero-config pair** is the same two sidecars as the automatic mesh runs them: a
+//!    `remora control` (on CPU 0, idle while measured) meshing a Service from its manifests alone
+//!    (Namespace, Service with `appProtocol: http`, Pods, an EndpointSlice naming the inbound
+//!    sidecar), the client sidecar holding nothing but its outbound listener (the route by the
+//!    Service's short name, the ewma cluster and its mTLS to the pod's identity come from the
+//!    control plane), the server sidecar's inbound listener under the mesh's permissive policy. Its
+//!    row is compared with the hand-configured mTLS pair's.
 //! 2. **Handshakes.** New mTLS connections (TLS 1.3, ECDSA P-256, client certificate required and
 //!    verified, no resumption) opened and closed as fast as 8 concurrent clients can, for
 //!    `MESH_SECONDS`, against the inbound sidecar and against nginx doing the same termination;
@@ -99,15 +106,57 @@ fn main() {
             measured(&[&server, &client], local(plain_out), rate, duration).await
         };
         let paired = measured(&[&server, &client], local(outbound), rate, duration).await;
+        let automatic = {
+            let [control_port, auto_in, auto_out, ..] = free_ports();
+            let [auto_in_admin, auto_out_admin, ..] = free_ports();
+            let manifests = dir.join("mesh");
+            std::fs::create_dir_all(&manifests).unwrap();
+            std::fs::write(manifests.join("bench.yaml"), service_manifests(local(auto_in))).unwrap();
+            let _control = spawn_control(&manifests, control_port);
+            let control = format!("http://127.0.0.1:{control_port}");
+            // Without capture there is no original destination: the server sidecar's app is named
+            // in its file, as its pod's address would be found by one.
+            let config = format!(
+                "bootstrap:\n  admin_address: \"127.0.0.1:{auto_in_admin}\"\n  workers: 1\n{api_identity}---\nresources:\n  - {{kind: Cluster, name: app, protocol: http1}}\n  - {{kind: Endpoints, cluster: app, endpoints: [{{address: \"{}\"}}]}}\n  - {{kind: Listener, name: inbound, address: \"127.0.0.1:{auto_in}\", direction: inbound, default_cluster: app}}\n",
+                backend.address()
+            );
+            let server = spawn_proxy_with(&dir, "auto-server", &config, auto_in, &["--control", &control, "--node-id", "api-0.bench"]);
+            let config = format!(
+                "bootstrap:\n  admin_address: \"127.0.0.1:{auto_out_admin}\"\n  workers: 1\n{web_identity}---\nresources:\n  - {{kind: Listener, name: outbound, address: \"127.0.0.1:{auto_out}\", protocol: http1, direction: outbound}}\n"
+            );
+            let client = spawn_proxy_with(&dir, "auto-client", &config, auto_out, &["--control", &control, "--node-id", "web-0.bench"]);
+            wait_ready(auto_in_admin);
+            wait_ready(auto_out_admin);
+            let run = measured(&[&server, &client], local(auto_out), rate, duration).await;
+            let proved = r#"remora_tls_peer_handshakes_total{direction="outbound",result="ok",peer="spiffe://cluster.local/ns/bench/sa/api"}"#;
+            assert!(admin_get(auto_out_admin, "/metrics").contains(proved), "the zero-config pair spoke mTLS");
+            run
+        };
         println!("{:<11} {:>8} {:>8} {:>8} {:>8} {:>7} {:>14}", "path", "p50 us", "p90 us", "p99 us", "ok", "errors", "proxy cpu us/req");
         let [d50, d90, d99] = direct.0.percentiles();
-        let rows = [("direct", Some(&direct)), ("nginx", nginx.as_ref()), ("one proxy", Some(&one)), ("plain pair", Some(&plain)), ("mTLS pair", Some(&paired))];
+        let rows = [
+            ("direct", Some(&direct)),
+            ("nginx", nginx.as_ref()),
+            ("one proxy", Some(&one)),
+            ("plain pair", Some(&plain)),
+            ("mTLS pair", Some(&paired)),
+            ("zero-config", Some(&automatic)),
+        ];
         for (name, (run, cpu)) in rows.into_iter().filter_map(|(name, row)| row.map(|r| (name, r))) {
             let [p50, p90, p99] = run.percentiles();
             println!("{name:<11} {p50:>8.0} {p90:>8.0} {p99:>8.0} {:>8} {:>7} {cpu:>14.1}", run.latencies.len(), run.errors);
         }
         let [p50, p90, p99] = paired.0.percentiles();
         println!("mTLS pair adds over direct: p50 {:.0} us, p90 {:.0} us, p99 {:.0} us", p50 - d50, p90 - d90, p99 - d99);
+        let [a50, a90, a99] = automatic.0.percentiles();
+        println!("zero-config pair adds over direct: p50 {:.0} us, p90 {:.0} us, p99 {:.0} us", a50 - d50, a90 - d90, a99 - d99);
+        let change = |auto: f64, hand: f64| (auto - hand) / hand * 100.0;
+        println!(
+            "zero-config pair against the mTLS pair: CPU per request {:+.1}%, added p50 {:+.1}%, added p99 {:+.1}%",
+            change(automatic.1, paired.1),
+            change(a50 - d50, p50 - d50),
+            change(a99 - d99, p99 - d99)
+        );
         println!("\nnew mTLS handshakes (TLS 1.3, P-256, client certificate verified), {HANDSHAKE_CLIENTS} clients, {seconds} s");
         let inbound_address = SocketAddr::from(([127, 0, 0, 1], inbound));
         let remora = handshakes(&web, inbound_address, remora_proxy::tls::ALPN_HTTP, server.id(), duration).await;
@@ -162,11 +211,17 @@ impl Drop for Killed {
 
 /// Runs `remora proxy --config` on CPU 1 and waits for `port`.
 fn spawn_proxy(dir: &Path, name: &str, config: &str, port: u16) -> Killed {
+    spawn_proxy_with(dir, name, config, port, &[])
+}
+
+/// The same, with `extra` arguments.
+fn spawn_proxy_with(dir: &Path, name: &str, config: &str, port: u16, extra: &[&str]) -> Killed {
     let path = dir.join(format!("{name}.yaml"));
     std::fs::write(&path, config).unwrap();
     let child = Command::new("taskset")
         .args(["-c", "1", env!("CARGO_BIN_EXE_remora"), "proxy", "--config"])
         .arg(&path)
+        .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -220,6 +275,66 @@ fn run_nginx(dir: &Path, name: &str, http: impl FnOnce(u16) -> String) -> Option
     let child = Killed(child);
     wait_port(port);
     Some((child, port))
+}
+
+/// `remora control` on CPU 0 serving `manifests`, its Delta ADS on `port`.
+fn spawn_control(manifests: &Path, port: u16) -> Killed {
+    let listen = format!("127.0.0.1:{port}");
+    let child = Command::new("taskset")
+        .args(["-c", "0", env!("CARGO_BIN_EXE_remora"), "control", "--listen", &listen, "--config-dir"])
+        .arg(manifests)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("taskset and the remora binary");
+    wait_port(port);
+    Killed(child)
+}
+
+/// The Kubernetes objects of one meshed Service, `api` in namespace `bench` (HTTP/1.1 by its
+/// `appProtocol`), whose one pod's sidecar listens at `endpoint`, and its caller's pod `web-0`.
+fn service_manifests(endpoint: SocketAddr) -> String {
+    let pod = |name: &str, account: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{namespace: bench, name: {name}, uid: uid-{name}}}\nspec: {{serviceAccountName: {account}, containers: [{{name: app}}, {{name: remora-proxy}}]}}\n"
+        )
+    };
+    [
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: bench}\n".to_owned(),
+        "apiVersion: v1\nkind: Service\nmetadata: {namespace: bench, name: api}\nspec:\n  clusterIP: 10.96.0.20\n  ports: [{name: http, port: 80, targetPort: 8080, appProtocol: http}]\n".to_owned(),
+        pod("api-0", "api"),
+        pod("web-0", "web"),
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{namespace: bench, name: api-1, labels: {{kubernetes.io/service-name: api}}}}\naddressType: IPv4\nports: [{{name: http, port: {}}}]\nendpoints:\n  - {{addresses: [\"{}\"], conditions: {{ready: true}}, targetRef: {{kind: Pod, namespace: bench, name: api-0, uid: uid-api-0}}}}\n",
+            endpoint.port(),
+            endpoint.ip()
+        ),
+    ]
+    .join("---\n")
+}
+
+/// `GET path` from the admin server on `port`: the whole answer, empty if it could not be had.
+fn admin_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut answer = String::new();
+    if let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+        let _ = stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").as_bytes());
+        let _ = stream.read_to_string(&mut answer);
+    }
+    answer
+}
+
+/// Waits until the admin server on `port` answers `/ready` with 200 (the control plane's first
+/// configuration applied).
+fn wait_ready(port: u16) {
+    for _ in 0..400 {
+        if admin_get(port, "/ready").starts_with("HTTP/1.1 200") {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("the proxy with admin port {port} never became ready");
 }
 
 fn wait_port(port: u16) {
