@@ -9,7 +9,9 @@
 //!   endpoints, over mutual TLS to their pod's sidecar, which proves `api`'s identity and tells the
 //!   app who called; the metrics on both sides name both identities, the caller's requests by
 //!   destination Service and the callee's by calling workload.
-//! - `plain` (a pod without a sidecar) behind the Service `plain` is called in plaintext.
+//! - `plain` (a pod without a sidecar) behind the Service `plain` is called in plaintext; behind
+//!   the Service `banner`, whose port says `appProtocol: tcp`, a server that speaks first is heard
+//!   at once (the port is forwarded without waiting to detect a protocol).
 //! - An endpoint that leaves the Service's slice gets no more requests.
 //! - The namespace annotated `remora.dev/inbound: strict` makes the `api` sidecar refuse plaintext,
 //!   which it served (and counted) while permissive; the mesh's calls still pass.
@@ -33,6 +35,8 @@ const PLAIN_IP: &str = "10.85.0.2";
 const PLAIN_PEER_IP: &str = "10.85.0.1";
 const API_CLUSTER_IP: &str = "10.96.0.20";
 const PLAIN_CLUSTER_IP: &str = "10.96.0.21";
+/// A Service whose port says `appProtocol: tcp`, in front of a server that speaks first.
+const BANNER_CLUSTER_IP: &str = "10.96.0.22";
 /// The control plane's port, in the `web` namespace (excluded from its inbound capture).
 const CONTROL_PORT: u16 = 15010;
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
@@ -54,6 +58,12 @@ fn manifests(inbound: &str, serving: &[usize]) -> String {
         ),
         format!(
             "apiVersion: v1\nkind: Service\nmetadata: {{namespace: shop, name: plain}}\nspec:\n  clusterIP: {PLAIN_CLUSTER_IP}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n"
+        ),
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{namespace: shop, name: banner}}\nspec:\n  clusterIP: {BANNER_CLUSTER_IP}\n  ports: [{{name: smtp, port: 25, targetPort: 2525, appProtocol: tcp}}]\n"
+        ),
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{namespace: shop, name: banner-1, labels: {{kubernetes.io/service-name: banner}}}}\naddressType: IPv4\nports: [{{name: smtp, port: 2525}}]\nendpoints:\n  - {{addresses: [\"{PLAIN_IP}\"], conditions: {{ready: true}}, targetRef: {{kind: Pod, namespace: shop, name: plain-0, uid: uid-plain-0}}}}\n"
         ),
         pod("web-0", "web", true),
         pod("plain-0", "default", false),
@@ -91,10 +101,14 @@ fn write_manifests(directory: &Path, text: &str) {
     std::fs::rename(&staging, directory.join("shop.yaml")).unwrap();
 }
 
-/// The sidecar's arguments: built-in defaults, the control plane, a node ID, the identity's files.
-fn sidecar_args(node: &str, files: &[std::path::PathBuf; 3]) -> Vec<String> {
+/// The sidecar's arguments: its config (`None`: the built-in defaults), the control plane, a node
+/// ID, the identity's files.
+fn sidecar_args(config: Option<&Path>, node: &str, files: &[std::path::PathBuf; 3]) -> Vec<String> {
     let control = format!("http://{WEB_IP}:{CONTROL_PORT}");
     let mut args: Vec<String> = ["proxy", "--control", &control, "--node-id", node].map(str::to_owned).into();
+    if let Some(config) = config {
+        args.extend(["--config".to_owned(), config.to_str().unwrap().to_owned()]);
+    }
     for (flag, file) in ["--tls-cert", "--tls-key", "--tls-ca"].iter().zip(files) {
         args.push((*flag).to_owned());
         args.push(file.to_str().unwrap().to_owned());
@@ -177,6 +191,13 @@ async fn an_app_calls_a_cluster_ip_and_the_mesh_does_the_rest() {
         .collect();
     let plain_socket = plain.enter(|| TcpListener::bind(address(PLAIN_IP, 8080)).unwrap());
     let plain_app = HttpServer::start_on("plain", plain_socket);
+    let banner_socket = plain.enter(|| TcpListener::bind(address(PLAIN_IP, 2525)).unwrap());
+    std::thread::spawn(move || {
+        for stream in banner_socket.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let _ = std::io::Write::write_all(&mut stream, b"220 banner ready\r\n");
+        }
+    });
 
     let remora = env!("CARGO_BIN_EXE_remora");
     web.run(remora, &["init", "--exclude-inbound-ports", &CONTROL_PORT.to_string()]);
@@ -202,9 +223,20 @@ async fn an_app_calls_a_cluster_ip_and_the_mesh_does_the_rest() {
         std::fs::set_permissions(directory.join(dir), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     }
     let (web_log, api_log) = (directory.join("web.log"), directory.join("api.log"));
-    let args = sidecar_args("web-0.shop", &web_files);
+    // The caller's sidecar is the built-in defaults with a detection timeout no test waits out,
+    // so that a server-speaks-first Service is answered only if its port is forwarded unread.
+    let web_config = directory.join("web.yaml");
+    let defaults: Vec<&str> = remora_proxy::bootstrap::DEFAULT_CONFIG
+        .lines()
+        .filter(|line| !line.trim_start().starts_with("additional_addresses:"))
+        .collect();
+    let defaults =
+        defaults.join("\n").replace("    name: outbound\n", "    name: outbound\n    detect_timeout: 600s\n");
+    assert!(defaults.contains("detect_timeout: 600s"), "{defaults}");
+    std::fs::write(&web_config, defaults).unwrap();
+    let args = sidecar_args(Some(&web_config), "web-0.shop", &web_files);
     let web_sidecar = web.spawn_proxy(&directory, &args.iter().map(String::as_str).collect::<Vec<_>>(), &web_log);
-    let args = sidecar_args("api-0.shop", &api_files);
+    let args = sidecar_args(None, "api-0.shop", &api_files);
     let api_sidecar = api.spawn_proxy(&directory, &args.iter().map(String::as_str).collect::<Vec<_>>(), &api_log);
     let logs = || {
         let read = |path: &Path| std::fs::read_to_string(path).unwrap_or_default();
@@ -245,6 +277,16 @@ async fn an_app_calls_a_cluster_ip_and_the_mesh_does_the_rest() {
     assert_eq!(served.get("plain"), Some(&2), "{served:?}");
     assert_eq!(identity, "", "plaintext: no sidecar to say who called");
     assert_eq!(plain_app.hits(), 2);
+
+    // A port with `appProtocol: tcp` is forwarded without reading first: a server that speaks
+    // first is heard (the caller's listener would otherwise wait 600 s to detect a protocol).
+    let banner = web.enter(|| {
+        let mut stream = std::net::TcpStream::connect(address(BANNER_CLUSTER_IP, 25)).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut greeting = [0_u8; 18];
+        std::io::Read::read_exact(&mut stream, &mut greeting).map(|()| String::from_utf8_lossy(&greeting).into_owned())
+    });
+    assert_eq!(banner.ok().as_deref(), Some("220 banner ready\r\n"), "{}", logs());
 
     // Plaintext straight to a pod: permissive serves it, counted apart.
     let plaintext = r#"remora_authorization_plaintext_total{listener="inbound",policy="remora-inbound",result="#;

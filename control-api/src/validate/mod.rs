@@ -299,6 +299,7 @@ mod tests {
 - kind: RouteTable
   name: r
   destinations: ["bad host!"]
+  opaque: true
   routes:
     - match: {path: {regex: "(unclosed"}}
       backends: [{cluster: shop, weight: 0}]
@@ -316,6 +317,7 @@ mod tests {
             "routes[0].backends: needs at least one backend with a weight above zero",
             "routes[1].match.path: must start with '/'",
             "routes[1].backends: needs at least one cluster",
+            "route table \"r\": opaque: needs tcp_cluster",
             "listener \"l\": address: must be ip:port",
             "listener \"l\": detect_timeout: must be greater than zero",
         ] {

@@ -24,6 +24,9 @@ impl Checker {
         if !table.tcp_cluster.is_empty() {
             self.cluster_ref(subject, "tcp_cluster", &table.tcp_cluster, clusters);
         }
+        if table.opaque && table.tcp_cluster.is_empty() {
+            self.fail(subject, "opaque", "needs tcp_cluster: the connections it makes opaque must go somewhere");
+        }
         for (i, route) in table.routes.iter().enumerate() {
             let at = |field: &str| format!("routes[{i}].{field}");
             if let Some(matcher) = &route.r#match {

@@ -17,7 +17,8 @@
 //!   original destination of a captured connection), and the DNS names cluster DNS resolves across
 //!   namespaces (`NAME.NAMESPACE`, `NAME.NAMESPACE.svc`, `NAME.NAMESPACE.svc.CLUSTER-DOMAIN`, each
 //!   with the port; a Host without one is on port 80) — and sends HTTP request by request, and
-//!   opaque TCP connection by connection, to the cluster. A headless Service claims its pods'
+//!   opaque TCP connection by connection, to the cluster (a port whose `appProtocol` is `tcp`
+//!   is `opaque`: forwarded unread, its server free to speak first). A headless Service claims its pods'
 //!   addresses. The table serves outbound listeners only (`direction: outbound`): on the inbound
 //!   side of the Service's own pods, a call by its name is for the app there. The proxies of the
 //!   Service's own namespace are sent the table with the short name too (`NAME:PORT`, which

@@ -234,6 +234,9 @@ fn route_table(
         destinations: destinations.into_iter().collect(),
         routes: vec![route],
         tcp_cluster: backend.to_owned(),
+        // A port that says it carries plain TCP is not read before it is forwarded: its server may
+        // speak first.
+        opaque: port.app_protocol == "tcp",
         ..Default::default()
     };
     // Callers' routing: on the inbound side of the Service's own pods, a request for its name is
@@ -278,6 +281,21 @@ mod tests {
 
     fn find<'a>(resources: &'a [Resource], kind: remora_control_api::Kind, name: &str) -> Option<&'a Resource> {
         resources.iter().find(|r| r.kind() == kind && r.name() == name)
+    }
+
+    /// A port whose appProtocol is `tcp` is opaque: its table says so, so that listeners forward
+    /// its connections without reading first; HTTP ports are not.
+    #[test]
+    fn a_tcp_port_is_opaque() {
+        use remora_control_api::Kind;
+        let mut objects = objects();
+        objects[0]["spec"]["ports"][1]["appProtocol"] = json!("tcp");
+        let made = made(&objects, &[]);
+        let Some(Resource::RouteTable(tcp)) = find(&made, Kind::RouteTable, "shop/web:9090") else { panic!() };
+        assert!(tcp.opaque && tcp.tcp_cluster == "shop/web:9090");
+        let Some(Resource::RouteTable(http)) = find(&made, Kind::RouteTable, "shop/web:80") else { panic!() };
+        assert!(!http.opaque);
+        remora_control_api::validate::validate(&made).unwrap();
     }
 
     /// Each TCP port of a Service becomes a cluster (ewma, its appProtocol's version, mTLS when

@@ -230,6 +230,8 @@ impl ListenerStats {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
     use crate::telemetry::{encode, registry};
 

@@ -149,6 +149,11 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, name: Arc<str>, d
         ListenerProtocol::Http1 => (Protocol::Http1, bytes::Bytes::new()),
         ListenerProtocol::Http2 => (Protocol::Http2, bytes::Bytes::new()),
         ListenerProtocol::Tcp => (Protocol::Opaque, bytes::Bytes::new()),
+        // A destination declared opaque (a Service port's `appProtocol: tcp`) is not read first:
+        // its server may be the one to speak first.
+        ListenerProtocol::Auto if listener.routes.for_tcp(original_destination).is_some_and(|t| t.opaque) => {
+            (Protocol::Opaque, bytes::Bytes::new())
+        }
         ListenerProtocol::Auto => match detect::detect(&stream, listener.detect_timeout).await {
             Ok(detected) => detected,
             Err(error) => {

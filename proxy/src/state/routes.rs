@@ -140,6 +140,8 @@ pub struct RouteTable {
     pub tcp_cluster: Option<Arc<Cluster>>,
     /// The direction of the listeners that serve it; `None`, both.
     pub direction: Option<Direction>,
+    /// Whether connections to its destinations are opaque TCP, undetected.
+    pub opaque: bool,
 }
 
 impl RouteTable {
@@ -194,7 +196,8 @@ impl RouteTable {
             v1::route_table::Direction::Outbound => Some(Direction::Outbound),
             v1::route_table::Direction::Inbound => Some(Direction::Inbound),
         };
-        Ok(RouteTable { name: table.name.as_str().into(), routes, tcp_cluster, direction })
+        let opaque = table.opaque && tcp_cluster.is_some();
+        Ok(RouteTable { name: table.name.as_str().into(), routes, tcp_cluster, direction, opaque })
     }
 }
 
@@ -442,6 +445,7 @@ routes:
                         routes: Vec::new(),
                         tcp_cluster: None,
                         direction: None,
+                        opaque: false,
                     });
                     (table, destinations.iter().map(|d| Destination::parse(d).unwrap()).collect())
                 })
