@@ -28,8 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures_util::stream::{self, BoxStream};
 use futures_util::{FutureExt, StreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, TypeMeta};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
@@ -64,10 +63,10 @@ type Item = (ObjectKind, Result<Event<Value>, watcher::Error>);
 /// identities in `trust_domain`, handing every change to `on_update`. Runs until dropped.
 pub async fn follow(client: Client, trust_domain: String, mut on_update: impl FnMut(Update)) {
     let mut events = stream::select_all([
-        watch::<Service>(&client, ObjectKind::Service),
-        watch::<EndpointSlice>(&client, ObjectKind::EndpointSlice),
-        watch::<Pod>(&client, ObjectKind::Pod),
-        watch::<Namespace>(&client, ObjectKind::Namespace),
+        watch(&client, ObjectKind::Service, ("", "v1", "Service", "services")),
+        watch(&client, ObjectKind::EndpointSlice, ("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices")),
+        watch(&client, ObjectKind::Pod, ("", "v1", "Pod", "pods")),
+        watch(&client, ObjectKind::Namespace, ("", "v1", "Namespace", "namespaces")),
     ]);
     let mut following = Following::new(&trust_domain);
     while let Some(first) = events.next().await {
@@ -82,22 +81,30 @@ pub async fn follow(client: Client, trust_domain: String, mut on_update: impl Fn
     }
 }
 
-/// `K`'s watcher, cluster-wide, backing off after failures, its objects as JSON.
-fn watch<K>(client: &Client, kind: ObjectKind) -> BoxStream<'static, Item>
-where
-    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
-    K: Send + 'static,
-{
-    let api = Api::<K>::all(client.clone());
+/// The watcher of one kind (group, version, kind and plural), cluster-wide, backing off after
+/// failures, its objects as JSON. Objects are read untyped (`DynamicObject`): the readers take only
+/// a few fields of each, so there is no need to decode (and compile decoders for) whole specs.
+fn watch(
+    client: &Client,
+    kind: ObjectKind,
+    (group, version, name, plural): (&str, &str, &str, &str),
+) -> BoxStream<'static, Item> {
+    let resource = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, name), plural);
+    let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
+    // A list's items carry no apiVersion and kind: the readers recognise an object by them.
+    let types = TypeMeta { api_version: resource.api_version.clone(), kind: resource.kind.clone() };
     watcher::watcher(api, watcher::Config::default())
         .default_backoff()
-        .map(move |event| (kind, event.map(json_event)))
+        .map(move |event| (kind, event.map(|event| json_event(event, &types))))
         .boxed()
 }
 
-/// An event with its object as JSON (k8s-openapi writes `apiVersion` and `kind` too).
-fn json_event<K: serde::Serialize>(event: Event<K>) -> Event<Value> {
-    let json = |object: K| serde_json::to_value(object).unwrap_or(Value::Null);
+/// An event with its object as JSON, `apiVersion` and `kind` set.
+fn json_event(event: Event<DynamicObject>, types: &TypeMeta) -> Event<Value> {
+    let json = |mut object: DynamicObject| {
+        object.types = Some(types.clone());
+        serde_json::to_value(object).unwrap_or(Value::Null)
+    };
     match event {
         Event::Apply(object) => Event::Apply(json(object)),
         Event::Delete(object) => Event::Delete(json(object)),
