@@ -99,11 +99,18 @@ fn watch(
         .boxed()
 }
 
-/// An event with its object as JSON, `apiVersion` and `kind` set.
+/// An event with its object as JSON, `apiVersion` and `kind` set. The object's fields other than
+/// its metadata are JSON already: they are moved, not copied.
 fn json_event(event: Event<DynamicObject>, types: &TypeMeta) -> Event<Value> {
-    let json = |mut object: DynamicObject| {
-        object.types = Some(types.clone());
-        serde_json::to_value(object).unwrap_or(Value::Null)
+    let json = |object: DynamicObject| {
+        let mut fields = match object.data {
+            Value::Object(fields) => fields,
+            _ => serde_json::Map::new(),
+        };
+        fields.insert("apiVersion".into(), Value::String(types.api_version.clone()));
+        fields.insert("kind".into(), Value::String(types.kind.clone()));
+        fields.insert("metadata".into(), serde_json::to_value(object.metadata).unwrap_or(Value::Null));
+        Value::Object(fields)
     };
     match event {
         Event::Apply(object) => Event::Apply(json(object)),
