@@ -179,6 +179,26 @@ impl Shared {
     fn new(n: usize, timed: Kind) -> Shared {
         Shared { ready: AtomicUsize::new(0), timed, acked: Mutex::new(vec![None; n]) }
     }
+
+    /// Waits (up to `limit`) until every proxy has ACKed an update of the timed kind at or after
+    /// `changed` (an ACK from before, a late answer to something earlier, does not count); the
+    /// time each took.
+    async fn acks_since(&self, changed: Instant, limit: Duration) -> Vec<Duration> {
+        loop {
+            let times: Option<Vec<Duration>> = self
+                .acked
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|t| t.filter(|t| *t >= changed).map(|t| t.saturating_duration_since(changed)))
+                .collect();
+            if let Some(times) = times {
+                return times;
+            }
+            assert!(changed.elapsed() < limit, "a change did not converge");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
 }
 
 async fn proxy(url: String, id: usize, node: String, shared: Arc<Shared>) {
@@ -254,17 +274,7 @@ async fn run(sizes: Vec<usize>) {
             std::fs::write(&staging, routes_yaml(edit_number)).unwrap();
             let edited = Instant::now();
             std::fs::rename(&staging, dir.join("routes.yaml")).unwrap();
-            loop {
-                // An ACK from before the edit (a late answer to something earlier) does not count.
-                let done = shared.acked.lock().unwrap().iter().all(|t| t.is_some_and(|t| t >= edited));
-                if done {
-                    break;
-                }
-                assert!(edited.elapsed() < Duration::from_secs(30), "an edit did not converge");
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            let times: Vec<Duration> =
-                shared.acked.lock().unwrap().iter().map(|t| t.unwrap().saturating_duration_since(edited)).collect();
+            let times = shared.acks_since(edited, Duration::from_secs(30)).await;
             all.push(*times.iter().max().unwrap());
             per_proxy.extend(times);
         }
@@ -417,16 +427,7 @@ async fn cluster_scale(n: usize) {
         let service = change * 97 % SERVICES;
         let changed = Instant::now();
         api.put(scale_slice(service, Some(change % PODS_PER_SERVICE)));
-        loop {
-            let done = shared.acked.lock().unwrap().iter().all(|t| t.is_some_and(|t| t >= changed));
-            if done {
-                break;
-            }
-            assert!(changed.elapsed() < Duration::from_secs(60), "a change did not converge");
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        let times: Vec<Duration> =
-            shared.acked.lock().unwrap().iter().map(|t| t.unwrap().saturating_duration_since(changed)).collect();
+        let times = shared.acks_since(changed, Duration::from_secs(60)).await;
         all.push(*times.iter().max().unwrap());
         per_proxy.extend(times);
         tokio::time::sleep(Duration::from_millis(300)).await;

@@ -218,10 +218,16 @@ fn spawn_proxy(dir: &Path, name: &str, config: &str, port: u16) -> Killed {
 fn spawn_proxy_with(dir: &Path, name: &str, config: &str, port: u16, extra: &[&str]) -> Killed {
     let path = dir.join(format!("{name}.yaml"));
     std::fs::write(&path, config).unwrap();
+    let mut args = vec!["proxy", "--config", path.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    spawn_remora(1, &args, port)
+}
+
+/// Runs `remora args` pinned to `cpu` and waits for `port`.
+fn spawn_remora(cpu: usize, args: &[&str], port: u16) -> Killed {
     let child = Command::new("taskset")
-        .args(["-c", "1", env!("CARGO_BIN_EXE_remora"), "proxy", "--config"])
-        .arg(&path)
-        .args(extra)
+        .args(["-c", &cpu.to_string(), env!("CARGO_BIN_EXE_remora")])
+        .args(args)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -280,16 +286,7 @@ fn run_nginx(dir: &Path, name: &str, http: impl FnOnce(u16) -> String) -> Option
 /// `remora control` on CPU 0 serving `manifests`, its Delta ADS on `port`.
 fn spawn_control(manifests: &Path, port: u16) -> Killed {
     let listen = format!("127.0.0.1:{port}");
-    let child = Command::new("taskset")
-        .args(["-c", "0", env!("CARGO_BIN_EXE_remora"), "control", "--listen", &listen, "--config-dir"])
-        .arg(manifests)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("taskset and the remora binary");
-    wait_port(port);
-    Killed(child)
+    spawn_remora(0, &["control", "--listen", &listen, "--config-dir", manifests.to_str().unwrap()], port)
 }
 
 /// The Kubernetes objects of one meshed Service, `api` in namespace `bench` (HTTP/1.1 by its

@@ -60,6 +60,12 @@ impl SpiffeId {
         let rest = &self.0["spiffe://".len()..];
         rest.split_once('/').map_or(rest, |(domain, _)| domain)
     }
+
+    /// The path after the trust domain, with its leading `/` (`/ns/shop/sa/web`); empty if none.
+    pub fn path(&self) -> &str {
+        let rest = &self.0["spiffe://".len()..];
+        rest.find('/').map_or("", |slash| &rest[slash..])
+    }
 }
 
 impl fmt::Display for SpiffeId {
@@ -149,6 +155,7 @@ mod tests {
     fn spiffe_ids_are_checked() {
         let id = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/web").unwrap();
         assert_eq!(id.trust_domain(), "cluster.local");
+        assert_eq!(id.path(), "/ns/shop/sa/web");
         for bad in [
             "http://cluster.local/ns/a",
             "spiffe://cluster.local",

@@ -46,9 +46,8 @@ struct CallerLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CallerRequestLabels {
-    listener: String,
-    client_namespace: String,
-    client_account: String,
+    #[prometheus(flatten)]
+    caller: CallerLabels,
     status_class: &'static str,
 }
 
@@ -151,12 +150,9 @@ impl Callers {
         let (client_namespace, client_account) = workload(identity);
         let labels = CallerLabels { listener: self.listener.clone(), client_namespace, client_account };
         let requests = STATUS_CLASSES.map(|status_class| {
-            self.families.caller_requests.get_or_create_owned(&CallerRequestLabels {
-                listener: labels.listener.clone(),
-                client_namespace: labels.client_namespace.clone(),
-                client_account: labels.client_account.clone(),
-                status_class,
-            })
+            self.families
+                .caller_requests
+                .get_or_create_owned(&CallerRequestLabels { caller: labels.clone(), status_class })
         });
         let stats =
             Arc::new(CallerStats { requests, duration: self.families.caller_duration.get_or_create_owned(&labels) });
@@ -169,7 +165,7 @@ impl Callers {
 /// of another form is its whole path as the account, in no namespace; no ID, both empty.
 fn workload(identity: Option<&SpiffeId>) -> (String, String) {
     let Some(id) = identity else { return (String::new(), String::new()) };
-    let path = id.as_str().strip_prefix("spiffe://").and_then(|rest| rest.find('/').map(|i| &rest[i..])).unwrap_or("");
+    let path = id.path();
     match path.strip_prefix("/ns/").and_then(|rest| rest.split_once("/sa/")) {
         Some((namespace, account)) if !namespace.contains('/') && !account.contains('/') => {
             (namespace.to_owned(), account.to_owned())

@@ -30,21 +30,15 @@ struct RouteLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CodeLabels {
-    direction: &'static str,
-    route: String,
-    cluster: String,
-    dst_namespace: String,
-    dst_service: String,
+    #[prometheus(flatten)]
+    route: RouteLabels,
     code: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct GrpcLabels {
-    direction: &'static str,
-    route: String,
-    cluster: String,
-    dst_namespace: String,
-    dst_service: String,
+    #[prometheus(flatten)]
+    route: RouteLabels,
     grpc_status: u32,
 }
 
@@ -82,15 +76,14 @@ impl RouteMetrics {
     /// endpoints are the Kubernetes Service `service` (namespace and name), if they are.
     pub fn route(&self, route: &str, cluster: &str, service: Option<&(String, String)>) -> RouteStats {
         let (dst_namespace, dst_service) = service.cloned().unwrap_or_default();
-        RouteStats {
-            families: self.clone(),
+        let labels = RouteLabels {
+            direction: "",
             route: route.to_owned(),
             cluster: cluster.to_owned(),
             dst_namespace,
             dst_service,
-            inbound: OnceLock::new(),
-            outbound: OnceLock::new(),
-        }
+        };
+        RouteStats { families: self.clone(), labels, inbound: OnceLock::new(), outbound: OnceLock::new() }
     }
 }
 
@@ -133,14 +126,7 @@ impl RequestStats {
     /// Counts one response with `status`, `elapsed` after the request arrived.
     pub fn record(&self, status: u16, elapsed: Duration) {
         self.duration.observe(elapsed);
-        let code_labels = || CodeLabels {
-            direction: self.labels.direction,
-            route: self.labels.route.clone(),
-            cluster: self.labels.cluster.clone(),
-            dst_namespace: self.labels.dst_namespace.clone(),
-            dst_service: self.labels.dst_service.clone(),
-            code: status,
-        };
+        let code_labels = || CodeLabels { route: self.labels.clone(), code: status };
         match COMMON_CODES.iter().position(|c| *c == status) {
             Some(i) => self.codes[i].get_or_init(|| self.families.requests.get_or_create_owned(&code_labels())).inc(),
             None => self.families.requests.get_or_create(&code_labels()).inc(),
@@ -150,14 +136,7 @@ impl RequestStats {
     /// Counts one gRPC call that ended with `code` (codes above 16 count as 2, UNKNOWN).
     pub fn record_grpc(&self, code: u32) {
         let code = if (code as usize) < GRPC_CODES { code } else { 2 };
-        let labels = || GrpcLabels {
-            direction: self.labels.direction,
-            route: self.labels.route.clone(),
-            cluster: self.labels.cluster.clone(),
-            dst_namespace: self.labels.dst_namespace.clone(),
-            dst_service: self.labels.dst_service.clone(),
-            grpc_status: code,
-        };
+        let labels = || GrpcLabels { route: self.labels.clone(), grpc_status: code };
         self.grpc[code as usize].get_or_init(|| self.families.grpc.get_or_create_owned(&labels())).inc();
     }
 }
@@ -167,10 +146,8 @@ impl RequestStats {
 #[derive(Debug)]
 pub struct RouteStats {
     families: RouteMetrics,
-    route: String,
-    cluster: String,
-    dst_namespace: String,
-    dst_service: String,
+    /// Its labels; each direction's counters get their own `direction`.
+    labels: RouteLabels,
     inbound: OnceLock<Arc<RequestStats>>,
     outbound: OnceLock<Arc<RequestStats>>,
 }
@@ -180,13 +157,7 @@ impl RouteStats {
     pub fn for_direction(&self, direction: &'static str) -> &Arc<RequestStats> {
         let slot = if direction == "inbound" { &self.inbound } else { &self.outbound };
         slot.get_or_init(|| {
-            let labels = RouteLabels {
-                direction,
-                route: self.route.clone(),
-                cluster: self.cluster.clone(),
-                dst_namespace: self.dst_namespace.clone(),
-                dst_service: self.dst_service.clone(),
-            };
+            let labels = RouteLabels { direction, ..self.labels.clone() };
             Arc::new(RequestStats::new(&self.families, labels))
         })
     }
