@@ -13,8 +13,10 @@
 //! # Layout
 //! - [`plane`] — the composition root: [`ControlPlane::start`], the sources merged, the operator
 //!   HTTP endpoints (`/metrics`, `/ready`, `/live`, `/config_dump`).
+//! - `compose` — the sources' latest states merged into the published set, a cluster's changes
+//!   carried as changes.
 //! - [`ads`] — the Delta-ADS server: the publisher of resource sets and one stream per proxy.
-//! - [`sources`] — the directory, the etcd registry, EndpointSlices.
+//! - [`sources`] — the directory, the etcd registry, the cluster's objects.
 //! - [`ca`] — the certificate authority, its signing service and the token authenticators.
 //! - [`inject`] — the sidecar injector (`remora inject`, the admission webhook, its caBundle).
 //! - [`kubernetes`] — the client of the Kubernetes API server.
@@ -27,6 +29,7 @@
 
 pub mod ads;
 pub mod ca;
+mod compose;
 pub mod inject;
 pub mod kubernetes;
 pub mod mesh;

@@ -1,7 +1,8 @@
 //! The control plane's metrics, rendered at `/metrics` of its port in the OpenMetrics text format.
 //!
 //! The ADS server counts streams, pushes, ACKs and NACKs per resource type and observes convergence
-//! (from a change being published to each proxy's ACK of it); the sources count loads and failures
+//! (from a change being published to each proxy's ACK of it); the time each publication took to
+//! make; the sources count loads and failures
 //! and gauge how many resources and registered endpoints they hold; the CA counts signing requests
 //! by result; the injector counts its reviews and its checks of the webhook's `caBundle`, and the
 //! control plane the renewals of its own serving certificates.
@@ -40,6 +41,7 @@ pub struct ControlMetrics {
     acks: Family<TypeLabels, Counter>,
     nacks: Family<TypeLabels, Counter>,
     convergence: Histogram,
+    publish: Family<MadeLabels, Histogram, fn() -> Histogram>,
     loads: Family<SourceLabels, Counter>,
     resources: Family<TypeLabels, Gauge>,
     registered: Gauge,
@@ -47,6 +49,11 @@ pub struct ControlMetrics {
     reviews: Family<ResultLabels, Counter>,
     ca_bundle: Family<ResultLabels, Counter>,
     renewals: Family<ResultLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MadeLabels {
+    made: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -76,6 +83,7 @@ impl ControlMetrics {
             nacks: Family::default(),
             // 1 ms to ~16 s.
             convergence: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            publish: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0001, 2.0, 16))),
             loads: Family::default(),
             resources: Family::default(),
             registered: Gauge::default(),
@@ -102,6 +110,11 @@ impl ControlMetrics {
             "convergence_seconds",
             "Time from a change being published to a proxy's ACK of it",
             m.convergence.clone(),
+        );
+        r.register(
+            "publish_seconds",
+            "Time from a source's change to its set being published, by how the set was made (whole, or changes: the changed Services alone)",
+            m.publish.clone(),
         );
         r.register("source_loads", "Reads of a config source, by source and result", m.loads.clone());
         r.register("resources", "Resources served now, by type", m.resources.clone());
@@ -162,6 +175,10 @@ impl ControlMetrics {
 
     pub(crate) fn nacked(&self, kind: Kind) {
         self.nacks.get_or_create(&TypeLabels { r#type: kind.as_str() }).inc();
+    }
+
+    pub(crate) fn published(&self, made: &'static str, took: std::time::Duration) {
+        self.publish.get_or_create(&MadeLabels { made }).observe(took.as_secs_f64());
     }
 
     pub(crate) fn source_loaded(&self, source: &'static str, ok: bool) {

@@ -1,11 +1,11 @@
 //! `remora control`: the control plane, composed.
 //!
-//! Resources come in from the sources — a GitOps [`directory`] of YAML files and the etcd
-//! [`registry`] of workload endpoints — and are merged into one set: the directory's resources, with
-//! each cluster's endpoints extended by the ones registered for it (a cluster the directory defines
-//! always has an `Endpoints` resource, empty if nothing is registered, so proxies know it is
-//! complete). The set goes to the ADS [`Publisher`](crate::ads::Publisher), and the
-//! [`AdsServer`](crate::ads::AdsServer) streams the differences to every proxy.
+//! Resources come in from the sources — a GitOps [`directory`] of YAML files, the etcd
+//! [`registry`] of workload endpoints, the cluster's objects ([`cluster`]) — and are merged into one
+//! set by `compose` (a cluster defined anywhere always has an `Endpoints` resource, empty if nothing
+//! fills it, so proxies know it is complete). The set goes to the ADS
+//! [`Publisher`](crate::ads::Publisher), and the [`AdsServer`](crate::ads::AdsServer) streams the
+//! differences to every proxy.
 //!
 //! One port (default 127.0.0.1:15010) serves gRPC (Delta ADS) and plain HTTP for operators:
 //! `/metrics`, `/ready`, `/live`, and `/config_dump` (the served set: versions, and the last source
@@ -17,10 +17,9 @@
 //! here and still published: the proxies are the judges of what they can run, and each NACKs it,
 //! naming the field, which shows in their `/config_dump` and in this server's `nacks` metric.
 
-use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -31,21 +30,19 @@ use remora_control_api::watch::FileWatch;
 use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
-use crate::ads::{AdsServer, Publisher};
+use crate::ads::AdsServer;
 use crate::ca::Authority;
 use crate::ca::auth::{Authenticators, LocalTokens};
 use crate::ca::kubernetes::TokenReview;
 use crate::ca::service::CaService;
+use crate::compose::Sources;
 use crate::inject::{Injector, ca_bundle, webhook};
 use crate::kubernetes;
 pub use crate::kubernetes::KubernetesApi;
 use crate::mesh;
 use crate::metrics::ControlMetrics;
-use crate::sources::registry::Registrations;
-use crate::sources::{cluster, directory, endpoint_slices, registry};
+use crate::sources::{cluster, directory, registry};
 use crate::tls;
-use remora_control_api::validate::{self, References};
-use remora_control_api::{Kind, Resource, v1};
 
 /// The lifetime of the control plane's own serving certificates, unless told otherwise.
 pub const DEFAULT_SERVING_CERT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -203,124 +200,6 @@ pub enum ControlError {
     },
 }
 
-/// The sources' latest state, merged into the published set on every change.
-#[derive(Debug)]
-struct Sources {
-    publisher: Publisher,
-    mesh: mesh::Settings,
-    /// Whether the cluster's Services are meshed automatically.
-    automatic_mesh: bool,
-    metrics: Arc<ControlMetrics>,
-    state: Mutex<SourceState>,
-}
-
-#[derive(Debug, Default)]
-struct SourceState {
-    directory: Option<directory::Snapshot>,
-    /// The Kubernetes objects of the directory, read.
-    objects: mesh::Objects,
-    directory_error: Option<String>,
-    registry: Option<Registrations>,
-    /// The cluster's objects, as the API server last told them.
-    cluster: Option<cluster::SharedObjects>,
-}
-
-impl Sources {
-    fn directory_loaded(&self, result: Result<directory::Snapshot, directory::DirectoryError>) {
-        let Ok(mut state) = self.state.lock() else { return };
-        match result {
-            Ok(snapshot) => {
-                self.metrics.source_loaded("directory", true);
-                if let Err(errors) = validate::validate_with(&snapshot.resources, References::Pending) {
-                    warn!(%errors, "the directory has invalid resources; proxies will reject them");
-                }
-                state.directory_error = None;
-                state.objects = mesh::Objects::read(&self.mesh.trust_domain, &snapshot.kubernetes);
-                state.directory = Some(snapshot);
-            }
-            Err(e) => {
-                self.metrics.source_loaded("directory", false);
-                error!(error = %e, "config directory rejected; the previous resources keep serving");
-                state.directory_error = Some(e.to_string());
-                return;
-            }
-        }
-        self.publish(&state);
-    }
-
-    fn registry_changed(&self, registrations: &Registrations) {
-        let Ok(mut state) = self.state.lock() else { return };
-        self.metrics.set_registered(registrations.len());
-        state.registry = Some(registrations.clone());
-        self.publish(&state);
-    }
-
-    /// The cluster's objects changed, or could not be read (the last ones stay).
-    fn cluster_changed(&self, update: cluster::Update) {
-        let objects = match update {
-            cluster::Update::Objects(objects) => objects,
-            cluster::Update::Failed(_) => {
-                self.metrics.source_loaded("kubernetes", false);
-                return;
-            }
-        };
-        self.metrics.source_loaded("kubernetes", true);
-        let Ok(mut state) = self.state.lock() else { return };
-        state.cluster = Some(objects);
-        self.publish(&state);
-    }
-
-    fn publish(&self, state: &SourceState) {
-        let written = state.directory.as_ref().map_or(&[][..], |d| &d.resources);
-        // The automatic mesh is made of the directory's objects, and of the cluster's when it
-        // meshes the cluster; every slice fills the clusters that name a Service.
-        let cluster = state.cluster.as_ref().map(cluster::lock);
-        let combined;
-        let objects = match (cluster.as_deref(), self.automatic_mesh) {
-            (Some(cluster), true) if state.objects.services.is_empty() => cluster,
-            (Some(cluster), true) => {
-                let mut both = state.objects.clone();
-                both.extend(cluster);
-                combined = both;
-                &combined
-            }
-            _ => &state.objects,
-        };
-        let made = mesh::resources(objects, written, &self.mesh);
-        // The mesh's objects hold the cluster's slices already when it meshes the cluster.
-        let cluster_slices = cluster.as_deref().filter(|_| !self.automatic_mesh).map(|c| &c.slices);
-        let slices: Vec<&endpoint_slices::Slices> =
-            [Some(&objects.slices), cluster_slices].into_iter().flatten().filter(|slices| !slices.is_empty()).collect();
-        let merged = merge(written, &made.shared, state.registry.as_ref(), &slices);
-        let version = state.directory.as_ref().map_or("none", |d| d.version.as_str());
-        self.publisher.publish_views(&merged, &made.scoped, version);
-    }
-
-    fn dump(&self) -> serde_json::Value {
-        let served = self.publisher.subscribe().borrow().clone();
-        let mut kinds = serde_json::Map::new();
-        for kind in Kind::ALL {
-            let list: Vec<serde_json::Value> = served
-                .of(kind)
-                .iter()
-                .map(|(name, r)| serde_json::json!({"name": name, "version": r.version}))
-                .collect();
-            kinds.insert(kind.as_str().to_owned(), list.into());
-        }
-        let scopes: serde_json::Map<String, serde_json::Value> =
-            served.scopes().map(|(scope, count)| (scope.to_owned(), count.into())).collect();
-        let error = self.state.lock().ok().and_then(|s| s.directory_error.clone());
-        serde_json::json!({
-            "version": served.system_version,
-            "generation": served.generation,
-            "directory_error": error,
-            "connected_proxies": self.metrics.connected_proxies(),
-            "resources": kinds,
-            "scoped_views": scopes,
-        })
-    }
-}
-
 /// A callback for a source's every answer, and what resolves at its first: start-up waits (up to
 /// [`REGISTRY_START_WAIT`]) for a source to answer once before serving.
 fn first_answer() -> (impl FnMut() + Send + 'static, oneshot::Receiver<()>) {
@@ -364,83 +243,6 @@ async fn report_end(server: impl std::future::Future<Output = Result<(), tonic::
     }
 }
 
-/// The directory's resources (`written`) and the automatic mesh's (`made`) with each cluster's
-/// registered endpoints and, for written clusters naming a `kubernetes_service`, its
-/// EndpointSlices' endpoints (the API server's, the directory's) added (the automatic mesh's
-/// clusters come with theirs): every cluster (but a pass-through one) gets an `Endpoints`
-/// resource, and registered clusters the directory does not define get one too.
-pub fn merge(
-    written: &[Resource],
-    made: &[Resource],
-    registry: Option<&Registrations>,
-    slices: &[&endpoint_slices::Slices],
-) -> Vec<Resource> {
-    let mut registered: BTreeMap<&str, Vec<v1::Endpoint>> = BTreeMap::new();
-    for entry in registry.into_iter().flat_map(|r| r.values()) {
-        registered.entry(entry.cluster.as_str()).or_default().push(v1::Endpoint {
-            address: entry.address.clone(),
-            weight: entry.weight,
-            locality: (entry.region.is_some() || entry.zone.is_some()).then(|| v1::Locality {
-                region: entry.region.clone().unwrap_or_default(),
-                zone: entry.zone.clone().unwrap_or_default(),
-            }),
-            identity: entry.identity.clone().unwrap_or_default(),
-            // `parse` admitted only names of the enum.
-            health: entry.health.as_deref().and_then(v1::endpoint::Health::from_str_name).map_or(0, |h| h as i32),
-        });
-    }
-    for slices in slices {
-        for resource in written {
-            if let Resource::Cluster(cluster) = resource
-                && let Some(service) = &cluster.kubernetes_service
-            {
-                let found = slices.endpoints_for(service);
-                registered.entry(cluster.name.as_str()).or_default().extend(found);
-            }
-        }
-    }
-    // One address once: the same slice may come from the API server and the directory.
-    for endpoints in registered.values_mut() {
-        let mut seen = HashSet::new();
-        endpoints.retain(|e| seen.insert(e.address.clone()));
-    }
-    let resources = || written.iter().chain(made);
-    let mut merged = Vec::with_capacity(written.len() + made.len() + registered.len());
-    let mut covered: HashSet<&str> = HashSet::new();
-    for resource in resources() {
-        match resource {
-            Resource::Endpoints(written) => {
-                let listed: HashSet<&str> = written.endpoints.iter().map(|e| e.address.as_str()).collect();
-                let mut endpoints = written.clone();
-                if let Some(extra) = registered.get(endpoints.cluster.as_str()) {
-                    endpoints.endpoints.extend(extra.iter().filter(|e| !listed.contains(e.address.as_str())).cloned());
-                }
-                covered.insert(resource.name());
-                merged.push(Resource::Endpoints(endpoints));
-            }
-            Resource::Cluster(cluster) if cluster.original_destination => {
-                covered.insert(&cluster.name);
-                merged.push(resource.clone());
-            }
-            other => merged.push(other.clone()),
-        }
-    }
-    for resource in resources() {
-        if let Resource::Cluster(cluster) = resource
-            && covered.insert(&cluster.name)
-        {
-            let endpoints = registered.get(cluster.name.as_str()).cloned().unwrap_or_default();
-            merged.push(Resource::Endpoints(v1::Endpoints { cluster: cluster.name.clone(), endpoints }));
-        }
-    }
-    for (cluster, endpoints) in registered {
-        if covered.insert(cluster) {
-            merged.push(Resource::Endpoints(v1::Endpoints { cluster: cluster.to_owned(), endpoints }));
-        }
-    }
-    merged
-}
-
 /// A running control plane. Dropping it stops the server and the sources.
 #[derive(Debug)]
 pub struct ControlPlane {
@@ -457,13 +259,8 @@ impl ControlPlane {
     /// does not load or the address cannot be bound.
     pub async fn start(config: ControlConfig) -> Result<ControlPlane, ControlError> {
         let metrics = Arc::new(ControlMetrics::new());
-        let sources = Arc::new(Sources {
-            mesh: config.mesh.clone(),
-            automatic_mesh: config.kubernetes_objects.as_ref().is_some_and(|k| k.automatic_mesh),
-            publisher: Publisher::new(metrics.clone()),
-            metrics: metrics.clone(),
-            state: Mutex::new(SourceState::default()),
-        });
+        let automatic_mesh = config.kubernetes_objects.as_ref().is_some_and(|k| k.automatic_mesh);
+        let sources = Arc::new(Sources::new(config.mesh.clone(), automatic_mesh, metrics.clone()));
         let ads = AdsServer::new(&sources.publisher);
         let mut tasks = Vec::new();
 
@@ -474,7 +271,7 @@ impl ControlPlane {
             let watcher = sources.clone();
             tasks.push(tokio::spawn(directory::watch(root.clone(), move |result| watcher.directory_loaded(result))));
         } else {
-            sources.publish(&SourceState::default());
+            sources.publish_now();
         }
 
         if let Some(etcd) = &config.etcd {
@@ -777,63 +574,4 @@ pub fn run(config: ControlConfig) -> Result<(), ControlError> {
         drop(plane);
         Ok(())
     })
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-
-    use super::*;
-
-    #[test]
-    fn registered_endpoints_join_their_clusters_and_every_cluster_gets_a_set() {
-        let file = remora_control_api::config::parse(
-            "resources:\n  - {kind: Cluster, name: listed}\n  - {kind: Endpoints, cluster: listed, endpoints: [{address: \"10.0.0.1:80\"}]}\n  - {kind: Cluster, name: empty}\n  - {kind: Cluster, name: pass, original_destination: true}\n",
-            "t",
-        )
-        .unwrap();
-        let mut registry = Registrations::new();
-        for (key, cluster, address) in
-            [("a", "listed", "10.0.0.1:80"), ("b", "listed", "10.0.0.2:80"), ("c", "elsewhere", "10.0.0.3:80")]
-        {
-            registry.insert(
-                key.as_bytes().to_vec(),
-                registry::Registered {
-                    weight: Some(2),
-                    zone: Some("z1".into()),
-                    identity: Some(format!("spiffe://td/ns/{key}/sa/x")),
-                    ..registry::Registered::new(cluster, address)
-                },
-            );
-        }
-        let merged = merge(&file.resources, &[], Some(&registry), &[]);
-        let endpoints: BTreeMap<&str, Vec<&str>> = merged
-            .iter()
-            .filter_map(|r| match r {
-                Resource::Endpoints(e) => {
-                    Some((e.cluster.as_str(), e.endpoints.iter().map(|x| x.address.as_str()).collect()))
-                }
-                _ => None,
-            })
-            .collect();
-        assert_eq!(
-            endpoints,
-            BTreeMap::from([
-                ("elsewhere", vec!["10.0.0.3:80"]),
-                ("empty", vec![]),
-                ("listed", vec!["10.0.0.1:80", "10.0.0.2:80"]),
-            ])
-        );
-        validate::validate_with(&merged, References::Pending).unwrap();
-        let registered_b = merged
-            .iter()
-            .find_map(|r| match r {
-                Resource::Endpoints(e) if e.cluster == "listed" => {
-                    e.endpoints.iter().find(|x| x.address == "10.0.0.2:80")
-                }
-                _ => None,
-            })
-            .unwrap();
-        assert_eq!(registered_b.identity, "spiffe://td/ns/b/sa/x", "a registration's identity reaches its endpoint");
-    }
 }

@@ -3,16 +3,17 @@
 //! [`DownstreamStream`] wraps an accepted socket (or the mesh TLS session terminated on it): it first
 //! replays any bytes protocol detection had to take out of the socket, then reads and writes the
 //! socket itself, counting bytes into the
-//! connection's [`Meter`]. The meter feeds two things: the listener's byte counters (flushed when
-//! the connection closes and whenever the idle check runs) and the idle timeout, which [`idle_watch`]
+//! connection's [`Meter`]. The meter feeds two things: the listener's byte counters, and on an
+//! inbound listener the calling workload's (flushed when the connection closes and whenever the
+//! idle check runs), and the idle timeout, which [`idle_watch`]
 //! applies by noticing that the counts stopped moving. One atomic add per read or write; no clock
 //! reads on the data path.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -20,7 +21,7 @@ use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::listener::metrics::ListenerStats;
+use crate::listener::metrics::{CallerStats, ListenerStats};
 use crate::tls::ServerStream;
 
 /// Bytes moved on one connection, and how much of that the listener's counters have seen.
@@ -30,9 +31,21 @@ pub struct Meter {
     sent: AtomicU64,
     flushed_received: AtomicU64,
     flushed_sent: AtomicU64,
+    /// On an inbound listener, the calling workload, whose counters see what the listener's do.
+    caller: OnceLock<Arc<CallerStats>>,
 }
 
 impl Meter {
+    /// Counts the connection, and its bytes from now on, to `caller` (once: the first caller
+    /// named stays).
+    pub fn attribute(&self, caller: Arc<CallerStats>) {
+        if self.caller.set(caller).is_ok()
+            && let Some(caller) = self.caller.get()
+        {
+            caller.connections.inc();
+        }
+    }
+
     /// Counts bytes read from the client.
     pub fn add_received(&self, n: usize) {
         self.received.fetch_add(n as u64, Ordering::Relaxed);
@@ -64,8 +77,13 @@ impl Meter {
         let sent = self.sent.load(Ordering::Relaxed);
         let before_received = self.flushed_received.swap(received, Ordering::Relaxed);
         let before_sent = self.flushed_sent.swap(sent, Ordering::Relaxed);
-        stats.bytes_received.inc_by(received.saturating_sub(before_received));
-        stats.bytes_sent.inc_by(sent.saturating_sub(before_sent));
+        let (received, sent) = (received.saturating_sub(before_received), sent.saturating_sub(before_sent));
+        stats.bytes_received.inc_by(received);
+        stats.bytes_sent.inc_by(sent);
+        if let Some(caller) = self.caller.get() {
+            caller.received.inc_by(received);
+            caller.sent.inc_by(sent);
+        }
     }
 }
 

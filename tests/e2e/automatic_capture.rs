@@ -271,6 +271,9 @@ async fn an_app_calls_a_cluster_ip_and_the_mesh_does_the_rest() {
     assert_eq!(netns::value(&web_metrics, to_service), 60.0, "{web_metrics}");
     let from_workload = r#"remora_inbound_caller_requests_total{listener="inbound",client_namespace="shop",client_account="web",status_class="2xx"} "#;
     assert_eq!(netns::value(&api_metrics, from_workload), 60.0, "{api_metrics}");
+    let web_connections =
+        r#"remora_inbound_caller_connections_total{listener="inbound",client_namespace="shop",client_account="web"} "#;
+    assert!(netns::value(&api_metrics, web_connections) >= 1.0, "{api_metrics}");
 
     // The pod without a sidecar: plaintext, its app told of no caller.
     let (served, identity) = spread(&web, address(PLAIN_CLUSTER_IP, 80), 2);

@@ -240,6 +240,110 @@ async fn the_api_server_and_the_directory_make_the_same_views() {
     let _ = std::fs::remove_dir_all(directory);
 }
 
+/// The resources a fresh proxy of `node` is sent by the control plane at `url` (clusters,
+/// endpoints, route tables and authorization policies), by kind and name, with their versions.
+async fn fresh_view(url: &str, node: &str) -> BTreeMap<String, String> {
+    let mut held = BTreeMap::new();
+    let mut client = view_client(url, node).await;
+    catch_up(&mut client, &mut held).await;
+    held
+}
+
+async fn view_client(url: &str, node: &str) -> GenericClient {
+    use remora_control_api::Kind;
+    let kinds = [Kind::Cluster, Kind::Endpoints, Kind::RouteTable, Kind::AuthorizationPolicy].map(Kind::type_url);
+    let subscriptions: Vec<(&str, HashMap<String, String>)> = kinds.iter().map(|t| (*t, HashMap::new())).collect();
+    GenericClient::connect(url, node, &subscriptions).await
+}
+
+/// Applies what `client` is sent to `held` (resources put, removals taken out) until it has been
+/// quiet for half a second.
+async fn catch_up(client: &mut GenericClient, held: &mut BTreeMap<String, String>) {
+    while let Some(response) = client.next_within(Duration::from_millis(500)).await {
+        for resource in &response.resources {
+            held.insert(format!("{} {}", response.type_url, resource.name), resource.version.clone());
+        }
+        for name in &response.removed_resources {
+            held.remove(&format!("{} {name}", response.type_url));
+        }
+        client.ack(&response).await;
+    }
+}
+
+/// An EndpointSlice of Service `service` (namespace `shop`, port `http` 8080) whose one endpoint is
+/// the pod `pod` at `address`, ready.
+fn slice_of(service: &str, name: &str, address: &str, pod: &str) -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": "shop", "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [{"addresses": [address], "conditions": {"ready": true}, "targetRef": pod_ref(pod)}],
+    })
+}
+
+/// The API server's changes reach the served set as changes (only the Services they touch made
+/// again): after Services come and go, slices change, a pod without the sidecar joins a Service and
+/// the namespace turns strict, both a proxy that followed every change and a fresh one hold exactly
+/// what a control plane made whole from the final manifests serves, in the namespace and outside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_carried_from_the_api_server_make_what_the_whole_objects_make() {
+    let api = TestApiServer::start(&TestCa::new("cluster.local")).await;
+    let mut objects: BTreeMap<String, Value> = BTreeMap::new();
+    let mut put = |object: Value| {
+        api.put(object.clone());
+        let key = format!("{} {}", object["kind"], object["metadata"]["name"]);
+        objects.insert(key, object);
+    };
+    put(namespace("shop"));
+    put(service("web", "10.96.0.10"));
+    put(meshed_pod("web-a", "web"));
+    put(slice_of("web", "web-1", "10.1.0.1", "web-a"));
+    put(service("old", "10.96.0.12"));
+    let directory = remora_proxy::testing::proxy::temp_dir("remora-carried");
+    let (config, _) = api.api(&directory);
+    let from_api = TestControlPlane::start_with_kubernetes(&[], config, true);
+    let mut follower = view_client(&from_api.url(), "web-0.shop").await;
+    let mut followed = BTreeMap::new();
+    catch_up(&mut follower, &mut followed).await;
+    assert!(followed.keys().any(|k| k.ends_with("Cluster shop/old:80")), "{followed:?}");
+
+    put(service("api", "10.96.0.11"));
+    put(meshed_pod("api-0", "api"));
+    put(slice_of("api", "api-1", "10.1.0.9", "api-0"));
+    put(pod("web-b", "web"));
+    let mut web = slice_of("web", "web-1", "10.1.0.1", "web-a");
+    let second = json!({"addresses": ["10.1.0.2"], "conditions": {"ready": true}, "targetRef": pod_ref("web-b")});
+    web["endpoints"].as_array_mut().unwrap().push(second);
+    put(web);
+    let mut strict = namespace("shop");
+    strict["metadata"]["annotations"] = json!({"remora.dev/inbound": "strict"});
+    put(strict);
+    api.delete("v1", "Service", "shop/old");
+    objects.remove("\"Service\" \"old\"");
+
+    let manifests: Vec<String> = objects.values().map(|o| serde_yaml_ng::to_string(o).unwrap()).collect();
+    let whole = TestControlPlane::start(&[("cluster.yaml", &manifests.join("---\n"))]);
+    let expected = fresh_view(&whole.url(), "web-0.shop").await;
+    assert!(expected.keys().any(|k| k.ends_with("Cluster shop/api:80")), "{expected:?}");
+    assert!(!expected.keys().any(|k| k.contains("shop/old")), "{expected:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        catch_up(&mut follower, &mut followed).await;
+        if followed == expected || std::time::Instant::now() > deadline {
+            break;
+        }
+    }
+    assert_eq!(followed, expected, "the proxy that followed every change");
+    assert_eq!(fresh_view(&from_api.url(), "web-0.shop").await, expected, "a proxy connecting now");
+    let outside = fresh_view(&whole.url(), "tool-0.ops").await;
+    assert_eq!(fresh_view(&from_api.url(), "tool-0.ops").await, outside, "a proxy of another namespace");
+    let carried = from_api.metric("remora_control_publish_seconds_count{made=\"changes\"}");
+    assert!(carried >= 1.0, "the changes were published as changes, not made whole: {carried}");
+    let _ = std::fs::remove_dir_all(directory);
+}
+
 /// `args` followed by `extra`, for a command line.
 fn and<'a>(extra: &'a [String], args: &[&'a str]) -> Vec<&'a str> {
     args.iter().copied().chain(extra.iter().map(String::as_str)).collect()

@@ -598,7 +598,8 @@ async fn metrics_count_a_known_mix_exactly_and_pass_promtool() {
 }
 
 /// gRPC calls count by their final status: from the trailers, or from the head of a trailers-only
-/// answer.
+/// answer; per route on an outbound listener, and per calling workload on an inbound one (a
+/// plaintext caller here, whose connection and bytes count too).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_statuses_are_counted_from_trailers_and_trailers_only_answers() {
     let handler: Handler = Arc::new(|request| {
@@ -628,10 +629,14 @@ async fn grpc_statuses_are_counted_from_trailers_and_trailers_only_answers() {
     let proxy = TestProxy::start(&format!(
         "resources:\n{}{}  - {{kind: RouteTable, name: rpc, routes: [{{name: echo, backends: [{{cluster: grpc}}]}}]}}\n",
         cluster("grpc", ", protocol: http2", &[upstream.address()]),
-        listener("in", ", protocol: http2"),
+        listener("in", ", protocol: http2")
+            + &listener("callee", ", protocol: http2, direction: inbound, default_cluster: grpc"),
     ));
-    let mut client = Client::http2(proxy.address("in")).await;
-    for method in ["/echo.Echo/Unary", "/echo.Echo/Unary", "/echo.Echo/Missing"] {
+    let mut clients = [Client::http2(proxy.address("in")).await, Client::http2(proxy.address("callee")).await];
+    for (i, method) in
+        [(0, "/echo.Echo/Unary"), (0, "/echo.Echo/Unary"), (0, "/echo.Echo/Missing"), (1, "/echo.Echo/Missing")]
+    {
+        let client = &mut clients[i];
         let request = client
             .request(Method::POST, "echo.grpc", method)
             .header("content-type", "application/grpc")
@@ -650,6 +655,17 @@ async fn grpc_statuses_are_counted_from_trailers_and_trailers_only_answers() {
     };
     assert_eq!(grpc(0).await, 2.0);
     assert_eq!(grpc(12).await, 1.0);
+    let caller = r#"listener="callee",client_namespace="",client_account="""#;
+    let from_caller = format!(r#"remora_inbound_caller_grpc_responses_total{{{caller},grpc_status="12"}}"#);
+    assert_eq!(proxy.metric(&from_caller).await, 1.0);
+    let connections = format!("remora_inbound_caller_connections_total{{{caller}}}");
+    assert_eq!(proxy.metric(&connections).await, 1.0);
+    drop(clients);
+    let received = format!("remora_inbound_caller_received_bytes_total{{{caller}}}");
+    eventually("the closed connection's bytes flushed to its caller", Duration::from_secs(10), || async {
+        proxy.metric(&received).await > 0.0
+    })
+    .await;
 }
 
 /// The access log: one JSON line per HTTP request and per TCP connection, with the documented

@@ -38,5 +38,5 @@
 mod objects;
 mod translate;
 
-pub use objects::{Namespace, ObjectKind, Objects, Pod, Service, ServicePort};
-pub use translate::{INBOUND_LISTENER, INBOUND_POLICY, Made, Settings, resources};
+pub use objects::{Changes, Namespace, ObjectKind, Objects, Pod, Service, ServicePort};
+pub use translate::{INBOUND_LISTENER, INBOUND_POLICY, Made, Mesh, Remade, Settings, resources};

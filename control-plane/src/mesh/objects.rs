@@ -8,7 +8,7 @@
 //! yet to be assigned) and skips what a mesh cannot serve (ExternalName Services, UDP and SCTP
 //! ports).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use serde_json::Value;
@@ -106,6 +106,21 @@ pub struct Objects {
     pub slices: Slices,
     /// Namespaces by name.
     pub namespaces: BTreeMap<String, Namespace>,
+    /// What changed since [`Objects::take_changes`] last took it.
+    changes: Changes,
+}
+
+/// What changed in the objects: which Services' resources must be made again. (Namespaces and
+/// pods' settings change only the inbound policies, which are made again every time.)
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Everything: a list replaced a kind, or other objects were added.
+    pub all: bool,
+    /// The Services, by `(namespace, name)`, that changed or whose slices did.
+    pub services: BTreeSet<(String, String)>,
+    /// The pods, by UID, whose service account or sidecar changed: the Services whose slices
+    /// name one changed too.
+    pub pods: BTreeSet<String>,
 }
 
 impl Objects {
@@ -132,7 +147,12 @@ impl Objects {
             Some(ObjectKind::Service) => match service(object) {
                 Some(service) => {
                     let key = (service.namespace.clone(), service.name.clone());
-                    self.services.insert(key, service.clone()).is_none_or(|old| old != service)
+                    let changed = self.services.get(&key) != Some(&service);
+                    if changed {
+                        self.services.insert(key.clone(), service);
+                        self.changes.services.insert(key);
+                    }
+                    changed
                 }
                 None => self.delete(object),
             },
@@ -140,7 +160,12 @@ impl Objects {
             Some(ObjectKind::Pod) => match pod(object) {
                 Some((uid, pod)) => {
                     let account = self.slices.set_account(&uid, &pod.namespace, &pod.account);
-                    self.pods.insert(uid, pod.clone()).is_none_or(|old| old != pod) || account
+                    let old = self.pods.insert(uid.clone(), pod.clone());
+                    let meshed = old.as_ref().is_none_or(|old| old.meshed != pod.meshed);
+                    if account || meshed {
+                        self.changes.pods.insert(uid);
+                    }
+                    old.is_none_or(|old| old != pod) || account
                 }
                 None => false,
             },
@@ -160,12 +185,23 @@ impl Objects {
         let name = metadata["name"].as_str().unwrap_or_default();
         let namespace = metadata["namespace"].as_str().unwrap_or("default");
         match ObjectKind::of(object) {
-            Some(ObjectKind::Service) => self.services.remove(&(namespace.to_owned(), name.to_owned())).is_some(),
+            Some(ObjectKind::Service) => {
+                let key = (namespace.to_owned(), name.to_owned());
+                let removed = self.services.remove(&key).is_some();
+                if removed {
+                    self.changes.services.insert(key);
+                }
+                removed
+            }
             Some(ObjectKind::EndpointSlice) => self.slices.remove(object),
             Some(ObjectKind::Pod) => {
                 let uid = metadata["uid"].as_str().unwrap_or_default();
                 let account = self.slices.forget_account(uid);
-                self.pods.remove(uid).is_some() || account
+                let removed = self.pods.remove(uid).is_some() || account;
+                if removed {
+                    self.changes.pods.insert(uid.to_owned());
+                }
+                removed
             }
             Some(ObjectKind::Namespace) => self.namespaces.remove(name).is_some(),
             None => false,
@@ -174,6 +210,7 @@ impl Objects {
 
     /// Forgets every object of `kind` (a fresh list replaces them).
     pub fn clear(&mut self, kind: ObjectKind) {
+        self.changes.all = true;
         match kind {
             ObjectKind::Service => self.services.clear(),
             ObjectKind::EndpointSlice => self.slices.clear(),
@@ -187,6 +224,7 @@ impl Objects {
 
     /// Adds `other`'s objects (those of `self` win where both have one).
     pub fn extend(&mut self, other: &Objects) {
+        self.changes.all = true;
         for (key, service) in &other.services {
             self.services.entry(key.clone()).or_insert_with(|| service.clone());
         }
@@ -197,6 +235,13 @@ impl Objects {
             self.namespaces.entry(name.clone()).or_insert_with(|| namespace.clone());
         }
         self.slices.extend(&other.slices);
+    }
+
+    /// What changed since this was last called; from then on, nothing has.
+    pub fn take_changes(&mut self) -> Changes {
+        let mut changes = std::mem::take(&mut self.changes);
+        changes.services.extend(self.slices.take_touched());
+        changes
     }
 
     /// The pod a slice endpoint names, if it is known.

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use remora_control_api::validate::Destination;
 use remora_control_api::{Resource, v1};
 
-use super::objects::{Objects, Service, ServicePort};
+use super::objects::{Changes, Objects, Service, ServicePort};
 use crate::inject::INBOUND_ANNOTATION;
 
 /// What the translation needs besides the objects.
@@ -46,65 +46,175 @@ pub struct Made {
 /// resources) replaces: see the module documentation. Deterministic: the same objects always make
 /// the same resources, in the same order.
 pub fn resources(objects: &Objects, written: &[Resource], settings: &Settings) -> Made {
-    let written_clusters: HashSet<&str> = written
-        .iter()
-        .filter_map(|r| match r {
-            Resource::Cluster(c) => Some(c.name.as_str()),
-            _ => None,
-        })
-        .collect();
-    let claimed: HashSet<Destination> = written
-        .iter()
-        .filter_map(|r| match r {
-            Resource::RouteTable(t) if t.direction() != v1::route_table::Direction::Inbound => Some(&t.destinations),
-            _ => None,
-        })
-        .flatten()
-        .filter_map(|d| Destination::parse(d).ok())
-        .collect();
-    let mut made = Made::default();
-    for service in objects.services.values() {
-        for port in &service.ports {
-            let name = cluster_name(service, port);
-            // The operator's cluster for this port, if one names it (by port name or number).
-            let operators = written.iter().find_map(|r| match r {
-                Resource::Cluster(c) => c
-                    .kubernetes_service
-                    .as_ref()
-                    .filter(|k| {
-                        k.namespace == service.namespace
-                            && k.name == service.name
-                            && (k.port == port.name
-                                || k.port == port.port.to_string()
-                                || (k.port.is_empty() && service.ports.len() == 1))
-                    })
-                    .map(|_| c.name.clone()),
-                _ => None,
-            });
-            let backend = match operators {
-                Some(cluster) => cluster,
-                None if written_clusters.contains(name.as_str()) => name.clone(),
-                None => {
-                    made.shared.extend(cluster(objects, service, port, &name));
-                    name.clone()
-                }
-            };
-            let table = route_table(objects, service, port, &name, &backend, settings);
-            let taken =
-                table.destinations.iter().filter_map(|d| Destination::parse(d).ok()).any(|d| claims(&claimed, &d));
-            if taken || table.destinations.is_empty() {
-                continue;
+    Mesh::make(objects, written, settings).made()
+}
+
+/// The automatic mesh as last made, kept per Service, so that a change to a few objects makes
+/// again only the Services it touched ([`Mesh::remake`]) instead of every Service of the cluster.
+#[derive(Debug, Default)]
+pub struct Mesh {
+    /// What each Service made, by `(namespace, name)`.
+    services: BTreeMap<(String, String), Made>,
+    /// The inbound policies.
+    policies: Made,
+}
+
+/// What [`Mesh::remake`] made again: the resources of the Services it made again (and the
+/// policies) before, and after. A resource of `before` missing from `after` is gone.
+#[derive(Debug, Default)]
+pub struct Remade {
+    /// What they made before.
+    pub before: Made,
+    /// What they make now.
+    pub after: Made,
+}
+
+impl Mesh {
+    /// The mesh of `objects`: see [`resources`].
+    pub fn make(objects: &Objects, written: &[Resource], settings: &Settings) -> Mesh {
+        let written = Written::new(written);
+        let services = objects
+            .services
+            .iter()
+            .map(|(key, service)| (key.clone(), service_resources(objects, service, &written, settings)))
+            .collect();
+        Mesh { services, policies: inbound_policies(objects, written.resources, settings) }
+    }
+
+    /// Every resource, in the order [`resources`] makes them.
+    pub fn made(&self) -> Made {
+        let mut made = Made::default();
+        for each in self.services.values().chain([&self.policies]) {
+            made.shared.extend(each.shared.iter().cloned());
+            for (scope, resources) in &each.scoped {
+                made.scoped.entry(scope.clone()).or_default().extend(resources.iter().cloned());
             }
-            let short = format!("{}:{}", service.name, port.port);
-            if Destination::parse(&short).is_ok_and(|d| !claims(&claimed, &d)) {
-                let mut own = table.clone();
-                own.destinations.push(short);
-                made.scoped.entry(service.namespace.clone()).or_default().push(Resource::RouteTable(own));
+        }
+        made
+    }
+
+    /// Makes again what `changes` touched, as [`Mesh::make`] would of `objects` and `written` (the
+    /// same `written` as before: a change to the operator's resources calls for `make`).
+    pub fn remake(
+        &mut self,
+        objects: &Objects,
+        written: &[Resource],
+        settings: &Settings,
+        changes: &Changes,
+    ) -> Remade {
+        let written = Written::new(written);
+        let mut keys = changes.services.clone();
+        if !changes.pods.is_empty() {
+            keys.extend(objects.slices.services_naming(&changes.pods));
+        }
+        let mut remade = Remade::default();
+        for key in keys {
+            if let Some(before) = self.services.remove(&key) {
+                remade.before.extend(before);
             }
-            made.shared.push(Resource::RouteTable(table));
+            if let Some(service) = objects.services.get(&key) {
+                let after = service_resources(objects, service, &written, settings);
+                remade.after.extend(after.clone());
+                self.services.insert(key, after);
+            }
+        }
+        let policies = inbound_policies(objects, written.resources, settings);
+        remade.before.extend(std::mem::replace(&mut self.policies, policies.clone()));
+        remade.after.extend(policies);
+        remade
+    }
+}
+
+impl Made {
+    /// Adds `other`'s resources after these.
+    fn extend(&mut self, other: Made) {
+        self.shared.extend(other.shared);
+        for (scope, resources) in other.scoped {
+            self.scoped.entry(scope).or_default().extend(resources);
         }
     }
-    inbound_policies(objects, written, settings, &mut made);
+}
+
+/// The operator's resources, as the translation consults them.
+struct Written<'a> {
+    resources: &'a [Resource],
+    /// The clusters' names.
+    clusters: HashSet<&'a str>,
+    /// The destinations of the outbound route tables.
+    claimed: HashSet<Destination>,
+}
+
+impl<'a> Written<'a> {
+    fn new(resources: &'a [Resource]) -> Written<'a> {
+        let clusters = resources
+            .iter()
+            .filter_map(|r| match r {
+                Resource::Cluster(c) => Some(c.name.as_str()),
+                _ => None,
+            })
+            .collect();
+        let claimed = resources
+            .iter()
+            .filter_map(|r| match r {
+                Resource::RouteTable(t) if t.direction() != v1::route_table::Direction::Inbound => {
+                    Some(&t.destinations)
+                }
+                _ => None,
+            })
+            .flatten()
+            .filter_map(|d| Destination::parse(d).ok())
+            .collect();
+        Written { resources, clusters, claimed }
+    }
+
+    /// The name of the operator's cluster for `port` of `service`, if one names it (by port name
+    /// or number).
+    fn cluster_for(&self, service: &Service, port: &ServicePort) -> Option<&'a str> {
+        self.resources.iter().find_map(|r| match r {
+            Resource::Cluster(c) => c
+                .kubernetes_service
+                .as_ref()
+                .filter(|k| {
+                    k.namespace == service.namespace
+                        && k.name == service.name
+                        && (k.port == port.name
+                            || k.port == port.port.to_string()
+                            || (k.port.is_empty() && service.ports.len() == 1))
+                })
+                .map(|_| c.name.as_str()),
+            _ => None,
+        })
+    }
+}
+
+/// What one Service makes: per port, its cluster and endpoints (unless the operator wrote the
+/// cluster) and its route table (unless the operator's tables claim one of its destinations).
+fn service_resources(objects: &Objects, service: &Service, written: &Written<'_>, settings: &Settings) -> Made {
+    let mut made = Made::default();
+    for port in &service.ports {
+        let name = cluster_name(service, port);
+        let backend = match written.cluster_for(service, port) {
+            Some(cluster) => cluster.to_owned(),
+            None if written.clusters.contains(name.as_str()) => name.clone(),
+            None => {
+                made.shared.extend(cluster(objects, service, port, &name));
+                name.clone()
+            }
+        };
+        let table = route_table(objects, service, port, &name, &backend, settings);
+        let taken =
+            table.destinations.iter().filter_map(|d| Destination::parse(d).ok()).any(|d| claims(&written.claimed, &d));
+        if taken || table.destinations.is_empty() {
+            continue;
+        }
+        let short = format!("{}:{}", service.name, port.port);
+        if Destination::parse(&short).is_ok_and(|d| !claims(&written.claimed, &d)) {
+            let mut own = table.clone();
+            own.destinations.push(short);
+            made.scoped.entry(service.namespace.clone()).or_default().push(Resource::RouteTable(own));
+        }
+        made.shared.push(Resource::RouteTable(table));
+    }
     made
 }
 
@@ -113,12 +223,13 @@ pub fn resources(objects: &Objects, written: &[Resource], settings: &Settings) -
 /// wins over its namespace's; any value but `permissive` is strict, so a typo never opens a port).
 /// Either way every identity of the trust domain may call; an `AuthorizationPolicy` the operator
 /// writes for the whole inbound listener decides instead, everywhere.
-fn inbound_policies(objects: &Objects, written: &[Resource], settings: &Settings, made: &mut Made) {
+fn inbound_policies(objects: &Objects, written: &[Resource], settings: &Settings) -> Made {
+    let mut made = Made::default();
     let operators = written
         .iter()
         .any(|r| matches!(r, Resource::AuthorizationPolicy(p) if p.listener == INBOUND_LISTENER && p.port == 0));
     if operators || (objects.services.is_empty() && objects.pods.is_empty()) {
-        return;
+        return made;
     }
     let strict =
         |annotations: &BTreeMap<String, String>| annotations.get(INBOUND_ANNOTATION).map(|mode| mode != "permissive");
@@ -147,6 +258,7 @@ fn inbound_policies(objects: &Objects, written: &[Resource], settings: &Settings
             made.scoped.entry(format!("{}/{}", pod.namespace, pod.name)).or_default().push(of(own));
         }
     }
+    made
 }
 
 /// Whether the operator's `claimed` destinations take `destination`: the same one, or (for a host
@@ -281,6 +393,53 @@ mod tests {
 
     fn find<'a>(resources: &'a [Resource], kind: remora_control_api::Kind, name: &str) -> Option<&'a Resource> {
         resources.iter().find(|r| r.kind() == kind && r.name() == name)
+    }
+
+    /// Remaking only what the noted changes touched gives what making everything whole gives:
+    /// after a slice change, a pod losing its sidecar, a new Service and a Service gone, a
+    /// namespace turned strict; and what was remade is the touched Services' resources alone.
+    #[test]
+    fn remaking_what_changed_equals_making_it_whole() {
+        use remora_control_api::Kind;
+        let settings = Settings::default();
+        let manifests = objects();
+        let mut objects = Objects::read("cluster.local", &manifests);
+        let api = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"namespace": "shop", "name": "api"},
+                         "spec": {"clusterIP": "10.96.0.11", "ports": [{"port": 8080}]}});
+        objects.apply(&api);
+        let mut mesh = Mesh::make(&objects, &[], &settings);
+        objects.take_changes();
+        let mut check = |objects: &mut Objects, touched: &[&str]| {
+            let changes = objects.take_changes();
+            assert!(!changes.all);
+            let remade = mesh.remake(objects, &[], &settings, &changes);
+            assert_eq!(mesh.made(), Mesh::make(objects, &[], &settings).made());
+            let tables: BTreeSet<&str> = remade
+                .before
+                .shared
+                .iter()
+                .chain(&remade.after.shared)
+                .filter(|r| r.kind() == Kind::RouteTable)
+                .map(Resource::name)
+                .collect();
+            assert_eq!(tables.into_iter().collect::<Vec<_>>(), touched);
+        };
+        let mut slice = manifests[1].clone();
+        slice["endpoints"][1]["conditions"] = json!({"ready": true});
+        objects.apply(&slice);
+        check(&mut objects, &["shop/web:80", "shop/web:9090"]);
+        let mut pod = manifests[3].clone();
+        pod["spec"]["containers"] = json!([{"name": "app"}]);
+        objects.apply(&pod);
+        check(&mut objects, &["shop/web:80", "shop/web:9090"]);
+        objects.delete(&api);
+        objects.apply(&json!({"apiVersion": "v1", "kind": "Service", "metadata": {"namespace": "shop", "name": "db"},
+                              "spec": {"clusterIP": "10.96.0.12", "ports": [{"port": 5432, "appProtocol": "tcp"}]}}));
+        check(&mut objects, &["shop/api:8080", "shop/db:5432"]);
+        objects.apply(&json!({"apiVersion": "v1", "kind": "Namespace",
+                              "metadata": {"name": "shop", "annotations": {"remora.dev/inbound": "strict"}}}));
+        check(&mut objects, &[]);
+        assert!(mesh.made().scoped["shop"].iter().any(|r| r.kind() == Kind::AuthorizationPolicy));
     }
 
     /// A port whose appProtocol is `tcp` is opaque: its table says so, so that listeners forward

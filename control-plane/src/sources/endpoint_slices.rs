@@ -80,6 +80,8 @@ pub struct Slices {
     by_service: HashMap<(String, String), BTreeSet<String>>,
     /// By pod UID, the pod's namespace and identity (worked out once, when the pod is told).
     accounts: HashMap<String, PodIdentity>,
+    /// The Services whose slices changed since [`Slices::take_touched`] last took them.
+    touched: BTreeSet<(String, String)>,
     /// The trust domain of the pods' identities.
     trust_domain: String,
 }
@@ -116,7 +118,8 @@ impl Slices {
         }
         self.unindex(&key);
         let owner = (slice.namespace.clone(), slice.service.clone());
-        self.by_service.entry(owner).or_default().insert(key.clone());
+        self.by_service.entry(owner.clone()).or_default().insert(key.clone());
+        self.touched.insert(owner);
         self.slices.insert(key, slice);
         true
     }
@@ -144,12 +147,32 @@ impl Slices {
                 self.by_service.remove(&owner);
             }
         }
+        self.touched.insert(owner);
+    }
+
+    /// The Services, by `(namespace, name)`, whose slices were added, changed or removed since
+    /// this was last called (a [`Slices::clear`] forgets them: everything changed then).
+    pub fn take_touched(&mut self) -> BTreeSet<(String, String)> {
+        std::mem::take(&mut self.touched)
+    }
+
+    /// The Services, by `(namespace, name)`, whose slices name one of the pods `uids`.
+    pub fn services_naming(&self, uids: &BTreeSet<String>) -> BTreeSet<(String, String)> {
+        let mut found = BTreeSet::new();
+        for slice in self.slices.values() {
+            let names = |e: &SliceEndpoint| e.pod.as_ref().is_some_and(|pod| uids.contains(&pod.uid));
+            if slice.endpoints.iter().any(names) {
+                found.insert((slice.namespace.clone(), slice.service.clone()));
+            }
+        }
+        found
     }
 
     /// Forgets every slice (a fresh list replaces them).
     pub fn clear(&mut self) {
         self.slices.clear();
         self.by_service.clear();
+        self.touched.clear();
     }
 
     /// Records the service account of the pod `uid` in `namespace`; whether that changed anything.

@@ -127,7 +127,7 @@ impl Finish {
         headers: &HeaderMap,
         started: Instant,
     ) -> Option<Box<Finish>> {
-        let grpc = grpc && stats.is_some();
+        let grpc = grpc && (stats.is_some() || connection.caller.is_some());
         if observe.is_none() && !grpc {
             return None;
         }
@@ -164,11 +164,15 @@ fn grpc_status(headers: &HeaderMap) -> Option<u32> {
 
 impl Drop for Finish {
     fn drop(&mut self) {
-        if self.grpc
-            && let Some(stats) = &self.stats
-        {
+        if self.grpc {
             // A gRPC answer that ended with no status is UNKNOWN (2).
-            stats.record_grpc(self.grpc_status.unwrap_or(2));
+            let code = self.grpc_status.unwrap_or(2);
+            if let Some(stats) = &self.stats {
+                stats.record_grpc(code);
+            }
+            if let Some(caller) = &self.connection.caller {
+                caller.record_grpc(code);
+            }
         }
         let Some(observe) = &self.observe else { return };
         let connection = &*self.connection;

@@ -1,18 +1,19 @@
 //! The listeners' metrics: connections accepted, open, closed and refused, bytes both ways, HTTP
-//! responses by status class, and, on inbound listeners, requests and their latency per calling
-//! workload.
+//! responses by status class, and, on inbound listeners, per calling workload: connections, bytes
+//! both ways, requests by status class and by gRPC status, and their latency.
 //!
 //! [`ListenerMetrics::register`] declares the families (the composition root calls it once); a
 //! snapshot build asks [`ListenerMetrics::listener`] for each listener's [`ListenerStats`], whose
 //! counters the accept loop, the byte meter and the HTTP server bump with atomic adds. An inbound
 //! connection takes its caller's [`CallerStats`] once, when it is accepted
 //! ([`ListenerStats::caller`]: the namespace and service account of the identity its mTLS peer
-//! proved, both empty for plaintext), and each request on it is counted there with no lookup.
+//! proved, both empty for plaintext), and each request on it is counted there with no lookup; its
+//! byte meter flushes into the caller's byte counters as into the listener's.
 //! The callers' labels come only from identities the mesh's CA signed, so they are bounded by the
 //! mesh's service accounts.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use remora_control_api::identity::SpiffeId;
@@ -51,6 +52,16 @@ struct CallerRequestLabels {
     status_class: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallerGrpcLabels {
+    #[prometheus(flatten)]
+    caller: CallerLabels,
+    grpc_status: u32,
+}
+
+/// gRPC's status codes, 0 (OK) to 16 (UNAUTHENTICATED).
+const GRPC_CODES: usize = 17;
+
 /// The listener metric families.
 #[derive(Clone, Debug, Default)]
 pub struct ListenerMetrics {
@@ -64,6 +75,10 @@ pub struct ListenerMetrics {
     requests: Family<RequestLabels, Counter>,
     caller_requests: Family<CallerRequestLabels, Counter>,
     caller_duration: Family<CallerLabels, Histogram>,
+    caller_grpc: Family<CallerGrpcLabels, Counter>,
+    caller_connections: Family<CallerLabels, Counter>,
+    caller_received: Family<CallerLabels, Counter>,
+    caller_sent: Family<CallerLabels, Counter>,
 }
 
 impl ListenerMetrics {
@@ -103,6 +118,26 @@ impl ListenerMetrics {
             "inbound_caller_request_duration_seconds",
             "Time from a request's arrival on an inbound listener to its response head, by the calling workload",
             m.caller_duration.clone(),
+        );
+        registry.register(
+            "inbound_caller_grpc_responses",
+            "gRPC calls answered on an inbound listener, by the calling workload and grpc-status",
+            m.caller_grpc.clone(),
+        );
+        registry.register(
+            "inbound_caller_connections",
+            "Connections accepted on an inbound listener, by the calling workload (HTTP and opaque TCP alike)",
+            m.caller_connections.clone(),
+        );
+        registry.register(
+            "inbound_caller_received_bytes",
+            "Bytes read from the calling workload on an inbound listener (after mTLS is taken off)",
+            m.caller_received.clone(),
+        );
+        registry.register(
+            "inbound_caller_sent_bytes",
+            "Bytes written to the calling workload on an inbound listener (before mTLS is put on)",
+            m.caller_sent.clone(),
         );
         m
     }
@@ -154,8 +189,17 @@ impl Callers {
                 .caller_requests
                 .get_or_create_owned(&CallerRequestLabels { caller: labels.clone(), status_class })
         });
-        let stats =
-            Arc::new(CallerStats { requests, duration: self.families.caller_duration.get_or_create_owned(&labels) });
+        let families = &self.families;
+        let stats = Arc::new(CallerStats {
+            requests,
+            duration: families.caller_duration.get_or_create_owned(&labels),
+            connections: families.caller_connections.get_or_create_owned(&labels),
+            received: families.caller_received.get_or_create_owned(&labels),
+            sent: families.caller_sent.get_or_create_owned(&labels),
+            grpc: Default::default(),
+            family: families.caller_grpc.clone(),
+            labels,
+        });
         known.insert(id.to_owned(), stats.clone());
         stats
     }
@@ -174,11 +218,21 @@ fn workload(identity: Option<&SpiffeId>) -> (String, String) {
     }
 }
 
-/// What one calling workload's requests on one inbound listener count.
+/// What one calling workload's connections and requests on one inbound listener count.
 #[derive(Debug)]
 pub struct CallerStats {
     requests: [Counter; 5],
     duration: Histogram,
+    /// Connections accepted.
+    pub connections: Counter,
+    /// Bytes read from it.
+    pub received: Counter,
+    /// Bytes written to it.
+    pub sent: Counter,
+    /// Per gRPC status, its counter, made on its first call that ends so.
+    grpc: [OnceLock<Counter>; GRPC_CODES],
+    family: Family<CallerGrpcLabels, Counter>,
+    labels: CallerLabels,
 }
 
 impl CallerStats {
@@ -186,6 +240,13 @@ impl CallerStats {
     pub fn record(&self, status: u16, elapsed: Duration) {
         self.requests[class_index(status)].inc();
         self.duration.observe(elapsed);
+    }
+
+    /// Counts one gRPC call that ended with `code` (codes above 16 count as 2, UNKNOWN).
+    pub fn record_grpc(&self, code: u32) {
+        let code = if (code as usize) < GRPC_CODES { code } else { 2 };
+        let labels = || CallerGrpcLabels { caller: self.labels.clone(), grpc_status: code };
+        self.grpc[code as usize].get_or_init(|| self.family.get_or_create_owned(&labels())).inc();
     }
 }
 
@@ -250,7 +311,9 @@ mod tests {
     }
 
     /// An inbound listener counts each calling workload apart, by the namespace and account its
-    /// identity names (plaintext with both empty); an outbound one has no callers.
+    /// identity names (plaintext with both empty): responses by status class and gRPC status,
+    /// latency, connections and the bytes its connections' meters flush (a connection counts to
+    /// the first caller named); an outbound one has no callers.
     #[test]
     fn inbound_requests_count_per_calling_workload() {
         let mut registry = registry();
@@ -265,6 +328,16 @@ mod tests {
         again.record(503, Duration::from_millis(3));
         inbound.caller(None).unwrap().record(200, Duration::from_millis(1));
         inbound.caller(odd.as_ref()).unwrap().record(200, Duration::from_millis(1));
+        first.record_grpc(14);
+        first.record_grpc(99);
+        let meter = crate::io::Meter::default();
+        meter.attribute(first.clone());
+        meter.attribute(inbound.caller(None).unwrap());
+        meter.add_received(10);
+        meter.add_sent(4);
+        meter.flush(&inbound);
+        meter.add_received(5);
+        meter.flush(&inbound);
         assert!(metrics.listener("outbound", "outbound").caller(web.as_ref()).is_none());
         let text = encode(&registry);
         for series in [
@@ -273,6 +346,13 @@ mod tests {
             r#"remora_inbound_caller_requests_total{listener="inbound",client_namespace="",client_account="",status_class="2xx"} 1"#,
             r#"remora_inbound_caller_requests_total{listener="inbound",client_namespace="",client_account="/agent/7",status_class="2xx"} 1"#,
             r#"remora_inbound_caller_request_duration_seconds_count{listener="inbound",client_namespace="shop",client_account="web"} 2"#,
+            r#"remora_inbound_caller_grpc_responses_total{listener="inbound",client_namespace="shop",client_account="web",grpc_status="14"} 1"#,
+            r#"remora_inbound_caller_grpc_responses_total{listener="inbound",client_namespace="shop",client_account="web",grpc_status="2"} 1"#,
+            r#"remora_inbound_caller_connections_total{listener="inbound",client_namespace="shop",client_account="web"} 1"#,
+            r#"remora_inbound_caller_connections_total{listener="inbound",client_namespace="",client_account=""} 0"#,
+            r#"remora_inbound_caller_received_bytes_total{listener="inbound",client_namespace="shop",client_account="web"} 15"#,
+            r#"remora_inbound_caller_sent_bytes_total{listener="inbound",client_namespace="shop",client_account="web"} 4"#,
+            r#"remora_inbound_caller_received_bytes_total{listener="inbound",client_namespace="",client_account=""} 0"#,
         ] {
             assert!(text.contains(series), "{series}\n{text}");
         }

@@ -192,6 +192,9 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, name: Arc<str>, d
         Protocol::Http1 => ServerVersion::Http1,
         Protocol::Http2 => ServerVersion::Http2,
         Protocol::Tls | Protocol::Opaque => {
+            if let Some(caller) = listener.stats.caller(None) {
+                meter.attribute(caller);
+            }
             let downstream = tcp::Downstream::Plain(stream, replay);
             proxy_tcp(downstream, &listener, original_destination, &meter, &data).await;
             return;
@@ -217,6 +220,9 @@ impl Accepted {
     fn into_http(self, data: &Arc<DataPath>, identity: Option<SpiffeId>) -> Arc<HttpConnection> {
         let Accepted { listener, peer, original_destination, destination_port, meter, open } = self;
         let caller = listener.stats.caller(identity.as_ref());
+        if let Some(caller) = &caller {
+            meter.attribute(caller.clone());
+        }
         let origin = Origin::new(listener.name.clone(), peer, original_destination, destination_port, identity);
         Arc::new(HttpConnection { data: data.clone(), listener, meter, open, origin, caller })
     }
@@ -249,6 +255,9 @@ async fn serve_mesh(
                 policy.counters.denied.inc();
                 info!(listener = %accepted.listener.name, policy = %policy.name, peer = %identity, "tcp connection denied by authorization policy");
                 return;
+            }
+            if let Some(caller) = accepted.listener.stats.caller(Some(&identity)) {
+                accepted.meter.attribute(caller);
             }
             let downstream = tcp::Downstream::Mesh(downstream, Some(accepted.peer), identity);
             proxy_tcp(downstream, &accepted.listener, accepted.original_destination, &accepted.meter, data).await;

@@ -1,10 +1,10 @@
 //! The control plane's half of Delta ADS: publish resource sets, stream their differences.
 //!
-//! Config sources hand complete resource sets to the [`Publisher`], which encodes each resource once
-//! into a shared [`ServedResource`] (an `Any` whose bytes are reference-counted, so a thousand
-//! proxies receiving it share one encoding) and publishes an immutable [`ServedSet`] through a
-//! `watch` channel. A resource whose bytes did not change keeps its `Arc`, its version and so its
-//! place in every proxy's view: nothing is re-sent for it.
+//! Config sources hand resource sets, or their changes, to the [`Publisher`] (`publish`), which
+//! encodes each resource once into a shared [`ServedResource`] (an `Any` whose bytes are
+//! reference-counted, so a thousand proxies receiving it share one encoding) and publishes an
+//! immutable [`ServedSet`] through a `watch` channel. A resource whose bytes did not change keeps
+//! its `Arc`, its version and so its place in every proxy's view: nothing is re-sent for it.
 //!
 //! Each proxy sees a view of the set: the resources every proxy sees, and over them its namespace's
 //! own, and over those its pod's (resources only that scope's proxies are sent, beside the shared
@@ -28,7 +28,7 @@
 //! the new one looks only at the names that publication touched (each set lists them), so a
 //! thousand streams answering a one-route edit do a thousand small diffs, not a thousand scans.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -43,233 +43,26 @@ use crate::metrics::ControlMetrics;
 use crate::servers::envoy::service::discovery::v3::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
+use remora_control_api::Kind;
+use remora_control_api::xds::WILDCARD;
 use remora_control_api::xds::discovery::{self, DeltaDiscoveryRequest, DeltaDiscoveryResponse};
-use remora_control_api::xds::{WILDCARD, version_of};
-use remora_control_api::{Kind, Resource};
+
+mod publish;
+
+pub use publish::{Delta, Published, Publisher, ServedResource, ServedSet, View};
 
 /// Responses queued per stream before the stream's task waits for the proxy to read.
 const STREAM_QUEUE: usize = 16;
 /// Responses per kind a proxy may leave unanswered before the oldest is forgotten.
 const MAX_PENDING: usize = 64;
 /// Clusters and endpoint sets are sent in responses of about this many bytes at most (a single larger
-/// resource goes alone). Each stream's encoder keeps a buffer as large as the largest message it sent,
-/// so this bounds a connected proxy's cost to the control plane. Listeners and route tables are never
-/// split: two of them can conflict (an address, a host), and a proxy must see such changes together.
+/// resource goes alone). Each stream's encoder keeps the allocation of the largest message it sent
+/// for as long as the stream lives (tonic encodes into one growing buffer and hands out slices of
+/// it), so this bounds a connected proxy's cost to the control plane. Listeners and route tables
+/// are split only in a proxy's first view of their kind: two of them can conflict (an address, a
+/// host), and a proxy must see a change that moves one from one to the other whole, but any part
+/// of one consistent set is consistent.
 const CHUNK_BYTES: usize = 32 * 1024;
-
-/// One resource as served: encoded once, shared by every stream.
-#[derive(Debug)]
-pub struct ServedResource {
-    /// The resource's version (a hash of its bytes).
-    pub version: String,
-    /// The wire form, ready to clone into a response.
-    pub wire: discovery::Resource,
-}
-
-/// Resources of one kind as served, by name.
-type Served = BTreeMap<String, Arc<ServedResource>>;
-
-/// One published resource set: the resources every proxy sees, and per scope (a namespace,
-/// `NAMESPACE`, or a pod, `NAMESPACE/POD`) the ones only that scope's proxies see (beside the
-/// shared ones, or in place of one of the same name).
-#[derive(Debug, Default)]
-pub struct ServedSet {
-    /// Bumped by every publication that changed something.
-    pub generation: u64,
-    /// The source's version (a git commit, or a hash of the directory's content).
-    pub system_version: String,
-    /// When it was published (convergence is measured from here).
-    pub published_at: Option<Instant>,
-    shared: Layer,
-    /// Per scope, its own layer (a scope whose layer went empty in this publication keeps it,
-    /// empty, for one generation, so that its proxies learn what it touched).
-    scopes: BTreeMap<String, Layer>,
-}
-
-/// Resources of every kind, and what the publication that made them touched.
-#[derive(Debug, Default)]
-struct Layer {
-    kinds: [Served; Kind::COUNT],
-    /// Per kind, the names added, changed or removed since the previous generation (sorted): a
-    /// stream that holds that generation diffs only these instead of every resource.
-    touched: [Vec<String>; Kind::COUNT],
-}
-
-impl ServedSet {
-    /// The resources of `kind` every proxy sees, by name.
-    pub fn of(&self, kind: Kind) -> &Served {
-        &self.shared.kinds[kind.index()]
-    }
-
-    /// The resources of `kind` a proxy of `scopes` (least specific first: its namespace, then its
-    /// pod) sees; none, the shared ones alone.
-    pub fn view(&self, kind: Kind, scopes: &[String]) -> View<'_> {
-        let layer = |i: usize| scopes.get(i).and_then(|scope| self.scopes.get(scope)).map(|l| &l.kinds[kind.index()]);
-        View { layers: [Some(&self.shared.kinds[kind.index()]), layer(0), layer(1)] }
-    }
-
-    /// The scopes with resources of their own, and how many each has.
-    pub fn scopes(&self) -> impl Iterator<Item = (&str, usize)> {
-        self.scopes.iter().map(|(scope, layer)| (scope.as_str(), layer.kinds.iter().map(BTreeMap::len).sum()))
-    }
-
-    /// The names of `kind` the last publication touched in the view of `scopes`.
-    fn touched(&self, kind: Kind, scopes: &[String]) -> BTreeSet<&str> {
-        let own = scopes.iter().filter_map(|scope| self.scopes.get(scope));
-        let layers = std::iter::once(&self.shared).chain(own);
-        layers.flat_map(|layer| layer.touched[kind.index()].iter().map(String::as_str)).collect()
-    }
-}
-
-/// What one proxy sees of a kind: the shared resources, its namespace's over them, its pod's over
-/// those.
-#[derive(Clone, Copy, Debug)]
-pub struct View<'a> {
-    /// Least specific first.
-    layers: [Option<&'a Served>; 3],
-}
-
-impl<'a> View<'a> {
-    /// The resource named `name`: the most specific layer's.
-    pub fn get(&self, name: &str) -> Option<&'a Arc<ServedResource>> {
-        self.layers.iter().rev().flatten().find_map(|layer| layer.get(name))
-    }
-
-    /// Every resource, by name, each from the most specific layer that has it.
-    pub fn iter(&self) -> impl Iterator<Item = (&'a String, &'a Arc<ServedResource>)> + use<'a> {
-        let layers = self.layers;
-        layers.into_iter().enumerate().flat_map(move |(i, layer)| {
-            let above = layers.into_iter().skip(i + 1).flatten();
-            layer.into_iter().flatten().filter(move |(name, _)| above.clone().all(|l| !l.contains_key(*name)))
-        })
-    }
-}
-
-/// What a publication changed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Published {
-    /// Resources added or changed.
-    pub changed: usize,
-    /// Resources removed.
-    pub removed: usize,
-}
-
-/// Takes resource sets from the sources and makes them the served set.
-#[derive(Debug)]
-pub struct Publisher {
-    tx: watch::Sender<Arc<ServedSet>>,
-    metrics: Arc<ControlMetrics>,
-}
-
-impl Publisher {
-    /// A publisher with nothing published yet.
-    pub fn new(metrics: Arc<ControlMetrics>) -> Self {
-        let (tx, _) = watch::channel(Arc::new(ServedSet::default()));
-        Publisher { tx, metrics }
-    }
-
-    /// A view of what is served now, following every publication.
-    pub fn subscribe(&self) -> watch::Receiver<Arc<ServedSet>> {
-        self.tx.subscribe()
-    }
-
-    /// Makes `resources` the served set, for every proxy alike. See [`Publisher::publish_views`].
-    pub fn publish(&self, resources: &[Resource], system_version: &str) -> Published {
-        self.publish_views(resources, &BTreeMap::new(), system_version)
-    }
-
-    /// Makes `resources` the set every proxy sees and `scoped` what only each scope's proxies see
-    /// (a namespace, `NAMESPACE`, or a pod, `NAMESPACE/POD`: beside the rest, or in place of a
-    /// resource of the same name). Resources whose
-    /// bytes did not change keep their shared encoding and version; if nothing changed at all,
-    /// nothing is published.
-    pub fn publish_views(
-        &self,
-        resources: &[Resource],
-        scoped: &BTreeMap<String, Vec<Resource>>,
-        system_version: &str,
-    ) -> Published {
-        let previous = self.tx.borrow().clone();
-        let mut summary = Published::default();
-        let shared = Layer::encode(resources, Some(&previous.shared), &mut summary);
-        let mut layers = BTreeMap::new();
-        let names: BTreeSet<&String> = scoped.keys().chain(previous.scopes.keys()).collect();
-        for scope in names {
-            let own = scoped.get(scope).map_or(&[][..], Vec::as_slice);
-            let layer = Layer::encode(own, previous.scopes.get(scope), &mut summary);
-            if layer.kinds.iter().any(|k| !k.is_empty()) || layer.touched.iter().any(|t| !t.is_empty()) {
-                layers.insert(scope.clone(), layer);
-            }
-        }
-        for kind in Kind::ALL {
-            self.metrics.set_resources(kind, shared.kinds[kind.index()].len());
-        }
-        if summary == Published::default() {
-            return summary;
-        }
-        let set = ServedSet {
-            generation: previous.generation + 1,
-            system_version: system_version.to_owned(),
-            published_at: Some(Instant::now()),
-            shared,
-            scopes: layers,
-        };
-        info!(
-            generation = set.generation,
-            version = %set.system_version,
-            changed = summary.changed,
-            removed = summary.removed,
-            scopes = set.scopes.len(),
-            "publishing"
-        );
-        self.tx.send_replace(Arc::new(set));
-        summary
-    }
-}
-
-impl Layer {
-    /// Encodes `resources`, keeping `previous`'s encoding of each that did not change, and notes
-    /// what changed or went.
-    fn encode(resources: &[Resource], previous: Option<&Layer>, summary: &mut Published) -> Layer {
-        let mut layer = Layer::default();
-        let before = |kind: Kind| previous.map(|p| &p.kinds[kind.index()]);
-        for resource in resources {
-            let kind = resource.kind();
-            let any = resource.to_any();
-            let version = version_of(&any.value);
-            let name = resource.name();
-            let served = match before(kind).and_then(|b| b.get(name)) {
-                Some(old) if old.version == version => old.clone(),
-                _ => {
-                    summary.changed += 1;
-                    layer.touched[kind.index()].push(name.to_owned());
-                    Arc::new(ServedResource {
-                        version: version.clone(),
-                        wire: discovery::Resource {
-                            name: name.to_owned(),
-                            aliases: Vec::new(),
-                            version,
-                            resource: Some(any),
-                            ttl: None,
-                        },
-                    })
-                }
-            };
-            layer.kinds[kind.index()].insert(name.to_owned(), served);
-        }
-        for kind in Kind::ALL {
-            let (now, touched) = (&layer.kinds[kind.index()], &mut layer.touched[kind.index()]);
-            let count = touched.len();
-            touched.extend(
-                before(kind).into_iter().flat_map(|b| b.keys()).filter(|name| !now.contains_key(*name)).cloned(),
-            );
-            summary.removed += touched.len() - count;
-            touched.sort_unstable();
-            touched.dedup();
-        }
-        layer
-    }
-}
 
 /// The gRPC service: one [`Session`] task per stream.
 #[derive(Debug, Clone)]
@@ -649,7 +442,7 @@ impl Session {
                 if removed.is_empty() && sub.owes_response {
                     responses.push((kind, resources, Vec::new()));
                 }
-            } else if matches!(kind, Kind::Cluster | Kind::Endpoints) {
+            } else if matches!(kind, Kind::Cluster | Kind::Endpoints) || sub.known.is_empty() {
                 let mut chunk = Vec::new();
                 let mut size = 0;
                 for resource in resources {
@@ -727,6 +520,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+    use remora_control_api::Resource;
     use remora_control_api::config::parse;
 
     fn resources(yaml: &str) -> Vec<Resource> {
@@ -964,32 +758,50 @@ mod tests {
         assert_eq!(pushes[0].resources.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["b"]);
     }
 
+    /// Endpoint sets go in responses of bounded size; route tables too in a proxy's first view of
+    /// them (any part of one consistent set is consistent), but a change to tables it holds goes
+    /// whole, so that a destination moving from one table to another is never seen in both.
     #[test]
-    fn many_endpoint_sets_are_sent_in_bounded_responses_and_route_tables_whole() {
+    fn many_endpoint_sets_are_sent_in_bounded_responses_and_route_tables_whole_once_held() {
         let (publisher, shared) = setup();
-        let mut yaml = String::from("resources:\n");
-        for c in 0..60 {
-            yaml.push_str(&format!("  - {{kind: Endpoints, cluster: c{c}, endpoints: ["));
-            for e in 0..40 {
-                yaml.push_str(&format!("{{address: \"10.0.{c}.{e}:8080\"}}, "));
+        let tables = |shift: usize| {
+            let mut yaml = String::from("resources:\n");
+            for c in 0..60 {
+                yaml.push_str(&format!("  - {{kind: Endpoints, cluster: c{c}, endpoints: ["));
+                for e in 0..40 {
+                    yaml.push_str(&format!("{{address: \"10.0.{c}.{e}:8080\"}}, "));
+                }
+                yaml.push_str("]}\n");
+                let hosts: Vec<String> = (0..40).map(|h| format!("host-{}-{h}.example", (c + shift) % 60)).collect();
+                yaml.push_str(&format!(
+                    "  - {{kind: RouteTable, name: t{c}, destinations: [{}], routes: [{{backends: [{{cluster: c{c}}}]}}]}}\n",
+                    hosts.join(", ")
+                ));
             }
-            yaml.push_str("]}\n");
-            yaml.push_str(&format!("  - {{kind: RouteTable, name: t{c}, destinations: [host{c}], routes: [{{backends: [{{cluster: c{c}}}]}}]}}\n"));
-        }
-        publisher.publish(&resources(&yaml), "v1");
+            resources(&yaml)
+        };
+        publisher.publish(&tables(0), "v1");
         let mut session = Session::default();
         subscribe(&mut session, &shared, Kind::Endpoints, HashMap::new());
         subscribe(&mut session, &shared, Kind::RouteTable, HashMap::new());
         let pushes = session.pushes(&publisher.subscribe().borrow(), &shared);
-        let endpoints: Vec<&DeltaDiscoveryResponse> =
-            pushes.iter().filter(|r| r.type_url == Kind::Endpoints.type_url()).collect();
-        assert!(endpoints.len() > 1, "{} endpoint responses", endpoints.len());
-        assert!(endpoints.iter().all(|r| r.encoded_len() <= CHUNK_BYTES + 2048));
-        assert_eq!(endpoints.iter().map(|r| r.resources.len()).sum::<usize>(), 60);
-        let tables: Vec<&DeltaDiscoveryResponse> =
+        for kind in [Kind::Endpoints, Kind::RouteTable] {
+            let sent: Vec<&DeltaDiscoveryResponse> = pushes.iter().filter(|r| r.type_url == kind.type_url()).collect();
+            assert!(sent.len() > 1, "{} {kind:?} responses", sent.len());
+            assert!(sent.iter().all(|r| r.encoded_len() <= CHUNK_BYTES + 2048));
+            assert_eq!(sent.iter().map(|r| r.resources.len()).sum::<usize>(), 60);
+        }
+        for response in &pushes {
+            answer(&mut session, &shared, response, None);
+        }
+        // Every table's destinations move to another table: one response, whole.
+        publisher.publish(&tables(1), "v2");
+        let pushes = session.pushes(&publisher.subscribe().borrow(), &shared);
+        let sent: Vec<&DeltaDiscoveryResponse> =
             pushes.iter().filter(|r| r.type_url == Kind::RouteTable.type_url()).collect();
-        assert_eq!(tables.len(), 1);
-        assert_eq!(tables[0].resources.len(), 60);
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].resources.len(), 60);
+        assert!(sent[0].encoded_len() > CHUNK_BYTES);
     }
 
     #[test]
