@@ -223,7 +223,11 @@ impl Route {
     pub fn weighted(backends: &[(&str, u32)]) -> Route {
         let backends = backends
             .iter()
-            .map(|(cluster, weight)| v1::WeightedCluster { cluster: (*cluster).into(), weight: Some(*weight) })
+            .map(|(cluster, weight)| v1::WeightedCluster {
+                cluster: (*cluster).into(),
+                weight: Some(*weight),
+                ..Default::default()
+            })
             .collect();
         Route(v1::Route { backends, ..Default::default() })
     }

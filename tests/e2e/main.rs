@@ -11,6 +11,7 @@ mod capture;
 mod cli;
 mod control;
 mod drain;
+mod filters;
 mod grpc;
 mod http;
 mod kubernetes;

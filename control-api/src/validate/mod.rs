@@ -325,6 +325,45 @@ mod tests {
         }
     }
 
+    /// Route filters: header modifiers with bad names or values, redirects with a bad scheme, host,
+    /// port or status, a prefix replacement on a route with no prefix match, a path that is not
+    /// one; a redirecting route needs no backends.
+    #[test]
+    fn bad_filters_name_their_fields() {
+        let text = problems(&with_base(
+            r#"
+- kind: RouteTable
+  name: f
+  routes:
+    - match: {path: {exact: /x}}
+      redirect: {scheme: ftp, host: "bad host", port: 70000, prefix: /y, status: 200}
+    - request_headers: {set: [{name: "bad name", value: v}], add: [{name: host, value: h}], remove: ["x y"]}
+      response_headers: {add: [{name: x-ok, value: "line\nbreak"}]}
+      rewrite: {full_path: "no-slash"}
+      backends: [{cluster: shop, request_headers: {remove: [":path"]}}]
+    - match: {path: {segment_prefix: /ok}}
+      redirect: {prefix: /fine, status: 301}
+"#,
+        ));
+        for needle in [
+            "routes[0].redirect.scheme: must be http or https",
+            "routes[0].redirect.host: \"bad host\" is not a host name",
+            "routes[0].redirect.port: must be 1 to 65535",
+            "routes[0].redirect.prefix: replaces the matched prefix",
+            "routes[0].redirect.status: must be 301, 302, 303, 307 or 308",
+            "routes[1].request_headers.set[0].name: \"bad name\" is not a header name",
+            "routes[1].request_headers.add[0].name: the host is changed by a rewrite",
+            "routes[1].request_headers.remove[0]: \"x y\" is not a header name",
+            "routes[1].response_headers.add[0].value: is not a valid header value",
+            "routes[1].rewrite.full_path: must start with '/'",
+            "routes[1].backends[0].request_headers.remove[0]:",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in {text}");
+        }
+        assert!(!text.contains("routes[0].backends"), "a redirect needs no backends: {text}");
+        assert!(!text.contains("routes[2]"), "{text}");
+    }
+
     #[test]
     fn duplicates_and_conflicts_are_rejected() {
         let text = problems(&with_base(

@@ -1,11 +1,26 @@
 //! Route tables: destinations, matches (regexes, methods, header and query names), backends, and
-//! each route's policy (timeouts, retries, faults, mirrors, rate limits, fallbacks); and across the
-//! set, no destination claimed by two tables.
+//! each route's policy (timeouts, retries, faults, mirrors, rate limits, fallbacks) and filters
+//! (header modifiers, redirects, rewrites); and across the set, no destination claimed by two
+//! tables.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use super::{Checker, Destination, MAX_REPLAY_BUFFER, MAX_RETRIES, RETRY_ON, compile_regex, duration, is_token};
+
+/// Whether `host` can be a URL's host: a DNS name (letters, digits, `-`, `.`) or an IP address.
+fn is_host(host: &str) -> bool {
+    host.parse::<std::net::IpAddr>().is_ok()
+        || (!host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+            }))
+}
 use crate::resource::{Kind, Resource, describe};
 use crate::v1;
 
@@ -33,7 +48,7 @@ impl Checker {
                 if let Some(path) = matcher.path.as_ref().and_then(|p| p.kind.as_ref()) {
                     use v1::path_match::Kind as P;
                     match path {
-                        P::Exact(p) | P::Prefix(p) if !p.starts_with('/') => {
+                        P::Exact(p) | P::Prefix(p) | P::SegmentPrefix(p) if !p.starts_with('/') => {
                             self.fail(subject, at("match.path"), format!("must start with '/', got {p:?}"));
                         }
                         P::Regex(re) => {
@@ -125,14 +140,125 @@ impl Checker {
                     }
                 }
             }
-            if route.backends.is_empty() {
+            if let Some(modifier) = &route.request_headers {
+                self.header_modifier(subject, &at("request_headers"), modifier);
+            }
+            if let Some(modifier) = &route.response_headers {
+                self.header_modifier(subject, &at("response_headers"), modifier);
+            }
+            let prefix_matched = matches!(
+                route.r#match.as_ref().and_then(|m| m.path.as_ref()).and_then(|p| p.kind.as_ref()),
+                Some(v1::path_match::Kind::Prefix(_) | v1::path_match::Kind::SegmentPrefix(_))
+            );
+            if let Some(redirect) = &route.redirect {
+                self.redirect(subject, &at("redirect"), redirect, prefix_matched);
+            }
+            if let Some(rewrite) = &route.rewrite {
+                if !rewrite.host.is_empty() && !is_host(&rewrite.host) {
+                    self.fail(subject, at("rewrite.host"), format!("{:?} is not a host name", rewrite.host));
+                }
+                if let Some(path) = &rewrite.path {
+                    use v1::rewrite::Path;
+                    let (field, value, prefix) = match path {
+                        Path::FullPath(p) => ("rewrite.full_path", p, false),
+                        Path::Prefix(p) => ("rewrite.prefix", p, true),
+                    };
+                    self.replacement_path(subject, &at(field), value, prefix && !prefix_matched);
+                }
+            }
+            if route.redirect.is_some() {
+                // A redirect answers every request itself: backends, if any, are never used.
+            } else if route.backends.is_empty() {
                 self.fail(subject, at("backends"), "needs at least one cluster");
             } else if route.backends.iter().all(|b| b.weight == Some(0)) {
                 self.fail(subject, at("backends"), "needs at least one backend with a weight above zero");
             }
             for (j, backend) in route.backends.iter().enumerate() {
                 self.cluster_ref(subject, &at(&format!("backends[{j}].cluster")), &backend.cluster, clusters);
+                if let Some(modifier) = &backend.request_headers {
+                    self.header_modifier(subject, &at(&format!("backends[{j}].request_headers")), modifier);
+                }
+                if let Some(modifier) = &backend.response_headers {
+                    self.header_modifier(subject, &at(&format!("backends[{j}].response_headers")), modifier);
+                }
             }
+        }
+    }
+
+    /// Header names that are tokens (and not pseudo-headers or `host`, which a rewrite changes), and
+    /// values a header may carry.
+    fn header_modifier(&mut self, subject: &str, at: &str, modifier: &v1::HeaderModifier) {
+        for (list, headers) in [("set", &modifier.set), ("add", &modifier.add)] {
+            for (i, header) in headers.iter().enumerate() {
+                let at = format!("{at}.{list}[{i}]");
+                if self.modified_header(subject, &format!("{at}.name"), &header.name)
+                    && http::HeaderValue::from_str(&header.value).is_err()
+                {
+                    self.fail(subject, format!("{at}.value"), "is not a valid header value");
+                }
+            }
+        }
+        for (i, name) in modifier.remove.iter().enumerate() {
+            self.modified_header(subject, &format!("{at}.remove[{i}]"), name);
+        }
+    }
+
+    /// Whether a header modifier may change header `name`: a token, and not `host`.
+    fn modified_header(&mut self, subject: &str, field: &str, name: &str) -> bool {
+        if !is_token(name) {
+            self.fail(subject, field, format!("{name:?} is not a header name"));
+            false
+        } else if name.eq_ignore_ascii_case("host") {
+            self.fail(subject, field, "the host is changed by a rewrite, not a header modifier");
+            false
+        } else {
+            true
+        }
+    }
+
+    /// A redirect's scheme, host, port, path and status; a prefix replacement needs a prefix match.
+    fn redirect(&mut self, subject: &str, at: &str, redirect: &v1::Redirect, prefix_matched: bool) {
+        if !matches!(redirect.scheme.as_str(), "" | "http" | "https") {
+            self.fail(subject, format!("{at}.scheme"), format!("must be http or https, got {:?}", redirect.scheme));
+        }
+        if !redirect.host.is_empty() && !is_host(&redirect.host) {
+            self.fail(subject, format!("{at}.host"), format!("{:?} is not a host name", redirect.host));
+        }
+        if let Some(port) = redirect.port
+            && !(1..=65535).contains(&port)
+        {
+            self.fail(subject, format!("{at}.port"), format!("must be 1 to 65535, got {port}"));
+        }
+        if let Some(path) = &redirect.path {
+            use v1::redirect::Path;
+            let (field, value, prefix) = match path {
+                Path::FullPath(p) => ("full_path", p, false),
+                Path::Prefix(p) => ("prefix", p, true),
+            };
+            self.replacement_path(subject, &format!("{at}.{field}"), value, prefix && !prefix_matched);
+        }
+        if !matches!(redirect.status, 0 | 301 | 302 | 303 | 307 | 308) {
+            self.fail(
+                subject,
+                format!("{at}.status"),
+                format!("must be 301, 302, 303, 307 or 308, got {}", redirect.status),
+            );
+        }
+    }
+
+    /// A path that replaces another: absolute, and (`unmatched`) a prefix replacement on a route
+    /// without a prefix match has no matched part to replace.
+    fn replacement_path(&mut self, subject: &str, at: &str, path: &str, unmatched: bool) {
+        if !path.starts_with('/') {
+            self.fail(subject, at.to_owned(), format!("must start with '/', got {path:?}"));
+        } else if http::uri::PathAndQuery::try_from(path).map_or(true, |p| p.query().is_some()) {
+            self.fail(subject, at.to_owned(), format!("{path:?} is not a path"));
+        } else if unmatched {
+            self.fail(
+                subject,
+                at.to_owned(),
+                "replaces the matched prefix: the route needs a prefix or segment_prefix path match",
+            );
         }
     }
 

@@ -338,7 +338,7 @@ fn route_table(
         destinations.insert(format!("{host}:{}", port.port));
     }
     let route = v1::Route {
-        backends: vec![v1::WeightedCluster { cluster: backend.to_owned(), weight: None }],
+        backends: vec![v1::WeightedCluster { cluster: backend.to_owned(), ..Default::default() }],
         ..Default::default()
     };
     let mut table = v1::RouteTable {

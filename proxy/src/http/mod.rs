@@ -57,6 +57,7 @@ use client::Version;
 use error::ProxyError;
 use observe::Finish;
 use plan::{Direct, Plan};
+use route::{ResponseHeaders, Routing};
 use server::HttpConnection;
 
 /// One request through every phase; always yields a response.
@@ -76,13 +77,22 @@ async fn proxy(
     let grpc = observe::is_grpc(request.headers());
     // 2. Route, and 3. plan.
     let mut stats = None;
+    let mut edits: ResponseHeaders = Default::default();
     let routed = route::route(&connection.data.snapshot.load(), &connection.origin, &mut request, arrived);
-    let planned = routed.and_then(|mut routed| {
-        stats = routed.stats.take();
-        plan::plan(&mut request, routed, &connection, observe.as_ref(), unsampled, arrived)
+    let planned = routed.and_then(|routing| match routing {
+        Routing::Redirect { status, location, response_headers } => {
+            edits = response_headers;
+            Ok(Plan::Redirect { status, location })
+        }
+        Routing::Forward(mut routed) => {
+            stats = routed.stats.take();
+            edits = std::mem::take(&mut routed.response_headers);
+            plan::plan(&mut request, routed, &connection, observe.as_ref(), unsampled, arrived)
+        }
     });
     let result = match planned {
         Err(error) => Err(error),
+        Ok(Plan::Redirect { status, location }) => Ok(redirect(status, &location)),
         Ok(Plan::Tunnel(cluster)) => {
             let tunnel = Box::pin(tunnel::connect(request, &cluster, &connection));
             tunnel.await
@@ -118,10 +128,13 @@ async fn proxy(
         }
     };
     // 4. Respond.
-    let response = result.unwrap_or_else(|error| {
+    let mut response = result.unwrap_or_else(|error| {
         debug!(listener = %connection.listener.name, %error, "request failed");
         error.to_response()
     });
+    for modifier in edits.iter().flatten() {
+        modifier.apply(response.headers_mut());
+    }
     // 5. Record: the listener's and the route's part now, the rest when the body ends.
     let status = response.status().as_u16();
     connection.listener.stats.record_response(status);
@@ -139,4 +152,15 @@ async fn proxy(
     }
     let finish = Finish::new(observe, &connection, stats.as_ref(), grpc, status, response.headers(), arrived);
     Ok(response.map(|body| body.finish(finish)))
+}
+
+/// The answer to a request a route redirects: `status`, `Location: location`, no body.
+fn redirect(status: http::StatusCode, location: &str) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::empty());
+    *response.status_mut() = status;
+    // The location is made of validated parts and the request's own path: always a valid value.
+    if let Ok(location) = http::HeaderValue::from_str(location) {
+        response.headers_mut().insert(http::header::LOCATION, location);
+    }
+    response
 }

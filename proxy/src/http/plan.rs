@@ -45,6 +45,8 @@ pub(crate) enum Plan {
     Direct(Direct),
     /// Forward under the route's policy (`policed`).
     Policed(Policed),
+    /// Answer with a redirect (the route's; `route` decided it, before any plan).
+    Redirect { status: http::StatusCode, location: String },
 }
 
 /// A prepared request's one attempt on the plain path.

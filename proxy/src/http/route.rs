@@ -13,16 +13,19 @@
 //!    connection was accepted;
 //! 3. **identity header**: on an inbound listener, `x-remora-client-identity` says who called: the
 //!    peer's proven identity, never a value the caller wrote itself;
-//! 4. **admit**: the route's policy decides on this request now (its rate limit, its faults).
+//! 4. **filter**: a route that redirects answers here (a [`Routing::Redirect`]); otherwise the
+//!    route's and then the backend's request header changes, and the route's rewrite of the URL,
+//!    are made to the request in place, and their response header changes go with the result;
+//! 5. **admit**: the route's policy decides on this request now (its rate limit, its faults).
 //!
-//! What leaves is a [`Routed`]: the cluster, the route's policy and counters, and the admission,
-//! which `plan` turns into what to do. A request refused before a route took it (no route, a
-//! removed listener, a denied peer) leaves as the error that answers it.
+//! What leaves is a [`Routed`]: the cluster, the route's policy and counters, the response header
+//! changes, and the admission, which `plan` turns into what to do. A request refused before a
+//! route took it (no route, a removed listener, a denied peer) leaves as the error that answers it.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::Request;
+use http::{Request, StatusCode};
 use tracing::info;
 
 use super::error::ProxyError;
@@ -30,6 +33,7 @@ use super::headers;
 use super::server::Origin;
 use crate::policy::{Admission, RoutePolicy};
 use crate::state::cluster::Cluster;
+use crate::state::filters::HeaderModifier;
 use crate::state::route_metrics::RequestStats;
 use crate::state::{Direction, ListenerConfig, Snapshot};
 
@@ -44,6 +48,27 @@ pub(crate) struct Routed {
     pub(crate) stats: Option<Arc<RequestStats>>,
     /// What the route's policy decided for this request.
     pub(crate) admission: Admission,
+    /// The route's, then the backend's, changes to the response's headers.
+    pub(crate) response_headers: ResponseHeaders,
+}
+
+/// Changes to a response's headers, in order; most routes have none.
+pub(crate) type ResponseHeaders = [Option<Arc<HeaderModifier>>; 2];
+
+/// What routing decided.
+#[derive(Debug)]
+pub(crate) enum Routing {
+    /// Forward the request as routed.
+    Forward(Routed),
+    /// Answer with a redirect to `location`.
+    Redirect {
+        /// 301, 302, 303, 307 or 308.
+        status: StatusCode,
+        /// The `Location`.
+        location: String,
+        /// The route's changes to the answer's headers.
+        response_headers: ResponseHeaders,
+    },
 }
 
 /// Routes, authorizes and admits `request`, arrived at `arrived` on a connection from `origin`,
@@ -53,15 +78,38 @@ pub(crate) fn route<B>(
     origin: &Origin,
     request: &mut Request<B>,
     arrived: Instant,
-) -> Result<Routed, ProxyError> {
+) -> Result<Routing, ProxyError> {
     let listener = snapshot.listener(&origin.listener).ok_or(ProxyError::ListenerRemoved)?;
+    let mut response_headers: ResponseHeaders = [None, None];
     let (cluster, policy, stats) =
         match listener.routes.for_http(headers::authority(request), origin.original_destination) {
             Some(table) => {
                 let route =
                     table.route(request.method(), request.uri(), request.headers()).ok_or(ProxyError::NoRoute)?;
                 authorize(listener, origin, Some((&table.name, &route.name)))?;
+                if let Some(filters) = &route.filters {
+                    response_headers[0] = filters.response_headers.clone();
+                    if let Some(redirect) = &filters.redirect {
+                        let location =
+                            redirect.location(request.uri(), headers::authority(request), origin.original_destination);
+                        return Ok(Routing::Redirect { status: redirect.status, location, response_headers });
+                    }
+                }
                 let backend = route.pick_backend().ok_or(ProxyError::NoRoute)?;
+                if let Some(filters) = &route.filters {
+                    if let Some(modifier) = &filters.request_headers {
+                        modifier.apply(request.headers_mut());
+                    }
+                    if let Some(rewrite) = &filters.rewrite {
+                        rewrite.apply(request);
+                    }
+                }
+                if let Some(filters) = &backend.filters {
+                    if let Some(modifier) = &filters.request_headers {
+                        modifier.apply(request.headers_mut());
+                    }
+                    response_headers[1] = filters.response_headers.clone();
+                }
                 let stats = backend.stats.for_direction(listener.direction.label()).clone();
                 (backend.cluster.clone(), route.policy.clone(), Some(stats))
             }
@@ -82,7 +130,7 @@ pub(crate) fn route<B>(
         Some(policy) => policy.admit(arrived),
         None => Admission::Forward { delay: None },
     };
-    Ok(Routed { cluster, policy, stats, admission })
+    Ok(Routing::Forward(Routed { cluster, policy, stats, admission, response_headers }))
 }
 
 /// The per-request half of an inbound listener's authorization: a request from an mTLS peer on a
@@ -132,6 +180,98 @@ mod tests {
 
     fn get(host: &str, path: &str) -> Request<()> {
         Request::get(path).header("host", host).body(()).unwrap()
+    }
+
+    /// Routes a request that is forwarded (not redirected).
+    fn route<B>(
+        snapshot: &Snapshot,
+        origin: &Origin,
+        request: &mut Request<B>,
+        arrived: Instant,
+    ) -> Result<Routed, ProxyError> {
+        match super::route(snapshot, origin, request, arrived)? {
+            Routing::Forward(routed) => Ok(routed),
+            Routing::Redirect { location, .. } => panic!("redirected to {location}"),
+        }
+    }
+
+    const FILTERS: &str = r#"
+resources:
+  - {kind: Cluster, name: v1, original_destination: true}
+  - {kind: Cluster, name: v2, original_destination: true}
+  - kind: RouteTable
+    name: echo
+    destinations: ["echo:80", "10.96.0.10:80"]
+    routes:
+      - name: moved
+        match: {path: {segment_prefix: /old/}}
+        redirect: {prefix: /new, status: 301}
+        response_headers: {set: [{name: x-moved, value: "yes"}]}
+      - name: secure
+        match: {path: {exact: /login}}
+        redirect: {scheme: https, host: example.org}
+      - name: rewritten
+        match: {path: {segment_prefix: /api}}
+        rewrite: {host: api.internal, prefix: /}
+        request_headers: {set: [{name: x-set, value: route}], add: [{name: x-add, value: route}], remove: [x-gone]}
+        response_headers: {add: [{name: x-route, value: "1"}]}
+        backends:
+          - {cluster: v1, request_headers: {set: [{name: x-backend, value: v1}]}, response_headers: {set: [{name: x-from, value: v1}]}}
+      - {name: rest, backends: [{cluster: v2}]}
+  - {kind: Listener, name: out, address: "127.0.0.1:15001"}
+"#;
+
+    /// A redirecting route answers with its Location (the prefix it matched replaced, the query
+    /// kept; a new scheme's well-known port left out) and its response header changes; a segment
+    /// prefix matches whole segments only.
+    #[test]
+    fn redirecting_routes_answer_with_their_location() {
+        let snapshot = snapshot(FILTERS);
+        let out = origin("out", None, 0);
+        let now = Instant::now();
+        match super::route(&snapshot, &out, &mut get("echo", "/old/page?x=1"), now).unwrap() {
+            Routing::Redirect { status, location, response_headers } => {
+                assert_eq!(status, StatusCode::MOVED_PERMANENTLY);
+                assert_eq!(location, "http://echo/new/page?x=1");
+                let mut headers = http::HeaderMap::new();
+                response_headers.iter().flatten().for_each(|m| m.apply(&mut headers));
+                assert_eq!(headers["x-moved"], "yes");
+            }
+            other => panic!("{other:?}"),
+        }
+        match super::route(&snapshot, &out, &mut get("echo:80", "/login"), now).unwrap() {
+            Routing::Redirect { status, location, .. } => {
+                assert_eq!(status, StatusCode::FOUND);
+                assert_eq!(location, "https://example.org/login");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(&*route(&snapshot, &out, &mut get("echo", "/older"), now).unwrap().cluster.name, "v2");
+    }
+
+    /// A forwarded request carries the route's header changes, then its backend's, and the
+    /// route's rewrite; the response's changes (the route's, then the backend's) go with it.
+    #[test]
+    fn forwarded_requests_carry_the_route_and_backend_changes() {
+        let snapshot = snapshot(FILTERS);
+        let now = Instant::now();
+        let mut request = get("echo", "/api/users?id=7");
+        request.headers_mut().insert("x-set", "caller".parse().unwrap());
+        request.headers_mut().insert("x-add", "caller".parse().unwrap());
+        request.headers_mut().insert("x-gone", "caller".parse().unwrap());
+        let routed = route(&snapshot, &origin("out", None, 0), &mut request, now).unwrap();
+        assert_eq!(&*routed.cluster.name, "v1");
+        assert_eq!(request.uri(), "/users?id=7");
+        let headers = request.headers();
+        assert_eq!(headers["host"], "api.internal");
+        assert_eq!(headers["x-set"], "route");
+        assert_eq!(headers.get_all("x-add").iter().collect::<Vec<_>>(), ["caller", "route"]);
+        assert!(headers.get("x-gone").is_none());
+        assert_eq!(headers["x-backend"], "v1");
+        let mut response = http::HeaderMap::new();
+        routed.response_headers.iter().flatten().for_each(|m| m.apply(&mut response));
+        assert_eq!(response["x-route"], "1");
+        assert_eq!(response["x-from"], "v1");
     }
 
     const MESH: &str = r#"

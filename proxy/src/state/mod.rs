@@ -15,6 +15,7 @@
 pub mod authz;
 pub mod cluster;
 pub mod compose;
+pub mod filters;
 pub mod route_metrics;
 pub mod routes;
 

@@ -18,6 +18,7 @@ use remora_control_api::v1;
 use remora_control_api::validate::Destination;
 
 use super::Direction;
+use super::filters::{BackendFilters, RouteFilters, trim_slash};
 use super::route_metrics::{RouteMetrics, RouteStats};
 use crate::balance::WeightedChoice;
 use crate::policy::RoutePolicy;
@@ -29,6 +30,8 @@ enum PathMatcher {
     Any,
     Exact(String),
     Prefix(String),
+    /// Whole segments, the prefix without a trailing `/` (`/` itself matches everything).
+    SegmentPrefix(String),
     Regex(Regex),
 }
 
@@ -72,6 +75,10 @@ impl RouteMatcher {
             PathMatcher::Any => true,
             PathMatcher::Exact(exact) => path == exact,
             PathMatcher::Prefix(prefix) => path.starts_with(prefix.as_str()),
+            PathMatcher::SegmentPrefix(prefix) => {
+                prefix == "/"
+                    || path.strip_prefix(prefix.as_str()).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            }
             PathMatcher::Regex(re) => re.is_match(path),
         };
         if !path_ok {
@@ -107,6 +114,8 @@ pub struct Route {
     backends: WeightedChoice<Backend>,
     /// Timeout, faults, rate limit; `None` for a route that asks for none of them.
     pub policy: Option<Arc<RoutePolicy>>,
+    /// Header changes, redirect, rewrite; `None` for a route that asks for none of them.
+    pub filters: Option<Box<RouteFilters>>,
 }
 
 /// One of a route's clusters, with the route's counters for it.
@@ -116,6 +125,8 @@ pub struct Backend {
     pub cluster: Arc<Cluster>,
     /// Requests this route sent it, by direction (`route_requests` and friends).
     pub stats: RouteStats,
+    /// Its own header changes, after the route's.
+    pub filters: Option<Box<BackendFilters>>,
 }
 
 impl Route {
@@ -175,8 +186,11 @@ impl RouteTable {
             for (j, backend) in route.backends.iter().enumerate() {
                 let cluster = find(format!("routes[{i}].backends[{j}].cluster"), &backend.cluster)?;
                 let stats = metrics.route(&label, &backend.cluster, cluster.service.as_ref());
-                backends.push((Backend { cluster, stats }, backend.weight.unwrap_or(1)));
+                let filters = BackendFilters::compile(backend)
+                    .map_err(|invalid| invalid.within(&format!("routes[{i}].backends[{j}]")))?;
+                backends.push((Backend { cluster, stats, filters }, backend.weight.unwrap_or(1)));
             }
+            let filters = RouteFilters::compile(route).map_err(|invalid| invalid.within(&format!("routes[{i}]")))?;
             let policy = RoutePolicy::compile(route, cluster)
                 .map_err(|invalid| invalid.within(&format!("routes[{i}]")))?
                 .map(Arc::new);
@@ -185,6 +199,7 @@ impl RouteTable {
                 matcher,
                 backends: WeightedChoice::new(backends),
                 policy,
+                filters,
             });
         }
         let tcp_cluster = match table.tcp_cluster.as_str() {
@@ -213,6 +228,7 @@ fn compile_match(matcher: Option<&v1::RouteMatch>) -> Result<RouteMatcher, Inval
         None => PathMatcher::Any,
         Some(P::Exact(exact)) => PathMatcher::Exact(exact.clone()),
         Some(P::Prefix(prefix)) => PathMatcher::Prefix(prefix.clone()),
+        Some(P::SegmentPrefix(prefix)) => PathMatcher::SegmentPrefix(trim_slash(prefix).to_owned()),
         Some(P::Regex(pattern)) => PathMatcher::Regex(regex("path.regex".into(), pattern)?),
     };
     let method = match matcher.method.as_str() {
