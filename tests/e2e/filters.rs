@@ -13,7 +13,7 @@ use crate::{cluster, listener};
 /// An upstream that answers as `name` with what it received: its path and query in `x-seen-uri`,
 /// its Host (or `:authority`) in `x-seen-host`, and every header as a `name: value` line of the
 /// body.
-async fn mirror_server(name: &'static str) -> HttpServer {
+pub(crate) async fn mirror_server(name: &'static str) -> HttpServer {
     let handler: Handler = Arc::new(move |request| {
         Box::pin(async move {
             let uri = request.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();

@@ -195,15 +195,25 @@ async fn the_cluster_is_listed_then_watched_through_bookmarks_ended_watches_and_
 
 /// The same manifests, from the directory or from the API server (`--kubernetes-mesh`), give a
 /// proxy of namespace `shop` the same resources, byte for byte (the same versions), short names
-/// included; a proxy of another namespace gets neither namespace's own resources.
+/// and a producer HTTPRoute included; a proxy of another namespace gets neither namespace's own
+/// resources, and a consumer route's namespace its own table.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_server_and_the_directory_make_the_same_views() {
+    let route = |namespace: &str, name: &str, header: &str| {
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+               "metadata": {"namespace": namespace, "name": name},
+               "spec": {"parentRefs": [{"kind": "Service", "namespace": "shop", "name": "web"}],
+                        "rules": [{"matches": [{"headers": [{"name": header, "value": "1"}]}],
+                                   "backendRefs": [{"name": "web", "namespace": "shop", "port": 80}]}]}})
+    };
     let objects = [
         namespace("shop"),
         service("web", "10.96.0.10"),
         meshed_pod("web-a", "web"),
         endpoint_slice_of("web-a", 8080, json!({"ready": true}), pod_ref("web-a")),
         pod("db-0", "db"),
+        route("shop", "producer", "x-producer"),
+        route("ops", "consumer", "x-consumer"),
     ];
     let manifests: Vec<String> = objects.iter().map(|o| serde_yaml_ng::to_string(o).unwrap()).collect();
     let from_directory = TestControlPlane::start(&[("cluster.yaml", &manifests.join("---\n"))]);
@@ -237,6 +247,9 @@ async fn the_api_server_and_the_directory_make_the_same_views() {
         view.iter().find(|(k, _)| k.ends_with("RouteTable shop/web:80")).map(|(_, v)| v.clone())
     };
     assert_ne!(table(&elsewhere), table(&shop), "another namespace gets the shared table, without the short name");
+    let quiet = view(from_api.url(), "quiet-0.other").await;
+    assert_eq!(view(from_directory.url(), "quiet-0.other").await, quiet);
+    assert_ne!(table(&elsewhere), table(&quiet), "a consumer route is its own namespace's");
     let _ = std::fs::remove_dir_all(directory);
 }
 

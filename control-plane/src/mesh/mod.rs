@@ -27,6 +27,10 @@
 //!   both accepted, counted apart), and strict in the view of a namespace or pod annotated
 //!   `remora.dev/inbound: strict`.
 //!
+//! Gateway API `HTTPRoute`s whose parent is a Service (GAMMA) make that Service port's routes
+//! instead of its one plain route: the producer's for every caller, a consumer namespace's for its
+//! own callers (see `gateway`).
+//!
 //! Remora's own resources refine the automatic ones, and the rule is simple: a `Cluster` whose
 //! `kubernetes_service` names a Service port replaces that port's automatic cluster (its balancer,
 //! breakers, outlier detection, timeouts are the operator's; its endpoints still come from the
@@ -35,8 +39,10 @@
 //! it on every port). What a user writes always wins
 //! over what the mesh would make, whole, so that which setting applies never needs a merge rule.
 
+mod gateway;
 mod objects;
 mod translate;
 
+pub use gateway::{GROUP, HttpRoute, ParentRef};
 pub use objects::{Changes, Namespace, ObjectKind, Objects, Pod, Service, ServicePort};
 pub use translate::{INBOUND_LISTENER, INBOUND_POLICY, Made, Mesh, Remade, Settings, resources};

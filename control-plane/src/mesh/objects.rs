@@ -13,6 +13,9 @@ use std::net::IpAddr;
 
 use serde_json::Value;
 
+use tracing::warn;
+
+use super::gateway::{GROUP, HttpRoute};
 use crate::inject::PROXY_CONTAINER;
 use crate::sources::endpoint_slices::{PodRef, Slices, is_name, pod_account, tcp_ports};
 
@@ -69,11 +72,14 @@ pub enum ObjectKind {
     Pod,
     /// `v1` Namespace.
     Namespace,
+    /// `gateway.networking.k8s.io/v1` HTTPRoute.
+    HttpRoute,
 }
 
 impl ObjectKind {
-    /// Every kind.
-    pub const ALL: [ObjectKind; 4] =
+    /// The kinds the mesh needs listed before it is made: every kind but the Gateway API's,
+    /// whose CRDs a cluster may not have.
+    pub const REQUIRED: [ObjectKind; 4] =
         [ObjectKind::Service, ObjectKind::EndpointSlice, ObjectKind::Pod, ObjectKind::Namespace];
 
     /// The kind of a Kubernetes object (as JSON), if the mesh reads it.
@@ -83,6 +89,9 @@ impl ObjectKind {
             ("discovery.k8s.io/v1", "EndpointSlice") => Some(ObjectKind::EndpointSlice),
             ("v1", "Pod") => Some(ObjectKind::Pod),
             ("v1", "Namespace") => Some(ObjectKind::Namespace),
+            (version, "HTTPRoute") if version.strip_prefix(GROUP).is_some_and(|v| v == "/v1" || v == "/v1beta1") => {
+                Some(ObjectKind::HttpRoute)
+            }
             _ => None,
         }
     }
@@ -106,6 +115,10 @@ pub struct Objects {
     pub slices: Slices,
     /// Namespaces by name.
     pub namespaces: BTreeMap<String, Namespace>,
+    /// HTTPRoutes by `(namespace, name)`.
+    pub routes: BTreeMap<(String, String), HttpRoute>,
+    /// The keys of the routes attached to each Service, by `(namespace, name)`.
+    attached: BTreeMap<(String, String), BTreeSet<(String, String)>>,
     /// What changed since [`Objects::take_changes`] last took it.
     changes: Changes,
 }
@@ -150,6 +163,7 @@ impl Objects {
                     let changed = self.services.get(&key) != Some(&service);
                     if changed {
                         self.services.insert(key.clone(), service);
+                        self.backend_changed(&key);
                         self.changes.services.insert(key);
                     }
                     changed
@@ -175,8 +189,69 @@ impl Objects {
                 }
                 None => false,
             },
+            Some(ObjectKind::HttpRoute) => match HttpRoute::read(object) {
+                Some(route) => {
+                    let key = (route.namespace.clone(), route.name.clone());
+                    if self.routes.get(&key) == Some(&route) {
+                        return false;
+                    }
+                    if let Err(problem) = &route.rules {
+                        warn!(route = %format!("{}/{}", key.0, key.1), %problem, "HTTPRoute not applied");
+                    }
+                    if let Some(old) = self.routes.remove(&key) {
+                        self.route_changed(&old);
+                        self.index(&old, false);
+                    }
+                    self.route_changed(&route);
+                    self.index(&route, true);
+                    self.routes.insert(key, route);
+                    true
+                }
+                None => false,
+            },
             None => false,
         }
+    }
+
+    /// Adds `route` to (or takes it from) the index of each Service it attaches to.
+    fn index(&mut self, route: &HttpRoute, add: bool) {
+        let key = (route.namespace.clone(), route.name.clone());
+        for parent in &route.parents {
+            let service = (parent.namespace.clone(), parent.name.clone());
+            if add {
+                self.attached.entry(service).or_default().insert(key.clone());
+            } else if let Some(routes) = self.attached.get_mut(&service) {
+                routes.remove(&key);
+                if routes.is_empty() {
+                    self.attached.remove(&service);
+                }
+            }
+        }
+    }
+
+    /// The HTTPRoutes attached to Service `namespace/name` (to any of its ports).
+    pub fn routes_of(&self, namespace: &str, name: &str) -> impl Iterator<Item = &HttpRoute> {
+        let key = (namespace.to_owned(), name.to_owned());
+        self.attached.get(&key).into_iter().flatten().filter_map(|route| self.routes.get(route))
+    }
+
+    /// Notes that the Services `route` attaches to must be made again.
+    fn route_changed(&mut self, route: &HttpRoute) {
+        for parent in &route.parents {
+            self.changes.services.insert((parent.namespace.clone(), parent.name.clone()));
+        }
+    }
+
+    /// Notes that the Services whose routes send to Service `key` must be made again (it came,
+    /// went or changed its ports).
+    fn backend_changed(&mut self, key: &(String, String)) {
+        let parents: Vec<(String, String)> = self
+            .routes
+            .values()
+            .filter(|route| route.backend_services().any(|(ns, name)| ns == key.0 && name == key.1))
+            .flat_map(|route| route.parents.iter().map(|p| (p.namespace.clone(), p.name.clone())))
+            .collect();
+        self.changes.services.extend(parents);
     }
 
     /// Removes the object `object` names; whether it was there.
@@ -189,6 +264,7 @@ impl Objects {
                 let key = (namespace.to_owned(), name.to_owned());
                 let removed = self.services.remove(&key).is_some();
                 if removed {
+                    self.backend_changed(&key);
                     self.changes.services.insert(key);
                 }
                 removed
@@ -204,6 +280,14 @@ impl Objects {
                 removed
             }
             Some(ObjectKind::Namespace) => self.namespaces.remove(name).is_some(),
+            Some(ObjectKind::HttpRoute) => match self.routes.remove(&(namespace.to_owned(), name.to_owned())) {
+                Some(route) => {
+                    self.route_changed(&route);
+                    self.index(&route, false);
+                    true
+                }
+                None => false,
+            },
             None => false,
         }
     }
@@ -219,6 +303,10 @@ impl Objects {
                 self.slices.clear_accounts();
             }
             ObjectKind::Namespace => self.namespaces.clear(),
+            ObjectKind::HttpRoute => {
+                self.routes.clear();
+                self.attached.clear();
+            }
         }
     }
 
@@ -233,6 +321,12 @@ impl Objects {
         }
         for (name, namespace) in &other.namespaces {
             self.namespaces.entry(name.clone()).or_insert_with(|| namespace.clone());
+        }
+        for (key, route) in &other.routes {
+            if !self.routes.contains_key(key) {
+                self.index(route, true);
+                self.routes.insert(key.clone(), route.clone());
+            }
         }
         self.slices.extend(&other.slices);
     }

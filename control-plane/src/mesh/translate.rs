@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use remora_control_api::validate::Destination;
 use remora_control_api::{Resource, v1};
 
+use super::gateway;
 use super::objects::{Changes, Objects, Service, ServicePort};
 use crate::inject::INBOUND_ANNOTATION;
 
@@ -167,6 +168,12 @@ impl<'a> Written<'a> {
         Written { resources, clusters, claimed }
     }
 
+    /// The cluster requests for `port` of `service` go to: the operator's that names the port, the
+    /// operator's of the automatic cluster's name, or the automatic one.
+    fn backend_for(&self, service: &Service, port: &ServicePort) -> String {
+        self.cluster_for(service, port).map_or_else(|| cluster_name(service, port), str::to_owned)
+    }
+
     /// The name of the operator's cluster for `port` of `service`, if one names it (by port name
     /// or number).
     fn cluster_for(&self, service: &Service, port: &ServicePort) -> Option<&'a str> {
@@ -193,19 +200,31 @@ fn service_resources(objects: &Objects, service: &Service, written: &Written<'_>
     let mut made = Made::default();
     for port in &service.ports {
         let name = cluster_name(service, port);
-        let backend = match written.cluster_for(service, port) {
-            Some(cluster) => cluster.to_owned(),
-            None if written.clusters.contains(name.as_str()) => name.clone(),
-            None => {
-                made.shared.extend(cluster(objects, service, port, &name));
-                name.clone()
-            }
-        };
-        let table = route_table(objects, service, port, &name, &backend, settings);
+        let backend = written.backend_for(service, port);
+        if backend == name && !written.clusters.contains(name.as_str()) {
+            made.shared.extend(cluster(objects, service, port, &name));
+        }
+        let mut table = route_table(objects, service, port, &name, &backend, settings);
         let taken =
             table.destinations.iter().filter_map(|d| Destination::parse(d).ok()).any(|d| claims(&written.claimed, &d));
         if taken || table.destinations.is_empty() {
             continue;
+        }
+        // Gateway API routes attached to the port are its routes: the producer's for every caller,
+        // a consumer namespace's for its own callers.
+        let resolve = |namespace: &str, name: &str, number: u16| {
+            let service = objects.services.get(&(namespace.to_owned(), name.to_owned()))?;
+            let port = service.ports.iter().find(|p| p.port == number)?;
+            Some(written.backend_for(service, port))
+        };
+        let routes = objects.routes_of(&service.namespace, &service.name);
+        let attached = gateway::attached(routes, (&service.namespace, &service.name, port.port), &backend, &resolve);
+        if let Some(routes) = attached.producer {
+            table.routes = routes;
+        }
+        for (consumer, routes) in attached.consumers {
+            let own = v1::RouteTable { routes, ..table.clone() };
+            made.scoped.entry(consumer).or_default().push(Resource::RouteTable(own));
         }
         let short = format!("{}:{}", service.name, port.port);
         if Destination::parse(&short).is_ok_and(|d| !claims(&written.claimed, &d)) {

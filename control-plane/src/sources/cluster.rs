@@ -33,9 +33,9 @@ use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
 use serde_json::Value;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use crate::mesh::{ObjectKind, Objects};
+use crate::mesh::{GROUP, ObjectKind, Objects};
 
 /// The cluster's objects as [`follow`] keeps them: it changes them in place (no copy of 20,000
 /// pods per endpoint change), its readers lock to read.
@@ -67,6 +67,7 @@ pub async fn follow(client: Client, trust_domain: String, mut on_update: impl Fn
         watch(&client, ObjectKind::EndpointSlice, ("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices")),
         watch(&client, ObjectKind::Pod, ("", "v1", "Pod", "pods")),
         watch(&client, ObjectKind::Namespace, ("", "v1", "Namespace", "namespaces")),
+        watch(&client, ObjectKind::HttpRoute, (GROUP, "v1", "HTTPRoute", "httproutes")),
     ]);
     let mut following = Following::new(&trust_domain);
     while let Some(first) = events.next().await {
@@ -131,12 +132,14 @@ struct Following {
     listed: HashSet<ObjectKind>,
     /// Whether something changed since the last hand-on.
     dirty: bool,
+    /// Whether following an optional kind has failed yet (said once).
+    optional_failed: bool,
 }
 
 impl Following {
     fn new(trust_domain: &str) -> Following {
         let objects = Arc::new(Mutex::new(Objects::new(trust_domain)));
-        Following { objects, listing: HashMap::new(), listed: HashSet::new(), dirty: false }
+        Following { objects, listing: HashMap::new(), listed: HashSet::new(), dirty: false, optional_failed: false }
     }
 
     fn take(&mut self, (kind, event): Item, on_update: &mut impl FnMut(Update)) {
@@ -152,7 +155,7 @@ impl Following {
                 for object in &listed {
                     objects.apply(object);
                 }
-                if self.listed.insert(kind) && self.listed.len() == ObjectKind::ALL.len() {
+                if self.listed.insert(kind) && ObjectKind::REQUIRED.iter().all(|k| self.listed.contains(k)) {
                     info!(
                         services = objects.services.len(),
                         endpoint_slices = objects.slices.len(),
@@ -171,6 +174,14 @@ impl Following {
                 let changed = lock(&self.objects).delete(&object);
                 self.dirty |= changed;
             }
+            Err(error) if !ObjectKind::REQUIRED.contains(&kind) => {
+                // Gateway API's CRDs may not be installed: said once, then retried quietly.
+                if std::mem::replace(&mut self.optional_failed, true) {
+                    debug!(kind = ?kind, %error, "listing an optional kind failed again; retrying");
+                } else {
+                    info!(kind = ?kind, %error, "cannot follow this kind (are the Gateway API CRDs installed?); retrying, the mesh is made without it meanwhile");
+                }
+            }
             Err(error) => {
                 warn!(kind = ?kind, %error, "watching the API server failed; retrying, the objects last seen keep serving");
                 on_update(Update::Failed(format!("{kind:?}: {error}")));
@@ -180,7 +191,7 @@ impl Following {
 
     /// The objects, if they changed and every kind has been listed.
     fn changed(&mut self) -> Option<SharedObjects> {
-        if !self.dirty || self.listed.len() < ObjectKind::ALL.len() {
+        if !self.dirty || !ObjectKind::REQUIRED.iter().all(|k| self.listed.contains(k)) {
             return None;
         }
         self.dirty = false;

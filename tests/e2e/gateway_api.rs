@@ -1,0 +1,167 @@
+//! Gateway API routes for the mesh (GAMMA) from the control plane's directory: HTTPRoutes whose
+//! parent is a Service, beside the Services' manifests. Calling sidecars follow a producer route
+//! (matches, filters, redirects, weights, 404 for what no rule matches), a consumer route changes
+//! only its own namespace's calls, an edited route is followed, and a route that cannot be applied
+//! leaves the Service to its plain route while the rest of the mesh keeps serving.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use remora_control_plane::testing::TestControlPlane;
+use remora_proxy::testing::{Client, HttpServer, TestProxy, eventually};
+
+use crate::filters::mirror_server;
+
+/// The Services `echo` (both versions), `echo-v1` and `echo-v2` of namespace `mesh`, their pods
+/// (no sidecars: plaintext) and slices, as `kubectl get -o yaml` shows them.
+fn services(v1: &HttpServer, v2: &HttpServer) -> String {
+    let service = |name: &str, ip: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{namespace: mesh, name: {name}}}\nspec: {{clusterIP: {ip}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n"
+        )
+    };
+    let slice = |service: &str, pod: &str, server: &HttpServer| {
+        let address = server.address();
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{namespace: mesh, name: {service}-{pod}, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: IPv4\nports: [{{name: http, port: {}}}]\nendpoints: [{{addresses: [\"{}\"], conditions: {{ready: true}}, targetRef: {{kind: Pod, namespace: mesh, name: {pod}, uid: uid-{pod}}}}}]\n",
+            address.port(),
+            address.ip()
+        )
+    };
+    let pod = |name: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{namespace: mesh, name: {name}, uid: uid-{name}}}\nspec: {{containers: [{{name: app}}]}}\n"
+        )
+    };
+    [
+        service("echo", "10.96.0.30"),
+        service("echo-v1", "10.96.0.31"),
+        service("echo-v2", "10.96.0.32"),
+        pod("v1"),
+        pod("v2"),
+        slice("echo", "v1", v1),
+        slice("echo", "v2", v2),
+        slice("echo-v1", "v1", v1),
+        slice("echo-v2", "v2", v2),
+    ]
+    .join("---\n")
+}
+
+/// The producer route on `echo` port 80, its last rule splitting `weights` between the versions.
+fn producer(weights: (u32, u32)) -> String {
+    format!(
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{namespace: mesh, name: echo-routes}}
+spec:
+  parentRefs: [{{group: "", kind: Service, name: echo, port: 80}}]
+  rules:
+    - matches: [{{headers: [{{name: version, value: two}}]}}]
+      backendRefs: [{{name: echo-v2, port: 80}}]
+    - matches: [{{path: {{type: PathPrefix, value: /v1}}}}]
+      filters:
+        - type: RequestHeaderModifier
+          requestHeaderModifier: {{set: [{{name: x-route, value: v1}}]}}
+        - type: URLRewrite
+          urlRewrite: {{path: {{type: ReplacePrefixMatch, replacePrefixMatch: /}}}}
+      backendRefs: [{{name: echo-v1, port: 80}}]
+    - matches: [{{path: {{type: Exact, value: /old}}}}]
+      filters: [{{type: RequestRedirect, requestRedirect: {{hostname: example.org, statusCode: 301}}}}]
+    - matches: [{{path: {{type: PathPrefix, value: /split}}}}]
+      backendRefs: [{{name: echo-v1, port: 80, weight: {}}}, {{name: echo-v2, port: 80, weight: {}}}]
+"#,
+        weights.0, weights.1
+    )
+}
+
+/// A consumer route of namespace `client` on `echo-v1`: its callers get a response header.
+const CONSUMER: &str = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {namespace: client, name: mine}
+spec:
+  parentRefs: [{kind: Service, namespace: mesh, name: echo-v1}]
+  rules:
+    - filters: [{type: ResponseHeaderModifier, responseHeaderModifier: {set: [{name: x-consumer, value: "yes"}]}}]
+      backendRefs: [{name: echo-v1, namespace: mesh, port: 80}]
+"#;
+
+/// A calling sidecar on `plane` as node `node` (`POD.NAMESPACE`): an outbound listener alone.
+fn caller(plane: &TestControlPlane, node: &str) -> TestProxy {
+    let yaml = format!(
+        "bootstrap:\n  admin_address: 127.0.0.1:0\n  workers: 1\n---\nresources:\n{}  - {{kind: Cluster, name: passthrough, original_destination: true}}\n",
+        crate::listener("out", ", default_cluster: passthrough"),
+    );
+    TestProxy::start_controlled(&yaml, &plane.url(), node)
+}
+
+/// Which version answered `n` GETs of `path` on `host`, by count.
+async fn served(proxy: &TestProxy, host: &str, path: &str, n: usize) -> BTreeMap<String, usize> {
+    let mut client = Client::http1(proxy.address("out")).await;
+    let mut served = BTreeMap::new();
+    for _ in 0..n {
+        let reply = client.get(host, path).await;
+        *served.entry(format!("{} {}", reply.status.as_u16(), reply.header("x-served-by"))).or_insert(0) += 1;
+    }
+    served
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_follow_the_http_routes_of_the_services_they_call() {
+    let (v1, v2) = (mirror_server("v1").await, mirror_server("v2").await);
+    let plane = TestControlPlane::start(&[
+        ("services.yaml", &services(&v1, &v2)),
+        ("routes.yaml", &producer((1, 0))),
+        ("consumer.yaml", CONSUMER),
+    ]);
+    let mesh = caller(&plane, "app-0.mesh");
+    let client = caller(&plane, "app-0.client");
+    mesh.wait_ready().await;
+    client.wait_ready().await;
+
+    // Matches: a header, a path prefix (rewritten, a header set), an exact path (redirected).
+    let mut http = Client::http1(mesh.address("out")).await;
+    let request = http
+        .request(http::Method::GET, "echo.mesh", "/anything")
+        .header("version", "two")
+        .body(remora_proxy::testing::servers::full(""))
+        .unwrap();
+    let reply = remora_proxy::testing::client::read(http.send(request).await.unwrap()).await;
+    assert_eq!((reply.status.as_u16(), reply.header("x-served-by")), (200, "v2"));
+    let reply = http.get("echo.mesh", "/v1/users?id=1").await;
+    assert_eq!((reply.status.as_u16(), reply.header("x-served-by")), (200, "v1"));
+    assert_eq!(reply.header("x-seen-uri"), "/users?id=1");
+    assert!(reply.text().contains("x-route: v1\n"), "{}", reply.text());
+    let reply = http.get("echo", "/old").await;
+    assert_eq!(reply.status, 301);
+    assert_eq!(reply.header("location"), "http://example.org/old");
+    // No rule matches: 404, not the Service.
+    assert_eq!(http.get("echo.mesh.svc.cluster.local", "/nothing").await.status, 404);
+    // A Service without routes keeps its plain route.
+    assert_eq!(http.get("echo-v2.mesh", "/nothing").await.header("x-served-by"), "v2");
+
+    // The consumer route: its namespace's callers only.
+    let from_client = Client::http1(client.address("out")).await.get("echo-v1.mesh", "/").await;
+    assert_eq!((from_client.status.as_u16(), from_client.header("x-consumer")), (200, "yes"));
+    let from_mesh = http.get("echo-v1.mesh", "/").await;
+    assert_eq!((from_mesh.status.as_u16(), from_mesh.header("x-consumer")), (200, ""));
+
+    // An edit is followed: the split moves to v2.
+    assert_eq!(served(&mesh, "echo.mesh", "/split", 4).await, BTreeMap::from([("200 v1".to_owned(), 4)]));
+    plane.write("routes.yaml", &producer((0, 1)));
+    eventually("the edited route is followed", Duration::from_secs(10), || async {
+        served(&mesh, "echo.mesh", "/split", 1).await.contains_key("200 v2")
+    })
+    .await;
+    assert_eq!(served(&mesh, "echo.mesh", "/split", 4).await, BTreeMap::from([("200 v2".to_owned(), 4)]));
+
+    // A route that cannot be applied (a filter Remora does not know) is applied nowhere: the
+    // Service goes back to its plain route, the consumer route keeps serving.
+    let odd = producer((0, 1)).replace("type: RequestHeaderModifier", "type: ExtensionRef");
+    plane.write("routes.yaml", &odd);
+    eventually("the unreadable route is dropped", Duration::from_secs(10), || async {
+        Client::http1(mesh.address("out")).await.get("echo.mesh", "/nothing").await.status == 200
+    })
+    .await;
+    let from_client = Client::http1(client.address("out")).await.get("echo-v1.mesh", "/").await;
+    assert_eq!(from_client.header("x-consumer"), "yes");
+}
