@@ -165,3 +165,53 @@ async fn callers_follow_the_http_routes_of_the_services_they_call() {
     let from_client = Client::http1(client.address("out")).await.get("echo-v1.mesh", "/").await;
     assert_eq!(from_client.header("x-consumer"), "yes");
 }
+
+/// A GRPCRoute on an h2c port: calls are routed by service and method (and headers), with the
+/// rule's header changes, to the weighted backends; a method no rule matches gets 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_follow_the_grpc_routes_of_the_services_they_call() {
+    let (v1, v2) = (mirror_server("v1").await, mirror_server("v2").await);
+    let h2c = services(&v1, &v2)
+        .replace(
+            "ports: [{name: http, port: 80, targetPort: 8080}]",
+            "ports: [{name: grpc, port: 7070, appProtocol: kubernetes.io/h2c}]",
+        )
+        .replace("[{name: http, port:", "[{name: grpc, port:");
+    let route = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {namespace: mesh, name: echo-grpc}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo, port: 7070}]
+  rules:
+    - matches: [{method: {service: echo.Echo, method: Get}}]
+      filters: [{type: RequestHeaderModifier, requestHeaderModifier: {add: [{name: x-header-add, value: add-appends-values}]}}]
+      backendRefs: [{name: echo-v1, port: 7070}]
+    - matches: [{method: {service: echo.Echo}, headers: [{name: x-canary, value: "on"}]}]
+      backendRefs: [{name: echo-v1, port: 7070, weight: 0}, {name: echo-v2, port: 7070, weight: 1}]
+"#;
+    let plane = TestControlPlane::start(&[("services.yaml", &h2c), ("routes.yaml", route)]);
+    let mesh = caller(&plane, "app-0.mesh");
+    mesh.wait_ready().await;
+    let mut client = Client::http2(mesh.address("out")).await;
+    let get = grpc_call(&mut client, "/echo.Echo/Get", false).await;
+    assert_eq!((get.status.as_u16(), get.header("x-served-by")), (200, "v1"));
+    assert!(get.text().contains("x-header-add: some-value\nx-header-add: add-appends-values\n"), "{}", get.text());
+    let canary = grpc_call(&mut client, "/echo.Echo/List", true).await;
+    assert_eq!((canary.status.as_u16(), canary.header("x-served-by")), (200, "v2"));
+    assert_eq!(grpc_call(&mut client, "/echo.Echo/List", false).await.status, 404, "no rule matches");
+    assert_eq!(grpc_call(&mut client, "/other.Service/Get", true).await.status, 404, "another service");
+}
+
+/// A unary gRPC call (an empty message) of `method` on `echo.mesh:7070`, with `x-header-add` set,
+/// and `x-canary: on` if `canary`.
+async fn grpc_call(client: &mut Client, method: &str, canary: bool) -> remora_proxy::testing::Reply {
+    let mut request = client
+        .request(http::Method::POST, "echo.mesh:7070", method)
+        .header("content-type", "application/grpc")
+        .header("x-header-add", "some-value");
+    if canary {
+        request = request.header("x-canary", "on");
+    }
+    let request = request.body(remora_proxy::testing::servers::full(&b"\0\0\0\0\0"[..])).unwrap();
+    remora_proxy::testing::client::read(client.send(request).await.unwrap()).await
+}

@@ -1,12 +1,17 @@
-//! Gateway API routes for the mesh (GAMMA): `HTTPRoute`s whose `parentRefs` name a Service, read
-//! from their JSON ([`HttpRoute::read`]) and made into the routes of that Service's route tables
-//! ([`attached`]).
+//! Gateway API routes for the mesh (GAMMA): `HTTPRoute`s and `GRPCRoute`s whose `parentRefs` name a
+//! Service, read from their JSON ([`Route::read`]) and made into the routes of that Service's route
+//! tables ([`attached`]).
 //!
 //! A route attaches to every TCP port of each Service it names, or to the one port its parentRef
 //! gives. A route in the Service's own namespace is a producer route: every caller follows it. A
 //! route in another namespace is a consumer route: only that namespace's callers follow it, and for
 //! them it takes the place of the producer's. Where routes attach to a port, they are its routes:
 //! a request none of their rules matches gets 404 (Gateway API's rule), not the Service.
+//!
+//! A GRPCRoute's method match becomes a path match: service and method, the exact path
+//! `/SERVICE/METHOD`; a service alone, the whole-segment prefix `/SERVICE`; a method alone, or a
+//! `RegularExpression` match, a regular expression over both segments. It takes the header filters
+//! and RequestMirror (GRPCRoute has no redirect or rewrite).
 //!
 //! Each match of each rule becomes one Remora route, ordered by Gateway API's precedence across
 //! every attached route: an exact path first, then a regular expression, then a path prefix, the
@@ -34,9 +39,30 @@ use remora_control_api::{Resource, v1};
 /// The API group of Gateway API.
 pub const GROUP: &str = "gateway.networking.k8s.io";
 
-/// An HTTPRoute, as the mesh needs it.
+/// The kinds of route read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RouteKind {
+    /// `HTTPRoute`.
+    Http,
+    /// `GRPCRoute`.
+    Grpc,
+}
+
+impl RouteKind {
+    /// The Kubernetes kind.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteKind::Http => "HTTPRoute",
+            RouteKind::Grpc => "GRPCRoute",
+        }
+    }
+}
+
+/// An HTTPRoute or a GRPCRoute, as the mesh needs it.
 #[derive(Clone, Debug, PartialEq)]
-pub struct HttpRoute {
+pub struct Route {
+    /// Which kind it is.
+    pub kind: RouteKind,
     /// Its namespace.
     pub namespace: String,
     /// Its name.
@@ -90,9 +116,9 @@ pub struct BackendRef {
     pub filters: v1::WeightedCluster,
 }
 
-impl HttpRoute {
-    /// Reads an HTTPRoute object; `None` when it has no name (nothing to refer to it by).
-    pub fn read(object: &Value) -> Option<HttpRoute> {
+impl Route {
+    /// Reads a route of `kind`; `None` when it has no name (nothing to refer to it by).
+    pub fn read(kind: RouteKind, object: &Value) -> Option<Route> {
         let metadata = &object["metadata"];
         let name = metadata["name"].as_str()?.to_owned();
         let namespace = metadata["namespace"].as_str().unwrap_or("default").to_owned();
@@ -113,9 +139,9 @@ impl HttpRoute {
             .collect();
         let rules = list(&spec["rules"])
             .enumerate()
-            .map(|(i, rule)| read_rule(i, rule, &namespace).and_then(|read| checked(i, read)))
+            .map(|(i, rule)| read_rule(kind, i, rule, &namespace).and_then(|read| checked(i, read)))
             .collect();
-        Some(HttpRoute { namespace, name, created, parents, rules })
+        Some(Route { kind, namespace, name, created, parents, rules })
     }
 
     /// Whether the route attaches to `port` of Service `namespace/name`.
@@ -138,9 +164,13 @@ fn list(value: &Value) -> impl Iterator<Item = &Value> {
     value.as_array().into_iter().flatten()
 }
 
-fn read_rule(index: usize, rule: &Value, namespace: &str) -> Result<Rule, String> {
+fn read_rule(kind: RouteKind, index: usize, rule: &Value, namespace: &str) -> Result<Rule, String> {
     let name = rule["name"].as_str().map_or_else(|| index.to_string(), str::to_owned);
     let at = format!("rules[{index}]");
+    let read_match = |spec: &Value| match kind {
+        RouteKind::Http => read_match(spec),
+        RouteKind::Grpc => read_grpc_match(spec),
+    };
     let mut matches = list(&rule["matches"])
         .enumerate()
         .map(|(j, m)| read_match(m).map_err(|e| format!("{at}.matches[{j}]: {e}")))
@@ -160,6 +190,9 @@ fn read_rule(index: usize, rule: &Value, namespace: &str) -> Result<Rule, String
             "ResponseHeaderModifier" => {
                 filters.response_headers =
                     Some(header_modifier(&filter["responseHeaderModifier"]).map_err(|e| format!("{at}: {e}"))?);
+            }
+            "RequestRedirect" | "URLRewrite" if kind == RouteKind::Grpc => {
+                return Err(format!("{at}: a GRPCRoute has no {} filter", filter["type"].as_str().unwrap_or_default()));
             }
             "RequestRedirect" => {
                 filters.redirect = Some(redirect(&filter["requestRedirect"]).map_err(|e| format!("{at}: {e}"))?)
@@ -258,6 +291,34 @@ fn checked(index: usize, rule: Rule) -> Result<Rule, String> {
             Err(problems.join("; "))
         }
     }
+}
+
+/// A GRPCRoute match: its method match as a path match (see the module documentation), its
+/// headers.
+fn read_grpc_match(spec: &Value) -> Result<v1::RouteMatch, String> {
+    use v1::path_match::Kind as P;
+    let method = &spec["method"];
+    let (service, name) =
+        (method["service"].as_str().unwrap_or_default(), method["method"].as_str().unwrap_or_default());
+    let path = match method["type"].as_str().unwrap_or("Exact") {
+        "Exact" => match (service, name) {
+            ("", "") => P::SegmentPrefix("/".to_owned()),
+            (service, "") => P::SegmentPrefix(format!("/{service}")),
+            ("", name) => P::Regex(format!("/[^/]+/{}", regex::escape(name))),
+            (service, name) => P::Exact(format!("/{service}/{name}")),
+        },
+        "RegularExpression" => {
+            let part = |p: &str| if p.is_empty() { "[^/]+".to_owned() } else { format!("(?:{p})") };
+            P::Regex(format!("/{}/{}", part(service), part(name)))
+        }
+        other => return Err(format!("method match type {other:?} is not supported")),
+    };
+    use v1::header_match::Kind as H;
+    let headers = value_matches(&spec["headers"], "header", H::Exact, H::Regex)?
+        .into_iter()
+        .map(|(name, kind)| v1::HeaderMatch { name, kind: Some(kind) })
+        .collect();
+    Ok(v1::RouteMatch { path: Some(v1::PathMatch { kind: Some(path) }), headers, ..Default::default() })
 }
 
 fn read_match(spec: &Value) -> Result<v1::RouteMatch, String> {
@@ -387,7 +448,7 @@ pub(super) struct Attached {
 /// Service or port; `own` is the attached port's own cluster (where a rule with no backend left is
 /// answered 500).
 pub(super) fn attached<'a>(
-    routes: impl Iterator<Item = &'a HttpRoute>,
+    routes: impl Iterator<Item = &'a Route>,
     (namespace, name, port): (&str, &str, u16),
     own: &str,
     cluster: &dyn Fn(&str, &str, u16) -> Option<String>,
@@ -419,7 +480,7 @@ type Precedence<'a> =
 
 /// The Remora routes of one HTTPRoute's rules, each with its precedence.
 fn made_routes<'a>(
-    route: &'a HttpRoute,
+    route: &'a Route,
     rules: &'a [Rule],
     own: &str,
     cluster: &dyn Fn(&str, &str, u16) -> Option<String>,
@@ -623,7 +684,13 @@ mod tests {
             }),
         );
         let objects = objects(&[consumer, missing, unsupported]);
-        assert!(objects.routes[&("mesh".into(), "odd".into())].rules.as_ref().unwrap_err().contains("ExtensionRef"));
+        assert!(
+            objects.routes[&("mesh".into(), RouteKind::Http, "odd".into())]
+                .rules
+                .as_ref()
+                .unwrap_err()
+                .contains("ExtensionRef")
+        );
         let made = resources(&objects, &[], &Settings::default());
         let shared = table(&made.shared, "mesh/echo-v1:80");
         assert!(shared.routes[0].response_headers.is_none(), "callers elsewhere are not changed");
@@ -653,7 +720,7 @@ mod tests {
                 ]
             }),
         );
-        let read = HttpRoute::read(&bad).unwrap();
+        let read = Route::read(RouteKind::Http, &bad).unwrap();
         let problem = read.rules.unwrap_err();
         assert!(problem.starts_with("rules[1].match.path.regex:"), "{problem}");
         let exact_with_prefix = route(
@@ -667,7 +734,9 @@ mod tests {
                            "backendRefs": [{"name": "echo", "port": 80}]}]
             }),
         );
-        assert!(HttpRoute::read(&exact_with_prefix).unwrap().rules.unwrap_err().contains("ReplacePrefixMatch"));
+        assert!(
+            Route::read(RouteKind::Http, &exact_with_prefix).unwrap().rules.unwrap_err().contains("ReplacePrefixMatch")
+        );
     }
 
     /// Routes coming, changing and going, and a backend Service appearing after the route that
@@ -709,5 +778,54 @@ mod tests {
         objects.delete(&to_later(5));
         check(&mut objects);
         assert!(objects.routes.is_empty());
+    }
+
+    /// A GRPCRoute's method matches become path matches (service and method exact, a service's
+    /// every method, a method of any service, regular expressions) beside its header matches; a
+    /// backend that does not exist with weight 0 is left out; an HTTPRoute of the same name is
+    /// another route.
+    #[test]
+    fn grpc_routes_match_services_and_methods() {
+        let grpc = json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GRPCRoute",
+            "metadata": {"namespace": "mesh", "name": "r"},
+            "spec": {"parentRefs": [{"kind": "Service", "name": "echo", "port": 8080}],
+                     "rules": [
+                        {"matches": [{"method": {"service": "echo.Echo", "method": "Get"}},
+                                     {"method": {"service": "echo.Echo"}, "headers": [{"name": "x-test-case", "value": "set"}]},
+                                     {"method": {"method": "Put"}},
+                                     {"method": {"type": "RegularExpression", "service": "echo\\..*", "method": "L.*"}}],
+                         "filters": [{"type": "RequestHeaderModifier", "requestHeaderModifier": {"set": [{"name": "x-header-set", "value": "v"}]}}],
+                         "backendRefs": [{"name": "echo-v1", "port": 8080, "weight": 70}, {"name": "echo-v2", "port": 8080, "weight": 30},
+                                         {"name": "echo-v3", "port": 8080, "weight": 0}]}]}});
+        let http = route(
+            "mesh",
+            "r",
+            "",
+            json!({"parentRefs": [{"kind": "Service", "name": "echo", "port": 80}],
+                                                  "rules": [{"backendRefs": [{"name": "echo-v1", "port": 80}]}]}),
+        );
+        let objects = objects(&[grpc, http]);
+        assert_eq!(objects.routes.len(), 2);
+        let made = resources(&objects, &[], &Settings::default()).shared;
+        let echo = table(&made, "mesh/echo:8080");
+        assert_eq!(
+            names(echo).into_iter().map(|(_, path)| path).collect::<Vec<_>>(),
+            [
+                r#"Some(Exact("/echo.Echo/Get"))"#,
+                r#"Some(Regex("/(?:echo\\..*)/(?:L.*)"))"#,
+                r#"Some(Regex("/[^/]+/Put"))"#,
+                r#"Some(SegmentPrefix("/echo.Echo"))"#,
+            ]
+        );
+        let backends: Vec<(&str, Option<u32>)> =
+            echo.routes[0].backends.iter().map(|b| (b.cluster.as_str(), b.weight)).collect();
+        assert_eq!(backends, [("mesh/echo-v1:8080", Some(70)), ("mesh/echo-v2:8080", Some(30))]);
+        assert_eq!(echo.routes[3].r#match.as_ref().unwrap().headers[0].name, "x-test-case");
+        assert_eq!(table(&made, "mesh/echo:80").routes[0].backends[0].cluster, "mesh/echo-v1:80");
+        remora_control_api::validate::validate(&made).unwrap();
+        let redirecting = json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GRPCRoute",
+            "metadata": {"namespace": "mesh", "name": "bad"},
+            "spec": {"rules": [{"filters": [{"type": "RequestRedirect", "requestRedirect": {"hostname": "x"}}]}]}});
+        assert!(Route::read(RouteKind::Grpc, &redirecting).unwrap().rules.unwrap_err().contains("no RequestRedirect"));
     }
 }

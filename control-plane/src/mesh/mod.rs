@@ -43,6 +43,6 @@ mod gateway;
 mod objects;
 mod translate;
 
-pub use gateway::{GROUP, HttpRoute, ParentRef};
-pub use objects::{Changes, Namespace, ObjectKind, Objects, Pod, Service, ServicePort};
+pub use gateway::{GROUP, ParentRef, Route, RouteKind};
+pub use objects::{Changes, Namespace, ObjectKind, Objects, Pod, RouteKey, Service, ServicePort};
 pub use translate::{INBOUND_LISTENER, INBOUND_POLICY, Made, Mesh, Remade, Settings, resources};

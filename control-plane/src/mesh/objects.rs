@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use tracing::warn;
 
-use super::gateway::{GROUP, HttpRoute};
+use super::gateway::{GROUP, Route, RouteKind};
 use crate::inject::PROXY_CONTAINER;
 use crate::sources::endpoint_slices::{PodRef, Slices, is_name, pod_account, tcp_ports};
 
@@ -74,6 +74,8 @@ pub enum ObjectKind {
     Namespace,
     /// `gateway.networking.k8s.io/v1` HTTPRoute.
     HttpRoute,
+    /// `gateway.networking.k8s.io/v1` GRPCRoute.
+    GrpcRoute,
 }
 
 impl ObjectKind {
@@ -91,6 +93,9 @@ impl ObjectKind {
             ("v1", "Namespace") => Some(ObjectKind::Namespace),
             (version, "HTTPRoute") if version.strip_prefix(GROUP).is_some_and(|v| v == "/v1" || v == "/v1beta1") => {
                 Some(ObjectKind::HttpRoute)
+            }
+            (version, "GRPCRoute") if version.strip_prefix(GROUP).is_some_and(|v| v == "/v1" || v == "/v1alpha2") => {
+                Some(ObjectKind::GrpcRoute)
             }
             _ => None,
         }
@@ -115,13 +120,16 @@ pub struct Objects {
     pub slices: Slices,
     /// Namespaces by name.
     pub namespaces: BTreeMap<String, Namespace>,
-    /// HTTPRoutes by `(namespace, name)`.
-    pub routes: BTreeMap<(String, String), HttpRoute>,
+    /// HTTPRoutes and GRPCRoutes by `(namespace, kind, name)`.
+    pub routes: BTreeMap<RouteKey, Route>,
     /// The keys of the routes attached to each Service, by `(namespace, name)`.
-    attached: BTreeMap<(String, String), BTreeSet<(String, String)>>,
+    attached: BTreeMap<(String, String), BTreeSet<RouteKey>>,
     /// What changed since [`Objects::take_changes`] last took it.
     changes: Changes,
 }
+
+/// A route's namespace, kind and name.
+pub type RouteKey = (String, RouteKind, String);
 
 /// What changed in the objects: which Services' resources must be made again. (Namespaces and
 /// pods' settings change only the inbound policies, which are made again every time.)
@@ -189,14 +197,15 @@ impl Objects {
                 }
                 None => false,
             },
-            Some(ObjectKind::HttpRoute) => match HttpRoute::read(object) {
+            Some(kind @ (ObjectKind::HttpRoute | ObjectKind::GrpcRoute)) => match Route::read(route_kind(kind), object)
+            {
                 Some(route) => {
-                    let key = (route.namespace.clone(), route.name.clone());
+                    let key = (route.namespace.clone(), route.kind, route.name.clone());
                     if self.routes.get(&key) == Some(&route) {
                         return false;
                     }
                     if let Err(problem) = &route.rules {
-                        warn!(route = %format!("{}/{}", key.0, key.1), %problem, "HTTPRoute not applied");
+                        warn!(kind = key.1.as_str(), route = %format!("{}/{}", key.0, key.2), %problem, "route not applied");
                     }
                     if let Some(old) = self.routes.remove(&key) {
                         self.route_changed(&old);
@@ -214,8 +223,8 @@ impl Objects {
     }
 
     /// Adds `route` to (or takes it from) the index of each Service it attaches to.
-    fn index(&mut self, route: &HttpRoute, add: bool) {
-        let key = (route.namespace.clone(), route.name.clone());
+    fn index(&mut self, route: &Route, add: bool) {
+        let key = (route.namespace.clone(), route.kind, route.name.clone());
         for parent in &route.parents {
             let service = (parent.namespace.clone(), parent.name.clone());
             if add {
@@ -230,13 +239,13 @@ impl Objects {
     }
 
     /// The HTTPRoutes attached to Service `namespace/name` (to any of its ports).
-    pub fn routes_of(&self, namespace: &str, name: &str) -> impl Iterator<Item = &HttpRoute> {
+    pub fn routes_of(&self, namespace: &str, name: &str) -> impl Iterator<Item = &Route> {
         let key = (namespace.to_owned(), name.to_owned());
         self.attached.get(&key).into_iter().flatten().filter_map(|route| self.routes.get(route))
     }
 
     /// Notes that the Services `route` attaches to must be made again.
-    fn route_changed(&mut self, route: &HttpRoute) {
+    fn route_changed(&mut self, route: &Route) {
         for parent in &route.parents {
             self.changes.services.insert((parent.namespace.clone(), parent.name.clone()));
         }
@@ -280,14 +289,16 @@ impl Objects {
                 removed
             }
             Some(ObjectKind::Namespace) => self.namespaces.remove(name).is_some(),
-            Some(ObjectKind::HttpRoute) => match self.routes.remove(&(namespace.to_owned(), name.to_owned())) {
-                Some(route) => {
-                    self.route_changed(&route);
-                    self.index(&route, false);
-                    true
+            Some(kind @ (ObjectKind::HttpRoute | ObjectKind::GrpcRoute)) => {
+                match self.routes.remove(&(namespace.to_owned(), route_kind(kind), name.to_owned())) {
+                    Some(route) => {
+                        self.route_changed(&route);
+                        self.index(&route, false);
+                        true
+                    }
+                    None => false,
                 }
-                None => false,
-            },
+            }
             None => false,
         }
     }
@@ -303,9 +314,13 @@ impl Objects {
                 self.slices.clear_accounts();
             }
             ObjectKind::Namespace => self.namespaces.clear(),
-            ObjectKind::HttpRoute => {
-                self.routes.clear();
-                self.attached.clear();
+            ObjectKind::HttpRoute | ObjectKind::GrpcRoute => {
+                let kind = route_kind(kind);
+                let gone: Vec<Route> = self.routes.values().filter(|r| r.kind == kind).cloned().collect();
+                for route in gone {
+                    self.index(&route, false);
+                    self.routes.remove(&(route.namespace.clone(), kind, route.name.clone()));
+                }
             }
         }
     }
@@ -342,6 +357,11 @@ impl Objects {
     pub fn pod(&self, pod: &PodRef) -> Option<&Pod> {
         self.pods.get(&pod.uid).filter(|known| known.namespace == pod.namespace && known.name == pod.name)
     }
+}
+
+/// The route kind of a route object kind.
+fn route_kind(kind: ObjectKind) -> RouteKind {
+    if kind == ObjectKind::GrpcRoute { RouteKind::Grpc } else { RouteKind::Http }
 }
 
 fn namespace(object: &Value) -> Option<(String, Namespace)> {
