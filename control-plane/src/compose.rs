@@ -219,7 +219,16 @@ impl Sources {
         }
         let scopes: serde_json::Map<String, serde_json::Value> =
             served.scopes().map(|(scope, count)| (scope.to_owned(), count.into())).collect();
-        let error = self.state.lock().ok().and_then(|s| s.directory_error.clone());
+        let (error, routes) = match self.state.lock() {
+            Ok(state) => {
+                let mut routes = route_conditions(&state.objects);
+                if let Some(cluster) = &state.cluster {
+                    routes.extend(route_conditions(&cluster::lock(cluster)));
+                }
+                (state.directory_error.clone(), routes)
+            }
+            Err(_) => (None, Vec::new()),
+        };
         serde_json::json!({
             "version": served.system_version,
             "generation": served.generation,
@@ -227,8 +236,30 @@ impl Sources {
             "connected_proxies": self.metrics.connected_proxies(),
             "resources": kinds,
             "scoped_views": scopes,
+            "routes": routes,
         })
     }
+}
+
+/// The Gateway API routes among `objects`, each with its conditions per parent Service (as the
+/// API server's status would carry them), for `/config_dump`.
+fn route_conditions(objects: &mesh::Objects) -> Vec<serde_json::Value> {
+    let condition = |c: &mesh::status::Condition| serde_json::json!({"status": if c.holds { "True" } else { "False" }, "reason": c.reason, "message": c.message});
+    objects
+        .routes
+        .values()
+        .map(|route| {
+            let parents: Vec<serde_json::Value> = mesh::status::conditions(objects, route)
+                .iter()
+                .map(|(parent, [accepted, resolved])| {
+                    let port = parent.port.map(|p| format!(":{p}")).unwrap_or_default();
+                    serde_json::json!({"service": format!("{}/{}{port}", parent.namespace, parent.name),
+                                       "accepted": condition(accepted), "resolved_refs": condition(resolved)})
+                })
+                .collect();
+            serde_json::json!({"kind": route.kind.as_str(), "namespace": route.namespace, "name": route.name, "parents": parents})
+        })
+        .collect()
 }
 
 /// Every resource of `made`, with its scope (`None`: every proxy's).

@@ -41,7 +41,7 @@ use crate::kubernetes;
 pub use crate::kubernetes::KubernetesApi;
 use crate::mesh;
 use crate::metrics::ControlMetrics;
-use crate::sources::{cluster, directory, registry};
+use crate::sources::{cluster, directory, registry, route_status};
 use crate::tls;
 
 /// The lifetime of the control plane's own serving certificates, unless told otherwise.
@@ -311,10 +311,18 @@ impl ControlPlane {
             };
             let (mut answered, first) = first_answer();
             let follower = sources.clone();
+            // The automatic mesh applies the Gateway API routes, so it reports their status.
+            let (routes, routes_seen) = tokio::sync::watch::channel(None);
+            if automatic_mesh {
+                tasks.push(tokio::spawn(route_status::keep(client.clone(), routes_seen)));
+            }
             tasks.push(tokio::spawn(cluster::follow(
                 client.clone(),
                 config.mesh.trust_domain.clone(),
                 move |update| {
+                    if let cluster::Update::Objects(objects) = &update {
+                        routes.send_replace(Some(objects.clone()));
+                    }
                     follower.cluster_changed(update);
                     answered();
                 },

@@ -164,6 +164,20 @@ async fn callers_follow_the_http_routes_of_the_services_they_call() {
     .await;
     let from_client = Client::http1(client.address("out")).await.get("echo-v1.mesh", "/").await;
     assert_eq!(from_client.header("x-consumer"), "yes");
+    // The control plane says why, with the consumer route's conditions beside it.
+    let dump = Client::http1(plane.address()).await.get("x", "/config_dump").await.text();
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    let route = |name: &str| dump["routes"].as_array().unwrap().iter().find(|r| r["name"] == name).cloned().unwrap();
+    let odd = &route("echo-routes")["parents"][0];
+    assert_eq!(odd["service"], "mesh/echo:80");
+    assert_eq!(odd["accepted"]["reason"], "UnsupportedValue", "{odd}");
+    assert!(odd["accepted"]["message"].as_str().unwrap().contains("ExtensionRef"), "{odd}");
+    let mine = &route("mine")["parents"][0];
+    assert_eq!(
+        (&mine["accepted"]["status"], &mine["resolved_refs"]["status"]),
+        (&"True".into(), &"True".into()),
+        "{mine}"
+    );
 }
 
 /// A GRPCRoute on an h2c port: calls are routed by service and method (and headers), with the

@@ -357,6 +357,91 @@ async fn changes_carried_from_the_api_server_make_what_the_whole_objects_make() 
     let _ = std::fs::remove_dir_all(directory);
 }
 
+/// With `--kubernetes-mesh`, each route's status carries Remora's conditions per parent Service,
+/// written to the API server's status subresource beside another controller's entry (kept),
+/// written again when the route or what it names changes, and left alone while nothing does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_status_is_written_to_the_api_server() {
+    let api = TestApiServer::start(&TestCa::new("cluster.local")).await;
+    let other = json!({"parentRef": {"name": "gw"}, "controllerName": "example.com/gateway", "conditions": []});
+    let route = |backend: &str, generation: i64| {
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+               "metadata": {"namespace": "shop", "name": "canary", "generation": generation},
+               "spec": {"parentRefs": [{"kind": "Service", "name": "web", "port": 80}],
+                        "rules": [{"backendRefs": [{"name": backend, "port": 80}]}]},
+               "status": {"parents": [other.clone()]}})
+    };
+    api.put(namespace("shop"));
+    api.put(service("web", "10.96.0.10"));
+    api.put(route("web-v2", 1));
+    let directory = remora_proxy::testing::proxy::temp_dir("remora-route-status");
+    let (config, _) = api.api(&directory);
+    let _plane = TestControlPlane::start_with_kubernetes(&[], config, true);
+    let ours = |generation: i64| {
+        let api = &api;
+        move || {
+            let stored = api.get("gateway.networking.k8s.io/v1", "HTTPRoute", "shop/canary")?;
+            let parents = stored["status"]["parents"].as_array()?.clone();
+            let entry = parents.iter().find(|p| p["controllerName"] == "remora.dev/mesh")?.clone();
+            (entry["conditions"][0]["observedGeneration"] == generation).then_some((parents, entry))
+        }
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let (parents, entry) = loop {
+        if let Some(found) = ours(1)() {
+            break found;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no status written: {:?}",
+            api.get("gateway.networking.k8s.io/v1", "HTTPRoute", "shop/canary")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(parents.contains(&other), "another controller's entry is kept: {parents:?}");
+    assert_eq!(
+        entry["parentRef"],
+        json!({"group": "", "kind": "Service", "namespace": "shop", "name": "web", "port": 80})
+    );
+    let conditions: Vec<(&str, &str, &str)> = entry["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["type"].as_str().unwrap(), c["status"].as_str().unwrap(), c["reason"].as_str().unwrap()))
+        .collect();
+    assert_eq!(conditions, [("Accepted", "True", "Accepted"), ("ResolvedRefs", "False", "BackendNotFound")]);
+    // The missing backend appears: written again.
+    api.put(service("web-v2", "10.96.0.11"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let resolved = ours(1)().is_some_and(|(_, entry)| entry["conditions"][1]["status"] == "True");
+        if resolved {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "status not rewritten");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A new generation of the route: its conditions say they observed it.
+    let mut edited = route("web", 2);
+    edited["status"] = api.get("gateway.networking.k8s.io/v1", "HTTPRoute", "shop/canary").unwrap()["status"].clone();
+    api.put(edited);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while ours(2)().is_none() {
+        assert!(std::time::Instant::now() < deadline, "the new generation is not reported");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let writes = || {
+        let seen = api.seen();
+        seen.iter()
+            .filter(|r| r["method"] == "PATCH" && r["path"].as_str().is_some_and(|p| p.ends_with("/status")))
+            .count()
+    };
+    let settled = writes();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(writes(), settled, "nothing written while nothing changes");
+    let _ = std::fs::remove_dir_all(directory);
+}
+
 /// `args` followed by `extra`, for a command line.
 fn and<'a>(extra: &'a [String], args: &[&'a str]) -> Vec<&'a str> {
     args.iter().copied().chain(extra.iter().map(String::as_str)).collect()

@@ -41,6 +41,7 @@
 
 mod gateway;
 mod objects;
+pub mod status;
 mod translate;
 
 pub use gateway::{GROUP, ParentRef, Route, RouteKind};

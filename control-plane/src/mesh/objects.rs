@@ -124,12 +124,26 @@ pub struct Objects {
     pub routes: BTreeMap<RouteKey, Route>,
     /// The keys of the routes attached to each Service, by `(namespace, name)`.
     attached: BTreeMap<(String, String), BTreeSet<RouteKey>>,
+    /// Each route's object as last told: what its status is written against.
+    pub route_objects: BTreeMap<RouteKey, RouteObject>,
     /// What changed since [`Objects::take_changes`] last took it.
     changes: Changes,
 }
 
 /// A route's namespace, kind and name.
 pub type RouteKey = (String, RouteKind, String);
+
+/// What a route's status is written against: its object's version and generation, and its
+/// `status.parents` now (every controller's).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RouteObject {
+    /// `metadata.resourceVersion` (empty for a manifest from the directory).
+    pub resource_version: String,
+    /// `metadata.generation` (0 when not told).
+    pub generation: i64,
+    /// `status.parents`.
+    pub parents: Vec<Value>,
+}
 
 /// What changed in the objects: which Services' resources must be made again. (Namespaces and
 /// pods' settings change only the inbound policies, which are made again every time.)
@@ -201,8 +215,17 @@ impl Objects {
             {
                 Some(route) => {
                     let key = (route.namespace.clone(), route.kind, route.name.clone());
+                    let metadata = &object["metadata"];
+                    let told = RouteObject {
+                        resource_version: metadata["resourceVersion"].as_str().unwrap_or_default().to_owned(),
+                        generation: metadata["generation"].as_i64().unwrap_or(0),
+                        parents: object["status"]["parents"].as_array().cloned().unwrap_or_default(),
+                    };
+                    // Its version or status changing is news to the status writer, not to the mesh.
+                    let told_changed =
+                        self.route_objects.insert(key.clone(), told.clone()).is_none_or(|old| old != told);
                     if self.routes.get(&key) == Some(&route) {
-                        return false;
+                        return told_changed;
                     }
                     if let Err(problem) = &route.rules {
                         warn!(kind = key.1.as_str(), route = %format!("{}/{}", key.0, key.2), %problem, "route not applied");
@@ -319,7 +342,9 @@ impl Objects {
                 let gone: Vec<Route> = self.routes.values().filter(|r| r.kind == kind).cloned().collect();
                 for route in gone {
                     self.index(&route, false);
-                    self.routes.remove(&(route.namespace.clone(), kind, route.name.clone()));
+                    let key = (route.namespace.clone(), kind, route.name.clone());
+                    self.routes.remove(&key);
+                    self.route_objects.remove(&key);
                 }
             }
         }
@@ -341,6 +366,9 @@ impl Objects {
             if !self.routes.contains_key(key) {
                 self.index(route, true);
                 self.routes.insert(key.clone(), route.clone());
+                if let Some(told) = other.route_objects.get(key) {
+                    self.route_objects.insert(key.clone(), told.clone());
+                }
             }
         }
         self.slices.extend(&other.slices);

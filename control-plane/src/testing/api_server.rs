@@ -199,6 +199,12 @@ impl TestApiServer {
         collection.publish(version, json!({"type": kind, "object": object}));
     }
 
+    /// The object of `api_version` and `kind` named `key` (`namespace/name`) as stored now.
+    pub fn get(&self, api_version: &str, kind: &str, key: &str) -> Option<Value> {
+        let (path, ..) = kind_of(api_version, kind)?;
+        self.state.lock().unwrap().collections.get(path)?.objects.get(key).cloned()
+    }
+
     /// Deletes the object of `api_version` and `kind` named `key` (`namespace/name`).
     pub fn delete(&self, api_version: &str, kind: &str, key: &str) {
         self.state.lock().unwrap().delete(api_version, kind, key);
@@ -304,6 +310,10 @@ async fn answer(state: &Mutex<State>, request: http::Request<hyper::body::Incomi
     } else if let Some((_, left)) = failing {
         *left -= 1;
         (503, whole(&status(503, "ServiceUnavailable", "the server is overloaded")))
+    } else if method == http::Method::PATCH
+        && let Some((collection, key)) = status_path(&path)
+    {
+        state.patch_status(collection, &key, &body)
     } else if let Some((collection, ..)) = kind_at(&path) {
         if param(&query, "watch") == Some("true") {
             (200, state.watch(collection, &query))
@@ -400,25 +410,67 @@ impl State {
         };
         match method.as_str() {
             "GET" => (200, whole(&current)),
-            "PATCH" => {
-                let mut patched = current;
-                for op in body.as_array().into_iter().flatten() {
-                    let path = op["path"].as_str().unwrap_or_default();
-                    match op["op"].as_str() {
-                        Some("test") if patched.pointer(path) == Some(&op["value"]) => {}
-                        Some("add") => {
-                            let Some((parent, key)) = path.rsplit_once('/') else { continue };
-                            if let Some(parent) = patched.pointer_mut(parent).and_then(Value::as_object_mut) {
-                                parent.insert(key.to_owned(), op["value"].clone());
-                            }
-                        }
-                        _ => return (422, whole(&status(422, "Invalid", "the patch does not apply"))),
-                    }
+            "PATCH" => match json_patch(current, body) {
+                Some(patched) => {
+                    self.webhooks.insert(name.to_owned(), patched.clone());
+                    (200, whole(&patched))
                 }
-                self.webhooks.insert(name.to_owned(), patched.clone());
-                (200, whole(&patched))
-            }
+                None => (422, whole(&status(422, "Invalid", "the patch does not apply"))),
+            },
             _ => (405, whole(&status(405, "MethodNotAllowed", "method not allowed"))),
         }
+    }
+}
+
+/// `target` with the JSON patch `ops` applied (`test` and `add` of an object member, as the control
+/// plane sends them); `None` when a test fails or an operation does not apply.
+fn json_patch(mut target: Value, ops: &Value) -> Option<Value> {
+    for op in ops.as_array().into_iter().flatten() {
+        let path = op["path"].as_str().unwrap_or_default();
+        match op["op"].as_str() {
+            Some("test") if target.pointer(path) == Some(&op["value"]) => {}
+            Some("add") => {
+                let (parent, key) = path.rsplit_once('/')?;
+                let parent = if parent.is_empty() { Some(&mut target) } else { target.pointer_mut(parent) };
+                parent.and_then(Value::as_object_mut)?.insert(key.to_owned(), op["value"].clone());
+            }
+            _ => return None,
+        }
+    }
+    Some(target)
+}
+
+/// The collection and `namespace/name` key of a namespaced object's `status` path
+/// (`/apis/GROUP/VERSION/namespaces/NS/PLURAL/NAME/status`), for the kinds served.
+fn status_path(path: &str) -> Option<(&'static str, String)> {
+    let rest = path.strip_suffix("/status")?;
+    let (prefix, name) = rest.rsplit_once('/')?;
+    let (prefix, plural) = prefix.rsplit_once('/')?;
+    let (api, namespace) = prefix.rsplit_once("/namespaces/")?;
+    let (collection, ..) = kind_at(&format!("{api}/{plural}"))?;
+    Some((collection, format!("{namespace}/{name}")))
+}
+
+impl State {
+    /// Applies a JSON patch to the status of the object `key` of `collection`: a new version,
+    /// told to the watches; 404 for no such object, 409 for a failed test (a stale version).
+    fn patch_status(&mut self, collection: &'static str, key: &str, ops: &Value) -> (u16, Body) {
+        self.version += 1;
+        let version = self.version;
+        let objects = &mut self.collections.entry(collection).or_default().objects;
+        let Some(current) = objects.get(key).cloned() else {
+            return (404, whole(&status(404, "NotFound", "not found")));
+        };
+        let Some(mut patched) = json_patch(current.clone(), ops) else {
+            return (409, whole(&status(409, "Conflict", "the object has been modified")));
+        };
+        // Only the status changes through this path.
+        patched["spec"] = current["spec"].clone();
+        patched["metadata"] = current["metadata"].clone();
+        patched["metadata"]["resourceVersion"] = version.to_string().into();
+        let collection = self.collections.entry(collection).or_default();
+        collection.objects.insert(key.to_owned(), patched.clone());
+        collection.publish(version, json!({"type": "MODIFIED", "object": patched}));
+        (200, whole(&patched))
     }
 }
