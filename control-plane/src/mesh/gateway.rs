@@ -231,6 +231,9 @@ fn read_rule(kind: RouteKind, index: usize, rule: &Value, namespace: &str) -> Re
     if filters.redirect.is_some() && filters.rewrite.is_some() {
         return Err(format!("{at}: RequestRedirect and URLRewrite cannot be used together"));
     }
+    if kind == RouteKind::Http {
+        timeouts_and_retry(rule, &mut filters).map_err(|e| format!("{at}.{e}"))?;
+    }
     let backends = list(&rule["backendRefs"])
         .enumerate()
         .map(|(j, backend)| {
@@ -345,6 +348,79 @@ fn read_match(spec: &Value) -> Result<v1::RouteMatch, String> {
         .map(|(name, kind)| v1::QueryMatch { name, kind: Some(kind) })
         .collect();
     Ok(v1::RouteMatch { path: Some(v1::PathMatch { kind: Some(kind) }), method, headers, query })
+}
+
+/// A rule's `timeouts` (GEP-1742) and `retry` (GEP-1731) as the route's `timeout` and retry
+/// policy: `request` bounds the whole request, `backendRequest` each attempt; `retry` retries
+/// `attempts` times (connect failures, refused streams, and the `codes` given), waiting a random
+/// time up to `backoff` doubling. A zero duration is no limit.
+fn timeouts_and_retry(rule: &Value, route: &mut v1::Route) -> Result<(), String> {
+    let timeouts = &rule["timeouts"];
+    let duration = |field: &str, value: &Value| -> Result<Option<pbjson_types::Duration>, String> {
+        let Some(text) = value.as_str() else { return Ok(None) };
+        let parsed =
+            gateway_duration(text).ok_or_else(|| format!("{field}: {text:?} is not a Gateway API duration"))?;
+        Ok((!parsed.is_zero()).then(|| pbjson_types::Duration {
+            seconds: i64::try_from(parsed.as_secs()).unwrap_or(i64::MAX),
+            nanos: i32::try_from(parsed.subsec_nanos()).unwrap_or(0),
+        }))
+    };
+    route.timeout = duration("timeouts.request", &timeouts["request"])?;
+    let per_try = duration("timeouts.backendRequest", &timeouts["backendRequest"])?;
+    let retry = &rule["retry"];
+    if retry.is_null() && per_try.is_none() {
+        return Ok(());
+    }
+    let codes: Vec<u32> =
+        list(&retry["codes"]).filter_map(Value::as_u64).filter_map(|c| u32::try_from(c).ok()).collect();
+    let attempts = match retry["attempts"].as_u64() {
+        Some(attempts) => u32::try_from(attempts).unwrap_or(u32::MAX),
+        // A per-attempt limit alone: one attempt, limited.
+        None if retry.is_null() => 0,
+        None => 2,
+    };
+    let mut retry_on: Vec<String> = vec!["connect-failure".into(), "refused-stream".into()];
+    if !codes.is_empty() {
+        retry_on.push("retriable-status-codes".into());
+    }
+    route.retry = Some(v1::RetryPolicy {
+        attempts: Some(attempts),
+        retry_on,
+        retriable_status_codes: codes,
+        per_try_timeout: per_try,
+        backoff_base: duration("retry.backoff", &retry["backoff"])?,
+        ..Default::default()
+    });
+    Ok(())
+}
+
+/// A Gateway API duration (GEP-2257): one or more of a number and a unit, `h`, `m`, `s` or `ms`
+/// (`1h30m`, `500ms`, `0s`).
+fn gateway_duration(text: &str) -> Option<std::time::Duration> {
+    let mut total = std::time::Duration::ZERO;
+    let mut rest = text;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        let number: u64 = rest.get(..digits)?.parse().ok()?;
+        rest = &rest[digits..];
+        let (unit, after) = if let Some(after) = rest.strip_prefix("ms") {
+            (std::time::Duration::from_millis(1), after)
+        } else if let Some(after) = rest.strip_prefix('h') {
+            (std::time::Duration::from_secs(3600), after)
+        } else if let Some(after) = rest.strip_prefix('m') {
+            (std::time::Duration::from_secs(60), after)
+        } else if let Some(after) = rest.strip_prefix('s') {
+            (std::time::Duration::from_secs(1), after)
+        } else {
+            return None;
+        };
+        total = total.checked_add(unit.checked_mul(u32::try_from(number).ok()?)?)?;
+        rest = after;
+    }
+    Some(total)
 }
 
 /// Header or query parameter matches (`what`): each name, with its value made `exact` or `regex`
@@ -827,5 +903,42 @@ mod tests {
             "metadata": {"namespace": "mesh", "name": "bad"},
             "spec": {"rules": [{"filters": [{"type": "RequestRedirect", "requestRedirect": {"hostname": "x"}}]}]}});
         assert!(Route::read(RouteKind::Grpc, &redirecting).unwrap().rules.unwrap_err().contains("no RequestRedirect"));
+    }
+
+    /// A rule's `timeouts` and `retry` become the route's timeout and retry policy; a zero duration
+    /// is no limit; a bad duration or too many attempts refuse the route.
+    #[test]
+    fn timeouts_and_retries_map_onto_the_route() {
+        let with = |rule: Value| {
+            let object = json!({"metadata": {"namespace": "mesh", "name": "r"},
+                                "spec": {"parentRefs": [{"kind": "Service", "name": "echo"}],
+                                         "rules": [rule]}});
+            Route::read(RouteKind::Http, &object).unwrap().rules.map(|mut rules| rules.remove(0).filters)
+        };
+        let backend = json!([{"name": "echo", "port": 80}]);
+        let both = with(json!({"timeouts": {"request": "10s", "backendRequest": "1m500ms"},
+                               "retry": {"codes": [503, 504], "attempts": 3, "backoff": "100ms"}, "backendRefs": backend}))
+        .unwrap();
+        assert_eq!(both.timeout.unwrap().seconds, 10);
+        let retry = both.retry.unwrap();
+        assert_eq!(retry.attempts, Some(3));
+        assert_eq!(retry.retriable_status_codes, [503, 504]);
+        assert_eq!(retry.retry_on, ["connect-failure", "refused-stream", "retriable-status-codes"]);
+        let per_try = retry.per_try_timeout.unwrap();
+        assert_eq!((per_try.seconds, per_try.nanos), (60, 500_000_000));
+        assert_eq!(retry.backoff_base.unwrap().nanos, 100_000_000);
+        let alone =
+            with(json!({"timeouts": {"request": "0s", "backendRequest": "2s"}, "backendRefs": backend})).unwrap();
+        assert!(alone.timeout.is_none(), "0s is no limit");
+        assert_eq!(alone.retry.unwrap().attempts, Some(0), "a per-attempt limit alone: one attempt");
+        assert!(
+            with(json!({"timeouts": {"request": "10x"}, "backendRefs": backend}))
+                .unwrap_err()
+                .contains("timeouts.request")
+        );
+        assert!(
+            with(json!({"retry": {"attempts": 50}, "backendRefs": backend})).unwrap_err().contains("retry.attempts")
+        );
+        assert!(with(json!({"backendRefs": backend})).unwrap().retry.is_none());
     }
 }
