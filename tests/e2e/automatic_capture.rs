@@ -12,6 +12,8 @@
 //! - `plain` (a pod without a sidecar) behind the Service `plain` is called in plaintext; behind
 //!   the Service `banner`, whose port says `appProtocol: tcp`, a server that speaks first is heard
 //!   at once (the port is forwarded without waiting to detect a protocol).
+//! - A request to one Service's ClusterIP that names another in its Host header follows the
+//!   Service of the ClusterIP (Gateway API's ClusterIP matching).
 //! - An endpoint that leaves the Service's slice gets no more requests.
 //! - The namespace annotated `remora.dev/inbound: strict` makes the `api` sidecar refuse plaintext,
 //!   which it served (and counted) while permissive; the mesh's calls still pass.
@@ -154,6 +156,18 @@ fn spread(ns: &Netns, target: SocketAddr, requests: usize) -> (std::collections:
     })
 }
 
+/// Which app answered a GET to `target` from inside `ns` that names `host` in its Host header.
+fn served_by(ns: &Netns, target: SocketAddr, host: &'static str) -> String {
+    ns.enter(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async move {
+            let reply = Client::http1(target).await.get(host, "/").await;
+            assert_eq!(reply.status, 200, "{target} as {host}: {}", reply.text());
+            reply.header("x-served-by").to_owned()
+        })
+    })
+}
+
 /// Waits up to 20 s for `condition`, checked every 100 ms.
 fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -280,6 +294,11 @@ async fn an_app_calls_a_cluster_ip_and_the_mesh_does_the_rest() {
     assert_eq!(served.get("plain"), Some(&2), "{served:?}");
     assert_eq!(identity, "", "plaintext: no sidecar to say who called");
     assert_eq!(plain_app.hits(), 2);
+
+    // ClusterIP matching: the connection's destination names the Service, whatever its Host says.
+    assert!(served_by(&web, address(API_CLUSTER_IP, 80), "plain.shop").starts_with("api-"), "{}", logs());
+    assert_eq!(served_by(&web, address(PLAIN_CLUSTER_IP, 80), "api.shop"), "plain", "{}", logs());
+    assert_eq!(plain_app.hits(), 3);
 
     // A port with `appProtocol: tcp` is forwarded without reading first: a server that speaks
     // first is heard (the caller's listener would otherwise wait 600 s to detect a protocol).

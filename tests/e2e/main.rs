@@ -12,6 +12,7 @@ mod cli;
 mod control;
 mod drain;
 mod filters;
+mod gamma;
 mod gateway_api;
 mod grpc;
 mod http;

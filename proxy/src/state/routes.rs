@@ -1,8 +1,8 @@
 //! HTTP routing: which route table a request belongs to, and which route in it matches.
 //!
 //! Built from RouteTable resources when a snapshot is built. Per request the data path asks a
-//! listener's [`RouteIndex`] for a table (by the request's authority, then the connection's original
-//! destination, then the catch-all), then asks the [`RouteTable`] for the first matching [`Route`],
+//! listener's [`RouteIndex`] for a table (by the connection's original destination when a table
+//! claims that address, then by the request's authority, then the catch-all), then asks the [`RouteTable`] for the first matching [`Route`],
 //! then asks the route for a cluster. Opaque TCP connections use [`RouteIndex::for_tcp`] (original
 //! destination, then catch-all). All lookups are hash probes or short scans; nothing allocates unless
 //! a Host header carries upper-case letters.
@@ -324,13 +324,19 @@ impl RouteIndex {
         index
     }
 
-    /// The table for an HTTP request: by its authority (host, with the authority's port, else the
-    /// original destination's port, else 80), then by the original destination, then the catch-all.
+    /// The table for an HTTP request: by the original destination when a table claims that address;
+    /// else by its authority (host, with the authority's port, else the original destination's
+    /// port, else 80); else the catch-all.
     pub fn for_http(
         &self,
         authority: Option<&str>,
         original_destination: Option<SocketAddr>,
     ) -> Option<&Arc<RouteTable>> {
+        // A connection to a Service's ClusterIP follows that Service's table whatever its Host
+        // says (Gateway API's ClusterIP matching).
+        if let Some(i) = original_destination.and_then(|d| self.addresses.get(&d)) {
+            return self.tables.get(*i);
+        }
         if let Some(authority) = authority.filter(|_| !self.hosts.is_empty() || !self.suffixes.is_empty()) {
             let (host, port) = split_authority(authority);
             let port = port.or(original_destination.map(|d| d.port())).unwrap_or(80);
@@ -351,7 +357,7 @@ impl RouteIndex {
                 return self.tables.get(*i);
             }
         }
-        self.for_tcp(original_destination)
+        self.catch_all.and_then(|i| self.tables.get(i))
     }
 
     /// The table for a connection by its original destination, else the catch-all.
@@ -470,7 +476,7 @@ routes:
     }
 
     #[test]
-    fn tables_are_chosen_by_authority_then_original_destination_then_catch_all() {
+    fn tables_are_chosen_by_claimed_original_destination_then_authority_then_catch_all() {
         let idx = index(&[
             ("reviews", &["reviews", "reviews.shop:9080"]),
             ("ratings", &["ratings:9080", "10.0.0.7:9080"]),
@@ -494,6 +500,11 @@ routes:
         assert_eq!(name(Some("ratings"), None).as_deref(), Some("default"), "port 80 assumed");
         assert_eq!(name(Some("10.0.0.7:9080"), None).as_deref(), Some("ratings"));
         assert_eq!(name(Some("unknown"), Some("10.0.0.7:9080")).as_deref(), Some("ratings"));
+        assert_eq!(
+            name(Some("reviews"), Some("10.0.0.7:9080")).as_deref(),
+            Some("ratings"),
+            "a claimed original destination wins over the Host"
+        );
         assert_eq!(name(Some("x.example.com"), None).as_deref(), Some("wild"));
         assert_eq!(name(Some("x.b.a.example.com"), None).as_deref(), Some("deeper"), "longest suffix wins");
         assert_eq!(name(Some("example.com"), None).as_deref(), Some("default"));
