@@ -21,7 +21,8 @@
 //! them as Envoy Gateway does.) A path prefix matches whole segments (`segment_prefix`).
 //!
 //! Filters map onto Remora's: RequestHeaderModifier and ResponseHeaderModifier (on a rule or a
-//! backendRef), RequestRedirect, URLRewrite and RequestMirror (one per rule). A backendRef names a
+//! backendRef), RequestRedirect, URLRewrite and RequestMirror (one per rule); an HTTPRoute rule's
+//! `timeouts` and `retry` onto the route's timeout and retry policy. A backendRef names a
 //! Service and port: its cluster is that port's (the automatic one, or the operator's cluster that
 //! names it). A backendRef to a Service or port that does not exist, or to another namespace than
 //! the route's (but the parent Service itself), is left out; a rule left with no backend answers
