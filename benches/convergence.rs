@@ -23,6 +23,14 @@
 //! view), the control plane's resident memory then; with 1,000 proxies connected (in the 20
 //! namespaces, so 20 views), the time from one endpoint's change at the API server to each
 //! proxy's ACK of it (p50/p99 over 10 changes) and the bytes pushed per proxy for one change.
+//!
+//!     cargo bench --bench convergence -- gateway [N]  # and 1,000 HTTPRoutes
+//!
+//! `gateway` adds 1,000 HTTPRoutes to that cluster, one on each of 1,000 Services (a header rule
+//! to the Service, and a catch-all splitting 90/10 with another Service), and reports the time from
+//! starting the control plane to a proxy holding every route's table, and, with N proxies
+//! connected, the time from one route's edit at the API server (its split) to each proxy's ACK of
+//! the new table.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -40,13 +48,14 @@ const CLUSTERS: usize = 100;
 const ENDPOINTS_PER_CLUSTER: usize = 100;
 
 fn main() {
-    let kubernetes = std::env::args().any(|a| a == "kubernetes");
+    let gateway = std::env::args().any(|a| a == "gateway");
+    let kubernetes = gateway || std::env::args().any(|a| a == "kubernetes");
     let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
     let sizes = if args.is_empty() { vec![1, 100, 1000] } else { args };
     raise_fd_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     if kubernetes {
-        runtime.block_on(cluster_scale(*sizes.iter().max().unwrap_or(&1000)));
+        runtime.block_on(cluster_scale(*sizes.iter().max().unwrap_or(&1000), gateway));
     } else {
         runtime.block_on(run(sizes));
     }
@@ -340,7 +349,32 @@ fn scale_slice(s: usize, changed: Option<usize>) -> serde_json::Value {
         "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}], "endpoints": endpoints})
 }
 
-async fn cluster_scale(n: usize) {
+/// Gateway API routes at scale: one on each of the first [`ROUTES`] Services.
+const ROUTES: usize = 1_000;
+
+/// HTTPRoute `i` on Service `svc-i`: a header rule to it, and a catch-all sending `weight` of 100
+/// to it and the rest to `svc-(i+1000)` (in the same namespace).
+fn scale_route(i: usize, weight: u32) -> serde_json::Value {
+    let namespace = format!("ns-{}", i % NAMESPACES);
+    serde_json::json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"namespace": namespace, "name": format!("route-{i}")},
+        "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": format!("svc-{i}"), "port": 80}],
+                 "rules": [
+                     {"matches": [{"headers": [{"name": "x-canary", "value": "on"}]}],
+                      "backendRefs": [{"name": format!("svc-{i}"), "port": 80}]},
+                     {"backendRefs": [{"name": format!("svc-{i}"), "port": 80, "weight": weight},
+                                      {"name": format!("svc-{}", i + ROUTES), "port": 80, "weight": 100 - weight}]}]}})
+}
+
+/// Whether a served route table (`Any`) holds an HTTPRoute's rules.
+fn made_of_a_route(resource: &remora_control_api::xds::discovery::Resource) -> bool {
+    use prost::Message;
+    let Some(any) = &resource.resource else { return false };
+    remora_control_api::v1::RouteTable::decode(any.value.as_ref())
+        .is_ok_and(|t| t.routes.iter().any(|r| r.name.contains('#')))
+}
+
+async fn cluster_scale(n: usize, routes: bool) {
     use remora_control_plane::testing::{TestApiServer, TestCa};
     use serde_json::json;
 
@@ -361,6 +395,11 @@ async fn cluster_scale(n: usize) {
                          "containers": [{"name": "app", "image": "app"}, {"name": "remora-proxy", "image": "remora"}]}}));
         }
     }
+    if routes {
+        for i in 0..ROUTES {
+            api.put(scale_route(i, 90));
+        }
+    }
     let dir = fresh_dir("remora-cluster-scale");
     let (api_args, _) = api.args(&dir.join("api"));
     let mesh = dir.join("mesh");
@@ -379,6 +418,22 @@ async fn cluster_scale(n: usize) {
         client.ack(&response).await;
     }
     let first_view = started.elapsed();
+    // With routes: a proxy holding every route's table.
+    let routed = if routes {
+        let tables: Vec<(&str, HashMap<String, String>)> = vec![(Kind::RouteTable.type_url(), HashMap::new())];
+        let mut client = GenericClient::connect(&control.url, "routes-0.ns-0", &tables).await;
+        let mut held: HashMap<String, bool> = HashMap::new();
+        while held.values().filter(|routed| **routed).count() < ROUTES {
+            let response = client.next().await;
+            for resource in &response.resources {
+                held.insert(resource.name.clone(), made_of_a_route(resource));
+            }
+            client.ack(&response).await;
+        }
+        Some(started.elapsed())
+    } else {
+        None
+    };
     let rss = control.rss_kib();
     let view_bytes = control.metric_sum("remora_control_pushed_bytes_total").await;
     println!(
@@ -388,6 +443,9 @@ async fn cluster_scale(n: usize) {
         view_bytes / 1e6,
         rss as f64 / 1024.0
     );
+    if let Some(routed) = routed {
+        println!("with {ROUTES} HTTPRoutes: every route's table held {} after the control plane started", ms(routed));
+    }
     drop(client);
     // A whole view (every type), as each proxy below is first sent.
     let before = control.metric_sum("remora_control_pushed_bytes_total").await;
@@ -404,7 +462,8 @@ async fn cluster_scale(n: usize) {
 
     // Proxies connect 50 at a time: each first view is every Service, and this process (which
     // decodes them all) must not be the bottleneck that times them out.
-    let shared = Arc::new(Shared::new(n, Kind::Endpoints));
+    let timed = if routes { Kind::RouteTable } else { Kind::Endpoints };
+    let shared = Arc::new(Shared::new(n, timed));
     let mut tasks = Vec::new();
     let connecting = Instant::now();
     for id in 0..n {
@@ -418,28 +477,43 @@ async fn cluster_scale(n: usize) {
         }
     }
     let connected = connecting.elapsed();
-    let series = "remora_control_pushed_bytes_total{type=\"Endpoints\"}";
+    let series = format!("remora_control_pushed_bytes_total{{type=\"{}\"}}", timed.as_str());
+    let series = series.as_str();
     let (mut per_proxy, mut all, mut bytes) = (Vec::new(), Vec::new(), Vec::new());
     for change in 0..10 {
         shared.acked.lock().unwrap().iter_mut().for_each(|slot| *slot = None);
         tokio::time::sleep(Duration::from_millis(200)).await;
         let before = control.metric(series).await;
-        let service = change * 97 % SERVICES;
+        let service = change * 97 % if routes { ROUTES } else { SERVICES };
         let changed = Instant::now();
-        api.put(scale_slice(service, Some(change % PODS_PER_SERVICE)));
+        if routes {
+            api.put(scale_route(service, 80));
+        } else {
+            api.put(scale_slice(service, Some(change % PODS_PER_SERVICE)));
+        }
         let times = shared.acks_since(changed, Duration::from_secs(60)).await;
         all.push(*times.iter().max().unwrap());
         per_proxy.extend(times);
         tokio::time::sleep(Duration::from_millis(300)).await;
         bytes.push((control.metric(series).await - before) / n as f64);
-        // The next change puts the endpoint back.
-        api.put(scale_slice(service, None));
+        // The next change puts it back.
+        if routes {
+            api.put(scale_route(service, 90));
+        } else {
+            api.put(scale_slice(service, None));
+        }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     per_proxy.sort();
     all.sort();
+    let what = if routes { "one HTTPRoute edited" } else { "one endpoint changed" };
+    let whose = if routes {
+        "its Service's route table".to_owned()
+    } else {
+        format!("its Service's {PODS_PER_SERVICE} endpoints")
+    };
     println!(
-        "{n} proxies connected in {}; one endpoint changed at the API server, 10 times: per proxy p50 {} p99 {}, all ACKed p50 {} p99 {}; {:.0} bytes pushed per proxy per change (its Service's {PODS_PER_SERVICE} endpoints); RSS {:.1} MiB",
+        "{n} proxies connected in {}; {what} at the API server, 10 times: per proxy p50 {} p99 {}, all ACKed p50 {} p99 {}; {:.0} bytes pushed per proxy per change ({whose}); RSS {:.1} MiB",
         ms(connected),
         ms(percentile(&per_proxy, 0.5)),
         ms(percentile(&per_proxy, 0.99)),

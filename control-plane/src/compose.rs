@@ -172,6 +172,10 @@ impl Sources {
             // A list replaced a kind: made whole again (the caller does, with the changes taken).
             return false;
         }
+        if changes.is_empty() {
+            // Nothing the mesh is made of (a route's status, say): nothing to publish.
+            return true;
+        }
         let written = directory.as_ref().map_or(&[][..], |d| &d.resources);
         let remade = memo.remake(&objects, written, &self.mesh, &changes);
         let mut delta = Delta::default();

@@ -180,6 +180,9 @@ impl Publisher {
     /// Applies `delta` to the set last published: only its resources are encoded. If it changes
     /// nothing, nothing is published.
     pub fn publish_delta(&self, delta: &Delta, system_version: &str) -> Published {
+        if delta.put.is_empty() && delta.removed.is_empty() {
+            return Published::default();
+        }
         let previous = self.tx.borrow().clone();
         let mut summary = Published::default();
         let mut shared = previous.shared.carried();

@@ -145,8 +145,8 @@ pub struct RouteObject {
     pub parents: Vec<Value>,
 }
 
-/// What changed in the objects: which Services' resources must be made again. (Namespaces and
-/// pods' settings change only the inbound policies, which are made again every time.)
+/// What changed in the objects: which Services' resources must be made again, and whether the
+/// inbound policies must (namespaces' and pods' settings, Services and pods coming or going).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Changes {
     /// Everything: a list replaced a kind, or other objects were added.
@@ -156,6 +156,15 @@ pub struct Changes {
     /// The pods, by UID, whose service account or sidecar changed: the Services whose slices
     /// name one changed too.
     pub pods: BTreeSet<String>,
+    /// Whether the inbound policies must be made again.
+    pub policies: bool,
+}
+
+impl Changes {
+    /// Whether nothing the mesh is made of changed (a route's status, say, may have).
+    pub fn is_empty(&self) -> bool {
+        !self.all && self.services.is_empty() && self.pods.is_empty() && !self.policies
+    }
 }
 
 impl Objects {
@@ -184,7 +193,7 @@ impl Objects {
                     let key = (service.namespace.clone(), service.name.clone());
                     let changed = self.services.get(&key) != Some(&service);
                     if changed {
-                        self.services.insert(key.clone(), service);
+                        self.changes.policies |= self.services.insert(key.clone(), service).is_none();
                         self.backend_changed(&key);
                         self.changes.services.insert(key);
                     }
@@ -198,6 +207,7 @@ impl Objects {
                     let account = self.slices.set_account(&uid, &pod.namespace, &pod.account);
                     let old = self.pods.insert(uid.clone(), pod.clone());
                     let meshed = old.as_ref().is_none_or(|old| old.meshed != pod.meshed);
+                    self.changes.policies |= old.as_ref().is_none_or(|old| old.settings != pod.settings);
                     if account || meshed {
                         self.changes.pods.insert(uid);
                     }
@@ -207,7 +217,9 @@ impl Objects {
             },
             Some(ObjectKind::Namespace) => match namespace(object) {
                 Some((name, namespace)) => {
-                    self.namespaces.insert(name, namespace.clone()).is_none_or(|old| old != namespace)
+                    let changed = self.namespaces.insert(name, namespace.clone()).is_none_or(|old| old != namespace);
+                    self.changes.policies |= changed;
+                    changed
                 }
                 None => false,
             },
@@ -298,6 +310,7 @@ impl Objects {
                 if removed {
                     self.backend_changed(&key);
                     self.changes.services.insert(key);
+                    self.changes.policies = true;
                 }
                 removed
             }
@@ -308,10 +321,15 @@ impl Objects {
                 let removed = self.pods.remove(uid).is_some() || account;
                 if removed {
                     self.changes.pods.insert(uid.to_owned());
+                    self.changes.policies = true;
                 }
                 removed
             }
-            Some(ObjectKind::Namespace) => self.namespaces.remove(name).is_some(),
+            Some(ObjectKind::Namespace) => {
+                let removed = self.namespaces.remove(name).is_some();
+                self.changes.policies |= removed;
+                removed
+            }
             Some(kind @ (ObjectKind::HttpRoute | ObjectKind::GrpcRoute)) => {
                 match self.routes.remove(&(namespace.to_owned(), route_kind(kind), name.to_owned())) {
                     Some(route) => {
@@ -326,9 +344,24 @@ impl Objects {
         }
     }
 
+    /// How many objects of `kind` are held.
+    pub fn count(&self, kind: ObjectKind) -> usize {
+        match kind {
+            ObjectKind::Service => self.services.len(),
+            ObjectKind::EndpointSlice => self.slices.len(),
+            ObjectKind::Pod => self.pods.len(),
+            ObjectKind::Namespace => self.namespaces.len(),
+            ObjectKind::HttpRoute | ObjectKind::GrpcRoute => {
+                let kind = route_kind(kind);
+                self.routes.keys().filter(|(_, k, _)| *k == kind).count()
+            }
+        }
+    }
+
     /// Forgets every object of `kind` (a fresh list replaces them).
     pub fn clear(&mut self, kind: ObjectKind) {
-        self.changes.all = true;
+        // Nothing held, nothing changes: each object listed after is noted as it is applied.
+        self.changes.all |= self.count(kind) > 0;
         match kind {
             ObjectKind::Service => self.services.clear(),
             ObjectKind::EndpointSlice => self.slices.clear(),

@@ -119,9 +119,11 @@ impl Mesh {
                 self.services.insert(key, after);
             }
         }
-        let policies = inbound_policies(objects, written.resources, settings);
-        remade.before.extend(std::mem::replace(&mut self.policies, policies.clone()));
-        remade.after.extend(policies);
+        if changes.policies {
+            let policies = inbound_policies(objects, written.resources, settings);
+            remade.before.extend(std::mem::replace(&mut self.policies, policies.clone()));
+            remade.after.extend(policies);
+        }
         remade
     }
 }

@@ -152,11 +152,16 @@ impl Following {
             Ok(Event::InitDone) => {
                 let listed = self.listing.remove(&kind).unwrap_or_default();
                 let mut objects = lock(&self.objects);
+                // An empty list where nothing was held changes nothing (a cluster without
+                // HTTPRoutes), unless it completes the first listing of the kinds the mesh needs.
+                let changed = objects.count(kind) > 0 || !listed.is_empty();
+                let completes = ObjectKind::REQUIRED.contains(&kind) && !self.listed.contains(&kind);
                 objects.clear(kind);
                 for object in &listed {
                     objects.apply(object);
                 }
-                if self.listed.insert(kind) && ObjectKind::REQUIRED.iter().all(|k| self.listed.contains(k)) {
+                self.listed.insert(kind);
+                if completes && ObjectKind::REQUIRED.iter().all(|k| self.listed.contains(k)) {
                     info!(
                         services = objects.services.len(),
                         endpoint_slices = objects.slices.len(),
@@ -165,7 +170,7 @@ impl Following {
                         "Kubernetes objects listed"
                     );
                 }
-                self.dirty = true;
+                self.dirty |= changed || completes;
             }
             Ok(Event::Apply(object)) => {
                 let changed = lock(&self.objects).apply(&object);
