@@ -25,8 +25,8 @@
 //! `timeouts` and `retry` onto the route's timeout and retry policy. A backendRef names a
 //! Service and port: its cluster is that port's (the automatic one, or the operator's cluster that
 //! names it). A backendRef to a Service or port that does not exist, or to another namespace than
-//! the route's (but the parent Service itself), is left out; a rule left with no backend answers
-//! 500. A route that cannot be read (an unsupported filter, a bad value the CRD's validation would
+//! the route's that no ReferenceGrant there opens to the route (the parent Service itself needs
+//! none), is left out; a rule left with no backend answers 500. A route that cannot be read (an unsupported filter, a bad value the CRD's validation would
 //! refuse) is applied nowhere, and the reason is logged when it is read.
 
 use std::cmp::Reverse;
@@ -157,6 +157,48 @@ impl Route {
             let mirror = rule.mirror.as_ref().map(|(b, _)| b);
             rule.backends.iter().chain(mirror).map(|b| (b.namespace.as_str(), b.name.as_str()))
         })
+    }
+}
+
+/// A ReferenceGrant: which routes of other namespaces may send to Services of its own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReferenceGrant {
+    /// Its namespace (the Services').
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+    /// `(group, kind, namespace)` of the referrers it admits.
+    pub from: Vec<(String, String, String)>,
+    /// `(group, kind, name)` of what may be referred to (no name: every one of the kind).
+    pub to: Vec<(String, String, Option<String>)>,
+}
+
+impl ReferenceGrant {
+    /// Reads a ReferenceGrant object; `None` when it has no name.
+    pub fn read(object: &Value) -> Option<ReferenceGrant> {
+        let metadata = &object["metadata"];
+        let text = |value: &Value| value.as_str().unwrap_or_default().to_owned();
+        Some(ReferenceGrant {
+            namespace: metadata["namespace"].as_str().unwrap_or("default").to_owned(),
+            name: metadata["name"].as_str()?.to_owned(),
+            from: list(&object["spec"]["from"])
+                .map(|f| (text(&f["group"]), text(&f["kind"]), text(&f["namespace"])))
+                .collect(),
+            to: list(&object["spec"]["to"])
+                .map(|t| (text(&t["group"]), text(&t["kind"]), t["name"].as_str().map(str::to_owned)))
+                .collect(),
+        })
+    }
+
+    /// Whether it lets `route` send to Service `name` of its namespace.
+    pub fn admits(&self, route: &Route, name: &str) -> bool {
+        let from = self.from.iter().any(|(group, kind, namespace)| {
+            group == GROUP && kind == route.kind.as_str() && *namespace == route.namespace
+        });
+        let to = self.to.iter().any(|(group, kind, named)| {
+            matches!(group.as_str(), "" | "core") && kind == "Service" && named.as_deref().is_none_or(|n| n == name)
+        });
+        from && to
     }
 }
 
@@ -521,14 +563,14 @@ pub(super) struct Attached {
 }
 
 /// The routes `routes` (those attached to `port` of Service `namespace/name`) make: see the module
-/// documentation. `cluster` names the cluster of a Service port, `None` when there is no such
-/// Service or port; `own` is the attached port's own cluster (where a rule with no backend left is
-/// answered 500).
+/// documentation. `cluster` names the cluster a route's backendRef sends to, `None` when there is
+/// no such Service port or the route may not send there; `own` is the attached port's own cluster
+/// (where a rule with no backend left is answered 500).
 pub(super) fn attached<'a>(
     routes: impl Iterator<Item = &'a Route>,
     (namespace, name, port): (&str, &str, u16),
     own: &str,
-    cluster: &dyn Fn(&str, &str, u16) -> Option<String>,
+    cluster: &dyn Fn(&Route, &BackendRef) -> Option<String>,
 ) -> Attached {
     let mut producer = Vec::new();
     let mut consumers: BTreeMap<&str, Vec<(Precedence<'a>, v1::Route)>> = BTreeMap::new();
@@ -560,17 +602,11 @@ fn made_routes<'a>(
     route: &'a Route,
     rules: &'a [Rule],
     own: &str,
-    cluster: &dyn Fn(&str, &str, u16) -> Option<String>,
+    cluster: &dyn Fn(&Route, &BackendRef) -> Option<String>,
 ) -> Vec<(Precedence<'a>, v1::Route)> {
     let mut made = Vec::new();
     for (i, rule) in rules.iter().enumerate() {
-        // A backend in another namespace than the route's needs a ReferenceGrant (not read yet),
-        // unless it is the Service the route attaches to.
-        let permitted = |b: &BackendRef| {
-            b.namespace == route.namespace
-                || route.parents.iter().any(|p| p.namespace == b.namespace && p.name == b.name)
-        };
-        let resolve = |b: &BackendRef| permitted(b).then(|| cluster(&b.namespace, &b.name, b.port)).flatten();
+        let resolve = |b: &BackendRef| cluster(route, b);
         let mut backends: Vec<v1::WeightedCluster> = rule
             .backends
             .iter()
@@ -941,5 +977,44 @@ mod tests {
             with(json!({"retry": {"attempts": 50}, "backendRefs": backend})).unwrap_err().contains("retry.attempts")
         );
         assert!(with(json!({"backendRefs": backend})).unwrap().retry.is_none());
+    }
+
+    /// A backendRef to another namespace's Service is left out (its rule answers 500, its status
+    /// RefNotPermitted) until a ReferenceGrant there admits the route's kind and namespace.
+    #[test]
+    fn reference_grants_open_services_to_other_namespaces() {
+        let consumer = route(
+            "client",
+            "mine",
+            "",
+            json!({
+                "parentRefs": [{"kind": "Service", "namespace": "mesh", "name": "echo"}],
+                "rules": [{"backendRefs": [{"name": "echo-v2", "namespace": "mesh", "port": 80}]}]
+            }),
+        );
+        let grant = |kind: &str| {
+            json!({"apiVersion": "gateway.networking.k8s.io/v1beta1", "kind": "ReferenceGrant",
+                   "metadata": {"namespace": "mesh", "name": "from-client"},
+                   "spec": {"from": [{"group": "gateway.networking.k8s.io", "kind": kind, "namespace": "client"}],
+                            "to": [{"group": "", "kind": "Service", "name": "echo-v2"}]}})
+        };
+        let backend_of = |objects: &Objects| {
+            let made = resources(objects, &[], &Settings::default());
+            let route = &table(&made.scoped["client"], "mesh/echo:80").routes[0];
+            (route.backends[0].cluster.clone(), route.fault.is_some())
+        };
+        let resolved = |objects: &Objects| {
+            let route = objects.routes.values().next().unwrap();
+            crate::mesh::status::conditions(objects, route)[0].1[1].reason
+        };
+        let mut objects = objects(&[consumer]);
+        assert_eq!(backend_of(&objects), ("mesh/echo:80".to_owned(), true), "left out: the rule answers 500");
+        assert_eq!(resolved(&objects), "RefNotPermitted");
+        objects.apply(&grant("GRPCRoute"));
+        assert_eq!(resolved(&objects), "RefNotPermitted", "a grant for another kind");
+        objects.apply(&grant("HTTPRoute"));
+        assert!(objects.take_changes().all, "a grant makes everything again");
+        assert_eq!(backend_of(&objects), ("mesh/echo-v2:80".to_owned(), false));
+        assert_eq!(resolved(&objects), "ResolvedRefs");
     }
 }

@@ -44,6 +44,6 @@ mod objects;
 pub mod status;
 mod translate;
 
-pub use gateway::{GROUP, ParentRef, Route, RouteKind};
+pub use gateway::{BackendRef, GROUP, ParentRef, ReferenceGrant, Route, RouteKind};
 pub use objects::{Changes, Namespace, ObjectKind, Objects, Pod, RouteKey, Service, ServicePort};
 pub use translate::{INBOUND_LISTENER, INBOUND_POLICY, Made, Mesh, Remade, Settings, resources};

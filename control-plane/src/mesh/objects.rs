@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use tracing::warn;
 
-use super::gateway::{GROUP, Route, RouteKind};
+use super::gateway::{BackendRef, GROUP, ReferenceGrant, Route, RouteKind};
 use crate::inject::PROXY_CONTAINER;
 use crate::sources::endpoint_slices::{PodRef, Slices, is_name, pod_account, tcp_ports};
 
@@ -76,6 +76,8 @@ pub enum ObjectKind {
     HttpRoute,
     /// `gateway.networking.k8s.io/v1` GRPCRoute.
     GrpcRoute,
+    /// `gateway.networking.k8s.io/v1beta1` ReferenceGrant.
+    ReferenceGrant,
 }
 
 impl ObjectKind {
@@ -96,6 +98,11 @@ impl ObjectKind {
             }
             (version, "GRPCRoute") if version.strip_prefix(GROUP).is_some_and(|v| v == "/v1" || v == "/v1alpha2") => {
                 Some(ObjectKind::GrpcRoute)
+            }
+            (version, "ReferenceGrant")
+                if version.strip_prefix(GROUP).is_some_and(|v| v == "/v1" || v == "/v1beta1") =>
+            {
+                Some(ObjectKind::ReferenceGrant)
             }
             _ => None,
         }
@@ -126,6 +133,8 @@ pub struct Objects {
     attached: BTreeMap<(String, String), BTreeSet<RouteKey>>,
     /// Each route's object as last told: what its status is written against.
     pub route_objects: BTreeMap<RouteKey, RouteObject>,
+    /// ReferenceGrants by `(namespace, name)`.
+    pub grants: BTreeMap<(String, String), ReferenceGrant>,
     /// What changed since [`Objects::take_changes`] last took it.
     changes: Changes,
 }
@@ -223,6 +232,16 @@ impl Objects {
                 }
                 None => false,
             },
+            Some(ObjectKind::ReferenceGrant) => match ReferenceGrant::read(object) {
+                Some(grant) => {
+                    let key = (grant.namespace.clone(), grant.name.clone());
+                    let changed = self.grants.insert(key, grant.clone()).is_none_or(|old| old != grant);
+                    // Rare, and any route may be touched: everything is made again.
+                    self.changes.all |= changed;
+                    changed
+                }
+                None => false,
+            },
             Some(kind @ (ObjectKind::HttpRoute | ObjectKind::GrpcRoute)) => match Route::read(route_kind(kind), object)
             {
                 Some(route) => {
@@ -271,6 +290,17 @@ impl Objects {
                 }
             }
         }
+    }
+
+    /// Whether `route` may send to `backend`: a Service of its own namespace, the Service it
+    /// attaches to, or one a ReferenceGrant of the Service's namespace admits it to.
+    pub fn permits(&self, route: &Route, backend: &BackendRef) -> bool {
+        backend.namespace == route.namespace
+            || route.parents.iter().any(|p| p.namespace == backend.namespace && p.name == backend.name)
+            || self
+                .grants
+                .values()
+                .any(|grant| grant.namespace == backend.namespace && grant.admits(route, &backend.name))
     }
 
     /// The HTTPRoutes attached to Service `namespace/name` (to any of its ports).
@@ -330,6 +360,11 @@ impl Objects {
                 self.changes.policies |= removed;
                 removed
             }
+            Some(ObjectKind::ReferenceGrant) => {
+                let removed = self.grants.remove(&(namespace.to_owned(), name.to_owned())).is_some();
+                self.changes.all |= removed;
+                removed
+            }
             Some(kind @ (ObjectKind::HttpRoute | ObjectKind::GrpcRoute)) => {
                 match self.routes.remove(&(namespace.to_owned(), route_kind(kind), name.to_owned())) {
                     Some(route) => {
@@ -351,6 +386,7 @@ impl Objects {
             ObjectKind::EndpointSlice => self.slices.len(),
             ObjectKind::Pod => self.pods.len(),
             ObjectKind::Namespace => self.namespaces.len(),
+            ObjectKind::ReferenceGrant => self.grants.len(),
             ObjectKind::HttpRoute | ObjectKind::GrpcRoute => {
                 let kind = route_kind(kind);
                 self.routes.keys().filter(|(_, k, _)| *k == kind).count()
@@ -370,6 +406,7 @@ impl Objects {
                 self.slices.clear_accounts();
             }
             ObjectKind::Namespace => self.namespaces.clear(),
+            ObjectKind::ReferenceGrant => self.grants.clear(),
             ObjectKind::HttpRoute | ObjectKind::GrpcRoute => {
                 let kind = route_kind(kind);
                 let gone: Vec<Route> = self.routes.values().filter(|r| r.kind == kind).cloned().collect();
@@ -394,6 +431,9 @@ impl Objects {
         }
         for (name, namespace) in &other.namespaces {
             self.namespaces.entry(name.clone()).or_insert_with(|| namespace.clone());
+        }
+        for (key, grant) in &other.grants {
+            self.grants.entry(key.clone()).or_insert_with(|| grant.clone());
         }
         for (key, route) in &other.routes {
             if !self.routes.contains_key(key) {

@@ -5,8 +5,8 @@
 //! `UnsupportedValue` for a route that cannot be applied (the message says why, naming the rule
 //! and field), `NoMatchingParent` for a Service (or a Service port) that does not exist.
 //! `ResolvedRefs` is `True` when every backendRef (and mirror) names a Service port that exists;
-//! `False` with `RefNotPermitted` for one in another namespace than the route's (but the parent
-//! itself: ReferenceGrants are not read), else `BackendNotFound`. [`parents`] gives the entries of
+//! `False` with `RefNotPermitted` for one in another namespace than the route's that no
+//! ReferenceGrant there admits (the parent itself needs none), else `BackendNotFound`. [`parents`] gives the entries of
 //! one route's `status.parents` in Gateway API's form; the cluster source writes them to the API
 //! server, and the control plane shows them in `/config_dump` either way.
 
@@ -65,11 +65,11 @@ fn resolved(objects: &Objects, route: &Route) -> Condition {
         Err(_) => Vec::new(),
     };
     for backend in backends {
-        let permitted = backend.namespace == route.namespace
-            || route.parents.iter().any(|p| p.namespace == backend.namespace && p.name == backend.name);
+        let permitted = objects.permits(route, backend);
         let what = format!("{}/{}:{}", backend.namespace, backend.name, backend.port);
         if !permitted {
-            let message = format!("backend {what} is in another namespace (ReferenceGrants are not read)");
+            let message =
+                format!("backend {what} is in another namespace, and no ReferenceGrant there admits this route");
             return Condition { kind: "ResolvedRefs", holds: false, reason: "RefNotPermitted", message };
         }
         let service = objects.services.get(&(backend.namespace.clone(), backend.name.clone()));

@@ -214,9 +214,12 @@ fn service_resources(objects: &Objects, service: &Service, written: &Written<'_>
         }
         // Gateway API routes attached to the port are its routes: the producer's for every caller,
         // a consumer namespace's for its own callers.
-        let resolve = |namespace: &str, name: &str, number: u16| {
-            let service = objects.services.get(&(namespace.to_owned(), name.to_owned()))?;
-            let port = service.ports.iter().find(|p| p.port == number)?;
+        let resolve = |route: &gateway::Route, backend: &gateway::BackendRef| {
+            if !objects.permits(route, backend) {
+                return None;
+            }
+            let service = objects.services.get(&(backend.namespace.clone(), backend.name.clone()))?;
+            let port = service.ports.iter().find(|p| p.port == backend.port)?;
             Some(written.backend_for(service, port))
         };
         let routes = objects.routes_of(&service.namespace, &service.name);

@@ -69,6 +69,7 @@ pub async fn follow(client: Client, trust_domain: String, mut on_update: impl Fn
         watch(&client, ObjectKind::Namespace, ("", "v1", "Namespace", "namespaces")),
         watch(&client, ObjectKind::HttpRoute, (GROUP, "v1", "HTTPRoute", "httproutes")),
         watch(&client, ObjectKind::GrpcRoute, (GROUP, "v1", "GRPCRoute", "grpcroutes")),
+        watch(&client, ObjectKind::ReferenceGrant, (GROUP, "v1beta1", "ReferenceGrant", "referencegrants")),
     ]);
     let mut following = Following::new(&trust_domain);
     while let Some(first) = events.next().await {

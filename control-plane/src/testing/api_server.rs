@@ -81,13 +81,19 @@ struct Watch {
 }
 
 /// The kinds served: collection path, `apiVersion`, kind, list kind.
-const KINDS: [(&str, &str, &str, &str); 6] = [
+const KINDS: [(&str, &str, &str, &str); 7] = [
     ("/api/v1/services", "v1", "Service", "ServiceList"),
     ("/apis/discovery.k8s.io/v1/endpointslices", "discovery.k8s.io/v1", "EndpointSlice", "EndpointSliceList"),
     ("/api/v1/pods", "v1", "Pod", "PodList"),
     ("/api/v1/namespaces", "v1", "Namespace", "NamespaceList"),
     ("/apis/gateway.networking.k8s.io/v1/httproutes", "gateway.networking.k8s.io/v1", "HTTPRoute", "HTTPRouteList"),
     ("/apis/gateway.networking.k8s.io/v1/grpcroutes", "gateway.networking.k8s.io/v1", "GRPCRoute", "GRPCRouteList"),
+    (
+        "/apis/gateway.networking.k8s.io/v1beta1/referencegrants",
+        "gateway.networking.k8s.io/v1beta1",
+        "ReferenceGrant",
+        "ReferenceGrantList",
+    ),
 ];
 
 /// The row of [`KINDS`] for an object's kind.
