@@ -110,6 +110,12 @@ impl HttpServer {
         HttpServer::serve(TcpListener::bind("127.0.0.1:0").await.unwrap(), handler)
     }
 
+    /// Starts a server that answers every request with `handler` on an already-bound socket.
+    pub fn with_handler_on(socket: std::net::TcpListener, handler: Handler) -> HttpServer {
+        socket.set_nonblocking(true).unwrap();
+        HttpServer::serve(TcpListener::from_std(socket).unwrap(), handler)
+    }
+
     fn serve(listener: TcpListener, handler: Handler) -> HttpServer {
         let address = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
