@@ -78,6 +78,7 @@ impl Sources {
                 }
                 state.directory_error = None;
                 state.objects = mesh::Objects::read(&self.mesh.trust_domain, &snapshot.kubernetes);
+                report_routes(&state.objects);
                 state.directory = Some(snapshot);
             }
             Err(e) => {
@@ -242,6 +243,26 @@ impl Sources {
             "scoped_views": scopes,
             "routes": routes,
         })
+    }
+}
+
+/// Logs each condition of the directory's Gateway API routes that does not hold (no API server
+/// to write a status to: a broken route is never silent).
+fn report_routes(objects: &mesh::Objects) {
+    for route in objects.routes.values() {
+        for (parent, conditions) in mesh::status::conditions(objects, route) {
+            for condition in conditions.iter().filter(|c| !c.holds) {
+                warn!(
+                    kind = route.kind.as_str(),
+                    route = %format!("{}/{}", route.namespace, route.name),
+                    service = %format!("{}/{}", parent.namespace, parent.name),
+                    condition = condition.kind,
+                    reason = condition.reason,
+                    detail = %condition.message,
+                    "route condition does not hold"
+                );
+            }
+        }
     }
 }
 

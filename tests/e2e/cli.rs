@@ -414,3 +414,28 @@ async fn the_log_filter_changes_at_runtime_through_the_admin_api() {
     assert_eq!(reply.status, 200);
     assert_eq!(client.get("admin", "/logging").await.text().trim(), "warn");
 }
+
+/// In directory mode there is no API server to write a route's status to: `remora control` logs
+/// each condition that does not hold, naming the route, its parent Service and the reason.
+#[test]
+fn broken_routes_in_the_directory_are_logged() {
+    let dir = temp_dir("remora-cli-routes");
+    std::fs::write(
+        dir.join("routes.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {namespace: shop, name: web}\nspec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {namespace: shop, name: canary}\nspec:\n  parentRefs: [{kind: Service, name: web}]\n  rules: [{backendRefs: [{name: web-v2, port: 80}]}]\n",
+    )
+    .unwrap();
+    let mut control = Spawned::new(&["control", "--config-dir", dir.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
+    let line = control.wait_for("route condition does not hold");
+    for part in [
+        "route=shop/canary",
+        "service=shop/web",
+        "condition=\"ResolvedRefs\"",
+        "reason=\"BackendNotFound\"",
+        "detail=no Service port shop/web-v2:80",
+    ] {
+        assert!(line.contains(part), "{part} missing in {line}");
+    }
+    control.signal(Signal::TERM);
+    assert_eq!(control.exit_code(), 0);
+}
