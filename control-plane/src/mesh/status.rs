@@ -74,7 +74,7 @@ fn resolved(objects: &Objects, route: &Route) -> Condition {
         }
         let service = objects.services.get(&(backend.namespace.clone(), backend.name.clone()));
         if !service.is_some_and(|s| s.ports.iter().any(|p| p.port == backend.port)) {
-            let message = format!("no Service port {what}: its share of requests is answered 500");
+            let message = format!("no Service port {what}: left out, the rule's other backends take its share");
             return Condition { kind: "ResolvedRefs", holds: false, reason: "BackendNotFound", message };
         }
     }
