@@ -2,7 +2,8 @@
 //! parent is a Service, beside the Services' manifests. Calling sidecars follow a producer route
 //! (matches, filters, redirects, weights, 404 for what no rule matches), a consumer route changes
 //! only its own namespace's calls, an edited route is followed, and a route that cannot be applied
-//! leaves the Service to its plain route while the rest of the mesh keeps serving.
+//! leaves the Service to its plain route while the rest of the mesh keeps serving; a GRPCRoute
+//! routes by service and method; a rule's timeouts and retries are kept.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -228,4 +229,42 @@ async fn grpc_call(client: &mut Client, method: &str, canary: bool) -> remora_pr
     }
     let request = request.body(remora_proxy::testing::servers::full(&b"\0\0\0\0\0"[..])).unwrap();
     remora_proxy::testing::client::read(client.send(request).await.unwrap()).await
+}
+
+/// An HTTPRoute rule's `timeouts.request` bounds the call (504 from the caller's sidecar when the
+/// backend is slower) and its `retry` retries the codes it names, `attempts` times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_timeouts_and_retries_are_kept() {
+    let (v1, v2) = (HttpServer::start("v1").await, HttpServer::start("v2").await);
+    let route = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {namespace: mesh, name: careful}
+spec:
+  parentRefs: [{kind: Service, name: echo-v1, port: 80}]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /slow}}]
+      timeouts: {request: 300ms}
+      backendRefs: [{name: echo-v1, port: 80}]
+    - matches: [{path: {type: PathPrefix, value: /status}}]
+      retry: {codes: [503], attempts: 2, backoff: 10ms}
+      backendRefs: [{name: echo-v1, port: 80}]
+"#;
+    let plane = TestControlPlane::start(&[("services.yaml", &services(&v1, &v2)), ("routes.yaml", route)]);
+    let mesh = caller(&plane, "app-0.mesh");
+    mesh.wait_ready().await;
+    let mut client = Client::http1(mesh.address("out")).await;
+    eventually("the route is followed", Duration::from_secs(10), || async {
+        Client::http1(mesh.address("out")).await.get("echo-v1.mesh", "/nothing").await.status == 404
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let slow = client.get("echo-v1.mesh", "/slow/3000").await;
+    assert_eq!(slow.status, 504, "{}", slow.text());
+    assert!(started.elapsed() < Duration::from_secs(2), "the request timeout cut the wait");
+    let before = v1.hits();
+    assert_eq!(client.get("echo-v1.mesh", "/status/503").await.status, 503);
+    assert_eq!(v1.hits() - before, 3, "the first attempt and two retries");
+    let before = v1.hits();
+    assert_eq!(client.get("echo-v1.mesh", "/status/500").await.status, 500);
+    assert_eq!(v1.hits() - before, 1, "a code the rule does not name is not retried");
 }
