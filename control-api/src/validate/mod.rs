@@ -34,7 +34,8 @@ use crate::v1;
 pub use bootstrap::validate_bootstrap;
 use values::is_token;
 pub use values::{
-    Destination, MAX_REPLAY_BUFFER, MAX_RETRIES, RETRY_ON, check_control_plane, compile_regex, duration, parse_address,
+    Destination, MAX_REPLAY_BUFFER, MAX_RETRIES, PathReplacement, RETRY_ON, check_control_plane, compile_regex,
+    duration, parse_address,
 };
 
 /// Every problem found in a resource set.

@@ -6,7 +6,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use super::{Checker, Destination, MAX_REPLAY_BUFFER, MAX_RETRIES, RETRY_ON, compile_regex, duration, is_token};
+use super::{
+    Checker, Destination, MAX_REPLAY_BUFFER, MAX_RETRIES, PathReplacement, RETRY_ON, compile_regex, duration, is_token,
+};
 
 /// Whether `host` can be a URL's host: a DNS name (letters, digits, `-`, `.`) or an IP address.
 fn is_host(host: &str) -> bool {
@@ -146,10 +148,7 @@ impl Checker {
             if let Some(modifier) = &route.response_headers {
                 self.header_modifier(subject, &at("response_headers"), modifier);
             }
-            let prefix_matched = matches!(
-                route.r#match.as_ref().and_then(|m| m.path.as_ref()).and_then(|p| p.kind.as_ref()),
-                Some(v1::path_match::Kind::Prefix(_) | v1::path_match::Kind::SegmentPrefix(_))
-            );
+            let prefix_matched = route.r#match.as_ref().and_then(v1::RouteMatch::matched_prefix).is_some();
             if let Some(redirect) = &route.redirect {
                 self.redirect(subject, &at("redirect"), redirect, prefix_matched);
             }
@@ -157,13 +156,8 @@ impl Checker {
                 if !rewrite.host.is_empty() && !is_host(&rewrite.host) {
                     self.fail(subject, at("rewrite.host"), format!("{:?} is not a host name", rewrite.host));
                 }
-                if let Some(path) = &rewrite.path {
-                    use v1::rewrite::Path;
-                    let (field, value, prefix) = match path {
-                        Path::FullPath(p) => ("rewrite.full_path", p, false),
-                        Path::Prefix(p) => ("rewrite.prefix", p, true),
-                    };
-                    self.replacement_path(subject, &at(field), value, prefix && !prefix_matched);
+                if let Some(path) = rewrite.path_replacement() {
+                    self.replacement_path(subject, &at(&format!("rewrite.{}", path.field())), path, prefix_matched);
                 }
             }
             if route.redirect.is_some() {
@@ -229,13 +223,8 @@ impl Checker {
         {
             self.fail(subject, format!("{at}.port"), format!("must be 1 to 65535, got {port}"));
         }
-        if let Some(path) = &redirect.path {
-            use v1::redirect::Path;
-            let (field, value, prefix) = match path {
-                Path::FullPath(p) => ("full_path", p, false),
-                Path::Prefix(p) => ("prefix", p, true),
-            };
-            self.replacement_path(subject, &format!("{at}.{field}"), value, prefix && !prefix_matched);
+        if let Some(path) = redirect.path_replacement() {
+            self.replacement_path(subject, &format!("{at}.{}", path.field()), path, prefix_matched);
         }
         if !matches!(redirect.status, 0 | 301 | 302 | 303 | 307 | 308) {
             self.fail(
@@ -246,14 +235,15 @@ impl Checker {
         }
     }
 
-    /// A path that replaces another: absolute, and (`unmatched`) a prefix replacement on a route
-    /// without a prefix match has no matched part to replace.
-    fn replacement_path(&mut self, subject: &str, at: &str, path: &str, unmatched: bool) {
-        if !path.starts_with('/') {
-            self.fail(subject, at.to_owned(), format!("must start with '/', got {path:?}"));
-        } else if http::uri::PathAndQuery::try_from(path).map_or(true, |p| p.query().is_some()) {
-            self.fail(subject, at.to_owned(), format!("{path:?} is not a path"));
-        } else if unmatched {
+    /// A path that replaces another: absolute, and a prefix replacement needs a prefix match
+    /// (`prefix_matched`) to have a matched part to replace.
+    fn replacement_path(&mut self, subject: &str, at: &str, path: PathReplacement<'_>, prefix_matched: bool) {
+        let (PathReplacement::Full(text) | PathReplacement::Prefix(text)) = path;
+        if !text.starts_with('/') {
+            self.fail(subject, at.to_owned(), format!("must start with '/', got {text:?}"));
+        } else if http::uri::PathAndQuery::try_from(text).map_or(true, |p| p.query().is_some()) {
+            self.fail(subject, at.to_owned(), format!("{text:?} is not a path"));
+        } else if matches!(path, PathReplacement::Prefix(_)) && !prefix_matched {
             self.fail(
                 subject,
                 at.to_owned(),

@@ -1,6 +1,6 @@
 //! The small parsers shared by validation and the proxy, so that what validates is exactly what runs:
-//! socket addresses, durations, route-table destinations, route regexes, control-plane URLs; and
-//! the retry conditions and limits a route may ask for.
+//! socket addresses, durations, route-table destinations, route regexes, control-plane URLs, how a
+//! redirect or rewrite replaces a path; and the retry conditions and limits a route may ask for.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -39,6 +39,59 @@ pub fn duration(value: Option<&pbjson_types::Duration>) -> Result<Option<Duratio
         Some(d) => Duration::try_from(*d)
             .map(Some)
             .map_err(|_| format!("must be a non-negative duration, got {}s {}ns", d.seconds, d.nanos)),
+    }
+}
+
+/// How a redirect or a rewrite replaces a request's path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PathReplacement<'a> {
+    /// The whole path, by this.
+    Full(&'a str),
+    /// The part the route's prefix match matched, by this.
+    Prefix(&'a str),
+}
+
+impl PathReplacement<'_> {
+    /// The name of the field that says it (`full_path`, `prefix`).
+    pub fn field(&self) -> &'static str {
+        match self {
+            PathReplacement::Full(_) => "full_path",
+            PathReplacement::Prefix(_) => "prefix",
+        }
+    }
+}
+
+impl crate::v1::Redirect {
+    /// How it replaces the path, if it does.
+    pub fn path_replacement(&self) -> Option<PathReplacement<'_>> {
+        use crate::v1::redirect::Path;
+        self.path.as_ref().map(|path| match path {
+            Path::FullPath(p) => PathReplacement::Full(p),
+            Path::Prefix(p) => PathReplacement::Prefix(p),
+        })
+    }
+}
+
+impl crate::v1::Rewrite {
+    /// How it replaces the path, if it does.
+    pub fn path_replacement(&self) -> Option<PathReplacement<'_>> {
+        use crate::v1::rewrite::Path;
+        self.path.as_ref().map(|path| match path {
+            Path::FullPath(p) => PathReplacement::Full(p),
+            Path::Prefix(p) => PathReplacement::Prefix(p),
+        })
+    }
+}
+
+impl crate::v1::RouteMatch {
+    /// The prefix its path match matches (`prefix` or `segment_prefix`), if it is one: what a
+    /// [`PathReplacement::Prefix`] replaces.
+    pub fn matched_prefix(&self) -> Option<&str> {
+        use crate::v1::path_match::Kind;
+        match self.path.as_ref()?.kind.as_ref()? {
+            Kind::Prefix(prefix) | Kind::SegmentPrefix(prefix) => Some(prefix),
+            _ => None,
+        }
     }
 }
 

@@ -227,12 +227,10 @@ fn read_rule(kind: RouteKind, index: usize, rule: &Value, namespace: &str) -> Re
         let at = format!("{at}.filters[{j}]");
         match filter["type"].as_str().unwrap_or_default() {
             "RequestHeaderModifier" => {
-                filters.request_headers =
-                    Some(header_modifier(&filter["requestHeaderModifier"]).map_err(|e| format!("{at}: {e}"))?);
+                filters.request_headers = Some(header_modifier(&filter["requestHeaderModifier"]));
             }
             "ResponseHeaderModifier" => {
-                filters.response_headers =
-                    Some(header_modifier(&filter["responseHeaderModifier"]).map_err(|e| format!("{at}: {e}"))?);
+                filters.response_headers = Some(header_modifier(&filter["responseHeaderModifier"]));
             }
             "RequestRedirect" | "URLRewrite" if kind == RouteKind::Grpc => {
                 return Err(format!("{at}: a GRPCRoute has no {} filter", filter["type"].as_str().unwrap_or_default()));
@@ -262,13 +260,14 @@ fn read_rule(kind: RouteKind, index: usize, rule: &Value, namespace: &str) -> Re
             other => return Err(format!("{at}: filter type {other:?} is not supported")),
         }
     }
-    let replaces_prefix =
-        matches!(filters.redirect.as_ref().and_then(|r| r.path.as_ref()), Some(v1::redirect::Path::Prefix(_)))
-            || matches!(filters.rewrite.as_ref().and_then(|r| r.path.as_ref()), Some(v1::rewrite::Path::Prefix(_)));
-    let prefixed = |m: &v1::RouteMatch| {
-        matches!(m.path.as_ref().and_then(|p| p.kind.as_ref()), Some(v1::path_match::Kind::SegmentPrefix(_)))
-    };
-    if replaces_prefix && !matches.iter().all(prefixed) {
+    use remora_control_api::validate::PathReplacement;
+    let replaces_prefix = [
+        filters.redirect.as_ref().and_then(v1::Redirect::path_replacement),
+        filters.rewrite.as_ref().and_then(v1::Rewrite::path_replacement),
+    ]
+    .into_iter()
+    .any(|path| matches!(path, Some(PathReplacement::Prefix(_))));
+    if replaces_prefix && !matches.iter().all(|m| m.matched_prefix().is_some()) {
         return Err(format!("{at}: ReplacePrefixMatch needs every match to be a PathPrefix"));
     }
     if filters.redirect.is_some() && filters.rewrite.is_some() {
@@ -285,16 +284,10 @@ fn read_rule(kind: RouteKind, index: usize, rule: &Value, namespace: &str) -> Re
             for (k, filter) in list(&backend["filters"]).enumerate() {
                 match filter["type"].as_str().unwrap_or_default() {
                     "RequestHeaderModifier" => {
-                        read.filters.request_headers = Some(
-                            header_modifier(&filter["requestHeaderModifier"])
-                                .map_err(|e| format!("{at}.filters[{k}]: {e}"))?,
-                        );
+                        read.filters.request_headers = Some(header_modifier(&filter["requestHeaderModifier"]));
                     }
                     "ResponseHeaderModifier" => {
-                        read.filters.response_headers = Some(
-                            header_modifier(&filter["responseHeaderModifier"])
-                                .map_err(|e| format!("{at}.filters[{k}]: {e}"))?,
-                        );
+                        read.filters.response_headers = Some(header_modifier(&filter["responseHeaderModifier"]));
                     }
                     other => {
                         return Err(format!(
@@ -498,7 +491,8 @@ fn path_modifier<P>(spec: &Value, full: fn(String) -> P, prefix: fn(String) -> P
     }
 }
 
-fn header_modifier(spec: &Value) -> Result<v1::HeaderModifier, String> {
+/// A header modifier as read; its names and values are checked with the rest of the rule.
+fn header_modifier(spec: &Value) -> v1::HeaderModifier {
     let headers = |list_of: &Value| {
         list(list_of)
             .map(|h| v1::Header {
@@ -507,12 +501,11 @@ fn header_modifier(spec: &Value) -> Result<v1::HeaderModifier, String> {
             })
             .collect::<Vec<_>>()
     };
-    let modifier = v1::HeaderModifier {
+    v1::HeaderModifier {
         set: headers(&spec["set"]),
         add: headers(&spec["add"]),
         remove: list(&spec["remove"]).filter_map(Value::as_str).map(str::to_owned).collect(),
-    };
-    Ok(modifier)
+    }
 }
 
 fn redirect(spec: &Value) -> Result<v1::Redirect, String> {

@@ -292,6 +292,12 @@ impl Objects {
         }
     }
 
+    /// Service `namespace/name` and its TCP port `port`, if both exist.
+    pub fn service_port(&self, namespace: &str, name: &str, port: u16) -> Option<(&Service, &ServicePort)> {
+        let service = self.services.get(&(namespace.to_owned(), name.to_owned()))?;
+        Some((service, service.ports.iter().find(|p| p.port == port)?))
+    }
+
     /// Whether `route` may send to `backend`: a Service of its own namespace, the Service it
     /// attaches to, or one a ReferenceGrant of the Service's namespace admits it to.
     pub fn permits(&self, route: &Route, backend: &BackendRef) -> bool {

@@ -72,8 +72,7 @@ fn resolved(objects: &Objects, route: &Route) -> Condition {
                 format!("backend {what} is in another namespace, and no ReferenceGrant there admits this route");
             return Condition { kind: "ResolvedRefs", holds: false, reason: "RefNotPermitted", message };
         }
-        let service = objects.services.get(&(backend.namespace.clone(), backend.name.clone()));
-        if !service.is_some_and(|s| s.ports.iter().any(|p| p.port == backend.port)) {
+        if objects.service_port(&backend.namespace, &backend.name, backend.port).is_none() {
             let message = format!("no Service port {what}: left out, the rule's other backends take its share");
             return Condition { kind: "ResolvedRefs", holds: false, reason: "BackendNotFound", message };
         }

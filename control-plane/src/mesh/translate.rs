@@ -218,8 +218,7 @@ fn service_resources(objects: &Objects, service: &Service, written: &Written<'_>
             if !objects.permits(route, backend) {
                 return None;
             }
-            let service = objects.services.get(&(backend.namespace.clone(), backend.name.clone()))?;
-            let port = service.ports.iter().find(|p| p.port == backend.port)?;
+            let (service, port) = objects.service_port(&backend.namespace, &backend.name, backend.port)?;
             Some(written.backend_for(service, port))
         };
         let routes = objects.routes_of(&service.namespace, &service.name);

@@ -94,9 +94,6 @@ pub(crate) fn route<B>(
                             redirect.location(request.uri(), headers::authority(request), origin.original_destination);
                         return Ok(Routing::Redirect { status: redirect.status, location, response_headers });
                     }
-                }
-                let backend = route.pick_backend().ok_or(ProxyError::NoRoute)?;
-                if let Some(filters) = &route.filters {
                     if let Some(modifier) = &filters.request_headers {
                         modifier.apply(request.headers_mut());
                     }
@@ -104,6 +101,7 @@ pub(crate) fn route<B>(
                         rewrite.apply(request);
                     }
                 }
+                let backend = route.pick_backend().ok_or(ProxyError::NoRoute)?;
                 if let Some(filters) = &backend.filters {
                     if let Some(modifier) = &filters.request_headers {
                         modifier.apply(request.headers_mut());

@@ -13,7 +13,7 @@
 //! mesh's service accounts.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use remora_control_api::identity::SpiffeId;
@@ -23,7 +23,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 
-use crate::telemetry::{Histogram, Registry, STATUS_CLASSES, class_index};
+use crate::telemetry::{GrpcCounters, Histogram, Registry, STATUS_CLASSES, class_index};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ListenerLabels {
@@ -58,9 +58,6 @@ struct CallerGrpcLabels {
     caller: CallerLabels,
     grpc_status: u32,
 }
-
-/// gRPC's status codes, 0 (OK) to 16 (UNAUTHENTICATED).
-const GRPC_CODES: usize = 17;
 
 /// The listener metric families.
 #[derive(Clone, Debug, Default)]
@@ -230,7 +227,7 @@ pub struct CallerStats {
     /// Bytes written to it.
     pub sent: Counter,
     /// Per gRPC status, its counter, made on its first call that ends so.
-    grpc: [OnceLock<Counter>; GRPC_CODES],
+    grpc: GrpcCounters,
     family: Family<CallerGrpcLabels, Counter>,
     labels: CallerLabels,
 }
@@ -244,9 +241,9 @@ impl CallerStats {
 
     /// Counts one gRPC call that ended with `code` (codes above 16 count as 2, UNKNOWN).
     pub fn record_grpc(&self, code: u32) {
-        let code = if (code as usize) < GRPC_CODES { code } else { 2 };
-        let labels = || CallerGrpcLabels { caller: self.labels.clone(), grpc_status: code };
-        self.grpc[code as usize].get_or_init(|| self.family.get_or_create_owned(&labels())).inc();
+        self.grpc.inc(code, |grpc_status| {
+            self.family.get_or_create_owned(&CallerGrpcLabels { caller: self.labels.clone(), grpc_status })
+        });
     }
 }
 

@@ -15,6 +15,7 @@ use http::uri::{PathAndQuery, Uri};
 use http::{HeaderMap, StatusCode};
 use remora_control_api::config::Invalid;
 use remora_control_api::v1;
+use remora_control_api::validate::PathReplacement;
 
 /// Changes to a head's headers: set, then add, then remove.
 #[derive(Debug, Default)]
@@ -83,11 +84,13 @@ enum PathChange {
 }
 
 impl PathChange {
-    /// The change `full` or `prefix` asks for, on a route whose path match is `matched`.
-    fn compile(full: Option<&str>, prefix: Option<&str>, matched: Option<&str>) -> Result<Option<PathChange>, Invalid> {
-        match (full, prefix) {
-            (Some(full), _) => Ok(Some(PathChange::Full(full.to_owned()))),
-            (None, Some(with)) => {
+    /// The change `replacement` asks for, on a route whose path match matches the prefix
+    /// `matched` (if it is a prefix match).
+    fn compile(replacement: Option<PathReplacement<'_>>, matched: Option<&str>) -> Result<Option<PathChange>, Invalid> {
+        match replacement {
+            None => Ok(None),
+            Some(PathReplacement::Full(full)) => Ok(Some(PathChange::Full(full.to_owned()))),
+            Some(PathReplacement::Prefix(with)) => {
                 let matched = matched.ok_or_else(|| {
                     Invalid::new(
                         "prefix",
@@ -96,7 +99,6 @@ impl PathChange {
                 })?;
                 Ok(Some(PathChange::Prefix { matched: trim_slash(matched).to_owned(), with: with.to_owned() }))
             }
-            (None, None) => Ok(None),
         }
     }
 
@@ -235,20 +237,10 @@ pub struct RouteFilters {
 impl RouteFilters {
     /// Compiles `route`'s filters; `None` when it has none.
     pub fn compile(route: &v1::Route) -> Result<Option<Box<RouteFilters>>, Invalid> {
-        use v1::path_match::Kind as P;
-        let matched = match route.r#match.as_ref().and_then(|m| m.path.as_ref()).and_then(|p| p.kind.as_ref()) {
-            Some(P::Prefix(prefix) | P::SegmentPrefix(prefix)) => Some(prefix.as_str()),
-            _ => None,
-        };
+        let matched = route.r#match.as_ref().and_then(v1::RouteMatch::matched_prefix);
         let redirect = match &route.redirect {
             None => None,
             Some(redirect) => {
-                use v1::redirect::Path;
-                let (full, prefix) = match &redirect.path {
-                    Some(Path::FullPath(p)) => (Some(p.as_str()), None),
-                    Some(Path::Prefix(p)) => (None, Some(p.as_str())),
-                    None => (None, None),
-                };
                 let status = match redirect.status {
                     0 => StatusCode::FOUND,
                     code @ (301 | 302 | 303 | 307 | 308) => StatusCode::from_u16(code as u16)
@@ -271,7 +263,8 @@ impl RouteFilters {
                             u16::try_from(p).map_err(|_| Invalid::new("redirect.port", format!("{p} is not a port")))
                         })
                         .transpose()?,
-                    path: PathChange::compile(full, prefix, matched).map_err(|e| e.within("redirect"))?,
+                    path: PathChange::compile(redirect.path_replacement(), matched)
+                        .map_err(|e| e.within("redirect"))?,
                     status,
                 })
             }
@@ -279,12 +272,6 @@ impl RouteFilters {
         let rewrite = match &route.rewrite {
             None => None,
             Some(rewrite) => {
-                use v1::rewrite::Path;
-                let (full, prefix) = match &rewrite.path {
-                    Some(Path::FullPath(p)) => (Some(p.as_str()), None),
-                    Some(Path::Prefix(p)) => (None, Some(p.as_str())),
-                    None => (None, None),
-                };
                 let host = match rewrite.host.as_str() {
                     "" => None,
                     host => Some(
@@ -294,7 +281,7 @@ impl RouteFilters {
                 };
                 Some(Rewrite {
                     host,
-                    path: PathChange::compile(full, prefix, matched).map_err(|e| e.within("rewrite"))?,
+                    path: PathChange::compile(rewrite.path_replacement(), matched).map_err(|e| e.within("rewrite"))?,
                 })
             }
         };

@@ -17,7 +17,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
-use crate::telemetry::{Histogram, Registry};
+use crate::telemetry::{GrpcCounters, Histogram, Registry};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
@@ -90,9 +90,6 @@ impl RouteMetrics {
 /// The status codes whose counters a route keeps at hand, once first seen; others take a lookup.
 const COMMON_CODES: [u16; 17] = [200, 201, 202, 204, 301, 302, 304, 400, 401, 403, 404, 408, 429, 500, 502, 503, 504];
 
-/// gRPC status codes: 0 (OK) to 16 (UNAUTHENTICATED).
-const GRPC_CODES: usize = 17;
-
 /// What one route backend counts for one direction: responses by status code and gRPC status, and
 /// the time to the response head.
 #[derive(Debug)]
@@ -102,7 +99,7 @@ pub struct RequestStats {
     route: Arc<str>,
     families: RouteMetrics,
     codes: [OnceLock<Counter>; COMMON_CODES.len()],
-    grpc: [OnceLock<Counter>; GRPC_CODES],
+    grpc: GrpcCounters,
     duration: Histogram,
 }
 
@@ -135,9 +132,9 @@ impl RequestStats {
 
     /// Counts one gRPC call that ended with `code` (codes above 16 count as 2, UNKNOWN).
     pub fn record_grpc(&self, code: u32) {
-        let code = if (code as usize) < GRPC_CODES { code } else { 2 };
-        let labels = || GrpcLabels { route: self.labels.clone(), grpc_status: code };
-        self.grpc[code as usize].get_or_init(|| self.families.grpc.get_or_create_owned(&labels())).inc();
+        self.grpc.inc(code, |grpc_status| {
+            self.families.grpc.get_or_create_owned(&GrpcLabels { route: self.labels.clone(), grpc_status })
+        });
     }
 }
 

@@ -43,6 +43,23 @@ pub fn class_index(status: u16) -> usize {
     (usize::from(status / 100)).clamp(1, 5) - 1
 }
 
+/// gRPC status codes: 0 (OK) to 16 (UNAUTHENTICATED).
+const GRPC_CODES: usize = 17;
+
+/// One counter per gRPC status, each made the first time a call ends with it (most subjects see
+/// few of the 17).
+#[derive(Debug, Default)]
+pub struct GrpcCounters([std::sync::OnceLock<Counter>; GRPC_CODES]);
+
+impl GrpcCounters {
+    /// Counts one call that ended with `code` (codes above 16 count as 2, UNKNOWN); `make` makes
+    /// its counter the first time, given the code counted.
+    pub fn inc(&self, code: u32, make: impl FnOnce(u32) -> Counter) {
+        let code = if (code as usize) < GRPC_CODES { code } else { 2 };
+        self.0[code as usize].get_or_init(|| make(code)).inc();
+    }
+}
+
 /// A `result` label, the one label of many small families.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
