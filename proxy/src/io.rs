@@ -121,11 +121,27 @@ pub enum Watched<M, S> {
     Side(S),
 }
 
-/// Marks the watcher as woken and wakes the task.
+/// A waker for a task's side future: it marks the side as woken, then wakes the task, so that the
+/// task polls the side only when the side has news.
 #[derive(Debug, Default)]
-struct SideWaker {
+pub(crate) struct SideWaker {
     woken: AtomicBool,
     task: futures_util::task::AtomicWaker,
+}
+
+impl SideWaker {
+    /// A side waker for the task polled with `cx`, and the waker to poll the side with.
+    pub(crate) fn new(cx: &Context<'_>) -> (Arc<SideWaker>, Waker) {
+        let signal = Arc::new(SideWaker::default());
+        signal.task.register(cx.waker());
+        let waker = Waker::from(signal.clone());
+        (signal, waker)
+    }
+
+    /// Whether the side was woken since the last call.
+    pub(crate) fn take(&self) -> bool {
+        self.woken.load(Ordering::Acquire) && self.woken.swap(false, Ordering::AcqRel)
+    }
 }
 
 impl std::task::Wake for SideWaker {
@@ -188,6 +204,30 @@ impl DownstreamStream {
     pub fn new(socket: TcpStream, replay: Bytes, meter: Arc<Meter>) -> Self {
         meter.add_received(replay.len());
         DownstreamStream { socket: Transport::Plain(socket), replay, meter }
+    }
+
+    /// Puts `bytes` (read from this stream and not used) back, to be read again first.
+    pub fn replay_first(&mut self, bytes: Bytes) {
+        if self.replay.is_empty() {
+            self.replay = bytes;
+        } else {
+            let mut joined = bytes::BytesMut::with_capacity(bytes.len() + self.replay.len());
+            joined.extend_from_slice(&bytes);
+            joined.extend_from_slice(&self.replay);
+            self.replay = joined.freeze();
+        }
+    }
+
+    /// Waits until there is something to read: replay bytes, or the socket readable (data, an end
+    /// or an error). Holds nothing but the socket's registration while it waits.
+    pub async fn readable(&self) -> io::Result<()> {
+        if !self.replay.is_empty() {
+            return Ok(());
+        }
+        match &self.socket {
+            Transport::Plain(stream) => stream.readable().await,
+            Transport::Tls(stream) => stream.get_ref().0.readable().await,
+        }
     }
 
     /// Wraps a mesh TLS session terminated on the connection.

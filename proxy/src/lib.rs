@@ -39,8 +39,9 @@
 //! - [`io`] — the downstream stream (replay + byte meter) and the idle timeout.
 //! - [`tcp`] — upstream connects and L4 forwarding (`splice(2)`).
 //! - [`http`] — the request's phases, one file each (`route`, `plan`, `attempt`, `policed`,
-//!   `retries`, `mirror`, `observe`), the server, the upstream pools and the HTTP/1.1 client
-//!   (`h1`), bodies, header hygiene, tunnels.
+//!   `retries`, `mirror`, `observe`), the server (idle HTTP/1.1 connections parked between
+//!   requests by `park`), the upstream pools and the HTTP/1.1 client (`h1`), bodies, header
+//!   hygiene, tunnels.
 //! - [`failure`] — what a failed attempt says about itself: the facts retry policy and outlier
 //!   detection decide over.
 //! - [`policy`] — traffic policy: a route's timeout, faults, rate limit, retries (conditions,

@@ -43,6 +43,13 @@ pub const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(20);
 /// holding connections forever.
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long an HTTP/1.1 keep-alive connection stays quiet (between requests, nothing moving) before
+/// it parks: hyper is shut down and its buffers freed, and only the socket waits for the next
+/// request (`http::park`). Short, so that a pool of idle connections costs what its sockets do;
+/// long enough that a busy connection, whose next request comes within microseconds, does not
+/// pay to start hyper again per request.
+pub const H1_PARK_AFTER: Duration = Duration::from_millis(20);
+
 // Most header fields in one HTTP/1 request: 100, hyper's default and Envoy's. It is deliberately not
 // set through `max_headers`, which would move hyper's header array from the stack to a heap
 // allocation per request.

@@ -24,7 +24,9 @@ use hyper::body::Incoming;
 use crate::balance::endpoint::ActiveRequest;
 use crate::http::h1;
 use crate::http::observe::{Finish, Observe};
+use crate::http::park::ExchangeEnd;
 use crate::http::replay::ReplayBody;
+use crate::http::server::HttpConnection;
 use crate::policy::breaker::Slot;
 use crate::state::cluster::ClusterStats;
 use crate::telemetry::trace::ClientSpan;
@@ -34,17 +36,23 @@ use crate::timer;
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The client's request body as it arrives. When something observes the request (the access log,
-/// a sampled trace), its data bytes are counted as they are read; otherwise it is the bare body.
+/// a sampled trace), its data bytes are counted as they are read; otherwise it is the bare body. On
+/// an HTTP/1.1 connection its end is told to the connection, which parks only between exchanges
+/// (`http::park`).
 #[derive(Debug)]
 pub struct ClientBody {
     body: Incoming,
     observe: Option<Arc<Observe>>,
+    /// The connection to tell of the end, and the number of the exchange this body belongs to.
+    exchange: Option<(Arc<HttpConnection>, u32)>,
 }
 
 impl ClientBody {
-    /// `body`, counted into `observe` if there is one.
-    pub(crate) fn new(body: Incoming, observe: Option<&Arc<Observe>>) -> ClientBody {
-        ClientBody { body, observe: observe.cloned() }
+    /// `body`, counted into `observe` if there is one: the body of the exchange `connection` is in.
+    pub(crate) fn new(body: Incoming, observe: Option<&Arc<Observe>>, connection: &Arc<HttpConnection>) -> ClientBody {
+        let quiet = &connection.quiet;
+        let exchange = (quiet.enabled() && !body.is_end_stream()).then(|| (connection.clone(), quiet.exchange()));
+        ClientBody { body, observe: observe.cloned(), exchange }
     }
 }
 
@@ -59,6 +67,10 @@ impl Body for ClientBody {
             && let Some(data) = frame.data_ref()
         {
             observe.received(data.len());
+        }
+        let ended = matches!(polled, Poll::Ready(None)) || (polled.is_ready() && this.body.is_end_stream());
+        if ended && let Some((connection, exchange)) = this.exchange.take() {
+            connection.quiet.body_done(exchange);
         }
         polled
     }
@@ -132,6 +144,8 @@ pub struct ProxyBody {
     _in_flight: InFlight,
     /// The request's observers, told of each frame and of the end (`http::observe`).
     finish: Option<Box<Finish>>,
+    /// On an HTTP/1.1 connection, ends the exchange when hyper drops the body (`http::park`).
+    _exchange: Option<ExchangeEnd>,
 }
 
 #[derive(Debug)]
@@ -164,22 +178,22 @@ pub struct StreamIdle(Duration);
 impl ProxyBody {
     /// A body streaming from an HTTP/1.1 endpoint.
     pub fn http1(body: h1::Body<UpstreamBody>) -> Self {
-        ProxyBody { kind: Kind::Http1(body), _in_flight: InFlight::default(), finish: None }
+        ProxyBody { kind: Kind::Http1(body), _in_flight: InFlight::default(), finish: None, _exchange: None }
     }
 
     /// A body streaming from an HTTP/2 endpoint.
     pub fn http2(body: Incoming) -> Self {
-        ProxyBody { kind: Kind::Http2(body), _in_flight: InFlight::default(), finish: None }
+        ProxyBody { kind: Kind::Http2(body), _in_flight: InFlight::default(), finish: None, _exchange: None }
     }
 
     /// A local body holding `bytes`.
     pub fn local(bytes: Bytes) -> Self {
-        ProxyBody { kind: Kind::Local(Some(bytes)), _in_flight: InFlight::default(), finish: None }
+        ProxyBody { kind: Kind::Local(Some(bytes)), _in_flight: InFlight::default(), finish: None, _exchange: None }
     }
 
     /// An empty local body.
     pub fn empty() -> Self {
-        ProxyBody { kind: Kind::Local(None), _in_flight: InFlight::default(), finish: None }
+        ProxyBody { kind: Kind::Local(None), _in_flight: InFlight::default(), finish: None, _exchange: None }
     }
 
     /// Cuts the body off (with an error, which resets the client's stream) when it sends nothing
@@ -188,13 +202,18 @@ impl ProxyBody {
         let last_frame = tokio::time::Instant::now();
         let timer = timer::Deadline::at(last_frame + limit);
         let idle = IdleBody { inner: self, limit, last_frame, timer, stats };
-        ProxyBody { kind: Kind::Idle(Box::new(idle)), _in_flight: InFlight::default(), finish: None }
+        ProxyBody { kind: Kind::Idle(Box::new(idle)), _in_flight: InFlight::default(), finish: None, _exchange: None }
     }
 
     /// Keeps `in_flight` until the body is dropped.
     pub fn hold(mut self, in_flight: InFlight) -> Self {
         self._in_flight = in_flight;
         self
+    }
+
+    /// Ends the exchange on its connection when the body is dropped.
+    pub(crate) fn ends_exchange(&mut self, end: Option<ExchangeEnd>) {
+        self._exchange = end;
     }
 
     /// Tells `finish` of the frames, and of the end when the body is dropped.

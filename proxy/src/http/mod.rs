@@ -19,6 +19,9 @@
 //! 5. **record**: the listener's and the route's counters by status now; the server span, the
 //!    access-log line and the gRPC status when the response body ends (`observe::Finish`).
 //!
+//! Between requests an HTTP/1.1 connection parks (`park`): hyper is shut down and only the socket
+//! waits for the next request.
+//!
 //! The rest serves those phases: [`body`] (the bodies that cross the proxy), [`client`] (the
 //! upstream connection pools and clients), [`h1`] (the proxy's own HTTP/1.1 client codec),
 //! [`headers`] (hop-by-hop hygiene, requests reshaped for their upstream version), [`settings`]
@@ -38,6 +41,7 @@ pub mod tunnel;
 mod attempt;
 mod mirror;
 pub(crate) mod observe;
+mod park;
 mod plan;
 mod policed;
 mod retries;
@@ -48,6 +52,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::{Request, Response};
+use http_body::Body as _;
 use hyper::body::Incoming;
 use tracing::debug;
 
@@ -72,6 +77,9 @@ async fn proxy(
     connection: Arc<HttpConnection>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let arrived = Instant::now();
+    if connection.quiet.enabled() {
+        connection.quiet.exchange_begins(!request.body().is_end_stream());
+    }
     // 1. Observe.
     let (observe, unsampled) = observe::begin(&mut request, &connection);
     let grpc = observe::is_grpc(request.headers());
@@ -107,7 +115,7 @@ async fn proxy(
         }
         Ok(Plan::Direct(Direct { cluster, endpoint, version, upgrade, downstream_upgrade, attempt, traceparent })) => {
             let (parts, body) = request.into_parts();
-            let body = UpstreamBody::Direct(ClientBody::new(body, observe.as_ref()));
+            let body = UpstreamBody::Direct(ClientBody::new(body, observe.as_ref(), &connection));
             let head = Outgoing { parts, traceparent };
             let client = &connection.data.client;
             // Send by version: `attempt::send`'s dispatch, spelled out so that the HTTP/1.1 exchange
@@ -132,6 +140,9 @@ async fn proxy(
         debug!(listener = %connection.listener.name, %error, "request failed");
         error.to_response()
     });
+    if connection.quiet.enabled() {
+        response.body_mut().ends_exchange(park::ExchangeEnd::of(&connection));
+    }
     for modifier in edits.iter().flatten() {
         modifier.apply(response.headers_mut());
     }

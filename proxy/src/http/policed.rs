@@ -95,10 +95,10 @@ pub(crate) async fn forward(
         started,
     };
     let ended = if retry.is_none() && mirror.is_none() {
-        attempts.once(UpstreamBody::Direct(ClientBody::new(body, observe.as_ref()))).await
+        attempts.once(UpstreamBody::Direct(ClientBody::new(body, observe.as_ref(), connection))).await
     } else {
         let limit = retry.map_or(limits::MIRROR_BODY_BUFFER, |r| r.replay_limit);
-        let body = Reusable::new(ClientBody::new(body, observe.as_ref()), limit);
+        let body = Reusable::new(ClientBody::new(body, observe.as_ref(), connection), limit);
         if let Some(mirror) = mirror {
             mirror::send(mirror, &template, &body, downstream_version, policy.timeout, connection);
         }

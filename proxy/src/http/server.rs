@@ -17,6 +17,7 @@ use remora_control_api::identity::SpiffeId;
 use tracing::debug;
 
 use crate::context::{DataPath, Open};
+use crate::http::park::Quiet;
 pub use crate::http::settings::ServerSettings;
 use crate::io::{self, DownstreamStream, Meter, Watched, idle_watch};
 use crate::listener::metrics::CallerStats;
@@ -47,6 +48,8 @@ pub struct HttpConnection {
     pub origin: Origin,
     /// On an inbound listener, the calling workload's counters.
     pub caller: Option<Arc<CallerStats>>,
+    /// Whether an HTTP/1.1 connection is between requests (`http::park`).
+    pub(crate) quiet: Quiet,
 }
 
 /// What routing, authorization and balancing read of the connection a request came on.
@@ -90,22 +93,20 @@ impl Origin {
 
 /// Serves one HTTP connection until it ends. `stream` replays whatever detection read.
 pub async fn serve(stream: DownstreamStream, version: ServerVersion, connection: Arc<HttpConnection>) {
-    let service = {
-        let connection = connection.clone();
-        service_fn(move |request| super::proxy(request, connection.clone()))
-    };
-    let io = TokioIo::new(stream);
-    let settings = &connection.data.server;
     match version {
         ServerVersion::Http1 => {
-            let mut http1 = settings.http1.clone();
-            http1.header_read_timeout(connection.listener.header_timeout);
-            let served = http1.serve_connection(io, service).with_upgrades();
-            drive(served, |c| c.graceful_shutdown(), &connection).await;
+            // Not boxed: an idle HTTP/1.1 connection's task is this future, sized for it.
+            super::park::serve(stream, connection).await;
         }
         ServerVersion::Http2 => {
-            let served = settings.http2.serve_connection(io, service);
-            drive(served, |c| c.graceful_shutdown(), &connection).await;
+            let service = {
+                let connection = connection.clone();
+                service_fn(move |request| super::proxy(request, connection.clone()))
+            };
+            let served = connection.data.server.http2.serve_connection(TokioIo::new(stream), service);
+            // Boxed: an HTTP/2 connection's state is large, and the task serves HTTP/1.1 as well.
+            let serving = Box::pin(drive(served, |c| c.graceful_shutdown(), &connection));
+            serving.await;
         }
     }
 }

@@ -176,7 +176,10 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, name: Arc<str>, d
         && tls::offers_mesh_alpn(&stream, listener.detect_timeout).await
     {
         let accepted = Accepted { listener, peer, original_destination, destination_port, meter, open };
-        serve_mesh(stream, mesh, accepted, policy, &data).await;
+        // Boxed, as every path but plain HTTP: the connection's task is sized for an idle
+        // HTTP/1.1 connection (see `http::park`), not for the largest path.
+        let serving = Box::pin(serve_mesh(stream, mesh, accepted, policy, &data));
+        serving.await;
         return;
     }
     if let Some(policy) = &policy {
@@ -196,7 +199,8 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, name: Arc<str>, d
                 meter.attribute(caller);
             }
             let downstream = tcp::Downstream::Plain(stream, replay);
-            proxy_tcp(downstream, &listener, original_destination, &meter, &data).await;
+            let proxying = Box::pin(proxy_tcp(downstream, &listener, original_destination, &meter, &data));
+            proxying.await;
             return;
         }
     };
@@ -224,7 +228,15 @@ impl Accepted {
             meter.attribute(caller.clone());
         }
         let origin = Origin::new(listener.name.clone(), peer, original_destination, destination_port, identity);
-        Arc::new(HttpConnection { data: data.clone(), listener, meter, open, origin, caller })
+        Arc::new(HttpConnection {
+            data: data.clone(),
+            listener,
+            meter,
+            open,
+            origin,
+            caller,
+            quiet: Default::default(),
+        })
     }
 }
 
@@ -307,4 +319,35 @@ fn original_destination(stream: &TcpStream) -> Option<SocketAddr> {
     .ok()?
     .as_socket()?;
     (original != local).then_some(original)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::http::settings::{ClientSettings, ServerSettings};
+
+    /// A connection's task is allocated at its largest state's size for as long as it lives, and
+    /// most of a sidecar's connections are idle HTTP/1.1 ones (see `http::park`): every other path
+    /// is boxed so that the task is sized for that one (1,232 bytes in a release build, a little
+    /// more in a test build). Raise the bound only with a measured reason (`benches/idle-conns.sh`).
+    #[tokio::test]
+    async fn a_connection_task_is_sized_for_an_idle_http1_connection() {
+        let data = Arc::new(DataPath {
+            snapshot: Default::default(),
+            drain: Default::default(),
+            server: ServerSettings::default(),
+            client: ClientSettings::with_mesh(None),
+            tracer: None,
+            access_log: None,
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (stream, peer) = listener.accept().await.unwrap();
+        let task = serve_connection(stream, peer, "test".into(), data);
+        let size = std::mem::size_of_val(&task);
+        eprintln!("connection task future: {size} bytes");
+        assert!(size <= 1400, "a connection's task grew to {size} bytes");
+    }
 }
