@@ -214,7 +214,13 @@ pub(super) async fn serve(mut stream: DownstreamStream, connection: Arc<HttpConn
         // Between requests: hyper closes at once, writing nothing; its socket comes back.
         connection.quiet.parking.store(true, Ordering::Relaxed);
         Pin::new(&mut *served).graceful_shutdown();
-        let finished = std::future::poll_fn(|cx| Pin::new(&mut *served).poll(cx)).await;
+        // Were hyper not between requests after all, it would finish the exchange first (with
+        // `Connection: close`): the idle timeout still bounds the wait.
+        let finishing = std::future::poll_fn(|cx| Pin::new(&mut *served).poll(cx));
+        let finished = tokio::select! {
+            finished = finishing => finished,
+            () = idle.as_mut() => return,
+        };
         connection.quiet.parking.store(false, Ordering::Relaxed);
         let (io, read_buf) = match (finished, served.into_parts()) {
             (Ok(()), Some(parts)) => (parts.io, parts.read_buf),
