@@ -311,6 +311,7 @@ impl Proxy {
                 control_runtime.block_on(async move {
                     tokio::spawn(admin::serve(admin_socket, admin_state));
                     tokio::spawn(crate::balance::monitor::run(monitored));
+                    tokio::spawn(crate::memory::give_back(limits::MEMORY_RETURN_INTERVAL));
                     if let Some((reloader, watch)) = watched {
                         tokio::spawn(reload::watch_file(reloader, watch));
                     }

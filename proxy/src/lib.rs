@@ -37,6 +37,7 @@
 //!   listeners' metrics.
 //! - [`detect`] — what a connection speaks, from its first bytes.
 //! - [`io`] — the downstream stream (replay + byte meter) and the idle timeout.
+//! - [`memory`] — freed memory given back to the system, every few seconds.
 //! - [`tcp`] — upstream connects and L4 forwarding (`splice(2)`).
 //! - [`http`] — the request's phases, one file each (`route`, `plan`, `attempt`, `policed`,
 //!   `retries`, `mirror`, `observe`), the server (idle HTTP/1.1 connections parked between
@@ -83,6 +84,7 @@ pub mod http;
 pub mod io;
 pub mod limits;
 pub mod listener;
+pub mod memory;
 pub mod policy;
 pub mod reload;
 pub mod state;

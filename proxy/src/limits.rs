@@ -31,6 +31,10 @@ pub const DETECT_PEEK_BYTES: usize = 1024;
 /// default for TCP proxies and HTTP connections alike; long enough for any sane keep-alive pool.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
+/// How often freed memory is given back to the system (`memory::give_back`): an RSS that grew in a
+/// burst comes back within this long of the burst's end.
+pub const MEMORY_RETURN_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Backoff after `accept` fails (EMFILE, ENFILE, ENOMEM), so an exhausted process does not spin.
 pub const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(20);
 

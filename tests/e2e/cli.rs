@@ -252,19 +252,24 @@ async fn large_bodies_stream_with_bounded_memory() {
     );
 }
 
-/// Idle HTTP/1.1 keep-alive connections park (`http::park`): a thousand of them, each left idle
-/// after one request, cost the proxy a few kB each (hyper's server held 19 kB each before they
-/// parked), and each is served again when its next request comes.
-#[tokio::test]
-async fn idle_keep_alive_connections_cost_little_and_are_served_again() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // A thousand sockets each side: lift this process's soft limit (the proxy inherits it).
+/// Lifts this process's soft limit on open files (a proxy spawned after inherits it), for tests
+/// that hold a thousand connections or more on each side.
+fn allow_many_sockets() {
     let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
     let wanted = limit.maximum.map_or(8192, |max| max.min(8192));
     if limit.current.is_some_and(|current| current < wanted) {
         let raised = rustix::process::Rlimit { current: Some(wanted), maximum: limit.maximum };
         rustix::process::setrlimit(rustix::process::Resource::Nofile, raised).unwrap();
     }
+}
+
+/// Idle HTTP/1.1 keep-alive connections park (`http::park`): a thousand of them, each left idle
+/// after one request, cost the proxy a few kB each (hyper's server held 19 kB each before they
+/// parked), and each is served again when its next request comes.
+#[tokio::test]
+async fn idle_keep_alive_connections_cost_little_and_are_served_again() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    allow_many_sockets();
     let upstream = HttpServer::start("a").await;
     let config = write_config(&proxy_config(upstream.address()));
     let mut proxy = Spawned::new(&["proxy", "--config", config.to_str().unwrap()]);
@@ -315,6 +320,65 @@ async fn idle_keep_alive_connections_cost_little_and_are_served_again() {
     for stream in idle.iter_mut().step_by(50) {
         assert_eq!(exchange(stream).await, "HTTP/1.1 200 OK", "a parked connection was not served again");
     }
+}
+
+/// Memory comes back after a burst: a thousand connections at once, each moving a 256 KiB response,
+/// grow the proxy by tens of MiB; once they have closed (and the pool has let go of its upstream
+/// connections, idle for a second here) the proxy's RSS returns near where it was. The system
+/// allocator alone kept the peak (`memory::give_back`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_comes_back_after_a_burst() {
+    allow_many_sockets();
+    let upstream = HttpServer::start("a").await;
+    let config = write_config(&format!(
+        "bootstrap:\n  admin_address: 127.0.0.1:0\n  workers: 1\nresources:\n{}  - {{kind: RouteTable, name: web, routes: [{{backends: [{{cluster: web}}]}}]}}\n  - {{kind: Listener, name: web, address: \"127.0.0.1:0\", protocol: http1}}\n",
+        cluster("web", ", idle_timeout: 1s, connect_timeout: 10s", &[upstream.address()])
+    ));
+    let mut proxy = Spawned::new(&["proxy", "--config", config.to_str().unwrap()]);
+    let address = proxy.listener("web");
+    let mut client = Client::http1(address).await;
+    assert_eq!(client.get("a", "/bytes/1024").await.status, 200);
+    drop(client);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = proxy.rss_kib();
+
+    let mut burst = tokio::task::JoinSet::new();
+    for _ in 0..1000 {
+        burst.spawn(async move {
+            let mut client = Client::http1(address).await;
+            let reply = client.get("a", "/bytes/262144").await;
+            assert_eq!(
+                (reply.status.as_u16(), reply.body.len()),
+                (200, 262_144),
+                "{}",
+                String::from_utf8_lossy(&reply.body[..reply.body.len().min(64)])
+            );
+        });
+    }
+    let mut peak = 0;
+    while !burst.is_empty() {
+        peak = peak.max(proxy.rss_kib());
+        if let Ok(Some(done)) = tokio::time::timeout(Duration::from_millis(50), burst.join_next()).await {
+            done.unwrap();
+        }
+    }
+    peak = peak.max(proxy.rss_kib());
+    // Within 10% of before (and 2 MiB for what the burst grew for good: the worker's timer and
+    // task tables), well within 30 s: pooled connections close after their 1 s, the allocator
+    // gives back every 5 s.
+    let bound = before + before / 10 + 2048;
+    let started = std::time::Instant::now();
+    let mut now = proxy.rss_kib();
+    while now > bound && started.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        now = proxy.rss_kib();
+    }
+    eprintln!(
+        "proxy RSS: {before} KiB before the burst, {peak} KiB at its peak, {now} KiB after {:?}",
+        started.elapsed()
+    );
+    assert!(peak > before + 8 * 1024, "the burst did not grow the proxy ({before} to {peak} KiB): it tests nothing");
+    assert!(now <= bound, "RSS stayed at {now} KiB after the burst, from {before} KiB before");
 }
 
 /// `remora demo` starts the samples and a proxy, reports the burst, the failure, the live change and

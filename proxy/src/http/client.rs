@@ -327,14 +327,21 @@ where
     Ok(sender)
 }
 
-/// Closes this worker's pooled connections that have passed their idle timeout or died. Runs every
-/// `TIMER_TICK` on every worker, after the clock ticks. (Idle deadlines use the worker's coarse
-/// clock: a clock read per request is a measurable cost on the hot path.)
+/// Closes this worker's pooled connections that have passed their idle timeout or died, and lets
+/// the others go of their buffers (a busy connection is rarely in the pool when the sweep comes).
+/// Runs every `TIMER_TICK` on every worker, after the clock ticks. (Idle deadlines use the worker's
+/// coarse clock: a clock read per request is a measurable cost on the hot path.)
 pub fn sweep() {
     let now = timer::now();
     with_pool(|pool| {
         pool.http1.retain(|_, idle| {
-            idle.retain(|c| c.expires > now && c.connection.is_reusable());
+            idle.retain_mut(|c| {
+                let keep = c.expires > now && c.connection.is_reusable();
+                if keep {
+                    c.connection.shed_buffers();
+                }
+                keep
+            });
             !idle.is_empty()
         });
         pool.http2.retain(|_, shared| match shared.try_lock() {

@@ -138,6 +138,17 @@ impl Connection {
         matches!(self.stream.poll_read_ready(&mut cx), Poll::Pending)
     }
 
+    /// Lets go of the buffers an idle connection keeps for its next exchange (the read buffer, empty
+    /// between exchanges, the request-head buffer and the field positions): a pooled connection
+    /// that sat through a sweep costs its socket, not its last response's buffers.
+    pub fn shed_buffers(&mut self) {
+        if self.read.is_empty() {
+            self.read = BytesMut::new();
+        }
+        self.head = BytesMut::new();
+        self.fields = Vec::new();
+    }
+
     /// Reads more bytes into the buffer; `Ok(0)` at end of stream.
     ///
     /// Goes through `AsyncRead::poll_read`, which clears the socket's readiness after a short read;

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# What config costs in memory, and whether it comes back: a proxy (one worker) starts on a small
+# config (a listener, a route table, a cluster, its endpoints), its file is rewritten to CLUSTERS
+# clusters of ENDPOINTS endpoints each with a route per cluster, then back to the small config.
+# Prints RSS at each step, RSS per cluster (with its endpoints, stats and route), and where RSS
+# settled after the config shrank (the allocator gives back every 5 s: memory::give_back).
+#
+# Usage: benches/config-memory.sh     Env: CLUSTERS=2000 ENDPOINTS=5, REMORA=binary
+set -eu
+root=$(cd "$(dirname "$0")/.." && pwd)
+remora=${REMORA:-$root/target/release/remora}
+CLUSTERS=${CLUSTERS:-2000}; ENDPOINTS=${ENDPOINTS:-5}
+[ -x "$remora" ] || (cd "$root" && cargo build --release --bin remora)
+dir=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$dir"' EXIT
+config() { # $1 clusters, $2 endpoints each
+  python3 - "$1" "$2" <<'PY'
+import sys
+clusters, endpoints = int(sys.argv[1]), int(sys.argv[2])
+print("bootstrap:\n  admin_address: 127.0.0.1:0\n  workers: 1\nresources:")
+print("  - {kind: Listener, name: in, address: \"127.0.0.1:0\", protocol: http1, route_tables: [t]}")
+print("  - kind: RouteTable\n    name: t\n    routes:")
+for c in range(clusters):
+    print(f"      - {{match: {{path: {{prefix: /c{c}/}}}}, backends: [{{cluster: c{c}}}]}}")
+for c in range(clusters):
+    print(f"  - {{kind: Cluster, name: c{c}, protocol: http1}}")
+    eps = ", ".join(f"{{address: \"10.{(c >> 8) & 255}.{c & 255}.{e + 1}:8080\"}}" for e in range(endpoints))
+    print(f"  - {{kind: Endpoints, cluster: c{c}, endpoints: [{eps}]}}")
+PY
+}
+config 1 1 > "$dir/small.yaml"; config "$CLUSTERS" "$ENDPOINTS" > "$dir/big.yaml"
+cp "$dir/small.yaml" "$dir/config.yaml"
+"$remora" proxy --config "$dir/config.yaml" >"$dir/log" 2>&1 & P=$!
+rss() { awk '/VmRSS/{print $2}' /proc/$P/status; }
+applied() { grep -c "config applied" "$dir/log" || true; }
+for _ in $(seq 100); do [ "$(applied)" -ge 1 ] && break; sleep 0.1; done
+sleep 2; small=$(rss)
+n=$(applied); cp "$dir/big.yaml" "$dir/config.yaml.new" && mv "$dir/config.yaml.new" "$dir/config.yaml"
+for _ in $(seq 600); do [ "$(applied)" -gt "$n" ] && break; sleep 0.1; done
+sleep 2; big=$(rss)
+n=$(applied); cp "$dir/small.yaml" "$dir/config.yaml.new" && mv "$dir/config.yaml.new" "$dir/config.yaml"
+for _ in $(seq 600); do [ "$(applied)" -gt "$n" ] && break; sleep 0.1; done
+sleep 7; back=$(rss)
+echo "small config: ${small} KiB; ${CLUSTERS} clusters × ${ENDPOINTS} endpoints: ${big} KiB; small again (7 s later): ${back} KiB"
+awk -v s="$small" -v b="$big" -v k="$back" -v c="$CLUSTERS" -v e="$ENDPOINTS" 'BEGIN {
+  printf "per cluster (with %d endpoints, its stats and a route): %.2f kB; per endpoint: %.0f bytes\n", e, (b - s) * 1.024 / c, (b - s) * 1024 / (c * e)
+  printf "after shrinking: %+.1f%% against the small config at start\n", (k - s) * 100 / s }'
