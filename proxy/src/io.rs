@@ -22,6 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::listener::metrics::{CallerStats, ListenerStats};
+use crate::timer::Deadline;
 use crate::tls::ServerStream;
 
 /// Bytes moved on one connection, and how much of that the listener's counters have seen.
@@ -88,16 +89,16 @@ impl Meter {
 }
 
 /// Resolves once `meter` shows no traffic for `timeout` (within a quarter of it), flushing the
-/// meter into `stats` at each check so long-lived connections show up in metrics as they go.
+/// meter into `stats` at each check so long-lived connections show up in metrics as they go. The
+/// checks run on a `timer::Deadline` (a slot in the worker's alarms), not a tokio interval, which
+/// would hold a boxed timer-wheel entry for every connection's life.
 pub async fn idle_watch(meter: &Meter, stats: &ListenerStats, timeout: Duration) {
     let tick = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(15));
-    let mut interval = tokio::time::interval(tick);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    interval.tick().await;
+    let mut check = Deadline::at(tokio::time::Instant::now() + tick);
     let mut last = meter.activity();
     let mut quiet = Duration::ZERO;
     loop {
-        interval.tick().await;
+        (&mut check).await;
         meter.flush(stats);
         let now = meter.activity();
         if now == last {
@@ -109,6 +110,7 @@ pub async fn idle_watch(meter: &Meter, stats: &ListenerStats, timeout: Duration)
             last = now;
             quiet = Duration::ZERO;
         }
+        check.reset(tokio::time::Instant::now() + tick);
     }
 }
 
@@ -121,27 +123,11 @@ pub enum Watched<M, S> {
     Side(S),
 }
 
-/// A waker for a task's side future: it marks the side as woken, then wakes the task, so that the
-/// task polls the side only when the side has news.
+/// Marks the watcher as woken and wakes the task.
 #[derive(Debug, Default)]
-pub(crate) struct SideWaker {
+struct SideWaker {
     woken: AtomicBool,
     task: futures_util::task::AtomicWaker,
-}
-
-impl SideWaker {
-    /// A side waker for the task polled with `cx`, and the waker to poll the side with.
-    pub(crate) fn new(cx: &Context<'_>) -> (Arc<SideWaker>, Waker) {
-        let signal = Arc::new(SideWaker::default());
-        signal.task.register(cx.waker());
-        let waker = Waker::from(signal.clone());
-        (signal, waker)
-    }
-
-    /// Whether the side was woken since the last call.
-    pub(crate) fn take(&self) -> bool {
-        self.woken.load(Ordering::Acquire) && self.woken.swap(false, Ordering::AcqRel)
-    }
 }
 
 impl std::task::Wake for SideWaker {

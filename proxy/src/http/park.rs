@@ -26,7 +26,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 
 use hyper::body::Incoming;
 use hyper::service::{HttpService, service_fn};
@@ -37,7 +37,7 @@ use tracing::debug;
 use crate::drain::DrainWatch;
 use crate::http::body::ProxyBody;
 use crate::http::server::HttpConnection;
-use crate::io::{self, DownstreamStream, SideWaker, Watched, idle_watch};
+use crate::io::{self, DownstreamStream, Watched, idle_watch};
 use crate::limits;
 use crate::timer::Deadline;
 
@@ -306,19 +306,17 @@ async fn run<S: Service, I: Future<Output = ()>>(
     }
 }
 
-/// The timer that parks a quiet connection: its deadline, the connection's byte count when it was
-/// set, and the waker it wakes the task through, which says whether it was the one to.
+/// The timer that parks a quiet connection: its deadline, and the connection's byte count when it
+/// was set.
 struct QuietTimer {
     deadline: Deadline,
     activity: u64,
-    woken: Arc<SideWaker>,
-    waker: Waker,
 }
 
 /// Polls hyper; `Ready(None)` when it is done, `Ready(Some(since))` when the connection has been
 /// quiet since `since`, for at least `H1_PARK_AFTER` with no byte moved. The timer is set when the
-/// connection first turns quiet and polled only when it has gone off, so a busy connection pays
-/// for it once per `H1_PARK_AFTER` (a clock read, a slot in the worker's alarms), not per request.
+/// connection first turns quiet and polled only while it is, so a busy connection pays for setting
+/// it (a clock read, a slot in the worker's alarms) once per `H1_PARK_AFTER`, not per request.
 fn poll_quiet<S: Service>(
     served: &mut Served<S>,
     connection: &HttpConnection,
@@ -335,17 +333,11 @@ fn poll_quiet<S: Service>(
     if draining || !connection.quiet.is_quiet() {
         return Poll::Pending;
     }
-    let timer = match timer {
-        Some(timer) if !timer.woken.take() => return Poll::Pending,
-        Some(timer) => timer,
-        None => {
-            let (woken, waker) = SideWaker::new(cx);
-            let deadline = Deadline::at(tokio::time::Instant::now() + limits::H1_PARK_AFTER);
-            timer.insert(QuietTimer { deadline, activity: connection.meter.activity(), woken, waker })
-        }
-    };
-    let mut side = Context::from_waker(&timer.waker);
-    while Pin::new(&mut timer.deadline).poll(&mut side).is_ready() {
+    let timer = timer.get_or_insert_with(|| QuietTimer {
+        deadline: Deadline::at(tokio::time::Instant::now() + limits::H1_PARK_AFTER),
+        activity: connection.meter.activity(),
+    });
+    while Pin::new(&mut timer.deadline).poll(cx).is_ready() {
         let now = connection.meter.activity();
         if now == timer.activity {
             return Poll::Ready(Some(timer.deadline.deadline() - limits::H1_PARK_AFTER));
