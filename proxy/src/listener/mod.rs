@@ -330,8 +330,9 @@ mod tests {
 
     /// A connection's task is allocated at its largest state's size for as long as it lives, and
     /// most of a sidecar's connections are idle HTTP/1.1 ones (see `http::park`): every other path
-    /// is boxed so that the task is sized for that one (1,232 bytes in a release build, a little
-    /// more in a test build). Raise the bound only with a measured reason (`benches/idle-conns.sh`).
+    /// is boxed so that the task is sized for that one (about 1.2 kB in a release build, a little
+    /// more in a test build). Raise the bound only with a measured reason: the peer kit's
+    /// `peers-conns.sh` (docs/benchmarks.md, "Memory per idle connection").
     #[tokio::test]
     async fn a_connection_task_is_sized_for_an_idle_http1_connection() {
         let data = Arc::new(DataPath {
