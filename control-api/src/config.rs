@@ -15,12 +15,15 @@
 //! against the others (that is [`crate::validate::validate`]).
 
 use std::fmt;
+use std::io::Read;
+use std::path::Path;
 
 use serde::de::DeserializeOwned;
 use serde_yaml_ng::{Mapping, Value};
 
+use crate::limits::MAX_CONFIG_FILE;
 use crate::resource::{Kind, Resource, describe};
-use crate::v1;
+use crate::{v1, yaml};
 
 /// What one config file (or a directory's files, concatenated) holds.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -115,9 +118,24 @@ pub enum ConfigError {
 
 /// Parses the YAML `text` of one file. `origin` (usually the path) prefixes every error message.
 ///
-/// Fails on the first problem; the error names the resource (or document) and the field.
+/// Fails on the first problem; the error names the resource (or document) and the field. A text
+/// whose aliases would expand past its budget is refused before it is built ([`crate::yaml`]).
 pub fn parse(text: &str, origin: &str) -> Result<ConfigFile, ConfigError> {
     parse_documents(text, origin, None)
+}
+
+/// Reads the text of config file `path`, refusing one larger than [`MAX_CONFIG_FILE`] (after reading
+/// that much, so a file that never ends, a pipe or `/dev/zero`, is refused too).
+pub fn read_text(path: &Path) -> std::io::Result<String> {
+    let mut text = String::new();
+    std::fs::File::open(path)?.take(MAX_CONFIG_FILE as u64 + 1).read_to_string(&mut text)?;
+    if text.len() > MAX_CONFIG_FILE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("is larger than the {} MiB a config file may hold", MAX_CONFIG_FILE >> 20),
+        ));
+    }
+    Ok(text)
 }
 
 /// What a file of the control plane's directory holds: Remora's documents, and the Kubernetes
@@ -146,9 +164,8 @@ fn parse_documents(
 ) -> Result<ConfigFile, ConfigError> {
     let field_error = |error: FieldError| ConfigError::Field { origin: origin.to_owned(), error };
     let mut file = ConfigFile::default();
-    for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-        let value = <Value as serde::Deserialize>::deserialize(document)
-            .map_err(|error| ConfigError::Syntax { origin: origin.to_owned(), error })?;
+    let documents = yaml::documents(text).map_err(|error| ConfigError::Syntax { origin: origin.to_owned(), error })?;
+    for (index, value) in documents.into_iter().enumerate() {
         let document_name = format!("document {}", index + 1);
         let mapping = match value {
             Value::Null => continue,
@@ -314,6 +331,28 @@ mod tests {
 
     fn error_text(yaml: &str) -> String {
         parse(yaml, "test.yaml").expect_err("config should be rejected").to_string()
+    }
+
+    #[test]
+    fn a_file_larger_than_the_limit_is_refused_after_reading_the_limit() {
+        let error = read_text(Path::new("/dev/zero")).unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::InvalidData);
+        assert!(error.to_string().contains("larger than the 64 MiB"), "{error}");
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), "kind: Cluster\nname: a\n").unwrap();
+        assert_eq!(read_text(file.path()).unwrap(), "kind: Cluster\nname: a\n");
+    }
+
+    #[test]
+    fn an_alias_bomb_is_a_syntax_error_of_the_file() {
+        let text = format!("kind: Cluster\nname: a\n---\n{}", crate::testing::alias_bomb(10_000));
+        let error = parse(&text, "bomb.yaml").unwrap_err();
+        assert!(matches!(error, ConfigError::Syntax { .. }));
+        assert!(
+            error.to_string().starts_with("bomb.yaml: b[")
+                && error.to_string().contains("the text expands past its limit"),
+            "{error}"
+        );
     }
 
     #[test]

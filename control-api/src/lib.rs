@@ -17,13 +17,14 @@
 //! - [`v1`]: the generated message types (prost structs with pbjson serde).
 //! - [`resource`] — [`Resource`], the tagged union of the kinds, and [`Kind`].
 //! - [`config`] — YAML documents to resources, with errors that point at the field.
+//! - [`yaml`] — YAML text to values, refusing a text whose aliases would expand past its budget.
 //! - [`validate`] — per-resource and cross-resource rules.
 //! - [`identity`] — SPIFFE IDs and the patterns allow-lists are written in.
 //! - [`xds`] — Delta ADS: the protocol's terms and the client a proxy runs.
 //! - [`ca`] — the proxies' side of the CA: the certificate request and the signing call.
 //! - [`grpc`] — dialling the control plane (plaintext or TLS with given roots).
 //! - [`capture`] — a pod's capture settings, shared by the injector and `remora init`.
-//! - [`limits`] — limits of the control plane's wire.
+//! - [`limits`] — limits of the control plane's wire and of config files.
 //! - [`watch`] — following files for changes: the one watcher the proxy and the control plane share.
 //! - [`pb`], [`capb`] — the generated Delta-ADS and CA messages and client stubs.
 //! - `testing` (feature `testing`) — a typed builder of config documents for tests and benches.
@@ -38,8 +39,9 @@ pub mod resource;
 pub mod validate;
 pub mod watch;
 pub mod xds;
+pub mod yaml;
 
-#[cfg(feature = "testing")]
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
 pub use resource::{Kind, Resource};

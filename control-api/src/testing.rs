@@ -346,6 +346,17 @@ impl Resources for Listener {
     }
 }
 
+/// A YAML alias bomb: one anchored list of `count` items referenced `count` times, `count`² nodes
+/// once built from about 5·`count` bytes of text (10,000: 10^8 nodes from 140 kB).
+pub fn alias_bomb(count: usize) -> String {
+    let mut text = String::from("a: &a [");
+    text.push_str(&vec!["1"; count].join(","));
+    text.push_str("]\nb: [");
+    text.push_str(&vec!["*a"; count].join(","));
+    text.push_str("]\n");
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -376,3 +387,4 @@ mod tests {
         assert!(yaml.contains("protocol: http2"), "{yaml}");
     }
 }
+

@@ -10,8 +10,12 @@
 //! | `POST /logging?filter=F` (or `?level=L`) | replaces the log filter, e.g. `filter=remora_proxy::http=debug,info` or `level=debug`; 400 with the reason if it does not parse; 403 unless the caller is on loopback (in a pod the admin server listens on the pod's address for kubelet and Prometheus, and only the pod itself may change it) |
 //! | `GET /clusters` | JSON: every cluster serving now with its balancer, how many endpoints are healthy and ejected, whether it is in panic, and per endpoint its weight, locality tier, health, ejection (time left, and the multiplier), active requests and latency estimate |
 //!
-//! It runs on the control thread, apart from the workers, so a scrape never takes a data-path
-//! thread's time, and it reads the data path's state only through shared, read-only views.
+//! It runs on a thread of its own, apart from the workers and from the control thread, so a scrape
+//! never takes a data-path thread's time and a probe is answered whatever the config side is doing
+//! (a reload of 100,000 routes takes seconds; kubelet's probes time out after one). It reads the
+//! data path's state only through shared, read-only views. The answers that grow with the config
+//! (`/metrics`, `/config_dump`, `/clusters`) are rendered on the runtime's blocking pool, so a
+//! large dump does not hold up the probes either.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -203,7 +207,7 @@ pub async fn serve(socket: std::net::TcpListener, state: Arc<AdminState>) {
             let local = peer.ip().is_loopback();
             let service = service_fn(move |request| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(respond(&request, &state, local)) }
+                async move { Ok::<_, Infallible>(respond(&request, state, local).await) }
             });
             if let Err(error) = builder.serve_connection(TokioIo::new(stream), service).await {
                 debug!(%error, "admin connection ended with an error");
@@ -213,48 +217,72 @@ pub async fn serve(socket: std::net::TcpListener, state: Arc<AdminState>) {
 }
 
 /// Answers one request; `local`: whether the caller is on loopback.
-fn respond(request: &Request<Incoming>, state: &AdminState, local: bool) -> Response<Full<Bytes>> {
+async fn respond(request: &Request<Incoming>, state: Arc<AdminState>, local: bool) -> Response<Full<Bytes>> {
     if request.uri().path() == "/logging" {
         return logging(request, local);
     }
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "the admin API only answers GET (and POST /logging)\n");
     }
-    match request.uri().path() {
-        "/live" => text(StatusCode::OK, "live\n"),
-        "/ready" if state.is_ready() => text(StatusCode::OK, "ready\n"),
-        "/ready" if state.data.drain.is_draining() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
-        "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+    let report = match request.uri().path() {
+        "/live" => return text(StatusCode::OK, "live\n"),
+        "/ready" if state.is_ready() => return text(StatusCode::OK, "ready\n"),
+        "/ready" if state.data.drain.is_draining() => return text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+        "/ready" => return text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         "/metrics" => {
             let open_metrics = request
                 .headers()
                 .get(http::header::ACCEPT)
                 .and_then(|a| a.to_str().ok())
                 .is_some_and(|a| a.contains("application/openmetrics-text"));
-            if open_metrics {
-                with_type(
-                    StatusCode::OK,
-                    telemetry::encode(&state.metrics),
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                )
-            } else {
-                with_type(
-                    StatusCode::OK,
-                    telemetry::encode_prometheus(&state.metrics),
-                    "text/plain; version=0.0.4; charset=utf-8",
-                )
-            }
+            Report::Metrics { open_metrics }
         }
-        "/config_dump" => {
-            let body = serde_json::to_string_pretty(&state.config_dump()).unwrap_or_default();
-            with_type(StatusCode::OK, body + "\n", "application/json")
-        }
-        "/clusters" => {
-            let body = serde_json::to_string_pretty(&state.clusters()).unwrap_or_default();
-            with_type(StatusCode::OK, body + "\n", "application/json")
-        }
+        "/config_dump" => Report::ConfigDump,
+        "/clusters" => Report::Clusters,
         _ => {
-            text(StatusCode::NOT_FOUND, "not found; try /live, /ready, /metrics, /config_dump, /clusters or /logging\n")
+            return text(
+                StatusCode::NOT_FOUND,
+                "not found; try /live, /ready, /metrics, /config_dump, /clusters or /logging\n",
+            );
+        }
+    };
+    match tokio::task::spawn_blocking(move || report.render(&state)).await {
+        Ok(response) => response,
+        Err(error) => {
+            warn!(%error, "an admin report failed");
+            text(StatusCode::INTERNAL_SERVER_ERROR, "the report failed; see the proxy's log\n")
+        }
+    }
+}
+
+/// An answer that grows with the config, rendered off the admin thread.
+enum Report {
+    Metrics { open_metrics: bool },
+    ConfigDump,
+    Clusters,
+}
+
+impl Report {
+    fn render(self, state: &AdminState) -> Response<Full<Bytes>> {
+        match self {
+            Report::Metrics { open_metrics: true } => with_type(
+                StatusCode::OK,
+                telemetry::encode(&state.metrics),
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            ),
+            Report::Metrics { open_metrics: false } => with_type(
+                StatusCode::OK,
+                telemetry::encode_prometheus(&state.metrics),
+                "text/plain; version=0.0.4; charset=utf-8",
+            ),
+            Report::ConfigDump => {
+                let body = serde_json::to_string_pretty(&state.config_dump()).unwrap_or_default();
+                with_type(StatusCode::OK, body + "\n", "application/json")
+            }
+            Report::Clusters => {
+                let body = serde_json::to_string_pretty(&state.clusters()).unwrap_or_default();
+                with_type(StatusCode::OK, body + "\n", "application/json")
+            }
         }
     }
 }

@@ -6,7 +6,8 @@
 //! 2. resolve the bootstrap (defaults applied) and build the shared data path;
 //! 3. bind the admin socket, start the worker threads, and apply the first config, which binds
 //!    every listener before any accept loop runs (a taken port fails here, naming the listener);
-//! 4. start the control thread: the admin server, the cluster monitor (health checks and outlier
+//! 4. start the admin thread (the admin server alone, so probes are answered whatever the config side
+//!    is doing) and the control thread: the cluster monitor (health checks and outlier
 //!    detection, `balance::monitor`), for a file source the file watcher, with a control plane
 //!    the Delta-ADS stream (`xds`), and with an identity what keeps its certificate current (the
 //!    certificate files' watcher, or the CA renewals of `tls::issuer`);
@@ -104,7 +105,8 @@ pub struct Proxy {
     admin: Arc<AdminState>,
     data: Arc<DataPath>,
     reloader: Arc<Reloader>,
-    control: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
+    /// The admin and control threads.
+    threads: Vec<Background>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -287,12 +289,12 @@ impl Proxy {
         if matches!(identity_task, Some(IdentityTask::Ca(_))) {
             admin.set_identity_pending();
         }
-        // 4. The control thread.
-        let (stop, stopped) = oneshot::channel::<()>();
-        let control_runtime =
-            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(StartError::Threads)?;
-        let watched = watch.map(|watch| (reloader.clone(), watch));
+        // 4. The admin thread, then the control thread.
         let admin_state = admin.clone();
+        let admin_thread = Background::start("remora-admin", move || {
+            tokio::spawn(admin::serve(admin_socket, admin_state));
+        })?;
+        let watched = watch.map(|watch| (reloader.clone(), watch));
         let identity_admin = admin.clone();
         let monitored = data.snapshot.clone();
         let xds = settings.control_plane.clone().map(|address| {
@@ -305,38 +307,38 @@ impl Proxy {
                 .with_token(token_file);
             (handler, settings.node_id.clone(), settings.initial_fetch_timeout)
         });
-        let control = std::thread::Builder::new()
-            .name("remora-control".into())
-            .spawn(move || {
-                control_runtime.block_on(async move {
-                    tokio::spawn(admin::serve(admin_socket, admin_state));
-                    tokio::spawn(crate::balance::monitor::run(monitored));
-                    tokio::spawn(crate::memory::give_back(limits::MEMORY_RETURN_INTERVAL));
-                    if let Some((reloader, watch)) = watched {
-                        tokio::spawn(reload::watch_file(reloader, watch));
-                    }
-                    if let Some((handler, node_id, timeout)) = xds {
-                        tokio::spawn(xds::run(handler, node_id, timeout));
-                    }
-                    match (identity_task, mesh) {
-                        (Some(IdentityTask::Files(files)), Some(mesh)) => {
-                            tokio::spawn(crate::tls::files::watch(files, mesh, limits::CERT_FILES_POLL_INTERVAL));
-                        }
-                        (Some(IdentityTask::Ca(settings)), Some(mesh)) => {
-                            let admin = identity_admin;
-                            tokio::spawn(crate::tls::issuer::run(settings, mesh, move || admin.set_identity_ready()));
-                        }
-                        _ => {}
-                    }
-                    let _ = stopped.await;
-                });
-            })
-            .map_err(StartError::Threads)?;
+        let control_thread = Background::start("remora-control", move || {
+            tokio::spawn(crate::balance::monitor::run(monitored));
+            tokio::spawn(crate::memory::give_back(limits::MEMORY_RETURN_INTERVAL));
+            if let Some((reloader, watch)) = watched {
+                tokio::spawn(reload::watch_file(reloader, watch));
+            }
+            if let Some((handler, node_id, timeout)) = xds {
+                tokio::spawn(xds::run(handler, node_id, timeout));
+            }
+            match (identity_task, mesh) {
+                (Some(IdentityTask::Files(files)), Some(mesh)) => {
+                    tokio::spawn(crate::tls::files::watch(files, mesh, limits::CERT_FILES_POLL_INTERVAL));
+                }
+                (Some(IdentityTask::Ca(settings)), Some(mesh)) => {
+                    let admin = identity_admin;
+                    tokio::spawn(crate::tls::issuer::run(settings, mesh, move || admin.set_identity_ready()));
+                }
+                _ => {}
+            }
+        })?;
         // 5. Ready (with a control plane, the stream's handler says when).
         if !has_control_plane {
             admin.set_ready();
         }
-        Ok(Proxy { bootstrap: settings, admin_address, admin, data, reloader, control: Some((stop, control)) })
+        Ok(Proxy {
+            bootstrap: settings,
+            admin_address,
+            admin,
+            data,
+            reloader,
+            threads: vec![admin_thread, control_thread],
+        })
     }
 
     /// The start-up settings in force.
@@ -394,11 +396,41 @@ impl Proxy {
 
 impl Drop for Proxy {
     fn drop(&mut self) {
-        if let Some((stop, thread)) = self.control.take() {
-            let _ = stop.send(());
-            let _ = thread.join();
+        for thread in self.threads.drain(..) {
+            thread.stop();
         }
         // The workers go with the last reference to the reloader, which is ours now.
+    }
+}
+
+/// A thread running a current-thread runtime of its own until stopped.
+struct Background {
+    stop: oneshot::Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+impl Background {
+    /// Starts thread `name`; `tasks` runs inside its runtime and spawns what the thread serves.
+    fn start(name: &str, tasks: impl FnOnce() + Send + 'static) -> Result<Background, StartError> {
+        let runtime =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(StartError::Threads)?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    tasks();
+                    let _ = stopped.await;
+                });
+            })
+            .map_err(StartError::Threads)?;
+        Ok(Background { stop, thread })
+    }
+
+    /// Stops the runtime (its tasks are dropped) and waits for the thread to end.
+    fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
     }
 }
 

@@ -137,7 +137,7 @@ pub fn load_with(source: &ConfigSource, references: References) -> Result<Loaded
     let owned;
     let text = match source {
         ConfigSource::File(path) => {
-            owned = std::fs::read_to_string(path).map_err(|error| LoadError::Read { path: origin.clone(), error })?;
+            owned = config::read_text(path).map_err(|error| LoadError::Read { path: origin.clone(), error })?;
             owned.as_str()
         }
         ConfigSource::Text { text, .. } => text.as_str(),

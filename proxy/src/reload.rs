@@ -363,12 +363,15 @@ impl Reloader {
 }
 
 /// Reloads whenever the config file `watch` follows changes. The watch must have been made before
-/// the config now serving was read: a change made in between is then still seen.
+/// the config now serving was read: a change made in between is then still seen. Each reload runs
+/// on the runtime's blocking pool: a large one takes seconds, and the health checks and the
+/// control-plane stream that share this runtime go on meanwhile.
 pub async fn watch_file(reloader: Arc<Reloader>, mut watch: FileWatch) {
     loop {
         watch.changed().await;
+        let reloader = reloader.clone();
         // The outcome is logged and recorded by reload itself.
-        let _ = reloader.reload();
+        let _ = tokio::task::spawn_blocking(move || reloader.reload()).await;
     }
 }
 

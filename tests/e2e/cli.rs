@@ -163,6 +163,17 @@ fn validate_reports_valid_files_and_every_problem() {
     }
 }
 
+/// `remora validate` refuses a YAML alias bomb (10^8 nodes from 140 kB) with a message, in bounded
+/// memory, instead of aborting out of memory.
+#[test]
+fn validate_refuses_an_alias_bomb() {
+    let bomb = write_config(&remora_control_api::testing::alias_bomb(10_000));
+    let output = Command::new(REMORA).args(["validate", bomb.to_str().unwrap()]).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("expands past its limit"), "{stderr}");
+}
+
 /// Every YAML example in the README and the manual (`docs/`) is a config `remora validate` accepts,
 /// or (one with Kubernetes manifests) a control-plane directory file the automatic mesh makes valid
 /// resources of (Gateway API routes alone: routes it reads and accepts).

@@ -1,6 +1,7 @@
 //! Live reload: routes change under load without a failed request, file edits apply by themselves,
-//! a bad file is rejected with the field named while the old config serves on, and listeners (and
-//! a listener's additional addresses) come and go.
+//! a bad file (or a YAML alias bomb) is rejected with the field named while the old config serves
+//! on, the admin server answers probes while a large reload runs, and listeners (and a listener's
+//! additional addresses) come and go.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -135,6 +136,67 @@ async fn a_bad_file_is_rejected_and_the_old_config_serves_on() {
 
     proxy.rewrite(&routed_to("b", &a, &b, ""));
     eventually("the fixed file applies", Duration::from_secs(5), || async { served_by(address).await == "b" }).await;
+}
+
+/// A file whose aliases would expand to 10^8 nodes (several GiB once built) from 140 kB is refused
+/// before it is built: the reload fails naming the limit, the old config serves on, and the next
+/// good edit applies.
+#[tokio::test]
+async fn an_alias_bomb_is_refused_and_the_old_config_serves_on() {
+    let a = HttpServer::start("a").await;
+    let b = HttpServer::start("b").await;
+    let proxy = TestProxy::start(&routed_to("a", &a, &b, ""));
+    let address = proxy.address("in");
+    let bomb = format!("{}---\n{}", routed_to("b", &a, &b, ""), remora_control_api::testing::alias_bomb(10_000));
+    proxy.rewrite(&bomb);
+    match proxy.reload() {
+        Err(ReloadError::Load(error)) => {
+            assert!(error.to_string().contains("expands past its limit"), "{error}");
+        }
+        other => panic!("expected the bomb refused, got {other:?}"),
+    }
+    assert_eq!(served_by(address).await, "a");
+    proxy.rewrite(&routed_to("b", &a, &b, ""));
+    eventually("the fixed file applies", Duration::from_secs(5), || async { served_by(address).await == "b" }).await;
+}
+
+/// While the watcher applies a large config (50,000 routes: seconds of compiling in a debug build),
+/// the admin server answers every liveness probe within kubelet's default timeout of one second:
+/// probes are not queued behind the reload, and the sidecar is not restarted for being busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_are_answered_while_a_large_reload_runs() {
+    let a = HttpServer::start("a").await;
+    let b = HttpServer::start("b").await;
+    let proxy = TestProxy::start(&routed_to("a", &a, &b, ""));
+    let address = proxy.address("in");
+    let mut routes: Vec<String> =
+        (0..50_000).map(|i| format!("{{match: {{path: {{prefix: /r{i}/}}}}, backends: [{{cluster: a}}]}}")).collect();
+    routes.push("{backends: [{cluster: b}]}".into());
+    let large = format!(
+        "resources:\n{}{}  - {{kind: RouteTable, name: main, routes: [{}]}}\n{}",
+        cluster("a", "", &[a.address()]),
+        cluster("b", "", &[b.address()]),
+        routes.join(", "),
+        listener("in", ""),
+    );
+    let started = std::time::Instant::now();
+    proxy.rewrite(&large);
+    let mut probes = Vec::new();
+    while served_by(address).await != "b" {
+        assert!(started.elapsed() < Duration::from_secs(120), "the large config never applied");
+        let probe = std::time::Instant::now();
+        let answered = tokio::time::timeout(Duration::from_secs(1), proxy.admin_get("/live")).await;
+        assert!(matches!(answered, Ok((200, _))), "a probe went unanswered for a second during the reload");
+        probes.push(probe.elapsed());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let reload = started.elapsed();
+    assert!(
+        probes.len() >= 5,
+        "only {} probes during a reload of {reload:?}: too short to mean anything",
+        probes.len()
+    );
+    eprintln!("{} probes during a reload of {reload:?}; slowest {:?}", probes.len(), probes.iter().max());
 }
 
 /// A reload can add a listener (bound and serving at once) and remove one (its port closes); a new

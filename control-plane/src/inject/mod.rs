@@ -242,13 +242,11 @@ impl Injector {
         let mut reports = Vec::new();
         for (index, (separator, document)) in documents(text).into_iter().enumerate() {
             out.push_str(separator);
-            let mut value: Value = match serde_yaml_ng::from_str(document) {
-                Ok(value) => value,
-                Err(e) => return Err(InjectError::Yaml { document: index + 1, message: e.to_string() }),
-            };
+            let yaml_error = |message: String| InjectError::Yaml { document: index + 1, message };
+            let yaml = remora_control_api::yaml::value(document).map_err(|e| yaml_error(e.to_string()))?;
+            let mut value: Value = serde_json::to_value(yaml).map_err(|e| yaml_error(e.to_string()))?;
             if self.inject_object(&mut value, &mut reports)? {
-                let yaml = serde_yaml_ng::to_string(&value)
-                    .map_err(|e| InjectError::Yaml { document: index + 1, message: e.to_string() })?;
+                let yaml = serde_yaml_ng::to_string(&value).map_err(|e| yaml_error(e.to_string()))?;
                 out.push_str(leading_comments(document));
                 out.push_str(&yaml);
             } else {

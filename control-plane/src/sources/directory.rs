@@ -110,7 +110,7 @@ impl Loader {
                 Some((old, hash, cached)) if old == stamp && stamp.is_known() => (hash, cached),
                 _ => {
                     self.reparsed += 1;
-                    let text = std::fs::read_to_string(path)
+                    let text = config::read_text(path)
                         .map_err(|error| DirectoryError::Read { path: path.display().to_string(), error })?;
                     let file = config::parse_mixed(&text, &origin)?;
                     if file.config.bootstrap.is_some() {
@@ -371,6 +371,19 @@ mod tests {
         assert!(error.contains("b.yaml") && error.contains("balancer"), "{error}");
         std::fs::write(dir.path().join("b.yaml"), "bootstrap: {}\n").unwrap();
         assert!(matches!(load(dir.path()), Err(DirectoryError::Bootstrap(_))));
+    }
+
+    /// A file whose aliases would expand to 10^8 nodes is refused, naming the file, before it is
+    /// built; the next good edit loads.
+    #[test]
+    fn an_alias_bomb_is_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), "kind: Cluster\nname: a\n").unwrap();
+        std::fs::write(dir.path().join("b.yaml"), remora_control_api::testing::alias_bomb(10_000)).unwrap();
+        let error = load(dir.path()).unwrap_err().to_string();
+        assert!(error.contains("b.yaml") && error.contains("expands past its limit"), "{error}");
+        std::fs::write(dir.path().join("b.yaml"), "kind: Cluster\nname: b\n").unwrap();
+        assert_eq!(load(dir.path()).unwrap().resources.len(), 2);
     }
 
     #[tokio::test]
