@@ -387,4 +387,3 @@ mod tests {
         assert!(yaml.contains("protocol: http2"), "{yaml}");
     }
 }
-

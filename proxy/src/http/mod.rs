@@ -24,7 +24,8 @@
 //!
 //! The rest serves those phases: [`body`] (the bodies that cross the proxy), [`client`] (the
 //! upstream connection pools and clients), [`h1`] (the proxy's own HTTP/1.1 client codec),
-//! [`headers`] (hop-by-hop hygiene, requests reshaped for their upstream version), [`settings`]
+//! [`headers`] (hop-by-hop hygiene, requests reshaped for their upstream version), `normalize`
+//! (the path as the application will read it, before routing decides on it), [`settings`]
 //! (the server's and the client's settings, built once), [`replay`]
 //! (bodies read more than once).
 
@@ -40,6 +41,7 @@ pub mod tunnel;
 
 mod attempt;
 mod mirror;
+mod normalize;
 pub(crate) mod observe;
 mod park;
 mod plan;

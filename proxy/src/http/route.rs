@@ -6,8 +6,9 @@
 //! the tests below drive it with snapshots built from YAML and bare request heads. In order:
 //!
 //! 1. **route**: the listener's route table for the request's authority (or the connection's
-//!    original destination), the first route whose match holds, and one of its backends by weight;
-//!    the listener's default cluster when no table claims the destination;
+//!    original destination), the first route whose match holds on the path as the application will
+//!    read it (dot-segments removed, the request forwarded so: `normalize`), and one of its
+//!    backends by weight; the listener's default cluster when no table claims the destination;
 //! 2. **authorize**: a request from an mTLS peer, on a port an authorization policy covers, must be
 //!    allowed for the route it took (or by the policy as a whole); plaintext was judged when the
 //!    connection was accepted;
@@ -30,6 +31,7 @@ use tracing::info;
 
 use super::error::ProxyError;
 use super::headers;
+use super::normalize;
 use super::server::Origin;
 use crate::policy::{Admission, RoutePolicy};
 use crate::state::cluster::Cluster;
@@ -84,6 +86,7 @@ pub(crate) fn route<B>(
     let (cluster, policy, stats) =
         match listener.routes.for_http(headers::authority(request), origin.original_destination) {
             Some(table) => {
+                normalize::request_path(request.uri_mut());
                 let route =
                     table.route(request.method(), request.uri(), request.headers()).ok_or(ProxyError::NoRoute)?;
                 authorize(listener, origin, Some((&table.name, &route.name)))?;
@@ -331,6 +334,25 @@ resources:
         assert!(route(&snapshot, &admin, &mut get("elsewhere", "/"), now).is_err(), "the default cluster too");
         // Plaintext was judged at accept: a request without a peer identity is not judged again.
         assert!(route(&snapshot, &origin("in", None, 8080), &mut get("shop", "/admin"), now).is_ok());
+    }
+
+    /// A restricted route cannot be passed by through dot-segments or letter case: the path is
+    /// matched (and forwarded) as the application will read it, the method without letter case.
+    #[test]
+    fn a_restricted_route_is_not_passed_by_through_dot_segments_or_letter_case() {
+        let snapshot = snapshot(MESH);
+        let now = Instant::now();
+        let web = origin("in", Some("spiffe://td/ns/shop/sa/web"), 8080);
+        for path in ["/cart/../admin", "/cart/%2e%2e/admin/x", "/./admin"] {
+            let mut request = get("shop", path);
+            let denied = route(&snapshot, &web, &mut request, now).unwrap_err();
+            assert!(matches!(denied, ProxyError::Unauthorized { .. }), "{path}: {denied}");
+        }
+        let admin = origin("in", Some("spiffe://td/ns/ops/sa/admin"), 8080);
+        let mut request = get("shop", "/cart/../admin/users?x=/../y");
+        let routed = route(&snapshot, &admin, &mut request, now).unwrap();
+        assert_eq!(&**routed.stats.unwrap().route(), "shop/admin");
+        assert_eq!(request.uri(), "/admin/users?x=/../y", "forwarded as routed");
     }
 
     /// The app behind an inbound listener learns who called from the proven identity alone: a

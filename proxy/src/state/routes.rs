@@ -67,7 +67,9 @@ struct RouteMatcher {
 
 impl RouteMatcher {
     fn matches(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> bool {
-        if self.method.as_ref().is_some_and(|m| m != method) {
+        // Methods compare without letter case: a client's `get` is routed (and authorized) as the
+        // `GET` an application framework will take it for, never past a method-restricted route.
+        if self.method.as_ref().is_some_and(|m| !m.as_str().eq_ignore_ascii_case(method.as_str())) {
             return false;
         }
         let path = uri.path();
@@ -441,6 +443,8 @@ routes:
         assert_eq!(route_for(&t, "GET", "/items/42", &[]), Some("regex"));
         assert_eq!(route_for(&t, "GET", "/items/42x", &[]), Some("rest"), "regex must match the whole path");
         assert_eq!(route_for(&t, "POST", "/items/42", &[]), Some("rest"));
+        assert_eq!(route_for(&t, "get", "/items/42", &[]), Some("regex"), "methods match without letter case");
+        assert_eq!(route_for(&t, "gEt", "/items/42", &[]), Some("regex"));
         assert_eq!(route_for(&t, "GET", "/api/x", &[("x-user", "alice")]), Some("header"));
         assert_eq!(route_for(&t, "GET", "/api/x", &[("x-user", "alice"), ("x-debug", "1")]), Some("rest"));
         assert_eq!(route_for(&t, "GET", "/api/x", &[("x-user", "bob"), ("x-user", "alice")]), Some("header"));
