@@ -20,6 +20,18 @@ pub enum DecodeError {
     /// The bytes are not a valid message of the kind.
     #[error("not a valid {0} message: {1}")]
     Protobuf(Kind, prost::DecodeError),
+    /// A field holds a value this version does not know (an enum's number past its variants, from a
+    /// newer control plane): refused, as a value prost would otherwise read as the default.
+    #[error("{subject}: {within}holds a value this version does not know ({message})")]
+    Unknown {
+        /// The resource (`route table "web"`).
+        subject: String,
+        /// The path of the message that holds the field, with a colon (`routes[0].retry: `); empty
+        /// for a field of the resource itself.
+        within: String,
+        /// What the serializer said of it (`Invalid variant 40`).
+        message: String,
+    },
 }
 
 /// The kinds of resource, in the order the control plane pushes them (a cluster before the endpoints
@@ -175,7 +187,33 @@ impl Resource {
             Kind::Endpoints => v1::Endpoints::decode(bytes).map(Resource::Endpoints),
             Kind::AuthorizationPolicy => v1::AuthorizationPolicy::decode(bytes).map(Resource::AuthorizationPolicy),
         };
-        decoded.map_err(|e| DecodeError::Protobuf(kind, e))
+        let resource = decoded.map_err(|e| DecodeError::Protobuf(kind, e))?;
+        resource.known_values()?;
+        Ok(resource)
+    }
+
+    /// Checks that every field holds a value this version knows, by writing the resource's JSON form
+    /// to nowhere: pbjson refuses an enum number past the enum's variants, naming it.
+    fn known_values(&self) -> Result<(), DecodeError> {
+        let mut sink = serde_json::Serializer::new(std::io::sink());
+        let written = match self {
+            Resource::Listener(r) => serde_path_to_error::serialize(r, &mut sink),
+            Resource::RouteTable(r) => serde_path_to_error::serialize(r, &mut sink),
+            Resource::Cluster(r) => serde_path_to_error::serialize(r, &mut sink),
+            Resource::Endpoints(r) => serde_path_to_error::serialize(r, &mut sink),
+            Resource::AuthorizationPolicy(r) => serde_path_to_error::serialize(r, &mut sink),
+        };
+        written.map_err(|error| {
+            let within = match error.path().to_string() {
+                path if path == "." => String::new(),
+                path => format!("{path}: "),
+            };
+            DecodeError::Unknown {
+                subject: describe(self.kind(), self.name()),
+                within,
+                message: error.inner().to_string(),
+            }
+        })
     }
 
     /// The resource in its YAML/JSON form: the message's fields with `kind` first.
@@ -189,8 +227,9 @@ impl Resource {
         };
         let mut object = serde_json::Map::new();
         object.insert("kind".into(), self.kind().as_str().into());
-        // pbjson's serializers only fail on values JSON cannot hold (they have none here); an empty
-        // object is still a truthful dump of such a resource's kind.
+        // pbjson's serializers fail only on an enum number past its variants, which decoding
+        // refuses (`from_any`) and YAML cannot write; an empty object is still a truthful dump of
+        // such a resource's kind.
         if let Ok(serde_json::Value::Object(fields)) = fields {
             object.extend(fields);
         }
@@ -205,6 +244,8 @@ pub fn describe(kind: Kind, name: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     #[test]
@@ -216,5 +257,23 @@ mod tests {
             assert_eq!(Kind::ALL[kind.index()], kind);
         }
         assert!("listener".parse::<Kind>().is_err());
+    }
+
+    /// An enum number past the enum's variants (a newer control plane's) is refused, naming the
+    /// field, instead of being read as the default.
+    #[test]
+    fn unknown_enum_values_are_refused_naming_the_field() {
+        let table = v1::RouteTable { name: "web".into(), direction: 40, ..Default::default() };
+        let error = Resource::from_any(&Resource::RouteTable(table).to_any()).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            r#"route table "web": holds a value this version does not know (Invalid variant 40)"#
+        );
+        let endpoint = v1::Endpoint { address: "10.0.0.1:80".into(), health: 99, ..Default::default() };
+        let nested = v1::Endpoints { cluster: "web".into(), endpoints: vec![endpoint] };
+        let error = Resource::from_any(&Resource::Endpoints(nested).to_any()).unwrap_err().to_string();
+        assert!(error.starts_with(r#"endpoints "web": endpoints[0]: holds a value"#), "{error}");
+        let fine = Resource::RouteTable(v1::RouteTable { name: "web".into(), ..Default::default() });
+        assert_eq!(Resource::from_any(&fine.to_any()).unwrap(), fine);
     }
 }

@@ -6,6 +6,32 @@ use super::values::{check_control_plane, duration, parse_address};
 use crate::config::FieldError;
 use crate::v1;
 
+/// The access log's fields, in the order a line carries them when `fields` is empty.
+pub const ACCESS_LOG_FIELDS: [&str; 22] = [
+    "start_time",
+    "duration_ms",
+    "protocol",
+    "listener",
+    "direction",
+    "method",
+    "authority",
+    "path",
+    "status",
+    "grpc_status",
+    "request_bytes",
+    "response_bytes",
+    "bytes_received",
+    "bytes_sent",
+    "route",
+    "upstream_cluster",
+    "upstream_endpoint",
+    "attempts",
+    "peer",
+    "peer_identity",
+    "trace_id",
+    "response_flags",
+];
+
 /// Checks the bootstrap settings.
 pub fn validate_bootstrap(bootstrap: &v1::Bootstrap) -> Result<(), ValidationErrors> {
     let mut errors = Vec::new();
@@ -61,6 +87,12 @@ pub fn validate_bootstrap(bootstrap: &v1::Bootstrap) -> Result<(), ValidationErr
             && !(0.0..=1.0).contains(&ratio)
         {
             fail("access_log.success_sampling_ratio", format!("must be from 0 to 1, got {ratio}"));
+        }
+        for (i, name) in log.fields.iter().enumerate() {
+            if !ACCESS_LOG_FIELDS.contains(&name.as_str()) {
+                let known = ACCESS_LOG_FIELDS.join(", ");
+                fail(&format!("access_log.fields[{i}]"), format!("unknown field {name:?} (known: {known})"));
+            }
         }
     }
     if let Some(identity) = &bootstrap.identity {
@@ -131,5 +163,13 @@ mod tests {
         assert!(text.contains("bootstrap: admin_address: must be ip:port"), "{text}");
         assert!(text.contains("bootstrap: workers: must be at most 1024"), "{text}");
         assert!(text.contains("bootstrap: access_log.success_sampling_ratio: must be from 0 to 1, got 1.5"), "{text}");
+        let log = v1::AccessLog {
+            path: "stdout".into(),
+            fields: vec!["status".into(), "upstream_endpoint`".into()],
+            ..Default::default()
+        };
+        let text =
+            validate_bootstrap(&v1::Bootstrap { access_log: Some(log), ..Default::default() }).unwrap_err().to_string();
+        assert!(text.contains(r#"bootstrap: access_log.fields[1]: unknown field "upstream_endpoint`""#), "{text}");
     }
 }

@@ -35,7 +35,7 @@ pub use bootstrap::validate_bootstrap;
 use values::is_token;
 pub use values::{
     Destination, MAX_REPLAY_BUFFER, MAX_RETRIES, PathReplacement, RETRY_ON, check_control_plane, compile_regex,
-    duration, parse_address,
+    duration, is_dns_label, parse_address,
 };
 
 /// Every problem found in a resource set.
@@ -79,6 +79,9 @@ pub fn validate_with(resources: &[Resource], references: References) -> Result<(
         if name.is_empty() {
             let field = if resource.kind() == Kind::Endpoints { "cluster" } else { "name" };
             check.fail(format!("{} with no name", resource.kind().noun()), field, "is required");
+        } else if name.chars().any(char::is_control) {
+            let field = if resource.kind() == Kind::Endpoints { "cluster" } else { "name" };
+            check.fail(describe(resource.kind(), name), field, "must not hold control characters");
         } else if !names.insert((resource.kind(), name)) {
             check.fail(describe(resource.kind(), name), "", "is defined more than once");
         }
@@ -215,15 +218,6 @@ impl Checker {
     }
 }
 
-/// A Kubernetes object name of the DNS-label kind (namespaces, Services, port names): 1 to 63
-/// lowercase letters, digits and `-`, starting and ending with a letter or digit.
-fn is_dns_label(name: &str) -> bool {
-    (1..=63).contains(&name.len())
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-')
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 pub(super) fn problems(yaml: &str) -> String {
@@ -291,6 +285,10 @@ mod tests {
         ));
         assert!(text.contains("listener \"web\": route_tables[0]: names route table \"nope\""), "{text}");
         assert!(text.contains("listener \"web\": default_cluster: names cluster \"gone\""), "{text}");
+        let text = validate(&[Resource::Cluster(v1::Cluster { name: "w\u{7f}b".into(), ..Default::default() })])
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains(r#"cluster "w\u{7f}b": name: must not hold control characters"#), "{text}");
     }
 
     #[test]

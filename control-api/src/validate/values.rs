@@ -172,6 +172,15 @@ pub fn check_control_plane(address: &str) -> Result<(), String> {
     }
 }
 
+/// A Kubernetes object name of the DNS-label kind (namespaces, Services, port names): 1 to 63
+/// lowercase letters, digits and `-`, starting and ending with a letter or digit.
+pub fn is_dns_label(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]

@@ -19,7 +19,8 @@
 //!   with the port; a Host without one is on port 80) — and sends HTTP request by request, and
 //!   opaque TCP connection by connection, to the cluster (a port whose `appProtocol` is `tcp`
 //!   is `opaque`: forwarded unread, its server free to speak first). A headless Service claims its pods'
-//!   addresses. The table serves outbound listeners only (`direction: outbound`): on the inbound
+//!   addresses. An address two Services claim (two headless Services over the same pods) goes to
+//!   the first by namespace and name; the other's table keeps its names (`claims`). The table serves outbound listeners only (`direction: outbound`): on the inbound
 //!   side of the Service's own pods, a call by its name is for the app there. The proxies of the
 //!   Service's own namespace are sent the table with the short name too (`NAME:PORT`, which
 //!   cluster DNS resolves only there): a per-namespace view, see `ads`.
@@ -39,6 +40,7 @@
 //! it on every port). What a user writes always wins
 //! over what the mesh would make, whole, so that which setting applies never needs a merge rule.
 
+mod claims;
 mod gateway;
 mod objects;
 pub mod status;

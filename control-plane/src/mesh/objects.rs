@@ -11,8 +11,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
+use remora_control_api::validate::is_dns_label;
 use serde_json::Value;
-
 use tracing::warn;
 
 use super::gateway::{BackendRef, GROUP, ReferenceGrant, Route, RouteKind};
@@ -492,7 +492,7 @@ fn service(object: &Value) -> Option<Service> {
     let namespace = metadata["namespace"].as_str().unwrap_or("default");
     let name = metadata["name"].as_str()?;
     let spec = &object["spec"];
-    if !is_name(namespace) || !is_name(name) || spec["type"].as_str() == Some("ExternalName") {
+    if !is_dns_label(namespace) || !is_dns_label(name) || spec["type"].as_str() == Some("ExternalName") {
         return None;
     }
     let headless = spec["clusterIP"].as_str() == Some("None");
@@ -505,11 +505,19 @@ fn service(object: &Value) -> Option<Service> {
     {
         cluster_ips.insert(0, ip);
     }
+    // A Service, or a port, whose name the API server would refuse (not a DNS label) is left out, as
+    // if never written: a manifest in the directory is not checked by the API server.
+    let mut seen = BTreeSet::new();
     let ports = tcp_ports(&spec["ports"])
         .filter_map(|p| {
+            let name = p["name"].as_str().unwrap_or_default();
+            if !name.is_empty() && !is_dns_label(name) {
+                return None;
+            }
             Some(ServicePort {
-                name: p["name"].as_str().unwrap_or_default().to_owned(),
-                port: u16::try_from(p["port"].as_u64()?).ok().filter(|port| *port > 0)?,
+                name: name.to_owned(),
+                // A port number given twice (which the API server refuses) counts once, the first.
+                port: u16::try_from(p["port"].as_u64()?).ok().filter(|port| *port > 0 && seen.insert(*port))?,
                 app_protocol: p["appProtocol"].as_str().unwrap_or_default().to_owned(),
             })
         })
@@ -545,7 +553,9 @@ mod tests {
                    "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00::10"], "ports": [
                        {"name": "http", "port": 80, "targetPort": 8080, "appProtocol": "http"},
                        {"name": "dns", "port": 53, "protocol": "UDP"},
-                       {"name": "grpc", "port": 9090, "protocol": "TCP", "appProtocol": "grpc"}]}}),
+                       {"name": "grpc", "port": 9090, "protocol": "TCP", "appProtocol": "grpc"},
+                       {"name": "Not A Port Name", "port": 81},
+                       {"name": "again", "port": 80}]}}),
             json!({"apiVersion": "v1", "kind": "Service", "metadata": {"namespace": "shop", "name": "db"},
                    "spec": {"clusterIP": "None", "ports": [{"port": 5432}]}}),
             json!({"apiVersion": "v1", "kind": "Service", "metadata": {"namespace": "shop", "name": "ext"},

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use remora_control_api::validate::Destination;
 use remora_control_api::{Resource, v1};
 
+use super::claims::{Claims, Key};
 use super::gateway;
 use super::objects::{Changes, Objects, Service, ServicePort};
 use crate::inject::INBOUND_ANNOTATION;
@@ -54,8 +55,10 @@ pub fn resources(objects: &Objects, written: &[Resource], settings: &Settings) -
 /// again only the Services it touched ([`Mesh::remake`]) instead of every Service of the cluster.
 #[derive(Debug, Default)]
 pub struct Mesh {
-    /// What each Service made, by `(namespace, name)`.
-    services: BTreeMap<(String, String), Made>,
+    /// What each Service made, by `(namespace, name)`, before [`Claims::resolve`].
+    services: BTreeMap<Key, Made>,
+    /// The addresses their route tables claim.
+    claims: Claims,
     /// The inbound policies.
     policies: Made,
 }
@@ -74,23 +77,25 @@ impl Mesh {
     /// The mesh of `objects`: see [`resources`].
     pub fn make(objects: &Objects, written: &[Resource], settings: &Settings) -> Mesh {
         let written = Written::new(written);
-        let services = objects
+        let services: BTreeMap<Key, Made> = objects
             .services
             .iter()
             .map(|(key, service)| (key.clone(), service_resources(objects, service, &written, settings)))
             .collect();
-        Mesh { services, policies: inbound_policies(objects, written.resources, settings) }
+        let mut claims = Claims::default();
+        for (key, made) in &services {
+            claims.add(key, made);
+        }
+        Mesh { services, claims, policies: inbound_policies(objects, written.resources, settings) }
     }
 
     /// Every resource, in the order [`resources`] makes them.
     pub fn made(&self) -> Made {
         let mut made = Made::default();
-        for each in self.services.values().chain([&self.policies]) {
-            made.shared.extend(each.shared.iter().cloned());
-            for (scope, resources) in &each.scoped {
-                made.scoped.entry(scope.clone()).or_default().extend(resources.iter().cloned());
-            }
+        for (key, each) in &self.services {
+            made.extend(self.claims.resolve(key, each));
         }
+        made.extend(self.policies.clone());
         made
     }
 
@@ -108,15 +113,40 @@ impl Mesh {
         if !changes.pods.is_empty() {
             keys.extend(objects.slices.services_naming(&changes.pods));
         }
+        // The Services made again, and every Service sharing an address with them before or after:
+        // which of them owns a shared address may change, and with it their tables.
+        let fresh: Vec<(Key, Option<Made>)> = keys
+            .into_iter()
+            .map(|key| {
+                let made =
+                    objects.services.get(&key).map(|service| service_resources(objects, service, &written, settings));
+                (key, made)
+            })
+            .collect();
+        let mut affected: BTreeSet<Key> = BTreeSet::new();
+        for (key, made) in &fresh {
+            affected.insert(key.clone());
+            affected.extend(self.services.get(key).map(|old| self.claims.sharing(old)).unwrap_or_default());
+            affected.extend(made.as_ref().map(|new| self.claims.sharing(new)).unwrap_or_default());
+        }
         let mut remade = Remade::default();
-        for key in keys {
-            if let Some(before) = self.services.remove(&key) {
-                remade.before.extend(before);
+        for key in &affected {
+            if let Some(before) = self.services.get(key) {
+                remade.before.extend(self.claims.resolve(key, before));
             }
-            if let Some(service) = objects.services.get(&key) {
-                let after = service_resources(objects, service, &written, settings);
-                remade.after.extend(after.clone());
-                self.services.insert(key, after);
+        }
+        for (key, made) in fresh {
+            if let Some(old) = self.services.remove(&key) {
+                self.claims.remove(&key, &old);
+            }
+            if let Some(new) = made {
+                self.claims.add(&key, &new);
+                self.services.insert(key, new);
+            }
+        }
+        for key in &affected {
+            if let Some(after) = self.services.get(key) {
+                remade.after.extend(self.claims.resolve(key, after));
             }
         }
         if changes.policies {
@@ -130,7 +160,7 @@ impl Mesh {
 
 impl Made {
     /// Adds `other`'s resources after these.
-    fn extend(&mut self, other: Made) {
+    pub(super) fn extend(&mut self, other: Made) {
         self.shared.extend(other.shared);
         for (scope, resources) in other.scoped {
             self.scoped.entry(scope).or_default().extend(resources);
@@ -275,11 +305,17 @@ fn inbound_policies(objects: &Objects, written: &[Resource], settings: &Settings
             made.scoped.entry(name.clone()).or_default().push(of(true));
         }
     }
+    // Pods by name: two pod objects of one name (an old one and its replacement, by UID) make one
+    // scope, strict if either is.
+    let mut pods: BTreeMap<String, bool> = BTreeMap::new();
     for pod in objects.pods.values() {
         let around = objects.namespaces.get(&pod.namespace).and_then(|ns| strict(&ns.settings)).unwrap_or(false);
         if let Some(own) = strict(&pod.settings).filter(|own| *own != around) {
-            made.scoped.entry(format!("{}/{}", pod.namespace, pod.name)).or_default().push(of(own));
+            pods.entry(format!("{}/{}", pod.namespace, pod.name)).and_modify(|s| *s |= own).or_insert(own);
         }
+    }
+    for (scope, own) in pods {
+        made.scoped.entry(scope).or_default().push(of(own));
     }
     made
 }
@@ -465,6 +501,48 @@ mod tests {
         assert!(mesh.made().scoped["shop"].iter().any(|r| r.kind() == Kind::AuthorizationPolicy));
     }
 
+    /// Two Services claiming one address (one cluster IP given twice by hand here; two headless
+    /// Services over the same pods alike) leave it to the first by namespace and name, and the
+    /// set still validates; when the first goes, remaking it hands the address to the other.
+    #[test]
+    fn an_address_two_services_claim_goes_to_the_first() {
+        use remora_control_api::Kind;
+        let settings = Settings::default();
+        let mut manifests = objects();
+        let alias = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"namespace": "shop", "name": "alias"},
+                           "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80}]}});
+        manifests.push(alias.clone());
+        let mut objects = Objects::read("cluster.local", &manifests);
+        let mut mesh = Mesh::make(&objects, &[], &settings);
+        let made = mesh.made();
+        remora_control_api::validate::validate(&made.shared).unwrap();
+        let destinations = |made: &[Resource], name: &str| match find(made, Kind::RouteTable, name) {
+            Some(Resource::RouteTable(table)) => table.destinations.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert!(destinations(&made.shared, "shop/alias:80").contains(&"10.96.0.10:80".to_owned()));
+        let web = destinations(&made.shared, "shop/web:80");
+        assert!(!web.contains(&"10.96.0.10:80".to_owned()) && web.contains(&"web.shop:80".to_owned()), "{web:?}");
+        for view in made.scoped.values() {
+            let mut all = made.shared.clone();
+            all.retain(|r| !view.iter().any(|v| v.kind() == r.kind() && v.name() == r.name()));
+            all.extend(view.iter().cloned());
+            remora_control_api::validate::validate(&all).unwrap();
+        }
+
+        objects.take_changes();
+        objects.delete(&alias);
+        let changes = objects.take_changes();
+        let remade = mesh.remake(&objects, &[], &settings, &changes);
+        assert_eq!(mesh.made(), Mesh::make(&objects, &[], &settings).made());
+        assert!(destinations(&remade.after.shared, "shop/web:80").contains(&"10.96.0.10:80".to_owned()));
+        objects.apply(&alias);
+        let changes = objects.take_changes();
+        let remade = mesh.remake(&objects, &[], &settings, &changes);
+        assert_eq!(mesh.made(), Mesh::make(&objects, &[], &settings).made());
+        assert!(!destinations(&remade.after.shared, "shop/web:80").contains(&"10.96.0.10:80".to_owned()));
+    }
+
     /// A port whose appProtocol is `tcp` is opaque: its table says so, so that listeners forward
     /// its connections without reading first; HTTP ports are not.
     #[test]
@@ -583,6 +661,12 @@ mod tests {
         assert_eq!(mode(&made.scoped["shop/web-b"]), Some(Mode::Permissive), "the pod's word wins");
         assert_eq!(mode(&made.scoped["ops/tool"]), Some(Mode::Strict), "a typo is strict");
         assert!(!made.scoped.contains_key("shop/web-a"), "as its namespace: nothing of its own");
+        // Two pod objects of one name (an old one and its replacement): one policy in their scope.
+        let mut objects = objects;
+        objects.push(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"namespace": "ops", "name": "tool", "uid": "u10",
+                            "annotations": {"remora.dev/inbound": "strict"}}, "spec": {"containers": [{"name": "app"}]}}));
+        let made = resources(&Objects::read("cluster.local", &objects), &[], &Settings::default());
+        assert_eq!(made.scoped["ops/tool"].len(), 1, "{:?}", made.scoped["ops/tool"]);
         let mine = v1::AuthorizationPolicy { name: "mine".into(), listener: "inbound".into(), ..Default::default() };
         let made = resources(
             &Objects::read("cluster.local", &objects),

@@ -41,7 +41,7 @@ pub mod tunnel;
 
 mod attempt;
 mod mirror;
-mod normalize;
+pub mod normalize;
 pub(crate) mod observe;
 mod park;
 mod plan;

@@ -20,7 +20,7 @@ use http::uri::PathAndQuery;
 
 /// Replaces `uri`'s path by its normalized form, when that differs; the query stays. Returns whether
 /// it changed. A target that is not a path (`*`, an authority) is left alone.
-pub(crate) fn request_path(uri: &mut Uri) -> bool {
+pub fn request_path(uri: &mut Uri) -> bool {
     let Some(target) = uri.path_and_query() else { return false };
     let Cow::Owned(normalized) = path(target.path()) else { return false };
     let rebuilt = match target.query() {
@@ -40,7 +40,7 @@ pub(crate) fn request_path(uri: &mut Uri) -> bool {
 }
 
 /// `path` with its dot-segments removed; borrowed when there were none.
-pub(crate) fn path(path: &str) -> Cow<'_, str> {
+pub fn path(path: &str) -> Cow<'_, str> {
     if !path.starts_with('/') || !path.bytes().any(|b| b == b'.' || b == b'%') {
         return Cow::Borrowed(path);
     }

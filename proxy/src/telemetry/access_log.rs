@@ -21,6 +21,7 @@ use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::metrics::counter::Counter;
+use remora_control_api::validate::bootstrap::ACCESS_LOG_FIELDS;
 
 /// Lines queued for the writer before new ones are dropped.
 const QUEUE_LINES: usize = 16 * 1024;
@@ -29,42 +30,41 @@ const ROTATION_CHECK: Duration = Duration::from_secs(1);
 /// The writer's buffer.
 const WRITE_BUFFER: usize = 64 * 1024;
 
-/// One field of a line: its name, and whether HTTP and TCP lines carry it.
-struct FieldInfo {
-    name: &'static str,
+/// Whether HTTP and TCP lines carry each field of [`ACCESS_LOG_FIELDS`], in its order.
+const CARRIED: [Carried; ACCESS_LOG_FIELDS.len()] = [
+    Carried { http: true, tcp: true },  // start_time
+    Carried { http: true, tcp: true },  // duration_ms
+    Carried { http: true, tcp: true },  // protocol
+    Carried { http: true, tcp: true },  // listener
+    Carried { http: true, tcp: true },  // direction
+    Carried { http: true, tcp: false }, // method
+    Carried { http: true, tcp: false }, // authority
+    Carried { http: true, tcp: false }, // path
+    Carried { http: true, tcp: false }, // status
+    Carried { http: true, tcp: false }, // grpc_status
+    Carried { http: true, tcp: false }, // request_bytes
+    Carried { http: true, tcp: false }, // response_bytes
+    Carried { http: false, tcp: true }, // bytes_received
+    Carried { http: false, tcp: true }, // bytes_sent
+    Carried { http: true, tcp: false }, // route
+    Carried { http: true, tcp: true },  // upstream_cluster
+    Carried { http: true, tcp: true },  // upstream_endpoint
+    Carried { http: true, tcp: false }, // attempts
+    Carried { http: true, tcp: true },  // peer
+    Carried { http: true, tcp: true },  // peer_identity
+    Carried { http: true, tcp: false }, // trace_id
+    Carried { http: true, tcp: true },  // response_flags
+];
+
+/// Whether HTTP and TCP lines carry a field.
+struct Carried {
     http: bool,
     tcp: bool,
 }
 
-/// Every field, in the default order.
-const FIELDS: [FieldInfo; 22] = [
-    FieldInfo { name: "start_time", http: true, tcp: true },
-    FieldInfo { name: "duration_ms", http: true, tcp: true },
-    FieldInfo { name: "protocol", http: true, tcp: true },
-    FieldInfo { name: "listener", http: true, tcp: true },
-    FieldInfo { name: "direction", http: true, tcp: true },
-    FieldInfo { name: "method", http: true, tcp: false },
-    FieldInfo { name: "authority", http: true, tcp: false },
-    FieldInfo { name: "path", http: true, tcp: false },
-    FieldInfo { name: "status", http: true, tcp: false },
-    FieldInfo { name: "grpc_status", http: true, tcp: false },
-    FieldInfo { name: "request_bytes", http: true, tcp: false },
-    FieldInfo { name: "response_bytes", http: true, tcp: false },
-    FieldInfo { name: "bytes_received", http: false, tcp: true },
-    FieldInfo { name: "bytes_sent", http: false, tcp: true },
-    FieldInfo { name: "route", http: true, tcp: false },
-    FieldInfo { name: "upstream_cluster", http: true, tcp: true },
-    FieldInfo { name: "upstream_endpoint", http: true, tcp: true },
-    FieldInfo { name: "attempts", http: true, tcp: false },
-    FieldInfo { name: "peer", http: true, tcp: true },
-    FieldInfo { name: "peer_identity", http: true, tcp: true },
-    FieldInfo { name: "trace_id", http: true, tcp: false },
-    FieldInfo { name: "response_flags", http: true, tcp: true },
-];
-
 /// The names of every field, in the default order (for docs and errors).
 pub fn field_names() -> impl Iterator<Item = &'static str> {
-    FIELDS.iter().map(|f| f.name)
+    ACCESS_LOG_FIELDS.iter().copied()
 }
 
 /// What one line says. Fields that do not apply, or are unknown, are written as `null`.
@@ -136,12 +136,12 @@ impl AccessLogSettings {
             path => Some(PathBuf::from(path)),
         };
         let fields = if fields.is_empty() {
-            (0..FIELDS.len()).collect()
+            (0..ACCESS_LOG_FIELDS.len()).collect()
         } else {
             fields
                 .iter()
                 .map(|name| {
-                    FIELDS.iter().position(|f| f.name == name).ok_or_else(|| {
+                    ACCESS_LOG_FIELDS.iter().position(|f| f == name).ok_or_else(|| {
                         format!("unknown field {name:?} (known: {})", field_names().collect::<Vec<_>>().join(", "))
                     })
                 })
@@ -207,7 +207,7 @@ impl AccessLog {
         line.push('{');
         let mut first = true;
         for &index in &self.fields {
-            let field = &FIELDS[index];
+            let field = &CARRIED[index];
             if !(if http { field.http } else { field.tcp }) {
                 continue;
             }
@@ -215,9 +215,10 @@ impl AccessLog {
                 line.push(',');
             }
             first = false;
-            json_string(&mut line, field.name);
+            let name = ACCESS_LOG_FIELDS[index];
+            json_string(&mut line, name);
             line.push(':');
-            match field.name {
+            match name {
                 "start_time" => opt_str(&mut line, e.start.map(rfc3339).as_deref()),
                 "duration_ms" => {
                     let _ = write!(line, "{:.3}", e.duration.as_secs_f64() * 1000.0);

@@ -30,9 +30,12 @@
 //! - `head` — the request head as the client sees it ([`Head`]) and its encoding, framing chosen;
 //! - `upload` — the request body's resumable upload;
 //! - `response` — the response head: read, parsed (RFC 9112), hop-by-hop fields left out, framing;
-//! - `decode` — the response [`Body`]: length, chunked with trailers, or until close.
+//! - `decode` — the response [`Body`]: length, chunked with trailers, or until close;
+//! - `differential` (tests) — this client against hyper's over generated responses.
 
 mod decode;
+#[cfg(test)]
+mod differential;
 mod head;
 mod response;
 mod upload;
