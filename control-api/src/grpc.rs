@@ -60,6 +60,14 @@ impl ControlTls {
         Ok(ControlTls(Arc::new(config)))
     }
 
+    /// The same trust, presenting the client certificate `resolver` gives (none when it gives
+    /// none): a proxy proving its identity to the control plane.
+    pub fn with_client_cert(&self, resolver: Arc<dyn rustls::client::ResolvesClientCert>) -> ControlTls {
+        let mut config = (*self.0).clone();
+        config.client_auth_cert_resolver = resolver;
+        ControlTls(Arc::new(config))
+    }
+
     /// The same trust for an HTTP/1.1 client (offering `http/1.1` instead of `h2`).
     pub fn http1_config(&self) -> Arc<rustls::ClientConfig> {
         let mut config = (*self.0).clone();

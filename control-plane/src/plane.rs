@@ -381,6 +381,7 @@ impl ControlPlane {
             Some(authenticators) => ads.authenticated_by(authenticators),
             None => ads,
         };
+        let ads = if serving_tls.is_some() { ads.proofs_required() } else { ads };
         let mut routes = tonic::service::Routes::new(ads.into_service());
         if let Some(ca_service) = ca_service {
             routes = routes.add_service(ca_service);

@@ -11,6 +11,12 @@
 //! and yields the finished ones. Proxies check the certificate against the CA's root
 //! (`control_plane_ca_file`), so bearer tokens and configuration never cross the network in the
 //! clear.
+//!
+//! The control plane's port asks for a client certificate too, and takes a connection without
+//! one: a proxy whose identity the CA issued presents it, and a certificate that chains to the CA's
+//! roots is the proof of who calls ([`Peer`]): the discovery service decides a stream's view by it,
+//! never by the node ID the proxy claims. A certificate that does not chain is refused in the
+//! handshake.
 
 use std::future::Future;
 use std::io;
@@ -20,14 +26,16 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use remora_control_api::identity::SpiffeId;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::transport::server::Connected;
 use tracing::{debug, info, warn};
 
 use crate::ca::Authority;
@@ -48,7 +56,17 @@ pub(crate) fn serving_config(
 ) -> Result<(Arc<rustls::ServerConfig>, impl Future<Output = ()> + Send + 'static), String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let current = Arc::new(Renewed(ArcSwap::from_pointee(issue(authority, names, lifetime, &provider)?)));
-    let config = server_config(current.clone(), provider.clone())?;
+    let mut roots = rustls::RootCertStore::empty();
+    for pem in authority.trust_bundle() {
+        for root in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            roots.add(root.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        }
+    }
+    let clients = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let config = server_config(current.clone(), provider.clone(), Some(clients))?;
     let (authority, names) = (authority.clone(), names.to_vec());
     let renew = async move {
         let mut wait = lifetime / 2;
@@ -72,16 +90,21 @@ pub(crate) fn serving_config(
     Ok((config, renew))
 }
 
-/// TLS 1.3 only, no client certificates, h2 and http/1.1 offered; certificates from `resolver`.
+/// TLS 1.3 only, h2 and http/1.1 offered; certificates from `resolver`; client certificates
+/// checked by `clients`, or none asked for.
 fn server_config(
     resolver: Arc<Renewed>,
     provider: Arc<rustls::crypto::CryptoProvider>,
+    clients: Option<Arc<dyn ClientCertVerifier>>,
 ) -> Result<Arc<rustls::ServerConfig>, String> {
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
-        .with_cert_resolver(resolver);
+        .map_err(|e| e.to_string())?;
+    let builder = match clients {
+        Some(verifier) => builder.with_client_cert_verifier(verifier),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
@@ -136,17 +159,54 @@ pub(crate) fn file_config(cert: &std::path::Path, key: &std::path::Path) -> Resu
 pub fn pem_config(chain_pem: &str, key_pem: &str) -> Result<Arc<rustls::ServerConfig>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let key = certified_key(chain_pem, key_pem, &provider)?;
-    server_config(Arc::new(Renewed(ArcSwap::from_pointee(key))), provider)
+    server_config(Arc::new(Renewed(ArcSwap::from_pointee(key))), provider, None)
 }
 
 /// A control-plane connection after its TLS handshake.
 pub struct TlsConnection(tokio_rustls::server::TlsStream<TcpStream>);
 
-impl Connected for TlsConnection {
-    type ConnectInfo = TcpConnectInfo;
+/// Who is on the other end of a control-plane connection: its address, and the identity its client
+/// certificate proved (one that chains to the CA's roots, checked in the handshake), if it
+/// presented one. tonic puts it in every request's extensions; [`Peer::of`] reads it back.
+#[derive(Clone, Debug, Default)]
+pub struct Peer {
+    /// The remote address.
+    pub address: Option<std::net::SocketAddr>,
+    /// The SPIFFE ID of the client certificate's one URI SAN.
+    pub identity: Option<SpiffeId>,
+}
 
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.0.get_ref().0.connect_info()
+impl Peer {
+    /// The peer of `request`: from a TLS connection's proof, else the plain TCP connection's address.
+    pub fn of<T>(request: &tonic::Request<T>) -> Peer {
+        match request.extensions().get::<Peer>() {
+            Some(peer) => peer.clone(),
+            None => Peer { address: request.remote_addr(), identity: None },
+        }
+    }
+}
+
+impl Connected for TlsConnection {
+    type ConnectInfo = Peer;
+
+    fn connect_info(&self) -> Peer {
+        let (tcp, session) = self.0.get_ref();
+        let identity = session.peer_certificates().and_then(|chain| chain.first()).and_then(spiffe_id);
+        Peer { address: tcp.connect_info().remote_addr(), identity }
+    }
+}
+
+/// The SPIFFE ID in a certificate's one URI SAN.
+fn spiffe_id(leaf: &CertificateDer<'_>) -> Option<SpiffeId> {
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
+    let names = cert.subject_alternative_name().ok()??;
+    let mut uris = names.value.general_names.iter().filter_map(|name| match name {
+        x509_parser::extensions::GeneralName::URI(uri) => Some(*uri),
+        _ => None,
+    });
+    match (uris.next(), uris.next()) {
+        (Some(uri), None) => SpiffeId::parse(uri).ok(),
+        _ => None,
     }
 }
 

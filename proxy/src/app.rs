@@ -9,8 +9,10 @@
 //! 4. start the admin thread (the admin server alone, so probes are answered whatever the config side
 //!    is doing) and the control thread: the cluster monitor (health checks and outlier
 //!    detection, `balance::monitor`), for a file source the file watcher, with a control plane
-//!    the Delta-ADS stream (`xds`), and with an identity what keeps its certificate current (the
-//!    certificate files' watcher, or the CA renewals of `tls::issuer`);
+//!    the Delta-ADS stream (`xds`; with a CA identity, opened once the first certificate is in
+//!    place, which it presents to the control plane as proof of who calls), and with an identity
+//!    what keeps its certificate current (the certificate files' watcher, or the CA renewals of
+//!    `tls::issuer`);
 //! 5. report ready — at once without a control plane; with one, once every resource type has arrived
 //!    and been applied, or the initial-fetch timeout has passed; with a CA identity, not before the
 //!    first certificate is in place.
@@ -251,6 +253,14 @@ impl Proxy {
                 Some(mesh)
             }
         };
+        // A proxy whose identity the control plane's CA issues proves it on the control plane's
+        // port too: the view its stream gets is decided by that proof, not by the node ID it claims.
+        let control_tls = match (control_tls, &mesh, settings.identity.as_ref().map(|i| &i.source)) {
+            (Some(tls), Some(mesh), Some(IdentitySource::Ca { .. })) => {
+                Some(tls.with_client_cert(mesh.control_plane_client_cert()))
+            }
+            (control_tls, ..) => control_tls,
+        };
         let data = Arc::new(DataPath {
             snapshot: Arc::new(LiveSnapshot::default()),
             drain: Default::default(),
@@ -307,6 +317,10 @@ impl Proxy {
                 .with_token(token_file);
             (handler, settings.node_id.clone(), settings.initial_fetch_timeout)
         });
+        // With an identity from the CA, the control-plane stream opens once the first certificate
+        // is in place, so that it proves who this proxy is from its first request.
+        let stream_waits = matches!(identity_task, Some(IdentityTask::Ca(_)));
+        let (issued, first_certificate) = oneshot::channel::<()>();
         let control_thread = Background::start("remora-control", move || {
             tokio::spawn(crate::balance::monitor::run(monitored));
             tokio::spawn(crate::memory::give_back(limits::MEMORY_RETURN_INTERVAL));
@@ -314,7 +328,12 @@ impl Proxy {
                 tokio::spawn(reload::watch_file(reloader, watch));
             }
             if let Some((handler, node_id, timeout)) = xds {
-                tokio::spawn(xds::run(handler, node_id, timeout));
+                tokio::spawn(async move {
+                    if stream_waits {
+                        let _ = first_certificate.await;
+                    }
+                    xds::run(handler, node_id, timeout).await;
+                });
             }
             match (identity_task, mesh) {
                 (Some(IdentityTask::Files(files)), Some(mesh)) => {
@@ -322,7 +341,10 @@ impl Proxy {
                 }
                 (Some(IdentityTask::Ca(settings)), Some(mesh)) => {
                     let admin = identity_admin;
-                    tokio::spawn(crate::tls::issuer::run(settings, mesh, move || admin.set_identity_ready()));
+                    tokio::spawn(crate::tls::issuer::run(settings, mesh, move || {
+                        admin.set_identity_ready();
+                        let _ = issued.send(());
+                    }));
                 }
                 _ => {}
             }

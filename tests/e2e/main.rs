@@ -15,6 +15,7 @@ mod filters;
 mod gamma;
 mod gateway_api;
 mod grpc;
+mod h2_limits;
 mod http;
 mod kubernetes;
 mod kubernetes_api;

@@ -216,6 +216,47 @@ async fn expired_foreign_and_missing_client_certificates_are_refused() {
     assert!(failed >= 2.0, "{failed}");
 }
 
+/// A handshake that stalls after its ClientHello is cut off at the handshake timeout (0.5 s here)
+/// and counted; garbage that looks like a TLS record is refused; the sidecar serves on.
+#[tokio::test]
+async fn stalled_handshakes_and_garbage_on_the_mesh_port_are_cut_off() {
+    let ca = TestCa::new("cluster.local");
+    let dir = temp_dir("remora-stall");
+    let app = HttpServer::start("api-app").await;
+    let echo = TcpEchoServer::start().await;
+    let identity = ca.issue(API).bootstrap_identity(&dir.join("api")) + "    handshake_timeout: 0.5s\n";
+    let server = TestProxy::start(&server_yaml(&identity, app.address(), echo.address(), ""));
+    let inbound = server.address("in");
+    let web = ca.issue(WEB);
+
+    let mut stalled = TcpStream::connect(inbound).await.unwrap();
+    stalled.write_all(&web.client_hello(remora_proxy::tls::ALPN_HTTP)).await.unwrap();
+    let mut answer = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), stalled.read_to_end(&mut answer)).await;
+    assert!(closed.is_ok(), "a stalled handshake was held for 10 s");
+    assert!(answer.first() == Some(&0x16), "the server answered the ClientHello before giving up");
+    // Counted once the handshake's future ends, which may be just after the socket closes.
+    let counted = |result: &'static str| {
+        let series = format!(r#"remora_tls_handshakes_total{{direction="inbound",result="{result}"}}"#);
+        let server = &server;
+        async move { server.metric(&series).await == 1.0 }
+    };
+    eventually("the timeout counted", Duration::from_secs(5), || counted("timeout")).await;
+
+    // A mesh ClientHello, then a record of no type TLS knows.
+    let mut garbage = TcpStream::connect(inbound).await.unwrap();
+    let mut bytes = web.client_hello(remora_proxy::tls::ALPN_HTTP);
+    bytes.extend([0x99, 0x03, 0x03, 0x02, 0x00]);
+    bytes.extend((0..512u32).map(|i| (i * 7 + 3) as u8));
+    garbage.write_all(&bytes).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(10), garbage.read_to_end(&mut Vec::new())).await;
+    assert!(closed.is_ok(), "garbage held the connection for 10 s");
+    eventually("the refusal counted", Duration::from_secs(5), || counted("handshake")).await;
+
+    assert_eq!(pair_request(&web, inbound).await, Ok(200));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Mesh TLS to `address` as `cert`, then one HTTP/2 request; Err if anything fails.
 async fn pair_request(cert: &IssuedPem, address: SocketAddr) -> Result<u16, String> {
     let tls = cert.connect(address, remora_proxy::tls::ALPN_HTTP).await.map_err(|e| e.to_string())?;
@@ -463,6 +504,50 @@ async fn the_control_plane_serves_tls_and_proxies_check_its_certificate() {
     let mut got = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(12), plain.read_to_end(&mut got)).await;
     assert!(!String::from_utf8_lossy(&got).contains("remora_control"), "plaintext was answered");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// On a control plane that checks client certificates, a proxy's view is decided by the identity
+/// its certificate proves, not by the node ID it claims: a proxy of `shop` that names itself
+/// `web-0.bank` is sent shop's short names and never bank's; a stream proving nothing (no
+/// certificate, no token) is sent the shared view alone, whatever its node ID.
+#[tokio::test]
+async fn a_proxy_that_lies_about_its_node_id_gets_the_view_it_proves() {
+    let services = "apiVersion: v1\nkind: Service\nmetadata: {namespace: shop, name: api}\nspec: {clusterIP: 10.96.0.20, ports: [{port: 80}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {namespace: bank, name: vault}\nspec: {clusterIP: 10.96.0.30, ports: [{port: 80}]}\n";
+    let plane = TestControlPlane::start_with_ca_tls(&[("services.yaml", services)], "cluster.local", TOKENS);
+    let dir = temp_dir("remora-proven");
+    let token_file = dir.join("web.token");
+    std::fs::write(&token_file, "web-token-0123456789").unwrap();
+    let root = plane.ca_root_file();
+    let listener = "kind: Listener\nname: out\naddress: \"127.0.0.1:0\"\n";
+    let bootstrap = |identity: &str| {
+        format!(
+            "bootstrap:\n  admin_address: 127.0.0.1:0\n  workers: 1\n  initial_fetch_timeout: 30s\n  control_plane_ca_file: {}\n{identity}---\n{listener}",
+            root.display()
+        )
+    };
+    let destinations = |dump: &str, table: &str| -> Vec<String> {
+        let dump: serde_json::Value = serde_json::from_str(dump).unwrap();
+        let resources = dump["resources"].as_array().unwrap();
+        let found = resources.iter().find(|r| r["kind"] == "RouteTable" && r["name"] == table);
+        let list = found.map(|t| t["destinations"].as_array().cloned().unwrap_or_default()).unwrap_or_default();
+        list.iter().filter_map(|d| d.as_str().map(str::to_owned)).collect()
+    };
+
+    let identity = format!("  identity: {{spiffe_id: \"{WEB}\", token_file: {}}}\n", token_file.display());
+    let liar = TestProxy::start_controlled(&bootstrap(&identity), &plane.https_url(), "web-0.bank");
+    liar.wait_ready().await;
+    let (_, dump) = liar.admin_get("/config_dump").await;
+    assert!(destinations(&dump, "shop/api:80").contains(&"api:80".to_owned()), "{dump}");
+    let vault = destinations(&dump, "bank/vault:80");
+    assert!(vault.contains(&"vault.bank:80".to_owned()), "the shared table: {vault:?}");
+    assert!(!vault.contains(&"vault:80".to_owned()), "bank's view was sent to a proxy of shop");
+
+    let anonymous = TestProxy::start_controlled(&bootstrap(""), &plane.https_url(), "web-0.bank");
+    anonymous.wait_ready().await;
+    let (_, dump) = anonymous.admin_get("/config_dump").await;
+    assert!(!destinations(&dump, "bank/vault:80").contains(&"vault:80".to_owned()), "a claim was believed");
+    assert!(!destinations(&dump, "shop/api:80").is_empty());
     let _ = std::fs::remove_dir_all(&dir);
 }
 

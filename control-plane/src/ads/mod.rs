@@ -43,7 +43,9 @@ use crate::metrics::ControlMetrics;
 use crate::servers::envoy::service::discovery::v3::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
+use crate::tls::Peer;
 use remora_control_api::Kind;
+use remora_control_api::identity::SpiffeId;
 use remora_control_api::xds::WILDCARD;
 use remora_control_api::xds::discovery::{self, DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 
@@ -72,6 +74,9 @@ pub struct AdsServer {
     /// When set, a stream must carry a bearer token these accept (the one the proxy's CA requests
     /// carry); otherwise anyone who reaches the port may subscribe.
     authenticators: Option<Arc<Authenticators>>,
+    /// Whether streams can prove their namespace (the port checks client certificates): then a
+    /// stream that proves none is not believed about it either, and sees the shared view alone.
+    proofs: bool,
 }
 
 /// Per kind (by push-order index), name → the version a proxy NACKed.
@@ -91,7 +96,15 @@ impl AdsServer {
             served: publisher.subscribe(),
             shared: Arc::new(Shared { metrics: publisher.metrics.clone(), nacked: Mutex::new(HashMap::new()) }),
             authenticators: None,
+            proofs: false,
         }
+    }
+
+    /// Believes no node ID about its namespace: the port checks client certificates, so a stream
+    /// proves its namespace (or its token pins it) or sees the shared view alone.
+    pub fn proofs_required(mut self) -> Self {
+        self.proofs = true;
+        self
     }
 
     /// Requires every stream to authenticate with a bearer token `authenticators` accept.
@@ -174,7 +187,8 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
-        let peer = request.remote_addr();
+        let Peer { address: peer, identity } = Peer::of(&request);
+        let proven_namespace = identity.as_ref().and_then(namespace_of);
         let mut check = None;
         let mut token_namespace = None;
         if let Some(authenticators) = &self.authenticators {
@@ -193,13 +207,25 @@ impl AggregatedDiscoveryService for AdsServer {
             }
             check = Some(TokenCheck::new(token, authenticators.clone()));
         }
+        if let (Some(proven), Some(token)) = (&proven_namespace, &token_namespace)
+            && proven != token
+        {
+            self.shared.metrics.stream_refused();
+            warn!(?peer, ?identity, token = %token, "discovery stream refused: its certificate and its token disagree");
+            return Err(Status::permission_denied(format!(
+                "the stream's certificate is of namespace {proven:?} and its token of {token:?}"
+            )));
+        }
+        // What the stream proves pins its namespace: the certificate, else the token; where proofs
+        // can be had, a stream with neither is believed of no namespace (the empty one: no scope).
+        let pinned_namespace = proven_namespace.or(token_namespace).or_else(|| self.proofs.then(String::new));
         let requests = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
         let served = self.served.clone();
         let shared = self.shared.clone();
         tokio::spawn(async move {
             shared.metrics.stream_opened();
-            let mut session = Session { token_namespace, ..Session::default() };
+            let mut session = Session { pinned_namespace, ..Session::default() };
             let end = serve_stream(&mut session, requests, &tx, served, &shared, check).await;
             shared.metrics.stream_closed();
             session.close(&shared);
@@ -256,23 +282,32 @@ async fn serve_stream(
     }
 }
 
-/// The scopes whose own resources a proxy sees, least specific first: its namespace (the token's
-/// if it pins one, else the node ID's), then its pod (`NAMESPACE/POD`, when the node ID, of the
-/// injector's form `POD.NAMESPACE`, names that namespace). A namespace is a DNS label, so the node
-/// ID's is the part after its last dot.
-fn scopes_of(node: &str, token_namespace: Option<&str>) -> Vec<String> {
+/// The scopes whose own resources a proxy sees, least specific first: its namespace (the one the
+/// stream's proof pins, its client certificate's or its token's, if it does; else the node ID's),
+/// then its pod (`NAMESPACE/POD`, when the node ID, of the injector's form `POD.NAMESPACE`, names
+/// that namespace). A namespace is a DNS label, so the node ID's is the part after its last dot.
+fn scopes_of(node: &str, pinned_namespace: Option<&str>) -> Vec<String> {
     let named = node.rsplit_once('.').filter(|(pod, namespace)| {
         !pod.is_empty()
             && !namespace.is_empty()
             && namespace.len() <= 63
             && namespace.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
     });
-    let Some(namespace) = token_namespace.or(named.map(|(_, namespace)| namespace)) else { return Vec::new() };
+    let Some(namespace) = pinned_namespace.or(named.map(|(_, namespace)| namespace)) else { return Vec::new() };
+    if namespace.is_empty() {
+        return Vec::new();
+    }
     let mut scopes = vec![namespace.to_owned()];
     if let Some((pod, _)) = named.filter(|(_, ns)| *ns == namespace) {
         scopes.push(format!("{namespace}/{pod}"));
     }
     scopes
+}
+
+/// The namespace of a workload identity (`spiffe://TD/ns/NAMESPACE/...`).
+fn namespace_of(identity: &SpiffeId) -> Option<String> {
+    let namespace = identity.path().strip_prefix("/ns/")?.split('/').next()?;
+    (!namespace.is_empty()).then(|| namespace.to_owned())
 }
 
 /// The one namespace a token's identities lie in (`spiffe://TD/ns/NAMESPACE/...`, the namespace
@@ -318,8 +353,9 @@ struct Session {
     node: String,
     /// The scopes whose own resources it sees (see [`scopes_of`]).
     scopes: Vec<String>,
-    /// The namespace the stream's token pins, if it does.
-    token_namespace: Option<String>,
+    /// The namespace the stream's proof pins (its client certificate's, else its token's), if it
+    /// does.
+    pinned_namespace: Option<String>,
     /// When the node identified itself: changes published before that are initial state, not
     /// convergence.
     connected_at: Option<Instant>,
@@ -338,7 +374,7 @@ impl Session {
                 return Err(Status::invalid_argument("the first request of a stream must carry node.id"));
             }
             self.node = node.to_owned();
-            self.scopes = scopes_of(node, self.token_namespace.as_deref());
+            self.scopes = scopes_of(node, self.pinned_namespace.as_deref());
             self.connected_at = Some(Instant::now());
             if let Ok(mut nacked) = shared.nacked.lock() {
                 self.nacked = nacked.remove(node).unwrap_or_default();
@@ -626,8 +662,8 @@ mod tests {
         sent
     }
 
-    fn session_of(shared: &Shared, node: &str, token_namespace: Option<&str>) -> Session {
-        let mut session = Session { token_namespace: token_namespace.map(str::to_owned), ..Session::default() };
+    fn session_of(shared: &Shared, node: &str, pinned_namespace: Option<&str>) -> Session {
+        let mut session = Session { pinned_namespace: pinned_namespace.map(str::to_owned), ..Session::default() };
         session
             .on_request(
                 DeltaDiscoveryRequest {
@@ -710,6 +746,7 @@ mod tests {
         assert!(scopes_of("web.Shop", None).is_empty());
         assert_eq!(scopes_of("web-1", Some("shop")), ["shop"]);
         assert_eq!(scopes_of("web-1.data", Some("shop")), ["shop"], "the node ID's pod is not believed");
+        assert!(scopes_of("web-1.data", Some("")).is_empty(), "nothing proven, nothing believed");
         let entitled = |ids: &[&str]| {
             let identities =
                 ids.iter().map(|id| remora_control_api::identity::IdentityPattern::parse(id).unwrap()).collect();
@@ -720,6 +757,9 @@ mod tests {
         assert_eq!(entitled(&["spiffe://td/ns/shop/sa/web", "spiffe://td/ns/data/sa/db"]), None);
         assert_eq!(entitled(&["spiffe://td/ns/*/sa/web"]), None);
         assert_eq!(entitled(&["spiffe://td/gateway"]), None);
+        let proven = |id: &str| namespace_of(&SpiffeId::parse(id).unwrap());
+        assert_eq!(proven("spiffe://td/ns/shop/sa/web").as_deref(), Some("shop"));
+        assert_eq!(proven("spiffe://td/gateway"), None);
     }
 
     #[test]

@@ -267,11 +267,17 @@ impl Authority {
         let now = SystemTime::now();
         let (not_before, not_after) = (now - BACKDATE, now + ttl);
         let leaf = self.issue(&identity, &csr.public_key, not_before, not_after)?;
-        let mut trust_bundle = vec![self.root_pem.clone()];
-        trust_bundle.extend(self.extra_roots.iter().cloned());
         let mut chain = vec![leaf];
         chain.extend(self.intermediates.iter().cloned());
-        Ok(Signed { identity, chain, trust_bundle, not_after })
+        Ok(Signed { identity, chain, trust_bundle: self.trust_bundle(), not_after })
+    }
+
+    /// The roots a certificate of this CA chains to (PEM): its own, and those trusted beside it
+    /// during a root rotation.
+    pub fn trust_bundle(&self) -> Vec<String> {
+        let mut bundle = vec![self.root_pem.clone()];
+        bundle.extend(self.extra_roots.iter().cloned());
+        bundle
     }
 
     /// A leaf certificate (PEM) for `identity` and `public_key`, valid from `not_before` to

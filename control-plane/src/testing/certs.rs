@@ -91,6 +91,24 @@ impl IssuedPem {
         address: std::net::SocketAddr,
         alpn: &[u8],
     ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let stream = TcpStream::connect(address).await?;
+        let name = ServerName::IpAddress(address.ip().into());
+        tokio_rustls::TlsConnector::from(Arc::new(self.client_config(alpn))).connect(name, stream).await
+    }
+
+    /// The ClientHello this workload's sidecar would open mesh TLS with, offering `alpn`: for tests
+    /// that send it and then stall.
+    pub fn client_hello(&self, alpn: &[u8]) -> Vec<u8> {
+        let name = ServerName::try_from("api").unwrap();
+        let mut connection = rustls::ClientConnection::new(Arc::new(self.client_config(alpn)), name).unwrap();
+        let mut hello = Vec::new();
+        while connection.wants_write() {
+            connection.write_tls(&mut hello).unwrap();
+        }
+        hello
+    }
+
+    fn client_config(&self, alpn: &[u8]) -> rustls::ClientConfig {
         let chain: Vec<CertificateDer<'static>> =
             CertificateDer::pem_slice_iter(self.cert.as_bytes()).collect::<Result<_, _>>().unwrap();
         let key = PrivateKeyDer::from_pem_slice(self.key.as_bytes()).unwrap();
@@ -108,9 +126,7 @@ impl IssuedPem {
             .with_client_auth_cert(chain, key)
             .unwrap();
         config.alpn_protocols = vec![alpn.to_vec()];
-        let stream = TcpStream::connect(address).await?;
-        let name = ServerName::IpAddress(address.ip().into());
-        tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, stream).await
+        config
     }
 }
 

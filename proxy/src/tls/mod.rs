@@ -36,7 +36,7 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use remora_control_api::identity::{IdentityPattern, SpiffeId};
-use rustls::client::Resumption;
+use rustls::client::{ResolvesClientCert, Resumption};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -258,6 +258,13 @@ impl MeshTls {
         }
     }
 
+    /// What presents this proxy's certificate to the control plane: the current one, while it has
+    /// not expired (an expired one would be refused in the handshake, and the stream could not
+    /// even fall back to its token).
+    pub fn control_plane_client_cert(self: &Arc<Self>) -> Arc<dyn ResolvesClientCert> {
+        Arc::new(ControlPlaneCert(self.clone()))
+    }
+
     /// Makes `credentials` the ones new handshakes use.
     pub fn install(&self, credentials: Credentials) -> Result<(), TlsError> {
         let configs = self.configs(credentials).map_err(|e| TlsError::Credentials(e.to_string()))?;
@@ -410,6 +417,22 @@ impl MeshTls {
             .await
             .map_err(|_| TlsError::Timeout)?
             .map_err(TlsError::Handshake)
+    }
+}
+
+/// This proxy's current certificate, for the control plane's port.
+#[derive(Debug)]
+struct ControlPlaneCert(Arc<MeshTls>);
+
+impl ResolvesClientCert for ControlPlaneCert {
+    fn resolve(&self, hints: &[&[u8]], schemes: &[rustls::SignatureScheme]) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let configs = self.0.current.load_full()?;
+        (configs.not_after > SystemTime::now()).then_some(())?;
+        configs.client_http.client_auth_cert_resolver.resolve(hints, schemes)
+    }
+
+    fn has_certs(&self) -> bool {
+        true
     }
 }
 
