@@ -18,8 +18,10 @@
 //!    row is compared with the hand-configured mTLS pair's.
 //! 2. **Handshakes.** New mTLS connections (TLS 1.3, ECDSA P-256, client certificate required and
 //!    verified, no resumption) opened and closed as fast as 8 concurrent clients can, for
-//!    `MESH_SECONDS`, against the inbound sidecar and against nginx doing the same termination;
-//!    prints handshakes per second per core of the server (handshakes / its CPU seconds).
+//!    `MESH_SECONDS`, against the inbound sidecar (clients offering the post-quantum X25519MLKEM768
+//!    first, as a sidecar does, then clients offering X25519 only) and against nginx doing the same
+//!    termination; prints handshakes per second per core of the server (handshakes / its CPU
+//!    seconds).
 //!
 //! The sidecars run as separate `remora proxy` processes (one worker each) pinned to CPU 1 with
 //! `taskset`; this process (clients and the backend) pins itself to CPU 0. nginx must be installed
@@ -159,14 +161,17 @@ fn main() {
         );
         println!("\nnew mTLS handshakes (TLS 1.3, P-256, client certificate verified), {HANDSHAKE_CLIENTS} clients, {seconds} s");
         let inbound_address = SocketAddr::from(([127, 0, 0, 1], inbound));
-        let remora = handshakes(&web, inbound_address, remora_proxy::tls::ALPN_HTTP, server.id(), duration).await;
-        println!("{:<10} {:>10.0} handshakes/s per core ({} handshakes, {} failed)", "remora", remora.0, remora.1, remora.2);
+        for (label, key_exchange) in [("remora pq", KeyExchange::PostQuantum), ("remora", KeyExchange::Classical)] {
+            let result =
+                handshakes(&web, inbound_address, remora_proxy::tls::ALPN_HTTP, key_exchange, server.id(), duration).await;
+            println!("{label:<10} {:>10.0} handshakes/s per core ({} handshakes, {} failed)", result.0, result.1, result.2);
+        }
         drop(server);
         drop(client);
         match spawn_nginx(&dir, &api) {
             Some((nginx, port)) => {
                 let address = SocketAddr::from(([127, 0, 0, 1], port));
-                let result = handshakes(&web, address, b"http/1.1", nginx.id(), duration).await;
+                let result = handshakes(&web, address, b"http/1.1", KeyExchange::Classical, nginx.id(), duration).await;
                 println!("{:<10} {:>10.0} handshakes/s per core ({} handshakes, {} failed)", "nginx", result.0, result.1, result.2);
             }
             None => println!("nginx       skipped: not installed"),
@@ -440,13 +445,38 @@ async fn fixed_rate(address: SocketAddr, rate: u64, duration: Duration) -> Run {
     run
 }
 
-/// New TLS connections to `address` as `identity`, offering `alpn`, from `HANDSHAKE_CLIENTS`
-/// concurrent clients for `duration`: (handshakes per second per core of process `pid`,
-/// handshakes, failures).
+/// What the benchmark's clients offer to agree a key with.
+#[derive(Clone, Copy)]
+enum KeyExchange {
+    /// X25519MLKEM768 first, as a Remora sidecar does.
+    PostQuantum,
+    /// X25519 and P-256 only, as a client without post-quantum support.
+    Classical,
+}
+
+impl KeyExchange {
+    /// Mesh TLS to `address` as `identity`, offering `alpn` and this key exchange.
+    async fn connect(
+        self,
+        identity: &IssuedPem,
+        address: SocketAddr,
+        alpn: &[u8],
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        match self {
+            KeyExchange::PostQuantum => identity.connect_post_quantum(address, alpn).await,
+            KeyExchange::Classical => identity.connect(address, alpn).await,
+        }
+    }
+}
+
+/// New TLS connections to `address` as `identity`, offering `alpn` and `key_exchange`, from
+/// `HANDSHAKE_CLIENTS` concurrent clients for `duration`: (handshakes per second per core of
+/// process `pid`, handshakes, failures).
 async fn handshakes(
     identity: &IssuedPem,
     address: SocketAddr,
     alpn: &[u8],
+    key_exchange: KeyExchange,
     pid: u32,
     duration: Duration,
 ) -> (f64, u64, u64) {
@@ -456,7 +486,7 @@ async fn handshakes(
     let failed = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     // Warm-up.
-    let _ = identity.connect(address, alpn).await;
+    let _ = key_exchange.connect(&identity, address, alpn).await;
     let before = cpu_seconds(pid);
     let mut tasks = Vec::new();
     for _ in 0..HANDSHAKE_CLIENTS {
@@ -464,7 +494,7 @@ async fn handshakes(
             (identity.clone(), done.clone(), failed.clone(), stop.clone(), alpn.to_vec());
         tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                match identity.connect(address, &alpn).await {
+                match key_exchange.connect(&identity, address, &alpn).await {
                     Ok(stream) => {
                         drop(stream);
                         done.fetch_add(1, Ordering::Relaxed);

@@ -143,6 +143,12 @@ async fn http_and_tcp_cross_mutual_tls_and_the_app_sees_plaintext() {
     assert!(pair.server.metric(&by_client).await >= 2.0);
     let to_server = format!(r#"remora_tls_peer_handshakes_total{{direction="outbound",result="ok",peer="{API}"}}"#);
     assert!(pair.client.metric(&to_server).await >= 2.0);
+    // Two sidecars agree on the post-quantum key exchange.
+    let pq = |direction: &str| {
+        format!(r#"remora_tls_key_exchanges_total{{direction="{direction}",group="X25519MLKEM768"}}"#)
+    };
+    assert!(pair.server.metric(&pq("inbound")).await >= 2.0);
+    assert!(pair.client.metric(&pq("outbound")).await >= 2.0);
     assert_eq!(pair.app.hits(), 2);
 }
 
@@ -253,7 +259,18 @@ async fn stalled_handshakes_and_garbage_on_the_mesh_port_are_cut_off() {
     assert!(closed.is_ok(), "garbage held the connection for 10 s");
     eventually("the refusal counted", Duration::from_secs(5), || counted("handshake")).await;
 
+    // A caller without the post-quantum key exchange (this client offers X25519 and P-256 only) is
+    // served over X25519; one that offers X25519MLKEM768 gets it.
     assert_eq!(pair_request(&web, inbound).await, Ok(200));
+    eventually("the classical exchange counted", Duration::from_secs(5), || async {
+        server.metric(r#"remora_tls_key_exchanges_total{direction="inbound",group="X25519"}"#).await == 1.0
+    })
+    .await;
+    drop(web.connect_post_quantum(inbound, remora_proxy::tls::ALPN_HTTP).await.unwrap());
+    eventually("the post-quantum exchange counted", Duration::from_secs(5), || async {
+        server.metric(r#"remora_tls_key_exchanges_total{direction="inbound",group="X25519MLKEM768"}"#).await == 1.0
+    })
+    .await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -91,16 +91,40 @@ impl IssuedPem {
         address: std::net::SocketAddr,
         alpn: &[u8],
     ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        self.connect_with(address, alpn, rustls::crypto::ring::default_provider()).await
+    }
+
+    /// [`IssuedPem::connect`] with the key exchange a post-quantum sidecar offers first
+    /// (X25519MLKEM768, from rustls's aws-lc-rs provider).
+    pub async fn connect_post_quantum(
+        &self,
+        address: std::net::SocketAddr,
+        alpn: &[u8],
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        use rustls::crypto::aws_lc_rs::kx_group;
+        let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+        provider.kx_groups = vec![kx_group::X25519MLKEM768, kx_group::X25519];
+        self.connect_with(address, alpn, provider).await
+    }
+
+    async fn connect_with(
+        &self,
+        address: std::net::SocketAddr,
+        alpn: &[u8],
+        provider: rustls::crypto::CryptoProvider,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
         let stream = TcpStream::connect(address).await?;
         let name = ServerName::IpAddress(address.ip().into());
-        tokio_rustls::TlsConnector::from(Arc::new(self.client_config(alpn))).connect(name, stream).await
+        let config = self.client_config(alpn, provider);
+        tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, stream).await
     }
 
     /// The ClientHello this workload's sidecar would open mesh TLS with, offering `alpn`: for tests
     /// that send it and then stall.
     pub fn client_hello(&self, alpn: &[u8]) -> Vec<u8> {
         let name = ServerName::try_from("api").unwrap();
-        let mut connection = rustls::ClientConnection::new(Arc::new(self.client_config(alpn)), name).unwrap();
+        let config = self.client_config(alpn, rustls::crypto::ring::default_provider());
+        let mut connection = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
         let mut hello = Vec::new();
         while connection.wants_write() {
             connection.write_tls(&mut hello).unwrap();
@@ -108,7 +132,7 @@ impl IssuedPem {
         hello
     }
 
-    fn client_config(&self, alpn: &[u8]) -> rustls::ClientConfig {
+    fn client_config(&self, alpn: &[u8], provider: rustls::crypto::CryptoProvider) -> rustls::ClientConfig {
         let chain: Vec<CertificateDer<'static>> =
             CertificateDer::pem_slice_iter(self.cert.as_bytes()).collect::<Result<_, _>>().unwrap();
         let key = PrivateKeyDer::from_pem_slice(self.key.as_bytes()).unwrap();
@@ -116,7 +140,7 @@ impl IssuedPem {
         for root in CertificateDer::pem_slice_iter(self.ca.as_bytes()) {
             roots.add(root.unwrap()).unwrap();
         }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(provider);
         let verifier = Arc::new(AnyServer(provider.clone()));
         let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])

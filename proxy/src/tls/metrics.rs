@@ -1,5 +1,5 @@
-//! Identity and mTLS metrics: handshakes with peer sidecars (by result, and by the verified peer's
-//! identity), this proxy's certificate (expiry, rotations, renewals).
+//! Identity and mTLS metrics: handshakes with peer sidecars (by result, by the key exchange agreed,
+//! and by the verified peer's identity), this proxy's certificate (expiry, rotations, renewals).
 //!
 //! [`MeshMetrics::register`] declares the families (the composition root calls it once); `MeshTls`
 //! records each handshake, and whatever keeps the certificate current (the CA issuer, the files'
@@ -27,10 +27,17 @@ struct PeerHandshakeLabels {
     peer: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyExchangeLabels {
+    direction: &'static str,
+    group: &'static str,
+}
+
 /// The identity and mTLS metrics.
 #[derive(Clone, Debug, Default)]
 pub struct MeshMetrics {
     handshakes: Family<HandshakeLabels, Counter>,
+    key_exchanges: Family<KeyExchangeLabels, Counter>,
     peer_handshakes: Family<PeerHandshakeLabels, Counter>,
     certificate_expiry: Gauge,
     rotations: Counter,
@@ -45,6 +52,11 @@ impl MeshMetrics {
             "tls_handshakes",
             "TLS handshakes with peer sidecars, by direction and result (ok, or what failed: timeout, certificate, identity, protocol)",
             m.handshakes.clone(),
+        );
+        registry.register(
+            "tls_key_exchanges",
+            "Completed TLS handshakes with peer sidecars, by direction and the key exchange agreed (X25519MLKEM768, post-quantum; X25519 or secp256r1 with a peer that lacks it)",
+            m.key_exchanges.clone(),
         );
         registry.register(
             "tls_peer_handshakes",
@@ -69,6 +81,11 @@ impl MeshMetrics {
     /// `result` ok or the failure's kind.
     pub fn handshake(&self, direction: &'static str, result: &'static str) {
         self.handshakes.get_or_create(&HandshakeLabels { direction, result }).inc();
+    }
+
+    /// Counts a completed handshake's key exchange `group`.
+    pub fn key_exchange(&self, direction: &'static str, group: &'static str) {
+        self.key_exchanges.get_or_create(&KeyExchangeLabels { direction, group }).inc();
     }
 
     /// Counts a handshake whose peer proved `peer` (its certificate verified against the trust

@@ -250,12 +250,7 @@ pub struct MeshTls {
 impl MeshTls {
     /// No credentials yet; handshakes limited to `handshake_timeout`, counted in `stats`.
     pub fn new(handshake_timeout: Duration, stats: MeshMetrics) -> MeshTls {
-        MeshTls {
-            current: ArcSwapOption::empty(),
-            provider: Arc::new(rustls::crypto::ring::default_provider()),
-            handshake_timeout,
-            stats,
-        }
+        MeshTls { current: ArcSwapOption::empty(), provider: Arc::new(mesh_provider()), handshake_timeout, stats }
     }
 
     /// What presents this proxy's certificate to the control plane: the current one, while it has
@@ -357,7 +352,10 @@ impl MeshTls {
         let result = self.try_connect(stream, endpoint, alpn, expected).await;
         self.stats.handshake("outbound", result.as_ref().map_or_else(TlsError::kind, |_| "ok"));
         match &result {
-            Ok((_, peer)) => self.stats.peer_handshake("outbound", "ok", peer.as_str()),
+            Ok((tls, peer)) => {
+                self.stats.key_exchange("outbound", key_exchange(tls.get_ref().1));
+                self.stats.peer_handshake("outbound", "ok", peer.as_str());
+            }
             Err(TlsError::WrongPeer { presented, .. }) => {
                 self.stats.peer_handshake("outbound", "identity", presented.as_str());
             }
@@ -398,7 +396,8 @@ impl MeshTls {
     pub async fn accept(&self, stream: TcpStream) -> Result<(ServerStream, SpiffeId, Alpn), TlsError> {
         let result = self.try_accept(stream).await;
         self.stats.handshake("inbound", result.as_ref().map_or_else(TlsError::kind, |_| "ok"));
-        if let Ok((_, peer, _)) = &result {
+        if let Ok((tls, peer, _)) = &result {
+            self.stats.key_exchange("inbound", key_exchange(tls.get_ref().1));
             self.stats.peer_handshake("inbound", "ok", peer.as_str());
         }
         result
@@ -417,6 +416,28 @@ impl MeshTls {
             .await
             .map_err(|_| TlsError::Timeout)?
             .map_err(TlsError::Handshake)
+    }
+}
+
+/// The crypto of the mesh's mutual TLS: rustls's aws-lc-rs provider, for its post-quantum key
+/// exchange. X25519MLKEM768 (X25519 with ML-KEM-768, as Linkerd and Chrome use it) comes first, so
+/// two Remora sidecars agree on it; a peer without it (an older sidecar, a classical client) still
+/// gets X25519 or P-256. The certificates stay ECDSA P-256.
+fn mesh_provider() -> CryptoProvider {
+    use rustls::crypto::aws_lc_rs::kx_group;
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider.kx_groups = vec![kx_group::X25519MLKEM768, kx_group::X25519, kx_group::SECP256R1];
+    provider
+}
+
+/// The key exchange a finished handshake agreed on, as the metrics name it.
+fn key_exchange(session: &rustls::CommonState) -> &'static str {
+    match session.negotiated_key_exchange_group().map(|group| group.name()) {
+        Some(rustls::NamedGroup::X25519MLKEM768) => "X25519MLKEM768",
+        Some(rustls::NamedGroup::X25519) => "X25519",
+        Some(rustls::NamedGroup::secp256r1) => "secp256r1",
+        Some(_) => "other",
+        None => "none",
     }
 }
 
