@@ -66,6 +66,15 @@ pub fn client(api: &KubernetesApi) -> Result<kube::Client, KubernetesError> {
         }
         KubernetesApi::Explicit { url, ca_file, token_file } => explicit(url, ca_file, token_file)?,
     };
+    from_config(config)
+}
+
+/// A client of the API server `config` describes.
+pub(crate) fn from_config(config: kube::Config) -> Result<kube::Client, KubernetesError> {
+    // kube's TLS takes rustls's process-wide provider, which rustls cannot choose itself when both
+    // of its providers are built in (the mesh's mTLS needs aws-lc-rs): ring, as everything but the
+    // mesh uses. A provider already installed stays.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     kube::Client::try_from(config).map_err(|e| KubernetesError::Client(e.to_string()))
 }
 

@@ -163,7 +163,7 @@ mod tests {
     /// A review that never sends anything (nothing listens at the address).
     fn review() -> TokenReview {
         let config = kube::Config::new("https://10.96.0.1:443".parse().unwrap());
-        TokenReview::new(kube::Client::try_from(config).unwrap(), "cluster.local", "remora")
+        TokenReview::new(crate::kubernetes::from_config(config).unwrap(), "cluster.local", "remora")
     }
 
     #[tokio::test]
