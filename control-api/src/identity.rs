@@ -1,12 +1,14 @@
 //! Workload identities: SPIFFE IDs, and the patterns that allow-lists are written in.
 //!
 //! A [`SpiffeId`] is parsed once, where it enters (a flag, a CSR, a peer certificate's URI SAN), and
-//! carried validated from then on. An [`IdentityPattern`] is an exact ID or a glob (`*` matches any
+//! carried validated from then on. [`certificate_identity`] reads one out of a certificate, for
+//! the proxies' mesh TLS and the control plane's port alike. An [`IdentityPattern`] is an exact ID or a glob (`*` matches any
 //! run of characters, slashes included, so `spiffe://cluster.local/ns/shop/*` covers every service
 //! account in `shop`); authorization policies, cluster `peer_identities` and the CA's token
 //! entitlements are all lists of them.
 
 use std::fmt;
+use std::time::{Duration, SystemTime};
 
 /// The longest SPIFFE ID accepted, as the SPIFFE standard caps URIs.
 const MAX_LEN: usize = 2048;
@@ -143,6 +145,52 @@ fn glob(pattern: &[u8], text: &[u8]) -> bool {
         }
     }
     pattern[p..].iter().all(|&b| b == b'*')
+}
+
+/// Why a certificate does not name one workload identity.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CertificateIdentityError {
+    /// The certificate could not be parsed.
+    #[error("the certificate cannot be parsed")]
+    Malformed,
+    /// It has no URI SAN, or more than one.
+    #[error("the certificate must carry exactly one URI SAN, the SPIFFE ID; it has {0}")]
+    UriCount(usize),
+    /// Its URI SAN is not a SPIFFE ID.
+    #[error("{0}")]
+    NotSpiffe(String),
+    /// Its validity had ended at the time asked about.
+    #[error("the certificate expired")]
+    Expired,
+}
+
+/// The SPIFFE ID in DER certificate `leaf`'s one URI SAN, and when the certificate expires. With
+/// `valid_at`, a certificate past its `not_after` then is refused (before its SANs are read).
+pub fn certificate_identity(
+    leaf: &[u8],
+    valid_at: Option<SystemTime>,
+) -> Result<(SpiffeId, SystemTime), CertificateIdentityError> {
+    use CertificateIdentityError as E;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(|_| E::Malformed)?;
+    let not_after_secs = u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0);
+    let not_after = SystemTime::UNIX_EPOCH + Duration::from_secs(not_after_secs);
+    if valid_at.is_some_and(|now| now > not_after) {
+        return Err(E::Expired);
+    }
+    let names = match cert.subject_alternative_name() {
+        Ok(Some(extension)) => &extension.value.general_names,
+        Ok(None) => return Err(E::UriCount(0)),
+        Err(_) => return Err(E::Malformed),
+    };
+    let mut uris = names.iter().filter_map(|name| match name {
+        x509_parser::extensions::GeneralName::URI(uri) => Some(*uri),
+        _ => None,
+    });
+    match (uris.next(), uris.next()) {
+        (Some(uri), None) => SpiffeId::parse(uri).map(|id| (id, not_after)).map_err(|e| E::NotSpiffe(e.to_string())),
+        (None, _) => Err(E::UriCount(0)),
+        (Some(_), Some(_)) => Err(E::UriCount(2 + uris.count())),
+    }
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use remora_control_api::identity::SpiffeId;
+use remora_control_api::identity::{SpiffeId, certificate_identity};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::danger::ClientCertVerifier;
@@ -191,22 +191,10 @@ impl Connected for TlsConnection {
 
     fn connect_info(&self) -> Peer {
         let (tcp, session) = self.0.get_ref();
-        let identity = session.peer_certificates().and_then(|chain| chain.first()).and_then(spiffe_id);
+        // The handshake checked the chain and its validity; only the identity is read here.
+        let leaf = session.peer_certificates().and_then(|chain| chain.first());
+        let identity = leaf.and_then(|leaf| certificate_identity(leaf, None).ok()).map(|(id, _)| id);
         Peer { address: tcp.connect_info().remote_addr(), identity }
-    }
-}
-
-/// The SPIFFE ID in a certificate's one URI SAN.
-fn spiffe_id(leaf: &CertificateDer<'_>) -> Option<SpiffeId> {
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
-    let names = cert.subject_alternative_name().ok()??;
-    let mut uris = names.value.general_names.iter().filter_map(|name| match name {
-        x509_parser::extensions::GeneralName::URI(uri) => Some(*uri),
-        _ => None,
-    });
-    match (uris.next(), uris.next()) {
-        (Some(uri), None) => SpiffeId::parse(uri).ok(),
-        _ => None,
     }
 }
 

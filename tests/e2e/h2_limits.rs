@@ -208,18 +208,7 @@ async fn the_limits_reach_the_wire() {
 /// GOAWAY `ENHANCE_YOUR_CALM`, and the proxy serves others.
 #[tokio::test]
 async fn rapid_reset_ends_in_goaway() {
-    let setup = setup().await;
-    let mut raw = Raw::connect(setup.address).await;
-    let block = get_block();
-    let mut burst = Vec::new();
-    for i in 0..5_000u32 {
-        let stream = 2 * i + 1;
-        burst.extend(frame(HEADERS, END_STREAM | END_HEADERS, stream, &block));
-        burst.extend(frame(RST_STREAM, 0, stream, &8u32.to_be_bytes()));
-    }
-    raw.send(&burst).await;
-    assert_eq!(raw.goaway().await, Some(ENHANCE_YOUR_CALM));
-    still_serves(setup.address).await;
+    streams_then_goaway(5_000, |stream| frame(RST_STREAM, 0, stream, &8u32.to_be_bytes())).await;
 }
 
 /// MadeYouReset (CVE-2025-8671): frames that make the server reset each stream itself (a
@@ -228,15 +217,20 @@ async fn rapid_reset_ends_in_goaway() {
 /// classic, the codec takes as a connection error at once.)
 #[tokio::test]
 async fn made_you_reset_ends_in_goaway() {
+    let limit = u32::try_from(remora_proxy::limits::H2_MAX_LOCAL_ERROR_RESET_STREAMS).unwrap();
+    streams_then_goaway(2 * limit, |stream| frame(WINDOW_UPDATE, 0, stream, &0x7fff_ffffu32.to_be_bytes())).await;
+}
+
+/// Opens `count` streams in one burst, each GET followed by `then(stream)`, and expects GOAWAY
+/// `ENHANCE_YOUR_CALM`, and a new client served after it.
+async fn streams_then_goaway(count: u32, then: impl Fn(u32) -> Vec<u8>) {
     let setup = setup().await;
     let mut raw = Raw::connect(setup.address).await;
     let block = get_block();
     let mut burst = Vec::new();
-    let limit = u32::try_from(remora_proxy::limits::H2_MAX_LOCAL_ERROR_RESET_STREAMS).unwrap();
-    for i in 0..2 * limit {
-        let stream = 2 * i + 1;
+    for stream in (0..count).map(|i| 2 * i + 1) {
         burst.extend(frame(HEADERS, END_STREAM | END_HEADERS, stream, &block));
-        burst.extend(frame(WINDOW_UPDATE, 0, stream, &0x7fff_ffffu32.to_be_bytes()));
+        burst.extend(then(stream));
     }
     raw.send(&burst).await;
     assert_eq!(raw.goaway().await, Some(ENHANCE_YOUR_CALM));

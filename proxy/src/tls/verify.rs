@@ -8,9 +8,9 @@
 //! out of a verified leaf, either way.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
-use remora_control_api::identity::SpiffeId;
+use remora_control_api::identity::{CertificateIdentityError, SpiffeId, certificate_identity};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime};
@@ -118,26 +118,11 @@ pub enum IdentityError {
 /// The SPIFFE ID in `leaf`'s one URI SAN, and when the leaf expires. Refuses a leaf past its
 /// `not_after` at `now`.
 pub fn peer_identity(leaf: &CertificateDer<'_>, now: SystemTime) -> Result<(SpiffeId, SystemTime), IdentityError> {
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(|_| IdentityError::Malformed)?;
-    let not_after_secs = u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0);
-    let not_after = SystemTime::UNIX_EPOCH + Duration::from_secs(not_after_secs);
-    if now > not_after {
-        return Err(IdentityError::Expired);
-    }
-    let names = match cert.subject_alternative_name() {
-        Ok(Some(extension)) => &extension.value.general_names,
-        Ok(None) => return Err(IdentityError::UriCount(0)),
-        Err(_) => return Err(IdentityError::Malformed),
-    };
-    let mut uris = names.iter().filter_map(|name| match name {
-        x509_parser::extensions::GeneralName::URI(uri) => Some(*uri),
-        _ => None,
-    });
-    match (uris.next(), uris.next()) {
-        (Some(uri), None) => {
-            SpiffeId::parse(uri).map(|id| (id, not_after)).map_err(|e| IdentityError::NotSpiffe(e.to_string()))
-        }
-        (None, _) => Err(IdentityError::UriCount(0)),
-        (Some(_), Some(_)) => Err(IdentityError::UriCount(2 + uris.count())),
-    }
+    use CertificateIdentityError as C;
+    certificate_identity(leaf, Some(now)).map_err(|error| match error {
+        C::Malformed => IdentityError::Malformed,
+        C::UriCount(count) => IdentityError::UriCount(count),
+        C::NotSpiffe(reason) => IdentityError::NotSpiffe(reason),
+        C::Expired => IdentityError::Expired,
+    })
 }
