@@ -213,6 +213,7 @@ impl Slices {
     /// The same endpoints, each with the pod the slice names for it (when it names one).
     pub fn endpoints_with_pods(&self, service: &v1::KubernetesService) -> Vec<(v1::Endpoint, Option<&PodRef>)> {
         let mut endpoints = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         let owner = (service.namespace.clone(), service.name.clone());
         let keys = self.by_service.get(&owner).into_iter().flatten();
         for slice in keys.filter_map(|key| self.slices.get(key)) {
@@ -233,6 +234,11 @@ impl Slices {
                         Ok(ip) => format!("{ip}:{port}"),
                         Err(_) => continue,
                     };
+                    // One address listed twice (by two slices while the controller moves it, or
+                    // twice in one) is one endpoint: the first listing counts.
+                    if !seen.insert(address.clone()) {
+                        continue;
+                    }
                     let found = v1::Endpoint {
                         address,
                         locality: (!endpoint.zone.is_empty())
