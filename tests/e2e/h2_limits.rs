@@ -20,31 +20,31 @@ use tokio::net::TcpStream;
 
 use crate::{cluster, listener, route_all};
 
-const DATA: u8 = 0x0;
-const HEADERS: u8 = 0x1;
-const RST_STREAM: u8 = 0x3;
-const SETTINGS: u8 = 0x4;
-const PING: u8 = 0x6;
-const GOAWAY: u8 = 0x7;
-const WINDOW_UPDATE: u8 = 0x8;
-const CONTINUATION: u8 = 0x9;
+pub(crate) const DATA: u8 = 0x0;
+pub(crate) const HEADERS: u8 = 0x1;
+pub(crate) const RST_STREAM: u8 = 0x3;
+pub(crate) const SETTINGS: u8 = 0x4;
+pub(crate) const PING: u8 = 0x6;
+pub(crate) const GOAWAY: u8 = 0x7;
+pub(crate) const WINDOW_UPDATE: u8 = 0x8;
+pub(crate) const CONTINUATION: u8 = 0x9;
 
-const END_STREAM: u8 = 0x1;
-const ACK: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
+pub(crate) const END_STREAM: u8 = 0x1;
+pub(crate) const ACK: u8 = 0x1;
+pub(crate) const END_HEADERS: u8 = 0x4;
 
-const ENHANCE_YOUR_CALM: u32 = 0xb;
+pub(crate) const ENHANCE_YOUR_CALM: u32 = 0xb;
 
 /// One frame as read: its type, flags, stream and payload.
 #[derive(Debug)]
-struct Frame {
-    kind: u8,
-    flags: u8,
-    stream: u32,
-    payload: Vec<u8>,
+pub(crate) struct Frame {
+    pub(crate) kind: u8,
+    pub(crate) flags: u8,
+    pub(crate) stream: u32,
+    pub(crate) payload: Vec<u8>,
 }
 
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+pub(crate) fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     let length = u32::try_from(payload.len()).unwrap();
     let mut out = length.to_be_bytes()[1..].to_vec();
     out.extend([kind, flags]);
@@ -54,7 +54,7 @@ fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
 }
 
 /// An HPACK integer with an `prefix`-bit prefix, its first byte's high bits `high`.
-fn integer(value: usize, prefix: u8, high: u8, out: &mut Vec<u8>) {
+pub(crate) fn integer(value: usize, prefix: u8, high: u8, out: &mut Vec<u8>) {
     let max = (1usize << prefix) - 1;
     if value < max {
         out.push(high | value as u8);
@@ -70,7 +70,7 @@ fn integer(value: usize, prefix: u8, high: u8, out: &mut Vec<u8>) {
 }
 
 /// A header field as a literal without indexing, with a new name.
-fn literal(name: &str, value: &[u8], out: &mut Vec<u8>) {
+pub(crate) fn literal(name: &str, value: &[u8], out: &mut Vec<u8>) {
     out.push(0x00);
     integer(name.len(), 7, 0, out);
     out.extend_from_slice(name.as_bytes());
@@ -79,7 +79,7 @@ fn literal(name: &str, value: &[u8], out: &mut Vec<u8>) {
 }
 
 /// A GET's header block: `:method GET`, `:scheme http`, `:path /` (static table), `:authority`.
-fn get_block() -> Vec<u8> {
+pub(crate) fn get_block() -> Vec<u8> {
     let mut block = vec![0x82, 0x86, 0x84];
     integer(1, 4, 0x00, &mut block);
     integer(4, 7, 0, &mut block);
@@ -88,7 +88,7 @@ fn get_block() -> Vec<u8> {
 }
 
 /// A raw HTTP/2 connection to the proxy, past the preface and the SETTINGS exchange.
-struct Raw {
+pub(crate) struct Raw {
     stream: TcpStream,
     /// The server's SETTINGS, as `(identifier, value)`.
     settings: Vec<(u16, u32)>,
@@ -97,7 +97,7 @@ struct Raw {
 }
 
 impl Raw {
-    async fn connect(address: SocketAddr) -> Raw {
+    pub(crate) async fn connect(address: SocketAddr) -> Raw {
         let mut stream = TcpStream::connect(address).await.unwrap();
         stream.set_nodelay(true).unwrap();
         stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
@@ -118,12 +118,12 @@ impl Raw {
         }
     }
 
-    fn setting(&self, identifier: u16) -> Option<u32> {
+    pub(crate) fn setting(&self, identifier: u16) -> Option<u32> {
         self.settings.iter().find(|(id, _)| *id == identifier).map(|(_, value)| *value)
     }
 
     /// The next frame, or `None` at the end of the connection (or after 5 s of nothing).
-    async fn read(&mut self) -> Option<Frame> {
+    pub(crate) async fn read(&mut self) -> Option<Frame> {
         let mut head = [0u8; 9];
         tokio::time::timeout(Duration::from_secs(5), self.stream.read_exact(&mut head)).await.ok()?.ok()?;
         let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
@@ -134,7 +134,7 @@ impl Raw {
     }
 
     /// Reads until GOAWAY (its error code) or the end of the connection (`None`).
-    async fn goaway(&mut self) -> Option<u32> {
+    pub(crate) async fn goaway(&mut self) -> Option<u32> {
         while let Some(frame) = self.read().await {
             if frame.kind == GOAWAY {
                 return Some(u32::from_be_bytes([
@@ -149,12 +149,12 @@ impl Raw {
     }
 
     /// Writes `bytes`, ignoring a connection the server has already closed.
-    async fn send(&mut self, bytes: &[u8]) -> bool {
+    pub(crate) async fn send(&mut self, bytes: &[u8]) -> bool {
         self.stream.write_all(bytes).await.is_ok()
     }
 }
 
-fn frame_ack() -> Vec<u8> {
+pub(crate) fn frame_ack() -> Vec<u8> {
     frame(SETTINGS, ACK, 0, &[])
 }
 
@@ -310,5 +310,50 @@ async fn ping_settings_and_empty_data_floods_leave_the_proxy_serving() {
         still_serves(setup.address).await;
         drop(writer.await.unwrap());
     }
+    still_serves(setup.address).await;
+}
+
+/// An HPACK bomb (one 4 KB field put in the dynamic table, then named by its one-byte index 100
+/// times: a 4 KB block that decodes to 400 KB) is refused as the header list over 64 KiB it is,
+/// and a padding flood (100,000 DATA frames of nothing but 255 bytes of padding, which count
+/// against flow control) leaves the proxy serving.
+#[tokio::test]
+async fn hpack_bombs_and_padding_floods_are_refused() {
+    let setup = setup().await;
+    let mut raw = Raw::connect(setup.address).await;
+    let mut block = get_block();
+    // Literal with incremental indexing, new name: it becomes dynamic-table entry 62.
+    block.push(0x40);
+    integer(5, 7, 0, &mut block);
+    block.extend_from_slice(b"x-big");
+    integer(4_000, 7, 0, &mut block);
+    block.extend(std::iter::repeat_n(b'a', 4_000));
+    block.extend(std::iter::repeat_n(0x80 | 62, 100));
+    raw.send(&frame(HEADERS, END_STREAM | END_HEADERS, 1, &block)).await;
+    let refused = loop {
+        match raw.read().await {
+            None => break true,
+            Some(f) if f.kind == GOAWAY || (f.kind == RST_STREAM && f.stream == 1) => break true,
+            Some(f) if f.kind == HEADERS && f.stream == 1 => break !f.payload.starts_with(&[0x88]),
+            Some(_) => {}
+        }
+    };
+    assert!(refused, "a 400 KB header list from a 4 KB block was served");
+    still_serves(setup.address).await;
+
+    let mut raw = Raw::connect(setup.address).await;
+    let mut out = frame(HEADERS, END_HEADERS, 1, &get_block());
+    let mut padded = vec![255_u8];
+    padded.extend([0_u8; 255]);
+    const PADDED: u8 = 0x8;
+    for _ in 0..100_000 {
+        out.extend(frame(DATA, PADDED, 1, &padded));
+    }
+    let writer = tokio::spawn(async move {
+        let _ = tokio::time::timeout(Duration::from_secs(10), raw.send(&out)).await;
+        raw
+    });
+    still_serves(setup.address).await;
+    drop(writer.await.unwrap());
     still_serves(setup.address).await;
 }

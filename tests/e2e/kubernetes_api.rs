@@ -539,6 +539,110 @@ async fn the_ca_issues_a_service_account_its_own_identity_after_a_token_review()
     let _ = std::fs::remove_dir_all(directory);
 }
 
+/// The CA against requests written to abuse it: CSRs naming more or other than one SPIFFE ID, one
+/// asking to be a CA for ten years, one from another trust domain, one of 1 MiB, garbage, and a
+/// token issued for another audience (a token stolen from a pod is for the API server, not for
+/// `remora`). Each is refused with the code that says why, or (the CA for ten years) signed only
+/// as policy allows; the CA serves the next caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ca_refuses_forged_requests_and_tokens_for_other_audiences() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+    use remora_control_api::ca::{ClientError, sign};
+    use rustls::pki_types::pem::PemObject;
+
+    let cluster_ca = TestCa::new("cluster.local");
+    let api = TestApiServer::start(&cluster_ca).await;
+    api.set_user_for("token-for-remora", "system:serviceaccount:shop:web", "remora");
+    api.set_user_for("token-for-the-api-server", "system:serviceaccount:shop:web", "https://kubernetes.default.svc");
+    let directory = remora_proxy::testing::proxy::temp_dir("remora-ca-abuse");
+    let mut control = ca_control_plane(&api, &directory, &[]);
+    let line = control.wait_for("remora control serving Delta ADS");
+    let address = format!("https://{}", line.rsplit("address=").next().unwrap().trim());
+    let mesh_root = std::fs::read_to_string(directory.join("ca/ca.crt")).unwrap();
+    let tls = remora_control_api::grpc::ControlTls::from_pem(mesh_root.as_bytes()).unwrap();
+    let ask = |csr: String, token: &'static str, ttl: Duration| {
+        let (address, tls) = (address.clone(), tls.clone());
+        async move { sign(&address, Some(&tls), token, csr, ttl, Duration::from_secs(10)).await }
+    };
+    let code = |result: Result<_, ClientError>| match result {
+        Err(ClientError::Refused { code, .. }) => code,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let csr = |names: Vec<SanType>, edit: fn(&mut CertificateParams)| {
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = names;
+        edit(&mut params);
+        params
+            .serialize_request(&KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap())
+            .unwrap()
+            .pem()
+            .unwrap()
+    };
+    let uri = |id: &str| SanType::URI(id.to_owned().try_into().unwrap());
+    let own = "spiffe://cluster.local/ns/shop/sa/web";
+    let hour = Duration::from_secs(3600);
+
+    let cases = [
+        (
+            "its ID and a DNS name",
+            csr(vec![uri(own), SanType::DnsName("kubernetes.default.svc".try_into().unwrap())], |_| {}),
+            tonic::Code::InvalidArgument,
+        ),
+        (
+            "a DNS name only",
+            csr(vec![SanType::DnsName("web.shop.svc".try_into().unwrap())], |_| {}),
+            tonic::Code::InvalidArgument,
+        ),
+        (
+            "two SPIFFE IDs",
+            csr(vec![uri(own), uri("spiffe://cluster.local/ns/shop/sa/admin")], |_| {}),
+            tonic::Code::InvalidArgument,
+        ),
+        ("no name", csr(Vec::new(), |_| {}), tonic::Code::InvalidArgument),
+        (
+            "another trust domain",
+            csr(vec![uri("spiffe://evil.example/ns/shop/sa/web")], |_| {}),
+            tonic::Code::PermissionDenied,
+        ),
+        (
+            "garbage",
+            "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n".to_owned(),
+            tonic::Code::InvalidArgument,
+        ),
+        (
+            "1 MiB",
+            format!(
+                "-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n",
+                "A".repeat(1 << 20)
+            ),
+            tonic::Code::OutOfRange,
+        ),
+    ];
+    for (case, request, expected) in cases {
+        assert_eq!(code(ask(request, "token-for-remora", hour).await), expected, "{case}");
+    }
+    // A token the API server issued for itself is not one the CA takes, whoever's it is.
+    assert_eq!(
+        code(ask(csr(vec![uri(own)], |_| {}), "token-for-the-api-server", hour).await),
+        tonic::Code::Unauthenticated
+    );
+
+    // Asking to be a CA, for ten years: signed as a leaf for its one ID, for at most the CA's
+    // maximum lifetime.
+    let as_ca = csr(vec![uri(own)], |p| p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained));
+    let signed = ask(as_ca, "token-for-remora", Duration::from_secs(10 * 365 * 86_400)).await.unwrap();
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(signed.certificate_chain[0].as_bytes()).unwrap();
+    let (_, leaf) = x509_parser::parse_x509_certificate(&der).unwrap();
+    assert!(!leaf.is_ca(), "a CSR made itself a CA");
+    let names = leaf.subject_alternative_name().unwrap().unwrap().value.general_names.clone();
+    assert_eq!(format!("{names:?}"), format!("{:?}", [x509_parser::extensions::GeneralName::URI(own)]));
+    let lifetime = leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp();
+    // The maximum, and the minute the CA backdates a certificate by.
+    let most = remora_control_api::ca::DEFAULT_MAX_TTL.as_secs() + 60;
+    assert!(lifetime <= most as i64, "signed for {lifetime} s");
+    let _ = std::fs::remove_dir_all(directory);
+}
+
 /// A TLS connection to `address` trusting `root` (ALPN http/1.1, for host `name`), its HTTP/1.1
 /// sender, and the leaf certificate the server presented.
 async fn tls_session(

@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod abusive_upstream;
 mod automatic_capture;
 mod automatic_mesh;
 mod balancers;
@@ -11,20 +12,24 @@ mod capture;
 mod cli;
 mod control;
 mod drain;
+mod exhaustion;
 mod filters;
 mod gamma;
 mod gateway_api;
 mod grpc;
 mod h2_limits;
+mod hostile_control_plane;
 mod http;
 mod kubernetes;
 mod kubernetes_api;
 mod mesh;
 mod netns;
 mod policy;
+mod raw_upstream;
 mod reload;
 mod resilience;
 mod retries;
+mod smuggling;
 mod tcp;
 mod telemetry;
 mod transparent;

@@ -60,7 +60,8 @@ struct State {
     version: u64,
     collections: BTreeMap<&'static str, Collection>,
     seen: Vec<Value>,
-    users: HashMap<String, String>,
+    /// Tokens: whose each is, and the one audience it was issued for (`None`: any asked for).
+    users: HashMap<String, (String, Option<String>)>,
     webhooks: BTreeMap<String, Value>,
     failing: Vec<(String, usize)>,
 }
@@ -258,9 +259,16 @@ impl TestApiServer {
         self.state.lock().unwrap().token = token.to_owned();
     }
 
-    /// A TokenReview of `token` says it is `username`'s.
+    /// A TokenReview of `token` says it is `username`'s, for whichever audience it asks about.
     pub fn set_user(&self, token: &str, username: &str) {
-        self.state.lock().unwrap().users.insert(token.to_owned(), username.to_owned());
+        self.state.lock().unwrap().users.insert(token.to_owned(), (username.to_owned(), None));
+    }
+
+    /// A TokenReview of `token` says it is `username`'s if it asks about `audience` (the one the
+    /// token was issued for), and refuses it otherwise, as the API server does.
+    pub fn set_user_for(&self, token: &str, username: &str, audience: &str) {
+        let user = (username.to_owned(), Some(audience.to_owned()));
+        self.state.lock().unwrap().users.insert(token.to_owned(), user);
     }
 
     /// Stores the MutatingWebhookConfiguration `configuration` (by its name).
@@ -402,9 +410,13 @@ impl State {
 
     fn review(&self, body: &Value) -> Value {
         let user = body["spec"]["token"].as_str().and_then(|token| self.users.get(token));
+        let asked = &body["spec"]["audiences"];
         let status = match user {
-            Some(user) => json!({"authenticated": true, "audiences": body["spec"]["audiences"],
-                                 "user": {"username": user, "groups": ["system:serviceaccounts"]}}),
+            Some((_, Some(audience))) if !asked.as_array().is_some_and(|a| a.iter().any(|a| a == audience)) => {
+                json!({"authenticated": false, "error": "token audiences are invalid for the target audiences"})
+            }
+            Some((user, _)) => json!({"authenticated": true, "audiences": asked,
+                                      "user": {"username": user, "groups": ["system:serviceaccounts"]}}),
             None => json!({"authenticated": false, "error": "invalid bearer token"}),
         };
         json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "status": status})

@@ -42,7 +42,8 @@ impl Dynamic {
             .collect()
     }
 
-    /// A copy with `update` applied; an update naming a resource twice is refused.
+    /// A copy with `update` applied; an update naming a resource twice (sent twice, or sent and
+    /// removed) is refused.
     pub fn with(&self, update: &Update) -> Result<Dynamic, String> {
         let mut next = self.clone();
         let mut seen = HashSet::new();
@@ -56,6 +57,9 @@ impl Dynamic {
             next.resources.insert((update.kind, resource.name().to_owned()), (version.clone(), resource.clone()));
         }
         for name in &update.removed {
+            if seen.contains(name.as_str()) {
+                return Err(format!("{} {name:?} is both sent and removed in one response", update.kind.noun()));
+            }
             next.resources.remove(&(update.kind, name.clone()));
         }
         Ok(next)
@@ -287,6 +291,16 @@ mod tests {
         let composed = compose(&[], &gone, &serving).unwrap();
         assert!(composed.serving.is_empty());
         assert_eq!(composed.warming.len(), 1, "the orphaned endpoints wait for their cluster");
+    }
+
+    #[test]
+    fn an_update_naming_a_resource_twice_is_refused() {
+        let twice = update(Kind::Cluster, "kind: Cluster\nname: c\n---\nkind: Cluster\nname: c\n", &[]);
+        let error = Dynamic::default().with(&twice).unwrap_err();
+        assert!(error.contains("appears twice"), "{error}");
+        let both = update(Kind::Cluster, "kind: Cluster\nname: c\n", &["c"]);
+        let error = Dynamic::default().with(&both).unwrap_err();
+        assert!(error.contains("both sent and removed"), "{error}");
     }
 
     #[test]

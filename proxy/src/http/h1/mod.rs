@@ -211,6 +211,7 @@ where
     // An upload that fails does not end the exchange at once: an endpoint that answers early (a 413)
     // and stops reading makes writes fail, and its answer is what the client should see.
     let mut upload_error = None;
+    let mut interim = 0;
     let parsed = poll_fn(|cx| {
         if !upload.is_done()
             && let Poll::Ready(Err(error)) = upload.poll_drive(cx, &mut connection.stream)
@@ -220,7 +221,7 @@ where
             }
             upload_error = Some(error);
         }
-        poll_response_head(&mut connection, cx)
+        poll_response_head(&mut connection, &mut interim, cx)
     })
     .await;
 

@@ -63,19 +63,33 @@ impl ResponseHead {
 }
 
 /// Reads until a final (non-1xx, or 101) response head is complete, and parses it.
+///
+/// A head larger than [`limits::MAX_HEADER_BYTES`] is refused whether it arrived in one read or in
+/// many. `interim` counts the bytes of interim heads skipped so far (the caller keeps it across
+/// polls): they and the final head together get that limit, so an endpoint that answers 1xx after
+/// 1xx is cut off as one that sends an endless head is.
 pub(super) fn poll_response_head(
     connection: &mut Connection,
+    interim: &mut usize,
     cx: &mut Context<'_>,
 ) -> Poll<Result<ResponseHead, Error>> {
     loop {
         if !connection.read.is_empty() {
-            match parse_response_head(&mut connection.read, &mut connection.fields)? {
+            let before = connection.read.len();
+            let parsed = parse_response_head(&mut connection.read, &mut connection.fields)?;
+            // However the head arrived (in one read or many), its size counts.
+            let size = *interim + before - connection.read.len();
+            match parsed {
+                Some(_) if size > limits::MAX_HEADER_BYTES => {
+                    return Poll::Ready(Err(Error::Protocol("response head too large")));
+                }
                 Some(head) if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS => {
                     // 100 Continue, 103 Early Hints: not the answer; keep reading.
+                    *interim = size;
                     continue;
                 }
                 Some(head) => return Poll::Ready(Ok(head)),
-                None if connection.read.len() > limits::MAX_HEADER_BYTES => {
+                None if *interim + connection.read.len() > limits::MAX_HEADER_BYTES => {
                     return Poll::Ready(Err(Error::Protocol("response head too large")));
                 }
                 None => {}
