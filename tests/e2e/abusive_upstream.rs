@@ -1,6 +1,7 @@
-//! An endpoint written to hurt the proxy: endless headers, endless interim responses, chunk-size
-//! lines that never end, a `Content-Length` that lies either way, `Content-Length` with
-//! `Transfer-Encoding`, NUL and CR inside header values, and a body cut off half way.
+//! An endpoint written to hurt the proxy: endless headers, endless interim responses, a head over
+//! 64 KiB or of 200 fields, chunk-size lines that never end, a `Content-Length` that lies either
+//! way, `Content-Length` with `Transfer-Encoding`, NUL and CR inside header values, and a body cut
+//! off half way.
 //!
 //! For each, the client gets a clean answer (a 502, or the connection ended in an error before the
 //! response was whole, never a truncated body passed off as complete), the proxy reads a bounded amount of it, and no keep-alive
@@ -36,6 +37,7 @@ fn cases() -> Vec<(&'static str, Outcome)> {
         ("/endless-headers", Outcome::Status(502)),
         ("/endless-interim", Outcome::Status(502)),
         ("/huge-head", Outcome::Status(502)),
+        ("/many-fields", Outcome::Status(502)),
         ("/endless-chunk-size", Outcome::Broken),
         ("/endless-chunk-extension", Outcome::Broken),
         ("/short-length", Outcome::Broken),
@@ -59,6 +61,10 @@ fn answer(line: &str) -> Answer {
         "/huge-head" => Answer::Bytes(
             format!("HTTP/1.1 200 OK\r\ncontent-length: 0\r\nx-big: {}\r\n\r\n", "b".repeat(100_000)).into_bytes(),
         ),
+        "/many-fields" => {
+            let fields: String = (0..200).map(|i| format!("x-{i}: {i}\r\n")).collect();
+            Answer::Bytes(format!("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n{fields}\r\n").into_bytes())
+        }
         "/endless-chunk-size" => Answer::Endless {
             first: bytes("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"),
             repeat: bytes("0"),

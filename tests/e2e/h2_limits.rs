@@ -357,3 +357,100 @@ async fn hpack_bombs_and_padding_floods_are_refused() {
     drop(writer.await.unwrap());
     still_serves(setup.address).await;
 }
+
+/// A request header block for `method path` on authority `shop`.
+fn request_block(method: &str, path: &str) -> Vec<u8> {
+    let mut block = Vec::new();
+    for (name, value) in [(":method", method), (":scheme", "http"), (":path", path), (":authority", "shop")] {
+        literal(name, value.as_bytes(), &mut block);
+    }
+    block
+}
+
+/// Reads until stream `stream` is reset (its error code) or the connection goes away (the GOAWAY's
+/// code); `None` if neither happens.
+async fn reset_of(raw: &mut Raw, stream: u32) -> Option<u32> {
+    let code = |p: &[u8], at: usize| u32::from_be_bytes([p[at], p[at + 1], p[at + 2], p[at + 3]]);
+    while let Some(frame) = raw.read().await {
+        match frame.kind {
+            RST_STREAM if frame.stream == stream => return Some(code(&frame.payload, 0)),
+            GOAWAY => return Some(code(&frame.payload, 4)),
+            _ => {}
+        }
+    }
+    None
+}
+
+const REFUSED_STREAM: u32 = 0x7;
+const FLOW_CONTROL_ERROR: u32 = 0x3;
+
+/// The concurrent-stream limit takes effect: with 512 requests open (each waiting on a slow
+/// endpoint), the 513th stream is refused with `REFUSED_STREAM`, and the 512 are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_513th_concurrent_stream_is_refused() {
+    let setup = setup().await;
+    let mut raw = Raw::connect(setup.address).await;
+    let limit = remora_proxy::limits::H2_MAX_CONCURRENT_STREAMS;
+    let block = request_block("GET", "/slow/1500");
+    let mut burst = Vec::new();
+    for stream in (0..=limit).map(|i| 2 * i + 1) {
+        burst.extend(frame(HEADERS, END_STREAM | END_HEADERS, stream, &block));
+    }
+    raw.send(&burst).await;
+    let last = 2 * limit + 1;
+    let mut answered = 0;
+    let mut refused = None;
+    while answered < limit || refused.is_none() {
+        let Some(frame) = raw.read().await else { break };
+        match frame.kind {
+            RST_STREAM if frame.stream == last => {
+                refused = Some(u32::from_be_bytes(frame.payload[..4].try_into().unwrap()))
+            }
+            RST_STREAM => panic!("stream {} reset", frame.stream),
+            HEADERS if frame.stream != last => answered += 1,
+            _ => {}
+        }
+    }
+    assert_eq!(refused, Some(REFUSED_STREAM));
+    assert_eq!(answered, limit, "the streams within the limit were answered");
+}
+
+/// The stream window takes effect: a request body sent past the 256 KiB the proxy granted (while a
+/// fault delay holds the request, so nothing is read yet) is a flow-control error, and one that
+/// fills the window exactly is served.
+#[tokio::test]
+async fn a_body_past_the_stream_window_is_a_flow_control_error() {
+    let upstream = HttpServer::start("up").await;
+    let proxy = TestProxy::start(&format!(
+        "resources:\n{}  - {{kind: RouteTable, name: main, routes: [{{fault: {{delay: {{percent: 100, duration: 0.5s}}}}, backends: [{{cluster: up}}]}}]}}\n{}",
+        cluster("up", "", &[upstream.address()]),
+        listener("in", ", protocol: http2"),
+    ));
+    let window = remora_proxy::limits::H2_STREAM_WINDOW as usize;
+    let body = |length: usize| {
+        let mut frames = frame(HEADERS, END_HEADERS, 1, &request_block("POST", "/echo"));
+        let chunk = vec![b'x'; 16_384];
+        let mut left = length;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            left -= n;
+            frames.extend(frame(DATA, if left == 0 { END_STREAM } else { 0 }, 1, &chunk[..n]));
+        }
+        frames
+    };
+    let mut raw = Raw::connect(proxy.address("in")).await;
+    raw.send(&body(window + 16_384)).await;
+    assert_eq!(reset_of(&mut raw, 1).await, Some(FLOW_CONTROL_ERROR));
+
+    let mut raw = Raw::connect(proxy.address("in")).await;
+    raw.send(&body(window)).await;
+    let served = loop {
+        match raw.read().await {
+            Some(f) if f.kind == HEADERS && f.stream == 1 => break f.payload.starts_with(&[0x88]),
+            Some(f) if f.kind == RST_STREAM || f.kind == GOAWAY => break false,
+            Some(_) => {}
+            None => break false,
+        }
+    };
+    assert!(served, "a body filling the window exactly was refused");
+}

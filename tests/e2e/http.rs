@@ -229,6 +229,23 @@ async fn malformed_requests_get_4xx_and_the_proxy_keeps_serving() {
     assert_eq!(client.get("a", "/").await.status, 200);
 }
 
+/// The header-count limit takes effect: a request of 100 fields is served, one of 150 (each small,
+/// the head far under its byte limit) gets 431.
+#[tokio::test]
+async fn a_request_with_too_many_header_fields_gets_431() {
+    let upstream = HttpServer::start("a").await;
+    let proxy = one_upstream(&upstream, Cluster::new("web"), Listener::new("in").http1());
+    let request = |fields: usize| {
+        let extra: String = (1..fields).map(|i| format!("x-{i}: {i}\r\n")).collect();
+        format!("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n{extra}\r\n")
+    };
+    let served = raw_exchange(proxy.address("in"), request(99).as_bytes()).await;
+    assert!(served.starts_with("HTTP/1.1 200"), "{served}");
+    let refused = raw_exchange(proxy.address("in"), request(150).as_bytes()).await;
+    assert!(refused.starts_with("HTTP/1.1 431"), "{refused}");
+    assert_eq!(upstream.hits(), 1);
+}
+
 /// A client that sends a request head too slowly (slowloris), and a keep-alive connection left
 /// idle, are both closed once the listener's header timeout passes; a prompt client is served.
 #[tokio::test]

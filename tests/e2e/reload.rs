@@ -139,8 +139,8 @@ async fn a_bad_file_is_rejected_and_the_old_config_serves_on() {
 }
 
 /// A file whose aliases would expand to 10^8 nodes (several GiB once built) from 140 kB is refused
-/// before it is built: the reload fails naming the limit, the old config serves on, and the next
-/// good edit applies.
+/// before it is built, as are one nested 10,000 deep and one of 65 MiB: each reload fails naming
+/// the limit, the old config serves on, and the next good edit applies.
 #[tokio::test]
 async fn an_alias_bomb_is_refused_and_the_old_config_serves_on() {
     let a = HttpServer::start("a").await;
@@ -156,6 +156,17 @@ async fn an_alias_bomb_is_refused_and_the_old_config_serves_on() {
         other => panic!("expected the bomb refused, got {other:?}"),
     }
     assert_eq!(served_by(address).await, "a");
+    // So are nesting 10,000 deep and a file of 65 MiB (past the 64 MiB a config file may be).
+    let deep = format!("{}---\nx: {}{}\n", routed_to("b", &a, &b, ""), "[".repeat(10_000), "]".repeat(10_000));
+    let huge = format!("{}# {}\n", routed_to("b", &a, &b, ""), "x".repeat(65 << 20));
+    for (case, text, expected) in [("deep", deep, "recursion limit"), ("huge", huge, "larger than the 64 MiB")] {
+        proxy.rewrite(&text);
+        match proxy.reload() {
+            Err(ReloadError::Load(error)) => assert!(error.to_string().contains(expected), "{case}: {error}"),
+            other => panic!("expected the {case} file refused, got {other:?}"),
+        }
+        assert_eq!(served_by(address).await, "a", "{case}");
+    }
     proxy.rewrite(&routed_to("b", &a, &b, ""));
     eventually("the fixed file applies", Duration::from_secs(5), || async { served_by(address).await == "b" }).await;
 }

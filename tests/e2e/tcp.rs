@@ -89,10 +89,13 @@ async fn server_first_protocols_work_after_the_detect_timeout() {
         cluster("smtp", "", &[banner.address()]),
         listener("in", ", default_cluster: smtp, detect_timeout: 0.2s"),
     ));
+    let started = std::time::Instant::now();
     let mut stream = TcpStream::connect(proxy.address("in")).await.unwrap();
     let mut greeting = [0_u8; 22];
     tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut greeting)).await.unwrap().unwrap();
     assert_eq!(&greeting, b"220 smtp.local ready\r\n");
+    // The connection waited its detect timeout for a first byte before going to the server.
+    assert!(started.elapsed() >= Duration::from_millis(200), "{:?}", started.elapsed());
     stream.write_all(b"EHLO me\r\n").await.unwrap();
     let mut reply = [0_u8; 9];
     stream.read_exact(&mut reply).await.unwrap();

@@ -758,6 +758,68 @@ async fn access_log_lines_are_json_with_the_documented_fields() {
     .await;
 }
 
+/// The access log's queue is bounded: with its file a pipe nobody reads (the writer blocked), 20,000
+/// requests are all served, and the lines past the queue's 16,384 (and what the pipe and the
+/// writer's buffer hold) are dropped and counted rather than held. Once the pipe is read, every
+/// line kept arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_access_log_drops_lines_and_never_requests() {
+    use std::io::Read;
+    let upstream = HttpServer::start("app").await;
+    let directory = temp_dir("access-log-fifo");
+    let path = directory.join("access.log");
+    let made = std::process::Command::new("mkfifo").arg(&path).status().unwrap();
+    assert!(made.success());
+    // The read end, open (so the proxy's open of the write end does not wait) and not read.
+    let flags = rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::NONBLOCK;
+    let mut reader = std::fs::File::from(rustix::fs::open(&path, flags, rustix::fs::Mode::empty()).unwrap());
+    let proxy = TestProxy::start(&format!(
+        "bootstrap:\n  admin_address: 127.0.0.1:0\n  workers: 1\n  access_log: {{path: \"{}\"}}\n---\nresources:\n{}{}  - {{kind: RouteTable, name: web, routes: [{{backends: [{{cluster: app}}]}}]}}\n",
+        path.display(),
+        cluster("app", "", &[upstream.address()]),
+        listener("in", ", protocol: http2"),
+    ));
+    let address = proxy.address("in");
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut client = Client::http2(address).await;
+                for _ in 0..2_500 {
+                    assert_eq!(client.get("shop.local", "/").await.status, 200);
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let written = r#"remora_access_log_lines_total{result="written"}"#;
+    let dropped = proxy.metric(r#"remora_access_log_lines_total{result="dropped"}"#).await;
+    // What a full queue, a full pipe (64 KiB) and the writer's 64 KiB buffer can hold, at the
+    // shortest line these requests make.
+    let line = 250.0;
+    let held = 16_384.0 + 2.0 * 65_536.0 / line;
+    assert!(dropped >= 20_000.0 - held, "{dropped} lines dropped of 20,000");
+    println!("blocked access log: {dropped} of 20,000 lines dropped");
+
+    let mut received = Vec::new();
+    let mut buffer = vec![0_u8; 1 << 16];
+    eventually("the kept lines arrive", Duration::from_secs(20), || {
+        loop {
+            match reader.read(&mut buffer) {
+                Ok(n) if n > 0 => received.extend_from_slice(&buffer[..n]),
+                _ => break,
+            }
+        }
+        let lines = received.iter().filter(|b| **b == b'\n').count() as f64;
+        let proxy = &proxy;
+        async move { lines + dropped == 20_000.0 && proxy.metric(written).await + dropped == 20_000.0 }
+    })
+    .await;
+    let shortest = received.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(<[u8]>::len).min().unwrap();
+    assert!(shortest as f64 >= line, "a line of {shortest} bytes");
+}
+
 /// With `success_sampling_ratio`, a quarter of the successful requests get a line (within a
 /// tolerance of 400), while every failure does: a 503 from the endpoint, and an answer the proxy
 /// made itself (no endpoint).
