@@ -68,8 +68,8 @@ async fn slow_post_bodies_are_cut_off_and_others_are_served() {
                     }
                 }
                 assert!(answer.len() < 64 * 1024);
-                if started.elapsed() > Duration::from_secs(10) {
-                    panic!("a slow POST was held for 10 s");
+                if started.elapsed() > Duration::from_secs(15) {
+                    panic!("a slow POST was held for 15 s");
                 }
             }
             (String::from_utf8_lossy(&answer).into_owned(), started.elapsed())
@@ -87,7 +87,8 @@ async fn slow_post_bodies_are_cut_off_and_others_are_served() {
     for task in slow {
         let (answer, took) = task.await.unwrap();
         assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
-        assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(5), "{took:?}");
+        // Trickled to its end, the body would take over five hours.
+        assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(8), "{took:?}");
     }
     let mut rest = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(10), stalled.read_to_end(&mut rest)).await;
@@ -205,7 +206,7 @@ async fn a_connection_flood_stops_at_the_cap_and_admin_still_answers() {
         flood.push(TcpStream::connect(address).await.unwrap());
     }
     let rejected = r#"remora_listener_connections_rejected_total{listener="in",direction="outbound"}"#;
-    eventually("the excess is counted", Duration::from_secs(5), || async { proxy.metric(rejected).await == 337.0 })
+    eventually("the excess is counted", Duration::from_secs(20), || async { proxy.metric(rejected).await == 337.0 })
         .await;
     let started = Instant::now();
     let (status, _) = proxy.admin_get("/live").await;
@@ -215,7 +216,7 @@ async fn a_connection_flood_stops_at_the_cap_and_admin_still_answers() {
     assert!(served(address).await.is_none(), "a new client over the cap was served");
 
     drop(flood);
-    eventually("capacity returns", Duration::from_secs(5), || async { served(address).await == Some(200) }).await;
+    eventually("capacity returns", Duration::from_secs(20), || async { served(address).await == Some(200) }).await;
 }
 
 /// A GET on a new connection: its status, or `None` if the connection was closed.

@@ -130,7 +130,7 @@ impl Plane {
         };
         sender.send(Ok(response)).await.ok()?;
         loop {
-            let next = tokio::time::timeout(Duration::from_secs(3), self.requests.recv()).await;
+            let next = tokio::time::timeout(Duration::from_secs(15), self.requests.recv()).await;
             let Ok(Some((on, request))) = next else { return None };
             if on != stream {
                 // A new stream: the proxy dropped the old one without answering.
