@@ -481,7 +481,7 @@ async fn orders_request(listen: SocketAddr) -> anyhow::Result<(u16, String, Dura
 
 /// Whether a serving route table sends to `cluster`.
 fn routes_to(proxy: &Proxy, cluster: &str) -> bool {
-    proxy.snapshot().resources.iter().any(|r| match r {
+    proxy.snapshot().resources.iter().any(|r| match &**r {
         remora_control_api::Resource::RouteTable(t) => {
             t.routes.iter().flat_map(|r| &r.backends).any(|b| b.cluster == cluster)
         }

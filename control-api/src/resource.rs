@@ -141,6 +141,13 @@ pub enum Resource {
     AuthorizationPolicy(v1::AuthorizationPolicy),
 }
 
+/// So that a set of resources may be given as values or as shared references (`Arc<Resource>`).
+impl AsRef<Resource> for Resource {
+    fn as_ref(&self) -> &Resource {
+        self
+    }
+}
+
 impl Resource {
     /// The resource's kind.
     pub fn kind(&self) -> Kind {

@@ -108,7 +108,7 @@ pub enum ReloadError {
 /// What serves now besides the snapshot itself: its static and dynamic parts.
 #[derive(Debug, Default)]
 struct Held {
-    static_resources: Vec<Resource>,
+    static_resources: Vec<Arc<Resource>>,
     static_version: String,
     dynamic: Dynamic,
     warming: Vec<Warming>,
@@ -230,7 +230,7 @@ impl Reloader {
 
     fn compose(
         &self,
-        static_resources: &[Resource],
+        static_resources: &[Arc<Resource>],
         static_version: &str,
         dynamic: &Dynamic,
     ) -> Result<(String, compose::Composed), ReloadError> {
@@ -300,21 +300,25 @@ impl Reloader {
         if !self.data.snapshot.load().version.is_empty() && loaded.bootstrap != self.startup_bootstrap {
             warn!("the bootstrap section changed; bootstrap settings take effect at the next restart");
         }
+        // Held here and in the snapshot, each resource once.
+        // Not `collect()`: it would keep the parsed resources' buffer, far larger than the pointers.
+        let mut resources: Vec<Arc<Resource>> = Vec::with_capacity(loaded.resources.len());
+        resources.extend(loaded.resources.into_iter().map(Arc::new));
         if !self.control {
-            let outcome = self.apply(loaded.version.clone(), loaded.resources.clone())?;
-            held.static_resources = loaded.resources;
+            let outcome = self.apply(loaded.version.clone(), resources.clone())?;
+            held.static_resources = resources;
             held.static_version = loaded.version;
             return Ok(outcome);
         }
-        let (version, composed) = self.compose(&loaded.resources, &loaded.version, &held.dynamic)?;
+        let (version, composed) = self.compose(&resources, &loaded.version, &held.dynamic)?;
         let outcome = self.apply(version, composed.serving)?;
-        held.static_resources = loaded.resources;
+        held.static_resources = resources;
         held.static_version = loaded.version;
         held.warming = composed.warming;
         Ok(outcome)
     }
 
-    fn apply(&self, version: String, resources: Vec<Resource>) -> Result<ReloadOutcome, ReloadError> {
+    fn apply(&self, version: String, resources: Vec<Arc<Resource>>) -> Result<ReloadOutcome, ReloadError> {
         let mut bound = self.bound();
         let current = self.data.snapshot.load_full();
         if !current.version.is_empty() && current.version == version {
@@ -340,7 +344,14 @@ impl Reloader {
             }
         }
 
+        // A cluster that left takes its metric series with it (work still in flight on it counts on,
+        // unseen); one that stays keeps its counters.
+        let left: Vec<Arc<str>> =
+            current.clusters().filter(|c| snapshot.cluster(&c.name).is_none()).map(|c| c.name.clone()).collect();
         self.data.snapshot.store(snapshot);
+        for name in &left {
+            self.metrics.clusters.forget(name);
+        }
         bound.retain(|key, b| match wanted.get(key) {
             Some(position) => {
                 b.position = *position;

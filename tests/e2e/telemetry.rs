@@ -820,6 +820,40 @@ async fn a_blocked_access_log_drops_lines_and_never_requests() {
     assert!(shortest as f64 >= line, "a line of {shortest} bytes");
 }
 
+/// A cluster that leaves the config takes its metric series with it (they would otherwise hold
+/// memory, and show, for as long as the process runs); one that stays keeps its counts. (The
+/// series of its routes' traffic belong to the routes, and stay.)
+#[tokio::test]
+async fn a_removed_clusters_series_leave_with_it() {
+    let upstream = HttpServer::start("app").await;
+    let config = |clusters: &[&str]| {
+        let mut config = Config::new().with(Listener::new("in").http1());
+        let mut table = RouteTable::new("web");
+        for name in clusters {
+            config = config.with(Cluster::new(name).endpoints(&[upstream.address()]));
+            table = table.route(Route::to(name).path_prefix(&format!("/{name}")));
+        }
+        config.with(table).yaml()
+    };
+    let proxy = TestProxy::start(&config(&["stays", "goes"]));
+    let mut client = Client::http1(proxy.address("in")).await;
+    for path in ["/stays", "/goes"] {
+        assert_eq!(client.get("x", path).await.status, 200);
+    }
+    let (_, before) = proxy.admin_get("/metrics").await;
+    assert!(before.contains(r#"cluster="goes""#), "{before}");
+    proxy.rewrite(&config(&["stays"]));
+    proxy.reload().unwrap();
+    let (_, after) = proxy.admin_get("/metrics").await;
+    // The routes' series (made at a route's first request, labelled with its cluster too) are the
+    // routes' own, and stay.
+    let left: Vec<&str> =
+        after.lines().filter(|l| l.contains(r#"cluster="goes""#) && !l.starts_with("remora_route_")).collect();
+    assert!(left.is_empty(), "series of a removed cluster: {left:?}");
+    let stays = r#"remora_upstream_responses_total{cluster="stays",status_class="2xx"}"#;
+    assert_eq!(proxy.metric(stays).await, 1.0, "the remaining cluster keeps its count");
+}
+
 /// With `success_sampling_ratio`, a quarter of the successful requests get a line (within a
 /// tolerance of 400), while every failure does: a 503 from the endpoint, and an answer the proxy
 /// made itself (no endpoint).

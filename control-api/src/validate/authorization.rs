@@ -41,7 +41,7 @@ impl Checker {
     }
 
     /// No two authorization policies may cover the same listener and port.
-    pub(super) fn guarded_ports(&mut self, resources: &[Resource]) {
+    pub(super) fn guarded_ports(&mut self, resources: &[&Resource]) {
         let mut owners: HashMap<(&str, u32), &str> = HashMap::new();
         for resource in resources {
             let Resource::AuthorizationPolicy(policy) = resource else { continue };

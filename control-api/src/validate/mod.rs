@@ -66,12 +66,14 @@ pub enum References {
 
 /// Checks a whole resource set: each resource's fields, unique names, and that every reference
 /// (route table, cluster) resolves. Returns every problem found.
-pub fn validate(resources: &[Resource]) -> Result<(), ValidationErrors> {
+pub fn validate<R: AsRef<Resource>>(resources: &[R]) -> Result<(), ValidationErrors> {
     validate_with(resources, References::Required)
 }
 
 /// Like [`validate`], with a choice of whether dangling references are errors.
-pub fn validate_with(resources: &[Resource], references: References) -> Result<(), ValidationErrors> {
+pub fn validate_with<R: AsRef<Resource>>(resources: &[R], references: References) -> Result<(), ValidationErrors> {
+    let resources: Vec<&Resource> = resources.iter().map(AsRef::as_ref).collect();
+    let resources = resources.as_slice();
     let mut check = Checker { errors: Vec::new(), references };
     let mut names: HashSet<(Kind, &str)> = HashSet::new();
     for resource in resources {

@@ -316,7 +316,7 @@ impl Checker {
 
     /// No destination may be claimed by two route tables that serve the same direction, and no
     /// listener may serve two catch-alls.
-    pub(super) fn destinations(&mut self, resources: &[Resource]) {
+    pub(super) fn destinations(&mut self, resources: &[&Resource]) {
         let mut owners: HashMap<(Destination, Side), &str> = HashMap::new();
         let mut catch_alls: Vec<(&str, &[Side])> = Vec::new();
         for resource in resources {

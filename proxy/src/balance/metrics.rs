@@ -9,11 +9,11 @@ use std::sync::Arc;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 
 use super::outlier::EjectReason;
 use crate::telemetry::Registry;
+use crate::telemetry::family::Family;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ClusterLabels {
@@ -62,6 +62,19 @@ impl HealthMetrics {
         );
         registry.register("outlier_ejections", "Outlier-detection ejections, by reason", m.ejections.clone());
         m
+    }
+
+    /// Drops cluster `name`'s series (the cluster left the config).
+    pub fn forget(&self, name: &str) {
+        let labels = ClusterLabels { cluster: name.to_owned() };
+        for result in ["pass", "fail"] {
+            self.health_checks.remove(&ResultLabels { cluster: name.to_owned(), result });
+        }
+        self.healthy.remove(&labels);
+        self.ejected.remove(&labels);
+        for r in EjectReason::ALL {
+            self.ejections.remove(&ReasonLabels { cluster: name.to_owned(), reason: r.as_str() });
+        }
     }
 
     /// The counters of cluster `name`; the same name always yields the same counters.

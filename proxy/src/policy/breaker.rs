@@ -16,11 +16,11 @@
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use remora_control_api::v1;
 
 use crate::telemetry::Registry;
+use crate::telemetry::family::Family;
 
 /// Which limit a request ran into.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,6 +97,18 @@ impl BreakerMetrics {
             m.overflow.clone(),
         );
         m
+    }
+
+    /// Drops cluster `name`'s series (the cluster left the config); counters still held by work
+    /// in flight go on counting, unseen.
+    pub fn forget(&self, name: &str) {
+        let labels = ClusterLabels { cluster: name.to_owned() };
+        for gauge in [&self.open, &self.active, &self.pending, &self.active_retries] {
+            gauge.remove(&labels);
+        }
+        for b in Breaker::ALL {
+            self.overflow.remove(&BreakerLabels { cluster: name.to_owned(), breaker: b.as_str() });
+        }
     }
 
     /// The counts of cluster `name`; the same name always yields the same gauges.

@@ -7,9 +7,9 @@
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
 
 use crate::telemetry::Registry;
+use crate::telemetry::family::Family;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ClusterLabels {
@@ -60,6 +60,20 @@ impl PolicyMetrics {
             m.mirror.clone(),
         );
         m
+    }
+
+    /// Drops cluster `name`'s series (the cluster left the config).
+    pub fn forget(&self, name: &str) {
+        let labels = ClusterLabels { cluster: name.to_owned() };
+        for family in [&self.retries, &self.hedges, &self.budget_exhausted] {
+            family.remove(&labels);
+        }
+        for reason in ["request", "per_try", "idle"] {
+            self.timeouts.remove(&ReasonLabels { cluster: name.to_owned(), reason });
+        }
+        for result in ["sent", "dropped", "failed"] {
+            self.mirror.remove(&ResultLabels { cluster: name.to_owned(), result });
+        }
     }
 
     /// The counters of cluster `name`; the same name always yields the same counters.

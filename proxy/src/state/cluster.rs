@@ -30,11 +30,11 @@ use crate::balance::{
 use crate::limits;
 use crate::policy::breaker::{BreakerMetrics, BreakerStats, CircuitBreakers};
 use crate::policy::metrics::{PolicyMetrics, PolicyStats};
+use crate::telemetry::family::Family;
 use crate::telemetry::{Histogram, Registry, STATUS_CLASSES, class_index};
 use crate::tls::Expected;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
 use remora_control_api::identity::{self, IdentityPattern, SpiffeId};
 
 /// The protocol spoken to a cluster's endpoints.
@@ -366,7 +366,28 @@ impl ClusterMetrics {
         m
     }
 
-    /// The counters of cluster `name`; the same name always yields the same counters.
+    /// Drops every series of cluster `name`, its subsystems' too: it left the config, and its
+    /// series would otherwise hold memory (and show in `/metrics`) for as long as the process
+    /// runs. Added again, it starts from zero, which Prometheus reads as a counter reset.
+    pub fn forget(&self, name: &str) {
+        let labels = ClusterLabels { cluster: name.to_owned() };
+        for family in [&self.connections, &self.tcp_sent, &self.tcp_received] {
+            family.remove(&labels);
+        }
+        self.duration.remove(&labels);
+        for reason in ["refused", "timeout"] {
+            self.connect_errors.remove(&ReasonLabels { cluster: name.to_owned(), reason });
+        }
+        for status_class in STATUS_CLASSES {
+            self.responses.remove(&ClassLabels { cluster: name.to_owned(), status_class });
+        }
+        self.breakers.forget(name);
+        self.policy.forget(name);
+        self.health.forget(name);
+    }
+
+    /// The counters of cluster `name`; the same name always yields the same counters (until it is
+    /// forgotten).
     pub fn cluster(&self, name: &str) -> Arc<ClusterStats> {
         let labels = ClusterLabels { cluster: name.to_owned() };
         let reason = |reason| ReasonLabels { cluster: name.to_owned(), reason };

@@ -20,16 +20,18 @@
 //! result into the next [`super::Snapshot`].
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use remora_control_api::config::FieldError;
 use remora_control_api::validate::{self, References, ValidationErrors};
 use remora_control_api::xds::client::Update;
 use remora_control_api::{Kind, Resource, v1};
 
-/// The resources received from the control plane, with their versions.
+/// The resources received from the control plane, with their versions. Each is held once: a
+/// candidate made from it, and the snapshot compiled from that, share it.
 #[derive(Clone, Debug, Default)]
 pub struct Dynamic {
-    resources: BTreeMap<(Kind, String), (String, Resource)>,
+    resources: BTreeMap<(Kind, String), (String, Arc<Resource>)>,
 }
 
 impl Dynamic {
@@ -54,7 +56,8 @@ impl Dynamic {
             if !seen.insert(resource.name()) {
                 return Err(format!("{} {:?} appears twice in one response", update.kind.noun(), resource.name()));
             }
-            next.resources.insert((update.kind, resource.name().to_owned()), (version.clone(), resource.clone()));
+            let shared = Arc::new(resource.clone());
+            next.resources.insert((update.kind, resource.name().to_owned()), (version.clone(), shared));
         }
         for name in &update.removed {
             if seen.contains(name.as_str()) {
@@ -66,7 +69,7 @@ impl Dynamic {
     }
 
     /// Every resource held.
-    pub fn resources(&self) -> impl Iterator<Item = (&String, &Resource)> {
+    pub fn resources(&self) -> impl Iterator<Item = (&String, &Arc<Resource>)> {
         self.resources.values().map(|(version, resource)| (version, resource))
     }
 
@@ -100,7 +103,7 @@ pub struct Warming {
 #[derive(Debug)]
 pub struct Composed {
     /// The resources that serve: a closed set (every reference resolves).
-    pub serving: Vec<Resource>,
+    pub serving: Vec<Arc<Resource>>,
     /// The ones that wait.
     pub warming: Vec<Warming>,
 }
@@ -108,11 +111,11 @@ pub struct Composed {
 /// Joins the static and dynamic resources and decides what serves (see the module docs).
 /// `serving_now` names what serves at present, so an update that would stop it is refused.
 pub fn compose(
-    static_resources: &[Resource],
+    static_resources: &[Arc<Resource>],
     dynamic: &Dynamic,
     serving_now: &HashSet<(Kind, String)>,
 ) -> Result<Composed, ValidationErrors> {
-    let all: Vec<Resource> =
+    let all: Vec<Arc<Resource>> =
         static_resources.iter().cloned().chain(dynamic.resources().map(|(_, r)| r.clone())).collect();
     validate::validate_with(&all, References::Pending)?;
     let (serving, warming) = warm(&all, serving_now);
@@ -134,12 +137,12 @@ pub fn compose(
 }
 
 /// Splits `all` (already validated, references possibly dangling) into what can serve and what waits.
-fn warm(all: &[Resource], serving_now: &HashSet<(Kind, String)>) -> (Vec<Resource>, Vec<Warming>) {
+fn warm(all: &[Arc<Resource>], serving_now: &HashSet<(Kind, String)>) -> (Vec<Arc<Resource>>, Vec<Warming>) {
     let mut clusters: HashMap<&str, &v1::Cluster> = HashMap::new();
     let mut tables: HashMap<&str, &v1::RouteTable> = HashMap::new();
     let mut endpoints: HashSet<&str> = HashSet::new();
     for resource in all {
-        match resource {
+        match &**resource {
             Resource::Cluster(c) => {
                 clusters.insert(&c.name, c);
             }
@@ -178,7 +181,7 @@ fn warm(all: &[Resource], serving_now: &HashSet<(Kind, String)>) -> (Vec<Resourc
     let mut serving = Vec::with_capacity(all.len());
     let mut warming = Vec::new();
     for resource in all {
-        let ready = match resource {
+        let ready = match &**resource {
             Resource::Cluster(c) => cluster_ready(&c.name),
             Resource::Endpoints(e) => match clusters.get(e.cluster.as_str()) {
                 Some(_) => Ok(()),
@@ -228,7 +231,7 @@ mod tests {
         }
     }
 
-    fn names(resources: &[Resource]) -> Vec<String> {
+    fn names(resources: &[Arc<Resource>]) -> Vec<String> {
         resources.iter().map(|r| format!("{}/{}", r.kind(), r.name())).collect()
     }
 
@@ -291,6 +294,20 @@ mod tests {
         let composed = compose(&[], &gone, &serving).unwrap();
         assert!(composed.serving.is_empty());
         assert_eq!(composed.warming.len(), 1, "the orphaned endpoints wait for their cluster");
+    }
+
+    #[test]
+    fn what_serves_shares_the_resources_held_rather_than_copying_them() {
+        let dynamic = Dynamic::default()
+            .with(&update(Kind::Cluster, "kind: Cluster\nname: c\noriginal_destination: true\n", &[]))
+            .unwrap();
+        let static_resources = vec![Arc::new(parse("kind: Cluster\nname: s\noriginal_destination: true\n").remove(0))];
+        let composed = compose(&static_resources, &dynamic, &HashSet::new()).unwrap();
+        let held: Vec<&Arc<Resource>> = static_resources.iter().chain(dynamic.resources().map(|(_, r)| r)).collect();
+        assert_eq!(composed.serving.len(), 2);
+        for (serving, held) in composed.serving.iter().zip(held) {
+            assert!(Arc::ptr_eq(serving, held), "{} was copied", serving.name());
+        }
     }
 
     #[test]

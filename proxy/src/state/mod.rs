@@ -134,8 +134,9 @@ impl ListenerConfig {
 pub struct Snapshot {
     /// Identifies the resources this was built from.
     pub version: String,
-    /// The resources as given, for `/config_dump`.
-    pub resources: Vec<Resource>,
+    /// The resources as given, for `/config_dump`: shared with the reloader's own record of them
+    /// (the file's, and the control plane's), never a second copy.
+    pub resources: Vec<Arc<Resource>>,
     // foldhash: looked up per request or connection, where SipHash's cost shows.
     listeners: foldhash::HashMap<Arc<str>, Arc<ListenerConfig>>,
     clusters: foldhash::HashMap<Arc<str>, Arc<Cluster>>,
@@ -147,24 +148,27 @@ impl Snapshot {
     /// this proxy runs; `metrics` supplies each listener's and cluster's counters.
     pub fn build(
         version: String,
-        resources: Vec<Resource>,
+        resources: impl IntoIterator<Item = impl Into<Arc<Resource>>>,
         previous: Option<&Snapshot>,
         locality: &OwnLocality,
         metrics: &SnapshotMetrics,
     ) -> Result<Snapshot, ValidationErrors> {
+        let mut resources: Vec<Arc<Resource>> = resources.into_iter().map(Into::into).collect();
+        // Given values, `collect()` reuses their buffer; the pointers need a fraction of it.
+        resources.shrink_to_fit();
         validate::validate(&resources)?;
         let fail = |error: FieldError| ValidationErrors(vec![error]);
 
         let endpoints: HashMap<&str, &v1::Endpoints> = resources
             .iter()
-            .filter_map(|r| match r {
+            .filter_map(|r| match &**r {
                 Resource::Endpoints(e) => Some((e.cluster.as_str(), e)),
                 _ => None,
             })
             .collect();
         let mut clusters: foldhash::HashMap<Arc<str>, Arc<Cluster>> = foldhash::HashMap::default();
         for resource in &resources {
-            let Resource::Cluster(c) = resource else { continue };
+            let Resource::Cluster(c) = &**resource else { continue };
             let previous_cluster = previous.and_then(|p| p.clusters.get(c.name.as_str())).map(|c| &**c);
             let compiled = Cluster::compile(
                 c,
@@ -180,7 +184,7 @@ impl Snapshot {
 
         let mut tables: Vec<(Arc<RouteTable>, Vec<Destination>)> = Vec::new();
         for resource in &resources {
-            let Resource::RouteTable(t) = resource else { continue };
+            let Resource::RouteTable(t) = &**resource else { continue };
             let compiled = RouteTable::compile(t, &find_cluster, &metrics.routes)
                 .map_err(|e| fail(e.of(Kind::RouteTable, &t.name)))?;
             let mut destinations = Vec::with_capacity(t.destinations.len());
@@ -196,8 +200,8 @@ impl Snapshot {
 
         let mut listeners = foldhash::HashMap::default();
         for resource in &resources {
-            let Resource::Listener(l) = resource else { continue };
-            let policies = resources.iter().filter_map(|r| match r {
+            let Resource::Listener(l) = &**resource else { continue };
+            let policies = resources.iter().filter_map(|r| match &**r {
                 Resource::AuthorizationPolicy(p) if p.listener == l.name => Some(p),
                 _ => None,
             });

@@ -17,6 +17,7 @@
 
 pub mod access_log;
 pub mod export;
+pub mod family;
 pub mod histogram;
 pub mod logging;
 mod otlp_http;
