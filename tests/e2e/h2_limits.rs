@@ -169,6 +169,21 @@ impl Raw {
         None
     }
 
+    /// Reads until stream 1 is answered or ended: true if it was refused (reset, the connection
+    /// ended, or any answer but 200), false if it was served.
+    pub(crate) async fn refused(&mut self) -> bool {
+        loop {
+            match self.read().await {
+                None => return true,
+                Some(f) if f.kind == GOAWAY || (f.kind == RST_STREAM && f.stream == 1) => return true,
+                // A response's HEADERS: served if its block opens with `:status 200` from the
+                // static table (0x88); a 4xx is another index or a literal carrying its digits.
+                Some(f) if f.kind == HEADERS && f.stream == 1 => return !f.payload.starts_with(&[0x88]),
+                Some(_) => {}
+            }
+        }
+    }
+
     /// Writes `bytes`, ignoring a connection the server has already closed.
     pub(crate) async fn send(&mut self, bytes: &[u8]) -> bool {
         self.stream.write_all(bytes).await.is_ok()
@@ -267,17 +282,7 @@ async fn oversized_headers_and_continuation_floods_are_refused() {
     }
     out.extend(frame(CONTINUATION, END_HEADERS, 1, last));
     raw.send(&out).await;
-    let refused = loop {
-        match raw.read().await {
-            None => break true,
-            Some(f) if f.kind == GOAWAY || (f.kind == RST_STREAM && f.stream == 1) => break true,
-            // A response's HEADERS: served if its block opens with `:status 200` from the static
-            // table (0x88); a 431 is a literal carrying its digits.
-            Some(f) if f.kind == HEADERS && f.stream == 1 => break !f.payload.starts_with(&[0x88]),
-            Some(_) => {}
-        }
-    };
-    assert!(refused, "a 70 KB header list was served");
+    assert!(raw.refused().await, "a 70 KB header list was served");
     still_serves(setup.address).await;
 
     let mut raw = Raw::connect(setup.address).await;
@@ -342,15 +347,7 @@ async fn hpack_bombs_and_padding_floods_are_refused() {
     block.extend(std::iter::repeat_n(b'a', 4_000));
     block.extend(std::iter::repeat_n(0x80 | 62, 100));
     raw.send(&frame(HEADERS, END_STREAM | END_HEADERS, 1, &block)).await;
-    let refused = loop {
-        match raw.read().await {
-            None => break true,
-            Some(f) if f.kind == GOAWAY || (f.kind == RST_STREAM && f.stream == 1) => break true,
-            Some(f) if f.kind == HEADERS && f.stream == 1 => break !f.payload.starts_with(&[0x88]),
-            Some(_) => {}
-        }
-    };
-    assert!(refused, "a 400 KB header list from a 4 KB block was served");
+    assert!(raw.refused().await, "a 400 KB header list from a 4 KB block was served");
     still_serves(setup.address).await;
 
     let mut raw = Raw::connect(setup.address).await;

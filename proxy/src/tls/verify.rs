@@ -101,28 +101,14 @@ pub enum IdentityError {
     /// The peer sent no certificate.
     #[error("the peer presented no certificate")]
     NoCertificate,
-    /// The certificate could not be parsed.
-    #[error("the certificate cannot be parsed")]
-    Malformed,
-    /// It has no URI SAN, or more than one.
-    #[error("the certificate must carry exactly one URI SAN, the SPIFFE ID; it has {0}")]
-    UriCount(usize),
-    /// Its URI SAN is not a SPIFFE ID.
-    #[error("{0}")]
-    NotSpiffe(String),
-    /// Its validity has ended (checked again after a resumed handshake, which skips the chain check).
-    #[error("the certificate expired")]
-    Expired,
+    /// Its certificate does not name one workload identity (or had expired: checked again after a
+    /// resumed handshake, which skips the chain check).
+    #[error(transparent)]
+    Certificate(#[from] CertificateIdentityError),
 }
 
 /// The SPIFFE ID in `leaf`'s one URI SAN, and when the leaf expires. Refuses a leaf past its
 /// `not_after` at `now`.
 pub fn peer_identity(leaf: &CertificateDer<'_>, now: SystemTime) -> Result<(SpiffeId, SystemTime), IdentityError> {
-    use CertificateIdentityError as C;
-    certificate_identity(leaf, Some(now)).map_err(|error| match error {
-        C::Malformed => IdentityError::Malformed,
-        C::UriCount(count) => IdentityError::UriCount(count),
-        C::NotSpiffe(reason) => IdentityError::NotSpiffe(reason),
-        C::Expired => IdentityError::Expired,
-    })
+    Ok(certificate_identity(leaf, Some(now))?)
 }
