@@ -501,7 +501,7 @@ fn main() -> ExitCode {
             } else {
                 let parsed = (|| {
                     let mut excluded = capture::parse_ports(&exclude_inbound_ports)?;
-                    excluded.push(capture::ADMIN_PORT);
+                    excluded.extend([capture::ADMIN_PORT, capture::HBONE_PORT]);
                     Ok::<_, capture::ParseError>(Capture {
                         proxy_uid,
                         outbound_port,

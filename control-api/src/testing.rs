@@ -323,6 +323,14 @@ impl Listener {
         self.set(|l| l.set_protocol(v1::listener::Protocol::Tcp))
     }
 
+    /// HBONE: mesh tunnels (inbound, mTLS, HTTP/2 CONNECT).
+    pub fn hbone(self) -> Listener {
+        self.set(|l| {
+            l.set_protocol(v1::listener::Protocol::Hbone);
+            l.set_direction(v1::listener::Direction::Inbound);
+        })
+    }
+
     /// Inbound: from the mesh to the local app.
     pub fn inbound(self) -> Listener {
         self.set(|l| l.set_direction(v1::listener::Direction::Inbound))

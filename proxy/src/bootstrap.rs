@@ -22,7 +22,8 @@ use crate::telemetry::export::ExportSettings;
 /// The configuration `remora proxy` runs with when given no `--config`: an outbound listener on
 /// 127.0.0.1:15001 and [::1]:15001 and an inbound one on 0.0.0.0:15006 and [::]:15006, both
 /// transparent (behind iptables REDIRECT), both passing traffic through to its original
-/// destination, and the admin server on 127.0.0.1:15000. Where IPv6 is off, the IPv6 addresses
+/// destination, an HBONE listener on 0.0.0.0:15008 and [::]:15008 (serving tunnels once the proxy
+/// has an identity) passing its tunnels through likewise, and the admin server on 127.0.0.1:15000. Where IPv6 is off, the IPv6 addresses
 /// (the `additional_addresses` lines) are left out ([`ConfigSource::defaults`]).
 pub const DEFAULT_CONFIG: &str = r#"# Remora's built-in defaults: a transparent pass-through sidecar.
 bootstrap:
@@ -44,6 +45,13 @@ resources:
     direction: inbound
     protocol: auto
     transparent: true
+    default_cluster: passthrough
+  - kind: Listener
+    name: hbone
+    address: 0.0.0.0:15008
+    additional_addresses: ["[::]:15008"]
+    direction: inbound
+    protocol: hbone
     default_cluster: passthrough
   - kind: Cluster
     name: passthrough
@@ -400,7 +408,7 @@ mod tests {
     #[test]
     fn built_in_defaults_load_and_resolve() {
         let loaded = load(&ConfigSource::defaults()).unwrap();
-        assert_eq!(loaded.resources.len(), 3);
+        assert_eq!(loaded.resources.len(), 4);
         let bootstrap = Bootstrap::resolve(&loaded.bootstrap).unwrap();
         assert_eq!(bootstrap.admin_address, "127.0.0.1:15000".parse().unwrap());
         assert_eq!(bootstrap.drain_time, Duration::from_secs(5));
@@ -426,9 +434,16 @@ mod tests {
         let v6 = |a: &str| vec![a.to_owned()];
         assert_eq!(
             listeners(true),
-            [("127.0.0.1:15001".into(), v6("[::1]:15001")), ("0.0.0.0:15006".into(), v6("[::]:15006"))]
+            [
+                ("127.0.0.1:15001".into(), v6("[::1]:15001")),
+                ("0.0.0.0:15006".into(), v6("[::]:15006")),
+                ("0.0.0.0:15008".into(), v6("[::]:15008"))
+            ]
         );
-        assert_eq!(listeners(false), [("127.0.0.1:15001".into(), vec![]), ("0.0.0.0:15006".into(), vec![])]);
+        assert_eq!(
+            listeners(false),
+            [("127.0.0.1:15001".into(), vec![]), ("0.0.0.0:15006".into(), vec![]), ("0.0.0.0:15008".into(), vec![])]
+        );
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! `PREROUTING` (inbound) and `OUTPUT` (outbound):
 //!
 //! - inbound: TCP arriving for the pod is redirected to the inbound listener (15006), except the
-//!   excluded ports (always the admin port, which kubelet probes and Prometheus reach directly);
+//!   excluded ports (always the admin port, which kubelet probes and Prometheus reach directly, and
+//!   the HBONE port 15008, whose tunnels the HBONE listener takes directly);
 //! - outbound: TCP the pod opens is redirected to the outbound listener (15001), except traffic of
 //!   the proxy's own uid and gid (1337: its upstream connections are never captured again, so there
 //!   is no loop), traffic on the loopback device (the app talking to itself, by `localhost` or its own
@@ -61,6 +62,8 @@ pub struct Capture {
 pub const DEFAULT_PROXY_UID: u32 = 1337;
 /// The admin port, never captured inbound.
 pub const ADMIN_PORT: u16 = 15000;
+/// The HBONE port, never captured inbound: peers' tunnels reach the HBONE listener on it directly.
+pub const HBONE_PORT: u16 = 15008;
 
 impl Default for Capture {
     fn default() -> Self {
@@ -69,7 +72,7 @@ impl Default for Capture {
             outbound_port: 15001,
             inbound_port: 15006,
             inbound_ports: Ports::All,
-            exclude_inbound_ports: vec![ADMIN_PORT],
+            exclude_inbound_ports: vec![ADMIN_PORT, HBONE_PORT],
             exclude_outbound_ports: Vec::new(),
             include_outbound_cidrs: Cidrs::All,
             exclude_outbound_cidrs: Vec::new(),
@@ -305,7 +308,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn default_rules_capture_everything_but_the_proxy_loopback_and_admin() {
+    fn default_rules_capture_everything_but_the_proxy_loopback_admin_and_hbone() {
         let rules = Capture::default().rules(Family::V4);
         assert_eq!(
             rules,
@@ -317,6 +320,7 @@ mod tests {
 -A PREROUTING -p tcp -j REMORA_INBOUND
 -A OUTPUT -p tcp -j REMORA_OUTPUT
 -A REMORA_INBOUND -p tcp --dport 15000 -j RETURN
+-A REMORA_INBOUND -p tcp --dport 15008 -j RETURN
 -A REMORA_INBOUND -p tcp -j REMORA_IN_REDIRECT
 -A REMORA_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006
 -A REMORA_OUTPUT -m owner --uid-owner 1337 -j RETURN

@@ -5,11 +5,13 @@
 //! HTTP/1 request line, a TLS ClientHello, or anything else. Only when the first packet is too short
 //! to decide does it read bytes out, and then it hands them back as a replay prefix for whoever
 //! serves the connection. A client that sends nothing within the detect timeout is treated as opaque
-//! TCP: server-speaks-first protocols (MySQL, SMTP) work, after that delay.
+//! TCP: server-speaks-first protocols (MySQL, SMTP) work, after that delay. [`detect_read`] does
+//! the same for a stream that cannot be peeked at (a tunnel), reading what it looks at.
 
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -108,6 +110,30 @@ pub async fn detect(stream: &TcpStream, timeout: Duration) -> std::io::Result<(P
     }
 }
 
+/// [`detect`] for a stream that cannot be peeked at (an HBONE tunnel): reads until the bytes
+/// decide, the stream ends, `timeout` passes or [`limits::DETECT_PEEK_BYTES`] are in hand, and
+/// returns every byte read, for the caller to replay.
+pub async fn detect_read<R: AsyncRead + Unpin>(
+    stream: &mut R,
+    timeout: Duration,
+) -> std::io::Result<(Protocol, Bytes)> {
+    let deadline = Instant::now() + timeout;
+    let mut buffer = BytesMut::with_capacity(limits::DETECT_PEEK_BYTES);
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read_buf(&mut buffer)).await {
+            Err(_) | Ok(Ok(0)) => return Ok((Protocol::Opaque, buffer.freeze())),
+            Ok(Ok(_)) => {
+                let decided =
+                    classify(&buffer).or((buffer.len() >= limits::DETECT_PEEK_BYTES).then_some(Protocol::Opaque));
+                if let Some(protocol) = decided {
+                    return Ok((protocol, buffer.freeze()));
+                }
+            }
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,6 +161,24 @@ mod tests {
         assert_eq!(classify(&[0x16]), None);
         assert_eq!(classify(b"ABCDEFGHIJKLMNOPQRST"), None);
         assert_eq!(classify(b"ABCDEFGHIJKLMNOPQRSTU"), Some(Protocol::Opaque));
+    }
+
+    #[tokio::test]
+    async fn reading_detection_hands_back_every_byte_it_read() {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        let reading = tokio::spawn(async move {
+            let detected = detect_read(&mut server, Duration::from_secs(5)).await.unwrap();
+            (detected, server)
+        });
+        tokio::io::AsyncWriteExt::write_all(&mut client, b"GE").await.unwrap();
+        tokio::task::yield_now().await;
+        tokio::io::AsyncWriteExt::write_all(&mut client, b"T / HTTP/1.1\r\n").await.unwrap();
+        let ((protocol, replay), _server) = reading.await.unwrap();
+        assert_eq!(protocol, Protocol::Http1);
+        assert!(b"GET / HTTP/1.1\r\n".starts_with(&replay) && replay.len() >= 4, "{replay:?}");
+        let (_client, mut silent) = tokio::io::duplex(64);
+        let (protocol, replay) = detect_read(&mut silent, Duration::from_millis(20)).await.unwrap();
+        assert_eq!((protocol, replay.len()), (Protocol::Opaque, 0), "nothing before the timeout is opaque");
     }
 
     #[test]

@@ -1,9 +1,8 @@
 //! The downstream connection as the HTTP server reads it, and the per-connection byte meter.
 //!
-//! [`DownstreamStream`] wraps an accepted socket (or the mesh TLS session terminated on it): it first
-//! replays any bytes protocol detection had to take out of the socket, then reads and writes the
-//! socket itself, counting bytes into the
-//! connection's [`Meter`]. The meter feeds two things: the listener's byte counters, and on an
+//! [`DownstreamStream`] wraps an accepted socket (or the mesh TLS session terminated on it, or one
+//! tunnel of an HBONE connection): it first replays any bytes protocol detection had to take out,
+//! then reads and writes the socket itself, counting bytes into the connection's [`Meter`]. The meter feeds two things: the listener's byte counters, and on an
 //! inbound listener the calling workload's (flushed when the connection closes and whenever the
 //! idle check runs), and the idle timeout, which [`idle_watch`]
 //! applies by noticing that the counts stopped moving. One atomic add per read or write; no clock
@@ -18,6 +17,8 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -182,6 +183,8 @@ enum Transport {
     Plain(TcpStream),
     // Boxed: a TLS session is a few KiB, and most connections are plain.
     Tls(Box<ServerStream>),
+    /// A tunnel of an HBONE connection: its HTTP/2 CONNECT stream, after the `200`.
+    Tunnel(Box<TokioIo<Upgraded>>),
 }
 
 impl DownstreamStream {
@@ -206,19 +209,35 @@ impl DownstreamStream {
 
     /// Waits until there is something to read: replay bytes, or the socket readable (data, an end
     /// or an error). Holds nothing but the socket's registration while it waits.
-    pub async fn readable(&self) -> io::Result<()> {
+    pub async fn readable(&mut self) -> io::Result<()> {
         if !self.replay.is_empty() {
             return Ok(());
         }
         match &self.socket {
             Transport::Plain(stream) => stream.readable().await,
             Transport::Tls(stream) => stream.get_ref().0.readable().await,
+            // A tunnel has no socket of its own to wait on (and never parks: see `can_park`).
+            Transport::Tunnel(_) => Ok(()),
         }
+    }
+
+    /// Whether an idle HTTP/1.1 server on this stream may give back its buffers and wait on the
+    /// socket alone (`http::park`). Not in a tunnel: its HTTP/2 stream holds its own buffers, and
+    /// there is no socket to wait on.
+    pub fn can_park(&self) -> bool {
+        !matches!(self.socket, Transport::Tunnel(_))
     }
 
     /// Wraps a mesh TLS session terminated on the connection.
     pub fn tls(session: ServerStream, meter: Arc<Meter>) -> Self {
         DownstreamStream { socket: Transport::Tls(Box::new(session)), replay: Bytes::new(), meter }
+    }
+
+    /// Wraps a tunnel an HBONE connection carries, replaying `replay` (bytes detection already
+    /// took from it, counted here) first.
+    pub fn tunnel(tunnel: TokioIo<Upgraded>, replay: Bytes, meter: Arc<Meter>) -> Self {
+        meter.add_received(replay.len());
+        DownstreamStream { socket: Transport::Tunnel(Box::new(tunnel)), replay, meter }
     }
 }
 
@@ -230,6 +249,10 @@ macro_rules! on_transport {
                 $body
             }
             Transport::Tls($stream) => {
+                let $stream = Pin::new(&mut **$stream);
+                $body
+            }
+            Transport::Tunnel($stream) => {
                 let $stream = Pin::new(&mut **$stream);
                 $body
             }
@@ -280,6 +303,7 @@ impl AsyncWrite for DownstreamStream {
         match &self.socket {
             Transport::Plain(stream) => stream.is_write_vectored(),
             Transport::Tls(stream) => stream.is_write_vectored(),
+            Transport::Tunnel(stream) => stream.is_write_vectored(),
         }
     }
 

@@ -18,6 +18,7 @@ mod gamma;
 mod gateway_api;
 mod grpc;
 mod h2_limits;
+mod hbone;
 mod hostile_control_plane;
 mod http;
 mod kubernetes;

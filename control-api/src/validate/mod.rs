@@ -194,8 +194,21 @@ impl Checker {
         if v1::listener::Direction::try_from(listener.direction).is_err() {
             self.fail(subject, "direction", format!("unknown value {}", listener.direction));
         }
-        if v1::listener::Protocol::try_from(listener.protocol).is_err() {
-            self.fail(subject, "protocol", format!("unknown value {}", listener.protocol));
+        match v1::listener::Protocol::try_from(listener.protocol) {
+            Err(_) => self.fail(subject, "protocol", format!("unknown value {}", listener.protocol)),
+            Ok(v1::listener::Protocol::Hbone) => {
+                if listener.direction() != v1::listener::Direction::Inbound {
+                    self.fail(subject, "direction", "an hbone listener is inbound: it takes tunnels from peers");
+                }
+                if listener.transparent {
+                    self.fail(
+                        subject,
+                        "transparent",
+                        "does not apply to an hbone listener: each tunnel names its destination in its CONNECT",
+                    );
+                }
+            }
+            Ok(_) => {}
         }
         for (i, name) in listener.route_tables.iter().enumerate() {
             if self.references == References::Required && !tables.contains_key(name.as_str()) {
@@ -310,6 +323,7 @@ mod tests {
   name: l
   address: localhost:80
   detect_timeout: 0s
+- {kind: Listener, name: tunnels, address: "0.0.0.0:15008", protocol: hbone, transparent: true}
 "#,
         ));
         for needle in [
@@ -321,6 +335,8 @@ mod tests {
             "route table \"r\": opaque: needs tcp_cluster",
             "listener \"l\": address: must be ip:port",
             "listener \"l\": detect_timeout: must be greater than zero",
+            "listener \"tunnels\": direction: an hbone listener is inbound",
+            "listener \"tunnels\": transparent: does not apply to an hbone listener",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in {text}");
         }

@@ -97,7 +97,8 @@ impl Quiet {
 
     /// Whether hyper is waiting for a next request with nothing read, nothing to write.
     fn is_quiet(&self) -> bool {
-        self.read_pending.load(Ordering::Relaxed)
+        self.enabled.load(Ordering::Relaxed)
+            && self.read_pending.load(Ordering::Relaxed)
             && !self.response_open.load(Ordering::Relaxed)
             && !self.body_open.load(Ordering::Relaxed)
             && !self.unflushed.load(Ordering::Relaxed)
@@ -199,7 +200,7 @@ impl<S> Service for S where
 
 /// Serves one HTTP/1.1 connection until it ends, parked whenever it is quiet.
 pub(super) async fn serve(mut stream: DownstreamStream, connection: Arc<HttpConnection>) {
-    connection.quiet.enabled.store(true, Ordering::Relaxed);
+    connection.quiet.enabled.store(stream.can_park(), Ordering::Relaxed);
     let mut drain = connection.data.drain.watch();
     let idle = idle_watch(&connection.meter, &connection.listener.stats, connection.listener.idle_timeout);
     tokio::pin!(idle);
@@ -235,7 +236,7 @@ pub(super) async fn serve(mut stream: DownstreamStream, connection: Arc<HttpConn
         }
         // An empty buffer still holds hyper's read buffer: let it go before waiting.
         drop(read_buf);
-        let wait = park(&stream, &connection, &mut drain, idle.as_mut(), quiet_since);
+        let wait = park(&mut stream, &connection, &mut drain, idle.as_mut(), quiet_since);
         if !wait.await {
             return;
         }
@@ -353,7 +354,7 @@ fn poll_quiet<S: Service>(
 /// has replay bytes); `false` when the connection should close: drained, idle past the listener's
 /// idle timeout, or waiting for a request head longer than its header timeout (as hyper would).
 async fn park<I: Future<Output = ()>>(
-    stream: &DownstreamStream,
+    stream: &mut DownstreamStream,
     connection: &HttpConnection,
     drain: &mut DrainWatch,
     idle: Pin<&mut I>,

@@ -17,6 +17,7 @@ use remora_control_api::identity::SpiffeId;
 use tracing::debug;
 
 use crate::context::{DataPath, Open};
+use crate::drain::Drain;
 use crate::http::park::Quiet;
 pub use crate::http::settings::ServerSettings;
 use crate::io::{self, DownstreamStream, Meter, Watched, idle_watch};
@@ -104,26 +105,33 @@ pub async fn serve(stream: DownstreamStream, version: ServerVersion, connection:
                 service_fn(move |request| super::proxy(request, connection.clone()))
             };
             let served = connection.data.server.http2.serve_connection(TokioIo::new(stream), service);
+            let listener = &connection.listener;
+            let idle = idle_watch(&connection.meter, &listener.stats, listener.idle_timeout);
             // Boxed: an HTTP/2 connection's state is large, and the task serves HTTP/1.1 as well.
-            let serving = Box::pin(drive(served, |c| c.graceful_shutdown(), &connection));
+            let serving =
+                Box::pin(drive(served, |c| c.graceful_shutdown(), &connection.data.drain, idle, &listener.name));
             serving.await;
         }
     }
 }
 
 /// Runs a server connection to its end, asking it to finish gracefully (`shut_down`) when draining
-/// starts, and closing it if it sits idle past the listener's idle timeout. The drain signal and the
-/// idle timer are only polled when they wake (`io::watch`), not on every request.
-async fn drive<C>(connection: C, shut_down: impl Fn(Pin<&mut C>), http: &HttpConnection)
-where
+/// starts, and closing it when `idle` resolves (the connection sat idle too long). The drain signal
+/// and the idle timer are only polled when they wake (`io::watch`), not on every request.
+pub(crate) async fn drive<C>(
+    connection: C,
+    shut_down: impl Fn(Pin<&mut C>),
+    drain: &Drain,
+    idle: impl Future<Output = ()>,
+    listener: &str,
+) where
     C: Future<Output = Result<(), hyper::Error>>,
 {
     enum Event {
         Drain,
         Idle,
     }
-    let mut drain = http.data.drain.watch();
-    let idle = idle_watch(&http.meter, &http.listener.stats, http.listener.idle_timeout);
+    let mut drain = drain.watch();
     tokio::pin!(connection, idle);
     let mut draining = false;
     loop {
@@ -142,7 +150,7 @@ where
         match io::watch(connection.as_mut(), watchers).await {
             Watched::Main(result) => {
                 if let Err(error) = result {
-                    debug!(listener = %http.listener.name, %error, "http connection ended with an error");
+                    debug!(listener, %error, "http connection ended with an error");
                 }
                 return;
             }
@@ -151,7 +159,7 @@ where
                 shut_down(connection.as_mut());
             }
             Watched::Side(Event::Idle) => {
-                debug!(listener = %http.listener.name, "http connection idle timeout");
+                debug!(listener, "http connection idle timeout");
                 return;
             }
         }

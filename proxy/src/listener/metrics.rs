@@ -39,6 +39,12 @@ struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TunnelLabels {
+    listener: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CallerLabels {
     listener: String,
     client_namespace: String,
@@ -76,6 +82,8 @@ pub struct ListenerMetrics {
     caller_connections: Family<CallerLabels, Counter>,
     caller_received: Family<CallerLabels, Counter>,
     caller_sent: Family<CallerLabels, Counter>,
+    tunnels: Family<TunnelLabels, Counter>,
+    tunnels_active: Family<ListenerLabels, Gauge>,
 }
 
 impl ListenerMetrics {
@@ -136,7 +144,28 @@ impl ListenerMetrics {
             "Bytes written to the calling workload on an inbound listener (before mTLS is put on)",
             m.caller_sent.clone(),
         );
+        registry.register(
+            "listener_tunnels",
+            "CONNECT streams on an HBONE listener, by result: opened, or refused as bad_request, misdirected (not an address of this host), denied (authorization) or unavailable",
+            m.tunnels.clone(),
+        );
+        registry.register(
+            "listener_tunnels_active",
+            "Tunnels open now on an HBONE listener (each also counts as a connection while it is served)",
+            m.tunnels_active.clone(),
+        );
         m
+    }
+
+    /// The tunnel counters of HBONE listener `name`.
+    pub fn tunnels(&self, name: &str) -> Arc<TunnelStats> {
+        let result = |result| self.tunnels.get_or_create_owned(&TunnelLabels { listener: name.to_owned(), result });
+        let labels = ListenerLabels { listener: name.to_owned(), direction: "inbound" };
+        Arc::new(TunnelStats {
+            active: self.tunnels_active.get_or_create_owned(&labels),
+            opened: result("opened"),
+            refused: TunnelRefusal::ALL.map(|refusal| result(refusal.label())),
+        })
     }
 
     /// The counters of listener `name`; the same name always yields the same counters.
@@ -267,6 +296,55 @@ pub struct ListenerStats {
     requests: [Counter; 5],
     /// On an inbound listener, its callers' counters.
     callers: Option<Callers>,
+}
+
+/// Why a tunnel was refused: the `result` label of `listener_tunnels`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TunnelRefusal {
+    /// Not a `CONNECT ip:port` (answered 400).
+    BadRequest,
+    /// To an address that is not this host's (answered 400).
+    Misdirected,
+    /// The authorization policy covering the port allows the peer nothing (answered 401).
+    Denied,
+    /// The listener is going away, or the proxy is draining (answered 503).
+    Unavailable,
+}
+
+impl TunnelRefusal {
+    const ALL: [TunnelRefusal; 4] =
+        [TunnelRefusal::BadRequest, TunnelRefusal::Misdirected, TunnelRefusal::Denied, TunnelRefusal::Unavailable];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            TunnelRefusal::BadRequest => "bad_request",
+            TunnelRefusal::Misdirected => "misdirected",
+            TunnelRefusal::Denied => "denied",
+            TunnelRefusal::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// One HBONE listener's tunnel counters.
+#[derive(Debug)]
+pub struct TunnelStats {
+    /// Tunnels open now.
+    pub active: Gauge,
+    opened: Counter,
+    refused: [Counter; 4],
+}
+
+impl TunnelStats {
+    /// Counts a tunnel opened (a `200` sent).
+    pub fn opened(&self) {
+        self.opened.inc();
+    }
+
+    /// Counts a tunnel refused for `refusal`.
+    pub fn refused(&self, refusal: TunnelRefusal) {
+        self.refused[refusal as usize].inc();
+    }
 }
 
 impl ListenerStats {

@@ -17,6 +17,7 @@
 //!    table that claims the original destination (its `tcp_cluster`) or the listener's default
 //!    cluster.
 
+mod hbone;
 pub mod metrics;
 
 use std::net::SocketAddr;
@@ -142,13 +143,22 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, name: Arc<str>, d
     let meter = Arc::new(Meter::default());
     let open = Open::new(listener.clone(), meter.clone(), data.drain.track());
     let _ = stream.set_nodelay(true);
+    if listener.protocol == ListenerProtocol::Hbone {
+        // Tunnels need this proxy's identity: without one there is nothing to terminate them with.
+        let Some(mesh) = &data.client.mesh else { return };
+        let accepted = Accepted { listener, peer, original_destination: None, destination_port: 0, meter, open };
+        // Boxed, as every path but plain HTTP (see below).
+        let serving = Box::pin(hbone::serve(stream, mesh, accepted, &data));
+        serving.await;
+        return;
+    }
     // Original destination.
     let original_destination = if listener.transparent { original_destination(&stream) } else { None };
     // Detect.
     let (protocol, replay) = match listener.protocol {
         ListenerProtocol::Http1 => (Protocol::Http1, bytes::Bytes::new()),
         ListenerProtocol::Http2 => (Protocol::Http2, bytes::Bytes::new()),
-        ListenerProtocol::Tcp => (Protocol::Opaque, bytes::Bytes::new()),
+        ListenerProtocol::Tcp | ListenerProtocol::Hbone => (Protocol::Opaque, bytes::Bytes::new()),
         // A destination declared opaque (a Service port's `appProtocol: tcp`) is not read first:
         // its server may be the one to speak first.
         ListenerProtocol::Auto if listener.routes.for_tcp(original_destination).is_some_and(|t| t.opaque) => {
@@ -260,26 +270,36 @@ async fn serve_mesh(
     };
     let downstream = DownstreamStream::tls(session, accepted.meter.clone());
     match alpn {
-        Alpn::Tcp => {
-            if let Some(policy) = &policy
-                && !policy.allows(identity.as_str())
-            {
-                policy.counters.denied.inc();
-                info!(listener = %accepted.listener.name, policy = %policy.name, peer = %identity, "tcp connection denied by authorization policy");
-                return;
-            }
-            if let Some(caller) = accepted.listener.stats.caller(Some(&identity)) {
-                accepted.meter.attribute(caller);
-            }
-            let downstream = tcp::Downstream::Mesh(downstream, Some(accepted.peer), identity);
-            proxy_tcp(downstream, &accepted.listener, accepted.original_destination, &accepted.meter, data).await;
-        }
+        Alpn::Tcp => serve_mesh_tcp(downstream, accepted, identity, policy, data).await,
         Alpn::Http | Alpn::Http1 => {
             // HTTP/1.1 carries an upgrade the peer sidecar could not send over HTTP/2.
             let version = if alpn == Alpn::Http { ServerVersion::Http2 } else { ServerVersion::Http1 };
             server::serve(downstream, version, accepted.into_http(data, Some(identity))).await;
         }
     }
+}
+
+/// Opaque TCP from a peer sidecar, over mesh TLS or in an HBONE tunnel: judged once, here, by the
+/// policy covering its port, then relayed.
+async fn serve_mesh_tcp(
+    downstream: DownstreamStream,
+    accepted: Accepted,
+    identity: SpiffeId,
+    policy: Option<Arc<Policy>>,
+    data: &Arc<DataPath>,
+) {
+    if let Some(policy) = &policy
+        && !policy.allows(identity.as_str())
+    {
+        policy.counters.denied.inc();
+        info!(listener = %accepted.listener.name, policy = %policy.name, peer = %identity, "tcp connection denied by authorization policy");
+        return;
+    }
+    if let Some(caller) = accepted.listener.stats.caller(Some(&identity)) {
+        accepted.meter.attribute(caller);
+    }
+    let downstream = tcp::Downstream::Mesh(downstream, Some(accepted.peer), identity);
+    proxy_tcp(downstream, &accepted.listener, accepted.original_destination, &accepted.meter, data).await;
 }
 
 /// Opaque TCP towards the route table that claims the original destination (its `tcp_cluster`), or

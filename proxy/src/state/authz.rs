@@ -153,6 +153,12 @@ impl Policy {
         identity::any_matches(&self.allow, peer)
     }
 
+    /// Whether `peer` may do anything at all: connect, or send a request on some route. An HBONE
+    /// tunnel is refused at its `CONNECT` when not; what it carries is judged again inside.
+    pub fn allows_anything(&self, peer: &str) -> bool {
+        self.allows(peer) || self.routes.iter().any(|(_, _, allow)| identity::any_matches(allow, peer))
+    }
+
     /// Whether `peer` may send a request that route `route` of table `table` took.
     pub fn allows_route(&self, table: &str, route: &str, peer: &str) -> bool {
         match self.routes.iter().find(|(t, r, _)| t == table && r == route) {
@@ -203,6 +209,8 @@ resources:
         assert!(admin.allows_route("t", "metrics", "spiffe://td/ns/mon/sa/prom"));
         assert!(!admin.allows_route("t", "metrics", "spiffe://td/ns/ops/sa/admin"), "the route's list replaces");
         assert!(admin.allows_route("t", "other", "spiffe://td/ns/ops/sa/admin"));
+        assert!(admin.allows_anything("spiffe://td/ns/mon/sa/prom"), "a route allows it");
+        assert!(!admin.allows_anything("spiffe://td/ns/shop/sa/web"));
         assert!(ListenerAuthz::compile(std::iter::empty(), "in", &metrics).is_none());
     }
 }

@@ -30,7 +30,7 @@ use remora_control_api::validate::{self, Destination, ValidationErrors};
 use remora_control_api::{Kind, Resource, v1};
 
 use crate::limits;
-use crate::listener::metrics::{ListenerMetrics, ListenerStats};
+use crate::listener::metrics::{ListenerMetrics, ListenerStats, TunnelStats};
 use crate::policy::RateLimiter;
 use authz::{AuthzMetrics, ListenerAuthz};
 use cluster::{Cluster, ClusterMetrics, OwnLocality};
@@ -62,6 +62,8 @@ pub enum ListenerProtocol {
     Http2,
     /// Opaque TCP.
     Tcp,
+    /// HBONE: mesh tunnels, each served as a connection detected as `Auto` is (`listener::hbone`).
+    Hbone,
 }
 
 /// Which way traffic crosses the proxy on a listener.
@@ -116,6 +118,8 @@ pub struct ListenerConfig {
     pub default_stats: Option<Arc<RequestStats>>,
     /// The listener's counters.
     pub stats: Arc<ListenerStats>,
+    /// On an HBONE listener, its tunnels' counters.
+    pub tunnels: Option<Arc<TunnelStats>>,
     /// The authorization policies that guard it, if any name it.
     pub authz: Option<ListenerAuthz>,
     /// Whether its traffic gets access-log lines (when the proxy has an access log).
@@ -277,6 +281,7 @@ fn compile_listener(
         v1::listener::Protocol::Http1 => ListenerProtocol::Http1,
         v1::listener::Protocol::Http2 => ListenerProtocol::Http2,
         v1::listener::Protocol::Tcp => ListenerProtocol::Tcp,
+        v1::listener::Protocol::Hbone => ListenerProtocol::Hbone,
     };
     let max_connections = match l.max_connections {
         0 => limits::DEFAULT_MAX_CONNECTIONS,
@@ -304,6 +309,7 @@ fn compile_listener(
             .map(|c| metrics.routes.route("", &c.name, c.service.as_ref()).for_direction(direction.label()).clone()),
         default_cluster,
         stats: metrics.listeners.listener(&l.name, direction.label()),
+        tunnels: (protocol == ListenerProtocol::Hbone).then(|| metrics.listeners.tunnels(&l.name)),
         authz,
     })
 }

@@ -52,6 +52,8 @@ pub use verify::{IdentityError, peer_identity};
 pub const ALPN_HTTP: &[u8] = b"remora.h2";
 /// ALPN for opaque TCP between sidecars.
 pub const ALPN_TCP: &[u8] = b"remora.tcp";
+/// ALPN of HBONE, the mesh tunnel Istio's ambient mode speaks: plain HTTP/2, on a port of its own.
+pub const ALPN_HBONE: &[u8] = b"h2";
 /// ALPN for an HTTP/1.1 request that switches protocols (a WebSocket): one request per connection,
 /// which its tunnel then takes over.
 pub const ALPN_HTTP1: &[u8] = b"remora.h1";
@@ -233,6 +235,8 @@ struct Configs {
     identity: SpiffeId,
     not_after: SystemTime,
     server: Arc<ServerConfig>,
+    /// For an HBONE listener: the same certificate and client verification, ALPN `h2`.
+    hbone_server: Arc<ServerConfig>,
     client_http: Arc<ClientConfig>,
     client_tcp: Arc<ClientConfig>,
     client_http1: Arc<ClientConfig>,
@@ -282,10 +286,12 @@ impl MeshTls {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(client_verifier)
             .with_single_cert(chain.clone(), key.clone_key())?;
-        server.alpn_protocols = vec![ALPN_HTTP.to_vec(), ALPN_TCP.to_vec(), ALPN_HTTP1.to_vec()];
         server.session_storage = Arc::new(NoServerSessionStorage {});
         server.send_tls13_tickets = 0;
         server.max_early_data_size = 0;
+        let mut hbone_server = server.clone();
+        server.alpn_protocols = vec![ALPN_HTTP.to_vec(), ALPN_TCP.to_vec(), ALPN_HTTP1.to_vec()];
+        hbone_server.alpn_protocols = vec![ALPN_HBONE.to_vec()];
         let server_verifier = Arc::new(verify::SpiffeServerVerifier::new(&roots, &self.provider)?);
         let client = |alpn: &[u8]| -> Result<Arc<ClientConfig>, rustls::Error> {
             let mut config = ClientConfig::builder_with_provider(self.provider.clone())
@@ -302,6 +308,7 @@ impl MeshTls {
             identity,
             not_after,
             server: Arc::new(server),
+            hbone_server: Arc::new(hbone_server),
             client_http: client(ALPN_HTTP)?,
             client_tcp: client(ALPN_TCP)?,
             client_http1: client(ALPN_HTTP1)?,
@@ -394,20 +401,41 @@ impl MeshTls {
     /// Terminates a mesh TLS connection on `stream`: the handshake (a client certificate is
     /// required), the peer's identity, and what rides inside.
     pub async fn accept(&self, stream: TcpStream) -> Result<(ServerStream, SpiffeId, Alpn), TlsError> {
-        let result = self.try_accept(stream).await;
-        self.stats.handshake("inbound", result.as_ref().map_or_else(TlsError::kind, |_| "ok"));
-        if let Ok((tls, peer, _)) = &result {
-            self.stats.key_exchange("inbound", key_exchange(tls.get_ref().1));
-            self.stats.peer_handshake("inbound", "ok", peer.as_str());
-        }
+        let result = self.try_accept(stream, |configs| &configs.server).await.and_then(|(tls, peer)| {
+            let alpn = Alpn::from_wire(tls.get_ref().1.alpn_protocol()).ok_or(TlsError::Alpn)?;
+            Ok((tls, peer, alpn))
+        });
+        self.count_accept(result.as_ref().map(|(tls, peer, _)| (tls, peer)));
         result
     }
 
-    async fn try_accept(&self, stream: TcpStream) -> Result<(ServerStream, SpiffeId, Alpn), TlsError> {
+    /// Terminates the mutual TLS of an HBONE connection on `stream`: the handshake (a client
+    /// certificate is required; ALPN `h2`, or none) and the peer's identity. HTTP/2 rides inside.
+    pub async fn accept_hbone(&self, stream: TcpStream) -> Result<(ServerStream, SpiffeId), TlsError> {
+        let result = self.try_accept(stream, |configs| &configs.hbone_server).await;
+        self.count_accept(result.as_ref().map(|(tls, peer)| (tls, peer)));
+        result
+    }
+
+    /// Counts an inbound handshake's outcome.
+    fn count_accept(&self, result: Result<(&ServerStream, &SpiffeId), &TlsError>) {
+        self.stats.handshake("inbound", result.map_or_else(TlsError::kind, |_| "ok"));
+        if let Ok((tls, peer)) = result {
+            self.stats.key_exchange("inbound", key_exchange(tls.get_ref().1));
+            self.stats.peer_handshake("inbound", "ok", peer.as_str());
+        }
+    }
+
+    async fn try_accept(
+        &self,
+        stream: TcpStream,
+        config: impl FnOnce(&Configs) -> &Arc<ServerConfig>,
+    ) -> Result<(ServerStream, SpiffeId), TlsError> {
         let configs = self.current()?;
-        let tls = self.within_timeout(tokio_rustls::TlsAcceptor::from(configs.server.clone()).accept(stream)).await?;
-        let (peer, alpn) = peer_and_alpn(tls.get_ref().1)?;
-        Ok((tls, peer, alpn.ok_or(TlsError::Alpn)?))
+        let acceptor = tokio_rustls::TlsAcceptor::from(config(&configs).clone());
+        let tls = self.within_timeout(acceptor.accept(stream)).await?;
+        let (peer, _) = peer_and_alpn(tls.get_ref().1)?;
+        Ok((tls, peer))
     }
 
     /// A handshake, limited to the handshake timeout.

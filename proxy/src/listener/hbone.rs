@@ -1,0 +1,272 @@
+//! HBONE listeners: mesh tunnels in, as Istio's ambient mode (ztunnel, waypoints) sends them.
+//!
+//! A connection to a listener with `protocol: hbone` is admitted like any other (`listener`), then
+//! [`serve`] terminates its mutual TLS ([`MeshTls::accept_hbone`]: the mesh's certificate, a client
+//! certificate required, ALPN `h2`) and runs an HTTP/2 server on it. Each stream must be a
+//! `CONNECT` whose `:authority` is `ip:port`, an address of this host (the one the connection
+//! reached); anything else is refused, counted and logged, and the connection goes on carrying
+//! its other tunnels. A tunnel the authorization policy covering its port allows the peer nothing
+//! on is refused too. An accepted tunnel is answered `200` and then served as a connection to this
+//! listener in its own right: its original destination is the `:authority`, its peer identity the
+//! connection's, and its first bytes are classified as an `auto` listener's are, so HTTP gets the
+//! whole HTTP pipeline (routes, per-request authorization, metrics, traces) and anything else is
+//! relayed as opaque TCP.
+//!
+//! Headers: `:authority` is the only one read. `Forwarded`, `baggage` and `traceparent`, which
+//! ztunnel sends on each CONNECT, are accepted and ignored (the peer's address is the
+//! connection's; HTTP inside a tunnel carries its own trace context). Refusals use ztunnel's
+//! statuses: 400 for a bad or misdirected CONNECT, 401 for authorization, 503 when the listener
+//! is going away, the proxy is draining, or it is at `max_connections`.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use remora_control_api::identity::SpiffeId;
+use tokio::net::TcpStream;
+use tracing::{debug, info};
+
+use super::metrics::{TunnelRefusal, TunnelStats};
+use super::{Accepted, serve_mesh_tcp};
+use crate::context::{DataPath, Open};
+use crate::detect::{self, Protocol};
+use crate::http::body::ProxyBody;
+use crate::http::server::{self, ServerVersion};
+use crate::io::{DownstreamStream, Meter};
+use crate::state::ListenerConfig;
+use crate::timer::Deadline;
+use crate::tls::MeshTls;
+
+/// One HBONE connection: the peer sidecar (or ztunnel) it came from, and the tunnels it carries.
+struct Carrier {
+    data: Arc<DataPath>,
+    listener: Arc<str>,
+    peer: SocketAddr,
+    /// The address the connection reached: the only one its tunnels may name.
+    local: IpAddr,
+    identity: SpiffeId,
+    /// Tunnels open now, and ever opened: the connection is idle when neither moves.
+    open_tunnels: AtomicUsize,
+    opened_tunnels: AtomicU64,
+    /// Counted as a connection of the listener while it lives.
+    _open: Open,
+}
+
+/// Serves one HBONE connection: mutual TLS, then HTTP/2 with a `CONNECT` per tunnel, until the
+/// peer closes it, a drain ends it, or it carries no tunnel for the listener's idle timeout.
+pub(super) async fn serve(stream: TcpStream, mesh: &MeshTls, accepted: Accepted, data: &Arc<DataPath>) {
+    let Accepted { listener, peer, open, .. } = accepted;
+    let Ok(local) = stream.local_addr() else { return };
+    let (session, identity) = match mesh.accept_hbone(stream).await {
+        Ok(accepted) => accepted,
+        Err(error) => {
+            // Counted in remora_tls_handshakes_total; at debug, so a scanner cannot flood the log.
+            debug!(listener = %listener.name, %peer, %error, "hbone: mesh tls handshake failed");
+            return;
+        }
+    };
+    let carrier = Arc::new(Carrier {
+        data: data.clone(),
+        listener: listener.name.clone(),
+        peer,
+        local: local.ip().to_canonical(),
+        identity,
+        open_tunnels: AtomicUsize::new(0),
+        opened_tunnels: AtomicU64::new(0),
+        _open: open,
+    });
+    let service = {
+        let carrier = carrier.clone();
+        service_fn(move |request| {
+            let response = carrier.open_tunnel(request);
+            async move { Ok::<_, Infallible>(response) }
+        })
+    };
+    let connection = data.server.http2.serve_connection(TokioIo::new(session), service);
+    // Draining asks the connection to finish gracefully: its open tunnels go on, new ones are
+    // refused. It is closed once it has carried no tunnel for the listener's idle timeout.
+    let idle = carrier.idle(listener.idle_timeout);
+    server::drive(connection, |c| c.graceful_shutdown(), &data.drain, idle, &listener.name).await;
+}
+
+impl Carrier {
+    /// Answers one stream: `200` and a tunnel served behind it, or a refusal.
+    fn open_tunnel(self: &Arc<Self>, mut request: Request<Incoming>) -> Response<ProxyBody> {
+        let snapshot = self.data.snapshot.load();
+        let Some(listener) = snapshot.listener(&self.listener).cloned() else {
+            return status(StatusCode::SERVICE_UNAVAILABLE);
+        };
+        let Some(tunnels) = listener.tunnels.clone() else {
+            // The listener was changed to another protocol: its HBONE connections take no more.
+            return status(StatusCode::SERVICE_UNAVAILABLE);
+        };
+        let target = match self.judge(&listener, &request) {
+            Ok(target) => target,
+            Err(refusal) => {
+                tunnels.refused(refusal);
+                return status(refusal_status(refusal));
+            }
+        };
+        let stats = &listener.stats;
+        if stats.active.inc() >= listener.max_connections {
+            stats.active.dec();
+            stats.rejected.inc();
+            tunnels.refused(TunnelRefusal::Unavailable);
+            return status(StatusCode::SERVICE_UNAVAILABLE);
+        }
+        stats.connections.inc();
+        let meter = Arc::new(Meter::default());
+        let open = Open::new(listener.clone(), meter.clone(), self.data.drain.track());
+        tunnels.opened();
+        let upgrade = hyper::upgrade::on(&mut request);
+        let carrier = self.clone();
+        let tunnel = Tunnel { _guard: TunnelGuard::new(self.clone(), tunnels), listener, target, meter, open };
+        tokio::spawn(async move {
+            match upgrade.await {
+                // Boxed: a tunnel's task holds whichever path serves it.
+                Ok(upgraded) => Box::pin(carrier.serve_tunnel(upgraded, tunnel)).await,
+                Err(error) => debug!(listener = %carrier.listener, %error, "hbone: tunnel was not established"),
+            }
+        });
+        status(StatusCode::OK)
+    }
+
+    /// The tunnel's target, if this peer may open it.
+    fn judge(&self, listener: &ListenerConfig, request: &Request<Incoming>) -> Result<SocketAddr, TunnelRefusal> {
+        if self.data.drain.is_draining() {
+            return Err(TunnelRefusal::Unavailable);
+        }
+        if request.method() != Method::CONNECT {
+            debug!(listener = %self.listener, peer = %self.peer, method = %request.method(), "hbone: not a CONNECT");
+            return Err(TunnelRefusal::BadRequest);
+        }
+        let target = request
+            .uri()
+            .authority()
+            .and_then(|authority| authority.as_str().parse::<SocketAddr>().ok())
+            .ok_or(TunnelRefusal::BadRequest)?;
+        if target.ip().to_canonical() != self.local {
+            info!(listener = %self.listener, peer = %self.identity, %target, "hbone: tunnel to an address that is not this host's refused");
+            return Err(TunnelRefusal::Misdirected);
+        }
+        if let Some(policy) = listener.authz.as_ref().and_then(|authz| authz.for_port(target.port()))
+            && !policy.allows_anything(self.identity.as_str())
+        {
+            policy.counters.denied.inc();
+            info!(listener = %self.listener, policy = %policy.name, peer = %self.identity, %target, "hbone: tunnel denied by authorization policy");
+            return Err(TunnelRefusal::Denied);
+        }
+        Ok(target)
+    }
+
+    /// Serves an established tunnel as a connection of its own.
+    async fn serve_tunnel(self: Arc<Self>, upgraded: Upgraded, tunnel: Tunnel) {
+        let Tunnel { _guard, listener, target, meter, open } = tunnel;
+        let mut io = TokioIo::new(upgraded);
+        // A destination declared opaque is not read first: its server may be the one to speak.
+        let (protocol, replay) = if listener.routes.for_tcp(Some(target)).is_some_and(|table| table.opaque) {
+            (Protocol::Opaque, bytes::Bytes::new())
+        } else {
+            match detect::detect_read(&mut io, listener.detect_timeout).await {
+                Ok(detected) => detected,
+                Err(error) => {
+                    debug!(listener = %listener.name, %error, "hbone: tunnel failed during detection");
+                    return;
+                }
+            }
+        };
+        let stream = DownstreamStream::tunnel(io, replay, meter.clone());
+        let accepted = Accepted {
+            listener: listener.clone(),
+            peer: self.peer,
+            original_destination: Some(target),
+            destination_port: target.port(),
+            meter,
+            open,
+        };
+        let version = match protocol {
+            Protocol::Http1 => ServerVersion::Http1,
+            Protocol::Http2 => ServerVersion::Http2,
+            Protocol::Tls | Protocol::Opaque => {
+                let policy = listener.authz.as_ref().and_then(|authz| authz.for_port(target.port())).cloned();
+                serve_mesh_tcp(stream, accepted, self.identity.clone(), policy, &self.data).await;
+                return;
+            }
+        };
+        server::serve(stream, version, accepted.into_http(&self.data, Some(self.identity.clone()))).await;
+    }
+
+    /// Resolves once the connection has carried no tunnel for `timeout` (within a quarter of it).
+    async fn idle(&self, timeout: Duration) {
+        let tick = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(15));
+        let mut check = Deadline::at(tokio::time::Instant::now() + tick);
+        let mut last = self.opened_tunnels.load(Ordering::Relaxed);
+        let mut quiet = Duration::ZERO;
+        loop {
+            (&mut check).await;
+            let opened = self.opened_tunnels.load(Ordering::Relaxed);
+            if opened == last && self.open_tunnels.load(Ordering::Relaxed) == 0 {
+                quiet += tick;
+                if quiet >= timeout {
+                    return;
+                }
+            } else {
+                last = opened;
+                quiet = Duration::ZERO;
+            }
+            check.reset(tokio::time::Instant::now() + tick);
+        }
+    }
+}
+
+/// An accepted tunnel, between its `200` and its serving.
+struct Tunnel {
+    _guard: TunnelGuard,
+    listener: Arc<ListenerConfig>,
+    target: SocketAddr,
+    meter: Arc<Meter>,
+    open: Open,
+}
+
+/// Counts a tunnel open, on its connection and its listener, until dropped.
+struct TunnelGuard {
+    carrier: Arc<Carrier>,
+    stats: Arc<TunnelStats>,
+}
+
+impl TunnelGuard {
+    fn new(carrier: Arc<Carrier>, stats: Arc<TunnelStats>) -> TunnelGuard {
+        carrier.open_tunnels.fetch_add(1, Ordering::Relaxed);
+        carrier.opened_tunnels.fetch_add(1, Ordering::Relaxed);
+        stats.active.inc();
+        TunnelGuard { carrier, stats }
+    }
+}
+
+impl Drop for TunnelGuard {
+    fn drop(&mut self) {
+        self.carrier.open_tunnels.fetch_sub(1, Ordering::Relaxed);
+        self.stats.active.dec();
+    }
+}
+
+fn refusal_status(refusal: TunnelRefusal) -> StatusCode {
+    match refusal {
+        TunnelRefusal::BadRequest | TunnelRefusal::Misdirected => StatusCode::BAD_REQUEST,
+        TunnelRefusal::Denied => StatusCode::UNAUTHORIZED,
+        TunnelRefusal::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+fn status(status: StatusCode) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::empty());
+    *response.status_mut() = status;
+    response
+}
