@@ -5,7 +5,7 @@
 //! refused, a connection that broke, a timeout, a request that never left) is summed up as a
 //! [`Failure`]: what kind of failure it was, and whether it says anything about the endpoint. The
 //! data path's error types produce it (`http::error::ProxyError::failure`,
-//! `tcp::ConnectError::failure`); `policy::retry` decides from it whether another attempt may help,
+//! `connect::ConnectError::failure`); `policy::retry` decides from it whether another attempt may help,
 //! and `balance` whether to hold it against the endpoint. Neither knows an HTTP, TCP, TLS or codec
 //! type, and a new error type only has to say which facts it carries.
 

@@ -38,7 +38,8 @@
 //! - [`detect`] — what a connection speaks, from its first bytes.
 //! - [`io`] — the downstream stream (replay + byte meter) and the idle timeout.
 //! - [`memory`] — freed memory given back to the system, every few seconds.
-//! - [`tcp`] — upstream connects and L4 forwarding (`splice(2)`).
+//! - [`connect`] — TCP connects to endpoints, for every path.
+//! - [`tcp`] — L4 forwarding (`splice(2)`), in TLS or HBONE tunnels to mesh clusters.
 //! - [`http`] — the request's phases, one file each (`route`, `plan`, `attempt`, `policed`,
 //!   `retries`, `mirror`, `observe`), the server (idle HTTP/1.1 connections parked between
 //!   requests by `park`), the upstream pools and the HTTP/1.1 client (`h1`), bodies, header
@@ -76,6 +77,7 @@ pub mod app;
 pub mod balance;
 pub mod bootstrap;
 pub mod capture;
+pub mod connect;
 pub mod context;
 pub mod detect;
 pub mod drain;

@@ -11,73 +11,31 @@
 //! Sockets whose peer is the local app (the client side of an outbound listener, and any peer on this
 //! host) get small fixed buffers, so spliced bytes are still in cache when the other side copies
 //! them (`limits::LOCAL_SOCKET_BUFFER`); sockets across the network keep the kernel's autotuning.
-//!
-//! [`connect`] is also how the HTTP client opens upstream connections.
 
 use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use crate::balance::EndpointState;
 use crate::balance::Observed;
-use crate::failure::{Failure, FailureKind};
+use crate::connect::{ConnectError, connect};
+use crate::failure::Failure;
+use crate::http::client::{self, ClientSettings};
+use crate::http::error::ProxyError;
 use crate::io::{DownstreamStream, Meter, idle_watch};
 use crate::state::cluster::Cluster;
-use crate::state::cluster::ClusterStats;
 use crate::state::{Direction, ListenerConfig};
 use crate::telemetry::access_log::{AccessLog, Entry};
-use crate::tls::{Alpn, ClientStream, MeshTls, TlsError};
+use crate::tls::{Alpn, ClientStream, TlsError};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
 use remora_control_api::identity::SpiffeId;
 use tokio_util::either::Either;
-
-/// Why an upstream connect failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    /// The connect did not finish within the cluster's connect timeout.
-    #[error("connect to {0} timed out")]
-    Timeout(SocketAddr),
-    /// The connect failed (refused, unreachable, reset).
-    #[error("connect to {address}: {error}")]
-    Failed {
-        /// The endpoint.
-        address: SocketAddr,
-        /// The OS error.
-        error: io::Error,
-    },
-}
-
-impl ConnectError {
-    /// A connect failure, the endpoint's: the request (or connection) was never sent.
-    pub fn failure(&self) -> Failure {
-        Failure::of_endpoint(FailureKind::Connect)
-    }
-}
-
-/// Opens a TCP connection to `address` within `timeout`, with Nagle off, counting it (or its failure)
-/// in `stats`.
-pub async fn connect(address: SocketAddr, timeout: Duration, stats: &ClusterStats) -> Result<TcpStream, ConnectError> {
-    match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
-        Err(_) => {
-            stats.connect_timeouts.inc();
-            Err(ConnectError::Timeout(address))
-        }
-        Ok(Err(error)) => {
-            stats.connect_failures.inc();
-            Err(ConnectError::Failed { address, error })
-        }
-        Ok(Ok(stream)) => {
-            stats.connections.inc();
-            // Requests and responses are written whole; waiting to coalesce only adds latency.
-            let _ = stream.set_nodelay(true);
-            Ok(stream)
-        }
-    }
-}
 
 /// An opaque connection as it reaches [`proxy`].
 #[derive(Debug)]
@@ -92,7 +50,8 @@ pub enum Downstream {
 /// its access log line if there is an access log.
 ///
 /// The connection is closed without a word if the cluster has no endpoint or the connect (or, to a
-/// mesh cluster, the mTLS handshake with the endpoint's sidecar, made with `mesh`) fails: there is no
+/// mesh cluster, the mTLS handshake with the endpoint's sidecar, or the HBONE tunnel, made with
+/// `settings`' identity) fails: there is no
 /// protocol in which to say why, so the reason goes to the debug log, the cluster's counters and the
 /// access log's `response_flags`. Plain to plain is spliced in the kernel; when either side is TLS
 /// the bytes are copied through user space, where the TLS records are made and read.
@@ -102,14 +61,14 @@ pub async fn proxy(
     original_destination: Option<SocketAddr>,
     listener: &ListenerConfig,
     meter: &Arc<Meter>,
-    mesh: Option<&MeshTls>,
+    settings: &ClientSettings,
     access_log: Option<&AccessLog>,
 ) {
     let peer = match &downstream {
         Downstream::Plain(socket, _) => socket.peer_addr().ok(),
         Downstream::Mesh(_, peer, _) => *peer,
     };
-    let run = Relay { cluster: &cluster, original_destination, listener, meter, mesh };
+    let run = Relay { cluster: &cluster, original_destination, listener, meter, settings };
     let Some(log) = access_log else {
         run.relay(downstream, peer).await;
         return;
@@ -146,8 +105,12 @@ struct Relay<'a> {
     original_destination: Option<SocketAddr>,
     listener: &'a ListenerConfig,
     meter: &'a Arc<Meter>,
-    mesh: Option<&'a MeshTls>,
+    settings: &'a ClientSettings,
 }
+
+/// A relayed connection's upstream side: plain TCP, or to a mesh cluster, mutual TLS or an HBONE
+/// tunnel.
+type Upstream = Either<TcpStream, Either<ClientStream, TokioIo<Upgraded>>>;
 
 impl Relay<'_> {
     /// The connection's life: the endpoint it went to, and what cut it short (an `x-remora-error`
@@ -157,7 +120,7 @@ impl Relay<'_> {
         downstream: Downstream,
         peer: Option<SocketAddr>,
     ) -> (Option<SocketAddr>, Option<&'static str>) {
-        let Relay { cluster, original_destination, listener, meter, mesh } = *self;
+        let Relay { cluster, original_destination, listener, meter, .. } = *self;
         let Some(picked) = cluster.pick(original_destination, None, peer, &[]) else {
             debug!(listener = %listener.name, cluster = %cluster.name, "tcp: no endpoint; closing");
             return (None, Some("no_healthy_upstream"));
@@ -174,42 +137,9 @@ impl Relay<'_> {
         };
         let state = picked.member.map(|member| member.state.clone());
         let _active = state.as_ref().filter(|_| cluster.counts_active).map(|state| state.start());
-        let started = std::time::Instant::now();
-        let connected = connect(endpoint, cluster.connect_timeout, &cluster.stats).await;
-        // For opaque TCP, a connect is all there is to judge an endpoint by (outlier detection
-        // counts connect failures as gateway errors).
-        let observed = match &connected {
-            Ok(_) => Some(Observed::Success),
-            Err(error) => Observed::from_failure(error.failure()),
-        };
-        if cluster.observes
-            && let (Some(state), Some(observed)) = (&state, observed)
-        {
-            cluster.observe(state, observed, started, std::time::Instant::now());
-        }
-        let upstream = match connected {
+        let upstream = match self.open(endpoint, state.as_deref()).await {
             Ok(upstream) => upstream,
-            Err(error) => {
-                debug!(listener = %listener.name, cluster = %cluster.name, %error, "tcp: closing");
-                let flag = if matches!(error, ConnectError::Timeout(_)) { "connect_timeout" } else { "connect_failed" };
-                return (Some(endpoint), Some(flag));
-            }
-        };
-        let upstream = match &cluster.mesh {
-            None => Either::Left(upstream),
-            Some(peers) => {
-                let secured = match mesh {
-                    Some(mesh) => mesh.connect(upstream, endpoint, Alpn::Tcp, peers.expected(endpoint)).await,
-                    None => Err(TlsError::NoIdentity),
-                };
-                match secured {
-                    Ok((tls, _)) => Either::Right(tls),
-                    Err(error) => {
-                        debug!(listener = %listener.name, cluster = %cluster.name, %error, "tcp: mesh handshake failed; closing");
-                        return (Some(endpoint), Some("upstream_tls"));
-                    }
-                }
-            }
+            Err(flag) => return (Some(endpoint), Some(flag)),
         };
         let flag = match (downstream, upstream) {
             (Downstream::Plain(socket, replay), Either::Left(upstream)) => self.splice(socket, replay, upstream).await,
@@ -219,6 +149,64 @@ impl Relay<'_> {
             (Downstream::Mesh(stream, ..), upstream) => self.copy(stream, upstream).await,
         };
         (Some(endpoint), flag)
+    }
+
+    /// Connects to `endpoint`: plain TCP; to a mesh cluster, TCP inside mutual TLS to the endpoint's
+    /// sidecar, or a tunnel on the pooled HBONE connection to its host. For opaque TCP, opening the
+    /// connection is all there is to judge an endpoint by (outlier detection counts a failure as a
+    /// gateway error). On failure: the access log's name for it.
+    async fn open(&self, endpoint: SocketAddr, state: Option<&EndpointState>) -> Result<Upstream, &'static str> {
+        let Relay { cluster, listener, settings, .. } = *self;
+        let started = std::time::Instant::now();
+        if let Some(port) = cluster.mesh.as_ref().and_then(|peers| peers.hbone_port) {
+            let opening = Box::pin(client::open_tunnel(settings, cluster, endpoint, port));
+            let opened = opening.await;
+            self.observe(state, opened.as_ref().err().map(ProxyError::failure), started);
+            return opened.map(|tunnel| Either::Right(Either::Right(tunnel))).map_err(|error| {
+                debug!(listener = %listener.name, cluster = %cluster.name, %error, "tcp: hbone tunnel failed; closing");
+                match error {
+                    ProxyError::Connect(ConnectError::Timeout(_)) => "connect_timeout",
+                    ProxyError::Connect(_) => "connect_failed",
+                    ProxyError::Mesh(_) => "upstream_tls",
+                    ProxyError::TunnelRefused(_) => "upstream_tunnel_refused",
+                    _ => "upstream_reset",
+                }
+            });
+        }
+        let connected = connect(endpoint, cluster.connect_timeout, &cluster.stats).await;
+        self.observe(state, connected.as_ref().err().map(ConnectError::failure), started);
+        let upstream = connected.map_err(|error| {
+            debug!(listener = %listener.name, cluster = %cluster.name, %error, "tcp: closing");
+            if matches!(error, ConnectError::Timeout(_)) { "connect_timeout" } else { "connect_failed" }
+        })?;
+        let Some(peers) = &cluster.mesh else {
+            return Ok(Either::Left(upstream));
+        };
+        let secured = match &settings.mesh {
+            Some(mesh) => mesh.connect(upstream, endpoint, Alpn::Tcp, peers.expected(endpoint)).await,
+            None => Err(TlsError::NoIdentity),
+        };
+        match secured {
+            Ok((tls, _)) => Ok(Either::Right(Either::Left(tls))),
+            Err(error) => {
+                debug!(listener = %listener.name, cluster = %cluster.name, %error, "tcp: mesh handshake failed; closing");
+                Err("upstream_tls")
+            }
+        }
+    }
+
+    /// Tells the endpoint's outlier detection and balancer how opening a connection to it went
+    /// (`failure`: none when it opened).
+    fn observe(&self, state: Option<&EndpointState>, failure: Option<Failure>, started: std::time::Instant) {
+        let observed = match failure {
+            None => Some(Observed::Success),
+            Some(failure) => Observed::from_failure(failure),
+        };
+        if self.cluster.observes
+            && let (Some(state), Some(observed)) = (state, observed)
+        {
+            self.cluster.observe(state, observed, started, std::time::Instant::now());
+        }
     }
 
     /// Plain to plain, in the kernel.
@@ -265,11 +253,7 @@ impl Relay<'_> {
     /// Either side TLS: copied through user space, half-closes passed on (a TLS side's as its
     /// close_notify). The downstream stream meters as it goes; the cluster's byte counters are
     /// added when the connection ends.
-    async fn copy(
-        &self,
-        mut downstream: DownstreamStream,
-        mut upstream: Either<TcpStream, ClientStream>,
-    ) -> Option<&'static str> {
+    async fn copy(&self, mut downstream: DownstreamStream, mut upstream: Upstream) -> Option<&'static str> {
         let Relay { cluster, listener, meter, .. } = *self;
         let copied = tokio::io::copy_bidirectional(&mut downstream, &mut upstream);
         tokio::select! {

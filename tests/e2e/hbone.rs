@@ -198,3 +198,54 @@ async fn hbone_refuses_bad_peers_and_bad_connects_and_keeps_serving() {
     eventually("no tunnel left open", Duration::from_secs(5), || async { side.proxy.metric(active).await == 0.0 })
         .await;
 }
+
+/// Opaque TCP from one Remora sidecar to another over HBONE: every connection a tunnel on one
+/// pooled connection (one handshake for all of them), half-closes passed on, and a peer that is
+/// not who the cluster expects gets no tunnel.
+#[tokio::test]
+async fn opaque_tcp_between_two_sidecars_rides_pooled_hbone_tunnels() {
+    let side = sidecar().await;
+    let hbone_port = side.proxy.address("hbone").port();
+    let web = side.ca.issue(WEB).bootstrap_identity(&side.dir.join("web"));
+    let caller = |peers: &str| {
+        format!(
+            "bootstrap:\n  admin_address: 127.0.0.1:0\n  workers: 1\n{web}---\nresources:\n{}{}",
+            crate::cluster("api", &format!(", tls: mesh, hbone_port: {hbone_port}{peers}"), &[side.app.address()]),
+            crate::listener("out", ", protocol: tcp, default_cluster: api"),
+        )
+    };
+    let client = TestProxy::start(&caller(""));
+    let mut handles = Vec::new();
+    for i in 0..20 {
+        let out = client.address("out");
+        handles.push(tokio::spawn(async move {
+            let mut stream = tokio::net::TcpStream::connect(out).await.unwrap();
+            let request = format!("GET /{i} HTTP/1.1\r\nhost: api\r\nconnection: close\r\n\r\n");
+            tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes()).await.unwrap();
+            let mut response = String::new();
+            tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut response).await.unwrap();
+            response
+        }));
+    }
+    for handle in handles {
+        let response = handle.await.unwrap().to_ascii_lowercase();
+        assert!(response.contains("hello from api-app"), "{response}");
+        assert!(response.contains(&format!("x-seen-client-identity: {WEB}")), "{response}");
+    }
+    let ok = "remora_tls_handshakes_total{direction=\"inbound\",result=\"ok\"}";
+    assert_eq!(side.proxy.metric(ok).await, 1.0, "twenty tunnels, one handshake");
+    assert_eq!(side.proxy.metric("remora_listener_tunnels_total{listener=\"hbone\",result=\"opened\"}").await, 20.0);
+    assert_eq!(side.app.hits(), 20);
+
+    // A cluster that expects another identity: the pooled connection is not used, no new one is
+    // accepted, and the connection is closed without a byte.
+    let wary = TestProxy::start(&caller(&format!(", peer_identities: [\"{OPS}\"]")));
+    let mut stream = tokio::net::TcpStream::connect(wary.address("out")).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stream, b"GET / HTTP/1.1\r\nhost: api\r\n\r\n").await.unwrap();
+    let mut response = Vec::new();
+    let _ = tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut response).await;
+    assert!(response.is_empty(), "{}", String::from_utf8_lossy(&response));
+    assert_eq!(side.app.hits(), 20);
+    let refused = "remora_tls_handshakes_total{direction=\"outbound\",result=\"identity\"}";
+    assert_eq!(wary.metric(refused).await, 1.0);
+}

@@ -68,7 +68,8 @@ mod tests {
         let text = problems(
             r#"
 resources:
-- {kind: Cluster, name: plain, peer_identities: ["spiffe://td/a"]}
+- {kind: Cluster, name: plain, peer_identities: ["spiffe://td/a"], hbone_port: 15008}
+- {kind: Cluster, name: tunnelled, tls: mesh, hbone_port: 70000}
 - {kind: Cluster, name: mesh, tls: mesh, peer_identities: ["spiffe://td/ok/*", "web"]}
 - {kind: Endpoints, cluster: mesh, endpoints: [{address: "127.0.0.1:1", identity: "spiffe://TD/x"}]}
 - {kind: AuthorizationPolicy, name: a, listener: in, allow: ["spiffe://td/ns/*"]}
@@ -78,6 +79,8 @@ resources:
         );
         for expected in [
             r#"cluster "plain": peer_identities: applies only to tls: mesh"#,
+            r#"cluster "plain": hbone_port: applies only to tls: mesh"#,
+            r#"cluster "tunnelled": hbone_port: must be a port number, got 70000"#,
             r#"cluster "mesh": peer_identities[1]: "web" is not a SPIFFE ID"#,
             r#"endpoints "mesh": endpoints[0].identity: "spiffe://TD/x""#,
             r#"authorization policy "b": port: every port of listener "in" is already covered by policy "a""#,

@@ -24,12 +24,14 @@
 //! connection; a request the endpoint may have acted on is never re-sent here.
 
 use std::cell::RefCell;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{Method, Request, Response};
 use hyper::client::conn::http2;
+use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use std::time::Instant;
 use tokio::net::TcpStream;
@@ -44,7 +46,7 @@ use crate::limits;
 use crate::policy::breaker::Slot;
 use crate::state::cluster::Cluster;
 use crate::tls::{Alpn, TlsError};
-use crate::{tcp, timer};
+use crate::{connect, timer};
 use remora_control_api::identity::SpiffeId;
 
 /// The HTTP version spoken to an endpoint for one request.
@@ -79,8 +81,20 @@ struct Pool {
     // foldhash: probed twice per request; randomly seeded, so endpoints chosen by a client (the
     // original destinations of a pass-through cluster) cannot be picked to collide.
     http1: foldhash::HashMap<SocketAddr, Vec<IdleConnection>>,
-    /// Keyed by endpoint and whether the connection is mesh mTLS.
-    http2: foldhash::HashMap<(SocketAddr, bool), SharedHttp2>,
+    /// Keyed by the address connected to and what the connection is.
+    http2: foldhash::HashMap<(SocketAddr, Carrier), SharedHttp2>,
+}
+
+/// What a pooled HTTP/2 connection is, beside where it goes: the same address can be reached
+/// several ways, and each way gets a connection of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Carrier {
+    /// h2c.
+    Plain,
+    /// HTTP/2 in mutual TLS to the endpoint's sidecar (ALPN `remora.h2`).
+    Mesh,
+    /// To an HBONE listener: mutual TLS with ALPN `h2`, tunnels as CONNECT streams.
+    Hbone,
 }
 
 thread_local! {
@@ -166,7 +180,7 @@ async fn connect(cluster: &Cluster, endpoint: SocketAddr) -> Result<(TcpStream, 
     let overflow = |breaker| ProxyError::Overflow(cluster.name.clone(), breaker);
     let _pending = cluster.breakers.pending(&cluster.stats.breakers).map_err(overflow)?;
     let slot = cluster.breakers.connection(&cluster.stats.breakers).map_err(overflow)?;
-    let stream = tcp::connect(endpoint, cluster.connect_timeout, &cluster.stats).await?;
+    let stream = connect::connect(endpoint, cluster.connect_timeout, &cluster.stats).await?;
     Ok((stream, slot))
 }
 
@@ -195,10 +209,55 @@ pub async fn send_http2(
     settings: &ClientSettings,
     cluster: &Cluster,
     endpoint: SocketAddr,
-    mut request: Request<UpstreamBody>,
+    request: Request<UpstreamBody>,
 ) -> Result<Outcome, ProxyError> {
-    let mesh = cluster.mesh.is_some();
-    let Some(shared) = with_pool(|pool| pool.http2.entry((endpoint, mesh)).or_default().clone()) else {
+    let carrier = if cluster.mesh.is_some() { Carrier::Mesh } else { Carrier::Plain };
+    let connect = || connect_http2(settings, cluster, endpoint);
+    let mut response = send_pooled(settings, cluster, endpoint, (endpoint, carrier), connect, request).await?;
+    headers::strip_hop_by_hop(response.headers_mut(), false);
+    Ok(Outcome::Response(response.map(ProxyBody::http2)))
+}
+
+/// Opens an HBONE tunnel to `endpoint` of a mesh cluster: a `CONNECT endpoint` stream on this
+/// worker's HTTP/2 connection to the HBONE listener at `port` of the endpoint's host (mutual TLS,
+/// ALPN `h2`, the endpoint's expected identity proven), opened if needed and shared by every
+/// tunnel to that host. The stream is the tunnel once the listener answers `200`.
+pub async fn open_tunnel(
+    settings: &ClientSettings,
+    cluster: &Cluster,
+    endpoint: SocketAddr,
+    port: u16,
+) -> Result<TokioIo<Upgraded>, ProxyError> {
+    let listener = SocketAddr::new(endpoint.ip(), port);
+    let connect = || connect_hbone(settings, cluster, endpoint, listener);
+    let mut request = Request::new(UpstreamBody::Empty);
+    *request.method_mut() = Method::CONNECT;
+    *request.uri_mut() = http::Uri::from_maybe_shared(Bytes::from(endpoint.to_string()))
+        .map_err(|_| ProxyError::BadRequest("a tunnel's target must be ip:port"))?;
+    let mut response = send_pooled(settings, cluster, endpoint, (listener, Carrier::Hbone), connect, request).await?;
+    if response.status() != http::StatusCode::OK {
+        return Err(ProxyError::TunnelRefused(response.status()));
+    }
+    let upgraded = hyper::upgrade::on(&mut response).await.map_err(ProxyError::Upstream)?;
+    Ok(TokioIo::new(upgraded))
+}
+
+/// Sends `request` on this worker's HTTP/2 connection `key`, opening it with `connect` if there is
+/// none, it died, or its peer is not one `cluster` accepts for `endpoint`. A request a connection
+/// going away did not take is sent once more, on a fresh connection.
+async fn send_pooled<C, F>(
+    settings: &ClientSettings,
+    cluster: &Cluster,
+    endpoint: SocketAddr,
+    key: (SocketAddr, Carrier),
+    connect: C,
+    mut request: Request<UpstreamBody>,
+) -> Result<Response<hyper::body::Incoming>, ProxyError>
+where
+    C: Fn() -> F,
+    F: Future<Output = Result<(http2::SendRequest<UpstreamBody>, Option<SpiffeId>), ProxyError>>,
+{
+    let Some(shared) = with_pool(|pool| pool.http2.entry(key).or_default().clone()) else {
         return Err(ProxyError::NoEndpoint(cluster.name.clone()));
     };
     let mut force_new = false;
@@ -216,7 +275,7 @@ pub async fn send_http2(
                     connection.sender.clone()
                 }
                 _ => {
-                    let connecting = Box::pin(connect_http2(settings, cluster, endpoint));
+                    let connecting = Box::pin(connect());
                     let (sender, peer) = connecting.await?;
                     *slot = Some(Http2Connection { sender: sender.clone(), expires, peer });
                     sender
@@ -231,10 +290,7 @@ pub async fn send_http2(
             continue;
         }
         match sender.try_send_request(request).await {
-            Ok(mut response) => {
-                headers::strip_hop_by_hop(response.headers_mut(), false);
-                return Ok(Outcome::Response(response.map(ProxyBody::http2)));
-            }
+            Ok(response) => return Ok(response),
             Err(mut error) => match error.take_message() {
                 Some(unsent) if !force_new => {
                     debug!(%endpoint, "http/2 connection was going away; sending on a new one");
@@ -298,12 +354,29 @@ async fn connect_http2(
 ) -> Result<(http2::SendRequest<UpstreamBody>, Option<SpiffeId>), ProxyError> {
     let (stream, slot) = connect(cluster, endpoint).await?;
     let Some(peers) = &cluster.mesh else {
-        let sender = handshake_http2(settings, TokioIo::new(stream), endpoint, slot).await?;
+        let sender = handshake_http2(settings, TokioIo::new(stream), endpoint, Some(slot)).await?;
         return Ok((sender, None));
     };
     let mesh = settings.mesh.as_ref().ok_or(TlsError::NoIdentity)?;
     let (tls, peer) = mesh.connect(stream, endpoint, Alpn::Http, peers.expected(endpoint)).await?;
-    let sender = handshake_http2(settings, TokioIo::new(tls), endpoint, slot).await?;
+    let sender = handshake_http2(settings, TokioIo::new(tls), endpoint, Some(slot)).await?;
+    Ok((sender, Some(peer)))
+}
+
+/// Opens the HTTP/2 connection to the HBONE `listener` of `endpoint`'s host, whose sidecar must
+/// prove the identity `cluster` expects of `endpoint`. It holds no `max_connections` slot: the
+/// tunnels it carries do, one each.
+async fn connect_hbone(
+    settings: &ClientSettings,
+    cluster: &Cluster,
+    endpoint: SocketAddr,
+    listener: SocketAddr,
+) -> Result<(http2::SendRequest<UpstreamBody>, Option<SpiffeId>), ProxyError> {
+    let peers = cluster.mesh.as_ref().ok_or(TlsError::NoIdentity)?;
+    let mesh = settings.mesh.as_ref().ok_or(TlsError::NoIdentity)?;
+    let stream = connect::connect(listener, cluster.connect_timeout, &cluster.stats).await?;
+    let (tls, peer) = mesh.connect(stream, listener, Alpn::Hbone, peers.expected(endpoint)).await?;
+    let sender = handshake_http2(settings, TokioIo::new(tls), listener, None).await?;
     Ok((sender, Some(peer)))
 }
 
@@ -311,7 +384,7 @@ async fn handshake_http2<S>(
     settings: &ClientSettings,
     io: TokioIo<S>,
     endpoint: SocketAddr,
-    slot: Slot,
+    slot: Option<Slot>,
 ) -> Result<http2::SendRequest<UpstreamBody>, ProxyError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,

@@ -12,12 +12,12 @@ use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use http::{Response, StatusCode};
 
+use crate::connect::ConnectError;
 use crate::failure::{Failure, FailureKind};
 use crate::http::body::ProxyBody;
 use crate::http::h1;
 use crate::policy::Fallback;
 use crate::policy::breaker::Breaker;
-use crate::tcp::ConnectError;
 
 /// The header that names the reason of a response the proxy made itself.
 pub const ERROR_HEADER: &str = "x-remora-error";
@@ -70,6 +70,9 @@ pub enum ProxyError {
     /// The mTLS handshake with the endpoint's sidecar failed, or it is not who it should be.
     #[error("mesh: {0}")]
     Mesh(#[from] crate::tls::TlsError),
+    /// The peer's HBONE listener answered a tunnel's `CONNECT` with this status instead of `200`.
+    #[error("the peer's hbone listener refused the tunnel: {0}")]
+    TunnelRefused(StatusCode),
     /// An authorization policy of the inbound listener does not let this peer make this request.
     #[error("{peer} is not allowed by authorization policy {policy:?}")]
     Unauthorized {
@@ -98,6 +101,10 @@ impl ProxyError {
             // missing or expired certificate is not the endpoint's fault.
             ProxyError::Mesh(error) if error.is_local() => Failure::not_the_endpoints(Connect),
             ProxyError::Mesh(_) => Failure::of_endpoint(Connect),
+            // A tunnel refused for want of capacity is the endpoint's; one refused as not allowed
+            // or misdirected is ours.
+            ProxyError::TunnelRefused(status) if status.is_server_error() => Failure::of_endpoint(Connect),
+            ProxyError::TunnelRefused(_) => Failure::not_the_endpoints(Connect),
             ProxyError::Upstream(error) if is_refused_stream(error) => Failure::of_endpoint(RefusedStream),
             ProxyError::Upstream(_) | ProxyError::Http1(h1::Error::Io(_) | h1::Error::Closed) => {
                 Failure::of_endpoint(Reset)
@@ -173,6 +180,7 @@ impl ProxyError {
             ProxyError::Http1(h1::Error::RequestBody(_)) => (StatusCode::BAD_REQUEST, "downstream_body_error"),
             ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ProxyError::Mesh(_) => (StatusCode::SERVICE_UNAVAILABLE, "upstream_tls"),
+            ProxyError::TunnelRefused(_) => (StatusCode::SERVICE_UNAVAILABLE, "upstream_tunnel_refused"),
             ProxyError::Unauthorized { .. } => (StatusCode::FORBIDDEN, "unauthorized"),
             ProxyError::RequestTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "request_timeout"),
             ProxyError::PerTryTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "per_try_timeout"),
@@ -216,6 +224,7 @@ mod tests {
             (refused, 503, "connect_failed"),
             (ProxyError::BadRequest("x"), 400, "bad_request"),
             (ProxyError::Mesh(crate::tls::TlsError::NoIdentity), 503, "upstream_tls"),
+            (ProxyError::TunnelRefused(StatusCode::UNAUTHORIZED), 503, "upstream_tunnel_refused"),
             (ProxyError::Unauthorized { policy: "p".into(), peer: "spiffe://td/x".into() }, 403, "unauthorized"),
             (ProxyError::RequestTimeout(std::time::Duration::from_secs(1)), 504, "request_timeout"),
             (ProxyError::RateLimited(std::time::Duration::from_millis(1500)), 429, "rate_limited"),

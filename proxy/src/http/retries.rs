@@ -474,7 +474,9 @@ mod tests {
 
     fn error(kind: FailureKind) -> ProxyError {
         match kind {
-            FailureKind::Connect => ProxyError::Connect(crate::tcp::ConnectError::Timeout(([127, 0, 0, 1], 1).into())),
+            FailureKind::Connect => {
+                ProxyError::Connect(crate::connect::ConnectError::Timeout(([127, 0, 0, 1], 1).into()))
+            }
             FailureKind::Reset => ProxyError::Http1(h1::Error::Closed),
             FailureKind::Protocol => ProxyError::Http1(h1::Error::Protocol("scripted")),
             other => panic!("no scripted error for {other:?}"),

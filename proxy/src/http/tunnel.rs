@@ -22,13 +22,13 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tracing::debug;
 
+use crate::connect;
 use crate::http::HttpConnection;
 use crate::http::body::ProxyBody;
 use crate::http::client::SwitchedStream;
 use crate::http::error::ProxyError;
 use crate::io::idle_watch;
 use crate::state::cluster::{Cluster, Targets};
-use crate::tcp;
 use crate::tls::{Alpn, TlsError};
 use tokio_util::either::Either;
 
@@ -73,7 +73,7 @@ pub async fn connect(
         }
     };
     let target = target.ok_or_else(|| ProxyError::NoEndpoint(cluster.name.clone()))?;
-    let tcp = tcp::connect(target, cluster.connect_timeout, &cluster.stats).await?;
+    let tcp = connect::connect(target, cluster.connect_timeout, &cluster.stats).await?;
     // To a mesh cluster the tunnel is opaque TCP inside mTLS to the endpoint's sidecar, which
     // passes it to its app as it would any TCP from a peer.
     let upstream = match &cluster.mesh {

@@ -276,6 +276,8 @@ async fn serve_mesh(
             let version = if alpn == Alpn::Http { ServerVersion::Http2 } else { ServerVersion::Http1 };
             server::serve(downstream, version, accepted.into_http(data, Some(identity))).await;
         }
+        // Not offered here (HBONE has listeners of its own), so never agreed.
+        Alpn::Hbone => {}
     }
 }
 
@@ -318,9 +320,8 @@ async fn proxy_tcp(
         .or_else(|| listener.default_cluster.clone());
     match cluster {
         Some(cluster) => {
-            let mesh = data.client.mesh.as_deref();
             let log = data.access_log_for(listener).map(Arc::as_ref);
-            tcp::proxy(downstream, cluster, original_destination, listener, meter, mesh, log).await;
+            tcp::proxy(downstream, cluster, original_destination, listener, meter, &data.client, log).await;
         }
         None => debug!(listener = %listener.name, ?original_destination, "no cluster for opaque traffic; closing"),
     }

@@ -104,6 +104,8 @@ pub struct Cluster {
 pub struct MeshPeers {
     by_endpoint: foldhash::HashMap<SocketAddr, SpiffeId>,
     patterns: Vec<IdentityPattern>,
+    /// The HBONE listener port of the endpoints' hosts, when opaque TCP rides HBONE.
+    pub hbone_port: Option<u16>,
 }
 
 impl MeshPeers {
@@ -238,7 +240,8 @@ impl Cluster {
                         by_endpoint.insert(address, id);
                     }
                 }
-                Some(MeshPeers { by_endpoint, patterns })
+                let hbone_port = u16::try_from(c.hbone_port).ok().filter(|port| *port != 0);
+                Some(MeshPeers { by_endpoint, patterns, hbone_port })
             }
         };
         Ok(Cluster {

@@ -72,6 +72,8 @@ pub enum Alpn {
     Tcp,
     /// HTTP/1.1, for a protocol upgrade.
     Http1,
+    /// HBONE: HTTP/2 to a peer's HBONE listener, tunnels as CONNECT streams.
+    Hbone,
 }
 
 impl Alpn {
@@ -80,6 +82,7 @@ impl Alpn {
             Some(ALPN_HTTP) => Some(Alpn::Http),
             Some(ALPN_TCP) => Some(Alpn::Tcp),
             Some(ALPN_HTTP1) => Some(Alpn::Http1),
+            Some(ALPN_HBONE) => Some(Alpn::Hbone),
             _ => None,
         }
     }
@@ -240,6 +243,7 @@ struct Configs {
     client_http: Arc<ClientConfig>,
     client_tcp: Arc<ClientConfig>,
     client_http1: Arc<ClientConfig>,
+    client_hbone: Arc<ClientConfig>,
 }
 
 /// This proxy's side of mTLS, shared by every worker.
@@ -312,6 +316,7 @@ impl MeshTls {
             client_http: client(ALPN_HTTP)?,
             client_tcp: client(ALPN_TCP)?,
             client_http1: client(ALPN_HTTP1)?,
+            client_hbone: client(ALPN_HBONE)?,
         })
     }
 
@@ -383,6 +388,7 @@ impl MeshTls {
             Alpn::Http => configs.client_http.clone(),
             Alpn::Tcp => configs.client_tcp.clone(),
             Alpn::Http1 => configs.client_http1.clone(),
+            Alpn::Hbone => configs.client_hbone.clone(),
         };
         // An IP address as the server name: no SNI is sent, and the verifier ignores the name.
         let name = ServerName::IpAddress(endpoint.ip().into());
