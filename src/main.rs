@@ -153,6 +153,10 @@ enum Command {
         /// The cluster's DNS domain: the automatic mesh routes NAME.NAMESPACE.svc.DOMAIN.
         #[arg(long, default_value = "cluster.local", value_name = "DOMAIN")]
         cluster_domain: String,
+        /// The automatic mesh's opaque TCP between meshed pods rides HBONE to this port of each pod
+        /// (the sidecars' HBONE listener); 0: a TLS connection per TCP connection instead.
+        #[arg(long, default_value_t = 15008, value_name = "PORT")]
+        hbone_port: u16,
         /// The longest certificate lifetime the CA signs, in seconds.
         #[arg(long, default_value_t = 30 * 24 * 3600, value_name = "SECONDS")]
         max_cert_ttl: u64,
@@ -389,6 +393,7 @@ fn main() -> ExitCode {
             token_audience,
             kubernetes_api,
             cluster_domain,
+            hbone_port,
             kubernetes_ca,
             kubernetes_token,
             trust_domain,
@@ -422,7 +427,8 @@ fn main() -> ExitCode {
             };
             let kubernetes_objects = (kubernetes_endpoints || kubernetes_mesh)
                 .then_some(KubernetesObjects { automatic_mesh: kubernetes_mesh });
-            let mesh = remora_control_plane::mesh::Settings { trust_domain: trust_domain.clone(), cluster_domain };
+            let mesh =
+                remora_control_plane::mesh::Settings { trust_domain: trust_domain.clone(), cluster_domain, hbone_port };
             let ca = root.map(|root| CaConfig {
                 root,
                 trust_domain,

@@ -323,11 +323,12 @@ impl Listener {
         self.set(|l| l.set_protocol(v1::listener::Protocol::Tcp))
     }
 
-    /// HBONE: mesh tunnels (inbound, mTLS, HTTP/2 CONNECT).
-    pub fn hbone(self) -> Listener {
+    /// HBONE: mesh tunnels (inbound, mTLS, HTTP/2 CONNECT), served by inbound listener `inbound`.
+    pub fn hbone(self, inbound: &str) -> Listener {
         self.set(|l| {
             l.set_protocol(v1::listener::Protocol::Hbone);
             l.set_direction(v1::listener::Direction::Inbound);
+            l.inbound_listener = inbound.into();
         })
     }
 

@@ -164,15 +164,21 @@ impl AdminState {
         clusters.sort_by(|a, b| a.name.cmp(&b.name));
         let list: Vec<serde_json::Value> = clusters
             .into_iter()
-            .map(|cluster| match &cluster.targets {
-                crate::state::cluster::Targets::Endpoints(set) => {
-                    let mut report = set.report();
-                    report["name"] = json!(cluster.name.as_ref());
-                    report
-                }
-                crate::state::cluster::Targets::OriginalDestination => {
-                    json!({"name": cluster.name.as_ref(), "original_destination": true})
-                }
+            .map(|cluster| {
+                // How connections to the cluster travel: h2c or plain TCP, mutual TLS to each
+                // endpoint's sidecar, or (opaque TCP) HBONE tunnels to its host's HBONE listener.
+                let transport = match &cluster.mesh {
+                    None => "plaintext",
+                    Some(peers) if peers.hbone_port.is_some() => "hbone",
+                    Some(_) => "mesh-tls",
+                };
+                let mut report = match &cluster.targets {
+                    crate::state::cluster::Targets::Endpoints(set) => set.report(),
+                    crate::state::cluster::Targets::OriginalDestination => json!({"original_destination": true}),
+                };
+                report["name"] = json!(cluster.name.as_ref());
+                report["transport"] = json!(transport);
+                report
             })
             .collect();
         json!({ "version": snapshot.version, "clusters": list })

@@ -23,7 +23,8 @@ use crate::telemetry::export::ExportSettings;
 /// 127.0.0.1:15001 and [::1]:15001 and an inbound one on 0.0.0.0:15006 and [::]:15006, both
 /// transparent (behind iptables REDIRECT), both passing traffic through to its original
 /// destination, an HBONE listener on 0.0.0.0:15008 and [::]:15008 (serving tunnels once the proxy
-/// has an identity) passing its tunnels through likewise, and the admin server on 127.0.0.1:15000. Where IPv6 is off, the IPv6 addresses
+/// has an identity) whose tunnels the inbound listener serves, and the admin server on
+/// 127.0.0.1:15000. Where IPv6 is off, the IPv6 addresses
 /// (the `additional_addresses` lines) are left out ([`ConfigSource::defaults`]).
 pub const DEFAULT_CONFIG: &str = r#"# Remora's built-in defaults: a transparent pass-through sidecar.
 bootstrap:
@@ -52,7 +53,7 @@ resources:
     additional_addresses: ["[::]:15008"]
     direction: inbound
     protocol: hbone
-    default_cluster: passthrough
+    inbound_listener: inbound
   - kind: Cluster
     name: passthrough
     original_destination: true

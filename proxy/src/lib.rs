@@ -33,8 +33,8 @@
 //! - [`reload`] — applying a new config all-or-nothing; the config file's watcher.
 //! - [`xds`] — the control-plane stream's handler: applies, answers (ACK/NACK), reports, readiness.
 //! - [`worker`] — the worker threads, one single-threaded runtime each.
-//! - [`listener`] — binding, accepting, and sending each connection down the right path; the
-//!   listeners' metrics.
+//! - [`listener`] — binding, accepting, and sending each connection down the right path (HBONE
+//!   tunnels included); the listeners' metrics.
 //! - [`detect`] — what a connection speaks, from its first bytes.
 //! - [`io`] — the downstream stream (replay + byte meter) and the idle timeout.
 //! - [`memory`] — freed memory given back to the system, every few seconds.

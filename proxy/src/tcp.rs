@@ -1,9 +1,9 @@
 //! L4: connecting to endpoints, and forwarding opaque TCP both ways.
 //!
 //! [`proxy`] takes an accepted connection whose bytes the proxy will not interpret, picks an endpoint
-//! from the cluster, connects (inside mTLS, to a mesh cluster), replays any bytes detection
-//! consumed, and then [`forward`]s until both
-//! sides have closed (or the idle timeout passes). On Linux the bytes never enter user space: each
+//! from the cluster, connects (to a mesh cluster, inside mTLS or as an HBONE tunnel on a pooled
+//! connection), replays any bytes detection consumed, and then [`forward`]s until both sides have
+//! closed (or the idle timeout passes). On Linux the bytes never enter user space: each
 //! direction moves them socket → pipe → socket with `splice(2)`, and an end-of-stream on one side is
 //! passed on as a half-close (`shutdown(SHUT_WR)`) of the other, so protocols that close their sending
 //! side and keep reading work. Elsewhere a buffered copy does the same job.

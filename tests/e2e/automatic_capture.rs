@@ -9,6 +9,8 @@
 //!   endpoints, over mutual TLS to their pod's sidecar, which proves `api`'s identity and tells the
 //!   app who called; the metrics on both sides name both identities, the caller's requests by
 //!   destination Service and the callee's by calling workload.
+//! - Opaque TCP to the `api` pods (the Service `api-tcp`, `appProtocol: tcp`) rides an HBONE
+//!   tunnel to the pod's HBONE listener, which capture leaves alone.
 //! - `plain` (a pod without a sidecar) behind the Service `plain` is called in plaintext; behind
 //!   the Service `banner`, whose port says `appProtocol: tcp`, a server that speaks first is heard
 //!   at once (the port is forwarded without waiting to detect a protocol).
@@ -39,6 +41,8 @@ const API_CLUSTER_IP: &str = "10.96.0.20";
 const PLAIN_CLUSTER_IP: &str = "10.96.0.21";
 /// A Service whose port says `appProtocol: tcp`, in front of a server that speaks first.
 const BANNER_CLUSTER_IP: &str = "10.96.0.22";
+/// The `api` pods again, behind a port that says `appProtocol: tcp`: opaque TCP between meshed pods.
+const API_TCP_CLUSTER_IP: &str = "10.96.0.23";
 /// The control plane's port, in the `web` namespace (excluded from its inbound capture).
 const CONTROL_PORT: u16 = 15010;
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
@@ -84,6 +88,12 @@ fn manifests(inbound: &str, serving: &[usize]) -> String {
     }
     documents.push(format!(
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{namespace: shop, name: api-1, labels: {{kubernetes.io/service-name: api}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n{endpoints}"
+    ));
+    documents.push(format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{namespace: shop, name: api-tcp}}\nspec:\n  clusterIP: {API_TCP_CLUSTER_IP}\n  ports: [{{name: raw, port: 81, targetPort: 8080, appProtocol: tcp}}]\n"
+    ));
+    documents.push(format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{namespace: shop, name: api-tcp-1, labels: {{kubernetes.io/service-name: api-tcp}}}}\naddressType: IPv4\nports: [{{name: raw, port: 8080}}]\nendpoints:\n{endpoints}"
     ));
     documents.join("---\n")
 }
@@ -309,6 +319,16 @@ async fn an_app_calls_a_cluster_ip_and_the_mesh_does_the_rest() {
         std::io::Read::read_exact(&mut stream, &mut greeting).map(|()| String::from_utf8_lossy(&greeting).into_owned())
     });
     assert_eq!(banner.ok().as_deref(), Some("220 banner ready\r\n"), "{}", logs());
+
+    // Opaque TCP between meshed pods rides HBONE: the caller's sidecar tunnels it to the pod's
+    // HBONE listener (port 15008, which capture leaves alone), whose inbound listener relays it.
+    let raw = web.enter(|| {
+        netns::exchange(address(API_TCP_CLUSTER_IP, 81), b"GET / HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
+    });
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}\n{}", logs());
+    let api_metrics = api.enter(move || netns::metrics(admin));
+    let tunnels = r#"remora_listener_tunnels_total{listener="hbone",result="opened"} "#;
+    assert_eq!(netns::value(&api_metrics, tunnels), 1.0, "{api_metrics}");
 
     // Plaintext straight to a pod: permissive serves it, counted apart.
     let plaintext = r#"remora_authorization_plaintext_total{listener="inbound",policy="remora-inbound",result="#;

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use remora_control_plane::testing::TestCa;
 use remora_proxy::testing::proxy::temp_dir;
-use remora_proxy::testing::{HttpServer, TcpEchoServer, TestProxy, eventually};
+use remora_proxy::testing::{BannerServer, HttpServer, TcpEchoServer, TestProxy, eventually};
 use serde_json::{Value, json};
 
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
@@ -28,8 +28,9 @@ fn python_h2() -> bool {
     found
 }
 
-/// A sidecar (identity `api`) whose HBONE listener passes tunnels through to their target, with a
-/// policy: the app's port is open to `web`, the echo server's only to `ops`.
+/// A sidecar (identity `api`) whose HBONE listener's tunnels are served by its inbound listener,
+/// which passes them through to their target, with a policy on the inbound listener: the app's port
+/// is open to `web`, the echo server's only to `ops`.
 struct Sidecar {
     proxy: TestProxy,
     app: HttpServer,
@@ -52,10 +53,12 @@ async fn sidecar() -> Sidecar {
     let identity = ca.issue(API).bootstrap_identity(&dir.join("api"));
     let yaml = format!(
         "bootstrap:\n  admin_address: 127.0.0.1:0\n  workers: 1\n  drain_time: 1s\n{identity}---\nresources:\n\
-         {}  - {{kind: Cluster, name: passthrough, original_destination: true}}\n\
+         {}{}  - {{kind: Cluster, name: passthrough, original_destination: true}}\n\
          {}\
          {}",
-        crate::listener("hbone", ", direction: inbound, protocol: hbone, default_cluster: passthrough"),
+        crate::listener("hbone", ", direction: inbound, protocol: hbone, inbound_listener: inbound"),
+        // A detection timeout no test waits out: a tunnel said to be opaque must not be read first.
+        crate::listener("inbound", ", direction: inbound, default_cluster: passthrough, detect_timeout: 60s"),
         policy("app", app.address().port(), WEB),
         policy("echo", echo.address().port(), OPS),
     );
@@ -64,7 +67,7 @@ async fn sidecar() -> Sidecar {
 }
 
 fn policy(name: &str, port: u16, allow: &str) -> String {
-    format!("  - {{kind: AuthorizationPolicy, name: {name}, listener: hbone, port: {port}, allow: [\"{allow}\"]}}\n")
+    format!("  - {{kind: AuthorizationPolicy, name: {name}, listener: inbound, port: {port}, allow: [\"{allow}\"]}}\n")
 }
 
 /// Runs the independent client against `address` as the holder of `credentials` (cert, key and
@@ -200,18 +203,24 @@ async fn hbone_refuses_bad_peers_and_bad_connects_and_keeps_serving() {
 }
 
 /// Opaque TCP from one Remora sidecar to another over HBONE: every connection a tunnel on one
-/// pooled connection (one handshake for all of them), half-closes passed on, and a peer that is
+/// pooled connection (one handshake for all of them), relayed unread at the far end as the caller
+/// says it is opaque, an HTTP CONNECT the caller answers riding a tunnel too, and a peer that is
 /// not who the cluster expects gets no tunnel.
 #[tokio::test]
 async fn opaque_tcp_between_two_sidecars_rides_pooled_hbone_tunnels() {
     let side = sidecar().await;
     let hbone_port = side.proxy.address("hbone").port();
     let web = side.ca.issue(WEB).bootstrap_identity(&side.dir.join("web"));
+    let banner = BannerServer::start(b"220 banner\r\n").await;
     let caller = |peers: &str| {
+        let hbone = format!(", tls: mesh, hbone_port: {hbone_port}{peers}");
         format!(
-            "bootstrap:\n  admin_address: 127.0.0.1:0\n  workers: 1\n{web}---\nresources:\n{}{}",
-            crate::cluster("api", &format!(", tls: mesh, hbone_port: {hbone_port}{peers}"), &[side.app.address()]),
+            "bootstrap:\n  admin_address: 127.0.0.1:0\n  workers: 1\n{web}---\nresources:\n{}{}{}{}{}",
+            crate::cluster("api", &hbone, &[side.app.address()]),
+            crate::cluster("banner", &hbone, &[banner.address()]),
             crate::listener("out", ", protocol: tcp, default_cluster: api"),
+            crate::listener("out-banner", ", protocol: tcp, default_cluster: banner"),
+            crate::listener("web", ", protocol: http1, default_cluster: api"),
         )
     };
     let client = TestProxy::start(&caller(""));
@@ -230,12 +239,33 @@ async fn opaque_tcp_between_two_sidecars_rides_pooled_hbone_tunnels() {
     for handle in handles {
         let response = handle.await.unwrap().to_ascii_lowercase();
         assert!(response.contains("hello from api-app"), "{response}");
-        assert!(response.contains(&format!("x-seen-client-identity: {WEB}")), "{response}");
+        // Opaque TCP on the calling side, said so on the CONNECT: relayed unread on this one too.
+        assert!(!response.contains("x-seen-client-identity"), "{response}");
     }
     let ok = "remora_tls_handshakes_total{direction=\"inbound\",result=\"ok\"}";
     assert_eq!(side.proxy.metric(ok).await, 1.0, "twenty tunnels, one handshake");
     assert_eq!(side.proxy.metric("remora_listener_tunnels_total{listener=\"hbone\",result=\"opened\"}").await, 20.0);
     assert_eq!(side.app.hits(), 20);
+    // A server that speaks first is heard at once: the far end does not wait to classify.
+    let mut stream = tokio::net::TcpStream::connect(client.address("out-banner")).await.unwrap();
+    let mut heard = [0_u8; 12];
+    let read = tokio::io::AsyncReadExt::read_exact(&mut stream, &mut heard);
+    tokio::time::timeout(Duration::from_secs(5), read).await.expect("the banner, unasked").unwrap();
+    assert_eq!(&heard, b"220 banner\r\n");
+    drop(stream);
+
+    // An HTTP CONNECT the caller's sidecar answers itself rides a tunnel too.
+    let mut stream = tokio::net::TcpStream::connect(client.address("web")).await.unwrap();
+    let connect = "CONNECT api:80 HTTP/1.1\r\nhost: api:80\r\n\r\nGET /via-connect HTTP/1.1\r\nhost: api\r\nconnection: close\r\n\r\n";
+    tokio::io::AsyncWriteExt::write_all(&mut stream, connect.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.contains("hello from api-app"), "{response}");
+    assert_eq!(side.proxy.metric("remora_listener_tunnels_total{listener=\"hbone\",result=\"opened\"}").await, 22.0);
+    let (_, clusters) = client.admin_get("/clusters").await;
+    let clusters: Value = serde_json::from_str(&clusters).unwrap();
+    assert_eq!(clusters["clusters"][0]["transport"], "hbone", "/clusters says how the cluster is reached: {clusters}");
 
     // A cluster that expects another identity: the pooled connection is not used, no new one is
     // accepted, and the connection is closed without a byte.
@@ -245,7 +275,7 @@ async fn opaque_tcp_between_two_sidecars_rides_pooled_hbone_tunnels() {
     let mut response = Vec::new();
     let _ = tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut response).await;
     assert!(response.is_empty(), "{}", String::from_utf8_lossy(&response));
-    assert_eq!(side.app.hits(), 20);
+    assert_eq!(side.app.hits(), 21);
     let refused = "remora_tls_handshakes_total{direction=\"outbound\",result=\"identity\"}";
     assert_eq!(wary.metric(refused).await, 1.0);
 }

@@ -102,6 +102,13 @@ pub fn validate_with<R: AsRef<Resource>>(resources: &[R], references: References
             _ => None,
         })
         .collect();
+    let listeners: HashMap<&str, &v1::Listener> = resources
+        .iter()
+        .filter_map(|r| match r {
+            Resource::Listener(l) => Some((l.name.as_str(), l)),
+            _ => None,
+        })
+        .collect();
 
     let mut bound: HashMap<SocketAddr, &str> = HashMap::new();
     for resource in resources {
@@ -109,6 +116,7 @@ pub fn validate_with<R: AsRef<Resource>>(resources: &[R], references: References
         match resource {
             Resource::Listener(listener) => {
                 check.listener(&subject, listener, &clusters, &tables);
+                check.hbone(&subject, listener, &listeners);
                 let addresses = std::iter::once(("address".to_owned(), &listener.address)).chain(
                     listener
                         .additional_addresses
@@ -174,6 +182,50 @@ impl Checker {
         }
     }
 
+    /// An HBONE listener's own rules: inbound, not transparent, and naming the inbound listener that
+    /// serves its tunnels; `inbound_listener` on no other.
+    fn hbone(&mut self, subject: &str, listener: &v1::Listener, listeners: &HashMap<&str, &v1::Listener>) {
+        if listener.protocol() != v1::listener::Protocol::Hbone {
+            if !listener.inbound_listener.is_empty() {
+                self.fail(subject, "inbound_listener", "applies only to protocol: hbone");
+            }
+            return;
+        }
+        if listener.direction() != v1::listener::Direction::Inbound {
+            self.fail(subject, "direction", "an hbone listener is inbound: it takes tunnels from peers");
+        }
+        if listener.transparent {
+            self.fail(
+                subject,
+                "transparent",
+                "does not apply to an hbone listener: each tunnel names its destination in its CONNECT",
+            );
+        }
+        let name = listener.inbound_listener.as_str();
+        if name.is_empty() {
+            self.fail(
+                subject,
+                "inbound_listener",
+                "is required: the inbound listener whose routes and policies serve the tunnels",
+            );
+            return;
+        }
+        match listeners.get(name) {
+            Some(target)
+                if target.direction() == v1::listener::Direction::Inbound
+                    && target.protocol() != v1::listener::Protocol::Hbone => {}
+            Some(_) => self.fail(
+                subject,
+                "inbound_listener",
+                format!("names listener {name:?}, which is not an inbound listener of another protocol than hbone"),
+            ),
+            None if self.references == References::Required => {
+                self.fail(subject, "inbound_listener", format!("names listener {name:?}, which is not defined"))
+            }
+            None => {}
+        }
+    }
+
     fn listener(
         &mut self,
         subject: &str,
@@ -194,21 +246,8 @@ impl Checker {
         if v1::listener::Direction::try_from(listener.direction).is_err() {
             self.fail(subject, "direction", format!("unknown value {}", listener.direction));
         }
-        match v1::listener::Protocol::try_from(listener.protocol) {
-            Err(_) => self.fail(subject, "protocol", format!("unknown value {}", listener.protocol)),
-            Ok(v1::listener::Protocol::Hbone) => {
-                if listener.direction() != v1::listener::Direction::Inbound {
-                    self.fail(subject, "direction", "an hbone listener is inbound: it takes tunnels from peers");
-                }
-                if listener.transparent {
-                    self.fail(
-                        subject,
-                        "transparent",
-                        "does not apply to an hbone listener: each tunnel names its destination in its CONNECT",
-                    );
-                }
-            }
-            Ok(_) => {}
+        if v1::listener::Protocol::try_from(listener.protocol).is_err() {
+            self.fail(subject, "protocol", format!("unknown value {}", listener.protocol));
         }
         for (i, name) in listener.route_tables.iter().enumerate() {
             if self.references == References::Required && !tables.contains_key(name.as_str()) {
@@ -323,7 +362,9 @@ mod tests {
   name: l
   address: localhost:80
   detect_timeout: 0s
-- {kind: Listener, name: tunnels, address: "0.0.0.0:15008", protocol: hbone, transparent: true}
+- {kind: Listener, name: tunnels, address: "0.0.0.0:15008", protocol: hbone, transparent: true, inbound_listener: l}
+- {kind: Listener, name: bare, address: "0.0.0.0:15009", protocol: hbone, direction: inbound}
+- {kind: Listener, name: side, address: "0.0.0.0:15010", inbound_listener: l}
 "#,
         ));
         for needle in [
@@ -337,6 +378,9 @@ mod tests {
             "listener \"l\": detect_timeout: must be greater than zero",
             "listener \"tunnels\": direction: an hbone listener is inbound",
             "listener \"tunnels\": transparent: does not apply to an hbone listener",
+            "listener \"tunnels\": inbound_listener: names listener \"l\", which is not an inbound listener",
+            "listener \"bare\": inbound_listener: is required",
+            "listener \"side\": inbound_listener: applies only to protocol: hbone",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in {text}");
         }

@@ -19,11 +19,14 @@ pub struct Settings {
     pub trust_domain: String,
     /// The cluster's DNS domain (`cluster.local`): Services' full names end in `.svc.DOMAIN`.
     pub cluster_domain: String,
+    /// The port of meshed pods' HBONE listeners, over which opaque TCP to them rides (0: a TLS
+    /// connection per TCP connection instead).
+    pub hbone_port: u16,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { trust_domain: "cluster.local".into(), cluster_domain: "cluster.local".into() }
+        Settings { trust_domain: "cluster.local".into(), cluster_domain: "cluster.local".into(), hbone_port: 15008 }
     }
 }
 
@@ -234,7 +237,7 @@ fn service_resources(objects: &Objects, service: &Service, written: &Written<'_>
         let name = cluster_name(service, port);
         let backend = written.backend_for(service, port);
         if backend == name && !written.clusters.contains(name.as_str()) {
-            made.shared.extend(cluster(objects, service, port, &name));
+            made.shared.extend(cluster(objects, service, port, &name, settings));
         }
         let mut table = route_table(objects, service, port, &name, &backend, settings);
         let taken =
@@ -339,7 +342,7 @@ fn kubernetes_service(service: &Service, port: &ServicePort) -> v1::KubernetesSe
 }
 
 /// A port's cluster and its endpoints.
-fn cluster(objects: &Objects, service: &Service, port: &ServicePort, name: &str) -> [Resource; 2] {
+fn cluster(objects: &Objects, service: &Service, port: &ServicePort, name: &str, settings: &Settings) -> [Resource; 2] {
     let endpoints = objects.slices.endpoints_with_pods(&kubernetes_service(service, port));
     // Mutual TLS when every pod behind the port has the sidecar (a pod without one could not answer
     // it); a Service part-way through its first rollout with sidecars stays plaintext until it is
@@ -359,6 +362,7 @@ fn cluster(objects: &Objects, service: &Service, port: &ServicePort, name: &str)
     });
     if meshed {
         cluster.set_tls(v1::cluster::Tls::Mesh);
+        cluster.hbone_port = u32::from(settings.hbone_port);
     }
     let endpoints = v1::Endpoints {
         cluster: name.to_owned(),

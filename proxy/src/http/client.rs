@@ -234,6 +234,8 @@ pub async fn open_tunnel(
     *request.method_mut() = Method::CONNECT;
     *request.uri_mut() = http::Uri::from_maybe_shared(Bytes::from(endpoint.to_string()))
         .map_err(|_| ProxyError::BadRequest("a tunnel's target must be ip:port"))?;
+    // What rides is opaque TCP, decided on this side: the receiving sidecar need not look.
+    request.headers_mut().insert(headers::TUNNEL_PROTOCOL.clone(), http::HeaderValue::from_static("tcp"));
     let mut response = send_pooled(settings, cluster, endpoint, (listener, Carrier::Hbone), connect, request).await?;
     if response.status() != http::StatusCode::OK {
         return Err(ProxyError::TunnelRefused(response.status()));

@@ -18,6 +18,10 @@ use http::{HeaderMap, Request, Uri, Version};
 
 use crate::http::client;
 
+/// On an HBONE `CONNECT` a Remora sidecar sends: `tcp` when what rides is opaque TCP (the
+/// receiving HBONE listener then relays it unread instead of classifying its first bytes).
+pub static TUNNEL_PROTOCOL: HeaderName = HeaderName::from_static("x-remora-tunnel-protocol");
+
 /// The header an inbound sidecar gives the app: the caller's SPIFFE ID, proven by mTLS. Removed from
 /// every other inbound request, so an app can trust it (Linkerd's `l5d-client-id`).
 pub static CLIENT_IDENTITY: HeaderName = HeaderName::from_static("x-remora-client-identity");

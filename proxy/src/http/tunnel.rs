@@ -6,10 +6,10 @@
 //! from hyper and joined to the endpoint's by [`relay_upgrade`]. A `CONNECT host:port` request is
 //! terminated here: [`connect`] opens a TCP connection to an endpoint of the routed cluster (for a
 //! pass-through cluster, to the requested address itself; for a mesh cluster, opaque TCP inside
-//! mTLS to the endpoint's sidecar), answers `200`, and joins the client's stream to it, over
-//! HTTP/1.1 or as an HTTP/2 stream. Both kinds keep the originating connection's
-//! [`HttpConnection`] alive, so they count as open connections for drain and metrics, and both end
-//! on the listener's idle timeout.
+//! mTLS to the endpoint's sidecar, or an HBONE tunnel to its host), answers `200`, and joins the
+//! client's stream to it, over HTTP/1.1 or as an HTTP/2 stream. Both kinds keep the originating
+//! connection's [`HttpConnection`] alive, so they count as open connections for drain and
+//! metrics, and both end on the listener's idle timeout.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,7 +25,7 @@ use tracing::debug;
 use crate::connect;
 use crate::http::HttpConnection;
 use crate::http::body::ProxyBody;
-use crate::http::client::SwitchedStream;
+use crate::http::client::{self, SwitchedStream};
 use crate::http::error::ProxyError;
 use crate::io::idle_watch;
 use crate::state::cluster::{Cluster, Targets};
@@ -73,15 +73,20 @@ pub async fn connect(
         }
     };
     let target = target.ok_or_else(|| ProxyError::NoEndpoint(cluster.name.clone()))?;
-    let tcp = connect::connect(target, cluster.connect_timeout, &cluster.stats).await?;
-    // To a mesh cluster the tunnel is opaque TCP inside mTLS to the endpoint's sidecar, which
-    // passes it to its app as it would any TCP from a peer.
+    // To a mesh cluster the tunnel is opaque TCP inside mTLS to the endpoint's sidecar (or, with
+    // `hbone_port`, an HBONE tunnel to its host), which passes it to its app as it would any TCP
+    // from a peer.
     let upstream = match &cluster.mesh {
-        None => Either::Left(tcp),
+        Some(peers) if let Some(port) = peers.hbone_port => {
+            let opening = Box::pin(client::open_tunnel(&connection.data.client, cluster, target, port));
+            Either::Right(Either::Right(opening.await?))
+        }
+        None => Either::Left(connect::connect(target, cluster.connect_timeout, &cluster.stats).await?),
         Some(peers) => {
+            let tcp = connect::connect(target, cluster.connect_timeout, &cluster.stats).await?;
             let mesh = connection.data.client.mesh.as_ref().ok_or(TlsError::NoIdentity)?;
             let (tls, _) = mesh.connect(tcp, target, Alpn::Tcp, peers.expected(target)).await?;
-            Either::Right(Box::new(tls))
+            Either::Right(Either::Left(Box::new(tls)))
         }
     };
     let downstream = hyper::upgrade::on(request);

@@ -6,15 +6,17 @@
 //! `CONNECT` whose `:authority` is `ip:port`, an address of this host (the one the connection
 //! reached); anything else is refused, counted and logged, and the connection goes on carrying
 //! its other tunnels. A tunnel the authorization policy covering its port allows the peer nothing
-//! on is refused too. An accepted tunnel is answered `200` and then served as a connection to this
-//! listener in its own right: its original destination is the `:authority`, its peer identity the
-//! connection's, and its first bytes are classified as an `auto` listener's are, so HTTP gets the
-//! whole HTTP pipeline (routes, per-request authorization, metrics, traces) and anything else is
-//! relayed as opaque TCP.
+//! on is refused too. An accepted tunnel is answered `200` and then served as a connection of the
+//! HBONE listener's `inbound_listener`, under its routes, policies, limits and metrics: its
+//! original destination is the `:authority`, its peer identity the connection's, and its first
+//! bytes are classified as an `auto` listener's are, so HTTP gets the whole HTTP pipeline (routes,
+//! per-request authorization, metrics, traces) and anything else is relayed as opaque TCP. The
+//! tunnel counters are the HBONE listener's.
 //!
-//! Headers: `:authority` is the only one read. `Forwarded`, `baggage` and `traceparent`, which
-//! ztunnel sends on each CONNECT, are accepted and ignored (the peer's address is the
-//! connection's; HTTP inside a tunnel carries its own trace context). Refusals use ztunnel's
+//! Headers: `:authority`, and `x-remora-tunnel-protocol: tcp`, which Remora's own sidecars send
+//! when what rides is opaque TCP (relayed unread, as over `remora.tcp`). `Forwarded`, `baggage` and
+//! `traceparent`, which ztunnel sends on each CONNECT, are accepted and ignored (the peer's address
+//! is the connection's; HTTP inside a tunnel carries its own trace context). Refusals use ztunnel's
 //! statuses: 400 for a bad or misdirected CONNECT, 401 for authorization, 503 when the listener
 //! is going away, the proxy is draining, or it is at `max_connections`.
 
@@ -38,6 +40,7 @@ use super::{Accepted, serve_mesh_tcp};
 use crate::context::{DataPath, Open};
 use crate::detect::{self, Protocol};
 use crate::http::body::ProxyBody;
+use crate::http::headers;
 use crate::http::server::{self, ServerVersion};
 use crate::io::{DownstreamStream, Meter};
 use crate::state::ListenerConfig;
@@ -47,6 +50,7 @@ use crate::tls::MeshTls;
 /// One HBONE connection: the peer sidecar (or ztunnel) it came from, and the tunnels it carries.
 struct Carrier {
     data: Arc<DataPath>,
+    /// The HBONE listener's name.
     listener: Arc<str>,
     peer: SocketAddr,
     /// The address the connection reached: the only one its tunnels may name.
@@ -100,11 +104,18 @@ impl Carrier {
     /// Answers one stream: `200` and a tunnel served behind it, or a refusal.
     fn open_tunnel(self: &Arc<Self>, mut request: Request<Incoming>) -> Response<ProxyBody> {
         let snapshot = self.data.snapshot.load();
-        let Some(listener) = snapshot.listener(&self.listener).cloned() else {
+        let Some(hbone) = snapshot.listener(&self.listener) else {
             return status(StatusCode::SERVICE_UNAVAILABLE);
         };
-        let Some(tunnels) = listener.tunnels.clone() else {
-            // The listener was changed to another protocol: its HBONE connections take no more.
+        // Gone if the listener was changed to another protocol: its HBONE connections take no more.
+        let (Some(tunnels), Some(inbound)) = (&hbone.tunnels, &hbone.inbound_listener) else {
+            return status(StatusCode::SERVICE_UNAVAILABLE);
+        };
+        let tunnels = tunnels.clone();
+        // Validation makes sure the inbound listener exists; a config from a control plane may
+        // still be waiting for it.
+        let Some(listener) = snapshot.listener(inbound).cloned() else {
+            tunnels.refused(TunnelRefusal::Unavailable);
             return status(StatusCode::SERVICE_UNAVAILABLE);
         };
         let target = match self.judge(&listener, &request) {
@@ -127,7 +138,9 @@ impl Carrier {
         tunnels.opened();
         let upgrade = hyper::upgrade::on(&mut request);
         let carrier = self.clone();
-        let tunnel = Tunnel { _guard: TunnelGuard::new(self.clone(), tunnels), listener, target, meter, open };
+        let opaque = request.headers().get(&headers::TUNNEL_PROTOCOL).is_some_and(|value| value == "tcp");
+        let guard = TunnelGuard::new(self.clone(), tunnels);
+        let tunnel = Tunnel { _guard: guard, listener, target, meter, open, opaque };
         tokio::spawn(async move {
             match upgrade.await {
                 // Boxed: a tunnel's task holds whichever path serves it.
@@ -168,10 +181,12 @@ impl Carrier {
 
     /// Serves an established tunnel as a connection of its own.
     async fn serve_tunnel(self: Arc<Self>, upgraded: Upgraded, tunnel: Tunnel) {
-        let Tunnel { _guard, listener, target, meter, open } = tunnel;
+        let Tunnel { _guard, listener, target, meter, open, opaque } = tunnel;
         let mut io = TokioIo::new(upgraded);
-        // A destination declared opaque is not read first: its server may be the one to speak.
-        let (protocol, replay) = if listener.routes.for_tcp(Some(target)).is_some_and(|table| table.opaque) {
+        // A destination declared opaque, or a tunnel its sender says is opaque TCP, is not read
+        // first: its server may be the one to speak.
+        let opaque = opaque || listener.routes.for_tcp(Some(target)).is_some_and(|table| table.opaque);
+        let (protocol, replay) = if opaque {
             (Protocol::Opaque, bytes::Bytes::new())
         } else {
             match detect::detect_read(&mut io, listener.detect_timeout).await {
@@ -233,6 +248,8 @@ struct Tunnel {
     target: SocketAddr,
     meter: Arc<Meter>,
     open: Open,
+    /// Its sender says it carries opaque TCP: relayed unread.
+    opaque: bool,
 }
 
 /// Counts a tunnel open, on its connection and its listener, until dropped.

@@ -120,6 +120,8 @@ pub struct ListenerConfig {
     pub stats: Arc<ListenerStats>,
     /// On an HBONE listener, its tunnels' counters.
     pub tunnels: Option<Arc<TunnelStats>>,
+    /// On an HBONE listener, the inbound listener that serves its tunnels.
+    pub inbound_listener: Option<Arc<str>>,
     /// The authorization policies that guard it, if any name it.
     pub authz: Option<ListenerAuthz>,
     /// Whether its traffic gets access-log lines (when the proxy has an access log).
@@ -310,6 +312,7 @@ fn compile_listener(
         default_cluster,
         stats: metrics.listeners.listener(&l.name, direction.label()),
         tunnels: (protocol == ListenerProtocol::Hbone).then(|| metrics.listeners.tunnels(&l.name)),
+        inbound_listener: (protocol == ListenerProtocol::Hbone).then(|| l.inbound_listener.as_str().into()),
         authz,
     })
 }
