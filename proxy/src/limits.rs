@@ -97,6 +97,24 @@ pub const H2_CONNECTION_WINDOW: u32 = 1024 * 1024;
 /// 400 KiB default, above the stream window so one window's worth always fits.
 pub const H2_MAX_SEND_BUF_SIZE: usize = 384 * 1024;
 
+/// HBONE connections (both ways): each stream is a whole TCP connection's bytes, so its window
+/// is a TCP-like 4 MiB, the connection's 16 MiB, and frames up to 1 MiB (ztunnel's choices);
+/// measured in docs/benchmarks.md ("TCP between sidecars").
+pub const HBONE_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+/// See [`HBONE_STREAM_WINDOW`].
+pub const HBONE_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// See [`HBONE_STREAM_WINDOW`].
+pub const HBONE_MAX_FRAME_SIZE: u32 = 1024 * 1024;
+
+/// Buffer per direction when opaque TCP is copied through user space (TLS on a side): tokio's
+/// default.
+pub const COPY_BUFFER: usize = 8 * 1024;
+/// The same when a side is an HBONE tunnel, where each write is a DATA frame: twice tokio's, as a
+/// TLS record's. Held for as long as the tunnel is open, idle or not, so kept small; of 8, 16 and
+/// 64 KiB it moved the most through one tunnel (5.28 Gbit/s, against 3.72 and 4.89): figures in
+/// docs/benchmarks.md ("TCP between sidecars").
+pub const TUNNEL_COPY_BUFFER: usize = 16 * 1024;
+
 // ---- Upstream clusters -----------------------------------------------------------------------
 
 /// Default `Cluster.connect_timeout`. Endpoints in a mesh are a LAN hop away; a connect that takes

@@ -28,6 +28,7 @@ use crate::failure::Failure;
 use crate::http::client::{self, ClientSettings};
 use crate::http::error::ProxyError;
 use crate::io::{DownstreamStream, Meter, idle_watch};
+use crate::limits;
 use crate::state::cluster::Cluster;
 use crate::state::{Direction, ListenerConfig};
 use crate::telemetry::access_log::{AccessLog, Entry};
@@ -255,7 +256,10 @@ impl Relay<'_> {
     /// added when the connection ends.
     async fn copy(&self, mut downstream: DownstreamStream, mut upstream: Upstream) -> Option<&'static str> {
         let Relay { cluster, listener, meter, .. } = *self;
-        let copied = tokio::io::copy_bidirectional(&mut downstream, &mut upstream);
+        // Through a tunnel every write is an HTTP/2 DATA frame: larger ones cost less per byte.
+        let tunnelled = !downstream.can_park() || matches!(upstream, Either::Right(Either::Right(_)));
+        let size = if tunnelled { limits::TUNNEL_COPY_BUFFER } else { limits::COPY_BUFFER };
+        let copied = tokio::io::copy_bidirectional_with_sizes(&mut downstream, &mut upstream, size, size);
         tokio::select! {
             result = copied => match result {
                 Ok((sent, received)) => {

@@ -356,12 +356,12 @@ async fn connect_http2(
 ) -> Result<(http2::SendRequest<UpstreamBody>, Option<SpiffeId>), ProxyError> {
     let (stream, slot) = connect(cluster, endpoint).await?;
     let Some(peers) = &cluster.mesh else {
-        let sender = handshake_http2(settings, TokioIo::new(stream), endpoint, Some(slot)).await?;
+        let sender = handshake_http2(&settings.http2, TokioIo::new(stream), endpoint, Some(slot)).await?;
         return Ok((sender, None));
     };
     let mesh = settings.mesh.as_ref().ok_or(TlsError::NoIdentity)?;
     let (tls, peer) = mesh.connect(stream, endpoint, Alpn::Http, peers.expected(endpoint)).await?;
-    let sender = handshake_http2(settings, TokioIo::new(tls), endpoint, Some(slot)).await?;
+    let sender = handshake_http2(&settings.http2, TokioIo::new(tls), endpoint, Some(slot)).await?;
     Ok((sender, Some(peer)))
 }
 
@@ -378,12 +378,12 @@ async fn connect_hbone(
     let mesh = settings.mesh.as_ref().ok_or(TlsError::NoIdentity)?;
     let stream = connect::connect(listener, cluster.connect_timeout, &cluster.stats).await?;
     let (tls, peer) = mesh.connect(stream, listener, Alpn::Hbone, peers.expected(endpoint)).await?;
-    let sender = handshake_http2(settings, TokioIo::new(tls), listener, None).await?;
+    let sender = handshake_http2(&settings.hbone, TokioIo::new(tls), listener, None).await?;
     Ok((sender, Some(peer)))
 }
 
 async fn handshake_http2<S>(
-    settings: &ClientSettings,
+    builder: &http2::Builder<hyper_util::rt::TokioExecutor>,
     io: TokioIo<S>,
     endpoint: SocketAddr,
     slot: Option<Slot>,
@@ -391,7 +391,7 @@ async fn handshake_http2<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (sender, connection) = settings.http2.handshake(io).await.map_err(ProxyError::Upstream)?;
+    let (sender, connection) = builder.handshake(io).await.map_err(ProxyError::Upstream)?;
     tokio::spawn(async move {
         // The connection counts against max_connections until this task ends.
         let _slot = slot;

@@ -19,6 +19,22 @@ use crate::tls::MeshTls;
 pub struct ServerSettings {
     pub(crate) http1: server::conn::http1::Builder,
     pub(crate) http2: server::conn::http2::Builder<TokioExecutor>,
+    /// For HBONE listeners: tunnels' windows and frames (`limits::HBONE_*`).
+    pub(crate) hbone: server::conn::http2::Builder<TokioExecutor>,
+}
+
+/// `builder` (an HTTP/2 server's or client's: their setters share names) with HBONE's windows and
+/// frames (`limits::HBONE_*`): each stream is a whole TCP connection's bytes.
+macro_rules! for_tunnels {
+    ($builder:expr) => {{
+        let mut builder = $builder;
+        builder
+            .initial_stream_window_size(limits::HBONE_STREAM_WINDOW)
+            .initial_connection_window_size(limits::HBONE_CONNECTION_WINDOW)
+            .max_frame_size(limits::HBONE_MAX_FRAME_SIZE)
+            .max_send_buf_size(limits::HBONE_STREAM_WINDOW as usize);
+        builder
+    }};
 }
 
 impl Default for ServerSettings {
@@ -42,7 +58,8 @@ impl Default for ServerSettings {
             .initial_stream_window_size(limits::H2_STREAM_WINDOW)
             .initial_connection_window_size(limits::H2_CONNECTION_WINDOW)
             .max_send_buf_size(limits::H2_MAX_SEND_BUF_SIZE);
-        ServerSettings { http1: h1, http2: h2 }
+        let hbone = for_tunnels!(h2.clone());
+        ServerSettings { http1: h1, http2: h2, hbone }
     }
 }
 
@@ -50,6 +67,8 @@ impl Default for ServerSettings {
 #[derive(Debug)]
 pub struct ClientSettings {
     pub(crate) http2: client::conn::http2::Builder<TokioExecutor>,
+    /// For HBONE connections: tunnels' windows and frames (`limits::HBONE_*`).
+    pub(crate) hbone: client::conn::http2::Builder<TokioExecutor>,
     /// This proxy's identity for mesh clusters, when it has one.
     pub mesh: Option<Arc<MeshTls>>,
 }
@@ -71,6 +90,7 @@ impl Default for ClientSettings {
             .max_header_list_size(limits::H2_MAX_HEADER_LIST_SIZE)
             .max_pending_accept_reset_streams(limits::H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
             .max_local_error_reset_streams(limits::H2_MAX_LOCAL_ERROR_RESET_STREAMS);
-        ClientSettings { http2: h2, mesh: None }
+        let hbone = for_tunnels!(h2.clone());
+        ClientSettings { http2: h2, hbone, mesh: None }
     }
 }

@@ -93,7 +93,7 @@ pub(super) async fn serve(stream: TcpStream, mesh: &MeshTls, accepted: Accepted,
             async move { Ok::<_, Infallible>(response) }
         })
     };
-    let connection = data.server.http2.serve_connection(TokioIo::new(session), service);
+    let connection = data.server.hbone.serve_connection(TokioIo::new(session), service);
     // Draining asks the connection to finish gracefully: its open tunnels go on, new ones are
     // refused. It is closed once it has carried no tunnel for the listener's idle timeout.
     let idle = carrier.idle(listener.idle_timeout);

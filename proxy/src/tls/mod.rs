@@ -13,7 +13,9 @@
 //! peer's SPIFFE ID against what the endpoint is expected to be ([`Expected`]). Inbound,
 //! [`MeshTls::accept`] terminates a ClientHello that offered one of those protocols (listeners find
 //! out with [`offers_mesh_alpn`], peeking, so other TLS passes through untouched), demands a client
-//! certificate, and returns the peer's ID for authorization.
+//! certificate, and returns the peer's ID for authorization. HBONE has a listener of its own:
+//! [`MeshTls::accept_hbone`] does the same with ALPN `h2` ([`ALPN_HBONE`]), and [`Alpn::Hbone`]
+//! opens the outbound side of it.
 //!
 //! Fixed choices: TLS 1.3 only (no TLS 1.2 code is even compiled in); rustls's `ring` provider (it
 //! builds from source with a C compiler alone, where aws-lc-rs needs cmake and takes several times
