@@ -278,4 +278,8 @@ async fn opaque_tcp_between_two_sidecars_rides_pooled_hbone_tunnels() {
     assert_eq!(side.app.hits(), 21);
     let refused = "remora_tls_handshakes_total{direction=\"outbound\",result=\"identity\"}";
     assert_eq!(wary.metric(refused).await, 1.0);
+    let tunnels = |result: &str| format!("remora_upstream_tunnels_total{{cluster=\"api\",result=\"{result}\"}}");
+    assert_eq!(wary.metric(&tunnels("failed")).await, 1.0);
+    assert_eq!(client.metric(&tunnels("opened")).await, 21.0, "twenty connections and a CONNECT");
+    assert_eq!(client.metric(&tunnels("failed")).await, 0.0);
 }

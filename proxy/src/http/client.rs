@@ -44,9 +44,10 @@ pub use crate::http::settings::ClientSettings;
 use crate::http::{h1, headers};
 use crate::limits;
 use crate::policy::breaker::Slot;
-use crate::state::cluster::Cluster;
+use crate::state::cluster::{Cluster, TunnelCounters};
 use crate::tls::{Alpn, TlsError};
 use crate::{connect, timer};
+use prometheus_client::metrics::counter::Counter;
 use remora_control_api::identity::SpiffeId;
 
 /// The HTTP version spoken to an endpoint for one request.
@@ -236,12 +237,34 @@ pub async fn open_tunnel(
         .map_err(|_| ProxyError::BadRequest("a tunnel's target must be ip:port"))?;
     // What rides is opaque TCP, decided on this side: the receiving sidecar need not look.
     request.headers_mut().insert(headers::TUNNEL_PROTOCOL.clone(), http::HeaderValue::from_static("tcp"));
-    let mut response = send_pooled(settings, cluster, endpoint, (listener, Carrier::Hbone), connect, request).await?;
+    let counters = cluster.mesh.as_ref().and_then(|peers| peers.tunnels.as_ref());
+    let count = |counter: fn(&TunnelCounters) -> &Counter| {
+        if let Some(counters) = counters {
+            counter(counters).inc();
+        }
+    };
+    let sent = send_pooled(settings, cluster, endpoint, (listener, Carrier::Hbone), connect, request).await;
+    let mut response = match sent {
+        Ok(response) => response,
+        Err(error) => {
+            count(|c| &c.failed);
+            return Err(error);
+        }
+    };
     if response.status() != http::StatusCode::OK {
+        count(|c| &c.refused);
         return Err(ProxyError::TunnelRefused(response.status()));
     }
-    let upgraded = hyper::upgrade::on(&mut response).await.map_err(ProxyError::Upstream)?;
-    Ok(TokioIo::new(upgraded))
+    match hyper::upgrade::on(&mut response).await {
+        Ok(upgraded) => {
+            count(|c| &c.opened);
+            Ok(TokioIo::new(upgraded))
+        }
+        Err(error) => {
+            count(|c| &c.failed);
+            Err(ProxyError::Upstream(error))
+        }
+    }
 }
 
 /// Sends `request` on this worker's HTTP/2 connection `key`, opening it with `connect` if there is

@@ -106,6 +106,19 @@ pub struct MeshPeers {
     patterns: Vec<IdentityPattern>,
     /// The HBONE listener port of the endpoints' hosts, when opaque TCP rides HBONE.
     pub hbone_port: Option<u16>,
+    /// With `hbone_port`, the tunnels opened to the endpoints and what came of them.
+    pub tunnels: Option<TunnelCounters>,
+}
+
+/// One HBONE cluster's tunnels, by result (`upstream_tunnels_total`).
+#[derive(Debug)]
+pub struct TunnelCounters {
+    /// Answered `200`.
+    pub opened: Counter,
+    /// Answered with another status by the peer's HBONE listener.
+    pub refused: Counter,
+    /// Not answered: the connect, the handshake or the HTTP/2 connection failed.
+    pub failed: Counter,
 }
 
 impl MeshPeers {
@@ -241,7 +254,8 @@ impl Cluster {
                     }
                 }
                 let hbone_port = u16::try_from(c.hbone_port).ok().filter(|port| *port != 0);
-                Some(MeshPeers { by_endpoint, patterns, hbone_port })
+                let tunnels = hbone_port.map(|_| metrics.tunnels(&c.name));
+                Some(MeshPeers { by_endpoint, patterns, hbone_port, tunnels })
             }
         };
         Ok(Cluster {
@@ -315,10 +329,19 @@ struct ClassLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    cluster: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     cluster: String,
     reason: &'static str,
 }
+
+/// The `result` values of `upstream_tunnels_total`.
+const TUNNEL_RESULTS: [&str; 3] = ["opened", "refused", "failed"];
 
 /// The cluster metric families: upstream connections and responses here, and the families of the
 /// subsystems that count the rest of a cluster's work.
@@ -329,6 +352,7 @@ pub struct ClusterMetrics {
     responses: Family<ClassLabels, Counter>,
     tcp_sent: Family<ClusterLabels, Counter>,
     tcp_received: Family<ClusterLabels, Counter>,
+    tunnels: Family<ResultLabels, Counter>,
     duration: Family<ClusterLabels, Histogram>,
     breakers: BreakerMetrics,
     policy: PolicyMetrics,
@@ -362,6 +386,11 @@ impl ClusterMetrics {
             m.tcp_received.clone(),
         );
         registry.register(
+            "upstream_tunnels",
+            "HBONE tunnels opened to a cluster's endpoints, by result: opened, refused (the peer answered another status than 200), failed (no answer: connect, handshake or connection failed)",
+            m.tunnels.clone(),
+        );
+        registry.register(
             "upstream_request_duration_seconds",
             "Time from sending one attempt to an endpoint to its response head, by cluster (every attempt, retries included)",
             m.duration.clone(),
@@ -384,9 +413,19 @@ impl ClusterMetrics {
         for status_class in STATUS_CLASSES {
             self.responses.remove(&ClassLabels { cluster: name.to_owned(), status_class });
         }
+        for result in TUNNEL_RESULTS {
+            self.tunnels.remove(&ResultLabels { cluster: name.to_owned(), result });
+        }
         self.breakers.forget(name);
         self.policy.forget(name);
         self.health.forget(name);
+    }
+
+    /// The tunnel counters of HBONE cluster `name` (made only for such clusters: most have none).
+    fn tunnels(&self, name: &str) -> TunnelCounters {
+        let [opened, refused, failed] = TUNNEL_RESULTS
+            .map(|result| self.tunnels.get_or_create_owned(&ResultLabels { cluster: name.to_owned(), result }));
+        TunnelCounters { opened, refused, failed }
     }
 
     /// The counters of cluster `name`; the same name always yields the same counters (until it is
