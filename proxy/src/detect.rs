@@ -136,6 +136,8 @@ pub async fn detect_read<R: AsyncRead + Unpin>(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     #[test]
