@@ -11,6 +11,9 @@
 //!    `TRANSPORT_SECONDS`, each writing 64 bytes to an echo server through the pair, reading them
 //!    back and closing: p50/p99 of that, failures, both sidecars' CPU microseconds per connection,
 //!    and the TLS handshakes the server sidecar made.
+//! 3. **Idle connections.** `TRANSPORT_IDLE` (default 2000) connections through the pair to the echo
+//!    server, each echoing one byte and then left open: what each sidecar's resident memory grew
+//!    by, per connection, measured after the proxies' 5 s memory give-back.
 //!
 //! The two sidecars run as `remora proxy` processes (one worker each) pinned to CPU 1; iperf3 and
 //! this process (clients, echo server) run on CPU 0. iperf3 must be installed (the throughput half is
@@ -119,8 +122,46 @@ fn main() {
                 handshakes(server_admin) - handshakes_before
             );
         }
+        let idle = env("TRANSPORT_IDLE", 2000) as usize;
+        println!("\nidle connections: {idle}, one byte echoed on each, then left open");
+        println!("{:<7} {:>16} {:>16}", "", "client kB/conn", "server kB/conn");
+        for (transport, port) in TRANSPORTS.into_iter().zip([out_tls_echo, out_hbone_echo]) {
+            let before = [rss_kb(client.id()), rss_kb(server.id())];
+            let open = idle_connections(local(port), idle).await;
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            let after = [rss_kb(client.id()), rss_kb(server.id())];
+            let per = |i: usize| (after[i] - before[i]) * 1.024 / open.len().max(1) as f64;
+            println!("{transport:<7} {:>16.2} {:>16.2}   ({} open)", per(0), per(1), open.len());
+            drop(open);
+            tokio::time::sleep(Duration::from_secs(6)).await;
+        }
         let _ = std::fs::remove_dir_all(&dir);
     });
+}
+
+/// Resident memory of process `pid`, in KiB.
+fn rss_kb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let line = status.lines().find(|line| line.starts_with("VmRSS:")).unwrap_or_default();
+    line.split_whitespace().nth(1).and_then(|kb| kb.parse().ok()).unwrap_or(0.0)
+}
+
+/// `count` connections to `address`, each having echoed one byte, held open.
+async fn idle_connections(address: SocketAddr, count: usize) -> Vec<tokio::net::TcpStream> {
+    let mut open = Vec::with_capacity(count);
+    for _ in 0..count {
+        let echoed = async {
+            let mut stream = tokio::net::TcpStream::connect(address).await?;
+            let mut back = [0_u8; 1];
+            stream.write_all(&[7]).await?;
+            stream.read_exact(&mut back).await?;
+            Ok::<_, std::io::Error>(stream)
+        };
+        if let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(5), echoed).await {
+            open.push(stream);
+        }
+    }
+    open
 }
 
 fn cluster(name: &str, extra: &str, endpoint: SocketAddr) -> String {

@@ -105,14 +105,20 @@ pub const HBONE_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 pub const HBONE_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// See [`HBONE_STREAM_WINDOW`].
 pub const HBONE_MAX_FRAME_SIZE: u32 = 1024 * 1024;
+/// Tunnels open at once on one HBONE connection (its HTTP/2 concurrent-stream limit). A peer
+/// pools one connection per host and worker, so this is how many TCP connections one worker of a
+/// peer can hold open to this host at once: a client pool past HTTP's 512 streams must not wait
+/// for one of its own connections to close (each tunnel still counts against the inbound
+/// listener's `max_connections`).
+pub const HBONE_MAX_TUNNELS: u32 = 16 * 1024;
 
 /// Buffer per direction when opaque TCP is copied through user space (TLS on a side): tokio's
 /// default.
 pub const COPY_BUFFER: usize = 8 * 1024;
 /// The same when a side is an HBONE tunnel, where each write is a DATA frame: twice tokio's, as a
-/// TLS record's. Held for as long as the tunnel is open, idle or not, so kept small; of 8, 16 and
-/// 64 KiB it moved the most through one tunnel (5.28 Gbit/s, against 3.72 and 4.89): figures in
-/// docs/benchmarks.md ("TCP between sidecars").
+/// TLS record's. Held for as long as the tunnel is open, idle or not, so kept small; it moved as
+/// much through one tunnel as 64 KiB did (4.70–5.28 Gbit/s against 4.89; 8 KiB: 3.72): figures
+/// in docs/benchmarks.md ("TCP between sidecars").
 pub const TUNNEL_COPY_BUFFER: usize = 16 * 1024;
 
 // ---- Upstream clusters -----------------------------------------------------------------------

@@ -283,3 +283,34 @@ async fn opaque_tcp_between_two_sidecars_rides_pooled_hbone_tunnels() {
     assert_eq!(client.metric(&tunnels("opened")).await, 21.0, "twenty connections and a CONNECT");
     assert_eq!(client.metric(&tunnels("failed")).await, 0.0);
 }
+
+/// More TCP connections open at once than an HTTP/2 connection's usual stream limit (512): every
+/// one gets its tunnel on the one pooled HBONE connection, none waits for another to close.
+#[tokio::test]
+async fn more_tunnels_open_at_once_than_http2s_stream_limit() {
+    let side = sidecar().await;
+    let hbone_port = side.proxy.address("hbone").port();
+    // The echo server's port admits `ops` only.
+    let ops = side.ca.issue(OPS).bootstrap_identity(&side.dir.join("ops"));
+    let client = TestProxy::start(&format!(
+        "bootstrap:\n  admin_address: 127.0.0.1:0\n  workers: 1\n{ops}---\nresources:\n{}{}",
+        crate::cluster("echo", &format!(", tls: mesh, hbone_port: {hbone_port}"), &[side.echo.address()]),
+        crate::listener("out", ", protocol: tcp, default_cluster: echo"),
+    ));
+    let mut open = Vec::new();
+    for i in 0..600_u32 {
+        let mut stream = tokio::net::TcpStream::connect(client.address("out")).await.unwrap();
+        let sent = i.to_be_bytes();
+        tokio::io::AsyncWriteExt::write_all(&mut stream, &sent).await.unwrap();
+        let mut back = [0_u8; 4];
+        let echoed = tokio::io::AsyncReadExt::read_exact(&mut stream, &mut back);
+        let echoed = tokio::time::timeout(Duration::from_secs(5), echoed).await;
+        echoed.unwrap_or_else(|_| panic!("tunnel {i} was not opened within 5 s")).unwrap();
+        assert_eq!(back, sent);
+        open.push(stream);
+    }
+    let ok = "remora_tls_handshakes_total{direction=\"inbound\",result=\"ok\"}";
+    assert_eq!(side.proxy.metric(ok).await, 1.0, "600 tunnels, one connection");
+    let active = "remora_listener_tunnels_active{listener=\"hbone\",direction=\"inbound\"}";
+    assert_eq!(side.proxy.metric(active).await, 600.0);
+}

@@ -37,6 +37,13 @@ macro_rules! for_tunnels {
     }};
 }
 
+/// [`for_tunnels!`] for the server side, which also says how many tunnels a connection may carry.
+fn hbone_server(http2: &server::conn::http2::Builder<TokioExecutor>) -> server::conn::http2::Builder<TokioExecutor> {
+    let mut hbone = for_tunnels!(http2.clone());
+    hbone.max_concurrent_streams(limits::HBONE_MAX_TUNNELS);
+    hbone
+}
+
 impl Default for ServerSettings {
     fn default() -> Self {
         let mut h1 = server::conn::http1::Builder::new();
@@ -58,7 +65,7 @@ impl Default for ServerSettings {
             .initial_stream_window_size(limits::H2_STREAM_WINDOW)
             .initial_connection_window_size(limits::H2_CONNECTION_WINDOW)
             .max_send_buf_size(limits::H2_MAX_SEND_BUF_SIZE);
-        let hbone = for_tunnels!(h2.clone());
+        let hbone = hbone_server(&h2);
         ServerSettings { http1: h1, http2: h2, hbone }
     }
 }
