@@ -99,15 +99,19 @@ pub async fn detect(stream: &TcpStream, timeout: Duration) -> std::io::Result<(P
             Err(_) => return Ok((Protocol::Opaque, buffer.freeze())),
             Ok(Ok(0)) => return Ok((Protocol::Opaque, buffer.freeze())),
             Ok(Ok(_)) => {
-                let decided =
-                    classify(&buffer).or((buffer.len() >= limits::DETECT_PEEK_BYTES).then_some(Protocol::Opaque));
-                if let Some(protocol) = decided {
+                if let Some(protocol) = decided(&buffer) {
                     return Ok((protocol, buffer.freeze()));
                 }
             }
             Ok(Err(e)) => return Err(e),
         }
     }
+}
+
+/// What bytes read out of a connection say it speaks: [`classify`]'s answer, or opaque once
+/// [`limits::DETECT_PEEK_BYTES`] of them have not decided.
+fn decided(read: &[u8]) -> Option<Protocol> {
+    classify(read).or((read.len() >= limits::DETECT_PEEK_BYTES).then_some(Protocol::Opaque))
 }
 
 /// [`detect`] for a stream that cannot be peeked at (an HBONE tunnel): reads until the bytes
@@ -123,9 +127,7 @@ pub async fn detect_read<R: AsyncRead + Unpin>(
         match tokio::time::timeout_at(deadline, stream.read_buf(&mut buffer)).await {
             Err(_) | Ok(Ok(0)) => return Ok((Protocol::Opaque, buffer.freeze())),
             Ok(Ok(_)) => {
-                let decided =
-                    classify(&buffer).or((buffer.len() >= limits::DETECT_PEEK_BYTES).then_some(Protocol::Opaque));
-                if let Some(protocol) = decided {
+                if let Some(protocol) = decided(&buffer) {
                     return Ok((protocol, buffer.freeze()));
                 }
             }

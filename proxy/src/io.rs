@@ -2,11 +2,11 @@
 //!
 //! [`DownstreamStream`] wraps an accepted socket (or the mesh TLS session terminated on it, or one
 //! tunnel of an HBONE connection): it first replays any bytes protocol detection had to take out,
-//! then reads and writes the socket itself, counting bytes into the connection's [`Meter`]. The meter feeds two things: the listener's byte counters, and on an
-//! inbound listener the calling workload's (flushed when the connection closes and whenever the
-//! idle check runs), and the idle timeout, which [`idle_watch`]
-//! applies by noticing that the counts stopped moving. One atomic add per read or write; no clock
-//! reads on the data path.
+//! then reads and writes the socket itself, counting bytes into the connection's [`Meter`]. The
+//! meter feeds two things: the listener's byte counters, and on an inbound listener the calling
+//! workload's (flushed when the connection closes and whenever the idle check runs), and the idle
+//! timeout, which [`idle_watch`] applies by noticing that the counts stopped moving. One atomic add
+//! per read or write; no clock reads on the data path.
 
 use std::future::Future;
 use std::io;
@@ -94,22 +94,30 @@ impl Meter {
 /// checks run on a `timer::Deadline` (a slot in the worker's alarms), not a tokio interval, which
 /// would hold a boxed timer-wheel entry for every connection's life.
 pub async fn idle_watch(meter: &Meter, stats: &ListenerStats, timeout: Duration) {
+    let mut last = meter.activity();
+    let moved = move || {
+        meter.flush(stats);
+        let now = meter.activity();
+        std::mem::replace(&mut last, now) != now
+    };
+    quiet_for(timeout, moved).await;
+}
+
+/// Resolves once `moved` (asked every quarter of `timeout`, from 10 ms to 15 s: whether anything
+/// happened since it was last asked) has said no for `timeout`, on a `timer::Deadline`.
+pub async fn quiet_for(timeout: Duration, mut moved: impl FnMut() -> bool) {
     let tick = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(15));
     let mut check = Deadline::at(tokio::time::Instant::now() + tick);
-    let mut last = meter.activity();
     let mut quiet = Duration::ZERO;
     loop {
         (&mut check).await;
-        meter.flush(stats);
-        let now = meter.activity();
-        if now == last {
+        if moved() {
+            quiet = Duration::ZERO;
+        } else {
             quiet += tick;
             if quiet >= timeout {
                 return;
             }
-        } else {
-            last = now;
-            quiet = Duration::ZERO;
         }
         check.reset(tokio::time::Instant::now() + tick);
     }
@@ -216,16 +224,14 @@ impl DownstreamStream {
         match &self.socket {
             Transport::Plain(stream) => stream.readable().await,
             Transport::Tls(stream) => stream.get_ref().0.readable().await,
-            // A tunnel has no socket of its own to wait on (and never parks: see `can_park`).
+            // A tunnel has no socket of its own to wait on (and never parks: see `http::park`).
             Transport::Tunnel(_) => Ok(()),
         }
     }
 
-    /// Whether an idle HTTP/1.1 server on this stream may give back its buffers and wait on the
-    /// socket alone (`http::park`). Not in a tunnel: its HTTP/2 stream holds its own buffers, and
-    /// there is no socket to wait on.
-    pub fn can_park(&self) -> bool {
-        !matches!(self.socket, Transport::Tunnel(_))
+    /// Whether this is a tunnel of an HBONE connection.
+    pub fn is_tunnel(&self) -> bool {
+        matches!(self.socket, Transport::Tunnel(_))
     }
 
     /// Wraps a mesh TLS session terminated on the connection.

@@ -165,13 +165,7 @@ impl Relay<'_> {
             self.observe(state, opened.as_ref().err().map(ProxyError::failure), started);
             return opened.map(|tunnel| Either::Right(Either::Right(tunnel))).map_err(|error| {
                 debug!(listener = %listener.name, cluster = %cluster.name, %error, "tcp: hbone tunnel failed; closing");
-                match error {
-                    ProxyError::Connect(ConnectError::Timeout(_)) => "connect_timeout",
-                    ProxyError::Connect(_) => "connect_failed",
-                    ProxyError::Mesh(_) => "upstream_tls",
-                    ProxyError::TunnelRefused(_) => "upstream_tunnel_refused",
-                    _ => "upstream_reset",
-                }
+                error.status_and_reason().1
             });
         }
         let connected = connect(endpoint, cluster.connect_timeout, &cluster.stats).await;
@@ -257,7 +251,7 @@ impl Relay<'_> {
     async fn copy(&self, mut downstream: DownstreamStream, mut upstream: Upstream) -> Option<&'static str> {
         let Relay { cluster, listener, meter, .. } = *self;
         // Through a tunnel every write is an HTTP/2 DATA frame: larger ones cost less per byte.
-        let tunnelled = !downstream.can_park() || matches!(upstream, Either::Right(Either::Right(_)));
+        let tunnelled = downstream.is_tunnel() || matches!(upstream, Either::Right(Either::Right(_)));
         let size = if tunnelled { limits::TUNNEL_COPY_BUFFER } else { limits::COPY_BUFFER };
         let copied = tokio::io::copy_bidirectional_with_sizes(&mut downstream, &mut upstream, size, size);
         tokio::select! {

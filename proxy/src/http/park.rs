@@ -200,7 +200,9 @@ impl<S> Service for S where
 
 /// Serves one HTTP/1.1 connection until it ends, parked whenever it is quiet.
 pub(super) async fn serve(mut stream: DownstreamStream, connection: Arc<HttpConnection>) {
-    connection.quiet.enabled.store(stream.can_park(), Ordering::Relaxed);
+    // Not in an HBONE tunnel: its HTTP/2 stream holds buffers of its own whatever hyper does, and
+    // there is no socket to wait on alone.
+    connection.quiet.enabled.store(!stream.is_tunnel(), Ordering::Relaxed);
     let mut drain = connection.data.drain.watch();
     let idle = idle_watch(&connection.meter, &connection.listener.stats, connection.listener.idle_timeout);
     tokio::pin!(idle);

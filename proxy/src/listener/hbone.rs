@@ -44,7 +44,6 @@ use crate::http::headers;
 use crate::http::server::{self, ServerVersion};
 use crate::io::{DownstreamStream, Meter};
 use crate::state::ListenerConfig;
-use crate::timer::Deadline;
 use crate::tls::MeshTls;
 
 /// One HBONE connection: the peer sidecar (or ztunnel) it came from, and the tunnels it carries.
@@ -220,24 +219,12 @@ impl Carrier {
 
     /// Resolves once the connection has carried no tunnel for `timeout` (within a quarter of it).
     async fn idle(&self, timeout: Duration) {
-        let tick = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(15));
-        let mut check = Deadline::at(tokio::time::Instant::now() + tick);
         let mut last = self.opened_tunnels.load(Ordering::Relaxed);
-        let mut quiet = Duration::ZERO;
-        loop {
-            (&mut check).await;
+        let moved = move || {
             let opened = self.opened_tunnels.load(Ordering::Relaxed);
-            if opened == last && self.open_tunnels.load(Ordering::Relaxed) == 0 {
-                quiet += tick;
-                if quiet >= timeout {
-                    return;
-                }
-            } else {
-                last = opened;
-                quiet = Duration::ZERO;
-            }
-            check.reset(tokio::time::Instant::now() + tick);
-        }
+            std::mem::replace(&mut last, opened) != opened || self.open_tunnels.load(Ordering::Relaxed) > 0
+        };
+        crate::io::quiet_for(timeout, moved).await;
     }
 }
 

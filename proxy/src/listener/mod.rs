@@ -158,6 +158,7 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, name: Arc<str>, d
     let (protocol, replay) = match listener.protocol {
         ListenerProtocol::Http1 => (Protocol::Http1, bytes::Bytes::new()),
         ListenerProtocol::Http2 => (Protocol::Http2, bytes::Bytes::new()),
+        // (An HBONE listener's connections were served above.)
         ListenerProtocol::Tcp | ListenerProtocol::Hbone => (Protocol::Opaque, bytes::Bytes::new()),
         // A destination declared opaque (a Service port's `appProtocol: tcp`) is not read first:
         // its server may be the one to speak first.
