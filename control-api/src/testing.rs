@@ -332,6 +332,22 @@ impl Listener {
         })
     }
 
+    /// HTTP/3 over QUIC (UDP), presenting the PEM certificate chain and key in those files.
+    pub fn http3(self, certificate_file: &std::path::Path, private_key_file: &std::path::Path) -> Listener {
+        self.set(|l| {
+            l.set_protocol(v1::listener::Protocol::Http3);
+            l.tls = Some(v1::ListenerTls {
+                certificate_file: certificate_file.display().to_string(),
+                private_key_file: private_key_file.display().to_string(),
+            });
+        })
+    }
+
+    /// Advertises HTTP/3 listener `name` (`Alt-Svc`) on every response.
+    pub fn advertise_http3(self, name: &str) -> Listener {
+        self.set(|l| l.advertise_http3 = name.into())
+    }
+
     /// Inbound: from the mesh to the local app.
     pub fn inbound(self) -> Listener {
         self.set(|l| l.set_direction(v1::listener::Direction::Inbound))

@@ -278,10 +278,12 @@ impl Proxy {
             bootstrap_json,
         ));
         // 3. Sockets and workers.
-        let admin_socket = listener::bind("admin", settings.admin_address, 1)
+        let Some(listener::ListenSocket::Tcp(admin_socket)) = listener::bind("admin", settings.admin_address, 1, false)
             .map_err(|e| StartError::AdminBind { address: settings.admin_address, error: e.error })?
             .pop()
-            .ok_or_else(|| StartError::Threads(std::io::Error::other("no admin socket")))?;
+        else {
+            return Err(StartError::Threads(std::io::Error::other("no admin socket")));
+        };
         let admin_address = admin_socket
             .local_addr()
             .map_err(|error| StartError::AdminBind { address: settings.admin_address, error })?;
@@ -307,6 +309,7 @@ impl Proxy {
         let watched = watch.map(|watch| (reloader.clone(), watch));
         let identity_admin = admin.clone();
         let monitored = data.snapshot.clone();
+        let certificates = data.snapshot.clone();
         let xds = settings.control_plane.clone().map(|address| {
             let token_file = settings.identity.as_ref().and_then(|identity| match &identity.source {
                 IdentitySource::Ca { token_file, .. } => Some(token_file.clone()),
@@ -323,6 +326,7 @@ impl Proxy {
         let (issued, first_certificate) = oneshot::channel::<()>();
         let control_thread = Background::start("remora-control", move || {
             tokio::spawn(crate::balance::monitor::run(monitored));
+            tokio::spawn(reload::watch_certificates(certificates));
             tokio::spawn(crate::memory::give_back(limits::MEMORY_RETURN_INTERVAL));
             if let Some((reloader, watch)) = watched {
                 tokio::spawn(reload::watch_file(reloader, watch));

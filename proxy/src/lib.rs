@@ -55,6 +55,8 @@
 //!   context and spans, the OTLP export thread, the access log, the runtime log filter.
 //! - [`timer`] — coarse per-worker time: a clock read once per tick, cheap timers for hyper, and
 //!   precise deadlines for the policy path.
+//! - [`quic`] — HTTP/3 listeners (quinn and h3): their certificates, QUIC settings and server,
+//!   whose requests join the `http` pipeline at `route`.
 //! - [`tls`] — mutual TLS between sidecars: credentials (from the CA, renewed at half-life, or
 //!   from watched files), the rustls configs, SPIFFE verification, the ClientHello ALPN sniffer;
 //!   the identity and handshake metrics.
@@ -88,6 +90,7 @@ pub mod limits;
 pub mod listener;
 pub mod memory;
 pub mod policy;
+pub mod quic;
 pub mod reload;
 pub mod state;
 pub mod tcp;

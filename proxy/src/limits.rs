@@ -97,6 +97,15 @@ pub const H2_CONNECTION_WINDOW: u32 = 1024 * 1024;
 /// 400 KiB default, above the stream window so one window's worth always fits.
 pub const H2_MAX_SEND_BUF_SIZE: usize = 384 * 1024;
 
+/// HTTP/3 requests open at once on one QUIC connection (its bidirectional-stream limit), as HTTP/2's
+/// [`H2_MAX_CONCURRENT_STREAMS`]; their flow-control windows are HTTP/2's too.
+pub const H3_MAX_CONCURRENT_STREAMS: u32 = H2_MAX_CONCURRENT_STREAMS;
+/// Unidirectional streams a client may open on an HTTP/3 connection: it needs three (control and
+/// the two QPACK streams); a few more leave room for extensions, no more for a flood.
+pub const H3_MAX_UNI_STREAMS: u32 = 8;
+/// How long a client may remember an `Alt-Svc` advertisement of HTTP/3 (a day, as most sites).
+pub const ALT_SVC_MAX_AGE: u32 = 86_400;
+
 /// HBONE connections (both ways): each stream is a whole TCP connection's bytes, so its window
 /// is a TCP-like 4 MiB, the connection's 16 MiB, and frames up to 1 MiB (ztunnel's choices);
 /// measured in docs/benchmarks.md ("TCP between sidecars").

@@ -125,9 +125,9 @@ struct BoundAddress {
     stop: watch::Sender<bool>,
 }
 
-/// A listener's name and one address as configured (port 0 stays 0 here, so it is not re-bound on
-/// every reload).
-type BoundKey = (Arc<str>, SocketAddr);
+/// A listener's name, one address as configured (port 0 stays 0 here, so it is not re-bound on
+/// every reload), and whether it is UDP (a listener that turns HTTP/3 needs sockets of that kind).
+type BoundKey = (Arc<str>, SocketAddr, bool);
 
 /// Applies configs to the running proxy.
 #[derive(Debug)]
@@ -245,13 +245,13 @@ impl Reloader {
 
     /// The address listener `name` is bound to (its `address`, not the additional ones), if it is.
     pub fn listener_address(&self, name: &str) -> Option<SocketAddr> {
-        self.bound().iter().find(|((n, _), b)| **n == *name && b.position == 0).map(|(_, b)| b.local)
+        self.bound().iter().find(|((n, _, _), b)| **n == *name && b.position == 0).map(|(_, b)| b.local)
     }
 
     /// Every bound listener with each of its addresses, sorted by name and then as listed.
     pub fn listener_addresses(&self) -> Vec<(String, SocketAddr)> {
         let mut all: Vec<(String, usize, SocketAddr)> =
-            self.bound().iter().map(|((name, _), b)| (name.to_string(), b.position, b.local)).collect();
+            self.bound().iter().map(|((name, _, _), b)| (name.to_string(), b.position, b.local)).collect();
         all.sort();
         all.into_iter().map(|(name, _, local)| (name, local)).collect()
     }
@@ -334,13 +334,29 @@ impl Reloader {
         let mut fresh = Vec::new();
         for config in snapshot.listeners() {
             for (position, address) in config.addresses().into_iter().enumerate() {
-                let key = (config.name.clone(), address);
+                let key = (config.name.clone(), address, config.is_udp());
                 if !bound.contains_key(&key) {
-                    let sockets = listener::bind(&config.name, address, self.workers.len())?;
+                    let sockets = listener::bind(&config.name, address, self.workers.len(), config.is_udp())?;
                     let local = sockets.first().and_then(|s| s.local_addr().ok()).unwrap_or(address);
                     fresh.push((key.clone(), position, local, sockets));
                 }
                 wanted.insert(key, position);
+            }
+        }
+        // `Alt-Svc` names the port the advertised HTTP/3 listener is bound to, now known.
+        for config in snapshot.listeners() {
+            let Some(target) = config.advertise_http3.as_ref().and_then(|name| snapshot.listener(name)) else {
+                continue;
+            };
+            let key = (target.name.clone(), target.address, true);
+            let port = bound
+                .get(&key)
+                .map(|b| b.local)
+                .or_else(|| fresh.iter().find(|(k, ..)| *k == key).map(|(_, _, local, _)| *local))
+                .map_or(target.address.port(), |local| local.port());
+            let value = format!("h3=\":{port}\"; ma={}", crate::limits::ALT_SVC_MAX_AGE);
+            if let Ok(value) = http::HeaderValue::from_str(&value) {
+                let _ = config.alt_svc.set(value);
             }
         }
 
@@ -383,6 +399,48 @@ pub async fn watch_file(reloader: Arc<Reloader>, mut watch: FileWatch) {
         let reloader = reloader.clone();
         // The outcome is logged and recorded by reload itself.
         let _ = tokio::task::spawn_blocking(move || reloader.reload()).await;
+    }
+}
+
+/// Follows the certificate files of every HTTP/3 listener serving now, reloading a listener's
+/// certificate when one of its files changes. Runs until dropped.
+pub async fn watch_certificates(live: Arc<crate::state::LiveSnapshot>) {
+    let mut swaps = live.subscribe();
+    loop {
+        let snapshot = live.load_full();
+        let served: Vec<Arc<crate::quic::ServedCertificate>> =
+            snapshot.listeners().filter_map(|l| l.tls.clone()).collect();
+        let paths: Vec<std::path::PathBuf> =
+            served.iter().flat_map(|c| c.files()).map(std::path::Path::to_owned).collect();
+        drop(snapshot);
+        if paths.is_empty() {
+            if swaps.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let mut watch =
+            FileWatch::files(paths, crate::limits::CERT_FILES_POLL_INTERVAL).settle(crate::limits::FILE_SETTLE_TIME);
+        loop {
+            tokio::select! {
+                () = watch.changed() => {}
+                changed = swaps.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    break;
+                }
+            }
+            for certificate in &served {
+                let file = certificate.files()[0].display();
+                match certificate.reload() {
+                    Ok(()) => info!(cert = %file, "listener certificate reloaded"),
+                    Err(error) => {
+                        warn!(%error, cert = %file, "listener certificate rejected; the one in use keeps serving")
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -16,12 +16,12 @@ use tracing::warn;
 
 use crate::context::DataPath;
 use crate::http::client;
-use crate::listener::accept_loop;
+use crate::listener::{ListenSocket, accept_loop};
 use crate::telemetry::Registry;
-use crate::{limits, timer};
+use crate::{limits, quic, timer};
 
 enum Command {
-    Serve { name: Arc<str>, socket: std::net::TcpListener, stop: watch::Receiver<bool> },
+    Serve { name: Arc<str>, socket: ListenSocket, stop: watch::Receiver<bool> },
 }
 
 struct Worker {
@@ -69,8 +69,11 @@ impl Workers {
                     });
                     while let Some(command) = receiver.recv().await {
                         match command {
-                            Command::Serve { name, socket, stop } => {
+                            Command::Serve { name, socket: ListenSocket::Tcp(socket), stop } => {
                                 tokio::spawn(accept_loop(socket, name, data.clone(), stop));
+                            }
+                            Command::Serve { name, socket: ListenSocket::Udp(socket), stop } => {
+                                tokio::spawn(quic::server::accept_loop(socket, name, data.clone(), stop));
                             }
                         }
                     }
@@ -92,7 +95,7 @@ impl Workers {
     }
 
     /// Starts accepting for listener `name`, one socket per worker (as many sockets as workers).
-    pub fn serve(&self, name: &Arc<str>, sockets: Vec<std::net::TcpListener>, stop: &watch::Receiver<bool>) {
+    pub fn serve(&self, name: &Arc<str>, sockets: Vec<ListenSocket>, stop: &watch::Receiver<bool>) {
         for (worker, socket) in self.workers.iter().zip(sockets) {
             let command = Command::Serve { name: name.clone(), socket, stop: stop.clone() };
             let sent = worker.commands.as_ref().is_some_and(|commands| commands.send(command).is_ok());

@@ -21,6 +21,7 @@ mod h2_limits;
 mod hbone;
 mod hostile_control_plane;
 mod http;
+mod http3;
 mod kubernetes;
 mod kubernetes_api;
 mod mesh;

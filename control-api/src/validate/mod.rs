@@ -110,13 +110,15 @@ pub fn validate_with<R: AsRef<Resource>>(resources: &[R], references: References
         })
         .collect();
 
-    let mut bound: HashMap<SocketAddr, &str> = HashMap::new();
+    // UDP (HTTP/3) and TCP ports are distinct: a gateway's HTTP/3 listener shares its number.
+    let mut bound: HashMap<(bool, SocketAddr), &str> = HashMap::new();
     for resource in resources {
         let subject = describe(resource.kind(), resource.name());
         match resource {
             Resource::Listener(listener) => {
                 check.listener(&subject, listener, &clusters, &tables);
                 check.hbone(&subject, listener, &listeners);
+                check.http3(&subject, listener, &listeners);
                 let addresses = std::iter::once(("address".to_owned(), &listener.address)).chain(
                     listener
                         .additional_addresses
@@ -131,7 +133,7 @@ pub fn validate_with<R: AsRef<Resource>>(resources: &[R], references: References
                     if !own.insert(address) {
                         check.fail(&subject, &field, format!("{address} is also an address of this listener"));
                     } else if address.port() != 0
-                        && let Some(other) = bound.insert(address, &listener.name)
+                        && let Some(other) = bound.insert((is_udp(listener), address), &listener.name)
                     {
                         check.fail(&subject, &field, format!("{address} is also an address of listener {other:?}"));
                     }
@@ -226,6 +228,48 @@ impl Checker {
         }
     }
 
+    /// An HTTP/3 listener's own rules: a certificate, no `transparent`; `tls` on no other yet, and
+    /// `advertise_http3` naming an HTTP/3 listener from an HTTP one.
+    fn http3(&mut self, subject: &str, listener: &v1::Listener, listeners: &HashMap<&str, &v1::Listener>) {
+        let http3 = is_udp(listener);
+        match &listener.tls {
+            None if http3 => self.fail(subject, "tls", "is required with protocol: http3 (its certificate)"),
+            None => {}
+            Some(_) if !http3 => self.fail(subject, "tls", "applies only to protocol: http3"),
+            Some(tls) => {
+                if tls.certificate_file.is_empty() {
+                    self.fail(subject, "tls.certificate_file", "is required");
+                }
+                if tls.private_key_file.is_empty() {
+                    self.fail(subject, "tls.private_key_file", "is required");
+                }
+            }
+        }
+        if http3 && listener.transparent {
+            self.fail(subject, "transparent", "does not apply to an http3 listener");
+        }
+        let name = listener.advertise_http3.as_str();
+        if name.is_empty() {
+            return;
+        }
+        use v1::listener::Protocol;
+        if !matches!(listener.protocol(), Protocol::Auto | Protocol::Http1 | Protocol::Http2) {
+            self.fail(subject, "advertise_http3", "applies only to an HTTP listener (auto, http1 or http2)");
+        }
+        match listeners.get(name) {
+            Some(target) if is_udp(target) => {}
+            Some(_) => self.fail(
+                subject,
+                "advertise_http3",
+                format!("names listener {name:?}, which is not of protocol: http3"),
+            ),
+            None if self.references == References::Required => {
+                self.fail(subject, "advertise_http3", format!("names listener {name:?}, which is not defined"))
+            }
+            None => {}
+        }
+    }
+
     fn listener(
         &mut self,
         subject: &str,
@@ -270,6 +314,11 @@ impl Checker {
             self.fail(subject, "connection_rate_limit.connections_per_second", "must be above zero");
         }
     }
+}
+
+/// Whether the listener binds UDP (HTTP/3) rather than TCP.
+fn is_udp(listener: &v1::Listener) -> bool {
+    listener.protocol() == v1::listener::Protocol::Http3
 }
 
 #[cfg(test)]
@@ -365,6 +414,10 @@ mod tests {
 - {kind: Listener, name: tunnels, address: "0.0.0.0:15008", protocol: hbone, transparent: true, inbound_listener: l}
 - {kind: Listener, name: bare, address: "0.0.0.0:15009", protocol: hbone, direction: inbound}
 - {kind: Listener, name: side, address: "0.0.0.0:15010", inbound_listener: l}
+- {kind: Listener, name: quic, address: "0.0.0.0:443", protocol: http3, transparent: true}
+- {kind: Listener, name: quic2, address: "0.0.0.0:444", protocol: http3, tls: {certificate_file: c.pem}}
+- {kind: Listener, name: web, address: "0.0.0.0:443", tls: {certificate_file: c.pem, private_key_file: k.pem}, advertise_http3: l}
+- {kind: Listener, name: opaque, address: "0.0.0.0:445", protocol: tcp, advertise_http3: quic}
 "#,
         ));
         for needle in [
@@ -381,6 +434,12 @@ mod tests {
             "listener \"tunnels\": inbound_listener: names listener \"l\", which is not an inbound listener",
             "listener \"bare\": inbound_listener: is required",
             "listener \"side\": inbound_listener: applies only to protocol: hbone",
+            "listener \"quic\": tls: is required with protocol: http3",
+            "listener \"quic\": transparent: does not apply to an http3 listener",
+            "listener \"quic2\": tls.private_key_file: is required",
+            "listener \"web\": tls: applies only to protocol: http3",
+            "listener \"web\": advertise_http3: names listener \"l\", which is not of protocol: http3",
+            "listener \"opaque\": advertise_http3: applies only to an HTTP listener",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in {text}");
         }

@@ -92,7 +92,8 @@ pub(crate) fn version_for(cluster: &Cluster, downstream: http::Version, upgrade:
         // Protocol switches exist only in HTTP/1.1.
         (_, true) | (UpstreamProtocol::Http1, false) => Version::Http1,
         (UpstreamProtocol::Http2, false) => Version::Http2,
-        (UpstreamProtocol::Auto, false) if downstream == http::Version::HTTP_2 => Version::Http2,
+        // A multiplexed downstream (HTTP/2, HTTP/3) is multiplexed upstream: trailers and all.
+        (UpstreamProtocol::Auto, false) if downstream >= http::Version::HTTP_2 => Version::Http2,
         (UpstreamProtocol::Auto, false) => Version::Http1,
     }
 }

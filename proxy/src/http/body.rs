@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
@@ -32,8 +32,47 @@ use crate::state::cluster::ClusterStats;
 use crate::telemetry::trace::ClientSpan;
 use crate::timer;
 
+/// The receiving half of an HTTP/3 request stream.
+type H3Recv = h3::server::RequestStream<h3_quinn::RecvStream, Bytes>;
+
 /// Errors a body can end with.
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A request body as the downstream server hands it over: hyper's (HTTP/1.1, HTTP/2), or an HTTP/3
+/// request stream's (boxed: rarer, and larger).
+#[derive(Debug)]
+pub enum RequestBody {
+    /// From hyper's server.
+    Hyper(Incoming),
+    /// From an HTTP/3 request stream.
+    Http3(Box<RequestStreamBody>),
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            RequestBody::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            RequestBody::Http3(body) => Pin::new(&mut **body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Hyper(body) => body.is_end_stream(),
+            RequestBody::Http3(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Hyper(body) => body.size_hint(),
+            RequestBody::Http3(body) => body.size_hint(),
+        }
+    }
+}
 
 /// The client's request body as it arrives. When something observes the request (the access log,
 /// a sampled trace), its data bytes are counted as they are read; otherwise it is the bare body. On
@@ -41,7 +80,7 @@ pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 /// (`http::park`).
 #[derive(Debug)]
 pub struct ClientBody {
-    body: Incoming,
+    body: RequestBody,
     observe: Option<Arc<Observe>>,
     /// The connection to tell of the end, and the number of the exchange this body belongs to.
     exchange: Option<(Arc<HttpConnection>, u32)>,
@@ -49,7 +88,11 @@ pub struct ClientBody {
 
 impl ClientBody {
     /// `body`, counted into `observe` if there is one: the body of the exchange `connection` is in.
-    pub(crate) fn new(body: Incoming, observe: Option<&Arc<Observe>>, connection: &Arc<HttpConnection>) -> ClientBody {
+    pub(crate) fn new(
+        body: RequestBody,
+        observe: Option<&Arc<Observe>>,
+        connection: &Arc<HttpConnection>,
+    ) -> ClientBody {
         let quiet = &connection.quiet;
         let exchange = (quiet.enabled() && !body.is_end_stream()).then(|| (connection.clone(), quiet.exchange()));
         ClientBody { body, observe: observe.cloned(), exchange }
@@ -58,9 +101,9 @@ impl ClientBody {
 
 impl Body for ClientBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.body).poll_frame(cx);
         if let (Some(observe), Poll::Ready(Some(Ok(frame)))) = (&this.observe, &polled)
@@ -101,7 +144,7 @@ impl Body for UpstreamBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
-            UpstreamBody::Direct(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            UpstreamBody::Direct(body) => Pin::new(body).poll_frame(cx),
             UpstreamBody::Replay(body) => Pin::new(body).poll_frame(cx),
             UpstreamBody::Empty => Poll::Ready(None),
         }
@@ -283,5 +326,108 @@ impl ProxyBody {
                 Poll::Pending
             }
         }
+    }
+}
+/// Where a request stream's body reading is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reading {
+    Data,
+    Trailers,
+    Done,
+}
+
+/// An HTTP/3 request's body, read from its stream as the pipeline polls it: data frames, then the
+/// trailers if any.
+pub struct RequestStreamBody {
+    stream: H3Recv,
+    reading: Reading,
+    /// Data read while finding out whether there is a body at all.
+    first: Option<Bytes>,
+    hint: SizeHint,
+}
+
+impl std::fmt::Debug for RequestStreamBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestStreamBody").field("reading", &self.reading).finish()
+    }
+}
+
+impl RequestStreamBody {
+    /// The body of `request`, read from `stream`. A request whose stream already ended with its
+    /// head (a GET, mostly: the FIN rides with the HEADERS frame) is known to have no body, so it is
+    /// forwarded without one, not as a stream of unknown length.
+    pub(crate) fn new<T>(stream: H3Recv, request: &http::Request<T>) -> RequestStreamBody {
+        let declared = request
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let hint = declared.map_or_else(SizeHint::default, SizeHint::with_exact);
+        let mut body = RequestStreamBody { stream, reading: Reading::Data, first: None, hint };
+        // A look at what has arrived, without waiting: the real reads register their own wakers.
+        body.peek(&mut Context::from_waker(std::task::Waker::noop()));
+        body
+    }
+
+    fn peek(&mut self, cx: &mut Context<'_>) {
+        match self.stream.poll_recv_data(cx) {
+            Poll::Ready(Ok(Some(mut data))) => self.first = Some(data.copy_to_bytes(data.remaining())),
+            Poll::Ready(Ok(None)) => {
+                self.reading = Reading::Trailers;
+                if let Poll::Ready(Ok(None)) = self.stream.poll_recv_trailers(cx) {
+                    self.reading = Reading::Done;
+                }
+            }
+            // An error shows again on the first real read.
+            Poll::Ready(Err(_)) | Poll::Pending => {}
+        }
+    }
+}
+
+impl Body for RequestStreamBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        if let Some(first) = this.first.take() {
+            return Poll::Ready(Some(Ok(Frame::data(first))));
+        }
+        loop {
+            match this.reading {
+                Reading::Done => return Poll::Ready(None),
+                Reading::Data => match this.stream.poll_recv_data(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(Some(mut data))) => {
+                        return Poll::Ready(Some(Ok(Frame::data(data.copy_to_bytes(data.remaining())))));
+                    }
+                    Poll::Ready(Ok(None)) => this.reading = Reading::Trailers,
+                    Poll::Ready(Err(error)) => {
+                        this.reading = Reading::Done;
+                        return Poll::Ready(Some(Err(error.into())));
+                    }
+                },
+                Reading::Trailers => {
+                    let polled = this.stream.poll_recv_trailers(cx);
+                    if polled.is_ready() {
+                        this.reading = Reading::Done;
+                    }
+                    return match polled {
+                        Poll::Pending => Poll::Pending,
+                        Poll::Ready(Ok(Some(trailers))) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+                        Poll::Ready(Ok(None)) => Poll::Ready(None),
+                        Poll::Ready(Err(error)) => Poll::Ready(Some(Err(error.into()))),
+                    };
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.reading == Reading::Done && self.first.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.is_end_stream() { SizeHint::with_exact(0) } else { self.hint }
     }
 }

@@ -55,11 +55,10 @@ use std::time::Instant;
 
 use http::{Request, Response};
 use http_body::Body as _;
-use hyper::body::Incoming;
 use tracing::debug;
 
 use attempt::{Head as _, Outgoing};
-use body::{ClientBody, ProxyBody, UpstreamBody};
+use body::{ClientBody, ProxyBody, RequestBody, UpstreamBody};
 use client::Version;
 use error::ProxyError;
 use observe::Finish;
@@ -74,8 +73,8 @@ use server::HttpConnection;
 /// layers of `async fn`, because every layer would carry its own copy of the request in this future
 /// (which hyper moves, and for HTTP/2 spawns, per request). The rarer ways on are boxed, each in a
 /// statement of its own.
-async fn proxy(
-    mut request: Request<Incoming>,
+pub(crate) async fn proxy(
+    mut request: Request<RequestBody>,
     connection: Arc<HttpConnection>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let arrived = Instant::now();
@@ -147,6 +146,9 @@ async fn proxy(
     }
     for modifier in edits.iter().flatten() {
         modifier.apply(response.headers_mut());
+    }
+    if let Some(alt_svc) = connection.listener.alt_svc.get() {
+        response.headers_mut().insert(http::header::ALT_SVC, alt_svc.clone());
     }
     // 5. Record: the listener's and the route's part now, the rest when the body ends.
     let status = response.status().as_u16();

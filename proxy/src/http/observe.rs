@@ -194,7 +194,11 @@ impl Drop for Finish {
                     method: &observe.method,
                     path,
                     authority,
-                    protocol: if observe.version == http::Version::HTTP_2 { "2" } else { "1.1" },
+                    protocol: match observe.version {
+                        http::Version::HTTP_2 => "2",
+                        http::Version::HTTP_3 => "3",
+                        _ => "1.1",
+                    },
                     peer: connection.origin.peer,
                     peer_identity: connection.origin.peer_identity.as_ref().map(|id| id.as_str()),
                     status: self.status,
@@ -215,7 +219,11 @@ impl Drop for Finish {
             let entry = Entry {
                 start: Some(observe.start),
                 duration: self.started.elapsed(),
-                protocol: if observe.version == http::Version::HTTP_2 { "HTTP/2" } else { "HTTP/1.1" },
+                protocol: match observe.version {
+                    http::Version::HTTP_2 => "HTTP/2",
+                    http::Version::HTTP_3 => "HTTP/3",
+                    _ => "HTTP/1.1",
+                },
                 listener: &listener.name,
                 direction: listener.direction.label(),
                 method: Some(observe.method.as_str()),

@@ -35,7 +35,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tracing::debug;
 
 use crate::drain::DrainWatch;
-use crate::http::body::ProxyBody;
+use crate::http::body::{ProxyBody, RequestBody};
 use crate::http::server::HttpConnection;
 use crate::io::{self, DownstreamStream, Watched, idle_watch};
 use crate::limits;
@@ -249,7 +249,9 @@ pub(super) async fn serve(mut stream: DownstreamStream, connection: Arc<HttpConn
 fn start(stream: DownstreamStream, connection: &Arc<HttpConnection>) -> Served<impl Service> {
     let service = {
         let connection = connection.clone();
-        service_fn(move |request| super::proxy(request, connection.clone()))
+        service_fn(move |request: http::Request<Incoming>| {
+            super::proxy(request.map(RequestBody::Hyper), connection.clone())
+        })
     };
     let mut http1 = connection.data.server.http1.clone();
     http1.header_read_timeout(connection.listener.header_timeout);

@@ -21,9 +21,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{Method, Request};
-use hyper::body::Incoming;
 
 use super::attempt::{self, Attempt};
+use super::body::RequestBody;
 use super::client::Version;
 use super::error::ProxyError;
 use super::headers;
@@ -64,7 +64,7 @@ pub(crate) struct Direct {
 /// Decides what to do with `request` as `routed`; balances and prepares it in place for the plain
 /// path. See the module documentation.
 pub(crate) fn plan(
-    request: &mut Request<Incoming>,
+    request: &mut Request<RequestBody>,
     routed: Routed,
     connection: &HttpConnection,
     observe: Option<&Arc<Observe>>,

@@ -26,10 +26,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
-use hyper::body::Incoming;
 
 use super::attempt::{self, Attempt, AttemptHead, Template};
-use super::body::{ClientBody, ProxyBody, UpstreamBody};
+use super::body::{ClientBody, ProxyBody, RequestBody, UpstreamBody};
 use super::client::{Outcome, Version};
 use super::error::ProxyError;
 use super::mirror;
@@ -57,7 +56,7 @@ pub(crate) struct Policed {
 
 /// Carries a request to a response under its route's policy: see the module documentation.
 pub(crate) async fn forward(
-    request: Request<Incoming>,
+    request: Request<RequestBody>,
     policed: Policed,
     connection: &Arc<HttpConnection>,
 ) -> Result<Response<ProxyBody>, ProxyError> {

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use remora_control_api::identity::SpiffeId;
@@ -18,6 +19,7 @@ use tracing::debug;
 
 use crate::context::{DataPath, Open};
 use crate::drain::Drain;
+use crate::http::body::RequestBody;
 use crate::http::park::Quiet;
 pub use crate::http::settings::ServerSettings;
 use crate::io::{self, DownstreamStream, Meter, Watched, idle_watch};
@@ -102,7 +104,9 @@ pub async fn serve(stream: DownstreamStream, version: ServerVersion, connection:
         ServerVersion::Http2 => {
             let service = {
                 let connection = connection.clone();
-                service_fn(move |request| super::proxy(request, connection.clone()))
+                service_fn(move |request: http::Request<Incoming>| {
+                    super::proxy(request.map(RequestBody::Hyper), connection.clone())
+                })
             };
             let served = connection.data.server.http2.serve_connection(TokioIo::new(stream), service);
             let listener = &connection.listener;

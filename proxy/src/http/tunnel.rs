@@ -16,7 +16,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -24,7 +23,7 @@ use tracing::debug;
 
 use crate::connect;
 use crate::http::HttpConnection;
-use crate::http::body::ProxyBody;
+use crate::http::body::{ProxyBody, RequestBody};
 use crate::http::client::{self, SwitchedStream};
 use crate::http::error::ProxyError;
 use crate::io::idle_watch;
@@ -56,7 +55,7 @@ pub fn relay_upgrade(downstream: OnUpgrade, upstream: SwitchedStream, early: Byt
 
 /// Terminates a `CONNECT` request: connects to the target and tunnels the client's bytes to it.
 pub async fn connect(
-    request: Request<Incoming>,
+    request: Request<RequestBody>,
     cluster: &Cluster,
     connection: &Arc<HttpConnection>,
 ) -> Result<Response<ProxyBody>, ProxyError> {

@@ -84,6 +84,7 @@ pub struct ListenerMetrics {
     caller_sent: Family<CallerLabels, Counter>,
     tunnels: Family<TunnelLabels, Counter>,
     tunnels_active: Family<ListenerLabels, Gauge>,
+    certificate_reloads: Family<TunnelLabels, Counter>,
 }
 
 impl ListenerMetrics {
@@ -154,7 +155,19 @@ impl ListenerMetrics {
             "Tunnels open now on an HBONE listener (each also counts as a connection while it is served)",
             m.tunnels_active.clone(),
         );
+        registry.register(
+            "listener_certificate_reloads",
+            "Re-reads of an HTTP/3 listener's certificate files after they changed, by result: ok, or failed (the certificate in use kept serving)",
+            m.certificate_reloads.clone(),
+        );
         m
+    }
+
+    /// The certificate reload counters of HTTP/3 listener `name`.
+    pub fn certificate_reloads(&self, name: &str) -> CertificateReloads {
+        let result =
+            |result| self.certificate_reloads.get_or_create_owned(&TunnelLabels { listener: name.to_owned(), result });
+        CertificateReloads { ok: result("ok"), failed: result("failed") }
     }
 
     /// The tunnel counters of HBONE listener `name`.
@@ -296,6 +309,15 @@ pub struct ListenerStats {
     requests: [Counter; 5],
     /// On an inbound listener, its callers' counters.
     callers: Option<Callers>,
+}
+
+/// An HTTP/3 listener's certificate reloads, by result.
+#[derive(Clone, Debug, Default)]
+pub struct CertificateReloads {
+    /// The files changed and their new set serves.
+    pub ok: Counter,
+    /// The files changed and did not load; the certificate in use kept serving.
+    pub failed: Counter,
 }
 
 /// Why a tunnel was refused: the `result` label of `listener_tunnels`.

@@ -51,14 +51,33 @@ pub struct BindError {
     pub error: std::io::Error,
 }
 
-/// Binds `copies` listening sockets to `address`, all sharing one port. Port 0 picks a free port
-/// once, and every copy takes that same port.
-pub fn bind(name: &str, address: SocketAddr, copies: usize) -> Result<Vec<std::net::TcpListener>, BindError> {
+/// A bound listening socket: TCP, or UDP for HTTP/3.
+#[derive(Debug)]
+pub enum ListenSocket {
+    /// A TCP listening socket.
+    Tcp(std::net::TcpListener),
+    /// A UDP socket (QUIC).
+    Udp(std::net::UdpSocket),
+}
+
+impl ListenSocket {
+    /// The address it is bound to.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        match self {
+            ListenSocket::Tcp(socket) => socket.local_addr(),
+            ListenSocket::Udp(socket) => socket.local_addr(),
+        }
+    }
+}
+
+/// Binds `copies` listening sockets (UDP ones when `udp`) to `address`, all sharing one port. Port
+/// 0 picks a free port once, and every copy takes that same port.
+pub fn bind(name: &str, address: SocketAddr, copies: usize, udp: bool) -> Result<Vec<ListenSocket>, BindError> {
     let fail = |address, error| BindError { name: name.to_owned(), address, error };
     let mut sockets = Vec::with_capacity(copies);
     let mut address = address;
     for _ in 0..copies.max(1) {
-        let socket = bind_one(address, copies > 1).map_err(|e| fail(address, e))?;
+        let socket = bind_one(address, copies > 1, udp).map_err(|e| fail(address, e))?;
         if address.port() == 0 {
             address = socket.local_addr().map_err(|e| fail(address, e))?;
         }
@@ -67,8 +86,12 @@ pub fn bind(name: &str, address: SocketAddr, copies: usize) -> Result<Vec<std::n
     Ok(sockets)
 }
 
-fn bind_one(address: SocketAddr, share_port: bool) -> std::io::Result<std::net::TcpListener> {
-    let socket = Socket::new(Domain::for_address(address), Type::STREAM, Some(SocketProtocol::TCP))?;
+fn bind_one(address: SocketAddr, share_port: bool, udp: bool) -> std::io::Result<ListenSocket> {
+    let socket = if udp {
+        Socket::new(Domain::for_address(address), Type::DGRAM, Some(SocketProtocol::UDP))?
+    } else {
+        Socket::new(Domain::for_address(address), Type::STREAM, Some(SocketProtocol::TCP))?
+    };
     // Restarting proxies must not wait out TIME_WAIT on their own port.
     socket.set_reuse_address(true)?;
     // Only when there are several workers: a single-worker proxy keeps the port to itself, so a
@@ -83,8 +106,11 @@ fn bind_one(address: SocketAddr, share_port: bool) -> std::io::Result<std::net::
     }
     socket.set_nonblocking(true)?;
     socket.bind(&address.into())?;
+    if udp {
+        return Ok(ListenSocket::Udp(socket.into()));
+    }
     socket.listen(limits::LISTEN_BACKLOG)?;
-    Ok(socket.into())
+    Ok(ListenSocket::Tcp(socket.into()))
 }
 
 /// Accepts connections on `socket` for listener `name` until `stop` turns true or draining starts.
@@ -127,19 +153,9 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, name: Arc<str>, d
     let Some(listener) = data.snapshot.load().listener(&name).cloned() else {
         return;
     };
-    let stats = &listener.stats;
-    if let Some(limiter) = &listener.connection_rate_limit
-        && limiter.acquire(std::time::Instant::now()).is_err()
-    {
-        stats.rate_limited.inc();
+    if !admit(&listener) {
         return;
     }
-    if stats.active.inc() >= listener.max_connections {
-        stats.active.dec();
-        stats.rejected.inc();
-        return;
-    }
-    stats.connections.inc();
     let meter = Arc::new(Meter::default());
     let open = Open::new(listener.clone(), meter.clone(), data.drain.track());
     let _ = stream.set_nodelay(true);
@@ -158,8 +174,10 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, name: Arc<str>, d
     let (protocol, replay) = match listener.protocol {
         ListenerProtocol::Http1 => (Protocol::Http1, bytes::Bytes::new()),
         ListenerProtocol::Http2 => (Protocol::Http2, bytes::Bytes::new()),
-        // (An HBONE listener's connections were served above.)
-        ListenerProtocol::Tcp | ListenerProtocol::Hbone => (Protocol::Opaque, bytes::Bytes::new()),
+        // (An HBONE listener's connections were served above; an HTTP/3 listener has no TCP ones.)
+        ListenerProtocol::Tcp | ListenerProtocol::Hbone | ListenerProtocol::Http3 => {
+            (Protocol::Opaque, bytes::Bytes::new())
+        }
         // A destination declared opaque (a Service port's `appProtocol: tcp`) is not read first:
         // its server may be the one to speak first.
         ListenerProtocol::Auto if listener.routes.for_tcp(original_destination).is_some_and(|t| t.opaque) => {
@@ -218,6 +236,25 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, name: Arc<str>, d
     let downstream = DownstreamStream::new(stream, replay, meter.clone());
     let accepted = Accepted { listener, peer, original_destination, destination_port, meter, open };
     server::serve(downstream, version, accepted.into_http(&data, None)).await;
+}
+
+/// A new connection meets the listener's gates: its connection rate limit, then its
+/// `max_connections`. Counted either way; an admitted one is active until its `Open` drops.
+pub(crate) fn admit(listener: &ListenerConfig) -> bool {
+    let stats = &listener.stats;
+    if let Some(limiter) = &listener.connection_rate_limit
+        && limiter.acquire(std::time::Instant::now()).is_err()
+    {
+        stats.rate_limited.inc();
+        return false;
+    }
+    if stats.active.inc() >= listener.max_connections {
+        stats.active.dec();
+        stats.rejected.inc();
+        return false;
+    }
+    stats.connections.inc();
+    true
 }
 
 /// An admitted connection's particulars, for the paths that serve it.

@@ -30,8 +30,9 @@ use remora_control_api::validate::{self, Destination, ValidationErrors};
 use remora_control_api::{Kind, Resource, v1};
 
 use crate::limits;
-use crate::listener::metrics::{ListenerMetrics, ListenerStats, TunnelStats};
+use crate::listener::metrics::{CertificateReloads, ListenerMetrics, ListenerStats, TunnelStats};
 use crate::policy::RateLimiter;
+use crate::quic::{self, ServedCertificate};
 use authz::{AuthzMetrics, ListenerAuthz};
 use cluster::{Cluster, ClusterMetrics, OwnLocality};
 use route_metrics::{RequestStats, RouteMetrics};
@@ -64,6 +65,8 @@ pub enum ListenerProtocol {
     Tcp,
     /// HBONE: mesh tunnels, each served as a connection detected as `Auto` is (`listener::hbone`).
     Hbone,
+    /// HTTP/3 over QUIC, on UDP (`quic::server`).
+    Http3,
 }
 
 /// Which way traffic crosses the proxy on a listener.
@@ -126,9 +129,23 @@ pub struct ListenerConfig {
     pub authz: Option<ListenerAuthz>,
     /// Whether its traffic gets access-log lines (when the proxy has an access log).
     pub access_log: bool,
+    /// On an HTTP/3 listener, its certificate (followed by `quic::watch_certificates`).
+    pub tls: Option<Arc<ServedCertificate>>,
+    /// On an HTTP/3 listener, the QUIC server config its connections are accepted with.
+    pub quic: Option<quinn::ServerConfig>,
+    /// The HTTP/3 listener this one advertises, by name.
+    pub advertise_http3: Option<Arc<str>>,
+    /// The `Alt-Svc` value every response of this listener carries: set once that listener's port
+    /// is bound (`reload`), as it may be a port picked at bind time.
+    pub alt_svc: std::sync::OnceLock<http::HeaderValue>,
 }
 
 impl ListenerConfig {
+    /// Whether it binds UDP sockets (HTTP/3) rather than TCP.
+    pub fn is_udp(&self) -> bool {
+        self.protocol == ListenerProtocol::Http3
+    }
+
     /// Every address it binds: `address`, then the additional ones.
     pub fn addresses(&self) -> Vec<SocketAddr> {
         std::iter::once(self.address).chain(self.additional_addresses.iter().copied()).collect()
@@ -216,6 +233,7 @@ impl Snapshot {
                 &tables,
                 &find_cluster,
                 ListenerAuthz::compile(policies, &l.name, &metrics.authz),
+                previous.and_then(|p| p.listeners.get(l.name.as_str())).map(|l| &**l),
                 metrics,
             )
             .map_err(|e| fail(e.of(Kind::Listener, &l.name)))?;
@@ -250,6 +268,7 @@ fn compile_listener(
     tables: &[(Arc<RouteTable>, Vec<Destination>)],
     find_cluster: &dyn Fn(&str) -> Option<Arc<Cluster>>,
     authz: Option<ListenerAuthz>,
+    previous: Option<&ListenerConfig>,
     metrics: &SnapshotMetrics,
 ) -> Result<ListenerConfig, Invalid> {
     let address = validate::parse_address(&l.address).map_err(|m| Invalid::new("address", m))?;
@@ -284,6 +303,17 @@ fn compile_listener(
         v1::listener::Protocol::Http2 => ListenerProtocol::Http2,
         v1::listener::Protocol::Tcp => ListenerProtocol::Tcp,
         v1::listener::Protocol::Hbone => ListenerProtocol::Hbone,
+        v1::listener::Protocol::Http3 => ListenerProtocol::Http3,
+    };
+    let idle_timeout = duration("idle_timeout", l.idle_timeout.as_ref(), limits::DEFAULT_IDLE_TIMEOUT)?;
+    let (tls, quic) = match (&l.tls, protocol) {
+        (Some(tls), ListenerProtocol::Http3) => {
+            let previous = previous.and_then(|p| p.tls.as_ref());
+            let (certificate, quic) =
+                http3(tls, idle_timeout, previous, || metrics.listeners.certificate_reloads(&l.name))?;
+            (Some(certificate), Some(quic))
+        }
+        _ => (None, None),
     };
     let max_connections = match l.max_connections {
         0 => limits::DEFAULT_MAX_CONNECTIONS,
@@ -297,7 +327,7 @@ fn compile_listener(
         protocol,
         transparent: l.transparent,
         detect_timeout: duration("detect_timeout", l.detect_timeout.as_ref(), limits::DEFAULT_DETECT_TIMEOUT)?,
-        idle_timeout: duration("idle_timeout", l.idle_timeout.as_ref(), limits::DEFAULT_IDLE_TIMEOUT)?,
+        idle_timeout,
         header_timeout: duration("header_timeout", l.header_timeout.as_ref(), limits::DEFAULT_HEADER_TIMEOUT)?,
         max_connections: i64::from(max_connections),
         connection_rate_limit: l.connection_rate_limit.as_ref().map(|limit| {
@@ -314,7 +344,32 @@ fn compile_listener(
         tunnels: (protocol == ListenerProtocol::Hbone).then(|| metrics.listeners.tunnels(&l.name)),
         inbound_listener: (protocol == ListenerProtocol::Hbone).then(|| l.inbound_listener.as_str().into()),
         authz,
+        tls,
+        quic,
+        advertise_http3: (!l.advertise_http3.is_empty()).then(|| l.advertise_http3.as_str().into()),
+        alt_svc: Default::default(),
     })
+}
+
+/// An HTTP/3 listener's certificate (the previous snapshot's, while the files are the same: the
+/// certificate watch keeps it current) and its QUIC server config.
+fn http3(
+    tls: &v1::ListenerTls,
+    idle_timeout: Duration,
+    previous: Option<&Arc<ServedCertificate>>,
+    reloads: impl FnOnce() -> CertificateReloads,
+) -> Result<(Arc<ServedCertificate>, quinn::ServerConfig), Invalid> {
+    let (certificate_file, private_key_file) =
+        (std::path::Path::new(&tls.certificate_file), std::path::Path::new(&tls.private_key_file));
+    let certificate = match previous {
+        Some(served) if served.is_from(certificate_file, private_key_file) => served.clone(),
+        _ => Arc::new(
+            ServedCertificate::load(certificate_file, private_key_file, reloads())
+                .map_err(|e| Invalid::new("tls", e.to_string()))?,
+        ),
+    };
+    let quic = quic::server_config(certificate.clone(), idle_timeout).map_err(|m| Invalid::new("tls", m))?;
+    Ok((certificate, quic))
 }
 
 /// The snapshot serving now, shared by every worker.

@@ -1,0 +1,266 @@
+//! HTTP/3 downstream: QUIC connections on a listener's UDP socket, each request through the same
+//! pipeline as HTTP/1.1 and HTTP/2 (`http::proxy`).
+//!
+//! A worker runs [`accept_loop`] on its socket. Each connection is admitted as a TCP connection is
+//! (the listener's rate limit, `max_connections`, a strict authorization policy refusing what is
+//! not mesh mTLS) before its handshake, then served by h3: every request stream becomes a
+//! `Request<RequestBody>` whose body reads the stream (`http::body::RequestStreamBody`), goes through
+//! `http::proxy`, and its response is written back frame by frame, trailers included. The
+//! connection ends when the client closes it, QUIC's idle timeout passes, or after a drain's
+//! GOAWAY once its requests are done. The bytes it moved (UDP payloads both ways) are counted into
+//! the listener's when it ends.
+
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use h3::error::Code;
+use h3::server::{RequestResolver, RequestStream};
+use http::header::{CONNECTION, HeaderName, TE, TRANSFER_ENCODING, UPGRADE};
+use http::{HeaderMap, Method, Response, StatusCode};
+use http_body::Body;
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use crate::context::{DataPath, Open};
+use crate::http::body::{BodyError, ProxyBody, RequestBody, RequestStreamBody};
+use crate::http::server::{HttpConnection, Origin};
+use crate::io::Meter;
+use crate::state::ListenerConfig;
+use crate::{limits, listener};
+
+type H3Connection = h3_quinn::Connection;
+type Resolver = RequestResolver<H3Connection, Bytes>;
+type Send = RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
+
+/// Serves HTTP/3 on `socket` for listener `name` until `stop` turns true or draining starts;
+/// connections already open go on to their end. Must run inside a worker's runtime.
+pub async fn accept_loop(
+    socket: std::net::UdpSocket,
+    name: Arc<str>,
+    data: Arc<DataPath>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let Some(config) = data.snapshot.load().listener(&name).and_then(|l| l.quic.clone()) else {
+        return;
+    };
+    let runtime = Arc::new(quinn::TokioRuntime);
+    let endpoint = match quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(config), socket, runtime) {
+        Ok(endpoint) => endpoint,
+        Err(error) => {
+            warn!(listener = %name, %error, "cannot serve listener");
+            return;
+        }
+    };
+    let local_port = endpoint.local_addr().map_or(0, |address| address.port());
+    let mut drain = data.drain.watch();
+    loop {
+        let incoming = tokio::select! {
+            incoming = endpoint.accept() => incoming,
+            _ = stop.wait_for(|stop| *stop) => break,
+            () = drain.signaled() => break,
+        };
+        let Some(incoming) = incoming else { break };
+        tokio::spawn(serve_connection(incoming, local_port, name.clone(), data.clone()));
+    }
+    // New connections are refused from now on; open ones keep the endpoint running until they end.
+    endpoint.set_server_config(None);
+}
+
+/// Admits one connection, completes its handshake, and serves its requests.
+async fn serve_connection(incoming: quinn::Incoming, local_port: u16, name: Arc<str>, data: Arc<DataPath>) {
+    let Some(listener) = data.snapshot.load().listener(&name).cloned() else {
+        incoming.refuse();
+        return;
+    };
+    let Some(config) = listener.quic.clone() else {
+        incoming.refuse();
+        return;
+    };
+    if !listener::admit(&listener) {
+        incoming.refuse();
+        return;
+    }
+    let meter = Arc::new(Meter::default());
+    let open = Open::new(listener.clone(), meter.clone(), data.drain.track());
+    if let Some(port) = refused_as_plaintext(&listener, local_port) {
+        debug!(listener = %name, port, "http/3 connection refused: the policy is strict");
+        incoming.refuse();
+        return;
+    }
+    let peer = incoming.remote_address();
+    let destination_port = if listener.authz.is_some() { local_port } else { 0 };
+    let connecting = match incoming.accept_with(Arc::new(config)) {
+        Ok(connecting) => connecting,
+        Err(error) => {
+            debug!(listener = %name, %error, "quic connection failed before its handshake");
+            return;
+        }
+    };
+    let quic = match tokio::time::timeout(limits::DEFAULT_HANDSHAKE_TIMEOUT, connecting).await {
+        Ok(Ok(quic)) => quic,
+        Ok(Err(error)) => {
+            debug!(listener = %name, %error, "quic handshake failed");
+            return;
+        }
+        Err(_) => {
+            debug!(listener = %name, "quic handshake timed out");
+            return;
+        }
+    };
+    if let Some(caller) = listener.stats.caller(None) {
+        meter.attribute(caller);
+    }
+    let origin = Origin::new(listener.name.clone(), peer, None, destination_port, None);
+    let connection = Arc::new(HttpConnection {
+        data: data.clone(),
+        listener: listener.clone(),
+        meter: meter.clone(),
+        open,
+        origin,
+        caller: listener.stats.caller(None),
+        quiet: Default::default(),
+    });
+    let built = h3::server::builder()
+        .max_field_section_size(limits::MAX_HEADER_BYTES as u64)
+        .build::<_, Bytes>(h3_quinn::Connection::new(quic.clone()))
+        .await;
+    match built {
+        Ok(h3) => serve_requests(h3, &connection).await,
+        Err(error) => debug!(listener = %name, %error, "http/3 connection failed to start"),
+    }
+    let stats = quic.stats();
+    meter.add_received(usize::try_from(stats.udp_rx.bytes).unwrap_or(usize::MAX));
+    meter.add_sent(usize::try_from(stats.udp_tx.bytes).unwrap_or(usize::MAX));
+}
+
+/// Whether a strict authorization policy on the listener's port refuses the connection: HTTP/3
+/// carries no mesh identity, so to authorization it is plaintext (counted either way). The port it
+/// judges by is the socket's.
+fn refused_as_plaintext(listener: &ListenerConfig, port: u16) -> Option<u16> {
+    let authz = listener.authz.as_ref()?;
+    let policy = authz.for_port(port)?;
+    if policy.strict {
+        policy.counters.plaintext_refused.inc();
+        return Some(port);
+    }
+    policy.counters.plaintext_accepted.inc();
+    None
+}
+
+/// Accepts request streams until the client closes the connection (or, once draining, until the
+/// requests in flight are done); each is served in a task of its own.
+async fn serve_requests(mut h3: h3::server::Connection<H3Connection, Bytes>, connection: &Arc<HttpConnection>) {
+    let mut drain = connection.data.drain.watch();
+    let mut draining = false;
+    loop {
+        let accepted = if draining {
+            h3.accept().await
+        } else {
+            tokio::select! {
+                accepted = h3.accept() => accepted,
+                () = drain.signaled() => {
+                    draining = true;
+                    // GOAWAY: no new requests; those already accepted complete.
+                    if let Err(error) = h3.shutdown(0).await {
+                        debug!(listener = %connection.listener.name, %error, "http/3 shutdown failed");
+                        return;
+                    }
+                    continue;
+                }
+            }
+        };
+        match accepted {
+            Ok(Some(resolver)) => {
+                tokio::spawn(serve_request(resolver, connection.clone()));
+            }
+            Ok(None) => return,
+            Err(error) => {
+                if !error.is_h3_no_error() {
+                    debug!(listener = %connection.listener.name, %error, "http/3 connection ended with an error");
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// One request stream: its head read, the request proxied, the response written back.
+async fn serve_request(resolver: Resolver, connection: Arc<HttpConnection>) {
+    let (request, stream) = match resolver.resolve_request().await {
+        Ok(resolved) => resolved,
+        Err(error) => {
+            debug!(listener = %connection.listener.name, %error, "http/3 request head rejected");
+            return;
+        }
+    };
+    let (mut send, recv) = stream.split();
+    let response = if request.method() == Method::CONNECT {
+        // Neither classic nor extended CONNECT is served over HTTP/3.
+        local(StatusCode::NOT_IMPLEMENTED)
+    } else {
+        let body = RequestStreamBody::new(recv, &request);
+        let request = request.map(|()| RequestBody::Http3(Box::new(body)));
+        match crate::http::proxy(request, connection.clone()).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        }
+    };
+    if let Err(error) = respond(&mut send, response).await {
+        debug!(listener = %connection.listener.name, %error, "http/3 response not delivered");
+    }
+}
+
+fn local(status: StatusCode) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::empty());
+    *response.status_mut() = status;
+    response
+}
+
+/// Why a response did not reach the client whole.
+#[derive(Debug, thiserror::Error)]
+enum RespondError {
+    #[error("{0}")]
+    Stream(#[from] h3::error::StreamError),
+    #[error("response body: {0}")]
+    Body(BodyError),
+}
+
+/// Writes `response` to the request stream: head, data, trailers, end. A body that fails resets
+/// the stream, so the client sees a broken response, never a short one.
+async fn respond(send: &mut Send, response: Response<ProxyBody>) -> Result<(), RespondError> {
+    let (mut parts, mut body) = response.into_parts();
+    strip_connection_headers(&mut parts.headers);
+    send.send_response(Response::from_parts(parts, ())).await?;
+    loop {
+        let frame = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+        match frame {
+            None => break,
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => send.send_data(data).await?,
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        send.send_trailers(trailers).await?;
+                        break;
+                    }
+                }
+            },
+            Some(Err(error)) => {
+                send.stop_stream(Code::H3_INTERNAL_ERROR);
+                return Err(RespondError::Body(error));
+            }
+        }
+    }
+    send.finish().await?;
+    Ok(())
+}
+
+/// HTTP/3, as HTTP/2, has no connection-specific header fields (RFC 9114 §4.2).
+fn strip_connection_headers(headers: &mut HeaderMap) {
+    static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+    static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+    for name in [&CONNECTION, &TRANSFER_ENCODING, &UPGRADE, &TE, &KEEP_ALIVE, &PROXY_CONNECTION] {
+        headers.remove(name);
+    }
+}
