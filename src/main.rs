@@ -157,6 +157,11 @@ enum Command {
         /// (the sidecars' HBONE listener); 0: a TLS connection per TCP connection instead.
         #[arg(long, default_value_t = 15008, value_name = "PORT")]
         hbone_port: u16,
+        /// The automatic mesh's opaque TCP between meshed pods rides QUIC first (HBONE's tunnels on
+        /// HTTP/3) to this UDP port of each pod (the sidecars' hbone_quic listener, 15008), falling
+        /// back to HBONE where UDP does not get through; 0 (the default): no QUIC.
+        #[arg(long, default_value_t = 0, value_name = "PORT")]
+        quic_port: u16,
         /// The longest certificate lifetime the CA signs, in seconds.
         #[arg(long, default_value_t = 30 * 24 * 3600, value_name = "SECONDS")]
         max_cert_ttl: u64,
@@ -394,6 +399,7 @@ fn main() -> ExitCode {
             kubernetes_api,
             cluster_domain,
             hbone_port,
+            quic_port,
             kubernetes_ca,
             kubernetes_token,
             trust_domain,
@@ -427,8 +433,12 @@ fn main() -> ExitCode {
             };
             let kubernetes_objects = (kubernetes_endpoints || kubernetes_mesh)
                 .then_some(KubernetesObjects { automatic_mesh: kubernetes_mesh });
-            let mesh =
-                remora_control_plane::mesh::Settings { trust_domain: trust_domain.clone(), cluster_domain, hbone_port };
+            let mesh = remora_control_plane::mesh::Settings {
+                trust_domain: trust_domain.clone(),
+                cluster_domain,
+                hbone_port,
+                quic_port,
+            };
             let ca = root.map(|root| CaConfig {
                 root,
                 trust_domain,

@@ -166,9 +166,11 @@ impl AdminState {
             .into_iter()
             .map(|cluster| {
                 // How connections to the cluster travel: h2c or plain TCP, mutual TLS to each
-                // endpoint's sidecar, or (opaque TCP) HBONE tunnels to its host's HBONE listener.
+                // endpoint's sidecar, or (opaque TCP) HBONE tunnels to its host's HBONE listener,
+                // over QUIC first when the cluster has a QUIC port.
                 let transport = match &cluster.mesh {
                     None => "plaintext",
+                    Some(peers) if peers.quic_port.is_some() => "quic",
                     Some(peers) if peers.hbone_port.is_some() => "hbone",
                     Some(_) => "mesh-tls",
                 };

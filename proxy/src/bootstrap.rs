@@ -22,8 +22,9 @@ use crate::telemetry::export::ExportSettings;
 /// The configuration `remora proxy` runs with when given no `--config`: an outbound listener on
 /// 127.0.0.1:15001 and [::1]:15001 and an inbound one on 0.0.0.0:15006 and [::]:15006, both
 /// transparent (behind iptables REDIRECT), both passing traffic through to its original
-/// destination, an HBONE listener on 0.0.0.0:15008 and [::]:15008 (serving tunnels once the proxy
-/// has an identity) whose tunnels the inbound listener serves, and the admin server on
+/// destination, an HBONE listener on 0.0.0.0:15008 and [::]:15008 (TCP) and an HBONE-over-QUIC one
+/// on the same addresses (UDP), serving tunnels once the proxy has an identity, whose tunnels the
+/// inbound listener serves, and the admin server on
 /// 127.0.0.1:15000. Where IPv6 is off, the IPv6 addresses
 /// (the `additional_addresses` lines) are left out ([`ConfigSource::defaults`]).
 pub const DEFAULT_CONFIG: &str = r#"# Remora's built-in defaults: a transparent pass-through sidecar.
@@ -53,6 +54,13 @@ resources:
     additional_addresses: ["[::]:15008"]
     direction: inbound
     protocol: hbone
+    inbound_listener: inbound
+  - kind: Listener
+    name: hbone-quic
+    address: 0.0.0.0:15008
+    additional_addresses: ["[::]:15008"]
+    direction: inbound
+    protocol: hbone_quic
     inbound_listener: inbound
   - kind: Cluster
     name: passthrough
@@ -409,7 +417,7 @@ mod tests {
     #[test]
     fn built_in_defaults_load_and_resolve() {
         let loaded = load(&ConfigSource::defaults()).unwrap();
-        assert_eq!(loaded.resources.len(), 4);
+        assert_eq!(loaded.resources.len(), 5);
         let bootstrap = Bootstrap::resolve(&loaded.bootstrap).unwrap();
         assert_eq!(bootstrap.admin_address, "127.0.0.1:15000".parse().unwrap());
         assert_eq!(bootstrap.drain_time, Duration::from_secs(5));
@@ -438,12 +446,18 @@ mod tests {
             [
                 ("127.0.0.1:15001".into(), v6("[::1]:15001")),
                 ("0.0.0.0:15006".into(), v6("[::]:15006")),
+                ("0.0.0.0:15008".into(), v6("[::]:15008")),
                 ("0.0.0.0:15008".into(), v6("[::]:15008"))
             ]
         );
         assert_eq!(
             listeners(false),
-            [("127.0.0.1:15001".into(), vec![]), ("0.0.0.0:15006".into(), vec![]), ("0.0.0.0:15008".into(), vec![])]
+            [
+                ("127.0.0.1:15001".into(), vec![]),
+                ("0.0.0.0:15006".into(), vec![]),
+                ("0.0.0.0:15008".into(), vec![]),
+                ("0.0.0.0:15008".into(), vec![])
+            ]
         );
     }
 

@@ -23,6 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::listener::metrics::{CallerStats, ListenerStats};
+use crate::quic::stream::InboundTunnel;
 use crate::timer::Deadline;
 use crate::tls::ServerStream;
 
@@ -193,6 +194,29 @@ enum Transport {
     Tls(Box<ServerStream>),
     /// A tunnel of an HBONE connection: its HTTP/2 CONNECT stream, after the `200`.
     Tunnel(Box<TokioIo<Upgraded>>),
+    /// A tunnel of an HBONE-over-QUIC connection: its HTTP/3 CONNECT stream, after the `200`.
+    QuicTunnel(Box<InboundTunnel>),
+}
+
+/// A tunnel's stream, HBONE's or HBONE-over-QUIC's, once its `CONNECT` is answered: read first by
+/// detection, then served as a downstream connection.
+pub trait TunnelIo: AsyncRead + Unpin + Send + 'static {
+    /// The downstream connection it carries, replaying `replay` (bytes detection already took from
+    /// it, counted here) first.
+    fn into_downstream(self, replay: Bytes, meter: Arc<Meter>) -> DownstreamStream;
+}
+
+impl TunnelIo for TokioIo<Upgraded> {
+    fn into_downstream(self, replay: Bytes, meter: Arc<Meter>) -> DownstreamStream {
+        DownstreamStream::tunnel(self, replay, meter)
+    }
+}
+
+impl TunnelIo for InboundTunnel {
+    fn into_downstream(self, replay: Bytes, meter: Arc<Meter>) -> DownstreamStream {
+        meter.add_received(replay.len());
+        DownstreamStream { socket: Transport::QuicTunnel(Box::new(self)), replay, meter }
+    }
 }
 
 impl DownstreamStream {
@@ -225,13 +249,13 @@ impl DownstreamStream {
             Transport::Plain(stream) => stream.readable().await,
             Transport::Tls(stream) => stream.get_ref().0.readable().await,
             // A tunnel has no socket of its own to wait on (and never parks: see `http::park`).
-            Transport::Tunnel(_) => Ok(()),
+            Transport::Tunnel(_) | Transport::QuicTunnel(_) => Ok(()),
         }
     }
 
-    /// Whether this is a tunnel of an HBONE connection.
+    /// Whether this is a tunnel of an HBONE connection (over TCP or QUIC).
     pub fn is_tunnel(&self) -> bool {
-        matches!(self.socket, Transport::Tunnel(_))
+        matches!(self.socket, Transport::Tunnel(_) | Transport::QuicTunnel(_))
     }
 
     /// Wraps a mesh TLS session terminated on the connection.
@@ -259,6 +283,10 @@ macro_rules! on_transport {
                 $body
             }
             Transport::Tunnel($stream) => {
+                let $stream = Pin::new(&mut **$stream);
+                $body
+            }
+            Transport::QuicTunnel($stream) => {
                 let $stream = Pin::new(&mut **$stream);
                 $body
             }
@@ -310,6 +338,7 @@ impl AsyncWrite for DownstreamStream {
             Transport::Plain(stream) => stream.is_write_vectored(),
             Transport::Tls(stream) => stream.is_write_vectored(),
             Transport::Tunnel(stream) => stream.is_write_vectored(),
+            Transport::QuicTunnel(stream) => stream.is_write_vectored(),
         }
     }
 

@@ -103,6 +103,18 @@ pub const H3_MAX_CONCURRENT_STREAMS: u32 = H2_MAX_CONCURRENT_STREAMS;
 /// Unidirectional streams a client may open on an HTTP/3 connection: it needs three (control and
 /// the two QPACK streams); a few more leave room for extensions, no more for a flood.
 pub const H3_MAX_UNI_STREAMS: u32 = 8;
+/// Mesh QUIC connections (HBONE over QUIC) send a keep-alive this often, so one whose tunnels are
+/// quiet stays up; one that hears nothing for [`MESH_QUIC_IDLE_TIMEOUT`] is dead (a path that
+/// stopped carrying UDP), and its tunnels with it.
+pub const MESH_QUIC_KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// See [`MESH_QUIC_KEEP_ALIVE`].
+pub const MESH_QUIC_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+/// After QUIC to an endpoint's host failed to connect in time (UDP blocked on the path), its
+/// connections take the cluster's TCP transport, and QUIC is tried again in the background this
+/// often: no connection waits on a blocked path twice, and one that opens again is used within this.
+pub const QUIC_PROBE_INTERVAL: Duration = Duration::from_secs(3);
+/// How often an `hbone_quic` listener looks for this proxy's first certificate before it can answer.
+pub const IDENTITY_WAIT_POLL: Duration = Duration::from_millis(100);
 /// How long a client may remember an `Alt-Svc` advertisement of HTTP/3 (a day, as most sites).
 pub const ALT_SVC_MAX_AGE: u32 = 86_400;
 

@@ -29,6 +29,10 @@ use crate::http::client::{self, ClientSettings};
 use crate::http::error::ProxyError;
 use crate::io::{DownstreamStream, Meter, idle_watch};
 use crate::limits;
+use crate::quic::{
+    self,
+    client::{Opened, QuicUpstream},
+};
 use crate::state::cluster::Cluster;
 use crate::state::{Direction, ListenerConfig};
 use crate::telemetry::access_log::{AccessLog, Entry};
@@ -110,8 +114,8 @@ struct Relay<'a> {
 }
 
 /// A relayed connection's upstream side: plain TCP, or to a mesh cluster, mutual TLS or an HBONE
-/// tunnel.
-type Upstream = Either<TcpStream, Either<ClientStream, TokioIo<Upgraded>>>;
+/// tunnel (over TCP or QUIC).
+type Upstream = Either<TcpStream, Either<ClientStream, Either<TokioIo<Upgraded>, Box<QuicUpstream>>>>;
 
 impl Relay<'_> {
     /// The connection's life: the endpoint it went to, and what cut it short (an `x-remora-error`
@@ -152,18 +156,35 @@ impl Relay<'_> {
         (Some(endpoint), flag)
     }
 
-    /// Connects to `endpoint`: plain TCP; to a mesh cluster, TCP inside mutual TLS to the endpoint's
-    /// sidecar, or a tunnel on the pooled HBONE connection to its host. For opaque TCP, opening the
-    /// connection is all there is to judge an endpoint by (outlier detection counts a failure as a
-    /// gateway error). On failure: the access log's name for it.
+    /// Connects to `endpoint`: plain TCP; to a mesh cluster, a tunnel on the pooled QUIC connection
+    /// to its host (falling back to TCP when QUIC does not get through), TCP inside mutual TLS to the
+    /// endpoint's sidecar, or a tunnel on the pooled HBONE connection to its host. For opaque TCP,
+    /// opening the connection is all there is to judge an endpoint by (outlier detection counts a
+    /// failure as a gateway error). On failure: the access log's name for it.
     async fn open(&self, endpoint: SocketAddr, state: Option<&EndpointState>) -> Result<Upstream, &'static str> {
         let Relay { cluster, listener, settings, .. } = *self;
         let started = std::time::Instant::now();
+        if let Some(port) = cluster.mesh.as_ref().and_then(|peers| peers.quic_port) {
+            let opening = Box::pin(quic::client::open_tunnel(settings, cluster, endpoint, port));
+            match opening.await {
+                Ok(Opened::Tunnel(tunnel)) => {
+                    self.observe(state, None, started);
+                    return Ok(Either::Right(Either::Right(Either::Right(tunnel))));
+                }
+                // On to the cluster's TCP transport.
+                Ok(Opened::FallBack) => {}
+                Err(error) => {
+                    self.observe(state, Some(error.failure()), started);
+                    debug!(listener = %listener.name, cluster = %cluster.name, %error, "tcp: quic tunnel failed; closing");
+                    return Err(error.status_and_reason().1);
+                }
+            }
+        }
         if let Some(port) = cluster.mesh.as_ref().and_then(|peers| peers.hbone_port) {
             let opening = Box::pin(client::open_tunnel(settings, cluster, endpoint, port));
             let opened = opening.await;
             self.observe(state, opened.as_ref().err().map(ProxyError::failure), started);
-            return opened.map(|tunnel| Either::Right(Either::Right(tunnel))).map_err(|error| {
+            return opened.map(|tunnel| Either::Right(Either::Right(Either::Left(tunnel)))).map_err(|error| {
                 debug!(listener = %listener.name, cluster = %cluster.name, %error, "tcp: hbone tunnel failed; closing");
                 error.status_and_reason().1
             });

@@ -65,6 +65,7 @@ impl Workers {
                             tick.tick().await;
                             timer::tick();
                             client::sweep();
+                            quic::client::sweep();
                         }
                     });
                     while let Some(command) = receiver.recv().await {

@@ -15,9 +15,9 @@ use remora_proxy::testing::proxy::temp_dir;
 use remora_proxy::testing::{BannerServer, HttpServer, TcpEchoServer, TestProxy, eventually};
 use serde_json::{Value, json};
 
-const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
-const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
-const OPS: &str = "spiffe://cluster.local/ns/ops/sa/admin";
+pub(crate) const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+pub(crate) const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
+pub(crate) const OPS: &str = "spiffe://cluster.local/ns/ops/sa/admin";
 
 /// Whether the independent client can run here; says why not when it cannot.
 fn python_h2() -> bool {
@@ -31,12 +31,12 @@ fn python_h2() -> bool {
 /// A sidecar (identity `api`) whose HBONE listener's tunnels are served by its inbound listener,
 /// which passes them through to their target, with a policy on the inbound listener: the app's port
 /// is open to `web`, the echo server's only to `ops`.
-struct Sidecar {
-    proxy: TestProxy,
-    app: HttpServer,
-    echo: TcpEchoServer,
-    ca: TestCa,
-    dir: PathBuf,
+pub(crate) struct Sidecar {
+    pub(crate) proxy: TestProxy,
+    pub(crate) app: HttpServer,
+    pub(crate) echo: TcpEchoServer,
+    pub(crate) ca: TestCa,
+    pub(crate) dir: PathBuf,
 }
 
 impl Drop for Sidecar {
@@ -46,6 +46,11 @@ impl Drop for Sidecar {
 }
 
 async fn sidecar() -> Sidecar {
+    sidecar_with("").await
+}
+
+/// The same sidecar with `more` resources.
+pub(crate) async fn sidecar_with(more: &str) -> Sidecar {
     let ca = TestCa::new("cluster.local");
     let dir = temp_dir("remora-hbone");
     let app = HttpServer::start("api-app").await;
@@ -55,7 +60,7 @@ async fn sidecar() -> Sidecar {
         "bootstrap:\n  admin_address: 127.0.0.1:0\n  workers: 1\n  drain_time: 1s\n{identity}---\nresources:\n\
          {}{}  - {{kind: Cluster, name: passthrough, original_destination: true}}\n\
          {}\
-         {}",
+         {}{more}",
         crate::listener("hbone", ", direction: inbound, protocol: hbone, inbound_listener: inbound"),
         // A detection timeout no test waits out: a tunnel said to be opaque must not be read first.
         crate::listener("inbound", ", direction: inbound, default_cluster: passthrough, detect_timeout: 60s"),

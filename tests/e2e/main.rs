@@ -27,6 +27,7 @@ mod kubernetes_api;
 mod mesh;
 mod netns;
 mod policy;
+mod quic_tunnels;
 mod raw_upstream;
 mod reload;
 mod resilience;

@@ -113,6 +113,11 @@ impl Checker {
             }
             Ok(_) => self.patterns(subject, "peer_identities", &cluster.peer_identities),
         }
+        if cluster.quic_port > u32::from(u16::MAX) {
+            self.fail(subject, "quic_port", format!("must be a port number, got {}", cluster.quic_port));
+        } else if cluster.quic_port != 0 && cluster.tls() != v1::cluster::Tls::Mesh {
+            self.fail(subject, "quic_port", "applies only to tls: mesh");
+        }
         if cluster.hbone_port > u32::from(u16::MAX) {
             self.fail(subject, "hbone_port", format!("must be a port number, got {}", cluster.hbone_port));
         } else if cluster.hbone_port != 0 && cluster.tls() != v1::cluster::Tls::Mesh {

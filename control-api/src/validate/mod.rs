@@ -184,10 +184,10 @@ impl Checker {
         }
     }
 
-    /// An HBONE listener's own rules: inbound, not transparent, and naming the inbound listener that
-    /// serves its tunnels; `inbound_listener` on no other.
+    /// An HBONE listener's own rules (over TCP or QUIC): inbound, not transparent, and naming the
+    /// inbound listener that serves its tunnels; `inbound_listener` on no other.
     fn hbone(&mut self, subject: &str, listener: &v1::Listener, listeners: &HashMap<&str, &v1::Listener>) {
-        if listener.protocol() != v1::listener::Protocol::Hbone {
+        if !is_tunnels(listener) {
             if !listener.inbound_listener.is_empty() {
                 self.fail(subject, "inbound_listener", "applies only to protocol: hbone");
             }
@@ -214,12 +214,12 @@ impl Checker {
         }
         match listeners.get(name) {
             Some(target)
-                if target.direction() == v1::listener::Direction::Inbound
-                    && target.protocol() != v1::listener::Protocol::Hbone => {}
+                if target.direction() == v1::listener::Direction::Inbound && !is_tunnels(target) && !is_udp(target) => {
+            }
             Some(_) => self.fail(
                 subject,
                 "inbound_listener",
-                format!("names listener {name:?}, which is not an inbound listener of another protocol than hbone"),
+                format!("names listener {name:?}, which is not an inbound TCP listener (auto, http1, http2 or tcp)"),
             ),
             None if self.references == References::Required => {
                 self.fail(subject, "inbound_listener", format!("names listener {name:?}, which is not defined"))
@@ -231,7 +231,7 @@ impl Checker {
     /// An HTTP/3 listener's own rules: a certificate, no `transparent`; `tls` on no other yet, and
     /// `advertise_http3` naming an HTTP/3 listener from an HTTP one.
     fn http3(&mut self, subject: &str, listener: &v1::Listener, listeners: &HashMap<&str, &v1::Listener>) {
-        let http3 = is_udp(listener);
+        let http3 = listener.protocol() == v1::listener::Protocol::Http3;
         match &listener.tls {
             None if http3 => self.fail(subject, "tls", "is required with protocol: http3 (its certificate)"),
             None => {}
@@ -257,7 +257,7 @@ impl Checker {
             self.fail(subject, "advertise_http3", "applies only to an HTTP listener (auto, http1 or http2)");
         }
         match listeners.get(name) {
-            Some(target) if is_udp(target) => {}
+            Some(target) if target.protocol() == v1::listener::Protocol::Http3 => {}
             Some(_) => self.fail(
                 subject,
                 "advertise_http3",
@@ -316,9 +316,14 @@ impl Checker {
     }
 }
 
-/// Whether the listener binds UDP (HTTP/3) rather than TCP.
+/// Whether the listener binds UDP (HTTP/3, HBONE over QUIC) rather than TCP.
 fn is_udp(listener: &v1::Listener) -> bool {
-    listener.protocol() == v1::listener::Protocol::Http3
+    matches!(listener.protocol(), v1::listener::Protocol::Http3 | v1::listener::Protocol::HboneQuic)
+}
+
+/// Whether the listener takes mesh tunnels (HBONE over TCP or QUIC).
+fn is_tunnels(listener: &v1::Listener) -> bool {
+    matches!(listener.protocol(), v1::listener::Protocol::Hbone | v1::listener::Protocol::HboneQuic)
 }
 
 #[cfg(test)]
@@ -418,6 +423,7 @@ mod tests {
 - {kind: Listener, name: quic2, address: "0.0.0.0:444", protocol: http3, tls: {certificate_file: c.pem}}
 - {kind: Listener, name: web, address: "0.0.0.0:443", tls: {certificate_file: c.pem, private_key_file: k.pem}, advertise_http3: l}
 - {kind: Listener, name: opaque, address: "0.0.0.0:445", protocol: tcp, advertise_http3: quic}
+- {kind: Listener, name: udp-tunnels, address: "0.0.0.0:15008", protocol: hbone_quic, direction: inbound, inbound_listener: tunnels}
 "#,
         ));
         for needle in [
@@ -431,7 +437,7 @@ mod tests {
             "listener \"l\": detect_timeout: must be greater than zero",
             "listener \"tunnels\": direction: an hbone listener is inbound",
             "listener \"tunnels\": transparent: does not apply to an hbone listener",
-            "listener \"tunnels\": inbound_listener: names listener \"l\", which is not an inbound listener",
+            "listener \"tunnels\": inbound_listener: names listener \"l\", which is not an inbound TCP listener",
             "listener \"bare\": inbound_listener: is required",
             "listener \"side\": inbound_listener: applies only to protocol: hbone",
             "listener \"quic\": tls: is required with protocol: http3",
@@ -440,6 +446,7 @@ mod tests {
             "listener \"web\": tls: applies only to protocol: http3",
             "listener \"web\": advertise_http3: names listener \"l\", which is not of protocol: http3",
             "listener \"opaque\": advertise_http3: applies only to an HTTP listener",
+            "listener \"udp-tunnels\": inbound_listener: names listener \"tunnels\", which is not an inbound TCP listener",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in {text}");
         }

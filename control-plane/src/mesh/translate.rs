@@ -22,11 +22,19 @@ pub struct Settings {
     /// The port of meshed pods' HBONE listeners, over which opaque TCP to them rides (0: a TLS
     /// connection per TCP connection instead).
     pub hbone_port: u16,
+    /// The UDP port of meshed pods' HBONE-over-QUIC listeners, over which opaque TCP to them rides
+    /// first (falling back to `hbone_port` where UDP does not get through); 0 (the default): no QUIC.
+    pub quic_port: u16,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { trust_domain: "cluster.local".into(), cluster_domain: "cluster.local".into(), hbone_port: 15008 }
+        Settings {
+            trust_domain: "cluster.local".into(),
+            cluster_domain: "cluster.local".into(),
+            hbone_port: 15008,
+            quic_port: 0,
+        }
     }
 }
 
@@ -363,6 +371,7 @@ fn cluster(objects: &Objects, service: &Service, port: &ServicePort, name: &str,
     if meshed {
         cluster.set_tls(v1::cluster::Tls::Mesh);
         cluster.hbone_port = u32::from(settings.hbone_port);
+        cluster.quic_port = u32::from(settings.quic_port);
     }
     let endpoints = v1::Endpoints {
         cluster: name.to_owned(),

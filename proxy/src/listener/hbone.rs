@@ -26,10 +26,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use http::{Method, Request, Response, StatusCode};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use remora_control_api::identity::SpiffeId;
 use tokio::net::TcpStream;
@@ -42,12 +41,13 @@ use crate::detect::{self, Protocol};
 use crate::http::body::ProxyBody;
 use crate::http::headers;
 use crate::http::server::{self, ServerVersion};
-use crate::io::{DownstreamStream, Meter};
+use crate::io::{Meter, TunnelIo};
 use crate::state::ListenerConfig;
 use crate::tls::MeshTls;
 
-/// One HBONE connection: the peer sidecar (or ztunnel) it came from, and the tunnels it carries.
-struct Carrier {
+/// One HBONE connection (over TCP, or over QUIC: `quic::tunnels`): the peer sidecar (or ztunnel)
+/// it came from, and the tunnels it carries.
+pub(crate) struct Carrier {
     data: Arc<DataPath>,
     /// The HBONE listener's name.
     listener: Arc<str>,
@@ -75,16 +75,7 @@ pub(super) async fn serve(stream: TcpStream, mesh: &MeshTls, accepted: Accepted,
             return;
         }
     };
-    let carrier = Arc::new(Carrier {
-        data: data.clone(),
-        listener: listener.name.clone(),
-        peer,
-        local: local.ip().to_canonical(),
-        identity,
-        open_tunnels: AtomicUsize::new(0),
-        opened_tunnels: AtomicU64::new(0),
-        _open: open,
-    });
+    let carrier = Carrier::new(data, listener.name.clone(), peer, local.ip(), identity, open);
     let service = {
         let carrier = carrier.clone();
         service_fn(move |request| {
@@ -100,28 +91,74 @@ pub(super) async fn serve(stream: TcpStream, mesh: &MeshTls, accepted: Accepted,
 }
 
 impl Carrier {
-    /// Answers one stream: `200` and a tunnel served behind it, or a refusal.
+    /// A connection from `peer` (proven to be `identity`) to `local` on HBONE listener `listener`,
+    /// counted open by `open`.
+    pub(crate) fn new(
+        data: &Arc<DataPath>,
+        listener: Arc<str>,
+        peer: SocketAddr,
+        local: IpAddr,
+        identity: SpiffeId,
+        open: Open,
+    ) -> Arc<Carrier> {
+        Arc::new(Carrier {
+            data: data.clone(),
+            listener,
+            peer,
+            local: local.to_canonical(),
+            identity,
+            open_tunnels: AtomicUsize::new(0),
+            opened_tunnels: AtomicU64::new(0),
+            _open: open,
+        })
+    }
+
+    /// Answers one HTTP/2 stream: `200` and a tunnel served behind it, or a refusal.
     fn open_tunnel(self: &Arc<Self>, mut request: Request<Incoming>) -> Response<ProxyBody> {
+        let tunnel = match self.accept(request.method(), request.uri(), request.headers()) {
+            Ok(tunnel) => tunnel,
+            Err(refused) => return status(refused),
+        };
+        let upgrade = hyper::upgrade::on(&mut request);
+        let carrier = self.clone();
+        tokio::spawn(async move {
+            match upgrade.await {
+                // Boxed: a tunnel's task holds whichever path serves it.
+                Ok(upgraded) => Box::pin(carrier.serve_tunnel(TokioIo::new(upgraded), tunnel)).await,
+                Err(error) => debug!(listener = %carrier.listener, %error, "hbone: tunnel was not established"),
+            }
+        });
+        status(StatusCode::OK)
+    }
+
+    /// Judges a `CONNECT` (`method`, `uri`, `headers`): the tunnel, counted open on the inbound
+    /// listener, to answer `200` and serve; or the status it is refused with (counted).
+    pub(crate) fn accept(
+        self: &Arc<Self>,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+    ) -> Result<Tunnel, StatusCode> {
         let snapshot = self.data.snapshot.load();
         let Some(hbone) = snapshot.listener(&self.listener) else {
-            return status(StatusCode::SERVICE_UNAVAILABLE);
+            return Err(StatusCode::SERVICE_UNAVAILABLE);
         };
         // Gone if the listener was changed to another protocol: its HBONE connections take no more.
         let (Some(tunnels), Some(inbound)) = (&hbone.tunnels, &hbone.inbound_listener) else {
-            return status(StatusCode::SERVICE_UNAVAILABLE);
+            return Err(StatusCode::SERVICE_UNAVAILABLE);
         };
         let tunnels = tunnels.clone();
         // Validation makes sure the inbound listener exists; a config from a control plane may
         // still be waiting for it.
         let Some(listener) = snapshot.listener(inbound).cloned() else {
             tunnels.refused(TunnelRefusal::Unavailable);
-            return status(StatusCode::SERVICE_UNAVAILABLE);
+            return Err(StatusCode::SERVICE_UNAVAILABLE);
         };
-        let target = match self.judge(&listener, &request) {
+        let target = match self.judge(&listener, method, uri) {
             Ok(target) => target,
             Err(refusal) => {
                 tunnels.refused(refusal);
-                return status(refusal_status(refusal));
+                return Err(refusal_status(refusal));
             }
         };
         let stats = &listener.stats;
@@ -129,38 +166,27 @@ impl Carrier {
             stats.active.dec();
             stats.rejected.inc();
             tunnels.refused(TunnelRefusal::Unavailable);
-            return status(StatusCode::SERVICE_UNAVAILABLE);
+            return Err(StatusCode::SERVICE_UNAVAILABLE);
         }
         stats.connections.inc();
         let meter = Arc::new(Meter::default());
         let open = Open::new(listener.clone(), meter.clone(), self.data.drain.track());
         tunnels.opened();
-        let upgrade = hyper::upgrade::on(&mut request);
-        let carrier = self.clone();
-        let opaque = request.headers().get(&headers::TUNNEL_PROTOCOL).is_some_and(|value| value == "tcp");
+        let opaque = headers.get(&headers::TUNNEL_PROTOCOL).is_some_and(|value| value == "tcp");
         let guard = TunnelGuard::new(self.clone(), tunnels);
-        let tunnel = Tunnel { _guard: guard, listener, target, meter, open, opaque };
-        tokio::spawn(async move {
-            match upgrade.await {
-                // Boxed: a tunnel's task holds whichever path serves it.
-                Ok(upgraded) => Box::pin(carrier.serve_tunnel(upgraded, tunnel)).await,
-                Err(error) => debug!(listener = %carrier.listener, %error, "hbone: tunnel was not established"),
-            }
-        });
-        status(StatusCode::OK)
+        Ok(Tunnel { _guard: guard, listener, target, meter, open, opaque })
     }
 
     /// The tunnel's target, if this peer may open it.
-    fn judge(&self, listener: &ListenerConfig, request: &Request<Incoming>) -> Result<SocketAddr, TunnelRefusal> {
+    fn judge(&self, listener: &ListenerConfig, method: &Method, uri: &Uri) -> Result<SocketAddr, TunnelRefusal> {
         if self.data.drain.is_draining() {
             return Err(TunnelRefusal::Unavailable);
         }
-        if request.method() != Method::CONNECT {
-            debug!(listener = %self.listener, peer = %self.peer, method = %request.method(), "hbone: not a CONNECT");
+        if method != Method::CONNECT {
+            debug!(listener = %self.listener, peer = %self.peer, %method, "hbone: not a CONNECT");
             return Err(TunnelRefusal::BadRequest);
         }
-        let target = request
-            .uri()
+        let target = uri
             .authority()
             .and_then(|authority| authority.as_str().parse::<SocketAddr>().ok())
             .ok_or(TunnelRefusal::BadRequest)?;
@@ -179,9 +205,8 @@ impl Carrier {
     }
 
     /// Serves an established tunnel as a connection of its own.
-    async fn serve_tunnel(self: Arc<Self>, upgraded: Upgraded, tunnel: Tunnel) {
+    pub(crate) async fn serve_tunnel(self: Arc<Self>, mut io: impl TunnelIo, tunnel: Tunnel) {
         let Tunnel { _guard, listener, target, meter, open, opaque } = tunnel;
-        let mut io = TokioIo::new(upgraded);
         // A destination declared opaque, or a tunnel its sender says is opaque TCP, is not read
         // first: its server may be the one to speak.
         let opaque = opaque || listener.routes.for_tcp(Some(target)).is_some_and(|table| table.opaque);
@@ -196,7 +221,7 @@ impl Carrier {
                 }
             }
         };
-        let stream = DownstreamStream::tunnel(io, replay, meter.clone());
+        let stream = io.into_downstream(replay, meter.clone());
         let accepted = Accepted {
             listener: listener.clone(),
             peer: self.peer,
@@ -218,7 +243,7 @@ impl Carrier {
     }
 
     /// Resolves once the connection has carried no tunnel for `timeout` (within a quarter of it).
-    async fn idle(&self, timeout: Duration) {
+    pub(crate) async fn idle(&self, timeout: Duration) {
         let mut last = self.opened_tunnels.load(Ordering::Relaxed);
         let moved = move || {
             let opened = self.opened_tunnels.load(Ordering::Relaxed);
@@ -229,7 +254,7 @@ impl Carrier {
 }
 
 /// An accepted tunnel, between its `200` and its serving.
-struct Tunnel {
+pub(crate) struct Tunnel {
     _guard: TunnelGuard,
     listener: Arc<ListenerConfig>,
     target: SocketAddr,

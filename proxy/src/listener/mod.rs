@@ -17,7 +17,7 @@
 //!    table that claims the original destination (its `tcp_cluster`) or the listener's default
 //!    cluster.
 
-mod hbone;
+pub(crate) mod hbone;
 pub mod metrics;
 
 use std::net::SocketAddr;
@@ -175,7 +175,7 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, name: Arc<str>, d
         ListenerProtocol::Http1 => (Protocol::Http1, bytes::Bytes::new()),
         ListenerProtocol::Http2 => (Protocol::Http2, bytes::Bytes::new()),
         // (An HBONE listener's connections were served above; an HTTP/3 listener has no TCP ones.)
-        ListenerProtocol::Tcp | ListenerProtocol::Hbone | ListenerProtocol::Http3 => {
+        ListenerProtocol::Tcp | ListenerProtocol::Hbone | ListenerProtocol::Http3 | ListenerProtocol::HboneQuic => {
             (Protocol::Opaque, bytes::Bytes::new())
         }
         // A destination declared opaque (a Service port's `appProtocol: tcp`) is not read first:

@@ -11,7 +11,10 @@
 //! allow), no connection migration (each worker's socket knows only its own connections), and the
 //! listener's idle timeout as QUIC's.
 
+pub mod client;
 pub mod server;
+pub mod stream;
+pub mod tunnels;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -112,6 +115,26 @@ fn read(certificate_file: &Path, private_key_file: &Path) -> Result<CertifiedKey
     let key = CertifiedKey::from_der(chain, key, &provider)
         .map_err(|e| fail(private_key_file, format!("does not fit the certificate: {e}")))?;
     Ok(key)
+}
+
+/// The transport of mesh QUIC connections, both ways: HBONE's windows and tunnel count, a
+/// keep-alive so a connection whose tunnels are quiet stays up (and a dead path shows within the
+/// idle timeout), no migration.
+pub(crate) fn mesh_transport() -> Arc<quinn::TransportConfig> {
+    static TRANSPORT: std::sync::OnceLock<Arc<quinn::TransportConfig>> = std::sync::OnceLock::new();
+    TRANSPORT
+        .get_or_init(|| {
+            let mut transport = quinn::TransportConfig::default();
+            transport
+                .max_concurrent_bidi_streams(limits::HBONE_MAX_TUNNELS.into())
+                .max_concurrent_uni_streams(limits::H3_MAX_UNI_STREAMS.into())
+                .stream_receive_window(limits::HBONE_STREAM_WINDOW.into())
+                .receive_window(limits::HBONE_CONNECTION_WINDOW.into())
+                .keep_alive_interval(Some(limits::MESH_QUIC_KEEP_ALIVE))
+                .max_idle_timeout(quinn::IdleTimeout::try_from(limits::MESH_QUIC_IDLE_TIMEOUT).ok());
+            Arc::new(transport)
+        })
+        .clone()
 }
 
 /// The QUIC server config of an HTTP/3 listener presenting `certificate`, closing connections

@@ -11,6 +11,7 @@
 //! the listener's when it ends.
 
 use std::future::poll_fn;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -27,7 +28,9 @@ use crate::context::{DataPath, Open};
 use crate::http::body::{BodyError, ProxyBody, RequestBody, RequestStreamBody};
 use crate::http::server::{HttpConnection, Origin};
 use crate::io::Meter;
-use crate::state::ListenerConfig;
+use crate::state::{ListenerConfig, ListenerProtocol};
+
+use super::tunnels;
 use crate::{limits, listener};
 
 type H3Connection = h3_quinn::Connection;
@@ -42,7 +45,14 @@ pub async fn accept_loop(
     data: Arc<DataPath>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let Some(config) = data.snapshot.load().listener(&name).and_then(|l| l.quic.clone()) else {
+    let Some(listener) = data.snapshot.load().listener(&name).cloned() else {
+        return;
+    };
+    let config = match listener.protocol {
+        ListenerProtocol::HboneQuic => tunnels::endpoint_config(&data, &name, &mut stop).await,
+        _ => listener.quic.clone(),
+    };
+    let Some(config) = config else {
         return;
     };
     let runtime = Arc::new(quinn::TokioRuntime);
@@ -53,7 +63,7 @@ pub async fn accept_loop(
             return;
         }
     };
-    let local_port = endpoint.local_addr().map_or(0, |address| address.port());
+    let local = endpoint.local_addr().unwrap_or(listener.address);
     let mut drain = data.drain.watch();
     loop {
         let incoming = tokio::select! {
@@ -62,18 +72,32 @@ pub async fn accept_loop(
             () = drain.signaled() => break,
         };
         let Some(incoming) = incoming else { break };
-        tokio::spawn(serve_connection(incoming, local_port, name.clone(), data.clone()));
+        tokio::spawn(serve_incoming(incoming, local, name.clone(), data.clone()));
     }
     // New connections are refused from now on; open ones keep the endpoint running until they end.
     endpoint.set_server_config(None);
 }
 
-/// Admits one connection, completes its handshake, and serves its requests.
-async fn serve_connection(incoming: quinn::Incoming, local_port: u16, name: Arc<str>, data: Arc<DataPath>) {
+/// Serves one connection, by the listener's config as of now.
+async fn serve_incoming(incoming: quinn::Incoming, local: SocketAddr, name: Arc<str>, data: Arc<DataPath>) {
     let Some(listener) = data.snapshot.load().listener(&name).cloned() else {
         incoming.refuse();
         return;
     };
+    match listener.protocol {
+        ListenerProtocol::HboneQuic => tunnels::serve_connection(incoming, local.ip(), listener, data).await,
+        _ => serve_connection(incoming, local.port(), listener, data).await,
+    }
+}
+
+/// Admits one HTTP/3 connection, completes its handshake, and serves its requests.
+async fn serve_connection(
+    incoming: quinn::Incoming,
+    local_port: u16,
+    listener: Arc<ListenerConfig>,
+    data: Arc<DataPath>,
+) {
+    let name = listener.name.clone();
     let Some(config) = listener.quic.clone() else {
         incoming.refuse();
         return;

@@ -106,11 +106,13 @@ pub struct MeshPeers {
     patterns: Vec<IdentityPattern>,
     /// The HBONE listener port of the endpoints' hosts, when opaque TCP rides HBONE.
     pub hbone_port: Option<u16>,
-    /// With `hbone_port`, the tunnels opened to the endpoints and what came of them.
+    /// The HBONE-over-QUIC listener port (UDP) of the endpoints' hosts, when opaque TCP rides QUIC.
+    pub quic_port: Option<u16>,
+    /// With `hbone_port` or `quic_port`, the tunnels opened to the endpoints and what came of them.
     pub tunnels: Option<TunnelCounters>,
 }
 
-/// One HBONE cluster's tunnels, by result (`upstream_tunnels_total`).
+/// One tunnelling cluster's tunnels, by result (`upstream_tunnels_total`).
 #[derive(Debug)]
 pub struct TunnelCounters {
     /// Answered `200`.
@@ -119,6 +121,8 @@ pub struct TunnelCounters {
     pub refused: Counter,
     /// Not answered: the connect, the handshake or the HTTP/2 connection failed.
     pub failed: Counter,
+    /// QUIC not reached in time (or failed to connect): the connection took the TCP transport.
+    pub fell_back: Counter,
 }
 
 impl MeshPeers {
@@ -254,8 +258,9 @@ impl Cluster {
                     }
                 }
                 let hbone_port = u16::try_from(c.hbone_port).ok().filter(|port| *port != 0);
-                let tunnels = hbone_port.map(|_| metrics.tunnels(&c.name));
-                Some(MeshPeers { by_endpoint, patterns, hbone_port, tunnels })
+                let quic_port = u16::try_from(c.quic_port).ok().filter(|port| *port != 0);
+                let tunnels = (hbone_port.is_some() || quic_port.is_some()).then(|| metrics.tunnels(&c.name));
+                Some(MeshPeers { by_endpoint, patterns, hbone_port, quic_port, tunnels })
             }
         };
         Ok(Cluster {
@@ -341,7 +346,7 @@ struct ReasonLabels {
 }
 
 /// The `result` values of `upstream_tunnels_total`.
-const TUNNEL_RESULTS: [&str; 3] = ["opened", "refused", "failed"];
+const TUNNEL_RESULTS: [&str; 4] = ["opened", "refused", "failed", "fallback"];
 
 /// The cluster metric families: upstream connections and responses here, and the families of the
 /// subsystems that count the rest of a cluster's work.
@@ -387,7 +392,7 @@ impl ClusterMetrics {
         );
         registry.register(
             "upstream_tunnels",
-            "HBONE tunnels opened to a cluster's endpoints, by result: opened, refused (the peer answered another status than 200), failed (no answer: connect, handshake or connection failed)",
+            "HBONE tunnels (over TCP or QUIC) opened to a cluster's endpoints, by result: opened, refused (the peer answered another status than 200), failed (no answer: connect, handshake or connection failed), fallback (QUIC not reached in time: the connection took the cluster's TCP transport)",
             m.tunnels.clone(),
         );
         registry.register(
@@ -423,9 +428,9 @@ impl ClusterMetrics {
 
     /// The tunnel counters of HBONE cluster `name` (made only for such clusters: most have none).
     fn tunnels(&self, name: &str) -> TunnelCounters {
-        let [opened, refused, failed] = TUNNEL_RESULTS
+        let [opened, refused, failed, fell_back] = TUNNEL_RESULTS
             .map(|result| self.tunnels.get_or_create_owned(&ResultLabels { cluster: name.to_owned(), result }));
-        TunnelCounters { opened, refused, failed }
+        TunnelCounters { opened, refused, failed, fell_back }
     }
 
     /// The counters of cluster `name`; the same name always yields the same counters (until it is

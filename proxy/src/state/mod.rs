@@ -67,6 +67,8 @@ pub enum ListenerProtocol {
     Hbone,
     /// HTTP/3 over QUIC, on UDP (`quic::server`).
     Http3,
+    /// HBONE's tunnels over QUIC, on UDP (`quic::tunnels`).
+    HboneQuic,
 }
 
 /// Which way traffic crosses the proxy on a listener.
@@ -143,7 +145,12 @@ pub struct ListenerConfig {
 impl ListenerConfig {
     /// Whether it binds UDP sockets (HTTP/3) rather than TCP.
     pub fn is_udp(&self) -> bool {
-        self.protocol == ListenerProtocol::Http3
+        matches!(self.protocol, ListenerProtocol::Http3 | ListenerProtocol::HboneQuic)
+    }
+
+    /// Whether it takes mesh tunnels (HBONE, over TCP or QUIC).
+    pub fn takes_tunnels(&self) -> bool {
+        matches!(self.protocol, ListenerProtocol::Hbone | ListenerProtocol::HboneQuic)
     }
 
     /// Every address it binds: `address`, then the additional ones.
@@ -304,7 +311,9 @@ fn compile_listener(
         v1::listener::Protocol::Tcp => ListenerProtocol::Tcp,
         v1::listener::Protocol::Hbone => ListenerProtocol::Hbone,
         v1::listener::Protocol::Http3 => ListenerProtocol::Http3,
+        v1::listener::Protocol::HboneQuic => ListenerProtocol::HboneQuic,
     };
+    let tunnels = matches!(protocol, ListenerProtocol::Hbone | ListenerProtocol::HboneQuic);
     let idle_timeout = duration("idle_timeout", l.idle_timeout.as_ref(), limits::DEFAULT_IDLE_TIMEOUT)?;
     let (tls, quic) = match (&l.tls, protocol) {
         (Some(tls), ListenerProtocol::Http3) => {
@@ -341,8 +350,8 @@ fn compile_listener(
             .map(|c| metrics.routes.route("", &c.name, c.service.as_ref()).for_direction(direction.label()).clone()),
         default_cluster,
         stats: metrics.listeners.listener(&l.name, direction.label()),
-        tunnels: (protocol == ListenerProtocol::Hbone).then(|| metrics.listeners.tunnels(&l.name)),
-        inbound_listener: (protocol == ListenerProtocol::Hbone).then(|| l.inbound_listener.as_str().into()),
+        tunnels: tunnels.then(|| metrics.listeners.tunnels(&l.name)),
+        inbound_listener: tunnels.then(|| l.inbound_listener.as_str().into()),
         authz,
         tls,
         quic,

@@ -10,6 +10,7 @@
 //! - [`scripted`] — [`ScriptedServer`], an upstream that fails, slows, hangs or fails its health
 //!   check on cue, and records what it received.
 //! - [`client`] — [`Client`], one HTTP/1.1 or HTTP/2 connection, and [`Reply`].
+//! - [`h3`] — [`h3::H3Client`], one HTTP/3 connection.
 //! - [`proxy`] — [`TestProxy`], a proxy running from a YAML file in a temporary directory.
 //! - [`config`] — the typed builder of config documents (`remora_control_api::testing`):
 //!   `TestProxy::start(&Config::new().with(...).yaml())`.
@@ -17,6 +18,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 pub mod client;
+pub mod h3;
 pub mod proxy;
 pub mod scripted;
 pub mod servers;

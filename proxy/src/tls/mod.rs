@@ -29,6 +29,7 @@
 pub mod files;
 pub mod issuer;
 pub mod metrics;
+pub mod quic;
 pub mod verify;
 
 use std::future::Future;
@@ -246,6 +247,8 @@ struct Configs {
     client_tcp: Arc<ClientConfig>,
     client_http1: Arc<ClientConfig>,
     client_hbone: Arc<ClientConfig>,
+    /// For mesh tunnels over QUIC: the server's and the client's, ALPN `h3`.
+    quic: quic::QuicConfigs,
 }
 
 /// This proxy's side of mTLS, shared by every worker.
@@ -296,6 +299,8 @@ impl MeshTls {
         server.send_tls13_tickets = 0;
         server.max_early_data_size = 0;
         let mut hbone_server = server.clone();
+        let mut quic_server = server.clone();
+        quic_server.alpn_protocols = vec![quic::ALPN_H3.to_vec()];
         server.alpn_protocols = vec![ALPN_HTTP.to_vec(), ALPN_TCP.to_vec(), ALPN_HTTP1.to_vec()];
         hbone_server.alpn_protocols = vec![ALPN_HBONE.to_vec()];
         let server_verifier = Arc::new(verify::SpiffeServerVerifier::new(&roots, &self.provider)?);
@@ -319,6 +324,7 @@ impl MeshTls {
             client_tcp: client(ALPN_TCP)?,
             client_http1: client(ALPN_HTTP1)?,
             client_hbone: client(ALPN_HBONE)?,
+            quic: quic::QuicConfigs::new(quic_server, client(quic::ALPN_H3)?)?,
         })
     }
 
