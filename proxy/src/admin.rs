@@ -183,7 +183,26 @@ impl AdminState {
                 report
             })
             .collect();
-        json!({ "version": snapshot.version, "clusters": list })
+        let quic: Vec<serde_json::Value> = self
+            .data
+            .quic_paths
+            .all()
+            .into_iter()
+            .map(|path| {
+                json!({
+                    "peer": path.peer.to_string(),
+                    "worker": path.worker,
+                    "state": path.state,
+                    "identity": path.identity,
+                    "rtt_ms": path.rtt.as_secs_f64() * 1e3,
+                    "sent_packets": path.sent_packets,
+                    "lost_packets": path.lost_packets,
+                    "congestion_window": path.congestion_window,
+                    "tunnels": path.tunnels,
+                })
+            })
+            .collect();
+        json!({ "version": snapshot.version, "clusters": list, "quic_paths": quic })
     }
 }
 

@@ -268,6 +268,7 @@ impl Proxy {
             client: ClientSettings::with_mesh(mesh.clone()),
             tracer,
             access_log,
+            quic_paths: Default::default(),
         });
         let bootstrap_json = serde_json::to_value(&raw).unwrap_or_default();
         let admin = Arc::new(AdminState::new(

@@ -30,6 +30,8 @@ pub struct DataPath {
     pub tracer: Option<Arc<Tracer>>,
     /// The access log, when it is on.
     pub access_log: Option<Arc<AccessLog>>,
+    /// The workers' QUIC paths to peers, for `/clusters`.
+    pub quic_paths: crate::quic::client::PathReports,
 }
 
 impl DataPath {

@@ -56,7 +56,8 @@
 //! - [`timer`] — coarse per-worker time: a clock read once per tick, cheap timers for hyper, and
 //!   precise deadlines for the policy path.
 //! - [`quic`] — HTTP/3 listeners (quinn and h3): their certificates, QUIC settings and server,
-//!   whose requests join the `http` pipeline at `route`.
+//!   whose requests join the `http` pipeline at `route`; HBONE's tunnels over QUIC, in (judged by
+//!   `listener::hbone`'s carrier) and out (pooled per host, falling back to TCP).
 //! - [`tls`] — mutual TLS between sidecars: credentials (from the CA, renewed at half-life, or
 //!   from watched files), the rustls configs, SPIFFE verification, the ClientHello ALPN sniffer;
 //!   the identity and handshake metrics.

@@ -59,13 +59,14 @@ impl Workers {
             let thread = std::thread::Builder::new().name(format!("remora-worker-{index}")).spawn(move || {
                 runtime.block_on(async move {
                     tokio::spawn(timer::run_alarms());
-                    tokio::spawn(async {
+                    let swept = data.clone();
+                    tokio::spawn(async move {
                         let mut tick = tokio::time::interval(limits::TIMER_TICK);
                         loop {
                             tick.tick().await;
                             timer::tick();
                             client::sweep();
-                            quic::client::sweep();
+                            quic::client::sweep(&swept.quic_paths);
                         }
                     });
                     while let Some(command) = receiver.recv().await {

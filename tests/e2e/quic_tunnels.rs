@@ -182,3 +182,57 @@ async fn certificates_rotated_mid_traffic_fail_no_connection() {
     assert!(side.proxy.metric(renewed).await >= 1.0, "the receiving side took its new certificate");
     assert!(web.metric(renewed).await >= 1.0, "and so did the caller");
 }
+
+/// In a network namespace of its own (root): iptables drops the UDP to the receiving sidecar's QUIC
+/// port while connections flow, and they move to HBONE; when the rule goes, they move back.
+#[test]
+fn udp_dropped_by_iptables_moves_tunnels_to_hbone_and_back() {
+    if !crate::netns::can_run("udp_dropped_by_iptables_moves_tunnels_to_hbone_and_back") {
+        return;
+    }
+    let ns = crate::netns::Netns::create("quic");
+    let inside = ns.borrow();
+    ns.enter(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        runtime.block_on(async move {
+            let side = receiving_sidecar().await;
+            let quic_port = side.proxy.address("hbone-quic").port();
+            let transport = format!("quic_port: {quic_port}, hbone_port: {}", side.proxy.address("hbone").port());
+            let web = caller(&side, WEB, side.app.address(), &transport);
+            let out = web.address("out");
+            assert!(request(out, "/quic").await.contains("hello from api-app"));
+            assert_eq!(side.proxy.metric(&tunnels("hbone-quic", "opened")).await, 1.0);
+
+            let rule = ["INPUT", "-p", "udp", "--dport", &quic_port.to_string(), "-j", "DROP"];
+            inside.run("iptables", &[&["-A"][..], &rule[..]].concat());
+            for i in 0..5 {
+                let response = request(out, &format!("/dropped/{i}")).await;
+                assert!(response.contains("hello from api-app"), "over HBONE while UDP is dropped: {response}");
+            }
+            assert_eq!(side.proxy.metric(&tunnels("hbone", "opened")).await, 5.0);
+            assert_eq!(web.metric(&upstream("fallback")).await, 5.0);
+            // The workers report their paths every second.
+            let path_state = || async {
+                let (_, clusters) = web.admin_get("/clusters").await;
+                let clusters: Value = serde_json::from_str(&clusters).unwrap();
+                clusters["quic_paths"][0]["state"].as_str().unwrap_or("").to_owned()
+            };
+            remora_proxy::testing::eventually("the path reported as fallen back", Duration::from_secs(3), || async {
+                path_state().await == "fallback"
+            })
+            .await;
+
+            inside.run("iptables", &[&["-D"][..], &rule[..]].concat());
+            let deadline = std::time::Instant::now() + Duration::from_secs(15);
+            while side.proxy.metric(&tunnels("hbone-quic", "opened")).await < 2.0 {
+                assert!(std::time::Instant::now() < deadline, "QUIC was not used again once UDP passed");
+                assert!(request(out, "/again").await.contains("hello from api-app"));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            remora_proxy::testing::eventually("the path reported as connected", Duration::from_secs(3), || async {
+                path_state().await == "connected"
+            })
+            .await;
+        });
+    });
+}

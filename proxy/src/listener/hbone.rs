@@ -11,7 +11,8 @@
 //! original destination is the `:authority`, its peer identity the connection's, and its first
 //! bytes are classified as an `auto` listener's are, so HTTP gets the whole HTTP pipeline (routes,
 //! per-request authorization, metrics, traces) and anything else is relayed as opaque TCP. The
-//! tunnel counters are the HBONE listener's.
+//! tunnel counters are the HBONE listener's. The same [`Carrier`] judges and serves the tunnels of
+//! an `hbone_quic` listener's connections (`quic::tunnels`), HTTP/3 instead of HTTP/2 beneath.
 //!
 //! Headers: `:authority`, and `x-remora-tunnel-protocol: tcp`, which Remora's own sidecars send
 //! when what rides is opaque TCP (relayed unread, as over `remora.tcp`). `Forwarded`, `baggage` and

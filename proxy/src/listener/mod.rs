@@ -401,6 +401,7 @@ mod tests {
             client: ClientSettings::with_mesh(None),
             tracer: None,
             access_log: None,
+            quic_paths: Default::default(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let _client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();

@@ -280,10 +280,59 @@ fn client_endpoint(peer: SocketAddr) -> std::io::Result<quinn::Endpoint> {
     Ok(endpoint)
 }
 
+/// One worker's QUIC path to a host, as `/clusters` shows it: refreshed by [`sweep`].
+#[derive(Clone, Debug)]
+pub struct PathReport {
+    /// The host's `hbone_quic` listener.
+    pub peer: SocketAddr,
+    /// The worker thread.
+    pub worker: String,
+    /// `connected`, or `fallback` (QUIC does not get through; TCP carries the tunnels).
+    pub state: &'static str,
+    /// The peer's identity, when connected.
+    pub identity: Option<String>,
+    /// Smoothed round-trip time.
+    pub rtt: std::time::Duration,
+    /// Packets sent, and those lost, on the connection.
+    pub sent_packets: u64,
+    /// See `sent_packets`.
+    pub lost_packets: u64,
+    /// The congestion window, in bytes.
+    pub congestion_window: u64,
+    /// Tunnels open on it now.
+    pub tunnels: usize,
+}
+
+/// Every worker's QUIC paths, as of its last sweep: what `/clusters` reads (a lock taken once a
+/// second by each worker, and by the admin server when asked).
+#[derive(Debug, Default)]
+pub struct PathReports(std::sync::Mutex<foldhash::HashMap<String, Vec<PathReport>>>);
+
+impl PathReports {
+    /// Every worker's paths, within a second.
+    pub fn all(&self) -> Vec<PathReport> {
+        let reports = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut all: Vec<PathReport> = reports.values().flatten().cloned().collect();
+        all.sort_by(|a, b| (a.peer, &a.worker).cmp(&(b.peer, &b.worker)));
+        all
+    }
+
+    fn set(&self, worker: String, paths: Vec<PathReport>) {
+        let mut reports = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if paths.is_empty() {
+            reports.remove(&worker);
+        } else {
+            reports.insert(worker, paths);
+        }
+    }
+}
+
 /// Closes this worker's connections that carried no tunnel for their cluster's idle timeout, or
-/// died. Runs every `TIMER_TICK` on every worker.
-pub fn sweep() {
+/// died, and reports the rest into `reports`. Runs every `TIMER_TICK` on every worker.
+pub fn sweep(reports: &PathReports) {
     let now = Instant::now();
+    let worker = std::thread::current().name().unwrap_or("").to_owned();
+    let mut paths = Vec::new();
     with_pool(|pool| {
         pool.connections.retain(|_, shared| match shared.try_lock() {
             Ok(mut slot) => {
@@ -294,11 +343,39 @@ pub fn sweep() {
                 if done && let Some(pooled) = slot.take() {
                     pooled.connection.close(0u32.into(), b"idle");
                 }
+                if let Some(pooled) = slot.as_ref() {
+                    let stats = pooled.connection.stats();
+                    paths.push(PathReport {
+                        peer: pooled.connection.remote_address(),
+                        worker: worker.clone(),
+                        state: "connected",
+                        identity: Some(pooled.peer.as_str().to_owned()),
+                        rtt: stats.path.rtt,
+                        sent_packets: stats.path.sent_packets,
+                        lost_packets: stats.path.lost_packets,
+                        congestion_window: stats.path.cwnd,
+                        tunnels: Arc::strong_count(&pooled.tunnels) - 1,
+                    });
+                }
                 slot.is_some()
             }
             Err(_) => true,
         });
+        for peer in pool.blocked.keys() {
+            paths.push(PathReport {
+                peer: *peer,
+                worker: worker.clone(),
+                state: "fallback",
+                identity: None,
+                rtt: std::time::Duration::ZERO,
+                sent_packets: 0,
+                lost_packets: 0,
+                congestion_window: 0,
+                tunnels: 0,
+            });
+        }
     });
+    reports.set(worker, paths);
 }
 
 impl AsyncRead for QuicUpstream {

@@ -1,8 +1,12 @@
-//! QUIC: HTTP/3 listeners.
+//! QUIC: HTTP/3 listeners, and HBONE's tunnels over QUIC between sidecars.
 //!
-//! A listener of `protocol: http3` binds UDP sockets (one per worker, sharing the port with
-//! `SO_REUSEPORT`, as TCP listeners do) and serves HTTP/3 on them with quinn and h3
-//! ([`server`]). Its certificate comes from the listener's `tls` files: compiling the listener
+//! A listener of `protocol: http3` or `hbone_quic` binds UDP sockets (one per worker, sharing the
+//! port with `SO_REUSEPORT`, as TCP listeners do); [`server`] runs quinn on each and serves HTTP/3
+//! requests through the `http` pipeline, or hands an `hbone_quic` listener's connections to
+//! [`tunnels`], which terminates the mesh's mutual TLS and serves each `CONNECT` as HBONE does.
+//! Outbound, [`client`] opens tunnels on pooled QUIC connections to peers' hosts and falls back to
+//! TCP where QUIC does not get through; [`stream`] makes a tunnel's HTTP/3 stream a byte stream.
+//! The mesh's QUIC connections share one transport config ([`mesh_transport`]). Its certificate comes from the listener's `tls` files: compiling the listener
 //! loads them into a [`ServedCertificate`] (a set that does not load rejects the config, naming the
 //! field), which the next snapshot keeps while the paths stay the same, and
 //! `reload::watch_certificates` re-reads whenever one of the files changes (counted in
@@ -131,6 +135,11 @@ pub(crate) fn mesh_transport() -> Arc<quinn::TransportConfig> {
                 .stream_receive_window(limits::HBONE_STREAM_WINDOW.into())
                 .receive_window(limits::HBONE_CONNECTION_WINDOW.into())
                 .keep_alive_interval(Some(limits::MESH_QUIC_KEEP_ALIVE))
+                // Each tunnel's writes leave in the order they were made, not interleaved packet
+                // by packet with every other tunnel's: a write arrives whole more often, and the
+                // far side passes it on in one piece (an app with Nagle's algorithm on waits out
+                // a delayed ACK for a second piece: 40 ms).
+                .send_fairness(false)
                 .max_idle_timeout(quinn::IdleTimeout::try_from(limits::MESH_QUIC_IDLE_TIMEOUT).ok());
             Arc::new(transport)
         })

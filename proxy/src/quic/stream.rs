@@ -90,6 +90,8 @@ pub struct TunnelStream<S: SendHalf, R: RecvHalf> {
     /// The part of the last DATA frame the reader has not taken yet.
     unread: Bytes,
     recv_ended: bool,
+    /// A read error met while gathering what had arrived, for the next read.
+    failed: Option<io::Error>,
     writer: Writer<S>,
     finished: bool,
 }
@@ -115,7 +117,14 @@ pub type OutboundTunnel = TunnelStream<
 impl<S: SendHalf, R: RecvHalf> TunnelStream<S, R> {
     /// The tunnel on a stream whose `CONNECT` was answered `200`.
     pub fn new(send: S, recv: R) -> Self {
-        TunnelStream { recv, unread: Bytes::new(), recv_ended: false, writer: Writer::Idle(send), finished: false }
+        TunnelStream {
+            recv,
+            unread: Bytes::new(),
+            recv_ended: false,
+            failed: None,
+            writer: Writer::Idle(send),
+            finished: false,
+        }
     }
 
     /// Drives the send in flight, if any, to its end.
@@ -137,6 +146,9 @@ impl<S: SendHalf, R: RecvHalf> TunnelStream<S, R> {
 impl<S: SendHalf, R: RecvHalf> AsyncRead for TunnelStream<S, R> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if let Some(error) = this.failed.take() {
+            return Poll::Ready(Err(error));
+        }
         while this.unread.is_empty() {
             if this.recv_ended {
                 return Poll::Ready(Ok(()));
@@ -147,9 +159,26 @@ impl<S: SendHalf, R: RecvHalf> AsyncRead for TunnelStream<S, R> {
                 Err(error) => return Poll::Ready(Err(io::Error::other(error))),
             }
         }
-        let n = this.unread.len().min(buf.remaining());
-        buf.put_slice(&this.unread[..n]);
-        this.unread.advance(n);
+        // What has arrived is handed over together: a write that came in several packets is passed
+        // on in one piece when its parts are all here.
+        loop {
+            let n = this.unread.len().min(buf.remaining());
+            buf.put_slice(&this.unread[..n]);
+            this.unread.advance(n);
+            if buf.remaining() == 0 || this.recv_ended {
+                break;
+            }
+            match this.recv.poll_data(cx) {
+                Poll::Ready(Ok(Some(data))) => this.unread = data,
+                Poll::Ready(Ok(None)) => this.recv_ended = true,
+                Poll::Ready(Err(error)) => {
+                    // Reported on the next read.
+                    this.failed = Some(io::Error::other(error));
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
         Poll::Ready(Ok(()))
     }
 }
