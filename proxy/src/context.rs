@@ -31,7 +31,7 @@ pub struct DataPath {
     /// The access log, when it is on.
     pub access_log: Option<Arc<AccessLog>>,
     /// The workers' QUIC paths to peers, for `/clusters`.
-    pub quic_paths: crate::quic::client::PathReports,
+    pub quic_paths: crate::quic::paths::PathReports,
 }
 
 impl DataPath {

@@ -16,6 +16,7 @@
 //! listener's idle timeout as QUIC's.
 
 pub mod client;
+pub mod paths;
 pub mod server;
 pub mod stream;
 pub mod tunnels;
