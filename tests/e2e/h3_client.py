@@ -89,6 +89,8 @@ async def main(spec):
                                       server_name=spec.get("server_name", "localhost"))
     configuration.load_verify_locations(spec["ca"])
     configuration.verify_mode = ssl.CERT_REQUIRED
+    # A server that never answers fails the connection in 10 s, not aioquic's default minute.
+    configuration.idle_timeout = 10.0
     authority = f"{spec.get('server_name', 'localhost')}:{port}"
     try:
         async with connect(host, int(port), configuration=configuration, create_protocol=Client,

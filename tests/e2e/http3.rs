@@ -221,3 +221,22 @@ async fn junk_datagrams_leave_the_listener_serving() {
     let result = h3_client(quic, &gateway.ca_file(), json!([{"path": "/"}])).await;
     assert_eq!(result["responses"][0]["status"], 200, "{result}");
 }
+
+#[tokio::test]
+async fn a_drain_lets_the_request_in_flight_finish_and_takes_no_new_connection() {
+    if !python_aioquic() {
+        return;
+    }
+    let gateway = Gateway::start().await;
+    let quic = gateway.proxy.address("quic");
+    let ca = gateway.ca_file();
+    let slow = tokio::spawn(async move { h3_client(quic, &ca, json!([{"path": "/slow/800"}])).await });
+    eventually("the slow request at the app", Duration::from_secs(10), || async { gateway.app.hits() == 1 }).await;
+    let drained = gateway.proxy.proxy().drain().await;
+    let result = slow.await.unwrap();
+    assert_eq!(result["responses"][0]["status"], 200, "the request in flight finished: {result}");
+    assert_eq!(result["responses"][0]["body"], "slow done\n");
+    assert!(drained, "every connection closed within the drain time");
+    let after = h3_client(quic, &gateway.ca_file(), json!([{"path": "/"}])).await;
+    assert!(after["error"].is_string(), "no new connection while draining: {after}");
+}

@@ -236,3 +236,39 @@ fn udp_dropped_by_iptables_moves_tunnels_to_hbone_and_back() {
         });
     });
 }
+
+/// Handshakes without a mesh certificate, or with one from another CA, are refused (counted), and a
+/// flood of them and of junk datagrams leaves the listener serving a real peer.
+#[tokio::test]
+async fn strangers_and_junk_are_refused_and_the_listener_keeps_serving() {
+    use remora_proxy::testing::h3::mesh_handshake;
+    let side = receiving_sidecar().await;
+    let quic = side.proxy.address("hbone-quic");
+    let member = side.ca.issue(WEB);
+    assert!(mesh_handshake(quic, Some((&member.cert, &member.key))).await, "a mesh peer is accepted");
+    let outsider = remora_control_plane::testing::TestCa::new("cluster.local").issue(WEB);
+    assert!(!mesh_handshake(quic, Some((&outsider.cert, &outsider.key))).await, "another CA's certificate");
+    let mut handshakes = Vec::new();
+    for _ in 0..30 {
+        handshakes.push(tokio::spawn(async move { mesh_handshake(quic, None).await }));
+    }
+    for handshake in handshakes {
+        assert!(!handshake.await.unwrap(), "no client certificate");
+    }
+    let refused = "remora_tls_handshakes_total{direction=\"inbound\",result=\"handshake\"}";
+    assert!(side.proxy.metric(refused).await >= 31.0);
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut rng = fastrand::Rng::with_seed(11);
+    for i in 0..2000_usize {
+        let mut datagram = vec![0_u8; rng.usize(1..1400)];
+        rng.fill(&mut datagram);
+        if i % 2 == 0 {
+            datagram[0] = 0xc0 | (datagram[0] & 0x0f);
+        }
+        let _ = socket.send_to(&datagram, quic).await;
+    }
+    let transport = format!("quic_port: {}", quic.port());
+    let web = caller(&side, WEB, side.app.address(), &transport);
+    assert!(request(web.address("out"), "/after").await.contains("hello from api-app"));
+    assert_eq!(side.proxy.metric(&tunnels("hbone-quic", "opened")).await, 1.0);
+}

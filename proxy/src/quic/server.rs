@@ -65,16 +65,26 @@ pub async fn accept_loop(
     };
     let local = endpoint.local_addr().unwrap_or(listener.address);
     let mut drain = data.drain.watch();
+    let mut draining = false;
     loop {
         let incoming = tokio::select! {
             incoming = endpoint.accept() => incoming,
             _ = stop.wait_for(|stop| *stop) => break,
-            () = drain.signaled() => break,
+            () = drain.signaled(), if !draining => {
+                draining = true;
+                continue;
+            }
         };
         let Some(incoming) = incoming else { break };
+        if draining {
+            // Told at once, so a client goes elsewhere instead of waiting out its handshake.
+            incoming.refuse();
+            continue;
+        }
         tokio::spawn(serve_incoming(incoming, local, name.clone(), data.clone()));
     }
-    // New connections are refused from now on; open ones keep the endpoint running until they end.
+    // A listener that went away: new connections get no answer, and the socket closes once the
+    // open ones end.
     endpoint.set_server_config(None);
 }
 
