@@ -207,17 +207,7 @@ async fn junk_datagrams_leave_the_listener_serving() {
     }
     let gateway = Gateway::start().await;
     let quic = gateway.proxy.address("quic");
-    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let mut rng = fastrand::Rng::with_seed(7);
-    for i in 0..2000_usize {
-        let mut datagram = vec![0_u8; rng.usize(1..1400)];
-        rng.fill(&mut datagram);
-        // Some look like long-header Initial packets (first byte 0xc0..), the rest are any bytes.
-        if i % 2 == 0 {
-            datagram[0] = 0xc0 | (datagram[0] & 0x0f);
-        }
-        let _ = socket.send_to(&datagram, quic).await;
-    }
+    crate::junk_datagrams(quic, 2000, 7).await;
     let result = h3_client(quic, &gateway.ca_file(), json!([{"path": "/"}])).await;
     assert_eq!(result["responses"][0]["status"], 200, "{result}");
 }

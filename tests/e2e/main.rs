@@ -65,3 +65,18 @@ pub fn dead_address() -> SocketAddr {
     let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     socket.local_addr().unwrap()
 }
+
+/// Sends `count` datagrams of random bytes (seeded by `seed`) to `target`, half of them shaped as
+/// QUIC long-header (Initial) packets: what a QUIC listener must shrug off.
+pub async fn junk_datagrams(target: SocketAddr, count: usize, seed: u64) {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut rng = fastrand::Rng::with_seed(seed);
+    for i in 0..count {
+        let mut datagram = vec![0_u8; rng.usize(1..1400)];
+        rng.fill(&mut datagram);
+        if i % 2 == 0 {
+            datagram[0] = 0xc0 | (datagram[0] & 0x0f);
+        }
+        let _ = socket.send_to(&datagram, target).await;
+    }
+}

@@ -25,6 +25,7 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use crate::context::{DataPath, Open};
+use crate::drain::Drain;
 use crate::http::body::{BodyError, ProxyBody, RequestBody, RequestStreamBody};
 use crate::http::server::{HttpConnection, Origin};
 use crate::io::Meter;
@@ -34,8 +35,8 @@ use super::tunnels;
 use crate::{limits, listener};
 
 type H3Connection = h3_quinn::Connection;
-type Resolver = RequestResolver<H3Connection, Bytes>;
-type Send = RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
+pub(super) type Resolver = RequestResolver<H3Connection, Bytes>;
+type Responder = RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
 
 /// Serves HTTP/3 on `socket` for listener `name` until `stop` turns true or draining starts;
 /// connections already open go on to their end. Must run inside a worker's runtime.
@@ -112,36 +113,17 @@ async fn serve_connection(
         incoming.refuse();
         return;
     };
-    if !listener::admit(&listener) {
-        incoming.refuse();
-        return;
-    }
-    let meter = Arc::new(Meter::default());
-    let open = Open::new(listener.clone(), meter.clone(), data.drain.track());
-    if let Some(port) = refused_as_plaintext(&listener, local_port) {
-        debug!(listener = %name, port, "http/3 connection refused: the policy is strict");
-        incoming.refuse();
-        return;
-    }
     let peer = incoming.remote_address();
     let destination_port = if listener.authz.is_some() { local_port } else { 0 };
-    let connecting = match incoming.accept_with(Arc::new(config)) {
-        Ok(connecting) => connecting,
-        Err(error) => {
-            debug!(listener = %name, %error, "quic connection failed before its handshake");
-            return;
+    let strict = || {
+        let refused = refused_as_plaintext(&listener, local_port).is_some();
+        if refused {
+            debug!(listener = %name, port = local_port, "http/3 connection refused: the policy is strict");
         }
+        refused
     };
-    let quic = match tokio::time::timeout(limits::DEFAULT_HANDSHAKE_TIMEOUT, connecting).await {
-        Ok(Ok(quic)) => quic,
-        Ok(Err(error)) => {
-            debug!(listener = %name, %error, "quic handshake failed");
-            return;
-        }
-        Err(_) => {
-            debug!(listener = %name, "quic handshake timed out");
-            return;
-        }
+    let Handshake::Done { quic, meter, open } = handshake(incoming, &listener, &data, config, strict).await else {
+        return;
     };
     if let Some(caller) = listener.stats.caller(None) {
         meter.attribute(caller);
@@ -156,14 +138,79 @@ async fn serve_connection(
         caller: listener.stats.caller(None),
         quiet: Default::default(),
     });
-    let built = h3::server::builder()
-        .max_field_section_size(limits::MAX_HEADER_BYTES as u64)
-        .build::<_, Bytes>(h3_quinn::Connection::new(quic.clone()))
-        .await;
-    match built {
-        Ok(h3) => serve_requests(h3, &connection).await,
+    match start_h3(&quic).await {
+        Ok(h3) => {
+            let serve = |resolver| serve_request(resolver, connection.clone());
+            let idle = std::future::pending();
+            accept_streams(h3, &data.drain, idle, &listener.name, serve).await;
+        }
         Err(error) => debug!(listener = %name, %error, "http/3 connection failed to start"),
     }
+    count_bytes(&quic, &meter);
+}
+
+/// How a connection's admission and handshake went.
+pub(super) enum Handshake {
+    /// Admitted and handshaken: the connection, its byte meter, and what counts it open.
+    Done { quic: quinn::Connection, meter: Arc<Meter>, open: Open },
+    /// A gate of the listener's said no: refused before any handshake work (counted there).
+    Refused,
+    /// The handshake failed (`handshake`) or took longer than the handshake timeout (`timeout`).
+    Failed(&'static str),
+}
+
+/// Admits `incoming` by the listener's gates and then `refuse` (a policy's, say), and completes its
+/// handshake with `config` within the handshake timeout.
+pub(super) async fn handshake(
+    incoming: quinn::Incoming,
+    listener: &Arc<ListenerConfig>,
+    data: &DataPath,
+    config: quinn::ServerConfig,
+    refuse: impl FnOnce() -> bool,
+) -> Handshake {
+    if !listener::admit(listener) {
+        incoming.refuse();
+        return Handshake::Refused;
+    }
+    let meter = Arc::new(Meter::default());
+    let open = Open::new(listener.clone(), meter.clone(), data.drain.track());
+    if refuse() {
+        incoming.refuse();
+        return Handshake::Refused;
+    }
+    let peer = incoming.remote_address();
+    let connecting = match incoming.accept_with(Arc::new(config)) {
+        Ok(connecting) => connecting,
+        Err(error) => {
+            debug!(listener = %listener.name, %peer, %error, "quic: connection failed before its handshake");
+            return Handshake::Failed("handshake");
+        }
+    };
+    match tokio::time::timeout(limits::DEFAULT_HANDSHAKE_TIMEOUT, connecting).await {
+        Ok(Ok(quic)) => Handshake::Done { quic, meter, open },
+        Ok(Err(error)) => {
+            debug!(listener = %listener.name, %peer, %error, "quic: handshake failed");
+            Handshake::Failed("handshake")
+        }
+        Err(_) => {
+            debug!(listener = %listener.name, %peer, "quic: handshake timed out");
+            Handshake::Failed("timeout")
+        }
+    }
+}
+
+/// HTTP/3 on a handshaken connection: the server side's settings sent, its control streams open.
+pub(super) async fn start_h3(
+    quic: &quinn::Connection,
+) -> Result<h3::server::Connection<H3Connection, Bytes>, h3::error::ConnectionError> {
+    h3::server::builder()
+        .max_field_section_size(limits::MAX_HEADER_BYTES as u64)
+        .build::<_, Bytes>(h3_quinn::Connection::new(quic.clone()))
+        .await
+}
+
+/// Counts the bytes a connection moved (UDP payloads both ways) into its listener's meter.
+pub(super) fn count_bytes(quic: &quinn::Connection, meter: &Meter) {
     let stats = quic.stats();
     meter.add_received(usize::try_from(stats.udp_rx.bytes).unwrap_or(usize::MAX));
     meter.add_sent(usize::try_from(stats.udp_tx.bytes).unwrap_or(usize::MAX));
@@ -183,36 +230,47 @@ fn refused_as_plaintext(listener: &ListenerConfig, port: u16) -> Option<u16> {
     None
 }
 
-/// Accepts request streams until the client closes the connection (or, once draining, until the
-/// requests in flight are done); each is served in a task of its own.
-async fn serve_requests(mut h3: h3::server::Connection<H3Connection, Bytes>, connection: &Arc<HttpConnection>) {
-    let mut drain = connection.data.drain.watch();
+/// Accepts request streams on `h3` until the peer closes the connection, `idle` resolves, or
+/// (after a drain's GOAWAY) the streams in flight are done; `serve` makes each a task of its own.
+/// HTTP/3 listeners and HBONE-over-QUIC ones alike.
+pub(super) async fn accept_streams<F, T>(
+    mut h3: h3::server::Connection<H3Connection, Bytes>,
+    drain: &Drain,
+    idle: impl std::future::Future<Output = ()>,
+    listener: &str,
+    mut serve: F,
+) where
+    F: FnMut(Resolver) -> T,
+    T: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut drain = drain.watch();
     let mut draining = false;
+    tokio::pin!(idle);
     loop {
-        let accepted = if draining {
-            h3.accept().await
-        } else {
-            tokio::select! {
-                accepted = h3.accept() => accepted,
-                () = drain.signaled() => {
-                    draining = true;
-                    // GOAWAY: no new requests; those already accepted complete.
-                    if let Err(error) = h3.shutdown(0).await {
-                        debug!(listener = %connection.listener.name, %error, "http/3 shutdown failed");
-                        return;
-                    }
-                    continue;
+        let accepted = tokio::select! {
+            accepted = h3.accept() => accepted,
+            () = drain.signaled(), if !draining => {
+                draining = true;
+                // GOAWAY: no new streams; those already accepted complete.
+                if let Err(error) = h3.shutdown(0).await {
+                    debug!(listener, %error, "quic: shutdown failed");
+                    return;
                 }
+                continue;
+            }
+            () = &mut idle => {
+                debug!(listener, "quic: idle connection closed");
+                return;
             }
         };
         match accepted {
             Ok(Some(resolver)) => {
-                tokio::spawn(serve_request(resolver, connection.clone()));
+                tokio::spawn(serve(resolver));
             }
             Ok(None) => return,
             Err(error) => {
                 if !error.is_h3_no_error() {
-                    debug!(listener = %connection.listener.name, %error, "http/3 connection ended with an error");
+                    debug!(listener, %error, "quic: connection ended with an error");
                 }
                 return;
             }
@@ -263,7 +321,7 @@ enum RespondError {
 
 /// Writes `response` to the request stream: head, data, trailers, end. A body that fails resets
 /// the stream, so the client sees a broken response, never a short one.
-async fn respond(send: &mut Send, response: Response<ProxyBody>) -> Result<(), RespondError> {
+async fn respond(send: &mut Responder, response: Response<ProxyBody>) -> Result<(), RespondError> {
     let (mut parts, mut body) = response.into_parts();
     strip_connection_headers(&mut parts.headers);
     send.send_response(Response::from_parts(parts, ())).await?;

@@ -14,18 +14,16 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use h3::server::RequestResolver;
 use http::{Response, StatusCode};
 use tokio::sync::watch;
 use tracing::debug;
 
+use super::server::{Handshake, Resolver, accept_streams, count_bytes, handshake, start_h3};
 use super::stream::{InboundTunnel, TunnelStream};
-use crate::context::{DataPath, Open};
-use crate::io::Meter;
+use crate::context::DataPath;
+use crate::limits;
 use crate::listener::hbone::Carrier;
 use crate::state::ListenerConfig;
-use crate::{limits, listener};
 
 /// The QUIC server config to create an `hbone_quic` listener's endpoint with: the mesh's, once
 /// this proxy has a certificate (waited for here). `None` when it never will (no identity is
@@ -70,31 +68,14 @@ pub(super) async fn serve_connection(
             return;
         }
     };
-    if !listener::admit(&listener) {
-        incoming.refuse();
-        return;
-    }
-    let meter = Arc::new(Meter::default());
-    let open = Open::new(listener.clone(), meter.clone(), data.drain.track());
     let peer = incoming.remote_address();
     // The address the packets reached (a wildcard socket learns it from each packet).
     let local = incoming.local_ip().unwrap_or(local);
-    let connecting = match incoming.accept_with(Arc::new(config)) {
-        Ok(connecting) => connecting,
-        Err(error) => {
-            debug!(listener = %listener.name, %error, "hbone_quic: connection failed before its handshake");
-            return;
-        }
-    };
-    let quic = match tokio::time::timeout(limits::DEFAULT_HANDSHAKE_TIMEOUT, connecting).await {
-        Ok(Ok(quic)) => quic,
-        Ok(Err(error)) => {
-            mesh.stats().handshake("inbound", "handshake");
-            debug!(listener = %listener.name, %peer, %error, "hbone_quic: handshake failed");
-            return;
-        }
-        Err(_) => {
-            mesh.stats().handshake("inbound", "timeout");
+    let (quic, meter, open) = match handshake(incoming, &listener, &data, config, || false).await {
+        Handshake::Done { quic, meter, open } => (quic, meter, open),
+        Handshake::Refused => return,
+        Handshake::Failed(kind) => {
+            mesh.stats().handshake("inbound", kind);
             return;
         }
     };
@@ -107,64 +88,21 @@ pub(super) async fn serve_connection(
         }
     };
     let carrier = Carrier::new(&data, listener.name.clone(), peer, local, identity, open);
-    let built = h3::server::builder()
-        .max_field_section_size(limits::MAX_HEADER_BYTES as u64)
-        .build::<_, Bytes>(h3_quinn::Connection::new(quic.clone()))
-        .await;
-    match built {
-        Ok(h3) => serve_tunnels(h3, &carrier, &listener, &data).await,
+    match start_h3(&quic).await {
+        Ok(h3) => {
+            // Closed once it has carried no tunnel for the listener's idle timeout.
+            let idle = carrier.idle(listener.idle_timeout);
+            let serve = |resolver| serve_stream(resolver, carrier.clone());
+            accept_streams(h3, &data.drain, idle, &listener.name, serve).await;
+        }
         Err(error) => debug!(listener = %listener.name, %error, "hbone_quic: http/3 failed to start"),
     }
     quic.close(0u32.into(), b"");
-    let stats = quic.stats();
-    meter.add_received(usize::try_from(stats.udp_rx.bytes).unwrap_or(usize::MAX));
-    meter.add_sent(usize::try_from(stats.udp_tx.bytes).unwrap_or(usize::MAX));
-}
-
-/// Takes `CONNECT` streams until the peer closes the connection, it carries no tunnel for the
-/// listener's idle timeout, or (after a drain's GOAWAY) its tunnels are done.
-async fn serve_tunnels(
-    mut h3: h3::server::Connection<h3_quinn::Connection, Bytes>,
-    carrier: &Arc<Carrier>,
-    listener: &ListenerConfig,
-    data: &DataPath,
-) {
-    let mut drain = data.drain.watch();
-    let mut draining = false;
-    let idle = carrier.idle(listener.idle_timeout);
-    tokio::pin!(idle);
-    loop {
-        let accepted = tokio::select! {
-            accepted = h3.accept() => accepted,
-            () = drain.signaled(), if !draining => {
-                draining = true;
-                if h3.shutdown(0).await.is_err() {
-                    return;
-                }
-                continue;
-            }
-            () = &mut idle => {
-                debug!(listener = %listener.name, "hbone_quic: idle connection closed");
-                return;
-            }
-        };
-        match accepted {
-            Ok(Some(resolver)) => {
-                tokio::spawn(serve_stream(resolver, carrier.clone()));
-            }
-            Ok(None) => return,
-            Err(error) => {
-                if !error.is_h3_no_error() {
-                    debug!(listener = %listener.name, %error, "hbone_quic: connection ended with an error");
-                }
-                return;
-            }
-        }
-    }
+    count_bytes(&quic, &meter);
 }
 
 /// One stream: judged, then refused or answered `200` and served as a tunnel.
-async fn serve_stream(resolver: RequestResolver<h3_quinn::Connection, Bytes>, carrier: Arc<Carrier>) {
+async fn serve_stream(resolver: Resolver, carrier: Arc<Carrier>) {
     let Ok((request, mut stream)) = resolver.resolve_request().await else {
         return;
     };
