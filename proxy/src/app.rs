@@ -190,7 +190,7 @@ impl Proxy {
             Bootstrap::resolve(&raw).map_err(|errors| ReloadError::Invalid { origin: source.origin(), errors })?;
         let has_control_plane = settings.control_plane.is_some();
         // Every subsystem's metrics, registered here and handed to their owners.
-        let metrics = Metrics::register(settings.workers);
+        let mut metrics = Metrics::register(settings.workers);
         let tracer = match &settings.tracing {
             Some(tracing) => {
                 let [exported, dropped, failed] = metrics.telemetry.span_counters();
@@ -268,7 +268,7 @@ impl Proxy {
             client: ClientSettings::with_mesh(mesh.clone()),
             tracer,
             access_log,
-            quic_paths: Default::default(),
+            quic_paths: std::mem::take(&mut metrics.quic_paths),
         });
         let bootstrap_json = serde_json::to_value(&raw).unwrap_or_default();
         let admin = Arc::new(AdminState::new(
@@ -470,6 +470,7 @@ struct Metrics {
     xds: XdsMetrics,
     mesh: MeshMetrics,
     telemetry: TelemetryMetrics,
+    quic_paths: crate::quic::paths::PathReports,
 }
 
 impl Metrics {
@@ -486,6 +487,7 @@ impl Metrics {
         let xds = XdsMetrics::register(&mut registry);
         let mesh = MeshMetrics::register(&mut registry);
         let telemetry = TelemetryMetrics::register(&mut registry);
+        let quic_paths = crate::quic::paths::PathReports::register(&mut registry);
         worker::register_metrics(&mut registry, workers);
         Metrics {
             registry: Arc::new(registry),
@@ -494,6 +496,7 @@ impl Metrics {
             xds,
             mesh,
             telemetry,
+            quic_paths,
         }
     }
 }

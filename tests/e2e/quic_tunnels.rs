@@ -84,6 +84,12 @@ async fn opaque_tcp_between_two_sidecars_rides_one_quic_connection() {
     assert_eq!(side.proxy.metric(connections).await, 1.0);
     assert_eq!(web.metric(&upstream("opened")).await, 20.0);
     assert_eq!(web.metric(&upstream("fallback")).await, 0.0);
+    // The workers' sweeps, once a second, count the connection's packets and its path.
+    remora_proxy::testing::eventually("the QUIC path counted", Duration::from_secs(3), || async {
+        web.metric("remora_upstream_quic_paths{state=\"connected\"}").await == 1.0
+            && web.metric("remora_upstream_quic_packets_total{result=\"sent\"}").await > 0.0
+    })
+    .await;
 
     // The echo server's port is open to `ops` only: `web` is refused there (401 on the CONNECT).
     let refused = caller(&side, WEB, side.echo.address(), &transport);

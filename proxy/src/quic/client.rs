@@ -59,6 +59,8 @@ struct Pooled {
     /// Cloned by each tunnel: the connection is idle when only the pool holds it.
     tunnels: Arc<()>,
     expires: Instant,
+    /// Packets sent and lost as of the last sweep, which counts what came since.
+    counted: (u64, u64),
 }
 
 /// A host QUIC does not get through to, and whether a probe is out.
@@ -261,7 +263,7 @@ async fn connect(mesh: &Arc<MeshTls>, listener: SocketAddr, expected: Expected<'
             debug!(%listener, error = %closed, "quic: mesh connection ended");
         }
     });
-    Ok(Pooled { connection, send, peer, tunnels: Arc::new(()), expires: Instant::now() })
+    Ok(Pooled { connection, send, peer, tunnels: Arc::new(()), expires: Instant::now(), counted: (0, 0) })
 }
 
 /// This worker's client endpoint for `peer`'s address family.
@@ -297,8 +299,11 @@ pub fn sweep(reports: &PathReports) {
                 if done && let Some(pooled) = slot.take() {
                     pooled.connection.close(0u32.into(), b"idle");
                 }
-                if let Some(pooled) = slot.as_ref() {
+                if let Some(pooled) = slot.as_mut() {
                     let stats = pooled.connection.stats();
+                    let (sent, lost) = (stats.path.sent_packets, stats.path.lost_packets);
+                    reports.count_packets(sent.saturating_sub(pooled.counted.0), lost.saturating_sub(pooled.counted.1));
+                    pooled.counted = (sent, lost);
                     paths.push(PathReport {
                         peer: pooled.connection.remote_address(),
                         worker: worker.clone(),

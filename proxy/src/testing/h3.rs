@@ -55,9 +55,10 @@ impl H3Client {
 }
 
 /// Whether a QUIC connection to `address` offering ALPN `h3` and presenting `identity` (a PEM chain
-/// and key; none: no client certificate) is accepted: its handshake completes and the server does
-/// not close it within half a second. The server's certificate is not checked (a mesh peer's names
-/// only a SPIFFE ID).
+/// and key; none: no client certificate) is accepted: HTTP/3 starts on it and a `CONNECT` to an
+/// address that is not the server's gets an answer (any status). A server that refuses the
+/// certificate closes the connection instead. The server's certificate is not checked (a mesh
+/// peer's names only a SPIFFE ID).
 pub async fn mesh_handshake(address: SocketAddr, identity: Option<(&str, &str)>) -> bool {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
@@ -77,10 +78,17 @@ pub async fn mesh_handshake(address: SocketAddr, identity: Option<(&str, &str)>)
     let config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).unwrap()));
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     let Ok(connecting) = endpoint.connect_with(config, address, "127.0.0.1") else { return false };
-    let Ok(Ok(connection)) = tokio::time::timeout(std::time::Duration::from_secs(5), connecting).await else {
-        return false;
+    let exchange = async {
+        let connection = connecting.await.ok()?;
+        let (mut driver, mut send) = h3::client::new(h3_quinn::Connection::new(connection.clone())).await.ok()?;
+        tokio::spawn(async move { std::future::poll_fn(|cx| driver.poll_close(cx)).await });
+        let mut request = Request::new(());
+        *request.method_mut() = http::Method::CONNECT;
+        *request.uri_mut() = http::Uri::from_static("192.0.2.1:9");
+        let mut stream = send.send_request(request).await.ok()?;
+        let answered = stream.recv_response().await.ok().map(|_| ());
+        connection.close(0u32.into(), b"");
+        answered
     };
-    let closed = tokio::time::timeout(std::time::Duration::from_millis(500), connection.closed()).await;
-    connection.close(0u32.into(), b"");
-    closed.is_err()
+    matches!(tokio::time::timeout(std::time::Duration::from_secs(10), exchange).await, Ok(Some(())))
 }
