@@ -115,6 +115,9 @@ pub const MESH_QUIC_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 pub const QUIC_PROBE_INTERVAL: Duration = Duration::from_secs(3);
 /// How often an `hbone_quic` listener looks for this proxy's first certificate before it can answer.
 pub const IDENTITY_WAIT_POLL: Duration = Duration::from_millis(100);
+/// The largest PEM file (certificate chain, key, trust bundle) the proxy reads: a chain is a few
+/// kilobytes, a large trust bundle a few hundred.
+pub const MAX_PEM_FILE_BYTES: u64 = 4 * 1024 * 1024;
 /// How long a client may remember an `Alt-Svc` advertisement of HTTP/3 (a day, as most sites).
 pub const ALT_SVC_MAX_AGE: u32 = 86_400;
 

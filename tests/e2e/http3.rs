@@ -181,6 +181,10 @@ async fn the_certificate_follows_its_files_and_a_bad_one_is_rejected_while_the_o
     gateway.proxy.rewrite(&Gateway::yaml(&gateway.dir, gateway.app.address(), "missing.pem"));
     let error = gateway.proxy.reload().unwrap_err().to_string();
     assert!(error.contains("listener \"quic\": tls:") && error.contains("missing.pem"), "{error}");
+    // One that never ends is read no further than a certificate could be long.
+    gateway.proxy.rewrite(&Gateway::yaml(&gateway.dir, gateway.app.address(), "/dev/zero"));
+    let error = gateway.proxy.reload().unwrap_err().to_string();
+    assert!(error.contains("/dev/zero: larger than"), "{error}");
     let third = h3_client(quic, &gateway.ca_file(), json!([{"path": "/"}])).await;
     assert_eq!(third["responses"][0]["status"], 200, "the old config keeps serving: {third}");
 }

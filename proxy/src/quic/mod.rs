@@ -34,6 +34,7 @@ use rustls::sign::CertifiedKey;
 
 use crate::limits;
 use crate::listener::metrics::CertificateReloads;
+use crate::tls::files::read_pem;
 use crate::tls::{TlsError, certificates};
 
 /// ALPN of HTTP/3 (RFC 9114).
@@ -109,8 +110,8 @@ impl ResolvesServerCert for ServedCertificate {
 
 fn read(certificate_file: &Path, private_key_file: &Path) -> Result<CertifiedKey, TlsError> {
     let fail = |path: &Path, what: String| TlsError::Credentials(format!("{}: {what}", path.display()));
-    let chain_pem = std::fs::read(certificate_file).map_err(|e| fail(certificate_file, e.to_string()))?;
-    let key_pem = std::fs::read(private_key_file).map_err(|e| fail(private_key_file, e.to_string()))?;
+    let chain_pem = read_pem(certificate_file).map_err(TlsError::Credentials)?;
+    let key_pem = read_pem(private_key_file).map_err(TlsError::Credentials)?;
     let chain = certificates(&chain_pem, "certificate chain").map_err(|e| fail(certificate_file, e.to_string()))?;
     if chain.is_empty() {
         return Err(fail(certificate_file, "holds no certificate".into()));

@@ -29,11 +29,24 @@ pub struct CertFiles {
     pub ca: PathBuf,
 }
 
+/// Reads a PEM file of at most `limits::MAX_PEM_FILE_BYTES`: a certificate chain or a key is a few
+/// kilobytes, and a path that names something endless (`/dev/zero`, a pipe) must not hold a reload.
+pub(crate) fn read_pem(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut bytes = Vec::new();
+    let limit = limits::MAX_PEM_FILE_BYTES;
+    file.take(limit + 1).read_to_end(&mut bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    if bytes.len() as u64 > limit {
+        return Err(format!("{}: larger than {limit} bytes", path.display()));
+    }
+    Ok(bytes)
+}
+
 impl CertFiles {
     /// Reads and checks them.
     pub fn load(&self) -> Result<Credentials, TlsError> {
-        let read =
-            |path: &PathBuf| std::fs::read(path).map_err(|e| TlsError::Credentials(format!("{}: {e}", path.display())));
+        let read = |path: &PathBuf| read_pem(path).map_err(TlsError::Credentials);
         let (cert, key, ca) = (read(&self.cert)?, read(&self.key)?, read(&self.ca)?);
         Credentials::from_pem(&cert, &key, &ca)
     }
