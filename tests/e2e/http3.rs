@@ -181,10 +181,15 @@ async fn the_certificate_follows_its_files_and_a_bad_one_is_rejected_while_the_o
     gateway.proxy.rewrite(&Gateway::yaml(&gateway.dir, gateway.app.address(), "missing.pem"));
     let error = gateway.proxy.reload().unwrap_err().to_string();
     assert!(error.contains("listener \"quic\": tls:") && error.contains("missing.pem"), "{error}");
-    // One that never ends is read no further than a certificate could be long.
+    // One that never ends is not read at all, and a file larger than any certificate not whole.
     gateway.proxy.rewrite(&Gateway::yaml(&gateway.dir, gateway.app.address(), "/dev/zero"));
     let error = gateway.proxy.reload().unwrap_err().to_string();
-    assert!(error.contains("/dev/zero: larger than"), "{error}");
+    assert!(error.contains("/dev/zero: not a regular file"), "{error}");
+    let large = gateway.dir.join("large.pem");
+    std::fs::write(&large, vec![b'-'; 5 * 1024 * 1024]).unwrap();
+    gateway.proxy.rewrite(&Gateway::yaml(&gateway.dir, gateway.app.address(), "large.pem"));
+    let error = gateway.proxy.reload().unwrap_err().to_string();
+    assert!(error.contains("large.pem: larger than"), "{error}");
     let third = h3_client(quic, &gateway.ca_file(), json!([{"path": "/"}])).await;
     assert_eq!(third["responses"][0]["status"], 200, "the old config keeps serving: {third}");
 }

@@ -30,9 +30,15 @@ pub struct CertFiles {
 }
 
 /// Reads a PEM file of at most `limits::MAX_PEM_FILE_BYTES`: a certificate chain or a key is a few
-/// kilobytes, and a path that names something endless (`/dev/zero`, a pipe) must not hold a reload.
+/// kilobytes, and a path that names something endless (`/dev/zero`) or that may never answer (a
+/// pipe) must not hold a reload, so only a regular file (or a link to one, as Kubernetes mounts
+/// secrets) is read.
 pub(crate) fn read_pem(path: &std::path::Path) -> Result<Vec<u8>, String> {
     use std::io::Read;
+    let metadata = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if !metadata.is_file() {
+        return Err(format!("{}: not a regular file", path.display()));
+    }
     let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut bytes = Vec::new();
     let limit = limits::MAX_PEM_FILE_BYTES;
