@@ -29,7 +29,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{Method, Request, Response};
+use http::{Request, Response};
 use hyper::client::conn::http2;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
@@ -44,10 +44,9 @@ pub use crate::http::settings::ClientSettings;
 use crate::http::{h1, headers};
 use crate::limits;
 use crate::policy::breaker::Slot;
-use crate::state::cluster::{Cluster, TunnelCounters};
+use crate::state::cluster::Cluster;
 use crate::tls::{Alpn, TlsError};
 use crate::{connect, timer};
-use prometheus_client::metrics::counter::Counter;
 use remora_control_api::identity::SpiffeId;
 
 /// The HTTP version spoken to an endpoint for one request.
@@ -231,18 +230,8 @@ pub async fn open_tunnel(
 ) -> Result<TokioIo<Upgraded>, ProxyError> {
     let listener = SocketAddr::new(endpoint.ip(), port);
     let connect = || connect_hbone(settings, cluster, endpoint, listener);
-    let mut request = Request::new(UpstreamBody::Empty);
-    *request.method_mut() = Method::CONNECT;
-    *request.uri_mut() = http::Uri::from_maybe_shared(Bytes::from(endpoint.to_string()))
-        .map_err(|_| ProxyError::BadRequest("a tunnel's target must be ip:port"))?;
-    // What rides is opaque TCP, decided on this side: the receiving sidecar need not look.
-    request.headers_mut().insert(headers::TUNNEL_PROTOCOL.clone(), http::HeaderValue::from_static("tcp"));
-    let counters = cluster.mesh.as_ref().and_then(|peers| peers.tunnels.as_ref());
-    let count = |counter: fn(&TunnelCounters) -> &Counter| {
-        if let Some(counters) = counters {
-            counter(counters).inc();
-        }
-    };
+    let request = headers::tunnel_connect(endpoint).map(|()| UpstreamBody::Empty);
+    let count = |pick| cluster.count_tunnel(pick);
     let sent = send_pooled(settings, cluster, endpoint, (listener, Carrier::Hbone), connect, request).await;
     let mut response = match sent {
         Ok(response) => response,

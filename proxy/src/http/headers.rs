@@ -29,6 +29,19 @@ pub static CLIENT_IDENTITY: HeaderName = HeaderName::from_static("x-remora-clien
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+/// The `CONNECT endpoint` that opens a tunnel of opaque TCP to `endpoint` (HBONE, over TCP or QUIC):
+/// `x-remora-tunnel-protocol: tcp` says what rides, so the receiving sidecar need not look.
+pub fn tunnel_connect(endpoint: SocketAddr) -> Request<()> {
+    let mut request = Request::new(());
+    *request.method_mut() = http::Method::CONNECT;
+    // `ip:port` is always an authority-form target.
+    if let Ok(target) = Uri::from_maybe_shared(bytes::Bytes::from(endpoint.to_string())) {
+        *request.uri_mut() = target;
+    }
+    request.headers_mut().insert(TUNNEL_PROTOCOL.clone(), HeaderValue::from_static("tcp"));
+    request
+}
+
 /// The authority a request is addressed to: the target's (HTTP/2 `:authority`, or an absolute-form
 /// HTTP/1 target), else the `Host` header.
 pub fn authority<B>(request: &Request<B>) -> Option<&str> {

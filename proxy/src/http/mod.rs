@@ -169,10 +169,16 @@ pub(crate) async fn proxy(
     Ok(response.map(|body| body.finish(finish)))
 }
 
-/// The answer to a request a route redirects: `status`, `Location: location`, no body.
-fn redirect(status: http::StatusCode, location: &str) -> Response<ProxyBody> {
+/// A reply of `status` alone, with no body.
+pub(crate) fn empty_reply(status: http::StatusCode) -> Response<ProxyBody> {
     let mut response = Response::new(ProxyBody::empty());
     *response.status_mut() = status;
+    response
+}
+
+/// The answer to a request a route redirects: `status`, `Location: location`, no body.
+fn redirect(status: http::StatusCode, location: &str) -> Response<ProxyBody> {
+    let mut response = empty_reply(status);
     // The location is made of validated parts and the request's own path: always a valid value.
     if let Ok(location) = http::HeaderValue::from_str(location) {
         response.headers_mut().insert(http::header::LOCATION, location);

@@ -40,6 +40,7 @@ use super::{Accepted, serve_mesh_tcp};
 use crate::context::{DataPath, Open};
 use crate::detect::{self, Protocol};
 use crate::http::body::ProxyBody;
+use crate::http::empty_reply;
 use crate::http::headers;
 use crate::http::server::{self, ServerVersion};
 use crate::io::{Meter, TunnelIo};
@@ -118,7 +119,7 @@ impl Carrier {
     fn open_tunnel(self: &Arc<Self>, mut request: Request<Incoming>) -> Response<ProxyBody> {
         let tunnel = match self.accept(request.method(), request.uri(), request.headers()) {
             Ok(tunnel) => tunnel,
-            Err(refused) => return status(refused),
+            Err(refused) => return empty_reply(refused),
         };
         let upgrade = hyper::upgrade::on(&mut request);
         let carrier = self.clone();
@@ -129,7 +130,7 @@ impl Carrier {
                 Err(error) => debug!(listener = %carrier.listener, %error, "hbone: tunnel was not established"),
             }
         });
-        status(StatusCode::OK)
+        empty_reply(StatusCode::OK)
     }
 
     /// Judges a `CONNECT` (`method`, `uri`, `headers`): the tunnel, counted open on the inbound
@@ -293,10 +294,4 @@ fn refusal_status(refusal: TunnelRefusal) -> StatusCode {
         TunnelRefusal::Denied => StatusCode::UNAUTHORIZED,
         TunnelRefusal::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
     }
-}
-
-fn status(status: StatusCode) -> Response<ProxyBody> {
-    let mut response = Response::new(ProxyBody::empty());
-    *response.status_mut() = status;
-    response
 }

@@ -211,13 +211,11 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, name: Arc<str>, d
         serving.await;
         return;
     }
-    if let Some(policy) = &policy {
-        if policy.strict {
-            policy.counters.plaintext_refused.inc();
-            info!(listener = %name, policy = %policy.name, %peer, "plaintext connection refused: the policy is strict");
-            return;
-        }
-        policy.counters.plaintext_accepted.inc();
+    if let Some(policy) = &policy
+        && refuses_plaintext(policy)
+    {
+        info!(listener = %name, policy = %policy.name, %peer, "plaintext connection refused: the policy is strict");
+        return;
     }
     // Dispatch.
     let version = match protocol {
@@ -257,19 +255,30 @@ pub(crate) fn admit(listener: &ListenerConfig) -> bool {
     true
 }
 
+/// Whether `policy` refuses a connection that came without mesh mTLS (it is strict); counted
+/// either way.
+pub(crate) fn refuses_plaintext(policy: &Policy) -> bool {
+    if policy.strict {
+        policy.counters.plaintext_refused.inc();
+    } else {
+        policy.counters.plaintext_accepted.inc();
+    }
+    policy.strict
+}
+
 /// An admitted connection's particulars, for the paths that serve it.
-struct Accepted {
-    listener: Arc<ListenerConfig>,
-    peer: SocketAddr,
-    original_destination: Option<SocketAddr>,
-    destination_port: u16,
-    meter: Arc<Meter>,
-    open: Open,
+pub(crate) struct Accepted {
+    pub(crate) listener: Arc<ListenerConfig>,
+    pub(crate) peer: SocketAddr,
+    pub(crate) original_destination: Option<SocketAddr>,
+    pub(crate) destination_port: u16,
+    pub(crate) meter: Arc<Meter>,
+    pub(crate) open: Open,
 }
 
 impl Accepted {
     /// The HTTP server's view of the connection; `identity` is the peer sidecar's, over mesh TLS.
-    fn into_http(self, data: &Arc<DataPath>, identity: Option<SpiffeId>) -> Arc<HttpConnection> {
+    pub(crate) fn into_http(self, data: &Arc<DataPath>, identity: Option<SpiffeId>) -> Arc<HttpConnection> {
         let Accepted { listener, peer, original_destination, destination_port, meter, open } = self;
         let caller = listener.stats.caller(identity.as_ref());
         if let Some(caller) = &caller {

@@ -21,7 +21,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::{Method, Request, StatusCode};
+use http::StatusCode;
 use remora_control_api::identity::SpiffeId;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tracing::debug;
@@ -32,7 +32,7 @@ use crate::http::error::ProxyError;
 use crate::http::headers;
 use crate::http::settings::ClientSettings;
 use crate::limits;
-use crate::state::cluster::{Cluster, TunnelCounters};
+use crate::state::cluster::Cluster;
 use crate::tls::{Expected, MeshTls, TlsError};
 
 /// What [`open_tunnel`] came to.
@@ -106,12 +106,7 @@ pub async fn open_tunnel(
     port: u16,
 ) -> Result<Opened, ProxyError> {
     let listener = SocketAddr::new(endpoint.ip(), port);
-    let counters = cluster.mesh.as_ref().and_then(|peers| peers.tunnels.as_ref());
-    let count = |counter: fn(&TunnelCounters) -> &prometheus_client::metrics::counter::Counter| {
-        if let Some(counters) = counters {
-            counter(counters).inc();
-        }
-    };
+    let count = |pick| cluster.count_tunnel(pick);
     let Some(mesh) = settings.mesh.clone() else {
         count(|c| &c.failed);
         return Err(TlsError::NoIdentity.into());
@@ -219,11 +214,7 @@ async fn open(
         pooled.expires = Instant::now() + cluster.idle_timeout;
         (pooled.send.clone(), pooled.tunnels.clone())
     };
-    let mut request = Request::new(());
-    *request.method_mut() = Method::CONNECT;
-    *request.uri_mut() = http::Uri::from_maybe_shared(Bytes::from(endpoint.to_string()))
-        .map_err(|_| OpenError::Unreachable("a tunnel's target must be ip:port".into()))?;
-    request.headers_mut().insert(headers::TUNNEL_PROTOCOL.clone(), http::HeaderValue::from_static("tcp"));
+    let request = headers::tunnel_connect(endpoint);
     let unreachable = |error: &dyn std::fmt::Display| OpenError::Unreachable(error.to_string());
     let mut stream = send.send_request(request).await.map_err(|e| unreachable(&e))?;
     let response = stream.recv_response().await.map_err(|e| unreachable(&e))?;

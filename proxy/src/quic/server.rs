@@ -18,8 +18,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use h3::error::Code;
 use h3::server::{RequestResolver, RequestStream};
-use http::header::{CONNECTION, HeaderName, TE, TRANSFER_ENCODING, UPGRADE};
-use http::{HeaderMap, Method, Response, StatusCode};
+use http::{Method, Response, StatusCode};
 use http_body::Body;
 use tokio::sync::watch;
 use tracing::{debug, warn};
@@ -27,8 +26,10 @@ use tracing::{debug, warn};
 use crate::context::{DataPath, Open};
 use crate::drain::Drain;
 use crate::http::body::{BodyError, ProxyBody, RequestBody, RequestStreamBody};
-use crate::http::server::{HttpConnection, Origin};
+use crate::http::headers;
+use crate::http::server::HttpConnection;
 use crate::io::Meter;
+use crate::listener::Accepted;
 use crate::state::{ListenerConfig, ListenerProtocol};
 
 use super::tunnels;
@@ -114,9 +115,11 @@ async fn serve_connection(
         return;
     };
     let peer = incoming.remote_address();
-    let destination_port = if listener.authz.is_some() { local_port } else { 0 };
+    // HTTP/3 carries no mesh identity: to an authorization policy on the socket's port it is
+    // plaintext.
+    let policy = listener.authz.as_ref().and_then(|authz| authz.for_port(local_port));
     let strict = || {
-        let refused = refused_as_plaintext(&listener, local_port).is_some();
+        let refused = policy.is_some_and(|policy| listener::refuses_plaintext(policy));
         if refused {
             debug!(listener = %name, port = local_port, "http/3 connection refused: the policy is strict");
         }
@@ -125,19 +128,10 @@ async fn serve_connection(
     let Handshake::Done { quic, meter, open } = handshake(incoming, &listener, &data, config, strict).await else {
         return;
     };
-    if let Some(caller) = listener.stats.caller(None) {
-        meter.attribute(caller);
-    }
-    let origin = Origin::new(listener.name.clone(), peer, None, destination_port, None);
-    let connection = Arc::new(HttpConnection {
-        data: data.clone(),
-        listener: listener.clone(),
-        meter: meter.clone(),
-        open,
-        origin,
-        caller: listener.stats.caller(None),
-        quiet: Default::default(),
-    });
+    let destination_port = if listener.authz.is_some() { local_port } else { 0 };
+    let accepted =
+        Accepted { listener: listener.clone(), peer, original_destination: None, destination_port, meter, open };
+    let connection = accepted.into_http(&data, None);
     match start_h3(&quic).await {
         Ok(h3) => {
             let serve = |resolver| serve_request(resolver, connection.clone());
@@ -146,7 +140,7 @@ async fn serve_connection(
         }
         Err(error) => debug!(listener = %name, %error, "http/3 connection failed to start"),
     }
-    count_bytes(&quic, &meter);
+    count_bytes(&quic, &connection.meter);
 }
 
 /// How a connection's admission and handshake went.
@@ -216,20 +210,6 @@ pub(super) fn count_bytes(quic: &quinn::Connection, meter: &Meter) {
     meter.add_sent(usize::try_from(stats.udp_tx.bytes).unwrap_or(usize::MAX));
 }
 
-/// Whether a strict authorization policy on the listener's port refuses the connection: HTTP/3
-/// carries no mesh identity, so to authorization it is plaintext (counted either way). The port it
-/// judges by is the socket's.
-fn refused_as_plaintext(listener: &ListenerConfig, port: u16) -> Option<u16> {
-    let authz = listener.authz.as_ref()?;
-    let policy = authz.for_port(port)?;
-    if policy.strict {
-        policy.counters.plaintext_refused.inc();
-        return Some(port);
-    }
-    policy.counters.plaintext_accepted.inc();
-    None
-}
-
 /// Accepts request streams on `h3` until the peer closes the connection, `idle` resolves, or
 /// (after a drain's GOAWAY) the streams in flight are done; `serve` makes each a task of its own.
 /// HTTP/3 listeners and HBONE-over-QUIC ones alike.
@@ -290,7 +270,7 @@ async fn serve_request(resolver: Resolver, connection: Arc<HttpConnection>) {
     let (mut send, recv) = stream.split();
     let response = if request.method() == Method::CONNECT {
         // Neither classic nor extended CONNECT is served over HTTP/3.
-        local(StatusCode::NOT_IMPLEMENTED)
+        crate::http::empty_reply(StatusCode::NOT_IMPLEMENTED)
     } else {
         let body = RequestStreamBody::new(recv, &request);
         let request = request.map(|()| RequestBody::Http3(Box::new(body)));
@@ -302,12 +282,6 @@ async fn serve_request(resolver: Resolver, connection: Arc<HttpConnection>) {
     if let Err(error) = respond(&mut send, response).await {
         debug!(listener = %connection.listener.name, %error, "http/3 response not delivered");
     }
-}
-
-fn local(status: StatusCode) -> Response<ProxyBody> {
-    let mut response = Response::new(ProxyBody::empty());
-    *response.status_mut() = status;
-    response
 }
 
 /// Why a response did not reach the client whole.
@@ -323,7 +297,8 @@ enum RespondError {
 /// the stream, so the client sees a broken response, never a short one.
 async fn respond(send: &mut Responder, response: Response<ProxyBody>) -> Result<(), RespondError> {
     let (mut parts, mut body) = response.into_parts();
-    strip_connection_headers(&mut parts.headers);
+    // HTTP/3, as HTTP/2, has no connection-specific header fields (RFC 9114 §4.2).
+    headers::strip_hop_by_hop(&mut parts.headers, false);
     send.send_response(Response::from_parts(parts, ())).await?;
     loop {
         let frame = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
@@ -346,13 +321,4 @@ async fn respond(send: &mut Responder, response: Response<ProxyBody>) -> Result<
     }
     send.finish().await?;
     Ok(())
-}
-
-/// HTTP/3, as HTTP/2, has no connection-specific header fields (RFC 9114 §4.2).
-fn strip_connection_headers(headers: &mut HeaderMap) {
-    static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-    static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-    for name in [&CONNECTION, &TRANSFER_ENCODING, &UPGRADE, &TE, &KEEP_ALIVE, &PROXY_CONNECTION] {
-        headers.remove(name);
-    }
 }

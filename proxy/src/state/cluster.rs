@@ -156,6 +156,14 @@ pub struct OwnLocality {
 }
 
 impl Cluster {
+    /// Counts a tunnel to this cluster's endpoints by its result (`pick`), when the cluster
+    /// tunnels (HBONE, over TCP or QUIC).
+    pub fn count_tunnel(&self, pick: fn(&TunnelCounters) -> &Counter) {
+        if let Some(counters) = self.mesh.as_ref().and_then(|peers| peers.tunnels.as_ref()) {
+            pick(counters).inc();
+        }
+    }
+
     /// Compiles cluster `c` with its endpoints `e` (if any). `previous` is the cluster of the same
     /// name in the snapshot serving now, whose endpoint set (or the endpoint states in it) carries
     /// over. An error names the resource at fault (the cluster, or its endpoints) and the field.

@@ -131,7 +131,7 @@ pub struct ListenerConfig {
     pub authz: Option<ListenerAuthz>,
     /// Whether its traffic gets access-log lines (when the proxy has an access log).
     pub access_log: bool,
-    /// On an HTTP/3 listener, its certificate (followed by `quic::watch_certificates`).
+    /// On an HTTP/3 listener, its certificate (followed by `reload::watch_certificates`).
     pub tls: Option<Arc<ServedCertificate>>,
     /// On an HTTP/3 listener, the QUIC server config its connections are accepted with.
     pub quic: Option<quinn::ServerConfig>,
@@ -146,11 +146,6 @@ impl ListenerConfig {
     /// Whether it binds UDP sockets (HTTP/3) rather than TCP.
     pub fn is_udp(&self) -> bool {
         matches!(self.protocol, ListenerProtocol::Http3 | ListenerProtocol::HboneQuic)
-    }
-
-    /// Whether it takes mesh tunnels (HBONE, over TCP or QUIC).
-    pub fn takes_tunnels(&self) -> bool {
-        matches!(self.protocol, ListenerProtocol::Hbone | ListenerProtocol::HboneQuic)
     }
 
     /// Every address it binds: `address`, then the additional ones.

@@ -370,18 +370,38 @@ impl MeshTls {
         expected: Expected<'_>,
     ) -> Result<(ClientStream, SpiffeId), TlsError> {
         let result = self.try_connect(stream, endpoint, alpn, expected).await;
-        self.stats.handshake("outbound", result.as_ref().map_or_else(TlsError::kind, |_| "ok"));
-        match &result {
-            Ok((tls, peer)) => {
-                self.stats.key_exchange("outbound", key_exchange(tls.get_ref().1));
-                self.stats.peer_handshake("outbound", "ok", peer.as_str());
+        self.count_handshake(
+            "outbound",
+            result.as_ref().map(|(tls, peer)| (peer, Some(key_exchange(tls.get_ref().1)))),
+        );
+        result
+    }
+
+    /// Counts a handshake's outcome: by result, by the key exchange agreed (when it is known), and
+    /// by peer (those that proved the wrong identity included).
+    fn count_handshake(&self, direction: &'static str, outcome: Result<(&SpiffeId, Option<&'static str>), &TlsError>) {
+        self.stats.handshake(direction, outcome.map_or_else(TlsError::kind, |_| "ok"));
+        match outcome {
+            Ok((peer, group)) => {
+                if let Some(group) = group {
+                    self.stats.key_exchange(direction, group);
+                }
+                self.stats.peer_handshake(direction, "ok", peer.as_str());
             }
             Err(TlsError::WrongPeer { presented, .. }) => {
-                self.stats.peer_handshake("outbound", "identity", presented.as_str());
+                self.stats.peer_handshake(direction, "identity", presented.as_str());
             }
             Err(_) => {}
         }
-        result
+    }
+
+    /// `peer`, if it is who `expected` asks for, judged against `configs`' own trust domain.
+    fn expect(configs: &Configs, expected: Expected<'_>, peer: SpiffeId) -> Result<SpiffeId, TlsError> {
+        let own_domain = configs.identity.trust_domain();
+        if !expected.accepts(&peer, own_domain) {
+            return Err(TlsError::WrongPeer { expected: expected.describe(own_domain), presented: peer });
+        }
+        Ok(peer)
     }
 
     async fn try_connect(
@@ -402,10 +422,7 @@ impl MeshTls {
         let name = ServerName::IpAddress(endpoint.ip().into());
         let tls = self.within_timeout(tokio_rustls::TlsConnector::from(config).connect(name, stream)).await?;
         let (peer, agreed) = peer_and_alpn(tls.get_ref().1)?;
-        let own_domain = configs.identity.trust_domain();
-        if !expected.accepts(&peer, own_domain) {
-            return Err(TlsError::WrongPeer { expected: expected.describe(own_domain), presented: peer });
-        }
+        let peer = Self::expect(&configs, expected, peer)?;
         if agreed != Some(alpn) {
             return Err(TlsError::Alpn);
         }
@@ -433,11 +450,7 @@ impl MeshTls {
 
     /// Counts an inbound handshake's outcome.
     fn count_accept(&self, result: Result<(&ServerStream, &SpiffeId), &TlsError>) {
-        self.stats.handshake("inbound", result.map_or_else(TlsError::kind, |_| "ok"));
-        if let Ok((tls, peer)) = result {
-            self.stats.key_exchange("inbound", key_exchange(tls.get_ref().1));
-            self.stats.peer_handshake("inbound", "ok", peer.as_str());
-        }
+        self.count_handshake("inbound", result.map(|(tls, peer)| (peer, Some(key_exchange(tls.get_ref().1)))));
     }
 
     async fn try_accept(

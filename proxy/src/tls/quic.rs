@@ -71,14 +71,8 @@ impl MeshTls {
         expected: Option<Expected<'_>>,
     ) -> Result<SpiffeId, TlsError> {
         let result = self.check_quic_peer(connection, expected);
-        self.stats().handshake(direction, result.as_ref().map_or_else(TlsError::kind, |_| "ok"));
-        match &result {
-            Ok(peer) => self.stats().peer_handshake(direction, "ok", peer.as_str()),
-            Err(TlsError::WrongPeer { presented, .. }) => {
-                self.stats().peer_handshake(direction, "identity", presented.as_str())
-            }
-            Err(_) => {}
-        }
+        // quinn does not say which key exchange was agreed.
+        self.count_handshake(direction, result.as_ref().map(|peer| (peer, None)));
         result
     }
 
@@ -94,12 +88,9 @@ impl MeshTls {
             .ok_or(TlsError::Peer(IdentityError::NoCertificate))?;
         let leaf = chain.first().ok_or(TlsError::Peer(IdentityError::NoCertificate))?;
         let (peer, _) = peer_identity(leaf, SystemTime::now())?;
-        let own_domain = configs.identity.trust_domain();
-        if let Some(expected) = expected
-            && !expected.accepts(&peer, own_domain)
-        {
-            return Err(TlsError::WrongPeer { expected: expected.describe(own_domain), presented: peer });
+        match expected {
+            Some(expected) => Self::expect(&configs, expected, peer),
+            None => Ok(peer),
         }
-        Ok(peer)
     }
 }
