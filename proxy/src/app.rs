@@ -31,15 +31,12 @@ use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
-use crate::balance::metrics::HealthMetrics;
 use crate::bootstrap::{self, Bootstrap, ConfigSource, IdentitySource};
 use crate::context::DataPath;
 use crate::http::client::ClientSettings;
 use crate::http::server::ServerSettings;
 use crate::limits;
 use crate::listener::{self, metrics::ListenerMetrics};
-use crate::policy::breaker::BreakerMetrics;
-use crate::policy::metrics::PolicyMetrics;
 use crate::reload::{self, ReloadError, ReloadMetrics, ReloadOutcome, Reloader};
 use crate::state::authz::AuthzMetrics;
 use crate::state::cluster::ClusterMetrics;
@@ -477,10 +474,7 @@ impl Metrics {
     fn register(workers: usize) -> Metrics {
         let mut registry = telemetry::registry();
         let listeners = ListenerMetrics::register(&mut registry);
-        let breakers = BreakerMetrics::register(&mut registry);
-        let policy = PolicyMetrics::register(&mut registry);
-        let health = HealthMetrics::register(&mut registry);
-        let clusters = ClusterMetrics::register(&mut registry, breakers, policy, health);
+        let clusters = ClusterMetrics::register(&mut registry);
         let routes = RouteMetrics::register(&mut registry);
         let authz = AuthzMetrics::register(&mut registry);
         let reloads = ReloadMetrics::register(&mut registry);

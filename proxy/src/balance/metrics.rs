@@ -1,97 +1,47 @@
 //! Endpoint health's metrics, per cluster: active health checks by result, endpoints healthy and
 //! ejected now, and outlier ejections by reason.
 //!
-//! [`HealthMetrics::register`] declares the families (the composition root calls it once); each
-//! endpoint set holds its cluster's [`HealthStats`], which outlier detection, the health checks and
-//! every rebuild of the set's view update.
+//! [`families`] describes the families, which the cluster roster registers; each endpoint set
+//! holds its cluster's [`HealthStats`], which outlier detection, the health checks and every
+//! rebuild of the set's view update.
 
 use std::sync::Arc;
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
-
 use super::outlier::EjectReason;
-use crate::telemetry::Registry;
-use crate::telemetry::family::Family;
+use crate::telemetry::roster::{Count, Described, Level};
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ClusterLabels {
-    cluster: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ResultLabels {
-    cluster: String,
-    result: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ReasonLabels {
-    cluster: String,
-    reason: &'static str,
-}
-
-/// The endpoint-health metric families.
-#[derive(Clone, Debug, Default)]
-pub struct HealthMetrics {
-    health_checks: Family<ResultLabels, Counter>,
-    healthy: Family<ClusterLabels, Gauge>,
-    ejected: Family<ClusterLabels, Gauge>,
-    ejections: Family<ReasonLabels, Counter>,
-}
-
-impl HealthMetrics {
-    /// Declares the families in `registry`.
-    pub fn register(registry: &mut Registry) -> HealthMetrics {
-        let m = HealthMetrics::default();
-        registry.register(
+/// The endpoint-health families, over each cluster's [`HealthStats`] (the cluster roster
+/// registers them).
+pub fn families() -> Vec<Described<HealthStats>> {
+    vec![
+        Described::counts(
             "health_checks",
             "Active health-check probes, by result (pass, fail)",
-            m.health_checks.clone(),
-        );
-        registry.register(
+            Some("result"),
+            [("pass", |s: &HealthStats| &s.checks_passed), ("fail", |s: &HealthStats| &s.checks_failed)],
+        ),
+        Described::level(
             "upstream_endpoints_healthy",
             "Endpoints of a cluster healthy now (not ejected, passing health checks)",
-            m.healthy.clone(),
-        );
-        registry.register(
+            |s: &HealthStats| &s.healthy_endpoints,
+        ),
+        Described::level(
             "upstream_endpoints_ejected",
             "Endpoints of a cluster ejected by outlier detection now",
-            m.ejected.clone(),
-        );
-        registry.register("outlier_ejections", "Outlier-detection ejections, by reason", m.ejections.clone());
-        m
-    }
-
-    /// Drops cluster `name`'s series (the cluster left the config).
-    pub fn forget(&self, name: &str) {
-        let labels = ClusterLabels { cluster: name.to_owned() };
-        for result in ["pass", "fail"] {
-            self.health_checks.remove(&ResultLabels { cluster: name.to_owned(), result });
-        }
-        self.healthy.remove(&labels);
-        self.ejected.remove(&labels);
-        for r in EjectReason::ALL {
-            self.ejections.remove(&ReasonLabels { cluster: name.to_owned(), reason: r.as_str() });
-        }
-    }
-
-    /// The counters of cluster `name`; the same name always yields the same counters.
-    pub fn cluster(&self, name: &str) -> Arc<HealthStats> {
-        let labels = ClusterLabels { cluster: name.to_owned() };
-        let result = |result| ResultLabels { cluster: name.to_owned(), result };
-        Arc::new(HealthStats {
-            name: name.into(),
-            checks_passed: self.health_checks.get_or_create_owned(&result("pass")),
-            checks_failed: self.health_checks.get_or_create_owned(&result("fail")),
-            healthy_endpoints: self.healthy.get_or_create_owned(&labels),
-            ejected_endpoints: self.ejected.get_or_create_owned(&labels),
-            ejections: EjectReason::ALL.map(|r| {
-                self.ejections.get_or_create_owned(&ReasonLabels { cluster: name.to_owned(), reason: r.as_str() })
-            }),
-        })
-    }
+            |s: &HealthStats| &s.ejected_endpoints,
+        ),
+        Described::counts(
+            "outlier_ejections",
+            "Outlier-detection ejections, by reason",
+            Some("reason"),
+            [
+                (EjectReason::ALL[0].as_str(), |s: &HealthStats| &s.ejections[0]),
+                (EjectReason::ALL[1].as_str(), |s: &HealthStats| &s.ejections[1]),
+                (EjectReason::ALL[2].as_str(), |s: &HealthStats| &s.ejections[2]),
+                (EjectReason::ALL[3].as_str(), |s: &HealthStats| &s.ejections[3]),
+            ],
+        ),
+    ]
 }
 
 /// One cluster's endpoint-health counters.
@@ -100,20 +50,32 @@ pub struct HealthStats {
     /// The cluster's name (for logs).
     pub name: Arc<str>,
     /// Health-check probes that passed and failed.
-    pub checks_passed: Counter,
+    pub checks_passed: Count,
     /// See `checks_passed`.
-    pub checks_failed: Counter,
+    pub checks_failed: Count,
     /// Endpoints healthy now (not ejected, passing health checks).
-    pub healthy_endpoints: Gauge,
+    pub healthy_endpoints: Level,
     /// Endpoints ejected by outlier detection now.
-    pub ejected_endpoints: Gauge,
-    ejections: [Counter; 4],
+    pub ejected_endpoints: Level,
+    ejections: [Count; 4],
 }
 
 impl HealthStats {
+    /// Cluster `name`'s counters, all zero.
+    pub fn new(name: Arc<str>) -> HealthStats {
+        HealthStats {
+            name,
+            checks_passed: Count::default(),
+            checks_failed: Count::default(),
+            healthy_endpoints: Level::default(),
+            ejected_endpoints: Level::default(),
+            ejections: Default::default(),
+        }
+    }
+
     /// Counters for `name` that belong to no registry (tests, benches).
     pub fn detached(name: &str) -> Arc<HealthStats> {
-        HealthMetrics::default().cluster(name)
+        Arc::new(HealthStats::new(name.into()))
     }
 
     /// Counts an ejection.

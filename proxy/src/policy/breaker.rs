@@ -10,17 +10,15 @@
 //! struggling upstream.
 //!
 //! The counts are the cluster's gauges, [`BreakerStats`] (so they survive config changes and show on
-//! `/metrics`), shared by every worker; [`BreakerMetrics`] declares their families. A limit not set
+//! `/metrics`), shared by every worker; [`families`] describes their families. A limit not set
 //! costs nothing: its count is not kept (open connections are always counted; that happens only on
 //! connect and close).
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
+use std::sync::Arc;
+
 use remora_control_api::v1;
 
-use crate::telemetry::Registry;
-use crate::telemetry::family::Family;
+use crate::telemetry::roster::{Count, Described, Level};
 
 /// Which limit a request ran into.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,94 +48,54 @@ impl Breaker {
     }
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ClusterLabels {
-    cluster: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct BreakerLabels {
-    cluster: String,
-    breaker: &'static str,
-}
-
-/// The circuit breakers' metric families: what each counts now, and what each refused.
-#[derive(Clone, Debug, Default)]
-pub struct BreakerMetrics {
-    open: Family<ClusterLabels, Gauge>,
-    active: Family<ClusterLabels, Gauge>,
-    pending: Family<ClusterLabels, Gauge>,
-    active_retries: Family<ClusterLabels, Gauge>,
-    overflow: Family<BreakerLabels, Counter>,
-}
-
-impl BreakerMetrics {
-    /// Declares the families in `registry`.
-    pub fn register(registry: &mut Registry) -> BreakerMetrics {
-        let m = BreakerMetrics::default();
-        registry.register("upstream_connections_active", "Upstream connections open now", m.open.clone());
-        registry.register(
+/// The circuit breakers' families, over each cluster's [`BreakerStats`] (the cluster roster
+/// registers them): what each counts now, and what each refused.
+pub fn families() -> Vec<Described<BreakerStats>> {
+    vec![
+        Described::level("upstream_connections_active", "Upstream connections open now", |s: &BreakerStats| {
+            &s.open_connections
+        }),
+        Described::level(
             "upstream_requests_active",
             "Requests in flight to a cluster now (kept for clusters with a max_requests breaker)",
-            m.active.clone(),
-        );
-        registry.register(
+            |s: &BreakerStats| &s.active_requests,
+        ),
+        Described::level(
             "upstream_requests_pending",
             "Requests waiting for a new upstream connection now (kept with a max_pending_requests breaker)",
-            m.pending.clone(),
-        );
-        registry.register(
+            |s: &BreakerStats| &s.pending_requests,
+        ),
+        Described::level(
             "upstream_retries_active",
             "Retries in flight now (kept for clusters with a max_retries breaker)",
-            m.active_retries.clone(),
-        );
-        registry.register(
+            |s: &BreakerStats| &s.active_retries,
+        ),
+        Described::counts(
             "upstream_overflow",
             "Requests failed at once by a circuit breaker, by breaker",
-            m.overflow.clone(),
-        );
-        m
-    }
-
-    /// Drops cluster `name`'s series (the cluster left the config); counters still held by work
-    /// in flight go on counting, unseen.
-    pub fn forget(&self, name: &str) {
-        let labels = ClusterLabels { cluster: name.to_owned() };
-        for gauge in [&self.open, &self.active, &self.pending, &self.active_retries] {
-            gauge.remove(&labels);
-        }
-        for b in Breaker::ALL {
-            self.overflow.remove(&BreakerLabels { cluster: name.to_owned(), breaker: b.as_str() });
-        }
-    }
-
-    /// The counts of cluster `name`; the same name always yields the same gauges.
-    pub fn cluster(&self, name: &str) -> BreakerStats {
-        let labels = ClusterLabels { cluster: name.to_owned() };
-        BreakerStats {
-            open_connections: self.open.get_or_create_owned(&labels),
-            active_requests: self.active.get_or_create_owned(&labels),
-            pending_requests: self.pending.get_or_create_owned(&labels),
-            active_retries: self.active_retries.get_or_create_owned(&labels),
-            overflows: Breaker::ALL.map(|b| {
-                self.overflow.get_or_create_owned(&BreakerLabels { cluster: name.to_owned(), breaker: b.as_str() })
-            }),
-        }
-    }
+            Some("breaker"),
+            [
+                (Breaker::Connections.as_str(), |s: &BreakerStats| &s.overflows[0]),
+                (Breaker::Pending.as_str(), |s: &BreakerStats| &s.overflows[1]),
+                (Breaker::Requests.as_str(), |s: &BreakerStats| &s.overflows[2]),
+                (Breaker::Retries.as_str(), |s: &BreakerStats| &s.overflows[3]),
+            ],
+        ),
+    ]
 }
 
 /// One cluster's breaker counts, shared by every worker.
 #[derive(Debug, Default)]
 pub struct BreakerStats {
     /// Upstream connections open now (every worker's).
-    pub open_connections: Gauge,
+    pub open_connections: Level,
     /// Requests in flight now (counted only with a `max_requests` breaker).
-    pub active_requests: Gauge,
+    pub active_requests: Level,
     /// Requests waiting for a new connection now (counted only with `max_pending_requests`).
-    pub pending_requests: Gauge,
+    pub pending_requests: Level,
     /// Retries in flight now (counted only with `max_retries`).
-    pub active_retries: Gauge,
-    overflows: [Counter; 4],
+    pub active_retries: Level,
+    overflows: [Count; 4],
 }
 
 impl BreakerStats {
@@ -165,11 +123,14 @@ pub struct CircuitBreakers {
 
 /// One unit of a counted resource, given back when dropped.
 #[derive(Debug)]
-pub struct Slot(Gauge);
+pub struct Slot {
+    stats: Arc<BreakerStats>,
+    count: fn(&BreakerStats) -> &Level,
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.dec();
+        (self.count)(&self.stats).dec();
     }
 }
 
@@ -185,23 +146,23 @@ impl CircuitBreakers {
     }
 
     /// A request slot, or `Ok(None)` when requests are not limited.
-    pub fn request(&self, stats: &BreakerStats) -> Result<Option<Slot>, Breaker> {
-        take(self.max_requests, &stats.active_requests, stats, Breaker::Requests)
+    pub fn request(&self, stats: &Arc<BreakerStats>) -> Result<Option<Slot>, Breaker> {
+        take(self.max_requests, |s| &s.active_requests, stats, Breaker::Requests)
     }
 
     /// A retry slot, or `Ok(None)` when retries are not limited.
-    pub fn retry(&self, stats: &BreakerStats) -> Result<Option<Slot>, Breaker> {
-        take(self.max_retries, &stats.active_retries, stats, Breaker::Retries)
+    pub fn retry(&self, stats: &Arc<BreakerStats>) -> Result<Option<Slot>, Breaker> {
+        take(self.max_retries, |s| &s.active_retries, stats, Breaker::Retries)
     }
 
     /// A slot for waiting on a new connection, or `Ok(None)` when waiting is not limited.
-    pub fn pending(&self, stats: &BreakerStats) -> Result<Option<Slot>, Breaker> {
-        take(self.max_pending, &stats.pending_requests, stats, Breaker::Pending)
+    pub fn pending(&self, stats: &Arc<BreakerStats>) -> Result<Option<Slot>, Breaker> {
+        take(self.max_pending, |s| &s.pending_requests, stats, Breaker::Pending)
     }
 
     /// A slot for a new upstream connection, held by the connection until it closes. Always
     /// counted.
-    pub fn connection(&self, stats: &BreakerStats) -> Result<Slot, Breaker> {
+    pub fn connection(&self, stats: &Arc<BreakerStats>) -> Result<Slot, Breaker> {
         let gauge = &stats.open_connections;
         if self.max_connections > 0 && gauge.inc() >= i64::from(self.max_connections) {
             gauge.dec();
@@ -211,20 +172,26 @@ impl CircuitBreakers {
         if self.max_connections == 0 {
             gauge.inc();
         }
-        Ok(Slot(gauge.clone()))
+        Ok(Slot { stats: stats.clone(), count: |s| &s.open_connections })
     }
 }
 
-fn take(limit: u32, gauge: &Gauge, stats: &BreakerStats, breaker: Breaker) -> Result<Option<Slot>, Breaker> {
+fn take(
+    limit: u32,
+    count: fn(&BreakerStats) -> &Level,
+    stats: &Arc<BreakerStats>,
+    breaker: Breaker,
+) -> Result<Option<Slot>, Breaker> {
     if limit == 0 {
         return Ok(None);
     }
+    let gauge = count(stats);
     if gauge.inc() >= i64::from(limit) {
         gauge.dec();
         stats.record_overflow(breaker);
         return Err(breaker);
     }
-    Ok(Some(Slot(gauge.clone())))
+    Ok(Some(Slot { stats: stats.clone(), count }))
 }
 
 #[cfg(test)]
@@ -232,12 +199,17 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+    use crate::telemetry::roster::Roster;
     use crate::telemetry::{encode, registry};
 
     #[test]
     fn limits_hold_and_slots_come_back() {
         let mut registry = registry();
-        let stats = BreakerMetrics::register(&mut registry).cluster("c");
+        let roster = Roster::new("cluster");
+        for family in families() {
+            roster.register(&mut registry, family);
+        }
+        let stats = roster.member("c", |_| BreakerStats::default());
         let breakers = CircuitBreakers::compile(Some(&v1::CircuitBreakers { max_requests: 2, ..Default::default() }));
         let a = breakers.request(&stats).unwrap();
         let b = breakers.request(&stats).unwrap();
@@ -252,7 +224,7 @@ mod tests {
 
     #[test]
     fn connections_are_always_counted() {
-        let stats = BreakerStats::default();
+        let stats = Arc::new(BreakerStats::default());
         let open = CircuitBreakers::default();
         let slot = open.connection(&stats).unwrap();
         assert_eq!(stats.open_connections.get(), 1);

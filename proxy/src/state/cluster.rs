@@ -7,10 +7,11 @@
 //! set takes over the run-time state of every endpoint it shares with the old one. Counters and
 //! breaker gauges are looked up by name, so they always carry over.
 //!
-//! A cluster's counters are a [`ClusterStats`]: the upstream connections and responses counted here
-//! ([`ClusterMetrics`]), with the parts its other subsystems own and count themselves, the circuit
-//! breakers' gauges (`policy::breaker`), the policy counters (`policy::metrics`) and endpoint
-//! health (`balance::metrics`).
+//! A cluster's counters are a [`ClusterStats`], kept by name in the clusters' roster
+//! ([`ClusterMetrics`], read at scrape time: `telemetry::roster`): the upstream connections and
+//! responses counted here, with the parts its other subsystems own, describe and count themselves,
+//! the circuit breakers' gauges (`policy::breaker`), the policy counters (`policy::metrics`) and
+//! endpoint health (`balance::metrics`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,15 +23,16 @@ use remora_control_api::validate;
 use remora_control_api::{Kind, v1};
 
 use crate::balance::health::HealthCheckConfig;
-use crate::balance::metrics::{HealthMetrics, HealthStats};
+use crate::balance::metrics::HealthStats;
 use crate::balance::outlier::OutlierConfig;
 use crate::balance::{
     Declared, Endpoint, EndpointSet, EndpointState, HashOn, LocalityPreference, Member, Proximity, SetConfig, Strategy,
 };
 use crate::limits;
-use crate::policy::breaker::{BreakerMetrics, BreakerStats, CircuitBreakers};
-use crate::policy::metrics::{PolicyMetrics, PolicyStats};
+use crate::policy::breaker::{BreakerStats, CircuitBreakers};
+use crate::policy::metrics::PolicyStats;
 use crate::telemetry::family::Family;
+use crate::telemetry::roster::{Count, Described, Roster};
 use crate::telemetry::{Histogram, Registry, STATUS_CLASSES, class_index};
 use crate::tls::Expected;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -331,82 +333,82 @@ impl Cluster {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ClusterLabels {
-    cluster: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ClassLabels {
-    cluster: String,
-    status_class: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     cluster: String,
     result: &'static str,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ReasonLabels {
-    cluster: String,
-    reason: &'static str,
-}
-
 /// The `result` values of `upstream_tunnels_total`.
 const TUNNEL_RESULTS: [&str; 4] = ["opened", "refused", "failed", "fallback"];
 
-/// The cluster metric families: upstream connections and responses here, and the families of the
-/// subsystems that count the rest of a cluster's work.
-#[derive(Clone, Debug, Default)]
+/// The clusters' stats by name, and the families read from them: upstream connections and
+/// responses here, and the families of the subsystems that count the rest of a cluster's work.
+#[derive(Clone, Debug)]
 pub struct ClusterMetrics {
-    connections: Family<ClusterLabels, Counter>,
-    connect_errors: Family<ReasonLabels, Counter>,
-    responses: Family<ClassLabels, Counter>,
-    tcp_sent: Family<ClusterLabels, Counter>,
-    tcp_received: Family<ClusterLabels, Counter>,
+    roster: Roster<ClusterStats>,
     tunnels: Family<ResultLabels, Counter>,
-    duration: Family<ClusterLabels, Histogram>,
-    breakers: BreakerMetrics,
-    policy: PolicyMetrics,
-    health: HealthMetrics,
+}
+
+impl Default for ClusterMetrics {
+    /// Stats that belong to no registry (tests, benches).
+    fn default() -> Self {
+        ClusterMetrics { roster: Roster::new("cluster"), tunnels: Family::default() }
+    }
 }
 
 impl ClusterMetrics {
-    /// Declares the upstream families in `registry`; the others come registered by their owners.
-    pub fn register(
-        registry: &mut Registry,
-        breakers: BreakerMetrics,
-        policy: PolicyMetrics,
-        health: HealthMetrics,
-    ) -> ClusterMetrics {
-        let m = ClusterMetrics { breakers, policy, health, ..ClusterMetrics::default() };
-        registry.register("upstream_connections", "Upstream connections opened", m.connections.clone());
-        registry.register(
-            "upstream_connect_errors",
-            "Upstream connects that failed, by reason (refused, timeout)",
-            m.connect_errors.clone(),
-        );
-        registry.register(
-            "upstream_responses",
-            "HTTP responses received from upstream endpoints, by cluster and status class",
-            m.responses.clone(),
-        );
-        registry.register("upstream_tcp_sent_bytes", "Opaque TCP bytes sent to a cluster", m.tcp_sent.clone());
-        registry.register(
-            "upstream_tcp_received_bytes",
-            "Opaque TCP bytes received from a cluster",
-            m.tcp_received.clone(),
-        );
+    /// Declares every cluster family in `registry`: the upstream ones, and those of the circuit
+    /// breakers, traffic policy and endpoint health.
+    pub fn register(registry: &mut Registry) -> ClusterMetrics {
+        let m = ClusterMetrics::default();
+        let own = [
+            Described::count("upstream_connections", "Upstream connections opened", |s: &ClusterStats| &s.connections),
+            Described::counts(
+                "upstream_connect_errors",
+                "Upstream connects that failed, by reason (refused, timeout)",
+                Some("reason"),
+                [
+                    ("refused", |s: &ClusterStats| &s.connect_failures),
+                    ("timeout", |s: &ClusterStats| &s.connect_timeouts),
+                ],
+            ),
+            Described::counts(
+                "upstream_responses",
+                "HTTP responses received from upstream endpoints, by cluster and status class",
+                Some("status_class"),
+                [
+                    (STATUS_CLASSES[0], |s: &ClusterStats| &s.responses[0]),
+                    (STATUS_CLASSES[1], |s: &ClusterStats| &s.responses[1]),
+                    (STATUS_CLASSES[2], |s: &ClusterStats| &s.responses[2]),
+                    (STATUS_CLASSES[3], |s: &ClusterStats| &s.responses[3]),
+                    (STATUS_CLASSES[4], |s: &ClusterStats| &s.responses[4]),
+                ],
+            ),
+            Described::count("upstream_tcp_sent_bytes", "Opaque TCP bytes sent to a cluster", |s: &ClusterStats| {
+                &s.tcp_bytes_sent
+            }),
+            Described::count(
+                "upstream_tcp_received_bytes",
+                "Opaque TCP bytes received from a cluster",
+                |s: &ClusterStats| &s.tcp_bytes_received,
+            ),
+            Described::histogram(
+                "upstream_request_duration_seconds",
+                "Time from sending one attempt to an endpoint to its response head, by cluster (every attempt, retries included)",
+                |s: &ClusterStats| &s.attempt_duration,
+            ),
+        ];
+        let breakers =
+            crate::policy::breaker::families().into_iter().map(|f| f.within(|s: &ClusterStats| &*s.breakers));
+        let policy = crate::policy::metrics::families().into_iter().map(|f| f.within(|s: &ClusterStats| &s.policy));
+        let health = crate::balance::metrics::families().into_iter().map(|f| f.within(|s: &ClusterStats| &*s.health));
+        for family in own.into_iter().chain(breakers).chain(policy).chain(health) {
+            m.roster.register(registry, family);
+        }
         registry.register(
             "upstream_tunnels",
             "HBONE tunnels (over TCP or QUIC) opened to a cluster's endpoints, by result: opened, refused (the peer answered another status than 200), failed (no answer: connect, handshake or connection failed), fallback (QUIC not reached in time: the connection took the cluster's TCP transport)",
             m.tunnels.clone(),
-        );
-        registry.register(
-            "upstream_request_duration_seconds",
-            "Time from sending one attempt to an endpoint to its response head, by cluster (every attempt, retries included)",
-            m.duration.clone(),
         );
         m
     }
@@ -415,23 +417,10 @@ impl ClusterMetrics {
     /// series would otherwise hold memory (and show in `/metrics`) for as long as the process
     /// runs. Added again, it starts from zero, which Prometheus reads as a counter reset.
     pub fn forget(&self, name: &str) {
-        let labels = ClusterLabels { cluster: name.to_owned() };
-        for family in [&self.connections, &self.tcp_sent, &self.tcp_received] {
-            family.remove(&labels);
-        }
-        self.duration.remove(&labels);
-        for reason in ["refused", "timeout"] {
-            self.connect_errors.remove(&ReasonLabels { cluster: name.to_owned(), reason });
-        }
-        for status_class in STATUS_CLASSES {
-            self.responses.remove(&ClassLabels { cluster: name.to_owned(), status_class });
-        }
+        self.roster.remove(name);
         for result in TUNNEL_RESULTS {
             self.tunnels.remove(&ResultLabels { cluster: name.to_owned(), result });
         }
-        self.breakers.forget(name);
-        self.policy.forget(name);
-        self.health.forget(name);
     }
 
     /// The tunnel counters of HBONE cluster `name` (made only for such clusters: most have none).
@@ -444,23 +433,7 @@ impl ClusterMetrics {
     /// The counters of cluster `name`; the same name always yields the same counters (until it is
     /// forgotten).
     pub fn cluster(&self, name: &str) -> Arc<ClusterStats> {
-        let labels = ClusterLabels { cluster: name.to_owned() };
-        let reason = |reason| ReasonLabels { cluster: name.to_owned(), reason };
-        Arc::new(ClusterStats {
-            name: name.into(),
-            connections: self.connections.get_or_create_owned(&labels),
-            connect_failures: self.connect_errors.get_or_create_owned(&reason("refused")),
-            connect_timeouts: self.connect_errors.get_or_create_owned(&reason("timeout")),
-            tcp_bytes_sent: self.tcp_sent.get_or_create_owned(&labels),
-            tcp_bytes_received: self.tcp_received.get_or_create_owned(&labels),
-            attempt_duration: self.duration.get_or_create_owned(&labels),
-            responses: STATUS_CLASSES.map(|status_class| {
-                self.responses.get_or_create_owned(&ClassLabels { cluster: name.to_owned(), status_class })
-            }),
-            breakers: self.breakers.cluster(name),
-            policy: self.policy.cluster(name),
-            health: self.health.cluster(name),
-        })
+        self.roster.member(name, ClusterStats::new)
     }
 }
 
@@ -470,30 +443,48 @@ pub struct ClusterStats {
     /// The cluster's name (for logs).
     pub name: Arc<str>,
     /// Upstream connections opened.
-    pub connections: Counter,
+    pub connections: Count,
     /// Connects refused or failed.
-    pub connect_failures: Counter,
+    pub connect_failures: Count,
     /// Connects that hit the connect timeout.
-    pub connect_timeouts: Counter,
+    pub connect_timeouts: Count,
     /// Opaque TCP bytes sent to the cluster's endpoints.
-    pub tcp_bytes_sent: Counter,
+    pub tcp_bytes_sent: Count,
     /// Opaque TCP bytes received from them.
-    pub tcp_bytes_received: Counter,
+    pub tcp_bytes_received: Count,
     /// Time from sending an attempt to its response head, per attempt.
     pub attempt_duration: Histogram,
-    responses: [Counter; 5],
-    /// The circuit breakers' counts.
-    pub breakers: BreakerStats,
+    responses: [Count; 5],
+    /// The circuit breakers' counts (held by the slots they hand out).
+    pub breakers: Arc<BreakerStats>,
     /// Retries, hedges, timeouts, mirrored copies.
     pub policy: PolicyStats,
-    /// Endpoint health: checks, ejections, healthy and ejected endpoints.
+    /// Endpoint health: checks, ejections, healthy and ejected endpoints (shared with the
+    /// cluster's endpoint set).
     pub health: Arc<HealthStats>,
 }
 
 impl ClusterStats {
+    /// Cluster `name`'s counters, all zero.
+    fn new(name: Arc<str>) -> ClusterStats {
+        ClusterStats {
+            health: Arc::new(HealthStats::new(name.clone())),
+            name,
+            connections: Count::default(),
+            connect_failures: Count::default(),
+            connect_timeouts: Count::default(),
+            tcp_bytes_sent: Count::default(),
+            tcp_bytes_received: Count::default(),
+            attempt_duration: Histogram::default(),
+            responses: Default::default(),
+            breakers: Arc::default(),
+            policy: PolicyStats::default(),
+        }
+    }
+
     /// Counters for `name` that belong to no registry (tests, benches).
     pub fn detached(name: &str) -> Arc<ClusterStats> {
-        ClusterMetrics::default().cluster(name)
+        Arc::new(ClusterStats::new(name.into()))
     }
 
     /// Counts one response received from an endpoint of the cluster.

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::{MetricType, TypedMetric};
@@ -56,14 +56,12 @@ impl<S: Clone + Hash + Eq, M: Clone + Default> Family<S, M> {
 }
 
 impl<S, M> Family<S, M> {
-    // A panic while the lock was held cannot leave the map half-changed in a way that matters
-    // more than losing the metrics would.
     fn read(&self) -> RwLockReadGuard<'_, HashMap<S, M>> {
-        self.series.read().unwrap_or_else(PoisonError::into_inner)
+        super::read(&self.series)
     }
 
     fn write(&self) -> RwLockWriteGuard<'_, HashMap<S, M>> {
-        self.series.write().unwrap_or_else(PoisonError::into_inner)
+        super::write(&self.series)
     }
 }
 

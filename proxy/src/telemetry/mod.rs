@@ -1,13 +1,16 @@
 //! Telemetry: the Prometheus registry and how it is rendered (here), lock-free latency histograms
-//! (`histogram`), traces exported over OTLP (`trace`, `export`), the access log (`access_log`), and
-//! the process's log filter, changeable at runtime (`logging`).
+//! (`histogram`), per-object series read at scrape time (`roster`), traces exported over OTLP
+//! (`trace`, `export`), the access log (`access_log`), and the process's log filter, changeable at
+//! runtime (`logging`).
 //!
 //! Every subsystem owns its metrics: it declares its families in a `register` function, which the
 //! composition root (`app`) calls once with the one [`Registry`], and it hands out per-object
 //! handles (a listener's, a cluster's, a route's counters) when a snapshot is built. Label lookups
 //! (a hash and a lock in `prometheus-client`'s `Family`) happen then, or once when a route first
-//! sees a status code, never per request after that: the data path only does atomic adds. The same
-//! labels always resolve to the same counters, so totals run on across config reloads. `/metrics`
+//! sees a status code, never per request after that: the data path only does atomic adds. A
+//! cluster's forty-odd series live in one struct of its own, read out at scrape time (`roster`),
+//! not as forty entries of forty families. The same labels always resolve to the same counters,
+//! so totals run on across config reloads. `/metrics`
 //! renders the registry through [`encode`] (OpenMetrics) or [`encode_prometheus`] (text 0.0.4).
 //!
 //! Labels are bounded by config (listener, route and cluster names), by HTTP (status codes, gRPC
@@ -21,6 +24,7 @@ pub mod family;
 pub mod histogram;
 pub mod logging;
 mod otlp_http;
+pub mod roster;
 pub mod trace;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -29,6 +33,18 @@ use prometheus_client::metrics::family::Family;
 pub use prometheus_client::registry::Registry;
 
 pub use histogram::Histogram;
+use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// A metrics table, read. A panic while it was held cannot have left it changed in a way that
+/// matters more than losing the metrics would.
+fn read<T>(table: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    table.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A metrics table, to change (see [`read`]).
+fn write<T>(table: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    table.write().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// A registry whose metrics are all named `remora_*`.
 pub fn registry() -> Registry {
