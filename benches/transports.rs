@@ -135,6 +135,8 @@ fn main() {
             drop(open);
             tokio::time::sleep(Duration::from_secs(6)).await;
         }
+        // The proxies go first: they follow their files, and would log the directory's removal.
+        drop((server, client));
         let _ = std::fs::remove_dir_all(&dir);
     });
 }

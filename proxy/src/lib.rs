@@ -40,6 +40,8 @@
 //! - [`memory`] — freed memory given back to the system, every few seconds.
 //! - [`connect`] — TCP connects to endpoints, for every path.
 //! - [`tcp`] — L4 forwarding (`splice(2)`), in TLS or HBONE tunnels to mesh clusters.
+//! - [`relay`] — copying both ways through user space (TLS, tunnels, upgrades), holding no buffer
+//!   while idle.
 //! - [`http`] — the request's phases, one file each (`route`, `plan`, `attempt`, `policed`,
 //!   `retries`, `mirror`, `observe`), the server (idle HTTP/1.1 connections parked between
 //!   requests by `park`), the upstream pools and the HTTP/1.1 client (`h1`), bodies, header
@@ -92,6 +94,7 @@ pub mod listener;
 pub mod memory;
 pub mod policy;
 pub mod quic;
+pub mod relay;
 pub mod reload;
 pub mod state;
 pub mod tcp;

@@ -136,14 +136,16 @@ pub const HBONE_MAX_FRAME_SIZE: u32 = 1024 * 1024;
 /// listener's `max_connections`).
 pub const HBONE_MAX_TUNNELS: u32 = 16 * 1024;
 
-/// Buffer per direction when opaque TCP is copied through user space (TLS on a side): tokio's
-/// default.
+/// Buffer per direction when opaque TCP is copied through user space (TLS on a side, an upgraded
+/// HTTP connection): tokio's default. Held only while bytes move ([`crate::relay`]).
 pub const COPY_BUFFER: usize = 8 * 1024;
 /// The same when a side is an HBONE tunnel, where each write is a DATA frame: twice tokio's, as a
-/// TLS record's. Held for as long as the tunnel is open, idle or not, so kept small; it moved as
-/// much through one tunnel as 64 KiB did (4.70–5.28 Gbit/s against 4.89; 8 KiB: 3.72): figures
-/// in docs/benchmarks.md ("TCP between sidecars").
+/// TLS record's; it moved as much through one tunnel as 64 KiB did (4.70–5.28 Gbit/s against
+/// 4.89; 8 KiB: 3.72): figures in docs/benchmarks.md ("TCP between sidecars").
 pub const TUNNEL_COPY_BUFFER: usize = 16 * 1024;
+/// Copy buffers a worker thread keeps for its relays' next reads once they are given back (at
+/// most 512 KiB of 16 KiB buffers); more are freed.
+pub const SPARE_COPY_BUFFERS: usize = 32;
 
 // ---- Upstream clusters -----------------------------------------------------------------------
 

@@ -274,7 +274,7 @@ impl Relay<'_> {
         // Through a tunnel every write is an HTTP/2 DATA frame: larger ones cost less per byte.
         let tunnelled = downstream.is_tunnel() || matches!(upstream, Either::Right(Either::Right(_)));
         let size = if tunnelled { limits::TUNNEL_COPY_BUFFER } else { limits::COPY_BUFFER };
-        let copied = tokio::io::copy_bidirectional_with_sizes(&mut downstream, &mut upstream, size, size);
+        let copied = crate::relay::copy_both(&mut downstream, &mut upstream, size);
         tokio::select! {
             result = copied => match result {
                 Ok((sent, received)) => {

@@ -1,6 +1,7 @@
 //! Tunnels: a WebSocket session relayed through an `Upgrade`, and `CONNECT` tunnels over HTTP/1.1
 //! and HTTP/2, to a cluster's endpoint and through a pass-through cluster.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -101,18 +102,23 @@ async fn connect_tunnels_over_http1() {
         listener("in", ", default_cluster: pass"),
     ));
     for target in ["echo.local:7".to_owned(), elsewhere.address().to_string()] {
-        let mut stream = TcpStream::connect(proxy.address("in")).await.unwrap();
-        stream.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes()).await.unwrap();
-        let mut head = Vec::new();
-        while !head.ends_with(b"\r\n\r\n") {
-            let mut byte = [0_u8; 1];
-            stream.read_exact(&mut byte).await.unwrap();
-            head.push(byte[0]);
-        }
-        let head = String::from_utf8(head).unwrap();
-        assert!(head.starts_with("HTTP/1.1 200"), "{target}: {head}");
-        echo_through(stream).await;
+        echo_through(connect_through(proxy.address("in"), &target).await).await;
     }
+}
+
+/// A tunnel to `target` through the HTTP/1.1 proxy at `proxy`: `CONNECT`, and its 200 read.
+pub(crate) async fn connect_through(proxy: SocketAddr, target: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(proxy).await.unwrap();
+    stream.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0_u8; 1];
+        stream.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{target}: {head}");
+    stream
 }
 
 /// `CONNECT` as an HTTP/2 stream: the stream becomes the tunnel.

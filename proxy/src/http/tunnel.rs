@@ -109,7 +109,7 @@ where
 {
     let listener = &connection.listener;
     tokio::select! {
-        result = tokio::io::copy_bidirectional(&mut a, &mut b) => {
+        result = crate::relay::copy_both(&mut a, &mut b, crate::limits::COPY_BUFFER) => {
             if let Err(error) = result {
                 debug!(listener = %listener.name, %error, "tunnel ended with an error");
             }
