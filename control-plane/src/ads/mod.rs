@@ -20,8 +20,8 @@
 //! whose stream carries a bearer token the CA's authenticators accept, checked again whenever the
 //! bootstrap tokens change and every [`TOKEN_RECHECK`] (a deleted service account or pod), the
 //! stream closing (`UNAUTHENTICATED`) once the token is refused. The task keeps the stream's [`Session`]: per kind,
-//! the subscription (wildcard or names), what the proxy holds (`known`: name → version, seeded from
-//! `initial_resource_versions`), the responses awaiting an ACK, and the versions the proxy NACKed.
+//! the subscription (wildcard or names), what the proxy holds (`known`: the resources sent, seeded
+//! from `initial_resource_versions`), the responses awaiting an ACK, and the versions the proxy NACKed.
 //! When a new set is published (or the subscription changes) the session computes, per kind, the
 //! resources whose version differs from what the proxy holds and the names it holds that are gone,
 //! and sends them in push order, removals last. A session that holds the generation just before
@@ -47,9 +47,12 @@ use crate::tls::Peer;
 use remora_control_api::Kind;
 use remora_control_api::identity::SpiffeId;
 use remora_control_api::xds::WILDCARD;
-use remora_control_api::xds::discovery::{self, DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+use remora_control_api::xds::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 
+mod known;
 mod publish;
+
+use known::Known;
 
 pub use publish::{Delta, Published, Publisher, ServedResource, ServedSet, View};
 
@@ -326,7 +329,7 @@ fn entitled_namespace(entitlement: &Entitlement) -> Option<String> {
 #[derive(Debug)]
 struct Pending {
     published_at: Option<Instant>,
-    sent: Vec<(String, String)>,
+    sent: Vec<Arc<ServedResource>>,
 }
 
 #[derive(Debug, Default)]
@@ -334,8 +337,8 @@ struct Subscription {
     active: bool,
     wildcard: bool,
     names: HashSet<String>,
-    /// What the proxy holds (or will, once it applies what was sent): name → version.
-    known: HashMap<String, String>,
+    /// What the proxy holds (or will, once it applies what was sent).
+    known: Known,
     /// The first response to a subscription is sent even when empty, so the proxy can ACK it.
     owes_response: bool,
     pending: BTreeMap<u64, Pending>,
@@ -394,14 +397,14 @@ impl Session {
                 (Some(pending), Some(error)) => {
                     shared.metrics.nacked(kind);
                     warn!(node = %self.node, r#type = %kind, error = %error.message, "proxy rejected an update");
-                    for (name, version) in pending.sent {
-                        self.nacked[kind.index()].insert(name, version);
+                    for resource in pending.sent {
+                        self.nacked[kind.index()].insert(resource.wire.name.clone(), resource.version.clone());
                     }
                 }
                 (Some(pending), None) => {
                     shared.metrics.acked(kind, pending.published_at.map(|at| at.elapsed()));
-                    for (name, _) in &pending.sent {
-                        self.nacked[kind.index()].remove(name);
+                    for resource in &pending.sent {
+                        self.nacked[kind.index()].remove(&resource.wire.name);
                     }
                 }
             }
@@ -410,7 +413,7 @@ impl Session {
             sub.active = true;
             sub.owes_response = true;
             sub.wildcard = request.resource_names_subscribe.is_empty();
-            sub.known = request.initial_resource_versions;
+            sub.known = Known::claimed(request.initial_resource_versions);
             self.synced = None;
         }
         for name in request.resource_names_subscribe {
@@ -451,27 +454,27 @@ impl Session {
             let nacked = &self.nacked[kind.index()];
             let due = |name: &str, resource: &ServedResource| {
                 sub.wants(name)
-                    && sub.known.get(name) != Some(&resource.version)
+                    && sub.known.version(name) != Some(resource.version.as_str())
                     && nacked.get(name) != Some(&resource.version)
             };
             let (resources, removed): (Vec<_>, Vec<String>) = if incremental {
                 let touched = current.touched(kind, &self.scopes);
-                let resources = touched
-                    .iter()
-                    .filter_map(|name| served.get(name).filter(|r| due(name, r)))
-                    .map(|resource| resource.wire.clone())
-                    .collect();
+                let resources =
+                    touched.iter().filter_map(|name| served.get(name).filter(|r| due(name, r))).cloned().collect();
                 let removed = touched
                     .iter()
-                    .filter(|n| served.get(n).is_none() && sub.known.contains_key(**n))
+                    .filter(|n| served.get(n).is_none() && sub.known.contains(n))
                     .map(|n| (*n).to_owned())
                     .collect();
                 (resources, removed)
             } else {
-                let resources =
-                    served.iter().filter(|(name, r)| due(name, r)).map(|(_, resource)| resource.wire.clone()).collect();
-                let removed =
-                    sub.known.keys().filter(|name| served.get(name).is_none() || !sub.wants(name)).cloned().collect();
+                let resources = served.iter().filter(|(name, r)| due(name, r)).map(|(_, r)| r.clone()).collect();
+                let removed = sub
+                    .known
+                    .names()
+                    .filter(|name| served.get(name).is_none() || !sub.wants(name))
+                    .map(str::to_owned)
+                    .collect();
                 (resources, removed)
             };
             if resources.is_empty() {
@@ -482,7 +485,7 @@ impl Session {
                 let mut chunk = Vec::new();
                 let mut size = 0;
                 for resource in resources {
-                    let len = resource.encoded_len();
+                    let len = resource.wire.encoded_len();
                     if !chunk.is_empty() && size + len > CHUNK_BYTES {
                         responses.push((kind, std::mem::take(&mut chunk), Vec::new()));
                         size = 0;
@@ -510,20 +513,19 @@ impl Session {
     fn response(
         &mut self,
         kind: Kind,
-        resources: Vec<discovery::Resource>,
+        sent: Vec<Arc<ServedResource>>,
         removed: Vec<String>,
         current: &ServedSet,
         shared: &Shared,
     ) -> DeltaDiscoveryResponse {
         self.nonce += 1;
         let sub = &mut self.kinds[kind.index()];
-        let mut sent = Vec::with_capacity(resources.len());
-        for resource in &resources {
-            sub.known.insert(resource.name.clone(), resource.version.clone());
-            sent.push((resource.name.clone(), resource.version.clone()));
+        let resources = sent.iter().map(|resource| resource.wire.clone()).collect();
+        for resource in &sent {
+            sub.known.sent(resource);
         }
         for name in &removed {
-            sub.known.remove(name);
+            sub.known.removed(name);
         }
         let published_at = current.published_at.filter(|at| self.connected_at.is_some_and(|c| *at > c));
         sub.pending.insert(self.nonce, Pending { published_at, sent });
