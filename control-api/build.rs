@@ -21,10 +21,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
     let descriptors = protox::compile(&schema, [&root])?;
     let encoded = prost::Message::encode_to_vec(&descriptors);
-    prost_build::Config::new()
-        .compile_well_known_types()
-        .extern_path(".google.protobuf", "::pbjson_types")
-        .compile_fds(descriptors)?;
+    let mut config = prost_build::Config::new();
+    config.compile_well_known_types().extern_path(".google.protobuf", "::pbjson_types");
+    // A message's optional parts are boxed where most resources leave them out: unboxed, every
+    // route carried the room for all its policies (896 bytes) and every cluster for all of its
+    // settings (584), and a proxy or control plane holds thousands of each.
+    for field in BOXED {
+        config.boxed(field);
+    }
+    config.compile_fds(descriptors)?;
     pbjson_build::Builder::new()
         .register_descriptors(&encoded)?
         // Files are written by hand: keep the names they were written with in /config_dump output.
@@ -35,6 +40,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     services(&root, &["remora/ca/v1/ca.proto"], "ca.rs")?;
     Ok(())
 }
+
+/// The optional sub-messages held behind a pointer (see `main`).
+const BOXED: [&str; 16] = [
+    ".remora.v1.Route.fault",
+    ".remora.v1.Route.retry",
+    ".remora.v1.Route.mirror",
+    ".remora.v1.Route.fallback",
+    ".remora.v1.Route.request_headers",
+    ".remora.v1.Route.response_headers",
+    ".remora.v1.Route.redirect",
+    ".remora.v1.Route.rewrite",
+    ".remora.v1.WeightedCluster.request_headers",
+    ".remora.v1.WeightedCluster.response_headers",
+    ".remora.v1.Cluster.hash_policy",
+    ".remora.v1.Cluster.circuit_breakers",
+    ".remora.v1.Cluster.outlier_detection",
+    ".remora.v1.Cluster.health_check",
+    ".remora.v1.Cluster.locality_preference",
+    ".remora.v1.Cluster.kubernetes_service",
+];
 
 /// Compiles `files` with tonic client stubs into one nested-module file `include` in OUT_DIR.
 fn services(root: &Path, files: &[&str], include: &str) -> Result<(), Box<dyn std::error::Error>> {

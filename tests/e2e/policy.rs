@@ -16,8 +16,8 @@ fn config(upstream: std::net::SocketAddr, route: impl FnOnce(&mut v1::Route)) ->
 }
 
 /// A fault that aborts `percent` of requests with `status`.
-fn abort(percent: f64, status: u32) -> Option<v1::Fault> {
-    Some(v1::Fault { abort: Some(v1::FaultAbort { percent, status }), delay: None })
+fn abort(percent: f64, status: u32) -> Option<Box<v1::Fault>> {
+    Some(Box::new(v1::Fault { abort: Some(v1::FaultAbort { percent, status }), delay: None }))
 }
 
 /// A hung endpoint: the route's timeout answers 504 `request_timeout` on time, and the next request
@@ -71,7 +71,7 @@ async fn injected_delays_hit_their_share_of_requests() {
     let upstream = HttpServer::start("app").await;
     let proxy = TestProxy::start(&config(upstream.address(), |r| {
         let delay = v1::FaultDelay { percent: 50.0, duration: Some(secs(0.1)) };
-        r.fault = Some(v1::Fault { delay: Some(delay), abort: None });
+        r.fault = Some(Box::new(v1::Fault { delay: Some(delay), abort: None }));
     }));
     let mut client = Client::http1(proxy.address("in")).await;
     let mut delayed = 0;
@@ -169,7 +169,7 @@ async fn mirrored_requests_reach_the_shadow_without_slowing_the_client() {
         Config::new()
             .with(Cluster::new("app").endpoints(&[primary.address()]))
             .with(Cluster::new("shadow").endpoints(&[shadow.address()]))
-            .with(RouteTable::new("web").route(Route::to("app").set(|r| r.mirror = Some(mirror))))
+            .with(RouteTable::new("web").route(Route::to("app").set(|r| r.mirror = Some(Box::new(mirror)))))
             .with(Listener::new("in").http1())
             .yaml()
     };

@@ -52,7 +52,8 @@ async fn breakers_fail_fast_at_their_limit() {
     let upstream = ScriptedServer::start("app").await;
     upstream.script.delay(500);
     let breakers = v1::CircuitBreakers { max_requests: 2, ..Default::default() };
-    let proxy = TestProxy::start(&config(&[&upstream], |c| c.circuit_breakers = Some(breakers), |_| {}).yaml());
+    let proxy =
+        TestProxy::start(&config(&[&upstream], |c| c.circuit_breakers = Some(Box::new(breakers)), |_| {}).yaml());
     let address = proxy.address("in");
     let tasks: Vec<_> = (0..6)
         .map(|i| {
@@ -96,13 +97,17 @@ async fn the_fallback_answers_when_the_cluster_cannot() {
     };
     let breakers = v1::CircuitBreakers { max_requests: 1, ..Default::default() };
     let answer = fallback.clone();
-    let config = config(&[&upstream], |c| c.circuit_breakers = Some(breakers), |r| r.fallback = Some(answer))
-        .with(Cluster::new("empty"))
-        .with(
-            RouteTable::new("empty")
-                .destinations(&["empty.local"])
-                .route(Route::to("empty").set(|r| r.fallback = Some(fallback))),
-        );
+    let config = config(
+        &[&upstream],
+        |c| c.circuit_breakers = Some(Box::new(breakers)),
+        |r| r.fallback = Some(Box::new(answer)),
+    )
+    .with(Cluster::new("empty"))
+    .with(
+        RouteTable::new("empty")
+            .destinations(&["empty.local"])
+            .route(Route::to("empty").set(|r| r.fallback = Some(Box::new(fallback)))),
+    );
     let proxy = TestProxy::start(&config.yaml());
     let mut client = Client::http1(proxy.address("in")).await;
     let reply = client.get("empty.local", "/").await;
@@ -209,13 +214,13 @@ async fn health_checks_remove_and_restore_endpoints() {
     let a = ScriptedServer::start("a").await;
     let b = ScriptedServer::start("b").await;
     let checks = |c: &mut v1::Cluster| {
-        c.health_check = Some(v1::HealthCheck {
+        c.health_check = Some(Box::new(v1::HealthCheck {
             interval: Some(secs(0.05)),
             timeout: Some(secs(0.5)),
             healthy_threshold: Some(2),
             unhealthy_threshold: Some(2),
             http: Some(v1::HttpHealthCheck { path: "/health".into(), ..Default::default() }),
-        })
+        }))
     };
     let proxy = TestProxy::start(&config(&[&a, &b], checks, |_| {}).yaml());
     let mut client = Client::http1(proxy.address("in")).await;

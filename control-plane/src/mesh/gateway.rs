@@ -227,18 +227,21 @@ fn read_rule(kind: RouteKind, index: usize, rule: &Value, namespace: &str) -> Re
         let at = format!("{at}.filters[{j}]");
         match filter["type"].as_str().unwrap_or_default() {
             "RequestHeaderModifier" => {
-                filters.request_headers = Some(header_modifier(&filter["requestHeaderModifier"]));
+                filters.request_headers = Some(Box::new(header_modifier(&filter["requestHeaderModifier"])));
             }
             "ResponseHeaderModifier" => {
-                filters.response_headers = Some(header_modifier(&filter["responseHeaderModifier"]));
+                filters.response_headers = Some(Box::new(header_modifier(&filter["responseHeaderModifier"])));
             }
             "RequestRedirect" | "URLRewrite" if kind == RouteKind::Grpc => {
                 return Err(format!("{at}: a GRPCRoute has no {} filter", filter["type"].as_str().unwrap_or_default()));
             }
             "RequestRedirect" => {
-                filters.redirect = Some(redirect(&filter["requestRedirect"]).map_err(|e| format!("{at}: {e}"))?)
+                filters.redirect =
+                    Some(Box::new(redirect(&filter["requestRedirect"]).map_err(|e| format!("{at}: {e}"))?))
             }
-            "URLRewrite" => filters.rewrite = Some(rewrite(&filter["urlRewrite"]).map_err(|e| format!("{at}: {e}"))?),
+            "URLRewrite" => {
+                filters.rewrite = Some(Box::new(rewrite(&filter["urlRewrite"]).map_err(|e| format!("{at}: {e}"))?))
+            }
             "RequestMirror" if mirror.is_some() => {
                 return Err(format!("{at}: one RequestMirror per rule is supported"));
             }
@@ -262,8 +265,8 @@ fn read_rule(kind: RouteKind, index: usize, rule: &Value, namespace: &str) -> Re
     }
     use remora_control_api::validate::PathReplacement;
     let replaces_prefix = [
-        filters.redirect.as_ref().and_then(v1::Redirect::path_replacement),
-        filters.rewrite.as_ref().and_then(v1::Rewrite::path_replacement),
+        filters.redirect.as_deref().and_then(v1::Redirect::path_replacement),
+        filters.rewrite.as_deref().and_then(v1::Rewrite::path_replacement),
     ]
     .into_iter()
     .any(|path| matches!(path, Some(PathReplacement::Prefix(_))));
@@ -284,10 +287,12 @@ fn read_rule(kind: RouteKind, index: usize, rule: &Value, namespace: &str) -> Re
             for (k, filter) in list(&backend["filters"]).enumerate() {
                 match filter["type"].as_str().unwrap_or_default() {
                     "RequestHeaderModifier" => {
-                        read.filters.request_headers = Some(header_modifier(&filter["requestHeaderModifier"]));
+                        read.filters.request_headers =
+                            Some(Box::new(header_modifier(&filter["requestHeaderModifier"])));
                     }
                     "ResponseHeaderModifier" => {
-                        read.filters.response_headers = Some(header_modifier(&filter["responseHeaderModifier"]));
+                        read.filters.response_headers =
+                            Some(Box::new(header_modifier(&filter["responseHeaderModifier"])));
                     }
                     other => {
                         return Err(format!(
@@ -419,14 +424,14 @@ fn timeouts_and_retry(rule: &Value, route: &mut v1::Route) -> Result<(), String>
     if !codes.is_empty() {
         retry_on.push("retriable-status-codes".into());
     }
-    route.retry = Some(v1::RetryPolicy {
+    route.retry = Some(Box::new(v1::RetryPolicy {
         attempts: Some(attempts),
         retry_on,
         retriable_status_codes: codes,
         per_try_timeout: per_try,
         backoff_base: duration("retry.backoff", &retry["backoff"])?,
         ..Default::default()
-    });
+    }));
     Ok(())
 }
 
@@ -609,13 +614,17 @@ fn made_routes<'a>(
             .collect();
         let mut base = rule.filters.clone();
         base.name = format!("{}/{}#{}", route.namespace, route.name, rule.name);
-        base.mirror =
-            rule.mirror.as_ref().and_then(|(b, percent)| Some(v1::Mirror { cluster: resolve(b)?, percent: *percent }));
+        base.mirror = rule
+            .mirror
+            .as_ref()
+            .and_then(|(b, percent)| Some(Box::new(v1::Mirror { cluster: resolve(b)?, percent: *percent })));
         if base.redirect.is_none() && !backends.iter().any(|b| b.weight != Some(0)) {
             // No backend to send to: Gateway API's answer is 500.
             backends = vec![v1::WeightedCluster { cluster: own.to_owned(), ..Default::default() }];
-            base.fault =
-                Some(v1::Fault { abort: Some(v1::FaultAbort { percent: 100.0, status: 500 }), ..Default::default() });
+            base.fault = Some(Box::new(v1::Fault {
+                abort: Some(v1::FaultAbort { percent: 100.0, status: 500 }),
+                ..Default::default()
+            }));
         }
         base.backends = backends;
         for (j, matcher) in rule.matches.iter().enumerate() {

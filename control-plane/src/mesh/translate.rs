@@ -359,7 +359,7 @@ fn cluster(objects: &Objects, service: &Service, port: &ServicePort, name: &str,
         && endpoints.iter().all(|(_, pod)| pod.and_then(|pod| objects.pod(pod)).is_some_and(|pod| pod.meshed));
     let mut cluster = v1::Cluster {
         name: name.to_owned(),
-        kubernetes_service: Some(kubernetes_service(service, port)),
+        kubernetes_service: Some(Box::new(kubernetes_service(service, port))),
         ..Default::default()
     };
     cluster.set_balancer(v1::cluster::Balancer::Ewma);
@@ -714,11 +714,11 @@ mod tests {
         use remora_control_api::Kind;
         let mine = v1::Cluster {
             name: "web-tuned".into(),
-            kubernetes_service: Some(v1::KubernetesService {
+            kubernetes_service: Some(Box::new(v1::KubernetesService {
                 namespace: "shop".into(),
                 name: "web".into(),
                 port: "http".into(),
-            }),
+            })),
             ..Default::default()
         };
         let routes = v1::RouteTable {

@@ -114,7 +114,7 @@ impl RoutePolicy {
             let burst = if limit.burst == 0 { limit.requests_per_second } else { limit.burst };
             RateLimiter::new(limit.requests_per_second, burst)
         });
-        let retry = route.retry.as_ref().map(RetryPolicy::compile).transpose()?;
+        let retry = route.retry.as_deref().map(RetryPolicy::compile).transpose()?;
         let mirror = match &route.mirror {
             None => None,
             Some(m) => Some(Mirror {
@@ -202,7 +202,10 @@ mod tests {
         let none = |_: &str| None;
         assert!(RoutePolicy::compile(&v1::Route::default(), &none).unwrap().is_none());
         let route = v1::Route {
-            fault: Some(v1::Fault { abort: Some(v1::FaultAbort { percent: 100.0, status: 418 }), delay: None }),
+            fault: Some(Box::new(v1::Fault {
+                abort: Some(v1::FaultAbort { percent: 100.0, status: 418 }),
+                delay: None,
+            })),
             ..Default::default()
         };
         let policy = RoutePolicy::compile(&route, &none).unwrap().unwrap();

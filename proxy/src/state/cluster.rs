@@ -198,7 +198,7 @@ impl Cluster {
         };
         let outlier = c
             .outlier_detection
-            .as_ref()
+            .as_deref()
             .map(OutlierConfig::compile)
             .transpose()
             .map_err(|e| e.of(Kind::Cluster, &c.name))?;
@@ -279,7 +279,7 @@ impl Cluster {
             connect_timeout: duration("connect_timeout", c.connect_timeout.as_ref(), limits::DEFAULT_CONNECT_TIMEOUT)?,
             idle_timeout: duration("idle_timeout", c.idle_timeout.as_ref(), limits::DEFAULT_POOL_IDLE_TIMEOUT)?,
             targets,
-            breakers: CircuitBreakers::compile(c.circuit_breakers.as_ref()),
+            breakers: CircuitBreakers::compile(c.circuit_breakers.as_deref()),
             health_check,
             observes: outlier.is_some() || strategy == Strategy::Ewma,
             counts_active: strategy.counts_active(),
@@ -519,10 +519,10 @@ mod tests {
         let error = compile(bad_timeout, None).unwrap_err();
         assert_eq!((error.subject.as_str(), error.field.as_str()), ("cluster \"shop\"", "connect_timeout"));
         let bad_outlier = v1::Cluster {
-            outlier_detection: Some(v1::OutlierDetection {
+            outlier_detection: Some(Box::new(v1::OutlierDetection {
                 interval: Some(pbjson_types::Duration { seconds: -5, nanos: 0 }),
                 ..Default::default()
-            }),
+            })),
             ..cluster
         };
         let error = compile(bad_outlier, None).unwrap_err();

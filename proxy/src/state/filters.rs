@@ -286,9 +286,9 @@ impl RouteFilters {
             }
         };
         let filters = RouteFilters {
-            request_headers: HeaderModifier::compile(route.request_headers.as_ref())
+            request_headers: HeaderModifier::compile(route.request_headers.as_deref())
                 .map_err(|e| e.within("request_headers"))?,
-            response_headers: HeaderModifier::compile(route.response_headers.as_ref())
+            response_headers: HeaderModifier::compile(route.response_headers.as_deref())
                 .map_err(|e| e.within("response_headers"))?,
             redirect,
             rewrite,
@@ -314,9 +314,9 @@ impl BackendFilters {
     /// Compiles `backend`'s filters; `None` when it has none.
     pub fn compile(backend: &v1::WeightedCluster) -> Result<Option<Box<BackendFilters>>, Invalid> {
         let filters = BackendFilters {
-            request_headers: HeaderModifier::compile(backend.request_headers.as_ref())
+            request_headers: HeaderModifier::compile(backend.request_headers.as_deref())
                 .map_err(|e| e.within("request_headers"))?,
-            response_headers: HeaderModifier::compile(backend.response_headers.as_ref())
+            response_headers: HeaderModifier::compile(backend.response_headers.as_deref())
                 .map_err(|e| e.within("response_headers"))?,
         };
         let none = filters.request_headers.is_none() && filters.response_headers.is_none();
