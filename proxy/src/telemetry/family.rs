@@ -14,9 +14,6 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::{MetricType, TypedMetric};
 
-/// Tables this small are left as they are.
-const MIN_CAPACITY: usize = 64;
-
 /// Series by label set; clones share them.
 #[derive(Debug)]
 pub struct Family<S, M> {
@@ -46,12 +43,7 @@ impl<S: Clone + Hash + Eq, M: Clone + Default> Family<S, M> {
 
     /// Drops the series of `labels`; `true` if there was one. Handles to it still work, unseen.
     pub fn remove(&self, labels: &S) -> bool {
-        let mut series = self.write();
-        let removed = series.remove(labels).is_some();
-        if series.capacity() > MIN_CAPACITY && series.len() < series.capacity() / 4 {
-            series.shrink_to_fit();
-        }
-        removed
+        super::remove_and_shrink(&self.series, labels)
     }
 }
 
@@ -92,7 +84,7 @@ mod tests {
     use prometheus_client::metrics::counter::Counter;
 
     use super::*;
-    use crate::telemetry::{encode, registry};
+    use crate::telemetry::{MIN_CAPACITY, encode, registry};
 
     #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
     struct Labels {

@@ -27,13 +27,17 @@ mod otlp_http;
 pub mod roster;
 pub mod trace;
 
+use std::borrow::Borrow;
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 pub use prometheus_client::registry::Registry;
 
 pub use histogram::Histogram;
-use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// A metrics table, read. A panic while it was held cannot have left it changed in a way that
 /// matters more than losing the metrics would.
@@ -44,6 +48,25 @@ fn read<T>(table: &RwLock<T>) -> RwLockReadGuard<'_, T> {
 /// A metrics table, to change (see [`read`]).
 fn write<T>(table: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     table.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Tables this small are left as they are when entries leave.
+const MIN_CAPACITY: usize = 64;
+
+/// Removes `key` from a metrics table; `true` if it was there. A table a removal leaves under a
+/// quarter full gives its room back: series of a config that once held thousands of objects
+/// would otherwise keep their tables for the life of the process.
+fn remove_and_shrink<K, V, Q>(table: &RwLock<HashMap<K, V>>, key: &Q) -> bool
+where
+    K: Borrow<Q> + Hash + Eq,
+    Q: Hash + Eq + ?Sized,
+{
+    let mut entries = write(table);
+    let removed = entries.remove(key).is_some();
+    if entries.capacity() > MIN_CAPACITY && entries.len() < entries.capacity() / 4 {
+        entries.shrink_to_fit();
+    }
+    removed
 }
 
 /// A registry whose metrics are all named `remora_*`.

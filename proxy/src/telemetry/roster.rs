@@ -150,9 +150,6 @@ impl<T> fmt::Debug for Roster<T> {
     }
 }
 
-/// Tables this small are left as they are when members leave.
-const MIN_CAPACITY: usize = 64;
-
 impl<T: Send + Sync + 'static> Roster<T> {
     /// An empty roster whose series name their object with the label `object`.
     pub fn new(object: &'static str) -> Self {
@@ -183,12 +180,7 @@ impl<T: Send + Sync + 'static> Roster<T> {
     /// Drops `name`'s stats from the roster (and so from `/metrics`); `true` if it had some.
     /// Holders of them go on counting, unseen; the name added again starts from zero.
     pub fn remove(&self, name: &str) -> bool {
-        let mut members = self.write();
-        let removed = members.remove(name).is_some();
-        if members.capacity() > MIN_CAPACITY && members.len() < members.capacity() / 4 {
-            members.shrink_to_fit();
-        }
-        removed
+        super::remove_and_shrink(&self.members, name)
     }
 }
 
@@ -240,7 +232,7 @@ impl<T> EncodeMetric for Scraped<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::telemetry::{encode, registry};
+    use crate::telemetry::{MIN_CAPACITY, encode, registry};
 
     #[derive(Debug, Default)]
     struct Part {
