@@ -249,6 +249,11 @@ fn decode_chunk(state: &mut Chunk, buffer: &mut BytesMut) -> Result<ChunkStep, E
                 };
             };
             let section = buffer.split_to(end + 4);
+            // Every trailer line ends in CRLF, as every chunk line must (and as hyper insists): a
+            // bare LF is a line end to some parsers and not to others.
+            if section.windows(2).any(|w| w[1] == b'\n' && w[0] != b'\r') || section.first() == Some(&b'\n') {
+                return Err(Error::Protocol("trailer line not ended by CRLF"));
+            }
             let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
             // Trailers are rare; zeroed slots are fine here.
             let trailers = match httparse::parse_headers(&section, &mut slots) {
@@ -373,6 +378,8 @@ mod split_tests {
         assert_eq!(trailers["x-b"], "2");
         let (data, trailers) = decode(b"3\r\nabc\r\n0\r\n\r\n", 1).unwrap();
         assert_eq!((data, trailers), (b"abc".to_vec(), None));
+        // A trailer line ended by a bare LF (found by the differential test against hyper).
+        assert!(decode(b"0\r\nx-a: 0 \nx-a: !\r\n\r\n", 4096).is_err());
     }
 
     #[test]
