@@ -22,8 +22,8 @@
 //!   its account's SPIFFE ID with, and the CA root inline to check the control plane by.
 //!
 //! A template is left alone, with the reason reported, when it is already injected (a container
-//! named `remora-proxy`: injecting twice changes nothing), opted out
-//! (`remora.dev/inject: disabled` on the template or the workload), on the host network (capture
+//! named `remora-proxy`: injecting twice changes nothing), has a container named `remora-init`
+//! already, opted out (`remora.dev/inject: disabled` on the template or the workload), on the host network (capture
 //! rules would apply to the node), or, in legacy mode, a Job's (it would never complete). Everything
 //! else is kept as it was: a document that needs no change is printed byte for byte as it came.
 
@@ -304,13 +304,20 @@ impl Injector {
         if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
             return Ok(Outcome::Skipped("host network (capture rules would apply to the node)"));
         }
-        let named = |list: &str| {
-            spec.get(list)
-                .and_then(Value::as_array)
-                .is_some_and(|l| l.iter().any(|c| c.get("name").and_then(Value::as_str) == Some(PROXY_CONTAINER)))
+        let named = |name: &str| {
+            ["containers", "initContainers"].iter().any(|list| {
+                spec.get(*list)
+                    .and_then(Value::as_array)
+                    .is_some_and(|l| l.iter().any(|c| c.get("name").and_then(Value::as_str) == Some(name)))
+            })
         };
-        if named("containers") || named("initContainers") {
+        if named(PROXY_CONTAINER) {
             return Ok(Outcome::Skipped("already injected"));
+        }
+        // Container names are unique across a pod's containers and init containers: the API
+        // server would refuse the pod with a second one.
+        if named(INIT_CONTAINER) {
+            return Ok(Outcome::Skipped("a container is already named remora-init"));
         }
         let Some(app) = spec.get("containers").and_then(Value::as_array).filter(|c| !c.is_empty()) else {
             return Ok(Outcome::Skipped("no containers"));
@@ -572,6 +579,12 @@ mod tests {
         let (twice, reports) = Injector::default().inject_manifests(&once).unwrap();
         assert_eq!(once, twice);
         assert_eq!(reports[0].to_string(), "pod/web skipped: already injected");
+
+        // An app container named as the init container would be (found by the admission fuzzer).
+        let clash = pod("", &APP.replace("name: app", "name: remora-init"));
+        let (out, reports) = Injector::default().inject_manifests(&clash).unwrap();
+        assert_eq!(out, clash);
+        assert_eq!(reports[0].outcome, Outcome::Skipped("a container is already named remora-init"));
 
         let host = pod("", &format!("  hostNetwork: true\n{APP}"));
         let (out, reports) = Injector::default().inject_manifests(&host).unwrap();
