@@ -206,15 +206,7 @@ fn decode_chunk(state: &mut Chunk, buffer: &mut BytesMut) -> Result<ChunkStep, E
             if line_end > MAX_CHUNK_LINE {
                 return Err(Error::Protocol("chunk-size line too long"));
             }
-            let line = &buffer[..line_end];
-            let digits = line.split(|b| *b == b';').next().unwrap_or_default().trim_ascii();
-            if digits.is_empty() || digits.len() > 15 || !digits.iter().all(u8::is_ascii_hexdigit) {
-                return Err(Error::Protocol("invalid chunk size"));
-            }
-            let size = std::str::from_utf8(digits)
-                .ok()
-                .and_then(|d| u64::from_str_radix(d, 16).ok())
-                .ok_or(Error::Protocol("invalid chunk size"))?;
+            let size = chunk_size(&buffer[..line_end])?;
             buffer.advance(line_end + 2);
             *state = if size == 0 { Chunk::Trailers } else { Chunk::Data(size) };
             Ok(ChunkStep::Continue)
@@ -275,6 +267,33 @@ fn decode_chunk(state: &mut Chunk, buffer: &mut BytesMut) -> Result<ChunkStep, E
     }
 }
 
+/// Reads a chunk-size line (without its CRLF): hex digits, spaces or tabs, then extensions, which
+/// are ignored but may hold no control character other than a tab. A CR or LF inside the line is a
+/// line end to some parsers and not to others, so it is refused, as hyper refuses it.
+fn chunk_size(line: &[u8]) -> Result<u64, Error> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 || digits > 15 {
+        return Err(Error::Protocol("invalid chunk size"));
+    }
+    let size = line[..digits].iter().fold(0u64, |size, digit| {
+        let value = match digit {
+            b'0'..=b'9' => digit - b'0',
+            b'a'..=b'f' => digit - b'a' + 10,
+            _ => digit - b'A' + 10,
+        };
+        size << 4 | u64::from(value)
+    });
+    let rest = &line[digits..];
+    let extensions = &rest[rest.iter().take_while(|b| matches!(b, b' ' | b'\t')).count()..];
+    if !extensions.is_empty() && extensions[0] != b';' {
+        return Err(Error::Protocol("invalid chunk size"));
+    }
+    if extensions.iter().any(|b| (*b < b' ' && *b != b'\t') || *b == 0x7f) {
+        return Err(Error::Protocol("control character in a chunk extension"));
+    }
+    Ok(size)
+}
+
 fn find_crlf(buffer: &[u8]) -> Option<usize> {
     buffer.windows(2).position(|w| w == b"\r\n")
 }
@@ -328,6 +347,17 @@ mod tests {
         assert!(decode_chunk(&mut state, &mut buffer).is_err());
         let mut buffer = BytesMut::from(&b"ffffffffffffffff\r\n"[..]);
         assert!(decode_chunk(&mut Chunk::Size, &mut buffer).is_err(), "sizes that overflow are refused");
+        for line in [&b" 5\r\n"[..], b"5 5\r\n", b"5x\r\n", b"5;a=\rb\r\n", b"5;a\nb\r\n", b"5;a\0\r\n"] {
+            let mut buffer = BytesMut::from(line);
+            assert!(decode_chunk(&mut Chunk::Size, &mut buffer).is_err(), "{line:?} is refused");
+        }
+        for (line, size) in [(&b"1F\r\n"[..], 31), (b"a \t;name=\"v\tw\"\r\n", 10), (b"0;x\r\n", 0)] {
+            let mut state = Chunk::Size;
+            let mut buffer = BytesMut::from(line);
+            assert!(matches!(decode_chunk(&mut state, &mut buffer), Ok(ChunkStep::Continue)));
+            let expected = if size == 0 { Chunk::Trailers } else { Chunk::Data(size) };
+            assert_eq!(state, expected, "{line:?}");
+        }
         let mut state = Chunk::DataEnd;
         let mut buffer = BytesMut::from(&b"xx"[..]);
         assert!(decode_chunk(&mut state, &mut buffer).is_err());
