@@ -354,10 +354,10 @@ impl Attempt {
         connection: &Arc<HttpConnection>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         match (result, downstream_upgrade) {
-            (Ok(Outcome::Response(response)), _) => {
+            (Ok(Outcome::Response(mut response)), _) => {
                 self.responded(cluster, response.status().as_u16());
-                let in_flight = self.in_flight;
-                Ok(response.map(|body| body.hold(in_flight)))
+                response.body_mut().hold(self.in_flight);
+                Ok(response)
             }
             (Ok(Outcome::Switched(head, upstream, early)), Some(downstream)) => {
                 self.responded(cluster, head.status().as_u16());
@@ -378,9 +378,9 @@ impl Attempt {
     /// may follow it.
     pub(crate) fn give_up(self, result: Result<Outcome, ProxyError>) -> Result<Response<ProxyBody>, ProxyError> {
         match result {
-            Ok(Outcome::Response(response)) => {
-                let in_flight = self.in_flight;
-                Ok(response.map(|body| body.hold(in_flight)))
+            Ok(Outcome::Response(mut response)) => {
+                response.body_mut().hold(self.in_flight);
+                Ok(response)
             }
             Ok(Outcome::Switched(..)) => Err(ProxyError::Http1(h1::Error::UnexpectedSwitch)),
             Err(error) => Err(error),

@@ -68,8 +68,6 @@ pub struct Body<B> {
     upload: UploadState<B>,
     keep_alive: bool,
     on_release: fn(Box<Connection>),
-    /// A frame decoded but not yet handed out (trailers after the last data).
-    pending_frame: Option<Frame<Bytes>>,
 }
 
 impl<B> std::fmt::Debug for Body<B> {
@@ -92,15 +90,14 @@ where
         keep_alive: bool,
         on_release: fn(Box<Connection>),
     ) -> Body<B> {
-        let mut body =
-            Body { connection: Some(connection), decoder, upload, keep_alive, on_release, pending_frame: None };
+        let mut body = Body { connection: Some(connection), decoder, upload, keep_alive, on_release };
         body.finish_if_complete();
         body
     }
 
     /// Hands the connection back if both directions are complete and it may be reused.
     fn finish_if_complete(&mut self) {
-        if self.decoder != Decoder::Done || self.pending_frame.is_some() {
+        if self.decoder != Decoder::Done {
             return;
         }
         match &mut self.upload {
@@ -136,9 +133,6 @@ where
 
     fn poll_decode(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         loop {
-            if let Some(frame) = self.pending_frame.take() {
-                return Poll::Ready(Some(Ok(frame)));
-            }
             let Some(connection) = self.connection.as_mut() else { return Poll::Ready(None) };
             let buffer = &mut connection.read;
             match &mut self.decoder {
@@ -322,7 +316,7 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.decoder == Decoder::Done && self.pending_frame.is_none()
+        self.decoder == Decoder::Done
     }
 
     fn size_hint(&self) -> SizeHint {
