@@ -452,6 +452,9 @@ impl Session {
             }
             let served = current.view(kind, &self.scopes);
             let nacked = &self.nacked[kind.index()];
+            if !incremental {
+                sub.known.adopt(served.iter().map(|(_, resource)| resource));
+            }
             let due = |name: &str, resource: &ServedResource| {
                 sub.wants(name)
                     && sub.known.version(name) != Some(resource.version.as_str())
