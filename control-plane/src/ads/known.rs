@@ -19,8 +19,7 @@ use remora_control_api::xds::discovery;
 use super::publish::ServedResource;
 
 /// The resources of one kind a proxy holds (or will, once it applies what was sent), sorted by
-/// name: one pointer each, where a hash set of them took 18 bytes (its spare room and control
-/// bytes). A first view is sent in name order, so it is recorded by appending.
+/// name, one pointer each. A first view is sent in name order, so it is recorded by appending.
 #[derive(Debug, Default)]
 pub(super) struct Known {
     held: Vec<Arc<ServedResource>>,

@@ -23,9 +23,10 @@
 //!
 //! A template is left alone, with the reason reported, when it is already injected (a container
 //! named `remora-proxy`: injecting twice changes nothing), has a container named `remora-init`
-//! already, opted out (`remora.dev/inject: disabled` on the template or the workload), on the host network (capture
-//! rules would apply to the node), or, in legacy mode, a Job's (it would never complete). Everything
-//! else is kept as it was: a document that needs no change is printed byte for byte as it came.
+//! already, opted out (`remora.dev/inject: disabled` on the template or the workload), on the host
+//! network (capture rules would apply to the node), or, in legacy mode, a Job's (it would never
+//! complete). Everything else is kept as it was: a document that needs no change is printed byte
+//! for byte as it came.
 
 pub mod ca_bundle;
 pub mod patch;

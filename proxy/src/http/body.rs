@@ -430,6 +430,7 @@ impl Body for RequestStreamBody {
         if self.is_end_stream() { SizeHint::with_exact(0) } else { self.hint }
     }
 }
+
 #[cfg(test)]
 mod size {
     /// A response is moved from the codec to hyper five or six times per request, and a move of
