@@ -160,17 +160,36 @@ impl std::task::Wake for SideWaker {
 pub async fn watch<M: Future, S: Future>(main: Pin<&mut M>, side: Pin<&mut S>) -> Watched<M::Output, S::Output> {
     let mut main = main;
     let mut side = side;
+    loop {
+        if let Some(watched) = watch_while(main.as_mut(), side.as_mut(), || true).await {
+            return watched;
+        }
+    }
+}
+
+/// [`watch`], which also stops (`None`) when `go_on`, asked after each poll of `main` that left it
+/// pending, says no: a cheap check of something `main`'s progress changes.
+pub async fn watch_while<M: Future, S: Future>(
+    main: Pin<&mut M>,
+    side: Pin<&mut S>,
+    mut go_on: impl FnMut() -> bool,
+) -> Option<Watched<M::Output, S::Output>> {
+    let mut main = main;
+    let mut side = side;
     let signal = Arc::new(SideWaker { woken: AtomicBool::new(true), task: Default::default() });
     let side_waker = Waker::from(signal.clone());
     std::future::poll_fn(|cx| {
         if let Poll::Ready(output) = main.as_mut().poll(cx) {
-            return Poll::Ready(Watched::Main(output));
+            return Poll::Ready(Some(Watched::Main(output)));
+        }
+        if !go_on() {
+            return Poll::Ready(None);
         }
         signal.task.register(cx.waker());
         if signal.woken.swap(false, Ordering::AcqRel)
             && let Poll::Ready(output) = side.as_mut().poll(&mut Context::from_waker(&side_waker))
         {
-            return Poll::Ready(Watched::Side(output));
+            return Poll::Ready(Some(Watched::Side(output)));
         }
         Poll::Pending
     })

@@ -54,6 +54,12 @@ pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(60);
 /// pay to start hyper again per request.
 pub const H1_PARK_AFTER: Duration = Duration::from_millis(20);
 
+/// How long an HTTP/2 connection moves no byte before h2 is asked to free its buffers
+/// (`http::server::drive`; about 30 kB of read, write and decoding buffers and slabs, allocated
+/// again by the next frame). As for parking, short enough that idle connections cost little, and
+/// long enough that a busy connection never pays for it.
+pub const H2_TIDY_AFTER: Duration = Duration::from_millis(20);
+
 // Most header fields in one HTTP/1 request: 100, hyper's default and Envoy's. It is deliberately not
 // set through `max_headers`, which would move hyper's header array from the stack to a heap
 // allocation per request.

@@ -8,8 +8,9 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::task::Poll;
 
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -23,6 +24,7 @@ use crate::http::body::RequestBody;
 use crate::http::park::Quiet;
 pub use crate::http::settings::ServerSettings;
 use crate::io::{self, DownstreamStream, Meter, Watched, idle_watch};
+use crate::limits;
 use crate::listener::metrics::CallerStats;
 use crate::state::ListenerConfig;
 
@@ -108,63 +110,107 @@ pub async fn serve(stream: DownstreamStream, version: ServerVersion, connection:
                     super::proxy(request.map(RequestBody::Hyper), connection.clone())
                 })
             };
-            let served = connection.data.server.http2.serve_connection(TokioIo::new(stream), service);
+            // Boxed: an HTTP/2 connection's state is large (1.5 kB), and the task, which serves
+            // HTTP/1.1 as well, is sized for a parked HTTP/1.1 connection. The rest fits in it.
+            let mut served = Box::pin(connection.data.server.http2.serve_connection(TokioIo::new(stream), service));
             let listener = &connection.listener;
-            let idle = idle_watch(&connection.meter, &listener.stats, listener.idle_timeout);
-            // Boxed: an HTTP/2 connection's state is large, and the task serves HTTP/1.1 as well.
-            let serving =
-                Box::pin(drive(served, |c| c.graceful_shutdown(), &connection.data.drain, idle, &listener.name));
-            serving.await;
+            let idle = pin!(idle_watch(&connection.meter, &listener.stats, listener.idle_timeout));
+            let drain = &connection.data.drain;
+            let meter = Some(&*connection.meter);
+            drive(served.as_mut(), |c| c.graceful_shutdown(), drain, idle, meter, &listener.name).await;
         }
     }
 }
 
 /// Runs a server connection to its end, asking it to finish gracefully (`shut_down`) when draining
 /// starts, and closing it when `idle` resolves (the connection sat idle too long). The drain signal
-/// and the idle timer are only polled when they wake (`io::watch`), not on every request.
-pub(crate) async fn drive<C>(
-    connection: C,
+/// and the timers are only polled when they wake (`io::watch`), not on every request.
+///
+/// With a `meter` (an HTTP/2 connection's), once no byte has moved for `limits::H2_TIDY_AFTER` the
+/// connection gets one tidying poll, in which h2 frees its read, write and Huffman buffers and its
+/// stream and frame slabs (`h2::tidy`, Remora's patch in vendor/h2): an idle HTTP/2 connection then
+/// holds its protocol state and no buffers. The next byte moved re-arms the watch. A busy
+/// connection pays one comparison per wake-up and a timer check every 10 ms.
+///
+/// Both futures come pinned by the caller: an async function keeps its arguments' slots beside the
+/// locals it would pin them into, so taking them by value held an HTTP/2 connection's state twice.
+pub(crate) async fn drive<C, I>(
+    mut connection: Pin<&mut C>,
     shut_down: impl Fn(Pin<&mut C>),
     drain: &Drain,
-    idle: impl Future<Output = ()>,
+    mut idle: Pin<&mut I>,
+    meter: Option<&Meter>,
     listener: &str,
 ) where
     C: Future<Output = Result<(), hyper::Error>>,
+    I: Future<Output = ()>,
 {
     enum Event {
         Drain,
         Idle,
+        Quiet,
     }
     let mut drain = drain.watch();
-    tokio::pin!(connection, idle);
     let mut draining = false;
+    // The meter's count at the last tidying poll, until a byte moves again.
+    let mut tidied_at: Option<u64> = None;
     loop {
         let already_draining = draining;
+        let watch_quiet = if tidied_at.is_none() { meter } else { None };
         let watchers = async {
+            let quiet = async {
+                let Some(meter) = watch_quiet else { return std::future::pending().await };
+                let mut last = meter.activity();
+                io::quiet_for(limits::H2_TIDY_AFTER, || {
+                    let now = meter.activity();
+                    std::mem::replace(&mut last, now) != now
+                })
+                .await;
+            };
             if already_draining {
-                (&mut idle).await;
-                return Event::Idle;
-            }
-            tokio::select! {
-                () = drain.signaled() => Event::Drain,
-                () = &mut idle => Event::Idle,
+                tokio::select! {
+                    () = idle.as_mut() => Event::Idle,
+                    () = quiet => Event::Quiet,
+                }
+            } else {
+                tokio::select! {
+                    () = drain.signaled() => Event::Drain,
+                    () = idle.as_mut() => Event::Idle,
+                    () = quiet => Event::Quiet,
+                }
             }
         };
         tokio::pin!(watchers);
-        match io::watch(connection.as_mut(), watchers).await {
-            Watched::Main(result) => {
+        let watched = match (tidied_at, meter) {
+            (Some(at), Some(meter)) => io::watch_while(connection.as_mut(), watchers, || meter.activity() == at).await,
+            _ => Some(io::watch(connection.as_mut(), watchers).await),
+        };
+        match watched {
+            // Bytes moved since the tidying poll: watch for the next quiet spell.
+            None => tidied_at = None,
+            Some(Watched::Main(result)) => {
                 if let Err(error) = result {
                     debug!(listener, %error, "http connection ended with an error");
                 }
                 return;
             }
-            Watched::Side(Event::Drain) => {
+            Some(Watched::Side(Event::Drain)) => {
                 draining = true;
                 shut_down(connection.as_mut());
             }
-            Watched::Side(Event::Idle) => {
+            Some(Watched::Side(Event::Idle)) => {
                 debug!(listener, "http connection idle timeout");
                 return;
+            }
+            Some(Watched::Side(Event::Quiet)) => {
+                let tidied = std::future::poll_fn(|cx| Poll::Ready(h2::tidy(|| connection.as_mut().poll(cx)))).await;
+                if let Poll::Ready(result) = tidied {
+                    if let Err(error) = result {
+                        debug!(listener, %error, "http connection ended with an error");
+                    }
+                    return;
+                }
+                tidied_at = meter.map(Meter::activity);
             }
         }
     }

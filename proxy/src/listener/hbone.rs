@@ -23,6 +23,7 @@
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -85,11 +86,11 @@ pub(super) async fn serve(stream: TcpStream, mesh: &MeshTls, accepted: Accepted,
             async move { Ok::<_, Infallible>(response) }
         })
     };
-    let connection = data.server.hbone.serve_connection(TokioIo::new(session), service);
+    let connection = pin!(data.server.hbone.serve_connection(TokioIo::new(session), service));
     // Draining asks the connection to finish gracefully: its open tunnels go on, new ones are
     // refused. It is closed once it has carried no tunnel for the listener's idle timeout.
-    let idle = carrier.idle(listener.idle_timeout);
-    server::drive(connection, |c| c.graceful_shutdown(), &data.drain, idle, &listener.name).await;
+    let idle = pin!(carrier.idle(listener.idle_timeout));
+    server::drive(connection, |c| c.graceful_shutdown(), &data.drain, idle, None, &listener.name).await;
 }
 
 impl Carrier {

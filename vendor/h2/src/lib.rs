@@ -111,6 +111,7 @@ macro_rules! ready {
 mod codec;
 mod error;
 mod hpack;
+mod tidy;
 
 #[cfg(not(feature = "unstable"))]
 mod proto;
@@ -137,6 +138,7 @@ pub mod fuzz_bridge;
 
 pub use crate::error::{Error, Reason};
 pub use crate::share::{FlowControl, Ping, PingPong, Pong, RecvStream, SendStream, StreamId};
+pub use crate::tidy::tidy;
 
 #[cfg(feature = "unstable")]
 pub use codec::{Codec, SendError, UserError};

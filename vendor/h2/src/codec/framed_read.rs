@@ -5,6 +5,7 @@ use crate::frame::{
 use crate::proto::Error;
 
 use crate::hpack;
+use crate::tidy;
 
 use futures_core::Stream;
 
@@ -37,7 +38,9 @@ struct FrameDecoder {
 
     max_continuation_frames: usize,
 
-    partial: Option<Partial>,
+    /// Boxed (Remora's patch, see REMORA.md): a header block split over CONTINUATION frames is
+    /// rare, and inline it took 336 bytes of every connection's state.
+    partial: Option<Box<Partial>>,
 }
 
 /// Partially loaded headers frame
@@ -216,11 +219,11 @@ fn decode_frame(decoder: &mut FrameDecoder, mut bytes: BytesMut) -> Result<Optio
             } else {
                 tracing::trace!("loaded partial header block");
                 // Defer returning the frame
-                decoder.partial = Some(Partial {
+                decoder.partial = Some(Box::new(Partial {
                     frame: Continuable::$frame(frame),
                     buf: payload,
                     continuation_frames_count: 0,
-                });
+                }));
 
                 return Ok(None);
             }
@@ -395,7 +398,7 @@ fn decode_frame(decoder: &mut FrameDecoder, mut bytes: BytesMut) -> Result<Optio
             }
 
             if is_end_headers {
-                partial.frame.into()
+                (*partial).frame.into()
             } else {
                 decoder.partial = Some(partial);
                 return Ok(None);
@@ -421,10 +424,27 @@ where
         let _e = span.enter();
         loop {
             tracing::trace!("poll");
-            let bytes = match ready!(Pin::new(&mut self.inner).poll_next(cx)) {
-                Some(Ok(bytes)) => bytes,
-                Some(Err(e)) => return Poll::Ready(Some(Err(map_err(e)))),
-                None => return Poll::Ready(None),
+            // Given back by a tidying poll (crate::tidy): allocated again at tokio-util's initial
+            // capacity, and freed at once if this poll finds nothing to read.
+            let given_back = self.inner.read_buffer().capacity() == 0;
+            if given_back {
+                self.inner.read_buffer_mut().reserve(8 * 1024);
+            }
+            let bytes = match Pin::new(&mut self.inner).poll_next(cx) {
+                Poll::Ready(Some(Ok(bytes))) => bytes,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(map_err(e)))),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => {
+                    // Nothing more to read for now: a tidying poll (crate::tidy) frees what
+                    // reading and decoding used, unless the buffer holds the start of a frame.
+                    if tidy::tidying() {
+                        tidy::give_back(self.inner.read_buffer_mut());
+                        self.decoder.hpack.give_back();
+                    } else if given_back && self.inner.read_buffer().is_empty() {
+                        *self.inner.read_buffer_mut() = BytesMut::new();
+                    }
+                    return Poll::Pending;
+                }
             };
 
             tracing::trace!(read.bytes = bytes.len());

@@ -1,5 +1,6 @@
 use super::{header::BytesStr, huffman, Header};
 use crate::frame;
+use crate::tidy;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header;
@@ -139,6 +140,8 @@ enum Representation {
 #[derive(Debug)]
 struct Table {
     entries: VecDeque<Header>,
+    /// How many of the newest entries may still share a read or Huffman buffer (`detach_fresh`).
+    fresh: usize,
     size: usize,
     max_size: usize,
 }
@@ -158,8 +161,17 @@ impl Decoder {
             max_size_update: None,
             last_max_update: size,
             table: Table::new(size),
-            buffer: BytesMut::with_capacity(4096),
+            // Allocated when a string is decoded; freed by `give_back` (crate::tidy).
+            buffer: BytesMut::new(),
         }
+    }
+
+    /// Frees the Huffman buffer and copies the table's new entries out of the buffers they were
+    /// decoded from, so that a connection with nothing to read keeps none of those buffers alive.
+    /// Called by a tidying poll (crate::tidy) when the read side has nothing more to read.
+    pub fn give_back(&mut self) {
+        tidy::give_back(&mut self.buffer);
+        self.table.detach_fresh();
     }
 
     /// Queues a potential size update
@@ -333,6 +345,9 @@ impl Decoder {
 
         let offset = (buf.position() - old_pos) as usize;
         if huff {
+            if self.buffer.capacity() == 0 {
+                self.buffer = BytesMut::with_capacity(4096);
+            }
             let ret = {
                 let raw = &buf.chunk()[..len];
                 huffman::decode(raw, &mut self.buffer).map(|buf| StringMarker {
@@ -498,6 +513,7 @@ impl Table {
     fn new(max_size: usize) -> Table {
         Table {
             entries: VecDeque::new(),
+            fresh: 0,
             size: 0,
             max_size,
         }
@@ -541,7 +557,17 @@ impl Table {
 
             // Track the entry
             self.entries.push_front(entry);
+            self.fresh = cmp::min(self.fresh + 1, self.entries.len());
         }
+    }
+
+    /// Gives the entries added since the last call bytes of their own (`Header::detached`).
+    fn detach_fresh(&mut self) {
+        let fresh = cmp::min(self.fresh, self.entries.len());
+        for entry in self.entries.iter_mut().take(fresh) {
+            *entry = entry.detached();
+        }
+        self.fresh = 0;
     }
 
     fn set_max_size(&mut self, size: usize) {

@@ -117,6 +117,19 @@ impl Header {
         }
     }
 
+    /// This header with its pseudo-header value copied into bytes of its own, so that it does not
+    /// keep alive the larger buffer it was decoded from. (Regular fields already own theirs:
+    /// `HeaderValue::from_bytes` copies.)
+    pub fn detached(&self) -> Header {
+        match self {
+            Header::Authority(v) => Header::Authority(BytesStr::from(v.as_str())),
+            Header::Scheme(v) => Header::Scheme(BytesStr::from(v.as_str())),
+            Header::Path(v) => Header::Path(BytesStr::from(v.as_str())),
+            Header::Protocol(v) => Header::Protocol(Protocol::from(v.as_str())),
+            other => other.clone(),
+        }
+    }
+
     /// Returns the header name
     pub fn name(&self) -> Name<'_> {
         match *self {

@@ -332,6 +332,9 @@ where
                                 continue;
                             }
 
+                            if crate::tidy::tidying() {
+                                self.inner.streams.give_back_if_idle();
+                            }
                             return Poll::Pending;
                         }
                     };

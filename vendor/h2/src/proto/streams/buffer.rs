@@ -33,6 +33,11 @@ impl<T> Buffer<T> {
     pub fn is_empty(&self) -> bool {
         self.slab.is_empty()
     }
+
+    /// In a tidying poll, frees the storage if no frame is buffered (crate::tidy).
+    pub fn give_back_if_empty(&mut self) {
+        crate::tidy::give_back_slab(&mut self.slab);
+    }
 }
 
 impl Deque {

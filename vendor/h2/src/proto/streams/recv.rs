@@ -85,6 +85,11 @@ pub(crate) enum Open {
 }
 
 impl Recv {
+    /// In a tidying poll, frees the receive buffer's storage if it holds no frame (crate::tidy).
+    pub fn give_back_if_empty(&mut self) {
+        self.buffer.give_back_if_empty();
+    }
+
     pub fn new(peer: peer::Dyn, config: &Config) -> Self {
         let next_stream_id = if peer.is_server() { 1 } else { 2 };
 

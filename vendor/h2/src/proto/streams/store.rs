@@ -79,6 +79,12 @@ pub(super) trait Resolve {
 // ===== impl Store =====
 
 impl Store {
+    /// In a tidying poll, frees the stream slab's storage when it holds no stream (crate::tidy):
+    /// its entries are as large as a stream's state, and it keeps room for at least four.
+    pub fn give_back_if_empty(&mut self) {
+        crate::tidy::give_back_slab(&mut self.slab);
+    }
+
     pub fn new() -> Self {
         Store {
             slab: slab::Slab::new(),

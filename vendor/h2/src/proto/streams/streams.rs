@@ -1144,6 +1144,18 @@ where
         me.counts.has_streams()
     }
 
+    /// In a tidying poll (Remora's patch, crate::tidy), frees the storage of the stream store and
+    /// the frame queues where they hold nothing: called when the connection has nothing to do.
+    pub fn give_back_if_idle(&self) {
+        if let Ok(mut me) = self.inner.lock() {
+            me.store.give_back_if_empty();
+            me.actions.recv.give_back_if_empty();
+        }
+        if let Ok(mut buffer) = self.send_buffer.inner.lock() {
+            buffer.give_back_if_empty();
+        }
+    }
+
     pub fn has_streams_or_other_references(&self) -> bool {
         let me = self.inner.lock().unwrap();
         me.counts.has_streams() || me.refs > 1
