@@ -492,16 +492,25 @@ async fn the_ca_issues_a_service_account_its_own_identity_after_a_token_review()
         refused(ask("spiffe://cluster.local/ns/shop/sa/web", "a-stolen-or-expired-token").await),
         tonic::Code::Unauthenticated
     );
-    // Each review went to TokenReview as the control plane, for the CA's audience; the second
-    // request with the accepted token was answered from memory.
+    // Each certificate request was reviewed by TokenReview, as the control plane, for the CA's
+    // audience (the second request with the accepted token too).
     let seen = api.seen();
-    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen.len(), 3, "{seen:?}");
     for review in &seen {
         assert_eq!(review["path"], "/apis/authentication.k8s.io/v1/tokenreviews");
         assert_eq!(review["authorized"], true);
         assert_eq!(review["body"]["kind"], "TokenReview");
         assert_eq!(review["body"]["spec"]["audiences"], json!(["remora"]));
     }
+
+    // A token revoked moments after it was accepted gets no certificate.
+    api.set_user("projected-token-revoked-soon", "system:serviceaccount:shop:web");
+    assert!(ask("spiffe://cluster.local/ns/shop/sa/web", "projected-token-revoked-soon").await.is_ok());
+    api.revoke("projected-token-revoked-soon");
+    assert_eq!(
+        refused(ask("spiffe://cluster.local/ns/shop/sa/web", "projected-token-revoked-soon").await),
+        tonic::Code::Unauthenticated
+    );
 
     // A proxy as the injector sets it up: the projected token in a file, the control plane's root
     // inline in REMORA_CONTROL_CA; it is ready once its certificate is in hand.
@@ -528,7 +537,7 @@ async fn the_ca_issues_a_service_account_its_own_identity_after_a_token_review()
     proxy.wait_for("first configuration from the control plane applied; ready");
 
     // The API server refusing the control plane is "unavailable" for a token not reviewed yet: the
-    // proxy retries later. One it accepted moments ago is still honoured.
+    // proxy retries later. One it accepted moments ago stands in while the API server cannot say.
     api.set_user("projected-token-of-shop-web-renewed", "system:serviceaccount:shop:web");
     api.accept_only("a-token-the-control-plane-does-not-hold");
     assert_eq!(

@@ -44,8 +44,16 @@ pub enum AuthError {
 
 /// Decides what a bearer token entitles its holder to.
 pub trait Authenticator: Send + Sync + 'static {
-    /// The entitlement of `token`.
+    /// The entitlement of `token`. An authenticator may answer from what it remembers of an earlier
+    /// answer (a fleet of discovery streams reconnecting at once asks about the same tokens).
     fn authenticate(&self, token: &str) -> impl Future<Output = Result<Entitlement, AuthError>> + Send;
+
+    /// The entitlement of `token` as its authority says now: a token revoked since an earlier
+    /// answer is refused. For what a revoked token must not get: a certificate. Only when the
+    /// authority cannot be asked may an answer it gave moments ago stand in.
+    fn authenticate_now(&self, token: &str) -> impl Future<Output = Result<Entitlement, AuthError>> + Send {
+        self.authenticate(token)
+    }
 }
 
 /// Why a tokens file was refused.
@@ -243,6 +251,14 @@ impl Authenticator for Authenticators {
         let local = self.local.load_full();
         match (local.authenticate(token).await, &self.kubernetes) {
             (Err(AuthError::Unknown), Some(kubernetes)) => kubernetes.authenticate(token).await,
+            (outcome, _) => outcome,
+        }
+    }
+
+    async fn authenticate_now(&self, token: &str) -> Result<Entitlement, AuthError> {
+        let local = self.local.load_full();
+        match (local.authenticate(token).await, &self.kubernetes) {
+            (Err(AuthError::Unknown), Some(kubernetes)) => kubernetes.authenticate_now(token).await,
             (outcome, _) => outcome,
         }
     }

@@ -11,8 +11,11 @@
 //! [`AuthError::Unavailable`], so the proxy retries and keeps its current certificate. An accepted
 //! token is remembered for 30 s (by its SHA-256, not the token), so a fleet of proxies reconnecting
 //! at once (`--xds-auth` reviews every discovery stream as it opens, and again every five minutes
-//! while it is open) costs the API server one review per proxy per half-minute, not one per stream
-//! and per certificate request; a refusal is never remembered.
+//! while it is open) costs the API server one review per proxy per half-minute, not one per
+//! stream; a refusal is never remembered, and forgets an acceptance it overturns. A certificate
+//! request is always reviewed (`authenticate_now`): a revoked token gets no certificate, however
+//! recently it was accepted; only while the API server cannot answer does a remembered acceptance
+//! stand in.
 //!
 //! The requests go through the control plane's Kubernetes client (`crate::kubernetes`: in a pod,
 //! the API server and credentials from the environment; outside one, explicit), as the control
@@ -135,22 +138,56 @@ fn valid_name(name: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
 }
 
-impl Authenticator for TokenReview {
-    async fn authenticate(&self, token: &str) -> Result<Entitlement, AuthError> {
-        if token.is_empty() {
-            return Err(AuthError::Missing);
-        }
-        let mut digest = [0_u8; 32];
-        digest.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref());
-        if let Some(entitlement) = self.remembered(&digest) {
-            return Ok(entitlement);
-        }
+impl TokenReview {
+    /// Reviews `token` (its SHA-256 is `digest`) with the API server; remembers an acceptance and
+    /// forgets one a refusal overturns.
+    async fn ask(&self, token: &str, digest: [u8; 32]) -> Result<Entitlement, AuthError> {
         let answer = tokio::time::timeout(REVIEW_TIMEOUT, self.review(token)).await.map_err(|_| {
             AuthError::Unavailable(format!("the API server did not answer within {REVIEW_TIMEOUT:?}"))
         })??;
-        let entitlement = self.entitlement(&answer)?;
-        self.remember(digest, &entitlement);
-        Ok(entitlement)
+        match self.entitlement(&answer) {
+            Ok(entitlement) => {
+                self.remember(digest, &entitlement);
+                Ok(entitlement)
+            }
+            Err(refused) => {
+                if let Ok(mut accepted) = self.accepted.lock() {
+                    accepted.remove(&digest);
+                }
+                Err(refused)
+            }
+        }
+    }
+}
+
+/// The SHA-256 of a non-empty token.
+fn digest(token: &str) -> Result<[u8; 32], AuthError> {
+    if token.is_empty() {
+        return Err(AuthError::Missing);
+    }
+    let mut digest = [0_u8; 32];
+    digest.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref());
+    Ok(digest)
+}
+
+impl Authenticator for TokenReview {
+    async fn authenticate(&self, token: &str) -> Result<Entitlement, AuthError> {
+        let digest = digest(token)?;
+        match self.remembered(&digest) {
+            Some(entitlement) => Ok(entitlement),
+            None => self.ask(token, digest).await,
+        }
+    }
+
+    /// Always asks: a revoked token gets no certificate, even moments after it was accepted. Only
+    /// when the API server cannot answer does an acceptance of the last 30 s stand in, so that a
+    /// proxy renewing its certificate rides out a blip of the API server.
+    async fn authenticate_now(&self, token: &str) -> Result<Entitlement, AuthError> {
+        let digest = digest(token)?;
+        match self.ask(token, digest).await {
+            Err(AuthError::Unavailable(why)) => self.remembered(&digest).ok_or(AuthError::Unavailable(why)),
+            outcome => outcome,
+        }
     }
 }
 

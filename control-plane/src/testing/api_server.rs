@@ -264,6 +264,11 @@ impl TestApiServer {
         self.state.lock().unwrap().users.insert(token.to_owned(), (username.to_owned(), None));
     }
 
+    /// A TokenReview of `token` says it is no one's from now on, as when it was revoked.
+    pub fn revoke(&self, token: &str) {
+        self.state.lock().unwrap().users.remove(token);
+    }
+
     /// A TokenReview of `token` says it is `username`'s if it asks about `audience` (the one the
     /// token was issued for), and refuses it otherwise, as the API server does.
     pub fn set_user_for(&self, token: &str, username: &str, audience: &str) {
