@@ -246,20 +246,25 @@ impl Authenticators {
     }
 }
 
-impl Authenticator for Authenticators {
-    async fn authenticate(&self, token: &str) -> Result<Entitlement, AuthError> {
+impl Authenticators {
+    /// The bootstrap tokens first; a token they do not know goes to TokenReview, asked `now` or
+    /// answered from its memory (`Authenticator::authenticate_now`).
+    async fn check(&self, token: &str, now: bool) -> Result<Entitlement, AuthError> {
         let local = self.local.load_full();
         match (local.authenticate(token).await, &self.kubernetes) {
+            (Err(AuthError::Unknown), Some(kubernetes)) if now => kubernetes.authenticate_now(token).await,
             (Err(AuthError::Unknown), Some(kubernetes)) => kubernetes.authenticate(token).await,
             (outcome, _) => outcome,
         }
     }
+}
+
+impl Authenticator for Authenticators {
+    async fn authenticate(&self, token: &str) -> Result<Entitlement, AuthError> {
+        self.check(token, false).await
+    }
 
     async fn authenticate_now(&self, token: &str) -> Result<Entitlement, AuthError> {
-        let local = self.local.load_full();
-        match (local.authenticate(token).await, &self.kubernetes) {
-            (Err(AuthError::Unknown), Some(kubernetes)) => kubernetes.authenticate_now(token).await,
-            (outcome, _) => outcome,
-        }
+        self.check(token, true).await
     }
 }

@@ -160,12 +160,7 @@ pub(crate) async fn drive<C, I>(
         let watchers = async {
             let quiet = async {
                 let Some(meter) = watch_quiet else { return std::future::pending().await };
-                let mut last = meter.activity();
-                io::quiet_for(limits::H2_TIDY_AFTER, || {
-                    let now = meter.activity();
-                    std::mem::replace(&mut last, now) != now
-                })
-                .await;
+                io::quiet_for(limits::H2_TIDY_AFTER, io::moved(meter)).await;
             };
             if already_draining {
                 tokio::select! {

@@ -9,7 +9,7 @@
 //! its read and Huffman buffers (the buffer must be empty), one that has flushed everything gives
 //! back its write buffer, and one with no stream left gives back its stream and frame slabs. Each
 //! is allocated again when the connection next reads, writes, decodes or opens a stream. Other
-//! polls behave as upstream's, so a busy connection pays nothing per request.
+//! polls behave as upstream's, but for a thread-local flag checked a few times per poll.
 //!
 //! A buffer's allocation may still be shared with bytes handed out earlier (a header value in the
 //! HPACK decoder's table): the decoder copies its newest table entries out when it gives its

@@ -12,12 +12,6 @@ use tokio_util::io::poll_write_buf;
 
 use std::io::{self, Cursor};
 
-/// Allocate the write buffer with this capacity.
-///
-/// The minimum MAX_FRAME_SIZE is 16kb, so always be able to send a HEADERS
-/// frame that big.
-const DEFAULT_BUFFER_CAPACITY: usize = 16 * 1_024;
-
 // A macro to get around a method needing to borrow &mut self
 macro_rules! limited_write_buf {
     ($self:expr) => {{
@@ -66,6 +60,13 @@ enum Next<B> {
     Data(frame::Data<B>),
     Continuation(frame::Continuation),
 }
+
+/// Initialize the connection with this amount of write buffer (when it first writes: Remora's
+/// patch allocates it then, and again after a tidying poll freed it).
+///
+/// The minimum MAX_FRAME_SIZE is 16kb, so always be able to send a HEADERS
+/// frame that big.
+const DEFAULT_BUFFER_CAPACITY: usize = 16 * 1_024;
 
 /// Chain payloads bigger than this when vectored I/O is enabled. The remote
 /// will never advertise a max frame size less than this (well, the spec says
