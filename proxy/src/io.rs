@@ -95,21 +95,13 @@ impl Meter {
 /// checks run on a `timer::Deadline` (a slot in the worker's alarms), not a tokio interval, which
 /// would hold a boxed timer-wheel entry for every connection's life.
 pub async fn idle_watch(meter: &Meter, stats: &ListenerStats, timeout: Duration) {
-    let mut moved = moved(meter);
-    quiet_for(timeout, || {
-        meter.flush(stats);
-        moved()
-    })
-    .await;
-}
-
-/// For [`quiet_for`]: whether `meter` counted a byte since it was last asked (or created).
-pub fn moved(meter: &Meter) -> impl FnMut() -> bool + '_ {
     let mut last = meter.activity();
-    move || {
+    let moved = move || {
+        meter.flush(stats);
         let now = meter.activity();
         std::mem::replace(&mut last, now) != now
-    }
+    };
+    quiet_for(timeout, moved).await;
 }
 
 /// Resolves once `moved` (asked every quarter of `timeout`, from 10 ms to 15 s: whether anything

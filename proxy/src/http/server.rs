@@ -160,7 +160,12 @@ pub(crate) async fn drive<C, I>(
         let watchers = async {
             let quiet = async {
                 let Some(meter) = watch_quiet else { return std::future::pending().await };
-                io::quiet_for(limits::H2_TIDY_AFTER, io::moved(meter)).await;
+                let mut last = meter.activity();
+                io::quiet_for(limits::H2_TIDY_AFTER, || {
+                    let now = meter.activity();
+                    std::mem::replace(&mut last, now) != now
+                })
+                .await;
             };
             if already_draining {
                 tokio::select! {
