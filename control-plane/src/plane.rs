@@ -290,6 +290,16 @@ impl ControlPlane {
             }
         }
 
+        // Tokens and the configuration they unlock cross the port: beyond this host, only over TLS.
+        if let Some(ca) = &config.ca
+            && ca.tls_names.is_empty()
+            && !config.listen.ip().is_loopback()
+        {
+            return Err(ControlError::Ca(format!(
+                "the CA would take tokens in the clear on {}: serve TLS with --tls-name, or listen on a loopback address",
+                config.listen
+            )));
+        }
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|error| ControlError::Bind { address: config.listen, error })?;

@@ -457,7 +457,7 @@ async fn the_ca_issues_a_service_account_its_own_identity_after_a_token_review()
     let api = TestApiServer::start(&cluster_ca).await;
     api.set_user("projected-token-of-shop-web", "system:serviceaccount:shop:web");
     let directory = remora_proxy::testing::proxy::temp_dir("remora-tokenreview");
-    let mut control = ca_control_plane(&api, &directory, &[]);
+    let mut control = ca_control_plane(&api, &directory, &["--xds-auth"]);
     let line = control.wait_for("remora control serving Delta ADS");
     let address = format!("https://{}", line.rsplit("address=").next().unwrap().trim());
     let mesh_root = std::fs::read_to_string(directory.join("ca/ca.crt")).unwrap();
@@ -511,6 +511,23 @@ async fn the_ca_issues_a_service_account_its_own_identity_after_a_token_review()
         refused(ask("spiffe://cluster.local/ns/shop/sa/web", "projected-token-revoked-soon").await),
         tonic::Code::Unauthenticated
     );
+
+    // Nor does it open a discovery stream, however recently one was let in with it.
+    let open_stream = |token: &str| {
+        use remora_control_api::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+        use remora_control_api::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+        let (address, tls, bearer) = (address.clone(), control_tls.clone(), format!("Bearer {token}"));
+        async move {
+            let channel = remora_control_api::xds::client::connect(&address, Some(&tls)).await.unwrap();
+            let mut request = tonic::Request::new(tokio_stream::pending::<DeltaDiscoveryRequest>());
+            request.metadata_mut().insert("authorization", bearer.parse().unwrap());
+            AggregatedDiscoveryServiceClient::new(channel).delta_aggregated_resources(request).await.map(drop)
+        }
+    };
+    api.set_user("projected-token-of-a-stream", "system:serviceaccount:shop:web");
+    assert!(open_stream("projected-token-of-a-stream").await.is_ok());
+    api.revoke("projected-token-of-a-stream");
+    assert_eq!(open_stream("projected-token-of-a-stream").await.unwrap_err().code(), tonic::Code::Unauthenticated);
 
     // A proxy as the injector sets it up: the projected token in a file, the control plane's root
     // inline in REMORA_CONTROL_CA; it is ready once its certificate is in hand.

@@ -44,16 +44,10 @@ pub enum AuthError {
 
 /// Decides what a bearer token entitles its holder to.
 pub trait Authenticator: Send + Sync + 'static {
-    /// The entitlement of `token`. An authenticator may answer from what it remembers of an earlier
-    /// answer (a fleet of discovery streams reconnecting at once asks about the same tokens).
-    fn authenticate(&self, token: &str) -> impl Future<Output = Result<Entitlement, AuthError>> + Send;
-
     /// The entitlement of `token` as its authority says now: a token revoked since an earlier
-    /// answer is refused. For what a revoked token must not get: a certificate. Only when the
-    /// authority cannot be asked may an answer it gave moments ago stand in.
-    fn authenticate_now(&self, token: &str) -> impl Future<Output = Result<Entitlement, AuthError>> + Send {
-        self.authenticate(token)
-    }
+    /// answer is refused. Only when the authority cannot be asked may an answer it gave moments ago
+    /// stand in.
+    fn authenticate(&self, token: &str) -> impl Future<Output = Result<Entitlement, AuthError>> + Send;
 }
 
 /// Why a tokens file was refused.
@@ -246,25 +240,13 @@ impl Authenticators {
     }
 }
 
-impl Authenticators {
-    /// The bootstrap tokens first; a token they do not know goes to TokenReview, asked `now` or
-    /// answered from its memory (`Authenticator::authenticate_now`).
-    async fn check(&self, token: &str, now: bool) -> Result<Entitlement, AuthError> {
+impl Authenticator for Authenticators {
+    /// The bootstrap tokens first; a token they do not know goes to TokenReview.
+    async fn authenticate(&self, token: &str) -> Result<Entitlement, AuthError> {
         let local = self.local.load_full();
         match (local.authenticate(token).await, &self.kubernetes) {
-            (Err(AuthError::Unknown), Some(kubernetes)) if now => kubernetes.authenticate_now(token).await,
             (Err(AuthError::Unknown), Some(kubernetes)) => kubernetes.authenticate(token).await,
             (outcome, _) => outcome,
         }
-    }
-}
-
-impl Authenticator for Authenticators {
-    async fn authenticate(&self, token: &str) -> Result<Entitlement, AuthError> {
-        self.check(token, false).await
-    }
-
-    async fn authenticate_now(&self, token: &str) -> Result<Entitlement, AuthError> {
-        self.check(token, true).await
     }
 }

@@ -8,14 +8,11 @@
 //! `system:serviceaccount:NAMESPACE:NAME` is entitled to exactly
 //! `spiffe://TRUST-DOMAIN/ns/NAMESPACE/sa/NAME`; any other user, an unauthenticated token, or a
 //! token for another audience is refused. The API server unreachable or answering an error is
-//! [`AuthError::Unavailable`], so the proxy retries and keeps its current certificate. An accepted
-//! token is remembered for 30 s (by its SHA-256, not the token), so a fleet of proxies reconnecting
-//! at once (`--xds-auth` reviews every discovery stream as it opens, and again every five minutes
-//! while it is open) costs the API server one review per proxy per half-minute, not one per
-//! stream; a refusal is never remembered, and forgets an acceptance it overturns. A certificate
-//! request is always reviewed (`authenticate_now`): a revoked token gets no certificate, however
-//! recently it was accepted; only while the API server cannot answer does a remembered acceptance
-//! stand in.
+//! [`AuthError::Unavailable`], so the proxy retries and keeps its current certificate. Every
+//! certificate request and every discovery stream (`--xds-auth`, as it opens and every five minutes
+//! while it is open) is reviewed: a revoked token gets no certificate and no configuration, however
+//! recently it was accepted. An accepted token is remembered for 30 s (by its SHA-256, not the
+//! token) only to stand in while the API server cannot answer; a refusal forgets it.
 //!
 //! The requests go through the control plane's Kubernetes client (`crate::kubernetes`: in a pod,
 //! the API server and credentials from the environment; outside one, explicit), as the control
@@ -36,7 +33,7 @@ pub const DEFAULT_AUDIENCE: &str = "remora";
 const REVIEW_TIMEOUT: Duration = Duration::from_secs(5);
 const REVIEW_PATH: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
 
-/// How long an accepted token's review is remembered.
+/// How long an accepted token's review may stand in for an API server that cannot answer.
 const ACCEPTED_FOR: Duration = Duration::from_secs(30);
 /// The most reviews remembered at once (about 100 bytes each).
 const MAX_REMEMBERED: usize = 10_000;
@@ -171,18 +168,11 @@ fn digest(token: &str) -> Result<[u8; 32], AuthError> {
 }
 
 impl Authenticator for TokenReview {
+    /// Always asks: a revoked token gets no certificate and opens no discovery stream, even moments
+    /// after it was accepted. Only when the API server cannot answer does an acceptance of the last
+    /// 30 s stand in, so that a proxy renewing its certificate or reconnecting rides out a blip of
+    /// the API server.
     async fn authenticate(&self, token: &str) -> Result<Entitlement, AuthError> {
-        let digest = digest(token)?;
-        match self.remembered(&digest) {
-            Some(entitlement) => Ok(entitlement),
-            None => self.ask(token, digest).await,
-        }
-    }
-
-    /// Always asks: a revoked token gets no certificate, even moments after it was accepted. Only
-    /// when the API server cannot answer does an acceptance of the last 30 s stand in, so that a
-    /// proxy renewing its certificate rides out a blip of the API server.
-    async fn authenticate_now(&self, token: &str) -> Result<Entitlement, AuthError> {
         let digest = digest(token)?;
         match self.ask(token, digest).await {
             Err(AuthError::Unavailable(why)) => self.remembered(&digest).ok_or(AuthError::Unavailable(why)),

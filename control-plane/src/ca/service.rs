@@ -47,7 +47,7 @@ impl<A: Authenticator> CertificateAuthority for CaService<A> {
     async fn sign(&self, request: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
         let token = bearer_token(request.metadata());
         let peer = crate::tls::Peer::of(&request).address.map_or_else(|| "-".to_owned(), |a| a.to_string());
-        let entitlement = match self.authenticator.authenticate_now(&token).await {
+        let entitlement = match self.authenticator.authenticate(&token).await {
             Ok(entitlement) => entitlement,
             Err(error @ (AuthError::Missing | AuthError::Unknown)) => {
                 self.metrics.certificate_request("unauthenticated");
