@@ -273,6 +273,14 @@ impl DownstreamStream {
         }
     }
 
+    /// The socket itself, when this is a plain TCP connection with nothing left to replay.
+    pub fn into_plain(self) -> Result<TcpStream, Self> {
+        match self {
+            DownstreamStream { socket: Transport::Plain(socket), replay, .. } if replay.is_empty() => Ok(socket),
+            other => Err(other),
+        }
+    }
+
     /// Whether this is a tunnel of an HBONE connection (over TCP or QUIC).
     pub fn is_tunnel(&self) -> bool {
         matches!(self.socket, Transport::Tunnel(_) | Transport::QuicTunnel(_))

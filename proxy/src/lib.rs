@@ -44,7 +44,8 @@
 //!   while idle.
 //! - [`http`] — the request's phases, one file each (`route`, `plan`, `attempt`, `policed`,
 //!   `retries`, `mirror`, `observe`), the server (idle HTTP/1.1 connections parked between
-//!   requests by `park`), the upstream pools and the HTTP/1.1 client (`h1`), bodies, header
+//!   requests by `park`, in
+//!   the worker's `lot`), the upstream pools and the HTTP/1.1 client (`h1`), bodies, header
 //!   hygiene, tunnels.
 //! - [`failure`] — what a failed attempt says about itself: the facts retry policy and outlier
 //!   detection decide over.

@@ -1,8 +1,8 @@
 //! Worker threads: one single-threaded tokio runtime each, thread-per-core.
 //!
 //! Each worker owns its listening sockets (one per listener, sharing the port with the other
-//! workers' through `SO_REUSEPORT`), every connection those sockets accept, and its own upstream
-//! connection pool. A request is served start to finish on the thread that accepted it: no work
+//! workers' through `SO_REUSEPORT`), every connection those sockets accept, its own upstream
+//! connection pool, and its lot of parked idle HTTP/1.1 connections (`http::lot`). A request is served start to finish on the thread that accepted it: no work
 //! stealing, no cross-thread wake-ups, no locks on the pool. `app` sends a worker commands
 //! ([`Workers::serve`]) to start accepting on a new socket; a listener's accept loops stop when its
 //! stop signal flips or draining starts. Dropping [`Workers`] ends the threads, and any connection
@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::warn;
 
 use crate::context::DataPath;
-use crate::http::client;
+use crate::http::{self, client};
 use crate::listener::{ListenSocket, accept_loop};
 use crate::telemetry::Registry;
 use crate::{limits, quic, timer};
@@ -30,11 +30,16 @@ struct Worker {
     thread: Option<JoinHandle<()>>,
 }
 
-/// Declares the `workers` gauge in `registry`, set to `count`.
+/// Declares the `workers` gauge in `registry`, set to `count`, and the lots' parked connections.
 pub fn register_metrics(registry: &mut Registry, count: usize) {
     let workers = prometheus_client::metrics::gauge::Gauge::<i64>::default();
     workers.set(i64::try_from(count).unwrap_or(i64::MAX));
     registry.register("workers", "Worker threads", workers);
+    registry.register(
+        "http_parked_connections",
+        "Idle HTTP/1.1 connections waiting in the workers' lots for their next request",
+        http::lot::PARKED.clone(),
+    );
 }
 
 /// The worker threads.
@@ -59,6 +64,7 @@ impl Workers {
             let thread = std::thread::Builder::new().name(format!("remora-worker-{index}")).spawn(move || {
                 runtime.block_on(async move {
                     tokio::spawn(timer::run_alarms());
+                    tokio::spawn(http::lot::run(data.drain.watch()));
                     let swept = data.clone();
                     tokio::spawn(async move {
                         let mut tick = tokio::time::interval(limits::TIMER_TICK);

@@ -255,14 +255,7 @@ async fn a_listeners_additional_addresses_come_and_go_and_the_others_stay_bound(
     if !ipv6 {
         eprintln!("skipping the IPv6 address: this host cannot bind [::1]");
     }
-    // A fixed port (taken from the OS, then freed) for the first address, to be kept across reloads.
-    let fixed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let second = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let mut extra = vec![format!("\"{second}\"")];
-    if ipv6 {
-        extra.push("\"[::1]:0\"".into());
-    }
-    let with = |extra: &[String]| {
+    let with = |fixed: std::net::SocketAddr, extra: &[String]| {
         routed_to("a", &a, &b, "").replace(
             &listener("in", ""),
             &format!(
@@ -271,7 +264,23 @@ async fn a_listeners_additional_addresses_come_and_go_and_the_others_stay_bound(
             ),
         )
     };
-    let proxy = TestProxy::start(&with(&extra));
+    // Fixed ports (taken from the OS, then freed) for the first two addresses, the first to be kept
+    // across reloads. A test running beside this one may take a freed port before the proxy binds
+    // it: then the ports are picked again.
+    let free_port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let mut picks = 0;
+    let (proxy, fixed, second, extra) = loop {
+        let (fixed, second) = (free_port(), free_port());
+        let mut extra = vec![format!("\"{second}\"")];
+        if ipv6 {
+            extra.push("\"[::1]:0\"".into());
+        }
+        match TestProxy::try_start(&with(fixed, &extra)) {
+            Ok(proxy) => break (proxy, fixed, second, extra),
+            Err(error) if picks < 5 && error.to_string().contains("in use") => picks += 1,
+            Err(error) => panic!("proxy did not start: {error}"),
+        }
+    };
     let bound: Vec<std::net::SocketAddr> = proxy.proxy().listener_addresses().into_iter().map(|(_, a)| a).collect();
     assert_eq!(bound.len(), extra.len() + 1, "{bound:?}");
     assert_eq!((bound[0], bound[1]), (fixed, second), "listed in order, the first address first");
@@ -284,7 +293,7 @@ async fn a_listeners_additional_addresses_come_and_go_and_the_others_stay_bound(
 
     // Drop the second address: the first keeps its socket, even with a connection open on it.
     let mut open = Client::http1(fixed).await;
-    proxy.rewrite(&with(&extra[1..]));
+    proxy.rewrite(&with(fixed, &extra[1..]));
     proxy.reload().unwrap();
     eventually("the dropped address stops accepting", Duration::from_secs(5), || async {
         TcpStream::connect(second).await.is_err()
@@ -296,7 +305,7 @@ async fn a_listeners_additional_addresses_come_and_go_and_the_others_stay_bound(
         assert_eq!(served_by(bound[2]).await, "a", "the IPv6 address is kept, port and all");
     }
     // And back: only the new address is bound.
-    proxy.rewrite(&with(&extra));
+    proxy.rewrite(&with(fixed, &extra));
     proxy.reload().unwrap();
     assert_eq!(served_by(second).await, "a");
 }

@@ -483,16 +483,21 @@ async fn spans_export_over_otlp_http_with_tls() {
     let _ = std::fs::remove_dir_all(directory);
 }
 
-/// A collector that does not exist: requests are served as ever, and the spans that cannot go are
-/// held only up to the queue's size; the rest are dropped and counted.
+/// A collector that takes connections and never answers: requests are served as ever, and the
+/// spans that cannot go are held only up to the queue's size; the rest are dropped and counted.
+/// (Each export waits out its timeout, so the queue overflows whatever the machine's speed; a
+/// collector that refuses connections outright fails each batch at once, and how many spans that
+/// drains before the queue fills depends on how fast the requests come.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_collector_costs_a_bounded_queue_and_a_counter() {
     let upstream = Recorder::start().await;
+    // Bound and listening, never accepting: the kernel completes the handshakes, nobody reads.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let proxy = traced_proxy(
         upstream.server.address(),
         &format!(
             "{{endpoint: \"http://{}\", max_queue_size: 64, max_export_batch_size: 16, export_interval: 0.05s, export_timeout: 0.2s}}",
-            dead_address()
+            silent.local_addr().unwrap()
         ),
     );
     let mut client = Client::http1(proxy.address("in")).await;

@@ -20,7 +20,7 @@
 //!    access-log line and the gRPC status when the response body ends (`observe::Finish`).
 //!
 //! Between requests an HTTP/1.1 connection parks (`park`): hyper is shut down and only the socket
-//! waits for the next request.
+//! waits for the next request, on a worker in the worker's lot (`lot`), with no task of its own.
 //!
 //! The rest serves those phases: [`body`] (the bodies that cross the proxy), [`client`] (the
 //! upstream connection pools and clients), [`h1`] (the proxy's own HTTP/1.1 client codec),
@@ -34,6 +34,7 @@ pub mod client;
 pub mod error;
 pub mod h1;
 pub mod headers;
+pub(crate) mod lot;
 pub mod replay;
 pub mod server;
 pub mod settings;

@@ -9,8 +9,10 @@
 //! quiet for [`limits::H1_PARK_AFTER`] — no exchange open, the last response flushed, hyper
 //! waiting on a read that found nothing, and no byte moved since — it shuts hyper down (which,
 //! between requests, closes nothing on the wire), takes the socket back with any bytes hyper had
-//! read but not used, and waits for the socket to become readable with nothing else held. When
-//! the next request arrives a new hyper connection takes the socket. A parked connection still
+//! read but not used, and waits for the socket to become readable with nothing else held: on a
+//! worker, a plain TCP socket waits in the worker's lot (`http::lot`) and the task ends; anything
+//! else (a TLS session) waits in its task. When the next request arrives a new hyper connection
+//! takes the socket. A parked connection still
 //! ends on the listener's header timeout (how long hyper itself keeps an idle keep-alive
 //! connection), its idle timeout, or a drain.
 //!
@@ -34,6 +36,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tracing::debug;
 
+use super::lot;
 use crate::drain::DrainWatch;
 use crate::http::body::{ProxyBody, RequestBody};
 use crate::http::server::HttpConnection;
@@ -238,6 +241,13 @@ pub(super) async fn serve(mut stream: DownstreamStream, connection: Arc<HttpConn
         }
         // An empty buffer still holds hyper's read buffer: let it go before waiting.
         drop(read_buf);
+        // On a worker, the connection waits in its lot and this task ends.
+        let listener = &connection.listener;
+        let until = quiet_since + listener.header_timeout.min(listener.idle_timeout);
+        stream = match lot::park(stream, &connection, until.into_std()) {
+            Ok(()) => return,
+            Err(stream) => stream,
+        };
         let wait = park(&mut stream, &connection, &mut drain, idle.as_mut(), quiet_since);
         if !wait.await {
             return;

@@ -1,0 +1,435 @@
+//! The worker's lot of parked HTTP/1.1 connections: an idle keep-alive connection that holds no
+//! task, no tokio registration and no buffer, only its socket and its shared record.
+//!
+//! `http::park` shuts hyper down on a quiet connection and waits for the next request inside the
+//! connection's own task, which keeps the task (1.4 kB), tokio's registration of the socket and a
+//! few timers alive for as long as the client keeps the connection open. On a worker, which runs
+//! [`run`], a plain TCP connection goes further: [`park`] takes the socket out of tokio's reactor,
+//! adds it to an epoll set of the worker's own with the connection's record and the instant it
+//! must close by (its header or idle timeout, whichever comes first), and the connection's task
+//! ends. [`run`], one task per worker, waits on that epoll set through tokio (one registration for
+//! the whole lot): a socket turning readable (a next request, or the client closing) is taken out
+//! of the set, handed back to tokio, and served by a new task; a connection past its deadline is
+//! closed (deadlines are checked at most every [`SCAN_EVERY`], so a timeout may fire that much
+//! late); a drain closes every parked connection, and the lot takes no more. A connection the lot
+//! cannot take (a TLS session, a tunnel, a thread that runs no lot) parks in its task as before.
+//!
+//! [`Parking`] is the lot without tokio: the epoll set, what waits in it, and the deadlines.
+
+use std::cell::RefCell;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use prometheus_client::metrics::gauge::Gauge;
+use rustix::event::{Timespec, epoll};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tracing::{debug, warn};
+
+use crate::drain::DrainWatch;
+use crate::http::server::HttpConnection;
+use crate::io::DownstreamStream;
+
+/// How often, at most, the lot looks for connections past their deadline.
+pub(crate) const SCAN_EVERY: Duration = Duration::from_millis(100);
+/// The most readiness events taken from the epoll set per system call.
+const EVENTS_PER_WAIT: usize = 64;
+
+/// Sockets waiting in an epoll set for something to read, each with an item and a deadline.
+pub(crate) struct Parking<T> {
+    epoll: OwnedFd,
+    slots: Vec<Option<Parked<T>>>,
+    free: Vec<usize>,
+    len: usize,
+    /// No later than the earliest deadline of what is parked (none when nothing is).
+    earliest: Option<Instant>,
+    /// Room for one system call's events, kept between calls.
+    events: Vec<epoll::Event>,
+}
+
+struct Parked<T> {
+    socket: std::net::TcpStream,
+    item: T,
+    until: Instant,
+}
+
+impl<T> Parking<T> {
+    /// An empty lot with an epoll set of its own.
+    pub(crate) fn new() -> io::Result<Parking<T>> {
+        Ok(Parking {
+            epoll: epoll::create(epoll::CreateFlags::CLOEXEC)?,
+            slots: Vec::new(),
+            free: Vec::new(),
+            len: 0,
+            earliest: None,
+            events: Vec::new(),
+        })
+    }
+
+    /// A second descriptor of the epoll set, readable whenever a parked socket is: for a reactor
+    /// to watch.
+    pub(crate) fn watch_fd(&self) -> io::Result<OwnedFd> {
+        self.epoll.try_clone()
+    }
+
+    /// How many sockets are parked.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// No later than the earliest deadline of the parked sockets; none when there are none.
+    pub(crate) fn earliest(&self) -> Option<Instant> {
+        self.earliest
+    }
+
+    /// Parks `socket` (non-blocking) with `item` until `until`. Both come back when the socket
+    /// cannot join the epoll set.
+    pub(crate) fn park(
+        &mut self,
+        socket: std::net::TcpStream,
+        item: T,
+        until: Instant,
+    ) -> Result<(), (std::net::TcpStream, T)> {
+        let index = self.free.pop().unwrap_or(self.slots.len());
+        let data = epoll::EventData::new_u64(index as u64);
+        // Level-triggered: a request that arrived before the socket joined is reported at once.
+        if epoll::add(&self.epoll, &socket, data, epoll::EventFlags::IN | epoll::EventFlags::RDHUP).is_err() {
+            if index < self.slots.len() {
+                self.free.push(index);
+            }
+            return Err((socket, item));
+        }
+        if index == self.slots.len() {
+            self.slots.push(None);
+        }
+        self.slots[index] = Some(Parked { socket, item, until });
+        self.len += 1;
+        self.earliest = Some(self.earliest.map_or(until, |earliest| earliest.min(until)));
+        Ok(())
+    }
+
+    /// Takes out every parked socket that has something to read (or has been closed by its peer),
+    /// with its item, into `out`. Returns once the epoll set reports nothing more.
+    pub(crate) fn ready(&mut self, out: &mut Vec<(std::net::TcpStream, T)>) -> io::Result<()> {
+        const NOW: Timespec = Timespec { tv_sec: 0, tv_nsec: 0 };
+        loop {
+            self.events.clear();
+            self.events.reserve(EVENTS_PER_WAIT);
+            epoll::wait(&self.epoll, rustix::buffer::spare_capacity(&mut self.events), Some(&NOW))?;
+            let full = self.events.len() >= EVENTS_PER_WAIT;
+            for index in 0..self.events.len() {
+                // (The event is packed: its data is copied out before it is read.)
+                let data = { self.events[index].data };
+                let slot = usize::try_from(data.u64()).unwrap_or(usize::MAX);
+                if let Some(parked) = self.take(slot) {
+                    out.push((parked.socket, parked.item));
+                }
+            }
+            if !full {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Takes out every parked socket whose deadline is at or before `now`, with its item, into
+    /// `out`; the earliest deadline is known exactly again afterwards.
+    pub(crate) fn expired(&mut self, now: Instant, out: &mut Vec<(std::net::TcpStream, T)>) {
+        if self.earliest.is_none_or(|earliest| earliest > now) {
+            return;
+        }
+        let mut earliest = None;
+        for slot in 0..self.slots.len() {
+            let Some(until) = self.slots.get(slot).and_then(Option::as_ref).map(|parked| parked.until) else {
+                continue;
+            };
+            if until <= now {
+                if let Some(parked) = self.take(slot) {
+                    out.push((parked.socket, parked.item));
+                }
+            } else {
+                earliest = Some(earliest.map_or(until, |e: Instant| e.min(until)));
+            }
+        }
+        self.earliest = earliest;
+    }
+
+    fn take(&mut self, slot: usize) -> Option<Parked<T>> {
+        let parked = self.slots.get_mut(slot)?.take()?;
+        // (Closing the socket would also take it out, but a socket handed back lives on.)
+        let _ = epoll::delete(&self.epoll, &parked.socket);
+        self.free.push(slot);
+        self.len -= 1;
+        if self.len == 0 {
+            self.earliest = None;
+            // A burst's slots are given back once it has gone.
+            self.slots = Vec::new();
+            self.free = Vec::new();
+        }
+        Some(parked)
+    }
+}
+
+/// A worker's lot, and how to wake its task when a deadline earlier than the ones it waits for
+/// arrives.
+struct Lot {
+    parking: Parking<Arc<HttpConnection>>,
+    earlier: Arc<Notify>,
+}
+
+thread_local! {
+    /// The lot of the worker running on this thread; none on other threads, and after a drain.
+    static LOT: RefCell<Option<Lot>> = const { RefCell::new(None) };
+}
+
+/// Parks `stream`, a quiet HTTP/1.1 connection, in this worker's lot until it is readable or
+/// `until`. `Err` gives the stream back when the lot cannot take it (no lot on this thread, a
+/// drain, not a plain TCP socket, or the socket could not join the epoll set): the caller then
+/// parks it in its own task. `Ok` when the lot has it, or when it was closed on an error.
+pub(super) fn park(
+    stream: DownstreamStream,
+    connection: &Arc<HttpConnection>,
+    until: Instant,
+) -> Result<(), DownstreamStream> {
+    if !LOT.try_with(|lot| lot.borrow().is_some()).unwrap_or(false) {
+        return Err(stream);
+    }
+    let socket = stream.into_plain()?;
+    let socket = match socket.into_std() {
+        Ok(socket) => socket,
+        Err(error) => {
+            debug!(listener = %connection.listener.name, %error, "cannot park a connection; closing it");
+            return Ok(());
+        }
+    };
+    let refused = LOT.with(|lot| {
+        let mut lot = lot.borrow_mut();
+        let Some(lot) = lot.as_mut() else { return Some(socket) };
+        let earlier = lot.parking.earliest().is_none_or(|earliest| until < earliest);
+        match lot.parking.park(socket, connection.clone(), until) {
+            Ok(()) => {
+                PARKED.inc();
+                if earlier {
+                    lot.earlier.notify_one();
+                }
+                None
+            }
+            Err((socket, _)) => Some(socket),
+        }
+    });
+    let Some(socket) = refused else { return Ok(()) };
+    match TcpStream::from_std(socket) {
+        Ok(socket) => Err(DownstreamStream::new(socket, Bytes::new(), connection.meter.clone())),
+        Err(error) => {
+            debug!(listener = %connection.listener.name, %error, "cannot serve a connection again; closing it");
+            Ok(())
+        }
+    }
+}
+
+/// How many connections the workers' lots hold, process-wide (`remora_http_parked_connections`).
+pub(crate) static PARKED: LazyLock<Gauge> = LazyLock::new(Gauge::default);
+
+/// Counts `n` connections out of a lot.
+fn unparked(n: usize) {
+    PARKED.dec_by(i64::try_from(n).unwrap_or(i64::MAX));
+}
+
+/// Runs this worker's lot until `drain` is signalled, then closes what it holds. Spawned once by
+/// each worker.
+pub(crate) async fn run(mut drain: DrainWatch) {
+    let earlier = Arc::new(Notify::new());
+    let fd = match open(&earlier) {
+        Ok(fd) => fd,
+        Err(error) => {
+            warn!(%error, "no lot for idle connections on this worker; they park in their tasks");
+            return;
+        }
+    };
+    let mut out = Vec::new();
+    let mut last_scan = Instant::now();
+    loop {
+        let next_scan = LOT.with(|lot| lot.borrow().as_ref().and_then(|lot| lot.parking.earliest()));
+        let scan = async {
+            match next_scan {
+                Some(at) => tokio::time::sleep_until(at.max(last_scan + SCAN_EVERY).into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = drain.signaled() => break,
+            guard = fd.readable() => {
+                let mut guard = match guard {
+                    Ok(guard) => guard,
+                    Err(error) => {
+                        warn!(%error, "the lot of idle connections failed; closing what it holds");
+                        break;
+                    }
+                };
+                let taken = LOT.with(|lot| lot.borrow_mut().as_mut().map(|lot| lot.parking.ready(&mut out)));
+                if let Some(Err(error)) = taken {
+                    warn!(%error, "the lot of idle connections failed; closing what it holds");
+                    break;
+                }
+                guard.clear_ready();
+                unparked(out.len());
+                for (socket, connection) in out.drain(..) {
+                    match TcpStream::from_std(socket) {
+                        Ok(socket) => {
+                            let stream = DownstreamStream::new(socket, Bytes::new(), connection.meter.clone());
+                            tokio::spawn(super::park::serve(stream, connection));
+                        }
+                        Err(error) => debug!(listener = %connection.listener.name, %error, "cannot serve a parked connection again; closing it"),
+                    }
+                }
+            }
+            () = scan => {
+                last_scan = Instant::now();
+                LOT.with(|lot| {
+                    if let Some(lot) = lot.borrow_mut().as_mut() {
+                        lot.parking.expired(last_scan, &mut out);
+                    }
+                });
+                unparked(out.len());
+                for (_, connection) in out.drain(..) {
+                    debug!(listener = %connection.listener.name, "parked keep-alive connection closed at its header or idle timeout");
+                }
+            }
+            () = earlier.notified() => {}
+        }
+    }
+    // Every parked connection closes as its socket and record drop; later ones park in their tasks,
+    // where the drain closes them.
+    let closing = LOT.with(|lot| lot.borrow_mut().take());
+    if let Some(lot) = closing {
+        unparked(lot.parking.len());
+    }
+}
+
+/// Opens this thread's lot, woken by `earlier`; the descriptor to wait on, registered with tokio.
+fn open(earlier: &Arc<Notify>) -> io::Result<AsyncFd<OwnedFd>> {
+    let parking = Parking::new()?;
+    let watched = parking.watch_fd()?;
+    // SAFETY: an `OwnedFd` stays open, and its `as_raw_fd` is the same descriptor, until it is
+    // dropped, which only the `AsyncFd` that owns it can do.
+    #[allow(unsafe_code)]
+    let fd = unsafe { AsyncFd::register_with_interest(watched, Interest::READABLE) }
+        .map_err(|refused| refused.into_parts().1)?;
+    LOT.with(|lot| *lot.borrow_mut() = Some(Lot { parking, earlier: earlier.clone() }));
+    Ok(fd)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    /// A connected pair of non-blocking sockets: (client, server).
+    fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
+        (client, server)
+    }
+
+    /// What comes out ready once `expected` items have (or 5 s have passed), sorted.
+    fn ready_items(parking: &mut Parking<u32>, expected: usize) -> Vec<u32> {
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            parking.ready(&mut out).unwrap();
+            if out.len() >= expected || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut items: Vec<u32> = out.into_iter().map(|(_, item)| item).collect();
+        items.sort_unstable();
+        items
+    }
+
+    #[test]
+    fn a_socket_comes_back_when_it_has_something_to_read_or_its_peer_closes() {
+        let mut parking = Parking::new().unwrap();
+        let far = Instant::now() + Duration::from_secs(60);
+        let (mut talker, server_a) = pair();
+        let (closer, server_b) = pair();
+        let (_quiet, server_c) = pair();
+        // Bytes that arrived before the socket was parked are reported too.
+        talker.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+        parking.park(server_a, 1, far).unwrap();
+        parking.park(server_b, 2, far).unwrap();
+        parking.park(server_c, 3, far).unwrap();
+        assert_eq!(parking.len(), 3);
+        drop(closer);
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while out.len() < 2 && Instant::now() < deadline {
+            parking.ready(&mut out).unwrap();
+        }
+        out.sort_by_key(|(_, item)| *item);
+        assert_eq!(out.iter().map(|(_, item)| *item).collect::<Vec<_>>(), [1, 2]);
+        let mut head = [0; 16];
+        out[0].0.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"GET / HTTP/1.1\r\n", "the socket comes back with its bytes unread");
+        // Taken out: reported no more, even while still readable; the quiet one stays.
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(ready_items(&mut parking, 0), Vec::<u32>::new());
+        assert_eq!(parking.len(), 1);
+    }
+
+    #[test]
+    fn a_socket_past_its_deadline_is_taken_out_and_the_earliest_deadline_follows() {
+        let mut parking = Parking::new().unwrap();
+        let start = Instant::now();
+        let mut clients = Vec::new();
+        for (item, after) in [(1, 10), (2, 30), (3, 20)] {
+            let (client, server) = pair();
+            clients.push(client);
+            parking.park(server, item, start + Duration::from_secs(after)).unwrap();
+        }
+        assert_eq!(parking.earliest(), Some(start + Duration::from_secs(10)));
+        let mut out = Vec::new();
+        parking.expired(start + Duration::from_secs(5), &mut out);
+        assert!(out.is_empty());
+        parking.expired(start + Duration::from_secs(20), &mut out);
+        let mut items: Vec<u32> = out.drain(..).map(|(_, item)| item).collect();
+        items.sort_unstable();
+        assert_eq!(items, [1, 3]);
+        assert_eq!(parking.earliest(), Some(start + Duration::from_secs(30)));
+        assert_eq!(parking.len(), 1);
+        // Its slot is reused, and a socket taken out by its deadline is not reported ready.
+        let (mut client, server) = pair();
+        parking.park(server, 4, start + Duration::from_secs(40)).unwrap();
+        client.write_all(b"x").unwrap();
+        assert_eq!(ready_items(&mut parking, 1), [4]);
+        parking.expired(start + Duration::from_secs(60), &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!((parking.len(), parking.earliest()), (0, None));
+    }
+
+    #[test]
+    fn more_ready_sockets_than_one_call_takes_all_come_back() {
+        let mut parking = Parking::new().unwrap();
+        let far = Instant::now() + Duration::from_secs(60);
+        let mut clients = Vec::new();
+        let count = u32::try_from(EVENTS_PER_WAIT * 2 + 5).unwrap();
+        for item in 0..count {
+            let (mut client, server) = pair();
+            client.write_all(b"x").unwrap();
+            clients.push(client);
+            parking.park(server, item, far).unwrap();
+        }
+        assert_eq!(ready_items(&mut parking, count as usize), (0..count).collect::<Vec<_>>());
+        assert_eq!(parking.len(), 0);
+    }
+}
