@@ -50,6 +50,8 @@ pub(crate) struct Parking<T> {
     earliest: Option<Instant>,
     /// Room for one system call's events, kept between calls.
     events: Vec<epoll::Event>,
+    /// The slots filled since [`Parking::settle`] last ran.
+    fresh: Vec<usize>,
 }
 
 struct Parked<T> {
@@ -68,6 +70,7 @@ impl<T> Parking<T> {
             len: 0,
             earliest: None,
             events: Vec::new(),
+            fresh: Vec::new(),
         })
     }
 
@@ -108,6 +111,7 @@ impl<T> Parking<T> {
             self.slots.push(None);
         }
         self.slots[index] = Some(Parked { socket, item, until });
+        self.fresh.push(index);
         self.len += 1;
         self.earliest = Some(self.earliest.map_or(until, |earliest| earliest.min(until)));
         Ok(())
@@ -158,6 +162,18 @@ impl<T> Parking<T> {
         self.earliest = earliest;
     }
 
+    /// Passes each item parked since the last call through `settle`, which gives back what is to
+    /// stay in its place.
+    pub(crate) fn settle(&mut self, mut settle: impl FnMut(T) -> T) {
+        for slot in std::mem::take(&mut self.fresh) {
+            if let Some(entry) = self.slots.get_mut(slot)
+                && let Some(parked) = entry.take()
+            {
+                *entry = Some(Parked { item: settle(parked.item), ..parked });
+            }
+        }
+    }
+
     fn take(&mut self, slot: usize) -> Option<Parked<T>> {
         let parked = self.slots.get_mut(slot)?.take()?;
         // (Closing the socket would also take it out, but a socket handed back lives on.)
@@ -169,16 +185,58 @@ impl<T> Parking<T> {
             // A burst's slots are given back once it has gone.
             self.slots = Vec::new();
             self.free = Vec::new();
+            self.fresh = Vec::new();
         }
         Some(parked)
     }
 }
 
-/// A worker's lot, and how to wake its task when a deadline earlier than the ones it waits for
-/// arrives.
+/// A worker's lot, and how to wake its task (for a deadline earlier than the ones it waits for, and
+/// to settle what was parked).
 struct Lot {
-    parking: Parking<Arc<HttpConnection>>,
-    earlier: Arc<Notify>,
+    parking: Parking<Record>,
+    wake: Arc<Notify>,
+}
+
+/// A parked connection's shared record. Parked by the connection's task, which still holds it; once
+/// that task has ended, the lot's task moves the record out of its allocation into the lot's own
+/// slot ([`Record::settle`]). A record allocated when the connection was accepted, among that
+/// connection's short-lived buffers, would otherwise hold on to the pages around it for as long as
+/// the connection stays idle; the lot's slots are one contiguous table.
+#[allow(clippy::large_enum_variant)] // Owned in place is the point: a box would be an allocation again.
+enum Record {
+    /// Still shared (the parking task had not ended yet, or something else holds it).
+    Shared(Arc<HttpConnection>),
+    /// Moved into the lot.
+    Owned(HttpConnection),
+}
+
+impl Record {
+    /// Owned, when nothing else holds the record any more.
+    fn settle(self) -> Record {
+        match self {
+            Record::Shared(shared) => match Arc::try_unwrap(shared) {
+                Ok(owned) => Record::Owned(owned),
+                Err(shared) => Record::Shared(shared),
+            },
+            owned => owned,
+        }
+    }
+
+    /// Shared again, to serve the connection.
+    fn into_shared(self) -> Arc<HttpConnection> {
+        match self {
+            Record::Shared(shared) => shared,
+            Record::Owned(owned) => Arc::new(owned),
+        }
+    }
+
+    fn get(&self) -> &HttpConnection {
+        match self {
+            Record::Shared(shared) => shared,
+            Record::Owned(owned) => owned,
+        }
+    }
 }
 
 thread_local! {
@@ -209,13 +267,12 @@ pub(super) fn park(
     let refused = LOT.with(|lot| {
         let mut lot = lot.borrow_mut();
         let Some(lot) = lot.as_mut() else { return Some(socket) };
-        let earlier = lot.parking.earliest().is_none_or(|earliest| until < earliest);
-        match lot.parking.park(socket, connection.clone(), until) {
+        match lot.parking.park(socket, Record::Shared(connection.clone()), until) {
             Ok(()) => {
                 PARKED.inc();
-                if earlier {
-                    lot.earlier.notify_one();
-                }
+                // To settle the record once this task has let go of it, and perhaps to wait for
+                // an earlier deadline.
+                lot.wake.notify_one();
                 None
             }
             Err((socket, _)) => Some(socket),
@@ -242,8 +299,8 @@ fn unparked(n: usize) {
 /// Runs this worker's lot until `drain` is signalled, then closes what it holds. Spawned once by
 /// each worker.
 pub(crate) async fn run(mut drain: DrainWatch) {
-    let earlier = Arc::new(Notify::new());
-    let fd = match open(&earlier) {
+    let wake = Arc::new(Notify::new());
+    let fd = match open(&wake) {
         Ok(fd) => fd,
         Err(error) => {
             warn!(%error, "no lot for idle connections on this worker; they park in their tasks");
@@ -253,7 +310,12 @@ pub(crate) async fn run(mut drain: DrainWatch) {
     let mut out = Vec::new();
     let mut last_scan = Instant::now();
     loop {
-        let next_scan = LOT.with(|lot| lot.borrow().as_ref().and_then(|lot| lot.parking.earliest()));
+        let next_scan = LOT.with(|lot| {
+            let mut lot = lot.borrow_mut();
+            let lot = lot.as_mut()?;
+            lot.parking.settle(Record::settle);
+            lot.parking.earliest()
+        });
         let scan = async {
             match next_scan {
                 Some(at) => tokio::time::sleep_until(at.max(last_scan + SCAN_EVERY).into()).await,
@@ -277,7 +339,8 @@ pub(crate) async fn run(mut drain: DrainWatch) {
                 }
                 guard.clear_ready();
                 unparked(out.len());
-                for (socket, connection) in out.drain(..) {
+                for (socket, record) in out.drain(..) {
+                    let connection = record.into_shared();
                     match TcpStream::from_std(socket) {
                         Ok(socket) => {
                             let stream = DownstreamStream::new(socket, Bytes::new(), connection.meter.clone());
@@ -295,11 +358,11 @@ pub(crate) async fn run(mut drain: DrainWatch) {
                     }
                 });
                 unparked(out.len());
-                for (_, connection) in out.drain(..) {
-                    debug!(listener = %connection.listener.name, "parked keep-alive connection closed at its header or idle timeout");
+                for (_, record) in out.drain(..) {
+                    debug!(listener = %record.get().listener.name, "parked keep-alive connection closed at its header or idle timeout");
                 }
             }
-            () = earlier.notified() => {}
+            () = wake.notified() => {}
         }
     }
     // Every parked connection closes as its socket and record drop; later ones park in their tasks,
@@ -310,8 +373,8 @@ pub(crate) async fn run(mut drain: DrainWatch) {
     }
 }
 
-/// Opens this thread's lot, woken by `earlier`; the descriptor to wait on, registered with tokio.
-fn open(earlier: &Arc<Notify>) -> io::Result<AsyncFd<OwnedFd>> {
+/// Opens this thread's lot, woken by `wake`; the descriptor to wait on, registered with tokio.
+fn open(wake: &Arc<Notify>) -> io::Result<AsyncFd<OwnedFd>> {
     let parking = Parking::new()?;
     let watched = parking.watch_fd()?;
     // SAFETY: an `OwnedFd` stays open, and its `as_raw_fd` is the same descriptor, until it is
@@ -319,7 +382,7 @@ fn open(earlier: &Arc<Notify>) -> io::Result<AsyncFd<OwnedFd>> {
     #[allow(unsafe_code)]
     let fd = unsafe { AsyncFd::register_with_interest(watched, Interest::READABLE) }
         .map_err(|refused| refused.into_parts().1)?;
-    LOT.with(|lot| *lot.borrow_mut() = Some(Lot { parking, earlier: earlier.clone() }));
+    LOT.with(|lot| *lot.borrow_mut() = Some(Lot { parking, wake: wake.clone() }));
     Ok(fd)
 }
 
@@ -415,6 +478,27 @@ mod tests {
         parking.expired(start + Duration::from_secs(60), &mut out);
         assert_eq!(out.len(), 1);
         assert_eq!((parking.len(), parking.earliest()), (0, None));
+    }
+
+    #[test]
+    fn what_was_parked_since_the_last_settling_is_settled_once() {
+        let mut parking = Parking::new().unwrap();
+        let far = Instant::now() + Duration::from_secs(60);
+        let mut clients = Vec::new();
+        for item in [1, 2] {
+            let (client, server) = pair();
+            clients.push(client);
+            parking.park(server, item, far).unwrap();
+        }
+        parking.settle(|item| item * 10);
+        let (mut client, server) = pair();
+        parking.park(server, 3, far).unwrap();
+        parking.settle(|item| item * 100);
+        client.write_all(b"x").unwrap();
+        for client in &mut clients {
+            client.write_all(b"x").unwrap();
+        }
+        assert_eq!(ready_items(&mut parking, 3), [10, 20, 300]);
     }
 
     #[test]
