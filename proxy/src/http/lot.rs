@@ -11,8 +11,11 @@
 //! the whole lot): a socket turning readable (a next request, or the client closing) is taken out
 //! of the set, handed back to tokio, and served by a new task; a connection past its deadline is
 //! closed (deadlines are checked at most every [`SCAN_EVERY`], so a timeout may fire that much
-//! late); a drain closes every parked connection, and the lot takes no more. A connection the lot
-//! cannot take (a TLS session, a tunnel, a thread that runs no lot) parks in its task as before.
+//! late); a drain closes every parked connection, and the lot takes no more. Once the parking task
+//! has ended, the connection's record moves out of its allocation into the lot's table
+//! ([`Record::settle`]), so that an idle connection pins no page of the heap its short-lived
+//! buffers were freed from. A connection the lot cannot take (a TLS session, a tunnel, a thread
+//! that runs no lot) parks in its task as before.
 //!
 //! [`Parking`] is the lot without tokio: the epoll set, what waits in it, and the deadlines.
 
