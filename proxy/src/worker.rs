@@ -2,10 +2,11 @@
 //!
 //! Each worker owns its listening sockets (one per listener, sharing the port with the other
 //! workers' through `SO_REUSEPORT`), every connection those sockets accept, its own upstream
-//! connection pool, and its lot of parked idle HTTP/1.1 connections (`http::lot`). A request is served start to finish on the thread that accepted it: no work
-//! stealing, no cross-thread wake-ups, no locks on the pool. `app` sends a worker commands
-//! ([`Workers::serve`]) to start accepting on a new socket; a listener's accept loops stop when its
-//! stop signal flips or draining starts. Dropping [`Workers`] ends the threads, and any connection
+//! connection pool, and its lot of parked idle HTTP/1.1 connections (`http::lot`). A request is
+//! served start to finish on the thread that accepted it: no work stealing, no cross-thread
+//! wake-ups, no locks on the pool. `app` sends a worker commands ([`Workers::serve`]) to start
+//! accepting on a new socket; a listener's accept loops stop when its stop signal flips or
+//! draining starts. Dropping [`Workers`] ends the threads, and any connection
 //! still open on them.
 
 use std::sync::Arc;

@@ -102,18 +102,11 @@ impl Spawned {
     }
 
     /// The value of metric `series` (its name and labels, as exposed) on the admin port logged at
-    /// start-up.
+    /// start-up; 0 if absent.
     fn metric(&mut self, series: &str) -> f64 {
-        use std::io::{Read, Write};
         let line = self.wait_for("remora proxy started");
         let admin = line.split_whitespace().find_map(|field| field.strip_prefix("admin=")).unwrap();
-        let mut stream = std::net::TcpStream::connect(admin).unwrap();
-        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").unwrap();
-        let mut text = String::new();
-        stream.read_to_string(&mut text).unwrap();
-        let prefix = format!("{series} ");
-        let value = text.lines().find_map(|line| line.strip_prefix(&prefix)).unwrap_or_else(|| panic!("no {series}"));
-        value.trim().parse().unwrap()
+        crate::netns::value(&crate::netns::metrics(admin.parse().unwrap()), &format!("{series} "))
     }
 
     /// Peak resident memory so far, in KiB.

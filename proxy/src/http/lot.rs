@@ -39,7 +39,7 @@ use crate::http::server::HttpConnection;
 use crate::io::DownstreamStream;
 
 /// How often, at most, the lot looks for connections past their deadline.
-pub(crate) const SCAN_EVERY: Duration = Duration::from_millis(100);
+const SCAN_EVERY: Duration = Duration::from_millis(100);
 /// The most readiness events taken from the epoll set per system call.
 const EVENTS_PER_WAIT: usize = 64;
 

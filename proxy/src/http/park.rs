@@ -12,9 +12,8 @@
 //! read but not used, and waits for the socket to become readable with nothing else held: on a
 //! worker, a plain TCP socket waits in the worker's lot (`http::lot`) and the task ends; anything
 //! else (a TLS session) waits in its task. When the next request arrives a new hyper connection
-//! takes the socket. A parked connection still
-//! ends on the listener's header timeout (how long hyper itself keeps an idle keep-alive
-//! connection), its idle timeout, or a drain.
+//! takes the socket. A parked connection still ends on the listener's header timeout (how long
+//! hyper itself keeps an idle keep-alive connection), its idle timeout, or a drain.
 //!
 //! Whether hyper is between requests is read from the outside, from flags in [`Quiet`]: set by the
 //! socket wrapper [`ParkableIo`] as hyper reads and writes, by `http::proxy` when an exchange
