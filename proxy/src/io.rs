@@ -133,11 +133,31 @@ pub enum Watched<M, S> {
     Side(S),
 }
 
-/// Marks the watcher as woken and wakes the task.
-#[derive(Debug, Default)]
-struct SideWaker {
+/// Marks the watcher as woken and wakes the task: a task that polls its watchers only when they
+/// woke it creates one, registers its own waker in `task` at each poll, and polls its watchers
+/// with `Waker::from` it when `take_woken` says so.
+#[derive(Debug)]
+pub(crate) struct SideWaker {
     woken: AtomicBool,
     task: futures_util::task::AtomicWaker,
+}
+
+impl SideWaker {
+    /// A side waker, woken (so that the watchers are polled, and register, at the first poll).
+    pub(crate) fn new() -> Arc<SideWaker> {
+        Arc::new(SideWaker { woken: AtomicBool::new(true), task: Default::default() })
+    }
+
+    /// Registers the task's waker, and says whether the watchers woke since last asked.
+    pub(crate) fn take_woken(&self, task: &Waker) -> bool {
+        self.task.register(task);
+        self.woken.swap(false, Ordering::AcqRel)
+    }
+
+    /// Has the watchers polled at the next `take_woken`.
+    pub(crate) fn set_woken(&self) {
+        self.woken.store(true, Ordering::Release);
+    }
 }
 
 impl std::task::Wake for SideWaker {
@@ -160,37 +180,16 @@ impl std::task::Wake for SideWaker {
 pub async fn watch<M: Future, S: Future>(main: Pin<&mut M>, side: Pin<&mut S>) -> Watched<M::Output, S::Output> {
     let mut main = main;
     let mut side = side;
-    // `watch_while` stops early only when told to, which this never does: one pass returns.
-    loop {
-        if let Some(watched) = watch_while(main.as_mut(), side.as_mut(), || true).await {
-            return watched;
-        }
-    }
-}
-
-/// [`watch`], which also stops (`None`) when `go_on`, asked after each poll of `main` that left it
-/// pending, says no: a cheap check of something `main`'s progress changes.
-pub async fn watch_while<M: Future, S: Future>(
-    main: Pin<&mut M>,
-    side: Pin<&mut S>,
-    mut go_on: impl FnMut() -> bool,
-) -> Option<Watched<M::Output, S::Output>> {
-    let mut main = main;
-    let mut side = side;
-    let signal = Arc::new(SideWaker { woken: AtomicBool::new(true), task: Default::default() });
+    let signal = SideWaker::new();
     let side_waker = Waker::from(signal.clone());
     std::future::poll_fn(|cx| {
         if let Poll::Ready(output) = main.as_mut().poll(cx) {
-            return Poll::Ready(Some(Watched::Main(output)));
+            return Poll::Ready(Watched::Main(output));
         }
-        if !go_on() {
-            return Poll::Ready(None);
-        }
-        signal.task.register(cx.waker());
-        if signal.woken.swap(false, Ordering::AcqRel)
+        if signal.take_woken(cx.waker())
             && let Poll::Ready(output) = side.as_mut().poll(&mut Context::from_waker(&side_waker))
         {
-            return Poll::Ready(Some(Watched::Side(output)));
+            return Poll::Ready(Watched::Side(output));
         }
         Poll::Pending
     })

@@ -55,8 +55,8 @@ pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(60);
 pub const H1_PARK_AFTER: Duration = Duration::from_millis(20);
 
 /// How long an HTTP/2 connection moves no byte before h2 is asked to free its buffers
-/// (`http::server::drive`; about 30 kB of read, write and decoding buffers and slabs, allocated
-/// again by the next frame). As for parking, short enough that idle connections cost little, and
+/// (`http::server::Driven`; about 30 kB of read, write and decoding buffers, slabs and HPACK
+/// tables, allocated again by the next frame). As for parking, short enough that idle connections cost little, and
 /// long enough that a busy connection never pays for it.
 pub const H2_TIDY_AFTER: Duration = Duration::from_millis(20);
 

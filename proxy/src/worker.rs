@@ -19,7 +19,7 @@ use crate::context::DataPath;
 use crate::http::{self, client};
 use crate::listener::{ListenSocket, accept_loop};
 use crate::telemetry::Registry;
-use crate::{limits, quic, timer};
+use crate::{drain, limits, quic, timer};
 
 enum Command {
     Serve { name: Arc<str>, socket: ListenSocket, stop: watch::Receiver<bool> },
@@ -66,6 +66,7 @@ impl Workers {
                 runtime.block_on(async move {
                     tokio::spawn(timer::run_alarms());
                     tokio::spawn(http::lot::run(data.drain.watch()));
+                    tokio::spawn(drain::serve_waiters(data.drain.watch()));
                     let swept = data.clone();
                     tokio::spawn(async move {
                         let mut tick = tokio::time::interval(limits::TIMER_TICK);

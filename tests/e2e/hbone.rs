@@ -20,7 +20,7 @@ pub(crate) const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
 pub(crate) const OPS: &str = "spiffe://cluster.local/ns/ops/sa/admin";
 
 /// Whether the independent client can run here; says why not when it cannot.
-fn python_h2() -> bool {
+pub(crate) fn python_h2() -> bool {
     let found = Command::new("python3").args(["-c", "import h2"]).output().is_ok_and(|out| out.status.success());
     if !found {
         eprintln!("skipped: needs python3 with the h2 package (pip install h2; .ci/run installs it)");

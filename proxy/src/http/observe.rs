@@ -18,6 +18,7 @@ use std::time::{Instant, SystemTime};
 
 use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{HeaderMap, Method, Request, Uri};
+use remora_control_api::identity::SpiffeId;
 
 use super::error::ERROR_HEADER;
 use super::server::HttpConnection;
@@ -200,7 +201,7 @@ impl Drop for Finish {
                         _ => "1.1",
                     },
                     peer: connection.origin.peer,
-                    peer_identity: connection.origin.peer_identity.as_ref().map(|id| id.as_str()),
+                    peer_identity: connection.origin.peer_identity().map(SpiffeId::as_str),
                     status: self.status,
                     route,
                     cluster: upstream.as_ref().map(|(c, _)| c),
@@ -238,7 +239,7 @@ impl Drop for Finish {
                 endpoint: upstream.as_ref().map(|(_, e)| *e),
                 attempts: Some(attempts),
                 peer: Some(connection.origin.peer),
-                peer_identity: connection.origin.peer_identity.as_ref().map(|id| id.as_str()),
+                peer_identity: connection.origin.peer_identity().map(SpiffeId::as_str),
                 trace_id: observe.trace.as_ref().map(|t| t.trace_id),
                 flags: flag,
                 ..Entry::default()

@@ -123,7 +123,7 @@ pub(crate) fn route<B>(
     if listener.direction == Direction::Inbound {
         let headers = request.headers_mut();
         headers.remove(&headers::CLIENT_IDENTITY);
-        if let Some(identity) = &origin.peer_header {
+        if let Some(identity) = origin.peer_header() {
             headers.insert(headers::CLIENT_IDENTITY.clone(), identity.clone());
         }
     }
@@ -138,7 +138,7 @@ pub(crate) fn route<B>(
 /// port a policy covers must be allowed by the policy, for the route it took (`route`: table and
 /// route names), or the policy as a whole.
 fn authorize(listener: &ListenerConfig, origin: &Origin, route: Option<(&str, &str)>) -> Result<(), ProxyError> {
-    let (Some(peer), Some(authz)) = (&origin.peer_identity, &listener.authz) else {
+    let (Some(peer), Some(authz)) = (origin.peer_identity(), &listener.authz) else {
         return Ok(());
     };
     let Some(policy) = authz.for_port(origin.destination_port) else { return Ok(()) };

@@ -23,7 +23,6 @@
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -86,11 +85,39 @@ pub(super) async fn serve(stream: TcpStream, mesh: &MeshTls, accepted: Accepted,
             async move { Ok::<_, Infallible>(response) }
         })
     };
-    let connection = pin!(data.server.hbone.serve_connection(TokioIo::new(session), service));
+    let connection = data.server.hbone.serve_connection(TokioIo::new(session), service);
     // Draining asks the connection to finish gracefully: its open tunnels go on, new ones are
     // refused. It is closed once it has carried no tunnel for the listener's idle timeout.
-    let idle = pin!(carrier.idle(listener.idle_timeout));
-    server::drive(connection, |c| c.graceful_shutdown(), &data.drain, idle, None, &listener.name).await;
+    let last = carrier.opened_tunnels.load(Ordering::Relaxed);
+    let activity = Tunnels { carrier, last, idle_timeout: listener.idle_timeout };
+    let drain = data.drain.watch().into_signal();
+    server::Driven::new(connection, |c| c.graceful_shutdown(), drain, activity).await;
+}
+
+/// An HBONE connection's activity: the tunnels it carries.
+struct Tunnels {
+    carrier: Arc<Carrier>,
+    last: u64,
+    idle_timeout: Duration,
+}
+
+impl server::Activity for Tunnels {
+    fn moved(&mut self) -> bool {
+        let opened = self.carrier.opened_tunnels.load(Ordering::Relaxed);
+        std::mem::replace(&mut self.last, opened) != opened || self.carrier.open_tunnels.load(Ordering::Relaxed) > 0
+    }
+
+    fn bytes(&self) -> Option<u64> {
+        None
+    }
+
+    fn idle_timeout(&self) -> Duration {
+        self.idle_timeout
+    }
+
+    fn listener(&self) -> &str {
+        &self.carrier.listener
+    }
 }
 
 impl Carrier {

@@ -233,7 +233,12 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, name: Arc<str>, d
     };
     let downstream = DownstreamStream::new(stream, replay, meter.clone());
     let accepted = Accepted { listener, peer, original_destination, destination_port, meter, open };
-    server::serve(downstream, version, accepted.into_http(&data, None)).await;
+    let connection = accepted.into_http(&data, None);
+    match version {
+        ServerVersion::Http1 => server::serve(downstream, version, connection).await,
+        // On a task of its own, sized for it: this one ends here.
+        ServerVersion::Http2 => server::spawn_http2(downstream, connection),
+    }
 }
 
 /// A new connection meets the listener's gates: its connection rate limit, then its
@@ -320,8 +325,13 @@ async fn serve_mesh(
         Alpn::Tcp => serve_mesh_tcp(downstream, accepted, identity, policy, data).await,
         Alpn::Http | Alpn::Http1 => {
             // HTTP/1.1 carries an upgrade the peer sidecar could not send over HTTP/2.
-            let version = if alpn == Alpn::Http { ServerVersion::Http2 } else { ServerVersion::Http1 };
-            server::serve(downstream, version, accepted.into_http(data, Some(identity))).await;
+            let connection = accepted.into_http(data, Some(identity));
+            if alpn == Alpn::Http {
+                // On a task of its own, sized for it: this one, and its box, end here.
+                server::spawn_http2(downstream, connection);
+            } else {
+                server::serve(downstream, ServerVersion::Http1, connection).await;
+            }
         }
         // Not offered here (HBONE has listeners of its own), so never agreed.
         Alpn::Hbone => {}
@@ -396,14 +406,9 @@ mod tests {
     use super::*;
     use crate::http::settings::{ClientSettings, ServerSettings};
 
-    /// A connection's task is allocated at its largest state's size for as long as it lives, and
-    /// most of a sidecar's connections are idle HTTP/1.1 ones (see `http::park`): every other path
-    /// is boxed so that the task is sized for that one (about 1.2 kB in a release build, a little
-    /// more in a test build). Raise the bound only with a measured reason: the peer kit's
-    /// `peers-conns.sh` (docs/benchmarks.md, "Memory per idle connection").
-    #[tokio::test]
-    async fn a_connection_task_is_sized_for_an_idle_http1_connection() {
-        let data = Arc::new(DataPath {
+    /// A data path with no config, no identity and no telemetry.
+    fn data_path() -> Arc<DataPath> {
+        Arc::new(DataPath {
             snapshot: Default::default(),
             drain: Default::default(),
             server: ServerSettings::default(),
@@ -411,7 +416,17 @@ mod tests {
             tracer: None,
             access_log: None,
             quic_paths: Default::default(),
-        });
+        })
+    }
+
+    /// A connection's task is allocated at its largest state's size for as long as it lives, and
+    /// most of a sidecar's connections are idle HTTP/1.1 ones (see `http::park`): every other path
+    /// is boxed so that the task is sized for that one (about 1.2 kB in a release build, a little
+    /// more in a test build). Raise the bound only with a measured reason: the peer kit's
+    /// `peers-conns.sh` (docs/benchmarks.md, "Memory per idle connection").
+    #[tokio::test]
+    async fn a_connection_task_is_sized_for_an_idle_http1_connection() {
+        let data = data_path();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let _client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (stream, peer) = listener.accept().await.unwrap();
@@ -419,5 +434,31 @@ mod tests {
         let size = std::mem::size_of_val(&task);
         eprintln!("connection task future: {size} bytes");
         assert!(size <= 1400, "a connection's task grew to {size} bytes");
+    }
+
+    /// An HTTP/2 connection lives on a task of its own (`server::spawn_http2`), held for as long as
+    /// the connection is open, idle or not: hyper's and h2's state (1.2 kB in a release build)
+    /// and the watch around it (`server::Driven`, 0.1 kB; 1,344 bytes in all in a test build).
+    /// Raise the bound only with a measured reason, as above (`MODE=h2` of `peers-conns.sh`).
+    #[tokio::test]
+    async fn an_http2_connection_task_holds_little_beyond_the_protocol_state() {
+        let data = data_path();
+        let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(socket.local_addr().unwrap()).await.unwrap();
+        let (stream, peer) = socket.accept().await.unwrap();
+        let yaml = r#"{resources: [{kind: Listener, name: test, address: "127.0.0.1:0", protocol: http2}]}"#;
+        let file = remora_control_api::config::parse(yaml, "t").unwrap();
+        let metrics = crate::state::SnapshotMetrics::default();
+        let locality = crate::state::cluster::OwnLocality::default();
+        let snapshot = crate::state::Snapshot::build("v".into(), file.resources, None, &locality, &metrics).unwrap();
+        let listener = snapshot.listener("test").unwrap().clone();
+        let meter = Arc::new(Meter::default());
+        let open = Open::new(listener.clone(), meter.clone(), data.drain.track());
+        let accepted = Accepted { listener, peer, original_destination: None, destination_port: 0, meter, open };
+        let downstream = DownstreamStream::new(stream, bytes::Bytes::new(), accepted.meter.clone());
+        let task = server::serve_http2(downstream, accepted.into_http(&data, None));
+        let size = std::mem::size_of_val(&task);
+        eprintln!("http/2 connection task future: {size} bytes");
+        assert!(size <= 1400, "an HTTP/2 connection's task grew to {size} bytes");
     }
 }

@@ -6,10 +6,12 @@
 //! connection closes: an idle connection held about 32 KiB. Whether a connection is idle is a
 //! question of time, which h2 does not keep, so the owner of the connection answers it: a poll made
 //! inside [`tidy`] is a tidying poll, and in it a connection that finds nothing to read gives back
-//! its read and Huffman buffers (the buffer must be empty), one that has flushed everything gives
-//! back its write buffer, and one with no stream left gives back its stream and frame slabs. Each
-//! is allocated again when the connection next reads, writes, decodes or opens a stream. Other
-//! polls behave as upstream's, but for a thread-local flag checked a few times per poll.
+//! its read and Huffman buffers (the buffer must be empty) and its HPACK decoder's spare room, one
+//! that has flushed everything gives back its write buffer and has its HPACK encoder forget its
+//! table (`hpack::Encoder::give_back`), and one with no stream left gives back its stream and frame
+//! slabs and its map of stream ids. Each is allocated again when the connection next reads,
+//! writes, decodes or opens a stream. Other polls behave as upstream's, but for a thread-local flag
+//! checked a few times per poll.
 //!
 //! A buffer's allocation may still be shared with bytes handed out earlier (a header value in the
 //! HPACK decoder's table): the decoder copies its newest table entries out when it gives its

@@ -172,8 +172,12 @@ where
             }
         }
 
-        // Everything is written: a tidying poll frees the buffer until the next frame.
-        tidy::give_back(self.encoder.buf.get_mut());
+        // Everything is written: a tidying poll frees the buffer until the next frame, and the
+        // HPACK encoder's spare room.
+        if tidy::tidying() {
+            tidy::give_back(self.encoder.buf.get_mut());
+            self.encoder.hpack.give_back();
+        }
 
         tracing::trace!("flushing buffer");
         // Flush the upstream

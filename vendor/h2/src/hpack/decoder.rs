@@ -166,12 +166,14 @@ impl Decoder {
         }
     }
 
-    /// Frees the Huffman buffer and copies the table's new entries out of the buffers they were
-    /// decoded from, so that a connection with nothing to read keeps none of those buffers alive.
+    /// Frees the Huffman buffer and the table's spare room, and copies the table's new entries out
+    /// of the buffers they were decoded from, so that a connection with nothing to read keeps none
+    /// of those buffers alive.
     /// Called by a tidying poll (crate::tidy) when the read side has nothing more to read.
     pub fn give_back(&mut self) {
         tidy::give_back(&mut self.buffer);
         self.table.detach_fresh();
+        self.table.entries.shrink_to_fit();
     }
 
     /// Queues a potential size update

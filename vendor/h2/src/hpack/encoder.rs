@@ -47,6 +47,24 @@ impl Encoder {
         }
     }
 
+    /// Frees the header-block buffer and forgets the dynamic table (Remora's patch, see
+    /// crate::tidy). Called by a tidying poll once everything is written, so no header block is
+    /// half sent. The next header block opens with two table size updates, to zero and back
+    /// (RFC 7541, section 4.2), which empty the peer's copy of the table too: the table costs an
+    /// idle connection nothing, and the first response after the quiet spell a few bytes.
+    pub(crate) fn give_back(&mut self) {
+        crate::tidy::give_back(&mut self.scratch);
+        if self.table.is_empty() {
+            return;
+        }
+        let max = match self.size_update {
+            Some(SizeUpdate::One(max) | SizeUpdate::Two(_, max)) => max,
+            None => self.table.max_size(),
+        };
+        self.size_update = Some(if max == 0 { SizeUpdate::One(0) } else { SizeUpdate::Two(0, max) });
+        self.table = Table::new(self.table.max_size(), 0);
+    }
+
     /// Takes the reusable buffer for one header-block encode.
     ///
     /// The buffer is returned by `return_scratch` once the encoded block has

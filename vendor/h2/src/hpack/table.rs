@@ -96,6 +96,11 @@ impl Table {
         }
     }
 
+    /// Whether the table holds no entry.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
     #[inline]
     pub fn capacity(&self) -> usize {
         usable_capacity(self.indices.len())

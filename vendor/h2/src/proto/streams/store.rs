@@ -80,9 +80,13 @@ pub(super) trait Resolve {
 
 impl Store {
     /// In a tidying poll, frees the stream slab's storage when it holds no stream (crate::tidy):
-    /// its entries are as large as a stream's state, and it keeps room for at least four.
+    /// its entries are as large as a stream's state, and it keeps room for at least four. The
+    /// map from stream ids to entries goes too.
     pub fn give_back_if_empty(&mut self) {
         crate::tidy::give_back_slab(&mut self.slab);
+        if self.ids.is_empty() && self.ids.capacity() > 0 && crate::tidy::tidying() {
+            self.ids = IndexMap::new();
+        }
     }
 
     pub fn new() -> Self {
