@@ -155,7 +155,8 @@ pub fn serve_waiters(watch: DrainWatch) -> impl Future<Output = ()> {
 
 /// Resolves once draining has started: [`DrainWatch::signaled`], sized for a connection's task.
 /// On a worker that serves its drain (`serve_waiters`) it waits as a slot in the worker's list;
-/// elsewhere (a test's runtime) it waits on its watch, boxed.
+/// elsewhere (a test's runtime) it waits on its watch, boxed. A signal in a worker's list must be
+/// polled and dropped on that worker, as every task of a worker is (its runtime has one thread).
 pub struct DrainSignal {
     state: SignalState,
 }

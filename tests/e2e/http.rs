@@ -281,6 +281,32 @@ async fn slow_request_heads_and_idle_keep_alive_connections_are_closed() {
     assert!(idle.send(request).await.is_err(), "a closed connection took a request");
 }
 
+/// An HTTP/2 connection left idle is closed once the listener's idle timeout passes (counted from
+/// its last byte, through its tidying), and one its client keeps using is not.
+#[tokio::test]
+async fn idle_http2_connections_are_closed_and_busy_ones_kept() {
+    let upstream = HttpServer::start("a").await;
+    let listener = Listener::new("in").http2().set(|l| l.idle_timeout = Some(secs(0.6)));
+    let proxy = one_upstream(&upstream, Cluster::new("web"), listener);
+    let address = proxy.address("in");
+    let mut idle = Client::http2(address).await;
+    let mut busy = Client::http2(address).await;
+    assert_eq!(idle.get("a", "/").await.status, 200);
+    let started = Instant::now();
+    let mut closed_after = None;
+    // The busy client makes a request every 100 ms for 2 s, over three times the timeout.
+    while started.elapsed() < Duration::from_secs(2) {
+        assert_eq!(busy.get("a", "/").await.status, 200, "a busy connection was closed");
+        if closed_after.is_none() && idle.is_closed() {
+            closed_after = Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let closed_after = closed_after.expect("the idle connection outlived its idle timeout");
+    assert!(closed_after >= Duration::from_millis(500), "closed before its idle timeout: {closed_after:?}");
+    assert!(!busy.is_closed(), "the busy connection was closed");
+}
+
 /// An upstream that silently closes keep-alive connections soon after answering (as Node.js does
 /// after 5 s idle) costs no failed request: a dead pooled connection is noticed at checkout, and a
 /// request that raced the close is sent again on a fresh connection.
