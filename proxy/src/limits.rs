@@ -198,6 +198,10 @@ pub const TIMER_TICK: Duration = Duration::from_secs(1);
 /// default 64 KiB, which still works.
 pub const SPLICE_PIPE_SIZE: usize = 256 * 1024;
 
+/// Empty pipes a worker thread keeps for its spliced connections' next bytes once they are given
+/// back (`tcp::one_way`); more are closed.
+pub const SPARE_PIPES: usize = 64;
+
 /// Send and receive buffer of a forwarded TCP socket whose peer is on this host (the local app). The
 /// less data sits in flight between the app's write and the other side's read, the more of it is
 /// still in cache when it is copied; spliced pages are never touched by the proxy, so this decides

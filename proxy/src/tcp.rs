@@ -4,9 +4,11 @@
 //! from the cluster, connects (to a mesh cluster, inside mTLS or as an HBONE tunnel on a pooled
 //! connection), replays any bytes detection consumed, and then [`forward`]s until both sides have
 //! closed (or the idle timeout passes). On Linux the bytes never enter user space: each
-//! direction moves them socket → pipe → socket with `splice(2)`, and an end-of-stream on one side is
-//! passed on as a half-close (`shutdown(SHUT_WR)`) of the other, so protocols that close their sending
-//! side and keep reading work. Elsewhere a buffered copy does the same job.
+//! direction moves them socket → pipe → socket with `splice(2)`, through a pipe it borrows from its
+//! worker's spares only while bytes move (an idle connection holds its two sockets and nothing
+//! more), and an end-of-stream on one side is passed on as a half-close (`shutdown(SHUT_WR)`) of
+//! the other, so protocols that close their sending side and keep reading work. Elsewhere a
+//! buffered copy does the same job.
 //!
 //! Sockets whose peer is the local app (the client side of an outbound listener, and any peer on this
 //! host) get small fixed buffers, so spliced bytes are still in cache when the other side copies
@@ -330,37 +332,94 @@ fn half_close(to: &TcpStream) {
     let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
 }
 
+/// A pipe a direction of a spliced connection moves its bytes through, and what it holds.
+#[cfg(target_os = "linux")]
+struct Pipe {
+    out: std::os::fd::OwnedFd,
+    into: std::os::fd::OwnedFd,
+    capacity: usize,
+}
+
+#[cfg(target_os = "linux")]
+thread_local! {
+    /// Empty pipes no connection of this thread holds right now (see `one_way`).
+    static SPARE_PIPES: std::cell::RefCell<Vec<Pipe>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// An empty pipe: a spare of this thread's if it has one, else a new one.
+#[cfg(target_os = "linux")]
+fn borrow_pipe() -> io::Result<Pipe> {
+    use rustix::pipe::{PipeFlags, fcntl_setpipe_size, pipe_with};
+    if let Some(pipe) = SPARE_PIPES.with_borrow_mut(Vec::pop) {
+        return Ok(pipe);
+    }
+    let (out, into) = pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)?;
+    // A refused resize (per-user pipe limits) leaves the default 64 KiB pipe, which works too.
+    let capacity = fcntl_setpipe_size(&into, crate::limits::SPLICE_PIPE_SIZE).unwrap_or(64 * 1024);
+    Ok(Pipe { out, into, capacity })
+}
+
+/// Keeps an empty pipe for this thread's next splice, or closes it when the thread has spares
+/// enough.
+#[cfg(target_os = "linux")]
+fn give_back_pipe(pipe: Pipe) {
+    SPARE_PIPES.with_borrow_mut(|spares| {
+        if spares.len() < crate::limits::SPARE_PIPES {
+            spares.push(pipe);
+        }
+    });
+}
+
+/// One direction of a spliced connection: socket → pipe → socket. The pipe is borrowed when `from`
+/// has bytes, and given back empty when `from` has no more for now: an idle connection holds no
+/// pipe (two descriptors and a kernel pipe each way, which capped idle connections at a third of
+/// the descriptor limit), and a busy one takes its pipe back from the thread's spares at each
+/// wake-up, without a system call.
 #[cfg(target_os = "linux")]
 async fn one_way(from: &TcpStream, to: &TcpStream, moved: &(dyn Fn(usize) + Sync)) -> io::Result<()> {
-    use rustix::pipe::{PipeFlags, SpliceFlags, fcntl_setpipe_size, pipe_with, splice};
+    use rustix::pipe::{SpliceFlags, splice};
     use tokio::io::Interest;
 
-    let (pipe_out, pipe_in) = pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)?;
-    // A refused resize (per-user pipe limits) leaves the default 64 KiB pipe, which works too.
-    let capacity = fcntl_setpipe_size(&pipe_in, crate::limits::SPLICE_PIPE_SIZE).unwrap_or(64 * 1024);
     let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
+    let mut held: Option<Pipe> = None;
     loop {
-        // Socket to pipe: waits until `from` is readable; EAGAIN clears readiness and waits again.
-        let filled = from
-            .async_io(Interest::READABLE, || {
-                splice(from, None, &pipe_in, None, capacity, flags).map_err(io::Error::from)
-            })
-            .await?;
+        // Socket to pipe, once `from` is readable; EAGAIN clears readiness, and the pipe goes
+        // back to the spares while `from` waits.
+        let (pipe, filled) = loop {
+            if held.is_none() {
+                from.readable().await?;
+            }
+            let pipe = match held.take() {
+                Some(pipe) => pipe,
+                None => borrow_pipe()?,
+            };
+            let spliced = from.try_io(Interest::READABLE, || {
+                splice(from, None, &pipe.into, None, pipe.capacity, flags).map_err(io::Error::from)
+            });
+            match spliced {
+                Ok(filled) => break (pipe, filled),
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => give_back_pipe(pipe),
+                Err(error) => return Err(error),
+            }
+        };
         if filled == 0 {
+            give_back_pipe(pipe);
             half_close(to);
             return Ok(());
         }
-        // Pipe to socket, until the pipe is empty again.
+        // Pipe to socket, until the pipe is empty again. (On an error the pipe is closed with
+        // whatever it held.)
         let mut left = filled;
         while left > 0 {
             let sent = to
                 .async_io(Interest::WRITABLE, || {
-                    splice(&pipe_out, None, to, None, left, flags).map_err(io::Error::from)
+                    splice(&pipe.out, None, to, None, left, flags).map_err(io::Error::from)
                 })
                 .await?;
             left -= sent;
             moved(sent);
         }
+        held = Some(pipe);
     }
 }
 

@@ -95,6 +95,11 @@ impl Spawned {
     }
 
     /// Resident memory now, in KiB.
+    /// Descriptors the process holds open.
+    fn open_descriptors(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id())).unwrap().count()
+    }
+
     fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
         let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
@@ -513,6 +518,46 @@ print(json.dumps(answers))
     assert!(answers[0].len() > 1, "{answers:?}");
     for later in &answers[1..] {
         assert_eq!(later, &answers[0], "a response after the connection was tidied decoded differently");
+    }
+}
+
+/// Idle spliced TCP connections hold no pipes (`tcp::one_way` borrows one from its worker's spares
+/// while bytes move): a thousand connections through an opaque TCP listener, each echoing a few
+/// bytes and then left idle, hold two descriptors each in the proxy, their sockets (six with a
+/// pipe each way, which capped idle connections at a third of the descriptor limit), and each
+/// still echoes when bytes come again.
+#[tokio::test]
+async fn idle_spliced_connections_hold_only_their_sockets_and_splice_again() {
+    use remora_proxy::testing::TcpEchoServer;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    allow_many_sockets();
+    let echo = TcpEchoServer::start().await;
+    let config = write_config(&format!(
+        "bootstrap:\n  admin_address: 127.0.0.1:0\n  workers: 1\nresources:\n{}  - {{kind: Listener, name: web, address: \"127.0.0.1:0\", protocol: tcp, default_cluster: echo}}\n",
+        cluster("echo", "", &[echo.address()])
+    ));
+    let mut proxy = Spawned::new(&["proxy", "--config", config.to_str().unwrap()]);
+    let address = proxy.listener("web");
+    async fn echo_once(stream: &mut tokio::net::TcpStream) {
+        stream.write_all(b"ping").await.unwrap();
+        let mut pong = [0_u8; 4];
+        stream.read_exact(&mut pong).await.unwrap();
+        assert_eq!(&pong, b"ping");
+    }
+    let before = proxy.open_descriptors();
+    const N: usize = 1000;
+    let mut idle = Vec::new();
+    for _ in 0..N {
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        echo_once(&mut stream).await;
+        idle.push(stream);
+    }
+    let held = proxy.open_descriptors().saturating_sub(before);
+    eprintln!("{held} descriptors for {N} idle spliced connections");
+    // Two sockets each, and the worker's spare pipes (at most 64, two descriptors each).
+    assert!(held <= 2 * N + 2 * 64 + 16, "{held} descriptors for {N} idle spliced connections");
+    for stream in idle.iter_mut().step_by(50) {
+        echo_once(stream).await;
     }
 }
 
