@@ -1,7 +1,7 @@
-# Sourced by the cost runners (config-cost.sh, callgrind-cost.sh, idle-tcp.sh): finds the peer kit and the
-# Remora binary (building it if missing), loads the kit's helpers (start_backend, run_wrk,
-# wait_port), stops every background job on exit, and starts the kit's nginx backend and the OTLP
-# sink of peers/otlp-sink-nginx.conf, both on CPU 0.
+# Sourced by the cost runners (config-cost.sh, callgrind-cost.sh, idle-tcp.sh): finds the peer
+# kit and the Remora binary (building it if missing), loads the kit's helpers (start_backend,
+# run_wrk, wait_port), stops every background job on exit, and starts the kit's nginx backend
+# and the OTLP sink of peers/otlp-sink-nginx.conf, both on CPU 0.
 # Env: PEERS_DIR (default ../shared/bench), REMORA (default target/release/remora).
 root=$(cd "$(dirname "$0")/.." && pwd)
 BENCH_DIR=${PEERS_DIR:-$root/../shared/bench}
