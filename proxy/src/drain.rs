@@ -194,7 +194,6 @@ impl Future for DrainSignal {
                     return Poll::Pending;
                 }
                 this.release();
-                this.state = SignalState::Done;
                 Poll::Ready(())
             }
             SignalState::Unregistered(watch) => {

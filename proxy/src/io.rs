@@ -74,6 +74,14 @@ impl Meter {
         self.received.load(Ordering::Relaxed).wrapping_add(self.sent.load(Ordering::Relaxed))
     }
 
+    /// Publishes what moved to the listener's counters, and says whether anything moved since
+    /// the count was `last` (updated).
+    pub fn moved_since(&self, last: &mut u64, stats: &ListenerStats) -> bool {
+        self.flush(stats);
+        let now = self.activity();
+        std::mem::replace(last, now) != now
+    }
+
     /// Adds what was moved since the last flush to the listener's counters.
     pub fn flush(&self, stats: &ListenerStats) {
         let received = self.received.load(Ordering::Relaxed);
@@ -96,12 +104,7 @@ impl Meter {
 /// would hold a boxed timer-wheel entry for every connection's life.
 pub async fn idle_watch(meter: &Meter, stats: &ListenerStats, timeout: Duration) {
     let mut last = meter.activity();
-    let moved = move || {
-        meter.flush(stats);
-        let now = meter.activity();
-        std::mem::replace(&mut last, now) != now
-    };
-    quiet_for(timeout, moved).await;
+    quiet_for(timeout, move || meter.moved_since(&mut last, stats)).await;
 }
 
 /// Resolves once `moved` (asked every quarter of `timeout`, from 10 ms to 15 s: whether anything

@@ -180,10 +180,7 @@ impl Metered {
 
 impl Activity for Metered {
     fn moved(&mut self) -> bool {
-        let meter = &self.connection.meter;
-        meter.flush(&self.connection.listener.stats);
-        let now = meter.activity();
-        std::mem::replace(&mut self.last, now) != now
+        self.connection.meter.moved_since(&mut self.last, &self.connection.listener.stats)
     }
 
     fn bytes(&self) -> Option<u64> {

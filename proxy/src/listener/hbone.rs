@@ -103,8 +103,7 @@ struct Tunnels {
 
 impl server::Activity for Tunnels {
     fn moved(&mut self) -> bool {
-        let opened = self.carrier.opened_tunnels.load(Ordering::Relaxed);
-        std::mem::replace(&mut self.last, opened) != opened || self.carrier.open_tunnels.load(Ordering::Relaxed) > 0
+        self.carrier.moved_since(&mut self.last)
     }
 
     fn bytes(&self) -> Option<u64> {
@@ -275,11 +274,13 @@ impl Carrier {
     /// Resolves once the connection has carried no tunnel for `timeout` (within a quarter of it).
     pub(crate) async fn idle(&self, timeout: Duration) {
         let mut last = self.opened_tunnels.load(Ordering::Relaxed);
-        let moved = move || {
-            let opened = self.opened_tunnels.load(Ordering::Relaxed);
-            std::mem::replace(&mut last, opened) != opened || self.open_tunnels.load(Ordering::Relaxed) > 0
-        };
-        crate::io::quiet_for(timeout, moved).await;
+        crate::io::quiet_for(timeout, move || self.moved_since(&mut last)).await;
+    }
+
+    /// Whether it carries a tunnel now, or opened one since it had opened `last` (updated).
+    fn moved_since(&self, last: &mut u64) -> bool {
+        let opened = self.opened_tunnels.load(Ordering::Relaxed);
+        std::mem::replace(last, opened) != opened || self.open_tunnels.load(Ordering::Relaxed) > 0
     }
 }
 
