@@ -100,7 +100,16 @@ impl ControlProcess {
     }
 
     fn start_with(dir: &std::path::Path, extra: &[String]) -> ControlProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_remora"))
+        // REMORA_CONTROL_WRAP (for example `heaptrack`) runs the control plane under a profiler.
+        let mut command = match std::env::var("REMORA_CONTROL_WRAP") {
+            Ok(wrapper) if !wrapper.is_empty() => {
+                let mut command = Command::new(wrapper);
+                command.arg(env!("CARGO_BIN_EXE_remora"));
+                command
+            }
+            _ => Command::new(env!("CARGO_BIN_EXE_remora")),
+        };
+        let mut child = command
             .args(["control", "--listen", "127.0.0.1:0", "--config-dir"])
             .arg(dir)
             .args(extra)
@@ -210,21 +219,33 @@ impl Shared {
     }
 }
 
+/// How long a simulated proxy's stream must be quiet, once every kind has answered, for its first
+/// view to count as held (the changes timed after all proxies hold theirs must not queue behind
+/// the parts of a first view still on their way).
+const FIRST_VIEW_QUIET: Duration = Duration::from_millis(250);
+
 async fn proxy(url: String, id: usize, node: String, shared: Arc<Shared>) {
     let types: Vec<(&str, HashMap<String, String>)> =
         Kind::ALL.iter().map(|k| (k.type_url(), HashMap::new())).collect();
     let mut client = GenericClient::connect(&url, &node, &types).await;
-    let mut first = 0;
+    // The first view comes in parts (a kind's resources in responses of bounded size): the proxy
+    // holds it once every kind has answered and the stream has then been quiet for a while.
+    let (mut answered, mut settled) = (std::collections::HashSet::new(), false);
     loop {
+        let all_answered = answered.len() == Kind::ALL.len();
+        let wait = if all_answered && !settled { FIRST_VIEW_QUIET } else { Duration::from_secs(600) };
         // A proxy may hear nothing for a while (another namespace's changes are not its own).
-        let Some(response) = client.next_within(Duration::from_secs(600)).await else { continue };
-        client.ack(&response).await;
-        let now = Instant::now();
-        if first < Kind::ALL.len() {
-            first += 1;
-            if first == Kind::ALL.len() {
+        let Some(response) = client.next_within(wait).await else {
+            if all_answered && !settled {
+                settled = true;
                 shared.ready.fetch_add(1, Ordering::SeqCst);
             }
+            continue;
+        };
+        client.ack(&response).await;
+        let now = Instant::now();
+        if !settled {
+            answered.insert(response.type_url.clone());
             continue;
         }
         if response.type_url == shared.timed.type_url() && !response.resources.is_empty() {

@@ -3,28 +3,49 @@
 //!
 //! A session diffs every publication against this record, so it lives as long as the stream, for
 //! every resource of the proxy's view: 6,000 of them per proxy for a cluster of 2,000 Services.
-//! Kept as name and version strings, that was about 135 bytes per resource, 0.8 MB per connected
-//! proxy. A resource sent is recorded as the publication's own [`ServedResource`] (shared by every
-//! stream it went to; a republished resource whose bytes did not change keeps its `Arc`), in a list
-//! sorted by name: 8 bytes per resource, where a hash set of 40-byte entries (a pointer, or a
-//! claim's two strings), with its spare room, took about 84. A version a proxy claimed when it
-//! reconnected (`initial_resource_versions`) is held as a resource made of the claim alone (a name
-//! and a version, no body) until the first full diff: then the publication's own takes its place
+//! Most proxies hold exactly their view of the last generation they were sent (they subscribe to
+//! every resource of a kind and reject none), and then the record is that view itself
+//! ([`Known::View`]: the publication's `Arc`, shared with every stream synced to it, a few pointers
+//! per proxy). The record keeps a list of its own only where it differs from the view: a proxy
+//! subscribed to some names, one that rejected a version (not sent again), one that reconnected
+//! claiming versions (`initial_resource_versions`) until its first full diff. That list holds the
+//! publication's own [`ServedResource`]s (shared by every stream they went to), sorted by name: 8
+//! bytes per resource. A claimed version is held as a resource made of the claim alone (a name and
+//! a version, no body) until the first full diff: then the publication's own takes its place
 //! where the versions agree ([`Known::adopt`]), and the others are sent or removed.
 
 use std::sync::Arc;
 
+use remora_control_api::Kind;
 use remora_control_api::xds::discovery;
 
-use super::publish::ServedResource;
+use super::publish::{ServedResource, ServedSet, View};
 
-/// The resources of one kind a proxy holds (or will, once it applies what was sent), sorted by
-/// name, one pointer each. A first view is sent in name order, so it is recorded by appending.
+/// The resources of one kind a proxy holds (or will, once it applies what was sent): a
+/// publication's view, or a list of its own.
 #[derive(Debug, Default)]
 pub(super) struct Known {
+    /// When set, the record is this view (and `held` is empty).
+    view: Option<Synced>,
+    /// Otherwise, the record: sorted by name, one pointer each. A first view is sent in name order,
+    /// so it is recorded by appending.
     held: Vec<Arc<ServedResource>>,
     /// Whether some entries may still be claims (a resource with no body), not yet adopted.
     claims: bool,
+}
+
+/// What `set` serves the proxy of `scopes` of `kind`: every resource, each at its served version.
+#[derive(Debug)]
+struct Synced {
+    set: Arc<ServedSet>,
+    kind: Kind,
+    scopes: Arc<[String]>,
+}
+
+impl Synced {
+    fn view(&self) -> View<'_> {
+        self.set.view(self.kind, &self.scopes)
+    }
 }
 
 impl Known {
@@ -39,51 +60,83 @@ impl Known {
             .collect();
         held.sort_unstable_by(|a, b| a.wire.name.cmp(&b.wire.name));
         held.dedup_by(|a, b| a.wire.name == b.wire.name);
-        Known { claims: !held.is_empty(), held }
+        Known { view: None, claims: !held.is_empty(), held }
     }
 
-    fn find(&self, name: &str) -> Result<usize, usize> {
-        self.held.binary_search_by(|held| held.wire.name.as_str().cmp(name))
+    /// The record of a proxy that holds exactly what `set` serves it (of `scopes`) of `kind`.
+    pub(super) fn view(set: &Arc<ServedSet>, kind: Kind, scopes: &Arc<[String]>) -> Known {
+        let view = Synced { set: set.clone(), kind, scopes: scopes.clone() };
+        Known { view: Some(view), held: Vec::new(), claims: false }
+    }
+
+    /// Whether the record is the view of a publication (not a list of its own).
+    pub(super) fn is_view(&self) -> bool {
+        self.view.is_some()
+    }
+
+    /// The resource named `name` the proxy holds, if it holds one.
+    fn get(&self, name: &str) -> Option<&ServedResource> {
+        match &self.view {
+            Some(synced) => synced.view().get(name).map(|r| &**r),
+            None => find(&self.held, name).ok().map(|i| &*self.held[i]),
+        }
     }
 
     /// The version of `name` the proxy holds, if it holds one.
     pub(super) fn version(&self, name: &str) -> Option<&str> {
-        self.find(name).ok().map(|i| self.held[i].version.as_str())
+        self.get(name).map(|held| held.version.as_str())
     }
 
     /// Whether the proxy holds a resource named `name`.
     pub(super) fn contains(&self, name: &str) -> bool {
-        self.find(name).is_ok()
+        self.get(name).is_some()
     }
 
     /// Whether it holds nothing.
     pub(super) fn is_empty(&self) -> bool {
-        self.held.is_empty()
+        match &self.view {
+            Some(synced) => synced.view().iter().next().is_none(),
+            None => self.held.is_empty(),
+        }
     }
 
     /// The names it holds.
-    pub(super) fn names(&self) -> impl Iterator<Item = &str> {
-        self.held.iter().map(|held| held.wire.name.as_str())
+    pub(super) fn names(&self) -> Box<dyn Iterator<Item = &str> + '_> {
+        match &self.view {
+            Some(synced) => Box::new(synced.view().iter().map(|(name, _)| name.as_str())),
+            None => Box::new(self.held.iter().map(|held| held.wire.name.as_str())),
+        }
+    }
+
+    /// The record as a list of its own (a view's resources, sorted by name), to be changed.
+    fn list(&mut self) -> &mut Vec<Arc<ServedResource>> {
+        if let Some(synced) = self.view.take() {
+            self.held = synced.view().iter().map(|(_, resource)| resource.clone()).collect();
+            self.held.sort_unstable_by(|a, b| a.wire.name.cmp(&b.wire.name));
+        }
+        &mut self.held
     }
 
     /// Records `resource` as sent (in place of whatever of its name was held).
     pub(super) fn sent(&mut self, resource: &Arc<ServedResource>) {
+        let held = self.list();
         let name = resource.wire.name.as_str();
         // In name order (a first view), the place is the end.
-        if self.held.last().is_none_or(|last| last.wire.name.as_str() < name) {
-            self.held.push(resource.clone());
+        if held.last().is_none_or(|last| last.wire.name.as_str() < name) {
+            held.push(resource.clone());
             return;
         }
-        match self.find(name) {
-            Ok(i) => self.held[i] = resource.clone(),
-            Err(i) => self.held.insert(i, resource.clone()),
+        match find(held, name) {
+            Ok(i) => held[i] = resource.clone(),
+            Err(i) => held.insert(i, resource.clone()),
         }
     }
 
     /// Records that the proxy was told to drop `name`.
     pub(super) fn removed(&mut self, name: &str) {
-        if let Ok(i) = self.find(name) {
-            self.held.remove(i);
+        let held = self.list();
+        if let Ok(i) = find(held, name) {
+            held.remove(i);
         }
     }
 
@@ -95,7 +148,7 @@ impl Known {
             return;
         }
         for resource in served {
-            if let Ok(i) = self.find(&resource.wire.name) {
+            if let Ok(i) = find(&self.held, &resource.wire.name) {
                 let held = &mut self.held[i];
                 if held.wire.resource.is_none() && held.version == resource.version {
                     *held = resource.clone();
@@ -104,6 +157,10 @@ impl Known {
         }
         self.claims = false;
     }
+}
+
+fn find(held: &[Arc<ServedResource>], name: &str) -> Result<usize, usize> {
+    held.binary_search_by(|held| held.wire.name.as_str().cmp(name))
 }
 
 #[cfg(test)]

@@ -28,6 +28,7 @@
 //! the new one looks only at the names that publication touched (each set lists them), so a
 //! thousand streams answering a one-route edit do a thousand small diffs, not a thousand scans.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -56,8 +57,10 @@ use known::Known;
 
 pub use publish::{Delta, Published, Publisher, ServedResource, ServedSet, View};
 
-/// Responses queued per stream before the stream's task waits for the proxy to read.
-const STREAM_QUEUE: usize = 16;
+/// Responses queued per stream before the stream's task waits for the proxy to read (each is made
+/// only when there is room: a proxy reading its first view slowly holds a few of its responses in
+/// memory, not all of them).
+const STREAM_QUEUE: usize = 4;
 /// Responses per kind a proxy may leave unanswered before the oldest is forgotten.
 const MAX_PENDING: usize = 64;
 /// Clusters and endpoint sets are sent in responses of about this many bytes at most (a single larger
@@ -277,7 +280,10 @@ async fn serve_stream(
             }
         }
         let current = served.borrow_and_update().clone();
-        for response in session.pushes(&current, shared) {
+        // Each response is made as the stream takes it: a first view is thousands of resources, and
+        // a thousand proxies connecting at once would otherwise each hold all of it as messages.
+        for planned in session.plan(&current) {
+            let response = session.response(planned, &current, shared);
             if tx.send(Ok(response)).await.is_err() {
                 return "the proxy went away".into();
             }
@@ -350,12 +356,20 @@ impl Subscription {
     }
 }
 
+/// A response to send: the resources of `kind` it carries and the names it removes.
+#[derive(Debug)]
+struct Planned {
+    kind: Kind,
+    sent: Vec<Arc<ServedResource>>,
+    removed: Vec<String>,
+}
+
 /// One stream's state.
 #[derive(Debug, Default)]
 struct Session {
     node: String,
     /// The scopes whose own resources it sees (see [`scopes_of`]).
-    scopes: Vec<String>,
+    scopes: Arc<[String]>,
     /// The namespace the stream's proof pins (its client certificate's, else its token's), if it
     /// does.
     pinned_namespace: Option<String>,
@@ -377,7 +391,7 @@ impl Session {
                 return Err(Status::invalid_argument("the first request of a stream must carry node.id"));
             }
             self.node = node.to_owned();
-            self.scopes = scopes_of(node, self.pinned_namespace.as_deref());
+            self.scopes = scopes_of(node, self.pinned_namespace.as_deref()).into();
             self.connected_at = Some(Instant::now());
             if let Ok(mut nacked) = shared.nacked.lock() {
                 self.nacked = nacked.remove(node).unwrap_or_default();
@@ -435,8 +449,18 @@ impl Session {
         Ok(())
     }
 
-    /// The responses that bring the proxy up to `current`, in push order, removals last.
-    fn pushes(&mut self, current: &ServedSet, shared: &Shared) -> Vec<DeltaDiscoveryResponse> {
+    /// The responses that bring the proxy up to `current`, in push order, removals last, made at
+    /// once (the stream makes each as it sends it: [`Session::plan`], [`Session::response`]).
+    #[cfg(test)]
+    fn pushes(&mut self, current: &Arc<ServedSet>, shared: &Shared) -> Vec<DeltaDiscoveryResponse> {
+        let planned = self.plan(current);
+        planned.into_iter().map(|planned| self.response(planned, current, shared)).collect()
+    }
+
+    /// What brings the proxy up to `current`: the responses to send, in push order, removals
+    /// last, each its kind, the resources it carries and the names it removes. The record of what
+    /// the proxy holds is updated as if they were sent.
+    fn plan(&mut self, current: &Arc<ServedSet>) -> Vec<Planned> {
         if self.synced == Some(current.generation) {
             return Vec::new();
         }
@@ -455,10 +479,16 @@ impl Session {
             if !incremental {
                 sub.known.adopt(served.iter().map(|(_, resource)| resource));
             }
+            // Whether a version due was held back, the proxy having rejected it: then what it
+            // holds is not its view.
+            let held_back = Cell::new(false);
             let due = |name: &str, resource: &ServedResource| {
-                sub.wants(name)
-                    && sub.known.version(name) != Some(resource.version.as_str())
-                    && nacked.get(name) != Some(&resource.version)
+                if !sub.wants(name) || sub.known.version(name) == Some(resource.version.as_str()) {
+                    return false;
+                }
+                let rejected = nacked.get(name) == Some(&resource.version);
+                held_back.set(held_back.get() || rejected);
+                !rejected
             };
             let (resources, removed): (Vec<_>, Vec<String>) = if incremental {
                 let touched = current.touched(kind, &self.scopes);
@@ -480,11 +510,25 @@ impl Session {
                     .collect();
                 (resources, removed)
             };
+            let first = sub.known.is_empty();
+            // Once this is applied, the proxy holds exactly its view when it wants every resource,
+            // none was held back and, where only the touched names were diffed, it held its view
+            // before: then the view is the record (shared, not a list of its own).
+            if sub.wildcard && !held_back.get() && (!incremental || sub.known.is_view()) {
+                sub.known = Known::view(current, kind, &self.scopes);
+            } else {
+                for resource in &resources {
+                    sub.known.sent(resource);
+                }
+                for name in &removed {
+                    sub.known.removed(name);
+                }
+            }
             if resources.is_empty() {
                 if removed.is_empty() && sub.owes_response {
                     responses.push((kind, resources, Vec::new()));
                 }
-            } else if matches!(kind, Kind::Cluster | Kind::Endpoints) || sub.known.is_empty() {
+            } else if matches!(kind, Kind::Cluster | Kind::Endpoints) || first {
                 let mut chunk = Vec::new();
                 let mut size = 0;
                 for resource in resources {
@@ -507,29 +551,15 @@ impl Session {
         }
         removals.reverse();
         responses.extend(removals);
-        responses
-            .into_iter()
-            .map(|(kind, resources, removed)| self.response(kind, resources, removed, current, shared))
-            .collect()
+        responses.into_iter().map(|(kind, sent, removed)| Planned { kind, sent, removed }).collect()
     }
 
-    fn response(
-        &mut self,
-        kind: Kind,
-        sent: Vec<Arc<ServedResource>>,
-        removed: Vec<String>,
-        current: &ServedSet,
-        shared: &Shared,
-    ) -> DeltaDiscoveryResponse {
+    /// The response `planned` (by [`Session::plan`] for `current`) describes, awaiting its ACK.
+    fn response(&mut self, planned: Planned, current: &ServedSet, shared: &Shared) -> DeltaDiscoveryResponse {
+        let Planned { kind, sent, removed } = planned;
         self.nonce += 1;
         let sub = &mut self.kinds[kind.index()];
         let resources = sent.iter().map(|resource| resource.wire.clone()).collect();
-        for resource in &sent {
-            sub.known.sent(resource);
-        }
-        for name in &removed {
-            sub.known.removed(name);
-        }
         let published_at = current.published_at.filter(|at| self.connected_at.is_some_and(|c| *at > c));
         sub.pending.insert(self.nonce, Pending { published_at, sent });
         while sub.pending.len() > MAX_PENDING {
@@ -797,10 +827,51 @@ mod tests {
         let pushes = again.pushes(&publisher.subscribe().borrow(), &shared);
         assert_eq!(pushes.len(), 1);
         assert!(pushes[0].resources.is_empty(), "{pushes:?}");
+        assert!(!again.kinds[Kind::Cluster.index()].known.is_view(), "it holds less than its view");
         // A change to the source sends the new version.
         publisher.publish(&resources(&SET.replace("name: b}", "name: b, connect_timeout: 1s}")), "v2");
         let pushes = again.pushes(&publisher.subscribe().borrow(), &shared);
         assert_eq!(pushes[0].resources.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["b"]);
+    }
+
+    /// A proxy that holds its whole view keeps no record of its own: the publication's view is
+    /// its record, through incremental diffs too, and the record becomes a list of its own (the
+    /// same resources) only when it stops holding its view, here by narrowing its subscription.
+    #[test]
+    fn a_proxy_holding_its_view_is_recorded_as_the_view() {
+        let (publisher, shared) = setup();
+        publisher.publish(&resources(SET), "v1");
+        let mut session = Session::default();
+        subscribe(&mut session, &shared, Kind::Cluster, HashMap::new());
+        session.pushes(&publisher.subscribe().borrow(), &shared);
+        let known = |session: &Session| {
+            let known = &session.kinds[Kind::Cluster.index()].known;
+            (known.is_view(), known.names().map(str::to_owned).collect::<Vec<_>>())
+        };
+        assert_eq!(known(&session), (true, vec!["a".to_owned(), "b".to_owned()]));
+
+        publisher.publish(&resources(&SET.replace("name: b}", "name: c}")), "v2");
+        let pushes = session.pushes(&publisher.subscribe().borrow(), &shared);
+        assert_eq!(pushes.len(), 2, "c sent, b removed: {pushes:?}");
+        assert_eq!(known(&session), (true, vec!["a".to_owned(), "c".to_owned()]));
+        let c = publisher.subscribe().borrow().of(Kind::Cluster).get("c").unwrap().clone();
+        assert_eq!(session.kinds[Kind::Cluster.index()].known.version("c"), Some(c.version.as_str()));
+
+        // Narrowed to `a`: c is removed, and the record is a list of its own.
+        session
+            .on_request(
+                DeltaDiscoveryRequest {
+                    type_url: Kind::Cluster.type_url().into(),
+                    resource_names_subscribe: vec!["a".into()],
+                    resource_names_unsubscribe: vec![WILDCARD.into()],
+                    ..Default::default()
+                },
+                &shared,
+            )
+            .unwrap();
+        let pushes = session.pushes(&publisher.subscribe().borrow(), &shared);
+        assert_eq!(pushes.iter().flat_map(|p| p.removed_resources.clone()).collect::<Vec<_>>(), ["c"]);
+        assert_eq!(known(&session), (false, vec!["a".to_owned()]));
     }
 
     /// Endpoint sets go in responses of bounded size; route tables too in a proxy's first view of

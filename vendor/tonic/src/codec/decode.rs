@@ -146,7 +146,6 @@ impl<T> Streaming<T> {
         B::Error: Into<crate::BoxError>,
         D: Decoder<Item = T, Error = Status> + Send + 'static,
     {
-        let buffer_size = decoder.buffer_settings().buffer_size;
         Self {
             decoder: SyncWrapper::new(Box::new(decoder)),
             inner: StreamingInner {
@@ -158,7 +157,8 @@ impl<T> Streaming<T> {
                 )),
                 state: State::ReadHeader,
                 direction,
-                buf: BytesMut::with_capacity(buffer_size),
+                // Remora: allocated when the first frame arrives, not before.
+                buf: BytesMut::new(),
                 trailers: None,
                 decompress_buf: BytesMut::new(),
                 encoding,
@@ -410,6 +410,12 @@ impl<T> Streaming<T> {
             Some(mut decode_buf) => match self.decoder.get_mut().decode(&mut decode_buf)? {
                 Some(msg) => {
                     self.inner.state = State::ReadHeader;
+                    // Remora: a buffer emptied by the message gives its allocation back, so that a
+                    // long-lived stream does not hold, for its life, one the size of the largest
+                    // message it received (`BytesMut` never shrinks).
+                    if self.inner.buf.is_empty() {
+                        self.inner.buf = BytesMut::new();
+                    }
                     Ok(Some(msg))
                 }
                 None => Ok(None),

@@ -67,7 +67,8 @@ impl<T: Encoder, U: Stream> EncodedBytes<T, U> {
         max_message_size: Option<usize>,
     ) -> Self {
         let buffer_settings = encoder.buffer_settings();
-        let buf = BytesMut::with_capacity(buffer_settings.buffer_size);
+        // Remora: allocated when the first message is encoded (`encode_item`), not before.
+        let buf = BytesMut::new();
 
         let compression_encoding =
             if compression_override == SingleMessageCompressionOverride::Disable {
@@ -126,7 +127,7 @@ where
                     return Poll::Ready(None);
                 }
                 Poll::Pending | Poll::Ready(None) => {
-                    return Poll::Ready(Some(Ok(buf.split_to(buf.len()).freeze())));
+                    return Poll::Ready(Some(Ok(take_all(buf))));
                 }
                 Poll::Ready(Some(Ok(item))) => {
                     if let Err(status) = encode_item(
@@ -142,7 +143,7 @@ where
                     }
 
                     if buf.len() >= buffer_settings.yield_threshold {
-                        return Poll::Ready(Some(Ok(buf.split_to(buf.len()).freeze())));
+                        return Poll::Ready(Some(Ok(take_all(buf))));
                     }
                 }
                 Poll::Ready(Some(Err(status))) => {
@@ -150,11 +151,20 @@ where
                         return Poll::Ready(Some(Err(status)));
                     }
                     *error = Some(status);
-                    return Poll::Ready(Some(Ok(buf.split_to(buf.len()).freeze())));
+                    return Poll::Ready(Some(Ok(take_all(buf))));
                 }
             }
         }
     }
+}
+
+/// Remora: hands out everything `buf` holds, leaving it with no allocation. Upstream splits the
+/// bytes off and keeps the rest of the allocation, which `BytesMut` reclaims whole once the bytes
+/// handed out are dropped: a long-lived stream then holds, for its life, an allocation the size of
+/// the largest batch it ever sent (32 to 64 KiB per discovery stream on Remora's control plane).
+/// Now an idle stream holds none, and the next batch allocates what it needs.
+fn take_all(buf: &mut BytesMut) -> Bytes {
+    std::mem::take(buf).freeze()
 }
 
 fn encode_item<T>(
@@ -171,6 +181,10 @@ where
 {
     let offset = buf.len();
 
+    // Remora: a buffer handed out whole (`take_all`) starts again at the usual size.
+    if buf.capacity() == 0 {
+        buf.reserve(buffer_settings.buffer_size);
+    }
     buf.reserve(HEADER_SIZE);
     buf.put_slice(&[0u8; HEADER_SIZE]);
 
