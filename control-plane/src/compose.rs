@@ -47,6 +47,8 @@ struct SourceState {
     /// The automatic mesh as last published, when the cluster's objects alone make it and there
     /// is no registry: their changes are then published as changes.
     mesh: Option<mesh::Mesh>,
+    /// The `remora.dev/egress` annotations that did not parse, as last reported.
+    egress_errors: Vec<mesh::EgressError>,
 }
 
 impl Sources {
@@ -119,7 +121,8 @@ impl Sources {
     /// Makes the whole set again and publishes it.
     fn publish(&self, state: &mut SourceState) {
         let started = Instant::now();
-        let SourceState { directory, objects: directory_objects, registry, cluster, mesh: memo, .. } = state;
+        let SourceState { directory, objects: directory_objects, registry, cluster, mesh: memo, egress_errors, .. } =
+            state;
         let written = directory.as_ref().map_or(&[][..], |d| &d.resources);
         let mut cluster = cluster.as_ref().map(cluster::lock);
         // Made whole now: the changes noted so far are in it.
@@ -141,6 +144,7 @@ impl Sources {
         };
         let kept = mesh::Mesh::make(objects, written, &self.mesh);
         let made = kept.made();
+        let egress = narrowed(objects, &kept, egress_errors);
         *memo = self.changes_carried(directory_objects, registry.as_ref(), cluster.is_some()).then_some(kept);
         // The mesh's objects hold the cluster's slices already when it meshes the cluster.
         let cluster_slices = cluster.as_deref().filter(|_| !self.automatic_mesh).map(|c| &c.slices);
@@ -148,7 +152,7 @@ impl Sources {
             [Some(&objects.slices), cluster_slices].into_iter().flatten().filter(|slices| !slices.is_empty()).collect();
         let merged = merge(written, &made.shared, registry.as_ref(), &slices);
         let version = directory.as_ref().map_or("none", |d| d.version.as_str());
-        self.publisher.publish_views(&merged, &made.scoped, version);
+        self.publisher.publish_narrowed(&merged, &made.scoped, Some(egress), version);
         self.metrics.published("whole", started.elapsed());
     }
 
@@ -162,7 +166,8 @@ impl Sources {
     /// done as changes (see [`Sources::changes_carried`]); whether it was.
     fn publish_changes(&self, state: &mut SourceState) -> bool {
         let started = Instant::now();
-        let SourceState { directory, objects: directory_objects, registry, cluster, mesh: memo, .. } = state;
+        let SourceState { directory, objects: directory_objects, registry, cluster, mesh: memo, egress_errors, .. } =
+            state;
         let (Some(memo), Some(cluster)) = (memo.as_mut(), cluster.as_ref()) else { return false };
         if !self.changes_carried(directory_objects, registry.as_ref(), true) {
             return false;
@@ -179,7 +184,7 @@ impl Sources {
         }
         let written = directory.as_ref().map_or(&[][..], |d| &d.resources);
         let remade = memo.remake(&objects, written, &self.mesh, &changes);
-        let mut delta = Delta::default();
+        let mut delta = Delta { egress: Some(narrowed(&objects, memo, egress_errors)), ..Delta::default() };
         let mut after = HashSet::new();
         for (scope, resource) in scoped(remade.after) {
             after.insert((scope.clone(), resource.kind(), resource.name().to_owned()));
@@ -224,6 +229,8 @@ impl Sources {
         }
         let scopes: serde_json::Map<String, serde_json::Value> =
             served.scopes().map(|(scope, count)| (scope.to_owned(), count.into())).collect();
+        let narrowed: serde_json::Map<String, serde_json::Value> =
+            served.narrowed().map(|(scope, services)| (scope.to_owned(), services.into())).collect();
         let (error, routes) = match self.state.lock() {
             Ok(state) => {
                 let mut routes = route_conditions(&state.objects);
@@ -241,9 +248,26 @@ impl Sources {
             "connected_proxies": self.metrics.connected_proxies(),
             "resources": kinds,
             "scoped_views": scopes,
+            "narrowed_views": narrowed,
             "routes": routes,
         })
     }
+}
+
+/// The views the objects' `remora.dev/egress` annotations narrow, and to what (see
+/// `mesh::egress`); an annotation that does not parse is logged the first time it is seen, and
+/// narrows nothing.
+fn narrowed(
+    objects: &mesh::Objects,
+    made: &mesh::Mesh,
+    reported: &mut Vec<mesh::EgressError>,
+) -> BTreeMap<String, crate::ads::Egress> {
+    let (egress, errors) = mesh::egress(objects, made);
+    for error in errors.iter().filter(|error| !reported.contains(error)) {
+        warn!(%error, "an egress annotation that does not parse narrows nothing");
+    }
+    *reported = errors;
+    egress
 }
 
 /// Logs each condition of the directory's Gateway API routes that does not hold (no API server

@@ -14,7 +14,10 @@
 //! namespace, else its node ID's (`POD.NAMESPACE`, as the injector sets it), and its pod the node
 //! ID's when that agrees on the namespace; a node ID without a namespace sees the shared resources
 //! alone. Proxies of one scope share
-//! the encoding of its resources as all proxies share the shared ones.
+//! the encoding of its resources as all proxies share the shared ones. A scope may narrow its
+//! view ([`Egress`], the automatic mesh's `remora.dev/egress`): of the resources named for a
+//! Service port (`NAMESPACE/NAME:PORT`) its proxies see only its Services'; a publication that
+//! changes a scope's narrowing has its streams diff every name.
 //!
 //! [`AdsServer`] serves one task per stream; with [`AdsServer::authenticated_by`], only to a proxy
 //! whose stream carries a bearer token the CA's authenticators accept, checked again whenever the
@@ -55,7 +58,7 @@ mod publish;
 
 use known::Known;
 
-pub use publish::{Delta, Published, Publisher, ServedResource, ServedSet, View};
+pub use publish::{Delta, Egress, Published, Publisher, ServedResource, ServedSet, View, service_of};
 
 /// Responses queued per stream before the stream's task waits for the proxy to read (each is made
 /// only when there is room: a proxy reading its first view slowly holds a few of its responses in
@@ -465,7 +468,9 @@ impl Session {
             return Vec::new();
         }
         // Holding the generation just before this one, the proxy needs only what it touched.
-        let incremental = self.synced.is_some_and(|held| held + 1 == current.generation);
+        // (Unless the publication changed what its view narrows to: then every name may differ.)
+        let incremental =
+            self.synced.is_some_and(|held| held + 1 == current.generation) && !current.egress_changed(&self.scopes);
         self.synced = Some(current.generation);
         let mut responses = Vec::new();
         let mut removals = Vec::new();
@@ -872,6 +877,35 @@ mod tests {
         let pushes = session.pushes(&publisher.subscribe().borrow(), &shared);
         assert_eq!(pushes.iter().flat_map(|p| p.removed_resources.clone()).collect::<Vec<_>>(), ["c"]);
         assert_eq!(known(&session), (false, vec!["a".to_owned()]));
+    }
+
+    /// A stream whose view is narrowed is sent only its Services' resources; when the narrowing
+    /// changes, the stream diffs every name (not only those the publication touched): what the
+    /// wider view adds is sent, and what the narrower one leaves out is removed.
+    #[test]
+    fn a_change_of_narrowing_sends_and_removes_what_it_changes() {
+        let (publisher, shared) = setup();
+        let set = resources(
+            "resources:\n  - {kind: Cluster, name: \"shop/web:80\"}\n  - {kind: Cluster, name: \"shop/db:5432\"}\n",
+        );
+        let only = |service: &str| {
+            let services = Arc::new([service.to_owned()].into_iter().collect());
+            BTreeMap::from([("shop".to_owned(), Egress { services })])
+        };
+        publisher.publish_narrowed(&set, &BTreeMap::new(), Some(only("shop/web")), "v1");
+        let mut session = session_of(&shared, "web-0.shop", None);
+        subscribe(&mut session, &shared, Kind::Cluster, HashMap::new());
+        let names = |pushes: &[DeltaDiscoveryResponse]| {
+            let sent: Vec<String> = pushes.iter().flat_map(|p| p.resources.iter().map(|r| r.name.clone())).collect();
+            let removed: Vec<String> = pushes.iter().flat_map(|p| p.removed_resources.clone()).collect();
+            (sent, removed)
+        };
+        let first = session.pushes(&publisher.subscribe().borrow(), &shared);
+        assert_eq!(names(&first), (vec!["shop/web:80".to_owned()], vec![]));
+        publisher.publish_delta(&Delta { egress: Some(only("shop/db")), ..Delta::default() }, "v1");
+        let changed = session.pushes(&publisher.subscribe().borrow(), &shared);
+        assert_eq!(names(&changed), (vec!["shop/db:5432".to_owned()], vec!["shop/web:80".to_owned()]));
+        assert!(session.kinds[Kind::Cluster.index()].known.is_view());
     }
 
     /// Endpoint sets go in responses of bounded size; route tables too in a proxy's first view of

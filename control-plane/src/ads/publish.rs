@@ -36,9 +36,36 @@ pub struct ServedResource {
 /// Resources of one kind as served, by name.
 type Served = BTreeMap<String, Arc<ServedResource>>;
 
+/// The Services whose resources a scope's proxies are sent, where the scope narrows its view (the
+/// automatic mesh's `remora.dev/egress`): of the resources named for a Service port
+/// (`NAMESPACE/NAME:PORT`, as the mesh names each Service's cluster, endpoints and route table),
+/// only those of these Services. Resources of any other name are in every view.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Egress {
+    /// `NAMESPACE/NAME` of each Service sent (shared by the scopes that list the same).
+    pub services: Arc<BTreeSet<String>>,
+}
+
+impl Egress {
+    /// Whether a resource named `name` is in a view this narrows.
+    pub fn allows(&self, name: &str) -> bool {
+        service_of(name).is_none_or(|service| self.services.contains(service))
+    }
+}
+
+/// The Service (`NAMESPACE/NAME`) a resource named for one of its ports (`NAMESPACE/NAME:PORT`)
+/// belongs to; `None` for any other name.
+pub fn service_of(name: &str) -> Option<&str> {
+    let (service, port) = name.rsplit_once(':')?;
+    port.parse::<u16>().ok()?;
+    let (namespace, service_name) = service.split_once('/')?;
+    (!namespace.is_empty() && !service_name.is_empty() && !service_name.contains('/')).then_some(service)
+}
+
 /// One published resource set: the resources every proxy sees, and per scope (a namespace,
 /// `NAMESPACE`, or a pod, `NAMESPACE/POD`) the ones only that scope's proxies see (beside the
-/// shared ones, or in place of one of the same name).
+/// shared ones, or in place of one of the same name), and the Services a scope narrows its view
+/// to, if it does.
 #[derive(Debug, Default)]
 pub struct ServedSet {
     /// Bumped by every publication that changed something.
@@ -51,6 +78,11 @@ pub struct ServedSet {
     /// Per scope, its own layer (a scope whose layer went empty in this publication keeps it,
     /// empty, for one generation, so that its proxies learn what it touched).
     scopes: BTreeMap<String, Layer>,
+    /// Per scope that narrows its view, the Services it is sent (the most specific scope's
+    /// applies).
+    egress: BTreeMap<String, Arc<Egress>>,
+    /// The scopes whose narrowing this publication changed (their proxies diff every resource).
+    egress_changed: BTreeSet<String>,
 }
 
 /// Resources of every kind, and what the publication that made them touched.
@@ -72,7 +104,18 @@ impl ServedSet {
     /// pod) sees; none, the shared ones alone.
     pub fn view(&self, kind: Kind, scopes: &[String]) -> View<'_> {
         let layer = |i: usize| scopes.get(i).and_then(|scope| self.scopes.get(scope)).map(|l| &l.kinds[kind.index()]);
-        View { layers: [Some(&self.shared.kinds[kind.index()]), layer(0), layer(1)] }
+        let egress = scopes.iter().rev().find_map(|scope| self.egress.get(scope)).map(|egress| &**egress);
+        View { layers: [Some(&self.shared.kinds[kind.index()]), layer(0), layer(1)], egress }
+    }
+
+    /// Whether this publication changed what the view of `scopes` narrows to.
+    pub(super) fn egress_changed(&self, scopes: &[String]) -> bool {
+        scopes.iter().any(|scope| self.egress_changed.contains(scope))
+    }
+
+    /// The scopes that narrow their view, and how many Services each is sent.
+    pub fn narrowed(&self) -> impl Iterator<Item = (&str, usize)> {
+        self.egress.iter().map(|(scope, egress)| (scope.as_str(), egress.services.len()))
     }
 
     /// The scopes with resources of their own, and how many each has.
@@ -89,25 +132,31 @@ impl ServedSet {
 }
 
 /// What one proxy sees of a kind: the shared resources, its namespace's over them, its pod's over
-/// those.
+/// those; of the resources named for a Service port, only its egress's, if it narrows.
 #[derive(Clone, Copy, Debug)]
 pub struct View<'a> {
     /// Least specific first.
     layers: [Option<&'a Served>; 3],
+    egress: Option<&'a Egress>,
 }
 
 impl<'a> View<'a> {
     /// The resource named `name`: the most specific layer's.
     pub fn get(&self, name: &str) -> Option<&'a Arc<ServedResource>> {
+        if self.egress.is_some_and(|egress| !egress.allows(name)) {
+            return None;
+        }
         self.layers.iter().rev().flatten().find_map(|layer| layer.get(name))
     }
 
     /// Every resource, by name, each from the most specific layer that has it.
     pub fn iter(&self) -> impl Iterator<Item = (&'a String, &'a Arc<ServedResource>)> + use<'a> {
-        let layers = self.layers;
+        let (layers, egress) = (self.layers, self.egress);
         layers.into_iter().enumerate().flat_map(move |(i, layer)| {
             let above = layers.into_iter().skip(i + 1).flatten();
-            layer.into_iter().flatten().filter(move |(name, _)| above.clone().all(|l| !l.contains_key(*name)))
+            layer.into_iter().flatten().filter(move |(name, _)| {
+                above.clone().all(|l| !l.contains_key(*name)) && egress.is_none_or(|egress| egress.allows(name))
+            })
         })
     }
 }
@@ -129,6 +178,8 @@ pub struct Delta {
     pub put: Vec<(Option<String>, Resource)>,
     /// Resources gone, by kind and name.
     pub removed: Vec<(Option<String>, Kind, String)>,
+    /// The scopes that narrow their view now, and to what (`None`: as before).
+    pub egress: Option<BTreeMap<String, Egress>>,
 }
 
 /// Takes resource sets from the sources and makes them the served set.
@@ -165,6 +216,18 @@ impl Publisher {
         scoped: &BTreeMap<String, Vec<Resource>>,
         system_version: &str,
     ) -> Published {
+        self.publish_narrowed(resources, scoped, None, system_version)
+    }
+
+    /// [`Publisher::publish_views`], with the scopes that narrow their view and to what (`None`:
+    /// as before).
+    pub fn publish_narrowed(
+        &self,
+        resources: &[Resource],
+        scoped: &BTreeMap<String, Vec<Resource>>,
+        egress: Option<BTreeMap<String, Egress>>,
+        system_version: &str,
+    ) -> Published {
         let previous = self.tx.borrow().clone();
         let mut summary = Published::default();
         let shared = Layer::encode(resources, Some(&previous.shared), &mut summary);
@@ -174,13 +237,13 @@ impl Publisher {
             let own = scoped.get(scope).map_or(&[][..], Vec::as_slice);
             scopes.insert(scope.clone(), Layer::encode(own, previous.scopes.get(scope), &mut summary));
         }
-        self.send(&previous, shared, scopes, summary, system_version)
+        self.send(&previous, shared, scopes, egress, summary, system_version)
     }
 
     /// Applies `delta` to the set last published: only its resources are encoded. If it changes
     /// nothing, nothing is published.
     pub fn publish_delta(&self, delta: &Delta, system_version: &str) -> Published {
-        if delta.put.is_empty() && delta.removed.is_empty() {
+        if delta.put.is_empty() && delta.removed.is_empty() && delta.egress.is_none() {
             return Published::default();
         }
         let previous = self.tx.borrow().clone();
@@ -213,17 +276,18 @@ impl Publisher {
                 touched.dedup();
             }
         }
-        self.send(&previous, shared, scopes, summary, system_version)
+        self.send(&previous, shared, scopes, delta.egress.clone(), summary, system_version)
     }
 
-    /// Publishes the new layers as the next generation, if `summary` says they changed anything.
-    /// A scope whose layer went empty keeps it, empty, for this one generation, so that its
-    /// proxies learn what it touched.
+    /// Publishes the new layers (and narrowing) as the next generation, if `summary` says they
+    /// changed anything or the narrowing changed. A scope whose layer went empty keeps it, empty,
+    /// for this one generation, so that its proxies learn what it touched.
     fn send(
         &self,
         previous: &ServedSet,
         shared: Layer,
         mut scopes: BTreeMap<String, Layer>,
+        egress: Option<BTreeMap<String, Egress>>,
         summary: Published,
         system_version: &str,
     ) -> Published {
@@ -233,7 +297,11 @@ impl Publisher {
         for kind in Kind::ALL {
             self.metrics.set_resources(kind, shared.kinds[kind.index()].len());
         }
-        if summary == Published::default() {
+        let (egress, egress_changed) = match egress {
+            None => (previous.egress.clone(), BTreeSet::new()),
+            Some(egress) => narrowing(&previous.egress, egress),
+        };
+        if summary == Published::default() && egress_changed.is_empty() {
             return summary;
         }
         let set = ServedSet {
@@ -242,6 +310,8 @@ impl Publisher {
             published_at: Some(Instant::now()),
             shared,
             scopes,
+            egress,
+            egress_changed,
         };
         info!(
             generation = set.generation,
@@ -254,6 +324,26 @@ impl Publisher {
         self.tx.send_replace(Arc::new(set));
         summary
     }
+}
+
+/// The narrowing `egress` makes, keeping `before`'s `Arc` where a scope's did not change, and the
+/// scopes whose did (or that stopped or started narrowing).
+fn narrowing(
+    before: &BTreeMap<String, Arc<Egress>>,
+    egress: BTreeMap<String, Egress>,
+) -> (BTreeMap<String, Arc<Egress>>, BTreeSet<String>) {
+    let mut changed: BTreeSet<String> = before.keys().filter(|scope| !egress.contains_key(*scope)).cloned().collect();
+    let now = egress
+        .into_iter()
+        .map(|(scope, egress)| match before.get(&scope).filter(|old| ***old == egress) {
+            Some(old) => (scope, old.clone()),
+            None => {
+                changed.insert(scope.clone());
+                (scope, Arc::new(egress))
+            }
+        })
+        .collect();
+    (now, changed)
 }
 
 impl Layer {
@@ -341,6 +431,49 @@ mod tests {
             .collect()
     }
 
+    /// A scope that narrows sees, of the resources named for a Service port, only its Services'
+    /// (the others' names, and resources named otherwise, as before); a pod's narrowing wins over
+    /// its namespace's; a change of narrowing alone is a publication that names the scopes it
+    /// changed, and the same narrowing again publishes nothing.
+    #[test]
+    fn a_narrowed_scope_sees_only_its_services() {
+        let publisher = Publisher::new(Arc::new(ControlMetrics::new()));
+        let set = resources(
+            "resources:\n  - {kind: Cluster, name: \"shop/web:80\"}\n  - {kind: Cluster, name: \"shop/db:5432\"}\n  - {kind: Cluster, name: \"data/db:5432\"}\n  - {kind: Cluster, name: plain}\n",
+        );
+        let egress =
+            |services: &[&str]| Egress { services: Arc::new(services.iter().map(|s| (*s).to_owned()).collect()) };
+        let narrowing = BTreeMap::from([
+            ("shop".to_owned(), egress(&["shop/web"])),
+            ("shop/tool".to_owned(), egress(&["data/db"])),
+        ]);
+        publisher.publish_narrowed(&set, &BTreeMap::new(), Some(narrowing.clone()), "v1");
+        let served = publisher.subscribe().borrow().clone();
+        let names = |scopes: &[&str]| {
+            let scopes: Vec<String> = scopes.iter().map(|s| (*s).to_owned()).collect();
+            served.view(Kind::Cluster, &scopes).iter().map(|(n, _)| n.clone()).collect::<Vec<_>>()
+        };
+        assert_eq!(names(&[]), ["data/db:5432", "plain", "shop/db:5432", "shop/web:80"]);
+        assert_eq!(names(&["shop"]), ["plain", "shop/web:80"]);
+        assert_eq!(names(&["shop", "shop/tool"]), ["data/db:5432", "plain"], "the pod's own wins");
+        assert!(served.view(Kind::Cluster, &["shop".to_owned()]).get("shop/db:5432").is_none());
+        assert!(served.egress_changed(&["shop".to_owned()]) && !served.egress_changed(&["data".to_owned()]));
+        assert_eq!(service_of("shop/web:80"), Some("shop/web"));
+        for other in ["plain", "shop/web", "a/b/c:80", "/web:80", "shop/:80", "shop/web:http"] {
+            assert_eq!(service_of(other), None, "{other}");
+        }
+
+        let generation = served.generation;
+        publisher.publish_narrowed(&set, &BTreeMap::new(), Some(narrowing), "v1");
+        assert_eq!(publisher.subscribe().borrow().generation, generation, "the same narrowing: nothing published");
+        let delta = Delta { egress: Some(BTreeMap::new()), ..Delta::default() };
+        publisher.publish_delta(&delta, "v1");
+        let widened = publisher.subscribe().borrow().clone();
+        assert_eq!(widened.generation, generation + 1, "a change of narrowing alone is published");
+        assert!(widened.egress_changed(&["shop".to_owned()]));
+        assert_eq!(widened.view(Kind::Cluster, &["shop".to_owned()]).iter().count(), 4);
+    }
+
     /// A delta leaves the set a whole publication of the result would: the same resources, the
     /// same versions (the unchanged keep their encoding), in every scope; it touches only what it
     /// changed, an emptied scope stays one generation to say so, and a delta changing nothing
@@ -360,6 +493,7 @@ mod tests {
         let delta = Delta {
             put: vec![(None, after[0].clone()), (None, after[1].clone()), (None, after[2].clone())],
             removed: vec![(None, Kind::Cluster, "b".into()), (Some("shop".into()), Kind::Cluster, "a".into())],
+            egress: None,
         };
         assert_eq!(publisher.publish_delta(&delta, "v2"), Published { changed: 2, removed: 2 });
         let carried = publisher.subscribe().borrow().clone();
@@ -375,7 +509,11 @@ mod tests {
         assert_eq!(carried.touched(Kind::Cluster, &shop), BTreeSet::from(["a", "b", "c"]));
         assert_eq!(carried.touched(Kind::Endpoints, &[]), BTreeSet::from(["a"]));
         assert_eq!(carried.scopes().collect::<Vec<_>>(), [("shop", 0)], "emptied, kept to say what it touched");
-        let again = Delta { put: vec![(None, after[1].clone())], removed: vec![(None, Kind::Cluster, "b".into())] };
+        let again = Delta {
+            put: vec![(None, after[1].clone())],
+            removed: vec![(None, Kind::Cluster, "b".into())],
+            egress: None,
+        };
         assert_eq!(publisher.publish_delta(&again, "v3"), Published::default());
         assert_eq!(publisher.subscribe().borrow().generation, carried.generation, "nothing changed, nothing published");
     }

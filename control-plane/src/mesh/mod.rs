@@ -28,6 +28,9 @@
 //!   both accepted, counted apart), and strict in the view of a namespace or pod annotated
 //!   `remora.dev/inbound: strict`.
 //!
+//! A namespace or pod annotated `remora.dev/egress` with the Services its workloads call has its
+//! proxies sent only those Services' resources (and those their routes send to): see `egress`.
+//!
 //! Gateway API `HTTPRoute`s whose parent is a Service (GAMMA) make that Service port's routes
 //! instead of its one plain route: the producer's for every caller, a consumer namespace's for its
 //! own callers (see `gateway`).
@@ -41,11 +44,13 @@
 //! over what the mesh would make, whole, so that which setting applies never needs a merge rule.
 
 mod claims;
+mod egress;
 mod gateway;
 mod objects;
 pub mod status;
 mod translate;
 
+pub use egress::{EGRESS_ANNOTATION, EgressError, egress};
 pub use gateway::{BackendRef, GROUP, ParentRef, ReferenceGrant, Route, RouteKind};
 pub use objects::{Changes, Namespace, ObjectKind, Objects, Pod, RouteKey, Service, ServicePort};
 pub use translate::{INBOUND_LISTENER, INBOUND_POLICY, Made, Mesh, Remade, Settings, resources};
