@@ -24,6 +24,11 @@
 //! namespaces, so 20 views), the time from one endpoint's change at the API server to each
 //! proxy's ACK of it (p50/p99 over 10 changes) and the bytes pushed per proxy for one change.
 //!
+//!     cargo bench --bench convergence -- kubernetes narrowed  # each namespace `remora.dev/egress: ./*`
+//!
+//! `narrowed` annotates every namespace so that its proxies are sent its own 100 Services alone (a
+//! change is then timed at the proxies of its Service's namespace).
+//!
 //!     cargo bench --bench convergence -- gateway [N]  # and 1,000 HTTPRoutes
 //!
 //! `gateway` adds 1,000 HTTPRoutes to that cluster, one on each of 1,000 Services (a header rule
@@ -55,7 +60,8 @@ fn main() {
     raise_fd_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     if kubernetes {
-        runtime.block_on(cluster_scale(*sizes.iter().max().unwrap_or(&1000), gateway));
+        let narrowed = std::env::args().any(|a| a == "narrowed");
+        runtime.block_on(cluster_scale(*sizes.iter().max().unwrap_or(&1000), gateway, narrowed));
     } else {
         runtime.block_on(run(sizes));
     }
@@ -202,13 +208,20 @@ impl Shared {
     /// `changed` (an ACK from before, a late answer to something earlier, does not count); the
     /// time each took.
     async fn acks_since(&self, changed: Instant, limit: Duration) -> Vec<Duration> {
+        self.acks_of_since(|_| true, changed, limit).await
+    }
+
+    /// [`Shared::acks_since`], of the proxies `which` picks (by index) alone.
+    async fn acks_of_since(&self, which: impl Fn(usize) -> bool, changed: Instant, limit: Duration) -> Vec<Duration> {
         loop {
             let times: Option<Vec<Duration>> = self
                 .acked
                 .lock()
                 .unwrap()
                 .iter()
-                .map(|t| t.filter(|t| *t >= changed).map(|t| t.saturating_duration_since(changed)))
+                .enumerate()
+                .filter(|(id, _)| which(*id))
+                .map(|(_, t)| t.filter(|t| *t >= changed).map(|t| t.saturating_duration_since(changed)))
                 .collect();
             if let Some(times) = times {
                 return times;
@@ -395,13 +408,17 @@ fn made_of_a_route(resource: &remora_control_api::xds::discovery::Resource) -> b
         .is_ok_and(|t| t.routes.iter().any(|r| r.name.contains('#')))
 }
 
-async fn cluster_scale(n: usize, routes: bool) {
+async fn cluster_scale(n: usize, routes: bool, narrowed: bool) {
     use remora_control_plane::testing::{TestApiServer, TestCa};
     use serde_json::json;
 
     let api = TestApiServer::start(&TestCa::new("cluster.local")).await;
     for ns in 0..NAMESPACES {
-        api.put(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": format!("ns-{ns}")}}));
+        let mut namespace = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": format!("ns-{ns}")}});
+        if narrowed {
+            namespace["metadata"]["annotations"] = json!({"remora.dev/egress": "./*"});
+        }
+        api.put(namespace);
     }
     for s in 0..SERVICES {
         let namespace = format!("ns-{}", s % NAMESPACES);
@@ -431,7 +448,9 @@ async fn cluster_scale(n: usize, routes: bool) {
     let control = ControlProcess::start_with(&mesh, &args);
     // The first full view: a proxy holding every Service's cluster.
     let types: Vec<(&str, HashMap<String, String>)> = vec![(Kind::Cluster.type_url(), HashMap::new())];
-    let mut client = GenericClient::connect(&control.url, "first-0.ns-0", &types).await;
+    // (With `narrowed`, a node of no namespace sees every Service.)
+    let first = if narrowed { "first-0" } else { "first-0.ns-0" };
+    let mut client = GenericClient::connect(&control.url, first, &types).await;
     let mut clusters = 0;
     while clusters < SERVICES {
         let response = client.next().await;
@@ -472,8 +491,8 @@ async fn cluster_scale(n: usize, routes: bool) {
     let before = control.metric_sum("remora_control_pushed_bytes_total").await;
     let all: Vec<(&str, HashMap<String, String>)> = Kind::ALL.iter().map(|k| (k.type_url(), HashMap::new())).collect();
     let mut whole = GenericClient::connect(&control.url, "whole-0.ns-0", &all).await;
-    for _ in 0..Kind::ALL.len() {
-        let response = whole.next().await;
+    // Read whole (responses are made as the stream takes them).
+    while let Some(response) = whole.next_within(FIRST_VIEW_QUIET).await {
         whole.ack(&response).await;
     }
     drop(whole);
@@ -512,11 +531,14 @@ async fn cluster_scale(n: usize, routes: bool) {
         } else {
             api.put(scale_slice(service, Some(change % PODS_PER_SERVICE)));
         }
-        let times = shared.acks_since(changed, Duration::from_secs(60)).await;
+        // Narrowed, only the proxies of the Service's namespace see it.
+        let sees = |id: usize| !narrowed || id % NAMESPACES == service % NAMESPACES;
+        let times = shared.acks_of_since(sees, changed, Duration::from_secs(60)).await;
         all.push(*times.iter().max().unwrap());
+        let receivers = times.len();
         per_proxy.extend(times);
         tokio::time::sleep(Duration::from_millis(300)).await;
-        bytes.push((control.metric(series).await - before) / n as f64);
+        bytes.push((control.metric(series).await - before) / receivers as f64);
         // The next change puts it back.
         if routes {
             api.put(scale_route(service, 90));

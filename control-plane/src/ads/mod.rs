@@ -515,7 +515,9 @@ impl Session {
                     .collect();
                 (resources, removed)
             };
-            let first = sub.known.is_empty();
+            // A first view of the kind (only a full diff can be one: asking a narrowed view whether
+            // it is empty walks the shared resources up to its first, too dear on every push).
+            let first = !incremental && sub.known.is_empty();
             // Once this is applied, the proxy holds exactly its view when it wants every resource,
             // none was held back and, where only the touched names were diffed, it held its view
             // before: then the view is the record (shared, not a list of its own).
