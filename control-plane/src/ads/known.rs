@@ -40,6 +40,8 @@ struct Synced {
     set: Arc<ServedSet>,
     kind: Kind,
     scopes: Arc<[String]>,
+    /// How many resources that is (counting a narrowed view walks the shared resources).
+    len: usize,
 }
 
 impl Synced {
@@ -63,9 +65,10 @@ impl Known {
         Known { view: None, claims: !held.is_empty(), held }
     }
 
-    /// The record of a proxy that holds exactly what `set` serves it (of `scopes`) of `kind`.
-    pub(super) fn view(set: &Arc<ServedSet>, kind: Kind, scopes: &Arc<[String]>) -> Known {
-        let view = Synced { set: set.clone(), kind, scopes: scopes.clone() };
+    /// The record of a proxy that holds exactly what `set` serves it (of `scopes`) of `kind`:
+    /// `len` resources.
+    pub(super) fn view(set: &Arc<ServedSet>, kind: Kind, scopes: &Arc<[String]>, len: usize) -> Known {
+        let view = Synced { set: set.clone(), kind, scopes: scopes.clone(), len };
         Known { view: Some(view), held: Vec::new(), claims: false }
     }
 
@@ -92,12 +95,14 @@ impl Known {
         self.get(name).is_some()
     }
 
+    /// How many resources it holds.
+    pub(super) fn len(&self) -> usize {
+        self.view.as_ref().map_or(self.held.len(), |synced| synced.len)
+    }
+
     /// Whether it holds nothing.
     pub(super) fn is_empty(&self) -> bool {
-        match &self.view {
-            Some(synced) => synced.view().iter().next().is_none(),
-            None => self.held.is_empty(),
-        }
+        self.len() == 0
     }
 
     /// The names it holds.

@@ -515,14 +515,18 @@ impl Session {
                     .collect();
                 (resources, removed)
             };
-            // A first view of the kind (only a full diff can be one: asking a narrowed view whether
-            // it is empty walks the shared resources up to its first, too dear on every push).
-            let first = !incremental && sub.known.is_empty();
+            let first = sub.known.is_empty();
             // Once this is applied, the proxy holds exactly its view when it wants every resource,
             // none was held back and, where only the touched names were diffed, it held its view
             // before: then the view is the record (shared, not a list of its own).
             if sub.wildcard && !held_back.get() && (!incremental || sub.known.is_view()) {
-                sub.known = Known::view(current, kind, &self.scopes);
+                let held = if incremental {
+                    let added = resources.iter().filter(|r| !sub.known.contains(&r.wire.name)).count();
+                    (sub.known.len() + added).saturating_sub(removed.len())
+                } else {
+                    served.iter().count()
+                };
+                sub.known = Known::view(current, kind, &self.scopes, held);
             } else {
                 for resource in &resources {
                     sub.known.sent(resource);
@@ -853,7 +857,9 @@ mod tests {
         session.pushes(&publisher.subscribe().borrow(), &shared);
         let known = |session: &Session| {
             let known = &session.kinds[Kind::Cluster.index()].known;
-            (known.is_view(), known.names().map(str::to_owned).collect::<Vec<_>>())
+            let names: Vec<String> = known.names().map(str::to_owned).collect();
+            assert_eq!(known.len(), names.len(), "the count kept beside the view");
+            (known.is_view(), names)
         };
         assert_eq!(known(&session), (true, vec!["a".to_owned(), "b".to_owned()]));
 
@@ -932,10 +938,13 @@ mod tests {
             }
             resources(&yaml)
         };
-        publisher.publish(&tables(0), "v1");
         let mut session = Session::default();
         subscribe(&mut session, &shared, Kind::Endpoints, HashMap::new());
         subscribe(&mut session, &shared, Kind::RouteTable, HashMap::new());
+        // Subscribed before anything was published: its first view comes as a change, in parts too.
+        let empty = session.pushes(&publisher.subscribe().borrow(), &shared);
+        assert!(empty.iter().all(|r| r.resources.is_empty()), "{empty:?}");
+        publisher.publish(&tables(0), "v1");
         let pushes = session.pushes(&publisher.subscribe().borrow(), &shared);
         for kind in [Kind::Endpoints, Kind::RouteTable] {
             let sent: Vec<&DeltaDiscoveryResponse> = pushes.iter().filter(|r| r.type_url == kind.type_url()).collect();
