@@ -106,7 +106,8 @@ impl ControlProcess {
     }
 
     fn start_with(dir: &std::path::Path, extra: &[String]) -> ControlProcess {
-        // REMORA_CONTROL_WRAP (for example `heaptrack`) runs the control plane under a profiler.
+        // REMORA_CONTROL_WRAP (for example `heaptrack`) runs the control plane under a profiler (the
+        // RSS then reported is the wrapper's). It runs in a process group of its own, ended whole.
         let mut command = match std::env::var("REMORA_CONTROL_WRAP") {
             Ok(wrapper) if !wrapper.is_empty() => {
                 let mut command = Command::new(wrapper);
@@ -115,6 +116,7 @@ impl ControlProcess {
             }
             _ => Command::new(env!("CARGO_BIN_EXE_remora")),
         };
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
         let mut child = command
             .args(["control", "--listen", "127.0.0.1:0", "--config-dir"])
             .arg(dir)
@@ -185,6 +187,9 @@ impl ControlProcess {
 
 impl Drop for ControlProcess {
     fn drop(&mut self) {
+        // The whole group: a wrapper's child too.
+        let group = rustix::process::Pid::from_child(&self.child);
+        let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
