@@ -283,6 +283,47 @@ async fn catch_up(client: &mut GenericClient, held: &mut BTreeMap<String, String
     }
 }
 
+/// Objects put at the stand-in API server, kept (by kind, namespace and name) so that a control
+/// plane can be made whole from the same manifests in a directory.
+struct Applied<'a> {
+    api: &'a TestApiServer,
+    objects: BTreeMap<String, Value>,
+}
+
+impl<'a> Applied<'a> {
+    fn new(api: &'a TestApiServer) -> Self {
+        Applied { api, objects: BTreeMap::new() }
+    }
+
+    fn key(kind: &str, namespace: &str, name: &str) -> String {
+        format!("{kind} {namespace} {name}")
+    }
+
+    /// Puts `object` at the API server, in place of the one of its kind and name.
+    fn put(&mut self, object: Value) {
+        self.api.put(object.clone());
+        let metadata = &object["metadata"];
+        let key = Applied::key(
+            object["kind"].as_str().unwrap_or_default(),
+            metadata["namespace"].as_str().unwrap_or_default(),
+            metadata["name"].as_str().unwrap_or_default(),
+        );
+        self.objects.insert(key, object);
+    }
+
+    /// Deletes an object at the API server.
+    fn delete(&mut self, api_version: &str, kind: &str, namespace: &str, name: &str) {
+        self.api.delete(api_version, kind, &format!("{namespace}/{name}"));
+        self.objects.remove(&Applied::key(kind, namespace, name));
+    }
+
+    /// Every object kept, as one YAML file.
+    fn manifests(&self) -> String {
+        let documents: Vec<String> = self.objects.values().map(|o| serde_yaml_ng::to_string(o).unwrap()).collect();
+        documents.join("---\n")
+    }
+}
+
 /// Applies what `client` is sent to `held` until it holds `expected` (for up to 15 s).
 async fn follow_until(
     client: &mut GenericClient,
@@ -315,12 +356,8 @@ fn slice_of(service: &str, name: &str, address: &str, pod: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_carried_from_the_api_server_make_what_the_whole_objects_make() {
     let api = TestApiServer::start(&TestCa::new("cluster.local")).await;
-    let mut objects: BTreeMap<String, Value> = BTreeMap::new();
-    let mut put = |object: Value| {
-        api.put(object.clone());
-        let key = format!("{} {}", object["kind"], object["metadata"]["name"]);
-        objects.insert(key, object);
-    };
+    let mut applied = Applied::new(&api);
+    let mut put = |object: Value| applied.put(object);
     put(namespace("shop"));
     put(service("web", "10.96.0.10"));
     put(meshed_pod("web-a", "web"));
@@ -345,11 +382,9 @@ async fn changes_carried_from_the_api_server_make_what_the_whole_objects_make() 
     let mut strict = namespace("shop");
     strict["metadata"]["annotations"] = json!({"remora.dev/inbound": "strict"});
     put(strict);
-    api.delete("v1", "Service", "shop/old");
-    objects.remove("\"Service\" \"old\"");
+    applied.delete("v1", "Service", "shop", "old");
 
-    let manifests: Vec<String> = objects.values().map(|o| serde_yaml_ng::to_string(o).unwrap()).collect();
-    let whole = TestControlPlane::start(&[("cluster.yaml", &manifests.join("---\n"))]);
+    let whole = TestControlPlane::start(&[("cluster.yaml", &applied.manifests())]);
     let expected = fresh_view(&whole.url(), "web-0.shop").await;
     assert!(expected.keys().any(|k| k.ends_with("Cluster shop/api:80")), "{expected:?}");
     assert!(!expected.keys().any(|k| k.contains("shop/old")), "{expected:?}");
@@ -373,12 +408,8 @@ async fn changes_carried_from_the_api_server_make_what_the_whole_objects_make() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_namespace_narrowed_to_the_services_it_calls_is_sent_only_those() {
     let api = TestApiServer::start(&TestCa::new("cluster.local")).await;
-    let mut objects: BTreeMap<String, Value> = BTreeMap::new();
-    let mut put = |object: Value| {
-        api.put(object.clone());
-        let key = format!("{} {} {}", object["kind"], object["metadata"]["namespace"], object["metadata"]["name"]);
-        objects.insert(key, object);
-    };
+    let mut applied = Applied::new(&api);
+    let mut put = |object: Value| applied.put(object);
     let narrowed = |name: &str, egress: &str| {
         let mut namespace = namespace(name);
         namespace["metadata"]["annotations"] = json!({"remora.dev/egress": egress});
@@ -426,8 +457,7 @@ async fn a_namespace_narrowed_to_the_services_it_calls_is_sent_only_those() {
 
     // The namespace now calls db and api: web (and its route) leave, db comes.
     put(narrowed("ops", "shop/db, ./*, shop/api"));
-    let manifests: Vec<String> = objects.values().map(|o| serde_yaml_ng::to_string(o).unwrap()).collect();
-    let whole = TestControlPlane::start(&[("cluster.yaml", &manifests.join("---\n"))]);
+    let whole = TestControlPlane::start(&[("cluster.yaml", &applied.manifests())]);
     let expected = fresh_view(&whole.url(), "tool-0.ops").await;
     assert_eq!(services(&expected, "Cluster"), ["api:80", "db:80"], "{expected:?}");
     follow_until(&mut follower, &mut followed, &expected).await;

@@ -126,22 +126,19 @@ pub fn egress(objects: &Objects, mesh: &Mesh) -> (BTreeMap<String, Egress>, Vec<
                 continue;
             }
         };
-        let mut services: BTreeSet<String> = BTreeSet::new();
-        for (namespace, name) in objects.services.keys() {
-            if patterns.iter().any(|p| p.matches(own, namespace, name)) {
-                services.insert(format!("{namespace}/{name}"));
-            }
-        }
+        let listed: Vec<&(String, String)> = objects
+            .services
+            .keys()
+            .filter(|(namespace, name)| patterns.iter().any(|p| p.matches(own, namespace, name)))
+            .collect();
+        let mut services: BTreeSet<String> =
+            listed.iter().map(|(namespace, name)| format!("{namespace}/{name}")).collect();
         // What the listed Services' tables send to, as this namespace's proxies see them.
-        let mut called = BTreeSet::new();
-        for service in &services {
-            if let Some((namespace, name)) = service.split_once('/') {
-                for table in mesh.route_tables_of(namespace, name, own) {
-                    called.extend(clusters_of(table).filter_map(service_of).map(str::to_owned));
-                }
+        for key in listed {
+            for table in mesh.route_tables_of(key, own) {
+                services.extend(clusters_of(table).filter_map(service_of).map(str::to_owned));
             }
         }
-        services.extend(called);
         let services = Arc::new(services);
         made.insert((own, value), services.clone());
         narrowed.insert(scope, Egress { services });

@@ -100,15 +100,14 @@ impl Mesh {
         Mesh { services, claims, policies: inbound_policies(objects, written.resources, settings) }
     }
 
-    /// The route tables the Service `namespace/name` made: every caller's, and those only
+    /// The route tables the Service `(namespace, name)` made: every caller's, and those only
     /// `caller_namespace`'s proxies see.
     pub fn route_tables_of<'a>(
         &'a self,
-        namespace: &str,
-        name: &str,
+        service: &Key,
         caller_namespace: &str,
     ) -> impl Iterator<Item = &'a v1::RouteTable> + use<'a> {
-        let made = self.services.get(&(namespace.to_owned(), name.to_owned()));
+        let made = self.services.get(service);
         let own = made.and_then(|made| made.scoped.get(caller_namespace));
         let resources = made.map(|made| made.shared.iter()).into_iter().flatten().chain(own.into_iter().flatten());
         resources.filter_map(|resource| match resource {
