@@ -26,8 +26,14 @@ fn snapshot() -> Snapshot {
         ));
     }
     let file = remora_control_api::config::parse(&yaml, "bench").expect("bench config parses");
-    Snapshot::build("bench".into(), file.resources, None, &OwnLocality::default(), &SnapshotMetrics::default())
-        .expect("bench config is valid")
+    Snapshot::build(
+        "bench".into(),
+        remora_control_api::Encoded::all(&file.resources),
+        None,
+        &OwnLocality::default(),
+        &SnapshotMetrics::default(),
+    )
+    .expect("bench config is valid")
 }
 
 fn routing(c: &mut Criterion) {

@@ -481,11 +481,13 @@ async fn orders_request(listen: SocketAddr) -> anyhow::Result<(u16, String, Dura
 
 /// Whether a serving route table sends to `cluster`.
 fn routes_to(proxy: &Proxy, cluster: &str) -> bool {
-    proxy.snapshot().resources.iter().any(|r| match &**r {
-        remora_control_api::Resource::RouteTable(t) => {
-            t.routes.iter().flat_map(|r| &r.backends).any(|b| b.cluster == cluster)
+    proxy.snapshot().resources.iter().filter(|r| r.kind() == remora_control_api::Kind::RouteTable).any(|r| {
+        match r.decode() {
+            Ok(remora_control_api::Resource::RouteTable(t)) => {
+                t.routes.iter().flat_map(|r| &r.backends).any(|b| b.cluster == cluster)
+            }
+            _ => false,
         }
-        _ => false,
     })
 }
 

@@ -44,7 +44,7 @@ pub mod yaml;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
-pub use resource::{Kind, Resource};
+pub use resource::{Encoded, Kind, Resource};
 
 /// The generated `remora.v1` message types.
 #[allow(clippy::all, unreachable_pub, rust_2018_idioms)]

@@ -3,6 +3,8 @@
 //! A [`Resource`] is what a config file, a GitOps directory or the control-plane stream hands a
 //! proxy: one listener, route table, cluster, endpoint set or authorization policy. Its [`Kind`] names it in YAML (`kind:`),
 //! in error messages, and on the wire (`type.googleapis.com/remora.v1.<Kind>`).
+//! An [`Encoded`] is a resource held at rest: its protobuf bytes, decoded when it is compiled or
+//! shown.
 
 use std::fmt;
 use std::str::FromStr;
@@ -171,22 +173,8 @@ impl Resource {
         }
     }
 
-    /// The resource in protobuf form, wrapped in an `Any` with the kind's type URL.
-    pub fn to_any(&self) -> pbjson_types::Any {
-        let value = match self {
-            Resource::Listener(r) => r.encode_to_vec(),
-            Resource::RouteTable(r) => r.encode_to_vec(),
-            Resource::Cluster(r) => r.encode_to_vec(),
-            Resource::Endpoints(r) => r.encode_to_vec(),
-            Resource::AuthorizationPolicy(r) => r.encode_to_vec(),
-        };
-        pbjson_types::Any { type_url: self.kind().type_url().to_owned(), value: value.into() }
-    }
-
-    /// Decodes a resource from an `Any`, whose type URL must name one of the kinds.
-    pub fn from_any(any: &pbjson_types::Any) -> Result<Resource, DecodeError> {
-        let kind = Kind::from_type_url(&any.type_url).ok_or_else(|| DecodeError::Type(any.type_url.clone()))?;
-        let bytes = &any.value[..];
+    /// A message of `kind` from its protobuf bytes.
+    fn decode(kind: Kind, bytes: &[u8]) -> Result<Resource, DecodeError> {
         let decoded = match kind {
             Kind::Listener => v1::Listener::decode(bytes).map(Resource::Listener),
             Kind::RouteTable => v1::RouteTable::decode(bytes).map(Resource::RouteTable),
@@ -194,7 +182,43 @@ impl Resource {
             Kind::Endpoints => v1::Endpoints::decode(bytes).map(Resource::Endpoints),
             Kind::AuthorizationPolicy => v1::AuthorizationPolicy::decode(bytes).map(Resource::AuthorizationPolicy),
         };
-        let resource = decoded.map_err(|e| DecodeError::Protobuf(kind, e))?;
+        decoded.map_err(|e| DecodeError::Protobuf(kind, e))
+    }
+
+    /// The message's size encoded.
+    fn encoded_len(&self) -> usize {
+        match self {
+            Resource::Listener(r) => r.encoded_len(),
+            Resource::RouteTable(r) => r.encoded_len(),
+            Resource::Cluster(r) => r.encoded_len(),
+            Resource::Endpoints(r) => r.encoded_len(),
+            Resource::AuthorizationPolicy(r) => r.encoded_len(),
+        }
+    }
+
+    /// Appends the message's protobuf bytes to `buffer` (which has room: `encoded_len`).
+    fn encode_into(&self, buffer: &mut bytes::BytesMut) {
+        // Encoding fails only for want of room, and `BytesMut` grows.
+        let _ = match self {
+            Resource::Listener(r) => r.encode(buffer),
+            Resource::RouteTable(r) => r.encode(buffer),
+            Resource::Cluster(r) => r.encode(buffer),
+            Resource::Endpoints(r) => r.encode(buffer),
+            Resource::AuthorizationPolicy(r) => r.encode(buffer),
+        };
+    }
+
+    /// The resource in protobuf form, wrapped in an `Any` with the kind's type URL.
+    pub fn to_any(&self) -> pbjson_types::Any {
+        let mut value = bytes::BytesMut::with_capacity(self.encoded_len());
+        self.encode_into(&mut value);
+        pbjson_types::Any { type_url: self.kind().type_url().to_owned(), value: value.freeze() }
+    }
+
+    /// Decodes a resource from an `Any`, whose type URL must name one of the kinds.
+    pub fn from_any(any: &pbjson_types::Any) -> Result<Resource, DecodeError> {
+        let kind = Kind::from_type_url(&any.type_url).ok_or_else(|| DecodeError::Type(any.type_url.clone()))?;
+        let resource = Resource::decode(kind, &any.value)?;
         resource.known_values()?;
         Ok(resource)
     }
@@ -244,6 +268,89 @@ impl Resource {
     }
 }
 
+/// A resource kept at rest in its protobuf form, with its kind and name at hand.
+///
+/// A decoded message carries room for every optional part it leaves out, and every string and list
+/// in it is an allocation of its own: a cluster with five endpoints and a route took about 1.7 kB
+/// decoded, and about 150 bytes encoded. A proxy keeps what serves (for `/config_dump`, and to
+/// compose the control plane's resources with its file's) encoded, and decodes it only to compile
+/// it or to show it. [`Encoded::all`] encodes a set into one buffer that its resources share, so
+/// a config held at rest is a single allocation besides the names.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Encoded {
+    kind: Kind,
+    name: std::sync::Arc<str>,
+    bytes: bytes::Bytes,
+}
+
+impl Encoded {
+    /// Encodes `resources` into one buffer, in order.
+    pub fn all<'a>(resources: impl IntoIterator<Item = &'a Resource>) -> Vec<Encoded> {
+        let resources: Vec<&Resource> = resources.into_iter().collect();
+        let total: usize = resources.iter().map(|r| r.encoded_len()).sum();
+        let mut buffer = bytes::BytesMut::with_capacity(total);
+        let mut ends = Vec::with_capacity(resources.len());
+        for resource in &resources {
+            resource.encode_into(&mut buffer);
+            ends.push(buffer.len());
+        }
+        let buffer = buffer.freeze();
+        let mut start = 0;
+        resources
+            .iter()
+            .zip(ends)
+            .map(|(resource, end)| {
+                let bytes = buffer.slice(start..end);
+                start = end;
+                Encoded { kind: resource.kind(), name: resource.name().into(), bytes }
+            })
+            .collect()
+    }
+
+    /// The resource's kind.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// The resource's name, unique within its kind.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its protobuf bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Its size encoded, in bytes.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Whether it encodes to nothing (a resource with every field at its default).
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// The resource, decoded.
+    pub fn decode(&self) -> Result<Resource, DecodeError> {
+        Resource::decode(self.kind, &self.bytes)
+    }
+
+    /// The resource in its YAML/JSON form (see [`Resource::to_json`]). Bytes this proxy encoded
+    /// itself always decode; were they not to, the dump says so in place of the fields.
+    pub fn to_json(&self) -> serde_json::Value {
+        match self.decode() {
+            Ok(resource) => resource.to_json(),
+            Err(error) => serde_json::json!({
+                "kind": self.kind.as_str(),
+                "name": &*self.name,
+                "error": error.to_string(),
+            }),
+        }
+    }
+}
+
 /// `listener "outbound"`: how a resource is named in messages.
 pub fn describe(kind: Kind, name: &str) -> String {
     format!("{} {name:?}", kind.noun())
@@ -264,6 +371,34 @@ mod tests {
             assert_eq!(Kind::ALL[kind.index()], kind);
         }
         assert!("listener".parse::<Kind>().is_err());
+    }
+
+    /// A set held encoded shares one buffer, keeps each resource's kind and name, decodes to what
+    /// was given, and dumps the same JSON as the decoded resource.
+    #[test]
+    fn resources_held_encoded_share_one_buffer_and_decode_as_given() {
+        let given = vec![
+            Resource::Cluster(v1::Cluster { name: "web".into(), ..Default::default() }),
+            Resource::Endpoints(v1::Endpoints {
+                cluster: "web".into(),
+                endpoints: vec![v1::Endpoint { address: "10.0.0.1:80".into(), ..Default::default() }],
+            }),
+            Resource::RouteTable(v1::RouteTable { name: "empty".into(), ..Default::default() }),
+        ];
+        let held = Encoded::all(&given);
+        assert_eq!(held.len(), 3);
+        for (encoded, resource) in held.iter().zip(&given) {
+            assert_eq!((encoded.kind(), encoded.name()), (resource.kind(), resource.name()));
+            assert_eq!(&encoded.decode().unwrap(), resource);
+            assert_eq!(encoded.to_json(), resource.to_json());
+            assert_eq!(encoded.as_bytes(), &resource.to_any().value[..]);
+        }
+        let start = held[0].as_bytes().as_ptr();
+        let total: usize = held.iter().map(Encoded::len).sum();
+        for encoded in &held[1..] {
+            let at = encoded.as_bytes().as_ptr() as usize - start as usize;
+            assert!(at + encoded.len() <= total, "{} is not in the shared buffer", encoded.name());
+        }
     }
 
     /// An enum number past the enum's variants (a newer control plane's) is refused, naming the

@@ -25,7 +25,7 @@ fuzz_target!(|bytes: &[u8]| {
         return;
     }
     if let Err(errors) =
-        Snapshot::build("fuzz".into(), file.resources, None, &OwnLocality::default(), &SnapshotMetrics::default())
+        Snapshot::build("fuzz".into(), remora_control_api::Encoded::all(&file.resources), None, &OwnLocality::default(), &SnapshotMetrics::default())
     {
         panic!("a config that validates does not compile: {errors}");
     }

@@ -39,7 +39,7 @@ resources:
 
 static SNAPSHOT: LazyLock<Snapshot> = LazyLock::new(|| {
     let file = remora_control_api::config::parse(CONFIG, "route fuzz").expect("the fuzz config parses");
-    Snapshot::build("fuzz".into(), file.resources, None, &OwnLocality::default(), &SnapshotMetrics::default())
+    Snapshot::build("fuzz".into(), remora_control_api::Encoded::all(&file.resources), None, &OwnLocality::default(), &SnapshotMetrics::default())
         .expect("the fuzz config builds")
 });
 

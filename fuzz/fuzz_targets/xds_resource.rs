@@ -10,7 +10,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use remora_control_api::validate::References;
-use remora_control_api::{Kind, Resource, config, validate};
+use remora_control_api::{Encoded, Kind, Resource, config, validate};
 use remora_proxy::state::cluster::OwnLocality;
 use remora_proxy::state::{Snapshot, SnapshotMetrics};
 
@@ -38,11 +38,17 @@ fuzz_target!(|input: &[u8]| {
         }
         resources.push(resource);
     }
+    // What a proxy holds at rest decodes to what it was given (compared encoded: a NaN is not
+    // equal to itself).
+    let held = Encoded::all(&resources);
+    for encoded in &held {
+        let again = encoded.decode().expect("a resource held encoded decodes");
+        assert_eq!(Encoded::all([&again])[0].as_bytes(), encoded.as_bytes(), "{} changed at rest", encoded.name());
+    }
     if validate::validate(&resources).is_err() {
         return;
     }
-    if let Err(errors) =
-        Snapshot::build("fuzz".into(), resources, None, &OwnLocality::default(), &SnapshotMetrics::default())
+    if let Err(errors) = Snapshot::build("fuzz".into(), held, None, &OwnLocality::default(), &SnapshotMetrics::default())
     {
         panic!("resources that validate do not compile: {errors}");
     }

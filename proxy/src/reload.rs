@@ -26,7 +26,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use remora_control_api::validate::{References, ValidationErrors};
 use remora_control_api::watch::FileWatch;
 use remora_control_api::xds::client::Update;
-use remora_control_api::{Kind, Resource, v1};
+use remora_control_api::{Encoded, Kind, v1};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
@@ -108,7 +108,7 @@ pub enum ReloadError {
 /// What serves now besides the snapshot itself: its static and dynamic parts.
 #[derive(Debug, Default)]
 struct Held {
-    static_resources: Vec<Arc<Resource>>,
+    static_resources: Arc<[Encoded]>,
     static_version: String,
     dynamic: Dynamic,
     warming: Vec<Warming>,
@@ -230,7 +230,7 @@ impl Reloader {
 
     fn compose(
         &self,
-        static_resources: &[Arc<Resource>],
+        static_resources: &[Encoded],
         static_version: &str,
         dynamic: &Dynamic,
     ) -> Result<(String, compose::Composed), ReloadError> {
@@ -300,10 +300,9 @@ impl Reloader {
         if !self.data.snapshot.load().version.is_empty() && loaded.bootstrap != self.startup_bootstrap {
             warn!("the bootstrap section changed; bootstrap settings take effect at the next restart");
         }
-        // Held here and in the snapshot, each resource once.
-        // Not `collect()`: it would keep the parsed resources' buffer, far larger than the pointers.
-        let mut resources: Vec<Arc<Resource>> = Vec::with_capacity(loaded.resources.len());
-        resources.extend(loaded.resources.into_iter().map(Arc::new));
+        // Held here and in the snapshot, encoded in one buffer, each resource once.
+        let resources: Arc<[Encoded]> = Encoded::all(&loaded.resources).into();
+        drop(loaded.resources);
         if !self.control {
             let outcome = self.apply(loaded.version.clone(), resources.clone())?;
             held.static_resources = resources;
@@ -318,7 +317,7 @@ impl Reloader {
         Ok(outcome)
     }
 
-    fn apply(&self, version: String, resources: Vec<Arc<Resource>>) -> Result<ReloadOutcome, ReloadError> {
+    fn apply(&self, version: String, resources: impl Into<Arc<[Encoded]>>) -> Result<ReloadOutcome, ReloadError> {
         let mut bound = self.bound();
         let current = self.data.snapshot.load_full();
         if !current.version.is_empty() && current.version == version {

@@ -221,7 +221,7 @@ pub struct SetConfig {
     /// Zone-aware routing, if asked for.
     pub locality: Option<LocalityPreference>,
     /// Outlier detection, if asked for.
-    pub outlier: Option<OutlierConfig>,
+    pub outlier: Option<Box<OutlierConfig>>,
     /// Whether a health check decides endpoints' health.
     pub health_checked: bool,
 }
@@ -592,7 +592,8 @@ impl EndpointSet {
         if panic || self.config.locality.is_none() {
             let members = if panic { weighted } else { healthy };
             if !members.is_empty() {
-                view.tiers.push(self.tier(members));
+                // One tier: a vector grown by a push would keep room for four.
+                view.tiers = vec![self.tier(members)];
             }
             return view;
         }

@@ -52,15 +52,21 @@ pub async fn run(snapshots: Arc<LiveSnapshot>) {
                 continue;
             }
             current.insert(cluster.name.clone(), ());
-            let unchanged =
-                watched.get(&cluster.name).is_some_and(|w| Arc::ptr_eq(&w.set, set) && w.check == cluster.health_check);
+            let unchanged = watched
+                .get(&cluster.name)
+                .is_some_and(|w| Arc::ptr_eq(&w.set, set) && w.check.as_ref() == cluster.health_check.as_deref());
             if unchanged {
                 continue;
             }
-            let task =
-                tokio::spawn(watch_cluster(set.clone(), cluster.health_check.clone(), cluster.stats.health.clone()));
-            watched
-                .insert(cluster.name.clone(), Watched { set: set.clone(), check: cluster.health_check.clone(), task });
+            let task = tokio::spawn(watch_cluster(
+                set.clone(),
+                cluster.health_check.as_deref().cloned(),
+                cluster.stats.health.clone(),
+            ));
+            watched.insert(
+                cluster.name.clone(),
+                Watched { set: set.clone(), check: cluster.health_check.as_deref().cloned(), task },
+            );
         }
         watched.retain(|name, _| current.contains_key(name));
         if swaps.changed().await.is_err() {

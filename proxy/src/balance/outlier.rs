@@ -281,8 +281,11 @@ mod tests {
                 declared: Default::default(),
             })
             .collect();
-        let config =
-            SetConfig { outlier: Some(outlier), panic_threshold: 0, ..SetConfig::with_strategy(Strategy::RoundRobin) };
+        let config = SetConfig {
+            outlier: Some(Box::new(outlier)),
+            panic_threshold: 0,
+            ..SetConfig::with_strategy(Strategy::RoundRobin)
+        };
         EndpointSet::new(config, endpoints, &|_| None, HealthStats::detached("c"))
     }
 
@@ -408,7 +411,7 @@ mod tests {
                 c.latency = Some(latency);
             }),
         );
-        let outlier = set.config().outlier.clone().unwrap();
+        let outlier = *set.config().outlier.clone().unwrap();
         // 1 ms against 3 ms: three times the median, but under the floor: nobody goes.
         for (i, ms) in [(0, 1), (1, 1), (2, 1), (3, 4)] {
             feed(&set, i, 20, 0, Duration::from_millis(ms));

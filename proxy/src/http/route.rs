@@ -170,7 +170,14 @@ mod tests {
 
     fn snapshot(yaml: &str) -> Snapshot {
         let file = remora_control_api::config::parse(yaml, "t").unwrap();
-        Snapshot::build("v".into(), file.resources, None, &OwnLocality::default(), &SnapshotMetrics::default()).unwrap()
+        Snapshot::build(
+            "v".into(),
+            remora_control_api::Encoded::all(&file.resources),
+            None,
+            &OwnLocality::default(),
+            &SnapshotMetrics::default(),
+        )
+        .unwrap()
     }
 
     fn origin(listener: &str, identity: Option<&str>, port: u16) -> Origin {

@@ -450,7 +450,14 @@ mod tests {
         let file = remora_control_api::config::parse(yaml, "t").unwrap();
         let metrics = crate::state::SnapshotMetrics::default();
         let locality = crate::state::cluster::OwnLocality::default();
-        let snapshot = crate::state::Snapshot::build("v".into(), file.resources, None, &locality, &metrics).unwrap();
+        let snapshot = crate::state::Snapshot::build(
+            "v".into(),
+            remora_control_api::Encoded::all(&file.resources),
+            None,
+            &locality,
+            &metrics,
+        )
+        .unwrap();
         let listener = snapshot.listener("test").unwrap().clone();
         let meter = Arc::new(Meter::default());
         let open = Open::new(listener.clone(), meter.clone(), data.drain.track());

@@ -19,19 +19,18 @@
 //! Pure functions over resources: the reloader calls them with what serves now and compiles the
 //! result into the next [`super::Snapshot`].
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
-
 use remora_control_api::config::FieldError;
 use remora_control_api::validate::{self, References, ValidationErrors};
 use remora_control_api::xds::client::Update;
-use remora_control_api::{Kind, Resource, v1};
+use remora_control_api::{Encoded, Kind, Resource, v1};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
-/// The resources received from the control plane, with their versions. Each is held once: a
-/// candidate made from it, and the snapshot compiled from that, share it.
+/// The resources received from the control plane, with their versions, held encoded. Each is held
+/// once: a candidate made from it, and the snapshot compiled from that, share its bytes. The
+/// resources of one response share one buffer, which lives as long as any of them does.
 #[derive(Clone, Debug, Default)]
 pub struct Dynamic {
-    resources: BTreeMap<(Kind, String), (String, Arc<Resource>)>,
+    resources: BTreeMap<(Kind, String), (String, Encoded)>,
 }
 
 impl Dynamic {
@@ -49,15 +48,17 @@ impl Dynamic {
     pub fn with(&self, update: &Update) -> Result<Dynamic, String> {
         let mut next = self.clone();
         let mut seen = HashSet::new();
-        for (version, resource) in &update.resources {
+        for (_, resource) in &update.resources {
             if resource.kind() != update.kind {
                 return Err(format!("{} {:?} arrived in a {} response", resource.kind(), resource.name(), update.kind));
             }
             if !seen.insert(resource.name()) {
                 return Err(format!("{} {:?} appears twice in one response", update.kind.noun(), resource.name()));
             }
-            let shared = Arc::new(resource.clone());
-            next.resources.insert((update.kind, resource.name().to_owned()), (version.clone(), shared));
+        }
+        let encoded = Encoded::all(update.resources.iter().map(|(_, resource)| resource));
+        for ((version, _), encoded) in update.resources.iter().zip(encoded) {
+            next.resources.insert((update.kind, encoded.name().to_owned()), (version.clone(), encoded));
         }
         for name in &update.removed {
             if seen.contains(name.as_str()) {
@@ -69,7 +70,7 @@ impl Dynamic {
     }
 
     /// Every resource held.
-    pub fn resources(&self) -> impl Iterator<Item = (&String, &Arc<Resource>)> {
+    pub fn resources(&self) -> impl Iterator<Item = (&String, &Encoded)> {
         self.resources.values().map(|(version, resource)| (version, resource))
     }
 
@@ -103,7 +104,7 @@ pub struct Warming {
 #[derive(Debug)]
 pub struct Composed {
     /// The resources that serve: a closed set (every reference resolves).
-    pub serving: Vec<Arc<Resource>>,
+    pub serving: Vec<Encoded>,
     /// The ones that wait.
     pub warming: Vec<Warming>,
 }
@@ -111,14 +112,15 @@ pub struct Composed {
 /// Joins the static and dynamic resources and decides what serves (see the module docs).
 /// `serving_now` names what serves at present, so an update that would stop it is refused.
 pub fn compose(
-    static_resources: &[Arc<Resource>],
+    static_resources: &[Encoded],
     dynamic: &Dynamic,
     serving_now: &HashSet<(Kind, String)>,
 ) -> Result<Composed, ValidationErrors> {
-    let all: Vec<Arc<Resource>> =
-        static_resources.iter().cloned().chain(dynamic.resources().map(|(_, r)| r.clone())).collect();
-    validate::validate_with(&all, References::Pending)?;
-    let (serving, warming) = warm(&all, serving_now);
+    let all: Vec<&Encoded> = static_resources.iter().chain(dynamic.resources().map(|(_, r)| r)).collect();
+    let decoded = super::decode_all_of(all.iter().copied())?;
+    validate::validate_with(&decoded, References::Pending)?;
+    let (ready, warming) = warm(&decoded, serving_now);
+    let serving = all.iter().zip(ready).filter(|(_, ready)| *ready).map(|(encoded, _)| (*encoded).clone()).collect();
     let mut errors = Vec::new();
     // An endpoint set whose cluster is gone serves nothing, so it may stop.
     for w in warming.iter().filter(|w| w.kind != Kind::Endpoints) {
@@ -136,13 +138,14 @@ pub fn compose(
     Ok(Composed { serving, warming })
 }
 
-/// Splits `all` (already validated, references possibly dangling) into what can serve and what waits.
-fn warm(all: &[Arc<Resource>], serving_now: &HashSet<(Kind, String)>) -> (Vec<Arc<Resource>>, Vec<Warming>) {
+/// Splits `all` (already validated, references possibly dangling) into what can serve and what
+/// waits: whether each can serve, in order, and why those that wait do.
+fn warm(all: &[Resource], serving_now: &HashSet<(Kind, String)>) -> (Vec<bool>, Vec<Warming>) {
     let mut clusters: HashMap<&str, &v1::Cluster> = HashMap::new();
     let mut tables: HashMap<&str, &v1::RouteTable> = HashMap::new();
     let mut endpoints: HashSet<&str> = HashSet::new();
     for resource in all {
-        match &**resource {
+        match resource {
             Resource::Cluster(c) => {
                 clusters.insert(&c.name, c);
             }
@@ -181,7 +184,7 @@ fn warm(all: &[Arc<Resource>], serving_now: &HashSet<(Kind, String)>) -> (Vec<Ar
     let mut serving = Vec::with_capacity(all.len());
     let mut warming = Vec::new();
     for resource in all {
-        let ready = match &**resource {
+        let ready = match resource {
             Resource::Cluster(c) => cluster_ready(&c.name),
             Resource::Endpoints(e) => match clusters.get(e.cluster.as_str()) {
                 Some(_) => Ok(()),
@@ -204,9 +207,9 @@ fn warm(all: &[Arc<Resource>], serving_now: &HashSet<(Kind, String)>) -> (Vec<Ar
                 Ok(())
             })(),
         };
-        match ready {
-            Ok(()) => serving.push(resource.clone()),
-            Err(reason) => warming.push(Warming { kind: resource.kind(), name: resource.name().to_owned(), reason }),
+        serving.push(ready.is_ok());
+        if let Err(reason) = ready {
+            warming.push(Warming { kind: resource.kind(), name: resource.name().to_owned(), reason });
         }
     }
     (serving, warming)
@@ -231,7 +234,7 @@ mod tests {
         }
     }
 
-    fn names(resources: &[Arc<Resource>]) -> Vec<String> {
+    fn names(resources: &[Encoded]) -> Vec<String> {
         resources.iter().map(|r| format!("{}/{}", r.kind(), r.name())).collect()
     }
 
@@ -301,12 +304,12 @@ mod tests {
         let dynamic = Dynamic::default()
             .with(&update(Kind::Cluster, "kind: Cluster\nname: c\noriginal_destination: true\n", &[]))
             .unwrap();
-        let static_resources = vec![Arc::new(parse("kind: Cluster\nname: s\noriginal_destination: true\n").remove(0))];
+        let static_resources = Encoded::all(&parse("kind: Cluster\nname: s\noriginal_destination: true\n"));
         let composed = compose(&static_resources, &dynamic, &HashSet::new()).unwrap();
-        let held: Vec<&Arc<Resource>> = static_resources.iter().chain(dynamic.resources().map(|(_, r)| r)).collect();
+        let held: Vec<&Encoded> = static_resources.iter().chain(dynamic.resources().map(|(_, r)| r)).collect();
         assert_eq!(composed.serving.len(), 2);
         for (serving, held) in composed.serving.iter().zip(held) {
-            assert!(Arc::ptr_eq(serving, held), "{} was copied", serving.name());
+            assert_eq!(serving.as_bytes().as_ptr(), held.as_bytes().as_ptr(), "{} was copied", serving.name());
         }
     }
 

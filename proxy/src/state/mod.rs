@@ -27,7 +27,7 @@ use std::time::Duration;
 use arc_swap::{ArcSwap, Guard};
 use remora_control_api::config::{FieldError, Invalid};
 use remora_control_api::validate::{self, Destination, ValidationErrors};
-use remora_control_api::{Kind, Resource, v1};
+use remora_control_api::{Encoded, Kind, Resource, v1};
 
 use crate::limits;
 use crate::listener::metrics::{CertificateReloads, ListenerMetrics, ListenerStats, TunnelStats};
@@ -159,9 +159,10 @@ impl ListenerConfig {
 pub struct Snapshot {
     /// Identifies the resources this was built from.
     pub version: String,
-    /// The resources as given, for `/config_dump`: shared with the reloader's own record of them
-    /// (the file's, and the control plane's), never a second copy.
-    pub resources: Vec<Arc<Resource>>,
+    /// The resources as given, encoded, for `/config_dump` and for composing the next update with:
+    /// shared with the reloader's own record of them (the file's, and the control plane's), never a
+    /// second copy. They are decoded only to be compiled or shown.
+    pub resources: Arc<[Encoded]>,
     // foldhash: looked up per request or connection, where SipHash's cost shows.
     listeners: foldhash::HashMap<Arc<str>, Arc<ListenerConfig>>,
     clusters: foldhash::HashMap<Arc<str>, Arc<Cluster>>,
@@ -170,30 +171,30 @@ pub struct Snapshot {
 impl Snapshot {
     /// Validates `resources` and compiles them. `previous` donates endpoint sets of clusters whose
     /// endpoints did not change, and the run-time state of endpoints that stay; `locality` is where
-    /// this proxy runs; `metrics` supplies each listener's and cluster's counters.
+    /// this proxy runs; `metrics` supplies each listener's and cluster's counters. The resources
+    /// are decoded for the while it takes, and held encoded.
     pub fn build(
         version: String,
-        resources: impl IntoIterator<Item = impl Into<Arc<Resource>>>,
+        held: impl Into<Arc<[Encoded]>>,
         previous: Option<&Snapshot>,
         locality: &OwnLocality,
         metrics: &SnapshotMetrics,
     ) -> Result<Snapshot, ValidationErrors> {
-        let mut resources: Vec<Arc<Resource>> = resources.into_iter().map(Into::into).collect();
-        // Given values, `collect()` reuses their buffer; the pointers need a fraction of it.
-        resources.shrink_to_fit();
+        let held = held.into();
+        let resources = decode_all(&held)?;
         validate::validate(&resources)?;
         let fail = |error: FieldError| ValidationErrors(vec![error]);
 
         let endpoints: HashMap<&str, &v1::Endpoints> = resources
             .iter()
-            .filter_map(|r| match &**r {
+            .filter_map(|r| match r {
                 Resource::Endpoints(e) => Some((e.cluster.as_str(), e)),
                 _ => None,
             })
             .collect();
         let mut clusters: foldhash::HashMap<Arc<str>, Arc<Cluster>> = foldhash::HashMap::default();
         for resource in &resources {
-            let Resource::Cluster(c) = &**resource else { continue };
+            let Resource::Cluster(c) = resource else { continue };
             let previous_cluster = previous.and_then(|p| p.clusters.get(c.name.as_str())).map(|c| &**c);
             let compiled = Cluster::compile(
                 c,
@@ -209,7 +210,7 @@ impl Snapshot {
 
         let mut tables: Vec<(Arc<RouteTable>, Vec<Destination>)> = Vec::new();
         for resource in &resources {
-            let Resource::RouteTable(t) = &**resource else { continue };
+            let Resource::RouteTable(t) = resource else { continue };
             let compiled = RouteTable::compile(t, &find_cluster, &metrics.routes)
                 .map_err(|e| fail(e.of(Kind::RouteTable, &t.name)))?;
             let mut destinations = Vec::with_capacity(t.destinations.len());
@@ -225,8 +226,8 @@ impl Snapshot {
 
         let mut listeners = foldhash::HashMap::default();
         for resource in &resources {
-            let Resource::Listener(l) = &**resource else { continue };
-            let policies = resources.iter().filter_map(|r| match &**r {
+            let Resource::Listener(l) = resource else { continue };
+            let policies = resources.iter().filter_map(|r| match r {
                 Resource::AuthorizationPolicy(p) if p.listener == l.name => Some(p),
                 _ => None,
             });
@@ -241,7 +242,7 @@ impl Snapshot {
             .map_err(|e| fail(e.of(Kind::Listener, &l.name)))?;
             listeners.insert(config.name.clone(), Arc::new(config));
         }
-        Ok(Snapshot { version, resources, listeners, clusters })
+        Ok(Snapshot { version, resources: held, listeners, clusters })
     }
 
     /// The listener called `name`, if this snapshot has it.
@@ -263,6 +264,26 @@ impl Snapshot {
     pub fn clusters(&self) -> impl Iterator<Item = &Arc<Cluster>> {
         self.clusters.values()
     }
+}
+
+/// Decodes what a snapshot holds, for compiling or composing. Bytes the proxy encoded itself
+/// always decode; were they not to, the resource is named as invalid rather than dropped.
+pub(crate) fn decode_all(held: &[Encoded]) -> Result<Vec<Resource>, ValidationErrors> {
+    decode_all_of(held.iter())
+}
+
+/// [`decode_all`] over any list of them.
+pub(crate) fn decode_all_of<'a>(held: impl Iterator<Item = &'a Encoded>) -> Result<Vec<Resource>, ValidationErrors> {
+    held.map(|encoded| {
+        encoded.decode().map_err(|error| {
+            ValidationErrors(vec![FieldError {
+                subject: remora_control_api::resource::describe(encoded.kind(), encoded.name()),
+                field: String::new(),
+                message: error.to_string(),
+            }])
+        })
+    })
+    .collect()
 }
 
 fn compile_listener(
@@ -342,7 +363,7 @@ fn compile_listener(
         access_log: l.access_log.unwrap_or(true),
         default_stats: default_cluster
             .as_ref()
-            .map(|c| metrics.routes.route("", &c.name, c.service.as_ref()).for_direction(direction.label()).clone()),
+            .map(|c| metrics.routes.route("", &c.name, c.service.as_deref()).for_direction(direction.label()).clone()),
         default_cluster,
         stats: metrics.listeners.listener(&l.name, direction.label()),
         tunnels: tunnels.then(|| metrics.listeners.tunnels(&l.name)),
@@ -427,7 +448,13 @@ mod tests {
 
     fn build(yaml: &str, previous: Option<&Snapshot>, metrics: &SnapshotMetrics) -> Result<Snapshot, ValidationErrors> {
         let file = remora_control_api::config::parse(yaml, "t").unwrap();
-        Snapshot::build("v".into(), file.resources, previous, &OwnLocality::default(), metrics)
+        Snapshot::build(
+            "v".into(),
+            remora_control_api::Encoded::all(&file.resources),
+            previous,
+            &OwnLocality::default(),
+            metrics,
+        )
     }
 
     const CONFIG: &str = r#"

@@ -187,7 +187,7 @@ impl RouteTable {
             let mut backends = Vec::with_capacity(route.backends.len());
             for (j, backend) in route.backends.iter().enumerate() {
                 let cluster = find(format!("routes[{i}].backends[{j}].cluster"), &backend.cluster)?;
-                let stats = metrics.route(&label, &backend.cluster, cluster.service.as_ref());
+                let stats = metrics.route(&label, &backend.cluster, cluster.service.as_deref());
                 let filters = BackendFilters::compile(backend)
                     .map_err(|invalid| invalid.within(&format!("routes[{i}].backends[{j}]")))?;
                 backends.push((Backend { cluster, stats, filters }, backend.weight.unwrap_or(1)));
