@@ -14,6 +14,13 @@
 //! 3. **Idle connections.** `TRANSPORT_IDLE` (default 2000) connections through the pair to the echo
 //!    server, each echoing one byte and then left open: what each sidecar's resident memory grew
 //!    by, per connection, measured after the proxies' 5 s memory give-back.
+//! 4. **Idle HTTP between sidecars.** Per-request HTTP rides a pooled HTTP/2 connection in mutual
+//!    TLS (ALPN `remora.h2`), one per endpoint. The client sidecar's cluster lists
+//!    `TRANSPORT_IDLE` endpoints, every one the server sidecar's inbound listener on its own
+//!    loopback address (`127.0.x.y`), and one keep-alive client sends as many requests, so round
+//!    robin opens one mesh connection to each; then they sit idle in the pool. What each sidecar's
+//!    resident memory grew by per mesh connection: the client's is an idle pooled outbound
+//!    connection, the server's an idle inbound mTLS connection.
 //!
 //! The two sidecars run as `remora proxy` processes (one worker each) pinned to CPU 1; iperf3 and
 //! this process (clients, echo server) run on CPU 0. iperf3 must be installed (the throughput half is
@@ -29,7 +36,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use remora_control_plane::testing::TestCa;
-use remora_proxy::testing::TcpEchoServer;
+use remora_proxy::testing::{Client, HttpServer, TcpEchoServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use processes::{Killed, admin_get, cpu_seconds, env, free_ports, pin_to_cpu, spawn_proxy, wait_port};
@@ -53,13 +60,19 @@ fn main() {
         let web = ca.issue("spiffe://cluster.local/ns/bench/sa/web").bootstrap_identity(&dir.join("web"));
 
         let [in_iperf, in_echo, hbone, server_admin] = free_ports();
-        let [in_tunnels, ..] = free_ports();
+        let [in_tunnels, in_http, ..] = free_ports();
+        let app = HttpServer::start("app").await;
+        let idle = env("TRANSPORT_IDLE", 2000) as usize;
         let local = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        // On every loopback address: the client sidecar reaches it at 2,000 of them.
+        let in_http_listener = format!(
+            "  - {{kind: Listener, name: in-http, address: \"0.0.0.0:{in_http}\", direction: inbound, default_cluster: app}}\n"
+        );
         let server = spawn_proxy(
             &dir,
             "server",
             &format!(
-                "bootstrap:\n  admin_address: \"127.0.0.1:{server_admin}\"\n  workers: 1\n{api}---\nresources:\n{}{}{}{}{}{}{}",
+                "bootstrap:\n  admin_address: \"127.0.0.1:{server_admin}\"\n  workers: 1\n{api}---\nresources:\n{}{}{}{}{}{}{}{}{}",
                 cluster("iperf", "", iperf_address),
                 cluster("echo", "", echo.address()),
                 "  - {kind: Cluster, name: passthrough, original_destination: true}\n",
@@ -67,17 +80,27 @@ fn main() {
                 listener("in-echo", in_echo, ", direction: inbound, default_cluster: echo"),
                 listener("hbone", hbone, ", direction: inbound, protocol: hbone, inbound_listener: in-tunnels"),
                 listener("in-tunnels", in_tunnels, ", direction: inbound, default_cluster: passthrough"),
+                cluster("app", ", protocol: http1", app.address()),
+                in_http_listener,
             ),
             server_admin,
         );
         let [out_tls_iperf, out_tls_echo, out_hbone_iperf, out_hbone_echo] = free_ports();
-        let [client_admin, ..] = free_ports();
+        let [client_admin, out_http, ..] = free_ports();
+        // One endpoint per mesh connection wanted: the server sidecar's inbound listener, each on
+        // its own loopback address.
+        let endpoints: Vec<String> =
+            (0..idle).map(|i| format!("{{address: \"127.0.{}.{}:{in_http}\"}}", i / 250, i % 250 + 1)).collect();
+        let mesh_http = format!(
+            "  - {{kind: Cluster, name: mesh-http, tls: mesh, protocol: http1}}\n  - {{kind: Endpoints, cluster: mesh-http, endpoints: [{}]}}\n",
+            endpoints.join(", ")
+        );
         let via_hbone = format!(", tls: mesh, hbone_port: {hbone}");
         let client = spawn_proxy(
             &dir,
             "client",
             &format!(
-                "bootstrap:\n  admin_address: \"127.0.0.1:{client_admin}\"\n  workers: 1\n{web}---\nresources:\n{}{}{}{}{}{}{}{}",
+                "bootstrap:\n  admin_address: \"127.0.0.1:{client_admin}\"\n  workers: 1\n{web}---\nresources:\n{}{}{}{}{}{}{}{}{mesh_http}{}",
                 cluster("tls-iperf", ", tls: mesh", local(in_iperf)),
                 cluster("tls-echo", ", tls: mesh", local(in_echo)),
                 cluster("hbone-iperf", &via_hbone, iperf_address),
@@ -86,6 +109,7 @@ fn main() {
                 listener("tls-echo", out_tls_echo, ", protocol: tcp, default_cluster: tls-echo"),
                 listener("hbone-iperf", out_hbone_iperf, ", protocol: tcp, default_cluster: hbone-iperf"),
                 listener("hbone-echo", out_hbone_echo, ", protocol: tcp, default_cluster: hbone-echo"),
+                listener("http-out", out_http, ", protocol: http1, default_cluster: mesh-http"),
             ),
             client_admin,
         );
@@ -122,7 +146,6 @@ fn main() {
                 handshakes(server_admin) - handshakes_before
             );
         }
-        let idle = env("TRANSPORT_IDLE", 2000) as usize;
         println!("\nidle connections: {idle}, one byte echoed on each, then left open");
         println!("{:<7} {:>16} {:>16}", "", "client kB/conn", "server kB/conn");
         for (transport, port) in TRANSPORTS.into_iter().zip([out_tls_echo, out_hbone_echo]) {
@@ -135,6 +158,23 @@ fn main() {
             drop(open);
             tokio::time::sleep(Duration::from_secs(6)).await;
         }
+        println!("\nidle HTTP between sidecars: {idle} mesh connections (mTLS, HTTP/2), one request each, then idle");
+        println!("{:<7} {:>16} {:>16}", "", "client kB/conn", "server kB/conn");
+        let before = [rss_kb(client.id()), rss_kb(server.id())];
+        let handshakes_before = handshakes(server_admin);
+        let mut app_client = Client::http1(local(out_http)).await;
+        let mut answered = 0;
+        for _ in 0..idle {
+            if app_client.get("app", "/").await.status == 200 {
+                answered += 1;
+            }
+        }
+        drop(app_client);
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let after = [rss_kb(client.id()), rss_kb(server.id())];
+        let opened = handshakes(server_admin) - handshakes_before;
+        let per = |i: usize| (after[i] - before[i]) * 1.024 / answered.max(1) as f64;
+        println!("{:<7} {:>16.2} {:>16.2}   ({answered} answered, {opened:.0} handshakes)", "mesh", per(0), per(1));
         // The proxies go first: they follow their files, and would log the directory's removal.
         drop((server, client));
         let _ = std::fs::remove_dir_all(&dir);

@@ -8,8 +8,23 @@
 //! the system (`malloc_trim`), which is cheap when there is nothing to return. Other allocators
 //! were measured and not chosen: mimalloc returned memory only while it was being called, and held
 //! more per idle connection (docs/benchmarks.md, "Memory after bursts and config changes").
+//! Pages come back only when nothing in them is in use, so work that allocates much and keeps
+//! little (a config's parse) runs [`apart`], on a thread of its own, where its blocks do not sit
+//! among the ones that stay.
 
 use std::time::Duration;
+
+/// Runs `work` on a thread of its own and returns what it made. For work that allocates much and
+/// keeps little (a config's parse, the decoding of resources for a compile): glibc gives each
+/// thread its own arena, so those short-lived blocks are not interleaved with the long-lived ones
+/// the calling thread makes meanwhile, whose pages they would otherwise keep part-used once freed
+/// (blocks are freed into the arena they came from, whichever thread frees them).
+pub fn apart<T: Send>(work: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|scope| match scope.spawn(work).join() {
+        Ok(made) => made,
+        Err(panic) => std::panic::resume_unwind(panic),
+    })
+}
 
 /// Returns free memory to the system every `every`, until dropped.
 pub async fn give_back(every: Duration) {

@@ -265,12 +265,16 @@ impl Reloader {
     /// Reads the source and applies it; logs and records the outcome (metrics, `/config_dump`).
     pub fn reload(&self) -> Result<ReloadOutcome, ReloadError> {
         let references = if self.control { References::Pending } else { References::Required };
-        let result = bootstrap::load_with(&self.source, references)
+        // Parsed apart: the parse's short-lived blocks stay out of the arena the config is compiled in.
+        let result = crate::memory::apart(|| bootstrap::load_with(&self.source, references))
             .map_err(ReloadError::from)
             .and_then(|loaded| self.apply_file(loaded));
         match &result {
             Ok(ReloadOutcome::Applied(version)) => {
                 info!(%version, source = %self.source.origin(), "config applied");
+                // What the parse and the config before freed goes back now, not at the next
+                // periodic give-back.
+                crate::memory::trim();
                 self.reloads.record(true);
                 self.admin.record_reload(ReloadReport {
                     applied: true,

@@ -10,7 +10,6 @@
 //! update one endpoint at once; where two updates race, one wins, which a moving average and a
 //! failure streak tolerate.
 
-use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -104,8 +103,6 @@ impl Observed {
 /// The run-time state of one endpoint of one cluster.
 #[derive(Debug)]
 pub struct EndpointState {
-    /// Where it is.
-    pub address: SocketAddr,
     active: AtomicU32,
     /// Peak-EWMA latency in nanoseconds (as f64 bits) and when it was last updated.
     ewma_ns: AtomicU64,
@@ -134,10 +131,9 @@ pub(crate) struct OutlierCounters {
 }
 
 impl EndpointState {
-    /// A fresh state for `address`: idle, no history, `health` as given.
-    pub fn new(address: SocketAddr, health: Health) -> EndpointState {
+    /// A fresh state: idle, no history, `health` as given. (Its address is its set member's.)
+    pub fn new(health: Health) -> EndpointState {
         EndpointState {
-            address,
             active: AtomicU32::new(0),
             ewma_ns: AtomicU64::new((EWMA_INITIAL.as_nanos() as f64).to_bits()),
             ewma_stamp: AtomicU64::new(nanos_since_start(Instant::now())),
@@ -266,7 +262,7 @@ mod tests {
     use super::*;
 
     fn state() -> Arc<EndpointState> {
-        Arc::new(EndpointState::new(([127, 0, 0, 1], 1).into(), Health::Unchecked))
+        Arc::new(EndpointState::new(Health::Unchecked))
     }
 
     #[test]

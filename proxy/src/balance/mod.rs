@@ -349,7 +349,7 @@ impl EndpointSet {
                 // without outlier detection) are ignored by its view instead.
                 let state = carried(endpoint.address).unwrap_or_else(|| {
                     let health = if config.health_checked { Health::Unknown } else { Health::Unchecked };
-                    Arc::new(EndpointState::new(endpoint.address, health))
+                    Arc::new(EndpointState::new(health))
                 });
                 Member { endpoint, state }
             })
@@ -540,9 +540,10 @@ impl EndpointSet {
             member.outlier.consecutive_gateway.store(0, Ordering::Relaxed);
         }
         self.stats.record_ejection(reason);
+        let address = self.members.iter().find(|m| std::ptr::eq(&*m.state, member)).map(Member::address);
         tracing::info!(
             cluster = %self.stats.name,
-            endpoint = %member.address,
+            endpoint = %address.map_or_else(|| "?".to_owned(), |a| a.to_string()),
             reason = reason.as_str(),
             ejection = ?std::time::Duration::from_nanos(outlier.ejection_time(member.outlier.ejections.load(Ordering::Relaxed))),
             "endpoint ejected"

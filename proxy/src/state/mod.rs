@@ -273,17 +273,22 @@ pub(crate) fn decode_all(held: &[Encoded]) -> Result<Vec<Resource>, ValidationEr
 }
 
 /// [`decode_all`] over any list of them.
-pub(crate) fn decode_all_of<'a>(held: impl Iterator<Item = &'a Encoded>) -> Result<Vec<Resource>, ValidationErrors> {
-    held.map(|encoded| {
-        encoded.decode().map_err(|error| {
-            ValidationErrors(vec![FieldError {
-                subject: remora_control_api::resource::describe(encoded.kind(), encoded.name()),
-                field: String::new(),
-                message: error.to_string(),
-            }])
+/// Decoded apart (`memory::apart`): the decoded resources live only while they are compiled.
+pub(crate) fn decode_all_of<'a>(
+    held: impl Iterator<Item = &'a Encoded> + Send,
+) -> Result<Vec<Resource>, ValidationErrors> {
+    crate::memory::apart(|| {
+        held.map(|encoded| {
+            encoded.decode().map_err(|error| {
+                ValidationErrors(vec![FieldError {
+                    subject: remora_control_api::resource::describe(encoded.kind(), encoded.name()),
+                    field: String::new(),
+                    message: error.to_string(),
+                }])
+            })
         })
+        .collect()
     })
-    .collect()
 }
 
 fn compile_listener(
