@@ -395,7 +395,7 @@ async fn connect_hbone(
 }
 
 async fn handshake_http2<S>(
-    builder: &http2::Builder<hyper_util::rt::TokioExecutor>,
+    builder: &http2::Builder<super::tidy::UpstreamExecutor>,
     io: TokioIo<S>,
     endpoint: SocketAddr,
     slot: Option<Slot>,

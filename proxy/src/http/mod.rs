@@ -38,6 +38,7 @@ pub(crate) mod lot;
 pub mod replay;
 pub mod server;
 pub mod settings;
+pub mod tidy;
 pub mod tunnel;
 
 mod attempt;

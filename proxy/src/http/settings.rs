@@ -10,6 +10,7 @@ use std::sync::Arc;
 use hyper::{client, server};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use super::tidy::UpstreamExecutor;
 use crate::limits;
 use crate::timer::CoarseTimer;
 use crate::tls::MeshTls;
@@ -73,9 +74,9 @@ impl Default for ServerSettings {
 /// Connection settings for upstream HTTP/2 connections, built once, and this proxy's mTLS side.
 #[derive(Debug)]
 pub struct ClientSettings {
-    pub(crate) http2: client::conn::http2::Builder<TokioExecutor>,
+    pub(crate) http2: client::conn::http2::Builder<UpstreamExecutor>,
     /// For HBONE connections: tunnels' windows and frames (`limits::HBONE_*`).
-    pub(crate) hbone: client::conn::http2::Builder<TokioExecutor>,
+    pub(crate) hbone: client::conn::http2::Builder<UpstreamExecutor>,
     /// This proxy's identity for mesh clusters, when it has one.
     pub mesh: Option<Arc<MeshTls>>,
 }
@@ -89,7 +90,8 @@ impl ClientSettings {
 
 impl Default for ClientSettings {
     fn default() -> Self {
-        let mut h2 = client::conn::http2::Builder::new(TokioExecutor::new());
+        // Pooled connections give their buffers back while idle (`tidy`).
+        let mut h2 = client::conn::http2::Builder::new(UpstreamExecutor::default());
         h2.timer(TokioTimer::new())
             .initial_stream_window_size(limits::H2_STREAM_WINDOW)
             .initial_connection_window_size(limits::H2_CONNECTION_WINDOW)
