@@ -15,7 +15,7 @@
 use std::time::Duration;
 
 /// Runs `work` on a thread of its own and returns what it made. For work that allocates much and
-/// keeps little (a config's parse, the decoding of resources for a compile): glibc gives each
+/// keeps little (a config's parse, the decoding of resources to compose an update): glibc gives each
 /// thread its own arena, so those short-lived blocks are not interleaved with the long-lived ones
 /// the calling thread makes meanwhile, whose pages they would otherwise keep part-used once freed
 /// (blocks are freed into the arena they came from, whichever thread frees them).

@@ -26,7 +26,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use remora_control_api::validate::{References, ValidationErrors};
 use remora_control_api::watch::FileWatch;
 use remora_control_api::xds::client::Update;
-use remora_control_api::{Encoded, Kind, v1};
+use remora_control_api::{Encoded, Kind, Resource, v1};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
@@ -215,7 +215,7 @@ impl Reloader {
         let mut held = self.held();
         let dynamic = held.dynamic.with(update).map_err(ReloadError::Update)?;
         let (version, composed) = self.compose(&held.static_resources, &held.static_version, &dynamic)?;
-        let outcome = self.apply(version, composed.serving)?;
+        let outcome = self.apply(version, composed.serving.into(), composed.decoded)?;
         held.dynamic = dynamic;
         held.warming = composed.warming;
         debug!(
@@ -306,30 +306,37 @@ impl Reloader {
         }
         // Held here and in the snapshot, encoded in one buffer, each resource once.
         let resources: Arc<[Encoded]> = Encoded::all(&loaded.resources).into();
-        drop(loaded.resources);
         if !self.control {
-            let outcome = self.apply(loaded.version.clone(), resources.clone())?;
+            let outcome = self.apply(loaded.version.clone(), resources.clone(), loaded.resources)?;
             held.static_resources = resources;
             held.static_version = loaded.version;
             return Ok(outcome);
         }
+        drop(loaded.resources);
         let (version, composed) = self.compose(&resources, &loaded.version, &held.dynamic)?;
-        let outcome = self.apply(version, composed.serving)?;
+        let outcome = self.apply(version, composed.serving.into(), composed.decoded)?;
         held.static_resources = resources;
         held.static_version = loaded.version;
         held.warming = composed.warming;
         Ok(outcome)
     }
 
-    fn apply(&self, version: String, resources: impl Into<Arc<[Encoded]>>) -> Result<ReloadOutcome, ReloadError> {
+    /// Compiles `resources` (with `decoded`, the same set decoded) and serves them.
+    fn apply(
+        &self,
+        version: String,
+        resources: Arc<[Encoded]>,
+        decoded: Vec<Resource>,
+    ) -> Result<ReloadOutcome, ReloadError> {
         let mut bound = self.bound();
         let current = self.data.snapshot.load_full();
         if !current.version.is_empty() && current.version == version {
             return Ok(ReloadOutcome::Unchanged(version));
         }
         let origin = if self.control { "control plane".to_owned() } else { self.source.origin() };
-        let snapshot = Snapshot::build(version.clone(), resources, Some(&current), &self.locality, &self.metrics)
-            .map_err(|errors| ReloadError::Invalid { origin, errors })?;
+        let snapshot =
+            Snapshot::build_decoded(version.clone(), resources, decoded, Some(&current), &self.locality, &self.metrics)
+                .map_err(|errors| ReloadError::Invalid { origin, errors })?;
 
         // Bind first: if an address is taken, nothing has changed yet. An address a listener keeps
         // keeps its sockets; only new ones are bound, and only dropped ones close.

@@ -56,17 +56,8 @@ impl Spawned {
 
     /// Waits for an output line containing `needle` and returns it.
     pub(crate) fn wait_for(&mut self, needle: &str) -> String {
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(line) = self.seen.iter().find(|l| l.contains(needle)) {
-                return line.clone();
-            }
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.log.recv_timeout(left) {
-                Ok(line) => self.seen.push(line),
-                Err(_) => panic!("no line containing {needle:?}; output so far:\n{}", self.seen.join("\n")),
-            }
-        }
+        self.wait_for_count(needle, 1);
+        self.seen.iter().find(|l| l.contains(needle)).cloned().unwrap_or_default()
     }
 
     /// Waits for the `count`th output line containing `needle`.

@@ -105,6 +105,8 @@ pub struct Warming {
 pub struct Composed {
     /// The resources that serve: a closed set (every reference resolves).
     pub serving: Vec<Encoded>,
+    /// The same, decoded (for the compile that follows).
+    pub decoded: Vec<Resource>,
     /// The ones that wait.
     pub warming: Vec<Warming>,
 }
@@ -120,7 +122,13 @@ pub fn compose(
     let decoded = super::decode_all_of(all.iter().copied())?;
     validate::validate_with(&decoded, References::Pending)?;
     let (ready, warming) = warm(&decoded, serving_now);
-    let serving = all.iter().zip(ready).filter(|(_, ready)| *ready).map(|(encoded, _)| (*encoded).clone()).collect();
+    let (serving, decoded) = all
+        .iter()
+        .zip(decoded)
+        .zip(ready)
+        .filter(|(_, ready)| *ready)
+        .map(|((encoded, resource), _)| ((*encoded).clone(), resource))
+        .unzip();
     let mut errors = Vec::new();
     // An endpoint set whose cluster is gone serves nothing, so it may stop.
     for w in warming.iter().filter(|w| w.kind != Kind::Endpoints) {
@@ -135,7 +143,7 @@ pub fn compose(
     if !errors.is_empty() {
         return Err(ValidationErrors(errors));
     }
-    Ok(Composed { serving, warming })
+    Ok(Composed { serving, decoded, warming })
 }
 
 /// Splits `all` (already validated, references possibly dangling) into what can serve and what

@@ -182,6 +182,19 @@ impl Snapshot {
     ) -> Result<Snapshot, ValidationErrors> {
         let held = held.into();
         let resources = decode_all(&held)?;
+        Snapshot::build_decoded(version, held, resources, previous, locality, metrics)
+    }
+
+    /// [`Snapshot::build`] with the resources already decoded (`resources`, the same set as
+    /// `held`): a reload has them from its parse, a control-plane update from its composition.
+    pub fn build_decoded(
+        version: String,
+        held: Arc<[Encoded]>,
+        resources: Vec<Resource>,
+        previous: Option<&Snapshot>,
+        locality: &OwnLocality,
+        metrics: &SnapshotMetrics,
+    ) -> Result<Snapshot, ValidationErrors> {
         validate::validate(&resources)?;
         let fail = |error: FieldError| ValidationErrors(vec![error]);
 
