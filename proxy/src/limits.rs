@@ -135,12 +135,15 @@ pub const HBONE_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 pub const HBONE_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// See [`HBONE_STREAM_WINDOW`].
 pub const HBONE_MAX_FRAME_SIZE: u32 = 1024 * 1024;
-/// Tunnels open at once on one HBONE connection (its HTTP/2 concurrent-stream limit). A peer
-/// pools one connection per host and worker, so this is how many TCP connections one worker of a
-/// peer can hold open to this host at once: a client pool past HTTP's 512 streams must not wait
-/// for one of its own connections to close (each tunnel still counts against the inbound
-/// listener's `max_connections`).
+/// Tunnels open at once on one HBONE connection this proxy accepts (its HTTP/2 concurrent-stream
+/// limit). Remora and ztunnel open another connection past [`HBONE_TUNNELS_PER_CONNECTION`], but
+/// a peer that pools one connection per host must not have its tunnels wait for each other (each
+/// still counts against the inbound listener's `max_connections`).
 pub const HBONE_MAX_TUNNELS: u32 = 16 * 1024;
+/// Tunnels this proxy opens at once on one pooled HBONE connection before it opens another to the
+/// same host: 100, ztunnel's default (`POOL_MAX_STREAMS_PER_CONNECTION`) and the least concurrent
+/// stream limit RFC 9113 (§6.5.2) recommends a server allow, so a peer's limit is not hit first.
+pub const HBONE_TUNNELS_PER_CONNECTION: usize = 100;
 
 /// Buffer per direction when opaque TCP is copied through user space (TLS on a side, an upgraded
 /// HTTP connection): tokio's default. Held only while bytes move ([`crate::relay`]).

@@ -27,7 +27,7 @@ use crate::balance::EndpointState;
 use crate::balance::Observed;
 use crate::connect::{ConnectError, connect};
 use crate::failure::Failure;
-use crate::http::client::{self, ClientSettings};
+use crate::http::client::{self, ClientSettings, HboneTunnel};
 use crate::http::error::ProxyError;
 use crate::io::{DownstreamStream, Meter, idle_watch};
 use crate::limits;
@@ -39,8 +39,6 @@ use crate::state::cluster::Cluster;
 use crate::state::{Direction, ListenerConfig};
 use crate::telemetry::access_log::{AccessLog, Entry};
 use crate::tls::{Alpn, ClientStream, TlsError};
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
 use remora_control_api::identity::SpiffeId;
 use tokio_util::either::Either;
 
@@ -117,7 +115,7 @@ struct Relay<'a> {
 
 /// A relayed connection's upstream side: plain TCP, or to a mesh cluster, mutual TLS or an HBONE
 /// tunnel (over TCP or QUIC).
-type Upstream = Either<TcpStream, Either<ClientStream, Either<TokioIo<Upgraded>, Box<QuicUpstream>>>>;
+type Upstream = Either<TcpStream, Either<ClientStream, Either<HboneTunnel, Box<QuicUpstream>>>>;
 
 impl Relay<'_> {
     /// The connection's life: the endpoint it went to, and what cut it short (an `x-remora-error`

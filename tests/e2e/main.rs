@@ -19,6 +19,7 @@ mod gateway_api;
 mod grpc;
 mod h2_limits;
 mod hbone;
+mod hbone_out;
 mod hostile_control_plane;
 mod http;
 mod http3;

@@ -18,6 +18,10 @@
 //!   mutual TLS to the endpoint's sidecar (`tls::MeshTls::connect`), on a pooled connection of its
 //!   own, kept apart from plaintext HTTP/2 to the same address. The peer's proven identity is kept
 //!   with the connection, and a cluster that expects someone else does not reuse it.
+//! - HBONE tunnels ([`open_tunnel`]) are CONNECT streams on pooled HTTP/2 connections to the HBONE
+//!   listener of the endpoint's host: as many connections as it takes to carry each at most
+//!   `limits::HBONE_TUNNELS_PER_CONNECTION` tunnels at once (ztunnel's pool does the same), each
+//!   tunnel holding its place on its connection until it is dropped.
 //!
 //! A pooled connection can turn out to be dead (the server closed it while idle). When it fails
 //! before the endpoint could have seen the request, the request is sent again on a fresh
@@ -25,8 +29,12 @@
 
 use std::cell::RefCell;
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -34,6 +42,7 @@ use hyper::client::conn::http2;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use std::time::Instant;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::either::Either;
 use tracing::debug;
@@ -65,9 +74,18 @@ struct IdleConnection {
     expires: Instant,
 }
 
-/// The HTTP/2 connection to one endpoint, shared by this worker's requests. The async mutex makes
-/// concurrent first requests wait for one connect instead of each opening a connection.
-type SharedHttp2 = Arc<tokio::sync::Mutex<Option<Http2Connection>>>;
+/// A pooled HTTP/2 connection, shared by this worker's requests (or tunnels).
+type SharedHttp2 = Arc<Shared>;
+
+#[derive(Default)]
+struct Shared {
+    /// The connection, once opened. The async mutex makes concurrent first requests wait for one
+    /// connect instead of each opening a connection.
+    slot: tokio::sync::Mutex<Option<Http2Connection>>,
+    /// HBONE only: the tunnels open on it, or about to be (see [`Lease`]). Read without the lock,
+    /// so choosing a connection with room waits for nothing.
+    tunnels: AtomicUsize,
+}
 
 struct Http2Connection {
     sender: http2::SendRequest<UpstreamBody>,
@@ -83,18 +101,19 @@ struct Pool {
     http1: foldhash::HashMap<SocketAddr, Vec<IdleConnection>>,
     /// Keyed by the address connected to and what the connection is.
     http2: foldhash::HashMap<(SocketAddr, Carrier), SharedHttp2>,
+    /// To HBONE listeners (mutual TLS with ALPN `h2`, tunnels as CONNECT streams), by listener
+    /// address: one connection, and another each time all of them carry as many tunnels as one may.
+    hbone: foldhash::HashMap<SocketAddr, Vec<SharedHttp2>>,
 }
 
-/// What a pooled HTTP/2 connection is, beside where it goes: the same address can be reached
-/// several ways, and each way gets a connection of its own.
+/// What a pooled HTTP/2 connection for requests is, beside where it goes: the same address can be
+/// reached either way, and each way gets a connection of its own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Carrier {
     /// h2c.
     Plain,
     /// HTTP/2 in mutual TLS to the endpoint's sidecar (ALPN `remora.h2`).
     Mesh,
-    /// To an HBONE listener: mutual TLS with ALPN `h2`, tunnels as CONNECT streams.
-    Hbone,
 }
 
 thread_local! {
@@ -212,27 +231,33 @@ pub async fn send_http2(
     request: Request<UpstreamBody>,
 ) -> Result<Outcome, ProxyError> {
     let carrier = if cluster.mesh.is_some() { Carrier::Mesh } else { Carrier::Plain };
+    let Some(shared) = with_pool(|pool| pool.http2.entry((endpoint, carrier)).or_default().clone()) else {
+        return Err(ProxyError::NoEndpoint(cluster.name.clone()));
+    };
     let connect = || connect_http2(settings, cluster, endpoint);
-    let mut response = send_pooled(settings, cluster, endpoint, (endpoint, carrier), connect, request).await?;
+    let mut response = send_pooled(settings, cluster, endpoint, &shared, connect, request).await?;
     headers::strip_hop_by_hop(response.headers_mut(), false);
     Ok(Outcome::Response(response.map(ProxyBody::http2)))
 }
 
-/// Opens an HBONE tunnel to `endpoint` of a mesh cluster: a `CONNECT endpoint` stream on this
-/// worker's HTTP/2 connection to the HBONE listener at `port` of the endpoint's host (mutual TLS,
-/// ALPN `h2`, the endpoint's expected identity proven), opened if needed and shared by every
-/// tunnel to that host. The stream is the tunnel once the listener answers `200`.
+/// Opens an HBONE tunnel to `endpoint` of a mesh cluster: a `CONNECT endpoint` stream on one of
+/// this worker's HTTP/2 connections to the HBONE listener at `port` of the endpoint's host (mutual
+/// TLS, ALPN `h2`, the endpoint's expected identity proven): the first with room for another
+/// tunnel, or a new one. The stream is the tunnel once the listener answers `200`.
 pub async fn open_tunnel(
     settings: &ClientSettings,
     cluster: &Cluster,
     endpoint: SocketAddr,
     port: u16,
-) -> Result<TokioIo<Upgraded>, ProxyError> {
+) -> Result<HboneTunnel, ProxyError> {
     let listener = SocketAddr::new(endpoint.ip(), port);
+    let Some(lease) = with_pool(|pool| Lease::take(pool.hbone.entry(listener).or_default())) else {
+        return Err(ProxyError::NoEndpoint(cluster.name.clone()));
+    };
     let connect = || connect_hbone(settings, cluster, endpoint, listener);
     let request = headers::tunnel_connect(endpoint).map(|()| UpstreamBody::Empty);
     let count = |pick| cluster.count_tunnel(pick);
-    let sent = send_pooled(settings, cluster, endpoint, (listener, Carrier::Hbone), connect, request).await;
+    let sent = send_pooled(settings, cluster, endpoint, &lease.connection, connect, request).await;
     let mut response = match sent {
         Ok(response) => response,
         Err(error) => {
@@ -247,7 +272,7 @@ pub async fn open_tunnel(
     match hyper::upgrade::on(&mut response).await {
         Ok(upgraded) => {
             count(|c| &c.opened);
-            Ok(TokioIo::new(upgraded))
+            Ok(HboneTunnel { io: TokioIo::new(upgraded), _lease: lease })
         }
         Err(error) => {
             count(|c| &c.failed);
@@ -256,14 +281,90 @@ pub async fn open_tunnel(
     }
 }
 
-/// Sends `request` on this worker's HTTP/2 connection `key`, opening it with `connect` if there is
-/// none, it died, or its peer is not one `cluster` accepts for `endpoint`. A request a connection
-/// going away did not take is sent once more, on a fresh connection.
+/// An open HBONE tunnel: its CONNECT stream, holding its place on the pooled connection that
+/// carries it until it is dropped.
+#[derive(Debug)]
+pub struct HboneTunnel {
+    io: TokioIo<Upgraded>,
+    _lease: Lease,
+}
+
+/// A tunnel's place on a pooled HBONE connection, taken before its `CONNECT` is sent (so
+/// concurrent openers count each other) and given back when dropped.
+struct Lease {
+    connection: SharedHttp2,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease").field("tunnels", &self.connection.tunnels.load(Ordering::Relaxed)).finish()
+    }
+}
+
+impl Lease {
+    /// A place on the first of `connections` with room for another tunnel, else on a new one.
+    fn take(connections: &mut Vec<SharedHttp2>) -> Lease {
+        let roomy =
+            connections.iter().find(|c| c.tunnels.load(Ordering::Relaxed) < limits::HBONE_TUNNELS_PER_CONNECTION);
+        let connection = match roomy {
+            Some(connection) => connection.clone(),
+            None => {
+                let connection = SharedHttp2::default();
+                connections.push(connection.clone());
+                connection
+            }
+        };
+        connection.tunnels.fetch_add(1, Ordering::Relaxed);
+        Lease { connection }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.connection.tunnels.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl AsyncRead for HboneTunnel {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for HboneTunnel {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Sends `request` on this worker's pooled HTTP/2 connection `shared`, opening it with `connect` if
+/// there is none, it died, or its peer is not one `cluster` accepts for `endpoint`. A request a
+/// connection going away did not take is sent once more, on a fresh connection.
 async fn send_pooled<C, F>(
     settings: &ClientSettings,
     cluster: &Cluster,
     endpoint: SocketAddr,
-    key: (SocketAddr, Carrier),
+    shared: &Shared,
     connect: C,
     mut request: Request<UpstreamBody>,
 ) -> Result<Response<hyper::body::Incoming>, ProxyError>
@@ -271,13 +372,10 @@ where
     C: Fn() -> F,
     F: Future<Output = Result<(http2::SendRequest<UpstreamBody>, Option<SpiffeId>), ProxyError>>,
 {
-    let Some(shared) = with_pool(|pool| pool.http2.entry(key).or_default().clone()) else {
-        return Err(ProxyError::NoEndpoint(cluster.name.clone()));
-    };
     let mut force_new = false;
     loop {
         let mut sender = {
-            let mut slot = shared.lock().await;
+            let mut slot = shared.slot.lock().await;
             let expires = timer::now() + cluster.idle_timeout;
             match slot.as_mut() {
                 Some(connection)
@@ -431,15 +529,26 @@ pub fn sweep() {
             });
             !idle.is_empty()
         });
-        pool.http2.retain(|_, shared| match shared.try_lock() {
-            Ok(mut slot) => {
-                if slot.as_ref().is_some_and(|c| c.expires <= now || c.sender.is_closed()) {
-                    *slot = None;
-                }
-                slot.is_some()
-            }
-            // A request is connecting right now; keep it.
-            Err(_) => true,
+        pool.http2.retain(|_, shared| keep_http2(shared, now));
+        pool.hbone.retain(|_, connections| {
+            connections.retain(|shared| keep_http2(shared, now));
+            !connections.is_empty()
         });
     });
+}
+
+/// Whether a pooled HTTP/2 connection stays in the pool: it is alive, and within its idle timeout
+/// or carrying tunnels. Forgets it otherwise.
+fn keep_http2(shared: &Shared, now: Instant) -> bool {
+    match shared.slot.try_lock() {
+        Ok(mut slot) => {
+            let busy = shared.tunnels.load(Ordering::Relaxed) > 0;
+            if slot.as_ref().is_some_and(|c| (c.expires <= now && !busy) || c.sender.is_closed()) {
+                *slot = None;
+            }
+            slot.is_some() || busy
+        }
+        // A request is connecting right now; keep it.
+        Err(_) => true,
+    }
 }
