@@ -2,7 +2,9 @@
 //! EndpointSlices, the Pods behind them) and no Remora resource for them. A calling sidecar on
 //! the control plane reaches a Service by its DNS names over mutual TLS to the sidecars of its
 //! pods, balanced per request; a Service whose pod has no sidecar is reached in plaintext; an
-//! endpoint leaving its slice stops getting requests; an operator's cluster refines a Service.
+//! endpoint leaving its slice stops getting requests; an operator's cluster refines a Service. A
+//! Service whose pods are in Istio's ambient mesh is reached over HBONE, HTTP inside, through a
+//! ztunnel written apart from Remora (`hbone_server.py`), and in plaintext once its pod opts out.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -11,6 +13,8 @@ use std::time::Duration;
 use remora_control_plane::testing::{TestCa, TestControlPlane};
 use remora_proxy::testing::proxy::temp_dir;
 use remora_proxy::testing::{Client, HttpServer, TestProxy, eventually};
+
+use crate::hbone_out::{HboneServer, count};
 
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
@@ -326,5 +330,59 @@ async fn a_namespace_made_strict_refuses_plaintext_and_keeps_mutual_tls() {
     let reply = Client::http1(caller.address("out")).await.get("api.shop", "/").await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(reply.header("x-seen-client-identity"), WEB, "mTLS from the caller's sidecar");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A namespace labelled `istio.io/dataplane-mode: ambient` and a pod without Remora's sidecar: the
+/// caller reaches the Service over HBONE, HTTP inside a tunnel to the pod's address, through the
+/// ztunnel at the mesh's HBONE port (here an independent server, `hbone_server.py`, on a port of
+/// the test's choosing), which sees the caller's identity; the pod opting out of the ambient mesh
+/// is called in plaintext again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_in_istios_ambient_mesh_is_reached_over_hbone() {
+    if !crate::hbone::python_h2() {
+        return;
+    }
+    let ca = TestCa::new("cluster.local");
+    let dir = temp_dir("remora-ambient");
+    let app = HttpServer::start("ambient-app").await;
+    ca.issue(API).write(&dir.join("ztunnel"));
+    let mut ztunnel = HboneServer::start(&dir.join("ztunnel"), &[]);
+    let namespace =
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n";
+    let manifests =
+        |pod: String| documents(&[namespace.to_owned(), services(), pod, slice("api", "api-0", app.address())]);
+    let settings = remora_control_plane::mesh::Settings { hbone_port: ztunnel.port, ..Default::default() };
+    let plane = TestControlPlane::start_with_mesh(&[("shop.yaml", &manifests(pod("api-0", "api", false)))], settings);
+    let caller = caller(&ca, &dir, &plane, WEB, "web-0.shop");
+    caller.wait_ready().await;
+    let mut client = Client::http1(caller.address("out")).await;
+    for _ in 0..3 {
+        let reply = client.get("api.shop", "/").await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(reply.header("x-served-by"), "ambient-app");
+    }
+    let said = ztunnel.said_once("a tunnel", |said| count(said, "tunnel") == 1).to_vec();
+    let connection = said.iter().find(|line| line.get("connection").is_some()).unwrap();
+    assert_eq!(connection["peer"], WEB, "the ztunnel saw who called: {connection}");
+    let tunnel = said.iter().find(|line| line.get("tunnel").is_some()).unwrap();
+    assert_eq!(tunnel["authority"], app.address().to_string(), "{tunnel}");
+    let dump = caller.config_dump().await;
+    let cluster =
+        dump["resources"].as_array().unwrap().iter().find(|r| r["kind"] == "Cluster" && r["name"] == "shop/api:80");
+    assert_eq!(cluster.map(|c| c["http_over_hbone"].clone()), Some(serde_json::json!(true)), "{dump}");
+
+    // The pod opts out: plaintext to it, no more tunnels.
+    let opted_out = pod("api-0", "api", false)
+        .replace("uid: uid-api-0}", "uid: uid-api-0, labels: {istio.io/dataplane-mode: none}}");
+    plane.write("shop.yaml", &manifests(opted_out));
+    eventually("the cluster turns plaintext", Duration::from_secs(10), || async {
+        !caller.config_dump().await.to_string().contains("http_over_hbone")
+    })
+    .await;
+    let reply = Client::http1(caller.address("out")).await.get("api.shop", "/").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(count(ztunnel.settled(), "tunnel"), 1, "no tunnel for plaintext");
+    assert_eq!(app.hits(), 4);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -4,6 +4,9 @@
 //! the sidecar's SPIFFE identity and the headers it sends, a connection carries at most 100
 //! tunnels at once (the server's own stream limit: the `h2` package's default) and the sidecar
 //! opens another past that, tunnels closed make room again, and a refused CONNECT is counted so.
+//! With `http_over_hbone`, HTTP rides tunnels too, in the cluster's own protocol: HTTP/1.1 and h2c
+//! to the app behind the independent server, pooled per endpoint; and to a Remora sidecar's HBONE
+//! listener, whose inbound pipeline serves it.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -12,19 +15,20 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use remora_control_plane::testing::TestCa;
+use remora_proxy::testing::client::Client;
 use remora_proxy::testing::proxy::temp_dir;
 use remora_proxy::testing::{HttpServer, TcpEchoServer, TestProxy};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::hbone::{API, WEB, python_h2};
+use crate::hbone::{API, WEB, python_h2, sidecar_with};
 
 /// The independent HBONE server, running as a child process (killed when dropped), and what it
 /// has said so far.
-struct HboneServer {
+pub(crate) struct HboneServer {
     child: Child,
-    port: u16,
+    pub(crate) port: u16,
     lines: mpsc::Receiver<Value>,
     said: Vec<Value>,
 }
@@ -39,7 +43,7 @@ impl Drop for HboneServer {
 impl HboneServer {
     /// Starts the server with the certificate in `identity` (cert.pem, key.pem, ca.pem), refusing
     /// tunnels to `refuse`.
-    fn start(identity: &std::path::Path, refuse: &[SocketAddr]) -> HboneServer {
+    pub(crate) fn start(identity: &std::path::Path, refuse: &[SocketAddr]) -> HboneServer {
         let spec = json!({
             "cert": identity.join("cert.pem"),
             "key": identity.join("key.pem"),
@@ -69,7 +73,7 @@ impl HboneServer {
     }
 
     /// What the server has said, once `enough` holds of it (waiting up to ten seconds).
-    fn said_once(&mut self, what: &str, enough: impl Fn(&[Value]) -> bool) -> &[Value] {
+    pub(crate) fn said_once(&mut self, what: &str, enough: impl Fn(&[Value]) -> bool) -> &[Value] {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while !enough(&self.said) {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -80,9 +84,18 @@ impl HboneServer {
         }
         &self.said
     }
+
+    /// Everything the server has said, after a quarter second in which it said nothing more.
+    pub(crate) fn settled(&mut self) -> &[Value] {
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(250)) {
+            self.said.push(line);
+        }
+        &self.said
+    }
 }
 
-fn count(said: &[Value], key: &str) -> usize {
+/// How many of the server's lines say `key`.
+pub(crate) fn count(said: &[Value], key: &str) -> usize {
     said.iter().filter(|line| line.get(key).is_some()).count()
 }
 
@@ -163,5 +176,91 @@ async fn opaque_tcp_reaches_an_independent_hbone_server_a_hundred_tunnels_per_co
     assert_eq!(refused["authority"], app.address().to_string(), "{refused}");
     assert_eq!(client.metric(&tunnels("api", "refused")).await, 1.0);
     assert_eq!(app.hits(), 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn http_over_hbone_reaches_an_independent_server_s_app_and_a_remora_sidecar_s_inbound_pipeline() {
+    if !python_h2() {
+        return;
+    }
+    let ca = TestCa::new("cluster.local");
+    let dir = temp_dir("remora-hbone-http");
+    let app = HttpServer::start("api-app").await;
+    ca.issue(API).write(&dir.join("api"));
+    let mut server = HboneServer::start(&dir.join("api"), &[]);
+    let web = ca.issue(WEB).bootstrap_identity(&dir.join("web"));
+    let hbone = |protocol: &str| format!(", tls: mesh, hbone_port: {}, http_over_hbone: true{protocol}", server.port);
+    let client = TestProxy::start(&format!(
+        "bootstrap:\n  admin_address: 127.0.0.1:0\n  workers: 1\n{web}---\nresources:\n{}{}{}{}",
+        crate::cluster("api-h1", &hbone(", protocol: http1"), &[app.address()]),
+        crate::cluster("api-h2", &hbone(", protocol: http2"), &[app.address()]),
+        crate::listener("h1", ", protocol: http1, default_cluster: api-h1"),
+        crate::listener("h2", ", protocol: http1, default_cluster: api-h2"),
+    ));
+
+    // HTTP/1.1, as the app speaks it, on one pooled connection inside one tunnel.
+    let mut caller = Client::http1(client.address("h1")).await;
+    for i in 0..10 {
+        let reply = caller.get("api.shop", &format!("/h1/{i}")).await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert_eq!(reply.text(), "hello from api-app\n");
+        assert_eq!(reply.header("x-seen-version"), "HTTP/1.1");
+        assert_eq!(reply.header("x-seen-host"), "api.shop");
+    }
+    let said = server.said_once("a tunnel for HTTP/1.1", |said| count(said, "tunnel") == 1).to_vec();
+    let tunnel = said.iter().find(|line| line.get("tunnel").is_some()).unwrap();
+    assert_eq!(tunnel["authority"], app.address().to_string(), "{tunnel}");
+    assert_eq!(tunnel["headers"].get("x-remora-tunnel-protocol"), None, "HTTP is not said to be TCP: {tunnel}");
+    // Requests at once take a tunnel each; afterwards they are all pooled.
+    let mut handles = Vec::new();
+    for i in 0..4 {
+        let address = client.address("h1");
+        handles.push(tokio::spawn(async move {
+            Client::http1(address).await.get("api.shop", &format!("/slow/{}", 300 + i)).await.status
+        }));
+    }
+    for handle in handles {
+        assert_eq!(handle.await.unwrap(), 200);
+    }
+    assert_eq!(count(server.settled(), "tunnel"), 4, "the pooled connection and three more");
+    for i in 0..8 {
+        assert_eq!(caller.get("api.shop", &format!("/again/{i}")).await.status, 200);
+    }
+    assert_eq!(count(server.settled(), "tunnel"), 4, "pooled connections reused");
+
+    // h2c, as the other cluster says the app speaks, multiplexed inside one tunnel.
+    let mut caller = Client::http1(client.address("h2")).await;
+    for i in 0..10 {
+        let reply = caller.get("api.shop", &format!("/h2/{i}")).await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert_eq!(reply.header("x-seen-version"), "HTTP/2.0");
+    }
+    let said = server.settled().to_vec();
+    assert_eq!(count(&said, "tunnel"), 5, "one more tunnel, for h2c");
+    assert_eq!(count(&said, "connection"), 1, "every tunnel on one HBONE connection: {said:#?}");
+    assert_eq!(app.hits(), 32);
+
+    // To a Remora sidecar's HBONE listener: its inbound pipeline serves the HTTP inside, and the
+    // app is told who called.
+    let side = sidecar_with("").await;
+    let web = side.ca.issue(WEB).bootstrap_identity(&side.dir.join("web"));
+    let hbone = format!(
+        ", tls: mesh, hbone_port: {}, http_over_hbone: true, protocol: http1",
+        side.proxy.address("hbone").port()
+    );
+    let client = TestProxy::start(&format!(
+        "bootstrap:\n  admin_address: 127.0.0.1:0\n  workers: 1\n{web}---\nresources:\n{}{}",
+        crate::cluster("api", &hbone, &[side.app.address()]),
+        crate::listener("out", ", protocol: http1, default_cluster: api"),
+    ));
+    let mut caller = Client::http1(client.address("out")).await;
+    for _ in 0..3 {
+        let reply = caller.get("api.shop", "/").await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert_eq!(reply.header("x-seen-client-identity"), WEB, "the inbound pipeline named the caller");
+    }
+    let opened = "remora_listener_tunnels_total{listener=\"hbone\",result=\"opened\"}";
+    assert_eq!(side.proxy.metric(opened).await, 1.0, "three requests, one tunnel");
     let _ = std::fs::remove_dir_all(&dir);
 }

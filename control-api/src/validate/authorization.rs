@@ -70,6 +70,7 @@ mod tests {
 resources:
 - {kind: Cluster, name: plain, peer_identities: ["spiffe://td/a"], hbone_port: 15008}
 - {kind: Cluster, name: tunnelled, tls: mesh, hbone_port: 70000}
+- {kind: Cluster, name: http-untunnelled, tls: mesh, http_over_hbone: true}
 - {kind: Cluster, name: mesh, tls: mesh, peer_identities: ["spiffe://td/ok/*", "web"]}
 - {kind: Endpoints, cluster: mesh, endpoints: [{address: "127.0.0.1:1", identity: "spiffe://TD/x"}]}
 - {kind: AuthorizationPolicy, name: a, listener: in, allow: ["spiffe://td/ns/*"]}
@@ -81,6 +82,7 @@ resources:
             r#"cluster "plain": peer_identities: applies only to tls: mesh"#,
             r#"cluster "plain": hbone_port: applies only to tls: mesh"#,
             r#"cluster "tunnelled": hbone_port: must be a port number, got 70000"#,
+            r#"cluster "http-untunnelled": http_over_hbone: needs hbone_port"#,
             r#"cluster "mesh": peer_identities[1]: "web" is not a SPIFFE ID"#,
             r#"endpoints "mesh": endpoints[0].identity: "spiffe://TD/x""#,
             r#"authorization policy "b": port: every port of listener "in" is already covered by policy "a""#,

@@ -123,6 +123,9 @@ impl Checker {
         } else if cluster.hbone_port != 0 && cluster.tls() != v1::cluster::Tls::Mesh {
             self.fail(subject, "hbone_port", "applies only to tls: mesh");
         }
+        if cluster.http_over_hbone && cluster.hbone_port == 0 {
+            self.fail(subject, "http_over_hbone", "needs hbone_port");
+        }
         if let Some(service) = &cluster.kubernetes_service {
             if cluster.original_destination {
                 self.fail(subject, "kubernetes_service", "an original_destination cluster takes no endpoints");

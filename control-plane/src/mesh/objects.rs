@@ -1,6 +1,8 @@
 //! The Kubernetes objects the automatic mesh is made of, read from their JSON: Services (their
 //! cluster IPs and TCP ports), Pods (their service account, and whether they have Remora's
-//! sidecar), and EndpointSlices (which pods serve a Service, kept by `sources::endpoint_slices`).
+//! sidecar or are in Istio's ambient mesh), Namespaces (their settings, and whether Istio's ambient
+//! mesh takes their pods), and EndpointSlices (which pods serve a Service, kept by
+//! `sources::endpoint_slices`).
 //!
 //! Objects enter as the JSON of Kubernetes manifests (the GitOps directory's, or what the API
 //! server answers); anything else among them (a Deployment, a ConfigMap) is left alone. Reading is
@@ -59,7 +61,15 @@ pub struct Pod {
     pub meshed: bool,
     /// Its annotations under `remora.dev/` (the mesh's settings for it).
     pub settings: BTreeMap<String, String>,
+    /// What its `istio.io/dataplane-mode` label says: `ambient` (Istio's ztunnel serves it,
+    /// speaking HBONE), `none` (opted out of its namespace's ambient mode); unset, as its
+    /// namespace says.
+    pub ambient: Option<bool>,
 }
+
+/// The label by which Istio's ambient mode takes a namespace's pods (`ambient`), or a pod opts in
+/// or out (`ambient`, `none`).
+const AMBIENT_LABEL: &str = "istio.io/dataplane-mode";
 
 /// The kinds of Kubernetes object the mesh reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -114,6 +124,8 @@ impl ObjectKind {
 pub struct Namespace {
     /// Its annotations under `remora.dev/` (the mesh's settings for it).
     pub settings: BTreeMap<String, String>,
+    /// Whether it is labelled `istio.io/dataplane-mode: ambient`: Istio's ztunnel serves its pods.
+    pub ambient: bool,
 }
 
 /// Every Service, Pod, EndpointSlice and Namespace of the mesh, kept one object at a time.
@@ -215,7 +227,7 @@ impl Objects {
                 Some((uid, pod)) => {
                     let account = self.slices.set_account(&uid, &pod.namespace, &pod.account);
                     let old = self.pods.insert(uid.clone(), pod.clone());
-                    let meshed = old.as_ref().is_none_or(|old| old.meshed != pod.meshed);
+                    let meshed = old.as_ref().is_none_or(|old| old.meshed != pod.meshed || old.ambient != pod.ambient);
                     self.changes.policies |= old.as_ref().is_none_or(|old| old.settings != pod.settings);
                     if account || meshed {
                         self.changes.pods.insert(uid);
@@ -226,7 +238,13 @@ impl Objects {
             },
             Some(ObjectKind::Namespace) => match namespace(object) {
                 Some((name, namespace)) => {
-                    let changed = self.namespaces.insert(name, namespace.clone()).is_none_or(|old| old != namespace);
+                    let old = self.namespaces.insert(name.clone(), namespace.clone());
+                    if old.as_ref().map_or(namespace.ambient, |old| old.ambient != namespace.ambient) {
+                        // Its pods are reached another way: their Services are made again.
+                        let pods = self.pods.iter().filter(|(_, pod)| pod.namespace == name);
+                        self.changes.pods.extend(pods.map(|(uid, _)| uid.clone()));
+                    }
+                    let changed = old.is_none_or(|old| old != namespace);
                     self.changes.policies |= changed;
                     changed
                 }
@@ -464,6 +482,23 @@ impl Objects {
     pub fn pod(&self, pod: &PodRef) -> Option<&Pod> {
         self.pods.get(&pod.uid).filter(|known| known.namespace == pod.namespace && known.name == pod.name)
     }
+
+    /// Whether Istio's ambient mesh serves `pod` (its ztunnel answering HBONE for it): the pod
+    /// says so, or its namespace does and the pod does not opt out. A pod with Remora's sidecar
+    /// is Remora's.
+    pub fn is_ambient(&self, pod: &Pod) -> bool {
+        !pod.meshed && pod.ambient.unwrap_or_else(|| self.namespaces.get(&pod.namespace).is_some_and(|ns| ns.ambient))
+    }
+}
+
+/// What an object's `istio.io/dataplane-mode` label says: `Some(true)` for `ambient`,
+/// `Some(false)` for `none`, else nothing.
+fn ambient_label(object: &Value) -> Option<bool> {
+    match object["metadata"]["labels"][AMBIENT_LABEL].as_str()? {
+        "ambient" => Some(true),
+        "none" => Some(false),
+        _ => None,
+    }
 }
 
 /// The route kind of a route object kind.
@@ -473,7 +508,8 @@ fn route_kind(kind: ObjectKind) -> RouteKind {
 
 fn namespace(object: &Value) -> Option<(String, Namespace)> {
     let name = object["metadata"]["name"].as_str().filter(|name| is_name(name))?;
-    Some((name.to_owned(), Namespace { settings: settings(object) }))
+    let ambient = ambient_label(object) == Some(true);
+    Some((name.to_owned(), Namespace { settings: settings(object), ambient }))
 }
 
 /// An object's annotations under `remora.dev/`.
@@ -533,8 +569,14 @@ fn pod(object: &Value) -> Option<(String, Pod)> {
     let spec = &object["spec"];
     let named = |list: &Value| list.as_array().is_some_and(|c| c.iter().any(|c| c["name"] == PROXY_CONTAINER));
     let meshed = named(&spec["containers"]) || named(&spec["initContainers"]);
-    let pod =
-        Pod { namespace: namespace.to_owned(), name: name.to_owned(), account, meshed, settings: settings(object) };
+    let pod = Pod {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        account,
+        meshed,
+        settings: settings(object),
+        ambient: ambient_label(object),
+    };
     Some((uid, pod))
 }
 

@@ -8,7 +8,7 @@ use remora_control_api::{Resource, v1};
 
 use super::claims::{Claims, Key};
 use super::gateway;
-use super::objects::{Changes, Objects, Service, ServicePort};
+use super::objects::{Changes, Objects, Pod, Service, ServicePort};
 use crate::inject::INBOUND_ANNOTATION;
 
 /// What the translation needs besides the objects.
@@ -20,7 +20,8 @@ pub struct Settings {
     /// The cluster's DNS domain (`cluster.local`): Services' full names end in `.svc.DOMAIN`.
     pub cluster_domain: String,
     /// The port of meshed pods' HBONE listeners, over which opaque TCP to them rides (0: a TLS
-    /// connection per TCP connection instead).
+    /// connection per TCP connection instead), and of Istio ambient pods' (their ztunnel's), over
+    /// which HTTP rides too (0: ambient pods are called in plaintext).
     pub hbone_port: u16,
     /// The UDP port of meshed pods' HBONE-over-QUIC listeners, over which opaque TCP to them rides
     /// first (falling back to `hbone_port` where UDP does not get through); 0 (the default): no QUIC.
@@ -370,9 +371,15 @@ fn cluster(objects: &Objects, service: &Service, port: &ServicePort, name: &str,
     let endpoints = objects.slices.endpoints_with_pods(&kubernetes_service(service, port));
     // Mutual TLS when every pod behind the port has the sidecar (a pod without one could not answer
     // it); a Service part-way through its first rollout with sidecars stays plaintext until it is
-    // done.
-    let meshed = !endpoints.is_empty()
-        && endpoints.iter().all(|(_, pod)| pod.and_then(|pod| objects.pod(pod)).is_some_and(|pod| pod.meshed));
+    // done. Pods of Istio's ambient mesh answer HBONE (their ztunnel does), and so do Remora's
+    // sidecars: a port whose pods are all one or the other, some ambient, is reached with HTTP
+    // over HBONE too.
+    let pods: Vec<Option<&Pod>> = endpoints.iter().map(|(_, pod)| pod.and_then(|pod| objects.pod(pod))).collect();
+    let meshed = !pods.is_empty() && pods.iter().all(|pod| pod.is_some_and(|pod| pod.meshed));
+    let ambient = settings.hbone_port != 0
+        && !pods.is_empty()
+        && pods.iter().all(|pod| pod.is_some_and(|pod| pod.meshed || objects.is_ambient(pod)))
+        && pods.iter().flatten().any(|pod| objects.is_ambient(pod));
     let mut cluster = v1::Cluster {
         name: name.to_owned(),
         kubernetes_service: Some(Box::new(kubernetes_service(service, port))),
@@ -388,6 +395,11 @@ fn cluster(objects: &Objects, service: &Service, port: &ServicePort, name: &str,
         cluster.set_tls(v1::cluster::Tls::Mesh);
         cluster.hbone_port = u32::from(settings.hbone_port);
         cluster.quic_port = u32::from(settings.quic_port);
+    } else if ambient {
+        // No QUIC: ztunnel speaks none.
+        cluster.set_tls(v1::cluster::Tls::Mesh);
+        cluster.hbone_port = u32::from(settings.hbone_port);
+        cluster.http_over_hbone = true;
     }
     let endpoints = v1::Endpoints {
         cluster: name.to_owned(),
@@ -527,7 +539,49 @@ mod tests {
         objects.apply(&json!({"apiVersion": "v1", "kind": "Namespace",
                               "metadata": {"name": "shop", "annotations": {"remora.dev/inbound": "strict"}}}));
         check(&mut objects, &[]);
+        // The namespace joins Istio's ambient mesh: its pods are reached another way.
+        objects.apply(&json!({"apiVersion": "v1", "kind": "Namespace",
+                              "metadata": {"name": "shop", "annotations": {"remora.dev/inbound": "strict"},
+                                           "labels": {"istio.io/dataplane-mode": "ambient"}}}));
+        check(&mut objects, &["shop/web:80", "shop/web:9090"]);
         assert!(mesh.made().scoped["shop"].iter().any(|r| r.kind() == Kind::AuthorizationPolicy));
+    }
+
+    /// Pods of Istio's ambient mesh (by their namespace's label, or their own) are reached over
+    /// HBONE, HTTP included, with their service accounts' identities, alone or beside pods with
+    /// Remora's sidecar; a pod that opts out, or HBONE turned off, leaves the port in plaintext.
+    #[test]
+    fn ambient_pods_are_reached_over_hbone() {
+        use remora_control_api::Kind;
+        let mut objects = objects();
+        for pod in [2, 3] {
+            objects[pod]["spec"]["containers"] = json!([{"name": "app"}]);
+        }
+        let cluster = |objects: &[Value], settings: &Settings| {
+            let made = resources(&Objects::read("cluster.local", objects), &[], settings).shared;
+            let Some(Resource::Cluster(cluster)) = find(&made, Kind::Cluster, "shop/web:80") else { panic!() };
+            let Some(Resource::Endpoints(endpoints)) = find(&made, Kind::Endpoints, "shop/web:80") else { panic!() };
+            (cluster.clone(), endpoints.endpoints[0].identity.clone())
+        };
+        let plain = cluster(&objects, &Settings::default()).0;
+        assert_eq!(plain.tls(), v1::cluster::Tls::None, "no sidecar, no ambient mesh");
+        objects.push(json!({"apiVersion": "v1", "kind": "Namespace",
+                            "metadata": {"name": "shop", "labels": {"istio.io/dataplane-mode": "ambient"}}}));
+        let (ambient, identity) = cluster(&objects, &Settings::default());
+        assert_eq!(ambient.tls(), v1::cluster::Tls::Mesh);
+        assert_eq!((ambient.hbone_port, ambient.http_over_hbone, ambient.quic_port), (15008, true, 0));
+        assert_eq!(identity, "spiffe://cluster.local/ns/shop/sa/web");
+        objects[3]["spec"]["containers"] = json!([{"name": "app"}, {"name": "remora-proxy"}]);
+        assert!(cluster(&objects, &Settings::default()).0.http_over_hbone, "a Remora pod beside an ambient one");
+        let quic = Settings { quic_port: 15008, ..Settings::default() };
+        assert_eq!(cluster(&objects, &quic).0.quic_port, 0, "ztunnel speaks no QUIC");
+        let no_hbone = Settings { hbone_port: 0, ..Settings::default() };
+        assert_eq!(cluster(&objects, &no_hbone).0.tls(), v1::cluster::Tls::None);
+        objects[2]["metadata"]["labels"] = json!({"istio.io/dataplane-mode": "none"});
+        assert_eq!(cluster(&objects, &Settings::default()).0.tls(), v1::cluster::Tls::None, "a pod opted out");
+        objects[2]["metadata"]["labels"] = json!({"istio.io/dataplane-mode": "ambient"});
+        objects.pop();
+        assert!(cluster(&objects, &Settings::default()).0.http_over_hbone, "a pod opted in");
     }
 
     /// Two Services claiming one address (one cluster IP given twice by hand here; two headless

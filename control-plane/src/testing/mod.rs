@@ -87,6 +87,15 @@ impl TestControlPlane {
         plane
     }
 
+    /// Like [`TestControlPlane::start`], making the automatic mesh with `settings`.
+    pub fn start_with_mesh(files: &[(&str, &str)], settings: crate::mesh::Settings) -> TestControlPlane {
+        let mut plane = TestControlPlane::start(files);
+        plane.stop();
+        plane.config.mesh = settings;
+        plane.run();
+        plane
+    }
+
     /// Like [`TestControlPlane::start`], following the cluster's objects through `kubernetes` too,
     /// meshing its Services when `automatic_mesh`.
     pub fn start_with_kubernetes(

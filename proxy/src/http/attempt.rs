@@ -9,9 +9,10 @@
 //!    ([`AttemptHead`]), written after the kept head's fields rather than copied into them.
 //! 3. **send** ([`send`]): by version, mesh or not — HTTP/1.1 through the proxy's own client on a
 //!    pooled connection, HTTP/2 through hyper's on this worker's connection to the endpoint, and to
-//!    a mesh cluster HTTP/2 (or an upgrade's HTTP/1.1) inside mTLS to the endpoint's sidecar. The
+//!    a mesh cluster HTTP/2 (or an upgrade's HTTP/1.1) inside mTLS to the endpoint's sidecar, or
+//!    with `http_over_hbone` the cluster's own protocol inside HBONE tunnels. The
 //!    returned [`Sending`] is the client's own future, unboxed for HTTP/1.1. The plain path calls
-//!    the per-version functions ([`send_http1`], [`send_http2`], [`send_mesh_upgrade`]) itself, the
+//!    the per-version functions ([`send_http1`], [`send_http2`], [`send_mesh_http1`]) itself, the
 //!    same dispatch spelled out in `http::proxy`: a `Sending` returned and then awaited there would
 //!    copy the HTTP/1.1 exchange once more, about 140 instructions a request under callgrind.
 //! 4. **settle** ([`Attempt::record`], [`Attempt::respond`]): a response's status on the cluster's
@@ -82,10 +83,11 @@ pub(crate) fn no_endpoint(cluster: &Cluster) -> ProxyError {
     }
 }
 
-/// The version to speak to `cluster`, for a request in `downstream` version: a mesh cluster gets
-/// HTTP/2, but for upgrades (HTTP/1.1 inside mesh TLS), others what their protocol says.
+/// The version to speak to `cluster`, for a request in `downstream` version: a mesh cluster of
+/// Remora sidecars gets HTTP/2, but for upgrades (HTTP/1.1 inside mesh TLS), others (HBONE peers
+/// with `http_over_hbone` too) what their protocol says.
 pub(crate) fn version_for(cluster: &Cluster, downstream: http::Version, upgrade: bool) -> Version {
-    if cluster.mesh.is_some() && !upgrade {
+    if cluster.mesh.as_ref().is_some_and(|peers| !peers.http_over_hbone) && !upgrade {
         return Version::Http2;
     }
     match (cluster.protocol, upgrade) {
@@ -221,8 +223,9 @@ pin_project! {
         Http1 { #[pin] exchange: H1 },
         /// hyper's HTTP/2 client (plaintext, or mesh mTLS).
         Http2 { exchange: Pin<Box<H2>> },
-        /// An upgrade to a mesh cluster: HTTP/1.1 inside mTLS, on a connection of its own.
-        MeshUpgrade { exchange: Pin<Box<Upgrade>> },
+        /// HTTP/1.1 to a mesh cluster: an upgrade inside mTLS, on a connection of its own, or any
+        /// request inside an HBONE tunnel (`http_over_hbone`).
+        MeshHttp1 { exchange: Pin<Box<Upgrade>> },
     }
 }
 
@@ -238,7 +241,7 @@ where
         match self.project() {
             SendingProjection::Http1 { exchange } => exchange.poll(cx),
             SendingProjection::Http2 { exchange } => exchange.as_mut().poll(cx),
-            SendingProjection::MeshUpgrade { exchange } => exchange.as_mut().poll(cx),
+            SendingProjection::MeshHttp1 { exchange } => exchange.as_mut().poll(cx),
         }
     }
 }
@@ -266,20 +269,21 @@ pub(crate) fn send_http2<'a>(
     client::send_http2(settings, cluster, endpoint, request)
 }
 
-/// An upgrade to a mesh cluster: HTTP/1.1 inside mTLS to the endpoint's sidecar, on a connection
-/// of its own. Rare: callers box it.
-pub(crate) fn send_mesh_upgrade<'a>(
+/// HTTP/1.1 to a mesh cluster: an upgrade inside mTLS to the endpoint's sidecar, on a connection
+/// of its own, or with `http_over_hbone` any request inside an HBONE tunnel. Callers box it.
+pub(crate) fn send_mesh_http1<'a>(
     cluster: &'a Cluster,
     settings: &'a ClientSettings,
     endpoint: SocketAddr,
     request: Request<UpstreamBody>,
 ) -> impl Future<Output = Result<Outcome, ProxyError>> + Send + 'a {
-    client::send_mesh_upgrade(settings, cluster, endpoint, request)
+    client::send_mesh_http1(settings, cluster, endpoint, request)
 }
 
 /// Sends `head` with `body` to `endpoint` of `cluster` in `version` (see the module documentation).
 /// `upgrade` asks HTTP/1.1 for a connection of its own, which the upgrade will take over; to a
-/// mesh cluster an HTTP/1.1 request is always an upgrade (everything else goes as HTTP/2).
+/// mesh cluster of Remora sidecars an HTTP/1.1 request is always an upgrade (everything else goes
+/// as HTTP/2).
 pub(crate) fn send<'a, H: Head + Send + 'a>(
     cluster: &'a Cluster,
     settings: &'a ClientSettings,
@@ -296,7 +300,7 @@ pub(crate) fn send<'a, H: Head + Send + 'a>(
     match version {
         Version::Http1 if cluster.mesh.is_some() => {
             let request = head.into_request(body);
-            Sending::MeshUpgrade { exchange: Box::pin(send_mesh_upgrade(cluster, settings, endpoint, request)) }
+            Sending::MeshHttp1 { exchange: Box::pin(send_mesh_http1(cluster, settings, endpoint, request)) }
         }
         Version::Http1 => Sending::Http1 { exchange: send_http1(cluster, endpoint, head, body, upgrade) },
         Version::Http2 => {

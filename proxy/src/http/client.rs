@@ -22,6 +22,10 @@
 //!   listener of the endpoint's host: as many connections as it takes to carry each at most
 //!   `limits::HBONE_TUNNELS_PER_CONNECTION` tunnels at once (ztunnel's pool does the same), each
 //!   tunnel holding its place on its connection until it is dropped.
+//! - A mesh cluster with `http_over_hbone` (its endpoints speak HBONE but are not Remora sidecars:
+//!   Istio's) sends HTTP in its own protocol inside tunnels: h2c on one tunnel per endpoint and
+//!   worker, pooled like the rest; HTTP/1.1 through hyper's client, a tunnel per connection, the
+//!   connections pooled per endpoint and each taken by one request at a time.
 //!
 //! A pooled connection can turn out to be dead (the server closed it while idle). When it fails
 //! before the endpoint could have seen the request, the request is sent again on a fresh
@@ -38,10 +42,10 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{Request, Response};
-use hyper::client::conn::http2;
+use hyper::client::conn::{http1, http2};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::either::Either;
@@ -104,6 +108,14 @@ struct Pool {
     /// To HBONE listeners (mutual TLS with ALPN `h2`, tunnels as CONNECT streams), by listener
     /// address: one connection, and another each time all of them carry as many tunnels as one may.
     hbone: foldhash::HashMap<SocketAddr, Vec<SharedHttp2>>,
+    /// HTTP/1.1 inside HBONE tunnels (`http_over_hbone`), by endpoint: idle ones and ones a response
+    /// is still streaming on, told apart by `is_ready`.
+    tunnelled_http1: foldhash::HashMap<SocketAddr, Vec<TunnelledHttp1>>,
+}
+
+struct TunnelledHttp1 {
+    sender: http1::SendRequest<UpstreamBody>,
+    expires: Instant,
 }
 
 /// What a pooled HTTP/2 connection for requests is, beside where it goes: the same address can be
@@ -114,6 +126,8 @@ enum Carrier {
     Plain,
     /// HTTP/2 in mutual TLS to the endpoint's sidecar (ALPN `remora.h2`).
     Mesh,
+    /// h2c inside an HBONE tunnel to the endpoint (`http_over_hbone`).
+    Tunnelled,
 }
 
 thread_local! {
@@ -193,14 +207,22 @@ pub async fn send_http1<H: h1::Head>(
 
 fn drop_connection(_: Box<h1::Connection>) {}
 
-/// Opens a connection to `endpoint` for `cluster`, within its breakers: the request counts as
-/// pending while it waits, and the connection holds a `max_connections` slot until it closes.
+/// Opens a connection to `endpoint` for `cluster`, within its breakers.
 async fn connect(cluster: &Cluster, endpoint: SocketAddr) -> Result<(TcpStream, Slot), ProxyError> {
+    within_breakers(cluster, async { Ok(connect::connect(endpoint, cluster.connect_timeout, &cluster.stats).await?) })
+        .await
+}
+
+/// Opens a connection for `cluster` with `opening`, within its breakers: the request counts as
+/// pending while it waits, and the connection holds a `max_connections` slot until it closes.
+async fn within_breakers<T>(
+    cluster: &Cluster,
+    opening: impl Future<Output = Result<T, ProxyError>>,
+) -> Result<(T, Slot), ProxyError> {
     let overflow = |breaker| ProxyError::Overflow(cluster.name.clone(), breaker);
     let _pending = cluster.breakers.pending(&cluster.stats.breakers).map_err(overflow)?;
     let slot = cluster.breakers.connection(&cluster.stats.breakers).map_err(overflow)?;
-    let stream = connect::connect(endpoint, cluster.connect_timeout, &cluster.stats).await?;
-    Ok((stream, slot))
+    Ok((opening.await?, slot))
 }
 
 /// The most recently pooled live connection to `endpoint`, discarding dead and expired ones.
@@ -230,12 +252,16 @@ pub async fn send_http2(
     endpoint: SocketAddr,
     request: Request<UpstreamBody>,
 ) -> Result<Outcome, ProxyError> {
-    let carrier = if cluster.mesh.is_some() { Carrier::Mesh } else { Carrier::Plain };
+    let carrier = match &cluster.mesh {
+        None => Carrier::Plain,
+        Some(peers) if peers.http_over_hbone => Carrier::Tunnelled,
+        Some(_) => Carrier::Mesh,
+    };
     let Some(shared) = with_pool(|pool| pool.http2.entry((endpoint, carrier)).or_default().clone()) else {
         return Err(ProxyError::NoEndpoint(cluster.name.clone()));
     };
     let connect = || connect_http2(settings, cluster, endpoint);
-    let mut response = send_pooled(settings, cluster, endpoint, &shared, connect, request).await?;
+    let (mut response, _) = send_pooled(settings, cluster, endpoint, (&shared, false), connect, request).await?;
     headers::strip_hop_by_hop(response.headers_mut(), false);
     Ok(Outcome::Response(response.map(ProxyBody::http2)))
 }
@@ -243,23 +269,25 @@ pub async fn send_http2(
 /// Opens an HBONE tunnel to `endpoint` of a mesh cluster: a `CONNECT endpoint` stream on one of
 /// this worker's HTTP/2 connections to the HBONE listener at `port` of the endpoint's host (mutual
 /// TLS, ALPN `h2`, the endpoint's expected identity proven): the first with room for another
-/// tunnel, or a new one. The stream is the tunnel once the listener answers `200`.
+/// tunnel, or a new one. The stream is the tunnel once the listener answers `200`. `opaque`: it
+/// will carry opaque TCP, and says so; else HTTP.
 pub async fn open_tunnel(
     settings: &ClientSettings,
     cluster: &Cluster,
     endpoint: SocketAddr,
     port: u16,
+    opaque: bool,
 ) -> Result<HboneTunnel, ProxyError> {
     let listener = SocketAddr::new(endpoint.ip(), port);
     let Some(lease) = with_pool(|pool| Lease::take(pool.hbone.entry(listener).or_default())) else {
         return Err(ProxyError::NoEndpoint(cluster.name.clone()));
     };
     let connect = || connect_hbone(settings, cluster, endpoint, listener);
-    let request = headers::tunnel_connect(endpoint).map(|()| UpstreamBody::Empty);
+    let request = headers::tunnel_connect(endpoint, opaque).map(|()| UpstreamBody::Empty);
     let count = |pick| cluster.count_tunnel(pick);
-    let sent = send_pooled(settings, cluster, endpoint, &lease.connection, connect, request).await;
-    let mut response = match sent {
-        Ok(response) => response,
+    let sent = send_pooled(settings, cluster, endpoint, (&lease.connection, true), connect, request).await;
+    let (mut response, peer) = match sent {
+        Ok(sent) => sent,
         Err(error) => {
             count(|c| &c.failed);
             return Err(error);
@@ -272,7 +300,7 @@ pub async fn open_tunnel(
     match hyper::upgrade::on(&mut response).await {
         Ok(upgraded) => {
             count(|c| &c.opened);
-            Ok(HboneTunnel { io: TokioIo::new(upgraded), _lease: lease })
+            Ok(HboneTunnel { io: TokioIo::new(upgraded), peer, _lease: lease })
         }
         Err(error) => {
             count(|c| &c.failed);
@@ -286,6 +314,8 @@ pub async fn open_tunnel(
 #[derive(Debug)]
 pub struct HboneTunnel {
     io: TokioIo<Upgraded>,
+    /// The identity the HBONE connection's peer proved.
+    peer: Option<SpiffeId>,
     _lease: Lease,
 }
 
@@ -359,22 +389,24 @@ impl AsyncWrite for HboneTunnel {
 
 /// Sends `request` on this worker's pooled HTTP/2 connection `shared`, opening it with `connect` if
 /// there is none, it died, or its peer is not one `cluster` accepts for `endpoint`. A request a
-/// connection going away did not take is sent once more, on a fresh connection.
+/// connection going away did not take is sent once more, on a fresh connection. With `want_peer`,
+/// the response comes back with the identity the connection's peer proved (a copy: not for
+/// every request).
 async fn send_pooled<C, F>(
     settings: &ClientSettings,
     cluster: &Cluster,
     endpoint: SocketAddr,
-    shared: &Shared,
+    (shared, want_peer): (&Shared, bool),
     connect: C,
     mut request: Request<UpstreamBody>,
-) -> Result<Response<hyper::body::Incoming>, ProxyError>
+) -> Result<(Response<hyper::body::Incoming>, Option<SpiffeId>), ProxyError>
 where
     C: Fn() -> F,
     F: Future<Output = Result<(http2::SendRequest<UpstreamBody>, Option<SpiffeId>), ProxyError>>,
 {
     let mut force_new = false;
     loop {
-        let mut sender = {
+        let (mut sender, peer) = {
             let mut slot = shared.slot.lock().await;
             let expires = timer::now() + cluster.idle_timeout;
             match slot.as_mut() {
@@ -384,13 +416,14 @@ where
                         && peer_fits(settings, cluster, endpoint, connection) =>
                 {
                     connection.expires = expires;
-                    connection.sender.clone()
+                    (connection.sender.clone(), connection.peer.as_ref().filter(|_| want_peer).cloned())
                 }
                 _ => {
                     let connecting = Box::pin(connect());
                     let (sender, peer) = connecting.await?;
+                    let proven = peer.as_ref().filter(|_| want_peer).cloned();
                     *slot = Some(Http2Connection { sender: sender.clone(), expires, peer });
-                    sender
+                    (sender, proven)
                 }
             }
         };
@@ -402,7 +435,7 @@ where
             continue;
         }
         match sender.try_send_request(request).await {
-            Ok(response) => return Ok(response),
+            Ok(response) => return Ok((response, peer)),
             Err(mut error) => match error.take_message() {
                 Some(unsent) if !force_new => {
                     debug!(%endpoint, "http/2 connection was going away; sending on a new one");
@@ -424,37 +457,137 @@ fn peer_fits(settings: &ClientSettings, cluster: &Cluster, endpoint: SocketAddr,
     }
 }
 
-/// Sends an upgrade `request` (a WebSocket, say; already prepared for HTTP/1.1) to `endpoint` of a
-/// mesh cluster: HTTP/1.1 inside mTLS to the endpoint's sidecar (ALPN `remora.h1`), on a connection
-/// of its own, since HTTP/2 between sidecars cannot switch protocols. A `101` hands the connection
-/// over for the tunnel (its `max_connections` slot ends there, as on a plaintext switch); any other
-/// answer is the response.
-pub async fn send_mesh_upgrade(
+/// Sends HTTP/1.1 `request` (already prepared for HTTP/1.1) to `endpoint` of a mesh cluster through
+/// hyper's client: to a Remora sidecar, only an upgrade (a WebSocket, say), inside mTLS (ALPN
+/// `remora.h1`) on a connection of its own, since HTTP/2 between sidecars cannot switch protocols;
+/// with `http_over_hbone`, any request, inside an HBONE tunnel ([`send_tunnelled_http1`]). A `101`
+/// to an upgrade hands the connection over for the tunnel (its `max_connections` slot ends there,
+/// as on a plaintext switch); any other answer is the response.
+pub async fn send_mesh_http1(
     settings: &ClientSettings,
     cluster: &Cluster,
     endpoint: SocketAddr,
     request: Request<UpstreamBody>,
 ) -> Result<Outcome, ProxyError> {
-    let (stream, slot) = connect(cluster, endpoint).await?;
     let peers = cluster.mesh.as_ref().ok_or(TlsError::NoIdentity)?;
+    if peers.http_over_hbone {
+        return send_tunnelled_http1(settings, cluster, endpoint, request).await;
+    }
+    let (stream, slot) = connect(cluster, endpoint).await?;
     let mesh = settings.mesh.as_ref().ok_or(TlsError::NoIdentity)?;
     let (tls, _) = mesh.connect(stream, endpoint, Alpn::Http1, peers.expected(endpoint)).await?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(ProxyError::Upstream)?;
-    tokio::spawn(async move {
-        if let Err(error) = connection.with_upgrades().await {
-            debug!(%endpoint, %error, "mesh upgrade connection ended");
+    let mut sender = handshake_http1(TokioIo::new(tls), endpoint, slot).await?;
+    let response = sender.send_request(request).await.map_err(ProxyError::Upstream)?;
+    switched_or_response(response).await
+}
+
+/// HTTP/1.1 to `endpoint` of an `http_over_hbone` cluster: on a pooled connection inside an HBONE
+/// tunnel that no other request is using, else on a new tunnel (each a `max_connections` place,
+/// as a TCP connection would be). An upgrade takes a new one, never pooled. A request a pooled
+/// connection did not take (the peer had closed it) is sent once more, on a new one.
+async fn send_tunnelled_http1(
+    settings: &ClientSettings,
+    cluster: &Cluster,
+    endpoint: SocketAddr,
+    mut request: Request<UpstreamBody>,
+) -> Result<Outcome, ProxyError> {
+    let upgrade = headers::is_upgrade(&request);
+    let mut fresh = upgrade;
+    loop {
+        let pooled = if fresh { None } else { checkout_tunnelled_http1(endpoint) };
+        let reused = pooled.is_some();
+        let mut sender = match pooled {
+            Some(sender) => sender,
+            None => {
+                let opening = Box::pin(open_http_tunnel(settings, cluster, endpoint));
+                let (tunnel, slot) = opening.await?;
+                handshake_http1(TokioIo::new(tunnel), endpoint, slot).await?
+            }
+        };
+        match sender.try_send_request(request).await {
+            Ok(response) => {
+                if !upgrade {
+                    release_tunnelled_http1(endpoint, sender, cluster.idle_timeout);
+                }
+                return switched_or_response(response).await;
+            }
+            Err(mut error) => match error.take_message() {
+                Some(unsent) if reused => {
+                    debug!(%endpoint, "pooled tunnelled connection was closed; sending on another");
+                    request = unsent;
+                    fresh = true;
+                }
+                _ => return Err(ProxyError::Upstream(error.into_error())),
+            },
+        }
+    }
+}
+
+/// A pooled HTTP/1.1-over-HBONE connection to `endpoint` ready for a request, taken out of the pool.
+fn checkout_tunnelled_http1(endpoint: SocketAddr) -> Option<http1::SendRequest<UpstreamBody>> {
+    with_pool(|pool| {
+        let connections = pool.tunnelled_http1.get_mut(&endpoint)?;
+        let now = timer::now();
+        let ready = connections.iter().position(|c| c.expires > now && c.sender.is_ready())?;
+        Some(connections.swap_remove(ready).sender)
+    })
+    .flatten()
+}
+
+/// Puts an HTTP/1.1-over-HBONE connection back in the pool as soon as its response head is in: it
+/// is taken again once its response has ended (`is_ready`).
+fn release_tunnelled_http1(endpoint: SocketAddr, sender: http1::SendRequest<UpstreamBody>, idle_timeout: Duration) {
+    let expires = timer::now() + idle_timeout;
+    with_pool(|pool| {
+        let connections = pool.tunnelled_http1.entry(endpoint).or_default();
+        if connections.len() < limits::POOL_MAX_IDLE_PER_ENDPOINT {
+            connections.push(TunnelledHttp1 { sender, expires });
         }
     });
-    let mut response = sender.send_request(request).await.map_err(ProxyError::Upstream)?;
+}
+
+/// An HBONE tunnel to carry HTTP to `endpoint` of an `http_over_hbone` cluster, within the
+/// cluster's breakers as a TCP connection of its own would be.
+async fn open_http_tunnel(
+    settings: &ClientSettings,
+    cluster: &Cluster,
+    endpoint: SocketAddr,
+) -> Result<(HboneTunnel, Slot), ProxyError> {
+    let Some(port) = cluster.mesh.as_ref().and_then(|peers| peers.hbone_port) else {
+        return Err(ProxyError::NoEndpoint(cluster.name.clone()));
+    };
+    within_breakers(cluster, open_tunnel(settings, cluster, endpoint, port, false)).await
+}
+
+/// hyper's HTTP/1.1 client on `io`, its connection driven by a task of its own that holds `slot` (a
+/// `max_connections` place) until the connection ends or is handed over to an upgrade.
+async fn handshake_http1<S>(
+    io: TokioIo<S>,
+    endpoint: SocketAddr,
+    slot: Slot,
+) -> Result<http1::SendRequest<UpstreamBody>, ProxyError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = http1::handshake(io).await.map_err(ProxyError::Upstream)?;
+    tokio::spawn(async move {
+        let _slot = slot;
+        if let Err(error) = connection.with_upgrades().await {
+            debug!(%endpoint, %error, "upstream http/1.1 connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
+/// An HTTP/1.1 response from hyper's client: a `101` is the switched connection, any other the
+/// response, its hop-by-hop headers removed.
+async fn switched_or_response(mut response: Response<hyper::body::Incoming>) -> Result<Outcome, ProxyError> {
     if response.status() != http::StatusCode::SWITCHING_PROTOCOLS {
         headers::strip_hop_by_hop(response.headers_mut(), false);
         return Ok(Outcome::Response(response.map(ProxyBody::http2)));
     }
     let upgraded = hyper::upgrade::on(&mut response).await.map_err(ProxyError::Upstream)?;
-    let stream = Either::Right(TokioIo::new(upgraded));
-    drop(slot);
-    Ok(Outcome::Switched(response.map(|_| ()), stream, Bytes::new()))
+    Ok(Outcome::Switched(response.map(|_| ()), Either::Right(TokioIo::new(upgraded)), Bytes::new()))
 }
 
 /// Opens an HTTP/2 connection to `endpoint`: h2c, or for a mesh cluster HTTP/2 inside mTLS to the
@@ -464,6 +597,12 @@ async fn connect_http2(
     cluster: &Cluster,
     endpoint: SocketAddr,
 ) -> Result<(http2::SendRequest<UpstreamBody>, Option<SpiffeId>), ProxyError> {
+    if cluster.mesh.as_ref().is_some_and(|peers| peers.http_over_hbone) {
+        let (tunnel, slot) = open_http_tunnel(settings, cluster, endpoint).await?;
+        let peer = tunnel.peer.clone();
+        let sender = handshake_http2(&settings.http2, TokioIo::new(tunnel), endpoint, Some(slot)).await?;
+        return Ok((sender, peer));
+    }
     let (stream, slot) = connect(cluster, endpoint).await?;
     let Some(peers) = &cluster.mesh else {
         let sender = handshake_http2(&settings.http2, TokioIo::new(stream), endpoint, Some(slot)).await?;
@@ -532,6 +671,10 @@ pub fn sweep() {
         pool.http2.retain(|_, shared| keep_http2(shared, now));
         pool.hbone.retain(|_, connections| {
             connections.retain(|shared| keep_http2(shared, now));
+            !connections.is_empty()
+        });
+        pool.tunnelled_http1.retain(|_, connections| {
+            connections.retain(|c| c.expires > now && !c.sender.is_closed());
             !connections.is_empty()
         });
     });

@@ -29,16 +29,19 @@ pub static CLIENT_IDENTITY: HeaderName = HeaderName::from_static("x-remora-clien
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// The `CONNECT endpoint` that opens a tunnel of opaque TCP to `endpoint` (HBONE, over TCP or QUIC):
-/// `x-remora-tunnel-protocol: tcp` says what rides, so the receiving sidecar need not look.
-pub fn tunnel_connect(endpoint: SocketAddr) -> Request<()> {
+/// The `CONNECT endpoint` that opens a tunnel to `endpoint` (HBONE, over TCP or QUIC). For `opaque`
+/// TCP, `x-remora-tunnel-protocol: tcp` says what rides, so the receiving sidecar need not look;
+/// HTTP goes without it, and a Remora sidecar receiving it serves it through its inbound pipeline.
+pub fn tunnel_connect(endpoint: SocketAddr, opaque: bool) -> Request<()> {
     let mut request = Request::new(());
     *request.method_mut() = http::Method::CONNECT;
     // `ip:port` is always an authority-form target.
     if let Ok(target) = Uri::from_maybe_shared(bytes::Bytes::from(endpoint.to_string())) {
         *request.uri_mut() = target;
     }
-    request.headers_mut().insert(TUNNEL_PROTOCOL.clone(), HeaderValue::from_static("tcp"));
+    if opaque {
+        request.headers_mut().insert(TUNNEL_PROTOCOL.clone(), HeaderValue::from_static("tcp"));
+    }
     request
 }
 

@@ -126,7 +126,7 @@ pub(crate) async fn proxy(
             let result = match version {
                 Version::Http1 if cluster.mesh.is_some() => {
                     let sending =
-                        Box::pin(attempt::send_mesh_upgrade(&cluster, client, endpoint, head.into_request(body)));
+                        Box::pin(attempt::send_mesh_http1(&cluster, client, endpoint, head.into_request(body)));
                     sending.await
                 }
                 Version::Http1 => attempt::send_http1(&cluster, endpoint, head, body, upgrade).await,

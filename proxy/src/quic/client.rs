@@ -214,7 +214,7 @@ async fn open(
         pooled.expires = Instant::now() + cluster.idle_timeout;
         (pooled.send.clone(), pooled.tunnels.clone())
     };
-    let request = headers::tunnel_connect(endpoint);
+    let request = headers::tunnel_connect(endpoint, true);
     let unreachable = |error: &dyn std::fmt::Display| OpenError::Unreachable(error.to_string());
     let mut stream = send.send_request(request).await.map_err(|e| unreachable(&e))?;
     let response = stream.recv_response().await.map_err(|e| unreachable(&e))?;

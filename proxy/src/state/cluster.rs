@@ -111,6 +111,9 @@ pub struct MeshPeers {
     pub hbone_port: Option<u16>,
     /// The HBONE-over-QUIC listener port (UDP) of the endpoints' hosts, when opaque TCP rides QUIC.
     pub quic_port: Option<u16>,
+    /// With `hbone_port`: HTTP rides HBONE tunnels too, in the cluster's own protocol, for peers
+    /// that are not Remora sidecars.
+    pub http_over_hbone: bool,
     /// With `hbone_port` or `quic_port`, the tunnels opened to the endpoints and what came of them.
     pub tunnels: Option<TunnelCounters>,
 }
@@ -271,7 +274,8 @@ impl Cluster {
                 let hbone_port = u16::try_from(c.hbone_port).ok().filter(|port| *port != 0);
                 let quic_port = u16::try_from(c.quic_port).ok().filter(|port| *port != 0);
                 let tunnels = (hbone_port.is_some() || quic_port.is_some()).then(|| metrics.tunnels(&c.name));
-                Some(Box::new(MeshPeers { by_endpoint, patterns, hbone_port, quic_port, tunnels }))
+                let http_over_hbone = c.http_over_hbone && hbone_port.is_some();
+                Some(Box::new(MeshPeers { by_endpoint, patterns, hbone_port, quic_port, http_over_hbone, tunnels }))
             }
         };
         Ok(Cluster {
