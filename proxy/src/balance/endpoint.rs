@@ -108,7 +108,9 @@ pub struct EndpointState {
     ewma_ns: AtomicU64,
     ewma_stamp: AtomicU64,
     health: AtomicU8,
-    pub(crate) outlier: OutlierCounters,
+    /// What outlier detection counts, allocated when a set that detects outliers first counts it
+    /// (most clusters never do).
+    outlier: OnceLock<Box<OutlierCounters>>,
 }
 
 /// Counters outlier detection keeps per endpoint.
@@ -138,8 +140,13 @@ impl EndpointState {
             ewma_ns: AtomicU64::new((EWMA_INITIAL.as_nanos() as f64).to_bits()),
             ewma_stamp: AtomicU64::new(nanos_since_start(Instant::now())),
             health: AtomicU8::new(health as u8),
-            outlier: OutlierCounters::default(),
+            outlier: OnceLock::new(),
         }
+    }
+
+    /// Its outlier-detection counters, made at the first call.
+    pub(crate) fn outlier(&self) -> &OutlierCounters {
+        self.outlier.get_or_init(Box::default)
     }
 
     /// Requests in flight to it now (counted only for clusters whose balancer uses them).
@@ -165,18 +172,18 @@ impl EndpointState {
 
     /// Whether outlier detection has it ejected at `now` (nanoseconds since start).
     pub fn is_ejected(&self, now: u64) -> bool {
-        self.outlier.ejected_until.load(Ordering::Relaxed) > now
+        self.outlier.get().is_some_and(|o| o.ejected_until.load(Ordering::Relaxed) > now)
     }
 
     /// How much longer outlier detection has it ejected, at `now` (nanoseconds since start).
     pub fn ejected_for(&self, now: u64) -> Option<Duration> {
-        let until = self.outlier.ejected_until.load(Ordering::Relaxed);
+        let until = self.outlier.get().map_or(0, |o| o.ejected_until.load(Ordering::Relaxed));
         (until > now).then(|| Duration::from_nanos(until - now))
     }
 
     /// The ejection multiplier: times ejected, less one for every interval back in rotation.
     pub fn ejections(&self) -> u32 {
-        self.outlier.ejections.load(Ordering::Relaxed)
+        self.outlier.get().map_or(0, |o| o.ejections.load(Ordering::Relaxed))
     }
 
     /// The peak-EWMA latency estimate at `now` (nanoseconds since start), decayed for the time since
@@ -188,9 +195,10 @@ impl EndpointState {
     }
 
     /// Records how an attempt ended after `latency`. Updates the latency estimate (a sample above
-    /// it replaces it at once: "peak"), the failure streaks and the interval's counts; returns the
-    /// streaks after this attempt (consecutive 5xx, consecutive gateway errors).
-    pub fn observe(&self, observed: Observed, latency: Duration, now: u64) -> (u32, u32) {
+    /// it replaces it at once: "peak") and, when `outliers` are detected, the failure streaks and
+    /// the interval's counts; returns the streaks after this attempt (consecutive 5xx, consecutive
+    /// gateway errors; none without `outliers`).
+    pub fn observe(&self, observed: Observed, latency: Duration, now: u64, outliers: bool) -> (u32, u32) {
         let sample = latency.as_nanos() as f64;
         let elapsed = now.saturating_sub(self.ewma_stamp.swap(now, Ordering::Relaxed));
         // The weight of history falls with the time since the last sample.
@@ -198,8 +206,10 @@ impl EndpointState {
         let current = f64::from_bits(self.ewma_ns.load(Ordering::Relaxed)) * w;
         let next = if sample > current { sample } else { current * w + sample * (1.0 - w) };
         self.ewma_ns.store(next.to_bits(), Ordering::Relaxed);
-
-        let o = &self.outlier;
+        if !outliers {
+            return (0, 0);
+        }
+        let o = self.outlier();
         o.requests.fetch_add(1, Ordering::Relaxed);
         o.latency_us.fetch_add(u64::try_from(latency.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
         match observed {
@@ -223,10 +233,11 @@ impl EndpointState {
     /// Forgets the failure streaks and latency history (when an ejection ends: the endpoint is
     /// judged afresh).
     pub(crate) fn reset_history(&self) {
-        let o = &self.outlier;
-        o.consecutive_5xx.store(0, Ordering::Relaxed);
-        o.consecutive_gateway.store(0, Ordering::Relaxed);
-        o.smoothed_latency_us.store(0, Ordering::Relaxed);
+        if let Some(o) = self.outlier.get() {
+            o.consecutive_5xx.store(0, Ordering::Relaxed);
+            o.consecutive_gateway.store(0, Ordering::Relaxed);
+            o.smoothed_latency_us.store(0, Ordering::Relaxed);
+        }
         self.ewma_ns.store((EWMA_INITIAL.as_nanos() as f64).to_bits(), Ordering::Relaxed);
     }
 }
@@ -269,13 +280,13 @@ mod tests {
     fn peak_ewma_jumps_up_at_once_and_decays_slowly() {
         let endpoint = state();
         let t0 = nanos_since_start(Instant::now());
-        endpoint.observe(Observed::Success, Duration::from_millis(50), t0);
+        endpoint.observe(Observed::Success, Duration::from_millis(50), t0, true);
         assert!((endpoint.ewma_ns(t0) - 50e6).abs() < 1.0, "a slow response is taken at once");
         // A fast sample right after barely moves it; one long after counts for nearly everything.
-        endpoint.observe(Observed::Success, Duration::from_millis(1), t0 + 1_000_000);
+        endpoint.observe(Observed::Success, Duration::from_millis(1), t0 + 1_000_000, true);
         assert!(endpoint.ewma_ns(t0 + 1_000_000) > 49e6);
         let later = t0 + 60_000_000_000;
-        endpoint.observe(Observed::Success, Duration::from_millis(1), later);
+        endpoint.observe(Observed::Success, Duration::from_millis(1), later, true);
         assert!(endpoint.ewma_ns(later) < 2e6, "{}", endpoint.ewma_ns(later));
         // With no samples at all, the estimate decays towards zero.
         assert!(endpoint.ewma_ns(later + 100_000_000_000) < 1e3);
@@ -286,12 +297,12 @@ mod tests {
         let endpoint = state();
         let now = nanos_since_start(Instant::now());
         let ms = Duration::from_millis(1);
-        assert_eq!(endpoint.observe(Observed::ServerError { gateway: false }, ms, now), (1, 0));
-        assert_eq!(endpoint.observe(Observed::NoResponse, ms, now), (2, 1));
-        assert_eq!(endpoint.observe(Observed::ServerError { gateway: true }, ms, now), (3, 2));
-        assert_eq!(endpoint.observe(Observed::Success, ms, now), (0, 0));
-        assert_eq!(endpoint.outlier.requests.load(Ordering::Relaxed), 4);
-        assert_eq!(endpoint.outlier.successes.load(Ordering::Relaxed), 1);
+        assert_eq!(endpoint.observe(Observed::ServerError { gateway: false }, ms, now, true), (1, 0));
+        assert_eq!(endpoint.observe(Observed::NoResponse, ms, now, true), (2, 1));
+        assert_eq!(endpoint.observe(Observed::ServerError { gateway: true }, ms, now, true), (3, 2));
+        assert_eq!(endpoint.observe(Observed::Success, ms, now, true), (0, 0));
+        assert_eq!(endpoint.outlier().requests.load(Ordering::Relaxed), 4);
+        assert_eq!(endpoint.outlier().successes.load(Ordering::Relaxed), 1);
     }
 
     #[test]

@@ -507,8 +507,10 @@ impl EndpointSet {
     /// caller's clock read (`at`) serves the latency and the estimate's timestamp.
     pub fn observe(&self, member: &EndpointState, observed: Observed, started: Instant, at: Instant) -> bool {
         let now = nanos_since_start(at);
-        let (streak_5xx, streak_gateway) = member.observe(observed, at.saturating_duration_since(started), now);
-        let Some(outlier) = &self.config.outlier else { return false };
+        let outlier = self.config.outlier.as_deref();
+        let latency = at.saturating_duration_since(started);
+        let (streak_5xx, streak_gateway) = member.observe(observed, latency, now, outlier.is_some());
+        let Some(outlier) = outlier else { return false };
         let reason = if outlier.consecutive_5xx > 0 && streak_5xx >= outlier.consecutive_5xx {
             EjectReason::Consecutive5xx
         } else if outlier.consecutive_gateway > 0 && streak_gateway >= outlier.consecutive_gateway {
@@ -533,11 +535,12 @@ impl EndpointSet {
             if ejected >= outlier.max_ejections(weighted) || member.is_ejected(now) {
                 return false;
             }
-            let times = member.outlier.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+            let counters = member.outlier();
+            let times = counters.ejections.fetch_add(1, Ordering::Relaxed) + 1;
             let until = now.saturating_add(outlier.ejection_time(times));
-            member.outlier.ejected_until.store(until, Ordering::Relaxed);
-            member.outlier.consecutive_5xx.store(0, Ordering::Relaxed);
-            member.outlier.consecutive_gateway.store(0, Ordering::Relaxed);
+            counters.ejected_until.store(until, Ordering::Relaxed);
+            counters.consecutive_5xx.store(0, Ordering::Relaxed);
+            counters.consecutive_gateway.store(0, Ordering::Relaxed);
         }
         self.stats.record_ejection(reason);
         let address = self.members.iter().find(|m| std::ptr::eq(&*m.state, member)).map(Member::address);
@@ -545,7 +548,7 @@ impl EndpointSet {
             cluster = %self.stats.name,
             endpoint = %address.map_or_else(|| "?".to_owned(), |a| a.to_string()),
             reason = reason.as_str(),
-            ejection = ?std::time::Duration::from_nanos(outlier.ejection_time(member.outlier.ejections.load(Ordering::Relaxed))),
+            ejection = ?std::time::Duration::from_nanos(outlier.ejection_time(member.ejections())),
             "endpoint ejected"
         );
         self.refresh();
@@ -859,9 +862,9 @@ mod tests {
     fn ewma_avoids_the_slow_endpoint() {
         let set = set_with(Strategy::Ewma, &[1, 1, 1]);
         let now = nanos_since_start(Instant::now());
-        set.members()[0].state.observe(Observed::Success, Duration::from_millis(50), now);
+        set.members()[0].state.observe(Observed::Success, Duration::from_millis(50), now, true);
         for member in &set.members()[1..] {
-            member.state.observe(Observed::Success, Duration::from_millis(1), now);
+            member.state.observe(Observed::Success, Duration::from_millis(1), now, true);
         }
         let counts = counts(&set, 3000);
         assert!(counts.get(&0).copied().unwrap_or(0) < 500, "{counts:?}");

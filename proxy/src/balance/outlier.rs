@@ -168,7 +168,7 @@ pub fn evaluate(set: &EndpointSet, config: &OutlierConfig) {
     // (member index, requests, successes, smoothed latency in µs) of endpoints in rotation.
     let mut judged: Vec<(usize, u32, u32, f64)> = Vec::new();
     for (index, member) in set.members().iter().enumerate() {
-        let o = &member.state.outlier;
+        let o = member.state.outlier();
         let requests = o.requests.swap(0, Ordering::Relaxed);
         let successes = o.successes.swap(0, Ordering::Relaxed);
         let latency_us = o.latency_us.swap(0, Ordering::Relaxed);
@@ -359,8 +359,8 @@ mod tests {
         for i in 0..requests {
             let observed = if i < failures { Observed::ServerError { gateway: false } } else { Observed::Success };
             // Spread out, so streaks do not eject: this test is about the interval's comparison.
-            state.outlier.consecutive_5xx.store(0, Ordering::Relaxed);
-            state.observe(observed, latency, nanos_since_start(Instant::now()));
+            state.outlier().consecutive_5xx.store(0, Ordering::Relaxed);
+            state.observe(observed, latency, nanos_since_start(Instant::now()), true);
         }
     }
 
@@ -441,6 +441,6 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         evaluate(&set, set.config().outlier.as_ref().unwrap());
         assert_eq!(served(&set, 10), [0, 1]);
-        assert_eq!(a.outlier.smoothed_latency_us.load(Ordering::Relaxed), 0);
+        assert_eq!(a.outlier().smoothed_latency_us.load(Ordering::Relaxed), 0);
     }
 }

@@ -111,7 +111,7 @@ pub(crate) fn route<B>(
                     }
                     response_headers[1] = filters.response_headers.clone();
                 }
-                let stats = backend.stats.for_direction(listener.direction.label()).clone();
+                let stats = backend.stats.for_direction(listener.direction.label(), &backend.cluster).clone();
                 (backend.cluster.clone(), route.policy.clone(), Some(stats))
             }
             None => {

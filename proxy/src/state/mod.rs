@@ -381,7 +381,7 @@ fn compile_listener(
         access_log: l.access_log.unwrap_or(true),
         default_stats: default_cluster
             .as_ref()
-            .map(|c| metrics.routes.route("", &c.name, c.service.as_deref()).for_direction(direction.label()).clone()),
+            .map(|c| metrics.routes.route("".into()).for_direction(direction.label(), c).clone()),
         default_cluster,
         stats: metrics.listeners.listener(&l.name, direction.label()),
         tunnels: tunnels.then(|| metrics.listeners.tunnels(&l.name)),

@@ -6,9 +6,10 @@
 //!
 //! [`RouteMetrics::register`] declares the families (the composition root calls it once); each
 //! route backend (a route and one of its clusters) gets a [`RouteStats`] when the snapshot is
-//! built, and its per-direction [`RequestStats`] when a listener of that direction first sends it a
-//! request. The HTTP path records every response there, with no label lookup for the common status
-//! codes after the first.
+//! built, and its per-direction [`RequestStats`] (with its labels) when a listener of that
+//! direction first sends it a request: a backend no request takes holds its route's label and
+//! nothing else. The HTTP path records every response there, with no label lookup for the common
+//! status codes after the first.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -17,6 +18,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
+use crate::state::cluster::Cluster;
 use crate::telemetry::{GrpcCounters, Histogram, Registry};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -42,9 +44,12 @@ struct GrpcLabels {
     grpc_status: u32,
 }
 
-/// The route metric families, shared (they are handles) by every [`RouteStats`].
+/// The route metric families, shared by every [`RouteStats`] (one pointer each).
 #[derive(Clone, Debug, Default)]
-pub struct RouteMetrics {
+pub struct RouteMetrics(Arc<Families>);
+
+#[derive(Debug, Default)]
+struct Families {
     requests: Family<CodeLabels, Counter>,
     grpc: Family<GrpcLabels, Counter>,
     duration: Family<RouteLabels, Histogram>,
@@ -53,7 +58,8 @@ pub struct RouteMetrics {
 impl RouteMetrics {
     /// Declares the families in `registry`.
     pub fn register(registry: &mut Registry) -> RouteMetrics {
-        let m = RouteMetrics::default();
+        let metrics = RouteMetrics::default();
+        let m = &metrics.0;
         registry.register(
             "route_requests",
             "HTTP responses sent downstream for requests a route (or a listener's default cluster, route \"\") took, by direction, route, cluster and status code",
@@ -69,21 +75,13 @@ impl RouteMetrics {
             "Time from a request's arrival to its response head, by direction, route and cluster",
             m.duration.clone(),
         );
-        m
+        metrics
     }
 
-    /// The counters of one route backend: `route` (its table and name) sending to `cluster`, whose
-    /// endpoints are the Kubernetes Service `service` (namespace and name), if they are.
-    pub fn route(&self, route: &str, cluster: &str, service: Option<&(String, String)>) -> RouteStats {
-        let (dst_namespace, dst_service) = service.cloned().unwrap_or_default();
-        let labels = RouteLabels {
-            direction: "",
-            route: route.to_owned(),
-            cluster: cluster.to_owned(),
-            dst_namespace,
-            dst_service,
-        };
-        RouteStats { families: self.clone(), labels, inbound: OnceLock::new(), outbound: OnceLock::new() }
+    /// The counters of one route backend of `route` (its label: `TABLE/ROUTE`, or empty for a
+    /// listener's default cluster); the backend's cluster names the rest when they are first used.
+    pub fn route(&self, route: Arc<str>) -> RouteStats {
+        RouteStats { families: self.clone(), route, inbound: OnceLock::new(), outbound: OnceLock::new() }
     }
 }
 
@@ -95,7 +93,7 @@ const COMMON_CODES: [u16; 17] = [200, 201, 202, 204, 301, 302, 304, 400, 401, 40
 #[derive(Debug)]
 pub struct RequestStats {
     labels: RouteLabels,
-    /// The route label again, shared with spans without a copy.
+    /// The route label again, shared with spans (and the route's other backends) without a copy.
     route: Arc<str>,
     families: RouteMetrics,
     codes: [OnceLock<Counter>; COMMON_CODES.len()],
@@ -104,10 +102,10 @@ pub struct RequestStats {
 }
 
 impl RequestStats {
-    fn new(families: &RouteMetrics, labels: RouteLabels) -> RequestStats {
+    fn new(families: &RouteMetrics, route: Arc<str>, labels: RouteLabels) -> RequestStats {
         RequestStats {
-            duration: families.duration.get_or_create_owned(&labels),
-            route: labels.route.as_str().into(),
+            duration: families.0.duration.get_or_create_owned(&labels),
+            route,
             families: families.clone(),
             labels,
             codes: Default::default(),
@@ -125,15 +123,15 @@ impl RequestStats {
         self.duration.observe(elapsed);
         let code_labels = || CodeLabels { route: self.labels.clone(), code: status };
         match COMMON_CODES.iter().position(|c| *c == status) {
-            Some(i) => self.codes[i].get_or_init(|| self.families.requests.get_or_create_owned(&code_labels())).inc(),
-            None => self.families.requests.get_or_create(&code_labels()).inc(),
+            Some(i) => self.codes[i].get_or_init(|| self.families.0.requests.get_or_create_owned(&code_labels())).inc(),
+            None => self.families.0.requests.get_or_create(&code_labels()).inc(),
         };
     }
 
     /// Counts one gRPC call that ended with `code` (codes above 16 count as 2, UNKNOWN).
     pub fn record_grpc(&self, code: u32) {
         self.grpc.inc(code, |grpc_status| {
-            self.families.grpc.get_or_create_owned(&GrpcLabels { route: self.labels.clone(), grpc_status })
+            self.families.0.grpc.get_or_create_owned(&GrpcLabels { route: self.labels.clone(), grpc_status })
         });
     }
 }
@@ -143,19 +141,27 @@ impl RequestStats {
 #[derive(Debug)]
 pub struct RouteStats {
     families: RouteMetrics,
-    /// Its labels; each direction's counters get their own `direction`.
-    labels: RouteLabels,
+    /// The route label.
+    route: Arc<str>,
     inbound: OnceLock<Arc<RequestStats>>,
     outbound: OnceLock<Arc<RequestStats>>,
 }
 
 impl RouteStats {
-    /// The counters for requests from a listener of `direction` (`inbound` or `outbound`).
-    pub fn for_direction(&self, direction: &'static str) -> &Arc<RequestStats> {
+    /// The counters for requests from a listener of `direction` (`inbound` or `outbound`) to
+    /// `cluster` (the backend's: its name and Service label the series).
+    pub fn for_direction(&self, direction: &'static str, cluster: &Cluster) -> &Arc<RequestStats> {
         let slot = if direction == "inbound" { &self.inbound } else { &self.outbound };
         slot.get_or_init(|| {
-            let labels = RouteLabels { direction, ..self.labels.clone() };
-            Arc::new(RequestStats::new(&self.families, labels))
+            let (dst_namespace, dst_service) = cluster.service.as_deref().cloned().unwrap_or_default();
+            let labels = RouteLabels {
+                direction,
+                route: self.route.to_string(),
+                cluster: cluster.name.to_string(),
+                dst_namespace,
+                dst_service,
+            };
+            Arc::new(RequestStats::new(&self.families, self.route.clone(), labels))
         })
     }
 }

@@ -177,17 +177,19 @@ impl RouteTable {
             cluster(name).ok_or_else(|| fail(field, format!("names cluster {name:?}, which is not defined")))
         };
         let mut routes = Vec::with_capacity(table.routes.len());
+        // Unnamed routes share one empty name (an `Arc<str>` of nothing is still an allocation).
+        let unnamed: Arc<str> = Arc::from("");
         for (i, route) in table.routes.iter().enumerate() {
             let matcher = compile_match(route.r#match.as_ref())
                 .map_err(|invalid| invalid.within(&format!("routes[{i}].match")))?;
-            let label = match route.name.as_str() {
-                "" => format!("{}/#{i}", table.name),
-                name => format!("{}/{name}", table.name),
+            let label: Arc<str> = match route.name.as_str() {
+                "" => format!("{}/#{i}", table.name).into(),
+                name => format!("{}/{name}", table.name).into(),
             };
             let mut backends = Vec::with_capacity(route.backends.len());
             for (j, backend) in route.backends.iter().enumerate() {
                 let cluster = find(format!("routes[{i}].backends[{j}].cluster"), &backend.cluster)?;
-                let stats = metrics.route(&label, &backend.cluster, cluster.service.as_deref());
+                let stats = metrics.route(label.clone());
                 let filters = BackendFilters::compile(backend)
                     .map_err(|invalid| invalid.within(&format!("routes[{i}].backends[{j}]")))?;
                 backends.push((Backend { cluster, stats, filters }, backend.weight.unwrap_or(1)));
@@ -197,7 +199,7 @@ impl RouteTable {
                 .map_err(|invalid| invalid.within(&format!("routes[{i}]")))?
                 .map(Arc::new);
             routes.push(Route {
-                name: route.name.as_str().into(),
+                name: if route.name.is_empty() { unnamed.clone() } else { route.name.as_str().into() },
                 matcher,
                 backends: WeightedChoice::new(backends),
                 policy,

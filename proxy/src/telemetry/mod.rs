@@ -37,7 +37,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 pub use prometheus_client::registry::Registry;
 
-pub use histogram::Histogram;
+pub use histogram::{Histogram, LazyHistogram};
 
 /// A metrics table, read. A panic while it was held cannot have left it changed in a way that
 /// matters more than losing the metrics would.

@@ -18,7 +18,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 
-use super::{Histogram, Registry};
+use super::Registry;
 
 /// A counter: only goes up.
 #[derive(Debug, Default)]
@@ -108,7 +108,7 @@ impl<T: 'static> Described<T> {
     }
 
     /// A histogram family with one series per member.
-    pub fn histogram(name: &'static str, help: &'static str, field: fn(&T) -> &Histogram) -> Self {
+    pub fn histogram<H: EncodeMetric + 'static>(name: &'static str, help: &'static str, field: fn(&T) -> &H) -> Self {
         let read: Reader<T> = Box::new(move |member, encoder| field(member).encode(encoder));
         Described { name, help, kind: MetricType::Histogram, label: None, series: vec![("", read)] }
     }
