@@ -274,12 +274,14 @@ impl Resource {
 /// in it is an allocation of its own: a cluster with five endpoints and a route took about 1.7 kB
 /// decoded, and about 150 bytes encoded. A proxy keeps what serves (for `/config_dump`, and to
 /// compose the control plane's resources with its file's) encoded, and decodes it only to compile
-/// it or to show it. [`Encoded::all`] encodes a set into one buffer that its resources share, so
-/// a config held at rest is a single allocation besides the names.
+/// it or to show it. [`Encoded::all`] encodes a set into one buffer that its resources share,
+/// each resource's name right before its protobuf bytes, so a config held at rest is a single
+/// allocation beside the list of its resources.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Encoded {
     kind: Kind,
-    name: std::sync::Arc<str>,
+    /// How many of `bytes`' first bytes are the name; the protobuf bytes follow.
+    name_len: u32,
     bytes: bytes::Bytes,
 }
 
@@ -287,10 +289,11 @@ impl Encoded {
     /// Encodes `resources` into one buffer, in order.
     pub fn all<'a>(resources: impl IntoIterator<Item = &'a Resource>) -> Vec<Encoded> {
         let resources: Vec<&Resource> = resources.into_iter().collect();
-        let total: usize = resources.iter().map(|r| r.encoded_len()).sum();
+        let total: usize = resources.iter().map(|r| r.name().len() + r.encoded_len()).sum();
         let mut buffer = bytes::BytesMut::with_capacity(total);
         let mut ends = Vec::with_capacity(resources.len());
         for resource in &resources {
+            buffer.extend_from_slice(resource.name().as_bytes());
             resource.encode_into(&mut buffer);
             ends.push(buffer.len());
         }
@@ -302,7 +305,9 @@ impl Encoded {
             .map(|(resource, end)| {
                 let bytes = buffer.slice(start..end);
                 start = end;
-                Encoded { kind: resource.kind(), name: resource.name().into(), bytes }
+                // Names are validated to be short (a DNS-like name, a path): far below 4 GiB.
+                let name_len = u32::try_from(resource.name().len()).unwrap_or(u32::MAX);
+                Encoded { kind: resource.kind(), name_len, bytes }
             })
             .collect()
     }
@@ -314,27 +319,28 @@ impl Encoded {
 
     /// The resource's name, unique within its kind.
     pub fn name(&self) -> &str {
-        &self.name
+        // Written from a `&str` by `all`: always UTF-8, always in range.
+        self.bytes.get(..self.name_len as usize).and_then(|name| std::str::from_utf8(name).ok()).unwrap_or_default()
     }
 
     /// Its protobuf bytes.
     pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes
+        self.bytes.get(self.name_len as usize..).unwrap_or_default()
     }
 
     /// Its size encoded, in bytes.
     pub fn len(&self) -> usize {
-        self.bytes.len()
+        self.as_bytes().len()
     }
 
     /// Whether it encodes to nothing (a resource with every field at its default).
     pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
+        self.as_bytes().is_empty()
     }
 
     /// The resource, decoded.
     pub fn decode(&self) -> Result<Resource, DecodeError> {
-        Resource::decode(self.kind, &self.bytes)
+        Resource::decode(self.kind, self.as_bytes())
     }
 
     /// The resource in its YAML/JSON form (see [`Resource::to_json`]). Bytes this proxy encoded
@@ -344,7 +350,7 @@ impl Encoded {
             Ok(resource) => resource.to_json(),
             Err(error) => serde_json::json!({
                 "kind": self.kind.as_str(),
-                "name": &*self.name,
+                "name": self.name(),
                 "error": error.to_string(),
             }),
         }
@@ -393,12 +399,23 @@ mod tests {
             assert_eq!(encoded.to_json(), resource.to_json());
             assert_eq!(encoded.as_bytes(), &resource.to_any().value[..]);
         }
-        let start = held[0].as_bytes().as_ptr();
-        let total: usize = held.iter().map(Encoded::len).sum();
-        for encoded in &held[1..] {
-            let at = encoded.as_bytes().as_ptr() as usize - start as usize;
-            assert!(at + encoded.len() <= total, "{} is not in the shared buffer", encoded.name());
+        // Names and bytes, one resource after another, in one buffer.
+        let start = held[0].name().as_ptr() as usize;
+        let total: usize = held.iter().map(|e| e.name().len() + e.len()).sum();
+        for encoded in &held {
+            for (what, at, len) in [
+                ("name", encoded.name().as_ptr() as usize, encoded.name().len()),
+                ("bytes", encoded.as_bytes().as_ptr() as usize, encoded.len()),
+            ] {
+                assert!(
+                    at >= start && at - start + len <= total,
+                    "{}'s {what} is not in the shared buffer",
+                    encoded.name()
+                );
+            }
         }
+        // Held by the thousand: a kind, the name's length and a view of the buffer.
+        assert!(std::mem::size_of::<Encoded>() <= 40, "{}", std::mem::size_of::<Encoded>());
     }
 
     /// An enum number past the enum's variants (a newer control plane's) is refused, naming the

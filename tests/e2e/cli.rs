@@ -748,7 +748,7 @@ async fn memory_comes_back_after_a_burst() {
 /// five endpoints, each with a route, grows by a few kilobytes per cluster once the config has
 /// settled, and returns near where it started when the file is small again. (A release build held
 /// 8.3 kB per cluster when the resources were kept decoded and parsed among the compiled config,
-/// 3.0 kB after, 2.5 kB since backends, histograms and outlier counters take their room at first
+/// 3.0 kB after, 2.35 kB since backends, histograms and outlier counters take their room at first
 /// use: `benches/config-memory.sh`.)
 #[test]
 fn a_large_config_costs_a_few_kilobytes_per_cluster_and_comes_back() {

@@ -294,10 +294,18 @@ struct Tier {
     /// Indices into the set's members.
     members: Vec<u32>,
     /// One smooth-WRR cycle over `members`, as member indices: the round-robin order, and the
-    /// weighted urn random draws come from.
+    /// weighted urn random draws come from. Empty when it is `members` itself (equal weights, the
+    /// common case): see [`Tier::schedule`].
     schedule: Vec<u32>,
     cursor: AtomicUsize,
     ring: Option<Ring>,
+}
+
+impl Tier {
+    /// The tier's smooth-WRR cycle.
+    fn schedule(&self) -> &[u32] {
+        if self.schedule.is_empty() { &self.members } else { &self.schedule }
+    }
 }
 
 impl View {
@@ -438,8 +446,9 @@ impl EndpointSet {
         let tier = view.tier()?;
         let index = match self.config.strategy {
             Strategy::RoundRobin => {
-                let turn = tier.cursor.fetch_add(1, Ordering::Relaxed) % tier.schedule.len().max(1);
-                *tier.schedule.get(turn)?
+                let schedule = tier.schedule();
+                let turn = tier.cursor.fetch_add(1, Ordering::Relaxed) % schedule.len().max(1);
+                *schedule.get(turn)?
             }
             Strategy::Random => draw(tier)?,
             Strategy::LeastRequest => {
@@ -638,7 +647,10 @@ impl EndpointSet {
 
     fn tier(&self, members: Vec<u32>) -> Tier {
         let weights: Vec<u32> = members.iter().map(|i| self.members[*i as usize].endpoint.weight).collect();
-        let schedule: Vec<u32> = smooth_schedule(&weights).into_iter().map(|slot| members[slot as usize]).collect();
+        let mut schedule: Vec<u32> = smooth_schedule(&weights).into_iter().map(|slot| members[slot as usize]).collect();
+        if schedule == members {
+            schedule = Vec::new();
+        }
         let ring = (self.config.strategy == Strategy::RingHash).then(|| {
             Ring::new(members.iter().map(|i| {
                 let member = &self.members[*i as usize];
@@ -647,7 +659,8 @@ impl EndpointSet {
         });
         // Start each new view's rotation somewhere random: many proxies rebuilding at the same moment
         // (a health check flipping for all of them) must not start in step.
-        let cursor = AtomicUsize::new(fastrand::usize(..schedule.len().max(1)));
+        let cycle = if schedule.is_empty() { members.len() } else { schedule.len() };
+        let cursor = AtomicUsize::new(fastrand::usize(..cycle.max(1)));
         Tier { members, schedule, cursor, ring }
     }
 }
@@ -672,7 +685,7 @@ fn draw(tier: &Tier) -> Option<u32> {
     match tier.members.as_slice() {
         [] => None,
         [only] => Some(*only),
-        _ => tier.schedule.get(fastrand::usize(..tier.schedule.len().max(1))).copied(),
+        _ => tier.schedule().get(fastrand::usize(..tier.schedule().len().max(1))).copied(),
     }
 }
 
@@ -838,7 +851,7 @@ mod tests {
     #[test]
     fn huge_weights_keep_their_proportions() {
         let set = set(&[3_000_000, 1_000_000, 1]);
-        let cycle = set.view().tiers[0].schedule.len();
+        let cycle = set.view().tiers[0].schedule().len();
         assert!(cycle as u64 <= MAX_SCHEDULE + 3);
         let counts = counts(&set, cycle);
         let ratio = counts[&0] as f64 / counts[&1] as f64;

@@ -279,7 +279,8 @@ impl Cluster {
             }
         };
         Ok(Cluster {
-            name: c.name.as_str().into(),
+            // The name its stats already hold: one allocation for both.
+            name: stats.name.clone(),
             protocol,
             connect_timeout: duration("connect_timeout", c.connect_timeout.as_ref(), limits::DEFAULT_CONNECT_TIMEOUT)?,
             idle_timeout: duration("idle_timeout", c.idle_timeout.as_ref(), limits::DEFAULT_POOL_IDLE_TIMEOUT)?,
