@@ -45,7 +45,7 @@ use http::{Request, Response};
 use hyper::client::conn::{http1, http2};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::either::Either;
@@ -116,6 +116,8 @@ struct Pool {
 struct TunnelledHttp1 {
     sender: http1::SendRequest<UpstreamBody>,
     expires: Instant,
+    /// The identity the HBONE connection under its tunnel proved.
+    peer: Option<SpiffeId>,
 }
 
 /// What a pooled HTTP/2 connection for requests is, beside where it goes: the same address can be
@@ -261,7 +263,7 @@ pub async fn send_http2(
         return Err(ProxyError::NoEndpoint(cluster.name.clone()));
     };
     let connect = || connect_http2(settings, cluster, endpoint);
-    let (mut response, _) = send_pooled(settings, cluster, endpoint, (&shared, false), connect, request).await?;
+    let (mut response, _) = send_pooled(settings, cluster, endpoint, &shared, false, connect, request).await?;
     headers::strip_hop_by_hop(response.headers_mut(), false);
     Ok(Outcome::Response(response.map(ProxyBody::http2)))
 }
@@ -285,7 +287,7 @@ pub async fn open_tunnel(
     let connect = || connect_hbone(settings, cluster, endpoint, listener);
     let request = headers::tunnel_connect(endpoint, opaque).map(|()| UpstreamBody::Empty);
     let count = |pick| cluster.count_tunnel(pick);
-    let sent = send_pooled(settings, cluster, endpoint, (&lease.connection, true), connect, request).await;
+    let sent = send_pooled(settings, cluster, endpoint, &lease.connection, !opaque, connect, request).await;
     let (mut response, peer) = match sent {
         Ok(sent) => sent,
         Err(error) => {
@@ -314,7 +316,8 @@ pub async fn open_tunnel(
 #[derive(Debug)]
 pub struct HboneTunnel {
     io: TokioIo<Upgraded>,
-    /// The identity the HBONE connection's peer proved.
+    /// The identity the HBONE connection's peer proved (kept for a tunnel carrying HTTP, whose
+    /// pooled connection checks it again; an opaque one needs it no more).
     peer: Option<SpiffeId>,
     _lease: Lease,
 }
@@ -396,7 +399,8 @@ async fn send_pooled<C, F>(
     settings: &ClientSettings,
     cluster: &Cluster,
     endpoint: SocketAddr,
-    (shared, want_peer): (&Shared, bool),
+    shared: &Shared,
+    want_peer: bool,
     connect: C,
     mut request: Request<UpstreamBody>,
 ) -> Result<(Response<hyper::body::Incoming>, Option<SpiffeId>), ProxyError>
@@ -413,7 +417,7 @@ where
                 Some(connection)
                     if !force_new
                         && !connection.sender.is_closed()
-                        && peer_fits(settings, cluster, endpoint, connection) =>
+                        && peer_fits(settings, cluster, endpoint, connection.peer.as_ref()) =>
                 {
                     connection.expires = expires;
                     (connection.sender.clone(), connection.peer.as_ref().filter(|_| want_peer).cloned())
@@ -449,8 +453,8 @@ where
 }
 
 /// Whether a pooled connection's peer is one `cluster` accepts for `endpoint` (always, off the mesh).
-fn peer_fits(settings: &ClientSettings, cluster: &Cluster, endpoint: SocketAddr, connection: &Http2Connection) -> bool {
-    match (&cluster.mesh, &connection.peer, &settings.mesh) {
+fn peer_fits(settings: &ClientSettings, cluster: &Cluster, endpoint: SocketAddr, peer: Option<&SpiffeId>) -> bool {
+    match (&cluster.mesh, peer, &settings.mesh) {
         (None, _, _) => true,
         (Some(peers), Some(peer), Some(mesh)) => mesh.accepts(peers.expected(endpoint), peer),
         _ => false,
@@ -494,20 +498,22 @@ async fn send_tunnelled_http1(
     let upgrade = headers::is_upgrade(&request);
     let mut fresh = upgrade;
     loop {
-        let pooled = if fresh { None } else { checkout_tunnelled_http1(endpoint) };
+        let pooled = if fresh { None } else { checkout_tunnelled_http1(settings, cluster, endpoint) };
         let reused = pooled.is_some();
-        let mut sender = match pooled {
-            Some(sender) => sender,
+        let (mut sender, peer) = match pooled {
+            Some(pooled) => pooled,
             None => {
                 let opening = Box::pin(open_http_tunnel(settings, cluster, endpoint));
                 let (tunnel, slot) = opening.await?;
-                handshake_http1(TokioIo::new(tunnel), endpoint, slot).await?
+                let peer = tunnel.peer.clone();
+                (handshake_http1(TokioIo::new(tunnel), endpoint, slot).await?, peer)
             }
         };
         match sender.try_send_request(request).await {
             Ok(response) => {
                 if !upgrade {
-                    release_tunnelled_http1(endpoint, sender, cluster.idle_timeout);
+                    let expires = timer::now() + cluster.idle_timeout;
+                    release_tunnelled_http1(endpoint, TunnelledHttp1 { sender, expires, peer });
                 }
                 return switched_or_response(response).await;
             }
@@ -523,25 +529,32 @@ async fn send_tunnelled_http1(
     }
 }
 
-/// A pooled HTTP/1.1-over-HBONE connection to `endpoint` ready for a request, taken out of the pool.
-fn checkout_tunnelled_http1(endpoint: SocketAddr) -> Option<http1::SendRequest<UpstreamBody>> {
+/// A pooled HTTP/1.1-over-HBONE connection to `endpoint` ready for a request, over a peer `cluster`
+/// accepts for it, taken out of the pool with that peer.
+fn checkout_tunnelled_http1(
+    settings: &ClientSettings,
+    cluster: &Cluster,
+    endpoint: SocketAddr,
+) -> Option<(http1::SendRequest<UpstreamBody>, Option<SpiffeId>)> {
     with_pool(|pool| {
         let connections = pool.tunnelled_http1.get_mut(&endpoint)?;
         let now = timer::now();
-        let ready = connections.iter().position(|c| c.expires > now && c.sender.is_ready())?;
-        Some(connections.swap_remove(ready).sender)
+        let ready = connections.iter().position(|c| {
+            c.expires > now && c.sender.is_ready() && peer_fits(settings, cluster, endpoint, c.peer.as_ref())
+        })?;
+        let taken = connections.swap_remove(ready);
+        Some((taken.sender, taken.peer))
     })
     .flatten()
 }
 
 /// Puts an HTTP/1.1-over-HBONE connection back in the pool as soon as its response head is in: it
 /// is taken again once its response has ended (`is_ready`).
-fn release_tunnelled_http1(endpoint: SocketAddr, sender: http1::SendRequest<UpstreamBody>, idle_timeout: Duration) {
-    let expires = timer::now() + idle_timeout;
+fn release_tunnelled_http1(endpoint: SocketAddr, connection: TunnelledHttp1) {
     with_pool(|pool| {
         let connections = pool.tunnelled_http1.entry(endpoint).or_default();
         if connections.len() < limits::POOL_MAX_IDLE_PER_ENDPOINT {
-            connections.push(TunnelledHttp1 { sender, expires });
+            connections.push(connection);
         }
     });
 }
