@@ -15,7 +15,10 @@
 //!    sidecar), the client sidecar holding nothing but its outbound listener (the route by the
 //!    Service's short name, the ewma cluster and its mTLS to the pod's identity come from the
 //!    control plane), the server sidecar's inbound listener under the mesh's permissive policy. Its
-//!    row is compared with the hand-configured mTLS pair's.
+//!    row is compared with the hand-configured mTLS pair's. The **HBONE pair** is the mTLS pair
+//!    with HTTP sent as Istio's sidecars send it to an ambient pod (`http_over_hbone`): HTTP/1.1
+//!    inside `CONNECT` tunnels on a pooled HBONE connection to the server sidecar's HBONE listener,
+//!    which serves them through the same inbound listener.
 //! 2. **Handshakes.** New mTLS connections (TLS 1.3, ECDSA P-256, client certificate required and
 //!    verified, no resumption) opened and closed as fast as 8 concurrent clients can, for
 //!    `MESH_SECONDS`, against the inbound sidecar (clients offering the post-quantum X25519MLKEM768
@@ -116,6 +119,21 @@ fn main() {
             measured(&[&server, &client], local(plain_out), rate, duration).await
         };
         let paired = measured(&[&server, &client], local(outbound), rate, duration).await;
+        let hbone = {
+            let [hbone_in, hbone_out, hbone_in_admin, hbone_out_admin] = free_ports();
+            let [hbone_port, ..] = free_ports();
+            let mut config = server_config(hbone_in_admin, hbone_in, &api_identity);
+            config.push_str(&format!(
+                "  - {{kind: Listener, name: hbone, address: \"127.0.0.1:{hbone_port}\", direction: inbound, protocol: hbone, inbound_listener: in}}\n"
+            ));
+            let server = spawn_proxy(&dir, "hbone-server", &config, hbone_in);
+            let tls = format!("mesh, hbone_port: {hbone_port}, http_over_hbone: true");
+            let config = client_config(hbone_out_admin, hbone_out, local(hbone_in), &tls, &web_identity);
+            let client = spawn_proxy(&dir, "hbone-client", &config, hbone_out);
+            let run = measured(&[&server, &client], local(hbone_out), rate, duration).await;
+            assert!(admin_get(hbone_in_admin, "/metrics").contains(r#"remora_listener_tunnels_total{listener="hbone",result="opened"}"#), "the HBONE pair tunnelled");
+            run
+        };
         let automatic = {
             let [control_port, auto_in, auto_out, ..] = free_ports();
             let [auto_in_admin, auto_out_admin, ..] = free_ports();
@@ -150,6 +168,7 @@ fn main() {
             ("one proxy", Some(&one)),
             ("plain pair", Some(&plain)),
             ("mTLS pair", Some(&paired)),
+            ("HBONE pair", Some(&hbone)),
             ("zero-config", Some(&automatic)),
         ];
         for (name, (run, cpu)) in rows.into_iter().filter_map(|(name, row)| row.map(|r| (name, r))) {
