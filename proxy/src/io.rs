@@ -6,7 +6,9 @@
 //! meter feeds two things: the listener's byte counters, and on an inbound listener the calling
 //! workload's (flushed when the connection closes and whenever the idle check runs), and the idle
 //! timeout, which [`idle_watch`] applies by noticing that the counts stopped moving. One atomic add
-//! per read or write; no clock reads on the data path.
+//! per read or write; no clock reads on the data path. Outbound, a tunnel opened on a pooled
+//! connection (HBONE's, HBONE-over-QUIC's) comes back [`Held`]: its stream, and its place in that
+//! connection's count of tunnels until it is dropped.
 
 use std::future::Future;
 use std::io;
@@ -378,6 +380,53 @@ impl AsyncWrite for DownstreamStream {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         on_transport!(self, stream => stream.poll_shutdown(cx))
+    }
+}
+
+/// A tunnel's stream, holding its place on the pooled connection that carries it: one clone of the
+/// connection's count (`Arc::strong_count` less the pool's own), given back when dropped.
+#[derive(Debug)]
+pub struct Held<S> {
+    stream: S,
+    _place: Arc<()>,
+}
+
+impl<S> Held<S> {
+    /// `stream`, counted by `place` (a clone of its connection's count).
+    pub fn new(stream: S, place: Arc<()>) -> Held<S> {
+        Held { stream, _place: place }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Held<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Held<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 

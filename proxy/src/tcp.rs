@@ -181,7 +181,7 @@ impl Relay<'_> {
             }
         }
         if let Some(port) = cluster.mesh.as_ref().and_then(|peers| peers.hbone_port) {
-            let opening = Box::pin(client::open_tunnel(settings, cluster, endpoint, port, true));
+            let opening = Box::pin(client::open_tunnel(settings, cluster, endpoint, port));
             let opened = opening.await;
             self.observe(state, opened.as_ref().err().map(ProxyError::failure), started);
             return opened.map(|tunnel| Either::Right(Either::Right(Either::Left(tunnel)))).map_err(|error| {

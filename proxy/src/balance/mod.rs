@@ -685,7 +685,10 @@ fn draw(tier: &Tier) -> Option<u32> {
     match tier.members.as_slice() {
         [] => None,
         [only] => Some(*only),
-        _ => tier.schedule().get(fastrand::usize(..tier.schedule().len().max(1))).copied(),
+        _ => {
+            let schedule = tier.schedule();
+            schedule.get(fastrand::usize(..schedule.len().max(1))).copied()
+        }
     }
 }
 

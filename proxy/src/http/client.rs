@@ -33,12 +33,8 @@
 
 use std::cell::RefCell;
 use std::future::Future;
-use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -46,7 +42,6 @@ use hyper::client::conn::{http1, http2};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use std::time::Instant;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::either::Either;
 use tracing::debug;
@@ -55,6 +50,7 @@ use crate::http::body::{ProxyBody, UpstreamBody};
 use crate::http::error::ProxyError;
 pub use crate::http::settings::ClientSettings;
 use crate::http::{h1, headers};
+use crate::io::Held;
 use crate::limits;
 use crate::policy::breaker::Slot;
 use crate::state::cluster::Cluster;
@@ -86,9 +82,17 @@ struct Shared {
     /// The connection, once opened. The async mutex makes concurrent first requests wait for one
     /// connect instead of each opening a connection.
     slot: tokio::sync::Mutex<Option<Http2Connection>>,
-    /// HBONE only: the tunnels open on it, or about to be (see [`Lease`]). Read without the lock,
-    /// so choosing a connection with room waits for nothing.
-    tunnels: AtomicUsize,
+    /// HBONE only: cloned by each tunnel open on it, or about to be (taken before its `CONNECT`
+    /// is sent, so concurrent openers count each other). Read without the lock, so choosing a
+    /// connection with room waits for nothing.
+    tunnels: Arc<()>,
+}
+
+impl Shared {
+    /// The tunnels open on it (or about to be).
+    fn tunnels(&self) -> usize {
+        Arc::strong_count(&self.tunnels) - 1
+    }
 }
 
 struct Http2Connection {
@@ -268,26 +272,37 @@ pub async fn send_http2(
     Ok(Outcome::Response(response.map(ProxyBody::http2)))
 }
 
-/// Opens an HBONE tunnel to `endpoint` of a mesh cluster: a `CONNECT endpoint` stream on one of
-/// this worker's HTTP/2 connections to the HBONE listener at `port` of the endpoint's host (mutual
-/// TLS, ALPN `h2`, the endpoint's expected identity proven): the first with room for another
-/// tunnel, or a new one. The stream is the tunnel once the listener answers `200`. `opaque`: it
-/// will carry opaque TCP, and says so; else HTTP.
+/// Opens an HBONE tunnel for opaque TCP to `endpoint` of a mesh cluster: a `CONNECT endpoint`
+/// stream on one of this worker's HTTP/2 connections to the HBONE listener at `port` of the
+/// endpoint's host (mutual TLS, ALPN `h2`, the endpoint's expected identity proven): the first with
+/// room for another tunnel, or a new one. The stream is the tunnel once the listener answers `200`.
 pub async fn open_tunnel(
     settings: &ClientSettings,
     cluster: &Cluster,
     endpoint: SocketAddr,
     port: u16,
-    opaque: bool,
 ) -> Result<HboneTunnel, ProxyError> {
+    let opening = open_tunnel_for(settings, cluster, endpoint, port, true);
+    opening.await.map(|(tunnel, _)| tunnel)
+}
+
+/// [`open_tunnel`], for opaque TCP (said so on the `CONNECT`) or for HTTP; a tunnel for HTTP comes
+/// with the identity its connection's peer proved, which its pooled HTTP connection checks again.
+async fn open_tunnel_for(
+    settings: &ClientSettings,
+    cluster: &Cluster,
+    endpoint: SocketAddr,
+    port: u16,
+    opaque: bool,
+) -> Result<(HboneTunnel, Option<SpiffeId>), ProxyError> {
     let listener = SocketAddr::new(endpoint.ip(), port);
-    let Some(lease) = with_pool(|pool| Lease::take(pool.hbone.entry(listener).or_default())) else {
+    let Some((connection, place)) = with_pool(|pool| take_place(pool.hbone.entry(listener).or_default())) else {
         return Err(ProxyError::NoEndpoint(cluster.name.clone()));
     };
     let connect = || connect_hbone(settings, cluster, endpoint, listener);
     let request = headers::tunnel_connect(endpoint, opaque).map(|()| UpstreamBody::Empty);
     let count = |pick| cluster.count_tunnel(pick);
-    let sent = send_pooled(settings, cluster, endpoint, &lease.connection, !opaque, connect, request).await;
+    let sent = send_pooled(settings, cluster, endpoint, &connection, !opaque, connect, request).await;
     let (mut response, peer) = match sent {
         Ok(sent) => sent,
         Err(error) => {
@@ -302,7 +317,7 @@ pub async fn open_tunnel(
     match hyper::upgrade::on(&mut response).await {
         Ok(upgraded) => {
             count(|c| &c.opened);
-            Ok(HboneTunnel { io: TokioIo::new(upgraded), peer, _lease: lease })
+            Ok((Held::new(TokioIo::new(upgraded), place), peer))
         }
         Err(error) => {
             count(|c| &c.failed);
@@ -313,81 +328,22 @@ pub async fn open_tunnel(
 
 /// An open HBONE tunnel: its CONNECT stream, holding its place on the pooled connection that
 /// carries it until it is dropped.
-#[derive(Debug)]
-pub struct HboneTunnel {
-    io: TokioIo<Upgraded>,
-    /// The identity the HBONE connection's peer proved (kept for a tunnel carrying HTTP, whose
-    /// pooled connection checks it again; an opaque one needs it no more).
-    peer: Option<SpiffeId>,
-    _lease: Lease,
-}
+pub type HboneTunnel = Held<TokioIo<Upgraded>>;
 
-/// A tunnel's place on a pooled HBONE connection, taken before its `CONNECT` is sent (so
-/// concurrent openers count each other) and given back when dropped.
-struct Lease {
-    connection: SharedHttp2,
-}
-
-impl std::fmt::Debug for Lease {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Lease").field("tunnels", &self.connection.tunnels.load(Ordering::Relaxed)).finish()
-    }
-}
-
-impl Lease {
-    /// A place on the first of `connections` with room for another tunnel, else on a new one.
-    fn take(connections: &mut Vec<SharedHttp2>) -> Lease {
-        let roomy =
-            connections.iter().find(|c| c.tunnels.load(Ordering::Relaxed) < limits::HBONE_TUNNELS_PER_CONNECTION);
-        let connection = match roomy {
-            Some(connection) => connection.clone(),
-            None => {
-                let connection = SharedHttp2::default();
-                connections.push(connection.clone());
-                connection
-            }
-        };
-        connection.tunnels.fetch_add(1, Ordering::Relaxed);
-        Lease { connection }
-    }
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        self.connection.tunnels.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl AsyncRead for HboneTunnel {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for HboneTunnel {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
+/// A place for one more tunnel on the first of `connections` with room for it, else on a new one:
+/// the connection, and the tunnel's clone of its count.
+fn take_place(connections: &mut Vec<SharedHttp2>) -> (SharedHttp2, Arc<()>) {
+    let roomy = connections.iter().find(|c| c.tunnels() < limits::HBONE_TUNNELS_PER_CONNECTION);
+    let connection = match roomy {
+        Some(connection) => connection.clone(),
+        None => {
+            let connection = SharedHttp2::default();
+            connections.push(connection.clone());
+            connection
+        }
+    };
+    let place = connection.tunnels.clone();
+    (connection, place)
 }
 
 /// Sends `request` on this worker's pooled HTTP/2 connection `shared`, opening it with `connect` if
@@ -504,8 +460,7 @@ async fn send_tunnelled_http1(
             Some(pooled) => pooled,
             None => {
                 let opening = Box::pin(open_http_tunnel(settings, cluster, endpoint));
-                let (tunnel, slot) = opening.await?;
-                let peer = tunnel.peer.clone();
+                let ((tunnel, peer), slot) = opening.await?;
                 (handshake_http1(TokioIo::new(tunnel), endpoint, slot).await?, peer)
             }
         };
@@ -565,11 +520,11 @@ async fn open_http_tunnel(
     settings: &ClientSettings,
     cluster: &Cluster,
     endpoint: SocketAddr,
-) -> Result<(HboneTunnel, Slot), ProxyError> {
+) -> Result<((HboneTunnel, Option<SpiffeId>), Slot), ProxyError> {
     let Some(port) = cluster.mesh.as_ref().and_then(|peers| peers.hbone_port) else {
         return Err(ProxyError::NoEndpoint(cluster.name.clone()));
     };
-    within_breakers(cluster, open_tunnel(settings, cluster, endpoint, port, false)).await
+    within_breakers(cluster, open_tunnel_for(settings, cluster, endpoint, port, false)).await
 }
 
 /// hyper's HTTP/1.1 client on `io`, its connection driven by a task of its own that holds `slot` (a
@@ -611,8 +566,7 @@ async fn connect_http2(
     endpoint: SocketAddr,
 ) -> Result<(http2::SendRequest<UpstreamBody>, Option<SpiffeId>), ProxyError> {
     if cluster.mesh.as_ref().is_some_and(|peers| peers.http_over_hbone) {
-        let (tunnel, slot) = open_http_tunnel(settings, cluster, endpoint).await?;
-        let peer = tunnel.peer.clone();
+        let ((tunnel, peer), slot) = open_http_tunnel(settings, cluster, endpoint).await?;
         let sender = handshake_http2(&settings.http2, TokioIo::new(tunnel), endpoint, Some(slot)).await?;
         return Ok((sender, peer));
     }
@@ -698,7 +652,7 @@ pub fn sweep() {
 fn keep_http2(shared: &Shared, now: Instant) -> bool {
     match shared.slot.try_lock() {
         Ok(mut slot) => {
-            let busy = shared.tunnels.load(Ordering::Relaxed) > 0;
+            let busy = shared.tunnels() > 0;
             if slot.as_ref().is_some_and(|c| (c.expires <= now && !busy) || c.sender.is_closed()) {
                 *slot = None;
             }

@@ -77,7 +77,7 @@ pub async fn connect(
     // from a peer.
     let upstream = match &cluster.mesh {
         Some(peers) if let Some(port) = peers.hbone_port => {
-            let opening = Box::pin(client::open_tunnel(&connection.data.client, cluster, target, port, true));
+            let opening = Box::pin(client::open_tunnel(&connection.data.client, cluster, target, port));
             Either::Right(Either::Right(opening.await?))
         }
         None => Either::Left(connect::connect(target, cluster.connect_timeout, &cluster.stats).await?),

@@ -15,15 +15,12 @@
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
 use http::StatusCode;
 use remora_control_api::identity::SpiffeId;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tracing::debug;
 
 use super::paths::{PathReport, PathReports};
@@ -31,6 +28,7 @@ use super::stream::{OutboundTunnel, TunnelStream};
 use crate::http::error::ProxyError;
 use crate::http::headers;
 use crate::http::settings::ClientSettings;
+use crate::io::Held;
 use crate::limits;
 use crate::state::cluster::Cluster;
 use crate::tls::{Expected, MeshTls, TlsError};
@@ -45,11 +43,7 @@ pub enum Opened {
 }
 
 /// An open tunnel, holding its connection in the pool's count of tunnels.
-#[derive(Debug)]
-pub struct QuicUpstream {
-    tunnel: OutboundTunnel,
-    _held: Arc<()>,
-}
+pub type QuicUpstream = Held<OutboundTunnel>;
 
 /// One pooled connection to a host's `hbone_quic` listener.
 struct Pooled {
@@ -222,7 +216,7 @@ async fn open(
         return Err(OpenError::Refused(response.status()));
     }
     let (send, recv) = stream.split();
-    Ok(QuicUpstream { tunnel: TunnelStream::new(send, recv), _held: held })
+    Ok(Held::new(TunnelStream::new(send, recv), held))
 }
 
 /// A QUIC connection to `listener` whose peer proves `expected`, with HTTP/3 running on it.
@@ -326,24 +320,4 @@ pub fn sweep(reports: &PathReports) {
         }
     });
     reports.set(worker, paths);
-}
-
-impl AsyncRead for QuicUpstream {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.tunnel).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for QuicUpstream {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.tunnel).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.tunnel).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.tunnel).poll_shutdown(cx)
-    }
 }
