@@ -63,5 +63,6 @@ impl Drop for Open {
         self.meter.flush(&self.listener.stats);
         self.listener.stats.active.dec();
         self.listener.stats.closed.inc();
+        crate::memory::released();
     }
 }

@@ -5,14 +5,33 @@
 //! it was free (a burst of 9,000 connections moving 1 MiB each left 284 MB where 11 MB were in use
 //! before it). [`give_back`] runs on the control thread and, every
 //! `limits::MEMORY_RETURN_INTERVAL`, asks the allocator to return the free pages of every heap to
-//! the system (`malloc_trim`), which is cheap when there is nothing to return. Other allocators
+//! the system (`malloc_trim`), which is cheap when there is nothing to return. It does so sooner
+//! once a burst has ended: connections that let go of their buffers (closed, parked between
+//! requests, HTTP/2 tidied) are counted ([`released`]), and when many did and then none for a
+//! moment, the burst's buffers are given back at once. Other allocators
 //! were measured and not chosen: mimalloc returned memory only while it was being called, and held
 //! more per idle connection (docs/benchmarks.md, "Memory after bursts and config changes").
 //! Pages come back only when nothing in them is in use, so work that allocates much and keeps
 //! little (a config's parse) runs [`apart`], on a thread of its own, where its blocks do not sit
 //! among the ones that stay.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
+
+/// Connections that let go of their buffers, process-wide, since the proxy started.
+static RELEASED: AtomicUsize = AtomicUsize::new(0);
+
+/// How many connections letting go of their buffers make a burst worth giving back at once: each
+/// held 10 kB and more of buffers while it was busy.
+const BURST: usize = 256;
+
+/// How often the give-back looks whether a burst has ended.
+const BURST_CHECK: Duration = Duration::from_millis(250);
+
+/// Counts a connection that let go of its buffers: closed, parked between requests, or tidied.
+pub fn released() {
+    RELEASED.fetch_add(1, Ordering::Relaxed);
+}
 
 /// Runs `work` on a thread of its own and returns what it made. For work that allocates much and
 /// keeps little (a config's parse, the decoding of resources to compose an update): glibc gives each
@@ -26,15 +45,50 @@ pub fn apart<T: Send>(work: impl FnOnce() -> T + Send) -> T {
     })
 }
 
-/// Returns free memory to the system every `every`, until dropped.
+/// Returns free memory to the system every `every`, and once a burst of connections has ended,
+/// until dropped.
 pub async fn give_back(every: Duration) {
     fix_trim_threshold();
-    let mut interval = tokio::time::interval(every);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    interval.tick().await;
+    let mut check = tokio::time::interval(BURST_CHECK.min(every));
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    check.tick().await;
+    let mut due = Due::new(tokio::time::Instant::now(), every);
     loop {
-        interval.tick().await;
-        trim();
+        check.tick().await;
+        let now = tokio::time::Instant::now();
+        if due.at(now, RELEASED.load(Ordering::Relaxed)) {
+            trim();
+            due.trimmed(now);
+        }
+    }
+}
+
+/// When the next give-back is due: `every` after the last, or as soon as a burst has ended (at
+/// least [`BURST`] connections released since the last one, and none since the last look).
+struct Due {
+    every: Duration,
+    last: tokio::time::Instant,
+    /// The count of released connections at the last give-back, and at the last look.
+    at_last: usize,
+    seen: usize,
+}
+
+impl Due {
+    fn new(now: tokio::time::Instant, every: Duration) -> Due {
+        let released = RELEASED.load(Ordering::Relaxed);
+        Due { every, last: now, at_last: released, seen: released }
+    }
+
+    /// Whether to give back now, with `released` counted so far.
+    fn at(&mut self, now: tokio::time::Instant, released: usize) -> bool {
+        let burst_ended = released.wrapping_sub(self.at_last) >= BURST && released == self.seen;
+        self.seen = released;
+        burst_ended || now.duration_since(self.last) >= self.every
+    }
+
+    fn trimmed(&mut self, now: tokio::time::Instant) {
+        self.last = now;
+        self.at_last = self.seen;
     }
 }
 
@@ -76,6 +130,25 @@ pub fn trim() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_give_back_is_due_periodically_and_once_a_burst_has_ended() {
+        let start = tokio::time::Instant::now();
+        let every = Duration::from_secs(5);
+        let mut due = Due { every, last: start, at_last: 0, seen: 0 };
+        let later = |ms| start + Duration::from_millis(ms);
+        // A few released connections wait for the period.
+        assert!(!due.at(later(250), 10));
+        assert!(!due.at(later(500), 10));
+        // A burst under way waits; once no more are released, it is given back.
+        assert!(!due.at(later(750), 10 + BURST));
+        assert!(!due.at(later(1000), 20 + BURST));
+        assert!(due.at(later(1250), 20 + BURST));
+        due.trimmed(later(1250));
+        // Nothing new: the period counts from the last give-back.
+        assert!(!due.at(later(6000), 20 + BURST));
+        assert!(due.at(later(6250), 20 + BURST));
+    }
 
     #[test]
     fn freed_memory_is_returned() {

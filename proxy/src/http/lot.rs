@@ -273,6 +273,7 @@ pub(super) fn park(
         match lot.parking.park(socket, Record::Shared(connection.clone()), until) {
             Ok(()) => {
                 PARKED.inc();
+                crate::memory::released();
                 // To settle the record once this task has let go of it, and perhaps to wait for
                 // an earlier deadline.
                 lot.wake.notify_one();

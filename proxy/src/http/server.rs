@@ -316,6 +316,7 @@ where
                         return Poll::Ready(());
                     }
                     *this.tidied_at = this.activity.bytes();
+                    crate::memory::released();
                     next = idle_tick(idle_timeout);
                 }
                 this.tick.reset(tokio::time::Instant::now() + next);

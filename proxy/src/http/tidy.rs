@@ -99,6 +99,7 @@ impl<F: Future<Output = ()>> Future for Tidied<F> {
                     return Poll::Ready(());
                 }
                 *this.tidied = true;
+                crate::memory::released();
             } else {
                 *this.polls = 0;
                 this.tick.reset(next_tick());
