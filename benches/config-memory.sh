@@ -6,24 +6,27 @@
 # the big config applied (settled: the allocator gives back every 5 s, memory::give_back), and
 # where RSS settled after the config shrank.
 #
-# Usage: benches/config-memory.sh     Env: CLUSTERS=2000 ENDPOINTS=5, REMORA=binary
+# Clusters balance round robin, which keeps no run-time state per endpoint; BALANCER=ewma (the
+# automatic mesh's) or least_request measures clusters that keep one.
+#
+# Usage: benches/config-memory.sh     Env: CLUSTERS=2000 ENDPOINTS=5 BALANCER=round_robin, REMORA=binary
 set -eu
 root=$(cd "$(dirname "$0")/.." && pwd)
 remora=${REMORA:-$root/target/release/remora}
-CLUSTERS=${CLUSTERS:-2000}; ENDPOINTS=${ENDPOINTS:-5}
+CLUSTERS=${CLUSTERS:-2000}; ENDPOINTS=${ENDPOINTS:-5}; BALANCER=${BALANCER:-round_robin}
 [ -x "$remora" ] || (cd "$root" && cargo build --release --bin remora)
 dir=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$dir"' EXIT
 config() { # $1 clusters, $2 endpoints each
-  python3 - "$1" "$2" <<'PY'
+  python3 - "$1" "$2" "$BALANCER" <<'PY'
 import sys
-clusters, endpoints = int(sys.argv[1]), int(sys.argv[2])
+clusters, endpoints, balancer = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 print("bootstrap:\n  admin_address: 127.0.0.1:0\n  workers: 1\nresources:")
 print("  - {kind: Listener, name: in, address: \"127.0.0.1:0\", protocol: http1, route_tables: [t]}")
 print("  - kind: RouteTable\n    name: t\n    routes:")
 for c in range(clusters):
     print(f"      - {{match: {{path: {{prefix: /c{c}/}}}}, backends: [{{cluster: c{c}}}]}}")
 for c in range(clusters):
-    print(f"  - {{kind: Cluster, name: c{c}, protocol: http1}}")
+    print(f"  - {{kind: Cluster, name: c{c}, protocol: http1, balancer: {balancer}}}")
     eps = ", ".join(f"{{address: \"10.{(c >> 8) & 255}.{c & 255}.{e + 1}:8080\"}}" for e in range(endpoints))
     print(f"  - {{kind: Endpoints, cluster: c{c}, endpoints: [{eps}]}}")
 PY
@@ -41,7 +44,7 @@ sleep 2; early=$(rss); sleep 5; big=$(rss)
 n=$(applied); cp "$dir/small.yaml" "$dir/config.yaml.new" && mv "$dir/config.yaml.new" "$dir/config.yaml"
 for _ in $(seq 600); do [ "$(applied)" -gt "$n" ] && break; sleep 0.1; done
 sleep 7; back=$(rss)
-echo "small config: ${small} KiB; ${CLUSTERS} clusters × ${ENDPOINTS} endpoints: ${early} KiB 2 s after, ${big} KiB 7 s after; small again (7 s later): ${back} KiB"
+echo "small config: ${small} KiB; ${CLUSTERS} clusters × ${ENDPOINTS} endpoints (${BALANCER}): ${early} KiB 2 s after, ${big} KiB 7 s after; small again (7 s later): ${back} KiB"
 awk -v s="$small" -v b="$big" -v y="$early" -v k="$back" -v c="$CLUSTERS" -v e="$ENDPOINTS" 'BEGIN {
   printf "per cluster (with %d endpoints, its stats and a route), settled: %.2f kB; per endpoint: %.0f bytes\n", e, (b - s) * 1.024 / c, (b - s) * 1024 / (c * e)
   printf "2 s after it applied (before the give-back may have run): %.2f kB per cluster\n", (y - s) * 1.024 / c

@@ -140,7 +140,7 @@ impl Relay<'_> {
                 return (Some(endpoint), Some("upstream_overflow"));
             }
         };
-        let state = picked.member.map(|member| member.state.clone());
+        let state = picked.member.and_then(|member| member.state.clone());
         let _active = state.as_ref().filter(|_| cluster.counts_active).map(|state| state.start());
         let upstream = match self.open(endpoint, state.as_deref()).await {
             Ok(upstream) => upstream,

@@ -22,7 +22,7 @@ const EWMA_DECAY: Duration = Duration::from_secs(10);
 /// The latency estimate of an endpoint nothing has been measured on yet: a LAN round trip plus a
 /// quick handler. Linkerd starts at 30 ms; in a mesh of sidecars a few milliseconds is nearer the
 /// truth, and too high a start keeps a new endpoint idle for a long while.
-const EWMA_INITIAL: Duration = Duration::from_millis(5);
+pub(crate) const EWMA_INITIAL: Duration = Duration::from_millis(5);
 
 /// Nanoseconds since the first call: a clock that fits in an atomic.
 pub fn nanos_since_start(at: Instant) -> u64 {

@@ -48,7 +48,7 @@ use arc_swap::ArcSwap;
 use http::HeaderMap;
 use http::header::{COOKIE, HeaderName};
 
-use endpoint::nanos_since_start;
+use endpoint::{EWMA_INITIAL, nanos_since_start};
 pub use endpoint::{EndpointState, Health, Observed};
 use outlier::{EjectReason, OutlierConfig};
 use ring::Ring;
@@ -243,6 +243,16 @@ impl SetConfig {
             health_checked: false,
         }
     }
+
+    /// Whether anything reads or writes its endpoints' run-time states: least_request and ewma
+    /// (active requests, latency), outlier detection (ejections) and health checks. A set that
+    /// needs none (round robin, random or ring hash alone) makes none: a cluster is held by the
+    /// thousand, and a state is 64 bytes of heap per endpoint.
+    pub fn keeps_states(&self) -> bool {
+        self.health_checked
+            || self.outlier.is_some()
+            || matches!(self.strategy, Strategy::LeastRequest | Strategy::Ewma)
+    }
 }
 
 /// One endpoint of a set.
@@ -250,14 +260,25 @@ impl SetConfig {
 pub struct Member {
     /// Its configured address, weight and proximity.
     pub endpoint: Endpoint,
-    /// Its run-time state, shared with the sets before and after this one.
-    pub state: Arc<EndpointState>,
+    /// Its run-time state, shared with the sets before and after this one; none when neither
+    /// this set nor one before it kept one ([`SetConfig::keeps_states`]).
+    pub state: Option<Arc<EndpointState>>,
 }
 
 impl Member {
     /// Where to connect.
     pub fn address(&self) -> SocketAddr {
         self.endpoint.address
+    }
+
+    /// Requests in flight on it (none counted without a state).
+    fn active(&self) -> u32 {
+        self.state.as_ref().map_or(0, |state| state.active())
+    }
+
+    /// Whether outlier detection has it ejected at `now`.
+    fn is_ejected(&self, now: u64) -> bool {
+        self.state.as_ref().is_some_and(|state| state.is_ejected(now))
     }
 }
 
@@ -272,10 +293,14 @@ pub struct EndpointSet {
     stats: Arc<HealthStats>,
 }
 
-/// Which endpoints take traffic now, precomputed.
+/// Which endpoints take traffic now, precomputed. Rebuilt whenever health changes, and held by
+/// every cluster: the common case (one tier) is kept in place, without an allocation of its own.
 #[derive(Debug, Default)]
 pub struct View {
-    tiers: Vec<Tier>,
+    /// The nearest tier with endpoints taking traffic; none when no endpoint does.
+    first: Option<Tier>,
+    /// With zone-aware routing, the tiers after the first.
+    farther: Vec<Tier>,
     /// Cumulative share of traffic of each tier, the last one 1.0; empty when the first tier takes
     /// everything.
     shares: Vec<f64>,
@@ -291,20 +316,62 @@ pub struct View {
 
 #[derive(Debug)]
 struct Tier {
-    /// Indices into the set's members.
-    members: Vec<u32>,
+    /// Indices into the set's members: see [`Tier::members`].
+    members: Members,
     /// One smooth-WRR cycle over `members`, as member indices: the round-robin order, and the
     /// weighted urn random draws come from. Empty when it is `members` itself (equal weights, the
     /// common case): see [`Tier::schedule`].
-    schedule: Vec<u32>,
+    schedule: Box<[u32]>,
     cursor: AtomicUsize,
     ring: Option<Ring>,
 }
 
+/// A tier's members, as indices into the set's.
+#[derive(Debug)]
+enum Members {
+    /// The set's first `n` members, every one in order: the common case (every endpoint weighted
+    /// and healthy), which needs no list of its own.
+    Leading(u32),
+    /// Any others.
+    Listed(Box<[u32]>),
+}
+
+/// The longest run of leading members [`Members::Leading`] stands for.
+const LEADING_MAX: usize = 256;
+
+/// `0, 1, 2, …`: the indices of the leading members.
+static ASCENDING: [u32; LEADING_MAX] = {
+    let mut indices = [0; LEADING_MAX];
+    let mut i = 0;
+    while i < LEADING_MAX {
+        indices[i] = i as u32;
+        i += 1;
+    }
+    indices
+};
+
+impl Members {
+    fn new(indices: Vec<u32>) -> Members {
+        let leading = indices.len() <= LEADING_MAX && indices.iter().zip(0..).all(|(index, i)| *index == i);
+        match u32::try_from(indices.len()) {
+            Ok(n) if leading => Members::Leading(n),
+            _ => Members::Listed(indices.into_boxed_slice()),
+        }
+    }
+}
+
 impl Tier {
+    /// The indices of the tier's members.
+    fn members(&self) -> &[u32] {
+        match &self.members {
+            Members::Leading(n) => ASCENDING.get(..*n as usize).unwrap_or_default(),
+            Members::Listed(indices) => indices,
+        }
+    }
+
     /// The tier's smooth-WRR cycle.
     fn schedule(&self) -> &[u32] {
-        if self.schedule.is_empty() { &self.members } else { &self.schedule }
+        if self.schedule.is_empty() { self.members() } else { &self.schedule }
     }
 }
 
@@ -331,17 +398,33 @@ impl View {
 
     fn tier(&self) -> Option<&Tier> {
         if self.shares.is_empty() {
-            return self.tiers.first();
+            return self.first.as_ref();
         }
         let draw = fastrand::f64();
-        let index = self.shares.partition_point(|share| *share <= draw).min(self.tiers.len().saturating_sub(1));
-        self.tiers.get(index)
+        match self.shares.partition_point(|share| *share <= draw).min(self.farther.len()) {
+            0 => self.first.as_ref(),
+            index => self.farther.get(index - 1),
+        }
+    }
+
+    /// Adds the next tier, nearest first.
+    fn push(&mut self, tier: Tier) {
+        if self.first.is_none() {
+            self.first = Some(tier);
+        } else {
+            self.farther.push(tier);
+        }
+    }
+
+    fn tiers(&self) -> usize {
+        usize::from(self.first.is_some()) + self.farther.len()
     }
 }
 
 impl EndpointSet {
     /// Builds a set over `endpoints`. `carried` gives the state of an address a previous set of this
-    /// cluster had (so it survives); new addresses get fresh states. `stats` counts ejections.
+    /// cluster had (so it survives, even through a set that does not read it); new addresses get
+    /// fresh states when the set keeps states. `stats` counts ejections.
     pub fn new(
         config: SetConfig,
         endpoints: Vec<Endpoint>,
@@ -355,9 +438,9 @@ impl EndpointSet {
                 // serving now sees (the new one may yet be rejected). Verdicts the new set's
                 // settings do not ask for (a health state without a health check, an ejection
                 // without outlier detection) are ignored by its view instead.
-                let state = carried(endpoint.address).unwrap_or_else(|| {
+                let state = carried(endpoint.address).or_else(|| {
                     let health = if config.health_checked { Health::Unknown } else { Health::Unchecked };
-                    Arc::new(EndpointState::new(health))
+                    config.keeps_states().then(|| Arc::new(EndpointState::new(health)))
                 });
                 Member { endpoint, state }
             })
@@ -390,7 +473,7 @@ impl EndpointSet {
 
     /// The state of the endpoint at `address`, if the set has it.
     pub fn state_of(&self, address: SocketAddr) -> Option<&Arc<EndpointState>> {
-        self.members.iter().find(|m| m.endpoint.address == address).map(|m| &m.state)
+        self.members.iter().find(|m| m.endpoint.address == address).and_then(|m| m.state.as_ref())
     }
 
     /// Which endpoints take traffic now.
@@ -407,7 +490,14 @@ impl EndpointSet {
             .members
             .iter()
             .map(|m| {
-                let state = &m.state;
+                let untouched;
+                let state = match &m.state {
+                    Some(state) => &**state,
+                    None => {
+                        untouched = EndpointState::new(Health::Unchecked);
+                        &untouched
+                    }
+                };
                 let health = match m.endpoint.declared {
                     Declared::Healthy if self.config.health_checked => state.health().as_str(),
                     Declared::Healthy => "unchecked",
@@ -455,7 +545,7 @@ impl EndpointSet {
                 let (a, b) = two_draws(tier)?;
                 let (ma, mb) = (self.members.get(a as usize)?, self.members.get(b as usize)?);
                 // active/weight, compared without division.
-                let load = |m: &Member, other: &Member| u64::from(m.state.active()) * u64::from(other.endpoint.weight);
+                let load = |m: &Member, other: &Member| u64::from(m.active()) * u64::from(other.endpoint.weight);
                 if load(mb, ma) < load(ma, mb) { b } else { a }
             }
             Strategy::Ewma => {
@@ -466,7 +556,8 @@ impl EndpointSet {
                     let now = nanos_since_start(Instant::now());
                     let cost = |i: u32| {
                         self.members.get(i as usize).map_or(f64::INFINITY, |m| {
-                            m.state.ewma_ns(now) * f64::from(m.state.active() + 1) / f64::from(m.endpoint.weight.max(1))
+                            let ewma = m.state.as_ref().map_or(EWMA_INITIAL.as_nanos() as f64, |s| s.ewma_ns(now));
+                            ewma * f64::from(m.active() + 1) / f64::from(m.endpoint.weight.max(1))
                         })
                     };
                     if cost(b) < cost(a) { b } else { a }
@@ -501,8 +592,9 @@ impl EndpointSet {
                 return Some(member);
             }
         }
-        let start = fastrand::usize(..tier.members.len().max(1));
-        let (after, before) = tier.members.split_at(start.min(tier.members.len()));
+        let members = tier.members();
+        let start = fastrand::usize(..members.len().max(1));
+        let (after, before) = members.split_at(start.min(members.len()));
         before.iter().chain(after).find_map(|index| allowed(*index)).or(Some(picked))
     }
 
@@ -540,7 +632,7 @@ impl EndpointSet {
         {
             let _guard = self.refreshing.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             let weighted = self.members.iter().filter(|m| m.endpoint.weight > 0).count();
-            let ejected = self.members.iter().filter(|m| m.state.is_ejected(now)).count();
+            let ejected = self.members.iter().filter(|m| m.is_ejected(now)).count();
             if ejected >= outlier.max_ejections(weighted) || member.is_ejected(now) {
                 return false;
             }
@@ -552,7 +644,11 @@ impl EndpointSet {
             counters.consecutive_gateway.store(0, Ordering::Relaxed);
         }
         self.stats.record_ejection(reason);
-        let address = self.members.iter().find(|m| std::ptr::eq(&*m.state, member)).map(Member::address);
+        let address = self
+            .members
+            .iter()
+            .find(|m| m.state.as_deref().is_some_and(|state| std::ptr::eq(state, member)))
+            .map(Member::address);
         tracing::info!(
             cluster = %self.stats.name,
             endpoint = %address.map_or_else(|| "?".to_owned(), |a| a.to_string()),
@@ -584,18 +680,19 @@ impl EndpointSet {
         // Only what this set's settings ask for counts: ejections with outlier detection, and with
         // a health check nothing but a passing verdict (never checked counts as unknown). An
         // endpoint declared unhealthy fails whatever the checks say.
-        let ejected_now = |i: &u32| self.config.outlier.is_some() && self.members[*i as usize].state.is_ejected(now);
+        let ejected_now = |i: &u32| self.config.outlier.is_some() && self.members[*i as usize].is_ejected(now);
         let passes = |i: &u32| {
             let member = &self.members[*i as usize];
             member.endpoint.declared == Declared::Healthy
-                && (!self.config.health_checked || member.state.health() == Health::Healthy)
+                && (!self.config.health_checked || member.state.as_ref().is_some_and(|s| s.health() == Health::Healthy))
         };
         let healthy: Vec<u32> = weighted.iter().copied().filter(|i| !ejected_now(i) && passes(i)).collect();
         let ejected = weighted.iter().filter(|i| ejected_now(i)).count();
         let threshold = u64::from(self.config.panic_threshold);
         let panic = threshold > 0 && (healthy.len() as u64) * 100 < threshold * weighted.len() as u64;
         let mut view = View {
-            tiers: Vec::new(),
+            first: None,
+            farther: Vec::new(),
             shares: Vec::new(),
             weighted: weighted.len(),
             healthy: healthy.len(),
@@ -605,8 +702,7 @@ impl EndpointSet {
         if panic || self.config.locality.is_none() {
             let members = if panic { weighted } else { healthy };
             if !members.is_empty() {
-                // One tier: a vector grown by a push would keep room for four.
-                view.tiers = vec![self.tier(members)];
+                view.first = Some(self.tier(members));
             }
             return view;
         }
@@ -625,11 +721,11 @@ impl EndpointSet {
             let share = remaining.min(load);
             remaining -= share;
             shares.push(share);
-            view.tiers.push(self.tier(members));
+            view.push(self.tier(members));
         }
         // Health left over (every tier below its minimum) is spread in proportion to what each took.
         let taken: f64 = shares.iter().sum();
-        if view.tiers.len() > 1 && taken > 0.0 {
+        if view.tiers() > 1 && taken > 0.0 {
             let mut cumulative = 0.0;
             view.shares = shares
                 .iter()
@@ -651,6 +747,7 @@ impl EndpointSet {
         if schedule == members {
             schedule = Vec::new();
         }
+        let schedule = schedule.into_boxed_slice();
         let ring = (self.config.strategy == Strategy::RingHash).then(|| {
             Ring::new(members.iter().map(|i| {
                 let member = &self.members[*i as usize];
@@ -661,7 +758,7 @@ impl EndpointSet {
         // (a health check flipping for all of them) must not start in step.
         let cycle = if schedule.is_empty() { members.len() } else { schedule.len() };
         let cursor = AtomicUsize::new(fastrand::usize(..cycle.max(1)));
-        Tier { members, schedule, cursor, ring }
+        Tier { members: Members::new(members), schedule, cursor, ring }
     }
 }
 
@@ -672,17 +769,18 @@ impl EndpointSet {
 fn two_draws(tier: &Tier) -> Option<(u32, u32)> {
     let a = draw(tier)?;
     let mut b = draw(tier)?;
-    if a == b && tier.members.len() > 1 {
-        let at = tier.members.iter().position(|m| *m == a).unwrap_or(0);
-        let offset = 1 + fastrand::usize(..tier.members.len() - 1);
-        b = tier.members[(at + offset) % tier.members.len()];
+    let members = tier.members();
+    if a == b && members.len() > 1 {
+        let at = members.iter().position(|m| *m == a).unwrap_or(0);
+        let offset = 1 + fastrand::usize(..members.len() - 1);
+        b = members[(at + offset) % members.len()];
     }
     Some((a, b))
 }
 
 /// A weighted random member of the tier: a uniform draw from its schedule.
 fn draw(tier: &Tier) -> Option<u32> {
-    match tier.members.as_slice() {
+    match tier.members() {
         [] => None,
         [only] => Some(*only),
         _ => {
@@ -773,6 +871,15 @@ impl<T> WeightedChoice<T> {
 }
 
 #[cfg(test)]
+impl Member {
+    /// Its state, which the set under test keeps.
+    #[allow(clippy::expect_used)]
+    pub(crate) fn kept(&self) -> &Arc<EndpointState> {
+        self.state.as_ref().expect("the set keeps no endpoint states")
+    }
+}
+
+#[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -854,7 +961,7 @@ mod tests {
     #[test]
     fn huge_weights_keep_their_proportions() {
         let set = set(&[3_000_000, 1_000_000, 1]);
-        let cycle = set.view().tiers[0].schedule().len();
+        let cycle = set.view().first.as_ref().unwrap().schedule().len();
         assert!(cycle as u64 <= MAX_SCHEDULE + 3);
         let counts = counts(&set, cycle);
         let ratio = counts[&0] as f64 / counts[&1] as f64;
@@ -865,7 +972,7 @@ mod tests {
     #[test]
     fn least_request_prefers_the_idle_endpoint() {
         let set = set_with(Strategy::LeastRequest, &[1, 1, 1]);
-        let busy: Vec<_> = (0..5).map(|_| set.members()[0].state.start()).collect();
+        let busy: Vec<_> = (0..5).map(|_| set.members()[0].kept().start()).collect();
         let counts = counts(&set, 3000);
         // Endpoint 0 wins only when both draws are it: 1/9 of the time.
         assert!(counts.get(&0).copied().unwrap_or(0) < 500, "{counts:?}");
@@ -878,9 +985,9 @@ mod tests {
     fn ewma_avoids_the_slow_endpoint() {
         let set = set_with(Strategy::Ewma, &[1, 1, 1]);
         let now = nanos_since_start(Instant::now());
-        set.members()[0].state.observe(Observed::Success, Duration::from_millis(50), now, true);
+        set.members()[0].kept().observe(Observed::Success, Duration::from_millis(50), now, true);
         for member in &set.members()[1..] {
-            member.state.observe(Observed::Success, Duration::from_millis(1), now, true);
+            member.kept().observe(Observed::Success, Duration::from_millis(1), now, true);
         }
         let counts = counts(&set, 3000);
         assert!(counts.get(&0).copied().unwrap_or(0) < 500, "{counts:?}");
@@ -946,13 +1053,13 @@ mod tests {
         // All unknown: below the panic threshold, so everything takes traffic.
         assert!(set.view().panic());
         for member in &set.members()[..3] {
-            member.state.set_health(Health::Healthy);
+            member.kept().set_health(Health::Healthy);
         }
         set.refresh();
         assert!(!set.view().panic());
         assert_eq!(counts(&set, 300).len(), 3, "the unknown endpoint waits for its first pass");
-        set.members()[1].state.set_health(Health::Unhealthy);
-        set.members()[2].state.set_health(Health::Unhealthy);
+        set.members()[1].kept().set_health(Health::Unhealthy);
+        set.members()[2].kept().set_health(Health::Unhealthy);
         set.refresh();
         // One of four healthy is under 50%: panic, and all four take traffic again.
         assert!(set.view().panic());
@@ -999,7 +1106,7 @@ mod tests {
         ];
         let set = build(config, endpoints);
         for member in set.members() {
-            member.state.set_health(Health::Healthy);
+            member.kept().set_health(Health::Healthy);
         }
         set.refresh();
         set
@@ -1010,14 +1117,14 @@ mod tests {
         let set = zoned(70);
         assert_eq!(counts(&set, 200).keys().copied().collect::<std::collections::BTreeSet<_>>(), [0, 1].into());
         // Half the zone healthy against a 70% minimum: the zone takes 50/70 of the traffic.
-        set.members()[1].state.set_health(Health::Unhealthy);
+        set.members()[1].kept().set_health(Health::Unhealthy);
         set.refresh();
         let counts = counts(&set, 20_000);
         let zone = counts[&0] as f64 / 20_000.0;
         assert!((zone - 5.0 / 7.0).abs() < 0.02, "{counts:?}");
         assert!(!counts.contains_key(&3), "the region still had room: {counts:?}");
         // The whole zone down: the region takes it all.
-        set.members()[0].state.set_health(Health::Unhealthy);
+        set.members()[0].kept().set_health(Health::Unhealthy);
         set.refresh();
         assert_eq!(self::counts(&set, 100).keys().copied().collect::<Vec<_>>(), [2]);
     }
@@ -1027,15 +1134,15 @@ mod tests {
         let checked = SetConfig { health_checked: true, panic_threshold: 0, ..SetConfig::round_robin() };
         let first =
             build(checked.clone(), vec![endpoint(0, 1, Proximity::Elsewhere), endpoint(1, 1, Proximity::Elsewhere)]);
-        first.members()[0].state.set_health(Health::Unhealthy);
-        first.members()[1].state.set_health(Health::Healthy);
+        first.members()[0].kept().set_health(Health::Unhealthy);
+        first.members()[1].kept().set_health(Health::Healthy);
         first.refresh();
         let carried = |address| first.state_of(address).cloned();
         // A set without the check, built beside the serving one: it serves both endpoints, and the
         // serving set's view of them does not change.
         let endpoints = vec![endpoint(0, 1, Proximity::Elsewhere), endpoint(1, 1, Proximity::Elsewhere)];
         let next = EndpointSet::new(SetConfig::round_robin(), endpoints, &carried, HealthStats::detached("t"));
-        assert!(Arc::ptr_eq(&first.members()[0].state, &next.members()[0].state));
+        assert!(Arc::ptr_eq(first.members()[0].kept(), next.members()[0].kept()));
         assert_eq!(counts(&next, 100).len(), 2);
         first.refresh();
         assert_eq!(counts(&first, 100).keys().copied().collect::<Vec<_>>(), [1]);
@@ -1046,8 +1153,29 @@ mod tests {
             &|a| next.state_of(a).cloned(),
             HealthStats::detached("t"),
         );
-        assert_eq!(fresh.members()[0].state.health(), Health::Unknown);
+        assert_eq!(fresh.members()[0].kept().health(), Health::Unknown);
         assert_eq!(counts(&fresh, 100).keys().copied().collect::<Vec<_>>(), [1]);
+    }
+
+    #[test]
+    fn a_view_of_every_endpoint_in_order_holds_no_list_of_its_own() {
+        let equal = (0..5).map(|i| endpoint(i, 1, Proximity::Elsewhere)).collect();
+        let set = build(SetConfig::round_robin(), equal);
+        let view = set.view();
+        let tier = view.first.as_ref().unwrap();
+        assert!(matches!(tier.members, Members::Leading(5)));
+        assert_eq!((tier.members(), tier.schedule()), (&[0, 1, 2, 3, 4][..], &[0, 1, 2, 3, 4][..]));
+        assert!(view.farther.is_empty() && view.shares.is_empty());
+        // A set without state for its endpoints keeps none.
+        assert!(set.members().iter().all(|m| m.state.is_none()));
+        // One endpoint out of rotation: the others are listed.
+        let one_out = (0..5).map(|i| endpoint(i, u32::from(i != 1), Proximity::Elsewhere)).collect();
+        let set = build(SetConfig::round_robin(), one_out);
+        let view = set.view();
+        let tier = view.first.as_ref().unwrap();
+        assert!(matches!(tier.members, Members::Listed(_)));
+        assert_eq!(tier.members(), [0, 2, 3, 4]);
+        assert_eq!(counts(&set, 400).len(), 4);
     }
 
     #[test]

@@ -102,13 +102,15 @@ async fn watch_cluster(set: Arc<EndpointSet>, check: Option<HealthCheckConfig>, 
 /// Probes one endpoint every interval (jittered), forever.
 async fn probe_endpoint(set: Arc<EndpointSet>, index: usize, check: HealthCheckConfig, stats: Arc<HealthStats>) {
     let Some(member) = set.members().get(index) else { return };
+    // (A health-checked set keeps every endpoint's state.)
+    let Some(state) = member.state.as_ref() else { return };
     let mut tally = Tally::default();
     loop {
         let result = health::probe(member.address(), &check).await;
         let counter = if result.is_ok() { &stats.checks_passed } else { &stats.checks_failed };
         counter.inc();
-        if let Some(health) = tally.record(result.is_ok(), member.state.health(), &check)
-            && member.state.set_health(health)
+        if let Some(health) = tally.record(result.is_ok(), state.health(), &check)
+            && state.set_health(health)
         {
             info!(
                 cluster = %stats.name,

@@ -325,9 +325,13 @@ impl Attempt {
             return Attempt { observed: None, started, in_flight: InFlight { active: None, slot, span } };
         };
         Attempt {
-            observed: cluster.observes.then(|| member.state.clone()),
+            observed: member.state.clone().filter(|_| cluster.observes),
             started,
-            in_flight: InFlight { active: cluster.counts_active.then(|| member.state.start()), slot, span },
+            in_flight: InFlight {
+                active: member.state.as_ref().filter(|_| cluster.counts_active).map(|state| state.start()),
+                slot,
+                span,
+            },
         }
     }
 
