@@ -17,6 +17,8 @@
 use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::sync::Arc;
+#[cfg(target_os = "linux")]
+use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
@@ -74,18 +76,17 @@ pub async fn proxy(
         Downstream::Mesh(_, peer, _) => *peer,
     };
     let run = Relay { cluster: &cluster, original_destination, listener, meter, settings };
-    let Some(log) = access_log else {
-        run.relay(downstream, peer).await;
-        return;
-    };
-    // Kept past the relay, which takes the stream: only when there is a line to write.
-    let peer_identity = match &downstream {
-        Downstream::Mesh(_, _, identity) => Some(identity.clone()),
-        Downstream::Plain(..) => None,
-    };
-    let start = std::time::SystemTime::now();
-    let started = std::time::Instant::now();
+    // Kept past the relay, which takes the stream: only when there is a line to write. (One relay
+    // future either way: the task holds it, idle or not, for the connection's life.)
+    let logging = access_log.map(|log| {
+        let peer_identity = match &downstream {
+            Downstream::Mesh(_, _, identity) => Some(identity.clone()),
+            Downstream::Plain(..) => None,
+        };
+        (log, peer_identity, std::time::SystemTime::now(), std::time::Instant::now())
+    });
     let (endpoint, flag) = run.relay(downstream, peer).await;
+    let Some((log, peer_identity, start, started)) = logging else { return };
     let entry = Entry {
         start: Some(start),
         duration: started.elapsed(),
@@ -114,8 +115,9 @@ struct Relay<'a> {
 }
 
 /// A relayed connection's upstream side: plain TCP, or to a mesh cluster, mutual TLS or an HBONE
-/// tunnel (over TCP or QUIC).
-type Upstream = Either<TcpStream, Either<ClientStream, Either<HboneTunnel, Box<QuicUpstream>>>>;
+/// tunnel (over TCP or QUIC). Held inline by the connection's task for its whole life, idle or not:
+/// a TLS session (1 kB and more) is boxed, as most relays have none.
+type Upstream = Either<TcpStream, Either<Box<ClientStream>, Either<HboneTunnel, Box<QuicUpstream>>>>;
 
 impl Relay<'_> {
     /// The connection's life: the endpoint it went to, and what cut it short (an `x-remora-error`
@@ -142,7 +144,9 @@ impl Relay<'_> {
         };
         let state = picked.member.and_then(|member| member.state.clone());
         let _active = state.as_ref().filter(|_| cluster.counts_active).map(|state| state.start());
-        let upstream = match self.open(endpoint, state.as_deref()).await {
+        // Boxed: connecting (a TLS handshake, a tunnel's CONNECT) takes kilobytes the connection
+        // holds no more once it is open.
+        let upstream = match Box::pin(self.open(endpoint, state.as_deref())).await {
             Ok(upstream) => upstream,
             Err(flag) => return (Some(endpoint), Some(flag)),
         };
@@ -203,7 +207,7 @@ impl Relay<'_> {
             None => Err(TlsError::NoIdentity),
         };
         match secured {
-            Ok((tls, _)) => Ok(Either::Right(Either::Left(tls))),
+            Ok((tls, _)) => Ok(Either::Right(Either::Left(Box::new(tls)))),
             Err(error) => {
                 debug!(listener = %listener.name, cluster = %cluster.name, %error, "tcp: mesh handshake failed; closing");
                 Err("upstream_tls")
@@ -298,6 +302,23 @@ impl Relay<'_> {
 /// Moves bytes both ways between `a` and `b` until each side has sent its end-of-stream, passing each
 /// on as a half-close. The first error ends both directions. `a_to_b` and `b_to_a` are told how many
 /// bytes moved, as they move.
+#[cfg(target_os = "linux")]
+pub fn forward<'a>(
+    a: &'a TcpStream,
+    b: &'a TcpStream,
+    a_to_b: &'a (dyn Fn(usize) + Sync),
+    b_to_a: &'a (dyn Fn(usize) + Sync),
+) -> impl Future<Output = io::Result<()>> + 'a {
+    let mut ways = [OneWay::default(), OneWay::default()];
+    std::future::poll_fn(move |cx| {
+        let [there, back] = &mut ways;
+        let there = there.poll(cx, a, b, a_to_b)?;
+        let back = back.poll(cx, b, a, b_to_a)?;
+        if there.is_ready() && back.is_ready() { Poll::Ready(Ok(())) } else { Poll::Pending }
+    })
+}
+
+#[cfg(not(target_os = "linux"))]
 pub async fn forward(
     a: &TcpStream,
     b: &TcpStream,
@@ -373,51 +394,79 @@ fn give_back_pipe(pipe: Pipe) {
 /// pipe (two descriptors and a kernel pipe each way, which capped idle connections at a third of
 /// the descriptor limit), and a busy one takes its pipe back from the thread's spares at each
 /// wake-up, without a system call.
+///
+/// Polled by hand rather than written as an `async fn`: an idle connection's task holds both
+/// directions for as long as it lives, and the futures of `readable()` and `async_io` (a waiter
+/// each) made the two 768 bytes where these are 48. A direction is the only reader of `from` and
+/// the only writer of `to`, so the sockets' own read and write wakers serve.
 #[cfg(target_os = "linux")]
-async fn one_way(from: &TcpStream, to: &TcpStream, moved: &(dyn Fn(usize) + Sync)) -> io::Result<()> {
-    use rustix::pipe::{SpliceFlags, splice};
-    use tokio::io::Interest;
+#[derive(Default)]
+struct OneWay {
+    /// The borrowed pipe, if any, and how many bytes it holds.
+    held: Option<Pipe>,
+    left: usize,
+    done: bool,
+}
 
-    let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
-    let mut held: Option<Pipe> = None;
-    loop {
-        // Socket to pipe, once `from` is readable; EAGAIN clears readiness, and the pipe goes
-        // back to the spares while `from` waits.
-        let (pipe, filled) = loop {
-            if held.is_none() {
-                from.readable().await?;
+#[cfg(target_os = "linux")]
+impl OneWay {
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &TcpStream,
+        to: &TcpStream,
+        moved: &(dyn Fn(usize) + Sync),
+    ) -> Poll<io::Result<()>> {
+        use rustix::pipe::{SpliceFlags, splice};
+        use tokio::io::Interest;
+
+        let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
+        while !self.done {
+            if let Some(pipe) = self.held.as_ref().filter(|_| self.left > 0) {
+                // Pipe to socket, until the pipe is empty again. (On an error the pipe is closed
+                // with whatever it held.)
+                ready!(to.poll_write_ready(cx))?;
+                let left = self.left;
+                match to.try_io(Interest::WRITABLE, || {
+                    splice(&pipe.out, None, to, None, left, flags).map_err(io::Error::from)
+                }) {
+                    Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Ok(sent) => {
+                        self.left -= sent;
+                        moved(sent);
+                    }
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(error) => return Poll::Ready(Err(error)),
+                }
+                continue;
             }
-            let pipe = match held.take() {
+            // Socket to pipe, once `from` is readable (a pipe still held was just emptied: try at
+            // once); EAGAIN clears readiness, and the pipe goes back to the spares while `from`
+            // waits.
+            if self.held.is_none() {
+                ready!(from.poll_read_ready(cx))?;
+            }
+            let pipe = match self.held.take() {
                 Some(pipe) => pipe,
                 None => borrow_pipe()?,
             };
-            let spliced = from.try_io(Interest::READABLE, || {
+            match from.try_io(Interest::READABLE, || {
                 splice(from, None, &pipe.into, None, pipe.capacity, flags).map_err(io::Error::from)
-            });
-            match spliced {
-                Ok(filled) => break (pipe, filled),
+            }) {
+                Ok(0) => {
+                    give_back_pipe(pipe);
+                    half_close(to);
+                    self.done = true;
+                }
+                Ok(filled) => {
+                    self.left = filled;
+                    self.held = Some(pipe);
+                }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => give_back_pipe(pipe),
-                Err(error) => return Err(error),
+                Err(error) => return Poll::Ready(Err(error)),
             }
-        };
-        if filled == 0 {
-            give_back_pipe(pipe);
-            half_close(to);
-            return Ok(());
         }
-        // Pipe to socket, until the pipe is empty again. (On an error the pipe is closed with
-        // whatever it held.)
-        let mut left = filled;
-        while left > 0 {
-            let sent = to
-                .async_io(Interest::WRITABLE, || {
-                    splice(&pipe.out, None, to, None, left, flags).map_err(io::Error::from)
-                })
-                .await?;
-            left -= sent;
-            moved(sent);
-        }
-        held = Some(pipe);
+        Poll::Ready(Ok(()))
     }
 }
 

@@ -436,6 +436,38 @@ mod tests {
         assert!(size <= 1400, "a connection's task grew to {size} bytes");
     }
 
+    /// An opaque TCP connection's task holds its relay for as long as the connection is open, idle
+    /// or not: two sockets, the splice's two directions (polled by hand: 48 bytes where `async`
+    /// waiters made them 768), the idle timer and what each layer above keeps. Connecting (a TLS
+    /// handshake, a tunnel's CONNECT) is boxed, and a TLS session besides: 5,216 bytes before
+    /// (1,928 in a test build now). Raise the bound only with a measured reason:
+    /// `benches/idle-tcp.sh` and the idle rows of `cargo bench --bench transports`.
+    #[tokio::test]
+    async fn an_opaque_tcp_connection_task_holds_its_relay_and_little_else() {
+        let data = data_path();
+        let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(socket.local_addr().unwrap()).await.unwrap();
+        let (stream, _) = socket.accept().await.unwrap();
+        let yaml = r#"{resources: [{kind: Listener, name: test, address: "127.0.0.1:0", protocol: tcp, default_cluster: c}, {kind: Cluster, name: c}]}"#;
+        let file = remora_control_api::config::parse(yaml, "t").unwrap();
+        let metrics = crate::state::SnapshotMetrics::default();
+        let locality = crate::state::cluster::OwnLocality::default();
+        let snapshot = crate::state::Snapshot::build(
+            "v".into(),
+            remora_control_api::Encoded::all(&file.resources),
+            None,
+            &locality,
+            &metrics,
+        )
+        .unwrap();
+        let listener = snapshot.listener("test").unwrap().clone();
+        let meter = Arc::new(Meter::default());
+        let task = proxy_tcp(tcp::Downstream::Plain(stream, bytes::Bytes::new()), &listener, None, &meter, &data);
+        let size = std::mem::size_of_val(&task);
+        eprintln!("opaque tcp relay future: {size} bytes");
+        assert!(size <= 2100, "an opaque TCP connection's relay grew to {size} bytes");
+    }
+
     /// An HTTP/2 connection lives on a task of its own (`server::spawn_http2`), held for as long as
     /// the connection is open, idle or not: hyper's and h2's state (1.2 kB in a release build)
     /// and the watch around it (`server::Driven`, 0.1 kB; 1,344 bytes in all in a test build).
