@@ -150,12 +150,13 @@ impl Relay<'_> {
             Ok(upstream) => upstream,
             Err(flag) => return (Some(endpoint), Some(flag)),
         };
-        let flag = match (downstream, upstream) {
-            (Downstream::Plain(socket, replay), Either::Left(upstream)) => self.splice(socket, replay, upstream).await,
-            (Downstream::Plain(socket, replay), upstream) => {
-                self.copy(DownstreamStream::new(socket, replay, meter.clone()), upstream).await
-            }
-            (Downstream::Mesh(stream, ..), upstream) => self.copy(stream, upstream).await,
+        // (No tuple to match on: it would be kept beside the relay for the connection's life.)
+        let flag = match downstream {
+            Downstream::Plain(socket, replay) => match upstream {
+                Either::Left(upstream) => self.splice(socket, replay, upstream).await,
+                upstream => self.copy(DownstreamStream::new(socket, replay, meter.clone()), upstream).await,
+            },
+            Downstream::Mesh(stream, ..) => self.copy(stream, upstream).await,
         };
         (Some(endpoint), flag)
     }

@@ -440,7 +440,7 @@ mod tests {
     /// or not: two sockets, the splice's two directions (polled by hand: 48 bytes where `async`
     /// waiters made them 768), the idle timer and what each layer above keeps. Connecting (a TLS
     /// handshake, a tunnel's CONNECT) is boxed, and a TLS session besides: 5,216 bytes before
-    /// (1,928 in a test build now). Raise the bound only with a measured reason:
+    /// (1,864 in a test build now). Raise the bound only with a measured reason:
     /// `benches/idle-tcp.sh` and the idle rows of `cargo bench --bench transports`.
     #[tokio::test]
     async fn an_opaque_tcp_connection_task_holds_its_relay_and_little_else() {
