@@ -548,6 +548,7 @@ async fn idle_spliced_connections_hold_only_their_sockets_and_splice_again() {
         assert_eq!(&pong, b"ping");
     }
     let before = proxy.open_descriptors();
+    let rss_before = proxy.rss_kib();
     const N: usize = 1000;
     let mut idle = Vec::new();
     for _ in 0..N {
@@ -559,6 +560,12 @@ async fn idle_spliced_connections_hold_only_their_sockets_and_splice_again() {
     eprintln!("{held} descriptors for {N} idle spliced connections");
     // Two sockets each, and the worker's spare pipes (at most 64, two descriptors each).
     assert!(held <= 2 * N + 2 * 64 + 16, "{held} descriptors for {N} idle spliced connections");
+    // Memory: the relay's task (sized by `listener::tests`), two registrations, the record; past
+    // the give-back that follows a burst (`memory::give_back`).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let per_connection = proxy.rss_kib().saturating_sub(rss_before) * 1024 / N as u64;
+    eprintln!("{per_connection} bytes per idle spliced connection");
+    assert!(per_connection < 8 * 1024, "{per_connection} bytes per idle spliced connection");
     for stream in idle.iter_mut().step_by(50) {
         echo_once(stream).await;
     }
