@@ -172,6 +172,16 @@ pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// drive (h2load: 16 x 32 streams), so steady load does not churn connections.
 pub const POOL_MAX_IDLE_PER_ENDPOINT: usize = 512;
 
+/// Of those, how many stay for the cluster's idle timeout: the most recently used. The others, what
+/// a burst left beyond the load that follows it, are closed once idle for
+/// `POOL_SURPLUS_IDLE_TIMEOUT`, and their memory given back (nginx's upstream `keepalive` cache is
+/// commonly 16–64 connections a worker).
+pub const POOL_WARM_PER_ENDPOINT: usize = 32;
+
+/// How long an idle HTTP/1.1 connection beyond `POOL_WARM_PER_ENDPOINT` is kept: long enough for a
+/// burst that comes back, short enough that the next give-back finds it gone.
+pub const POOL_SURPLUS_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Default `Cluster.panic_threshold`: below 50% healthy endpoints, health is ignored (Envoy's
 /// default). When half a cluster looks bad, the likelier story is a shared cause (a bad deploy of
 /// the check, a network blip) than half the endpoints failing at once, and concentrating the whole

@@ -694,7 +694,7 @@ async fn idle_mesh_connections_cost_little_on_both_sidecars_and_serve_again() {
 
 /// Memory comes back after a burst: a thousand connections at once, each moving a 256 KiB response,
 /// grow the proxy by tens of MiB; once they have closed (and the pool has let go of its upstream
-/// connections, idle for a second here) the proxy's RSS returns near where it was. The system
+/// connections beyond its 32 most recent, after 5 s idle) the proxy's RSS returns near where it was. The system
 /// allocator alone kept the peak (`memory::give_back`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_comes_back_after_a_burst() {
@@ -702,7 +702,7 @@ async fn memory_comes_back_after_a_burst() {
     let upstream = HttpServer::start("a").await;
     let config = write_config(&format!(
         "bootstrap:\n  admin_address: 127.0.0.1:0\n  workers: 1\nresources:\n{}  - {{kind: RouteTable, name: web, routes: [{{backends: [{{cluster: web}}]}}]}}\n  - {{kind: Listener, name: web, address: \"127.0.0.1:0\", protocol: http1}}\n",
-        cluster("web", ", idle_timeout: 1s, connect_timeout: 10s", &[upstream.address()])
+        cluster("web", ", connect_timeout: 10s", &[upstream.address()])
     ));
     let mut proxy = Spawned::new(&["proxy", "--config", config.to_str().unwrap()]);
     let address = proxy.listener("web");
@@ -733,9 +733,13 @@ async fn memory_comes_back_after_a_burst() {
         }
     }
     peak = peak.max(proxy.rss_kib());
+    let open = |proxy: &mut Spawned| proxy.metric("remora_upstream_connections_active{cluster=\"web\"}");
+    let pooled = open(&mut proxy);
     // Within 10% of before (and 2 MiB for what the burst grew for good: the worker's timer and
-    // task tables), well within 30 s: pooled connections close after their 1 s, the allocator
-    // gives back every 5 s.
+    // task tables), well within 30 s, with the cluster's default idle timeout (60 s): the pool
+    // keeps its 32 most recently used connections and closes the burst's surplus after 5 s idle
+    // (`limits::POOL_SURPLUS_IDLE_TIMEOUT`; 512 stayed for the idle timeout before), and the
+    // allocator gives back once the burst has ended and every 5 s.
     let bound = before + before / 10 + 2048;
     let started = std::time::Instant::now();
     let mut now = proxy.rss_kib();
@@ -749,6 +753,18 @@ async fn memory_comes_back_after_a_burst() {
     );
     assert!(peak > before + 8 * 1024, "the burst did not grow the proxy ({before} to {peak} KiB): it tests nothing");
     assert!(now <= bound, "RSS stayed at {now} KiB after the burst, from {before} KiB before");
+    // The pool keeps the 32 most recently used upstream connections for the idle timeout, and
+    // closes the rest once they have been idle for 5 s.
+    let mut kept = open(&mut proxy);
+    while kept > 32.0 && started.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        kept = open(&mut proxy);
+    }
+    eprintln!("upstream connections: {pooled} pooled after the burst, {kept} after {:?}", started.elapsed());
+    assert!(pooled > 32.0, "the burst pooled {pooled} upstream connections: it tests nothing");
+    assert!((1.0..=32.0).contains(&kept), "{kept} upstream connections kept after the burst");
+    let mut client = Client::http1(address).await;
+    assert_eq!(client.get("a", "/bytes/1024").await.status, 200);
 }
 
 /// Config costs little and comes back: a proxy whose file goes from one cluster to 2,000 clusters of

@@ -10,8 +10,9 @@
 //! - HTTP/1.1 goes through [`h1`], the proxy's own client, which runs the exchange inside the
 //!   request's task. Idle connections wait in a stack per endpoint (the most recently used is reused
 //!   first: it is the least likely to have been closed by the server), up to
-//!   `POOL_MAX_IDLE_PER_ENDPOINT`, and are closed after the cluster's idle timeout. A connection
-//!   comes back the moment its response ends.
+//!   `POOL_MAX_IDLE_PER_ENDPOINT`; the `POOL_WARM_PER_ENDPOINT` most recently used are closed after
+//!   the cluster's idle timeout, the rest (what a burst leaves) after `POOL_SURPLUS_IDLE_TIMEOUT`.
+//!   A connection comes back the moment its response ends.
 //! - HTTP/2 goes through hyper's client: one multiplexed connection per endpoint per worker, opened
 //!   by the first request that needs it while the others wait for it.
 //! - A mesh cluster (`tls: mesh`) sends every request, whatever its version, as HTTP/2 inside
@@ -72,6 +73,8 @@ struct IdleConnection {
     /// moves a pointer.
     connection: Box<h1::Connection>,
     expires: Instant,
+    /// When it closes if it is among the endpoint's surplus (`limits::POOL_WARM_PER_ENDPOINT`).
+    surplus_expires: Instant,
 }
 
 /// A pooled HTTP/2 connection, shared by this worker's requests (or tunnels).
@@ -148,11 +151,13 @@ fn with_pool<R>(f: impl FnOnce(&mut Pool) -> R) -> Option<R> {
 /// Takes an HTTP/1.1 connection back into this worker's pool, until it has been idle for its idle
 /// timeout. Called by [`h1`] the moment a response ends on a reusable connection.
 fn release_http1(connection: Box<h1::Connection>) {
-    let expires = timer::now() + connection.idle_timeout();
+    let now = timer::now();
+    let expires = now + connection.idle_timeout();
+    let surplus_expires = now + connection.idle_timeout().min(limits::POOL_SURPLUS_IDLE_TIMEOUT);
     with_pool(|pool| {
         let idle = pool.http1.entry(connection.endpoint()).or_default();
         if idle.len() < limits::POOL_MAX_IDLE_PER_ENDPOINT {
-            idle.push(IdleConnection { connection, expires });
+            idle.push(IdleConnection { connection, expires, surplus_expires });
         }
     });
 }
@@ -618,16 +623,21 @@ where
     Ok(sender)
 }
 
-/// Closes this worker's pooled connections that have passed their idle timeout or died, and lets
-/// the others go of their buffers (a busy connection is rarely in the pool when the sweep comes).
+/// Closes this worker's pooled connections that have passed their idle timeout (for HTTP/1.1
+/// connections beyond the endpoint's warm ones, `limits::POOL_SURPLUS_IDLE_TIMEOUT`) or died, and
+/// lets the others go of their buffers (a busy connection is rarely in the pool when the sweep comes).
 /// Runs every `TIMER_TICK` on every worker, after the clock ticks. (Idle deadlines use the worker's
 /// coarse clock: a clock read per request is a measurable cost on the hot path.)
 pub fn sweep() {
     let now = timer::now();
     with_pool(|pool| {
         pool.http1.retain(|_, idle| {
+            // The stack's bottom holds the least recently used: past the warm ones, the surplus.
+            let mut surplus = idle.len().saturating_sub(limits::POOL_WARM_PER_ENDPOINT);
             idle.retain_mut(|c| {
-                let keep = c.expires > now && c.connection.is_reusable();
+                let expires = if surplus > 0 { c.surplus_expires } else { c.expires };
+                surplus = surplus.saturating_sub(1);
+                let keep = expires > now && c.connection.is_reusable();
                 if keep {
                     c.connection.shed_buffers();
                 }
