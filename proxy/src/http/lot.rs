@@ -343,6 +343,7 @@ pub(crate) async fn run(mut drain: DrainWatch) {
                 }
                 guard.clear_ready();
                 unparked(out.len());
+                let woken = out.len();
                 for (socket, record) in out.drain(..) {
                     let connection = record.into_shared();
                     match TcpStream::from_std(socket) {
@@ -352,6 +353,10 @@ pub(crate) async fn run(mut drain: DrainWatch) {
                         }
                         Err(error) => debug!(listener = %connection.listener.name, %error, "cannot serve a parked connection again; closing it"),
                     }
+                }
+                if woken > EVENTS_PER_WAIT {
+                    // A burst's worth of room is given back.
+                    out = Vec::new();
                 }
             }
             () = scan => {
