@@ -419,6 +419,22 @@ mod tests {
         })
     }
 
+    /// The listener `test` of the config `yaml`, compiled.
+    fn listener_named_test(yaml: &str) -> Arc<ListenerConfig> {
+        let file = remora_control_api::config::parse(yaml, "t").unwrap();
+        let metrics = crate::state::SnapshotMetrics::default();
+        let locality = crate::state::cluster::OwnLocality::default();
+        let snapshot = crate::state::Snapshot::build(
+            "v".into(),
+            remora_control_api::Encoded::all(&file.resources),
+            None,
+            &locality,
+            &metrics,
+        )
+        .unwrap();
+        snapshot.listener("test").unwrap().clone()
+    }
+
     /// A connection's task is allocated at its largest state's size for as long as it lives, and
     /// most of a sidecar's connections are idle HTTP/1.1 ones (see `http::park`): every other path
     /// is boxed so that the task is sized for that one (about 1.2 kB in a release build, a little
@@ -448,19 +464,9 @@ mod tests {
         let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let _client = TcpStream::connect(socket.local_addr().unwrap()).await.unwrap();
         let (stream, _) = socket.accept().await.unwrap();
-        let yaml = r#"{resources: [{kind: Listener, name: test, address: "127.0.0.1:0", protocol: tcp, default_cluster: c}, {kind: Cluster, name: c}]}"#;
-        let file = remora_control_api::config::parse(yaml, "t").unwrap();
-        let metrics = crate::state::SnapshotMetrics::default();
-        let locality = crate::state::cluster::OwnLocality::default();
-        let snapshot = crate::state::Snapshot::build(
-            "v".into(),
-            remora_control_api::Encoded::all(&file.resources),
-            None,
-            &locality,
-            &metrics,
-        )
-        .unwrap();
-        let listener = snapshot.listener("test").unwrap().clone();
+        let listener = listener_named_test(
+            r#"{resources: [{kind: Listener, name: test, address: "127.0.0.1:0", protocol: tcp, default_cluster: c}, {kind: Cluster, name: c}]}"#,
+        );
         let meter = Arc::new(Meter::default());
         let task = proxy_tcp(tcp::Downstream::Plain(stream, bytes::Bytes::new()), &listener, None, &meter, &data);
         let size = std::mem::size_of_val(&task);
@@ -478,19 +484,9 @@ mod tests {
         let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let _client = TcpStream::connect(socket.local_addr().unwrap()).await.unwrap();
         let (stream, peer) = socket.accept().await.unwrap();
-        let yaml = r#"{resources: [{kind: Listener, name: test, address: "127.0.0.1:0", protocol: http2}]}"#;
-        let file = remora_control_api::config::parse(yaml, "t").unwrap();
-        let metrics = crate::state::SnapshotMetrics::default();
-        let locality = crate::state::cluster::OwnLocality::default();
-        let snapshot = crate::state::Snapshot::build(
-            "v".into(),
-            remora_control_api::Encoded::all(&file.resources),
-            None,
-            &locality,
-            &metrics,
-        )
-        .unwrap();
-        let listener = snapshot.listener("test").unwrap().clone();
+        let listener = listener_named_test(
+            r#"{resources: [{kind: Listener, name: test, address: "127.0.0.1:0", protocol: http2}]}"#,
+        );
         let meter = Arc::new(Meter::default());
         let open = Open::new(listener.clone(), meter.clone(), data.drain.track());
         let accepted = Accepted { listener, peer, original_destination: None, destination_port: 0, meter, open };
