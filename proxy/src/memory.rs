@@ -28,6 +28,10 @@ const BURST: usize = 256;
 /// How often the give-back looks whether a burst has ended.
 const BURST_CHECK: Duration = Duration::from_millis(250);
 
+/// The least time between two give-backs a burst brings on: each locks the allocator's heaps in
+/// turn while it walks their free blocks, longer the larger the heap.
+const BURST_MIN_GAP: Duration = Duration::from_secs(1);
+
 /// Counts a connection that let go of its buffers: closed, parked between requests, or tidied.
 pub fn released() {
     RELEASED.fetch_add(1, Ordering::Relaxed);
@@ -64,7 +68,8 @@ pub async fn give_back(every: Duration) {
 }
 
 /// When the next give-back is due: `every` after the last, or as soon as a burst has ended (at
-/// least [`BURST`] connections released since the last one, and none since the last look).
+/// least [`BURST`] connections released since the last one, and none since the last look), at
+/// least [`BURST_MIN_GAP`] after the last.
 struct Due {
     every: Duration,
     last: tokio::time::Instant,
@@ -81,9 +86,10 @@ impl Due {
 
     /// Whether to give back now, with `released` counted so far.
     fn at(&mut self, now: tokio::time::Instant, released: usize) -> bool {
+        let since = now.duration_since(self.last);
         let burst_ended = released.wrapping_sub(self.at_last) >= BURST && released == self.seen;
         self.seen = released;
-        burst_ended || now.duration_since(self.last) >= self.every
+        (burst_ended && since >= BURST_MIN_GAP) || since >= self.every
     }
 
     fn trimmed(&mut self, now: tokio::time::Instant) {
@@ -145,9 +151,14 @@ mod tests {
         assert!(!due.at(later(1000), 20 + BURST));
         assert!(due.at(later(1250), 20 + BURST));
         due.trimmed(later(1250));
+        // Another burst right after waits for the least gap between give-backs.
+        assert!(!due.at(later(1500), 20 + 2 * BURST));
+        assert!(!due.at(later(2000), 20 + 2 * BURST));
+        assert!(due.at(later(2250), 20 + 2 * BURST));
+        due.trimmed(later(2250));
         // Nothing new: the period counts from the last give-back.
-        assert!(!due.at(later(6000), 20 + BURST));
-        assert!(due.at(later(6250), 20 + BURST));
+        assert!(!due.at(later(7000), 20 + 2 * BURST));
+        assert!(due.at(later(7250), 20 + 2 * BURST));
     }
 
     #[test]
