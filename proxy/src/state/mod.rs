@@ -504,22 +504,28 @@ resources:
     #[test]
     fn unchanged_endpoints_keep_their_rotation_and_changed_ones_do_not() {
         let metrics = SnapshotMetrics::default();
-        let first = build(CONFIG, None, &metrics).unwrap();
-        let same = build(CONFIG, Some(&first), &metrics).unwrap();
+        // Endpoint states are kept where the balancer reads them (ewma here).
+        let config = CONFIG.replace("protocol: http2,", "protocol: http2, balancer: ewma,");
+        let first = build(&config, None, &metrics).unwrap();
+        let same = build(&config, Some(&first), &metrics).unwrap();
         let set = |s: &Snapshot| match &s.cluster("shop").unwrap().targets {
             cluster::Targets::Endpoints(set) => set.clone(),
             cluster::Targets::OriginalDestination => panic!(),
         };
         assert!(Arc::ptr_eq(&set(&first), &set(&same)));
-        let changed = build(&CONFIG.replace("9002", "9003"), Some(&same), &metrics).unwrap();
+        let changed = build(&config.replace("9002", "9003"), Some(&same), &metrics).unwrap();
         assert!(!Arc::ptr_eq(&set(&same), &set(&changed)));
         // The endpoint that stayed keeps its run-time state; the new one starts afresh.
         let kept: SocketAddr = "127.0.0.1:9001".parse().unwrap();
         assert!(Arc::ptr_eq(set(&same).state_of(kept).unwrap(), set(&changed).state_of(kept).unwrap()));
-        let balanced =
-            build(&CONFIG.replace("protocol: http2", "balancer: least_request"), Some(&changed), &metrics).unwrap();
+        let balanced = build(&config.replace("ewma", "least_request"), Some(&changed), &metrics).unwrap();
         assert!(!Arc::ptr_eq(&set(&changed), &set(&balanced)), "a new balancer builds a new set");
         assert!(Arc::ptr_eq(set(&changed).state_of(kept).unwrap(), set(&balanced).state_of(kept).unwrap()));
+        // Round robin reads none and makes none, but carries what it was given through.
+        let plain = build(CONFIG, None, &metrics).unwrap();
+        assert!(set(&plain).state_of(kept).is_none());
+        let carried = build(CONFIG, Some(&balanced), &metrics).unwrap();
+        assert!(Arc::ptr_eq(set(&balanced).state_of(kept).unwrap(), set(&carried).state_of(kept).unwrap()));
     }
 
     #[test]
