@@ -596,7 +596,7 @@ impl EndpointSet {
         }
         // Health left over (every tier below its minimum) is spread in proportion to what each took.
         let taken: f64 = shares.iter().sum();
-        if view.tiers() > 1 && taken > 0.0 {
+        if !view.farther.is_empty() && taken > 0.0 {
             let mut cumulative = 0.0;
             view.shares = shares
                 .iter()

@@ -137,10 +137,6 @@ impl View {
             self.farther.push(tier);
         }
     }
-
-    pub(super) fn tiers(&self) -> usize {
-        usize::from(self.first.is_some()) + self.farther.len()
-    }
 }
 
 /// Two different members of the tier (when it has two): the first a weighted draw, the second a
