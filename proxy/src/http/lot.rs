@@ -8,10 +8,11 @@
 //! adds it to an epoll set of the worker's own with the connection's record and the instant it
 //! must close by (its header or idle timeout, whichever comes first), and the connection's task
 //! ends. [`run`], one task per worker, waits on that epoll set through tokio (one registration for
-//! the whole lot): a socket turning readable (a next request, or the client closing) is taken out
-//! of the set, handed back to tokio, and served by a new task; a connection past its deadline is
-//! closed (deadlines are checked at most every [`SCAN_EVERY`], so a timeout may fire that much
-//! late); a drain closes every parked connection, and the lot takes no more. Once the parking task
+//! the whole lot), a batch of events at a time: a socket with a next request is taken out of the
+//! set, handed back to tokio, and served by a new task; one the client closed with nothing left to
+//! read is closed in the lot, with no task; a connection past its deadline is closed (deadlines
+//! are checked at most every [`SCAN_EVERY`], so a timeout may fire that much late); a drain closes
+//! every parked connection, and the lot takes no more. Once the parking task
 //! has ended, the connection's record moves out of its allocation into the lot's table
 //! ([`Record::settle`]), so that an idle connection pins no page of the heap its short-lived
 //! buffers were freed from. A connection the lot cannot take (a TLS session, a tunnel, a thread
@@ -120,27 +121,31 @@ impl<T> Parking<T> {
         Ok(())
     }
 
-    /// Takes out every parked socket that has something to read (or has been closed by its peer),
-    /// with its item, into `out`. Returns once the epoll set reports nothing more.
-    pub(crate) fn ready(&mut self, out: &mut Vec<(std::net::TcpStream, T)>) -> io::Result<()> {
+    /// Looks once at the epoll set (at most [`EVENTS_PER_WAIT`] events): a parked socket with
+    /// something to read is taken out with its item into `out`; one its peer closed with nothing
+    /// left to read is taken out and closed here, its item dropped, with no task to serve it
+    /// (when a client pool closes thousands of idle connections at once, that is thousands of
+    /// tasks, each with hyper's buffers, not spawned).
+    pub(crate) fn ready(&mut self, out: &mut Vec<(std::net::TcpStream, T)>) -> io::Result<Looked> {
         const NOW: Timespec = Timespec { tv_sec: 0, tv_nsec: 0 };
-        loop {
-            self.events.clear();
-            self.events.reserve(EVENTS_PER_WAIT);
-            epoll::wait(&self.epoll, rustix::buffer::spare_capacity(&mut self.events), Some(&NOW))?;
-            let full = self.events.len() >= EVENTS_PER_WAIT;
-            for index in 0..self.events.len() {
-                // (The event is packed: its data is copied out before it is read.)
-                let data = { self.events[index].data };
-                let slot = usize::try_from(data.u64()).unwrap_or(usize::MAX);
-                if let Some(parked) = self.take(slot) {
-                    out.push((parked.socket, parked.item));
-                }
-            }
-            if !full {
-                return Ok(());
+        const ENDED: epoll::EventFlags =
+            epoll::EventFlags::RDHUP.union(epoll::EventFlags::HUP).union(epoll::EventFlags::ERR);
+        self.events.clear();
+        self.events.reserve(EVENTS_PER_WAIT);
+        epoll::wait(&self.epoll, rustix::buffer::spare_capacity(&mut self.events), Some(&NOW))?;
+        let mut looked = Looked { closed: 0, more: self.events.len() >= EVENTS_PER_WAIT };
+        for index in 0..self.events.len() {
+            // (The event is packed: its data is copied out before it is read.)
+            let (data, flags) = { (self.events[index].data, self.events[index].flags) };
+            let slot = usize::try_from(data.u64()).unwrap_or(usize::MAX);
+            let Some(parked) = self.take(slot) else { continue };
+            if flags.intersects(ENDED) && !has_bytes(&parked.socket) {
+                looked.closed += 1;
+            } else {
+                out.push((parked.socket, parked.item));
             }
         }
+        Ok(looked)
     }
 
     /// Takes out every parked socket whose deadline is at or before `now`, with its item, into
@@ -192,6 +197,21 @@ impl<T> Parking<T> {
         }
         Some(parked)
     }
+}
+
+/// What one look at a [`Parking`]'s epoll set did besides taking sockets out to serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Looked {
+    /// Sockets closed by their peer with nothing left to read, closed and dropped.
+    pub(crate) closed: usize,
+    /// As many events as one look takes: there may be more.
+    pub(crate) more: bool,
+}
+
+/// Whether `socket`, which its peer closed or reset, still holds bytes to read (a last request
+/// sent before the close, served as any other).
+fn has_bytes(socket: &std::net::TcpStream) -> bool {
+    matches!(socket.peek(&mut [0; 1]), Ok(read) if read > 0)
 }
 
 /// A worker's lot, and how to wake its task (for a deadline earlier than the ones it waits for, and
@@ -336,14 +356,19 @@ pub(crate) async fn run(mut drain: DrainWatch) {
                         break;
                     }
                 };
-                let taken = LOT.with(|lot| lot.borrow_mut().as_mut().map(|lot| lot.parking.ready(&mut out)));
-                if let Some(Err(error)) = taken {
-                    warn!(%error, "the lot of idle connections failed; closing what it holds");
-                    break;
+                let looked = match LOT.with(|lot| lot.borrow_mut().as_mut().map(|lot| lot.parking.ready(&mut out))) {
+                    Some(Ok(looked)) => looked,
+                    Some(Err(error)) => {
+                        warn!(%error, "the lot of idle connections failed; closing what it holds");
+                        break;
+                    }
+                    None => break,
+                };
+                if !looked.more {
+                    guard.clear_ready();
                 }
-                guard.clear_ready();
-                unparked(out.len());
-                let woken = out.len();
+                drop(guard);
+                unparked(out.len() + looked.closed);
                 for (socket, record) in out.drain(..) {
                     let connection = record.into_shared();
                     match TcpStream::from_std(socket) {
@@ -354,9 +379,10 @@ pub(crate) async fn run(mut drain: DrainWatch) {
                         Err(error) => debug!(listener = %connection.listener.name, %error, "cannot serve a parked connection again; closing it"),
                     }
                 }
-                if woken > EVENTS_PER_WAIT {
-                    // A burst's worth of room is given back.
-                    out = Vec::new();
+                if looked.more {
+                    // The rest after the tasks just woken have run: a burst woken at once would
+                    // grow the worker's run queue to its size, for good.
+                    tokio::task::yield_now().await;
                 }
             }
             () = scan => {
@@ -369,6 +395,10 @@ pub(crate) async fn run(mut drain: DrainWatch) {
                 unparked(out.len());
                 for (_, record) in out.drain(..) {
                     debug!(listener = %record.get().listener.name, "parked keep-alive connection closed at its header or idle timeout");
+                }
+                if out.capacity() > EVENTS_PER_WAIT {
+                    // Room for a burst that timed out together is given back.
+                    out = Vec::new();
                 }
             }
             () = wake.notified() => {}
@@ -418,7 +448,7 @@ mod tests {
         let mut out = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            parking.ready(&mut out).unwrap();
+            while parking.ready(&mut out).unwrap().more {}
             if out.len() >= expected || Instant::now() > deadline {
                 break;
             }
@@ -430,26 +460,31 @@ mod tests {
     }
 
     #[test]
-    fn a_socket_comes_back_when_it_has_something_to_read_or_its_peer_closes() {
+    fn a_socket_comes_back_when_it_has_something_to_read_and_is_closed_when_its_peer_closed() {
         let mut parking = Parking::new().unwrap();
         let far = Instant::now() + Duration::from_secs(60);
         let (mut talker, server_a) = pair();
         let (closer, server_b) = pair();
         let (_quiet, server_c) = pair();
+        let (mut last_words, server_d) = pair();
         // Bytes that arrived before the socket was parked are reported too.
         talker.write_all(b"GET / HTTP/1.1\r\n").unwrap();
-        parking.park(server_a, 1, far).unwrap();
-        parking.park(server_b, 2, far).unwrap();
-        parking.park(server_c, 3, far).unwrap();
-        assert_eq!(parking.len(), 3);
+        for (server, item) in [(server_a, 1), (server_b, 2), (server_c, 3), (server_d, 4)] {
+            parking.park(server, item, far).unwrap();
+        }
+        assert_eq!(parking.len(), 4);
         drop(closer);
-        let mut out = Vec::new();
+        // A request sent just before the close is still served.
+        last_words.write_all(b"GET /last HTTP/1.1\r\n\r\n").unwrap();
+        drop(last_words);
+        let (mut out, mut closed) = (Vec::new(), 0);
         let deadline = Instant::now() + Duration::from_secs(5);
-        while out.len() < 2 && Instant::now() < deadline {
-            parking.ready(&mut out).unwrap();
+        while out.len() + closed < 3 && Instant::now() < deadline {
+            closed += parking.ready(&mut out).unwrap().closed;
         }
         out.sort_by_key(|(_, item)| *item);
-        assert_eq!(out.iter().map(|(_, item)| *item).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(out.iter().map(|(_, item)| *item).collect::<Vec<_>>(), [1, 4]);
+        assert_eq!(closed, 1, "the socket its peer closed is closed in the lot");
         let mut head = [0; 16];
         out[0].0.read_exact(&mut head).unwrap();
         assert_eq!(&head, b"GET / HTTP/1.1\r\n", "the socket comes back with its bytes unread");
@@ -457,6 +492,28 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(ready_items(&mut parking, 0), Vec::<u32>::new());
         assert_eq!(parking.len(), 1);
+    }
+
+    #[test]
+    fn a_crowd_of_closed_sockets_is_closed_a_look_at_a_time() {
+        let mut parking = Parking::new().unwrap();
+        let far = Instant::now() + Duration::from_secs(60);
+        let count = EVENTS_PER_WAIT * 2 + 5;
+        for item in 0..count {
+            let (client, server) = pair();
+            parking.park(server, item, far).unwrap();
+            drop(client);
+        }
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut looks = Vec::new();
+        while parking.len() > 0 && Instant::now() < deadline {
+            looks.push(parking.ready(&mut out).unwrap());
+        }
+        assert!(out.is_empty(), "nothing to serve");
+        assert_eq!(looks.iter().map(|looked| looked.closed).sum::<usize>(), count);
+        assert!(looks.iter().all(|looked| looked.closed <= EVENTS_PER_WAIT), "one look takes one call's events");
+        assert!(looks[0].more);
     }
 
     #[test]
