@@ -12,6 +12,14 @@ set -u
 command -v valgrind >/dev/null || { echo "needs valgrind (apt-get install valgrind)" >&2; exit 2; }
 . "$(dirname "$0")/kit.sh"
 [ $# -gt 0 ] || set -- h1 h1-trace-1pct h1-trace-all
+# `remora proxy` starts itself again with glibc's thread cache tuned unless GLIBC_TUNABLES sets it
+# (docs/cli.md), and a program started again under valgrind runs outside it: set it here, as the
+# proxy would.
+case "${GLIBC_TUNABLES:-}" in
+  *glibc.malloc.tcache_count*) ;;
+  "") export GLIBC_TUNABLES=glibc.malloc.tcache_count=2 ;;
+  *) export GLIBC_TUNABLES="$GLIBC_TUNABLES:glibc.malloc.tcache_count=2" ;;
+esac
 for config in "$@"; do
   out=$(mktemp -d)
   valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file="$out/cg.out" \

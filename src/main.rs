@@ -366,6 +366,9 @@ fn main() -> ExitCode {
             control_ca,
             admin,
         } => {
+            if let Some(error) = remora_proxy::memory::with_tuned_allocator() {
+                tracing::warn!(%error, "cannot start again with glibc's thread cache tuned; running with its default");
+            }
             let source = config.map_or_else(ConfigSource::defaults, ConfigSource::File);
             let tls_files = match (tls_cert, tls_key, tls_ca) {
                 (Some(cert), Some(key), Some(ca)) => Some([cert, key, ca]),

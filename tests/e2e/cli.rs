@@ -767,6 +767,37 @@ async fn memory_comes_back_after_a_burst() {
     assert_eq!(client.get("a", "/bytes/1024").await.status, 200);
 }
 
+/// A proxy runs with glibc's thread cache at two blocks of each size (`memory::with_tuned_allocator`):
+/// the same process started again in place with the same arguments, an operator's other tunables
+/// kept, and a cache size the operator set left as it is.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[tokio::test]
+async fn the_proxy_runs_with_its_allocator_tuned_keeping_the_operators_tunables() {
+    let upstream = HttpServer::start("a").await;
+    let config = write_config(&proxy_config(upstream.address()));
+    for (operator, expected) in [
+        ("", "glibc.malloc.tcache_count=2"),
+        ("glibc.malloc.arena_max=4", "glibc.malloc.arena_max=4:glibc.malloc.tcache_count=2"),
+        ("glibc.malloc.tcache_count=7", "glibc.malloc.tcache_count=7"),
+    ] {
+        let mut proxy =
+            Spawned::with_env(&["proxy", "--config", config.to_str().unwrap()], &[("GLIBC_TUNABLES", operator)]);
+        let address = proxy.listener("web");
+        // glibc, parsing the tunables at start, ends each one in place (its `:` becomes a NUL), so
+        // the entries after the variable that name a tunable are the rest of its value.
+        let environ = std::fs::read(format!("/proc/{}/environ", proxy.child.id())).unwrap();
+        let entries: Vec<&[u8]> = environ.split(|&byte| byte == 0).collect();
+        let at = entries.iter().position(|entry| entry.starts_with(b"GLIBC_TUNABLES=")).unwrap();
+        let mut tunables = vec![&entries[at][b"GLIBC_TUNABLES=".len()..]];
+        tunables.extend(entries[at + 1..].iter().take_while(|entry| entry.starts_with(b"glibc.")));
+        assert_eq!(tunables.join(&b':'), expected.as_bytes(), "GLIBC_TUNABLES set to {operator:?} by the operator");
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", proxy.child.id())).unwrap();
+        assert!(cmdline.ends_with(format!("proxy\0--config\0{}\0", config.display()).as_bytes()));
+        let mut client = Client::http1(address).await;
+        assert_eq!(client.get("a", "/bytes/16").await.status, 200);
+    }
+}
+
 /// Config costs little and comes back: a proxy whose file goes from one cluster to 2,000 clusters of
 /// five endpoints, each with a route, grows by a few kilobytes per cluster once the config has
 /// settled, and returns near where it started when the file is small again. (A release build held
