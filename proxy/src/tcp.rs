@@ -142,7 +142,7 @@ impl Relay<'_> {
                 return (Some(endpoint), Some("upstream_overflow"));
             }
         };
-        let state = picked.member.and_then(|member| member.state.clone());
+        let state = picked.member.and_then(|member| member.state.shared());
         let _active = state.as_ref().filter(|_| cluster.counts_active).map(|state| state.start());
         // Boxed: connecting (a TLS handshake, a tunnel's CONNECT) takes kilobytes the connection
         // holds no more once it is open.

@@ -38,6 +38,7 @@ pub mod metrics;
 pub mod monitor;
 pub mod outlier;
 pub mod ring;
+pub mod state_slot;
 pub mod view;
 
 use std::net::{IpAddr, SocketAddr};
@@ -53,6 +54,7 @@ use endpoint::{EWMA_INITIAL, nanos_since_start};
 pub use endpoint::{EndpointState, Health, Observed};
 use outlier::{EjectReason, OutlierConfig};
 use ring::Ring;
+use state_slot::StateSlot;
 
 use metrics::HealthStats;
 pub use view::View;
@@ -248,9 +250,14 @@ impl SetConfig {
     /// needs none (round robin, random or ring hash alone) makes none: a cluster is held by the
     /// thousand, and a state is 64 bytes of heap per endpoint.
     pub fn keeps_states(&self) -> bool {
-        self.health_checked
-            || self.outlier.is_some()
-            || matches!(self.strategy, Strategy::LeastRequest | Strategy::Ewma)
+        self.makes_states_first() || matches!(self.strategy, Strategy::LeastRequest | Strategy::Ewma)
+    }
+
+    /// Whether its endpoints' states are made with the set: a health check or outlier detection
+    /// writes them before any request. A balancer's alone are made by the first request to each
+    /// endpoint ([`StateSlot::on_demand`]).
+    fn makes_states_first(&self) -> bool {
+        self.health_checked || self.outlier.is_some()
     }
 }
 
@@ -260,8 +267,9 @@ pub struct Member {
     /// Its configured address, weight and proximity.
     pub endpoint: Endpoint,
     /// Its run-time state, shared with the sets before and after this one; none when neither
-    /// this set nor one before it kept one ([`SetConfig::keeps_states`]).
-    pub state: Option<Arc<EndpointState>>,
+    /// this set nor one before it kept one ([`SetConfig::keeps_states`]), made by the first request
+    /// to it when only the balancer reads it.
+    pub state: StateSlot,
 }
 
 impl Member {
@@ -272,12 +280,12 @@ impl Member {
 
     /// Requests in flight on it (none counted without a state).
     fn active(&self) -> u32 {
-        self.state.as_ref().map_or(0, |state| state.active())
+        self.state.get().map_or(0, EndpointState::active)
     }
 
     /// Whether outlier detection has it ejected at `now`.
     fn is_ejected(&self, now: u64) -> bool {
-        self.state.as_ref().is_some_and(|state| state.is_ejected(now))
+        self.state.get().is_some_and(|state| state.is_ejected(now))
     }
 }
 
@@ -309,10 +317,15 @@ impl EndpointSet {
                 // serving now sees (the new one may yet be rejected). Verdicts the new set's
                 // settings do not ask for (a health state without a health check, an ejection
                 // without outlier detection) are ignored by its view instead.
-                let state = carried(endpoint.address).or_else(|| {
-                    let health = if config.health_checked { Health::Unknown } else { Health::Unchecked };
-                    config.keeps_states().then(|| Arc::new(EndpointState::new(health)))
-                });
+                let state = match carried(endpoint.address) {
+                    Some(state) => StateSlot::holding(state),
+                    None if config.makes_states_first() => {
+                        let health = if config.health_checked { Health::Unknown } else { Health::Unchecked };
+                        StateSlot::holding(Arc::new(EndpointState::new(health)))
+                    }
+                    None if config.keeps_states() => StateSlot::on_demand(),
+                    None => StateSlot::none(),
+                };
                 Member { endpoint, state }
             })
             .collect();
@@ -342,9 +355,9 @@ impl EndpointSet {
         self.members.iter().map(|m| &m.endpoint)
     }
 
-    /// The state of the endpoint at `address`, if the set has it.
-    pub fn state_of(&self, address: SocketAddr) -> Option<&Arc<EndpointState>> {
-        self.members.iter().find(|m| m.endpoint.address == address).and_then(|m| m.state.as_ref())
+    /// The state of the endpoint at `address`, if the set has it and it has been made.
+    pub fn state_of(&self, address: SocketAddr) -> Option<Arc<EndpointState>> {
+        self.members.iter().find(|m| m.endpoint.address == address).and_then(|m| m.state.existing())
     }
 
     /// Which endpoints take traffic now.
@@ -362,8 +375,8 @@ impl EndpointSet {
             .iter()
             .map(|m| {
                 let untouched;
-                let state = match &m.state {
-                    Some(state) => &**state,
+                let state = match m.state.get() {
+                    Some(state) => state,
                     None => {
                         untouched = EndpointState::new(Health::Unchecked);
                         &untouched
@@ -427,7 +440,7 @@ impl EndpointSet {
                     let now = nanos_since_start(Instant::now());
                     let cost = |i: u32| {
                         self.members.get(i as usize).map_or(f64::INFINITY, |m| {
-                            let ewma = m.state.as_ref().map_or(EWMA_INITIAL.as_nanos() as f64, |s| s.ewma_ns(now));
+                            let ewma = m.state.get().map_or(EWMA_INITIAL.as_nanos() as f64, |s| s.ewma_ns(now));
                             ewma * f64::from(m.active() + 1) / f64::from(m.endpoint.weight.max(1))
                         })
                     };
@@ -518,7 +531,7 @@ impl EndpointSet {
         let address = self
             .members
             .iter()
-            .find(|m| m.state.as_deref().is_some_and(|state| std::ptr::eq(state, member)))
+            .find(|m| m.state.get().is_some_and(|state| std::ptr::eq(state, member)))
             .map(Member::address);
         tracing::info!(
             cluster = %self.stats.name,
@@ -555,7 +568,7 @@ impl EndpointSet {
         let passes = |i: &u32| {
             let member = &self.members[*i as usize];
             member.endpoint.declared == Declared::Healthy
-                && (!self.config.health_checked || member.state.as_ref().is_some_and(|s| s.health() == Health::Healthy))
+                && (!self.config.health_checked || member.state.get().is_some_and(|s| s.health() == Health::Healthy))
         };
         let healthy: Vec<u32> = weighted.iter().copied().filter(|i| !ejected_now(i) && passes(i)).collect();
         let ejected = weighted.iter().filter(|i| ejected_now(i)).count();
@@ -674,10 +687,10 @@ impl<T> WeightedChoice<T> {
 
 #[cfg(test)]
 impl Member {
-    /// Its state, which the set under test keeps.
+    /// Its state, which the set under test keeps (made now if promised).
     #[allow(clippy::expect_used)]
-    pub(crate) fn kept(&self) -> &Arc<EndpointState> {
-        self.state.as_ref().expect("the set keeps no endpoint states")
+    pub(crate) fn kept(&self) -> Arc<EndpointState> {
+        self.state.shared().expect("the set keeps no endpoint states")
     }
 }
 
@@ -941,12 +954,12 @@ mod tests {
         first.members()[0].kept().set_health(Health::Unhealthy);
         first.members()[1].kept().set_health(Health::Healthy);
         first.refresh();
-        let carried = |address| first.state_of(address).cloned();
+        let carried = |address| first.state_of(address);
         // A set without the check, built beside the serving one: it serves both endpoints, and the
         // serving set's view of them does not change.
         let endpoints = vec![endpoint(0, 1, Proximity::Elsewhere), endpoint(1, 1, Proximity::Elsewhere)];
         let next = EndpointSet::new(SetConfig::round_robin(), endpoints, &carried, HealthStats::detached("t"));
-        assert!(Arc::ptr_eq(first.members()[0].kept(), next.members()[0].kept()));
+        assert!(Arc::ptr_eq(&first.members()[0].kept(), &next.members()[0].kept()));
         assert_eq!(counts(&next, 100).len(), 2);
         first.refresh();
         assert_eq!(counts(&first, 100).keys().copied().collect::<Vec<_>>(), [1]);
@@ -954,7 +967,7 @@ mod tests {
         let fresh = EndpointSet::new(
             checked,
             vec![endpoint(7, 1, Proximity::Elsewhere), endpoint(1, 1, Proximity::Elsewhere)],
-            &|a| next.state_of(a).cloned(),
+            &|a| next.state_of(a),
             HealthStats::detached("t"),
         );
         assert_eq!(fresh.members()[0].kept().health(), Health::Unknown);

@@ -103,7 +103,7 @@ async fn watch_cluster(set: Arc<EndpointSet>, check: Option<HealthCheckConfig>, 
 async fn probe_endpoint(set: Arc<EndpointSet>, index: usize, check: HealthCheckConfig, stats: Arc<HealthStats>) {
     let Some(member) = set.members().get(index) else { return };
     // (A health-checked set keeps every endpoint's state.)
-    let Some(state) = member.state.as_ref() else { return };
+    let Some(state) = member.state.get() else { return };
     let mut tally = Tally::default();
     loop {
         let result = health::probe(member.address(), &check).await;

@@ -169,7 +169,7 @@ pub fn evaluate(set: &EndpointSet, config: &OutlierConfig) {
     let mut judged: Vec<(usize, u32, u32, f64)> = Vec::new();
     for (index, member) in set.members().iter().enumerate() {
         // (A set with outlier detection keeps every endpoint's state.)
-        let Some(state) = member.state.as_ref() else { continue };
+        let Some(state) = member.state.get() else { continue };
         let o = state.outlier();
         let requests = o.requests.swap(0, Ordering::Relaxed);
         let successes = o.successes.swap(0, Ordering::Relaxed);
@@ -238,7 +238,7 @@ pub fn evaluate(set: &EndpointSet, config: &OutlierConfig) {
         latency(b.0).total_cmp(&latency(a.0))
     });
     for (index, reason) in outliers {
-        if let Some(state) = set.members().get(index).and_then(|member| member.state.as_ref()) {
+        if let Some(state) = set.members().get(index).and_then(|member| member.state.get()) {
             // `eject` rebuilds the view itself.
             set.eject(state, reason, now);
         }
@@ -329,7 +329,7 @@ mod tests {
             }),
         );
         let ms = Duration::from_millis(1);
-        let [a, b, _] = [0, 1, 2].map(|i| set.members()[i].kept().clone());
+        let [a, b, _] = [0, 1, 2].map(|i| set.members()[i].kept());
         for _ in 0..2 {
             assert!(!set.observe(&a, Observed::ServerError { gateway: false }, ago(ms), Instant::now()));
         }
@@ -348,7 +348,7 @@ mod tests {
     #[test]
     fn successes_break_the_streak() {
         let set = set(2, config(|c| c.consecutive_gateway = 2));
-        let a = set.members()[0].kept().clone();
+        let a = set.members()[0].kept();
         let ms = Duration::from_millis(1);
         set.observe(&a, Observed::ServerError { gateway: true }, ago(ms), Instant::now());
         set.observe(&a, Observed::Success, ago(ms), Instant::now());
@@ -357,7 +357,7 @@ mod tests {
     }
 
     fn feed(set: &EndpointSet, index: usize, requests: u32, failures: u32, latency: Duration) {
-        let state = set.members()[index].kept().clone();
+        let state = set.members()[index].kept();
         for i in 0..requests {
             let observed = if i < failures { Observed::ServerError { gateway: false } } else { Observed::Success };
             // Spread out, so streaks do not eject: this test is about the interval's comparison.
@@ -437,7 +437,7 @@ mod tests {
                 c.base_ejection = Duration::from_millis(1);
             }),
         ));
-        let a = set.members()[0].kept().clone();
+        let a = set.members()[0].kept();
         assert!(set.observe(&a, Observed::NoResponse, ago(Duration::from_secs(1)), Instant::now()));
         assert_eq!(served(&set, 10), [1]);
         std::thread::sleep(Duration::from_millis(5));

@@ -324,15 +324,10 @@ impl Attempt {
         let Some(member) = picked.member else {
             return Attempt { observed: None, started, in_flight: InFlight { active: None, slot, span } };
         };
-        Attempt {
-            observed: member.state.clone().filter(|_| cluster.observes),
-            started,
-            in_flight: InFlight {
-                active: member.state.as_ref().filter(|_| cluster.counts_active).map(|state| state.start()),
-                slot,
-                span,
-            },
-        }
+        // (A balancer's state is made by the first request to the endpoint.)
+        let state = if cluster.observes || cluster.counts_active { member.state.shared() } else { None };
+        let active = state.as_ref().filter(|_| cluster.counts_active).map(|state| state.start());
+        Attempt { observed: state.filter(|_| cluster.observes), started, in_flight: InFlight { active, slot, span } }
     }
 
     /// The trace headers this attempt sends, when the request is traced.

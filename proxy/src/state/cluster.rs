@@ -251,7 +251,7 @@ impl Cluster {
             });
             let reused = old.filter(|set| set.config() == &config && set.endpoints().eq(list.iter())).cloned();
             Targets::Endpoints(reused.unwrap_or_else(|| {
-                let carried = |address: SocketAddr| old.and_then(|set| set.state_of(address)).cloned();
+                let carried = |address: SocketAddr| old.and_then(|set| set.state_of(address));
                 Arc::new(EndpointSet::new(config, list, &carried, stats.health.clone()))
             }))
         };

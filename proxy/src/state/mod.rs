@@ -513,19 +513,23 @@ resources:
             cluster::Targets::OriginalDestination => panic!(),
         };
         assert!(Arc::ptr_eq(&set(&first), &set(&same)));
+        // The endpoint that stayed keeps its run-time state (which the balancer's first request to
+        // it made); the new one starts afresh.
+        let kept: SocketAddr = "127.0.0.1:9001".parse().unwrap();
+        let requested = |s: &Snapshot| set(s).members().iter().find(|m| m.address() == kept).unwrap().state.shared();
+        assert!(set(&first).state_of(kept).is_none(), "no state before the first request");
+        let made = requested(&same).unwrap();
         let changed = build(&config.replace("9002", "9003"), Some(&same), &metrics).unwrap();
         assert!(!Arc::ptr_eq(&set(&same), &set(&changed)));
-        // The endpoint that stayed keeps its run-time state; the new one starts afresh.
-        let kept: SocketAddr = "127.0.0.1:9001".parse().unwrap();
-        assert!(Arc::ptr_eq(set(&same).state_of(kept).unwrap(), set(&changed).state_of(kept).unwrap()));
+        assert!(Arc::ptr_eq(&made, &set(&changed).state_of(kept).unwrap()));
         let balanced = build(&config.replace("ewma", "least_request"), Some(&changed), &metrics).unwrap();
         assert!(!Arc::ptr_eq(&set(&changed), &set(&balanced)), "a new balancer builds a new set");
-        assert!(Arc::ptr_eq(set(&changed).state_of(kept).unwrap(), set(&balanced).state_of(kept).unwrap()));
+        assert!(Arc::ptr_eq(&made, &set(&balanced).state_of(kept).unwrap()));
         // Round robin reads none and makes none, but carries what it was given through.
         let plain = build(CONFIG, None, &metrics).unwrap();
-        assert!(set(&plain).state_of(kept).is_none());
+        assert!(set(&plain).state_of(kept).is_none() && requested(&plain).is_none());
         let carried = build(CONFIG, Some(&balanced), &metrics).unwrap();
-        assert!(Arc::ptr_eq(set(&balanced).state_of(kept).unwrap(), set(&carried).state_of(kept).unwrap()));
+        assert!(Arc::ptr_eq(&made, &set(&carried).state_of(kept).unwrap()));
     }
 
     #[test]
