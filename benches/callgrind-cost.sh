@@ -17,8 +17,8 @@ command -v valgrind >/dev/null || { echo "needs valgrind (apt-get install valgri
 # proxy would.
 case "${GLIBC_TUNABLES:-}" in
   *glibc.malloc.tcache_count*) ;;
-  "") export GLIBC_TUNABLES=glibc.malloc.tcache_count=2 ;;
-  *) export GLIBC_TUNABLES="$GLIBC_TUNABLES:glibc.malloc.tcache_count=2" ;;
+  "") export GLIBC_TUNABLES=glibc.malloc.tcache_count=4 ;;
+  *) export GLIBC_TUNABLES="$GLIBC_TUNABLES:glibc.malloc.tcache_count=4" ;;
 esac
 for config in "$@"; do
   out=$(mktemp -d)
