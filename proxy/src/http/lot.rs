@@ -43,6 +43,10 @@ use crate::io::DownstreamStream;
 const SCAN_EVERY: Duration = Duration::from_millis(100);
 /// The most readiness events taken from the epoll set per system call.
 const EVENTS_PER_WAIT: usize = 64;
+/// A table of more slots than this is compacted once no more than a quarter of them are parked.
+const COMPACT_ABOVE: usize = 64;
+/// How a parked socket waits: for bytes to read, or its peer closing.
+const WAITING: epoll::EventFlags = epoll::EventFlags::IN.union(epoll::EventFlags::RDHUP);
 
 /// Sockets waiting in an epoll set for something to read, each with an item and a deadline.
 pub(crate) struct Parking<T> {
@@ -105,7 +109,7 @@ impl<T> Parking<T> {
         let index = self.free.pop().unwrap_or(self.slots.len());
         let data = epoll::EventData::new_u64(index as u64);
         // Level-triggered: a request that arrived before the socket joined is reported at once.
-        if epoll::add(&self.epoll, &socket, data, epoll::EventFlags::IN | epoll::EventFlags::RDHUP).is_err() {
+        if epoll::add(&self.epoll, &socket, data, WAITING).is_err() {
             if index < self.slots.len() {
                 self.free.push(index);
             }
@@ -145,6 +149,7 @@ impl<T> Parking<T> {
                 out.push((parked.socket, parked.item));
             }
         }
+        self.compact(out);
         Ok(looked)
     }
 
@@ -168,6 +173,7 @@ impl<T> Parking<T> {
             }
         }
         self.earliest = earliest;
+        self.compact(out);
     }
 
     /// Passes each item parked since the last call through `settle`, which gives back what is to
@@ -179,6 +185,45 @@ impl<T> Parking<T> {
             {
                 *entry = Some(Parked { item: settle(parked.item), ..parked });
             }
+        }
+    }
+
+    /// Moves what is parked to the front of a table a crowd grew and mostly left, and gives the
+    /// rest of it back: a lot that held 5,000 connections and holds 16 again keeps a table of 16,
+    /// not one of 5,000 empty slots (a slot is the size of a connection's record). Each socket
+    /// moved is told its new slot (the epoll set reports it by slot); one that cannot be is taken
+    /// out into `out`, as if it were ready (served, it waits for its next request in a task).
+    /// Runs between looks, never while a look's events, which name slots, are being read.
+    fn compact(&mut self, out: &mut Vec<(std::net::TcpStream, T)>) {
+        if self.slots.len() <= COMPACT_ABOVE || self.len > self.slots.len() / 4 {
+            return;
+        }
+        let mut slots = Vec::with_capacity(self.len);
+        // The old slot of each moved socket, in order: to find where a fresh one went.
+        let mut moved_from = Vec::with_capacity(self.len);
+        for (from, entry) in std::mem::take(&mut self.slots).into_iter().enumerate() {
+            let Some(parked) = entry else { continue };
+            let data = epoll::EventData::new_u64(slots.len() as u64);
+            if epoll::modify(&self.epoll, &parked.socket, data, WAITING).is_err() {
+                let _ = epoll::delete(&self.epoll, &parked.socket);
+                self.len -= 1;
+                out.push((parked.socket, parked.item));
+                continue;
+            }
+            moved_from.push(from);
+            slots.push(Some(parked));
+        }
+        self.slots = slots;
+        self.free = Vec::new();
+        self.fresh.retain_mut(|slot| match moved_from.binary_search(slot) {
+            Ok(to) => {
+                *slot = to;
+                true
+            }
+            Err(_) => false,
+        });
+        if self.len == 0 {
+            self.earliest = None;
         }
     }
 
@@ -514,6 +559,51 @@ mod tests {
         assert_eq!(looks.iter().map(|looked| looked.closed).sum::<usize>(), count);
         assert!(looks.iter().all(|looked| looked.closed <= EVENTS_PER_WAIT), "one look takes one call's events");
         assert!(looks[0].more);
+    }
+
+    #[test]
+    fn a_table_a_crowd_left_is_compacted_and_what_stays_is_still_found() {
+        let mut parking = Parking::new().unwrap();
+        let far = Instant::now() + Duration::from_secs(60);
+        let count = COMPACT_ABOVE * 4;
+        let (mut stayers, mut leavers) = (Vec::new(), Vec::new());
+        for item in 0..u32::try_from(count).unwrap() {
+            let (client, server) = pair();
+            parking.park(server, item, far).unwrap();
+            // Every tenth stays; they are spread over the table.
+            if item % 10 == 0 { stayers.push((item, client)) } else { leavers.push(client) }
+        }
+        // Some of the stayers have not been settled yet when the table is compacted.
+        parking.settle(|item| item + 1000);
+        for (item, client) in stayers.iter_mut().rev().take(3) {
+            // Its client closes the old connection and opens another, parked after the settling.
+            let (again, server) = pair();
+            *client = again;
+            parking.park(server, *item + 2000, far).unwrap();
+        }
+        let mut closed = 0;
+        leavers.clear();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while parking.len() > stayers.len() && Instant::now() < deadline {
+            let mut out = Vec::new();
+            closed += parking.ready(&mut out).unwrap().closed;
+            assert!(out.is_empty());
+        }
+        assert_eq!(closed, count - stayers.len() + 3);
+        assert_eq!(parking.len(), stayers.len());
+        assert!(parking.slots.capacity() <= COMPACT_ABOVE, "the table was cut to what was parked");
+        parking.settle(|item| item + 10_000);
+        for (_, client) in &mut stayers {
+            client.write_all(b"x").unwrap();
+        }
+        let mut expected: Vec<u32> = stayers.iter().map(|(item, _)| item + 1000).collect();
+        let n = expected.len();
+        for item in &mut expected[n - 3..] {
+            *item += 1000 + 10_000;
+        }
+        expected.sort_unstable();
+        assert_eq!(ready_items(&mut parking, stayers.len()), expected);
+        assert_eq!(parking.len(), 0);
     }
 
     #[test]
