@@ -15,7 +15,8 @@
 //! every parked connection, and the lot takes no more. Once the parking task
 //! has ended, the connection's record moves out of its allocation into the lot's table
 //! ([`Record::settle`]), so that an idle connection pins no page of the heap its short-lived
-//! buffers were freed from. A connection the lot cannot take (a TLS session, a tunnel, a thread
+//! buffers were freed from; a table a crowd grew is compacted once it is mostly empty
+//! ([`Parking::compact`]). A connection the lot cannot take (a TLS session, a tunnel, a thread
 //! that runs no lot) parks in its task as before.
 //!
 //! [`Parking`] is the lot without tokio: the epoll set, what waits in it, and the deadlines.
