@@ -193,8 +193,9 @@ impl<T> Parking<T> {
     /// rest of it back: a lot that held 5,000 connections and holds 16 again keeps a table of 16,
     /// not one of 5,000 empty slots (a slot is the size of a connection's record). Each socket
     /// moved is told its new slot (the epoll set reports it by slot); one that cannot be is taken
-    /// out into `out`, as if it were ready (served, it waits for its next request in a task).
-    /// Runs between looks, never while a look's events, which name slots, are being read.
+    /// out into `out` with the sockets its caller took out: served after a look, closed after a
+    /// scan for deadlines. Runs between looks, never while a look's events, which name slots, are
+    /// being read.
     fn compact(&mut self, out: &mut Vec<(std::net::TcpStream, T)>) {
         if self.slots.len() <= COMPACT_ABOVE || self.len > self.slots.len() / 4 {
             return;
